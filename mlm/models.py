@@ -1,0 +1,170 @@
+"""Build a masked-LM and its tokenizer from a ModelConfig, and the MLM objective around it.
+
+Builders are chosen by name from `BUILDERS`. `MLMObjective` is the module the training loop
+runs (and that DDP wraps): it returns the *sum* of masked-token losses and the number of masked
+tokens, so perplexity and gradient normalisation can be computed over any set of batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
+
+from mlm.config import ModelConfig, UserError
+from mlm.hub import hub_reachable, offline_mode
+
+log = logging.getLogger(__name__)
+
+# model_type -> attribute holding the MLM head (hidden states -> vocabulary logits).
+# Sparse prediction needs it; other model types fall back to the model's own dense forward.
+MLM_HEADS = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head", "deberta-v2": "cls"}
+# Learned position tables that reserve slots for the padding offset (RoBERTa family: 514 = 512 + 2).
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+def resolve_path(name_or_path: str) -> str:
+    """`package:<module>/<subdir>` -> the folder inside an installed package; anything else unchanged."""
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    module, _, subdir = name_or_path[len("package:") :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model package {module!r} is not installed: pip install {module.replace('_', '-')}")
+    return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
+
+
+def _hub_call(what: str, name: str, fn: Callable, *args, **kwargs):
+    """A from_pretrained call: local files first; the hub only when it answers (else one clear UserError)."""
+    try:
+        return fn(*args, local_files_only=True, **kwargs)
+    except OSError as e:  # transformers raises OSError (or subclasses) for missing files and repos
+        if os.path.isdir(name):
+            raise UserError(f"{what} {name!r}: {str(e).strip().splitlines()[0][:300]}") from e
+    if offline_mode() or not hub_reachable():
+        raise UserError(
+            f"{what} {name!r} is not a local directory nor in the Hugging Face cache, and the hub is unreachable "
+            f"(offline?); download it where there is network and set model.name_or_path=/path/to/dir"
+        )
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        raise UserError(f"{what} {name!r}: {str(e).strip().splitlines()[0][:300]}") from e
+
+
+def load_tokenizer(cfg: ModelConfig):
+    name = resolve_path(cfg.tokenizer or cfg.name_or_path)
+    if os.path.isdir(name) and not any(
+        (Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+    ):
+        raise UserError(f"model directory {name} has no tokenizer files; set model.tokenizer=<dir or hub id>")
+    tok = _hub_call("tokenizer", name, AutoTokenizer.from_pretrained, name, trust_remote_code=cfg.trust_remote_code)
+    if tok.mask_token is None:
+        raise UserError(f"tokenizer {name!r} has no mask token, so it cannot be used for masked language modeling")
+    return tok
+
+
+def _apply_dropout(config, dropout: float | None) -> None:
+    if dropout is None:
+        return
+    for key, value in list(config.to_dict().items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, dropout)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints a load report for the (expected) new MLM head; we log our own line instead."""
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def build_pretrained(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+    name = resolve_path(cfg.name_or_path)
+    config = _hub_call("model", name, AutoConfig.from_pretrained, name, trust_remote_code=cfg.trust_remote_code)
+    _apply_dropout(config, cfg.dropout)
+    with _quiet_transformers():
+        model, info = _hub_call(
+            "model", name, AutoModelForMaskedLM.from_pretrained, name, config=config, output_loading_info=True,
+            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32,
+        )
+    if info.get("missing_keys"):
+        log.info("new (randomly initialised) weights: %s", ", ".join(sorted(info["missing_keys"])))
+    return model
+
+
+def build_scratch(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+    arch = dict(cfg.arch)
+    model_type = arch.pop("model_type", None)
+    if not model_type:
+        raise UserError("model.source=scratch needs model.arch.model_type (e.g. bert or roberta) and its sizes")
+    arch.setdefault("vocab_size", len(tokenizer))
+    arch.setdefault("pad_token_id", tokenizer.pad_token_id)
+    config = AutoConfig.for_model(model_type, **arch)
+    _apply_dropout(config, cfg.dropout)
+    return AutoModelForMaskedLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+
+
+BUILDERS: Dict[str, Callable[[ModelConfig, object], PreTrainedModel]] = {"pretrained": build_pretrained, "scratch": build_scratch}
+
+
+def max_block_size(model: PreTrainedModel) -> int:
+    config = model.config
+    return getattr(config, "max_position_embeddings", 1 << 30) - POSITION_OFFSET.get(config.model_type, 0)
+
+
+def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTrainedModel, object]:
+    """Tokenizer and model; new weights (scratch models, new heads) are drawn from `seed`."""
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(seed)
+    model = BUILDERS[cfg.source](cfg, tokenizer)
+    limit = max_block_size(model)
+    if block_size > limit:
+        raise UserError(f"block_size={block_size} is larger than the model's {limit} positions; use block_size<={limit}")
+    if model.config.vocab_size < len(tokenizer):
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; they do not belong together")
+    return model, tokenizer
+
+
+class MLMObjective(nn.Module):
+    """forward(batch) -> (sum of masked-token cross-entropy in fp32, number of masked tokens, correct predictions).
+
+    With `sparse=True` the head (transform + vocabulary projection) runs only on masked positions:
+    ~15% of the tokens, and for small models the projection is a large share of all FLOPs.
+    The loss is the same as the dense one up to float rounding.
+    """
+
+    def __init__(self, model: PreTrainedModel, sparse: bool):
+        super().__init__()
+        self.model = model
+        head = MLM_HEADS.get(model.config.model_type)
+        if sparse and head is None:
+            log.warning("sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type)
+        self.head_name = head if sparse else None
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        selected = labels != -100
+        targets = labels[selected]
+        if self.head_name is not None:
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = getattr(self.model, self.head_name)(hidden[selected])
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]
+        logits = logits.float()  # the softmax and loss stay in fp32 under autocast
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.argmax(-1) == targets).sum()
+        return loss_sum, targets.numel(), correct

@@ -1,0 +1,65 @@
+"""Parameter groups, optimizer and learning-rate schedule, each chosen by name from a registry."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from mlm.config import OptimizerConfig, SchedulerConfig, UserError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """Decay matrices only: biases, norm weights and other 1-D parameters get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    # fused: one kernel for the whole update (CPU and CUDA in torch >= 2.4); foreach: a few batched ops.
+    impl = cfg.impl
+    if impl == "auto":
+        impl = "fused"
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {"adamw": build_adamw}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name not in OPTIMIZERS:
+        raise UserError(f"optimizer.name={cfg.name!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.name](model, cfg)
+
+
+# Each schedule maps progress after warmup (0 -> 1) to a multiplier of the peak learning rate.
+SCHEDULES: Dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "constant": lambda progress: 1.0,
+}
+
+
+def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total_steps))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak, then the named decay; stepped once per optimizer step."""
+    if cfg.name not in SCHEDULES:
+        raise UserError(f"scheduler.name={cfg.name!r} is unknown; choose one of {sorted(SCHEDULES)}")
+    decay, warmup = SCHEDULES[cfg.name], warmup_steps(cfg, total_steps)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, decay(min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

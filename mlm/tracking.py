@@ -1,0 +1,261 @@
+"""Experiment trackers behind one small protocol. The only module in `mlm/` that imports wandb.
+
+Every run writes `metrics.jsonl` (one JSON object per logged step); `tracker.backends` adds
+wandb, tensorboard and/or csv. A tracker that fails (no key, no network, a bug in a client) is
+switched off with one warning and the run goes on. Non-main processes get a `NullTracker`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Protocol
+
+from mlm.config import TrackerConfig
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.I)
+
+
+class Tracker(Protocol):
+    run_id: Optional[str]
+
+    def log(self, metrics: Dict[str, float], step: int) -> None: ...
+
+    def summary(self, metrics: Dict[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def secret_values() -> List[str]:
+    """Values of environment variables whose names look secret (WANDB_API_KEY, HF_TOKEN, ...)."""
+    return [v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 8]
+
+
+def scrub(obj: Any, secrets: Optional[List[str]] = None) -> Any:
+    """A copy of a config tree with secret-looking keys and any secret environment value masked."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v else scrub(v, secrets)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        for s in secrets:
+            obj = obj.replace(s, "***")
+    return obj
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: dashboards filter and group on flat keys."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class NullTracker:
+    run_id = None
+
+    def log(self, metrics, step):
+        pass
+
+    def summary(self, metrics):
+        pass
+
+    def finish(self):
+        pass
+
+
+class JsonlTracker:
+    """metrics.jsonl: the run's own record, read by the report and by resume (which truncates it)."""
+
+    run_id = None
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def log(self, metrics, step):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def summary(self, metrics):
+        pass
+
+    def finish(self):
+        pass
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop records past `after_step`: a resumed run re-logs them, so the file matches an uninterrupted run."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class CsvTracker:
+    """metrics.csv, one row per log call (columns fixed by the first row of each kind)."""
+
+    run_id = None
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+
+    def log(self, metrics, step):
+        kind = next(iter(metrics)).split("/")[0]  # train, eval, perf... one file per kind keeps columns stable
+        path = self.dir / f"metrics_{kind}.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", *metrics], extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({"step": step, **metrics})
+
+    def summary(self, metrics):
+        pass
+
+    def finish(self):
+        pass
+
+
+class TensorBoardTracker:
+    run_id = None
+
+    def __init__(self, run_dir: Path, config: Dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
+
+    def log(self, metrics, step):
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+
+    def summary(self, metrics):
+        pass
+
+    def finish(self):
+        self.writer.close()
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> online when an API key is configured (env or ~/.netrc), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return "online" if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
+
+
+class WandbTracker:
+    """One W&B run per job. Multirun jobs share a group; overrides become the run name and tags."""
+
+    def __init__(self, cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], resume_id: Optional[str]):
+        import wandb
+
+        self.wandb = wandb
+        mode = wandb_mode(cfg.mode)
+        overrides = [o for o in job.get("overrides", []) if not o.startswith("hydra.")]
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group or job.get("sweep_name"),
+            name=cfg.run_name or (",".join(overrides) if overrides else job.get("name")),
+            tags=[*cfg.tags, *[o[:64] for o in overrides]],
+            config={**flatten(config), "hydra/job_name": job.get("name"), "hydra/overrides": overrides},
+            dir=str(run_dir),
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            mode=mode,
+            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
+        )
+        self.run_id = self.run.id if self.run is not None else None
+        # eval and perf curves plot against the optimizer step, not W&B's internal call counter,
+        # which also keeps a resumed run's curves continuous
+        self.run.define_metric("step")
+        for pattern in ("train/*", "eval/*", "perf/*"):
+            self.run.define_metric(pattern, step_metric="step")
+        self.run.define_metric("eval/perplexity", step_metric="step", summary="min")
+        self.run.define_metric("eval/loss", step_metric="step", summary="min")
+        if mode == "offline":
+            log.warning("W&B: no API key, logging offline to %s; upload later with `wandb sync %s`", self.run.dir, Path(self.run.dir).parent)
+
+    def log(self, metrics, step):
+        self.run.log({**metrics, "step": step})
+
+    def summary(self, metrics):
+        for k, v in metrics.items():
+            self.run.summary[k] = v
+
+    def finish(self):
+        self.run.finish()
+
+
+class SafeTrackers:
+    """Fans out to several trackers; one that raises is dropped with a single warning, training goes on."""
+
+    def __init__(self, trackers: List[Any]):
+        self.trackers = trackers
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return next((t.run_id for t in self.trackers if t.run_id), None)
+
+    def _each(self, method: str, *args) -> None:
+        for t in list(self.trackers):
+            try:
+                getattr(t, method)(*args)
+            except Exception as e:  # a tracker must never stop training
+                log.warning("tracker %s failed in %s (%s: %s); it is switched off for the rest of the run", type(t).__name__, method, type(e).__name__, e)
+                self.trackers.remove(t)
+
+    def log(self, metrics, step):
+        self._each("log", metrics, step)
+
+    def summary(self, metrics):
+        self._each("summary", metrics)
+
+    def finish(self):
+        self._each("finish")
+
+
+def open_trackers(cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], is_main: bool, resume_id: Optional[str] = None):
+    """The trackers of this process: JSONL plus the configured backends on the main process, nothing elsewhere."""
+    if not is_main:
+        return NullTracker()
+    config = scrub(config)
+    trackers: List[Any] = [JsonlTracker(run_dir)]
+    factories = {
+        "csv": lambda: CsvTracker(run_dir),
+        "tensorboard": lambda: TensorBoardTracker(run_dir, config),
+        "wandb": lambda: WandbTracker(cfg, run_dir, config, job, resume_id),
+    }
+    for name in cfg.backends:
+        if name == "wandb" and cfg.mode == "disabled":
+            continue
+        try:
+            trackers.append(factories[name]())
+        except Exception as e:
+            log.warning("tracker %s could not start (%s: %s); the run goes on without it", name, type(e).__name__, e)
+    return SafeTrackers(trackers)

@@ -1,0 +1,21 @@
+"""Entry point: `python run.py [group=option ...] [key=value ...]` (add -m for a sweep).
+
+Hydra composes conf/ -> one typed Config -> mlm.train.train() in the job's run directory.
+See README.md for the config groups and common overrides.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from mlm.cli import register, run_job
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return run_job(cfg)  # eval perplexity: what Optuna minimises
+
+
+if __name__ == "__main__":
+    main()

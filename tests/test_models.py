@@ -1,0 +1,127 @@
+"""Model building, the MLM objective (sparse == dense), evaluation, and offline failures."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mlm.config import MaskingConfig, ModelConfig, UserError
+from mlm.masking import MLMCollator
+from mlm.models import MLMObjective, build_model
+from tests.conftest import compose
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = compose(["model=tiny"])
+    return build_model(cfg.model, 64, seed=0)
+
+
+def masked_batch(tokenizer, n=8, length=64, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 20000, size=(n, length))
+    return MLMCollator(tokenizer, MaskingConfig(), seed=seed)({"input_ids": ids, "index": np.arange(n)})
+
+
+def test_sparse_prediction_equals_dense_loss_in_fp32(tiny):
+    model, tokenizer = tiny
+    batch = masked_batch(tokenizer)
+    torch.manual_seed(0)
+    model.eval()
+    sparse = MLMObjective(model, sparse=True)(**batch)
+    dense = MLMObjective(model, sparse=False)(**batch)
+    hf_loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # Hugging Face's own MLM loss
+    assert sparse[1] == dense[1] > 0
+    assert sparse[0].item() == pytest.approx(dense[0].item(), rel=1e-5)
+    assert (sparse[0] / sparse[1]).item() == pytest.approx(hf_loss.item(), rel=1e-5)
+    assert sparse[2] == dense[2]
+    # and the gradients agree
+    model.zero_grad()
+    MLMObjective(model, sparse=True)(**batch)[0].backward()
+    g_sparse = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    MLMObjective(model, sparse=False)(**batch)[0].backward()
+    for a, (name, p) in zip(g_sparse, model.named_parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_loss_stays_fp32_and_close(tiny):
+    model, tokenizer = tiny
+    model.eval()
+    batch = masked_batch(tokenizer)
+    fp32 = MLMObjective(model, sparse=True)(**batch)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = MLMObjective(model, sparse=True)(**batch)[0]
+    assert bf16.dtype == torch.float32
+    assert bf16.item() == pytest.approx(fp32.item(), rel=0.02)
+
+
+def test_sdpa_attention_is_used_and_matches_eager():
+    cfg = compose(["model=tiny"])
+    model, tokenizer = build_model(cfg.model, 64, seed=0)
+    assert model.config._attn_implementation == "sdpa"
+    cfg.model.attn_implementation = "eager"
+    eager, _ = build_model(cfg.model, 64, seed=0)
+    batch = masked_batch(tokenizer)
+    model.eval(), eager.eval()
+    torch.testing.assert_close(MLMObjective(model, True)(**batch)[0], MLMObjective(eager, True)(**batch)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_override():
+    cfg = compose(["model=tiny", "model.dropout=0"])
+    model, _ = build_model(cfg.model, 64, seed=0)
+    assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.0
+    cfg = compose(["model=tiny"])
+    model, _ = build_model(cfg.model, 64, seed=0)
+    assert model.config.hidden_dropout_prob == 0.1  # unset keeps the config's value
+
+
+def test_pretrained_default_loads_offline_with_new_head():
+    model, tokenizer = build_model(ModelConfig(), 128, seed=0)
+    assert model.config.model_type == "bert" and model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
+    assert model.cls.predictions.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert tokenizer.mask_token == "[MASK]"
+
+
+def test_unreachable_hub_model_fails_fast_with_one_clear_line():
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="hub is unreachable") as info:
+        build_model(ModelConfig(name_or_path="distilbert/distilroberta-base"), 128, seed=0)
+    assert time.perf_counter() - start < 60  # a guard against retry loops, not a speed measurement
+    assert "\n" not in str(info.value) and "model.name_or_path" in str(info.value)
+
+
+def test_model_directory_without_tokenizer(tmp_path, tiny):
+    model, _ = tiny
+    model.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="has no tokenizer files"):
+        build_model(ModelConfig(name_or_path=str(tmp_path)), 64, seed=0)
+
+
+def test_evaluation_is_deterministic_and_normalised_per_token(tiny, tokenizer):
+    """Two evals give the same number; perplexity = exp(total loss / total masked tokens)."""
+    from accelerate import Accelerator
+    from datasets import Dataset
+
+    from mlm.evaluate import evaluate
+
+    model, _ = tiny
+    rng = np.random.default_rng(0)
+    blocks = Dataset.from_dict({"input_ids": rng.integers(1000, 20000, size=(37, 64)).astype(np.int32)})
+    acc = Accelerator(cpu=True)
+    objective = MLMObjective(model, sparse=True)
+    first = evaluate(objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=8)
+    second = evaluate(objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=5)  # other batching, same masks
+    assert first["eval/perplexity"] == pytest.approx(second["eval/perplexity"], rel=1e-6)
+    # reference: Hugging Face's model loss over all masked tokens at once
+    from mlm.masking import EVAL_STREAM
+
+    batch = MLMCollator(tokenizer, MaskingConfig(), seed=0, stream=EVAL_STREAM)({"input_ids": np.asarray(blocks["input_ids"]), "index": np.arange(37)})
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+    assert first["eval/loss"] == pytest.approx(ref, rel=1e-5)
+    assert first["eval/perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
+    assert first["eval/masked_tokens"] == int((batch["labels"] != -100).sum())

@@ -1,0 +1,86 @@
+"""End to end through run.py and the predict CLI, as a user runs them."""
+
+import json
+
+import pytest
+
+from tests.conftest import TINY_RUN, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tests.conftest import sentences
+
+    tmp = tmp_path_factory.mktemp("run")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(sentences(400)))
+    run_dir = tmp / "out"
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_run_writes_results_metrics_and_model(tiny_run):
+    run_dir, proc = tiny_run
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in ("eval_loss", "perplexity", "perplexity_before", "train_tokens", "train_seconds"):
+        assert key in results
+    assert results["train_tokens"] == 4 * 4 * 32  # steps x batch x block
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval/perplexity" in r] == [0, 2, 4]
+    assert (run_dir / "final" / "model.safetensors").exists()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "perplexity:" in proc.stdout and "The cat sat on the [MASK]." in proc.stdout or "<mask>" in proc.stdout
+
+
+def test_saved_model_round_trips_through_fill_mask_pipeline(tiny_run):
+    from transformers import pipeline
+
+    from mlm.config import ModelConfig
+    from mlm.models import build_pretrained, load_tokenizer
+    from mlm.predict import fill_mask
+
+    run_dir, _ = tiny_run
+    pipe = pipeline("fill-mask", model=str(run_dir / "final"), top_k=5)
+    reference = pipe("The milky way is a [MASK] galaxy.")
+    cfg = ModelConfig(name_or_path=str(run_dir / "final"))
+    tokenizer = load_tokenizer(cfg)
+    mine = fill_mask(build_pretrained(cfg, tokenizer), tokenizer, "The milky way is a <mask> galaxy.", top_k=5)[0]
+    assert [c["token"] for c in mine] == [r["token_str"] for r in reference]
+    for c, r in zip(mine, reference):
+        assert c["score"] == pytest.approx(r["score"], rel=1e-4)
+
+
+def test_predict_cli(tiny_run):
+    run_dir, _ = tiny_run
+    proc = run_cli([str(run_dir / "final"), "The Milky Way is a <mask> galaxy.", "--top-k", "3"], module="mlm.predict")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "The Milky Way is a <mask> galaxy." and len(lines) == 4
+    assert lines[1].lstrip().startswith("1. ") and "the milky way is a" in lines[1]
+
+
+@pytest.mark.parametrize("text,message", [("No mask in this text.", "no mask"), (" ".join(["[MASK]"] * 9), "at most 8")])
+def test_predict_cli_bad_text_exits_2(tiny_run, text, message):
+    run_dir, _ = tiny_run
+    proc = run_cli([str(run_dir / "final"), text], module="mlm.predict")
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_distilroberta_offline_fails_with_one_clear_line(tmp_path):
+    proc = run_cli(["model=distilroberta", "block_size=256", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "distilbert/distilroberta-base" in errors[0] and "model.name_or_path" in errors[0]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cfg_job_prints_the_recipe():
+    proc = run_cli(["model=distilroberta", "block_size=256", "--cfg", "job"])
+    assert proc.returncode == 0
+    assert "name_or_path: distilbert/distilroberta-base" in proc.stdout and "block_size: 256" in proc.stdout
