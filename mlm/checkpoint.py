@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -96,6 +97,7 @@ def save_checkpoint(
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            _injected_delay()
             _write_json(tmp / "state.json", {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)})
             sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
             _write_json(tmp / MANIFEST, {"step": step, "files": sizes})
@@ -110,6 +112,13 @@ def save_checkpoint(
         raise UserError(f"cannot write checkpoint {final}: {e.strerror or e} (free space or fix permissions, then resume)") from e
     accelerator.wait_for_everyone()
     return final
+
+
+def _injected_delay() -> None:
+    """Fault injection for the crash tests: MLM_FAULT_CHECKPOINT_DELAY=<s> holds a write half-done."""
+    delay = float(os.environ.get("MLM_FAULT_CHECKPOINT_DELAY", "0"))
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _read_manifest(path: Path) -> Optional[Dict[str, Any]]:

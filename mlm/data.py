@@ -270,8 +270,11 @@ def _save_atomically(dsd: DatasetDict, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         dsd.save_to_disk(tmp)
-        if not os.path.exists(path):  # another process may have finished the same blocks first
+        try:
             os.replace(tmp, path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, "dataset_dict.json")):
+                raise  # a real write error; otherwise another process saved the same blocks first
     except OSError as e:
         raise UserError(f"cannot write the block cache to {path}: {e.strerror} (set MLM_CACHE to a writable directory)") from e
     finally:

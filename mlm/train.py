@@ -49,6 +49,56 @@ class TrainState:
     best_perplexity: float = float("inf")
     last_eval: Dict[str, float] = field(default_factory=dict)
     tracker_run_id: Optional[str] = None
+    log_window: List[float] = field(default_factory=lambda: [0.0, 0, 0])  # loss sum, masked tokens, steps since the last log
+
+
+class LogWindow:
+    """Training loss and time accumulated between two log steps; the loss stays on the device until then."""
+
+    def __init__(self, device, loss_sum: float = 0.0, masked: int = 0, steps: int = 0):
+        self.device = device
+        self.loss_sum = torch.tensor(loss_sum, device=device)
+        self.masked, self.steps, self.seconds, self.timed = masked, steps, 0.0, 0
+
+    @classmethod
+    def restore(cls, saved: List[float], device) -> "LogWindow":
+        return cls(device, float(saved[0]), int(saved[1]), int(saved[2]))
+
+    def saved(self) -> List[float]:
+        return [float(self.loss_sum), self.masked, self.steps]
+
+    def add(self, loss_sum: torch.Tensor, masked: int, seconds: float) -> None:
+        self.loss_sum += loss_sum
+        self.masked += masked
+        self.steps += 1
+        self.seconds += seconds
+        self.timed += 1
+
+    def flush(self, accelerator, tokens_per_step: int) -> Dict[str, float]:
+        """Mean masked-token loss over the window and all processes (one all-reduce), then reset."""
+        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(self.masked), dtype=torch.float64, device=self.device)])
+        totals = accelerator.reduce(totals, reduction="sum")
+        seconds = max(self.seconds, 1e-9)
+        metrics = {
+            "train/loss": float(totals[0] / totals[1].clamp(min=1)),
+            "perf/tokens_per_s": self.timed * tokens_per_step / seconds,
+            "perf/step_s": seconds / max(self.timed, 1),
+        }
+        self.__init__(self.device)
+        return metrics
+
+
+def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Path) -> None:
+    """A non-finite step: stop (default), or with on_nonfinite=skip drop it and keep the schedule in step."""
+    state.skipped_steps += 1
+    if tcfg.on_nonfinite == "stop" or state.skipped_steps > tcfg.max_skipped_steps:
+        raise NonFiniteLoss(
+            f"non-finite training loss at step {state.step + 1} ({error}); "
+            f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+        ) from None
+    log.warning("step %d: %s; skipped (%d so far)", state.step + 1, error, state.skipped_steps)
+    scheduler.step()
+    state.step += 1
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -140,9 +190,9 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         if saved["global_batch"] != order.global_batch:
             raise UserError(f"{ckpt} was trained with a global batch of {saved['global_batch']}, this run has {order.global_batch}; keep the batch settings to resume")
         state = TrainState(**saved["train_state"])
-        if main:
-            truncate_metrics(run_dir, state.step)
-            log.info("resumed from %s at step %d", ckpt, state.step)
+        log.info("resumed from %s at step %d", ckpt, state.step)
+    if main:  # records past the checkpoint (or all, on a fresh start) are logged again
+        truncate_metrics(run_dir, state.step if ckpt is not None else -1)
     tracker = open_trackers(cfg.tracker, run_dir, config_tree or asdict(cfg), job, main, resume_id=state.tracker_run_id)
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
 
@@ -154,6 +204,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         return metrics
 
     def save(step: int) -> None:
+        state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
         checkpoint.save_checkpoint(
             run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
             {"train_state": asdict(state), "global_batch": order.global_batch}, accelerator, tcfg.keep_checkpoints,
@@ -166,59 +217,37 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     # 4. the loop
     collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed)
     tokens_per_step = order.global_batch * cfg.block_size
+    window = LogWindow.restore(state.log_window, accelerator.device)
     bar = tqdm(total=steps, initial=state.step, disable=not (main and tcfg.progress_bar), desc="train", dynamic_ncols=True)
-    zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
-    window_loss, window_tokens, window_start, window_steps = zero(), 0, time.perf_counter(), 0
     try:
         while state.step < steps:
             epoch, first = divmod(state.step, order.steps_per_epoch)
             collator.stream = epoch  # new masks every epoch, the same for every process
-            loader = make_loader(train_blocks, TrainSampler(order, epoch, accelerator.process_index, first), collator, tcfg.num_workers, pin_memory=torch.cuda.is_available())
-            batches = iter(loader)
-            for _ in range(first, order.steps_per_epoch):
-                micro = [next(batches) for _ in range(order.accumulation)]
+            sampler = TrainSampler(order, epoch, accelerator.process_index, start_step=first)
+            batches = iter(make_loader(train_blocks, sampler, collator, tcfg.num_workers, pin_memory=torch.cuda.is_available()))
+            for _ in range(first, min(order.steps_per_epoch, first + steps - state.step)):
                 t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(order.accumulation)]
                 try:
                     loss_sum, n_masked, grad_norm = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm)
                 except NonFiniteLoss as e:
-                    state.skipped_steps += 1
-                    if tcfg.on_nonfinite == "stop" or state.skipped_steps > tcfg.max_skipped_steps:
-                        raise NonFiniteLoss(f"non-finite training loss at step {state.step + 1} ({e}); the last good checkpoint is kept in {run_dir / 'checkpoints'}") from None
-                    log.warning("step %d: %s; skipped (%d so far)", state.step + 1, e, state.skipped_steps)
-                    scheduler.step()
-                    state.step += 1
+                    skip_step(state, scheduler, tcfg, e, run_dir)
                     continue
                 state.step += 1
                 state.tokens += tokens_per_step
-                state.train_seconds += time.perf_counter() - t0
-                window_loss += loss_sum  # stays on the device: no sync until the log step
-                window_tokens += n_masked
-                window_steps += 1
+                seconds = time.perf_counter() - t0
+                state.train_seconds += seconds
+                window.add(loss_sum, n_masked, seconds)
                 bar.update(1)
-
                 if state.step % tcfg.log_every == 0 or state.step == steps:
-                    totals = accelerator.reduce(torch.stack([window_loss.double(), torch.tensor(float(window_tokens), dtype=torch.float64, device=accelerator.device)]), reduction="sum")
-                    loss = float(totals[0] / totals[1].clamp(min=1))
-                    elapsed = time.perf_counter() - window_start
-                    metrics = {
-                        "train/loss": loss,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm),
-                        "train/epoch": state.step / order.steps_per_epoch,
-                        "perf/tokens_per_s": window_steps * tokens_per_step / elapsed,
-                        "perf/step_s": elapsed / window_steps,
-                    }
+                    metrics = {**window.flush(accelerator, tokens_per_step), "train/lr": scheduler.get_last_lr()[0],
+                               "train/grad_norm": float(grad_norm), "train/epoch": state.step / order.steps_per_epoch}
                     tracker.log(metrics, state.step)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['train/lr']:.2e}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
-                    window_loss, window_tokens, window_start, window_steps = zero(), 0, time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
                 if state.step % eval_every == 0 and state.step < steps:
                     run_eval()
-                    window_start = time.perf_counter()  # eval time is not training throughput
                 if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < steps:
                     save(state.step)
-                    window_start = time.perf_counter()
-                if state.step >= steps:
-                    break
         bar.close()
 
         # 5. final eval, checkpoint, model, results

@@ -1,0 +1,585 @@
+#!/usr/bin/env python
+"""Training throughput: transformers.Trainer (the HF guide's recipe) against this harness's step.
+
+    python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile]
+
+One command, one machine, run after run. The same DistilRoBERTa-shaped model (RoBERTa, 6 layers,
+hidden 768, 12 heads, FFN 3072, vocab 50265, 514 positions, sdpa attention, ~82M parameters) is
+built from the same seed (its parameter checksum is recorded and compared) and trained on the same
+token blocks (the default Wikipedia sample, the offline MiniLM tokenizer, block 128), batch 8, for
+the same number of optimizer steps, with the same threads, learning rate, AdamW hyper-parameters
+(betas 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only), linear decay without warm-up and
+gradient clipping at 1.0:
+
+  trainer_fp32     transformers.Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), fp32;
+                   Trainer's own default optimizer (fused AdamW in transformers 5 with torch >= 2.8).
+  trainer_bf16     the same with bf16=True (autocast through Accelerate).
+  harness          mlm.models.MLMObjective(sparse=True) + mlm.optim.build_optimizer (fused AdamW) +
+                   mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision="bf16").
+  harness_compile  (only with --compile) the harness with model.base_model.compile(), as trainer.compile=true does.
+
+Each variant runs in its own subprocess launched by this script, one after the other (never two at
+once), so that its peak RSS (resource.getrusage ru_maxrss) is its own and no variant inherits
+another's allocator state or warm caches.
+
+Timing. Every variant runs W warm-up steps (not timed: allocation, first-touch, torch.compile) and
+then R windows of N consecutive steps in the same training run (W + R*N steps in all). A step is
+timed from the end of the previous optimizer step to the end of this one, so data loading, masking
+and collation, the loss read-back and per-step logging are included for both loops (end-to-end
+training throughput). For the Trainer the timestamps come from a TrainerCallback (on_step_end; the
+first step starts at on_train_begin); for the harness from the loop in this file around
+mlm.train.train_step. tokens/s of a window = N * 8 * 128 / window time (all positions, masked or
+not); the reported number is the median over the R windows. The compute-only time (on_step_begin
+-> on_step_end, i.e. without fetching and collating the batch) is reported too.
+
+FLOPs (see "flops_counted" in the JSON): 6 * N_body per token (N_body = all parameters except the
+token/position/type embedding tables and the MLM head) + 12 * layers * hidden * seq per token for
+attention scores and values (forward + backward) + the MLM head as actually executed: 6 * (hidden^2
++ hidden * vocab) per predicted position, where the Trainer predicts every position (dense head)
+and the harness only the masked ones (measured count, ~15%). MFU = achieved FLOP/s / the machine's
+measured matmul peak at the matching precision (bf16 peak for bf16 variants, fp32 for fp32),
+measured in this run with torch.matmul on square matrices (best of a measurement before and after
+the variants, each the median of several repetitions).
+
+Learning check. After the same number of steps from the same initial weights, every variant's
+model is scored in fp32 (no autocast; the dtype is checked with a forward hook) on the first
+`--eval-blocks` test blocks with the harness's deterministic eval masks
+(MLMCollator(stream=mlm.masking.EVAL_STREAM)), so all variants see identical eval inputs. The
+training data order and masks differ between Trainer (its RandomSampler and torch RNG masking) and
+the harness (its TrainOrder permutation and hash masking), so the losses match only statistically:
+the check is "harness within 2% of trainer_bf16". The eval loss of the initial weights is reported
+to show how far training moved the loss (a check that nothing moved would be meaningless; the
+default learning rate is set so that the loss drops clearly in a few steps from random init).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BLOCK = 128
+BATCH = 8
+ARCH = dict(
+    num_hidden_layers=6, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+    vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+)
+VARIANTS = ("trainer_fp32", "trainer_bf16", "harness")
+PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16", "harness": "bf16", "harness_compile": "bf16"}
+FLOPS_COUNTED = (
+    "model FLOPs per optimizer step = 6 * N_body * T  (N_body: all parameters except the word/position/type "
+    "embedding tables and the MLM head; T = 8 * 128 tokens; forward 2x + backward 4x) "
+    "+ 12 * layers * hidden * seq * T  (attention scores QK^T and weighted values, forward + backward) "
+    "+ 6 * (hidden^2 + hidden * vocab) * P  (MLM head transform and vocabulary projection as executed: "
+    "P = T for the Trainer's dense head, P = the measured number of masked positions (~15%) for the harness's "
+    "sparse head). Not counted: embedding lookups and their gradient, layer norms, activations, softmax, "
+    "loss, optimizer update. MFU = achieved model FLOP/s / measured torch.matmul peak at the variant's "
+    "precision (bf16 variants vs bf16 peak, trainer_fp32 vs fp32 peak)."
+)
+
+
+# ---------------------------------------------------------------- shared by the workers
+
+
+def _quiet() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _log(variant: str, msg: str) -> None:
+    print(f"[{variant}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_model(tokenizer, seed: int):
+    import torch
+    from transformers import AutoModelForMaskedLM, RobertaConfig
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(**ARCH, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    return model
+
+
+def param_stats(model) -> dict:
+    import torch
+
+    emb = model.roberta.embeddings
+    tables = {id(emb.word_embeddings.weight), id(emb.position_embeddings.weight), id(emb.token_type_embeddings.weight)}
+    head = {id(p) for p in model.lm_head.parameters()}
+    params = list(model.parameters())  # tied decoder weight appears once
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() for p in params)) + float(sum((p.double() ** 2).sum() for p in params))
+    return {
+        "n_params": sum(p.numel() for p in params),
+        "n_body": sum(p.numel() for p in params if id(p) not in tables and id(p) not in head),
+        "init_checksum": round(checksum, 6),
+    }
+
+
+class DtypeProbe:
+    """Records the output dtype of one Linear on its first call (shows whether autocast is active)."""
+
+    def __init__(self, module):
+        self.dtype = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.dtype is None:
+            self.dtype = str(output.dtype).replace("torch.", "")
+        self.handle.remove()
+
+
+def eval_loss(model, blocks, tokenizer, seed: int, batch_size: int = 16) -> dict:
+    """Mean masked-token loss in fp32 with the harness's deterministic eval masks (identical for every variant)."""
+    import torch
+    from mlm.batching import eval_shard, make_loader
+    from mlm.config import MaskingConfig
+    from mlm.masking import EVAL_STREAM, MLMCollator
+    from mlm.models import MLMObjective
+
+    # A fresh objective around the raw model: Accelerate patches the *prepared* module's forward with
+    # autocast, and Trainer patches the model's own forward; base_model and lm_head are untouched.
+    objective = MLMObjective(model, sparse=True)
+    was_training = model.training
+    model.eval()
+    probe = DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
+    collator = MLMCollator(tokenizer, MaskingConfig(), seed=seed, stream=EVAL_STREAM)
+    loader = make_loader(blocks, eval_shard(len(blocks), batch_size, 0, 1), collator, num_workers=0, pin_memory=False)
+    loss_sum, n = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for batch in loader:
+            s, k, _ = objective(**batch)
+            loss_sum += float(s)
+            n += int(k)
+    model.train(was_training)
+    return {"loss": loss_sum / max(n, 1), "masked_tokens": n, "dtype": probe.dtype}
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------- one variant (runs in a subprocess)
+
+
+def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
+    import torch
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.start, self.begin, self.end, self.threads = None, [], [], None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin.append(time.perf_counter())
+            if self.threads is None:
+                self.threads = torch.get_num_threads()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end.append(time.perf_counter())
+
+    class CountMasked:
+        """The guide's collator, unchanged; only counts the masked positions it produces."""
+
+        def __init__(self, inner):
+            self.inner, self.masked = inner, []
+
+        def __call__(self, features):
+            out = self.inner(features)
+            self.masked.append(int((out["labels"] != -100).sum()))
+            return out
+
+    collator = CountMasked(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15))
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = TrainingArguments(
+            output_dir=out_dir,
+            max_steps=s["total_steps"],
+            per_device_train_batch_size=BATCH,
+            learning_rate=s["lr"],
+            weight_decay=0.01,
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            adam_epsilon=1e-8,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            bf16=variant == "trainer_bf16",
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="steps",
+            logging_steps=1,  # the loss is read back every step, as the harness loop does
+            dataloader_num_workers=0,
+            seed=s["seed"],
+            disable_tqdm=True,
+        )
+        timer = StepTimer()
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train_blocks, data_collator=collator,
+            processing_class=tokenizer, callbacks=[timer],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        probe = DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
+        rss_before = rss_mb()
+        trainer.train()
+        peak = peak_rss_mb()
+        losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+        optim = str(args.optim)
+    ends = [timer.start] + timer.end
+    return {
+        "step_s": [b - a for a, b in zip(ends, ends[1:])],
+        "compute_s": [e - b for b, e in zip(timer.begin, timer.end)],
+        "masked_per_step": collator.masked[: len(timer.end)],
+        "train_loss": losses,
+        "autocast_dtype": probe.dtype,
+        "threads_in_step": timer.threads,
+        "optimizer": optim,
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": peak,
+        "dense_head": True,
+    }
+
+
+def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from mlm.batching import TrainOrder, TrainSampler, make_loader
+    from mlm.config import MaskingConfig, OptimizerConfig, SchedulerConfig
+    from mlm.masking import MLMCollator
+    from mlm.models import MLMObjective
+    from mlm.optim import build_optimizer, build_scheduler
+    from mlm.train import train_step
+
+    accelerator = Accelerator(mixed_precision="bf16")
+    objective = MLMObjective(model, sparse=True)
+    if variant == "harness_compile":
+        model.base_model.compile()  # in place, as mlm.train does with trainer.compile=true
+    # the harness's optimizer builder; Adam betas/eps set to the Trainer's so the learning check compares like with like
+    opt_cfg = OptimizerConfig(lr=s["lr"], weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, impl="auto")
+    optimizer = build_optimizer(objective, opt_cfg)
+    scheduler = build_scheduler(optimizer, SchedulerConfig(name="linear", warmup_steps=0, warmup_ratio=0.0), s["total_steps"])
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    order = TrainOrder(len(train_blocks), BATCH, 1, accelerator.num_processes, s["seed"])
+    collator = MLMCollator(tokenizer, MaskingConfig(), seed=s["seed"], stream=0)  # stream = epoch 0
+    probe = None if variant == "harness_compile" else DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
+    objective.train()
+    rss_before = rss_mb()
+    start = time.perf_counter()
+    loader = make_loader(train_blocks, TrainSampler(order, 0, accelerator.process_index), collator, 0, pin_memory=False)
+    batches = iter(loader)
+    ends, compute, masked, losses, threads = [start], [], [], [], torch.get_num_threads()
+    for step in range(s["total_steps"]):
+        micro = [next(batches)]
+        t0 = time.perf_counter()
+        loss_sum, n_masked, _ = train_step(objective, optimizer, scheduler, micro, accelerator, 1.0)
+        t1 = time.perf_counter()
+        losses.append(round(float(loss_sum) / max(n_masked, 1), 4))  # train_step already synced the loss
+        ends.append(t1)
+        compute.append(t1 - t0)
+        masked.append(int(n_masked))
+        if step == 0 and variant == "harness_compile":
+            _log(variant, f"first step (compiles the encoder) took {t1 - start:.1f}s")
+    peak = peak_rss_mb()
+    return {
+        "step_s": [b - a for a, b in zip(ends, ends[1:])],
+        "compute_s": compute,
+        "masked_per_step": masked,
+        "train_loss": losses,
+        "autocast_dtype": probe.dtype if probe else "bf16 (not probed under torch.compile)",
+        "threads_in_step": threads,
+        "optimizer": f"mlm.optim.build_optimizer: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
+        "rss_before_train_mb": rss_before,
+        "peak_rss_mb": peak,
+        "dense_head": False,
+        "first_step_s": ends[1] - ends[0],
+    }
+
+
+def worker(variant: str, s: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(s["threads"])
+    _quiet()
+    from mlm.config import DatasetConfig, ModelConfig
+    from mlm.data import build_blocks
+    from mlm.models import load_tokenizer
+
+    t_setup = time.perf_counter()
+    tokenizer = load_tokenizer(ModelConfig())
+    blocks = build_blocks(DatasetConfig(), tokenizer, BLOCK)
+    train_blocks = blocks["train"]
+    eval_blocks = blocks["test"].select(range(min(s["eval_blocks"], len(blocks["test"]))))
+    model = build_model(tokenizer, s["seed"])
+    stats = param_stats(model)
+    result = {"variant": variant, **stats, "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks)}
+    if s.get("eval_init"):
+        _log(variant, "eval of the initial weights ...")
+        result["eval_init"] = eval_loss(model, eval_blocks, tokenizer, s["seed"])
+    result["setup_s"] = time.perf_counter() - t_setup
+    _log(variant, f"training {s['total_steps']} steps ({s['warmup']} warm-up + {s['reps']} x {s['steps']} timed) ...")
+    run = run_trainer if variant.startswith("trainer") else run_harness
+    result.update(run(variant, s, tokenizer, train_blocks, model))
+    if variant != "harness_compile":  # eval would recompile the compiled encoder (eval mode, other shapes)
+        result["eval"] = eval_loss(model, eval_blocks, tokenizer, s["seed"])
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def matmul_gflops(size: int, reps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=g).to(dtype)
+        b = torch.randn(size, size, generator=g).to(dtype)
+        for _ in range(2):
+            torch.matmul(a, b)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t)
+        out[name] = 2 * size**3 / statistics.median(times) / 1e9
+    return out
+
+
+def window_stats(step_s, warmup: int, steps: int, reps: int, tokens_per_step: int) -> dict:
+    windows = [sum(step_s[warmup + r * steps : warmup + (r + 1) * steps]) for r in range(reps)]
+    rates = [steps * tokens_per_step / w for w in windows]
+    return {"tokens_per_s": statistics.median(rates), "tokens_per_s_reps": rates, "window_s": windows}
+
+
+def flops_per_step(stats: dict, masked_mean: float, dense_head: bool) -> float:
+    h, v, layers = ARCH["hidden_size"], ARCH["vocab_size"], ARCH["num_hidden_layers"]
+    tokens = BATCH * BLOCK
+    predicted = tokens if dense_head else masked_mean
+    return 6 * stats["n_body"] * tokens + 12 * layers * h * BLOCK * tokens + 6 * (h * h + h * v) * predicted
+
+
+def run_variant(variant: str, settings: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--_settings", json.dumps(settings), "--_out", str(out)]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
+        wall = time.perf_counter() - t
+        if proc.returncode != 0 or not out.exists():
+            return {"variant": variant, "error": f"worker exited with {proc.returncode}", "wall_s": wall}
+        result = json.loads(out.read_text())
+        result["wall_s"] = wall
+        return result
+
+
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", required=False, help="write the results here")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed window (default 3; quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="timed windows; the median is reported (default 3; quick 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the usable cores)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every variant (linear decay, no warm-up)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-blocks", type=int, default=None, help="test blocks for the learning check (default 64; quick 16)")
+    p.add_argument("--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
+    p.add_argument("--compile", action="store_true", help="also time harness_compile (model.base_model.compile())")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_settings", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a._worker:
+        result = worker(a._worker, json.loads(a._settings))
+        Path(a._out).write_text(json.dumps(result))
+        return 0
+
+    q = a.quick
+    warmup = a.warmup if a.warmup is not None else (1 if q else 2)
+    steps = a.steps if a.steps is not None else (1 if q else 3)
+    reps = a.reps if a.reps is not None else (2 if q else 3)
+    if min(steps, reps) < 1 or warmup < 0:
+        p.error("--steps and --reps must be >= 1, --warmup >= 0")
+    threads = a.threads or len(os.sched_getaffinity(0))
+    eval_blocks = a.eval_blocks or (16 if q else 64)
+    mm_size = a.matmul_size or (1024 if q else 2048)
+    mm_reps = 3 if q else 7
+    settings = {
+        "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps, "threads": threads,
+        "lr": a.lr, "seed": a.seed, "eval_blocks": eval_blocks, "block_size": BLOCK, "batch_size": BATCH,
+        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile,
+        "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
+        "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
+        "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
+        "mlm_probability": 0.15,
+    }
+    variants = list(VARIANTS) + (["harness_compile"] if a.compile else [])
+    command = shlex.join(["python", *sys.argv] if argv is None else ["python", "benchmarks/train_throughput.py", *argv])
+    t_all = time.perf_counter()
+    load_before = os.getloadavg()
+
+    import torch
+
+    print(f"matmul peak ({mm_size}x{mm_size}, {threads} threads) ...", file=sys.stderr, flush=True)
+    mm_before = matmul_gflops(mm_size, mm_reps, threads)
+    results = {}
+    for i, v in enumerate(variants):
+        results[v] = run_variant(v, {**settings, "eval_init": i == 0})
+        if "error" in results[v]:
+            print(f"[{v}] FAILED: {results[v]['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"[{v}] done in {results[v]['wall_s']:.0f}s", file=sys.stderr, flush=True)
+    mm_after = matmul_gflops(mm_size, mm_reps, threads)
+    peak = {k: max(mm_before[k], mm_after[k]) for k in ("fp32", "bf16")}
+
+    tokens_per_step = BATCH * BLOCK
+    tps, mfu, achieved, fps, mem, mem_delta, compute_tps, details = {}, {}, {}, {}, {}, {}, {}, {}
+    for v, r in results.items():
+        if "error" in r:
+            tps[v] = mfu[v] = achieved[v] = fps[v] = mem[v] = mem_delta[v] = compute_tps[v] = None
+            details[v] = r
+            continue
+        w = window_stats(r["step_s"], warmup, steps, reps, tokens_per_step)
+        c = window_stats(r["compute_s"], warmup, steps, reps, tokens_per_step)
+        timed_masked = r["masked_per_step"][warmup:]
+        masked_mean = statistics.mean(timed_masked) if timed_masked else 0.15 * tokens_per_step
+        fps[v] = flops_per_step(r, masked_mean, r["dense_head"])
+        tps[v] = w["tokens_per_s"]
+        compute_tps[v] = c["tokens_per_s"]
+        achieved[v] = fps[v] * tps[v] / tokens_per_step / 1e9
+        mfu[v] = achieved[v] / peak[PRECISION[v]]
+        mem[v] = r["peak_rss_mb"]
+        mem_delta[v] = r["peak_rss_mb"] - r["rss_before_train_mb"]
+        details[v] = {**r, **{f"window_{k}": val for k, val in w.items()}, "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
+                      "masked_per_step_mean_timed": masked_mean, "model_gflop_per_step": fps[v] / 1e9}
+
+    def ratio(x, y):
+        return x / y if x and y else None
+
+    def ev(v):
+        r = results.get(v, {})
+        return r.get("eval", {}).get("loss")
+
+    init = next((r["eval_init"]["loss"] for r in results.values() if "eval_init" in r), None)
+    b_loss, c_loss = ev("trainer_bf16"), ev("harness")
+    rel = (c_loss - b_loss) / b_loss if b_loss and c_loss else None
+    checksums = {v: r.get("init_checksum") for v, r in results.items() if "error" not in r}
+    out = {
+        "tokens_per_s": tps,
+        "speedup_vs_trainer_fp32": ratio(tps.get("harness"), tps.get("trainer_fp32")),
+        "speedup_vs_trainer_bf16": ratio(tps.get("harness"), tps.get("trainer_bf16")),
+        "eval_loss": {
+            "trainer_bf16": b_loss, "harness": c_loss, "rel_diff": rel,
+            "harness_within_2pct_of_trainer_bf16": None if rel is None else abs(rel) <= 0.02,
+            "trainer_fp32": ev("trainer_fp32"), "init": init, "after_steps": settings["total_steps"],
+            "eval_blocks": eval_blocks,
+            "masked_tokens": next((r["eval"]["masked_tokens"] for r in results.values() if "eval" in r), None),
+            "eval_dtype": {v: r["eval"]["dtype"] for v, r in results.items() if "eval" in r},
+            "note": "fp32 eval, harness eval masks (EVAL_STREAM) on the first test blocks, identical for all variants; "
+                    "same init and data, but Trainer and harness draw training order and masks differently",
+        },
+        "mfu": mfu,
+        "mfu_peak": {v: PRECISION[v] for v in results},
+        "model_gflops_achieved": achieved,
+        "model_gflop_per_step": {v: (x / 1e9 if x else None) for v, x in fps.items()},
+        "compute_only_tokens_per_s": compute_tps,
+        "peak_memory_mb": mem,
+        "peak_memory_minus_rss_before_training_mb": mem_delta,
+        "matmul_gflops": {**peak, "size": mm_size, "before": mm_before, "after": mm_after, "threads": threads},
+        "flops_counted": FLOPS_COUNTED,
+        "same_init": len(set(checksums.values())) == 1 if checksums else None,
+        "command": command,
+        "settings": settings,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(), "usable_cores": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        },
+        "total_wall_s": time.perf_counter() - t_all,
+        "details": details,
+    }
+    if a.compile:
+        out["speedup_compile_vs_harness"] = ratio(tps.get("harness_compile"), tps.get("harness"))
+    try:
+        import transformers
+
+        out["machine"]["transformers"] = transformers.__version__
+    except Exception:  # pragma: no cover
+        pass
+
+    # the table
+    lines = [
+        f"train throughput: RoBERTa 6x768 (vocab 50265), batch {BATCH} x {BLOCK} tokens, {threads} threads, "
+        f"{warmup} warm-up + median of {reps} x {steps} steps",
+        f"{'variant':<16} {'tokens/s':>9} {'compute':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>11} "
+        f"{'+train MB':>9} {'eval loss':>9}",
+    ]
+    for v in results:
+        r = results[v]
+        lines.append(
+            f"{v:<16} {fmt(tps[v]):>9} {fmt(compute_tps[v]):>9} {fmt(fps[v] and fps[v] / 1e9):>10} {fmt(achieved[v]):>8} "
+            f"{fmt(mfu[v] and 100 * mfu[v]) + '%':>6} {fmt(mem[v], '.0f'):>11} {fmt(mem_delta[v], '.0f'):>9} "
+            f"{fmt(r.get('eval', {}).get('loss'), '.4f'):>9}"
+        )
+    sp32, sp16 = out["speedup_vs_trainer_fp32"], out["speedup_vs_trainer_bf16"]
+    lines += [
+        f"harness speedup: {fmt(sp32, '.2f')}x vs trainer_fp32, {fmt(sp16, '.2f')}x vs trainer_bf16"
+        + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if a.compile else ""),
+        f"matmul peak ({mm_size}^2): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
+        f"(before {mm_before['fp32']:.0f}/{mm_before['bf16']:.0f}, after {mm_after['fp32']:.0f}/{mm_after['bf16']:.0f})",
+        f"eval loss after {settings['total_steps']} steps (init {fmt(init, '.4f')}): trainer_bf16 {fmt(b_loss, '.4f')}, "
+        f"harness {fmt(c_loss, '.4f')}, rel diff {fmt(rel and 100 * rel, '+.2f')}% -> "
+        f"{'within' if rel is not None and abs(rel) <= 0.02 else 'NOT within'} 2%",
+        f"same initial weights in every variant: {out['same_init']}; load average before/after: "
+        f"{load_before[0]:.2f} / {out['machine']['loadavg_after'][0]:.2f}",
+        f"total {out['total_wall_s']:.0f}s. command: {command}",
+    ]
+    print("\n".join(lines))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Bad input: one clear line, a non-zero exit, and nothing a later resume would mistake for progress."""
+
+import errno
+
+import torch
+
+import pytest
+
+from mlm.config import UserError
+from tests.conftest import TINY_RUN, compose, run_cli, sentences
+
+
+def assert_clean_failure(proc, run_dir, *needles):
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "results.json").exists()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(sentences(300)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (["dataset.path=/nonexistent/data.txt"], ["/nonexistent/data.txt", "no such file"]),
+        (["masking.mlm_probability=0"], ["mlm_probability=0.0", "strictly between 0 and 1"]),
+        (["masking.mlm_probability=1"], ["mlm_probability=1.0"]),
+        (["masking.mlm_probability=-0.2"], ["mlm_probability=-0.2"]),
+        (["block_size=1024"], ["block_size=1024", "512 positions"]),
+    ],
+)
+def test_bad_values_fail_with_one_line(tmp_path, corpus, overrides, needles):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.run.dir={run_dir}"])
+    assert_clean_failure(proc, run_dir, *needles)
+
+
+def test_missing_text_field_via_cli(tmp_path, eli5_file):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY_RUN, f"dataset.path={eli5_file}", "dataset.text_field=body", f"hydra.run.dir={run_dir}"])
+    assert_clean_failure(proc, run_dir, "'body' does not exist", "answers")
+
+
+def test_empty_file_and_too_small_corpus(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = run_cli([*TINY_RUN, f"dataset.path={empty}", f"hydra.run.dir={tmp_path / 'a'}"])
+    assert_clean_failure(proc, tmp_path / "a", "is empty")
+    small = tmp_path / "small.txt"
+    small.write_text("one short line\nanother short line\n")
+    proc = run_cli([*TINY_RUN, f"dataset.path={small}", "dataset.test_size=0.5", f"hydra.run.dir={tmp_path / 'b'}"])
+    assert_clean_failure(proc, tmp_path / "b", "not enough for one block")
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    proc = run_cli([*TINY_RUN, "dataset.path=/nonexistent.txt", "debug=true", f"hydra.run.dir={tmp_path}"], env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "UserError" in proc.stderr
+
+
+def test_checkpoint_from_a_different_model_is_refused(tmp_path, corpus):
+    from mlm.train import train
+
+    cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", "trainer.save_model=false"])
+    train(cfg, tmp_path)
+    other = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "model.arch.hidden_size=48"])
+    with pytest.raises(UserError, match="belongs to a different model"):
+        train(other, tmp_path)
+
+
+def test_disk_full_while_checkpointing(tmp_path, corpus, monkeypatch):
+    import mlm.checkpoint
+    from mlm.train import train
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mlm.checkpoint, "save_model", full)
+    cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2"])
+    with pytest.raises(UserError, match="No space left on device"):
+        train(cfg, tmp_path)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # the half-written checkpoint is gone
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    import mlm.train
+    from mlm.checkpoint import list_checkpoints
+
+    real_step = mlm.train.train_step
+    calls = {"n": 0}
+
+    def poisoned(objective, optimizer, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a weight turns NaN before the third step: its loss is NaN
+            with torch.no_grad():
+                next(objective.parameters()).fill_(float("nan"))
+        return real_step(objective, optimizer, *args)
+
+    monkeypatch.setattr(mlm.train, "train_step", poisoned)
+    cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=100"])
+    with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3"):
+        mlm.train.train(cfg, tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002"]
+    assert not (tmp_path / "results.json").exists()

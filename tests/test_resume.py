@@ -1,0 +1,129 @@
+"""Crash safety: SIGKILL at any moment, resume, and end exactly where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
+
+pytestmark = pytest.mark.slow
+
+# fp32, dropout on (so the RNG state matters), checkpoints every 3 steps, eval every 4
+RUN = [*TINY_RUN, "trainer.mixed_precision=no", "trainer.max_steps=14", "trainer.checkpoint_every=3",
+       "trainer.eval_every=4", "trainer.log_every=1", "trainer.keep_checkpoints=2", "trainer.save_model=true"]
+COMPARED = ("train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/perplexity")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n".join(sentences(500)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def records(run_dir: Path):
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        for k in COMPARED:
+            if k in r:
+                out[(r["step"], k)] = r[k]
+    return out
+
+
+def start(corpus, run_dir, env=None):
+    cmd = [sys.executable, str(ROOT / "run.py"), *RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before the kill point: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    pytest.fail("kill point never reached")
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def assert_same_as_uninterrupted(run_dir: Path, reference: Path):
+    a = load_file(run_dir / "final" / "model.safetensors")
+    b = load_file(reference / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].equal(b[k]), f"{k} differs"  # bitwise identical weights
+    assert records(run_dir) == records(reference)  # every logged value, including steps after the checkpoint
+    assert json.loads((run_dir / "results.json").read_text())["perplexity"] == json.loads((reference / "results.json").read_text())["perplexity"]
+
+
+def test_sigkill_during_training_then_resume_is_exact(corpus, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(corpus, run_dir)
+    wait_for(lambda: last_step(run_dir) >= 8, proc)  # past the checkpoints at 3 and 6, mid-way to 9
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "results.json").exists()
+    resumed = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])  # resume=auto
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_as_uninterrupted(run_dir, uninterrupted)
+
+
+def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corpus, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(corpus, run_dir, env={"MLM_FAULT_CHECKPOINT_DELAY": "30"})  # every write hangs half-done
+    tmp_ckpt = run_dir / "checkpoints" / ".tmp-ckpt-00000003"
+    wait_for(lambda: (tmp_ckpt / "model.safetensors").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from mlm.checkpoint import list_checkpoints
+
+    assert list_checkpoints(run_dir) == []  # the half-written one is not mistaken for progress
+    # and a corrupt complete-looking one (truncated weights) is skipped with a warning naming it
+    first = run_cli([*RUN, "trainer.max_steps=4", f"dataset.path={corpus}", f"hydra.run.dir={tmp_path / 'short'}"])
+    assert first.returncode == 0
+    good = list_checkpoints(tmp_path / "short")[0]
+    corrupt = run_dir / "checkpoints" / "ckpt-00000099"
+    import shutil
+
+    shutil.copytree(good, corrupt)
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    resumed = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping incomplete or corrupt checkpoint {corrupt}" in resumed.stdout + resumed.stderr
+    shutil.rmtree(corrupt)
+    assert_same_as_uninterrupted(run_dir, uninterrupted)
+
+
+def test_keeps_only_the_last_k_checkpoints(uninterrupted):
+    from mlm.checkpoint import list_checkpoints
+
+    kept = list_checkpoints(uninterrupted)
+    assert [p.name for p in kept] == ["ckpt-00000014", "ckpt-00000012"]
+    state = json.loads((kept[0] / "state.json").read_text())
+    assert state["step"] == 14 and state["train_state"]["tokens"] == 14 * 4 * 32

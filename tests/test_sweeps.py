@@ -1,0 +1,96 @@
+"""Hydra multirun, failing jobs, Optuna, the submitit launcher, sweep summaries, experiments."""
+
+import json
+
+import pytest
+
+from tests.conftest import TINY_RUN, run_cli, sentences
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n".join(sentences(300)))
+    return path
+
+
+def job_dirs(sweep):
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").exists())
+
+
+@pytest.mark.slow
+def test_2x2_multirun_with_a_failing_job_and_summary(corpus, tmp_path):
+    sweep = tmp_path / "sweep"
+    # block_size=600 exceeds the model's 512 positions: that job fails, the other three run
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "optimizer.lr=1e-3,3e-3", "block_size=32,600",
+                    "trainer.max_steps=3", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 4
+    ok = [j for j in jobs if (j / "results.json").exists()]
+    failed = [j for j in jobs if (j / "error.txt").exists()]
+    assert len(ok) == 2 and len(failed) == 2
+    assert all("block_size=600" in (j / "error.txt").read_text() for j in failed)
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("| ok |") == 2 and summary.count("failed: block_size=600") == 2
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "optimizer.lr" in line]
+    ppl = [float(r.split("|")[3]) for r in rows if "| ok |" in r]
+    assert ppl == sorted(ppl)  # sorted by perplexity
+    assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_multirun_all_ok_2x2(corpus, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "optimizer.lr=1e-3,3e-3", "block_size=16,32",
+                    "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 4 and all((j / "results.json").exists() for j in jobs)
+    assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
+    sweep = tmp_path / "optuna"
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+                    "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"optimizer.lr", "scheduler.warmup_ratio", "optimizer.weight_decay", "masking.mlm_probability"}
+    values = [json.loads((j / "results.json").read_text())["perplexity"] for j in job_dirs(sweep)]
+    assert len(values) == 3 and best["best_value"] == pytest.approx(min(values))
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_one_job(corpus, tmp_path):
+    sweep = tmp_path / "submitit"
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                    "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [job] = job_dirs(sweep)
+    assert json.loads((job / "results.json").read_text())["steps"] == 2
+    assert list((sweep / ".submitit").glob("*/*_log.out"))
+
+
+def test_slurm_launcher_config_composes():
+    proc = run_cli(["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra"])
+    assert proc.returncode == 0, proc.stderr
+    assert "submitit_plugin.SlurmLauncher" in proc.stdout and "gpus_per_node: 4" in proc.stdout and "tasks_per_node: 4" in proc.stdout
+
+
+def test_report_cli_on_run_dirs(tmp_path):
+    from mlm.report import main
+
+    for i, ppl in enumerate([30.0, 20.0]):
+        d = tmp_path / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={i + 1}e-3\n")
+        (d / "results.json").write_text(json.dumps({"perplexity": ppl, "best_perplexity": ppl, "tokens_per_s": 100.0, "train_seconds": 1.0}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 5 - s, "eval/perplexity": ppl + 10 - s}) + "\n" for s in range(3)))
+    assert main([str(tmp_path)]) == 0
+    table = [l for l in (tmp_path / "summary.md").read_text().splitlines() if "optimizer.lr" in l]
+    assert "optimizer.lr=2e-3" in table[0] and "optimizer.lr=1e-3" in table[1]
+    assert (tmp_path / "0" / "curves.png").exists() and (tmp_path / "summary.png").exists()
