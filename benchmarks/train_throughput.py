@@ -3,13 +3,13 @@
 
     python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile]
 
-One command, one machine, run after run. The same DistilRoBERTa-shaped model (RoBERTa, 6 layers,
-hidden 768, 12 heads, FFN 3072, vocab 50265, 514 positions, sdpa attention, ~82M parameters) is
-built from the same seed (its parameter checksum is recorded and compared) and trained on the same
-token blocks (the default Wikipedia sample, the offline MiniLM tokenizer, block 128), batch 8, for
-the same number of optimizer steps, with the same threads, learning rate, AdamW hyper-parameters
-(betas 0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only), linear decay without warm-up and
-gradient clipping at 1.0:
+One command, one machine. The same DistilRoBERTa-shaped model (RoBERTa, 6 layers, hidden 768, 12
+heads, FFN 3072, vocab 50265, 514 positions, sdpa attention, ~82M parameters) is built from the
+same seed (its parameter checksum is recorded and compared) and trained on the same token blocks
+(the default Wikipedia sample, the offline MiniLM tokenizer, block 128), batch 8, for the same
+number of optimizer steps, with the same threads, learning rate, AdamW hyper-parameters (betas
+0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only), linear decay without warm-up and gradient
+clipping at 1.0:
 
   trainer_fp32     transformers.Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), fp32;
                    Trainer's own default optimizer (fused AdamW in transformers 5 with torch >= 2.8).
@@ -18,28 +18,37 @@ gradient clipping at 1.0:
                    mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision="bf16").
   harness_compile  (only with --compile) the harness with model.base_model.compile(), as trainer.compile=true does.
 
-Each variant runs in its own subprocess launched by this script, one after the other (never two at
-once), so that its peak RSS (resource.getrusage ru_maxrss) is its own and no variant inherits
-another's allocator state or warm caches.
+Processes. Each variant runs in its own worker subprocess launched by this script, so that its peak
+RSS (resource.getrusage ru_maxrss of that process) is its own and no variant inherits another's
+allocator state. All workers stay alive for the whole run (about 2.5 GB each at peak), but only
+one computes at a time: the others block on a pipe, using no CPU.
 
-Timing. Every variant runs W warm-up steps (not timed: allocation, first-touch, torch.compile) and
-then R windows of N consecutive steps in the same training run (W + R*N steps in all). A step is
-timed from the end of the previous optimizer step to the end of this one, so data loading, masking
-and collation, the loss read-back and per-step logging are included for both loops (end-to-end
-training throughput). For the Trainer the timestamps come from a TrainerCallback (on_step_end; the
-first step starts at on_train_begin); for the harness from the loop in this file around
-mlm.train.train_step. tokens/s of a window = N * 8 * 128 / window time (all positions, masked or
-not); the reported number is the median over the R windows. The compute-only time (on_step_begin
--> on_step_end, i.e. without fetching and collating the batch) is reported too.
+Timing, interleaved. Every variant trains W warm-up steps (not timed: allocation, first touch,
+torch.compile) and then R windows of N consecutive steps, W + R*N steps in all, as one training
+run. The driver runs the variants' windows in turns: round 0 is every variant's warm-up, round r is
+every variant's r-th window (the order rotates each round), and a worker pauses between its windows
+until the driver tells it to go on. So the windows of different variants are minutes apart at most,
+and a change in background load during the run (other jobs starting or stopping on the machine)
+hits all variants alike instead of whichever happened to run last; the speedups are also reported
+as the median of per-round ratios. A step is timed from the end of the previous step (or the end of
+a pause) to the end of this one, so data loading, masking and collation, the loss read-back and
+per-step logging are included for both loops (end-to-end training throughput); the pause itself is
+never timed. For the Trainer the timestamps come from a TrainerCallback (on_step_begin/on_step_end);
+for the harness from the loop in this file around mlm.train.train_step. tokens/s of a window = N *
+8 * 128 / window time (all positions, masked or not); the reported number is the median over the R
+windows. The compute-only time (step begin -> step end, i.e. without fetching and collating the
+batch) is reported too.
 
 FLOPs (see "flops_counted" in the JSON): 6 * N_body per token (N_body = all parameters except the
 token/position/type embedding tables and the MLM head) + 12 * layers * hidden * seq per token for
 attention scores and values (forward + backward) + the MLM head as actually executed: 6 * (hidden^2
 + hidden * vocab) per predicted position, where the Trainer predicts every position (dense head)
-and the harness only the masked ones (measured count, ~15%). MFU = achieved FLOP/s / the machine's
-measured matmul peak at the matching precision (bf16 peak for bf16 variants, fp32 for fp32),
-measured in this run with torch.matmul on square matrices (best of a measurement before and after
-the variants, each the median of several repetitions).
+and the harness only the masked ones (measured count, ~15%). MFU = achieved model FLOP/s / the
+machine's matmul throughput at the matching precision (bf16 for bf16 variants, fp32 for fp32),
+measured in this run with torch.matmul on square matrices (median of several repetitions) before
+the run, at the start of every round (all workers paused) and after the run. "mfu" divides each
+window by the probe of its own round and takes the median, so background load that slows both
+alike cancels out; "mfu_vs_best_peak" divides by the best probe of the whole run.
 
 Learning check. After the same number of steps from the same initial weights, every variant's
 model is scored in fp32 (no autocast; the dtype is checked with a forward hook) on the first
@@ -48,8 +57,13 @@ model is scored in fp32 (no autocast; the dtype is checked with a forward hook) 
 training data order and masks differ between Trainer (its RandomSampler and torch RNG masking) and
 the harness (its TrainOrder permutation and hash masking), so the losses match only statistically:
 the check is "harness within 2% of trainer_bf16". The eval loss of the initial weights is reported
-to show how far training moved the loss (a check that nothing moved would be meaningless; the
-default learning rate is set so that the loss drops clearly in a few steps from random init).
+to show how far training moved the loss: a check on a loss that did not move would be meaningless,
+so the default learning rate is 3e-4 rather than the guide's 2e-5 (a fine-tuning rate for a
+pretrained model, which from random init barely moves the loss in a few steps; `--lr 2e-5` gives
+the guide's value). The default run is short (2 warm-up + 3 x 3 timed = 11 steps per variant) so
+that all three variants fit in 10 minutes on 2 cores, where a dense fp32 step of this model takes
+~5-13 s depending on load; more steps (--steps/--reps) make both the timing and the learning check
+tighter. harness_compile is not evaluated (same math as harness; eval would recompile the encoder).
 """
 
 from __future__ import annotations
@@ -79,6 +93,7 @@ ARCH = dict(
 )
 VARIANTS = ("trainer_fp32", "trainer_bf16", "harness")
 PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16", "harness": "bf16", "harness_compile": "bf16"}
+TOKEN = "@@train_throughput@@"  # prefix of the workers' status lines on stdout
 FLOPS_COUNTED = (
     "model FLOPs per optimizer step = 6 * N_body * T  (N_body: all parameters except the word/position/type "
     "embedding tables and the MLM head; T = 8 * 128 tokens; forward 2x + backward 4x) "
@@ -183,28 +198,77 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-# ---------------------------------------------------------------- one variant (runs in a subprocess)
+# ---------------------------------------------------------------- the worker side of the driver protocol
+
+
+def _signal(msg: str) -> None:
+    print(f"{TOKEN} {msg}", flush=True)
+
+
+def _wait_go() -> None:
+    line = sys.stdin.readline()
+    if line.strip() != "go":  # the driver is gone (EOF) or confused: stop
+        raise SystemExit(3)
+
+
+class Gate:
+    """Times steps and pauses the worker at window boundaries until the driver says go.
+
+    A step's time runs from the end of the previous step, or from the end of a pause, to the end of
+    this step; the pause is never counted.
+    """
+
+    def __init__(self, boundaries):
+        self.boundaries = set(boundaries)  # step numbers (1-based) after which to pause
+        self.step_s, self.compute_s = [], []
+        self.threads = None
+        self._last = self._begin = None
+
+    def open(self) -> None:
+        _signal("ready")
+        _wait_go()
+        self._last = time.perf_counter()
+
+    def step_begin(self) -> None:
+        import torch
+
+        self._begin = time.perf_counter()
+        if self.threads is None:
+            self.threads = torch.get_num_threads()
+
+    def step_end(self, step: int) -> None:
+        now = time.perf_counter()
+        self.step_s.append(now - self._last)
+        self.compute_s.append(now - self._begin)
+        self._last = now
+        if step in self.boundaries:
+            _signal("done")
+            _wait_go()
+            self._last = time.perf_counter()
+
+
+def boundaries(s: dict):
+    return [s["warmup"] + r * s["steps"] for r in range(s["reps"] + 1)]
+
+
+# ---------------------------------------------------------------- one variant (runs in a worker subprocess)
 
 
 def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
-    import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.start, self.begin, self.end, self.threads = None, [], [], None
+    gate = Gate(boundaries(s))
 
+    class GateCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            gate.open()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.begin.append(time.perf_counter())
-            if self.threads is None:
-                self.threads = torch.get_num_threads()
+            gate.step_begin()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.end.append(time.perf_counter())
+            gate.step_end(state.global_step)
 
     class CountMasked:
         """The guide's collator, unchanged; only counts the masked positions it produces."""
@@ -242,10 +306,9 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
             seed=s["seed"],
             disable_tqdm=True,
         )
-        timer = StepTimer()
         trainer = Trainer(
             model=model, args=args, train_dataset=train_blocks, data_collator=collator,
-            processing_class=tokenizer, callbacks=[timer],
+            processing_class=tokenizer, callbacks=[GateCallback()],
         )
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
@@ -255,14 +318,13 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         peak = peak_rss_mb()
         losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
         optim = str(args.optim)
-    ends = [timer.start] + timer.end
     return {
-        "step_s": [b - a for a, b in zip(ends, ends[1:])],
-        "compute_s": [e - b for b, e in zip(timer.begin, timer.end)],
-        "masked_per_step": collator.masked[: len(timer.end)],
+        "step_s": gate.step_s,
+        "compute_s": gate.compute_s,
+        "masked_per_step": collator.masked[: len(gate.step_s)],
         "train_loss": losses,
         "autocast_dtype": probe.dtype,
-        "threads_in_step": timer.threads,
+        "threads_in_step": gate.threads,
         "optimizer": optim,
         "rss_before_train_mb": rss_before,
         "peak_rss_mb": peak,
@@ -271,7 +333,6 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
 
 
 def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
-    import torch
     from accelerate import Accelerator
     from mlm.batching import TrainOrder, TrainSampler, make_loader
     from mlm.config import MaskingConfig, OptimizerConfig, SchedulerConfig
@@ -293,35 +354,34 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     collator = MLMCollator(tokenizer, MaskingConfig(), seed=s["seed"], stream=0)  # stream = epoch 0
     probe = None if variant == "harness_compile" else DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
     objective.train()
+    gate = Gate(boundaries(s))
     rss_before = rss_mb()
-    start = time.perf_counter()
+    gate.open()
     loader = make_loader(train_blocks, TrainSampler(order, 0, accelerator.process_index), collator, 0, pin_memory=False)
     batches = iter(loader)
-    ends, compute, masked, losses, threads = [start], [], [], [], torch.get_num_threads()
-    for step in range(s["total_steps"]):
+    masked, losses = [], []
+    for step in range(1, s["total_steps"] + 1):
         micro = [next(batches)]
-        t0 = time.perf_counter()
+        gate.step_begin()
         loss_sum, n_masked, _ = train_step(objective, optimizer, scheduler, micro, accelerator, 1.0)
-        t1 = time.perf_counter()
         losses.append(round(float(loss_sum) / max(n_masked, 1), 4))  # train_step already synced the loss
-        ends.append(t1)
-        compute.append(t1 - t0)
         masked.append(int(n_masked))
-        if step == 0 and variant == "harness_compile":
-            _log(variant, f"first step (compiles the encoder) took {t1 - start:.1f}s")
+        if step == 1 and variant == "harness_compile":
+            _log(variant, f"first step (compiles the encoder) took {time.perf_counter() - gate._begin:.1f}s")
+        gate.step_end(step)
     peak = peak_rss_mb()
     return {
-        "step_s": [b - a for a, b in zip(ends, ends[1:])],
-        "compute_s": compute,
+        "step_s": gate.step_s,
+        "compute_s": gate.compute_s,
         "masked_per_step": masked,
         "train_loss": losses,
         "autocast_dtype": probe.dtype if probe else "bf16 (not probed under torch.compile)",
-        "threads_in_step": threads,
+        "threads_in_step": gate.threads,
         "optimizer": f"mlm.optim.build_optimizer: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
         "rss_before_train_mb": rss_before,
         "peak_rss_mb": peak,
         "dense_head": False,
-        "first_step_s": ends[1] - ends[0],
+        "first_step_s": gate.step_s[0],
     }
 
 
@@ -346,7 +406,6 @@ def worker(variant: str, s: dict) -> dict:
         _log(variant, "eval of the initial weights ...")
         result["eval_init"] = eval_loss(model, eval_blocks, tokenizer, s["seed"])
     result["setup_s"] = time.perf_counter() - t_setup
-    _log(variant, f"training {s['total_steps']} steps ({s['warmup']} warm-up + {s['reps']} x {s['steps']} timed) ...")
     run = run_trainer if variant.startswith("trainer") else run_harness
     result.update(run(variant, s, tokenizer, train_blocks, model))
     if variant != "harness_compile":  # eval would recompile the compiled encoder (eval mode, other shapes)
@@ -356,6 +415,76 @@ def worker(variant: str, s: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the driver
+
+
+class Worker:
+    """One variant's subprocess, driven over its stdin (go) and stdout (ready / done / finished)."""
+
+    def __init__(self, variant: str, settings: dict, out: Path):
+        self.variant, self.out, self.error = variant, out, None
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--_settings", json.dumps(settings), "--_out", str(out)]
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env, cwd=str(ROOT))
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def expect(self, msg: str) -> bool:
+        """Read the worker's stdout until status `msg` (other lines are passed on to stderr)."""
+        for line in self.proc.stdout:
+            if line.startswith(TOKEN):
+                if line[len(TOKEN):].strip() == msg:
+                    return True
+            else:
+                sys.stderr.write(line)
+        self.error = f"worker exited with code {self.proc.wait()} while the driver waited for {msg!r}"
+        print(f"[{self.variant}] FAILED: {self.error}", file=sys.stderr, flush=True)
+        return False
+
+    def go(self, then: str) -> bool:
+        if not self.alive:
+            return False
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # expect() reports the exit
+        return self.expect(then)
+
+    def result(self) -> dict:
+        if self.alive and self.proc.wait() == 0 and self.out.exists():
+            return json.loads(self.out.read_text())
+        return {"variant": self.variant, "error": self.error or f"worker exited with code {self.proc.wait()}"}
+
+
+def run_interleaved(variants, settings: dict, tmp: Path, probe):
+    """Start the workers one by one (setup never overlaps), then run their windows in rotating turns.
+
+    `probe()` measures the matmul peak at the start of every round, while all workers are paused.
+    """
+    workers, rounds = {}, []
+    for i, v in enumerate(variants):
+        print(f"[{v}] setting up ...", file=sys.stderr, flush=True)
+        w = Worker(v, {**settings, "eval_init": i == 0}, tmp / f"{v}.json")
+        w.expect("ready")
+        workers[v] = w
+    for r in range(1 + settings["reps"]):
+        order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])
+        what = f"{settings['warmup']} warm-up step(s)" if r == 0 else f"window {r}/{settings['reps']} ({settings['steps']} step(s))"
+        entry = {"round": r, "order": order, "loadavg_1min": os.getloadavg()[0], "matmul_gflops": probe(), "seconds": {}}
+        for v in order:
+            t = time.perf_counter()
+            if workers[v].go("done"):
+                entry["seconds"][v] = time.perf_counter() - t
+                print(f"[{v}] {what}: {entry['seconds'][v]:.1f}s", file=sys.stderr, flush=True)
+        rounds.append(entry)
+    results = {}
+    for v, w in workers.items():  # evals, one at a time
+        if w.go("finished"):
+            print(f"[{v}] evaluated", file=sys.stderr, flush=True)
+        results[v] = w.result()
+    return results, rounds
 
 
 def matmul_gflops(size: int, reps: int, threads: int) -> dict:
@@ -391,21 +520,6 @@ def flops_per_step(stats: dict, masked_mean: float, dense_head: bool) -> float:
     return 6 * stats["n_body"] * tokens + 12 * layers * h * BLOCK * tokens + 6 * (h * h + h * v) * predicted
 
 
-def run_variant(variant: str, settings: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--_settings", json.dumps(settings), "--_out", str(out)]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
-        wall = time.perf_counter() - t
-        if proc.returncode != 0 or not out.exists():
-            return {"variant": variant, "error": f"worker exited with {proc.returncode}", "wall_s": wall}
-        result = json.loads(out.read_text())
-        result["wall_s"] = wall
-        return result
-
-
 def fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
 
@@ -431,14 +545,15 @@ def main(argv=None) -> int:
     if a._worker:
         result = worker(a._worker, json.loads(a._settings))
         Path(a._out).write_text(json.dumps(result))
+        _signal("finished")
         return 0
 
     q = a.quick
     warmup = a.warmup if a.warmup is not None else (1 if q else 2)
     steps = a.steps if a.steps is not None else (1 if q else 3)
     reps = a.reps if a.reps is not None else (2 if q else 3)
-    if min(steps, reps) < 1 or warmup < 0:
-        p.error("--steps and --reps must be >= 1, --warmup >= 0")
+    if min(steps, reps, warmup) < 1:
+        p.error("--steps, --reps and --warmup must be >= 1")
     threads = a.threads or len(os.sched_getaffinity(0))
     eval_blocks = a.eval_blocks or (16 if q else 64)
     mm_size = a.matmul_size or (1024 if q else 2048)
@@ -461,21 +576,17 @@ def main(argv=None) -> int:
 
     print(f"matmul peak ({mm_size}x{mm_size}, {threads} threads) ...", file=sys.stderr, flush=True)
     mm_before = matmul_gflops(mm_size, mm_reps, threads)
-    results = {}
-    for i, v in enumerate(variants):
-        results[v] = run_variant(v, {**settings, "eval_init": i == 0})
-        if "error" in results[v]:
-            print(f"[{v}] FAILED: {results[v]['error']}", file=sys.stderr, flush=True)
-        else:
-            print(f"[{v}] done in {results[v]['wall_s']:.0f}s", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        results, rounds = run_interleaved(variants, settings, Path(tmp), lambda: matmul_gflops(mm_size, mm_reps, threads))
     mm_after = matmul_gflops(mm_size, mm_reps, threads)
-    peak = {k: max(mm_before[k], mm_after[k]) for k in ("fp32", "bf16")}
+    all_probes = [mm_before, mm_after] + [r["matmul_gflops"] for r in rounds]
+    peak = {k: max(m[k] for m in all_probes) for k in ("fp32", "bf16")}
 
     tokens_per_step = BATCH * BLOCK
-    tps, mfu, achieved, fps, mem, mem_delta, compute_tps, details = {}, {}, {}, {}, {}, {}, {}, {}
+    tps, mfu, mfu_best, achieved, fps, mem, mem_delta, compute_tps, details = {}, {}, {}, {}, {}, {}, {}, {}, {}
     for v, r in results.items():
         if "error" in r:
-            tps[v] = mfu[v] = achieved[v] = fps[v] = mem[v] = mem_delta[v] = compute_tps[v] = None
+            tps[v] = mfu[v] = mfu_best[v] = achieved[v] = fps[v] = mem[v] = mem_delta[v] = compute_tps[v] = None
             details[v] = r
             continue
         w = window_stats(r["step_s"], warmup, steps, reps, tokens_per_step)
@@ -486,14 +597,27 @@ def main(argv=None) -> int:
         tps[v] = w["tokens_per_s"]
         compute_tps[v] = c["tokens_per_s"]
         achieved[v] = fps[v] * tps[v] / tokens_per_step / 1e9
-        mfu[v] = achieved[v] / peak[PRECISION[v]]
+        # MFU of each window against the matmul peak measured at the start of the same round, then the median:
+        # background load slows the matmul probe and the training alike, so this stays comparable across rounds
+        mfu_reps = [fps[v] * rate / tokens_per_step / 1e9 / rounds[i + 1]["matmul_gflops"][PRECISION[v]]
+                    for i, rate in enumerate(w["tokens_per_s_reps"])]
+        mfu[v] = statistics.median(mfu_reps)
+        mfu_best[v] = achieved[v] / peak[PRECISION[v]]
         mem[v] = r["peak_rss_mb"]
         mem_delta[v] = r["peak_rss_mb"] - r["rss_before_train_mb"]
         details[v] = {**r, **{f"window_{k}": val for k, val in w.items()}, "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
-                      "masked_per_step_mean_timed": masked_mean, "model_gflop_per_step": fps[v] / 1e9}
+                      "masked_per_step_mean_timed": masked_mean, "model_gflop_per_step": fps[v] / 1e9,
+                      "mfu_reps": mfu_reps}
 
     def ratio(x, y):
         return x / y if x and y else None
+
+    def window_ratio(x, y):
+        """Median over rounds of x's tokens/s / y's tokens/s in the same round (robust to load drift)."""
+        if tps.get(x) is None or tps.get(y) is None:
+            return None, None
+        per = [a / b for a, b in zip(details[x]["window_tokens_per_s_reps"], details[y]["window_tokens_per_s_reps"])]
+        return statistics.median(per), per
 
     def ev(v):
         r = results.get(v, {})
@@ -503,10 +627,19 @@ def main(argv=None) -> int:
     b_loss, c_loss = ev("trainer_bf16"), ev("harness")
     rel = (c_loss - b_loss) / b_loss if b_loss and c_loss else None
     checksums = {v: r.get("init_checksum") for v, r in results.items() if "error" not in r}
+    per_round = {
+        "harness_vs_trainer_fp32": window_ratio("harness", "trainer_fp32"),
+        "harness_vs_trainer_bf16": window_ratio("harness", "trainer_bf16"),
+        "trainer_bf16_vs_trainer_fp32": window_ratio("trainer_bf16", "trainer_fp32"),
+    }
+    if a.compile:
+        per_round["harness_compile_vs_harness"] = window_ratio("harness_compile", "harness")
     out = {
         "tokens_per_s": tps,
         "speedup_vs_trainer_fp32": ratio(tps.get("harness"), tps.get("trainer_fp32")),
         "speedup_vs_trainer_bf16": ratio(tps.get("harness"), tps.get("trainer_bf16")),
+        "speedup_median_of_rounds": {k: m for k, (m, _) in per_round.items()},
+        "speedup_per_round": {k: per for k, (_, per) in per_round.items()},
         "eval_loss": {
             "trainer_bf16": b_loss, "harness": c_loss, "rel_diff": rel,
             "harness_within_2pct_of_trainer_bf16": None if rel is None else abs(rel) <= 0.02,
@@ -519,12 +652,18 @@ def main(argv=None) -> int:
         },
         "mfu": mfu,
         "mfu_peak": {v: PRECISION[v] for v in results},
+        "mfu_note": "mfu: median over windows of (window's model FLOP/s / matmul peak at the variant's precision "
+                    "measured at the start of the same round); mfu_vs_best_peak: median tokens/s against the best "
+                    "matmul peak seen in the whole run (lower when the machine was busier during training than at its best)",
+        "mfu_vs_best_peak": mfu_best,
         "model_gflops_achieved": achieved,
         "model_gflop_per_step": {v: (x / 1e9 if x else None) for v, x in fps.items()},
         "compute_only_tokens_per_s": compute_tps,
         "peak_memory_mb": mem,
         "peak_memory_minus_rss_before_training_mb": mem_delta,
-        "matmul_gflops": {**peak, "size": mm_size, "before": mm_before, "after": mm_after, "threads": threads},
+        "matmul_gflops": {**peak, "size": mm_size, "before": mm_before, "after": mm_after,
+                          "per_round": [r["matmul_gflops"] for r in rounds], "threads": threads,
+                          "note": "fp32/bf16 = the best of all probes (before, at the start of every round, after)"},
         "flops_counted": FLOPS_COUNTED,
         "same_init": len(set(checksums.values())) == 1 if checksums else None,
         "command": command,
@@ -535,6 +674,7 @@ def main(argv=None) -> int:
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         },
         "total_wall_s": time.perf_counter() - t_all,
+        "rounds": rounds,
         "details": details,
     }
     if a.compile:
@@ -549,7 +689,7 @@ def main(argv=None) -> int:
     # the table
     lines = [
         f"train throughput: RoBERTa 6x768 (vocab 50265), batch {BATCH} x {BLOCK} tokens, {threads} threads, "
-        f"{warmup} warm-up + median of {reps} x {steps} steps",
+        f"{warmup} warm-up + median of {reps} x {steps} steps, variants interleaved",
         f"{'variant':<16} {'tokens/s':>9} {'compute':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>11} "
         f"{'+train MB':>9} {'eval loss':>9}",
     ]
@@ -563,9 +703,13 @@ def main(argv=None) -> int:
     sp32, sp16 = out["speedup_vs_trainer_fp32"], out["speedup_vs_trainer_bf16"]
     lines += [
         f"harness speedup: {fmt(sp32, '.2f')}x vs trainer_fp32, {fmt(sp16, '.2f')}x vs trainer_bf16"
-        + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if a.compile else ""),
-        f"matmul peak ({mm_size}^2): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
-        f"(before {mm_before['fp32']:.0f}/{mm_before['bf16']:.0f}, after {mm_after['fp32']:.0f}/{mm_after['bf16']:.0f})",
+        + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if a.compile else "")
+        + " (ratio of medians)",
+        "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items()),
+        f"matmul fp32/bf16 GFLOP/s ({mm_size}^2): best {peak['fp32']:.0f}/{peak['bf16']:.0f}; before "
+        f"{mm_before['fp32']:.0f}/{mm_before['bf16']:.0f}, rounds "
+        + ", ".join(f"{r['matmul_gflops']['fp32']:.0f}/{r['matmul_gflops']['bf16']:.0f}" for r in rounds)
+        + f", after {mm_after['fp32']:.0f}/{mm_after['bf16']:.0f} (MFU: vs the same round's probe)",
         f"eval loss after {settings['total_steps']} steps (init {fmt(init, '.4f')}): trainer_bf16 {fmt(b_loss, '.4f')}, "
         f"harness {fmt(c_loss, '.4f')}, rel diff {fmt(rel and 100 * rel, '+.2f')}% -> "
         f"{'within' if rel is not None and abs(rel) <= 0.02 else 'NOT within'} 2%",

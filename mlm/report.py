@@ -200,8 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first directory)")
     args = parser.parse_args(argv)
-    for d in args.dirs:
-        plot_run(d) if (d / "metrics.jsonl").exists() else None
+    for job in collect_jobs(args.dirs):  # refresh each run's curves too
+        plot_run(job["dir"])
     path = summarize(args.dirs, args.out)
     if path is None:
         print("no job directories (with results.json or error.txt) found", flush=True)

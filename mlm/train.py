@@ -197,7 +197,10 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
 
     def run_eval() -> Dict[str, float]:
+        start = time.perf_counter()
         metrics = evaluate(objective, eval_blocks, tokenizer, cfg.masking, cfg.seed, accelerator, tcfg.eval_batch_size)
+        log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
+                 metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(eval_blocks), time.perf_counter() - start)
         state.last_eval = metrics
         state.best_perplexity = min(state.best_perplexity, metrics["eval/perplexity"])
         tracker.log({**metrics, "eval/best_perplexity": state.best_perplexity}, state.step)

@@ -76,9 +76,9 @@ def test_submitit_local_runs_one_job(corpus, tmp_path):
 
 
 def test_slurm_launcher_config_composes():
-    proc = run_cli(["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra"])
+    proc = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra"])
     assert proc.returncode == 0, proc.stderr
-    assert "submitit_plugin.SlurmLauncher" in proc.stdout and "gpus_per_node: 4" in proc.stdout and "tasks_per_node: 4" in proc.stdout
+    assert "submitit_launcher.SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout and "gpus_per_node: 4" in proc.stdout
 
 
 def test_report_cli_on_run_dirs(tmp_path):
