@@ -50,6 +50,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # where the tokenizer comes from; unset = name_or_path
     arch: Dict[str, Any] = field(default_factory=dict)  # scratch: model_type and config fields (sizes)
     dropout: Optional[float] = None  # set every dropout probability of the config; unset keeps the checkpoint's
+    freeze_embeddings: bool = False  # keep the word embeddings (and the tied output projection) fixed
     attn_implementation: str = "sdpa"  # sdpa (fused scaled-dot-product attention) | eager
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust the repo
 
@@ -82,7 +83,7 @@ class MaskingConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"  # optimizer registry key (see mlm/optim.py)
-    lr: float = 1e-3  # peak learning rate, reached after warmup
+    lr: float = 5e-4  # peak learning rate, reached after warmup
     weight_decay: float = 0.01  # decoupled decay; never applied to biases and norm weights
     beta1: float = 0.9
     beta2: float = 0.98  # 0.98 as in RoBERTa: steadier with short warmups than 0.999

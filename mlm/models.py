@@ -132,6 +132,8 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTraine
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(seed)
     model = BUILDERS[cfg.source](cfg, tokenizer)
+    if cfg.freeze_embeddings:  # a tied decoder shares this parameter, so it stays fixed too
+        model.get_input_embeddings().weight.requires_grad_(False)
     limit = max_block_size(model)
     if block_size > limit:
         raise UserError(f"block_size={block_size} is larger than the model's {limit} positions; use block_size<={limit}")

@@ -125,3 +125,20 @@ def test_evaluation_is_deterministic_and_normalised_per_token(tiny, tokenizer):
     assert first["eval/loss"] == pytest.approx(ref, rel=1e-5)
     assert first["eval/perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
     assert first["eval/masked_tokens"] == int((batch["labels"] != -100).sum())
+
+
+def test_freeze_embeddings_keeps_tied_table_fixed(tokenizer):
+    from mlm.config import OptimizerConfig
+    from mlm.optim import build_optimizer
+
+    cfg = compose(["model=tiny", "model.freeze_embeddings=true"])
+    model, _ = build_model(cfg.model, 64, seed=0)
+    table = model.get_input_embeddings().weight
+    assert not table.requires_grad and model.get_output_embeddings().weight is table
+    before, bias_before = table.detach().clone(), model.cls.predictions.bias.detach().clone()
+    objective = MLMObjective(model, sparse=True)
+    opt = build_optimizer(objective, OptimizerConfig(lr=1e-2))
+    loss, n, _ = objective(**masked_batch(tokenizer))
+    (loss / n).backward()
+    opt.step()
+    assert torch.equal(table, before) and not torch.equal(model.cls.predictions.bias, bias_before)

@@ -18,14 +18,18 @@ def job_dirs(sweep):
     return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").exists())
 
 
+def multirun(corpus, sweep, *overrides):
+    """A tiny multirun through run.py; returns its job directories."""
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return job_dirs(sweep)
+
+
 @pytest.mark.slow
 def test_2x2_multirun_with_a_failing_job_and_summary(corpus, tmp_path):
     sweep = tmp_path / "sweep"
-    # block_size=600 exceeds the model's 512 positions: that job fails, the other three run
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "optimizer.lr=1e-3,3e-3", "block_size=32,600",
-                    "trainer.max_steps=3", f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = job_dirs(sweep)
+    # block_size=600 exceeds the model's 512 positions: those jobs fail, the others still run
+    jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=32,600", "trainer.max_steps=3")
     assert len(jobs) == 4
     ok = [j for j in jobs if (j / "results.json").exists()]
     failed = [j for j in jobs if (j / "error.txt").exists()]
@@ -42,10 +46,7 @@ def test_2x2_multirun_with_a_failing_job_and_summary(corpus, tmp_path):
 @pytest.mark.slow
 def test_multirun_all_ok_2x2(corpus, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "optimizer.lr=1e-3,3e-3", "block_size=16,32",
-                    "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = job_dirs(sweep)
+    jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=16,32", "trainer.max_steps=2")
     assert len(jobs) == 4 and all((j / "results.json").exists() for j in jobs)
     assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()
 
@@ -53,24 +54,19 @@ def test_multirun_all_ok_2x2(corpus, tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     sweep = tmp_path / "optuna"
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-                    "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = multirun(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_steps=2")
     import yaml
 
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"optimizer.lr", "scheduler.warmup_ratio", "optimizer.weight_decay", "masking.mlm_probability"}
-    values = [json.loads((j / "results.json").read_text())["perplexity"] for j in job_dirs(sweep)]
+    values = [json.loads((j / "results.json").read_text())["perplexity"] for j in jobs]
     assert len(values) == 3 and best["best_value"] == pytest.approx(min(values))
 
 
 @pytest.mark.slow
 def test_submitit_local_runs_one_job(corpus, tmp_path):
     sweep = tmp_path / "submitit"
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                    "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [job] = job_dirs(sweep)
+    [job] = multirun(corpus, sweep, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "trainer.max_steps=2")
     assert json.loads((job / "results.json").read_text())["steps"] == 2
     assert list((sweep / ".submitit").glob("*/*_log.out"))
 
