@@ -188,6 +188,7 @@ class WandbTracker:
             id=resume_id,
             resume="allow" if resume_id else None,
             mode=mode,
+            reinit="finish_previous",  # multirun jobs share a process: never log into the previous job's run
             settings=wandb.Settings(init_timeout=60, console="off", silent=True),
         )
         self.run_id = self.run.id if self.run is not None else None
@@ -229,6 +230,11 @@ class SafeTrackers:
             except Exception as e:  # a tracker must never stop training
                 log.warning("tracker %s failed in %s (%s: %s); it is switched off for the rest of the run", type(t).__name__, method, type(e).__name__, e)
                 self.trackers.remove(t)
+                if method != "finish":
+                    try:  # close it anyway, so a W&B run does not stay open into the next job of a sweep
+                        t.finish()
+                    except Exception:
+                        pass
 
     def log(self, metrics, step):
         self._each("log", metrics, step)

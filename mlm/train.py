@@ -104,8 +104,14 @@ def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Pat
 def make_accelerator(cfg: Config) -> Accelerator:
     # Gradient accumulation is done by hand in train_step (normalised by the global count of
     # masked tokens), so Accelerate's own accumulation stays at 1.
-    # On CPU, Accelerate picks the gloo backend for multi-process runs by itself.
-    return Accelerator(mixed_precision=cfg.trainer.mixed_precision)
+    # Without an accelerator, Accelerate only sets up multi-process CPU training (gloo) when told
+    # cpu=True; otherwise torchrun's ranks would each train alone.
+    return Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=not accelerator_available())
+
+
+def accelerator_available() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, torch.Tensor]], accelerator, max_grad_norm: float):

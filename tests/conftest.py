@@ -89,4 +89,5 @@ def run_cli(args: List[str], cwd: Path = ROOT, env=None, timeout: int = 600, mod
     """Run `python run.py ...` (or `python -m module ...`) as a user would."""
     cmd = [sys.executable, "-m", module] if module else [sys.executable, str(ROOT / "run.py")]
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable
     return subprocess.run(cmd + list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
