@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shlex
@@ -61,6 +60,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from common import emit  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -247,11 +248,7 @@ def main(argv=None) -> int:
         f"identical blocks from every method at every size: {all(equal.values())}",
         f"total {out['total_wall_s']:.0f}s. command: {command}",
     ]
-    print("\n".join(lines))
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {a.json}")
+    emit(lines, out, a.json)
     return 0 if all(equal.values()) else 1
 
 

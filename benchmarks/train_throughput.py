@@ -78,6 +78,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+from common import emit  # benchmarks/common.py (the script's folder is on sys.path)
 import time
 from pathlib import Path
 
@@ -717,11 +719,7 @@ def main(argv=None) -> int:
         f"{load_before[0]:.2f} / {out['machine']['loadavg_after'][0]:.2f}",
         f"total {out['total_wall_s']:.0f}s. command: {command}",
     ]
-    print("\n".join(lines))
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {a.json}")
+    emit(lines, out, a.json)
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

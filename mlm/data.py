@@ -23,7 +23,6 @@ from typing import Callable, Dict, List
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 

@@ -24,7 +24,7 @@ from mlm import checkpoint
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks
-from mlm.evaluate import evaluate, perplexity
+from mlm.evaluate import evaluate
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
