@@ -130,8 +130,11 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
         if numeric and values:
             x = [_num(v) for v in values]
             ax.scatter(x, ppl)
-            if min(x) > 0 and max(x) / min(x) >= 10:
+            if min(x) > 0 and max(x) / min(x) >= 3:
                 ax.set_xscale("log")
+            ticks = sorted(set(x))  # label exactly the swept values, compactly (2e-4, not 0.0002)
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
         else:
             cats = sorted(set(values))
             ax.scatter([cats.index(v) for v in values], ppl)
