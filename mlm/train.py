@@ -49,30 +49,30 @@ class TrainState:
     best_perplexity: float = float("inf")
     last_eval: Dict[str, float] = field(default_factory=dict)
     tracker_run_id: Optional[str] = None
-    log_window: List[float] = field(default_factory=lambda: [0.0, 0, 0])  # loss sum, masked tokens, steps since the last log
+    log_window: List[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and masked tokens since the last log
 
 
 class LogWindow:
     """Training loss and time accumulated between two log steps; the loss stays on the device until then."""
 
-    def __init__(self, device, loss_sum: float = 0.0, masked: int = 0, steps: int = 0):
+    def __init__(self, device, loss_sum: float = 0.0, masked: int = 0):
         self.device = device
         self.loss_sum = torch.tensor(loss_sum, device=device)
-        self.masked, self.steps, self.seconds, self.timed = masked, steps, 0.0, 0
+        self.masked, self.seconds, self.steps = masked, 0.0, 0
 
     @classmethod
     def restore(cls, saved: List[float], device) -> "LogWindow":
-        return cls(device, float(saved[0]), int(saved[1]), int(saved[2]))
+        return cls(device, float(saved[0]), int(saved[1]))
 
     def saved(self) -> List[float]:
-        return [float(self.loss_sum), self.masked, self.steps]
+        """What a checkpoint keeps: the loss average must span the kill; timing restarts anyway."""
+        return [float(self.loss_sum), self.masked]
 
     def add(self, loss_sum: torch.Tensor, masked: int, seconds: float) -> None:
         self.loss_sum += loss_sum
         self.masked += masked
-        self.steps += 1
         self.seconds += seconds
-        self.timed += 1
+        self.steps += 1
 
     def flush(self, accelerator, tokens_per_step: int) -> Dict[str, float]:
         """Mean masked-token loss over the window and all processes (one all-reduce), then reset."""
@@ -81,8 +81,8 @@ class LogWindow:
         seconds = max(self.seconds, 1e-9)
         metrics = {
             "train/loss": float(totals[0] / totals[1].clamp(min=1)),
-            "perf/tokens_per_s": self.timed * tokens_per_step / seconds,
-            "perf/step_s": seconds / max(self.timed, 1),
+            "perf/tokens_per_s": self.steps * tokens_per_step / seconds,
+            "perf/step_s": seconds / max(self.steps, 1),
         }
         self.__init__(self.device)
         return metrics
