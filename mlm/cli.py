@@ -12,20 +12,21 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import Config, UserError, register_configs
+from mlm.distributed import is_main_process, launch_name
 
 log = logging.getLogger("mlm")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def launch_stamp() -> str:
     """A timestamp shared by all processes of one launch on one node (for the run directory name).
 
     torchrun and `accelerate launch` start every rank from one launcher process, so its start time
-    is common to all of them; a plain `python run.py` uses its own start time.
+    is common to all of them; a plain `python run.py` uses its own start time. The tasks of one
+    SLURM job (on several nodes) use its job id instead: their start times differ.
     """
+    name = launch_name()
+    if name:
+        return name
     start = time.time()
     if "LOCAL_RANK" in os.environ:
         import psutil
@@ -50,6 +51,7 @@ def job_info(cfg_hydra) -> dict:
         "overrides": list(cfg_hydra.overrides.task),
         "sweep_name": Path(cfg_hydra.sweep.dir).name if multirun else None,
         "multirun": multirun,
+        "num": cfg_hydra.job.num if multirun else None,
     }
 
 
@@ -62,11 +64,14 @@ def run_job(cfg: DictConfig) -> float:
     job = job_info(hc)
     debug = bool(cfg.get("debug", False))
     try:
+        from mlm import distributed
         from mlm.train import NonFiniteLoss, train
 
         typed: Config = OmegaConf.to_object(cfg)
         try:
-            results = train(typed, run_dir, job, OmegaConf.to_container(cfg, resolve=True))
+            # one device and one process group for this job; a failure on any rank fails it on all
+            with distributed.job(run_dir, typed.trainer.device_slots) as placed:
+                results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
     except UserError as e:
@@ -87,9 +92,11 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def _fail(run_dir: Path, job: dict, message: str) -> float:
+    from mlm.distributed import failure_report
+
     log.error(message)
     if is_main_process() and run_dir.exists():
-        (run_dir / "error.txt").write_text(message + "\n")
+        (run_dir / "error.txt").write_text(failure_report(run_dir, message) + "\n")
     if job["multirun"]:
         return float("nan")  # Optuna records a failed trial; the basic sweeper goes on
     print(f"error: {message}", file=sys.stderr)

@@ -129,6 +129,7 @@ class TrainerConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # newest complete checkpoints kept in <run>/checkpoints
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
+    device_slots: int = 0  # 1-process jobs lease a device slot of their own: 0 = every visible GPU (none on CPU); N = the first N GPUs, or N CPU slots
     max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
     probe_sentences: List[str] = field(
         default_factory=lambda: [
@@ -151,6 +152,8 @@ class TrainerConfig:
             raise UserError(f"trainer.mixed_precision={self.mixed_precision!r} must be no, bf16 or fp16")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"trainer.on_nonfinite={self.on_nonfinite!r} must be stop or skip")
+        if self.device_slots < 0:
+            raise UserError(f"trainer.device_slots={self.device_slots} must be >= 0 (0 = every visible GPU)")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise UserError("trainer.eval_every and trainer.checkpoint_every must be >= 0")
 

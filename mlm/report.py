@@ -97,19 +97,30 @@ def summary_table(jobs: List[Dict[str, Any]], root: Path) -> str:
         return (j["error"] is not None, p if p is not None and math.isfinite(p) else float("inf"))
 
     lines = [
-        "| job | overrides | final ppl | best ppl | ppl before | tokens/s | train s | wall s | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| job | overrides | final ppl | best ppl | ppl before | tokens/s | train s | wall s | device | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for j in sorted(jobs, key=key):
         r = j["results"]
         name = str(j["dir"].relative_to(root)) if j["dir"] != root and root in j["dir"].parents else j["dir"].name
-        status = "ok" if j["error"] is None else "failed: " + j["error"].replace("|", "/")[:80]
+        status = "ok" if j["error"] is None else "failed: " + j["error"].splitlines()[0].replace("|", "/")[:80]
         lines.append(
             f"| {name} | {' '.join(f'{k}={v}' for k, v in j['overrides'].items()) or '-'} | {_fmt(r.get('perplexity'))} | "
             f"{_fmt(r.get('best_perplexity'))} | {_fmt(r.get('perplexity_before'))} | {_fmt(r.get('tokens_per_s'), 0)} | "
-            f"{_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('wall_seconds'), 0)} | {status} |"
+            f"{_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('wall_seconds'), 0)} | {_device(r)} | {status} |"
         )
     return "\n".join(lines)
+
+
+def _device(results: Dict[str, Any]) -> str:
+    """cuda:3, cpu, or cpu slot 1 (a CPU pool's slot): what the job trained on, x processes."""
+    device = results.get("device")
+    if device is None:
+        return "-"
+    if results.get("device_slot") is not None and not device.startswith("cuda"):
+        device += f" slot {results['device_slot']}"
+    n = results.get("processes") or 1
+    return f"{device} x{n}" if n > 1 else device
 
 
 def swept_keys(jobs: List[Dict[str, Any]]) -> List[str]:
@@ -151,7 +162,8 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
         for j in ok:
             x, y = _series(j["metrics"], key)
             label = ",".join(f"{k}={j['overrides'].get(k)}" for k in keys if k in j["overrides"]) or j["dir"].name
-            ax.plot(x, y, marker="o" if key.startswith("eval") else None, markersize=3, label=label)
+            # a curve of one point (a 10-step job logging every 10 steps) is a marker, not an invisible line
+            ax.plot(x, y, marker="o" if key.startswith("eval") or len(x) == 1 else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         if key == "eval/perplexity":
@@ -189,9 +201,9 @@ class SweepSummaryCallback(Callback):
     """Hydra callback: summarise the sweep directory when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        import os
+        from mlm.distributed import is_main_process
 
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not is_main_process():
             return
         path = summarize([Path(config.hydra.sweep.dir)])
         if path:

@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
-from mlm import checkpoint
+from mlm import checkpoint, distributed
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks
@@ -106,6 +107,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # masked tokens), so Accelerate's own accumulation stays at 1.
     # Without an accelerator, Accelerate only sets up multi-process CPU training (gloo) when told
     # cpu=True; otherwise torchrun's ranks would each train alone.
+    # Accelerate keeps one state per process and refuses a second configuration (another
+    # mixed_precision, device or distributed type); each job of a multirun starts from a fresh one.
+    # The process group is not part of that state: mlm.distributed.job() owns it.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     return Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=not accelerator_available())
 
 
@@ -165,7 +171,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     tcfg = cfg.trainer
 
     # 1. model, tokenizer and token blocks (the main process fills the block cache, the others reuse it)
-    with accelerator.main_process_first():
+    with distributed.cache_builders_first(accelerator):
         model, tokenizer = build_model(cfg.model, cfg.block_size, cfg.seed)
         blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
     train_blocks, eval_blocks = blocks["train"], blocks["test"]
@@ -243,6 +249,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     skip_step(state, scheduler, tcfg, e, run_dir)
                     continue
                 state.step += 1
+                distributed.fault_point(job.get("num"), state.step)
                 state.tokens += tokens_per_step
                 seconds = time.perf_counter() - t0
                 state.train_seconds += seconds
@@ -274,6 +281,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "train_seconds": round(state.train_seconds, 3),
             "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
             "processes": accelerator.num_processes,
+            "device": str(accelerator.device),
+            "device_slot": job.get("device_slot"),
             "wall_seconds": round(time.perf_counter() - wall_start, 3),
         }
         tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"], "final/eval_loss": results["eval_loss"]})

@@ -1,0 +1,336 @@
+"""Which process am I, which device is mine, and one process group per job, whatever the launcher.
+
+Launchers describe a multi-process job in their own variables: torchrun and `accelerate launch` set
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; SLURM tasks (srun, submitit's slurm launcher) get SLURM_*;
+submitit's local tasks get SUBMITIT_LOCAL_*. Accelerate reads only the first kind, so `setup()`
+exports the torch variables from the others before the Accelerator exists. Everything that asks
+"am I the main process / how many processes / which device" asks this module.
+
+Per job (`job()`): a single-process job leases a device slot of its own (`DeviceLease`), a
+multi-process job gets a fresh process group (one per job, so a failed job never poisons the next
+one), and a failure on any rank fails the job on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits in its job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    launcher: str = "single"  # single | torchrun | slurm | submitit_local
+    job_id: Optional[str] = None  # SLURM or submitit job id, when there is one
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+
+def _int(env: Mapping[str, str], *names: str, default: int) -> int:
+    for name in names:
+        if env.get(name, "") != "":
+            return int(env[name])
+    return default
+
+
+def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
+    """The placement this process's launcher describes (read only; see `setup()` to export it)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, or a previous setup()
+        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK", default=0),
+                         _int(env, "LOCAL_WORLD_SIZE", "WORLD_SIZE", default=1), _int(env, "GROUP_RANK", default=0),
+                         "torchrun", None, env.get("MASTER_ADDR"), _int(env, "MASTER_PORT", default=0) or None)
+    if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_GLOBALID" in env:
+        job_id = env.get("SUBMITIT_LOCAL_JOB_ID", "0")
+        n = _int(env, "SUBMITIT_LOCAL_NTASKS", default=1)
+        return Placement(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, _int(env, "SUBMITIT_LOCAL_LOCALID", default=0), n, 0,
+                         "submitit_local", job_id, "127.0.0.1", _port(env, job_id))
+    # srun sets SLURM_STEP_NUM_TASKS for the tasks it starts; a batch script's own shell (one process
+    # however many tasks were requested) is not a multi-process job
+    n = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
+    if "SLURM_PROCID" in env and n > 1:
+        job_id = env.get("SLURM_JOB_ID", "0")
+        nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", default=1)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        return Placement(int(env["SLURM_PROCID"]), n, _int(env, "SLURM_LOCALID", default=0), max(1, n // max(nodes, 1)),
+                         _int(env, "SLURM_NODEID", default=0), "slurm", job_id, env.get("MASTER_ADDR") or slurm_hostnames(nodelist)[0],
+                         _port(env, job_id))
+    return Placement()
+
+
+def _port(env: Mapping[str, str], job_id: str) -> int:
+    """MASTER_PORT if set, else one derived from the job id: every task of a job computes the same."""
+    if env.get("MASTER_PORT"):
+        return int(env["MASTER_PORT"])
+    return 20000 + zlib.crc32(str(job_id).encode()) % 40000
+
+
+def slurm_hostnames(nodelist: str) -> List[str]:
+    """Expand a SLURM node list ("gpu[01-03,07],login1"): scontrol when present, else the common forms."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True).stdout
+            if out.split():
+                return out.split()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    return hosts
+
+
+def setup() -> Placement:
+    """Export the torch distributed variables for this process (idempotent); returns the placement."""
+    p = detect()
+    if p.launcher in ("slurm", "submitit_local"):
+        os.environ.update(RANK=str(p.rank), WORLD_SIZE=str(p.world_size), LOCAL_RANK=str(p.local_rank),
+                          LOCAL_WORLD_SIZE=str(p.local_world_size), GROUP_RANK=str(p.node_rank),
+                          MASTER_ADDR=str(p.master_addr), MASTER_PORT=str(p.master_port))
+    return p
+
+
+def rank() -> int:
+    return detect().rank
+
+
+def world_size() -> int:
+    return detect().world_size
+
+
+def local_rank() -> int:
+    return detect().local_rank
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def launch_name() -> Optional[str]:
+    """A run-directory name every node of a multi-node SLURM job agrees on (None elsewhere)."""
+    p = detect()
+    return f"slurm-{p.job_id}" if p.launcher == "slurm" and p.job_id else None
+
+
+# --- device slots -----------------------------------------------------------------------------------------
+
+
+def lease_dir() -> Path:
+    """Lock files of the device slots of this node (MLM_LEASE_DIR; default: one per user in /tmp)."""
+    return Path(os.environ.get("MLM_LEASE_DIR") or Path(tempfile.gettempdir()) / f"mlm-device-leases-{os.getuid()}")
+
+
+class DeviceLease:
+    """One slot of a node-wide pool, held with an flock from `acquire()` to `release()`.
+
+    The kernel drops an flock when its process dies, so a killed job never keeps a slot; a job
+    that fails releases it in `job()`'s finally. The slot is chosen by what is free at that
+    moment, not by job number, so joblib's dynamic dispatch and reused workers cannot make two
+    running jobs share one.
+    """
+
+    def __init__(self, names: List[str], directory: Optional[Path] = None, poll_s: float = 0.2):
+        self.names, self.dir, self.poll_s = names, Path(directory or lease_dir()), poll_s
+        self.slot: Optional[int] = None
+        self._fd: Optional[int] = None
+        self._since = 0.0
+
+    def acquire(self, owner: str = "") -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        waited = False
+        while True:
+            for i, name in enumerate(self.names):
+                fd = os.open(self.dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self.slot, self._fd, self._since, self.owner = i, fd, time.time(), owner
+                return i
+            if not waited:
+                log.info("all %d device slots are taken (%s); waiting for one", len(self.names), self.dir)
+                waited = True
+            time.sleep(self.poll_s)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # the history of who held which slot when (lease.jsonl): for the tests, and for "which job used GPU 3"
+        record = {"slot": self.slot, "name": self.names[self.slot], "acquired": self._since, "released": time.time(),
+                  "pid": os.getpid(), "owner": self.owner}
+        with open(self.dir / "lease.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def slot_names(device_slots: int) -> List[str]:
+    """The pool: the visible CUDA devices (by physical id, so sweeps with other CUDA_VISIBLE_DEVICES
+    still agree), or `device_slots` CPU slots when set on a machine without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        n = torch.cuda.device_count()
+        ids = visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
+        return [f"cuda-{v}" for v in ids[: device_slots or n]]
+    return [f"cpu-{i}" for i in range(device_slots)]
+
+
+# --- one job: lease, process group, failures in step -------------------------------------------------------
+
+
+class PeerFailed(RuntimeError):
+    """Another rank of this job failed; this rank fails the job too."""
+
+
+_store = None  # the rendezvous store of this process (torchrun's agent store, or rank 0's), reused by every job
+_groups_started = 0
+
+
+def _init_group(p: Placement) -> None:
+    """A process group for one job, on a fresh key prefix of the launcher's store.
+
+    Re-initialising on the same prefix after a failed job could read the old group's addresses;
+    a per-job prefix costs nothing. Every rank runs the same jobs in the same order, so the
+    counter agrees across ranks.
+    """
+    global _store, _groups_started
+    import torch
+    import torch.distributed as dist
+
+    if _store is None:
+        _store, _, _ = next(dist.rendezvous("env://", p.rank, p.world_size))
+    _groups_started += 1
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(p.local_rank)
+        backend = "nccl"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-job-{_groups_started}/", _store), rank=p.rank,
+                            world_size=p.world_size, timeout=datetime.timedelta(minutes=30))
+
+
+@contextlib.contextmanager
+def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]:
+    """Around one job's training: its device and process group; a failure on any rank fails all.
+
+    Yields a dict with the job's "device" (a CUDA index or None) and "slot". On a failure, the
+    failing rank writes error-rank<r>.txt (the main process folds it into error.txt) and tears the
+    group down, which ends the other ranks' pending collectives with an error (gloo: at once; NCCL:
+    when its timeout expires), so every rank leaves the job and none starts the next one alone.
+    A rank that finished waits for all others in one last all-reduce.
+    """
+    global last_failure_time
+    import torch
+    import torch.distributed as dist
+
+    last_failure_time = 0.0
+    p = setup()
+    info: dict = {"device": None, "slot": None}
+    lease = None
+    if p.world_size == 1:
+        names = slot_names(device_slots)
+        if names:
+            lease = DeviceLease(names)
+            info["slot"] = lease.acquire(owner or str(run_dir))
+            if names[info["slot"]].startswith("cuda-"):
+                info["device"] = info["slot"]
+                torch.cuda.set_device(info["slot"])  # also right in a reused worker where CUDA is already initialised
+                os.environ["ACCELERATE_TORCH_DEVICE"] = f"cuda:{info['slot']}"
+            log.info("device slot %d of %d: %s", info["slot"], len(names), names[info["slot"]])
+    elif torch.cuda.is_available():
+        info["device"] = p.local_rank
+    try:
+        if p.world_size > 1:
+            if dist.is_initialized():
+                dist.destroy_process_group()  # one left by code outside job(): this job gets its own
+            _init_group(p)
+        try:
+            yield info
+        except BaseException as e:
+            last_failure_time = time.time()
+            if p.world_size > 1:
+                if p.rank != 0:
+                    with contextlib.suppress(OSError):
+                        record = {"time": last_failure_time, "message": f"{type(e).__name__}: {e}"}
+                        (Path(run_dir) / f"error-rank{p.rank}.json").write_text(json.dumps(record))
+                dist.destroy_process_group()
+            raise
+        if p.world_size > 1:
+            flag = torch.zeros(1, device=f"cuda:{p.local_rank}" if torch.cuda.is_available() else "cpu")
+            try:
+                dist.all_reduce(flag)
+            except Exception as e:  # a peer tore the group down: it failed
+                raise PeerFailed(f"another rank of this job failed ({str(e).splitlines()[0][:160]})") from None
+            finally:
+                dist.destroy_process_group()
+    finally:
+        os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
+        if lease is not None:
+            lease.release()
+
+
+last_failure_time = 0.0  # when this process's last job failed (to order the ranks' messages)
+
+
+def failure_report(run_dir: Path, message: str) -> str:
+    """error.txt of a job: the failures of all its ranks, the first one first (the others usually
+    only saw a peer going away)."""
+    entries = [(last_failure_time or time.time(), message)]
+    for f in Path(run_dir).glob("error-rank*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(f.read_text())
+            if record["message"].endswith(message) or message.endswith(record["message"]):
+                continue  # the same error on every rank (a bad setting): once is enough
+            entries.append((record["time"], f"rank {f.stem.removeprefix('error-rank')}: {record['message']}"))
+    if len(entries) == 1:
+        return message
+    return "\n".join(m for _, m in sorted(entries))
+
+
+def fault_point(job_num: Optional[int], step: int) -> None:
+    """Fault injection for tests: MLM_TEST_FAIL="<job num>:<rank>:<step>" raises there."""
+    spec = os.environ.get("MLM_TEST_FAIL")
+    if not spec:
+        return
+    j, r, s = (int(x) for x in spec.split(":"))
+    if (job_num or 0) == j and rank() == r and step == s:
+        raise RuntimeError(f"injected failure (MLM_TEST_FAIL={spec})")
+
+
+@contextlib.contextmanager
+def cache_builders_first(accelerator) -> Iterator[None]:
+    """Run the body on the global main process first, then on the first process of each other node,
+    then everywhere: a shared disk gets the block cache built once, node-local disks once per node
+    (the cache's atomic rename settles any leftover race). Two barriers in all."""
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        yield
