@@ -281,7 +281,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "train_seconds": round(state.train_seconds, 3),
             "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
             "processes": accelerator.num_processes,
-            "device": str(accelerator.device),
+            "device": "cpu" if accelerator.device.type == "cpu" else str(accelerator.device),  # this process's; rank r has cuda:<local rank>
             "device_slot": job.get("device_slot"),
             "wall_seconds": round(time.perf_counter() - wall_start, 3),
         }

@@ -90,3 +90,36 @@ def test_report_cli_on_run_dirs(tmp_path):
     table = [l for l in (tmp_path / "summary.md").read_text().splitlines() if "optimizer.lr" in l]
     assert "optimizer.lr=2e-3" in table[0] and "optimizer.lr=1e-3" in table[1]
     assert (tmp_path / "0" / "curves.png").exists() and (tmp_path / "summary.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_mixed_precision_is_sweepable_in_one_process(corpus, tmp_path, launcher):
+    # joblib with one worker runs both jobs in the same (reused) process, like the basic launcher
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"] if launcher == "joblib" else []
+    jobs = multirun(corpus, tmp_path / "sweep", *extra, "trainer.mixed_precision=no,bf16", "trainer.max_steps=2")
+    assert len(jobs) == 2 and not any((j / "error.txt").exists() for j in jobs)
+    assert [json.loads((j / "results.json").read_text())["steps"] for j in jobs] == [2, 2]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_each_lease_a_slot_of_their_own(corpus, tmp_path):
+    sweep, leases = tmp_path / "sweep", tmp_path / "leases"
+    # 3 workers share 2 slots: one job always waits; job 0 fails after its first step and must give its slot back
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=3",
+                    "trainer.device_slots=2", "trainer.num_threads=1", "trainer.max_steps=3", "optimizer.lr=1e-4,2e-4,3e-4,4e-4",
+                    f"hydra.sweep.dir={sweep}"], env={"MLM_LEASE_DIR": str(leases), "MLM_TEST_FAIL": "0:0:1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (leases / "lease.jsonl").read_text().splitlines()]
+    assert sorted(r["owner"] for r in records) == [str(sweep / str(i)) for i in range(4)]
+    assert {r["slot"] for r in records} <= {0, 1}
+    overlapping = [(a, b) for i, a in enumerate(records) for b in records[i + 1:] if a["acquired"] < b["released"] and b["acquired"] < a["released"]]
+    assert overlapping  # jobs did run at the same time ...
+    assert all(a["slot"] != b["slot"] for a, b in overlapping)  # ... never on the same slot
+    assert (sweep / "0" / "error.txt").read_text().startswith("RuntimeError: injected failure")
+    for i in range(1, 4):
+        results = json.loads((sweep / str(i) / "results.json").read_text())
+        owned = [r["slot"] for r in records if r["owner"] == str(sweep / str(i))]
+        assert results["device"] == "cpu" and [results["device_slot"]] == owned
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("| ok |") == 3 and summary.count("| cpu slot ") == 3
