@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -58,9 +59,11 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
     """The placement this process's launcher describes (read only; see `setup()` to export it)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, or a previous setup()
+        launcher = env.get("MLM_LAUNCHER", "torchrun")  # setup() leaves its source here
+        job_id = env.get("SUBMITIT_LOCAL_JOB_ID") if launcher == "submitit_local" else env.get("SLURM_JOB_ID")
         return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK", default=0),
                          _int(env, "LOCAL_WORLD_SIZE", "WORLD_SIZE", default=1), _int(env, "GROUP_RANK", default=0),
-                         "torchrun", None, env.get("MASTER_ADDR"), _int(env, "MASTER_PORT", default=0) or None)
+                         launcher, job_id, env.get("MASTER_ADDR"), _int(env, "MASTER_PORT", default=0) or None)
     if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_GLOBALID" in env:
         job_id = env.get("SUBMITIT_LOCAL_JOB_ID", "0")
         n = _int(env, "SUBMITIT_LOCAL_NTASKS", default=1)
@@ -86,6 +89,7 @@ def _port(env: Mapping[str, str], job_id: str) -> int:
     return 20000 + zlib.crc32(str(job_id).encode()) % 40000
 
 
+@functools.lru_cache(maxsize=8)
 def slurm_hostnames(nodelist: str) -> List[str]:
     """Expand a SLURM node list ("gpu[01-03,07],login1"): scontrol when present, else the common forms."""
     if shutil.which("scontrol"):
@@ -113,7 +117,7 @@ def setup() -> Placement:
     if p.launcher in ("slurm", "submitit_local"):
         os.environ.update(RANK=str(p.rank), WORLD_SIZE=str(p.world_size), LOCAL_RANK=str(p.local_rank),
                           LOCAL_WORLD_SIZE=str(p.local_world_size), GROUP_RANK=str(p.node_rank),
-                          MASTER_ADDR=str(p.master_addr), MASTER_PORT=str(p.master_port))
+                          MASTER_ADDR=str(p.master_addr), MASTER_PORT=str(p.master_port), MLM_LAUNCHER=p.launcher)
     return p
 
 
@@ -134,9 +138,13 @@ def is_main_process() -> bool:
 
 
 def launch_name() -> Optional[str]:
-    """A run-directory name every node of a multi-node SLURM job agrees on (None elsewhere)."""
+    """A run-directory name all tasks of one SLURM job step agree on, whatever their node: for SLURM
+    tasks, and for torchrun on several nodes inside SLURM (None elsewhere: the launch time serves)."""
     p = detect()
-    return f"slurm-{p.job_id}" if p.launcher == "slurm" and p.job_id else None
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "")
+    if job and (p.launcher == "slurm" or p.world_size > p.local_world_size):
+        return f"slurm-{job}" + (f".{step}" if step.isdigit() and int(step) < 2**31 else "")  # batch/extern steps have huge ids
+    return None
 
 
 # --- device slots -----------------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def _init_group(p: Placement) -> None:
     _groups_started += 1
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(p.local_rank)
+        torch.cuda.set_device(p.local_rank % torch.cuda.device_count())  # as Accelerate picks it (one GPU per task, or all)
         backend = "nccl"
     dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-job-{_groups_started}/", _store), rank=p.rank,
                             world_size=p.world_size, timeout=datetime.timedelta(minutes=30))
@@ -268,7 +276,7 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]
                 os.environ["ACCELERATE_TORCH_DEVICE"] = f"cuda:{info['slot']}"
             log.info("device slot %d of %d: %s", info["slot"], len(names), names[info["slot"]])
     elif torch.cuda.is_available():
-        info["device"] = p.local_rank
+        info["device"] = p.local_rank % torch.cuda.device_count()
     try:
         if p.world_size > 1:
             if dist.is_initialized():
@@ -286,7 +294,7 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]
                 dist.destroy_process_group()
             raise
         if p.world_size > 1:
-            flag = torch.zeros(1, device=f"cuda:{p.local_rank}" if torch.cuda.is_available() else "cpu")
+            flag = torch.zeros(1, device=f"cuda:{info['device']}" if torch.cuda.is_available() else "cpu")
             try:
                 dist.all_reduce(flag)
             except Exception as e:  # a peer tore the group down: it failed
