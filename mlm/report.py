@@ -37,7 +37,7 @@ def plot_run(run_dir: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, key, title in zip(axes, ("train/loss", "eval/perplexity", "train/lr"), ("train loss (masked tokens)", "eval perplexity", "learning rate")):
         x, y = _series(records, key)
-        ax.plot(x, y, marker="o" if key.startswith("eval") else None, markersize=4)
+        ax.plot(x, y, marker="o" if key.startswith("eval") or len(x) == 1 else None, markersize=4)  # one point: a marker
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -163,7 +163,7 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
             x, y = _series(j["metrics"], key)
             label = ",".join(f"{k}={j['overrides'].get(k)}" for k in keys if k in j["overrides"]) or j["dir"].name
             # a curve of one point (a 10-step job logging every 10 steps) is a marker, not an invisible line
-            ax.plot(x, y, marker="o" if key.startswith("eval") or len(x) == 1 else None, markersize=3, label=label)
+            ax.plot(x, y, marker="o" if key.startswith("eval") or len(x) == 1 else None, markersize=6 if len(x) == 1 else 3, label=label)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         if key == "eval/perplexity":

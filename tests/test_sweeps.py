@@ -123,3 +123,15 @@ def test_parallel_jobs_each_lease_a_slot_of_their_own(corpus, tmp_path):
         assert results["device"] == "cpu" and [results["device_slot"]] == owned
     summary = (sweep / "summary.md").read_text()
     assert summary.count("| ok |") == 3 and summary.count("| cpu slot ") == 3
+
+
+def test_a_one_point_curve_is_drawn_as_a_marker(tmp_path, monkeypatch):
+    from mlm import report
+
+    figures = []
+    monkeypatch.setattr(report.plt, "close", figures.append)
+    job = {"dir": tmp_path, "overrides": {}, "error": None, "results": {"perplexity": 9.0},
+           "metrics": [{"step": 10, "train/loss": 2.5, "eval/perplexity": 9.0}]}  # a 10-step job logging every 10 steps
+    report.plot_sweep([job], tmp_path / "summary.png")
+    [line] = figures[0].axes[-1].lines  # the train-loss panel
+    assert line.get_marker() == "o" and list(line.get_xdata()) == [10]
