@@ -252,7 +252,7 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]
     """Around one job's training: its device and process group; a failure on any rank fails all.
 
     Yields a dict with the job's "device" (a CUDA index or None) and "slot". On a failure, the
-    failing rank writes error-rank<r>.txt (the main process folds it into error.txt) and tears the
+    failing rank writes error-rank<r>.json (the main process folds it into error.txt) and tears the
     group down, which ends the other ranks' pending collectives with an error (gloo: at once; NCCL:
     when its timeout expires), so every rank leaves the job and none starts the next one alone.
     A rank that finished waits for all others in one last all-reduce.
@@ -263,6 +263,7 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]
 
     last_failure_time = 0.0
     p = setup()
+    (Path(run_dir) / f"error-rank{p.rank}.json").unlink(missing_ok=True)  # from an earlier attempt of this job
     info: dict = {"device": None, "slot": None}
     lease = None
     if p.world_size == 1:
