@@ -42,7 +42,7 @@ class Placement:
     local_rank: int = 0
     local_world_size: int = 1
     node_rank: int = 0
-    launcher: str = "single"  # single | torchrun | slurm | submitit_local
+    launcher: str = "single"  # single | torchrun | slurm | submitit_local | mpi
     job_id: Optional[str] = None  # SLURM or submitit job id, when there is one
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
@@ -79,6 +79,14 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
         return Placement(int(env["SLURM_PROCID"]), n, _int(env, "SLURM_LOCALID", default=0), max(1, n // max(nodes, 1)),
                          _int(env, "SLURM_NODEID", default=0), "slurm", job_id, env.get("MASTER_ADDR") or slurm_hostnames(nodelist)[0],
                          _port(env, job_id))
+    for prefix in ("OMPI_COMM_WORLD_", "PMI_", "MV2_COMM_WORLD_"):  # mpirun (Accelerate's multi-CPU launches read these too)
+        n = _int(env, prefix + "SIZE", default=1)
+        if n > 1:
+            local_n = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", default=n)
+            return Placement(_int(env, prefix + "RANK", default=0), n,
+                             _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", default=0),
+                             local_n, 0, "mpi", None, env.get("MASTER_ADDR") or ("127.0.0.1" if local_n == n else None),
+                             _int(env, "MASTER_PORT", default=29500))
     return Placement()
 
 
@@ -114,10 +122,12 @@ def slurm_hostnames(nodelist: str) -> List[str]:
 def setup() -> Placement:
     """Export the torch distributed variables for this process (idempotent); returns the placement."""
     p = detect()
-    if p.launcher in ("slurm", "submitit_local"):
+    if p.launcher in ("slurm", "submitit_local", "mpi"):
         os.environ.update(RANK=str(p.rank), WORLD_SIZE=str(p.world_size), LOCAL_RANK=str(p.local_rank),
                           LOCAL_WORLD_SIZE=str(p.local_world_size), GROUP_RANK=str(p.node_rank),
-                          MASTER_ADDR=str(p.master_addr), MASTER_PORT=str(p.master_port), MLM_LAUNCHER=p.launcher)
+                          MASTER_PORT=str(p.master_port), MLM_LAUNCHER=p.launcher)
+        if p.master_addr:  # mpirun across nodes: the user names rank 0's host (Accelerate says so if not)
+            os.environ["MASTER_ADDR"] = p.master_addr
     return p
 
 

@@ -167,7 +167,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one to watch
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
-    main = accelerator.is_main_process
+    main = distributed.is_main_process()  # the launcher's rank 0 (the same one Accelerate sees)
     tcfg = cfg.trainer
 
     # 1. model, tokenizer and token blocks (the main process fills the block cache, the others reuse it)

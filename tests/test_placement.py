@@ -72,3 +72,11 @@ def test_a_slot_is_never_given_twice_and_a_failed_job_gives_it_back(tmp_path, mo
         other.join(60)
     records = [json.loads(line) for line in (tmp_path / "lease.jsonl").read_text().splitlines()]
     assert [r["slot"] for r in records] == [1 - taken, 1 - taken, taken]
+
+
+def test_mpirun_ranks():
+    env = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+           "MASTER_ADDR": "n0"}
+    p = detect(env)
+    assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.launcher, p.master_addr) == (2, 4, 0, 2, "mpi", "n0")
+    assert detect({"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}) == Placement()
