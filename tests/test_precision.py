@@ -1,0 +1,107 @@
+"""fp16 under a loss scaler: an overflow is a skipped update, never a failure, and resume stays exact."""
+
+import numpy as np
+import pytest
+import torch
+
+from mlm import checkpoint
+from mlm.masking import MLMCollator
+from mlm.models import MLMObjective, build_model
+from mlm.optim import build_optimizer, build_scheduler
+from mlm.train import NonFiniteLoss, StepResult, make_accelerator, train_step
+from tests.conftest import compose
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one configuration per process; these tests need their own (fp16)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def setup(precision: str, seed: int = 0):
+    cfg = compose(["model=tiny", "model.dropout=0", f"trainer.mixed_precision={precision}", "scheduler.warmup_steps=2", "optimizer.lr=1e-3"])
+    accelerator = make_accelerator(cfg)
+    model, tokenizer = build_model(cfg.model, 32, seed=seed)
+    objective = MLMObjective(model, sparse=True)
+    optimizer = build_optimizer(objective, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps=8)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    collator = MLMCollator(tokenizer, cfg.masking, seed=0)
+    return accelerator, model, objective, optimizer, scheduler, collator
+
+
+def batch(collator, step: int):
+    rng = np.random.default_rng(step)
+    return collator({"input_ids": rng.integers(1000, 20000, (4, 32)), "index": np.arange(4) + 4 * step})
+
+
+def step(parts, n: int, inf_grad: bool = False) -> StepResult:
+    accelerator, model, objective, optimizer, scheduler, collator = parts
+    hook = None
+    if inf_grad:  # one overflowing gradient, as fp16 gives when the loss scale is too high
+        hook = model.bert.encoder.layer[0].output.dense.weight.register_hook(lambda g: g * float("inf"))
+    try:
+        return train_step(objective, optimizer, scheduler, [batch(collator, n)], accelerator, max_grad_norm=1.0)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def test_fp16_on_cpu_really_runs_in_fp16(fresh_accelerate_state):
+    parts = setup("fp16")
+    accelerator, model = parts[0], parts[1]
+    assert isinstance(accelerator.scaler, torch.amp.GradScaler)
+    dtypes = []
+    model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    step(parts, 0)
+    assert dtypes == [torch.float16]
+
+
+def test_overflow_skips_the_update_and_halves_the_scale(fresh_accelerate_state):
+    parts = setup("fp16")
+    accelerator, model, _, optimizer, scheduler, _ = parts
+    assert not step(parts, 0).overflow
+    scale, lr_steps = accelerator.scaler.get_scale(), scheduler.last_epoch
+    weights = [p.detach().clone() for p in model.parameters()]
+    result = step(parts, 1, inf_grad=True)
+    assert result.overflow
+    assert accelerator.scaler.get_scale() == scale / 2
+    assert scheduler.last_epoch == lr_steps  # the schedule follows the updates
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    for n in (2, 3):  # and training goes on
+        assert not step(parts, n).overflow
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert scheduler.last_epoch == lr_steps + 2
+
+
+def test_nonfinite_gradients_still_stop_without_a_scaler(fresh_accelerate_state):
+    parts = setup("no")
+    assert parts[0].scaler is None
+    with pytest.raises(NonFiniteLoss, match="grad norm"):
+        step(parts, 0, inf_grad=True)
+
+
+def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
+    """Train 6 steps with an overflow at step 2 and a checkpoint after step 3; a fresh process state
+    restored from that checkpoint trains steps 4-6 to the same bits, scale included."""
+    parts = setup("fp16")
+    accelerator, model, _, optimizer, scheduler, _ = parts
+    for n in range(6):
+        step(parts, n, inf_grad=n == 2)
+        if n == 3:
+            checkpoint.save_checkpoint(tmp_path, 4, model, optimizer, scheduler, accelerator.scaler, {}, accelerator, keep=1)
+    reference = [p.detach().clone() for p in model.parameters()]
+    reference_scale = accelerator.scaler.get_scale()
+
+    resumed = setup("fp16", seed=1)  # other initial weights: everything must come from the checkpoint
+    accelerator, model, _, optimizer, scheduler, _ = resumed
+    checkpoint.load_checkpoint(checkpoint.resolve_resume("auto", tmp_path), model, optimizer, scheduler, accelerator.scaler, accelerator)
+    assert accelerator.scaler.get_scale() < 65536.0  # the backed-off scale came back with the checkpoint
+    for n in (4, 5):
+        step(resumed, n)
+    assert accelerator.scaler.get_scale() == reference_scale
+    assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))
