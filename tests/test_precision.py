@@ -105,3 +105,36 @@ def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
         step(resumed, n)
     assert accelerator.scaler.get_scale() == reference_scale
     assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))
+
+
+# Ops that make a CUDA host wait for the device: a scalar read (.item(), float()), and the data-dependent
+# shapes of nonzero / boolean indexing. The step's one planned read (loss and grad norm together, via
+# .tolist()) does not pass through the dispatcher, so on CPU this mode sees exactly the unplanned ones.
+HOST_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default", "aten.is_nonzero.default"}
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_a_training_step_has_no_hidden_host_syncs(fresh_accelerate_state, precision):
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SyncCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            bool_index = name == "aten.index.Tensor" and any(t is not None and t.dtype == torch.bool for t in args[1])
+            if name in HOST_SYNC_OPS or bool_index:
+                self.seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    parts = setup(precision)
+    step(parts, 0)  # the first step creates optimizer state
+    accelerator, _, objective, optimizer, scheduler, collator = parts
+    micro = [batch(collator, 1)]  # masking and masked positions happen on the host, before the step
+    with SyncCounter() as counter:
+        train_step(objective, optimizer, scheduler, micro, accelerator, max_grad_norm=1.0)
+    assert counter.seen == {}
