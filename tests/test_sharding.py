@@ -42,25 +42,39 @@ def test_accelerate_configs_are_all_usable_here_or_on_gpus():
 
 # 33 eval blocks in batches of 16: the ranks hold 16 and 17 blocks, so 1 and 2 batches without padding
 RUN = [*TINY_RUN, "model.dropout=0", "trainer.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4",
-       "trainer.per_device_batch_size=4", "trainer.max_eval_blocks=33", "trainer.eval_batch_size=16"]
+       "trainer.max_eval_blocks=33", "trainer.eval_batch_size=16"]
 
 
-def torchrun(args, cwd: Path, port: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(ROOT / "run.py"), *args]
+def torchrun(args, cwd: Path, port: int, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port), str(ROOT / "run.py"), *args]
     proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def run_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
+    return [*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", f"trainer.sharding={sharding}", f"trainer.per_device_batch_size={per_device}"]
+
+
+def drop_last_checkpoint(run_dir: Path) -> None:
+    """What a kill just after the step-2 checkpoint leaves (a rerun then resumes from step 2)."""
+    shutil.rmtree(run_dir / "checkpoints" / "ckpt-00000004")
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "results.json").unlink()
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.mark.slow
 def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(500)))
-    common = [*RUN, f"dataset.path={corpus}"]
-    runs = {}
-    for sharding, port in (("none", 29541), ("fsdp", 29542)):
-        runs[sharding] = tmp_path / sharding
-        torchrun([*common, f"trainer.sharding={sharding}", f"hydra.run.dir={runs[sharding]}"], tmp_path, port)
+    runs = {sharding: tmp_path / sharding for sharding in ("none", "fsdp")}
+    for port, (sharding, run_dir) in enumerate(runs.items(), start=29541):
+        torchrun(run_args(corpus, run_dir, sharding), tmp_path, port)
     results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
     assert results["fsdp"]["sharding"] == "fsdp" and results["fsdp"]["processes"] == 2
     assert results["fsdp"]["perplexity"] == pytest.approx(results["none"]["perplexity"], rel=1e-3)
@@ -68,9 +82,8 @@ def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
     fsdp = runs["fsdp"]
     assert (fsdp / "checkpoints" / "ckpt-00000004" / "sharded" / ".metadata").exists()
     weights = load_file(str(fsdp / "final" / "model.safetensors"))
-    ddp_weights = load_file(str(runs["none"] / "final" / "model.safetensors"))
-    assert weights.keys() == ddp_weights.keys()  # the tied decoder stored once, as for an unsharded model
-    assert max(float((weights[k] - ddp_weights[k]).abs().max()) for k in weights) <= 1e-5
+    # same names as the unsharded model's (the tied decoder stored once), same values
+    assert max_difference(weights, load_file(str(runs["none"] / "final" / "model.safetensors"))) <= 1e-5
 
     from transformers import pipeline
 
@@ -79,12 +92,12 @@ def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert len(fill(f"The cat sat on the {fill.tokenizer.mask_token}.", top_k=3)) == 3
 
-    # Resume: drop the last checkpoint and everything written after it; the same command resumes from
-    # step 2 (sharded load) and ends with the same weights.
-    shutil.rmtree(fsdp / "checkpoints" / "ckpt-00000004")
-    shutil.rmtree(fsdp / "final")
-    (fsdp / "results.json").unlink()
-    proc = torchrun([*common, "trainer.sharding=fsdp", f"hydra.run.dir={fsdp}"], tmp_path, 29543)
+    # Resume from the sharded step-2 checkpoint: the same command ends with the same weights ...
+    drop_last_checkpoint(fsdp)
+    proc = torchrun(run_args(corpus, fsdp, "fsdp"), tmp_path, 29543)
     assert "resumed from" in proc.stdout + proc.stderr
-    resumed = load_file(str(fsdp / "final" / "model.safetensors"))
-    assert max(float((resumed[k] - weights[k]).abs().max()) for k in weights) <= 1e-6
+    assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
+    # ... and so does 3 processes x 4 blocks (the same global batch of 12) reading 2 processes' shards
+    drop_last_checkpoint(fsdp)
+    torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29544, processes=3)
+    assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
