@@ -125,6 +125,7 @@ class TrainerConfig:
     sharding: str = "none"  # none (one process, or DDP replicas) | fsdp (FSDP2: every layer sharded over processes)
     sparse_prediction: bool = True  # run the vocabulary projection only on masked positions (same loss)
     compile: bool = False  # torch.compile the encoder (slow first steps; see benchmarks/)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
     num_workers: int = 0  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end

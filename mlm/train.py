@@ -219,6 +219,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     if layout.sharded and accelerator.num_processes == 1:
         raise UserError("trainer.sharding=fsdp needs several processes (e.g. torchrun --nproc_per_node 2 run.py ...); use trainer.sharding=none")
     objective = MLMObjective(model, sparse=tcfg.sparse_prediction)
+    if tcfg.activation_checkpointing:  # before sharding, so FSDP wraps the checkpointed layers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tcfg.compile:
         model.base_model.compile()  # in place: parameter names and checkpoints stay the same
     objective, optimizer = layout.prepare(objective, lambda module: build_optimizer(module, cfg.optimizer), accelerator, tcfg.mixed_precision)

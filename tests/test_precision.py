@@ -138,3 +138,24 @@ def test_a_training_step_has_no_hidden_host_syncs(fresh_accelerate_state, precis
     with SyncCounter() as counter:
         train_step(objective, optimizer, scheduler, micro, accelerator, max_grad_norm=1.0)
     assert counter.seen == {}
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing activations in backward changes memory and time, not the gradients (dropout off)."""
+    grads, forwards = [], []
+    for checkpointed in (False, True):
+        cfg = compose(["model=tiny", "model.dropout=0"])
+        model, tokenizer = build_model(cfg.model, 32, seed=0)
+        if checkpointed:  # as mlm.train does with trainer.activation_checkpointing=true
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda *_: calls.append(1))
+        model.train()
+        loss, n, _ = MLMObjective(model, sparse=True)(**batch(MLMCollator(tokenizer, cfg.masking, seed=0), 0))
+        (loss / n).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        forwards.append(len(calls))
+    assert forwards == [1, 2]  # the checkpointed layer ran again in backward
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
