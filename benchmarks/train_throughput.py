@@ -365,9 +365,9 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     for step in range(1, s["total_steps"] + 1):
         micro = [next(batches)]
         gate.step_begin()
-        loss_sum, n_masked, _ = train_step(objective, optimizer, scheduler, micro, accelerator, 1.0)
-        losses.append(round(float(loss_sum) / max(n_masked, 1), 4))  # train_step already synced the loss
-        masked.append(int(n_masked))
+        result = train_step(objective, optimizer, scheduler, micro, accelerator, 1.0)
+        losses.append(round(float(result.loss_sum) / max(result.masked, 1), 4))  # train_step already synced the loss
+        masked.append(int(result.masked))
         if step == 1 and variant == "harness_compile":
             _log(variant, f"first step (compiles the encoder) took {time.perf_counter() - gate._begin:.1f}s")
         gate.step_end(step)

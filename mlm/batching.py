@@ -9,6 +9,7 @@ start at any step by arithmetic alone (no data is replayed to find the position)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List
 
@@ -83,6 +84,15 @@ def eval_shard(num_blocks: int, batch_size: int, rank: int, world_size: int) -> 
     """Contiguous, disjoint shards of the eval set: every block is scored once, none twice."""
     lo, hi = rank * num_blocks // world_size, (rank + 1) * num_blocks // world_size
     return [list(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
+
+
+def eval_batch_count(num_blocks: int, batch_size: int, world_size: int) -> int:
+    """Eval batches every rank runs: those of the largest shard (ceil(num_blocks / world_size) blocks).
+
+    Shards differ by at most one block, so some ranks have one batch fewer; they run a padding
+    batch that counts for nothing, because a sharded model gathers its weights inside every forward
+    (a collective) and a rank that stopped early would leave the others waiting forever."""
+    return math.ceil(math.ceil(num_blocks / world_size) / batch_size)
 
 
 def make_loader(blocks: Dataset, batch_sampler, collate_fn, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:

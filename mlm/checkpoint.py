@@ -3,6 +3,8 @@
 A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding
   model.safetensors   the model's weights (tied weights stored once)
   optimizer.pt        optimizer state (read back with torch.load(weights_only=True))
+    or sharded/       with trainer.sharding=fsdp: model and optimizer shards of every rank
+                      (torch.distributed.checkpoint; loadable onto another number of processes)
   scheduler.pt, scaler.pt
   rng-<rank>.json     python, numpy and torch RNG states of each process
   state.json          step, data position, tracker run id, best eval, model identity
@@ -24,9 +26,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
-
 from mlm.config import UserError
+from mlm.parallel import Replicated
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ def model_identity(model) -> Dict[str, Any]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: Dict[str, Any], accelerator, keep: int
+    run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: Dict[str, Any], accelerator, keep: int,
+    layout=Replicated(),
 ) -> Optional[Path]:
-    """Every process calls this (each saves its RNG); the main process writes the rest and renames."""
+    """Every process calls this (each saves its RNG and, when sharded, its shards); the main process
+    writes the rest and renames."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:08d}"
     tmp = root / f".tmp-ckpt-{step:08d}"
@@ -90,16 +93,15 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
+        layout.save(tmp, model, optimizer, accelerator)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
             _injected_delay()
             _write_json(tmp / "state.json", {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)})
-            sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+            sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             _write_json(tmp / MANIFEST, {"step": step, "files": sizes})
             _fsync_dir(tmp)
             if final.exists():  # the same step saved before (e.g. a resumed run's final save)
@@ -170,7 +172,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator) -> Dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated()) -> Dict[str, Any]:
     """Restore weights, optimizer, schedule and this process's RNG; returns the saved trainer state."""
     state = json.loads((path / "state.json").read_text())
     if state["model"] != model_identity(model):
@@ -182,11 +184,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator
         log.warning("checkpoint was written by %d processes, resuming with %d: RNG streams start fresh", state["world_size"], accelerator.num_processes)
     else:
         set_rng_state(json.loads((path / f"rng-{accelerator.process_index}.json").read_text()))
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    layout.load(path, model, optimizer, accelerator.device)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
     return state

@@ -122,8 +122,10 @@ class TrainerConfig:
     log_every: int = 10  # optimizer steps between train logs (each one syncs host and device)
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
     mixed_precision: str = "bf16"  # no | bf16 | fp16: autocast dtype; weights, optimizer and loss stay fp32
+    sharding: str = "none"  # none (one process, or DDP replicas) | fsdp (FSDP2: every layer sharded over processes)
     sparse_prediction: bool = True  # run the vocabulary projection only on masked positions (same loss)
     compile: bool = False  # torch.compile the encoder (slow first steps; see benchmarks/)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
     num_workers: int = 0  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
@@ -150,6 +152,12 @@ class TrainerConfig:
             raise UserError("set trainer.max_steps > 0 or trainer.epochs > 0")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"trainer.mixed_precision={self.mixed_precision!r} must be no, bf16 or fp16")
+        if self.sharding not in ("none", "fsdp"):
+            raise UserError(f"trainer.sharding={self.sharding!r} must be none or fsdp")
+        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            raise UserError("trainer.sharding=fsdp runs in bf16 or fp32; use trainer.mixed_precision=bf16 (or no)")
+        if self.sharding == "fsdp" and self.compile:
+            raise UserError("trainer.sharding=fsdp with trainer.compile=true is not supported; set trainer.compile=false")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"trainer.on_nonfinite={self.on_nonfinite!r} must be stop or skip")
         if self.device_slots < 0:

@@ -12,7 +12,7 @@ from typing import Dict
 
 import torch
 
-from mlm.batching import eval_shard, make_loader
+from mlm.batching import eval_batch_count, eval_shard, make_loader
 from mlm.masking import EVAL_STREAM, MLMCollator
 
 
@@ -33,12 +33,14 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     objective.eval()
     collator = MLMCollator(tokenizer, masking_cfg, seed=seed, stream=EVAL_STREAM)
     shard = eval_shard(len(blocks), batch_size, accelerator.process_index, accelerator.num_processes)
-    loader = make_loader(blocks, shard, collator, num_workers=0, pin_memory=False)
+    padding = eval_batch_count(len(blocks), batch_size, accelerator.num_processes) - len(shard)
+    loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    for batch in loader:
+    for i, batch in enumerate(loader):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         loss_sum, n, correct = objective(**batch)
-        totals += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=totals.device), correct.double()])
+        if i < len(shard):  # a padding batch only keeps this rank in step with the others
+            totals += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=totals.device), correct.double()])
     totals = accelerator.reduce(totals, reduction="sum")  # one all-reduce for the whole eval set
     objective.train(was_training)
     loss_sum, n_tokens, correct = totals.tolist()

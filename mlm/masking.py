@@ -81,6 +81,11 @@ def mask_tokens(
     return {"input_ids": inputs, "labels": labels}
 
 
+def masked_positions_of(labels: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) indices of the positions to predict (label != -100), in the labels' order."""
+    return (labels.reshape(-1) != -100).nonzero().squeeze(1)
+
+
 class MLMCollator:
     """Turns {'input_ids': (B, L) int array, 'index': (B,)} into masked model inputs.
 
@@ -107,6 +112,7 @@ class MLMCollator:
             input_ids, index, seed=self.seed, stream=self.stream, cfg=self.cfg,
             special_ids=self.special_ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
         )
+        out["masked_positions"] = masked_positions_of(out["labels"])  # on the host: no device sync later
         if self.pad_token_id is not None and bool((input_ids == self.pad_token_id).any()):
             out["attention_mask"] = (input_ids != self.pad_token_id).to(torch.int64)
         return out

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTra
 
 from mlm.config import ModelConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
+from mlm.masking import masked_positions_of
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +159,21 @@ class MLMObjective(nn.Module):
             log.warning("sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type)
         self.head_name = head if sparse else None
 
-    def forward(self, input_ids, labels, attention_mask=None):
-        selected = labels != -100
-        targets = labels[selected]
+    def forward(self, input_ids, labels, attention_mask=None, masked_positions=None):
+        # Flat indices of the masked tokens. The collator computes them on the host, where the
+        # labels are made; finding them here (boolean indexing) would make the host wait for the
+        # device on every micro-batch of a GPU run.
+        if masked_positions is None:
+            masked_positions = masked_positions_of(labels)
+        targets = labels.reshape(-1).index_select(0, masked_positions)
         if self.head_name is not None:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = getattr(self.model, self.head_name)(hidden[selected])
+            logits = getattr(self.model, self.head_name)(hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions))
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, masked_positions)
         logits = logits.float()  # the softmax and loss stay in fp32 under autocast
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         correct = (logits.argmax(-1) == targets).sum()
         return loss_sum, targets.numel(), correct
+

@@ -6,10 +6,10 @@ checkpoints, tracking and reports live in their own modules.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from mlm.evaluate import evaluate
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
+from mlm.parallel import Replicated, build_layout
 from mlm.tracking import open_trackers, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class TrainState:
     tokens: int = 0  # training tokens consumed (all positions, masked or not)
     train_seconds: float = 0.0  # wall time inside training steps, excluding eval and checkpoints
     skipped_steps: int = 0  # steps dropped for a non-finite loss (trainer.on_nonfinite=skip)
+    overflow_steps: int = 0  # fp16: updates the loss scaler skipped for overflowing gradients
     perplexity_before: Optional[float] = None
     best_perplexity: float = float("inf")
     last_eval: Dict[str, float] = field(default_factory=dict)
@@ -112,7 +114,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # The process group is not part of that state: mlm.distributed.job() owns it.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=not accelerator_available())
+    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=not accelerator_available())
+    if cfg.trainer.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate ignores fp16 on CPU (the run would train in fp32 without a word). Attach CPU
+        # autocast and a loss scaler the way it attaches them on CUDA, so fp16 means fp16 everywhere.
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    return accelerator
 
 
 def accelerator_available() -> bool:
@@ -120,35 +128,61 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, torch.Tensor]], accelerator, max_grad_norm: float):
-    """One optimizer step over micro-batches; returns (loss sum, masked tokens, grad norm) of this process.
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this process's masked-token loss sum (on the device)
+    masked: int  # this process's masked tokens
+    grad_norm: torch.Tensor  # global gradient norm before clipping (on the device)
+    overflow: bool = False  # fp16: the loss scaler found inf/NaN gradients and skipped the update
+
+
+def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, torch.Tensor]], accelerator, max_grad_norm: float,
+               layout=Replicated()) -> StepResult:
+    """One optimizer step over micro-batches.
 
     The loss is normalised by the number of masked tokens in the whole global batch (all
     micro-batches, all processes), so a step gives the same gradient however the batch is split.
     Counting needs the labels only, which are on the host before the batches move to the device.
+
+    Host syncs: one per step (the finite check below). Under an fp16 loss scaler an overflow is not a
+    failure but the scaler's normal signal: the update is skipped and the scale backs off.
     """
-    n_local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-    n_global = n_local
+    n_local = sum(int(b["masked_positions"].numel()) for b in micro_batches)
     if accelerator.num_processes > 1:  # one tiny all-reduce per step: the price of exact normalisation
-        n_global = int(accelerator.reduce(torch.tensor([n_local], device=accelerator.device), reduction="sum").item())
-    scale = accelerator.num_processes / max(n_global, 1)  # DDP averages gradients over processes; undo that
+        n_global = accelerator.reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=accelerator.device), reduction="sum")
+        # DDP and FSDP average gradients over processes; undo that. Stays on the device: no host wait.
+        scale = (accelerator.num_processes / n_global.clamp(min=1)).float()
+    else:
+        scale = 1.0 / max(n_local, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(objective):  # sync gradients once per step
+        with layout.no_sync(accelerator, objective, last=i == len(micro_batches) - 1):  # reduce gradients once per step
             micro_loss, _, _ = objective(**batch)
             accelerator.backward(micro_loss * scale)
         loss_sum += micro_loss.detach()
-    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    # a host read of two scalars per step: free on CPU, and it keeps a NaN out of the weights
-    if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+    # unscales first under a loss scaler, so the norm is that of the true gradients
+    grad_norm = layout.grad_norm(accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf")))
+    # the one host read of a step (two scalars at once): it keeps a NaN out of the weights
+    loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    # Under a scaler, non-finite unscaled gradients are exactly what its found-inf check sees: it
+    # skips the update (also inside fused kernels, where Accelerate's step_was_skipped stays False).
+    overflow = accelerator.scaler is not None and not math.isfinite(norm_value)
+    if not finite and not overflow:
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"loss {float(loss_sum):.4g}, grad norm {float(grad_norm):.4g}")
-    optimizer.step()
-    scheduler.step()
+        raise NonFiniteLoss(f"loss {loss_value:.4g}, grad norm {norm_value:.4g}")
+    optimizer.step()  # under a scaler: skipped when the gradients overflowed, and the scale backs off
+    if not overflow:  # the schedule follows the updates, as Accelerate's scheduler wrapper does
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, n_local, grad_norm
+    return StepResult(loss_sum, n_local, grad_norm, overflow)
+
+
+def check_loss_scale(scaler) -> None:
+    """fp16: a scale that keeps halving below 1 means the gradients are non-finite at any scale (a real NaN)."""
+    if scaler is not None and scaler.get_scale() < 1.0:
+        raise NonFiniteLoss(f"the fp16 loss scale fell to {scaler.get_scale():.3g}: the gradients are non-finite at any scale")
 
 
 def total_steps(cfg: Config, order: TrainOrder) -> int:
@@ -185,20 +219,25 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         )
     steps = total_steps(cfg, order)
 
-    # 2. objective, optimizer, schedule (the schedule is stepped by hand once per optimizer step)
+    # 2. objective, optimizer, schedule (the schedule is stepped by hand once per optimizer step);
+    #    the layout replicates (DDP) or shards (FSDP2) the model from outside
+    layout = build_layout(tcfg)
+    if layout.sharded and accelerator.num_processes == 1:
+        raise UserError("trainer.sharding=fsdp needs several processes (e.g. torchrun --nproc_per_node 2 run.py ...); use trainer.sharding=none")
     objective = MLMObjective(model, sparse=tcfg.sparse_prediction)
+    if tcfg.activation_checkpointing:  # before sharding, so FSDP wraps the checkpointed layers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tcfg.compile:
         model.base_model.compile()  # in place: parameter names and checkpoints stay the same
-    optimizer = build_optimizer(objective, cfg.optimizer)
+    objective, optimizer = layout.prepare(objective, lambda module: build_optimizer(module, cfg.optimizer), accelerator, tcfg.mixed_precision)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
     raw_model = accelerator.unwrap_model(objective).model
 
     # 3. resume, trackers
     state = TrainState()
     ckpt = checkpoint.resolve_resume(cfg.resume, run_dir)
     if ckpt is not None:
-        saved = checkpoint.load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator.scaler, accelerator)
+        saved = checkpoint.load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator.scaler, accelerator, layout)
         if saved["global_batch"] != order.global_batch:
             raise UserError(f"{ckpt} was trained with a global batch of {saved['global_batch']}, this run has {order.global_batch}; keep the batch settings to resume")
         state = TrainState(**saved["train_state"])
@@ -222,7 +261,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
         checkpoint.save_checkpoint(
             run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
-            {"train_state": asdict(state), "global_batch": order.global_batch}, accelerator, tcfg.keep_checkpoints,
+            {"train_state": asdict(state), "global_batch": order.global_batch}, accelerator, tcfg.keep_checkpoints, layout,
         )
 
     if state.step == 0:
@@ -244,7 +283,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(order.accumulation)]
                 try:
-                    loss_sum, n_masked, grad_norm = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm)
+                    result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout)
                 except NonFiniteLoss as e:
                     skip_step(state, scheduler, tcfg, e, run_dir)
                     continue
@@ -253,11 +292,19 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 state.tokens += tokens_per_step
                 seconds = time.perf_counter() - t0
                 state.train_seconds += seconds
-                window.add(loss_sum, n_masked, seconds)
+                if result.overflow:  # the data was consumed; the update and the schedule step were not
+                    state.overflow_steps += 1
+                    log.info("step %d: fp16 gradients overflowed, update skipped; loss scale now %g", state.step, accelerator.scaler.get_scale())
+                    check_loss_scale(accelerator.scaler)
+                else:
+                    window.add(result.loss_sum, result.masked, seconds)
+                grad_norm = result.grad_norm
                 bar.update(1)
                 if state.step % tcfg.log_every == 0 or state.step == steps:
                     metrics = {**window.flush(accelerator, tokens_per_step), "train/lr": scheduler.get_last_lr()[0],
                                "train/grad_norm": float(grad_norm), "train/epoch": state.step / order.steps_per_epoch}
+                    if accelerator.scaler is not None:
+                        metrics.update({"train/loss_scale": accelerator.scaler.get_scale(), "train/overflow_steps": state.overflow_steps})
                     tracker.log(metrics, state.step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
                 if state.step % eval_every == 0 and state.step < steps:
@@ -277,18 +324,22 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "masked_accuracy": final["eval/masked_accuracy"],
             "steps": state.step,
             "skipped_steps": state.skipped_steps,
+            "overflow_steps": state.overflow_steps,
             "train_tokens": state.tokens,
             "train_seconds": round(state.train_seconds, 3),
             "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
             "processes": accelerator.num_processes,
             "device": "cpu" if accelerator.device.type == "cpu" else str(accelerator.device),  # this process's; rank r has cuda:<local rank>
             "device_slot": job.get("device_slot"),
+            "sharding": tcfg.sharding,
+            "peak_rss_mb": peak_rss_mb(accelerator),
             "wall_seconds": round(time.perf_counter() - wall_start, 3),
         }
         tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"], "final/eval_loss": results["eval_loss"]})
+        full_weights = layout.full_state_dict(raw_model) if tcfg.save_model else None  # a collective when sharded
         if main:
             if tcfg.save_model:
-                save_final(raw_model, tokenizer, run_dir / "final")
+                save_final(raw_model, tokenizer, run_dir / "final", full_weights)
             (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
     finally:
@@ -296,10 +347,18 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         tracker.finish()
 
 
-def save_final(model, tokenizer, path: Path) -> None:
-    """save_pretrained (safetensors) of model and tokenizer: `pipeline('fill-mask', model=path)` loads it."""
+def peak_rss_mb(accelerator) -> float:
+    """The largest peak resident memory of any process of the run, in MB (Linux reports KB)."""
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=accelerator.device)
+    return round(float(accelerator.reduce(peak, reduction="max") if accelerator.num_processes > 1 else peak), 1)
+
+
+def save_final(model, tokenizer, path: Path, state_dict=None) -> None:
+    """save_pretrained (safetensors) of model and tokenizer: `pipeline('fill-mask', model=path)` loads it.
+
+    A sharded model passes its gathered `state_dict`."""
     try:
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
         tokenizer.save_pretrained(path)
     except OSError as e:
         raise UserError(f"cannot write the final model to {path}: {e.strerror or e}") from e

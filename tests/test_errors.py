@@ -77,13 +77,13 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path, corpus):
 
 
 def test_disk_full_while_checkpointing(tmp_path, corpus, monkeypatch):
-    import mlm.checkpoint
+    import mlm.parallel
     from mlm.train import train
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mlm.checkpoint, "save_model", full)
+    monkeypatch.setattr(mlm.parallel, "save_model", full)
     cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2"])
     with pytest.raises(UserError, match="No space left on device"):
         train(cfg, tmp_path)

@@ -1,0 +1,162 @@
+"""How the model is spread over processes, from outside the model: replicas or FSDP2 shards.
+
+`trainer.sharding=none` keeps today's path: Accelerate wraps the objective in DDP when there is
+more than one process (every rank holds the whole model and optimizer). `trainer.sharding=fsdp`
+applies PyTorch's FSDP2 (`fully_shard`) ourselves, as torchtitan does: every transformer layer is
+its own unit and the root, the objective the loop calls, holds the rest (embeddings, the tied
+decoder, the head), so one layer's parameters are gathered at a time. This works with gloo on CPU as with NCCL on GPUs; Accelerate's
+own FSDP mode only switches on for GPU-like devices, so it is not used.
+
+The training loop asks a `Layout` for three things and never branches on the mode:
+  - `no_sync(objective, last)`: skip the gradient reduction of all but the last micro-batch;
+  - `save(dir, ...)` / `load(dir, ...)`: checkpoint weights and optimizer state (sharded: every
+    rank writes its shard with torch.distributed.checkpoint, and the layout on disk does not
+    depend on the number of processes, so a run can resume on another one);
+  - `full_state_dict(model)`: the whole model for `final/` (a collective: every rank calls it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mlm.config import TrainerConfig, UserError
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files: one per rank plus .metadata
+
+
+def _plain_tensor(x):
+    """A DTensor (a sharded run's grad norm) as the full local value; anything else unchanged."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+class Replicated:
+    """One process, or DDP replicas through Accelerate: every rank holds everything, rank 0 writes."""
+
+    sharded = False
+
+    def prepare(self, objective: nn.Module, make_optimizer: Callable, accelerator, mixed_precision: str):
+        return accelerator.prepare(objective, make_optimizer(objective))
+
+    def no_sync(self, accelerator, objective, last: bool):
+        return contextlib.nullcontext() if last else accelerator.no_sync(objective)
+
+    def grad_norm(self, norm):
+        return norm
+
+    def save(self, directory: Path, model, optimizer, accelerator) -> None:
+        if accelerator.is_main_process:
+            save_model(model, str(directory / MODEL_FILE))
+            torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def load(self, directory: Path, model, optimizer, device) -> None:
+        if (directory / SHARDED_DIR).exists():
+            raise UserError(f"checkpoint {directory} holds FSDP shards; resume it with trainer.sharding=fsdp")
+        missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
+        if missing or unexpected:
+            raise UserError(f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True))
+
+    def full_state_dict(self, model) -> Optional[Dict[str, torch.Tensor]]:
+        return None  # save_pretrained reads the model itself
+
+
+class FullyShard(Replicated):
+    """FSDP2: parameters, gradients and optimizer state sharded over all processes."""
+
+    sharded = True
+
+    def prepare(self, objective: nn.Module, make_optimizer: Callable, accelerator, mixed_precision: str):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16: parameters gathered and computed in bf16; gradients reduced and master weights kept in fp32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None, reduce_dtype=torch.float32)
+        for layer in transformer_layers(objective.model):
+            fully_shard(layer, mp_policy=policy)
+        # The root is the objective, whose forward the loop calls (the sparse head calls the encoder
+        # and the head separately): the embeddings, the tied decoder and the head are gathered together.
+        fully_shard(objective, mp_policy=policy)
+        self.root = objective
+        # The optimizer must see the sharded parameters, so it is built after fully_shard. The
+        # objective is not given to Accelerate: it would wrap it in DDP on top of the shards.
+        return objective, accelerator.prepare(make_optimizer(objective))
+
+    def no_sync(self, accelerator, objective, last: bool):
+        return _gradient_sync(objective, last)
+
+    def grad_norm(self, norm):
+        return _plain_tensor(norm)
+
+    def save(self, directory: Path, model, optimizer, accelerator) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.root, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory / SHARDED_DIR))
+
+    def load(self, directory: Path, model, optimizer, device) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (directory / SHARDED_DIR).exists():
+            raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with trainer.sharding=none")
+        model_sd, optim_sd = get_state_dict(self.root, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # each rank reads the pieces of its shards
+        set_state_dict(self.root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def full_state_dict(self, model) -> Dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # every rank takes part in the all-gathers; the tensors land on the CPU of rank 0 only
+        full = get_model_state_dict(self.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {name.removeprefix("model."): tensor for name, tensor in full.items()}  # the objective's keys -> the model's
+        # Gathering copies each name apart; point tied names (decoder = word embeddings) at one tensor
+        # again, so save_pretrained stores them once, as it does for an unsharded model.
+        first_name = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            first = first_name.setdefault(id(param), name)
+            if first != name and name in full:
+                full[name] = full[first]
+        return full
+
+
+@contextlib.contextmanager
+def _gradient_sync(model, enabled: bool):
+    """FSDP2 reduce-scatters gradients after every backward unless told not to (micro-batches but the last)."""
+    if enabled:
+        yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def transformer_layers(model: nn.Module):
+    """The repeated blocks to shard one by one: the model's own `_no_split_modules` classes, except any
+    that holds the input embeddings (their weight is tied to the decoder, which must stay in one unit)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    embedding = model.get_input_embeddings().weight
+    layers = [
+        m for m in model.modules()
+        if type(m).__name__ in names and not any(p is embedding for p in m.parameters())
+    ]
+    if not layers:
+        raise UserError(f"trainer.sharding=fsdp found no transformer layers in {type(model).__name__} (no _no_split_modules)")
+    return layers
+
+
+LAYOUTS = {"none": Replicated, "fsdp": FullyShard}
+
+
+def build_layout(cfg: TrainerConfig):
+    return LAYOUTS[cfg.sharding]()

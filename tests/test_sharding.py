@@ -1,0 +1,103 @@
+"""FSDP2 on 2 CPU processes (gloo) trains what DDP trains, keeps tied weights tied, and resumes exactly
+from sharded checkpoints; every rank runs the same number of eval batches."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from mlm.batching import eval_batch_count, eval_shard
+from tests.conftest import ROOT, TINY_RUN, sentences
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_rank_runs_the_same_number_of_eval_batches(world):
+    for num_blocks in range(0, 70):
+        for batch_size in (1, 5, 16):
+            shards = [eval_shard(num_blocks, batch_size, r, world) for r in range(world)]
+            count = eval_batch_count(num_blocks, batch_size, world)
+            assert max(len(s) for s in shards) == count  # the padding never adds a batch nobody needed
+            assert sorted(i for s in shards for b in s for i in b) == list(range(num_blocks))  # each block once
+    assert [len(eval_shard(33, 16, r, 2)) for r in range(2)] == [1, 2] and eval_batch_count(33, 16, 2) == 2
+
+
+def test_accelerate_configs_are_all_usable_here_or_on_gpus():
+    """No Accelerate config that cannot work: sharding is trainer.sharding=fsdp (our FSDP2), not Accelerate's
+    FSDP/DeepSpeed plugins, which would wrap the model a second time."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        raw = yaml.safe_load(path.read_text())
+        assert raw["distributed_type"] in ("MULTI_CPU", "MULTI_GPU", "NO"), path.name
+        load_config_from_file(str(path))  # Accelerate itself accepts it
+
+
+# 33 eval blocks in batches of 16: the ranks hold 16 and 17 blocks, so 1 and 2 batches without padding
+RUN = [*TINY_RUN, "model.dropout=0", "trainer.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4",
+       "trainer.max_eval_blocks=33", "trainer.eval_batch_size=16"]
+
+
+def torchrun(args, cwd: Path, port: int, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port), str(ROOT / "run.py"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def run_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
+    return [*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", f"trainer.sharding={sharding}", f"trainer.per_device_batch_size={per_device}"]
+
+
+def drop_last_checkpoint(run_dir: Path) -> None:
+    """What a kill just after the step-2 checkpoint leaves (a rerun then resumes from step 2)."""
+    shutil.rmtree(run_dir / "checkpoints" / "ckpt-00000004")
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "results.json").unlink()
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(sentences(500)))
+    runs = {sharding: tmp_path / sharding for sharding in ("none", "fsdp")}
+    for port, (sharding, run_dir) in enumerate(runs.items(), start=29541):
+        torchrun(run_args(corpus, run_dir, sharding), tmp_path, port)
+    results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
+    assert results["fsdp"]["sharding"] == "fsdp" and results["fsdp"]["processes"] == 2
+    assert results["fsdp"]["perplexity"] == pytest.approx(results["none"]["perplexity"], rel=1e-3)
+
+    fsdp = runs["fsdp"]
+    assert (fsdp / "checkpoints" / "ckpt-00000004" / "sharded" / ".metadata").exists()
+    weights = load_file(str(fsdp / "final" / "model.safetensors"))
+    # same names as the unsharded model's (the tied decoder stored once), same values
+    assert max_difference(weights, load_file(str(runs["none"] / "final" / "model.safetensors"))) <= 1e-5
+
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(fsdp / "final"))
+    model = fill.model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert len(fill(f"The cat sat on the {fill.tokenizer.mask_token}.", top_k=3)) == 3
+
+    # Resume from the sharded step-2 checkpoint: the same command ends with the same weights ...
+    drop_last_checkpoint(fsdp)
+    proc = torchrun(run_args(corpus, fsdp, "fsdp"), tmp_path, 29543)
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
+    # ... and so does 3 processes x 4 blocks (the same global batch of 12) reading 2 processes' shards
+    drop_last_checkpoint(fsdp)
+    torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29544, processes=3)
+    assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
