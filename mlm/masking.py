@@ -274,8 +274,9 @@ def show(text: str, tokenizer, cfg: MaskingConfig, seed: int, examples: int = 1)
     return "\n".join(lines)
 
 
-def plot_schedules(path: str, start: float, final: float) -> None:
-    """The mask rate over training for each schedule, from `scheduled_probability` itself."""
+def plot_schedules(path: str, start: float, final: float, run_dir: Optional[str] = None) -> None:
+    """The mask rate over training for each schedule, from `scheduled_probability` itself; with
+    `run_dir`, also the rates a finished run logged (train/mlm_probability in its metrics.jsonl)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,6 +287,15 @@ def plot_schedules(path: str, start: float, final: float) -> None:
     for schedule in ("constant", "linear", "cosine"):
         cfg = MaskingConfig(mlm_probability=start, final_probability=final, schedule=schedule)
         ax.plot(progress, [scheduled_probability(cfg, x) for x in progress], label=f"masking.schedule={schedule}")
+    if run_dir:
+        import json
+        from pathlib import Path
+
+        steps = json.loads((Path(run_dir) / "results.json").read_text())["steps"]
+        logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        logged = [(r["step"], r["train/mlm_probability"]) for r in logged if "train/mlm_probability" in r]
+        # the rate used for step s was set before it, at fraction (s - 1) / steps
+        ax.plot([(s - 1) / steps for s, _ in logged], [p for _, p in logged], "k.", ms=4, label=f"logged by a run ({steps} steps)")
     ax.set_xlabel("fraction of training (steps, or time budget)")
     ax.set_ylabel("train/mlm_probability")
     ax.set_title(f"mask rate from mlm_probability={start} to final_probability={final}", fontsize=10)
@@ -308,6 +318,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=1, help="--show: draws per strategy (examples 0, 1, ...)")
     parser.add_argument("--plot", metavar="PNG", help="write a plot of the mask-rate schedules")
+    parser.add_argument("--run", metavar="DIR", help="--plot: also the rates this finished run logged")
     args = parser.parse_args(argv)
     if not (args.show or args.plot):
         parser.error("give --show TEXT and/or --plot PNG")
@@ -317,7 +328,7 @@ def main(argv=None) -> None:
             cfg.validate()
             print(show(args.show, load_tokenizer(ModelConfig(name_or_path=args.tokenizer)), cfg, args.seed, args.examples))
         if args.plot:
-            plot_schedules(args.plot, args.probability, args.final)
+            plot_schedules(args.plot, args.probability, args.final, args.run)
             print(f"wrote {args.plot}")
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
