@@ -164,6 +164,19 @@ def test_span_lengths_follow_the_clipped_geometric(tokenizer):
     assert span_length_mean(p, max_len) == pytest.approx((pmf * np.arange(max_len + 1)).sum())  # 4.46
 
 
+def test_span_rate_is_the_same_at_every_word_position():
+    """The first segment starts in the stationary state: a block's first words are not masked less often."""
+    from mlm.masking import span_mask
+
+    starts = torch.ones(20000, 48, dtype=torch.bool)  # one token per word
+    masked, _ = span_mask(starts, torch.arange(20000), seed=0, stream=0, probability=0.15, p=0.2, max_len=10)
+    per_position = masked.float().mean(0)
+    # 20000 rows per position: standard error ~0.0025 per position (spans make neighbours correlated, not noisier)
+    assert per_position[:3].tolist() == pytest.approx([0.15] * 3, abs=0.012)
+    assert per_position.mean().item() == pytest.approx(0.15, abs=0.006)
+    assert (per_position - 0.15).abs().max() < 0.015
+
+
 @pytest.mark.parametrize("strategy", ["whole_word", "span"])
 def test_masks_depend_only_on_seed_stream_and_index(blocks, tokenizer, strategy):
     whole = collate(tokenizer, blocks[:8], seed=5, stream=2, strategy=strategy)
