@@ -76,6 +76,7 @@ class MaskingConfig:
     span_max_words: int = 10  # span: lengths are clipped here (p=0.2, 10: mean 4.46 words)
     schedule: str = "constant"  # constant | linear | cosine: training rate from mlm_probability to final_probability
     final_probability: Optional[float] = None  # the rate at the end of training; unset = mlm_probability
+    eval_strategy: str = "token"  # how evals mask (at mlm_probability): token keeps perplexity comparable across strategies
 
     def validate(self) -> None:
         rates = {"mlm_probability": self.mlm_probability}
@@ -84,15 +85,16 @@ class MaskingConfig:
         for name, rate in rates.items():
             if not 0.0 < rate < 1.0:
                 raise UserError(f"masking.{name}={rate} must be strictly between 0 and 1; e.g. masking.{name}=0.15")
-        if self.strategy not in ("token", "whole_word", "span"):
-            raise UserError(f"masking.strategy={self.strategy!r} must be token, whole_word or span")
+        for name in ("strategy", "eval_strategy"):
+            if getattr(self, name) not in ("token", "whole_word", "span"):
+                raise UserError(f"masking.{name}={getattr(self, name)!r} must be token, whole_word or span")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise UserError(f"masking.schedule={self.schedule!r} must be constant, linear or cosine")
         if self.schedule != "constant" and self.final_probability is None:
             raise UserError(f"masking.schedule={self.schedule} needs masking.final_probability (the rate at the end), e.g. 0.15")
         if not 0.0 < self.span_geometric_p <= 1.0 or self.span_max_words < 1:
             raise UserError(f"masking.span_geometric_p={self.span_geometric_p} must be in (0, 1] and masking.span_max_words >= 1")
-        if self.strategy == "span":
+        if "span" in (self.strategy, self.eval_strategy):
             # spans are separated by at least one unmasked word, which caps the rate at E[L] / (E[L] + 1)
             mean = span_length_mean(self.span_geometric_p, self.span_max_words)
             limit = mean / (mean + 1)

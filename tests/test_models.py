@@ -183,3 +183,20 @@ def test_modernbert_hub_model_fails_fast_offline():
     with pytest.raises(UserError, match="'answerdotai/ModernBERT-base'.*hub is unreachable") as info:
         build_model(cfg.model, 128, seed=0)
     assert "\n" not in str(info.value)
+
+
+def test_eval_masks_tokens_whatever_the_training_strategy(tiny):
+    """Evals use masking.eval_strategy (token by default): span-trained and token-trained runs score the same task."""
+    from accelerate import Accelerator
+    from datasets import Dataset
+
+    from mlm.evaluate import evaluate
+
+    model, tokenizer = tiny
+    blocks = Dataset.from_dict({"input_ids": np.random.default_rng(0).integers(1000, 20000, size=(24, 64)).astype(np.int32)})
+    objective, acc = MLMObjective(model, sparse=True), Accelerator(cpu=True)
+    token = evaluate(objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=8)
+    span_trained = evaluate(objective, blocks, tokenizer, MaskingConfig(strategy="span"), 0, acc, batch_size=8)
+    span_eval = evaluate(objective, blocks, tokenizer, MaskingConfig(strategy="span", eval_strategy="span"), 0, acc, batch_size=8)
+    assert span_trained == token
+    assert span_eval["eval/loss"] != token["eval/loss"]
