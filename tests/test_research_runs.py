@@ -76,3 +76,25 @@ def test_scheduler_follows_the_spent_budget():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(opt, SchedulerConfig(name="linear", warmup_steps=2), 10)
     assert sched.get_last_lr()[0] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_on_one_budget_clock(corpus, tmp_path):
+    """torchrun, 2 CPU processes: both ranks stop at the same step (no hang), span masking included."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547", str(ROOT / "run.py"),
+           *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "trainer.eval_every=100000",
+           "trainer.budget_minutes=0.03", "masking.strategy=span"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = list((tmp_path / "outputs" / "runs").iterdir())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stopped"] == "budget" and results["processes"] == 2
+    last = sorted((run_dir / "checkpoints").iterdir())[-1]
+    assert last.name == f"ckpt-{results['steps']:08d}"
+    assert sorted(p.name for p in last.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]  # both ranks saved that step
