@@ -112,6 +112,11 @@ def _inverse_cdf(u: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
     return 1 + (u[..., None] >= cdf[:-1]).sum(-1)
 
 
+def span_segments(length: int) -> int:
+    """Segments drawn per row: the first spans >= 1 word, every later one >= 2, so this many pass the row's end."""
+    return length // 2 + 2
+
+
 def span_mask(
     starts: torch.Tensor, index: torch.Tensor, *, seed: int, stream: int, probability: float, p: float, max_len: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +136,7 @@ def span_mask(
     """
     batch, length = starts.shape
     word = torch.cumsum(starts.to(torch.int64), 1) - 1  # word number of each token, per row
-    n_seg = length // 2 + 2  # after the first, a segment spans >= 2 words: enough to pass the row's end
+    n_seg = span_segments(length)
     cdf_len, cdf_res = _clipped_geometric_cdfs(p, max_len)
     mean_len = span_length_mean(p, max_len)
     gap_p = min(1.0, probability / (mean_len * (1 - probability)))  # success probability of G ~ Geometric(>= 1)
@@ -191,7 +196,7 @@ def mask_tokens(
             chosen, segment = span_mask(starts, index, seed=seed, stream=stream, probability=q,
                                         p=cfg.span_geometric_p, max_len=cfg.span_max_words)
             chosen &= candidates
-            how = random_uniform(seed, stream, index, length // 2 + 2, 1).gather(1, segment)
+            how = random_uniform(seed, stream, index, span_segments(length), 1).gather(1, segment)  # one draw per span
     to_mask = chosen & (how < cfg.mask_replace_prob)
     to_random = chosen & (how >= cfg.mask_replace_prob) & (how < cfg.mask_replace_prob + cfg.random_replace_prob)
     random_tokens = random_bits(seed, stream, index, length, 2) % vocab_size
