@@ -61,17 +61,46 @@ class ModelConfig:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
 
 
+def span_length_mean(p: float, max_len: int) -> float:
+    """Mean of a geometric(p) span length (1, 2, ...) clipped at max_len: sum of P(L > k) for k < max_len."""
+    return sum((1 - p) ** k for k in range(max_len))
+
+
 @dataclass
 class MaskingConfig:
-    mlm_probability: float = 0.15  # fraction of (non-special) tokens chosen for prediction
+    mlm_probability: float = 0.15  # fraction of (non-special) tokens chosen for prediction (the eval rate, and the schedule's start)
     mask_replace_prob: float = 0.8  # of the chosen: replaced by the mask token
     random_replace_prob: float = 0.1  # of the chosen: replaced by a random token (the rest stay unchanged)
+    strategy: str = "token"  # token | whole_word (all pieces of a word together) | span (SpanBERT word spans)
+    span_geometric_p: float = 0.2  # span: span length in words ~ geometric(p), mean 1/p before clipping
+    span_max_words: int = 10  # span: lengths are clipped here (p=0.2, 10: mean 4.46 words)
+    schedule: str = "constant"  # constant | linear | cosine: training rate from mlm_probability to final_probability
+    final_probability: Optional[float] = None  # the rate at the end of training; unset = mlm_probability
+    eval_strategy: str = "token"  # how evals mask (at mlm_probability): token keeps perplexity comparable across strategies
 
     def validate(self) -> None:
-        if not 0.0 < self.mlm_probability < 1.0:
-            raise UserError(
-                f"masking.mlm_probability={self.mlm_probability} must be strictly between 0 and 1; e.g. masking.mlm_probability=0.15"
-            )
+        rates = {"mlm_probability": self.mlm_probability}
+        if self.final_probability is not None:
+            rates["final_probability"] = self.final_probability
+        for name, rate in rates.items():
+            if not 0.0 < rate < 1.0:
+                raise UserError(f"masking.{name}={rate} must be strictly between 0 and 1; e.g. masking.{name}=0.15")
+        for name in ("strategy", "eval_strategy"):
+            if getattr(self, name) not in ("token", "whole_word", "span"):
+                raise UserError(f"masking.{name}={getattr(self, name)!r} must be token, whole_word or span")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise UserError(f"masking.schedule={self.schedule!r} must be constant, linear or cosine")
+        if self.schedule != "constant" and self.final_probability is None:
+            raise UserError(f"masking.schedule={self.schedule} needs masking.final_probability (the rate at the end), e.g. 0.15")
+        if not 0.0 < self.span_geometric_p <= 1.0 or self.span_max_words < 1:
+            raise UserError(f"masking.span_geometric_p={self.span_geometric_p} must be in (0, 1] and masking.span_max_words >= 1")
+        if "span" in (self.strategy, self.eval_strategy):
+            # spans are separated by at least one unmasked word, which caps the rate at E[L] / (E[L] + 1)
+            mean = span_length_mean(self.span_geometric_p, self.span_max_words)
+            limit = mean / (mean + 1)
+            for name, rate in rates.items():
+                if rate > limit:
+                    raise UserError(f"masking.{name}={rate} is above {limit:.3f}, the most span masking with mean span {mean:.2f} words can mask; lower it or raise masking.span_max_words")
         fractions = (self.mask_replace_prob, self.random_replace_prob)
         if min(fractions) < 0 or sum(fractions) > 1.0 + 1e-9:
             raise UserError(
@@ -113,6 +142,7 @@ class SchedulerConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = -1  # optimizer steps; > 0 wins over epochs
+    budget_minutes: Optional[float] = None  # stop when this much training time is spent (evals and checkpoints excluded); the LR and mask-rate schedules follow the spent fraction
     epochs: float = 1.0  # passes over the training blocks when max_steps <= 0
     per_device_batch_size: int = 16  # blocks per process per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -164,6 +194,8 @@ class TrainerConfig:
             raise UserError(f"trainer.device_slots={self.device_slots} must be >= 0 (0 = every visible GPU)")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise UserError("trainer.eval_every and trainer.checkpoint_every must be >= 0")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise UserError(f"trainer.budget_minutes={self.budget_minutes} must be positive (or unset for no time budget)")
 
 
 @dataclass
@@ -204,6 +236,9 @@ class Config:
             raise UserError(f"block_size={self.block_size} is too small; use at least 8 (the guide uses 128)")
         for group in (self.dataset, self.model, self.masking, self.optimizer, self.scheduler, self.trainer, self.tracker):
             group.validate()
+        if self.masking.schedule != "constant" and self.trainer.num_workers > 0:
+            # the loop sets the rate on the collator before each step; worker processes hold their own copy
+            raise UserError(f"masking.schedule={self.masking.schedule} needs trainer.num_workers=0")
 
 
 def register_configs() -> None:

@@ -2,11 +2,14 @@
 
 Perplexity is exp(total masked-token loss / total masked tokens): every masked token weighs the
 same, whichever batch or process it was in (a mean of per-batch means would not). Masks come
-from the fixed EVAL_STREAM, so two evals of the same model on the same data give the same number.
+from the fixed EVAL_STREAM, so two evals of the same model on the same data give the same number;
+they use masking.eval_strategy (token by default) at the fixed mlm_probability, so runs that train
+with different strategies or mask-rate schedules are scored on the same task.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict
 
@@ -31,7 +34,7 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     """
     was_training = objective.training
     objective.eval()
-    collator = MLMCollator(tokenizer, masking_cfg, seed=seed, stream=EVAL_STREAM)
+    collator = MLMCollator(tokenizer, dataclasses.replace(masking_cfg, strategy=masking_cfg.eval_strategy), seed=seed, stream=EVAL_STREAM)
     shard = eval_shard(len(blocks), batch_size, accelerator.process_index, accelerator.num_processes)
     padding = eval_batch_count(len(blocks), batch_size, accelerator.num_processes) - len(shard)
     loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)

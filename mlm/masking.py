@@ -6,16 +6,31 @@ on the process, the worker or the batch it lands in:
 - training uses stream = epoch, so masks change every epoch (dynamic masking, as in RoBERTa);
 - evaluation uses a fixed stream, so every eval of a model on a data set scores the same masks;
 - a 2-process run masks exactly like a 1-process run, and a resumed run like an uninterrupted one.
+
+Three strategies choose the positions (`masking.strategy`), all with the same guarantees and an
+expected masked fraction of exactly `mlm_probability` (of the non-special tokens):
+- token: each token on its own (BERT, Hugging Face's DataCollatorForLanguageModeling);
+- whole_word: each word with all its pieces; word starts come from the token ids alone through a
+  per-vocabulary table (`word_start_table`);
+- span: SpanBERT-style runs of whole words with clipped geometric lengths (`span_mask`).
+The 80/10/10 replacement is drawn per token for `token` and once per word or span for the others,
+so a word is never half [MASK] and half original. `masking.schedule` moves the rate over training
+(`scheduled_probability`); evaluation always uses the fixed `mlm_probability`.
+
+`python -m mlm.masking --show "some sentence"` prints one sentence masked by each strategy.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+import argparse
+import math
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from mlm.config import MaskingConfig
+from mlm.config import MaskingConfig, UserError, span_length_mean
+from mlm.optim import SCHEDULES
 
 EVAL_STREAM = 1 << 30  # larger than any epoch number, so eval masks never equal a training epoch's
 _M32 = 0xFFFFFFFF
@@ -50,6 +65,97 @@ def random_uniform(seed: int, stream: int, index: torch.Tensor, length: int, sal
     return (random_bits(seed, stream, index, length, salt) >> 8).to(torch.float32) / float(1 << 24)
 
 
+def word_start_table(tokenizer) -> torch.Tensor:
+    """(vocab,) bool: does this token id begin a word? Built once per tokenizer from the token strings.
+
+    WordPiece marks continuations (`##ing`); byte-level BPE (RoBERTa, ModernBERT) marks word starts
+    with a leading-space byte (`Ġthe`); SentencePiece with `▁`. The marker that most tokens carry
+    decides the convention. Special tokens count as starts (they are never masked anyway).
+    """
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    tokens = [t or "" for t in tokens]
+    counts = {m: sum(t.startswith(m) for t in tokens) for m in ("##", "\u0120", "\u2581")}
+    marker = max(counts, key=counts.get)
+    if counts[marker] == 0:
+        raise UserError(
+            f"cannot tell word starts from the vocabulary of {type(tokenizer).__name__} (no ##, \u0120 or \u2581 pieces); "
+            "use masking.strategy=token"
+        )
+    if marker == "##":
+        starts = [not t.startswith("##") for t in tokens]
+    else:
+        starts = [t.startswith(marker) for t in tokens]
+    table = torch.tensor(starts, dtype=torch.bool)
+    table[torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)] = True
+    return table
+
+
+def word_starts(input_ids: torch.Tensor, special: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(batch, length) bool: the first token of every word. A block's first token and the token after
+    a special one start a word whatever their spelling (a BPE document starts without a space)."""
+    starts = table[input_ids] | special
+    starts[:, 0] = True
+    starts[:, 1:] |= special[:, :-1]
+    return starts
+
+
+def _clipped_geometric_cdfs(p: float, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CDFs of the span length L (P(L=l) = p(1-p)^(l-1), l < max_len; the tail mass sits at max_len)
+    and of the residual length R of the span that covers a given word (P(R=r) = P(L>=r) / E[L])."""
+    survival = torch.tensor([(1 - p) ** k for k in range(max_len)], dtype=torch.float64)  # P(L > k), k < max_len
+    pmf = survival - torch.cat([survival[1:], torch.zeros(1, dtype=torch.float64)])
+    return torch.cumsum(pmf, 0), torch.cumsum(survival / survival.sum(), 0)
+
+
+def _inverse_cdf(u: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+    """Draws in 1..len(cdf) from uniforms u (float64), by counting the CDF steps below u."""
+    return 1 + (u[..., None] >= cdf[:-1]).sum(-1)
+
+
+def span_segments(length: int) -> int:
+    """Segments drawn per row: the first spans >= 1 word, every later one >= 2, so this many pass the row's end."""
+    return length // 2 + 2
+
+
+def span_mask(
+    starts: torch.Tensor, index: torch.Tensor, *, seed: int, stream: int, probability: float, p: float, max_len: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SpanBERT-style span selection over words, vectorised and hash-seeded.
+
+    Each row's words are cut into segments (gap, span), drawn independently per segment number:
+      1. span lengths L in words: geometric(p) clipped at max_len, by inverse CDF of a hashed uniform;
+      2. gaps G >= 1 word: geometric with mean E[L](1 - q)/q, so spans never touch and the expected
+         masked share of words is E[L] / (E[G] + E[L]) = q;
+      3. the first segment starts the process in its stationary state: with probability q word 0
+         lies inside a span (of residual length R, P(R=r) = P(L>=r)/E[L]), else inside a gap (the
+         geometric gap is memoryless). So every word, first or last, is masked with probability q;
+      4. segment ends are a cumulative sum; `searchsorted` finds each word's segment, and a word is
+         masked when it lies past its segment's gap.
+    Returns (masked, segment) per token; `segment` lets the caller draw one 80/10/10 decision per span.
+    The masked fraction equals q in expectation, not per row (as token masking is Bernoulli per token).
+    """
+    batch, length = starts.shape
+    word = torch.cumsum(starts.to(torch.int64), 1) - 1  # word number of each token, per row
+    n_seg = span_segments(length)
+    cdf_len, cdf_res = _clipped_geometric_cdfs(p, max_len)
+    mean_len = span_length_mean(p, max_len)
+    gap_p = min(1.0, probability / (mean_len * (1 - probability)))  # success probability of G ~ Geometric(>= 1)
+
+    def uniform(salt: int) -> torch.Tensor:
+        return random_uniform(seed, stream, index, n_seg, salt).to(torch.float64)
+
+    u_len, u_gap, u_state = uniform(3), uniform(4), uniform(5)
+    lengths = _inverse_cdf(u_len, cdf_len)
+    gaps = 1 + (torch.floor(torch.log1p(-u_gap) / math.log1p(-gap_p)).to(torch.int64) if gap_p < 1 else torch.zeros_like(lengths))
+    in_span = u_state[:, 0] < probability  # step 3: the state at word 0
+    gaps[:, 0] = torch.where(in_span, 0, gaps[:, 0])
+    lengths[:, 0] = torch.where(in_span, _inverse_cdf(u_len[:, 0], cdf_res), lengths[:, 0])
+    seg_end = torch.cumsum(gaps + lengths, 1)
+    segment = torch.searchsorted(seg_end, word, right=True).clamp(max=n_seg - 1)
+    masked = word >= (seg_end - lengths).gather(1, segment)
+    return masked, segment
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     index: torch.Tensor,
@@ -60,17 +166,37 @@ def mask_tokens(
     special_ids: torch.Tensor,
     mask_token_id: int,
     vocab_size: int,
+    word_table: Optional[torch.Tensor] = None,
+    probability: Optional[float] = None,
 ) -> Dict[str, torch.Tensor]:
     """BERT masking over a (batch, length) tensor; returns the model inputs and labels (-100 = not predicted).
 
-    1. choose each non-special token with probability mlm_probability;
+    1. choose non-special tokens: each token (strategy=token), each word (whole_word) with
+       probability `probability` (default cfg.mlm_probability), or spans of words (span);
     2. of those, mask_replace_prob become the mask token, random_replace_prob a uniformly random token
-       (any id below vocab_size, as Hugging Face's collator does), the rest stay as they are.
+       (any id below vocab_size, as Hugging Face's collator does), the rest stay as they are; the
+       draw is per token for `token`, per word or per span otherwise.
+    `word_table` (from `word_start_table`) is needed by whole_word and span.
     """
     batch, length = input_ids.shape
-    candidates = ~torch.isin(input_ids, special_ids)
-    chosen = (random_uniform(seed, stream, index, length, 0) < cfg.mlm_probability) & candidates
-    how = random_uniform(seed, stream, index, length, 1)
+    q = cfg.mlm_probability if probability is None else probability
+    special = torch.isin(input_ids, special_ids)
+    candidates = ~special
+    if cfg.strategy == "token":
+        chosen = (random_uniform(seed, stream, index, length, 0) < q) & candidates
+        how = random_uniform(seed, stream, index, length, 1)
+    else:
+        starts = word_starts(input_ids, special, word_table)
+        if cfg.strategy == "whole_word":
+            # every token reads the draws at its word's first position
+            first = torch.cummax(torch.where(starts, torch.arange(length), 0), 1).values
+            chosen = (random_uniform(seed, stream, index, length, 0).gather(1, first) < q) & candidates
+            how = random_uniform(seed, stream, index, length, 1).gather(1, first)
+        else:
+            chosen, segment = span_mask(starts, index, seed=seed, stream=stream, probability=q,
+                                        p=cfg.span_geometric_p, max_len=cfg.span_max_words)
+            chosen &= candidates
+            how = random_uniform(seed, stream, index, span_segments(length), 1).gather(1, segment)  # one draw per span
     to_mask = chosen & (how < cfg.mask_replace_prob)
     to_random = chosen & (how >= cfg.mask_replace_prob) & (how < cfg.mask_replace_prob + cfg.random_replace_prob)
     random_tokens = random_bits(seed, stream, index, length, 2) % vocab_size
@@ -86,11 +212,23 @@ def masked_positions_of(labels: torch.Tensor) -> torch.Tensor:
     return (labels.reshape(-1) != -100).nonzero().squeeze(1)
 
 
+def scheduled_probability(cfg: MaskingConfig, progress: float) -> float:
+    """The training mask rate at a fraction of training (0 -> 1): mlm_probability -> final_probability.
+
+    The shapes are the learning-rate decays of mlm/optim.py turned upside down (0 -> 1), so
+    `linear` and `cosine` mean the same curve in both groups.
+    """
+    final = cfg.mlm_probability if cfg.final_probability is None else cfg.final_probability
+    travelled = 1.0 - SCHEDULES[cfg.schedule](min(1.0, max(0.0, progress)))
+    return cfg.mlm_probability + (final - cfg.mlm_probability) * travelled
+
+
 class MLMCollator:
     """Turns {'input_ids': (B, L) int array, 'index': (B,)} into masked model inputs.
 
     `stream` is set by the training loop to the epoch before each pass (and to EVAL_STREAM for
-    evaluation collators). An `attention_mask` is only returned when a batch holds padding, so
+    evaluation collators); `probability` to the scheduled rate before each step (evaluation
+    collators keep cfg.mlm_probability). An `attention_mask` is only returned when a batch holds padding, so
     the common all-full batch runs the attention kernels without a mask.
     """
 
@@ -104,6 +242,8 @@ class MLMCollator:
         self.pad_token_id = tokenizer.pad_token_id
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
+        self.probability = cfg.mlm_probability
+        self.word_table = word_start_table(tokenizer) if cfg.strategy != "token" else None
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
         input_ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.int64)
@@ -111,8 +251,99 @@ class MLMCollator:
         out = mask_tokens(
             input_ids, index, seed=self.seed, stream=self.stream, cfg=self.cfg,
             special_ids=self.special_ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+            word_table=self.word_table, probability=self.probability,
         )
         out["masked_positions"] = masked_positions_of(out["labels"])  # on the host: no device sync later
         if self.pad_token_id is not None and bool((input_ids == self.pad_token_id).any()):
             out["attention_mask"] = (input_ids != self.pad_token_id).to(torch.int64)
         return out
+
+
+def _render(tokenizer, original: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor) -> str:
+    """One line: what the model sees, chosen tokens in brackets ([MASK], [~random], [=kept])."""
+    words = []
+    for orig, seen, label in zip(tokenizer.convert_ids_to_tokens(original.tolist()), tokenizer.convert_ids_to_tokens(inputs.tolist()), labels.tolist()):
+        if label == -100:
+            words.append(orig)
+        elif seen == tokenizer.mask_token:
+            words.append("[MASK]")
+        else:
+            words.append(f"[={orig}]" if seen == orig else f"[~{seen}]")
+    return " ".join(words)
+
+
+def show(text: str, tokenizer, cfg: MaskingConfig, seed: int, examples: int = 1) -> str:
+    """The same sentence masked by each strategy, from a fixed seed (examples = how many draws each)."""
+    ids = torch.tensor([tokenizer(text)["input_ids"]] * examples, dtype=torch.int64)
+    lines = [f"{len(ids[0])} tokens, mlm_probability={cfg.mlm_probability}, seed={seed}; [MASK] = mask token, "
+             "[~x] = replaced by random token x, [=x] = chosen but kept"]
+    for strategy in ("token", "whole_word", "span"):
+        collate = MLMCollator(tokenizer, MaskingConfig(**{**cfg.__dict__, "strategy": strategy}), seed=seed)
+        out = collate({"input_ids": ids.numpy(), "index": np.arange(examples)})
+        for row in range(examples):
+            lines.append(f"{strategy:<10}  {_render(tokenizer, ids[row], out['input_ids'][row], out['labels'][row])}")
+    return "\n".join(lines)
+
+
+def plot_schedules(path: str, start: float, final: float, run_dir: Optional[str] = None) -> None:
+    """The mask rate over training for each schedule, from `scheduled_probability` itself; with
+    `run_dir`, also the rates a finished run logged (train/mlm_probability in its metrics.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    progress = np.linspace(0, 1, 201)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for schedule in ("constant", "linear", "cosine"):
+        cfg = MaskingConfig(mlm_probability=start, final_probability=final, schedule=schedule)
+        ax.plot(progress, [scheduled_probability(cfg, x) for x in progress], label=f"masking.schedule={schedule}")
+    if run_dir:
+        import json
+        from pathlib import Path
+
+        steps = json.loads((Path(run_dir) / "results.json").read_text())["steps"]
+        logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        logged = [(r["step"], r["train/mlm_probability"]) for r in logged if "train/mlm_probability" in r]
+        # the rate used for step s was set before it, at fraction (s - 1) / steps
+        ax.plot([(s - 1) / steps for s, _ in logged], [p for _, p in logged], "k.", ms=4, label=f"logged by a run ({steps} steps)")
+    ax.set_xlabel("fraction of training (steps, or time budget)")
+    ax.set_ylabel("train/mlm_probability")
+    ax.set_title(f"mask rate from mlm_probability={start} to final_probability={final}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    from mlm.config import ModelConfig
+    from mlm.models import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m mlm.masking", description="Show the masking strategies on a sentence, or plot the mask-rate schedules.")
+    parser.add_argument("--show", metavar="TEXT", help="a sentence to mask with each strategy")
+    parser.add_argument("--tokenizer", default=ModelConfig().name_or_path, help="tokenizer (default: the offline MiniLM one)")
+    parser.add_argument("--probability", type=float, default=MaskingConfig.mlm_probability, help="mlm_probability (the schedule's start with --plot)")
+    parser.add_argument("--final", type=float, default=0.15, help="--plot: final_probability")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--examples", type=int, default=1, help="--show: draws per strategy (examples 0, 1, ...)")
+    parser.add_argument("--plot", metavar="PNG", help="write a plot of the mask-rate schedules")
+    parser.add_argument("--run", metavar="DIR", help="--plot: also the rates this finished run logged")
+    args = parser.parse_args(argv)
+    if not (args.show or args.plot):
+        parser.error("give --show TEXT and/or --plot PNG")
+    try:
+        if args.show:
+            cfg = MaskingConfig(mlm_probability=args.probability)
+            cfg.validate()
+            print(show(args.show, load_tokenizer(ModelConfig(name_or_path=args.tokenizer)), cfg, args.seed, args.examples))
+        if args.plot:
+            plot_schedules(args.plot, args.probability, args.final, args.run)
+            print(f"wrote {args.plot}")
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -26,9 +26,19 @@ from mlm.masking import masked_positions_of
 
 log = logging.getLogger(__name__)
 
-# model_type -> attribute holding the MLM head (hidden states -> vocabulary logits).
+# model_type -> the MLM head as a function (model, hidden states of the masked positions) -> vocabulary logits.
 # Sparse prediction needs it; other model types fall back to the model's own dense forward.
-MLM_HEADS = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head", "deberta-v2": "cls"}
+MLM_HEADS: Dict[str, Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]] = {
+    "bert": lambda m, h: m.cls(h),
+    "roberta": lambda m, h: m.lm_head(h),
+    "xlm-roberta": lambda m, h: m.lm_head(h),
+    "camembert": lambda m, h: m.lm_head(h),
+    "deberta-v2": lambda m, h: m.cls(h),
+    # DistilBertForMaskedLM.forward spelled out: transform, activation, norm, projector
+    "distilbert": lambda m, h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
+    # ModernBertForMaskedLM runs the same two modules on its own sparse path (config.sparse_prediction)
+    "modernbert": lambda m, h: m.decoder(m.head(h)),
+}
 # Learned position tables that reserve slots for the padding offset (RoBERTa family: 514 = 512 + 2).
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
@@ -115,6 +125,12 @@ def build_scratch(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
         raise UserError("model.source=scratch needs model.arch.model_type (e.g. bert or roberta) and its sizes")
     arch.setdefault("vocab_size", len(tokenizer))
     arch.setdefault("pad_token_id", tokenizer.pad_token_id)
+    # ModernBERT's config defaults to its own vocabulary's [CLS]/[SEP] ids; follow the tokenizer instead
+    if model_type == "modernbert":
+        for key, value in (("cls_token_id", tokenizer.cls_token_id), ("sep_token_id", tokenizer.sep_token_id),
+                           ("bos_token_id", tokenizer.bos_token_id or tokenizer.cls_token_id),
+                           ("eos_token_id", tokenizer.eos_token_id or tokenizer.sep_token_id)):
+            arch.setdefault(key, value)
     config = AutoConfig.for_model(model_type, **arch)
     _apply_dropout(config, cfg.dropout)
     return AutoModelForMaskedLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
@@ -157,7 +173,7 @@ class MLMObjective(nn.Module):
         head = MLM_HEADS.get(model.config.model_type)
         if sparse and head is None:
             log.warning("sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type)
-        self.head_name = head if sparse else None
+        self.head = head if sparse else None
 
     def forward(self, input_ids, labels, attention_mask=None, masked_positions=None):
         # Flat indices of the masked tokens. The collator computes them on the host, where the
@@ -166,9 +182,9 @@ class MLMObjective(nn.Module):
         if masked_positions is None:
             masked_positions = masked_positions_of(labels)
         targets = labels.reshape(-1).index_select(0, masked_positions)
-        if self.head_name is not None:
+        if self.head is not None:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = getattr(self.model, self.head_name)(hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions))
+            logits = self.head(self.model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions))
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             logits = logits.reshape(-1, logits.shape[-1]).index_select(0, masked_positions)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -51,8 +51,16 @@ def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total_steps))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak, then the named decay; stepped once per optimizer step."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, progress: Optional[Callable[[], float]] = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak, then the named decay; stepped once per optimizer step.
+
+    With `progress` (the fraction of a time budget spent, 0 -> 1), the schedule follows
+    max(step / total_steps, progress()) instead of the step alone (cramming-style): warmup and
+    decay end when either the steps or the budget run out. It is read when the scheduler steps, so
+    the rate depends on wall time and a resumed run cannot repeat it bit for bit.
+    """
     if cfg.name not in SCHEDULES:
         raise UserError(f"scheduler.name={cfg.name!r} is unknown; choose one of {sorted(SCHEDULES)}")
     decay, warmup = SCHEDULES[cfg.name], warmup_steps(cfg, total_steps)
@@ -62,4 +70,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, tota
             return (step + 1) / warmup
         return max(0.0, decay(min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    def multiplier_by_progress(step: int) -> float:
+        # step 0 is the scheduler's own construction, before any training time exists
+        done = min(1.0, max((step + 1) / total_steps, progress() if step > 0 else 0.0))
+        warm = warmup / total_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio
+        if done < warm:
+            return done / warm
+        return max(0.0, decay((done - warm) / max(1e-9, 1.0 - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier if progress is None else multiplier_by_progress)

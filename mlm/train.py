@@ -26,7 +26,7 @@ from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks
 from mlm.evaluate import evaluate
-from mlm.masking import MLMCollator
+from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
@@ -218,6 +218,14 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "lower trainer.per_device_batch_size or block_size, or use more data"
         )
     steps = total_steps(cfg, order)
+    budget_s = tcfg.budget_minutes * 60 if tcfg.budget_minutes else None  # of training time (state.train_seconds)
+
+    def budget_spent() -> bool:
+        return budget_s is not None and state.train_seconds >= budget_s
+
+    def done_fraction() -> float:
+        """How far training is (0 -> 1): by steps, or by the time budget when that is further along."""
+        return max(state.step / steps, state.train_seconds / budget_s if budget_s else 0.0)
 
     # 2. objective, optimizer, schedule (the schedule is stepped by hand once per optimizer step);
     #    the layout replicates (DDP) or shards (FSDP2) the model from outside
@@ -230,7 +238,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     if tcfg.compile:
         model.base_model.compile()  # in place: parameter names and checkpoints stay the same
     objective, optimizer = layout.prepare(objective, lambda module: build_optimizer(module, cfg.optimizer), accelerator, tcfg.mixed_precision)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, steps)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, steps, (lambda: state.train_seconds / budget_s) if budget_s else None)
     raw_model = accelerator.unwrap_model(objective).model
 
     # 3. resume, trackers
@@ -274,13 +282,14 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     window = LogWindow.restore(state.log_window, accelerator.device)
     bar = tqdm(total=steps, initial=state.step, disable=not (main and tcfg.progress_bar), desc="train", dynamic_ncols=True)
     try:
-        while state.step < steps:
+        while state.step < steps and not budget_spent():
             epoch, first = divmod(state.step, order.steps_per_epoch)
             collator.stream = epoch  # new masks every epoch, the same for every process
             sampler = TrainSampler(order, epoch, accelerator.process_index, start_step=first)
             batches = iter(make_loader(train_blocks, sampler, collator, tcfg.num_workers, pin_memory=torch.cuda.is_available()))
             for _ in range(first, min(order.steps_per_epoch, first + steps - state.step)):
                 t0 = time.perf_counter()
+                collator.probability = scheduled_probability(cfg.masking, done_fraction())  # a function of the step (or budget)
                 micro = [next(batches) for _ in range(order.accumulation)]
                 try:
                     result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout)
@@ -291,6 +300,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 distributed.fault_point(job.get("num"), state.step)
                 state.tokens += tokens_per_step
                 seconds = time.perf_counter() - t0
+                if budget_s and accelerator.num_processes > 1:  # one clock for all ranks: same LR, same last step
+                    seconds = float(accelerator.reduce(torch.tensor([seconds], device=accelerator.device), reduction="max")[0])
                 state.train_seconds += seconds
                 if result.overflow:  # the data was consumed; the update and the schedule step were not
                     state.overflow_steps += 1
@@ -300,16 +311,20 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     window.add(result.loss_sum, result.masked, seconds)
                 grad_norm = result.grad_norm
                 bar.update(1)
-                if state.step % tcfg.log_every == 0 or state.step == steps:
+                last = state.step == steps or budget_spent()
+                if state.step % tcfg.log_every == 0 or last:
                     metrics = {**window.flush(accelerator, tokens_per_step), "train/lr": scheduler.get_last_lr()[0],
-                               "train/grad_norm": float(grad_norm), "train/epoch": state.step / order.steps_per_epoch}
+                               "train/grad_norm": float(grad_norm), "train/epoch": state.step / order.steps_per_epoch,
+                               "train/mlm_probability": collator.probability}
                     if accelerator.scaler is not None:
                         metrics.update({"train/loss_scale": accelerator.scaler.get_scale(), "train/overflow_steps": state.overflow_steps})
                     tracker.log(metrics, state.step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
-                if state.step % eval_every == 0 and state.step < steps:
+                if last:
+                    break
+                if state.step % eval_every == 0:
                     run_eval()
-                if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0 and state.step < steps:
+                if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
                     save(state.step)
         bar.close()
 
@@ -323,6 +338,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "best_perplexity": state.best_perplexity,
             "masked_accuracy": final["eval/masked_accuracy"],
             "steps": state.step,
+            "stopped": "budget" if budget_spent() else "steps",  # what ended training
             "skipped_steps": state.skipped_steps,
             "overflow_steps": state.overflow_steps,
             "train_tokens": state.tokens,

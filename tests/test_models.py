@@ -142,3 +142,61 @@ def test_freeze_embeddings_keeps_tied_table_fixed(tokenizer):
     (loss / n).backward()
     opt.step()
     assert torch.equal(table, before) and not torch.equal(model.cls.predictions.bias, bias_before)
+
+
+TINY_DISTILBERT = ModelConfig(source="scratch", arch={"model_type": "distilbert", "n_layers": 2, "dim": 32, "n_heads": 2, "hidden_dim": 64})
+
+
+@pytest.mark.parametrize("model_cfg", [TINY_DISTILBERT, "tiny_modernbert"], ids=["distilbert", "modernbert"])
+def test_sparse_prediction_for_distilbert_and_modernbert(model_cfg, tokenizer):
+    """Sparse head == the model's own dense MLM loss (fp32), with padding in the batch; gradients too."""
+    if isinstance(model_cfg, str):
+        model_cfg = compose([f"model={model_cfg}"]).model
+    model, _ = build_model(model_cfg, 64, seed=0)
+    model.eval()
+    ids = np.random.default_rng(1).integers(1000, 20000, size=(6, 64))
+    ids[2, 40:] = tokenizer.pad_token_id  # a padded block: the attention mask must reach the encoder
+    batch = MLMCollator(tokenizer, MaskingConfig(), seed=0)({"input_ids": ids, "index": np.arange(6)})
+    assert "attention_mask" in batch
+    objective = MLMObjective(model, sparse=True)
+    assert objective.head is not None  # wired, not the dense fallback
+    sparse, dense = objective(**batch), MLMObjective(model, sparse=False)(**batch)
+    hf_loss = model(**batch).loss
+    assert sparse[1] == dense[1] > 0 and sparse[2] == dense[2]
+    assert sparse[0].item() == pytest.approx(dense[0].item(), rel=1e-5)
+    assert (sparse[0] / sparse[1]).item() == pytest.approx(hf_loss.item(), rel=1e-5)
+    if model.config.model_type == "modernbert":  # and ModernBERT's own sparse path
+        model.config.sparse_prediction = model.sparse_prediction = True
+        assert (sparse[0] / sparse[1]).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+        model.sparse_prediction = False
+    model.zero_grad()
+    objective(**batch)[0].backward()
+    g_sparse = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    MLMObjective(model, sparse=False)(**batch)[0].backward()
+    for a, (name, p) in zip(g_sparse, model.named_parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_modernbert_hub_model_fails_fast_offline():
+    cfg = compose(["model=modernbert"])
+    with pytest.raises(UserError, match="'answerdotai/ModernBERT-base'.*hub is unreachable") as info:
+        build_model(cfg.model, 128, seed=0)
+    assert "\n" not in str(info.value)
+
+
+def test_eval_masks_tokens_whatever_the_training_strategy(tiny):
+    """Evals use masking.eval_strategy (token by default): span-trained and token-trained runs score the same task."""
+    from accelerate import Accelerator
+    from datasets import Dataset
+
+    from mlm.evaluate import evaluate
+
+    model, tokenizer = tiny
+    blocks = Dataset.from_dict({"input_ids": np.random.default_rng(0).integers(1000, 20000, size=(24, 64)).astype(np.int32)})
+    objective, acc = MLMObjective(model, sparse=True), Accelerator(cpu=True)
+    token = evaluate(objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=8)
+    span_trained = evaluate(objective, blocks, tokenizer, MaskingConfig(strategy="span"), 0, acc, batch_size=8)
+    span_eval = evaluate(objective, blocks, tokenizer, MaskingConfig(strategy="span", eval_strategy="span"), 0, acc, batch_size=8)
+    assert span_trained == token
+    assert span_eval["eval/loss"] != token["eval/loss"]

@@ -1,0 +1,100 @@
+"""run.py with the masking strategies, a mask-rate schedule, tiny ModernBERT, and a time budget."""
+
+import json
+
+import pytest
+
+from tests.conftest import TINY_RUN, run_cli, sentences
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(sentences(400)))
+    return path
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["masking.strategy=span", "masking.schedule=linear", "masking.mlm_probability=0.3", "masking.final_probability=0.15"],
+    ["masking.strategy=whole_word", "model=tiny_modernbert"],
+], ids=["span-linear", "whole_word-modernbert"])
+def test_run_with_strategy_and_schedule(corpus, tmp_path, overrides):
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path}", *overrides])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 4 and results["stopped"] == "steps"
+    train = [r for r in records(tmp_path) if "train/loss" in r]
+    rates = [r["train/mlm_probability"] for r in train]
+    if "masking.schedule=linear" in overrides:  # the rate before step s is a function of (s - 1) / 4
+        assert rates == pytest.approx([0.3, 0.2625, 0.225, 0.1875])
+    else:
+        assert rates == pytest.approx([0.15] * 4)
+    evals = [r["eval/masked_tokens"] for r in records(tmp_path) if "eval/masked_tokens" in r]
+    assert len(evals) == 3 and len(set(evals)) == 1  # evals keep the fixed rate and masks
+
+
+@pytest.mark.slow
+def test_time_budget_stops_training_and_resume_spends_the_rest(corpus, tmp_path):
+    common = [*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path}", "trainer.max_steps=100000", "trainer.eval_every=100000"]
+    proc = run_cli([*common, "trainer.budget_minutes=0.04"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["stopped"] == "budget" and 0 < first["steps"] < 100000
+    assert first["train_seconds"] >= 0.04 * 60  # the stop rule, not a speed measurement
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    # a larger budget on the same run directory resumes from the final checkpoint and spends the rest
+    proc = run_cli([*common, "trainer.budget_minutes=0.08"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr + proc.stdout
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert second["stopped"] == "budget" and second["steps"] > first["steps"]
+    assert second["train_seconds"] >= 0.08 * 60 > first["train_seconds"]
+
+
+def test_scheduler_follows_the_spent_budget():
+    """With a progress function the LR follows max(step / total, spent fraction): warmup, then decay to 0."""
+    import torch
+
+    from mlm.config import SchedulerConfig
+    from mlm.optim import build_scheduler
+
+    spent = [0.0]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, SchedulerConfig(name="linear", warmup_ratio=0.1), 100000, lambda: spent[0])
+    lrs = []
+    for fraction in (0.05, 0.1, 0.55, 1.0, 1.3):
+        spent[0] = fraction
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs == pytest.approx([0.5, 1.0, 0.5, 0.0, 0.0], abs=1e-4)
+    # without one, the step-based schedule is unchanged
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, SchedulerConfig(name="linear", warmup_steps=2), 10)
+    assert sched.get_last_lr()[0] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_on_one_budget_clock(corpus, tmp_path):
+    """torchrun, 2 CPU processes: both ranks stop at the same step (no hang), span masking included."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547", str(ROOT / "run.py"),
+           *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "trainer.eval_every=100000",
+           "trainer.budget_minutes=0.03", "masking.strategy=span"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = list((tmp_path / "outputs" / "runs").iterdir())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stopped"] == "budget" and results["processes"] == 2
+    last = sorted((run_dir / "checkpoints").iterdir())[-1]
+    assert last.name == f"ckpt-{results['steps']:08d}"
+    assert sorted(p.name for p in last.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]  # both ranks saved that step
