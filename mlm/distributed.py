@@ -263,8 +263,10 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]
 
     Yields a dict with the job's "device" (a CUDA index or None) and "slot". On a failure, the
     failing rank writes error-rank<r>.json (the main process folds it into error.txt) and tears the
-    group down, which ends the other ranks' pending collectives with an error (gloo: at once; NCCL:
-    when its timeout expires), so every rank leaves the job and none starts the next one alone.
+    group down, which ends the other ranks' pending collectives with an error, so every rank leaves
+    the job and none starts the next one alone. That holds for gloo (tested); NCCL collectives do
+    not notice a peer leaving and end only at the group's timeout, where NCCL's watchdog may stop
+    the process.
     A rank that finished waits for all others in one last all-reduce.
     """
     global last_failure_time
