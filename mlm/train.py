@@ -234,7 +234,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         raise UserError("trainer.sharding=fsdp needs several processes (e.g. torchrun --nproc_per_node 2 run.py ...); use trainer.sharding=none")
     objective = MLMObjective(model, sparse=tcfg.sparse_prediction)
     if tcfg.activation_checkpointing:  # before sharding, so FSDP wraps the checkpointed layers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if tcfg.compile:
         model.base_model.compile()  # in place: parameter names and checkpoints stay the same
     objective, optimizer = layout.prepare(objective, lambda module: build_optimizer(module, cfg.optimizer), accelerator, tcfg.mixed_precision)
@@ -361,6 +361,12 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     finally:
         bar.close()
         tracker.finish()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every layer (the name changed within transformers 5)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 def peak_rss_mb(accelerator) -> float:

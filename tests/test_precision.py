@@ -8,7 +8,7 @@ from mlm import checkpoint
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
-from mlm.train import NonFiniteLoss, StepResult, make_accelerator, train_step
+from mlm.train import NonFiniteLoss, StepResult, enable_activation_checkpointing, make_accelerator, train_step
 from tests.conftest import compose
 
 
@@ -147,7 +147,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         cfg = compose(["model=tiny", "model.dropout=0"])
         model, tokenizer = build_model(cfg.model, 32, seed=0)
         if checkpointed:  # as mlm.train does with trainer.activation_checkpointing=true
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         calls = []
         model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda *_: calls.append(1))
         model.train()
