@@ -104,3 +104,20 @@ def test_streaming_run_resumes_exactly(tmp_path, text_file):
     assert losses(resumed) == {s: v for s, v in losses(full).items() if s > 2}
     state = json.loads((full / "checkpoints" / "ckpt-00000002" / "state.json").read_text())
     assert state["stream_shards"] == 1 and state["train_state"]["step"] == 2
+
+
+def test_hub_kind_streams_through_datasets(tmp_path, monkeypatch):
+    """kind=hub with streaming: datasets' streaming reader (a local directory stands in for a hub repo: no network here)."""
+    import pandas as pd
+
+    import mlm.data.sources
+    from tests.conftest import sentences
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    pd.DataFrame({"body": sentences(30)}).to_parquet(repo / "train.parquet")
+    monkeypatch.setattr(mlm.data.sources, "hub_reachable", lambda: True)
+    cfg = DatasetConfig(kind="hub", path=str(repo), text_field="body", tokenize_batch_size=7)
+    assert list(iter_documents(cfg, streaming=True)) == list(iter_documents(cfg, streaming=False)) == sentences(30)
+    with pytest.raises(UserError, match="cannot be sliced"):
+        next(iter_documents(DatasetConfig(kind="hub", path=str(repo), split="train[:10]"), streaming=True))

@@ -25,6 +25,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import time
 from collections import deque
 from typing import Dict, Iterable, Iterator, List, Tuple
 
@@ -231,7 +232,11 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        _write_blocks(cfg, tokenizer, block_size, tmp)
+        start = time.perf_counter()
+        meta = _write_blocks(cfg, tokenizer, block_size, tmp)
+        seconds = time.perf_counter() - start
+        tokens = sum(m["tokens"] for m in meta.values())
+        log.info("preprocessed %d tokens in %.1f s (%.0f tokens/s)", tokens, seconds, tokens / max(seconds, 1e-9))
         try:
             os.replace(tmp, path)
         except OSError:
@@ -244,7 +249,7 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
     return _open_blocks(path)
 
 
-def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> None:
+def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> Dict[str, Dict[str, int]]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     docs = batched(iter_documents(cfg), cfg.tokenize_batch_size)
     tokens = TokenFile.write(os.path.join(out, "tokens.bin"), docs, tokenizer, resolve_num_proc(cfg.num_proc))
@@ -274,6 +279,7 @@ def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> N
     os.remove(tokens.path)
     with open(os.path.join(out, META), "w") as f:
         json.dump({"format": BLOCKS_FORMAT_VERSION, "block_size": block_size, "splits": meta}, f)
+    return meta
 
 
 def _blocks_table(blocks: np.ndarray) -> pa.Table:
