@@ -121,7 +121,8 @@ _TOKENIZER = None  # the tokenizer of the worker processes, inherited through fo
 
 def _encode(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
     """Texts -> (all their ids as one int32 array, one length per text)."""
-    ids = _TOKENIZER(texts, verbose=False)["input_ids"]
+    # only input_ids: the attention mask and token types would be two more Python lists per token
+    ids = _TOKENIZER(texts, verbose=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
 
