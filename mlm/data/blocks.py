@@ -7,7 +7,7 @@
 2. split: the documents are split into train/test with the permutation `Dataset.train_test_split`
    draws (same seed, same documents), before grouping, so that no document straddles the split;
 3. group: for each split, the documents' ids are read back in split order, a chunk of about a
-   million tokens at a time, concatenated and cut into `block_size` blocks; the tokens that do not
+   quarter of a million tokens at a time, concatenated and cut into `block_size` blocks; the tokens that do not
    fill a block are carried into the next chunk (no token is lost between chunks), and the blocks
    are appended to an Arrow file.
 The result is the same blocks, token for token, as grouping the whole split in memory (tested).
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 BLOCKS_FORMAT_VERSION = 2  # bump when the block layout changes, so old caches are not reused (2: one Arrow file per split)
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-CHUNK_TOKENS = 1 << 20  # tokens grouped at a time: 4 MB of ids, plus the same again for the gather index
+CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
+ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
 META = "blocks.json"  # written last into the cache entry: split sizes and token counts
 
 
@@ -122,7 +123,8 @@ _TOKENIZER = None  # the tokenizer of the worker processes, inherited through fo
 def _encode(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
     """Texts -> (all their ids as one int32 array, one length per text)."""
     # only input_ids: the attention mask and token types would be two more Python lists per token
-    ids = _TOKENIZER(texts, verbose=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    ids = [i for lo in range(0, len(texts), ENCODE_DOCS)
+           for i in _TOKENIZER(texts[lo : lo + ENCODE_DOCS], verbose=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
 
