@@ -21,6 +21,7 @@ processes and workers (checked), since they decide the shards.
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -30,6 +31,8 @@ from datasets import Dataset
 from mlm.config import DatasetConfig, UserError
 from mlm.data.blocks import BLOCK_FEATURES, batched, encode_batches, pack_blocks
 from mlm.data.sources import iter_documents
+
+log = logging.getLogger(__name__)
 
 
 def _pad_id(tokenizer) -> int:
@@ -46,7 +49,10 @@ def stream_eval_blocks(cfg: DatasetConfig, tokenizer, block_size: int) -> Datase
             f"the first dataset.streaming_eval_docs={cfg.streaming_eval_docs} documents do not fill one block of "
             f"block_size={block_size}; raise dataset.streaming_eval_docs or use dataset.remainder=keep"
         )
-    return Dataset.from_dict({"input_ids": np.concatenate(blocks)}, features=BLOCK_FEATURES)
+    blocks = np.concatenate(blocks)
+    log.info("streaming %s: the first %d documents are the eval set (%d blocks); training blocks are made on the fly from the rest",
+             cfg.path or cfg.kind, cfg.streaming_eval_docs, len(blocks))
+    return Dataset.from_dict({"input_ids": blocks}, features=BLOCK_FEATURES)
 
 
 def shard_batches(cfg: DatasetConfig, shard: int, num_shards: int) -> Iterator[list]:
