@@ -121,3 +121,34 @@ def test_hub_kind_streams_through_datasets(tmp_path, monkeypatch):
     assert list(iter_documents(cfg, streaming=True)) == list(iter_documents(cfg, streaming=False)) == sentences(30)
     with pytest.raises(UserError, match="cannot be sliced"):
         next(iter_documents(DatasetConfig(kind="hub", path=str(repo), split="train[:10]"), streaming=True))
+
+
+@pytest.mark.slow
+def test_two_processes_stream_what_one_process_with_two_workers_streams(tmp_path, text_file):
+    """Shards are (rank, worker) pairs: 2 torchrun ranks read shards 0 and 1 in every step, as one
+    process with 2 dataloader workers and 2 micro-batches does; same blocks, same masks, same losses."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_distributed import RTOL, curves
+
+    common = [*TINY_RUN, f"dataset.path={text_file}", "dataset.streaming=true", "dataset.streaming_eval_docs=50",
+              "dataset.tokenize_batch_size=20", "trainer.mixed_precision=no", "model.dropout=0", "trainer.per_device_batch_size=4"]
+    one = tmp_path / "one"
+    proc = run_cli([*common, "trainer.num_workers=2", "trainer.gradient_accumulation_steps=2", f"hydra.run.dir={one}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / "two"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(ROOT / "run.py"), *common]
+    proc = subprocess.run(cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (two,) = list((work / "outputs" / "runs").iterdir())
+    assert json.loads((two / "results.json").read_text())["processes"] == 2
+    loss1, eval1 = curves(one)
+    loss2, eval2 = curves(two)
+    assert loss1.keys() == loss2.keys() == set(range(1, 5))
+    for step in loss1:
+        assert loss2[step] == pytest.approx(loss1[step], rel=RTOL), step
+    assert eval2 == pytest.approx(eval1, rel=RTOL)
