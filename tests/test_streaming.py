@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from mlm.config import DatasetConfig, UserError
 from mlm.data import iter_documents
