@@ -30,6 +30,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --json benchmarks/results/train_throughput.json
+	$(PY) benchmarks/grouping.py --json benchmarks/results/grouping.json
 	$(PY) benchmarks/preprocess.py --json benchmarks/results/preprocess.json
 
 clean:

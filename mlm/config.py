@@ -28,17 +28,21 @@ class DatasetConfig:
     split_seed: int = 42  # seed of the train/test split, fixed so that runs compare on the same test set
     include_news: bool = False  # gensim_wiki: also add the Lee news corpus (lee_background.cor)
     max_examples: Optional[int] = None  # keep only the first N examples (quick experiments)
-    num_proc: int = 1  # worker processes for tokenization and grouping
+    num_proc: int = 0  # worker processes for tokenization; 0 = every core (small corpora use one)
     remainder: str = "drop"  # tokens that do not fill a last block: drop | keep (a shorter, padded block)
-    tokenize_batch_size: int = 1000  # examples per batched tokenizer call
+    tokenize_batch_size: int = 1000  # examples per batched tokenizer call (and per streaming shard unit)
+    streaming: bool = False  # train from the stream of documents, tokenized and packed on the fly (no preprocessing)
+    streaming_eval_docs: int = 1000  # streaming: the first N documents are held out as the eval set (test_size is unused)
 
     def validate(self) -> None:
         if not 0.0 < self.test_size < 1.0:
             raise UserError(f"dataset.test_size={self.test_size} must be in (0, 1); e.g. dataset.test_size=0.2")
         if self.remainder not in ("drop", "keep"):
             raise UserError(f"dataset.remainder={self.remainder!r} must be 'drop' or 'keep'")
-        if self.num_proc < 1:
-            raise UserError(f"dataset.num_proc={self.num_proc} must be at least 1")
+        if self.num_proc < 0:
+            raise UserError(f"dataset.num_proc={self.num_proc} must be >= 0 (0 = every core)")
+        if self.streaming and self.streaming_eval_docs < 1:
+            raise UserError(f"dataset.streaming_eval_docs={self.streaming_eval_docs} must be at least 1 (the held-out documents)")
         if self.kind in ("hub", "local") and not self.path:
             raise UserError(f"dataset.kind={self.kind} needs dataset.path (a hub id or a file); e.g. dataset.path=data/my.jsonl")
 
@@ -239,6 +243,8 @@ class Config:
         if self.masking.schedule != "constant" and self.trainer.num_workers > 0:
             # the loop sets the rate on the collator before each step; worker processes hold their own copy
             raise UserError(f"masking.schedule={self.masking.schedule} needs trainer.num_workers=0")
+        if self.dataset.streaming and self.trainer.max_steps <= 0:
+            raise UserError("dataset.streaming=true needs trainer.max_steps > 0 (a stream has no length to count epochs in); e.g. trainer.max_steps=1000")
 
 
 def register_configs() -> None:

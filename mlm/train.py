@@ -25,6 +25,7 @@ from mlm import checkpoint, distributed
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks
+from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
 from mlm.evaluate import evaluate
 from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLMObjective, build_model
@@ -207,11 +208,17 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     # 1. model, tokenizer and token blocks (the main process fills the block cache, the others reuse it)
     with distributed.cache_builders_first(accelerator):
         model, tokenizer = build_model(cfg.model, cfg.block_size, cfg.seed)
-        blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
-    train_blocks, eval_blocks = blocks["train"], blocks["test"]
+        if cfg.dataset.streaming:  # training blocks come from the stream in train_loader below
+            train_blocks, eval_blocks = None, stream_eval_blocks(cfg.dataset, tokenizer, cfg.block_size)
+        else:
+            blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
+            train_blocks, eval_blocks = blocks["train"], blocks["test"]
     if tcfg.max_eval_blocks:
         eval_blocks = eval_blocks.select(range(min(tcfg.max_eval_blocks, len(eval_blocks))))
-    order = TrainOrder(len(train_blocks), tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+    order = TrainOrder(0, tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+    # a stream has no length: the whole run counts as one epoch of max_steps global batches
+    order.num_blocks = len(train_blocks) if train_blocks is not None else tcfg.max_steps * order.global_batch
+    stream_shards = accelerator.num_processes * max(1, tcfg.num_workers) if cfg.dataset.streaming else None
     if order.steps_per_epoch == 0:
         raise UserError(
             f"the training split has {len(train_blocks)} blocks, fewer than one global batch of {order.global_batch}; "
@@ -248,6 +255,9 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         saved = checkpoint.load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator.scaler, accelerator, layout)
         if saved["global_batch"] != order.global_batch:
             raise UserError(f"{ckpt} was trained with a global batch of {saved['global_batch']}, this run has {order.global_batch}; keep the batch settings to resume")
+        if saved.get("stream_shards") != stream_shards:
+            raise UserError(f"{ckpt} read its data stream in {saved.get('stream_shards')} shards, this run uses {stream_shards}; "
+                            "keep dataset.streaming, the number of processes and trainer.num_workers to resume")
         state = TrainState(**saved["train_state"])
         log.info("resumed from %s at step %d", ckpt, state.step)
     if main:  # records past the checkpoint (or all, on a fresh start) are logged again
@@ -269,7 +279,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
         checkpoint.save_checkpoint(
             run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
-            {"train_state": asdict(state), "global_batch": order.global_batch}, accelerator, tcfg.keep_checkpoints, layout,
+            {"train_state": asdict(state), "global_batch": order.global_batch, "stream_shards": stream_shards},
+            accelerator, tcfg.keep_checkpoints, layout,
         )
 
     if state.step == 0:
@@ -278,6 +289,15 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
 
     # 4. the loop
     collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed)
+
+    def train_loader(epoch: int, first_step: int):
+        if cfg.dataset.streaming:  # a resumed stream skips the micro-batches already trained on
+            stream = BlockStream(cfg.dataset, tokenizer, cfg.block_size, order.micro_batch, accelerator.process_index,
+                                 accelerator.num_processes, start_batches=first_step * order.accumulation)
+            return stream_loader(stream, collator, tcfg.num_workers)
+        sampler = TrainSampler(order, epoch, accelerator.process_index, start_step=first_step)
+        return make_loader(train_blocks, sampler, collator, tcfg.num_workers, pin_memory=torch.cuda.is_available())
+
     tokens_per_step = order.global_batch * cfg.block_size
     window = LogWindow.restore(state.log_window, accelerator.device)
     bar = tqdm(total=steps, initial=state.step, disable=not (main and tcfg.progress_bar), desc="train", dynamic_ncols=True)
@@ -285,8 +305,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         while state.step < steps and not budget_spent():
             epoch, first = divmod(state.step, order.steps_per_epoch)
             collator.stream = epoch  # new masks every epoch, the same for every process
-            sampler = TrainSampler(order, epoch, accelerator.process_index, start_step=first)
-            batches = iter(make_loader(train_blocks, sampler, collator, tcfg.num_workers, pin_memory=torch.cuda.is_available()))
+            batches = iter(train_loader(epoch, first))
             for _ in range(first, min(order.steps_per_epoch, first + steps - state.step)):
                 t0 = time.perf_counter()
                 collator.probability = scheduled_probability(cfg.masking, done_fraction())  # a function of the step (or budget)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlm.config import DatasetConfig, UserError
-from mlm.data import build_blocks, flat_token_ids, group_blocks, load_text, select_text, tokenize
+from mlm.data import build_blocks, flat_token_ids, group_blocks, iter_documents, load_text, pack_blocks, select_text, split_indices, tokenize
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 1000, 1024])
@@ -94,9 +94,9 @@ def test_corpus_too_small_for_one_block(tmp_path, tokenizer):
 def test_blocks_are_cached_and_reused(tmp_path, text_file, tokenizer, monkeypatch):
     cfg = DatasetConfig(kind="local", path=str(text_file))
     first = build_blocks(cfg, tokenizer, 32, cache_root=str(tmp_path))
-    import mlm.data
+    import mlm.data.blocks
 
-    monkeypatch.setattr(mlm.data, "load_text", lambda *_: pytest.fail("a cached build must not reload the text"))
+    monkeypatch.setattr(mlm.data.blocks, "iter_documents", lambda *_: pytest.fail("a cached build must not reload the text"))
     second = build_blocks(cfg, tokenizer, 32, cache_root=str(tmp_path))
     assert list(second["train"]["input_ids"]) == list(first["train"]["input_ids"])
     assert first["train"].column_names == ["input_ids"]  # no stored labels copy: the collator makes them
@@ -117,3 +117,70 @@ def test_gensim_wiki_default_corpus():
     assert len(splits["train"]) > 50 and len(splits["test"]) > 10
     text = " ".join(list(splits["train"]["text"])[:5])
     assert "'''" not in text and "==" not in text  # wiki markup is gone
+
+
+# ---------------------------------------------------------------- flat-memory build vs the in-memory reference
+
+
+def reference_blocks(cfg, tokenizer, block_size):
+    """What build_blocks returned before it streamed: the whole split in memory, grouped in one numpy pass."""
+    return {
+        split: group_blocks(flat_token_ids(tokenize(texts, tokenizer, cfg)), block_size, cfg.remainder, tokenizer.pad_token_id)
+        for split, texts in load_text(cfg).items()
+    }
+
+
+@pytest.mark.parametrize("remainder", ["drop", "keep"])
+@pytest.mark.parametrize("corpus", ["text_file", "eli5_file"])
+def test_blocks_identical_to_the_in_memory_reference(request, tmp_path, tokenizer, monkeypatch, remainder, corpus):
+    import mlm.data.blocks
+
+    path = request.getfixturevalue(corpus)
+    field = "answers.text" if corpus == "eli5_file" else "text"
+    # small batches and chunks: many worker batches (2 processes) and many carried remainders per split
+    monkeypatch.setattr(mlm.data.blocks, "CHUNK_TOKENS", 200)
+    cfg = DatasetConfig(kind="local", path=str(path), text_field=field, remainder=remainder, tokenize_batch_size=7, num_proc=2)
+    ours = build_blocks(cfg, tokenizer, 48, cache_root=str(tmp_path))
+    expected = reference_blocks(cfg, tokenizer, 48)
+    for split in ("train", "test"):
+        assert np.array_equal(np.array(ours[split]["input_ids"]), expected[split]), split
+    assert ours["train"].cache_files, "the blocks are memory-mapped from the cache, not held in memory"
+
+
+def test_split_indices_are_the_permutation_of_train_test_split():
+    from datasets import Dataset
+
+    for n, test_size, seed in [(2, 0.2, 42), (7, 0.5, 1), (401, 0.2, 42), (1000, 0.013, 7)]:
+        ref = Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=test_size, seed=seed)
+        ours = split_indices(n, test_size, seed)
+        assert ours["train"].tolist() == ref["train"]["i"] and ours["test"].tolist() == ref["test"]["i"]
+
+
+@pytest.mark.parametrize("remainder", ["drop", "keep"])
+def test_pack_blocks_carries_remainders_across_pieces(remainder):
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(1, 1000, size=n).astype(np.int32) for n in [0, 5, 31, 1, 64, 0, 100, 17, 3, 250]]
+    packed = np.concatenate(list(pack_blocks(pieces, 32, remainder, pad_id=0)))
+    assert np.array_equal(packed, group_blocks(np.concatenate(pieces), 32, remainder, pad_id=0))  # no token lost at a piece boundary
+
+
+def test_documents_shorter_than_a_block_still_make_blocks(tmp_path, tokenizer):
+    path = tmp_path / "short.txt"
+    path.write_text("\n".join(f"word {i} here" for i in range(300)))  # ~6 tokens per document, blocks of 64
+    blocks = build_blocks(DatasetConfig(kind="local", path=str(path)), tokenizer, 64, cache_root=str(tmp_path))
+    assert len(blocks["train"]) > 10 and len(blocks["test"]) > 2
+    first = blocks["train"][0]["input_ids"]
+    assert first.count(tokenizer.cls_token_id) > 5  # one block packs many documents
+
+
+def test_iter_documents_match_load_text(eli5_file, text_file):
+    for cfg in (DatasetConfig(kind="local", path=str(eli5_file), text_field="answers.text", max_examples=33),
+                DatasetConfig(kind="local", path=str(text_file), max_examples=250), DatasetConfig()):
+        splits = load_text(cfg)
+        docs = list(iter_documents(cfg))
+        assert sorted(docs) == sorted(list(splits["train"]["text"]) + list(splits["test"]["text"]))
+
+
+def test_missing_field_in_a_streamed_file_names_the_fields(eli5_file):
+    with pytest.raises(UserError, match=r"'answer\.txt' does not exist.*answers\.text"):
+        next(iter_documents(DatasetConfig(kind="local", path=str(eli5_file), text_field="answer.txt")))

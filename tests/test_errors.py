@@ -36,6 +36,7 @@ def corpus(tmp_path):
         (["masking.mlm_probability=1"], ["mlm_probability=1.0"]),
         (["masking.mlm_probability=-0.2"], ["mlm_probability=-0.2"]),
         (["block_size=1024"], ["block_size=1024", "512 positions"]),
+        (["dataset.streaming=true", "trainer.max_steps=-1"], ["dataset.streaming=true needs trainer.max_steps > 0"]),
     ],
 )
 def test_bad_values_fail_with_one_line(tmp_path, corpus, overrides, needles):

@@ -1,0 +1,308 @@
+"""Documents -> train/test splits of fixed-length token blocks, on disk, in flat memory.
+
+`build_blocks` runs three passes, none of which holds the corpus in memory:
+1. tokenize: documents are read one at a time (`sources.iter_documents`), tokenized in batches by
+   `num_proc` worker processes, and their ids appended to one flat int32 file (plus one offset per
+   document), each document with the tokenizer's special tokens, as in the HF guide;
+2. split: the documents are split into train/test with the permutation `Dataset.train_test_split`
+   draws (same seed, same documents), before grouping, so that no document straddles the split;
+3. group: for each split, the documents' ids are read back in split order, a chunk of about a
+   quarter of a million tokens at a time, concatenated and cut into `block_size` blocks; the tokens that do not
+   fill a block are carried into the next chunk (no token is lost between chunks), and the blocks
+   are appended to an Arrow file.
+The result is the same blocks, token for token, as grouping the whole split in memory (tested).
+Memory: a few chunks of tokens, plus 16 bytes per document (offsets and the split permutation).
+The blocks are cached under a key of every setting that changes them; a second run memory-maps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import mmap
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from typing import Dict, Iterable, Iterator, List, Tuple
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+from mlm.config import DatasetConfig, UserError
+from mlm.data.sources import _local_files, iter_documents
+
+log = logging.getLogger(__name__)
+
+BLOCKS_FORMAT_VERSION = 2  # bump when the block layout changes, so old caches are not reused (2: one Arrow file per split)
+BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
+ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
+META = "blocks.json"  # written last into the cache entry: split sizes and token counts
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def group_blocks(ids: np.ndarray, block_size: int, remainder: str, pad_id: int) -> np.ndarray:
+    """Cut one long 1-D array of token ids into rows of `block_size`, in O(n).
+
+    remainder='drop' discards the last partial block (as the HF guide does); 'keep' pads it with `pad_id`.
+    """
+    n_full = len(ids) // block_size
+    blocks = ids[: n_full * block_size].reshape(n_full, block_size)
+    rest = len(ids) - n_full * block_size
+    if remainder == "keep" and rest:
+        last = np.full((1, block_size), pad_id, dtype=ids.dtype)
+        last[0, :rest] = ids[n_full * block_size :]
+        blocks = np.concatenate([blocks, last])
+    return blocks
+
+
+def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, pad_id: int) -> Iterator[np.ndarray]:
+    """Blocks of the concatenation of `pieces` (1-D id arrays), a (k, block_size) array per piece.
+
+    The same blocks as `group_blocks(np.concatenate(pieces), ...)`: the tokens that do not fill a
+    block are carried into the next piece, and only the very last remainder is dropped or padded.
+    """
+    carry = np.zeros(0, dtype=np.int32)
+    for piece in pieces:
+        ids = np.concatenate([carry, piece]) if len(carry) else piece
+        n_full = len(ids) // block_size
+        if n_full:
+            yield ids[: n_full * block_size].reshape(n_full, block_size)
+        carry = ids[n_full * block_size :]
+    last = group_blocks(carry, block_size, remainder, pad_id)
+    if len(last):
+        yield last
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def tokenize(texts: Dataset, tokenizer, cfg: DatasetConfig) -> Dataset:
+    """A `Dataset` of texts -> its `input_ids` (the in-memory path of small corpora and the reference in tests)."""
+
+    def encode(batch):
+        # verbose=False: documents longer than the model's maximum are fine here, they get cut into blocks
+        return {"input_ids": tokenizer(batch["text"], verbose=False)["input_ids"]}
+
+    return texts.map(
+        encode, batched=True, batch_size=cfg.tokenize_batch_size, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+        remove_columns=texts.column_names, desc="tokenize",
+    )
+
+
+def flat_token_ids(tokenized: Dataset) -> np.ndarray:
+    """All token ids of a tokenized dataset as one array, read straight from Arrow (no Python lists)."""
+    column = tokenized.data.column("input_ids")
+    if column.num_chunks == 0:
+        return np.zeros(0, dtype=np.int32)
+    values = pc.list_flatten(column)
+    return values.to_numpy().astype(np.int32, copy=False) if len(values) else np.zeros(0, dtype=np.int32)
+
+
+def resolve_num_proc(num_proc: int) -> int:
+    """dataset.num_proc=0 means every core this process may run on."""
+    if num_proc > 0:
+        return num_proc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_TOKENIZER = None  # the tokenizer of the worker processes, inherited through fork
+
+
+def _encode(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Texts -> (all their ids as one int32 array, one length per text)."""
+    # only input_ids: the attention mask and token types would be two more Python lists per token
+    ids = [i for lo in range(0, len(texts), ENCODE_DOCS)
+           for i in _TOKENIZER(texts[lo : lo + ENCODE_DOCS], verbose=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
+
+
+def _quiet_worker() -> None:
+    # each worker is one core's worth of tokenization; the tokenizer's own thread pool would oversubscribe
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def encode_batches(batches: Iterable[List[str]], tokenizer, num_proc: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(ids, lengths) of each batch of texts, in order; with num_proc > 1 batches are tokenized by a
+    pool of forked workers, at most 2 x num_proc batches in flight (so memory does not grow with the corpus)."""
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
+    batches = iter(batches)
+    head = list(itertools.islice(batches, 2))
+    if num_proc <= 1 or len(head) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(_encode, itertools.chain(head, batches))  # one batch: starting workers costs more than it saves
+        return
+    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_quiet_worker) as pool:
+        pending: deque = deque()
+        for texts in itertools.chain(head, batches):
+            pending.append(pool.apply_async(_encode, (texts,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+class TokenFile:
+    """The ids of every document in source order, on disk: one flat int32 file and one offset per document.
+
+    Reads go through a memory map whose pages are handed back after each chunk (madvise DONTNEED),
+    so the process's resident memory does not grow with the file.
+    """
+
+    def __init__(self, path: str, offsets: np.ndarray):
+        self.path, self.offsets = path, offsets
+        self._file = open(path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if offsets[-1] else None
+        self.ids = np.frombuffer(self._map, dtype=np.int32) if self._map is not None else np.zeros(0, dtype=np.int32)
+
+    @classmethod
+    def write(cls, path: str, doc_batches: Iterable[List[str]], tokenizer, num_proc: int) -> "TokenFile":
+        lengths = []
+        with open(path, "wb") as f, tqdm(desc="tokenize", unit=" docs", delay=2, mininterval=2) as bar:
+            for ids, lens in encode_batches(doc_batches, tokenizer, num_proc):
+                f.write(ids.tobytes())
+                lengths.append(lens)
+                bar.update(len(lens))
+        offsets = np.zeros(sum(map(len, lengths)) + 1, dtype=np.int64)
+        if lengths:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        return cls(path, offsets)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def chunks(self, order: np.ndarray) -> Iterator[np.ndarray]:
+        """The ids of the documents `order`, concatenated in that order, about CHUNK_TOKENS at a time."""
+        starts, ends = self.offsets[order], self.offsets[order + 1]
+        cum = np.cumsum(ends - starts)
+        bounds = np.searchsorted(cum, np.arange(CHUNK_TOKENS, int(cum[-1]) if len(cum) else 0, CHUNK_TOKENS), side="right")
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
+            if lo == hi:
+                continue
+            s, e = starts[lo:hi], ends[lo:hi]
+            lens = e - s
+            # a gather index: document j's positions s_j .. e_j - 1, all documents back to back
+            index = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(s - (np.cumsum(lens) - lens), lens)
+            yield self.ids[index]  # a copy; the mapped pages can go
+            if self._map is not None:
+                self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        del self.ids
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+
+def split_indices(num_docs: int, test_size: float, seed: int) -> Dict[str, np.ndarray]:
+    """Document indices of each split, in split order: the permutation `Dataset.train_test_split(test_size,
+    seed=seed)` draws for a dataset of `num_docs` rows (checked against it in the tests)."""
+    n_test = int(np.ceil(test_size * num_docs))
+    permutation = np.random.default_rng(seed).permutation(num_docs)
+    return {"train": permutation[n_test:], "test": permutation[:n_test]}
+
+
+# ---------------------------------------------------------------- the cached build
+
+
+def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str | None = None) -> DatasetDict:
+    """Read, tokenize, split and group; cached on disk under a hash of every input that changes the result."""
+    cache_root = cache_root or os.environ.get("MLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlm-harness"))
+    path = os.path.join(cache_root, "blocks", _cache_key(cfg, tokenizer, block_size))
+    if os.path.exists(os.path.join(path, META)):
+        log.info("reusing cached blocks %s", path)
+        return _open_blocks(path)
+    tmp = f"{path}.tmp-{os.getpid()}"  # a killed run never leaves a half-written cache entry
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        start = time.perf_counter()
+        meta = _write_blocks(cfg, tokenizer, block_size, tmp)
+        seconds = time.perf_counter() - start
+        tokens = sum(m["tokens"] for m in meta.values())
+        log.info("preprocessed %d tokens in %.1f s (%.0f tokens/s)", tokens, seconds, tokens / max(seconds, 1e-9))
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, META)):
+                raise  # a real write error; otherwise another process saved the same blocks first
+    except OSError as e:
+        raise UserError(f"cannot write the block cache to {path}: {e.strerror} (set MLM_CACHE to a writable directory)") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open_blocks(path)
+
+
+def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> Dict[str, Dict[str, int]]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    docs = batched(iter_documents(cfg), cfg.tokenize_batch_size)
+    tokens = TokenFile.write(os.path.join(out, "tokens.bin"), docs, tokenizer, resolve_num_proc(cfg.num_proc))
+    if tokens.num_docs < 2:
+        raise UserError(f"the dataset has {tokens.num_docs} non-empty example(s); it needs at least 2 to split off a test set")
+    meta = {}
+    try:
+        for split, order in split_indices(tokens.num_docs, cfg.test_size, cfg.split_seed).items():
+            n_tokens = int((tokens.offsets[order + 1] - tokens.offsets[order]).sum())
+            writer = ArrowWriter(features=BLOCK_FEATURES, path=os.path.join(out, f"{split}.arrow"))
+            n_blocks = 0
+            with tqdm(total=n_tokens, desc=f"group {split}", unit=" tokens", unit_scale=True, delay=2, mininterval=2) as bar:
+                for blocks in pack_blocks(tokens.chunks(order), block_size, cfg.remainder, pad_id):
+                    writer.write_table(_blocks_table(blocks))
+                    n_blocks += len(blocks)
+                    bar.update(blocks.size)
+            writer.finalize()
+            if n_blocks == 0:
+                raise UserError(
+                    f"the {split} split has {n_tokens} tokens, not enough for one block of block_size={block_size}; "
+                    "use a smaller block_size, more data, or dataset.remainder=keep"
+                )
+            log.info("%s: %d examples, %d tokens -> %d blocks of %d", split, len(order), n_tokens, n_blocks, block_size)
+            meta[split] = {"documents": len(order), "tokens": n_tokens, "blocks": n_blocks}
+    finally:
+        tokens.close()
+    os.remove(tokens.path)
+    with open(os.path.join(out, META), "w") as f:
+        json.dump({"format": BLOCKS_FORMAT_VERSION, "block_size": block_size, "splits": meta}, f)
+    return meta
+
+
+def _blocks_table(blocks: np.ndarray) -> pa.Table:
+    """A (k, block_size) int32 array as an Arrow list column, without going through Python lists."""
+    k, size = blocks.shape
+    offsets = pa.array(np.arange(0, (k + 1) * size, size, dtype=np.int32))
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(blocks.reshape(-1).astype(np.int32, copy=False)))})
+
+
+def _open_blocks(path: str) -> DatasetDict:
+    """Memory-mapped: opening costs nothing however large the splits are."""
+    return DatasetDict({split: Dataset.from_file(os.path.join(path, f"{split}.arrow")) for split in ("train", "test")})
+
+
+def _cache_key(cfg: DatasetConfig, tokenizer, block_size: int) -> str:
+    # settings that change speed or only the streaming path do not change the blocks
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("num_proc", "tokenize_batch_size", "streaming", "streaming_eval_docs")}
+    source = {}
+    if cfg.kind == "local":  # the files' identity: a changed file must not reuse stale blocks
+        source = {f: (os.path.getsize(f), os.path.getmtime(f)) for f in _local_files(cfg.path)}
+    tok = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(sorted(tokenizer.get_vocab().items()))
+    blob = json.dumps([BLOCKS_FORMAT_VERSION, settings, source, block_size, datasets.__version__], sort_keys=True, default=str)
+    return hashlib.sha256((blob + tok).encode()).hexdigest()[:16]

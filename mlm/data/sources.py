@@ -1,0 +1,275 @@
+"""Where text comes from: a registry of loaders, and the text column of their raw examples.
+
+Two ways to read a corpus:
+- `load_text` returns a `DatasetDict` of train/test text, split by document before tokenization
+  (the whole corpus as one in-memory or memory-mapped `Dataset`; the reference for small corpora);
+- `iter_documents` yields the same documents one at a time in source order, reading files
+  incrementally (local files never pass through memory as a whole). `blocks.build_blocks` and
+  `streaming` build on it.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import itertools
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from mlm.config import DatasetConfig, UserError
+from mlm.hub import hub_reachable, offline_mode
+
+log = logging.getLogger(__name__)
+
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# ---------------------------------------------------------------- loaders: DatasetConfig -> raw text
+
+
+def _gensim_test_file(name: str) -> Path:
+    try:
+        import gensim
+    except ImportError as e:  # pragma: no cover - gensim is a dependency
+        raise UserError("dataset=wiki needs the gensim package: pip install gensim") from e
+    return Path(gensim.__file__).parent / "test" / "test_data" / name
+
+
+_WIKI_MARKUP = [
+    (re.compile(r"'{2,}"), ""),  # ''italic'' and '''bold''' quotes
+    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),  # == Heading == -> Heading
+    (re.compile(r"^[:*#;]+\s*", re.M), ""),  # indentation and list markers
+    (re.compile(r"\n{2,}"), "\n"),
+]
+
+
+def _wiki_articles() -> List[str]:
+    """Articles of the English Wikipedia sample in the gensim wheel, parsed with gensim's wiki parser."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = _gensim_test_file("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    articles = []
+    with bz2.open(path) as f:
+        for _title, markup, _page_id in extract_pages(f, filter_namespaces=("0",)):
+            text = filter_wiki(markup)
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            for pattern, repl in _WIKI_MARKUP:
+                text = pattern.sub(repl, text)
+            text = text.strip()
+            if len(text.split()) >= 20:
+                articles.append(text)
+    return articles
+
+
+def load_gensim_wiki(cfg: DatasetConfig) -> Dataset:
+    texts = _wiki_articles()
+    if cfg.include_news:  # one news story per line
+        texts += [line.strip() for line in _gensim_test_file("lee_background.cor").read_text().splitlines() if line.strip()]
+    return Dataset.from_dict({"text": texts})
+
+
+def load_hub(cfg: DatasetConfig, streaming: bool = False) -> Dataset:
+    """A dataset from the Hugging Face hub (parquet/json/csv repos; datasets 5 runs no loading scripts)."""
+    if not offline_mode() and not hub_reachable():
+        raise UserError(
+            f"dataset {cfg.path!r}: the Hugging Face hub is unreachable; use dataset=local dataset.path=<file>, "
+            "or HF_HUB_OFFLINE=1 if it is in your Hugging Face cache"
+        )
+    try:
+        return datasets.load_dataset(cfg.path, cfg.config_name, split=cfg.split, streaming=streaming)
+    except Exception as e:  # the hub client raises many types: offline, 404, gated, script datasets
+        raise UserError(f"could not load dataset {cfg.path!r}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _read_text_file(path: str) -> Iterator[str]:
+    """Non-empty lines of a text file, read lazily; non-UTF-8 bytes are replaced by U+FFFD and counted, not fatal."""
+    bad = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line, bad = raw.decode("utf-8", errors="replace"), bad + 1
+            if line.strip():
+                yield line.rstrip("\r\n")
+    if bad:
+        log.warning("%s: %d line(s) had bytes that are not UTF-8; they were replaced with U+FFFD", path, bad)
+
+
+def load_local(cfg: DatasetConfig) -> Dataset:
+    """The user's own files: txt (one example per non-empty line), json/jsonl, csv, parquet."""
+    files, suffix = _checked_local_files(cfg.path)
+    if suffix == ".txt":
+        lines = [line for f in files for line in _read_text_file(f)]
+        if not lines:
+            raise UserError(f"data file(s) {files} contain no text")
+        return Dataset.from_dict({"text": lines})
+    try:
+        return datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=files, split="train")
+    except Exception as e:
+        raise UserError(f"could not read {files}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _checked_local_files(path: str) -> Tuple[List[str], str]:
+    """The files behind dataset.path and their one suffix; empty files and mixed types are user errors."""
+    files = _local_files(path)
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if len(suffixes) > 1:
+        raise UserError(f"dataset.path={path!r} mixes file types {sorted(suffixes)}; point it at one type")
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise UserError(f"data file {f} is empty")
+    return files, suffixes.pop()
+
+
+def _local_files(path: str) -> List[str]:
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if Path(f).suffix.lower() in LOCAL_BUILDERS)
+    else:
+        files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if os.path.isfile(path) else [])
+    if not files:
+        raise UserError(f"dataset.path={path!r}: no such file (or no {'/'.join(LOCAL_BUILDERS)} files there)")
+    unsupported = [f for f in files if Path(f).suffix.lower() not in LOCAL_BUILDERS]
+    if unsupported:
+        raise UserError(f"{unsupported[0]}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)}")
+    return files
+
+
+LOADERS: Dict[str, Callable[[DatasetConfig], Dataset]] = {
+    "gensim_wiki": load_gensim_wiki,
+    "hub": load_hub,
+    "local": load_local,
+}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+# ---------------------------------------------------------------- raw examples -> text column
+
+
+def select_text(ds: Dataset, field: str) -> Dataset:
+    """Keep one text column. A dotted field reaches into structs; a list of strings is joined with spaces."""
+    if field not in ds.column_names and "." in field:
+        ds = ds.flatten()  # struct `answers` -> columns `answers.text`, `answers.score`, ...
+    if field not in ds.column_names:
+        raise UserError(f"text field {field!r} does not exist; the data has fields {ds.column_names} (set dataset.text_field)")
+
+    def join(batch):
+        return {"text": join_texts(batch[field], field)}
+
+    return ds.map(join, batched=True, remove_columns=ds.column_names, desc="select text")
+
+
+def join_texts(values: list, field: str) -> List[str]:
+    """One string per example: text as is, a list of strings joined with spaces, None as ''."""
+    out = []
+    for value in values:
+        if value is None:
+            out.append("")
+        elif isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            out.append(" ".join(str(v) for v in value if v))
+        else:
+            raise UserError(f"text field {field!r} holds {type(value).__name__} values, not text or lists of text")
+    return out
+
+
+def load_text(cfg: DatasetConfig) -> DatasetDict:
+    """Raw examples -> {'train', 'test'} with one `text` column, split with a fixed seed."""
+    ds = LOADERS[_registered(cfg.kind)](cfg)
+    if cfg.max_examples:
+        ds = ds.select(range(min(cfg.max_examples, len(ds))))
+    ds = select_text(ds, cfg.text_field)
+    ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, desc="drop empty")
+    if len(ds) < 2:
+        raise UserError(f"the dataset has {len(ds)} non-empty example(s); it needs at least 2 to split off a test set")
+    return ds.train_test_split(test_size=cfg.test_size, seed=cfg.split_seed, shuffle=True)
+
+
+def _registered(kind: str) -> str:
+    if kind not in LOADERS:
+        raise UserError(f"dataset.kind={kind!r} is unknown; choose one of {sorted(LOADERS)}")
+    return kind
+
+
+# ---------------------------------------------------------------- documents one at a time
+
+
+def iter_documents(cfg: DatasetConfig, streaming: bool = False) -> Iterator[str]:
+    """The non-empty texts of the corpus in source order, one at a time: the same documents, in the
+    same order, as `load_text` before its split, without holding the corpus in memory.
+
+    Local files are read incrementally (text line by line, json/csv/parquet through `datasets`
+    streaming). A hub dataset is read from the Hugging Face cache (memory-mapped Arrow), or with
+    streaming=True straight from the hub. The gensim sample is tiny and built in memory.
+    """
+    seen = 0
+    for batch in _raw_batches(cfg, streaming):
+        values = _field_values(batch, cfg.text_field)
+        if cfg.max_examples:
+            values = values[: cfg.max_examples - seen]
+        seen += len(values)
+        for text in join_texts(values, cfg.text_field):
+            if text.strip():
+                yield text
+        if cfg.max_examples and seen >= cfg.max_examples:
+            return
+
+
+def _raw_batches(cfg: DatasetConfig, streaming: bool) -> Iterator[Dict[str, list]]:
+    size = cfg.tokenize_batch_size
+    if cfg.kind == "local":
+        files, suffix = _checked_local_files(cfg.path)
+        if suffix == ".txt":  # our own line reader: the same lines as load_local, and the bad-byte count
+            lines = (line for f in files for line in _read_text_file(f))
+            while batch := list(itertools.islice(lines, size)):
+                yield {"text": batch}
+            return
+        try:
+            source = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=files, split="train", streaming=True)
+        except Exception as e:
+            raise UserError(f"could not read {files}: {type(e).__name__}: {_first_line(e)}") from e
+    elif cfg.kind == "hub":
+        if streaming and "[" in cfg.split:
+            raise UserError(f"dataset.split={cfg.split!r}: a streamed hub dataset cannot be sliced; use dataset.max_examples")
+        source = load_hub(cfg, streaming=streaming)
+    else:
+        source = LOADERS[_registered(cfg.kind)](cfg)
+    yield from source.iter(batch_size=size)
+
+
+def _field_values(batch: Dict[str, list], field: str) -> list:
+    """The values of `field` in a batch of raw examples; a dotted field reaches into structs (dicts)."""
+    values = _lookup(batch, field)
+    if values is None:
+        raise UserError(f"text field {field!r} does not exist; the data has fields {sorted(_flat_fields(batch))} (set dataset.text_field)")
+    return values
+
+
+def _lookup(batch: Dict[str, list], field: str) -> Optional[list]:
+    if field in batch:
+        return batch[field]
+    head, _, rest = field.partition(".")
+    values = batch.get(head)
+    if not rest or values is None or not all(v is None or isinstance(v, dict) for v in values):
+        return None
+    rows = [v or {} for v in values]
+    return _lookup({k: [r.get(k) for r in rows] for r in rows for k in r}, rest)
+
+
+def _flat_fields(batch: Dict[str, list]) -> List[str]:
+    names = []
+    for name, values in batch.items():
+        first = next((v for v in values if v is not None), None)
+        names += [f"{name}.{sub}" for sub in _flat_fields({k: [v] for k, v in first.items()})] if isinstance(first, dict) else [name]
+    return names
