@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import Config, UserError, register_configs
+from mlm.files import atomic_write_text
 
 log = logging.getLogger("mlm")
 
@@ -53,15 +57,92 @@ def job_info(cfg_hydra) -> dict:
     }
 
 
+def finished_results(run_dir: Path, cfg) -> Optional[dict]:
+    """results.json of a run in `run_dir` that already did what `cfg` asks, else None.
+
+    Only with resume=auto (never starts over; a checkpoint path continues from there). A run
+    with more trainer.max_steps than it reached is not finished: it resumes and trains on.
+    """
+    if cfg.resume != "auto":
+        return None
+    try:
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if cfg.trainer.max_steps > 0 and results.get("steps") != cfg.trainer.max_steps:
+        return None
+    return results
+
+
+def finished_line(run_dir: Path, results: dict) -> str:
+    return (f"{run_dir} already finished ({results.get('steps')} steps, perplexity {results.get('perplexity', float('nan')):.2f}); "
+            f"results in {Path(run_dir) / 'results.json'} (resume=never or another run directory trains again)")
+
+
+def guard(run_dir: Path, cfg) -> Optional[dict]:
+    """Before anything of ours is written: take the run dir's lock (RunDirLocked if another run holds it)
+    and return the results if the run is already finished. The main process only."""
+    if not is_main_process():
+        return None
+    from mlm.runlock import lock_run_dir
+
+    lock_run_dir(run_dir)
+    return finished_results(run_dir, cfg)
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: lock the run (or sweep) dir before Hydra writes its .hydra snapshot and log there.
+
+    A second run into a locked directory, or a finished run run again, stops here having touched
+    nothing but the lock file. Jobs of a multirun are guarded again in run_job (their directories
+    exist only then).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from mlm.runlock import RunDirLocked
+
+        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        try:
+            results = guard(run_dir, config)
+        except RunDirLocked as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if results is not None:
+            print(finished_line(run_dir, results))
+            sys.exit(0)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from mlm.runlock import RunDirLocked, lock_run_dir
+
+        if not is_main_process():
+            return
+        try:
+            lock_run_dir(Path(str(config.hydra.sweep.dir)).absolute())
+        except RunDirLocked as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from mlm.runlock import release_run_dir
+
+        release_run_dir(Path(str(config.hydra.sweep.dir)).absolute())
+
+
 def run_job(cfg: DictConfig) -> float:
     """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on)."""
     from hydra.core.hydra_config import HydraConfig
+
+    from mlm.runlock import RunDirLocked, release_run_dir
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     job = job_info(hc)
     debug = bool(cfg.get("debug", False))
     try:
+        done = guard(run_dir, cfg)
+        if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
+            print(finished_line(run_dir, done))
+            return done.get("perplexity", float("nan"))
         from mlm.train import NonFiniteLoss, train
 
         typed: Config = OmegaConf.to_object(cfg)
@@ -69,6 +150,8 @@ def run_job(cfg: DictConfig) -> float:
             results = train(typed, run_dir, job, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
+    except RunDirLocked as e:  # not our directory: write nothing into it
+        return _fail(run_dir, job, str(e), record=False)
     except UserError as e:
         if debug:
             raise
@@ -78,18 +161,21 @@ def run_job(cfg: DictConfig) -> float:
             log.exception("job failed")
             return _fail(run_dir, job, f"{type(e).__name__}: {e}")
         raise
-    if is_main_process():
-        from mlm.report import plot_run
+    else:
+        if is_main_process():
+            from mlm.report import plot_run
 
-        plot_run(run_dir)
-        print(summary_text(typed, run_dir, results))
-    return results["perplexity"]
+            plot_run(run_dir)
+            print(summary_text(typed, run_dir, results))
+        return results["perplexity"]
+    finally:  # _fail's sys.exit passes here too
+        release_run_dir(run_dir)
 
 
-def _fail(run_dir: Path, job: dict, message: str) -> float:
+def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> float:
     log.error(message)
-    if is_main_process() and run_dir.exists():
-        (run_dir / "error.txt").write_text(message + "\n")
+    if record and is_main_process() and run_dir.exists():
+        atomic_write_text(run_dir / "error.txt", message + "\n")
     if job["multirun"]:
         return float("nan")  # Optuna records a failed trial; the basic sweeper goes on
     print(f"error: {message}", file=sys.stderr)

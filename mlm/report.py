@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
+from mlm.files import atomic_path, atomic_write_text  # noqa: E402
 from mlm.tracking import read_metrics  # noqa: E402
 
 
@@ -47,7 +48,8 @@ def plot_run(run_dir: Path) -> Optional[Path]:
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     path = run_dir / "curves.png"
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -58,7 +60,11 @@ def _overrides(job_dir: Path) -> List[str]:
         return []
     import yaml
 
-    return [o for o in (yaml.safe_load(path.read_text()) or []) if not o.startswith("hydra")]
+    try:  # Hydra writes this file in place: a job killed in that instant leaves it torn (its rerun rewrites it)
+        overrides = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return []
+    return [o for o in overrides if isinstance(o, str) and not o.startswith("hydra")]
 
 
 def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
@@ -69,7 +75,7 @@ def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
         for d in candidates:
             if not ((d / "results.json").exists() or (d / "error.txt").exists()):
                 continue
-            results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+            results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}  # written atomically
             jobs.append({
                 "dir": d,
                 "overrides": dict(o.split("=", 1) for o in _overrides(d) if "=" in o),
@@ -162,7 +168,8 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
     failed = len(jobs) - len(ok)
     fig.suptitle(f"{len(ok)} job(s)" + (f", {failed} failed" if failed else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -180,7 +187,7 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None) -> Optional[Path
         text.append(f"Best: `{' '.join(f'{k}={v}' for k, v in best['overrides'].items()) or best['dir'].name}` "
                     f"with perplexity {best['results']['perplexity']:.2f}.")
     text.append("\n![summary](summary.png)\n")
-    (out_dir / "summary.md").write_text("\n".join(text))
+    atomic_write_text(out_dir / "summary.md", "\n".join(text))
     plot_sweep(jobs, out_dir / "summary.png")
     return out_dir / "summary.md"
 

@@ -7,7 +7,6 @@ checkpoints, tracking and reports live in their own modules.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -20,11 +19,12 @@ import transformers
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mlm import checkpoint
+from mlm import checkpoint, faults
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks
 from mlm.evaluate import evaluate
+from mlm.files import atomic_path, atomic_write_json, os_error_advice
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
@@ -50,6 +50,7 @@ class TrainState:
     last_eval: Dict[str, float] = field(default_factory=dict)
     tracker_run_id: Optional[str] = None
     log_window: List[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and masked tokens since the last log
+    final_eval_step: Optional[int] = None  # the step whose final eval is logged: a resume there must not log it twice
 
 
 class LogWindow:
@@ -92,9 +93,10 @@ def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Pat
     """A non-finite step: stop (default), or with on_nonfinite=skip drop it and keep the schedule in step."""
     state.skipped_steps += 1
     if tcfg.on_nonfinite == "stop" or state.skipped_steps > tcfg.max_skipped_steps:
+        kept = checkpoint.list_checkpoints(run_dir)
         raise NonFiniteLoss(
             f"non-finite training loss at step {state.step + 1} ({error}); "
-            f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+            + (f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written before it")
         ) from None
     log.warning("step %d: %s; skipped (%d so far)", state.step + 1, error, state.skipped_steps)
     scheduler.step()
@@ -199,12 +201,17 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         log.info("resumed from %s at step %d", ckpt, state.step)
     if main:  # records past the checkpoint (or all, on a fresh start) are logged again
         truncate_metrics(run_dir, state.step if ckpt is not None else -1)
+        (run_dir / "error.txt").unlink(missing_ok=True)  # a failure this run recovers from
+        if ckpt is None:  # starting over: a previous run's results would make this one look finished
+            (run_dir / "results.json").unlink(missing_ok=True)
     tracker = open_trackers(cfg.tracker, run_dir, config_tree or asdict(cfg), job, main, resume_id=state.tracker_run_id)
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
+    faults.reached("startup")
 
     def run_eval() -> Dict[str, float]:
         start = time.perf_counter()
         metrics = evaluate(objective, eval_blocks, tokenizer, cfg.masking, cfg.seed, accelerator, tcfg.eval_batch_size)
+        faults.reached("eval")
         log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
                  metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(eval_blocks), time.perf_counter() - start)
         state.last_eval = metrics
@@ -243,6 +250,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     skip_step(state, scheduler, tcfg, e, run_dir)
                     continue
                 state.step += 1
+                faults.reached("step")
                 state.tokens += tokens_per_step
                 seconds = time.perf_counter() - t0
                 state.train_seconds += seconds
@@ -259,9 +267,14 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     save(state.step)
         bar.close()
 
-        # 5. final eval, checkpoint, model, results
-        final = run_eval()
-        save(state.step)
+        # 5. final eval, checkpoint, model, results. A rerun after a kill in this phase resumes from
+        # the final checkpoint, finds its eval logged (final_eval_step), and redoes only the files.
+        if state.final_eval_step == state.step:
+            final = state.last_eval
+        else:
+            final = run_eval()
+            state.final_eval_step = state.step
+            save(state.step)
         results = {
             "eval_loss": final["eval/loss"],
             "perplexity": final["eval/perplexity"],
@@ -280,7 +293,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         if main:
             if tcfg.save_model:
                 save_final(raw_model, tokenizer, run_dir / "final")
-            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            faults.reached("results")
+            atomic_write_json(run_dir / "results.json", results)  # written last: its presence means the run is finished
         return results
     finally:
         bar.close()
@@ -288,9 +302,13 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
 
 
 def save_final(model, tokenizer, path: Path) -> None:
-    """save_pretrained (safetensors) of model and tokenizer: `pipeline('fill-mask', model=path)` loads it."""
+    """save_pretrained (safetensors) of model and tokenizer: `pipeline('fill-mask', model=path)` loads it.
+
+    Saved into a temporary directory renamed into place, so `path` never holds half a model."""
     try:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        with atomic_path(path) as tmp:
+            model.save_pretrained(tmp)
+            faults.reached("final")
+            tokenizer.save_pretrained(tmp)
     except OSError as e:
-        raise UserError(f"cannot write the final model to {path}: {e.strerror or e}") from e
+        raise UserError(f"cannot write the final model to {path}: {e.strerror or e} ({os_error_advice(e)})") from e
