@@ -130,6 +130,15 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def discard_checkpoints(run_dir: Path) -> None:
+    """A run starting over (resume=never) in a used directory: a later resume=auto must not pick up the old run's."""
+    old = list_checkpoints(run_dir)
+    if old:
+        log.warning("starting over in %s: deleting %d checkpoint(s) of the previous run there (newest %s)", run_dir, len(old), old[0].name)
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     """resume=auto -> newest complete checkpoint in the run dir (or none); never -> none; else that path."""
     if resume == "never":

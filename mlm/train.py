@@ -202,8 +202,9 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     if main:  # records past the checkpoint (or all, on a fresh start) are logged again
         truncate_metrics(run_dir, state.step if ckpt is not None else -1)
         (run_dir / "error.txt").unlink(missing_ok=True)  # a failure this run recovers from
-        if ckpt is None:  # starting over: a previous run's results would make this one look finished
+        if ckpt is None:  # starting over: a previous run's results and checkpoints would pass for this one's
             (run_dir / "results.json").unlink(missing_ok=True)
+            checkpoint.discard_checkpoints(run_dir)
     tracker = open_trackers(cfg.tracker, run_dir, config_tree or asdict(cfg), job, main, resume_id=state.tracker_run_id)
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
     faults.reached("startup")

@@ -133,3 +133,14 @@ def test_cfg_job_prints_the_recipe():
     proc = run_cli(["model=distilroberta", "block_size=256", "--cfg", "job"])
     assert proc.returncode == 0
     assert "name_or_path: distilbert/distilroberta-base" in proc.stdout and "block_size: 256" in proc.stdout
+
+
+def test_resume_never_in_a_finished_dir_starts_over(tiny_run):
+    run_dir, first = tiny_run
+    records = (run_dir / "metrics.jsonl").read_text().splitlines()
+    again = run_cli([*first.args[2:], "resume=never"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already finished" not in again.stdout and "perplexity:" in again.stdout
+    assert "deleting 1 checkpoint(s) of the previous run" in again.stdout + again.stderr
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(records)  # started over, not appended
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
