@@ -57,21 +57,47 @@ def job_info(cfg_hydra) -> dict:
     }
 
 
-def finished_results(run_dir: Path, cfg) -> Optional[dict]:
-    """results.json of a run in `run_dir` that already did what `cfg` asks, else None.
+# Settings that change neither the weights nor the metrics: a finished run asked again with other
+# values of these is still the same finished run.
+NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
+               "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps")
+
+
+def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:
+    """results.json of a run in `run_dir` that already did what is asked, else None.
 
     Only with resume=auto (never starts over; a checkpoint path continues from there). A run
     with more trainer.max_steps than it reached is not finished: it resumes and trains on.
+    `settings` (the flat config; None: not known yet, so not decided) must match the finished run's, or a sweep rerun
+    into the same directory with other values would get the old job's results: that is refused.
     """
-    if cfg.resume != "auto":
+    if resume != "auto" or settings is None:
         return None
     try:
         results = json.loads((Path(run_dir) / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    if cfg.trainer.max_steps > 0 and results.get("steps") != cfg.trainer.max_steps:
+    if max_steps > 0 and results.get("steps") != max_steps:
         return None
+    saved = results.get("config") or {}
+    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(NOT_RESULTS) and saved[k] != settings[k])
+    if differ:
+        shown = ", ".join(f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ[:3])
+        raise UserError(f"{run_dir} holds a finished run with other settings ({shown}); "
+                        "give this run its own directory, or resume=never to replace that one")
     return results
+
+
+def flat_settings(cfg: DictConfig) -> Optional[dict]:
+    """The job's config as flat keys (what train() stores in results.json), or None if it does not resolve yet."""
+    from mlm.tracking import flat_config
+
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # e.g. a ${hydra:...} value before Hydra has set up the job: run_job checks again
+        return None
+    tree.pop("hydra", None)
+    return flat_config(tree)
 
 
 def finished_line(run_dir: Path, results: dict) -> str:
@@ -87,7 +113,7 @@ def guard(run_dir: Path, cfg) -> Optional[dict]:
     from mlm.runlock import lock_run_dir
 
     lock_run_dir(run_dir)
-    return finished_results(run_dir, cfg)
+    return finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, flat_settings(cfg))
 
 
 class RunDirGuard(Callback):
@@ -99,12 +125,10 @@ class RunDirGuard(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        from mlm.runlock import RunDirLocked
-
         run_dir = Path(str(config.hydra.run.dir)).absolute()
         try:
             results = guard(run_dir, config)
-        except RunDirLocked as e:
+        except UserError as e:  # locked, or finished with other settings
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         if results is not None:
@@ -139,7 +163,10 @@ def run_job(cfg: DictConfig) -> float:
     job = job_info(hc)
     debug = bool(cfg.get("debug", False))
     try:
-        done = guard(run_dir, cfg)
+        try:
+            done = guard(run_dir, cfg)
+        except UserError as e:  # locked, or finished with other settings: not ours to write into
+            raise RunDirLocked(str(e)) from e
         if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
             print(finished_line(run_dir, done))
             return done.get("perplexity", float("nan"))
@@ -150,7 +177,7 @@ def run_job(cfg: DictConfig) -> float:
             results = train(typed, run_dir, job, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
-    except RunDirLocked as e:  # not our directory: write nothing into it
+    except RunDirLocked as e:  # not this job's directory: write nothing into it
         return _fail(run_dir, job, str(e), record=False)
     except UserError as e:
         if debug:

@@ -64,6 +64,11 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def flat_config(tree: Dict[str, Any]) -> Dict[str, Any]:
+    """A config tree as flat keys, secrets masked, values as JSON reads them back (results.json keeps this)."""
+    return json.loads(json.dumps(flatten(scrub(tree)), default=str))
+
+
 class NullTracker:
     run_id = None
 

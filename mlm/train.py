@@ -28,7 +28,7 @@ from mlm.files import atomic_path, atomic_write_json, os_error_advice
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
-from mlm.tracking import open_trackers, truncate_metrics
+from mlm.tracking import flat_config, open_trackers, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
             "processes": accelerator.num_processes,
             "wall_seconds": round(time.perf_counter() - wall_start, 3),
+            "config": flat_config(config_tree or asdict(cfg)),  # what a rerun compares before calling this run finished
         }
         tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"], "final/eval_loss": results["eval_loss"]})
         if main:

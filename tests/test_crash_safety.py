@@ -124,19 +124,20 @@ def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(holder, text_f
     assert sorted(p.name for p in run_dir.rglob("*")) == before == ["run.lock"]  # no .hydra, no log file
 
 
-def test_finished_means_the_planned_steps_with_resume_auto(tmp_path):
+def test_finished_means_the_planned_steps_with_the_same_settings(tmp_path):
     from mlm.cli import finished_results
+    from mlm.config import UserError
 
-    (tmp_path / "results.json").write_text(json.dumps({"steps": 4, "perplexity": 9.0}))
-    cfg = compose([*TINY_RUN])  # trainer=debug: max_steps=4
-    assert finished_results(tmp_path, cfg)["perplexity"] == 9.0
-    cfg.trainer.max_steps = 8  # asked for more: resume and train on
-    assert finished_results(tmp_path, cfg) is None
-    cfg.trainer.max_steps, cfg.resume = 4, "never"
-    assert finished_results(tmp_path, cfg) is None
+    settings = {"optimizer.lr": 0.001, "seed": 42, "trainer.max_steps": 4, "trainer.progress_bar": False}
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 4, "perplexity": 9.0, "config": settings}))
+    assert finished_results(tmp_path, "auto", 4, settings)["perplexity"] == 9.0
+    assert finished_results(tmp_path, "auto", 4, {**settings, "trainer.progress_bar": True}) is not None  # no effect on results
+    assert finished_results(tmp_path, "auto", 8, {**settings, "trainer.max_steps": 8}) is None  # asked for more: train on
+    assert finished_results(tmp_path, "never", 4, settings) is None
+    with pytest.raises(UserError, match="other settings \\(optimizer.lr=0.001 there, 0.0002 now\\)"):
+        finished_results(tmp_path, "auto", 4, {**settings, "optimizer.lr": 0.0002})  # e.g. a sweep rerun with other values
     (tmp_path / "results.json").write_text('{"steps": 4, "perpl')  # cannot happen (atomic), but must not pass
-    cfg.resume = "auto"
-    assert finished_results(tmp_path, cfg) is None
+    assert finished_results(tmp_path, "auto", 4, settings) is None
 
 
 def test_two_runs_into_one_dir_first_completes_second_exits_2(tmp_path, text_file):

@@ -135,6 +135,16 @@ def test_cfg_job_prints_the_recipe():
     assert "name_or_path: distilbert/distilroberta-base" in proc.stdout and "block_size: 256" in proc.stdout
 
 
+def test_finished_run_asked_with_other_settings_is_refused(tiny_run):
+    run_dir, first = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
+    other = run_cli([*first.args[2:], "optimizer.lr=0.123"])
+    assert other.returncode == 2 and other.stdout == ""
+    assert other.stderr.strip().splitlines() == [f"error: {run_dir} holds a finished run with other settings "
+                                                 f"(optimizer.lr=0.0004 there, 0.123 now); give this run its own directory, or resume=never to replace that one"]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+
+
 def test_resume_never_in_a_finished_dir_starts_over(tiny_run):
     run_dir, first = tiny_run
     records = (run_dir / "metrics.jsonl").read_text().splitlines()
