@@ -93,10 +93,9 @@ def flat_settings(cfg: DictConfig) -> Optional[dict]:
     from mlm.tracking import flat_config
 
     try:
-        tree = OmegaConf.to_container(cfg, resolve=True)
+        tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     except Exception:  # e.g. a ${hydra:...} value before Hydra has set up the job: run_job checks again
         return None
-    tree.pop("hydra", None)
     return flat_config(tree)
 
 
