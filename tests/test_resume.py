@@ -130,34 +130,35 @@ def test_keeps_only_the_last_k_checkpoints(uninterrupted):
 # One kill per moment of a run's life, each in a fresh process that resumes the same run directory
 # (counts are per process: "eval:2" is the second evaluation this process runs). With 14 steps,
 # checkpoints every 3 and evals every 4, the runs below go:
-KILLS = [
+KILLS = [  # (kill point, the step the run resumes from: None for a fresh start)
     ("startup:1", None),      # fresh start, killed before anything is logged
     ("eval:2", None),         # fresh again: eval at step 0 logged, killed computing the eval at step 4 (checkpoint 3 on disk)
-    ("checkpoint:2", None),   # resumes at 3; checkpoint 6 written, killed half-way through checkpoint 9
-    ("metrics:5", "torn"),    # resumes at 6; killed in the middle of writing its 5th record (step 10's): a torn line
-    ("step:3", None),         # resumes at 9 (dropping the torn line); killed right after the optimizer step 12
-    ("final:1", None),        # resumes at 12; final eval and checkpoint 14 done, killed with final/ half-saved
-    ("results:1", None),      # resumes at 14 with its final eval logged; killed before results.json
+    ("checkpoint:2", 3),      # checkpoint 6 written, killed half-way through checkpoint 9
+    ("metrics:5", 6),         # killed in the middle of writing its 5th record (step 10's): a torn last line
+    ("step:3", 9),            # drops the torn line; killed right after the optimizer step 12
+    ("final:1", 12),          # final eval and checkpoint 14 done, killed with final/ half-saved
+    ("results:1", 14),        # the final eval is logged already; killed before results.json
 ]
 
 
 def test_kills_at_every_phase_then_resume_match_an_uninterrupted_run(corpus, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     args = [*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
-    previous = None
-    for point, expect in KILLS:
+    for i, (point, resumes_at) in enumerate(KILLS):
         proc = run_cli(args, env={"MLM_FAULT_KILL_AT": point})
+        out = proc.stdout + proc.stderr
         assert proc.returncode == -signal.SIGKILL, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        assert ("resumed from" not in out) if resumes_at is None else (f"at step {resumes_at}\n" in out), out[-3000:]
         assert not (run_dir / "results.json").exists()
-        if previous == "torn":  # the torn line was dropped with one warning naming it
-            assert (proc.stdout + proc.stderr).count("is not a complete record") == 1, proc.stdout[-3000:]
-        if expect == "torn":
+        if i and KILLS[i - 1][0].startswith("metrics"):  # the torn line was dropped with one warning naming it
+            assert out.count("metrics.jsonl line") == 1 and "is not a complete record" in out, out[-3000:]
+        if point.startswith("metrics"):
             assert not (run_dir / "metrics.jsonl").read_text().endswith("\n"), "the kill should leave a torn last line"
-        if point == "final:1":
+        if point.startswith("final"):
             assert not (run_dir / "final").exists()  # half a model never appears under the final name
-        previous = expect
     done = run_cli(args)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "at step 14\n" in done.stdout + done.stderr  # only final/ and results.json were left to do
     assert_same_as_uninterrupted(run_dir, uninterrupted)
     assert not [p.name for p in run_dir.rglob(".tmp-*")] and not [p.name for p in run_dir.rglob(".old-*")]
 
