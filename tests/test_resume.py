@@ -135,8 +135,8 @@ KILLS = [  # (kill point, the step the run resumes from: None for a fresh start)
     ("eval:2", None),         # fresh again: eval at step 0 logged, killed computing the eval at step 4 (checkpoint 3 on disk)
     ("checkpoint:2", 3),      # checkpoint 6 written, killed half-way through checkpoint 9
     ("metrics:5", 6),         # killed in the middle of writing its 5th record (step 10's): a torn last line
-    ("step:3", 9),            # drops the torn line; killed right after the optimizer step 12
-    ("final:1", 12),          # final eval and checkpoint 14 done, killed with final/ half-saved
+    ("step:3", 9),            # drops the torn line; killed right after the optimizer step 12, before checkpoint 12
+    ("final:1", 9),           # final eval and checkpoint 14 done, killed with final/ half-saved
     ("results:1", 14),        # the final eval is logged already; killed before results.json
 ]
 
