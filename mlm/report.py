@@ -67,6 +67,19 @@ def _overrides(job_dir: Path) -> List[str]:
     return [o for o in overrides if isinstance(o, str) and not o.startswith("hydra")]
 
 
+def _trained_with(overrides: Dict[str, str], trained: Dict[str, Any]) -> Dict[str, str]:
+    """The overrides, with the values the results were trained with where those differ.
+
+    Hydra rewrites .hydra/overrides.yaml at every launch, also for a job that then refuses to
+    run (a sweep rerun into the same directory with other values); results.json keeps the truth.
+    """
+    def same(a, b):
+        na, nb = _num(a), _num(b)
+        return na == nb if na is not None and nb is not None else str(a).lower() == str(b).lower()
+
+    return {k: v if k not in trained or same(v, trained[k]) else str(trained[k]) for k, v in overrides.items()}
+
+
 def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
     """Every job directory (one with results.json or error.txt) under the given directories."""
     jobs = []
@@ -78,7 +91,7 @@ def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
             results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}  # written atomically
             jobs.append({
                 "dir": d,
-                "overrides": dict(o.split("=", 1) for o in _overrides(d) if "=" in o),
+                "overrides": _trained_with(dict(o.split("=", 1) for o in _overrides(d) if "=" in o), results.get("config", {})),
                 "results": results,
                 "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
                 "metrics": read_metrics(d),
