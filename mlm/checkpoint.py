@@ -17,36 +17,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from mlm import faults
 from mlm.config import UserError
+from mlm.files import fsync_dir, os_error_advice, replace, write_json
 from mlm.parallel import Replicated
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def rng_state() -> Dict[str, Any]:
@@ -92,35 +78,25 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed mid-write
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
+        write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
         layout.save(tmp, model, optimizer, accelerator)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
-            _injected_delay()
-            _write_json(tmp / "state.json", {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)})
+            faults.reached("checkpoint")
+            write_json(tmp / "state.json", {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)})
             sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            _write_json(tmp / MANIFEST, {"step": step, "files": sizes})
-            _fsync_dir(tmp)
-            if final.exists():  # the same step saved before (e.g. a resumed run's final save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
+            write_json(tmp / MANIFEST, {"step": step, "files": sizes})
+            fsync_dir(tmp)
+            replace(tmp, final)  # over the same step saved before, if any (e.g. by a run started with resume=never)
             _prune(root, keep)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {e.strerror or e} (free space or fix permissions, then resume)") from e
+        raise UserError(f"cannot write checkpoint {final}: {e.strerror or e} ({os_error_advice(e)})") from e
     accelerator.wait_for_everyone()
     return final
-
-
-def _injected_delay() -> None:
-    """Fault injection for the crash tests: MLM_FAULT_CHECKPOINT_DELAY=<s> holds a write half-done."""
-    delay = float(os.environ.get("MLM_FAULT_CHECKPOINT_DELAY", "0"))
-    if delay > 0:
-        time.sleep(delay)
 
 
 def _read_manifest(path: Path) -> Optional[Dict[str, Any]]:
@@ -155,6 +131,15 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
 def _prune(root: Path, keep: int) -> None:
     for old in list_checkpoints(root.parent)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_checkpoints(run_dir: Path) -> None:
+    """A run starting over (resume=never) in a used directory: a later resume=auto must not pick up the old run's."""
+    old = list_checkpoints(run_dir)
+    if old:
+        log.warning("starting over in %s: deleting %d checkpoint(s) of the previous run there (newest %s)", run_dir, len(old), old[0].name)
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:

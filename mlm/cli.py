@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import Config, UserError, register_configs
 from mlm.distributed import is_main_process, launch_name
+from mlm.files import atomic_write_text
 
 log = logging.getLogger("mlm")
 
@@ -55,9 +59,105 @@ def job_info(cfg_hydra) -> dict:
     }
 
 
+# Settings that change neither the weights nor the metrics: a finished run asked again with other
+# values of these is still the same finished run.
+NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
+               "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps")
+
+
+def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:
+    """results.json of a run in `run_dir` that already did what is asked, else None.
+
+    Only with resume=auto (never starts over; a checkpoint path continues from there). A run
+    with more trainer.max_steps than it reached is not finished: it resumes and trains on.
+    `settings` (the flat config; None: not known yet, so not decided) must match the finished run's, or a sweep rerun
+    into the same directory with other values would get the old job's results: that is refused.
+    """
+    if resume != "auto" or settings is None:
+        return None
+    try:
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if max_steps > 0 and results.get("steps") != max_steps:
+        return None
+    saved = results.get("config") or {}
+    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(NOT_RESULTS) and saved[k] != settings[k])
+    if differ:
+        shown = ", ".join(f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ[:3])
+        raise UserError(f"{run_dir} holds a finished run with other settings ({shown}); "
+                        "give this run its own directory, or resume=never to replace that one")
+    return results
+
+
+def flat_settings(cfg: DictConfig) -> Optional[dict]:
+    """The job's config as flat keys (what train() stores in results.json), or None if it does not resolve yet."""
+    from mlm.tracking import flat_config
+
+    try:
+        tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except Exception:  # e.g. a ${hydra:...} value before Hydra has set up the job: run_job checks again
+        return None
+    return flat_config(tree)
+
+
+def finished_line(run_dir: Path, results: dict) -> str:
+    return (f"{run_dir} already finished ({results.get('steps')} steps, perplexity {results.get('perplexity', float('nan')):.2f}); "
+            f"results in {Path(run_dir) / 'results.json'} (resume=never or another run directory trains again)")
+
+
+def guard(run_dir: Path, cfg) -> Optional[dict]:
+    """Before anything of ours is written: take the run dir's lock (RunDirLocked if another run holds it)
+    and return the results if the run is already finished. The main process only."""
+    if not is_main_process():
+        return None
+    from mlm.runlock import lock_run_dir
+
+    lock_run_dir(run_dir)
+    return finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, flat_settings(cfg))
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: lock the run (or sweep) dir before Hydra writes its .hydra snapshot and log there.
+
+    A second run into a locked directory, or a finished run run again, stops here having touched
+    nothing but the lock file. Jobs of a multirun are guarded again in run_job (their directories
+    exist only then).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        try:
+            results = guard(run_dir, config)
+        except UserError as e:  # locked, or finished with other settings
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if results is not None:
+            print(finished_line(run_dir, results))
+            sys.exit(0)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from mlm.runlock import RunDirLocked, lock_run_dir
+
+        if not is_main_process():
+            return
+        try:
+            lock_run_dir(Path(str(config.hydra.sweep.dir)).absolute())
+        except RunDirLocked as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from mlm.runlock import release_run_dir
+
+        release_run_dir(Path(str(config.hydra.sweep.dir)).absolute())
+
+
 def run_job(cfg: DictConfig) -> float:
     """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on)."""
     from hydra.core.hydra_config import HydraConfig
+
+    from mlm.runlock import RunDirLocked, release_run_dir
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -65,6 +165,14 @@ def run_job(cfg: DictConfig) -> float:
     debug = bool(cfg.get("debug", False))
     try:
         from mlm import distributed
+
+        try:
+            done = guard(run_dir, cfg)
+        except UserError as e:  # locked, or finished with other settings: not ours to write into
+            raise RunDirLocked(str(e)) from e
+        if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
+            print(finished_line(run_dir, done))
+            return done.get("perplexity", float("nan"))
         from mlm.train import NonFiniteLoss, train
 
         typed: Config = OmegaConf.to_object(cfg)
@@ -74,6 +182,8 @@ def run_job(cfg: DictConfig) -> float:
                 results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
+    except RunDirLocked as e:  # not this job's directory: write nothing into it
+        return _fail(run_dir, job, str(e), record=False)
     except UserError as e:
         if debug:
             raise
@@ -83,20 +193,23 @@ def run_job(cfg: DictConfig) -> float:
             log.exception("job failed")
             return _fail(run_dir, job, f"{type(e).__name__}: {e}")
         raise
-    if is_main_process():
-        from mlm.report import plot_run
+    else:
+        if is_main_process():
+            from mlm.report import plot_run
 
-        plot_run(run_dir)
-        print(summary_text(typed, run_dir, results))
-    return results["perplexity"]
+            plot_run(run_dir)
+            print(summary_text(typed, run_dir, results))
+        return results["perplexity"]
+    finally:  # _fail's sys.exit passes here too
+        release_run_dir(run_dir)
 
 
-def _fail(run_dir: Path, job: dict, message: str) -> float:
+def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> float:
     from mlm.distributed import failure_report
 
     log.error(message)
-    if is_main_process() and run_dir.exists():
-        (run_dir / "error.txt").write_text(failure_report(run_dir, message) + "\n")
+    if record and is_main_process() and run_dir.exists():
+        atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n")
     if job["multirun"]:
         return float("nan")  # Optuna records a failed trial; the basic sweeper goes on
     print(f"error: {message}", file=sys.stderr)

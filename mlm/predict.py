@@ -7,6 +7,7 @@ independently (as Hugging Face's fill-mask pipeline does).
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from typing import Dict, List
@@ -14,6 +15,8 @@ from typing import Dict, List
 import torch
 
 from mlm.config import UserError
+
+log = logging.getLogger(__name__)
 
 MASK_SPELLINGS = re.compile(r"<mask>|\[MASK\]")
 MAX_MASKS = 8
@@ -23,15 +26,41 @@ def to_model_mask(text: str, mask_token: str) -> str:
     return MASK_SPELLINGS.sub(lambda _: mask_token, text)
 
 
-def encode(tokenizer, text: str):
-    """Tokenize with the model's mask token; returns (encoding, mask positions) or raises UserError."""
-    enc = tokenizer(to_model_mask(text, tokenizer.mask_token), return_tensors="pt", truncation=True)
+def encode(tokenizer, text: str, note: bool = True):
+    """Tokenize with the model's mask token; returns (encoding, mask positions) or raises UserError.
+
+    A text longer than the model reads at once is cut to the window of tokens around its masks
+    (cutting its end instead would lose a mask near the end).
+    """
+    enc = tokenizer(to_model_mask(text, tokenizer.mask_token), return_tensors="pt", verbose=False)
     positions = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
     if not positions:
-        raise UserError(f"no mask in {text!r}: write <mask> (or [MASK]) where the word to predict goes")
+        raise UserError(f"no mask in {text[:80]!r}{'...' if len(text) > 80 else ''}: write <mask> (or [MASK]) where the word to predict goes")
     if len(positions) > MAX_MASKS:
         raise UserError(f"{len(positions)} masks in one text; at most {MAX_MASKS} are supported")
+    limit = tokenizer.model_max_length
+    if limit < 1_000_000 and enc["input_ids"].shape[1] > limit:  # an unset limit is a huge number
+        return _window(tokenizer, enc, positions, limit, note)
     return enc, positions
+
+
+def _window(tokenizer, enc, positions: List[int], limit: int, note: bool):
+    """The `limit` tokens centred on the masks: the first and last special tokens kept, the rest cut from both ends."""
+    n = enc["input_ids"].shape[1]
+    width = limit - 2  # room between the leading and trailing special token
+    span = positions[-1] - positions[0] + 1
+    if tokenizer.num_special_tokens_to_add() != 2 or span > width:
+        raise UserError(
+            f"the text is {n} tokens, more than the {limit} the model reads at once, and its masks (tokens "
+            f"{positions[0]} to {positions[-1]}) do not fit in one window; predict them from shorter texts"
+        )
+    start = min(max(1, (positions[0] + positions[-1]) // 2 - width // 2), n - 1 - width)
+    for key, value in enc.items():
+        enc[key] = torch.cat([value[:, :1], value[:, start:start + width], value[:, -1:]], dim=1)
+    if note:
+        log.warning("the text is %d tokens, more than the %d the model reads at once: predicting from tokens %d-%d, around the mask",
+                    n, limit, start, start + width - 1)
+    return enc, [p - start + 1 for p in positions]
 
 
 @torch.no_grad()
@@ -81,7 +110,7 @@ def main(argv: List[str] | None = None) -> int:
         model_cfg = ModelConfig(name_or_path=args.model)
         tokenizer = load_tokenizer(model_cfg)
         for text in args.text:  # check every text before loading the model
-            encode(tokenizer, text)
+            encode(tokenizer, text, note=False)
         model = build_pretrained(model_cfg, tokenizer)
         for text in args.text:
             print(format_predictions(text, fill_mask(model, tokenizer, text, args.top_k)))

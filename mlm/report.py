@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
+from mlm.files import atomic_path, atomic_write_text  # noqa: E402
 from mlm.tracking import read_metrics  # noqa: E402
 
 
@@ -47,7 +48,8 @@ def plot_run(run_dir: Path) -> Optional[Path]:
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     path = run_dir / "curves.png"
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -58,7 +60,24 @@ def _overrides(job_dir: Path) -> List[str]:
         return []
     import yaml
 
-    return [o for o in (yaml.safe_load(path.read_text()) or []) if not o.startswith("hydra")]
+    try:  # Hydra writes this file in place: a job killed in that instant leaves it torn (its rerun rewrites it)
+        overrides = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return []
+    return [o for o in overrides if isinstance(o, str) and not o.startswith("hydra")]
+
+
+def _trained_with(overrides: Dict[str, str], trained: Dict[str, Any]) -> Dict[str, str]:
+    """The overrides, with the values the results were trained with where those differ.
+
+    Hydra rewrites .hydra/overrides.yaml at every launch, also for a job that then refuses to
+    run (a sweep rerun into the same directory with other values); results.json keeps the truth.
+    """
+    def same(a, b):
+        na, nb = _num(a), _num(b)
+        return na == nb if na is not None and nb is not None else str(a).lower() == str(b).lower()
+
+    return {k: v if k not in trained or same(v, trained[k]) else str(trained[k]) for k, v in overrides.items()}
 
 
 def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
@@ -69,10 +88,10 @@ def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
         for d in candidates:
             if not ((d / "results.json").exists() or (d / "error.txt").exists()):
                 continue
-            results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+            results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}  # written atomically
             jobs.append({
                 "dir": d,
-                "overrides": dict(o.split("=", 1) for o in _overrides(d) if "=" in o),
+                "overrides": _trained_with(dict(o.split("=", 1) for o in _overrides(d) if "=" in o), results.get("config", {})),
                 "results": results,
                 "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
                 "metrics": read_metrics(d),
@@ -174,7 +193,8 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
     failed = len(jobs) - len(ok)
     fig.suptitle(f"{len(ok)} job(s)" + (f", {failed} failed" if failed else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -192,7 +212,7 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None) -> Optional[Path
         text.append(f"Best: `{' '.join(f'{k}={v}' for k, v in best['overrides'].items()) or best['dir'].name}` "
                     f"with perplexity {best['results']['perplexity']:.2f}.")
     text.append("\n![summary](summary.png)\n")
-    (out_dir / "summary.md").write_text("\n".join(text))
+    atomic_write_text(out_dir / "summary.md", "\n".join(text))
     plot_sweep(jobs, out_dir / "summary.png")
     return out_dir / "summary.md"
 

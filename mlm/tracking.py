@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol
 
+from mlm import faults
 from mlm.config import TrackerConfig
+from mlm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,11 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def flat_config(tree: Dict[str, Any]) -> Dict[str, Any]:
+    """A config tree as flat keys, secrets masked, values as JSON reads them back (results.json keeps this)."""
+    return json.loads(json.dumps(flatten(scrub(tree)), default=str))
+
+
 class NullTracker:
     run_id = None
 
@@ -84,8 +91,8 @@ class JsonlTracker:
         self.path = Path(run_dir) / "metrics.jsonl"
 
     def log(self, metrics, step):
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        with open(self.path, "a") as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
+            faults.write(f, json.dumps({"step": step, **metrics}) + "\n", "metrics")
 
     def summary(self, metrics):
         pass
@@ -94,20 +101,37 @@ class JsonlTracker:
         pass
 
 
+def _records(path: Path) -> List[Dict[str, Any]]:
+    """The records of a metrics.jsonl; a line that is not a whole record (a kill mid-write) is dropped with a warning."""
+    records = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            log.warning("%s line %d is not a complete record (%r); a run killed mid-write leaves one; ignoring it", path, n, line[:60])
+            continue
+        records.append(record)
+    return records
+
+
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records past `after_step`: a resumed run re-logs them, so the file matches an uninterrupted run."""
+    """Drop records past `after_step` (and torn lines): a resumed run re-logs them, so the file matches an uninterrupted run."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in _records(path) if r["step"] <= after_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path)
 
 
 class CsvTracker:

@@ -6,7 +6,6 @@ checkpoints, tracking and reports live in their own modules.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -21,17 +20,18 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
-from mlm import checkpoint, distributed
+from mlm import checkpoint, distributed, faults
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks
 from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
 from mlm.evaluate import evaluate
+from mlm.files import atomic_path, atomic_write_json, os_error_advice
 from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
-from mlm.tracking import open_trackers, truncate_metrics
+from mlm.tracking import flat_config, open_trackers, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class TrainState:
     last_eval: Dict[str, float] = field(default_factory=dict)
     tracker_run_id: Optional[str] = None
     log_window: List[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and masked tokens since the last log
+    final_eval_step: Optional[int] = None  # the step whose final eval is logged: a resume there must not log it twice
 
 
 class LogWindow:
@@ -96,9 +97,10 @@ def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Pat
     """A non-finite step: stop (default), or with on_nonfinite=skip drop it and keep the schedule in step."""
     state.skipped_steps += 1
     if tcfg.on_nonfinite == "stop" or state.skipped_steps > tcfg.max_skipped_steps:
+        kept = checkpoint.list_checkpoints(run_dir)
         raise NonFiniteLoss(
             f"non-finite training loss at step {state.step + 1} ({error}); "
-            f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+            + (f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written before it")
         ) from None
     log.warning("step %d: %s; skipped (%d so far)", state.step + 1, error, state.skipped_steps)
     scheduler.step()
@@ -262,12 +264,18 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         log.info("resumed from %s at step %d", ckpt, state.step)
     if main:  # records past the checkpoint (or all, on a fresh start) are logged again
         truncate_metrics(run_dir, state.step if ckpt is not None else -1)
+        (run_dir / "error.txt").unlink(missing_ok=True)  # a failure this run recovers from
+        if ckpt is None:  # starting over: a previous run's results and checkpoints would pass for this one's
+            (run_dir / "results.json").unlink(missing_ok=True)
+            checkpoint.discard_checkpoints(run_dir)
     tracker = open_trackers(cfg.tracker, run_dir, config_tree or asdict(cfg), job, main, resume_id=state.tracker_run_id)
     state.tracker_run_id = tracker.run_id or state.tracker_run_id
+    faults.reached("startup")
 
     def run_eval() -> Dict[str, float]:
         start = time.perf_counter()
         metrics = evaluate(objective, eval_blocks, tokenizer, cfg.masking, cfg.seed, accelerator, tcfg.eval_batch_size)
+        faults.reached("eval")
         log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
                  metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(eval_blocks), time.perf_counter() - start)
         state.last_eval = metrics
@@ -317,6 +325,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     continue
                 state.step += 1
                 distributed.fault_point(job.get("num"), state.step)
+                faults.reached("step")
                 state.tokens += tokens_per_step
                 seconds = time.perf_counter() - t0
                 if budget_s and accelerator.num_processes > 1:  # one clock for all ranks: same LR, same last step
@@ -347,9 +356,14 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     save(state.step)
         bar.close()
 
-        # 5. final eval, checkpoint, model, results
-        final = run_eval()
-        save(state.step)
+        # 5. final eval, checkpoint, model, results. A rerun after a kill in this phase resumes from
+        # the final checkpoint, finds its eval logged (final_eval_step), and redoes only the files.
+        if state.final_eval_step == state.step:
+            final = state.last_eval
+        else:
+            final = run_eval()
+            state.final_eval_step = state.step
+            save(state.step)
         results = {
             "eval_loss": final["eval/loss"],
             "perplexity": final["eval/perplexity"],
@@ -369,13 +383,15 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "sharding": tcfg.sharding,
             "peak_rss_mb": peak_rss_mb(accelerator),
             "wall_seconds": round(time.perf_counter() - wall_start, 3),
+            "config": flat_config(config_tree or asdict(cfg)),  # what a rerun compares before calling this run finished
         }
         tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"], "final/eval_loss": results["eval_loss"]})
         full_weights = layout.full_state_dict(raw_model) if tcfg.save_model else None  # a collective when sharded
         if main:
             if tcfg.save_model:
                 save_final(raw_model, tokenizer, run_dir / "final", full_weights)
-            (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            faults.reached("results")
+            atomic_write_json(run_dir / "results.json", results)  # written last: its presence means the run is finished
         return results
     finally:
         bar.close()
@@ -397,9 +413,12 @@ def peak_rss_mb(accelerator) -> float:
 def save_final(model, tokenizer, path: Path, state_dict=None) -> None:
     """save_pretrained (safetensors) of model and tokenizer: `pipeline('fill-mask', model=path)` loads it.
 
-    A sharded model passes its gathered `state_dict`."""
+    Saved into a temporary directory renamed into place, so `path` never holds half a model. A
+    sharded model passes its gathered `state_dict`."""
     try:
-        model.save_pretrained(path, state_dict=state_dict)
-        tokenizer.save_pretrained(path)
+        with atomic_path(path) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            faults.reached("final")
+            tokenizer.save_pretrained(tmp)
     except OSError as e:
-        raise UserError(f"cannot write the final model to {path}: {e.strerror or e}") from e
+        raise UserError(f"cannot write the final model to {path}: {e.strerror or e} ({os_error_advice(e)})") from e

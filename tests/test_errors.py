@@ -1,6 +1,7 @@
 """Bad input: one clear line, a non-zero exit, and nothing a later resume would mistake for progress."""
 
 import errno
+import os
 
 import torch
 
@@ -77,17 +78,23 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path, corpus):
         train(other, tmp_path)
 
 
-def test_disk_full_while_checkpointing(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("code,advice", [
+    (errno.ENOSPC, "(free disk space, then resume)"),
+    (errno.EEXIST, "during the write; is another process writing into it?"),  # a collision: no advice about space or permissions
+])
+def test_failed_checkpoint_write_says_what_happened(tmp_path, corpus, monkeypatch, code, advice):
     import mlm.parallel
     from mlm.train import train
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(mlm.parallel, "save_model", full)
+    monkeypatch.setattr(mlm.parallel, "save_model", fail)
     cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2"])
-    with pytest.raises(UserError, match="No space left on device"):
+    with pytest.raises(UserError) as err:
         train(cfg, tmp_path)
+    assert f"{os.strerror(code)} (" in str(err.value) and advice in str(err.value)
+    assert ("free" in str(err.value) or "permission" in str(err.value)) == (code == errno.ENOSPC)
     assert list((tmp_path / "checkpoints").iterdir()) == []  # the half-written checkpoint is gone
     assert not (tmp_path / "results.json").exists()
 
@@ -108,7 +115,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, c
 
     monkeypatch.setattr(mlm.train, "train_step", poisoned)
     cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=100"])
-    with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3"):
+    with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3") as err:
         mlm.train.train(cfg, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002"]
+    assert str(err.value).endswith(f"the last good checkpoint is {tmp_path / 'checkpoints' / 'ckpt-00000002'}")
     assert not (tmp_path / "results.json").exists()
+    # before any checkpoint: no directory is named that does not exist
+    calls["n"] = 0
+    cfg.trainer.checkpoint_every = 0
+    with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3") as err:
+        mlm.train.train(cfg, tmp_path / "fresh")
+    assert str(err.value).endswith("no checkpoint was written before it") and not (tmp_path / "fresh" / "checkpoints").exists()

@@ -71,6 +71,55 @@ def test_predict_cli_bad_text_exits_2(tiny_run, text, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def long_text(n_words: int = 700) -> str:
+    """n_words one-token words, then a sentence ending in the mask: too long for 512 positions."""
+    words = "the cat sat on a mat and the dog ran to the park".split()
+    return " ".join(words[i % len(words)] for i in range(n_words)) + " The sky is [MASK]."
+
+
+def test_long_text_keeps_a_window_around_the_mask_like_the_pipeline_on_that_window(tiny_run):
+    from transformers import pipeline
+
+    from mlm.config import ModelConfig
+    from mlm.models import build_pretrained, load_tokenizer
+    from mlm.predict import encode, fill_mask
+
+    run_dir, _ = tiny_run
+    cfg = ModelConfig(name_or_path=str(run_dir / "final"))
+    tokenizer = load_tokenizer(cfg)
+    text = long_text()
+    assert len(tokenizer(text, verbose=False)["input_ids"]) == 700 + 5 + 2  # every word one token
+    enc, positions = encode(tokenizer, text)
+    assert enc["input_ids"].shape[1] == 512 and enc["input_ids"][0, positions[0]] == tokenizer.mask_token_id
+    # the window is the last 510 tokens: 505 words and "the sky is [MASK] ."
+    window = " ".join(text.split()[-(505 + 4):])
+    mine = fill_mask(build_pretrained(cfg, tokenizer), tokenizer, text, top_k=5)[0]
+    reference = pipeline("fill-mask", model=str(run_dir / "final"), top_k=5)(window)
+    assert [c["token"] for c in mine] == [r["token_str"] for r in reference]
+    for c, r in zip(mine, reference):
+        assert c["score"] == pytest.approx(r["score"], rel=1e-4)
+
+
+def test_predict_cli_long_text_says_where_it_looked(tiny_run):
+    run_dir, _ = tiny_run
+    proc = run_cli([str(run_dir / "final"), long_text().replace("[MASK]", "<mask>"), "--top-k", "2"], module="mlm.predict")
+    assert proc.returncode == 0, proc.stderr
+    assert "no mask" not in proc.stderr and "is 707 tokens, more than the 512" in proc.stderr
+    first = proc.stdout.splitlines()[1]
+    assert first.lstrip().startswith("1. ") and f"the sky is {first.split()[1]}." in first
+
+
+def test_finished_run_run_again_prints_one_line_and_changes_nothing(tiny_run):
+    run_dir, first = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = run_cli(first.args[2:])  # the same command
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.strip() == again.stdout.strip().splitlines()[0] and again.stderr == ""
+    assert f"{run_dir} already finished (4 steps" in again.stdout and str(run_dir / "results.json") in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == {
+        p: t for p, t in before.items() if p.name != "run.lock"}
+
+
 def test_distilroberta_offline_fails_with_one_clear_line(tmp_path):
     proc = run_cli(["model=distilroberta", "block_size=256", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 2
@@ -84,3 +133,24 @@ def test_cfg_job_prints_the_recipe():
     proc = run_cli(["model=distilroberta", "block_size=256", "--cfg", "job"])
     assert proc.returncode == 0
     assert "name_or_path: distilbert/distilroberta-base" in proc.stdout and "block_size: 256" in proc.stdout
+
+
+def test_finished_run_asked_with_other_settings_is_refused(tiny_run):
+    run_dir, first = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
+    other = run_cli([*first.args[2:], "optimizer.lr=0.123"])
+    assert other.returncode == 2 and other.stdout == ""
+    assert other.stderr.strip().splitlines() == [f"error: {run_dir} holds a finished run with other settings "
+                                                 f"(optimizer.lr=0.0004 there, 0.123 now); give this run its own directory, or resume=never to replace that one"]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
+
+
+def test_resume_never_in_a_finished_dir_starts_over(tiny_run):
+    run_dir, first = tiny_run
+    records = (run_dir / "metrics.jsonl").read_text().splitlines()
+    again = run_cli([*first.args[2:], "resume=never"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already finished" not in again.stdout and "perplexity:" in again.stdout
+    assert "deleting 1 checkpoint(s) of the previous run" in again.stdout + again.stderr
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(records)  # started over, not appended
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 4

@@ -84,12 +84,19 @@ def test_report_cli_on_run_dirs(tmp_path):
         d = tmp_path / str(i)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={i + 1}e-3\n")
-        (d / "results.json").write_text(json.dumps({"perplexity": ppl, "best_perplexity": ppl, "tokens_per_s": 100.0, "train_seconds": 1.0}))
+        (d / "results.json").write_text(json.dumps({"perplexity": ppl, "best_perplexity": ppl, "tokens_per_s": 100.0, "train_seconds": 1.0,
+                                                    "config": {"optimizer.lr": (i + 1) / 1000}}))
         (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 5 - s, "eval/perplexity": ppl + 10 - s}) + "\n" for s in range(3)))
     assert main([str(tmp_path)]) == 0
     table = [l for l in (tmp_path / "summary.md").read_text().splitlines() if "optimizer.lr" in l]
     assert "optimizer.lr=2e-3" in table[0] and "optimizer.lr=1e-3" in table[1]
     assert (tmp_path / "0" / "curves.png").exists() and (tmp_path / "summary.png").exists()
+    # a sweep rerun into the same dir with other values: Hydra rewrites overrides.yaml, the job refuses to
+    # run, and the summary still shows the values its results were trained with
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=5e-3\n")
+    assert main([str(tmp_path)]) == 0
+    table = [l for l in (tmp_path / "summary.md").read_text().splitlines() if "optimizer.lr" in l]
+    assert "optimizer.lr=2e-3" in table[0] and "optimizer.lr=0.001" in table[1] and "5e-3" not in table[1]
 
 
 @pytest.mark.slow

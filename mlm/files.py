@@ -1,0 +1,110 @@
+"""Writes that survive a kill at any byte: a file or directory appears complete or not at all.
+
+Every file a run writes for others to read (results.json, final/, checkpoints, summaries,
+plots) goes through here: written under a temporary name beside its destination, flushed to
+disk, then renamed over it. A rename within one directory is atomic on POSIX filesystems, so a
+reader, or a rerun after a kill, sees either the old version or the new one, never half of one.
+The temporary names start with "." so nothing that lists a run directory mistakes them for output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a power cut otherwise may undo it; a kill never does)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    """Write and fsync, in place: for files inside a directory that is itself renamed into place."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".tmp-{path.name}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename (costs one fsync: milliseconds, once per file)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write a file or directory into; it replaces `path` on success.
+
+    A directory cannot be renamed over a non-empty one, so an old version is moved aside first
+    and deleted after: a kill between the two renames leaves `path` missing (never half-written),
+    which reads as "not written yet" and is redone by the rerun that completes the run.
+    """
+    path = Path(path)
+    tmp = _tmp_name(path)
+    _remove(tmp)  # left over by a run killed mid-write
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir():
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    replace(tmp, path)
+
+
+def replace(tmp: Path, path: Path) -> None:
+    """Rename the complete `tmp` (file or directory) to `path`, moving an old directory aside first."""
+    old = path.with_name(f".old-{path.name}")
+    _remove(old)
+    if path.is_dir():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    _remove(old)
+
+
+def os_error_advice(e: OSError) -> str:
+    """What to do about a failed write, from its errno: the advice differs for a full disk and a collision."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space, then resume"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "fix the permissions, then resume"
+    if e.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTEMPTY):
+        return "something else changed the run directory during the write; is another process writing into it?"
+    return "then resume"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

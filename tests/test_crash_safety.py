@@ -1,0 +1,162 @@
+"""The pieces crash safety rests on: torn lines, atomic writes, the run-dir lock, fault points, finished runs."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.conftest import ROOT, TINY_RUN, compose, run_cli
+
+
+def test_torn_last_metrics_line_is_dropped_with_one_warning(tmp_path, caplog):
+    from mlm.tracking import read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    whole = [{"step": 1, "train/loss": 2.5}, {"step": 2, "train/loss": 2.25}, {"step": 3, "train/loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"step": 4, "train/lo')
+    with caplog.at_level(logging.WARNING):
+        assert read_metrics(tmp_path) == whole
+        truncate_metrics(tmp_path, 2)
+    warnings = [r.getMessage() for r in caplog.records if "not a complete record" in r.getMessage()]
+    assert len(warnings) == 2 and str(path) in warnings[0] and "line 4" in warnings[0]  # once per read
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in whole[:2])
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_atomic_path_replaces_whole_or_keeps_the_old(tmp_path):
+    from mlm.files import atomic_path, atomic_write_json
+
+    target = tmp_path / "final"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed mid-save")
+    assert (target / "a.txt").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    atomic_write_json(tmp_path / "results.json", {"perplexity": 3.5})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"perplexity": 3.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "results.json"]
+
+
+def run_python(code: str, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+def test_fault_points_kill_at_the_nth_visit_and_tear_writes(tmp_path):
+    code = """
+        from mlm import faults
+        faults.reached("step"); print("step 1", flush=True)
+        faults.reached("eval"); print("eval 1", flush=True)
+        faults.reached("step"); print("step 2", flush=True)
+    """
+    proc = run_python(code, env={"MLM_FAULT_KILL_AT": "step:2"})
+    assert proc.returncode == -signal.SIGKILL and proc.stdout.split("\n")[:2] == ["step 1", "eval 1"]
+    assert run_python(code, env={"MLM_FAULT_KILL_AT": "step:3"}).returncode == 0
+    assert "unknown point" in run_python(code, env={"MLM_FAULT_KILL_AT": "stpe:1"}).stderr
+    path = tmp_path / "m.jsonl"
+    proc = run_python(f"""
+        from mlm import faults
+        with open({str(path)!r}, "a") as f:
+            faults.write(f, "0123456789\\n", "metrics")
+            faults.write(f, "abcdefghij\\n", "metrics")
+    """, env={"MLM_FAULT_KILL_AT": "metrics:2"})
+    assert proc.returncode == -signal.SIGKILL and path.read_text() == "0123456789\nabcde"
+
+
+HOLD = """
+    import sys, time
+    from mlm.runlock import lock_run_dir
+    lock_run_dir(sys.argv[1])
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the lock on tmp_path/run."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD), str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    yield run_dir, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_lock_is_exclusive_and_a_dead_holder_is_taken_over(holder, caplog):
+    from mlm.runlock import RunDirLocked, lock_run_dir, release_run_dir
+
+    run_dir, proc = holder
+    with pytest.raises(RunDirLocked, match=f"in use by another run \\(pid {proc.pid} on "):
+        lock_run_dir(run_dir)
+    proc.kill()  # SIGKILL: no cleanup, the record stays; the kernel drops the flock
+    proc.wait()
+    with caplog.at_level(logging.WARNING):
+        lock = lock_run_dir(run_dir)
+    assert f"did not end cleanly (pid {proc.pid} on" in caplog.text
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid() and lock.fd is not None
+    release_run_dir(run_dir)
+    assert (run_dir / "run.lock").read_text() == ""  # a clean end: the next run takes it silently
+
+
+def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(holder, text_file):
+    run_dir, proc = holder
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and f"pid {proc.pid} on" in out.stderr
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    assert sorted(p.name for p in run_dir.rglob("*")) == before == ["run.lock"]  # no .hydra, no log file
+
+
+def test_finished_means_the_planned_steps_with_the_same_settings(tmp_path):
+    from mlm.cli import finished_results
+    from mlm.config import UserError
+
+    settings = {"optimizer.lr": 0.001, "seed": 42, "trainer.max_steps": 4, "trainer.progress_bar": False}
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 4, "perplexity": 9.0, "config": settings}))
+    assert finished_results(tmp_path, "auto", 4, settings)["perplexity"] == 9.0
+    assert finished_results(tmp_path, "auto", 4, {**settings, "trainer.progress_bar": True}) is not None  # no effect on results
+    assert finished_results(tmp_path, "auto", 8, {**settings, "trainer.max_steps": 8}) is None  # asked for more: train on
+    assert finished_results(tmp_path, "never", 4, settings) is None
+    with pytest.raises(UserError, match="other settings \\(optimizer.lr=0.001 there, 0.0002 now\\)"):
+        finished_results(tmp_path, "auto", 4, {**settings, "optimizer.lr": 0.0002})  # e.g. a sweep rerun with other values
+    (tmp_path / "results.json").write_text('{"steps": 4, "perpl')  # cannot happen (atomic), but must not pass
+    assert finished_results(tmp_path, "auto", 4, settings) is None
+
+
+def test_two_runs_into_one_dir_first_completes_second_exits_2(tmp_path, text_file):
+    from mlm.runlock import describe
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "run.py"), *TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}",
+            "trainer.checkpoint_every=1", "trainer.log_every=1"]
+    env = {**os.environ, "MLM_FAULT_CHECKPOINT_DELAY": "1"}  # keeps the first run going while the second starts
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = run_dir / "run.lock"
+    deadline = time.time() + 300
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    holder = json.loads(lock.read_text())
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 2 and describe(holder) in second.stderr, second.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [(r["step"], next(k for k in r if k != "step").split("/")[0]) for r in records]
+    assert len(kinds) == len(set(kinds)) and [s for s, k in kinds if k == "train"] == [1, 2, 3, 4]
