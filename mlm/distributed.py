@@ -338,16 +338,6 @@ def failure_report(run_dir: Path, message: str) -> str:
     return "\n".join(m for _, m in sorted(entries))
 
 
-def fault_point(job_num: Optional[int], step: int) -> None:
-    """Fault injection for tests: MLM_TEST_FAIL="<job num>:<rank>:<step>" raises there."""
-    spec = os.environ.get("MLM_TEST_FAIL")
-    if not spec:
-        return
-    j, r, s = (int(x) for x in spec.split(":"))
-    if (job_num or 0) == j and rank() == r and step == s:
-        raise RuntimeError(f"injected failure (MLM_TEST_FAIL={spec})")
-
-
 @contextlib.contextmanager
 def cache_builders_first(accelerator) -> Iterator[None]:
     """Run the body on the global main process first, then on the first process of each other node,

@@ -2,6 +2,8 @@
 
     MLM_FAULT_KILL_AT=<point>:<n>[,<point>:<n>...]   SIGKILL this process the n-th time it reaches <point>
     MLM_FAULT_CHECKPOINT_DELAY=<seconds>             hold every checkpoint write half-done that long
+    MLM_TEST_FAIL=<job num>:<rank>:<step>            raise an error on one rank of one sweep job after that
+                                                     step (a failure the other ranks must follow)
 
 Points (each marks a moment in a run's life; counts start at 1 in every process):
     startup     resume resolved and metrics truncated, before the first eval or step
@@ -62,3 +64,14 @@ def write(f: IO[str], text: str, point: str) -> None:
         f.flush()
         _kill()
     f.write(text)
+
+
+def fail_after_step(job_num: int, rank: int, step: int) -> None:
+    """Raises where MLM_TEST_FAIL names this job, rank and step (the other ranks carry on into their
+    next collective, which must then fail too)."""
+    spec = os.environ.get("MLM_TEST_FAIL")
+    if not spec:
+        return
+    j, r, s = (int(x) for x in spec.split(":"))
+    if (job_num, rank, step) == (j, r, s):
+        raise RuntimeError(f"injected failure (MLM_TEST_FAIL={spec})")

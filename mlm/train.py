@@ -324,8 +324,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     skip_step(state, scheduler, tcfg, e, run_dir)
                     continue
                 state.step += 1
-                distributed.fault_point(job.get("num"), state.step)
                 faults.reached("step")
+                faults.fail_after_step(job.get("num") or 0, distributed.rank(), state.step)
                 state.tokens += tokens_per_step
                 seconds = time.perf_counter() - t0
                 if budget_s and accelerator.num_processes > 1:  # one clock for all ranks: same LR, same last step
