@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import Config, UserError, register_configs
-from mlm.distributed import is_main_process, launch_name
+from mlm.distributed import detect, is_main_process, launch_name
 from mlm.files import atomic_write_text
 
 log = logging.getLogger("mlm")
@@ -32,7 +32,7 @@ def launch_stamp() -> str:
     if name:
         return name
     start = time.time()
-    if "LOCAL_RANK" in os.environ:
+    if detect().world_size > 1:  # also mpirun and submitit tasks, whose LOCAL_RANK setup() exports only later
         import psutil
 
         start = psutil.Process(os.getppid()).create_time()
@@ -79,10 +79,12 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
         results = json.loads((Path(run_dir) / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    if max_steps > 0 and results.get("steps") != max_steps:
-        return None
+    if max_steps > 0 and results.get("steps") != max_steps and results.get("stopped") != "budget":
+        return None  # a run stopped by its time budget is finished (the budget itself is compared below)
     saved = results.get("config") or {}
-    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(NOT_RESULTS) and saved[k] != settings[k])
+    # a stream's shards (and so its data order) depend on the dataloader workers
+    ignored = tuple(k for k in NOT_RESULTS if not (k == "trainer.num_workers" and settings.get("dataset.streaming")))
+    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
     if differ:
         shown = ", ".join(f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ[:3])
         raise UserError(f"{run_dir} holds a finished run with other settings ({shown}); "
@@ -107,13 +109,13 @@ def finished_line(run_dir: Path, results: dict) -> str:
 
 
 def guard(run_dir: Path, cfg) -> Optional[dict]:
-    """Before anything of ours is written: take the run dir's lock (RunDirLocked if another run holds it)
-    and return the results if the run is already finished. The main process only."""
-    if not is_main_process():
-        return None
-    from mlm.runlock import lock_run_dir
+    """Before anything of ours is written: take the run dir's lock (main process; RunDirLocked if another
+    run holds it) and return the results if the run is already finished. Every rank reads the same
+    results.json and so decides the same: a rank that went on alone would wait for the others forever."""
+    if is_main_process():
+        from mlm.runlock import lock_run_dir
 
-    lock_run_dir(run_dir)
+        lock_run_dir(run_dir)
     return finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, flat_settings(cfg))
 
 

@@ -135,14 +135,6 @@ def rank() -> int:
     return detect().rank
 
 
-def world_size() -> int:
-    return detect().world_size
-
-
-def local_rank() -> int:
-    return detect().local_rank
-
-
 def is_main_process() -> bool:
     return rank() == 0
 

@@ -140,6 +140,22 @@ def test_finished_means_the_planned_steps_with_the_same_settings(tmp_path):
     assert finished_results(tmp_path, "auto", 4, settings) is None
 
 
+def test_a_run_stopped_by_its_budget_is_finished_with_the_same_budget(tmp_path):
+    from mlm.cli import finished_results
+    from mlm.config import UserError
+
+    settings = {"trainer.max_steps": 100000, "trainer.budget_minutes": 0.25, "trainer.num_workers": 0, "dataset.streaming": False}
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": settings}))
+    assert finished_results(tmp_path, "auto", 100000, settings)["steps"] == 19
+    assert finished_results(tmp_path, "auto", 100000, {**settings, "trainer.num_workers": 2}) is not None  # speed only ...
+    with pytest.raises(UserError, match="budget_minutes"):
+        finished_results(tmp_path, "auto", 100000, {**settings, "trainer.budget_minutes": 0.5})
+    streamed = {**settings, "dataset.streaming": True}
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": streamed}))
+    with pytest.raises(UserError, match="num_workers"):  # ... except for a stream, whose shards follow the workers
+        finished_results(tmp_path, "auto", 100000, {**streamed, "trainer.num_workers": 2})
+
+
 def test_two_runs_into_one_dir_first_completes_second_exits_2(tmp_path, text_file):
     from mlm.runlock import describe
 

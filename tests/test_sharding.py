@@ -103,3 +103,6 @@ def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
     drop_last_checkpoint(fsdp)
     torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29544, processes=3)
     assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
+    # Run again, it is finished on every rank: all exit at once, none waits for the others in a process group
+    proc = torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29545, processes=3)
+    assert proc.stdout.count("already finished") == 3

@@ -252,8 +252,13 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
     return _open_blocks(path)
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id a short last block is padded with (remainder=keep); the attention mask hides it."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> Dict[str, Dict[str, int]]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     docs = batched(iter_documents(cfg), cfg.tokenize_batch_size)
     tokens = TokenFile.write(os.path.join(out, "tokens.bin"), docs, tokenizer, resolve_num_proc(cfg.num_proc))
     if tokens.num_docs < 2:

@@ -29,21 +29,17 @@ import torch
 from datasets import Dataset
 
 from mlm.config import DatasetConfig, UserError
-from mlm.data.blocks import BLOCK_FEATURES, batched, encode_batches, pack_blocks
+from mlm.data.blocks import BLOCK_FEATURES, batched, encode_batches, pack_blocks, pad_id_of
 from mlm.data.sources import iter_documents
 
 log = logging.getLogger(__name__)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def stream_eval_blocks(cfg: DatasetConfig, tokenizer, block_size: int) -> Dataset:
     """Blocks of the first `streaming_eval_docs` documents (in memory: a small, fixed held-out set)."""
     docs = itertools.islice(iter_documents(cfg, streaming=True), cfg.streaming_eval_docs)
     pieces = (ids for ids, _ in encode_batches(batched(docs, cfg.tokenize_batch_size), tokenizer))
-    blocks = list(pack_blocks(pieces, block_size, cfg.remainder, _pad_id(tokenizer)))
+    blocks = list(pack_blocks(pieces, block_size, cfg.remainder, pad_id_of(tokenizer)))
     if not blocks:
         raise UserError(
             f"the first dataset.streaming_eval_docs={cfg.streaming_eval_docs} documents do not fill one block of "
@@ -67,7 +63,7 @@ def shard_blocks(cfg: DatasetConfig, tokenizer, block_size: int, shard: int, num
     for _ in itertools.count():
         start = j
         pieces = (ids for ids, _ in encode_batches(shard_batches(cfg, shard, num_shards), tokenizer))
-        for blocks in pack_blocks(pieces, block_size, cfg.remainder, _pad_id(tokenizer)):
+        for blocks in pack_blocks(pieces, block_size, cfg.remainder, pad_id_of(tokenizer)):
             for row in blocks:
                 yield j * num_shards + shard, row
                 j += 1
