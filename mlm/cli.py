@@ -60,9 +60,10 @@ def job_info(cfg_hydra) -> dict:
 
 
 # Settings that change neither the weights nor the metrics: a finished run asked again with other
-# values of these is still the same finished run.
+# values of these is still the same finished run. (max_steps and budget_minutes say how far to
+# train: finished_results compares them with how far the run got.)
 NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
-               "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps")
+               "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes")
 
 
 def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:
@@ -79,9 +80,12 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
         results = json.loads((Path(run_dir) / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    if max_steps > 0 and results.get("steps") != max_steps and results.get("stopped") != "budget":
-        return None  # a run stopped by its time budget is finished (the budget itself is compared below)
     saved = results.get("config") or {}
+    if results.get("stopped") == "budget":  # finished by its time budget: finished if asked the same budget
+        if saved.get("trainer.budget_minutes") != settings.get("trainer.budget_minutes"):
+            return None  # another budget: resume and train on (as with more max_steps)
+    elif max_steps > 0 and results.get("steps") != max_steps:
+        return None
     # a stream's shards (and so its data order) depend on the dataloader workers
     ignored = tuple(k for k in NOT_RESULTS if not (k == "trainer.num_workers" and settings.get("dataset.streaming")))
     differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
