@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, compose, run_cli
+from tests.conftest import ROOT, TINY_RUN, run_cli
 
 
 def test_torn_last_metrics_line_is_dropped_with_one_warning(tmp_path, caplog):
