@@ -38,7 +38,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from mlm.config import DatasetConfig, UserError
-from mlm.data.sources import _local_files, iter_documents
+from mlm.data.sources import _local_files, batched, iter_documents
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,6 @@ def encode_batches(batches: Iterable[List[str]], tokenizer, num_proc: int = 1) -
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    items = iter(items)
-    while batch := list(itertools.islice(items, size)):
-        yield batch
 
 
 class TokenFile:

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import datasets
 from datasets import Dataset, DatasetDict
@@ -226,14 +226,20 @@ def iter_documents(cfg: DatasetConfig, streaming: bool = False) -> Iterator[str]
             return
 
 
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last one shorter) from any iterable, read lazily."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
 def _raw_batches(cfg: DatasetConfig, streaming: bool) -> Iterator[Dict[str, list]]:
     size = cfg.tokenize_batch_size
     if cfg.kind == "local":
         files, suffix = _checked_local_files(cfg.path)
         if suffix == ".txt":  # our own line reader: the same lines as load_local, and the bad-byte count
             lines = (line for f in files for line in _read_text_file(f))
-            while batch := list(itertools.islice(lines, size)):
-                yield {"text": batch}
+            yield from ({"text": batch} for batch in batched(lines, size))
             return
         try:
             source = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=files, split="train", streaming=True)

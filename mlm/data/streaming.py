@@ -29,8 +29,8 @@ import torch
 from datasets import Dataset
 
 from mlm.config import DatasetConfig, UserError
-from mlm.data.blocks import BLOCK_FEATURES, batched, encode_batches, pack_blocks, pad_id_of
-from mlm.data.sources import iter_documents
+from mlm.data.blocks import BLOCK_FEATURES, encode_batches, pack_blocks, pad_id_of
+from mlm.data.sources import batched, iter_documents
 
 log = logging.getLogger(__name__)
 
