@@ -337,12 +337,11 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     check_loss_scale(accelerator.scaler)
                 else:
                     window.add(result.loss_sum, result.masked, seconds)
-                grad_norm = result.grad_norm
                 bar.update(1)
                 last = state.step == steps or budget_spent()
                 if state.step % tcfg.log_every == 0 or last:
                     metrics = {**window.flush(accelerator, tokens_per_step), "train/lr": scheduler.get_last_lr()[0],
-                               "train/grad_norm": float(grad_norm), "train/epoch": state.step / order.steps_per_epoch,
+                               "train/grad_norm": float(result.grad_norm), "train/epoch": state.step / order.steps_per_epoch,
                                "train/mlm_probability": collator.probability}
                     if accelerator.scaler is not None:
                         metrics.update({"train/loss_scale": accelerator.scaler.get_scale(), "train/overflow_steps": state.overflow_steps})
