@@ -55,6 +55,10 @@ class ModelConfig:
     arch: Dict[str, Any] = field(default_factory=dict)  # scratch: model_type and config fields (sizes)
     dropout: Optional[float] = None  # set every dropout probability of the config; unset keeps the checkpoint's
     freeze_embeddings: bool = False  # keep the word embeddings (and the tied output projection) fixed
+    keep_layers: Optional[int] = None  # use only the bottom N encoder layers (the rest are dropped); unset = all
+    freeze_layers: int = 0  # keep the embeddings and the bottom N encoder layers fixed: their backward is skipped
+    head_transform_init: str = "random"  # random | identity: a new head's square transform starts as the identity map
+    head_bias_init: str = "zero"  # zero | unigram: a new head's output bias starts as the training split's log unigram frequencies
     attn_implementation: str = "sdpa"  # sdpa (fused scaled-dot-product attention) | eager
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust the repo
 
@@ -63,6 +67,14 @@ class ModelConfig:
             raise UserError(f"model.source={self.source!r} must be 'pretrained' or 'scratch'")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.keep_layers is not None and self.keep_layers < 1:
+            raise UserError(f"model.keep_layers={self.keep_layers} must be at least 1 (or unset for all layers)")
+        if self.freeze_layers < 0:
+            raise UserError(f"model.freeze_layers={self.freeze_layers} must be >= 0")
+        if self.head_transform_init not in ("random", "identity"):
+            raise UserError(f"model.head_transform_init={self.head_transform_init!r} must be random or identity")
+        if self.head_bias_init not in ("zero", "unigram"):
+            raise UserError(f"model.head_bias_init={self.head_bias_init!r} must be zero or unigram")
 
 
 def span_length_mean(p: float, max_len: int) -> float:
@@ -72,7 +84,8 @@ def span_length_mean(p: float, max_len: int) -> float:
 
 @dataclass
 class MaskingConfig:
-    mlm_probability: float = 0.15  # fraction of (non-special) tokens chosen for prediction (the eval rate, and the schedule's start)
+    mlm_probability: float = 0.15  # fraction of (non-special) tokens chosen for prediction (the eval rate, and training's unless train_probability is set)
+    train_probability: Optional[float] = None  # training's rate (the schedule's start); unset = mlm_probability. Evals stay at mlm_probability
     mask_replace_prob: float = 0.8  # of the chosen: replaced by the mask token
     random_replace_prob: float = 0.1  # of the chosen: replaced by a random token (the rest stay unchanged)
     strategy: str = "token"  # token | whole_word (all pieces of a word together) | span (SpanBERT word spans)
@@ -84,6 +97,8 @@ class MaskingConfig:
 
     def validate(self) -> None:
         rates = {"mlm_probability": self.mlm_probability}
+        if self.train_probability is not None:
+            rates["train_probability"] = self.train_probability
         if self.final_probability is not None:
             rates["final_probability"] = self.final_probability
         for name, rate in rates.items():
@@ -122,10 +137,13 @@ class OptimizerConfig:
     beta2: float = 0.98  # 0.98 as in RoBERTa: steadier with short warmups than 0.999
     eps: float = 1e-6
     impl: str = "auto"  # auto | fused | foreach | loop: the same update, different kernels (speed only)
+    new_head_lr_scale: float = 1.0  # a new MLM head (head weights the checkpoint did not have) learns at lr times this
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise UserError(f"optimizer.lr={self.lr} must be positive")
+        if self.new_head_lr_scale <= 0:
+            raise UserError(f"optimizer.new_head_lr_scale={self.new_head_lr_scale} must be positive (1 = the same rate as the encoder)")
         if self.weight_decay < 0:
             raise UserError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
         if self.impl not in ("auto", "fused", "foreach", "loop"):
@@ -146,6 +164,7 @@ class SchedulerConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = -1  # optimizer steps; > 0 wins over epochs
+    head_only_steps: int = 0  # the first N optimizer steps train the MLM head alone (the encoder runs without gradients: cheaper steps)
     budget_minutes: Optional[float] = None  # stop when this much training time is spent (evals and checkpoints excluded); the LR and mask-rate schedules follow the spent fraction
     epochs: float = 1.0  # passes over the training blocks when max_steps <= 0
     per_device_batch_size: int = 16  # blocks per process per micro-batch
@@ -158,6 +177,8 @@ class TrainerConfig:
     mixed_precision: str = "bf16"  # no | bf16 | fp16: autocast dtype; weights, optimizer and loss stay fp32
     sharding: str = "none"  # none (one process, or DDP replicas) | fsdp (FSDP2: every layer sharded over processes)
     sparse_prediction: bool = True  # run the vocabulary projection only on masked positions (same loss)
+    reuse_host_memory: bool = True  # glibc: freed host memory stays in the process for the next step (no fresh pages per step)
+    fast_dropout: bool = False  # CPU: dropout masks from 16-bit random integers (4 per draw), ~2x cheaper; other devices keep torch's
     compile: bool = False  # torch.compile the encoder (slow first steps; see benchmarks/)
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
     num_workers: int = 0  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
@@ -198,6 +219,8 @@ class TrainerConfig:
             raise UserError(f"trainer.device_slots={self.device_slots} must be >= 0 (0 = every visible GPU)")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise UserError("trainer.eval_every and trainer.checkpoint_every must be >= 0")
+        if self.head_only_steps < 0:
+            raise UserError(f"trainer.head_only_steps={self.head_only_steps} must be >= 0")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise UserError(f"trainer.budget_minutes={self.budget_minutes} must be positive (or unset for no time budget)")
 

@@ -213,14 +213,16 @@ def masked_positions_of(labels: torch.Tensor) -> torch.Tensor:
 
 
 def scheduled_probability(cfg: MaskingConfig, progress: float) -> float:
-    """The training mask rate at a fraction of training (0 -> 1): mlm_probability -> final_probability.
+    """The training mask rate at a fraction of training (0 -> 1): train_probability (or
+    mlm_probability) -> final_probability.
 
     The shapes are the learning-rate decays of mlm/optim.py turned upside down (0 -> 1), so
     `linear` and `cosine` mean the same curve in both groups.
     """
-    final = cfg.mlm_probability if cfg.final_probability is None else cfg.final_probability
+    start = cfg.mlm_probability if cfg.train_probability is None else cfg.train_probability
+    final = start if cfg.final_probability is None else cfg.final_probability
     travelled = 1.0 - SCHEDULES[cfg.schedule](min(1.0, max(0.0, progress)))
-    return cfg.mlm_probability + (final - cfg.mlm_probability) * travelled
+    return start + (final - start) * travelled
 
 
 class MLMCollator:

@@ -115,6 +115,7 @@ def build_pretrained(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
         )
     if info.get("missing_keys"):
         log.info("new (randomly initialised) weights: %s", ", ".join(sorted(info["missing_keys"])))
+    model.mlm_new_weights = frozenset(info.get("missing_keys") or ())
     return model
 
 
@@ -133,7 +134,9 @@ def build_scratch(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
             arch.setdefault(key, value)
     config = AutoConfig.for_model(model_type, **arch)
     _apply_dropout(config, cfg.dropout)
-    return AutoModelForMaskedLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    model.mlm_new_weights = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
+    return model
 
 
 BUILDERS: Dict[str, Callable[[ModelConfig, object], PreTrainedModel]] = {"pretrained": build_pretrained, "scratch": build_scratch}
@@ -151,6 +154,11 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTraine
     model = BUILDERS[cfg.source](cfg, tokenizer)
     if cfg.freeze_embeddings:  # a tied decoder shares this parameter, so it stays fixed too
         model.get_input_embeddings().weight.requires_grad_(False)
+    if cfg.keep_layers is not None:
+        keep_bottom_layers(model, cfg.keep_layers)
+    freeze_layers(model, cfg.freeze_layers)
+    if cfg.head_transform_init == "identity":
+        init_identity_transform(model)
     limit = max_block_size(model)
     if block_size > limit:
         raise UserError(f"block_size={block_size} is larger than the model's {limit} positions; use block_size<={limit}")
@@ -159,8 +167,96 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTraine
     return model, tokenizer
 
 
+def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer, ...)."""
+    count = model.config.num_hidden_layers
+    for module in model.base_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise UserError(f"cannot find the {count} encoder layers of model_type={model.config.model_type}; use model.freeze_layers=0")
+
+
+def keep_bottom_layers(model: PreTrainedModel, n: int) -> None:
+    """Drop the encoder's top layers: the MLM head then reads layer n's output (a saved model has n layers)."""
+    layers = encoder_layers(model)
+    if n > len(layers):
+        raise UserError(f"model.keep_layers={n}: the model has only {len(layers)} encoder layers")
+    del layers[n:]
+    model.config.num_hidden_layers = n
+
+
+def freeze_layers(model: PreTrainedModel, n: int) -> None:
+    """Fix everything below encoder layer `n`: the embeddings (word table, a tied output projection
+    with it, positions, norm) and the bottom `n` layers. Autograd then skips their backward entirely."""
+    if n <= 0:
+        return
+    layers = encoder_layers(model)
+    if n >= len(layers):
+        raise UserError(f"model.freeze_layers={n} would freeze all {len(layers)} encoder layers; use at most {len(layers) - 1}")
+    model.get_input_embeddings().requires_grad_(False)
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if embeddings is not None:
+        embeddings.requires_grad_(False)
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
+
+
+def head_parameters(model: PreTrainedModel) -> Dict[str, nn.Parameter]:
+    """The MLM head's own weights: everything outside the encoder (a tied decoder weight is the encoder's embedding table)."""
+    encoder = {id(p) for p in model.base_model.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) not in encoder}
+
+
+def new_head_parameters(model: PreTrainedModel) -> Dict[str, nn.Parameter]:
+    """Head weights the checkpoint did not have (randomly initialised by the builder)."""
+    new = getattr(model, "mlm_new_weights", frozenset())
+    aliases = {}  # a tied bias has two names (e.g. BERT's cls.predictions.bias and .decoder.bias)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), set()).add(name)
+    return {name: p for name, p in head_parameters(model).items() if aliases[id(p)] & new}
+
+
+@torch.no_grad()
+def init_identity_transform(model: PreTrainedModel) -> None:
+    """A new head's square Linear layers (the transform before the vocabulary projection) start as the identity map.
+
+    The projection onto the (tied, pretrained) embedding table then starts from the encoder's own
+    output geometry instead of a random rotation of it."""
+    new = {id(p) for p in new_head_parameters(model).values()}
+    done = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module.weight) in new and module.in_features == module.out_features:
+            module.weight.copy_(torch.eye(module.in_features))
+            if module.bias is not None:
+                module.bias.zero_()
+            done.append(name)
+    log.info("head transform initialised to the identity: %s", ", ".join(done) or "no new square layer found")
+
+
+@torch.no_grad()
+def init_unigram_bias(model: PreTrainedModel, token_counts: torch.Tensor, special_ids) -> None:
+    """A new head's output bias starts as log unigram frequencies (add-one smoothed) of the training tokens.
+
+    Before any training the head then predicts the corpus's token frequencies rather than a uniform
+    distribution over the vocabulary. Special tokens are never prediction targets and count 0."""
+    vocab = model.config.vocab_size
+    biases = [(n, p) for n, p in new_head_parameters(model).items() if p.ndim == 1 and p.numel() == vocab]
+    if not biases:
+        raise UserError(f"model.head_bias_init=unigram: the model has no new output bias of size {vocab} (is its head pretrained?)")
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    counts[: len(token_counts)] = token_counts.double()[:vocab]
+    counts[list(special_ids)] = 0
+    log_freq = torch.log((counts + 1) / (counts.sum() + vocab))
+    for name, p in biases:
+        p.copy_(log_freq.to(p.dtype))
+    log.info("head output bias initialised to log unigram frequencies of %d training tokens: %s", int(counts.sum()), ", ".join(n for n, _ in biases))
+
+
 class MLMObjective(nn.Module):
     """forward(batch) -> (sum of masked-token cross-entropy in fp32, number of masked tokens, correct predictions).
+
+    Correct predictions are counted in eval mode only (None in training, where nothing reads them:
+    the argmax over the vocabulary is not free on a CPU).
 
     With `sparse=True` the head (transform + vocabulary projection) runs only on masked positions:
     ~15% of the tokens, and for small models the projection is a large share of all FLOPs.
@@ -170,10 +266,25 @@ class MLMObjective(nn.Module):
     def __init__(self, model: PreTrainedModel, sparse: bool):
         super().__init__()
         self.model = model
-        head = MLM_HEADS.get(model.config.model_type)
-        if sparse and head is None:
+        self.head_fn = MLM_HEADS.get(model.config.model_type)
+        if sparse and self.head_fn is None:
             log.warning("sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type)
-        self.head = head if sparse else None
+        self.head = self.head_fn if sparse else None
+        self.head_only = False  # train the head alone (see set_head_only)
+        self._table_trainable = None
+
+    def set_head_only(self, on: bool) -> None:
+        """Train the head alone: the encoder runs without gradients, and a tied output projection (the
+        encoder's embedding table) is held fixed too, so encoder weights cannot move (trainer.head_only_steps)."""
+        if on == self.head_only:
+            return
+        self.head_only = on
+        table = self.model.get_input_embeddings().weight
+        if on:
+            self._table_trainable = table.requires_grad
+            table.requires_grad_(False)
+        else:
+            table.requires_grad_(self._table_trainable)
 
     def forward(self, input_ids, labels, attention_mask=None, masked_positions=None):
         # Flat indices of the masked tokens. The collator computes them on the host, where the
@@ -182,14 +293,20 @@ class MLMObjective(nn.Module):
         if masked_positions is None:
             masked_positions = masked_positions_of(labels)
         targets = labels.reshape(-1).index_select(0, masked_positions)
-        if self.head is not None:
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = self.head(self.model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions))
+        if self.head is not None or self.head_only:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.head_only):
+                hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            if self.head is not None:  # sparse: only the masked positions go through the head
+                hidden = hidden.index_select(0, masked_positions)
+            logits = self.head_fn(self.model, hidden)
+            if self.head is None:
+                logits = logits.index_select(0, masked_positions)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             logits = logits.reshape(-1, logits.shape[-1]).index_select(0, masked_positions)
         logits = logits.float()  # the softmax and loss stay in fp32 under autocast
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        correct = (logits.argmax(-1) == targets).sum()
+        correct = None if self.model.training else (logits.argmax(-1) == targets).sum()
         return loss_sum, targets.numel(), correct
 

@@ -11,14 +11,22 @@ from torch import nn
 from mlm.config import OptimizerConfig, SchedulerConfig, UserError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
-    """Decay matrices only: biases, norm weights and other 1-D parameters get no weight decay."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0) -> List[dict]:
+    """Decay matrices only: biases, norm weights and other 1-D parameters get no weight decay.
+
+    With new_head_lr_scale != 1 the new MLM head's weights (head weights the checkpoint did not have)
+    get groups of their own at lr * new_head_lr_scale; the schedule scales every group alike."""
+    from mlm.models import new_head_parameters  # mlm.models -> mlm.masking -> this module
+
+    inner = getattr(model, "model", model)  # the objective wraps the Hugging Face model
+    head = {id(p) for p in new_head_parameters(inner).values()} if new_head_lr_scale != 1.0 and hasattr(inner, "base_model") else set()
+    groups = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups[(id(p) in head, not (p.ndim < 2 or "norm" in name.lower()))].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (new_head_lr_scale if is_head else 1.0)}
+            for (is_head, decay), params in groups.items() if params or not is_head]
 
 
 def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -27,7 +35,7 @@ def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer
     if impl == "auto":
         impl = "fused"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
 OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {"adamw": build_adamw}

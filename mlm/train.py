@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
@@ -21,14 +22,16 @@ from accelerate.state import AcceleratorState, GradientState
 from tqdm.auto import tqdm
 
 from mlm import checkpoint, distributed, faults
+from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
-from mlm.data import build_blocks
+from mlm.data import build_blocks, flat_token_ids
 from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
 from mlm.evaluate import evaluate
 from mlm.files import atomic_path, atomic_write_json, os_error_advice
 from mlm.masking import MLMCollator, scheduled_probability
-from mlm.models import MLMObjective, build_model
+from mlm.dropout import use_fast_dropout
+from mlm.models import MLM_HEADS, MLMObjective, build_model, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
 from mlm.tracking import flat_config, open_trackers, truncate_metrics
@@ -204,6 +207,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one to watch
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
+    if cfg.trainer.reuse_host_memory:
+        reuse_host_memory()
     main = distributed.is_main_process()  # the launcher's rank 0 (the same one Accelerate sees)
     tcfg = cfg.trainer
 
@@ -215,6 +220,10 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         else:
             blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
             train_blocks, eval_blocks = blocks["train"], blocks["test"]
+    if cfg.model.head_bias_init == "unigram":
+        if train_blocks is None:
+            raise UserError("model.head_bias_init=unigram counts the training split's tokens; it needs dataset.streaming=false")
+        init_unigram_bias(model, torch.from_numpy(np.bincount(flat_token_ids(train_blocks))), tokenizer.all_special_ids)
     if tcfg.max_eval_blocks:
         eval_blocks = eval_blocks.select(range(min(tcfg.max_eval_blocks, len(eval_blocks))))
     order = TrainOrder(0, tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
@@ -242,13 +251,19 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     if layout.sharded and accelerator.num_processes == 1:
         raise UserError("trainer.sharding=fsdp needs several processes (e.g. torchrun --nproc_per_node 2 run.py ...); use trainer.sharding=none")
     objective = MLMObjective(model, sparse=tcfg.sparse_prediction)
+    if tcfg.head_only_steps and (accelerator.num_processes > 1 or objective.head_fn is None):
+        raise UserError("trainer.head_only_steps needs one process and a model type with a known MLM head "
+                        f"({', '.join(sorted(MLM_HEADS))}); set trainer.head_only_steps=0")
+    if tcfg.fast_dropout:
+        use_fast_dropout(model)
     if tcfg.activation_checkpointing:  # before sharding, so FSDP wraps the checkpointed layers
         enable_activation_checkpointing(model)
     if tcfg.compile:
         model.base_model.compile()  # in place: parameter names and checkpoints stay the same
     objective, optimizer = layout.prepare(objective, lambda module: build_optimizer(module, cfg.optimizer), accelerator, tcfg.mixed_precision)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps, (lambda: state.train_seconds / budget_s) if budget_s else None)
-    raw_model = accelerator.unwrap_model(objective).model
+    raw_objective = accelerator.unwrap_model(objective)
+    raw_model = raw_objective.model
 
     # 3. resume, trackers
     state = TrainState()
@@ -297,6 +312,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
 
     # 4. the loop
     collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed)
+    collator.probability = scheduled_probability(cfg.masking, done_fraction())  # worker processes copy this rate
 
     def train_loader(epoch: int, first_step: int):
         if cfg.dataset.streaming:  # a resumed stream skips the micro-batches already trained on
@@ -317,6 +333,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             for _ in range(first, min(order.steps_per_epoch, first + steps - state.step)):
                 t0 = time.perf_counter()
                 collator.probability = scheduled_probability(cfg.masking, done_fraction())  # a function of the step (or budget)
+                raw_objective.set_head_only(state.step < tcfg.head_only_steps)
                 micro = [next(batches) for _ in range(order.accumulation)]
                 try:
                     result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout)

@@ -197,6 +197,11 @@ def test_schedule_values_at_start_middle_and_end():
     assert [scheduled_probability(cosine, x) for x in (0, 0.5, 1)] == pytest.approx([0.3, 0.225, 0.15])
     assert scheduled_probability(cosine, 0.25) == pytest.approx(0.3 - 0.15 * (1 - np.cos(np.pi / 4)) / 2)
     assert {scheduled_probability(constant, x) for x in (0, 0.5, 1)} == {0.3}
+    # training at its own rate while evals keep mlm_probability
+    train_rate = MaskingConfig(mlm_probability=0.15, train_probability=0.3)
+    assert {scheduled_probability(train_rate, x) for x in (0, 0.5, 1)} == {0.3}
+    ramp = MaskingConfig(mlm_probability=0.15, train_probability=0.4, final_probability=0.2, schedule="linear")
+    assert [scheduled_probability(ramp, x) for x in (0, 0.5, 1)] == pytest.approx([0.4, 0.3, 0.2])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -204,6 +209,7 @@ def test_schedule_values_at_start_middle_and_end():
     (dict(schedule="linear"), "needs masking.final_probability"),
     (dict(strategy="span", mlm_probability=0.9), "most span masking"),
     (dict(final_probability=1.0, schedule="cosine"), "masking.final_probability=1.0"),
+    (dict(train_probability=0.0), "masking.train_probability=0.0"),
 ])
 def test_bad_masking_values_are_one_line_errors(overrides, message):
     with pytest.raises(UserError, match=message) as info:

@@ -21,7 +21,8 @@ def records(run_dir):
 @pytest.mark.parametrize("overrides", [
     ["masking.strategy=span", "masking.schedule=linear", "masking.mlm_probability=0.3", "masking.final_probability=0.15"],
     ["masking.strategy=whole_word", "model=tiny_modernbert"],
-], ids=["span-linear", "whole_word-modernbert"])
+    ["masking.train_probability=0.4"],
+], ids=["span-linear", "whole_word-modernbert", "train-rate"])
 def test_run_with_strategy_and_schedule(corpus, tmp_path, overrides):
     proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path}", *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,6 +32,8 @@ def test_run_with_strategy_and_schedule(corpus, tmp_path, overrides):
     rates = [r["train/mlm_probability"] for r in train]
     if "masking.schedule=linear" in overrides:  # the rate before step s is a function of (s - 1) / 4
         assert rates == pytest.approx([0.3, 0.2625, 0.225, 0.1875])
+    elif "masking.train_probability=0.4" in overrides:
+        assert rates == pytest.approx([0.4] * 4)
     else:
         assert rates == pytest.approx([0.15] * 4)
     evals = [r["eval/masked_tokens"] for r in records(tmp_path) if "eval/masked_tokens" in r]

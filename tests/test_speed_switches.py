@@ -44,7 +44,7 @@ def test_no_weight_decay_on_biases_and_norms():
 
     cfg = compose(["model=tiny"])
     model, _ = build_model(cfg.model, 64, seed=0)
-    decay, no_decay = param_groups(model, 0.01)
+    decay, no_decay = param_groups(model, 0.01, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 and "norm" not in names[id(p)].lower() for p in decay["params"])
     assert any("LayerNorm" in names[id(p)] for p in no_decay["params"]) and any(names[id(p)].endswith("bias") for p in no_decay["params"])
