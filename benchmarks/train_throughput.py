@@ -94,7 +94,7 @@ ARCH = dict(
     vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
 )
 VARIANTS = ("trainer_fp32", "trainer_bf16", "harness")
-PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16", "harness": "bf16", "harness_compile": "bf16"}
+PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16", "harness": "bf16", "harness_compile": "bf16", "harness_fast_dropout": "bf16"}
 TOKEN = "@@train_throughput@@"  # prefix of the workers' status lines on stdout
 FLOPS_COUNTED = (
     "model FLOPs per optimizer step = 6 * N_body * T  (N_body: all parameters except the word/position/type "
@@ -336,7 +336,9 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
 
 def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     from accelerate import Accelerator
+    from mlm.allocator import reuse_host_memory
     from mlm.batching import TrainOrder, TrainSampler, make_loader
+    from mlm.dropout import use_fast_dropout
     from mlm.config import MaskingConfig, OptimizerConfig, SchedulerConfig
     from mlm.masking import MLMCollator
     from mlm.models import MLMObjective
@@ -344,6 +346,9 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     from mlm.train import train_step
 
     accelerator = Accelerator(mixed_precision="bf16")
+    reuse_host_memory()  # trainer.reuse_host_memory, on by default in mlm.train
+    if variant == "harness_fast_dropout":
+        use_fast_dropout(model)
     objective = MLMObjective(model, sparse=True)
     if variant == "harness_compile":
         model.base_model.compile()  # in place, as mlm.train does with trainer.compile=true
@@ -539,6 +544,7 @@ def main(argv=None) -> int:
     p.add_argument("--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
     p.add_argument("--compile", action="store_true", help="also time harness_compile (model.base_model.compile())")
+    p.add_argument("--fast-dropout", action="store_true", help="also time harness_fast_dropout (trainer.fast_dropout=true)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_settings", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
@@ -563,13 +569,13 @@ def main(argv=None) -> int:
     settings = {
         "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps, "threads": threads,
         "lr": a.lr, "seed": a.seed, "eval_blocks": eval_blocks, "block_size": BLOCK, "batch_size": BATCH,
-        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile,
+        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile, "fast_dropout": a.fast_dropout,
         "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
         "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
         "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
         "mlm_probability": 0.15,
     }
-    variants = list(VARIANTS) + (["harness_compile"] if a.compile else [])
+    variants = list(VARIANTS) + (["harness_compile"] if a.compile else []) + (["harness_fast_dropout"] if a.fast_dropout else [])
     command = shlex.join(["python", *sys.argv] if argv is None else ["python", "benchmarks/train_throughput.py", *argv])
     t_all = time.perf_counter()
     load_before = os.getloadavg()
@@ -636,6 +642,8 @@ def main(argv=None) -> int:
     }
     if a.compile:
         per_round["harness_compile_vs_harness"] = window_ratio("harness_compile", "harness")
+    if a.fast_dropout:
+        per_round["harness_fast_dropout_vs_trainer_fp32"] = window_ratio("harness_fast_dropout", "trainer_fp32")
     out = {
         "tokens_per_s": tps,
         "speedup_vs_trainer_fp32": ratio(tps.get("harness"), tps.get("trainer_fp32")),
@@ -681,6 +689,9 @@ def main(argv=None) -> int:
     }
     if a.compile:
         out["speedup_compile_vs_harness"] = ratio(tps.get("harness_compile"), tps.get("harness"))
+    if a.fast_dropout:
+        out["speedup_fast_dropout_vs_trainer_fp32"] = ratio(tps.get("harness_fast_dropout"), tps.get("trainer_fp32"))
+        out["eval_loss"]["harness_fast_dropout"] = ev("harness_fast_dropout")
     try:
         import transformers
 
