@@ -38,7 +38,7 @@ def snapshot(module):
 
 def test_identity_transform_changes_only_the_new_head():
     """The packaged MiniLM has no MLM head: its transform starts as the identity, pretrained weights untouched."""
-    plain, _ = build_model(compose().model, 128, seed=0)
+    plain, _ = build_model(compose(["model.head_transform_init=random"]).model, 128, seed=0)
     model, _ = build_model(compose(["model.head_transform_init=identity"]).model, 128, seed=0)
     dense = model.cls.predictions.transform.dense
     assert torch.equal(dense.weight, torch.eye(dense.in_features)) and not dense.bias.any()
@@ -47,6 +47,14 @@ def test_identity_transform_changes_only_the_new_head():
     assert "cls.predictions.transform.dense.weight" in new and not any(n.startswith("bert.") for n in new)
     for name, p in plain.base_model.named_parameters():  # the pretrained encoder is the same either way
         assert torch.equal(p, model.base_model.get_parameter(name)), name
+
+
+def test_the_new_head_recipe_comes_with_the_default_model_only():
+    default, guide = compose(), compose(["model=distilroberta"])
+    assert (default.model.head_transform_init, default.model.head_bias_init) == ("identity", "unigram")
+    assert default.masking.train_probability > default.masking.mlm_probability == 0.15
+    assert (guide.model.head_transform_init, guide.model.head_bias_init, guide.masking.train_probability) == ("random", "zero", None)
+    assert guide.optimizer.new_head_lr_scale == 1.0 < default.optimizer.new_head_lr_scale
 
 
 def test_unigram_bias_is_the_smoothed_log_frequency():
