@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput: transformers.Trainer (the HF guide's recipe) against this harness's step.
 
-    python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile]
+    python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile --fast-dropout]
 
 One command, one machine. The same DistilRoBERTa-shaped model (RoBERTa, 6 layers, hidden 768, 12
 heads, FFN 3072, vocab 50265, 514 positions, sdpa attention, ~82M parameters) is built from the
@@ -15,8 +15,12 @@ clipping at 1.0:
                    Trainer's own default optimizer (fused AdamW in transformers 5 with torch >= 2.8).
   trainer_bf16     the same with bf16=True (autocast through Accelerate).
   harness          mlm.models.MLMObjective(sparse=True) + mlm.optim.build_optimizer (fused AdamW) +
-                   mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision="bf16").
+                   mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision="bf16"), and
+                   mlm.allocator.reuse_host_memory() (trainer.reuse_host_memory, on by default): the
+                   harness's defaults.
   harness_compile  (only with --compile) the harness with model.base_model.compile(), as trainer.compile=true does.
+  harness_fast_dropout  (only with --fast-dropout) the harness with trainer.fast_dropout=true (off by
+                   default: other random numbers than torch's dropout, so other results).
 
 Processes. Each variant runs in its own worker subprocess launched by this script, so that its peak
 RSS (resource.getrusage ru_maxrss of that process) is its own and no variant inherits another's
