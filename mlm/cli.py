@@ -63,7 +63,8 @@ def job_info(cfg_hydra) -> dict:
 # values of these is still the same finished run. (max_steps and budget_minutes say how far to
 # train: finished_results compares them with how far the run got.)
 NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
-               "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes")
+               "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
+               "trainer.reuse_host_memory")
 
 
 def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:

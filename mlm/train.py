@@ -27,10 +27,10 @@ from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks, flat_token_ids
 from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
+from mlm.dropout import use_fast_dropout
 from mlm.evaluate import evaluate
 from mlm.files import atomic_path, atomic_write_json, os_error_advice
 from mlm.masking import MLMCollator, scheduled_probability
-from mlm.dropout import use_fast_dropout
 from mlm.models import MLM_HEADS, MLMObjective, build_model, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
