@@ -9,6 +9,8 @@ CPU generator. Other devices keep torch's own fused dropout.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,9 +19,7 @@ LANES = 4  # 16-bit lanes per 64-bit draw
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
     """Boolean mask with P(False) = round(p * 65536) / 65536, from numel / 4 draws of 64 random bits."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     words = torch.empty((n + LANES - 1) // LANES, dtype=torch.int64, device=device).random_(-(2**63), None)
     threshold = -(2**15) + round(p * 2**16)
     return words.view(torch.int16)[:n].view(shape) >= threshold

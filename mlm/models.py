@@ -271,7 +271,7 @@ class MLMObjective(nn.Module):
         self.head_fn = MLM_HEADS.get(model.config.model_type)
         if sparse and self.head_fn is None:
             log.warning("sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type)
-        self.head = self.head_fn if sparse else None
+        self.sparse = sparse and self.head_fn is not None
         self.head_only = False  # train the head alone (see set_head_only)
         self._table_trainable = None
 
@@ -295,14 +295,14 @@ class MLMObjective(nn.Module):
         if masked_positions is None:
             masked_positions = masked_positions_of(labels)
         targets = labels.reshape(-1).index_select(0, masked_positions)
-        if self.head is not None or self.head_only:
+        if self.sparse or self.head_only:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.head_only):
                 hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            if self.head is not None:  # sparse: only the masked positions go through the head
+            if self.sparse:  # only the masked positions go through the head
                 hidden = hidden.index_select(0, masked_positions)
             logits = self.head_fn(self.model, hidden)
-            if self.head is None:
+            if not self.sparse:
                 logits = logits.index_select(0, masked_positions)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -159,7 +159,7 @@ def test_sparse_prediction_for_distilbert_and_modernbert(model_cfg, tokenizer):
     batch = MLMCollator(tokenizer, MaskingConfig(), seed=0)({"input_ids": ids, "index": np.arange(6)})
     assert "attention_mask" in batch
     objective = MLMObjective(model, sparse=True)
-    assert objective.head is not None  # wired, not the dense fallback
+    assert objective.sparse  # wired, not the dense fallback
     sparse, dense = objective(**batch), MLMObjective(model, sparse=False)(**batch)
     hf_loss = model(**batch).loss
     assert sparse[1] == dense[1] > 0 and sparse[2] == dense[2]
