@@ -174,7 +174,7 @@ class TrainerConfig:
     max_eval_blocks: Optional[int] = None  # cap the eval set (the same blocks every time); unset = all
     log_every: int = 10  # optimizer steps between train logs (each one syncs host and device)
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
-    mixed_precision: str = "bf16"  # no | bf16 | fp16: autocast dtype; weights, optimizer and loss stay fp32
+    mixed_precision: str = "auto"  # auto (bf16 where native, else no) | no | bf16 | fp16: autocast dtype; weights, optimizer and loss stay fp32
     sharding: str = "none"  # none (one process, or DDP replicas) | fsdp (FSDP2: every layer sharded over processes)
     sparse_prediction: bool = True  # run the vocabulary projection only on masked positions (same loss)
     reuse_host_memory: bool = True  # glibc: freed host memory stays in the process for the next step (no fresh pages per step)
@@ -205,8 +205,8 @@ class TrainerConfig:
                 raise UserError(f"trainer.{name}={getattr(self, name)} must be at least 1")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise UserError("set trainer.max_steps > 0 or trainer.epochs > 0")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise UserError(f"trainer.mixed_precision={self.mixed_precision!r} must be no, bf16 or fp16")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise UserError(f"trainer.mixed_precision={self.mixed_precision!r} must be auto, no, bf16 or fp16")
         if self.sharding not in ("none", "fsdp"):
             raise UserError(f"trainer.sharding={self.sharding!r} must be none or fsdp")
         if self.sharding == "fsdp" and self.mixed_precision == "fp16":

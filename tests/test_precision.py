@@ -8,6 +8,7 @@ from mlm import checkpoint
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
 from mlm.optim import build_optimizer, build_scheduler
+from mlm import train as mlm_train
 from mlm.train import NonFiniteLoss, StepResult, enable_activation_checkpointing, make_accelerator, train_step
 from tests.conftest import compose
 
@@ -159,3 +160,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(monkeypatch, caplog, native):
+    monkeypatch.setattr(mlm_train, "native_bf16", lambda device_type: native)
+    assert mlm_train.resolve_mixed_precision("auto") == ("bf16" if native else "no")
+    assert mlm_train.resolve_mixed_precision("no") == "no"
+    caplog.clear()
+    assert mlm_train.resolve_mixed_precision("bf16") == "bf16"  # asked for explicitly: kept, with a warning where emulated
+    assert ("no native bf16" in caplog.text) is not native
+
+
+def test_auto_precision_reaches_the_autocast_dtype(fresh_accelerate_state):
+    """The default (auto) trains in bf16 on a CPU with AVX512-BF16/AMX and in fp32 on one without."""
+    cfg = compose(["model=tiny"])
+    assert cfg.trainer.mixed_precision == "auto"
+    cfg.trainer.mixed_precision = mlm_train.resolve_mixed_precision(cfg.trainer.mixed_precision)
+    accelerator = make_accelerator(cfg)
+    layer = torch.nn.Linear(4, 4)
+    with accelerator.autocast():
+        dtype = layer(torch.ones(2, 4)).dtype
+    assert dtype == (torch.bfloat16 if mlm_train.native_bf16("cpu") else torch.float32)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from mlm.train import native_bf16
 from tests.conftest import TINY_RUN, run_cli
 
 
@@ -26,6 +27,7 @@ def test_run_writes_results_metrics_and_model(tiny_run):
     for key in ("eval_loss", "perplexity", "perplexity_before", "train_tokens", "train_seconds"):
         assert key in results
     assert results["train_tokens"] == 4 * 4 * 32  # steps x batch x block
+    assert results["mixed_precision"] == ("bf16" if native_bf16("cpu") else "no")  # the default, auto, as resolved here
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval/perplexity" in r] == [0, 2, 4]
