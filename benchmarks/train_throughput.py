@@ -13,11 +13,14 @@ clipping at 1.0:
 
   trainer_fp32     transformers.Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), fp32;
                    Trainer's own default optimizer (fused AdamW in transformers 5 with torch >= 2.8).
-  trainer_bf16     the same with bf16=True (autocast through Accelerate).
+  trainer_bf16     the same with bf16=True (autocast through Accelerate). Only where the CPU runs bf16
+                   natively (AVX512-BF16 or AMX, mlm.train.native_bf16): elsewhere torch emulates bf16
+                   and one dense step of this model takes minutes; the JSON then lists it under "skipped".
   harness          mlm.models.MLMObjective(sparse=True) + mlm.optim.build_optimizer (fused AdamW) +
-                   mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision="bf16"), and
+                   mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision=P), and
                    mlm.allocator.reuse_host_memory() (trainer.reuse_host_memory, on by default): the
-                   harness's defaults.
+                   harness's defaults, where P is what trainer.mixed_precision=auto picks on this
+                   machine (bf16 where native, else fp32).
   harness_compile  (only with --compile) the harness with model.base_model.compile(), as trainer.compile=true does.
   harness_fast_dropout  (only with --fast-dropout) the harness with trainer.fast_dropout=true (off by
                    default: other random numbers than torch's dropout, so other results).
@@ -60,7 +63,8 @@ model is scored in fp32 (no autocast; the dtype is checked with a forward hook) 
 (MLMCollator(stream=mlm.masking.EVAL_STREAM)), so all variants see identical eval inputs. The
 training data order and masks differ between Trainer (its RandomSampler and torch RNG masking) and
 the harness (its TrainOrder permutation and hash masking), so the losses match only statistically:
-the check is "harness within 2% of trainer_bf16". The eval loss of the initial weights is reported
+the check is "harness within 2% of the Trainer at the harness's precision" (trainer_bf16 where bf16
+is native, else trainer_fp32). The eval loss of the initial weights is reported
 to show how far training moved the loss: a check on a loss that did not move would be meaningless,
 so the default learning rate is 3e-4 rather than the guide's 2e-5 (a fine-tuning rate for a
 pretrained model, which from random init barely moves the loss in a few steps; `--lr 2e-5` gives
@@ -98,7 +102,7 @@ ARCH = dict(
     vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
 )
 VARIANTS = ("trainer_fp32", "trainer_bf16", "harness")
-PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16", "harness": "bf16", "harness_compile": "bf16", "harness_fast_dropout": "bf16"}
+TRAINER_PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16"}
 TOKEN = "@@train_throughput@@"  # prefix of the workers' status lines on stdout
 FLOPS_COUNTED = (
     "model FLOPs per optimizer step = 6 * N_body * T  (N_body: all parameters except the word/position/type "
@@ -349,7 +353,7 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     from mlm.optim import build_optimizer, build_scheduler
     from mlm.train import train_step
 
-    accelerator = Accelerator(mixed_precision="bf16")
+    accelerator = Accelerator(mixed_precision="bf16" if s["harness_precision"] == "bf16" else "no")
     reuse_host_memory()  # trainer.reuse_host_memory, on by default in mlm.train
     if variant == "harness_fast_dropout":
         use_fast_dropout(model)
@@ -386,7 +390,7 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "compute_s": gate.compute_s,
         "masked_per_step": masked,
         "train_loss": losses,
-        "autocast_dtype": probe.dtype if probe else "bf16 (not probed under torch.compile)",
+        "autocast_dtype": probe.dtype if probe else f"{s['harness_precision']} (not probed under torch.compile)",
         "threads_in_step": gate.threads,
         "optimizer": f"mlm.optim.build_optimizer: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
         "rss_before_train_mb": rss_before,
@@ -498,12 +502,14 @@ def run_interleaved(variants, settings: dict, tmp: Path, probe):
     return results, rounds
 
 
-def matmul_gflops(size: int, reps: int, threads: int) -> dict:
+def matmul_gflops(size: int, reps: int, threads: int, names=("fp32", "bf16")) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name not in names:
+            continue
         g = torch.Generator().manual_seed(0)
         a = torch.randn(size, size, generator=g).to(dtype)
         b = torch.randn(size, size, generator=g).to(dtype)
@@ -533,6 +539,10 @@ def flops_per_step(stats: dict, masked_mean: float, dense_head: bool) -> float:
 
 def fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
+
+
+def gflops(probe: dict) -> str:
+    return "/".join(f"{g:.0f}" for g in probe.values())
 
 
 def main(argv=None) -> int:
@@ -567,19 +577,33 @@ def main(argv=None) -> int:
     if min(steps, reps, warmup) < 1:
         p.error("--steps, --reps and --warmup must be >= 1")
     threads = a.threads or len(os.sched_getaffinity(0))
+    from mlm.train import native_bf16
+
+    bf16_native = native_bf16("cpu")
+    harness_precision = "bf16" if bf16_native else "fp32"  # what trainer.mixed_precision=auto picks here
+    precision = {**TRAINER_PRECISION, "harness": harness_precision, "harness_compile": harness_precision,
+                 "harness_fast_dropout": harness_precision}
+    probed = ("fp32", "bf16") if bf16_native else ("fp32",)
     eval_blocks = a.eval_blocks or (16 if q else 64)
     mm_size = a.matmul_size or (1024 if q else 2048)
     mm_reps = 3 if q else 7
     settings = {
         "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps, "threads": threads,
         "lr": a.lr, "seed": a.seed, "eval_blocks": eval_blocks, "block_size": BLOCK, "batch_size": BATCH,
-        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile, "fast_dropout": a.fast_dropout,
+        "matmul_size": mm_size, "matmul_reps": mm_reps, "bf16_native": bf16_native, "harness_precision": harness_precision, "quick": q, "compile": a.compile, "fast_dropout": a.fast_dropout,
         "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
         "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
         "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
         "mlm_probability": 0.15,
     }
     variants = list(VARIANTS) + (["harness_compile"] if a.compile else []) + (["harness_fast_dropout"] if a.fast_dropout else [])
+    skipped = {}
+    if not bf16_native:
+        emulated = matmul_gflops(512, 3, threads, ("fp32", "bf16"))
+        skipped["trainer_bf16"] = (f"no native bf16 on this CPU (no AVX512-BF16 or AMX): a 512^2 matmul ran at "
+                                   f"{emulated['bf16']:.1f} GFLOP/s in bf16 against {emulated['fp32']:.1f} in fp32, "
+                                   "so a bf16 Trainer step of this model would take minutes")
+        variants.remove("trainer_bf16")
     command = shlex.join(["python", *sys.argv] if argv is None else ["python", "benchmarks/train_throughput.py", *argv])
     t_all = time.perf_counter()
     load_before = os.getloadavg()
@@ -587,12 +611,12 @@ def main(argv=None) -> int:
     import torch
 
     print(f"matmul peak ({mm_size}x{mm_size}, {threads} threads) ...", file=sys.stderr, flush=True)
-    mm_before = matmul_gflops(mm_size, mm_reps, threads)
+    mm_before = matmul_gflops(mm_size, mm_reps, threads, probed)
     with tempfile.TemporaryDirectory() as tmp:
-        results, rounds = run_interleaved(variants, settings, Path(tmp), lambda: matmul_gflops(mm_size, mm_reps, threads))
-    mm_after = matmul_gflops(mm_size, mm_reps, threads)
+        results, rounds = run_interleaved(variants, settings, Path(tmp), lambda: matmul_gflops(mm_size, mm_reps, threads, probed))
+    mm_after = matmul_gflops(mm_size, mm_reps, threads, probed)
     all_probes = [mm_before, mm_after] + [r["matmul_gflops"] for r in rounds]
-    peak = {k: max(m[k] for m in all_probes) for k in ("fp32", "bf16")}
+    peak = {k: max(m[k] for m in all_probes) for k in probed}
 
     tokens_per_step = BATCH * BLOCK
     tps, mfu, mfu_best, achieved, fps, mem, mem_delta, compute_tps, details = {}, {}, {}, {}, {}, {}, {}, {}, {}
@@ -611,10 +635,10 @@ def main(argv=None) -> int:
         achieved[v] = fps[v] * tps[v] / tokens_per_step / 1e9
         # MFU of each window against the matmul peak measured at the start of the same round, then the median:
         # background load slows the matmul probe and the training alike, so this stays comparable across rounds
-        mfu_reps = [fps[v] * rate / tokens_per_step / 1e9 / rounds[i + 1]["matmul_gflops"][PRECISION[v]]
+        mfu_reps = [fps[v] * rate / tokens_per_step / 1e9 / rounds[i + 1]["matmul_gflops"][precision[v]]
                     for i, rate in enumerate(w["tokens_per_s_reps"])]
         mfu[v] = statistics.median(mfu_reps)
-        mfu_best[v] = achieved[v] / peak[PRECISION[v]]
+        mfu_best[v] = achieved[v] / peak[precision[v]]
         mem[v] = r["peak_rss_mb"]
         mem_delta[v] = r["peak_rss_mb"] - r["rss_before_train_mb"]
         details[v] = {**r, **{f"window_{k}": val for k, val in w.items()}, "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
@@ -636,7 +660,8 @@ def main(argv=None) -> int:
         return r.get("eval", {}).get("loss")
 
     init = next((r["eval_init"]["loss"] for r in results.values() if "eval_init" in r), None)
-    b_loss, c_loss = ev("trainer_bf16"), ev("harness")
+    reference = f"trainer_{harness_precision}"  # the Trainer at the harness's precision
+    b_loss, c_loss = ev(reference), ev("harness")
     rel = (c_loss - b_loss) / b_loss if b_loss and c_loss else None
     checksums = {v: r.get("init_checksum") for v, r in results.items() if "error" not in r}
     per_round = {
@@ -654,10 +679,11 @@ def main(argv=None) -> int:
         "speedup_vs_trainer_bf16": ratio(tps.get("harness"), tps.get("trainer_bf16")),
         "speedup_median_of_rounds": {k: m for k, (m, _) in per_round.items()},
         "speedup_per_round": {k: per for k, (_, per) in per_round.items()},
+        "skipped": skipped,
         "eval_loss": {
-            "trainer_bf16": b_loss, "harness": c_loss, "rel_diff": rel,
-            "harness_within_2pct_of_trainer_bf16": None if rel is None else abs(rel) <= 0.02,
-            "trainer_fp32": ev("trainer_fp32"), "init": init, "after_steps": settings["total_steps"],
+            "reference": reference, "harness": c_loss, "rel_diff": rel,
+            "harness_within_2pct_of_reference": None if rel is None else abs(rel) <= 0.02,
+            "trainer_fp32": ev("trainer_fp32"), "trainer_bf16": ev("trainer_bf16"), "init": init, "after_steps": settings["total_steps"],
             "eval_blocks": eval_blocks,
             "masked_tokens": next((r["eval"]["masked_tokens"] for r in results.values() if "eval" in r), None),
             "eval_dtype": {v: r["eval"]["dtype"] for v, r in results.items() if "eval" in r},
@@ -665,7 +691,7 @@ def main(argv=None) -> int:
                     "same init and data, but Trainer and harness draw training order and masks differently",
         },
         "mfu": mfu,
-        "mfu_peak": {v: PRECISION[v] for v in results},
+        "mfu_peak": {v: precision[v] for v in results},
         "mfu_note": "mfu: median over windows of (window's model FLOP/s / matmul peak at the variant's precision "
                     "measured at the start of the same round); mfu_vs_best_peak: median tokens/s against the best "
                     "matmul peak seen in the whole run (lower when the machine was busier during training than at its best)",
@@ -706,7 +732,7 @@ def main(argv=None) -> int:
     # the table
     lines = [
         f"train throughput: RoBERTa 6x768 (vocab 50265), batch {BATCH} x {BLOCK} tokens, {threads} threads, "
-        f"{warmup} warm-up + median of {reps} x {steps} steps, variants interleaved",
+        f"{warmup} warm-up + median of {reps} x {steps} steps, variants interleaved; harness in {harness_precision}",
         f"{'variant':<16} {'tokens/s':>9} {'compute':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>11} "
         f"{'+train MB':>9} {'eval loss':>9}",
     ]
@@ -718,16 +744,16 @@ def main(argv=None) -> int:
             f"{fmt(r.get('eval', {}).get('loss'), '.4f'):>9}"
         )
     sp32, sp16 = out["speedup_vs_trainer_fp32"], out["speedup_vs_trainer_bf16"]
+    lines += [f"{v:<16} skipped: {why}" for v, why in skipped.items()]
     lines += [
         f"harness speedup: {fmt(sp32, '.2f')}x vs trainer_fp32, {fmt(sp16, '.2f')}x vs trainer_bf16"
         + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if a.compile else "")
         + " (ratio of medians)",
         "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items()),
-        f"matmul fp32/bf16 GFLOP/s ({mm_size}^2): best {peak['fp32']:.0f}/{peak['bf16']:.0f}; before "
-        f"{mm_before['fp32']:.0f}/{mm_before['bf16']:.0f}, rounds "
-        + ", ".join(f"{r['matmul_gflops']['fp32']:.0f}/{r['matmul_gflops']['bf16']:.0f}" for r in rounds)
-        + f", after {mm_after['fp32']:.0f}/{mm_after['bf16']:.0f} (MFU: vs the same round's probe)",
-        f"eval loss after {settings['total_steps']} steps (init {fmt(init, '.4f')}): trainer_bf16 {fmt(b_loss, '.4f')}, "
+        f"matmul {'/'.join(probed)} GFLOP/s ({mm_size}^2): best {gflops(peak)}; before {gflops(mm_before)}, rounds "
+        + ", ".join(gflops(r["matmul_gflops"]) for r in rounds)
+        + f", after {gflops(mm_after)} (MFU: vs the same round's probe)",
+        f"eval loss after {settings['total_steps']} steps (init {fmt(init, '.4f')}): {reference} {fmt(b_loss, '.4f')}, "
         f"harness {fmt(c_loss, '.4f')}, rel diff {fmt(rel and 100 * rel, '+.2f')}% -> "
         f"{'within' if rel is not None and abs(rel) <= 0.02 else 'NOT within'} 2%",
         f"same initial weights in every variant: {out['same_init']}; load average before/after: "
