@@ -55,6 +55,7 @@ class ModelConfig:
     arch: Dict[str, Any] = field(default_factory=dict)  # scratch: model_type and config fields (sizes)
     dropout: Optional[float] = None  # set every dropout probability of the config; unset keeps the checkpoint's
     freeze_embeddings: bool = False  # keep the word embeddings (and the tied output projection) fixed
+    untie_decoder: bool = False  # the output projection gets its own trainable copy of the word embeddings
     keep_layers: Optional[int] = None  # use only the bottom N encoder layers (the rest are dropped); unset = all
     freeze_layers: int = 0  # keep the embeddings and the bottom N encoder layers fixed: their backward is skipped
     head_transform_init: str = "random"  # random | identity: a new head's square transform starts as the identity map

@@ -152,6 +152,8 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTraine
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(seed)
     model = BUILDERS[cfg.source](cfg, tokenizer)
+    if cfg.untie_decoder:
+        untie_decoder(model)
     if cfg.freeze_embeddings:  # a tied decoder shares this parameter, so it stays fixed too
         model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.keep_layers is not None:
@@ -165,6 +167,19 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTraine
     if model.config.vocab_size < len(tokenizer):
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; they do not belong together")
     return model, tokenizer
+
+
+def untie_decoder(model: PreTrainedModel) -> None:
+    """Give the output projection its own copy of the word-embedding table (trained apart from it).
+
+    The copy starts equal to the table; the model then predicts as before. A saved model stores both
+    tables; transformers reloads them untied once they differ (the output bias stays tied)."""
+    decoder, table = model.get_output_embeddings(), model.get_input_embeddings().weight
+    if decoder is None or decoder.weight is not table:
+        raise UserError(f"model.untie_decoder=true: the {model.config.model_type} model's output projection is not tied to its word embeddings")
+    decoder.weight = nn.Parameter(table.detach().clone())
+    name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is decoder.weight)
+    model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items() if k != name}
 
 
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:

@@ -12,7 +12,8 @@ from torch import nn
 from mlm.config import MaskingConfig, UserError
 from mlm.dropout import FastDropout, fast_dropout, keep_mask, use_fast_dropout
 from mlm.masking import MLMCollator
-from mlm.models import MLMObjective, build_model, encoder_layers, head_parameters, init_unigram_bias, new_head_parameters
+from mlm.models import (MLMObjective, build_model, encoder_layers, head_parameters, init_unigram_bias, new_head_parameters,
+                        untie_decoder)
 from mlm.optim import build_optimizer
 from tests.conftest import TINY_RUN, compose, run_cli, sentences
 
@@ -152,6 +153,34 @@ def test_head_only_steps_in_a_run(corpus, tmp_path):
     assert torch.equal(weights[1][layer], weights[2][layer])  # steps 1-2: the encoder waits
     assert not torch.equal(weights[1][head], weights[2][head])  # ... and the head learns
     assert not torch.equal(weights[2][layer], weights[3][layer])  # step 3 trains everything
+
+
+def test_untied_decoder_trains_apart_from_the_frozen_table(tokenizer, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    cfg = compose(["model=tiny", "model.dropout=0", "model.freeze_embeddings=true", "model.untie_decoder=true"])
+    plain, _ = build_model(compose(["model=tiny", "model.dropout=0"]).model, 64, seed=0)
+    model, _ = build_model(cfg.model, 64, seed=0)
+    table, decoder = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert decoder is not table and torch.equal(decoder, table) and decoder.requires_grad and not table.requires_grad
+    assert "cls.predictions.decoder.weight" in head_parameters(model)
+    batch = batch_of(tokenizer)
+    plain.eval(), model.eval()
+    with torch.no_grad():  # the copy starts where the tied projection was: same predictions
+        assert torch.equal(MLMObjective(plain, sparse=True)(**batch)[0], MLMObjective(model, sparse=True)(**batch)[0])
+    model.train()
+    objective = MLMObjective(model, sparse=True)
+    table_before, decoder_before = table.detach().clone(), decoder.detach().clone()
+    one_step(objective, build_optimizer(objective, cfg.optimizer), batch)
+    assert torch.equal(table, table_before) and not torch.equal(decoder, decoder_before)
+    model.save_pretrained(tmp_path)  # both tables are saved and reload untied, the output bias still tied
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch["input_ids"]).logits, loaded(input_ids=batch["input_ids"]).logits)
+    with pytest.raises(UserError, match="not tied to its word embeddings"):
+        untie_decoder(model)
 
 
 def test_frozen_layers_skip_their_backward(tokenizer):
