@@ -590,7 +590,8 @@ def main(argv=None) -> int:
     settings = {
         "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps, "threads": threads,
         "lr": a.lr, "seed": a.seed, "eval_blocks": eval_blocks, "block_size": BLOCK, "batch_size": BATCH,
-        "matmul_size": mm_size, "matmul_reps": mm_reps, "bf16_native": bf16_native, "harness_precision": harness_precision, "quick": q, "compile": a.compile, "fast_dropout": a.fast_dropout,
+        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile, "fast_dropout": a.fast_dropout,
+        "bf16_native": bf16_native, "harness_precision": harness_precision,
         "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
         "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
         "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
