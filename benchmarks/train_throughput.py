@@ -747,10 +747,10 @@ def main(argv=None) -> int:
     sp32, sp16 = out["speedup_vs_trainer_fp32"], out["speedup_vs_trainer_bf16"]
     lines += [f"{v:<16} skipped: {why}" for v, why in skipped.items()]
     lines += [
-        f"harness speedup: {fmt(sp32, '.2f')}x vs trainer_fp32, {fmt(sp16, '.2f')}x vs trainer_bf16"
+        f"harness speedup: {fmt(sp32, '.2f')}x vs trainer_fp32" + ("" if skipped.get("trainer_bf16") else f", {fmt(sp16, '.2f')}x vs trainer_bf16")
         + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if a.compile else "")
         + " (ratio of medians)",
-        "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items()),
+        "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items() if m),
         f"matmul {'/'.join(probed)} GFLOP/s ({mm_size}^2): best {gflops(peak)}; before {gflops(mm_before)}, rounds "
         + ", ".join(gflops(r["matmul_gflops"]) for r in rounds)
         + f", after {gflops(mm_after)} (MFU: vs the same round's probe)",
