@@ -139,12 +139,15 @@ class OptimizerConfig:
     eps: float = 1e-6
     impl: str = "auto"  # auto | fused | foreach | loop: the same update, different kernels (speed only)
     new_head_lr_scale: float = 1.0  # a new MLM head (head weights the checkpoint did not have) learns at lr times this
+    layer_lr_decay: float = 1.0  # layer-wise rates: each encoder layer learns at this times the rate of the layer above (1 = all alike)
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise UserError(f"optimizer.lr={self.lr} must be positive")
         if self.new_head_lr_scale <= 0:
             raise UserError(f"optimizer.new_head_lr_scale={self.new_head_lr_scale} must be positive (1 = the same rate as the encoder)")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise UserError(f"optimizer.layer_lr_decay={self.layer_lr_decay} must be in (0, 1] (1 = the same rate for every layer)")
         if self.weight_decay < 0:
             raise UserError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
         if self.impl not in ("auto", "fused", "foreach", "loop"):

@@ -11,22 +11,34 @@ from torch import nn
 from mlm.config import OptimizerConfig, SchedulerConfig, UserError
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0) -> List[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0) -> List[dict]:
     """Decay matrices only: biases, norm weights and other 1-D parameters get no weight decay.
 
     With new_head_lr_scale != 1 the new MLM head's weights (head weights the checkpoint did not have)
-    get groups of their own at lr * new_head_lr_scale; the schedule scales every group alike."""
-    from mlm.models import new_head_parameters  # mlm.models -> mlm.masking -> this module
+    get groups of their own at lr * new_head_lr_scale. With layer_lr_decay != 1 (layer-wise rates)
+    the top encoder layer keeps lr, each layer below gets the rate of the one above times
+    layer_lr_decay, and the rest of the encoder (embeddings) that of the bottom layer times it once
+    more; head weights are not scaled by it. The schedule scales every group alike."""
+    from mlm.models import encoder_layers, new_head_parameters  # mlm.models -> mlm.masking -> this module
 
     inner = getattr(model, "model", model)  # the objective wraps the Hugging Face model
-    head = {id(p) for p in new_head_parameters(inner).values()} if new_head_lr_scale != 1.0 and hasattr(inner, "base_model") else set()
-    groups = {(h, d): [] for h in (False, True) for d in (True, False)}
+    hf_model = hasattr(inner, "base_model")
+    scale = {}  # id(parameter) -> multiple of lr; unlisted: 1
+    if layer_lr_decay != 1.0 and hf_model:
+        layers = encoder_layers(inner)
+        scale.update({id(p): layer_lr_decay ** len(layers) for p in inner.base_model.parameters()})
+        for depth, layer in enumerate(reversed(layers)):
+            scale.update({id(p): layer_lr_decay ** depth for p in layer.parameters()})
+    if new_head_lr_scale != 1.0 and hf_model:
+        scale.update({id(p): new_head_lr_scale for p in new_head_parameters(inner).values()})
+    groups: Dict[tuple, List[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        groups[(id(p) in head, not (p.ndim < 2 or "norm" in name.lower()))].append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (new_head_lr_scale if is_head else 1.0)}
-            for (is_head, decay), params in groups.items() if params or not is_head]
+        groups.setdefault((scale.get(id(p), 1.0), not (p.ndim < 2 or "norm" in name.lower())), []).append(p)
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], not key[1]))  # lr's own groups first, as before the scales
+    return [{"params": groups[s, decay], "weight_decay": weight_decay if decay else 0.0, "lr": lr * s}
+            for s, decay in order if groups[s, decay] or s == 1.0]
 
 
 def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -35,7 +47,7 @@ def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer
     if impl == "auto":
         impl = "fused"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
 OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {"adamw": build_adamw}

@@ -119,6 +119,28 @@ def test_new_head_lr_scale_puts_the_head_in_its_own_groups():
     assert {g["lr"] for g in build_optimizer(MLMObjective(model, sparse=True), cfg.optimizer).param_groups} == {1e-3}
 
 
+def test_layer_lr_decay_moves_each_layer_at_its_own_rate(tokenizer):
+    """Adam's first step moves a weight by about its group's rate (|g| >> eps): the top layer by lr,
+    the layer below by lr * decay, the embeddings (the tied table too) by lr * decay^2; the new head keeps its scale."""
+    cfg = compose(["model=tiny", "model.dropout=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0",
+                   "optimizer.layer_lr_decay=0.5", "optimizer.new_head_lr_scale=4"])
+    model, _ = build_model(cfg.model, 64, seed=0)
+    objective = MLMObjective(model, sparse=True)
+    optimizer = build_optimizer(objective, cfg.optimizer)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(1 for p in objective.parameters() if p.requires_grad)
+    before = snapshot(model)
+    one_step(objective, optimizer, batch_of(tokenizer))
+
+    def largest_move(prefix: str) -> float:
+        return max((p - before[n]).abs().max().item() for n, p in model.named_parameters() if n.startswith(prefix))
+
+    assert len(encoder_layers(model)) == 2
+    for prefix, rate in (("bert.encoder.layer.1.", 1e-3), ("bert.encoder.layer.0.", 5e-4), ("bert.embeddings.", 2.5e-4), ("cls.", 4e-3)):
+        assert largest_move(prefix) == pytest.approx(rate, rel=0.02), prefix
+    with pytest.raises(UserError, match="layer_lr_decay"):
+        compose(["optimizer.layer_lr_decay=0"]).validate()
+
+
 def test_head_only_step_updates_the_head_alone(tokenizer):
     cfg = compose(["model=tiny", "model.dropout=0"])
     model, _ = build_model(cfg.model, 64, seed=0)
