@@ -189,7 +189,7 @@ def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise UserError(f"cannot find the {count} encoder layers of model_type={model.config.model_type}, which "
-                    "model.freeze_layers and model.keep_layers need; leave both unset for this model")
+                    "model.freeze_layers, model.keep_layers and optimizer.layer_lr_decay need; leave them unset for this model")
 
 
 def keep_bottom_layers(model: PreTrainedModel, n: int) -> None:

@@ -17,8 +17,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_s
     With new_head_lr_scale != 1 the new MLM head's weights (head weights the checkpoint did not have)
     get groups of their own at lr * new_head_lr_scale. With layer_lr_decay != 1 (layer-wise rates)
     the top encoder layer keeps lr, each layer below gets the rate of the one above times
-    layer_lr_decay, and the rest of the encoder (embeddings) that of the bottom layer times it once
-    more; head weights are not scaled by it. The schedule scales every group alike."""
+    layer_lr_decay, and the rest of the encoder (the embeddings, and any table or norm outside the
+    layer stack) that of the bottom layer times it once more; head weights are not scaled by it.
+    The schedule scales every group alike."""
     from mlm.models import encoder_layers, new_head_parameters  # mlm.models -> mlm.masking -> this module
 
     inner = getattr(model, "model", model)  # the objective wraps the Hugging Face model
