@@ -7,12 +7,15 @@
 The run's config is composed as `python run.py` would (the offline default unless overridden) and
 its model is built the same way (new head initialised as configured, unigram output bias from the
 training split). The encoder then runs once, without gradients, over --train-blocks training
-blocks (masked at masking.train_probability) and --eval-blocks held-out blocks (masked as the
-run's evals mask them: eval stream, mlm_probability); the hidden states of every layer at the
-masked positions are kept. For each layer in --layers the new head's weights restart from their
+blocks (masked at masking.train_probability) and --eval-blocks held-out blocks drawn at random
+(masked as the run's evals mask them: eval stream, mlm_probability; a sample, so its perplexity
+is not the whole split's); the hidden states of every layer at the masked positions are kept.
+For each layer in --layers (default: the top four) the new head's weights restart from their
 initial values and train alone on that layer's states (AdamW at optimizer.lr x
-new_head_lr_scale, batches of 512 positions, --epochs passes); the held-out perplexity is
-reported before and after each pass. Layer 0 is the embedding output, layer N the last layer's.
+new_head_lr_scale without schedule or clipping, weight decay on matrices only, batches of 512
+positions, --epochs passes); the held-out perplexity is reported before and after each pass.
+Layer 0 is the embedding output, layer N the last layer's; the head's initialisation was made
+for layer N, so the first number of a lower layer is only where its training starts.
 
 A measurement of the recipe, not of speed: if a head on the frozen encoder stays far above what
 the fine-tuned model reaches, the head is not what limits the run, the encoder's adaptation is.
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-blocks", type=int, default=600)
     parser.add_argument("--eval-blocks", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[6, 5, 4, 3])
+    parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated, e.g. 6,5,4,3")
     parser.add_argument("--json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -77,6 +80,7 @@ def main(argv=None) -> int:
     from mlm.data.blocks import flat_token_ids
     from mlm.masking import EVAL_STREAM, MLMCollator
     from mlm.models import MLM_HEADS, build_model, init_unigram_bias, new_head_parameters
+    from mlm.optim import param_groups
 
     cfg = compose(args.overrides)
     start = time.perf_counter()
@@ -91,6 +95,10 @@ def main(argv=None) -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     initial = {name: p.detach().clone() for name, p in head.items()}
+    depth = model.config.num_hidden_layers
+    layers = args.layers or list(range(depth, max(depth - 4, 0), -1))
+    if not all(0 <= layer <= depth for layer in layers):
+        raise SystemExit(f"--layers {args.layers}: the model has layers 0 (embeddings) to {depth}")
 
     train_masking = dataclasses.replace(cfg.masking, mlm_probability=cfg.masking.train_probability or cfg.masking.mlm_probability)
     eval_masking = dataclasses.replace(cfg.masking, strategy=cfg.masking.eval_strategy)
@@ -107,13 +115,13 @@ def main(argv=None) -> int:
         return math.exp(total / len(eval_y))
 
     lr = cfg.optimizer.lr * cfg.optimizer.new_head_lr_scale
-    out = {"settings": {**vars(args), "lr": lr, "train_positions": len(train_y), "eval_positions": len(eval_y)}, "layers": {}}
-    for layer in args.layers:
+    out = {"settings": {**vars(args), "layers": layers, "lr": lr, "train_positions": len(train_y), "eval_positions": len(eval_y)}, "layers": {}}
+    for layer in layers:
         with torch.no_grad():
             for name, p in head.items():
                 p.copy_(initial[name])
                 p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(head.values(), lr=lr, weight_decay=cfg.optimizer.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay, lr), lr=lr)  # only the head is trainable
         order = torch.Generator().manual_seed(cfg.seed)
         curve = [perplexity(layer)]
         for _ in range(args.epochs):
