@@ -38,18 +38,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from mlm.cli import register
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
-
-
 @torch.no_grad()
 def masked_states(model, blocks, collator, n: int, seed: int):
     """Hidden states of every layer at the masked positions of n blocks (drawn at random), and their targets."""
@@ -76,6 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
+    from mlm.cli import compose
     from mlm.data import build_blocks
     from mlm.data.blocks import flat_token_ids
     from mlm.masking import EVAL_STREAM, MLMCollator

@@ -46,6 +46,16 @@ def register() -> None:
     OmegaConf.register_new_resolver("mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True)
 
 
+def compose(overrides=()) -> Config:
+    """The config `python run.py <overrides>` runs with (conf/ of this checkout, composed by Hydra), as the typed Config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
 def job_info(cfg_hydra) -> dict:
     from hydra.types import RunMode
 

@@ -45,16 +45,9 @@ def tokenizer():
 
 def compose(overrides: List[str] = ()):
     """The real config from conf/, composed by Hydra with overrides, as the typed Config."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from mlm.cli import compose as compose_config
 
-    from mlm.cli import register
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_object(cfg)
+    return compose_config(overrides)
 
 
 @pytest.fixture
