@@ -22,8 +22,6 @@ the fine-tuned model reaches, the head is not what limits the run, the encoder's
 """
 
 import argparse
-import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -67,7 +65,8 @@ def main(argv=None) -> int:
     from mlm.cli import compose
     from mlm.data import build_blocks
     from mlm.data.blocks import flat_token_ids
-    from mlm.masking import EVAL_STREAM, MLMCollator
+    from mlm.evaluate import eval_collator, perplexity
+    from mlm.masking import MLMCollator, scheduled_probability
     from mlm.models import MLM_HEADS, build_model, init_unigram_bias, new_head_parameters
     from mlm.optim import param_groups
 
@@ -89,19 +88,19 @@ def main(argv=None) -> int:
     if not all(0 <= layer <= depth for layer in layers):
         raise SystemExit(f"--layers {args.layers}: the model has layers 0 (embeddings) to {depth}")
 
-    train_masking = dataclasses.replace(cfg.masking, mlm_probability=cfg.masking.train_probability or cfg.masking.mlm_probability)
-    eval_masking = dataclasses.replace(cfg.masking, strategy=cfg.masking.eval_strategy)
-    train_x, train_y = masked_states(model, blocks["train"], MLMCollator(tokenizer, train_masking, cfg.seed, stream=0), args.train_blocks, cfg.seed)
-    eval_x, eval_y = masked_states(model, blocks["test"], MLMCollator(tokenizer, eval_masking, cfg.seed, stream=EVAL_STREAM), args.eval_blocks, cfg.seed)
+    train_collator = MLMCollator(tokenizer, cfg.masking, cfg.seed, stream=0)
+    train_collator.probability = scheduled_probability(cfg.masking, 0.0)  # the training rate, as the loop sets it
+    train_x, train_y = masked_states(model, blocks["train"], train_collator, args.train_blocks, cfg.seed)
+    eval_x, eval_y = masked_states(model, blocks["test"], eval_collator(tokenizer, cfg.masking, cfg.seed), args.eval_blocks, cfg.seed)
     what = cfg.model.name_or_path if cfg.model.source == "pretrained" else f"{cfg.model.source} {cfg.model.arch.get('model_type')}"
     lines = [f"{what}: {len(train_y)} training / {len(eval_y)} held-out masked positions "
              f"({args.train_blocks} / {args.eval_blocks} blocks), states of {len(train_x)} layers in {time.perf_counter() - start:.0f} s"]
 
-    def perplexity(layer: int) -> float:
+    def held_out_perplexity(layer: int) -> float:
         with torch.no_grad():
             total = sum(F.cross_entropy(head_fn(model, eval_x[layer][i : i + 2048]), eval_y[i : i + 2048], reduction="sum").item()
                         for i in range(0, len(eval_y), 2048))
-        return math.exp(total / len(eval_y))
+        return perplexity(total, len(eval_y))
 
     lr = cfg.optimizer.lr * cfg.optimizer.new_head_lr_scale
     out = {"settings": {**vars(args), "layers": layers, "lr": lr, "train_positions": len(train_y), "eval_positions": len(eval_y)}, "layers": {}}
@@ -112,14 +111,14 @@ def main(argv=None) -> int:
                 p.requires_grad_(True)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay, lr), lr=lr)  # only the head is trainable
         order = torch.Generator().manual_seed(cfg.seed)
-        curve = [perplexity(layer)]
+        curve = [held_out_perplexity(layer)]
         for _ in range(args.epochs):
             for batch in torch.randperm(len(train_y), generator=order).split(512):
                 loss = F.cross_entropy(head_fn(model, train_x[layer][batch]), train_y[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            curve.append(perplexity(layer))
+            curve.append(held_out_perplexity(layer))
         out["layers"][str(layer)] = curve
         lines.append(f"layer {layer}: held-out perplexity by pass {' -> '.join(f'{x:,.1f}' for x in curve)}  "
                      f"(best {min(curve):,.1f}; {time.perf_counter() - start:.0f} s)")

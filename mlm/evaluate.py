@@ -26,6 +26,11 @@ def perplexity(loss_sum: float, n_tokens: int) -> float:
     return math.exp(mean) if mean < 700 else float("inf")  # exp overflows a float past ~709
 
 
+def eval_collator(tokenizer, masking_cfg, seed: int) -> MLMCollator:
+    """The masks every eval draws: masking.eval_strategy at mlm_probability, from the fixed EVAL_STREAM."""
+    return MLMCollator(tokenizer, dataclasses.replace(masking_cfg, strategy=masking_cfg.eval_strategy), seed=seed, stream=EVAL_STREAM)
+
+
 @torch.no_grad()
 def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, batch_size: int) -> Dict[str, float]:
     """Score `blocks` (already capped to the eval size) on every process; returns the global metrics.
@@ -34,7 +39,7 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     """
     was_training = objective.training
     objective.eval()
-    collator = MLMCollator(tokenizer, dataclasses.replace(masking_cfg, strategy=masking_cfg.eval_strategy), seed=seed, stream=EVAL_STREAM)
+    collator = eval_collator(tokenizer, masking_cfg, seed)
     shard = eval_shard(len(blocks), batch_size, accelerator.process_index, accelerator.num_processes)
     padding = eval_batch_count(len(blocks), batch_size, accelerator.num_processes) - len(shard)
     loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)
