@@ -8,31 +8,39 @@ A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding
   scheduler.pt, scaler.pt
   rng-<rank>.json     python, numpy and torch RNG states of each process
   state.json          step, data position, tracker run id, best eval, model identity
-  manifest.json       written last: every file's size; a checkpoint without it is incomplete
+  manifest.json       written last: every file's size and SHA-256; a checkpoint without it is incomplete
 It is written under a temporary name and renamed into place when complete, so a kill at any
 moment leaves either the old set of checkpoints or the old set plus one complete new one.
+
+Before anything of a checkpoint is read (nothing is unpickled, not even torch.distributed.checkpoint's
+.metadata), every file is hashed and compared with the manifest. A checkpoint that fails that
+check, or fails to load, is moved aside to `checkpoints/corrupt-ckpt-<step>` with one warning,
+and the next older one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from mlm import faults
 from mlm.config import UserError
-from mlm.files import fsync_dir, os_error_advice, replace, write_json
+from mlm.files import fsync_dir, os_error_of, replace, torch_save, write_error, write_json
 from mlm.parallel import Replicated
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CHECKPOINT_NAME = re.compile(r"ckpt-\d+")  # what a checkpoint directory is called (corrupt ones are renamed away from it)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -82,33 +90,61 @@ def save_checkpoint(
         layout.save(tmp, model, optimizer, accelerator)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+                torch_save(scaler.state_dict(), tmp / "scaler.pt")
             faults.reached("checkpoint")
             write_json(tmp / "state.json", {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)})
-            sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            write_json(tmp / MANIFEST, {"step": step, "files": sizes})
+            files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            write_json(tmp / MANIFEST, {"step": step, "files": files})
             fsync_dir(tmp)
             replace(tmp, final)  # over the same step saved before, if any (e.g. by a run started with resume=never)
-            _prune(root, keep)
-    except OSError as e:
+            _prune(root, keep, final)
+    except Exception as e:  # a full disk raises RuntimeError in torch.save, SafetensorError in safetensors
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {final}: {e.strerror or e} ({os_error_advice(e)})") from e
+        if os_error_of(e) is None:
+            raise
+        raise write_error("checkpoint", final, e) from e
     accelerator.wait_for_everyone()
     return final
 
 
+def file_record(path: Path) -> Dict[str, Any]:
+    """What the manifest keeps of a file: its size and SHA-256 (reading it back costs ~1 s per GB, from the page cache)."""
+    with open(path, "rb") as f:
+        return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
 def _read_manifest(path: Path) -> Optional[Dict[str, Any]]:
-    """The manifest if every listed file is there with its recorded size, else None."""
+    """The manifest if every listed file is there with its recorded size (a cheap check, no hashing), else None."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        for name, size in manifest["files"].items():
+        for name, record in manifest["files"].items():
+            size = record["size"] if isinstance(record, dict) else record  # older manifests kept sizes only
             if (path / name).stat().st_size != size:
                 return None
+        int(manifest["step"])
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if every file of the checkpoint hashes as its manifest says, else what is wrong."""
+    manifest = _read_manifest(path)
+    if manifest is None:
+        return f"incomplete: a file is missing, has another size than {MANIFEST} records, or {MANIFEST} is unreadable"
+    listed = set(manifest["files"]) | {MANIFEST}
+    extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in listed)
+    if extra:
+        return f"holds files this run did not write: {', '.join(extra[:3])}"
+    for name, record in manifest["files"].items():
+        if not isinstance(record, dict):
+            log.warning("%s was written before checkpoints kept content hashes: checked by file sizes only", path)
+            return None
+        if file_record(path / name)["sha256"] != record["sha256"]:
+            return f"{name} changed after it was written (its SHA-256 differs from {MANIFEST})"
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> List[Path]:
@@ -118,7 +154,7 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
         return []
     found = []
     for path in root.iterdir():
-        if not path.is_dir() or path.name.startswith("."):
+        if not path.is_dir() or not CHECKPOINT_NAME.fullmatch(path.name):
             continue
         manifest = _read_manifest(path)
         if manifest is None:
@@ -128,9 +164,25 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _prune(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root.parent)[keep:]:
+def _prune(root: Path, keep: int, written: Path) -> None:
+    """Keep the checkpoint just written and the newest keep-1 others."""
+    others = [p for p in list_checkpoints(root.parent) if p != written]
+    for old in others[keep - 1:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def newest_verified(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint whose every file hashes as written (what an error message may call "good")."""
+    return next((p for p in list_checkpoints(run_dir) if verify(p) is None), None)
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Move a checkpoint that failed verification or loading out of the way: never resumed, never rotated."""
+    target = path.with_name(f"corrupt-{path.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    path.rename(target)
+    log.warning("checkpoint %s %s; moved to %s, resuming from the next older one", path, reason, target)
+    return target
 
 
 def discard_checkpoints(run_dir: Path) -> None:
@@ -142,19 +194,60 @@ def discard_checkpoints(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
-    """resume=auto -> newest complete checkpoint in the run dir (or none); never -> none; else that path."""
+def resume_candidates(resume: str, run_dir: Path) -> List[Path]:
+    """resume=auto -> the run dir's checkpoints, newest first; never -> none; else that one path."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[0] if found else None
+        return list_checkpoints(run_dir)
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"resume={resume!r}: no such checkpoint directory (use auto, never, or a ckpt-* path)")
-    if _read_manifest(path) is None:
-        raise UserError(f"resume={resume!r} is incomplete or corrupt (no valid {MANIFEST}); pick an older checkpoint")
-    return path
+    return [path]
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from: the newest that verifies (a bad one is set aside); an explicit path must verify."""
+    for path in resume_candidates(resume, run_dir):
+        problem = verify(path)
+        if problem is None:
+            return path
+        if resume != "auto":
+            raise UserError(f"resume={resume!r}: the checkpoint {problem}; pick another checkpoint")
+        set_aside(path, problem)
+    return None
+
+
+def load_newest(resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any]], accelerator) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """Resume from the newest checkpoint that verifies and loads on every process: (its path, what `load` returned),
+    or (None, None) to start fresh. One that fails either way is set aside by the main process and the next older one tried."""
+    while True:
+        with accelerator.main_process_first():  # the main process sets bad ones aside before the others look
+            path = resolve_resume(resume, run_dir)
+        if path is None:
+            return None, None
+        error, saved = None, None
+        try:
+            saved = load(path)
+        except UserError:  # the checkpoint is fine but does not fit this run's settings: the user's to decide
+            raise
+        except Exception as e:
+            error = e
+        if not any_process(accelerator, error is not None):
+            return path, saved
+        if resume != "auto":
+            raise UserError(f"resume={resume!r}: the checkpoint failed to load ({type(error).__name__}: {error}); pick another checkpoint")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            set_aside(path, f"failed to load ({type(error).__name__}: {str(error)[:200]})" if error else "failed to load on another process")
+        accelerator.wait_for_everyone()
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process of the run (one tiny all-reduce when there are several)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")[0] > 0)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated()) -> Dict[str, Any]:

@@ -13,9 +13,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 def fsync_dir(path: Path) -> None:
@@ -89,6 +90,58 @@ def replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     fsync_dir(path.parent)
     _remove(old)
+
+
+class _RecordingFile:
+    """A file object for torch.save that keeps the OSError of a failed write: torch replaces it with
+    a RuntimeError that does not say why ("unexpected pos 704 vs 598" on a full disk)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save, raising the OSError behind a failed write (a full disk, a read-only filesystem)."""
+    import torch
+
+    with open(path, "wb") as f:
+        recording = _RecordingFile(f)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError as e:
+            if recording.error is not None:
+                raise recording.error from e
+            raise
+
+
+def os_error_of(e: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write: `e` itself, or the one a library folded into its message
+    (safetensors: "... (os error 28)", torch.distributed.checkpoint: "[Errno 28] ..."); None when `e` is not a failed write."""
+    if isinstance(e, OSError):
+        return e
+    code = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(e))
+    if code:
+        number = int(code[1] or code[2])
+        return OSError(number, os.strerror(number))
+    return None
+
+
+def write_error(what: str, path: Path, e: BaseException) -> Exception:
+    """The one-line UserError for a failed write of `what` to `path` (call only when os_error_of(e) is set)."""
+    from mlm.config import UserError
+
+    err = os_error_of(e)
+    return UserError(f"cannot write {what} {path}: {err.strerror or err} ({os_error_advice(err)})")
 
 
 def os_error_advice(e: OSError) -> str:

@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mlm.config import TrainerConfig, UserError
+from mlm.files import torch_save
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -54,7 +55,7 @@ class Replicated:
     def save(self, directory: Path, model, optimizer, accelerator) -> None:
         if accelerator.is_main_process:
             save_model(model, str(directory / MODEL_FILE))
-            torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            torch_save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load(self, directory: Path, model, optimizer, device) -> None:
         if (directory / SHARDED_DIR).exists():

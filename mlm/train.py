@@ -29,7 +29,7 @@ from mlm.data import build_blocks, flat_token_ids
 from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
 from mlm.dropout import use_fast_dropout
 from mlm.evaluate import evaluate
-from mlm.files import atomic_path, atomic_write_json, os_error_advice
+from mlm.files import atomic_path, atomic_write_json, os_error_of, write_error
 from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLM_HEADS, MLMObjective, build_model, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
@@ -100,10 +100,10 @@ def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Pat
     """A non-finite step: stop (default), or with on_nonfinite=skip drop it and keep the schedule in step."""
     state.skipped_steps += 1
     if tcfg.on_nonfinite == "stop" or state.skipped_steps > tcfg.max_skipped_steps:
-        kept = checkpoint.list_checkpoints(run_dir)
+        good = checkpoint.newest_verified(run_dir)
         raise NonFiniteLoss(
             f"non-finite training loss at step {state.step + 1} ({error}); "
-            + (f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written before it")
+            + (f"the newest verified checkpoint is {good}" if good else "no verified checkpoint was written before it")
         ) from None
     log.warning("step %d: %s; skipped (%d so far)", state.step + 1, error, state.skipped_steps)
     scheduler.step()
@@ -295,9 +295,10 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
 
     # 3. resume, trackers
     state = TrainState()
-    ckpt = checkpoint.resolve_resume(cfg.resume, run_dir)
+    ckpt, saved = checkpoint.load_newest(
+        cfg.resume, run_dir, lambda path: checkpoint.load_checkpoint(path, raw_model, optimizer, scheduler, accelerator.scaler, accelerator, layout),
+        accelerator)
     if ckpt is not None:
-        saved = checkpoint.load_checkpoint(ckpt, raw_model, optimizer, scheduler, accelerator.scaler, accelerator, layout)
         if saved["global_batch"] != order.global_batch:
             raise UserError(f"{ckpt} was trained with a global batch of {saved['global_batch']}, this run has {order.global_batch}; keep the batch settings to resume")
         if saved.get("stream_shards") != stream_shards:
@@ -465,5 +466,7 @@ def save_final(model, tokenizer, path: Path, state_dict=None) -> None:
             model.save_pretrained(tmp, state_dict=state_dict)
             faults.reached("final")
             tokenizer.save_pretrained(tmp)
-    except OSError as e:
-        raise UserError(f"cannot write the final model to {path}: {e.strerror or e} ({os_error_advice(e)})") from e
+    except Exception as e:  # safetensors reports a full disk as a SafetensorError
+        if os_error_of(e) is None:
+            raise
+        raise write_error("the final model to", path, e) from e

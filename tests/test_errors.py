@@ -118,11 +118,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, c
     with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3") as err:
         mlm.train.train(cfg, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002"]
-    assert str(err.value).endswith(f"the last good checkpoint is {tmp_path / 'checkpoints' / 'ckpt-00000002'}")
+    assert str(err.value).endswith(f"the newest verified checkpoint is {tmp_path / 'checkpoints' / 'ckpt-00000002'}")
     assert not (tmp_path / "results.json").exists()
     # before any checkpoint: no directory is named that does not exist
     calls["n"] = 0
     cfg.trainer.checkpoint_every = 0
     with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3") as err:
         mlm.train.train(cfg, tmp_path / "fresh")
-    assert str(err.value).endswith("no checkpoint was written before it") and not (tmp_path / "fresh" / "checkpoints").exists()
+    assert str(err.value).endswith("no verified checkpoint was written before it") and not (tmp_path / "fresh" / "checkpoints").exists()
