@@ -9,7 +9,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -69,12 +69,22 @@ def job_info(cfg_hydra) -> dict:
     }
 
 
-# Settings that change neither the weights nor the metrics: a finished run asked again with other
-# values of these is still the same finished run. (max_steps and budget_minutes say how far to
-# train: finished_results compares them with how far the run got.)
+# Settings that change neither the weights nor the final metrics: a finished run asked again with
+# other values of these is still the same finished run, and an unfinished one may resume with them.
+# (max_steps and budget_minutes say how far to train: finished_results compares them with how far
+# the run got.) Every other setting changed is refused, so one run never mixes two configs.
 NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
                "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
-               "trainer.reuse_host_memory")
+               "trainer.reuse_host_memory", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
+               "trainer.keep_checkpoints")
+
+
+def changed_settings(saved: dict, settings: dict) -> List[str]:
+    """The result-affecting settings that differ between a run's saved flat config and this one's, as 'key=old there, new now'."""
+    # a stream's shards (and so its data order) depend on the dataloader workers
+    ignored = tuple(k for k in NOT_RESULTS if not (k == "trainer.num_workers" and settings.get("dataset.streaming")))
+    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
+    return [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
 
 
 def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:
@@ -97,14 +107,38 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
             return None  # another budget: resume and train on (as with more max_steps)
     elif max_steps > 0 and results.get("steps") != max_steps:
         return None
-    # a stream's shards (and so its data order) depend on the dataloader workers
-    ignored = tuple(k for k in NOT_RESULTS if not (k == "trainer.num_workers" and settings.get("dataset.streaming")))
-    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
+    differ = changed_settings(saved, settings)
     if differ:
-        shown = ", ".join(f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ[:3])
-        raise UserError(f"{run_dir} holds a finished run with other settings ({shown}); "
+        raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); "
                         "give this run its own directory, or resume=never to replace that one")
     return results
+
+
+def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> None:
+    """Refuse to resume an unfinished run with result-affecting settings changed (UserError naming each one).
+
+    Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
+    its content is verified later, before loading). Checkpoints without a saved config (older
+    versions) are not compared."""
+    from mlm.checkpoint import resume_candidates
+
+    if settings is None or resume == "never":
+        return
+    candidates = resume_candidates(resume, run_dir)
+    if not candidates:
+        return
+    try:
+        state = json.loads((candidates[0] / "state.json").read_text())
+        saved, step = state["config"], int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable (resume then sets it aside) or written before configs were saved
+    differ = changed_settings(saved, settings)
+    if differ:
+        raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); resume with the same "
+                        "settings, give this run its own directory, or resume=never to start over")
+    if 0 < max_steps < step:
+        raise UserError(f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; "
+                        "raise trainer.max_steps, or resume=never to start over")
 
 
 def flat_settings(cfg: DictConfig) -> Optional[dict]:
@@ -125,13 +159,17 @@ def finished_line(run_dir: Path, results: dict) -> str:
 
 def guard(run_dir: Path, cfg) -> Optional[dict]:
     """Before anything of ours is written: take the run dir's lock (main process; RunDirLocked if another
-    run holds it) and return the results if the run is already finished. Every rank reads the same
+    run holds it), refuse a resume with other settings, and return the results if the run is already finished. Every rank reads the same
     results.json and so decides the same: a rank that went on alone would wait for the others forever."""
     if is_main_process():
         from mlm.runlock import lock_run_dir
 
         lock_run_dir(run_dir)
-    return finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, flat_settings(cfg))
+    settings = flat_settings(cfg)
+    results = finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
+    if results is None:
+        check_resume_settings(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
+    return results
 
 
 class RunDirGuard(Callback):
@@ -154,13 +192,13 @@ class RunDirGuard(Callback):
             sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from mlm.runlock import RunDirLocked, lock_run_dir
+        from mlm.runlock import lock_run_dir
 
         if not is_main_process():
             return
         try:
             lock_run_dir(Path(str(config.hydra.sweep.dir)).absolute())
-        except RunDirLocked as e:
+        except UserError as e:  # held by another sweep, not a directory, not writable, not ours
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
@@ -190,6 +228,7 @@ def run_job(cfg: DictConfig) -> float:
         if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
             print(finished_line(run_dir, done))
             return done.get("perplexity", float("nan"))
+        from mlm.preemption import Interrupted
         from mlm.train import NonFiniteLoss, train
 
         typed: Config = OmegaConf.to_object(cfg)
@@ -199,6 +238,10 @@ def run_job(cfg: DictConfig) -> float:
                 results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
+    except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sweep stops with its job
+        log.warning(str(e))
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
         return _fail(run_dir, job, str(e), record=False)
     except UserError as e:
@@ -214,7 +257,10 @@ def run_job(cfg: DictConfig) -> float:
         if is_main_process():
             from mlm.report import plot_run
 
-            plot_run(run_dir)
+            try:
+                plot_run(run_dir)
+            except OSError as e:  # the results are written; a missing plot must not fail the run
+                log.warning("could not write %s: %s", run_dir / "curves.png", e)
             print(summary_text(typed, run_dir, results))
         return results["perplexity"]
     finally:  # _fail's sys.exit passes here too
@@ -225,8 +271,11 @@ def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> float:
     from mlm.distributed import failure_report
 
     log.error(message)
-    if record and is_main_process() and run_dir.exists():
-        atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n")
+    if record and is_main_process() and run_dir.is_dir():
+        try:
+            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n")
+        except OSError as e:  # the disk that failed the run may fail this too; the message below still says why
+            log.warning("could not write %s: %s", run_dir / "error.txt", e)
     if job["multirun"]:
         return float("nan")  # Optuna records a failed trial; the basic sweeper goes on
     print(f"error: {message}", file=sys.stderr)

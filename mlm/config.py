@@ -225,6 +225,8 @@ class TrainerConfig:
             raise UserError("trainer.eval_every and trainer.checkpoint_every must be >= 0")
         if self.head_only_steps < 0:
             raise UserError(f"trainer.head_only_steps={self.head_only_steps} must be >= 0")
+        if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
+            raise UserError(f"trainer.max_eval_blocks={self.max_eval_blocks} must be at least 1 (or unset for the whole held-out split)")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise UserError(f"trainer.budget_minutes={self.budget_minutes} must be positive (or unset for no time budget)")
 

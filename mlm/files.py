@@ -44,11 +44,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename (costs one fsync: milliseconds, once per file)."""
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)  # a full disk must not be kept full by our own leftovers
+        raise
     fsync_dir(path.parent)
 
 

@@ -149,6 +149,8 @@ def max_block_size(model: PreTrainedModel) -> int:
 
 def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTrainedModel, object]:
     """Tokenizer and model; new weights (scratch models, new heads) are drawn from `seed`."""
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code=true: running the Python code shipped with %s (and its tokenizer)", cfg.name_or_path)
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(seed)
     model = BUILDERS[cfg.source](cfg, tokenizer)

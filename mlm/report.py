@@ -14,14 +14,21 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import matplotlib
+from hydra.experimental.callback import Callback
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
+from mlm.files import atomic_path, atomic_write_text
+from mlm.tracking import read_metrics
 
-from mlm.files import atomic_path, atomic_write_text  # noqa: E402
-from mlm.tracking import read_metrics  # noqa: E402
+
+def pyplot():
+    """matplotlib, imported only where a plot is drawn: Hydra loads this module for every run (the
+    sweep callback), and a first import on a fresh machine prints a font-cache notice and takes seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _series(records: List[Dict[str, Any]], key: str):
@@ -35,6 +42,7 @@ def plot_run(run_dir: Path) -> Optional[Path]:
     records = read_metrics(run_dir)
     if not records:
         return None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, key, title in zip(axes, ("train/loss", "eval/perplexity", "train/lr"), ("train loss (masked tokens)", "eval perplexity", "learning rate")):
         x, y = _series(records, key)
@@ -151,6 +159,7 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
     """Perplexity against each swept value (one panel each), then eval-perplexity and train-loss curves."""
     keys = swept_keys(jobs) or ["job"]
     n = len(keys) + 2
+    plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2))
     ok = [j for j in jobs if j["error"] is None and j["results"].get("perplexity") is not None]
     for ax, k in zip(axes, keys):

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from mlm.config import UserError
+from mlm.files import write_error
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,15 @@ class RunLock:
             return {"pid": "?", "host": "?"}
 
     def acquire(self) -> "RunLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"the run directory {self.run_dir} is a file; give the run a directory (hydra.run.dir=...)")
+        if not self.path.exists():
+            refuse_foreign(self.run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error("the run directory's lock", self.path, e) from e
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -117,9 +125,13 @@ class RunLock:
             log.warning("taking over %s from a run that did not end cleanly (%s; it is no longer running)", self.path, describe(previous))
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()) or time.time(),
               "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(me).encode(), 0)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(me).encode(), 0)
+            os.fsync(self.fd)
+        except OSError as e:  # e.g. a full disk: nothing else would be written there either
+            self._close()
+            raise write_error("the run directory's lock", self.path, e) from e
         return self
 
     def release(self) -> None:
@@ -134,6 +146,20 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
+
+
+HYDRA_OWN = (".hydra", "multirun.yaml")  # what Hydra writes into a directory before a job's lock is taken (and <job>.log)
+
+
+def refuse_foreign(run_dir: Path) -> None:
+    """The lock file marks a directory as a run's. One without it that holds anything but Hydra's own
+    files is someone else's folder: refused before anything in it is touched or deleted."""
+    if not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRA_OWN and not p.name.endswith(".log"))
+    if foreign:
+        raise UserError(f"{run_dir} holds files no run of this harness wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}; "
+                        f"no {LOCK_FILE}); give the run a directory of its own (hydra.run.dir=... or hydra.sweep.dir=...)")
 
 
 def lock_run_dir(run_dir: Path) -> RunLock:

@@ -71,6 +71,8 @@ def flat_config(tree: Dict[str, Any]) -> Dict[str, Any]:
 
 class NullTracker:
     run_id = None
+    failure = None
+    unwritten: List[Dict[str, Any]] = []
 
     def log(self, metrics, step):
         pass
@@ -83,16 +85,27 @@ class NullTracker:
 
 
 class JsonlTracker:
-    """metrics.jsonl: the run's own record, read by the report and by resume (which truncates it)."""
+    """metrics.jsonl: the run's own record, read by the report and by resume (which truncates it).
+
+    A record that cannot be written (a full disk) is kept in `unwritten` and tried again with the
+    next one; the loop stops the run with a checkpoint that carries them (see `failure`)."""
 
     run_id = None
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.unwritten: List[Dict[str, Any]] = []
+        self.failure: Optional[OSError] = None
 
     def log(self, metrics, step):
-        with open(self.path, "a") as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
-            faults.write(f, json.dumps({"step": step, **metrics}) + "\n", "metrics")
+        self.unwritten.append({"step": step, **metrics})
+        try:
+            with open(self.path, "a") as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
+                faults.write(f, "".join(json.dumps(r) + "\n" for r in self.unwritten), "metrics")
+        except OSError as e:
+            self.failure = e
+            return
+        self.unwritten = []
 
     def summary(self, metrics):
         pass
@@ -118,13 +131,14 @@ def _records(path: Path) -> List[Dict[str, Any]]:
     return records
 
 
-def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records past `after_step` (and torn lines): a resumed run re-logs them, so the file matches an uninterrupted run."""
+def truncate_metrics(run_dir: Path, after_step: int, unwritten: List[Dict[str, Any]] = ()) -> None:
+    """Drop records past `after_step` (and torn lines): a resumed run re-logs them, so the file matches an uninterrupted run.
+    `unwritten`: records the checkpoint carried because a write failed; added (once each) in their place."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if not path.exists() and not unwritten:
         return
-    kept = [r for r in _records(path) if r["step"] <= after_step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in (_records(path) if path.exists() else []) if r["step"] <= after_step and r not in unwritten]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in sorted([*kept, *unwritten], key=lambda r: r["step"])))
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
@@ -246,6 +260,16 @@ class SafeTrackers:
     @property
     def run_id(self) -> Optional[str]:
         return next((t.run_id for t in self.trackers if t.run_id), None)
+
+    @property
+    def failure(self) -> Optional[Exception]:
+        """Why metrics.jsonl could not be written (the run's own record: the run must stop), or None."""
+        return self.trackers[0].failure
+
+    @property
+    def unwritten(self) -> List[Dict[str, Any]]:
+        """metrics.jsonl records not written yet (a checkpoint carries them to the resumed run)."""
+        return self.trackers[0].unwritten
 
     def _each(self, method: str, *args) -> None:
         for t in list(self.trackers):

@@ -34,6 +34,7 @@ from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLM_HEADS, MLMObjective, build_model, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
+from mlm.preemption import Interrupted, StopSignals
 from mlm.tracking import flat_config, open_trackers, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class TrainState:
     tracker_run_id: Optional[str] = None
     log_window: List[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and masked tokens since the last log
     final_eval_step: Optional[int] = None  # the step whose final eval is logged: a resume there must not log it twice
+    unrecorded: List[Dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records a failed write left: the resume writes them
 
 
 class LogWindow:
@@ -167,10 +169,11 @@ class StepResult:
     masked: int  # this process's masked tokens
     grad_norm: torch.Tensor  # global gradient norm before clipping (on the device)
     overflow: bool = False  # fp16: the loss scaler found inf/NaN gradients and skipped the update
+    stop: bool = False  # some process asked to stop after this step (a signal, an unwritable metrics file)
 
 
 def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, torch.Tensor]], accelerator, max_grad_norm: float,
-               layout=Replicated()) -> StepResult:
+               layout=Replicated(), stop: bool = False) -> StepResult:
     """One optimizer step over micro-batches.
 
     The loss is normalised by the number of masked tokens in the whole global batch (all
@@ -179,12 +182,16 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
 
     Host syncs: one per step (the finite check below). Under an fp16 loss scaler an overflow is not a
     failure but the scaler's normal signal: the update is skipped and the scale backs off.
+    `stop` (this process wants to stop after this step) rides on the same all-reduce, so every process
+    learns it at that one host read.
     """
     n_local = sum(int(b["masked_positions"].numel()) for b in micro_batches)
+    stops = torch.tensor(float(stop))
     if accelerator.num_processes > 1:  # one tiny all-reduce per step: the price of exact normalisation
-        n_global = accelerator.reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=accelerator.device), reduction="sum")
+        totals = accelerator.reduce(torch.tensor([float(n_local), float(stop)], dtype=torch.float64, device=accelerator.device), reduction="sum")
         # DDP and FSDP average gradients over processes; undo that. Stays on the device: no host wait.
-        scale = (accelerator.num_processes / n_global.clamp(min=1)).float()
+        scale = (accelerator.num_processes / totals[:1].clamp(min=1)).float()
+        stops = totals[1]
     else:
         scale = 1.0 / max(n_local, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -196,8 +203,8 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
         loss_sum += micro_loss.detach()
     # unscales first under a loss scaler, so the norm is that of the true gradients
     grad_norm = layout.grad_norm(accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf")))
-    # the one host read of a step (two scalars at once): it keeps a NaN out of the weights
-    loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm.float()]).tolist()
+    # the one host read of a step (three scalars at once): it keeps a NaN out of the weights
+    loss_value, norm_value, stop_value = torch.stack([loss_sum.float(), grad_norm.float(), stops.to(loss_sum.device).float()]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     # Under a scaler, non-finite unscaled gradients are exactly what its found-inf check sees: it
     # skips the update (also inside fused kernels, where Accelerate's step_was_skipped stays False).
@@ -209,7 +216,7 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
     if not overflow:  # the schedule follows the updates, as Accelerate's scheduler wrapper does
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, n_local, grad_norm, overflow)
+    return StepResult(loss_sum, n_local, grad_norm, overflow, stop_value > 0)
 
 
 def check_loss_scale(scaler) -> None:
@@ -239,6 +246,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         reuse_host_memory()
     main = distributed.is_main_process()  # the launcher's rank 0 (the same one Accelerate sees)
     tcfg = cfg.trainer
+    settings = flat_config(config_tree or asdict(cfg))  # kept in checkpoints and results: a rerun compares them (mlm.cli)
 
     # 1. model, tokenizer and token blocks (the main process fills the block cache, the others reuse it)
     with distributed.cache_builders_first(accelerator):
@@ -254,6 +262,9 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         init_unigram_bias(model, torch.from_numpy(np.bincount(flat_token_ids(train_blocks))), tokenizer.all_special_ids)
     if tcfg.max_eval_blocks:
         eval_blocks = eval_blocks.select(range(min(tcfg.max_eval_blocks, len(eval_blocks))))
+    if len(eval_blocks) == 0:
+        raise UserError(f"the held-out split of {cfg.dataset.path or cfg.dataset.kind} has no block of {cfg.block_size} tokens; "
+                        "raise dataset.test_size, lower block_size, or use more data")
     order = TrainOrder(0, tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
     # a stream has no length: the whole run counts as one epoch of max_steps global batches
     order.num_blocks = len(train_blocks) if train_blocks is not None else tcfg.max_steps * order.global_batch
@@ -307,7 +318,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         state = TrainState(**saved["train_state"])
         log.info("resumed from %s at step %d", ckpt, state.step)
     if main:  # records past the checkpoint (or all, on a fresh start) are logged again
-        truncate_metrics(run_dir, state.step if ckpt is not None else -1)
+        truncate_metrics(run_dir, state.step if ckpt is not None else -1, state.unrecorded)
         (run_dir / "error.txt").unlink(missing_ok=True)  # a failure this run recovers from
         if ckpt is None:  # starting over: a previous run's results and checkpoints would pass for this one's
             (run_dir / "results.json").unlink(missing_ok=True)
@@ -319,6 +330,9 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     def run_eval() -> Dict[str, float]:
         start = time.perf_counter()
         metrics = evaluate(objective, eval_blocks, tokenizer, cfg.masking, cfg.seed, accelerator, tcfg.eval_batch_size)
+        if metrics["eval/masked_tokens"] == 0:  # a perplexity of nothing is NaN: a setting to fix, not a result
+            raise UserError(f"the eval masked no token in {len(eval_blocks)} blocks at masking.mlm_probability={cfg.masking.mlm_probability}; "
+                            "raise masking.mlm_probability or trainer.max_eval_blocks")
         faults.reached("eval")
         log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
                  metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(eval_blocks), time.perf_counter() - start)
@@ -329,9 +343,10 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
 
     def save(step: int) -> None:
         state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
+        state.unrecorded = tracker.unwritten
         checkpoint.save_checkpoint(
             run_dir, step, raw_model, optimizer, scheduler, accelerator.scaler,
-            {"train_state": asdict(state), "global_batch": order.global_batch, "stream_shards": stream_shards},
+            {"train_state": asdict(state), "global_batch": order.global_batch, "stream_shards": stream_shards, "config": settings},
             accelerator, tcfg.keep_checkpoints, layout,
         )
 
@@ -354,6 +369,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     tokens_per_step = order.global_batch * cfg.block_size
     window = LogWindow.restore(state.log_window, accelerator.device)
     bar = tqdm(total=steps, initial=state.step, disable=not (main and tcfg.progress_bar), desc="train", dynamic_ncols=True)
+    stop = StopSignals().install()
     try:
         while state.step < steps and not budget_spent():
             epoch, first = divmod(state.step, order.steps_per_epoch)
@@ -365,7 +381,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 raw_objective.set_head_only(state.step < tcfg.head_only_steps)
                 micro = [next(batches) for _ in range(order.accumulation)]
                 try:
-                    result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout)
+                    result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout,
+                                        stop=stop.signum is not None or tracker.failure is not None)
                 except NonFiniteLoss as e:
                     skip_step(state, scheduler, tcfg, e, run_dir)
                     continue
@@ -399,6 +416,10 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                     run_eval()
                 if tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0:
                     save(state.step)
+                elif result.stop:
+                    save(state.step)
+                if result.stop:
+                    stop_with_checkpoint(stop, tracker, run_dir, state.step)
         bar.close()
 
         # 5. final eval, checkpoint, model, results. A rerun after a kill in this phase resumes from
@@ -409,6 +430,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             final = run_eval()
             state.final_eval_step = state.step
             save(state.step)
+        if tracker.failure is not None:  # the final checkpoint carries the records that could not be written
+            stop_with_checkpoint(stop, tracker, run_dir, state.step)
         results = {
             "eval_loss": final["eval/loss"],
             "perplexity": final["eval/perplexity"],
@@ -429,7 +452,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             "mixed_precision": tcfg.mixed_precision,  # auto resolved
             "peak_rss_mb": peak_rss_mb(accelerator),
             "wall_seconds": round(time.perf_counter() - wall_start, 3),
-            "config": flat_config(config_tree or asdict(cfg)),  # what a rerun compares before calling this run finished
+            "config": settings,  # what a rerun compares before calling this run finished
         }
         tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"], "final/eval_loss": results["eval_loss"]})
         full_weights = layout.full_state_dict(raw_model) if tcfg.save_model else None  # a collective when sharded
@@ -437,11 +460,26 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             if tcfg.save_model:
                 save_final(raw_model, tokenizer, run_dir / "final", full_weights)
             faults.reached("results")
-            atomic_write_json(run_dir / "results.json", results)  # written last: its presence means the run is finished
+            try:
+                atomic_write_json(run_dir / "results.json", results)  # written last: its presence means the run is finished
+            except OSError as e:
+                raise write_error("results", run_dir / "results.json", e) from e
         return results
     finally:
+        stop.restore()
         bar.close()
         tracker.finish()
+
+
+def stop_with_checkpoint(stop: StopSignals, tracker, run_dir: Path, step: int) -> None:
+    """After the checkpoint of `step`: end the run for an unwritable metrics file (a UserError) or a stop signal (Interrupted)."""
+    written = Path(run_dir) / "checkpoints" / f"ckpt-{step:08d}"
+    if tracker.failure is not None:
+        raise UserError(f"{write_error('metrics', Path(run_dir) / 'metrics.jsonl', tracker.failure)}; "
+                        f"stopped after step {step} with checkpoint {written}, which keeps the unwritten records") from tracker.failure
+    stop.hand_on()  # submitit's handler requeues the job and exits here
+    raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}; checkpoint {written} written; "
+                                   "run the same command again to resume")
 
 
 def enable_activation_checkpointing(model) -> None:

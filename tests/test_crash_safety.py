@@ -117,7 +117,9 @@ def test_lock_is_exclusive_and_a_dead_holder_is_taken_over(holder, caplog):
 def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(holder, text_file):
     run_dir, proc = holder
     before = sorted(p.name for p in run_dir.rglob("*"))
-    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"])
+    fresh = run_dir.parent / "fresh-home"  # as on a new machine: no matplotlib font cache, nothing in HOME
+    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"],
+                  env={"HOME": str(fresh), "MPLCONFIGDIR": str(fresh / "mpl"), "XDG_CACHE_HOME": str(fresh / "cache")})
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and f"pid {proc.pid} on" in out.stderr
     assert out.stdout == "" and "Traceback" not in out.stderr

@@ -1,0 +1,228 @@
+"""Faults a user meets, each produced for real: a full disk, a read-only disk, a run dir that is a file or
+someone else's folder, settings changed before a resume, an unwritable metrics file, SIGTERM mid-run,
+an eval that scores nothing."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n".join(sentences(500)))
+    return path
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False):
+    """A small filesystem of our own at `path` (as root: this machine and CI run the suite as root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def error_lines(proc) -> list:
+    return [line for line in proc.stderr.strip().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_full_disk_at_a_checkpoint_is_one_line_and_leaves_nothing_behind(corpus, tmp_path):
+    """Measured: a tiny checkpoint is 13 MB, so a 20 MB disk holds the first and fails the second."""
+    with tmpfs(tmp_path / "disk", "20m") as disk:
+        run_dir = disk / "run"
+        args = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=40", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}"]
+        for attempt in range(2):  # the rerun resumes and meets the same full disk: the same line, not "in use"
+            proc = run_cli(args)
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            assert error_lines(proc) == [f"error: cannot write checkpoint {run_dir}/checkpoints/ckpt-00000004: "
+                                         "No space left on device (free disk space, then resume)"], proc.stderr[-3000:]
+            assert not list(run_dir.rglob(".tmp-*")) and not list(run_dir.rglob(".old-*"))
+            assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["ckpt-00000002"]
+            assert (run_dir / "run.lock").read_text() == ""  # released: the next run is not told the dir is in use
+            assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_read_only_run_dir_and_a_run_dir_that_is_a_file_are_one_line(corpus, tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={ro / 'run'}"])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert error_lines(proc) == [f"error: cannot write the run directory's lock {ro / 'run' / 'run.lock'}: "
+                                     "Read-only file system (fix the permissions, then resume)"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={a_file}"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert error_lines(proc) == [f"error: the run directory {a_file} is a file; give the run a directory (hydra.run.dir=...)"]
+    assert a_file.read_text() == "mine"
+
+
+def test_a_folder_this_harness_did_not_make_is_refused_untouched(corpus, tmp_path):
+    folder = tmp_path / "my-results"
+    (folder / "final").mkdir(parents=True)
+    (folder / "final" / "model.bin").write_text("my model")
+    (folder / "results.json").write_text("{}")
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={folder}"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert error_lines(proc) == [f"error: {folder} holds files no run of this harness wrote (final, results.json; no run.lock); "
+                                 "give the run a directory of its own (hydra.run.dir=... or hydra.sweep.dir=...)"]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before  # no lock, no .hydra, nothing deleted
+
+
+def test_only_result_affecting_settings_block_a_resume(tmp_path):
+    from mlm.cli import check_resume_settings
+    from mlm.config import UserError
+
+    ckpt = tmp_path / "checkpoints" / "ckpt-00000004"
+    ckpt.mkdir(parents=True)
+    settings = {"optimizer.lr": 0.001, "block_size": 32, "seed": 1, "dataset.path": "a.txt", "trainer.max_steps": 8,
+                "trainer.eval_every": 2, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.checkpoint_every": 2}
+    (ckpt / "state.json").write_text(json.dumps({"step": 4, "config": settings}))
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 4, "files": {"state.json": (ckpt / "state.json").stat().st_size}}))
+    allowed = {**settings, "trainer.eval_every": 3, "trainer.log_every": 5, "trainer.num_workers": 2, "trainer.checkpoint_every": 1,
+               "trainer.max_steps": 20}
+    check_resume_settings(tmp_path, "auto", 20, allowed)  # cadence, workers, more steps: allowed
+    check_resume_settings(tmp_path, "never", 8, {**settings, "optimizer.lr": 1.0})  # starting over: nothing to compare
+    changed = {**settings, "optimizer.lr": 0.002, "block_size": 64, "seed": 2, "dataset.path": "b.txt"}
+    with pytest.raises(UserError) as err:
+        check_resume_settings(tmp_path, "auto", 8, changed)
+    assert str(err.value) == (f"{ckpt} was trained with other settings (block_size=32 there, 64 now; dataset.path='a.txt' there, "
+                              "'b.txt' now; optimizer.lr=0.001 there, 0.002 now; seed=1 there, 2 now); resume with the same settings, "
+                              "give this run its own directory, or resume=never to start over")
+    with pytest.raises(UserError, match="trainer.max_steps=3 is below the 4 steps"):
+        check_resume_settings(tmp_path, "auto", 3, {**settings, "trainer.max_steps": 3})
+
+
+@pytest.mark.slow
+def test_another_lr_on_an_unfinished_run_is_refused_with_checkpoints_untouched(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=8", "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}"]
+    killed = run_cli(args, env={"MLM_FAULT_KILL_AT": "step:5"})
+    assert killed.returncode == -signal.SIGKILL
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock")
+    other = run_cli([*args, "optimizer.lr=0.01"])
+    assert other.returncode == 2 and other.stdout == "", other.stderr[-2000:]
+    assert error_lines(other) == [f"error: {run_dir}/checkpoints/ckpt-00000004 was trained with other settings (optimizer.lr=0.0004 "
+                                  "there, 0.01 now); resume with the same settings, give this run its own directory, or resume=never to start over"]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock") == before  # .hydra too
+    same = run_cli([*args, "trainer.eval_every=4"])  # eval cadence changes no result: resumes
+    assert same.returncode == 0 and "at step 4\n" in same.stdout + same.stderr, same.stderr[-2000:]
+
+
+def test_an_eval_that_scores_no_token_is_an_error_before_training(corpus, tmp_path):
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", "masking.mlm_probability=1e-9", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert error_lines(proc) == ["error: the eval masked no token in 16 blocks at masking.mlm_probability=1e-09; "
+                                 "raise masking.mlm_probability or trainer.max_eval_blocks"]
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "results.json").exists()
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_eval_blocks=-1", f"hydra.run.dir={tmp_path / 'run2'}"])
+    assert proc.returncode == 2
+    assert error_lines(proc) == ["error: trainer.max_eval_blocks=-1 must be at least 1 (or unset for the whole held-out split)"]
+
+
+def start(args, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")), default=0)
+
+
+def wait_until(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "never got there"
+        time.sleep(0.05)
+
+
+def same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)  # bitwise
+
+
+def metric_records(run_dir: Path):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+SIGNAL_RUN = [*TINY_RUN, "trainer.max_steps=400", "trainer.checkpoint_every=0", "trainer.mixed_precision=no", "trainer.eval_every=50"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_cli([*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(corpus, uninterrupted, tmp_path, sig):
+    run_dir = tmp_path / "run"
+    args = [*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
+    proc = start(args)
+    wait_until(lambda: steps_logged(run_dir) >= 30, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)  # the step in flight, one checkpoint, then out
+    assert proc.returncode == 128 + sig, err[-3000:]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"stopped: stopped by {signal.Signals(sig).name} after step ") and "Traceback" not in err
+    step = int(lines[0].split("after step ")[1].split(";")[0])
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"ckpt-{step:08d}"] and 30 <= step < 400
+    assert (run_dir / "run.lock").read_text() == ""  # released
+    resumed = run_cli(args)
+    assert resumed.returncode == 0 and f"at step {step}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    same_weights(run_dir, uninterrupted)
+    assert metric_records(run_dir) == metric_records(uninterrupted)
+
+
+@pytest.mark.slow
+def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(corpus, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
+    proc = start(args)
+    metrics, kept = run_dir / "metrics.jsonl", tmp_path / "kept.jsonl"
+    wait_until(lambda: steps_logged(run_dir) >= 30, proc)
+    while True:  # swap the file for a directory: the next append fails with an OSError (IsADirectoryError)
+        os.rename(metrics, tmp_path / "part.jsonl")
+        with open(kept, "a") as f:
+            f.write((tmp_path / "part.jsonl").read_text())
+        with contextlib.suppress(FileExistsError):
+            metrics.mkdir()
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write metrics {metrics}: Is a directory"), err[-2000:]
+    assert "which keeps the unwritten records" in lines[0]
+    shutil.rmtree(metrics)
+    shutil.move(kept, metrics)  # the user fixes the disk; the records written before stay
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_weights(run_dir, uninterrupted)
+    assert metric_records(run_dir) == metric_records(uninterrupted)  # the records that failed were carried by the checkpoint
