@@ -226,3 +226,25 @@ def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_weights(run_dir, uninterrupted)
     assert metric_records(run_dir) == metric_records(uninterrupted)  # the records that failed were carried by the checkpoint
+
+
+@pytest.mark.slow
+def test_a_handler_that_was_there_before_is_called_after_the_checkpoint(corpus, tmp_path):
+    """As under submitit, whose SIGUSR2 handler requeues the job and exits: here a stand-in that records its call."""
+    run_dir, marker = tmp_path / "run", tmp_path / "requeued"
+    script = f"""
+import runpy, signal, sys
+def requeue(signum, frame):
+    open({str(marker)!r}, "w").write(str(signum))
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, requeue)
+sys.argv = ["run.py", *{[*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]!r}]
+runpy.run_path({str(ROOT / "run.py")!r}, run_name="__main__")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: steps_logged(run_dir) >= 20, proc)
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 255 and marker.read_text() == str(int(signal.SIGUSR2)), err[-3000:]
+    state = json.loads(next((run_dir / "checkpoints").glob("ckpt-*/state.json")).read_text())
+    assert 20 <= state["step"] < 400 and not (run_dir / "results.json").exists()
