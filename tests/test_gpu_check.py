@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -108,3 +109,24 @@ def test_a_spent_budget_skips_the_rows_left_and_the_table_is_still_whole(tmp_pat
     assert set(rows) == set(CPU_ROWS + CUDA_ROWS)
     for name in CPU_ROWS:  # the rows that run everywhere
         assert rows[name] == ("", "skipped: budget")
+
+
+@pytest.mark.slow
+def test_the_two_process_rows_run_on_cpu_processes_with_gloo(tmp_path):
+    """The 2-GPU rows' torchrun commands and their reading of the runs, on 2 CPU processes (gloo):
+    there a failing rank ends its job on both ranks at once (NCCL is what the GPU row is for)."""
+    module = load_script()
+    corpus = module.write_corpus(tmp_path / "corpus.txt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    ctx = {"work": tmp_path, "env": env, "budget": module.Budget(10), "tiny": [*module.TINY, f"dataset.path={corpus}"]}
+
+    result, status = module.check_ddp_fsdp(ctx)
+    assert status == "ok", result
+    for sharding in ("none", "fsdp"):
+        r = json.loads((tmp_path / f"shard-{sharding}" / "results.json").read_text())
+        assert r["processes"] == 2 and r["sharding"] == sharding and f"{sharding}: perplexity {r['perplexity']:.4f}" in result
+
+    result, status = module.check_failing_rank(ctx)
+    assert status == "ok", result
+    assert "job 0: rank 1 failed after step 3, error.txt: rank 1: RuntimeError: injected failure" in result
+    assert "job 1: finished on 2 processes" in result and "torchrun exited 0 after" in result
