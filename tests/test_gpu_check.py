@@ -1,0 +1,132 @@
+"""benchmarks/gpu_check.py runs here on CPU: every row present, the CUDA rows skipped, the CPU rows ok
+with the values the runs wrote. (On a GPU it is run by hand; never a CI dependency on one.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+CPU_ROWS = ("auto precision", "fp16 loss scale", "parallel jobs")
+CUDA_ROWS = ("syncs per step", "throughput vs Trainer", "compile recompiles", "DDP vs FSDP", "failing rank (NCCL)")
+
+
+def table(stdout: str) -> dict:
+    """check -> (result, status) from the printed markdown table."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3 and cells[0] not in ("check", "---"):
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def value(result: str, key: str) -> str:
+    match = re.search(rf"{re.escape(key)}=([^,;\s]+)", result)
+    assert match, f"{key}= not in {result!r}"
+    return match.group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run; on a GPU run the script itself")
+def test_gpu_check_on_cpu_runs_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--budget-minutes", "6", "--json", str(out), "--out-dir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = table(proc.stdout)
+    module = load_script()
+    assert tuple(rows) == module.ROWS and set(rows) == set(CPU_ROWS + CUDA_ROWS)
+    assert [r["check"] for r in json.loads(out.read_text())["rows"]] == list(rows)
+    for name in CUDA_ROWS:
+        assert rows[name] == ("", "skipped: no CUDA device")
+    for name in CPU_ROWS:
+        assert rows[name][1] == "ok", rows[name]
+
+    # the values in the table are the ones the runs wrote
+    work = tmp_path / "work"
+    auto = json.loads((work / "auto" / "results.json").read_text())
+    result = rows["auto precision"][0]
+    assert value(result, "mixed_precision") == auto["mixed_precision"] in ("bf16", "no")
+    assert value(result, "device") == "cpu" and int(value(result, "steps")) == auto["steps"] == 4
+
+    fp16 = json.loads((work / "fp16" / "results.json").read_text())
+    scales = [json.loads(line)["train/loss_scale"] for line in (work / "fp16" / "metrics.jsonl").read_text().splitlines() if "train/loss_scale" in line]
+    result = rows["fp16 loss scale"][0]
+    assert value(result, "mixed_precision") == fp16["mixed_precision"] == "fp16"
+    assert float(value(result, "loss_scale")) == scales[-1] >= 1
+    assert int(value(result, "overflow_steps")) == fp16["overflow_steps"]
+
+    result = rows["parallel jobs"][0]
+    leases = [json.loads(line) for line in (work / "leases" / "lease.jsonl").read_text().splitlines()]
+    assert sorted(r["owner"] for r in leases) == [str(work / "parallel" / str(i)) for i in range(2)]
+    assert "2/2 jobs finished on ['cpu']" in result and "a slot held by two running jobs: no" in result
+    assert all(r["name"] in result for r in leases)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))  # its `from common import emit`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+@pytest.mark.slow
+def test_the_sync_row_trains_in_process_through_compose_and_train(tmp_path, monkeypatch):
+    """The CUDA-only sync row's plumbing (mlm.cli.compose + mlm.train.train, two runs, the count) on CPU,
+    with the CUDA calls stubbed: no warnings here, so 0 per step. Keeps the row from rotting unseen."""
+    module = load_script()
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 0)
+    corpus = module.write_corpus(tmp_path / "corpus.txt")
+    ctx = {"work": tmp_path, "tiny": [*module.TINY, f"dataset.path={corpus}"]}
+    result, status = module.check_syncs(ctx)
+    assert modes == ["warn", "default"] * 2
+    assert status == "ok" and result.startswith("0 syncs/step")
+    assert [json.loads((tmp_path / f"syncs-{n}" / "results.json").read_text())["steps"] for n in (2, 12)] == [2, 12]
+
+
+def test_a_spent_budget_skips_the_rows_left_and_the_table_is_still_whole(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--budget-minutes", "0", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table(proc.stdout)
+    assert set(rows) == set(CPU_ROWS + CUDA_ROWS)
+    for name in CPU_ROWS:  # the rows that run everywhere
+        assert rows[name] == ("", "skipped: budget")
+
+
+@pytest.mark.slow
+def test_the_two_process_rows_run_on_cpu_processes_with_gloo(tmp_path):
+    """The 2-GPU rows' torchrun commands and their reading of the runs, on 2 CPU processes (gloo):
+    there a failing rank ends its job on both ranks at once (NCCL is what the GPU row is for)."""
+    module = load_script()
+    corpus = module.write_corpus(tmp_path / "corpus.txt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    ctx = {"work": tmp_path, "env": env, "budget": module.Budget(10), "tiny": [*module.TINY, f"dataset.path={corpus}"]}
+
+    result, status = module.check_ddp_fsdp(ctx)
+    assert status == "ok", result
+    for sharding in ("none", "fsdp"):
+        r = json.loads((tmp_path / f"shard-{sharding}" / "results.json").read_text())
+        assert r["processes"] == 2 and r["sharding"] == sharding and f"{sharding}: perplexity {r['perplexity']:.4f}" in result
+
+    result, status = module.check_failing_rank(ctx)
+    assert status == "ok", result
+    assert "job 0: rank 1 failed after step 3, error.txt: rank 1: RuntimeError: injected failure" in result
+    assert "job 1: finished on 2 processes" in result and "torchrun exited 0 after" in result

@@ -1,0 +1,83 @@
+"""slurm/train_multinode.sbatch without SLURM: bash runs it with stand-in `srun` and `scontrol` first on
+PATH, one node, torchrun with 2 CPU processes (gloo). Not run: a real cluster, GPUs, several nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, TINY_RUN, sentences
+
+SCRIPT = ROOT / "slurm" / "train_multinode.sbatch"
+
+# srun: records its arguments, drops its own options and runs the command once, as the only task of a 1-node step
+FAKE_SRUN = """#!/bin/bash
+echo "$@" >> "$FAKE_SLURM_LOG"
+while [[ "$1" == -* ]]; do shift; done
+export SLURM_NODEID=0 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 SLURM_STEP_NUM_NODES=1 SLURM_STEP_NUM_TASKS=1
+exec "$@"
+"""
+# scontrol: the node list is this machine; anything else (requeue) is only recorded
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $@" >> "$FAKE_SLURM_LOG"
+if [[ "$1 $2" == "show hostnames" ]]; then echo 127.0.0.1; fi
+"""
+
+
+def fake_slurm(tmp_path, job_id: str):
+    """(env, args, log, run root): the stand-ins first on PATH, a 1-node job's variables, a tiny run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences(300)))
+    log, runs = tmp_path / "slurm.log", tmp_path / "runs"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
+           "SLURM_JOB_ID": job_id, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node001", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "MLM_REPO": str(ROOT), "MLM_RUN_ROOT": str(runs), "PYTHON": sys.executable, "NPROC_PER_NODE": "2",
+           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    args = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.save_model=false"]
+    return env, args, log, runs
+
+
+@pytest.mark.slow
+def test_sbatch_script_runs_one_node_of_two_processes_and_a_requeue_finds_the_same_run(tmp_path):
+    env, args, log, runs = fake_slurm(tmp_path, "4242")
+    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((runs / "slurm-4242" / "results.json").read_text())
+    assert results["processes"] == 2 and results["steps"] == 4
+    assert [p.name for p in runs.iterdir()] == ["slurm-4242"]  # both processes wrote into the one run directory
+    calls = log.read_text().splitlines()
+    assert calls[0] == "scontrol show hostnames node001"
+    assert calls[1].startswith("--kill-on-bad-exit=1 ") and "--rdzv_endpoint 127.0.0.1:" in calls[1] and "--rdzv_id 4242" in calls[1]
+
+    # the job requeued after it finished: the same job id finds the same directory and the finished run
+    again = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished (4 steps" in again.stdout
+    assert json.loads((runs / "slurm-4242" / "results.json").read_text()) == results
+
+
+@pytest.mark.slow
+def test_usr1_before_the_time_limit_requeues_the_job_and_the_script_still_waits_for_its_step(tmp_path):
+    """SLURM signals the batch shell only (--signal=B:USR1@...); the script asks for a requeue. A real
+    requeue then ends the job; here the step runs on, and the script must wait for it, not exit early."""
+    env, args, log, runs = fake_slurm(tmp_path, "4343")
+    proc = subprocess.Popen(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (runs / "slurm-4343").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the run directory appears once run.py has started under torchrun
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "requeueing (it resumes in" in out and "scontrol requeue 4343" in log.read_text().splitlines()
+    assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 4
