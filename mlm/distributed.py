@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import functools
 import json
@@ -22,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -29,6 +31,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional
+
+from mlm.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +73,10 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
         n = _int(env, "SUBMITIT_LOCAL_NTASKS", default=1)
         return Placement(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, _int(env, "SUBMITIT_LOCAL_LOCALID", default=0), n, 0,
                          "submitit_local", job_id, "127.0.0.1", _port(env, job_id))
-    # srun sets SLURM_STEP_NUM_TASKS for the tasks it starts; a batch script's own shell (one process
-    # however many tasks were requested) is not a multi-process job
-    n = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
+    # Only srun sets SLURM_STEP_NUM_TASKS, for the tasks it starts (submitit's slurm tasks too: its sbatch
+    # script runs them under srun). A batch script's own shell has SLURM_NTASKS and SLURM_PROCID=0 of
+    # the whole allocation but is one process: taking it for rank 0 of SLURM_NTASKS waits for peers forever.
+    n = _int(env, "SLURM_STEP_NUM_TASKS", default=1)
     if "SLURM_PROCID" in env and n > 1:
         job_id = env.get("SLURM_JOB_ID", "0")
         nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", default=1)
@@ -90,11 +95,15 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
     return Placement()
 
 
+PORTS = (20000, 32768)  # derived rendezvous ports: below Linux's ephemeral range (32768-60999 by default), which outgoing connections take
+
+
 def _port(env: Mapping[str, str], job_id: str) -> int:
-    """MASTER_PORT if set, else one derived from the job id: every task of a job computes the same."""
+    """MASTER_PORT if set, else one derived from the job id and step: every task of a job step computes
+    the same, and two steps of one job (two sruns side by side) get different ones."""
     if env.get("MASTER_PORT"):
         return int(env["MASTER_PORT"])
-    return 20000 + zlib.crc32(str(job_id).encode()) % 40000
+    return PORTS[0] + zlib.crc32(f"{job_id}.{env.get('SLURM_STEP_ID', '')}".encode()) % (PORTS[1] - PORTS[0])
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,7 +137,22 @@ def setup() -> Placement:
                           MASTER_PORT=str(p.master_port), MLM_LAUNCHER=p.launcher)
         if p.master_addr:  # mpirun across nodes: the user names rank 0's host (Accelerate says so if not)
             os.environ["MASTER_ADDR"] = p.master_addr
+    if p.world_size > 1 and device_index(p.local_rank) not in (None, p.local_rank):
+        # Accelerate takes its device as LOCAL_RANK % device_count but gives DDP (and its barriers)
+        # device_ids=[LOCAL_RANK]: with one GPU per task (srun --gpus-per-task=1) local rank 1 would ask
+        # for a device it cannot see. LOCAL_RANK becomes the device index, so both agree; every task
+        # is then its node's "local main process" (the block cache's atomic rename settles that).
+        os.environ["LOCAL_RANK"] = str(device_index(p.local_rank))
+        p = detect()
     return p
+
+
+def device_index(local_rank: int) -> Optional[int]:
+    """The CUDA device of the process with this local rank, as Accelerate picks it: local rank modulo the
+    GPUs this process sees (one per task: always 0). None without CUDA."""
+    import torch
+
+    return local_rank % torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
 def rank() -> int:
@@ -173,11 +197,11 @@ class DeviceLease:
         self._since = 0.0
 
     def acquire(self, owner: str = "") -> int:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.dir)
         waited = False
         while True:
             for i, name in enumerate(self.names):
-                fd = os.open(self.dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_own(self.dir / f"{name}.lock", os.O_RDWR)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -193,27 +217,63 @@ class DeviceLease:
     def release(self) -> None:
         if self._fd is None:
             return
+        if self.names[self.slot].startswith("cuda-"):
+            _free_cuda_cache()
         # the history of who held which slot when (lease.jsonl): for the tests, and for "which job used GPU 3"
         record = {"slot": self.slot, "name": self.names[self.slot], "acquired": self._since, "released": time.time(),
                   "pid": os.getpid(), "owner": self.owner}
-        with open(self.dir / "lease.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with os.fdopen(_open_own(self.dir / "lease.jsonl", os.O_WRONLY | os.O_APPEND), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except UserError as e:  # the slot is released all the same
+            log.warning("%s", e)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 
 
 def slot_names(device_slots: int) -> List[str]:
-    """The pool: the visible CUDA devices (by physical id, so sweeps with other CUDA_VISIBLE_DEVICES
-    still agree), or `device_slots` CPU slots when set on a machine without a GPU."""
+    """The pool: the visible CUDA devices, named by their UUID, or `device_slots` CPU slots when set on
+    a machine without a GPU. A UUID names the physical GPU whatever a job sees: under SLURM's cgroups
+    every job sees its GPU as device 0 (and CUDA_VISIBLE_DEVICES=0), so index-named locks would make
+    jobs on different GPUs wait for each other. Reading the UUIDs initialises CUDA in this process."""
     import torch
 
     if torch.cuda.is_available():
-        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         n = torch.cuda.device_count()
-        ids = visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
-        return [f"cuda-{v}" for v in ids[: device_slots or n]]
+        return [f"cuda-{torch.cuda.get_device_properties(i).uuid}" for i in range(min(device_slots or n, n))]
     return [f"cpu-{i}" for i in range(device_slots)]
+
+
+def _free_cuda_cache() -> None:
+    """Give back the memory PyTorch cached on the leased GPU, so a reused worker leasing another one
+    does not keep it. The CUDA context (a few hundred MB) stays on that GPU until the worker exits."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _private_dir(path: Path) -> None:
+    """The lease directory: created 0o700; one that is a symlink or another user's is refused (its lock
+    and history files would be theirs to plant)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        raise UserError(f"device lease directory {path} is a symlink or belongs to uid {st.st_uid}, not you; "
+                        "remove it or set MLM_LEASE_DIR to a directory of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _open_own(path: Path, flags: int) -> int:
+    """Open (or create) a file of the lease directory without following a symlink planted in its place."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symlink; remove it (device lease files are never followed)") from None
+        raise
 
 
 # --- one job: lease, process group, failures in step -------------------------------------------------------

@@ -103,7 +103,7 @@ def test_submitit_local_two_tasks_per_job_train_one_job_together(tmp_path):
 def test_slurm_tasks_set_by_hand_form_one_group(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(300)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "31337", "MASTER_PORT": "29571", "HYDRA_FULL_ERROR": "0"}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), *DEBUG_RUN, "trainer.max_steps=2", f"dataset.path={corpus}"],
                               cwd=tmp_path, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
