@@ -164,13 +164,52 @@ def is_main_process() -> bool:
 
 
 def launch_name() -> Optional[str]:
-    """A run-directory name all tasks of one SLURM job step agree on, whatever their node: for SLURM
-    tasks, and for torchrun on several nodes inside SLURM (None elsewhere: the launch time serves)."""
+    """A run-directory name all tasks of one launch agree on, whatever their node: for SLURM tasks and
+    torchrun on several nodes inside SLURM, the job (and step); for torchrun on several nodes elsewhere,
+    its --rdzv-id. None on one node (the launch time serves); UserError where nothing is shared."""
     p = detect()
     job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "")
     if job and (p.launcher == "slurm" or p.world_size > p.local_world_size):
         return f"slurm-{job}" + (f".{step}" if step.isdigit() and int(step) < 2**31 else "")  # batch/extern steps have huge ids
+    if p.world_size > p.local_world_size:  # each node's start second differs: one run directory per node
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's --rdzv-id; "none" when not given
+        if run_id == "none":
+            raise UserError(f"{p.world_size} processes on {p.world_size // p.local_world_size} nodes need one run directory: "
+                            "give torchrun --rdzv-id=<name> or set hydra.run.dir=<shared path>")
+        return "torchrun-" + re.sub(r"[^\w.-]", "_", run_id)
     return None
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Every rank of the job's process group must see rank 0's run directory: checkpoints, resume and
+    "finished" are decided from it. Rank 0 writes a random token there and every rank reads it back;
+    one that reads another (or none) fails the job on all ranks, now rather than at the first checkpoint.
+    Two collectives; call it inside `job()` (nothing to do for one process)."""
+    import secrets
+
+    import torch
+    import torch.distributed as dist
+
+    p = detect()
+    if p.world_size == 1:
+        return
+    path = Path(run_dir).absolute() / ".shared-check"
+    token = [secrets.token_hex(16) if p.rank == 0 else None]
+    if p.rank == 0:
+        path.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    try:
+        seen = path.read_text()
+    except OSError:
+        seen = None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    differ = torch.tensor([float(seen != token[0])], device=device)
+    dist.all_reduce(differ)
+    if p.rank == 0:
+        path.unlink(missing_ok=True)
+    if differ.item():
+        raise UserError(f"run directory {run_dir} is not shared between the nodes ({int(differ.item())} of {p.world_size} "
+                        "processes see another one); put it on a shared filesystem (hydra.run.dir=...)")
 
 
 # --- device slots -----------------------------------------------------------------------------------------
