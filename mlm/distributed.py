@@ -175,7 +175,7 @@ def launch_name() -> Optional[str]:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's --rdzv-id; "none" when not given
         if run_id == "none":
             raise UserError(f"{p.world_size} processes on {p.world_size // p.local_world_size} nodes need one run directory: "
-                            "give torchrun --rdzv-id=<name> or set hydra.run.dir=<shared path>")
+                            "set hydra.run.dir=<shared path> (with torchrun: or give --rdzv-id=<name>)")
         return "torchrun-" + re.sub(r"[^\w.-]", "_", run_id)
     return None
 

@@ -80,7 +80,7 @@ def test_torchrun_on_two_nodes_without_a_run_dir_needs_a_rendezvous_id(tmp_path)
     corpus.write_text("\n".join(sentences(200)))
     args = [*TWO_NODE_RUN, f"dataset.path={corpus}"]
     for rc, _, err in two_nodes(args, [tmp_path, tmp_path], 29592):
-        assert rc != 0 and "need one run directory: give torchrun --rdzv-id=<name> or set hydra.run.dir=<shared path>" in err, err[-3000:]
+        assert rc != 0 and "need one run directory: set hydra.run.dir=<shared path> (with torchrun: or give --rdzv-id=<name>)" in err, err[-3000:]
     assert not (tmp_path / "outputs").exists()
     for rc, _, err in two_nodes(args, [tmp_path, tmp_path], 29593, extra=["--rdzv-id", "exp7"]):
         assert rc == 0, err[-3000:]

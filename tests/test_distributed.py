@@ -111,7 +111,7 @@ def test_slurm_tasks_set_by_hand_form_one_group(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
-    assert [r.name for r in runs] == ["slurm-31337"]  # both tasks agreed on the run directory
+    assert [r.name for r in runs] == ["slurm-31337.0"]  # both tasks agreed on the run directory (job 31337, step 0)
     assert json.loads((runs[0] / "results.json").read_text())["processes"] == 2
     assert [o.count("perplexity:") for o, _ in outs] == [1, 0]  # the summary comes from rank 0 only
 

@@ -259,3 +259,15 @@ def test_derived_ports_differ_per_step_and_stay_below_the_ephemeral_range():
     assert len(ports) > 15  # two steps of one job (two sruns side by side) rarely share one
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     assert all(1024 < p < low for p in ports), (sorted(ports), low)
+
+
+def test_torchrun_on_two_nodes_names_its_run_dir_after_the_rendezvous_id(monkeypatch):
+    two_nodes = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}
+    _environ(monkeypatch, {**two_nodes, "TORCHELASTIC_RUN_ID": "exp/7"})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert distributed.launch_name() == "torchrun-exp_7"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default: no --rdzv-id given
+    with pytest.raises(distributed.UserError, match="4 processes on 2 nodes need one run directory"):
+        distributed.launch_name()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node: the launch time serves
+    assert distributed.launch_name() is None
