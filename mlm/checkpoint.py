@@ -51,8 +51,8 @@ def rng_state() -> Dict[str, Any]:
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state().tolist(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available():  # this process's device only: the others are other processes' (or none on resume)
+        state["cuda"] = [torch.cuda.get_rng_state().tolist()]
     return state
 
 
@@ -63,7 +63,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        _set_cuda_rng(state["cuda"])
+
+
+def _set_cuda_rng(states: List[list]) -> None:
+    """One state (this process's device), or one per device from checkpoints that kept every visible GPU's."""
+    if len(states) == 1:
+        torch.cuda.set_rng_state(torch.tensor(states[0], dtype=torch.uint8))
+        return
+    n = torch.cuda.device_count()
+    if len(states) > n:
+        log.warning("checkpoint holds the CUDA RNG of %d devices, this process sees %d: restoring the first %d", len(states), n, n)
+    for i, s in enumerate(states[:n]):
+        torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
 
 
 def model_identity(model) -> Dict[str, Any]:

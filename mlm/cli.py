@@ -28,7 +28,11 @@ def launch_stamp() -> str:
     is common to all of them; a plain `python run.py` uses its own start time. The tasks of one
     SLURM job (on several nodes) use its job id instead: their start times differ.
     """
-    name = launch_name()
+    try:
+        name = launch_name()
+    except UserError as e:  # in a resolver: Hydra would wrap it in its own error (exit code 1)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if name:
         return name
     start = time.time()
@@ -235,6 +239,7 @@ def run_job(cfg: DictConfig) -> float:
         try:
             # one device and one process group for this job; a failure on any rank fails it on all
             with distributed.job(run_dir, typed.trainer.device_slots) as placed:
+                distributed.check_shared_run_dir(run_dir)
                 results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e

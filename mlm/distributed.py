@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import functools
 import json
@@ -22,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -29,6 +31,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional
+
+from mlm.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +73,10 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
         n = _int(env, "SUBMITIT_LOCAL_NTASKS", default=1)
         return Placement(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, _int(env, "SUBMITIT_LOCAL_LOCALID", default=0), n, 0,
                          "submitit_local", job_id, "127.0.0.1", _port(env, job_id))
-    # srun sets SLURM_STEP_NUM_TASKS for the tasks it starts; a batch script's own shell (one process
-    # however many tasks were requested) is not a multi-process job
-    n = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
+    # Only srun sets SLURM_STEP_NUM_TASKS, for the tasks it starts (submitit's slurm tasks too: its sbatch
+    # script runs them under srun). A batch script's own shell has SLURM_NTASKS and SLURM_PROCID=0 of
+    # the whole allocation but is one process: taking it for rank 0 of SLURM_NTASKS waits for peers forever.
+    n = _int(env, "SLURM_STEP_NUM_TASKS", default=1)
     if "SLURM_PROCID" in env and n > 1:
         job_id = env.get("SLURM_JOB_ID", "0")
         nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", default=1)
@@ -90,11 +95,15 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
     return Placement()
 
 
+PORTS = (20000, 32768)  # derived rendezvous ports: below Linux's ephemeral range (32768-60999 by default), which outgoing connections take
+
+
 def _port(env: Mapping[str, str], job_id: str) -> int:
-    """MASTER_PORT if set, else one derived from the job id: every task of a job computes the same."""
+    """MASTER_PORT if set, else one derived from the job id and step: every task of a job step computes
+    the same, and two steps of one job (two sruns side by side) get different ones."""
     if env.get("MASTER_PORT"):
         return int(env["MASTER_PORT"])
-    return 20000 + zlib.crc32(str(job_id).encode()) % 40000
+    return PORTS[0] + zlib.crc32(f"{job_id}.{env.get('SLURM_STEP_ID', '')}".encode()) % (PORTS[1] - PORTS[0])
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,7 +137,22 @@ def setup() -> Placement:
                           MASTER_PORT=str(p.master_port), MLM_LAUNCHER=p.launcher)
         if p.master_addr:  # mpirun across nodes: the user names rank 0's host (Accelerate says so if not)
             os.environ["MASTER_ADDR"] = p.master_addr
+    if p.world_size > 1 and device_index(p.local_rank) not in (None, p.local_rank):
+        # Accelerate takes its device as LOCAL_RANK % device_count but gives DDP (and its barriers)
+        # device_ids=[LOCAL_RANK]: with one GPU per task (srun --gpus-per-task=1) local rank 1 would ask
+        # for a device it cannot see. LOCAL_RANK becomes the device index, so both agree; every task
+        # is then its node's "local main process" (the block cache's atomic rename settles that).
+        os.environ["LOCAL_RANK"] = str(device_index(p.local_rank))
+        p = detect()
     return p
+
+
+def device_index(local_rank: int) -> Optional[int]:
+    """The CUDA device of the process with this local rank, as Accelerate picks it: local rank modulo the
+    GPUs this process sees (one per task: always 0). None without CUDA."""
+    import torch
+
+    return local_rank % torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
 def rank() -> int:
@@ -140,13 +164,52 @@ def is_main_process() -> bool:
 
 
 def launch_name() -> Optional[str]:
-    """A run-directory name all tasks of one SLURM job step agree on, whatever their node: for SLURM
-    tasks, and for torchrun on several nodes inside SLURM (None elsewhere: the launch time serves)."""
+    """A run-directory name all tasks of one launch agree on, whatever their node: for SLURM tasks and
+    torchrun on several nodes inside SLURM, the job (and step); for torchrun on several nodes elsewhere,
+    its --rdzv-id. None on one node (the launch time serves); UserError where nothing is shared."""
     p = detect()
     job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "")
     if job and (p.launcher == "slurm" or p.world_size > p.local_world_size):
         return f"slurm-{job}" + (f".{step}" if step.isdigit() and int(step) < 2**31 else "")  # batch/extern steps have huge ids
+    if p.world_size > p.local_world_size:  # each node's start second differs: one run directory per node
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's --rdzv-id; "none" when not given
+        if run_id == "none":
+            raise UserError(f"{p.world_size} processes on {p.world_size // p.local_world_size} nodes need one run directory: "
+                            "set hydra.run.dir=<shared path> (with torchrun: or give --rdzv-id=<name>)")
+        return "torchrun-" + re.sub(r"[^\w.-]", "_", run_id)
     return None
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Every rank of the job's process group must see rank 0's run directory: checkpoints, resume and
+    "finished" are decided from it. Rank 0 writes a random token there and every rank reads it back;
+    one that reads another (or none) fails the job on all ranks, now rather than at the first checkpoint.
+    Two collectives; call it inside `job()` (nothing to do for one process)."""
+    import secrets
+
+    import torch
+    import torch.distributed as dist
+
+    p = detect()
+    if p.world_size == 1:
+        return
+    path = Path(run_dir).absolute() / ".shared-check"
+    token = [secrets.token_hex(16) if p.rank == 0 else None]
+    if p.rank == 0:
+        path.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    try:
+        seen = path.read_text()
+    except OSError:
+        seen = None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    differ = torch.tensor([float(seen != token[0])], device=device)
+    dist.all_reduce(differ)
+    if p.rank == 0:
+        path.unlink(missing_ok=True)
+    if differ.item():
+        raise UserError(f"run directory {run_dir} is not shared between the nodes ({int(differ.item())} of {p.world_size} "
+                        "processes see another one); put it on a shared filesystem (hydra.run.dir=...)")
 
 
 # --- device slots -----------------------------------------------------------------------------------------
@@ -173,11 +236,11 @@ class DeviceLease:
         self._since = 0.0
 
     def acquire(self, owner: str = "") -> int:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.dir)
         waited = False
         while True:
             for i, name in enumerate(self.names):
-                fd = os.open(self.dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_own(self.dir / f"{name}.lock", os.O_RDWR)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -193,27 +256,63 @@ class DeviceLease:
     def release(self) -> None:
         if self._fd is None:
             return
+        if self.names[self.slot].startswith("cuda-"):
+            _free_cuda_cache()
         # the history of who held which slot when (lease.jsonl): for the tests, and for "which job used GPU 3"
         record = {"slot": self.slot, "name": self.names[self.slot], "acquired": self._since, "released": time.time(),
                   "pid": os.getpid(), "owner": self.owner}
-        with open(self.dir / "lease.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with os.fdopen(_open_own(self.dir / "lease.jsonl", os.O_WRONLY | os.O_APPEND), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except UserError as e:  # the slot is released all the same
+            log.warning("%s", e)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 
 
 def slot_names(device_slots: int) -> List[str]:
-    """The pool: the visible CUDA devices (by physical id, so sweeps with other CUDA_VISIBLE_DEVICES
-    still agree), or `device_slots` CPU slots when set on a machine without a GPU."""
+    """The pool: the visible CUDA devices, named by their UUID, or `device_slots` CPU slots when set on
+    a machine without a GPU. A UUID names the physical GPU whatever a job sees: under SLURM's cgroups
+    every job sees its GPU as device 0 (and CUDA_VISIBLE_DEVICES=0), so index-named locks would make
+    jobs on different GPUs wait for each other. Reading the UUIDs initialises CUDA in this process."""
     import torch
 
     if torch.cuda.is_available():
-        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         n = torch.cuda.device_count()
-        ids = visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
-        return [f"cuda-{v}" for v in ids[: device_slots or n]]
+        return [f"cuda-{torch.cuda.get_device_properties(i).uuid}" for i in range(min(device_slots or n, n))]
     return [f"cpu-{i}" for i in range(device_slots)]
+
+
+def _free_cuda_cache() -> None:
+    """Give back the memory PyTorch cached on the leased GPU, so a reused worker leasing another one
+    does not keep it. The CUDA context (a few hundred MB) stays on that GPU until the worker exits."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _private_dir(path: Path) -> None:
+    """The lease directory: created 0o700; one that is a symlink or another user's is refused (its lock
+    and history files would be theirs to plant)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        raise UserError(f"device lease directory {path} is a symlink or belongs to uid {st.st_uid}, not you; "
+                        "remove it or set MLM_LEASE_DIR to a directory of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _open_own(path: Path, flags: int) -> int:
+    """Open (or create) a file of the lease directory without following a symlink planted in its place."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symlink; remove it (device lease files are never followed)") from None
+        raise
 
 
 # --- one job: lease, process group, failures in step -------------------------------------------------------

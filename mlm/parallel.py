@@ -63,7 +63,9 @@ class Replicated:
         missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
         if missing or unexpected:
             raise UserError(f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True))
+        # Under gloo Accelerate's device is "cpu:0", a location torch.load cannot restore to: plain "cpu" then
+        location = torch.device("cpu") if torch.device(device).type == "cpu" else device
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=location, weights_only=True))
 
     def full_state_dict(self, model) -> Optional[Dict[str, torch.Tensor]]:
         return None  # save_pretrained reads the model itself

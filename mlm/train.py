@@ -115,8 +115,8 @@ def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Pat
 def native_bf16(device_type: str) -> bool:
     """Whether bf16 matmuls run in hardware here. On a CPU that means AVX512-BF16 or AMX (oneDNN's
     check); without them torch emulates bf16, ~45x slower than fp32 (measured on an AVX2 EPYC)."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device_type == "cuda":  # compute capability 8.0 (Ampere) on; V100/T4 only emulate it, which torch counts by default
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != "cpu":
         return True  # other accelerators (MPS, XPU): Accelerate's own bf16 autocast
     try:

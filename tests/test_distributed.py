@@ -103,7 +103,7 @@ def test_submitit_local_two_tasks_per_job_train_one_job_together(tmp_path):
 def test_slurm_tasks_set_by_hand_form_one_group(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(300)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "31337", "MASTER_PORT": "29571", "HYDRA_FULL_ERROR": "0"}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), *DEBUG_RUN, "trainer.max_steps=2", f"dataset.path={corpus}"],
                               cwd=tmp_path, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
@@ -111,7 +111,7 @@ def test_slurm_tasks_set_by_hand_form_one_group(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
-    assert [r.name for r in runs] == ["slurm-31337"]  # both tasks agreed on the run directory
+    assert [r.name for r in runs] == ["slurm-31337.0"]  # both tasks agreed on the run directory (job 31337, step 0)
     assert json.loads((runs[0] / "results.json").read_text())["processes"] == 2
     assert [o.count("perplexity:") for o, _ in outs] == [1, 0]  # the summary comes from rank 0 only
 

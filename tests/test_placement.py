@@ -17,7 +17,7 @@ def test_torchrun_variables_win():
 
 def test_slurm_tasks_of_two_nodes(monkeypatch):
     monkeypatch.setenv("PATH", "")  # no scontrol: the node list is parsed here
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2",
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
     p = detect(env)
     assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.node_rank, p.launcher) == (5, 8, 1, 4, 1, "slurm")
@@ -80,3 +80,194 @@ def test_mpirun_ranks():
     p = detect(env)
     assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.launcher, p.master_addr) == (2, 4, 0, 2, "mpi", "n0")
     assert detect({"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}) == Placement()
+
+
+# --- GPUs and clusters, stubbed: no GPU or SLURM on the test machine --------------------------------------
+
+
+def _gpus(monkeypatch, count=1, major=8, uuids=None):
+    """torch.cuda as a machine with `count` GPUs of compute capability `major` would answer (CUDA not initialised)."""
+    import types
+
+    import torch
+
+    uuids = uuids or [f"GPU-{i:08d}-aaaa" for i in range(count)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(major=major, minor=0, uuid=uuids[i]))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation "works" on a V100
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
+def test_bf16_counts_as_native_from_ampere_on_only(monkeypatch, major, native):
+    from mlm.train import native_bf16
+
+    _gpus(monkeypatch, major=major)
+    assert native_bf16("cuda") is native
+
+
+BATCH_SHELL = {"SLURM_JOB_ID": "555", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_LOCALID": "0",
+               "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "2(x2)",
+               "SLURM_CPUS_ON_NODE": "8", "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": "/home/u"}
+
+
+def test_a_batch_shell_of_a_four_task_allocation_is_one_process():
+    assert detect(BATCH_SHELL) == Placement()
+    assert detect({**BATCH_SHELL, "SLURM_STEP_ID": "4294967291"}) == Placement()  # the batch step's own id, where Slurm sets one
+
+
+def test_srun_tasks_and_submitit_slurm_tasks_are_one_job(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    # srun (and so submitit's sbatch script, which starts its tasks with srun) adds the step's variables
+    task = {**BATCH_SHELL, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_PROCID": "3",
+            "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[01-02]", "SUBMITIT_EXECUTOR": "slurm"}
+    p = detect(task)
+    assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.node_rank, p.launcher, p.master_addr) == (3, 4, 1, 2, 1, "slurm", "gpu01")
+
+
+def _cuda_rng(monkeypatch, count):
+    """torch.cuda's RNG of `count` devices; like the real one, a device index it cannot see raises IndexError."""
+    import torch
+
+    states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(count)}
+
+    def get(device="cuda"):
+        return states[0 if device == "cuda" else torch.device("cuda", device).index].clone()
+
+    def set_(state, device="cuda"):
+        index = 0 if device == "cuda" else torch.device("cuda", device).index
+        if index >= count:
+            raise IndexError("list index out of range")
+        states[index] = state.clone()
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[i].clone() for i in range(count)])
+    return states
+
+
+def test_a_checkpoint_keeps_this_devices_cuda_rng_and_resumes_on_fewer_gpus(monkeypatch, caplog):
+    import torch
+
+    from mlm.checkpoint import rng_state, set_rng_state
+
+    _gpus(monkeypatch, count=2)
+    states = _cuda_rng(monkeypatch, 2)
+    saved = rng_state()
+    assert saved["cuda"] == [states[0].tolist()]  # the current device's only
+    states[0].fill_(9)
+    _gpus(monkeypatch, count=1)  # the resume sees one GPU
+    _cuda_rng_1 = _cuda_rng(monkeypatch, 1)
+    set_rng_state(saved)
+    assert _cuda_rng_1[0].tolist() == saved["cuda"][0]
+    # a checkpoint from before (every visible GPU's state): the visible ones, and a warning
+    set_rng_state({**saved, "cuda": [[1] * 16, [2] * 16]})
+    assert _cuda_rng_1[0].tolist() == [1] * 16
+    assert "restoring the first 1" in caplog.text
+
+
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "MLM_LAUNCHER")
+
+
+def _environ(monkeypatch, env):
+    """os.environ as a launcher leaves it, restored after the test (setup() writes into it)."""
+    for name in TORCH_VARS + tuple(env):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("gpus, device", [(1, 0), (2, 1)])
+def test_srun_with_one_gpu_per_task_gives_accelerate_and_ddp_device_0(monkeypatch, gpus, device):
+    import os
+
+    _gpus(monkeypatch, count=gpus)
+    _environ(monkeypatch, {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
+                           "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost"})
+    p = distributed.setup()
+    # Accelerate's device is LOCAL_RANK % device_count, DDP's device_ids and barriers [LOCAL_RANK]: both this one
+    assert os.environ["LOCAL_RANK"] == str(device) and p.local_rank == device and p.rank == 1
+    assert distributed.setup() == p  # idempotent
+
+
+def test_torchrun_local_rank_1_with_one_visible_gpu(monkeypatch):
+    import os
+
+    _gpus(monkeypatch, count=1)
+    _environ(monkeypatch, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    distributed.setup()
+    assert os.environ["LOCAL_RANK"] == "0"
+
+
+def test_gpu_slots_are_named_by_uuid_whatever_index_the_job_sees(monkeypatch):
+    _gpus(monkeypatch, count=1, uuids=["GPU-3f1e"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # under SLURM's cgroups every job sees its GPU as 0
+    assert distributed.slot_names(0) == ["cuda-GPU-3f1e"]
+    _gpus(monkeypatch, count=2, uuids=["GPU-aa", "GPU-bb"])
+    assert distributed.slot_names(0) == ["cuda-GPU-aa", "cuda-GPU-bb"] and distributed.slot_names(5) == ["cuda-GPU-aa", "cuda-GPU-bb"]
+    assert distributed.slot_names(1) == ["cuda-GPU-aa"]
+
+
+def test_releasing_a_gpu_lease_empties_the_cuda_cache(tmp_path, monkeypatch):
+    import torch
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    lease = DeviceLease(["cuda-GPU-aa"], tmp_path)
+    lease.acquire()
+    lease.release()
+    assert emptied == [1]
+    lease = DeviceLease(["cpu-0"], tmp_path)
+    lease.acquire()
+    lease.release()
+    assert emptied == [1]
+
+
+def test_a_symlink_planted_in_the_lease_dir_is_never_followed(tmp_path, caplog):
+    leases, victim = tmp_path / "leases", tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    leases.mkdir(mode=0o755)
+    (leases / "lease.jsonl").symlink_to(victim)
+    lease = DeviceLease(["cpu-0"], leases)
+    assert lease.acquire() == 0
+    lease.release()
+    assert victim.read_text() == "precious\n" and "is a symlink" in caplog.text
+    assert (leases.stat().st_mode & 0o777) == 0o700
+    (leases / "cpu-1.lock").symlink_to(victim)
+    with pytest.raises(distributed.UserError, match="cpu-1.lock is a symlink"):
+        DeviceLease(["cpu-1"], leases).acquire()
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_lease_dir_of_another_user_is_refused(tmp_path, monkeypatch):
+    import os
+
+    leases = tmp_path / "leases"
+    leases.mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(leases).st_uid + 1)  # as if another user had made it
+    with pytest.raises(distributed.UserError, match="MLM_LEASE_DIR"):
+        DeviceLease(["cpu-0"], leases).acquire()
+
+
+def test_derived_ports_differ_per_step_and_stay_below_the_ephemeral_range():
+    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "localhost"}
+    ports = {detect({**env, "SLURM_STEP_ID": str(step)}).master_port for step in range(20)}
+    assert len(ports) > 15  # two steps of one job (two sruns side by side) rarely share one
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert all(1024 < p < low for p in ports), (sorted(ports), low)
+
+
+def test_torchrun_on_two_nodes_names_its_run_dir_after_the_rendezvous_id(monkeypatch):
+    two_nodes = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}
+    _environ(monkeypatch, {**two_nodes, "TORCHELASTIC_RUN_ID": "exp/7"})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert distributed.launch_name() == "torchrun-exp_7"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default: no --rdzv-id given
+    with pytest.raises(distributed.UserError, match="4 processes on 2 nodes need one run directory"):
+        distributed.launch_name()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node: the launch time serves
+    assert distributed.launch_name() is None
