@@ -68,16 +68,25 @@ def test_sbatch_script_runs_one_node_of_two_processes_and_a_requeue_finds_the_sa
 
 
 @pytest.mark.slow
-def test_usr1_before_the_time_limit_requeues_the_job_and_the_script_still_waits_for_its_step(tmp_path):
-    """SLURM signals the batch shell only (--signal=B:USR1@...); the script asks for a requeue. A real
-    requeue then ends the job; here the step runs on, and the script must wait for it, not exit early."""
+def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeues(tmp_path):
+    """SLURM signals the batch shell only (--signal=B:USR1@...): the script stops the step with SIGTERM (every
+    rank finishes its step and they checkpoint), then asks for a requeue; the requeued job resumes and finishes."""
     env, args, log, runs = fake_slurm(tmp_path, "4343")
+    args = [*args, "trainer.max_steps=400", "trainer.eval_every=100"]
     proc = subprocess.Popen(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = runs / "slurm-4343" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (runs / "slurm-4343").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)  # the run directory appears once run.py has started under torchrun
+    while not (metrics.exists() and metrics.read_text().count("train/loss") >= 10) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # some steps trained under torchrun
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert "requeueing (it resumes in" in out and "scontrol requeue 4343" in log.read_text().splitlines()
-    assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 4
+    assert "stopped by SIGTERM after step" in err and not (runs / "slurm-4343" / "results.json").exists()
+    state = json.loads(next((runs / "slurm-4343" / "checkpoints").glob("ckpt-*/state.json")).read_text())
+    assert 10 <= state["step"] < 400 and state["world_size"] == 2
+
+    again = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {runs / 'slurm-4343' / 'checkpoints'}" in again.stdout + again.stderr
+    assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 400
