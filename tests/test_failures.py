@@ -120,7 +120,8 @@ def test_another_lr_on_an_unfinished_run_is_refused_with_checkpoints_untouched(c
     assert killed.returncode == -signal.SIGKILL
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock")
     other = run_cli([*args, "optimizer.lr=0.01"])
-    assert other.returncode == 2 and other.stdout == "", other.stderr[-2000:]
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "taking over" in other.stdout and len(other.stdout.strip().splitlines()) == 1  # the killed run's lock, and only that
     assert error_lines(other) == [f"error: {run_dir}/checkpoints/ckpt-00000004 was trained with other settings (optimizer.lr=0.0004 "
                                   "there, 0.01 now); resume with the same settings, give this run its own directory, or resume=never to start over"]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock") == before  # .hydra too
