@@ -194,9 +194,10 @@ def test_killed_build_leftovers_are_removed_by_the_next_build(tmp_path, text_fil
     try:  # a build that is still running here, and one on another host: neither may be touched
         live = cache / "blocks" / f"other.tmp-{socket.gethostname()}-{sleeper.pid}"
         remote = cache / "blocks" / f"other.tmp-elsewhere-{left.name.rpartition('-')[2]}"  # the killed build's pid
-        live.mkdir(), remote.mkdir()
+        older = cache / "blocks" / f"old.tmp-{left.name.rpartition('-')[2]}"  # the name before the host was in it
+        live.mkdir(), remote.mkdir(), older.mkdir()
         build_blocks(DatasetConfig(kind="local", path=str(text_file)), tokenizer, 32, cache_root=str(cache))
-        assert not left.exists() and live.exists() and remote.exists()
+        assert not left.exists() and not older.exists() and live.exists() and remote.exists()
     finally:
         sleeper.kill()
         sleeper.wait()

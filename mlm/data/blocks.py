@@ -3,7 +3,8 @@
 `build_blocks` runs three passes, none of which holds the corpus in memory:
 1. tokenize: documents are read one at a time (`sources.iter_documents`), tokenized in batches by
    `num_proc` worker processes, and their ids appended to one flat int32 file (plus one offset per
-   document), each document with the tokenizer's special tokens, as in the HF guide;
+   document), each document with the tokenizer's special tokens, as in the HF guide; no tokenizer call
+   sees more than ENCODE_CHARS characters (a longer document goes in pieces cut at whitespace, same ids);
 2. split: the documents are split into train/test with the permutation `Dataset.train_test_split`
    draws (same seed, same documents), before grouping, so that no document straddles the split;
 3. group: for each split, the documents' ids are read back in split order, a chunk of about a
@@ -13,6 +14,7 @@
 The result is the same blocks, token for token, as grouping the whole split in memory (tested).
 Memory: a few chunks of tokens, plus 16 bytes per document (offsets and the split permutation).
 The blocks are cached under a key of every setting that changes them; a second run memory-maps them.
+A build writes into `<key>.tmp-<host>-<pid>` and renames it when done; a killed build's is removed by the next.
 """
 
 from __future__ import annotations
