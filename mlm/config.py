@@ -267,6 +267,9 @@ class Config:
     def validate(self) -> None:
         if self.block_size < 8:
             raise UserError(f"block_size={self.block_size} is too small; use at least 8 (the guide uses 128)")
+        for name, seed in (("seed", self.seed), ("dataset.split_seed", self.dataset.split_seed)):
+            if not 0 <= seed < 2**32:  # the range numpy's and torch's seeding accept
+                raise UserError(f"{name}={seed} is out of range; a seed must be in [0, 2**32), e.g. {name}=42")
         for group in (self.dataset, self.model, self.masking, self.optimizer, self.scheduler, self.trainer, self.tracker):
             group.validate()
         if self.masking.schedule != "constant" and self.trainer.num_workers > 0:

@@ -3,7 +3,8 @@
 `build_blocks` runs three passes, none of which holds the corpus in memory:
 1. tokenize: documents are read one at a time (`sources.iter_documents`), tokenized in batches by
    `num_proc` worker processes, and their ids appended to one flat int32 file (plus one offset per
-   document), each document with the tokenizer's special tokens, as in the HF guide;
+   document), each document with the tokenizer's special tokens, as in the HF guide; no tokenizer call
+   sees more than ENCODE_CHARS characters (a longer document goes in pieces cut at whitespace, same ids);
 2. split: the documents are split into train/test with the permutation `Dataset.train_test_split`
    draws (same seed, same documents), before grouping, so that no document straddles the split;
 3. group: for each split, the documents' ids are read back in split order, a chunk of about a
@@ -13,6 +14,7 @@
 The result is the same blocks, token for token, as grouping the whole split in memory (tested).
 Memory: a few chunks of tokens, plus 16 bytes per document (offsets and the split permutation).
 The blocks are cached under a key of every setting that changes them; a second run memory-maps them.
+A build writes into `<key>.tmp-<host>-<pid>` and renames it when done; a killed build's is removed by the next.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from collections import deque
 from typing import Dict, Iterable, Iterator, List, Tuple
@@ -46,6 +49,7 @@ BLOCKS_FORMAT_VERSION = 2  # bump when the block layout changes, so old caches a
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
 ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
+ENCODE_CHARS = 1 << 18  # characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
 META = "blocks.json"  # written last into the cache entry: split sizes and token counts
 
 
@@ -121,12 +125,73 @@ _TOKENIZER = None  # the tokenizer of the worker processes, inherited through fo
 
 
 def _encode(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """Texts -> (all their ids as one int32 array, one length per text)."""
-    # only input_ids: the attention mask and token types would be two more Python lists per token
-    ids = [i for lo in range(0, len(texts), ENCODE_DOCS)
-           for i in _TOKENIZER(texts[lo : lo + ENCODE_DOCS], verbose=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
+    """Texts -> (all their ids as one int32 array, one length per text).
+
+    Each tokenizer call sees at most ENCODE_DOCS texts and about ENCODE_CHARS characters; a longer
+    text is tokenized in pieces (`_encode_long`), so memory does not grow with a document's length.
+    """
+    arrays, lengths = [], []
+    for group in _call_groups(texts):
+        if len(group[0]) > ENCODE_CHARS:
+            arrays.append(_encode_long(group[0]))
+            lengths.append(len(arrays[-1]))
+            continue
+        # only input_ids: the attention mask and token types would be two more Python lists per token
+        ids = _TOKENIZER(group, verbose=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        lengths += map(len, ids)
+        arrays.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=sum(map(len, ids))))
+    return (np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)), np.asarray(lengths, dtype=np.int64)
+
+
+def _call_groups(texts: List[str]) -> Iterator[List[str]]:
+    """Consecutive texts, at most ENCODE_DOCS and ENCODE_CHARS characters a group; a longer text alone."""
+    group, chars = [], 0
+    for text in texts:
+        if group and (len(group) == ENCODE_DOCS or chars + len(text) > ENCODE_CHARS):
+            yield group
+            group, chars = [], 0
+        group.append(text)
+        chars += len(text)
+    if group:
+        yield group
+
+
+def _encode_long(text: str) -> np.ndarray:
+    """The ids of one long text, the same as tokenizing it whole: its pieces are tokenized without
+    special tokens, and those are added around the whole document.
+
+    Pieces are cut where a run of whitespace starts, which the tokenizer's pre-tokenizer splits at
+    anyway (WordPiece, byte-level BPE and SentencePiece's Metaspace all do), so no token spans a cut;
+    only a stretch of ENCODE_CHARS characters without any whitespace is cut mid-word.
+    """
+    pieces, lo = [], 0
+    while lo < len(text):
+        hi = _piece_end(text, lo, lo + ENCODE_CHARS)
+        ids = _TOKENIZER(text[lo:hi], add_special_tokens=False, verbose=False, return_attention_mask=False, return_token_type_ids=False)
+        pieces.append(np.asarray(ids["input_ids"], dtype=np.int32))
+        lo = hi
+    before, after = _special_tokens_around()
+    return np.concatenate([before, *pieces, after])
+
+
+def _special_tokens_around() -> Tuple[np.ndarray, np.ndarray]:
+    """The ids the tokenizer adds before and after one text ([CLS] and [SEP] for BERT), read off a probe."""
+    full = _TOKENIZER("a", verbose=False)["input_ids"]
+    plain = _TOKENIZER("a", add_special_tokens=False, verbose=False)["input_ids"]
+    at = next(i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
+    return np.asarray(full[:at], dtype=np.int32), np.asarray(full[at + len(plain) :], dtype=np.int32)
+
+
+def _piece_end(text: str, lo: int, hi: int) -> int:
+    """The start of the last whitespace run in text[lo:hi] that follows a non-space (hi if none, or if hi is the end)."""
+    if hi >= len(text):
+        return len(text)
+    cut = hi
+    while cut > lo and not text[cut].isspace():
+        cut -= 1
+    while cut > lo and text[cut - 1].isspace():
+        cut -= 1
+    return cut if cut > lo else hi
 
 
 def _quiet_worker() -> None:
@@ -225,7 +290,8 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
     if os.path.exists(os.path.join(path, META)):
         log.info("reusing cached blocks %s", path)
         return _open_blocks(path)
-    tmp = f"{path}.tmp-{os.getpid()}"  # a killed run never leaves a half-written cache entry
+    _remove_stale_builds(os.path.dirname(path))
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # a killed run never leaves a half-written cache entry
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -244,6 +310,30 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _open_blocks(path)
+
+
+def _remove_stale_builds(blocks_dir: str) -> None:
+    """Delete the `<key>.tmp-<host>-<pid>` directories of builds on this host whose process is gone
+    (killed mid-build: its `finally` never ran). A live builder's, or another host's (the cache may be
+    a shared file system, where a pid means nothing here), are left alone. `<key>.tmp-<pid>` is the
+    older name, from this host."""
+    host = socket.gethostname()
+    for name in os.listdir(blocks_dir) if os.path.isdir(blocks_dir) else []:
+        _, sep, owner = name.partition(".tmp-")
+        owner_host, _, pid = owner.rpartition("-") if "-" in owner else (host, "", owner)
+        if sep and owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by a build that was killed", os.path.join(blocks_dir, name))
+            shutil.rmtree(os.path.join(blocks_dir, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        pass
+    return True
 
 
 def pad_id_of(tokenizer) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import glob
 import itertools
+import json
 import logging
 import os
 import re
@@ -28,6 +29,9 @@ from mlm.hub import hub_reachable, offline_mode
 log = logging.getLogger(__name__)
 
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# leading bytes of compressed files: such a file named .txt or .jsonl is refused, not read as text (parquet's own are PAR1)
+COMPRESSED = {"gzip": re.compile(rb"\x1f\x8b"), "bzip2": re.compile(rb"BZh[1-9]1AY&SY"), "xz": re.compile(rb"\xfd7zXZ\x00"),
+              "zstd": re.compile(rb"\x28\xb5\x2f\xfd")}
 
 
 # ---------------------------------------------------------------- loaders: DatasetConfig -> raw text
@@ -89,16 +93,21 @@ def load_hub(cfg: DatasetConfig, streaming: bool = False) -> Dataset:
 
 
 def _read_text_file(path: str) -> Iterator[str]:
-    """Non-empty lines of a text file, read lazily; non-UTF-8 bytes are replaced by U+FFFD and counted, not fatal."""
+    """Non-empty lines of a text file, read lazily; non-UTF-8 bytes are replaced by U+FFFD and counted, not fatal.
+
+    Lines end at LF, CRLF or a lone CR (old Mac files), as in Python's universal newlines: a file
+    with CR line endings is many examples, not one.
+    """
     bad = 0
     with open(path, "rb") as f:
         for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line, bad = raw.decode("utf-8", errors="replace"), bad + 1
-            if line.strip():
-                yield line.rstrip("\r\n")
+            for part in raw.rstrip(b"\r\n").split(b"\r"):
+                try:
+                    line = part.decode("utf-8")
+                except UnicodeDecodeError:
+                    line, bad = part.decode("utf-8", errors="replace"), bad + 1
+                if line.strip():
+                    yield line
     if bad:
         log.warning("%s: %d line(s) had bytes that are not UTF-8; they were replaced with U+FFFD", path, bad)
 
@@ -114,24 +123,72 @@ def load_local(cfg: DatasetConfig) -> Dataset:
     try:
         return datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=files, split="train")
     except Exception as e:
-        raise UserError(f"could not read {files}: {type(e).__name__}: {_first_line(e)}") from e
+        raise _read_error(files, e) from e
+
+
+def _read_error(files: List[str], e: Exception) -> UserError:
+    """What a failed read of local files tells the user: the first malformed JSON line if there is
+    one (the file and its line number), else the reader's own first line."""
+    where = next(filter(None, map(_bad_json_line, files)), None) if Path(files[0]).suffix.lower() in (".json", ".jsonl") else None
+    if where:
+        return UserError(f"{where}; fix or remove that line")
+    shown = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
+    return UserError(f"could not read {shown}: {type(e).__name__}: {_first_line(e)}")
+
+
+def _bad_json_line(path: str) -> Optional[str]:
+    """'<path>, line N: <why>' for the first line of a JSON-lines file that is not a JSON object, or None.
+
+    A .json file whose first line is not JSON on its own is one JSON document (an array): it is parsed whole.
+    """
+    first = True
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw)
+            except ValueError as e:
+                if first and path.lower().endswith(".json"):
+                    return _bad_json_document(path)
+                return f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg.removesuffix(' at')})"
+            if not isinstance(value, dict):
+                return f"{path}, line {n}: a JSON {type(value).__name__}, not an object with a text field"
+            first = False
+    return None
+
+
+def _bad_json_document(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            json.load(f)
+    except ValueError as e:
+        return f"{path}, line {getattr(e, 'lineno', '?')}: not valid JSON ({getattr(e, 'msg', e)})"
+    return None
 
 
 def _checked_local_files(path: str) -> Tuple[List[str], str]:
-    """The files behind dataset.path and their one suffix; empty files and mixed types are user errors."""
+    """The files behind dataset.path and their one suffix; empty, compressed and mixed types are user errors."""
     files = _local_files(path)
     suffixes = {Path(f).suffix.lower() for f in files}
     if len(suffixes) > 1:
         raise UserError(f"dataset.path={path!r} mixes file types {sorted(suffixes)}; point it at one type")
+    suffix = suffixes.pop()
     for f in files:
         if os.path.getsize(f) == 0:
             raise UserError(f"data file {f} is empty")
-    return files, suffixes.pop()
+        with open(f, "rb") as fh:
+            head = fh.read(10)
+        kind = next((name for name, magic in COMPRESSED.items() if magic.match(head)), None)
+        if kind:
+            raise UserError(f"data file {f} is {kind}-compressed, not a plain {suffix} file; decompress it first (e.g. {kind} -dc {f} > plain{suffix})")
+    return files, suffix
 
 
 def _local_files(path: str) -> List[str]:
+    """The data files behind dataset.path (a file, a glob or a directory), sorted, each real file once."""
     if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if Path(f).suffix.lower() in LOCAL_BUILDERS)
+        files = sorted(f for f in _walk(path) if Path(f).suffix.lower() in LOCAL_BUILDERS)
     else:
         files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if os.path.isfile(path) else [])
     if not files:
@@ -139,7 +196,24 @@ def _local_files(path: str) -> List[str]:
     unsupported = [f for f in files if Path(f).suffix.lower() not in LOCAL_BUILDERS]
     if unsupported:
         raise UserError(f"{unsupported[0]}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)}")
-    return files
+    unique = list({os.path.realpath(f): f for f in reversed(files)}.values())[::-1]  # the first name of each real file
+    if len(unique) < len(files):
+        log.warning("dataset.path=%r: %d path(s) are links to files already listed; each file is read once", path, len(files) - len(unique))
+    return unique
+
+
+def _walk(root: str) -> Iterator[str]:
+    """Every non-hidden file under root, following directory links but entering each real directory once
+    (a link back up the tree would otherwise repeat its files at every depth)."""
+    seen = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (os.path.join(folder, n) for n in names if not n.startswith("."))
 
 
 LOADERS: Dict[str, Callable[[DatasetConfig], Dataset]] = {
@@ -243,9 +317,11 @@ def _raw_batches(cfg: DatasetConfig, streaming: bool) -> Iterator[Dict[str, list
             return
         try:
             source = datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=files, split="train", streaming=True)
+            yield from source.iter(batch_size=size)  # a malformed row fails here, mid-stream
         except Exception as e:
-            raise UserError(f"could not read {files}: {type(e).__name__}: {_first_line(e)}") from e
-    elif cfg.kind == "hub":
+            raise _read_error(files, e) from e
+        return
+    if cfg.kind == "hub":
         if streaming and "[" in cfg.split:
             raise UserError(f"dataset.split={cfg.split!r}: a streamed hub dataset cannot be sliced; use dataset.max_examples")
         source = load_hub(cfg, streaming=streaming)
