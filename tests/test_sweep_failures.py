@@ -39,3 +39,54 @@ def test_a_nan_inf_or_missing_perplexity_is_a_failed_job(tmp_path):
     line = failure_line(collect_jobs([tmp_path]))
     assert line.startswith("3 of 4 job(s) failed: ") and str(tmp_path / "0" / "results.json") in line
     assert str(tmp_path / "3") not in line
+
+
+def sweep_cli(corpus, sweep, *overrides, env=None):
+    return run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", *overrides, f"hydra.sweep.dir={sweep}"], env=env)
+
+
+@pytest.mark.slow
+def test_a_failed_optuna_trial_is_recorded_and_the_study_goes_on(corpus, tmp_path):
+    import yaml
+
+    sweep = tmp_path / "optuna"
+    proc = sweep_cli(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3", env={"MLM_TEST_FAIL": "1:0:1"})  # trial 1 raises
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: 1 of 3 job(s) failed: {sweep / '1' / 'error.txt'}"
+    # the sweeper logs this once it has told Optuna the trial FAILed (an RDB storage to look at the study
+    # itself does not open here: optuna 2.10 with this SQLAlchemy)
+    assert (proc.stdout + proc.stderr).count("Failed experiment: ") == 1
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = [json.loads((sweep / str(i) / "results.json").read_text())["perplexity"] for i in (0, 2)]
+    assert best["best_value"] == pytest.approx(min(values))
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("| ok |") == 2 and "failed: RuntimeError: injected failure" in summary
+
+
+@pytest.mark.slow
+def test_a_refused_rerun_leaves_multirun_yaml_and_exits_1(corpus, tmp_path):
+    from mlm.runlock import lock_run_dir, release_run_dir
+
+    sweep = tmp_path / "sweep"
+    first = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    snapshot, summary = (sweep / "multirun.yaml").read_text(), (sweep / "summary.md").read_text()
+    # the same sweep with other values: every job holds a finished run with other settings and refuses
+    rerun = sweep_cli(corpus, sweep, "optimizer.lr=5e-3,6e-3")
+    assert rerun.returncode == 1
+    assert rerun.stderr.strip().splitlines()[-1] == f"error: 2 job(s) refused: {sweep / 'refused.txt'}"
+    assert [line.split(":")[0] for line in (sweep / "refused.txt").read_text().splitlines()] == [str(sweep / "0"), str(sweep / "1")]
+    assert (sweep / "multirun.yaml").read_text() == snapshot and "5e-3" not in snapshot
+    assert (sweep / "summary.md").read_text() == summary
+    # a second sweep into a sweep directory held by a live one stops before the sweeper writes anything
+    lock_run_dir(sweep)
+    try:
+        locked = sweep_cli(corpus, sweep, "optimizer.lr=5e-3,6e-3")
+    finally:
+        release_run_dir(sweep)
+    assert locked.returncode == 2 and "is in use by another run" in locked.stderr
+    assert (sweep / "multirun.yaml").read_text() == snapshot
+    # the first sweep again: both jobs finished with these settings, nothing refused or failed
+    again = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished") == 2 and not (sweep / "refused.txt").exists()
