@@ -227,7 +227,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             raise RunDirLocked(str(e)) from e
         if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
             print(finished_line(run_dir, done))
-            return done.get("perplexity", float("nan"))
+            return objective(done)
         from mlm.train import NonFiniteLoss, train
 
         typed: Config = OmegaConf.to_object(cfg)
@@ -257,9 +257,17 @@ def run_job(cfg: DictConfig) -> Optional[float]:
 
             plot_run(run_dir)
             print(summary_text(typed, run_dir, results))
-        return results["perplexity"]
+        return objective(results)
     finally:  # _fail's sys.exit passes here too
         release_run_dir(run_dir)
+
+
+def objective(results: dict) -> Optional[float]:
+    """What a job returns to the sweeper: its final perplexity, or no value where that is NaN, inf or
+    missing, which the summary calls failed (a NaN would make the Optuna sweeper raise, see _fail)."""
+    from mlm.report import failure
+
+    return None if failure({"error": None, "results": results}) else results["perplexity"]
 
 
 def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> Optional[float]:

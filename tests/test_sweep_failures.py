@@ -90,3 +90,21 @@ def test_a_refused_rerun_leaves_multirun_yaml_and_exits_1(corpus, tmp_path):
     again = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already finished") == 2 and not (sweep / "refused.txt").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_with_a_nan_result_is_a_failed_trial(corpus, tmp_path):
+    import yaml
+
+    # masking 1e-9 of the tokens masks none: the eval perplexity is NaN (or, once refused up front, an error);
+    # the seeded sampler gives trial 0 1e-9 and trial 1 0.15
+    sweep = tmp_path / "optuna"
+    proc = sweep_cli(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "masking.mlm_probability=choice(1e-9,0.15)")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    asked = {n: yaml.safe_load((sweep / n / ".hydra" / "overrides.yaml").read_text()) for n in ("0", "1")}
+    assert "masking.mlm_probability=1e-09" in asked["0"] and "masking.mlm_probability=0.15" in asked["1"]
+    assert (proc.stdout + proc.stderr).count("Failed experiment: ") == 1
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(json.loads((sweep / "1" / "results.json").read_text())["perplexity"])
+    rows = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| 0 |")]
+    assert len(rows) == 1 and "| failed: " in rows[0]
