@@ -108,3 +108,29 @@ def test_a_trial_with_a_nan_result_is_a_failed_trial(corpus, tmp_path):
     assert best["best_value"] == pytest.approx(json.loads((sweep / "1" / "results.json").read_text())["perplexity"])
     rows = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| 0 |")]
     assert len(rows) == 1 and "| failed: " in rows[0]
+
+
+@pytest.mark.slow
+def test_torchrun_around_an_optuna_study_a_trial_failing_on_one_rank_fails_on_all(corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    sweep = tmp_path / "optuna"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(ROOT / "run.py"), "-m",
+           *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+           f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_TEST_FAIL": "0:1:1"}  # trial 0 fails on rank 1 only
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stderr[-4000:]  # rank 0 exits 1 after the summary; torchrun passes it on
+    assert f"error: 1 of 2 job(s) failed: {sweep / '0' / 'error.txt'}" in proc.stderr.splitlines()
+    # each rank runs its own (seeded) sampler: both told it FAIL and asked the same next trial
+    assert (proc.stdout + proc.stderr).count("Failed experiment: ") == 2
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    result = json.loads((sweep / "1" / "results.json").read_text())
+    assert result["processes"] == 2 and best["best_value"] == pytest.approx(result["perplexity"])
+    assert (sweep / "0" / "error.txt").read_text().startswith("rank 1: RuntimeError: injected failure")
