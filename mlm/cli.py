@@ -200,22 +200,61 @@ class RunDirGuard(Callback):
 
         if not is_main_process():
             return
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         try:
-            lock_run_dir(Path(str(config.hydra.sweep.dir)).absolute())
-        except UserError as e:  # held by another sweep, not a directory, not writable, not ours
+            lock_run_dir(sweep_dir)
+        except UserError as e:  # held by another sweep, not a directory, not writable, not ours; multirun.yaml is written only after this
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        (sweep_dir / REFUSED).unlink(missing_ok=True)  # from the last launch
+        self._before = _sweep_state(sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """After the summary (Hydra calls the end callbacks in reverse): keep the old multirun.yaml if
+        no job ran, unlock, and exit 1 with one line if any job failed or was refused."""
         from mlm.runlock import release_run_dir
 
-        release_run_dir(Path(str(config.hydra.sweep.dir)).absolute())
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        before = getattr(self, "_before", None)  # None on the other ranks
+        if before is not None and before[0] is not None and _sweep_state(sweep_dir)[1] == before[1]:
+            # every job was finished already or refused: the snapshot stays that of the sweep whose results these are
+            atomic_write_text(sweep_dir / "multirun.yaml", before[0])
+        release_run_dir(sweep_dir)
+        if before is None:
+            return
+        line = _failures(sweep_dir)
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(1)
 
 
-def run_job(cfg: DictConfig) -> float:
+def _failures(sweep_dir: Path) -> Optional[str]:
+    """One line on the sweep's failed and refused jobs and where each says why, or None: all succeeded."""
+    from mlm.report import collect_jobs, failure_line
+
+    refused = (sweep_dir / REFUSED).read_text().splitlines() if (sweep_dir / REFUSED).exists() else []
+    parts = [failure_line(collect_jobs([sweep_dir]))] + ([f"{len(refused)} job(s) refused: {sweep_dir / REFUSED}"] if refused else [])
+    return "; ".join(p for p in parts if p) or None
+
+
+# A sweep job refused its directory (locked, or finished with other settings) writes nothing
+# there; it notes itself here, in the sweep directory, which its sweep holds.
+REFUSED = "refused.txt"
+
+
+def _sweep_state(sweep_dir: Path) -> tuple:
+    """multirun.yaml's text (None if absent) and the mtime of every results.json and error.txt below:
+    what a job that ran or failed changes."""
+    snapshot = sweep_dir / "multirun.yaml"
+    outcomes = {str(p): p.stat().st_mtime_ns for name in ("results.json", "error.txt") for p in sweep_dir.rglob(name)}
+    return (snapshot.read_text() if snapshot.exists() else None), outcomes
+
+
+def run_job(cfg: DictConfig) -> Optional[float]:
     """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from mlm.preemption import Interrupted
     from mlm.runlock import RunDirLocked, release_run_dir
 
     hc = HydraConfig.get()
@@ -231,8 +270,7 @@ def run_job(cfg: DictConfig) -> float:
             raise RunDirLocked(str(e)) from e
         if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
             print(finished_line(run_dir, done))
-            return done.get("perplexity", float("nan"))
-        from mlm.preemption import Interrupted
+            return objective(done)
         from mlm.train import NonFiniteLoss, train
 
         typed: Config = OmegaConf.to_object(cfg)
@@ -248,6 +286,9 @@ def run_job(cfg: DictConfig) -> float:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
+        if job["multirun"] and is_main_process():
+            with open(Path(hc.sweep.dir) / REFUSED, "a") as f:  # one short line per job: appends do not interleave
+                f.write(f"{run_dir}: {str(e).splitlines()[0]}\n")
         return _fail(run_dir, job, str(e), record=False)
     except UserError as e:
         if debug:
@@ -267,12 +308,20 @@ def run_job(cfg: DictConfig) -> float:
             except OSError as e:  # the results are written; a missing plot must not fail the run
                 log.warning("could not write %s: %s", run_dir / "curves.png", e)
             print(summary_text(typed, run_dir, results))
-        return results["perplexity"]
+        return objective(results)
     finally:  # _fail's sys.exit passes here too
         release_run_dir(run_dir)
 
 
-def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> float:
+def objective(results: dict) -> Optional[float]:
+    """What a job returns to the sweeper: its final perplexity, or no value where that is NaN, inf or
+    missing, which the summary calls failed (a NaN would make the Optuna sweeper raise, see _fail)."""
+    from mlm.report import failure
+
+    return None if failure({"error": None, "results": results}) else results["perplexity"]
+
+
+def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> Optional[float]:
     from mlm.distributed import failure_report
 
     log.error(message)
@@ -282,7 +331,9 @@ def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> float:
         except OSError as e:  # the disk that failed the run may fail this too; the message below still says why
             log.warning("could not write %s: %s", run_dir / "error.txt", e)
     if job["multirun"]:
-        return float("nan")  # Optuna records a failed trial; the basic sweeper goes on
+        # No value: Optuna records the trial as FAIL and goes on (NaN makes it raise: it refuses to tell
+        # COMPLETE with NaN, then FAIL with a value); the basic sweeper and launchers go on with any value.
+        return None
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

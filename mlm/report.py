@@ -107,6 +107,29 @@ def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
     return jobs
 
 
+def failure(job: Dict[str, Any]) -> Optional[str]:
+    """Why a job counts as failed (the first line of its error.txt, or a perplexity that is missing,
+    NaN or inf in its results.json), or None: it succeeded. The summary and the sweep's exit status
+    both ask here."""
+    if job["error"] is not None:
+        return (job["error"].splitlines() or ["failed"])[0]
+    ppl = job["results"].get("perplexity")
+    if not isinstance(ppl, (int, float)):
+        return "no perplexity in results.json"
+    if not math.isfinite(ppl):
+        return f"perplexity {ppl} in results.json"
+    return None
+
+
+def failure_line(jobs: List[Dict[str, Any]]) -> Optional[str]:
+    """One line naming the failed jobs and the file that says why (error.txt, else results.json), or None."""
+    failed = [j for j in jobs if failure(j) is not None]
+    if not failed:
+        return None
+    files = [str(j["dir"] / ("error.txt" if j["error"] is not None else "results.json")) for j in failed]
+    return f"{len(failed)} of {len(jobs)} job(s) failed: {' '.join(files)}"
+
+
 def _num(v):
     try:
         return float(v)
@@ -120,8 +143,7 @@ def _fmt(v, digits=2):
 
 def summary_table(jobs: List[Dict[str, Any]], root: Path) -> str:
     def key(j):
-        p = j["results"].get("perplexity")
-        return (j["error"] is not None, p if p is not None and math.isfinite(p) else float("inf"))
+        return (failure(j) is not None, j["results"]["perplexity"] if failure(j) is None else float("inf"))
 
     lines = [
         "| job | overrides | final ppl | best ppl | ppl before | tokens/s | train s | wall s | device | status |",
@@ -130,7 +152,7 @@ def summary_table(jobs: List[Dict[str, Any]], root: Path) -> str:
     for j in sorted(jobs, key=key):
         r = j["results"]
         name = str(j["dir"].relative_to(root)) if j["dir"] != root and root in j["dir"].parents else j["dir"].name
-        status = "ok" if j["error"] is None else "failed: " + j["error"].splitlines()[0].replace("|", "/")[:80]
+        status = "ok" if failure(j) is None else "failed: " + failure(j).replace("|", "/")[:80]
         lines.append(
             f"| {name} | {' '.join(f'{k}={v}' for k, v in j['overrides'].items()) or '-'} | {_fmt(r.get('perplexity'))} | "
             f"{_fmt(r.get('best_perplexity'))} | {_fmt(r.get('perplexity_before'))} | {_fmt(r.get('tokens_per_s'), 0)} | "
@@ -161,7 +183,7 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
     n = len(keys) + 2
     plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2))
-    ok = [j for j in jobs if j["error"] is None and j["results"].get("perplexity") is not None]
+    ok = [j for j in jobs if failure(j) is None]
     for ax, k in zip(axes, keys):
         values = [j["overrides"].get(k, "-") if k != "job" else j["dir"].name for j in ok]
         ppl = [j["results"]["perplexity"] for j in ok]
@@ -214,7 +236,7 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None) -> Optional[Path
     jobs = collect_jobs(dirs)
     if not jobs:
         return None
-    best = min((j for j in jobs if j["error"] is None and j["results"].get("perplexity") is not None),
+    best = min((j for j in jobs if failure(j) is None),
                key=lambda j: j["results"]["perplexity"], default=None)
     text = [f"# Sweep summary: {out_dir}", "", summary_table(jobs, out_dir), ""]
     if best:

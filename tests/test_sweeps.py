@@ -18,10 +18,10 @@ def job_dirs(sweep):
     return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").exists())
 
 
-def multirun(corpus, sweep, *overrides):
-    """A tiny multirun through run.py; returns its job directories."""
+def multirun(corpus, sweep, *overrides, returncode=0):
+    """A tiny multirun through run.py (exit 0: every job succeeded, 1: some failed); returns its job directories."""
     proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return job_dirs(sweep)
 
 
@@ -29,7 +29,7 @@ def multirun(corpus, sweep, *overrides):
 def test_2x2_multirun_with_a_failing_job_and_summary(corpus, tmp_path):
     sweep = tmp_path / "sweep"
     # block_size=600 exceeds the model's 512 positions: those jobs fail, the others still run
-    jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=32,600", "trainer.max_steps=3")
+    jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=32,600", "trainer.max_steps=3", returncode=1)
     assert len(jobs) == 4
     ok = [j for j in jobs if (j / "results.json").exists()]
     failed = [j for j in jobs if (j / "error.txt").exists()]
@@ -116,7 +116,8 @@ def test_parallel_jobs_each_lease_a_slot_of_their_own(corpus, tmp_path):
     proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=3",
                     "trainer.device_slots=2", "trainer.num_threads=1", "trainer.max_steps=3", "optimizer.lr=1e-4,2e-4,3e-4,4e-4",
                     f"hydra.sweep.dir={sweep}"], env={"MLM_LEASE_DIR": str(leases), "MLM_TEST_FAIL": "0:0:1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: 1 of 4 job(s) failed: {sweep / '0' / 'error.txt'}"
     records = [json.loads(line) for line in (leases / "lease.jsonl").read_text().splitlines()]
     assert sorted(r["owner"] for r in records) == [str(sweep / str(i)) for i in range(4)]
     assert {r["slot"] for r in records} <= {0, 1}
