@@ -238,6 +238,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     cfg.trainer.mixed_precision = resolve_mixed_precision(cfg.trainer.mixed_precision)  # what ran is what results.json records
     job = job or {}
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # run.py's run dirs exist already; a direct call may name a new one
     accelerator = make_accelerator(cfg)
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one to watch
     if cfg.trainer.num_threads > 0:

@@ -106,12 +106,12 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, c
     real_step = mlm.train.train_step
     calls = {"n": 0}
 
-    def poisoned(objective, optimizer, *args):
+    def poisoned(objective, optimizer, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:  # a weight turns NaN before the third step: its loss is NaN
             with torch.no_grad():
                 next(objective.parameters()).fill_(float("nan"))
-        return real_step(objective, optimizer, *args)
+        return real_step(objective, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(mlm.train, "train_step", poisoned)
     cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=100"])

@@ -137,7 +137,7 @@ def test_a_one_point_curve_is_drawn_as_a_marker(tmp_path, monkeypatch):
     from mlm import report
 
     figures = []
-    monkeypatch.setattr(report.plt, "close", figures.append)
+    monkeypatch.setattr(report.pyplot(), "close", figures.append)
     job = {"dir": tmp_path, "overrides": {}, "error": None, "results": {"perplexity": 9.0},
            "metrics": [{"step": 10, "train/loss": 2.5, "eval/perplexity": 9.0}]}  # a 10-step job logging every 10 steps
     report.plot_sweep([job], tmp_path / "summary.png")
