@@ -122,7 +122,7 @@ def save_checkpoint(
 
 
 def file_record(path: Path) -> Dict[str, Any]:
-    """What the manifest keeps of a file: its size and SHA-256 (reading it back costs ~1 s per GB, from the page cache)."""
+    """What the manifest keeps of a file: its size and SHA-256 (read back from the page cache at ~1.5 GB/s: benchmarks/checkpoint_hash.py)."""
     with open(path, "rb") as f:
         return {"size": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
