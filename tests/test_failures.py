@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
+from tests.test_resume import assert_same_as_uninterrupted, last_step, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -145,31 +144,6 @@ def start(args, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")), default=0)
-
-
-def wait_until(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
-        assert time.time() < deadline, "never got there"
-        time.sleep(0.05)
-
-
-def same_weights(a: Path, b: Path) -> None:
-    x, y = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)  # bitwise
-
-
-def metric_records(run_dir: Path):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 SIGNAL_RUN = [*TINY_RUN, "trainer.max_steps=400", "trainer.checkpoint_every=0", "trainer.mixed_precision=no", "trainer.eval_every=50"]
 
 
@@ -187,7 +161,7 @@ def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(cor
     run_dir = tmp_path / "run"
     args = [*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
     proc = start(args)
-    wait_until(lambda: steps_logged(run_dir) >= 30, proc)
+    wait_for(lambda: last_step(run_dir) >= 30, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)  # the step in flight, one checkpoint, then out
     assert proc.returncode == 128 + sig, err[-3000:]
@@ -198,8 +172,7 @@ def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(cor
     assert (run_dir / "run.lock").read_text() == ""  # released
     resumed = run_cli(args)
     assert resumed.returncode == 0 and f"at step {step}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
-    same_weights(run_dir, uninterrupted)
-    assert metric_records(run_dir) == metric_records(uninterrupted)
+    assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
 @pytest.mark.slow
@@ -208,7 +181,7 @@ def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(
     args = [*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
     proc = start(args)
     metrics, kept = run_dir / "metrics.jsonl", tmp_path / "kept.jsonl"
-    wait_until(lambda: steps_logged(run_dir) >= 30, proc)
+    wait_for(lambda: last_step(run_dir) >= 30, proc)
     while True:  # swap the file for a directory: the next append fails with an OSError (IsADirectoryError)
         os.rename(metrics, tmp_path / "part.jsonl")
         with open(kept, "a") as f:
@@ -225,8 +198,7 @@ def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(
     shutil.move(kept, metrics)  # the user fixes the disk; the records written before stay
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    same_weights(run_dir, uninterrupted)
-    assert metric_records(run_dir) == metric_records(uninterrupted)  # the records that failed were carried by the checkpoint
+    assert_same_as_uninterrupted(run_dir, uninterrupted)  # metrics too: the records that failed were carried by the checkpoint
 
 
 @pytest.mark.slow
@@ -243,7 +215,7 @@ sys.argv = ["run.py", *{[*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir=
 runpy.run_path({str(ROOT / "run.py")!r}, run_name="__main__")
 """
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: steps_logged(run_dir) >= 20, proc)
+    wait_for(lambda: last_step(run_dir) >= 20, proc)
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 255 and marker.read_text() == str(int(signal.SIGUSR2)), err[-3000:]

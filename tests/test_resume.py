@@ -62,7 +62,7 @@ def last_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]  # not a line being written
     return max(steps, default=0)
 
 
