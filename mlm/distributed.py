@@ -342,6 +342,14 @@ class PeerWatch:
     def leave(self) -> None:
         self.left.set()
 
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return self.store.check([key])
+
+    def mark(self, key: str) -> None:
+        with self._lock:
+            self.store.set(key, "1")
+
 
 def _record_failure(run_dir: Path, rank: int, message: str) -> None:
     """error-rank<r>.json of a rank other than 0 (the main process folds them into error.txt)."""
@@ -492,10 +500,34 @@ def failure_report(run_dir: Path, message: str) -> str:
     return "\n".join(m for _, m in sorted(entries))
 
 
+def _wait_for_key(key: str) -> None:
+    """Poll the job's store for `key`, with no time limit: a peer that fails (or goes silent) while
+    this rank waits ends the wait through the job's watch."""
+    while not _watch.has(key):
+        if _watch.reason is not None:
+            raise PeerFailed(_watch.reason)
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def cache_builders_first(accelerator) -> Iterator[None]:
     """Run the body on the global main process first, then on the first process of each other node,
     then everywhere: a shared disk gets the block cache built once, node-local disks once per node
-    (the cache's atomic rename settles any leftover race). Two barriers in all."""
-    with accelerator.main_process_first(), accelerator.local_main_process_first():
-        yield
+    (the cache's atomic rename settles any leftover race).
+
+    In a job() the waits are keys on the job's store, not barriers: building a large cache may take
+    longer than trainer.collective_timeout_minutes, which bounds collectives only."""
+    if _watch is None:  # one process, or a group made outside job(): Accelerate's two barriers
+        with accelerator.main_process_first(), accelerator.local_main_process_first():
+            yield
+        return
+    p = detect()
+    if p.rank != 0:
+        _wait_for_key("cache/main")
+    if p.local_rank != 0:
+        _wait_for_key(f"cache/node-{p.node_rank}")
+    yield
+    if p.rank == 0:
+        _watch.mark("cache/main")
+    if p.local_rank == 0:
+        _watch.mark(f"cache/node-{p.node_rank}")

@@ -115,3 +115,30 @@ def test_a_stopped_rank_is_named_and_ends_the_job(tmp_path):
     assert "PeerFailed: rank 1 went silent: no heartbeat for" in err, err[-3000:]
     [run] = (tmp_path / "outputs" / "runs").iterdir()
     assert "rank 1 went silent: no heartbeat for" in (run / "run.log").read_text()  # rank 0's log says why it ended
+
+
+CACHE_JOB = """
+import os, sys, time
+from pathlib import Path
+import torch
+from accelerate import PartialState
+from mlm import distributed
+run_dir, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+with distributed.job(run_dir, collective_timeout_minutes=0.2):
+    with distributed.cache_builders_first(PartialState()):
+        if rank == 0:
+            time.sleep(25)  # a block cache that takes longer than the collective timeout (12 s)
+        with open(run_dir / "order", "a") as f:
+            f.write(f"{rank}\\n")
+    torch.distributed.all_reduce(torch.ones(1))
+"""
+
+
+@pytest.mark.slow
+def test_building_the_cache_is_not_bounded_by_the_collective_timeout(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29645", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", CACHE_JOB, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert (tmp_path / "order").read_text() == "0\n1\n"  # rank 1 built after rank 0, and waited for it
