@@ -1,5 +1,6 @@
 """A failed or silent rank ends every rank of its job, whatever the backend does (mlm.distributed.PeerWatch)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,18 @@ RUN = [*TINY_RUN, "trainer.mixed_precision=no", "trainer.per_device_batch_size=2
 
 def torchrun(port: int, *args: str) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(ROOT / "run.py"), *args]
+
+
+@contextlib.contextmanager
+def launched(cmd: list, **kwargs):
+    """Popen in a session of its own: whatever happens (a timeout too), every process of the job is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def corpus(tmp_path: Path) -> Path:
@@ -58,9 +71,10 @@ def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(tmp_path)
     # Only the failure published on the job's store can end rank 0.
     cmd = torchrun(29641, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=1000", "trainer.collective_timeout_minutes=30")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MLM_TEST_FAIL": "0:1:2", "MLM_TEST_FAIL_HOLD": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    with launched(cmd, cwd=tmp_path, env=env) as proc:
+        _, err = proc.communicate(timeout=400)
     assert proc.returncode != 0
-    assert "error: rank 1 failed (RuntimeError: injected failure (MLM_TEST_FAIL=0:1:2))" in proc.stderr, proc.stderr[-3000:]
+    assert "error: rank 1 failed (RuntimeError: injected failure (MLM_TEST_FAIL=0:1:2))" in err, err[-3000:]
     [run] = (tmp_path / "outputs" / "runs").iterdir()
     log = (run / "run.log").read_text()  # rank 0's: its watch ended it, not its collective
     assert "rank 1 failed (RuntimeError: injected failure (MLM_TEST_FAIL=0:1:2)); ending the job" in log
@@ -97,20 +111,10 @@ def test_a_stopped_rank_is_named_and_ends_the_job(tmp_path):
     # heartbeat on the store stops.
     cmd = torchrun(29643, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=100000", "trainer.collective_timeout_minutes=0.5")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stopped = None
-    try:
+    with launched(cmd, cwd=tmp_path, env=env) as launcher:
         wait_for_step(tmp_path / "outputs" / "runs", 3, launcher)
-        stopped = rank_process(launcher, 1)
-        stopped.send_signal(signal.SIGSTOP)
+        rank_process(launcher, 1).send_signal(signal.SIGSTOP)
         _, err = launcher.communicate(timeout=400)
-    finally:  # whatever happened, nothing stays behind
-        if launcher.poll() is None:
-            for child in psutil.Process(launcher.pid).children(recursive=True):
-                child.kill()
-            launcher.kill()
-        if stopped is not None and stopped.is_running():
-            stopped.kill()
     assert launcher.returncode != 0
     assert "PeerFailed: rank 1 went silent: no heartbeat for" in err, err[-3000:]
     [run] = (tmp_path / "outputs" / "runs").iterdir()
@@ -137,8 +141,9 @@ with distributed.job(run_dir, collective_timeout_minutes=0.2):
 @pytest.mark.slow
 def test_building_the_cache_is_not_bounded_by_the_collective_timeout(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29645", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", CACHE_JOB, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(launched([sys.executable, "-c", CACHE_JOB, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+                 for r in range(2)]
+        errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert (tmp_path / "order").read_text() == "0\n1\n"  # rank 1 built after rank 0, and waited for it
