@@ -276,7 +276,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         typed: Config = OmegaConf.to_object(cfg)
         try:
             # one device and one process group for this job; a failure on any rank fails it on all
-            with distributed.job(run_dir, typed.trainer.device_slots) as placed:
+            with distributed.job(run_dir, typed.trainer.device_slots,
+                                 collective_timeout_minutes=typed.trainer.collective_timeout_minutes) as placed:
                 distributed.check_shared_run_dir(run_dir)
                 results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:

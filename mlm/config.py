@@ -191,6 +191,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept in <run>/checkpoints
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does
     device_slots: int = 0  # 1-process jobs lease a device slot of their own: 0 = every visible GPU (none on CPU); N = the first N GPUs, or N CPU slots
+    collective_timeout_minutes: float = 10  # multi-process jobs: a rank that stops answering (no heartbeat) for this long ends the job; also the process group's timeout (start-up, e.g. building the block cache, is not bounded by it)
     max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
     probe_sentences: List[str] = field(
         default_factory=lambda: [
@@ -227,6 +228,8 @@ class TrainerConfig:
             raise UserError(f"trainer.head_only_steps={self.head_only_steps} must be >= 0")
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
             raise UserError(f"trainer.max_eval_blocks={self.max_eval_blocks} must be at least 1 (or unset for the whole held-out split)")
+        if not self.collective_timeout_minutes > 0:
+            raise UserError(f"trainer.collective_timeout_minutes={self.collective_timeout_minutes} must be positive; e.g. 10")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise UserError(f"trainer.budget_minutes={self.budget_minutes} must be positive (or unset for no time budget)")
 

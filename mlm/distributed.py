@@ -8,7 +8,8 @@ exports the torch variables from the others before the Accelerator exists. Every
 
 Per job (`job()`): a single-process job leases a device slot of its own (`DeviceLease`), a
 multi-process job gets a fresh process group (one per job, so a failed job never poisons the next
-one), and a failure on any rank fails the job on every rank.
+one), and a failure on any rank, or a rank that stops answering, fails the job on every rank
+whatever the backend (`PeerWatch`, a side channel on the launcher's store).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Iterator, List, Mapping, Optional
 
 from mlm.config import UserError
+from mlm.preemption import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -319,15 +323,168 @@ def _open_own(path: Path, flags: int) -> int:
 
 
 class PeerFailed(RuntimeError):
-    """Another rank of this job failed; this rank fails the job too."""
+    """Another rank of this job failed or went silent; this rank fails the job too."""
 
 
 _store = None  # the rendezvous store of this process (torchrun's agent store, or rank 0's), reused by every job
 _groups_started = 0
+_watch: Optional["PeerWatch"] = None  # the running multi-process job's watch (None outside one)
+
+BEAT_S = 1.0  # heartbeat and poll period: one store write and one or two reads per rank per second
+STALE_S = 5 * BEAT_S  # a failed collective plus a peer quiet this long: that peer is the cause
+GRACE_S = 10.0  # after a verdict and an abort, how long the main thread may take to leave the job by itself
 
 
-def _init_group(p: Placement) -> None:
-    """A process group for one job, on a fresh key prefix of the launcher's store.
+class PeerWatch:
+    """The job's side channel: a thread that beats, and watches the others, on the launcher's store.
+
+    Backends do not tell a rank that a peer failed: an NCCL collective waits on for a peer that raised
+    (or was stopped, or hung) until the group's timeout. So every rank (1) writes a heartbeat counter
+    every BEAT_S, (2) reads the job's "failed" key, where the first failure is published, and (3) reads
+    the others' counters: one that has not moved for `silent_after_s` is a stopped or lost process,
+    which becomes the job's failure. On a failure the thread aborts the process group (pending NCCL
+    collectives then raise, and the main thread leaves through job()); if the main thread is still
+    in the job GRACE_S later (a gloo collective, which an abort does not end), `on_stuck` ends the
+    process. The thread uses a connection of its own, so a main thread blocked on the store (NCCL's
+    set-up) never holds it up; a stopped process's sockets stay open, which is why silence is
+    judged by counters, not connections. A live process whose GPU hangs keeps beating: the group's
+    timeout (the same minutes) ends that one.
+    """
+
+    def __init__(self, store, rank: int, world_size: int, silent_after_s: float, on_stuck):
+        self.store, self.rank, self.silent_after_s, self.on_stuck = store, rank, silent_after_s, on_stuck
+        self.peers = [r for r in range(world_size) if r != rank]
+        self.seen = {r: (None, time.monotonic()) for r in self.peers}  # last counter read, and when it last moved
+        self.reason: Optional[str] = None
+        self.left = threading.Event()  # the main thread has left the job
+        self._lock = threading.Lock()  # one store request at a time on this connection
+        self._thread = threading.Thread(target=self._run, name="mlm-peer-watch", daemon=True)
+
+    def start(self) -> "PeerWatch":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        beats = 0
+        while self.reason is None and not self.left.wait(BEAT_S):
+            beats += 1
+            with contextlib.suppress(Exception), self._lock:  # a store that does not answer is no news
+                self.store.set(f"beat/{self.rank}", str(beats))
+                self._poll()
+        if self.reason is None or self.left.is_set():
+            return
+        with contextlib.suppress(Exception):
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            _abort_process_group()  # NCCL: the main thread's pending collective raises now
+        if not self.left.wait(GRACE_S):
+            self.on_stuck(self.reason)
+
+    def _poll(self) -> None:
+        """Under the lock: take a published failure, or judge the others' counters."""
+        first = self._first_failure()
+        if first is not None:
+            if first["by"] != self.rank:
+                self._conclude(first["reason"])
+            return
+        now = time.monotonic()
+        for r in self.peers:
+            key = f"beat/{r}"
+            value = self.store.get(key) if self.store.check([key]) else None
+            if value != self.seen[r][0]:
+                self.seen[r] = (value, now)
+        silent = self._silent(self.silent_after_s)
+        if silent:
+            self._conclude(self._publish(silent))
+
+    def _conclude(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            log.error("%s; ending the job", reason)
+
+    def _first_failure(self) -> Optional[dict]:
+        return json.loads(self.store.get("failed")) if self.store.check(["failed"]) else None
+
+    def _silent(self, quiet_s: float) -> Optional[str]:
+        now = time.monotonic()
+        quiet = {r: now - t for r, (_, t) in self.seen.items() if now - t > quiet_s}
+        if not quiet:
+            return None
+        names = ", ".join(str(r) for r in quiet)
+        return (f"rank {names} went silent: no heartbeat for {max(quiet.values()):.0f} s "
+                "(a stopped or hung process, or a lost node)")
+
+    def _publish(self, reason: str) -> str:
+        """Publish `reason` as the job's failure unless one came first; returns the first one."""
+        record = json.dumps({"by": self.rank, "reason": reason})
+        return json.loads(self.store.compare_set("failed", "", record))["reason"]
+
+    def settle(self, e: BaseException) -> Optional[str]:
+        """The main thread's failure `e`: publish it; the cause to report if another rank's failure
+        (or silence) came first, None if `e` is the cause. A UserError stays itself (the same bad
+        setting fails every rank at once)."""
+        from mlm.config import UserError
+
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self._poll()
+            silent = self._silent(STALE_S)  # a collective that failed on a quiet peer: that peer
+            mine = silent or f"rank {self.rank} failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]})"
+            try:
+                first = self._publish(mine)
+            except Exception:  # the store is gone with rank 0's process
+                first = self.reason or mine
+        if isinstance(e, UserError) or (first == mine and not silent):
+            return None
+        self._conclude(first)
+        return first
+
+    def leave(self) -> None:
+        self.left.set()
+
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return self.store.check([key])
+
+    def mark(self, key: str) -> None:
+        with self._lock:
+            self.store.set(key, "1")
+
+
+def _record_failure(run_dir: Path, rank: int, message: str) -> None:
+    """error-rank<r>.json of a rank other than 0 (the main process folds them into error.txt)."""
+    if rank != 0:
+        with contextlib.suppress(OSError):
+            record = {"time": last_failure_time, "message": message}
+            (Path(run_dir) / f"error-rank{rank}.json").write_text(json.dumps(record))
+
+
+def _end_stuck(run_dir: Path, rank: int, reason: str) -> None:
+    """The watch's last resort: the main thread sits in a collective its backend does not end."""
+    global last_failure_time
+    from mlm.files import atomic_write_text
+
+    last_failure_time = time.time()
+    message = f"PeerFailed: {reason}"
+    log.error("this rank is stuck in a collective that does not end; exiting")
+    _record_failure(run_dir, rank, message)
+    if rank == 0:
+        with contextlib.suppress(OSError):
+            atomic_write_text(Path(run_dir) / "error.txt", failure_report(run_dir, message) + "\n")
+    print(f"error: {reason}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
+
+
+def _meet(store, world_size: int) -> None:
+    """Wait, without a time limit, until every rank has arrived (the group's own connect is bounded)."""
+    store.add("arrived", 1)
+    while int(store.add("arrived", 0)) < world_size:
+        time.sleep(0.05)
+
+
+def _init_group(p: Placement, timeout_minutes: float, run_dir: Path) -> PeerWatch:
+    """A process group for one job, on a fresh key prefix of the launcher's store, and its watch.
 
     Re-initialising on the same prefix after a failed job could read the old group's addresses;
     a per-job prefix costs nothing. Every rank runs the same jobs in the same order, so the
@@ -340,27 +497,40 @@ def _init_group(p: Placement) -> None:
     if _store is None:
         _store, _, _ = next(dist.rendezvous("env://", p.rank, p.world_size))
     _groups_started += 1
+    prefix = f"mlm-job-{_groups_started}/"
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(p.local_rank % torch.cuda.device_count())  # as Accelerate picks it (one GPU per task, or all)
         backend = "nccl"
-    dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-job-{_groups_started}/", _store), rank=p.rank,
-                            world_size=p.world_size, timeout=datetime.timedelta(minutes=30))
+    _meet(dist.PrefixStore(prefix + "meet/", _store), p.world_size)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, _store), rank=p.rank, world_size=p.world_size, timeout=timeout)
+    own = dist.TCPStore(_store.host, _store.port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    return PeerWatch(dist.PrefixStore(prefix + "watch/", own), p.rank, p.world_size, timeout.total_seconds(),
+                     functools.partial(_end_stuck, run_dir, p.rank)).start()
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if _watch is not None:
+        _watch.leave()
+    if dist.is_initialized():  # an abort has removed it already
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
-def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]:
+def job(run_dir: Path, device_slots: int = 0, owner: str = "", collective_timeout_minutes: float = 10) -> Iterator[dict]:
     """Around one job's training: its device and process group; a failure on any rank fails all.
 
-    Yields a dict with the job's "device" (a CUDA index or None) and "slot". On a failure, the
-    failing rank writes error-rank<r>.json (the main process folds it into error.txt) and tears the
-    group down, which ends the other ranks' pending collectives with an error, so every rank leaves
-    the job and none starts the next one alone. That holds for gloo (tested); NCCL collectives do
-    not notice a peer leaving and end only at the group's timeout, where NCCL's watchdog may stop
-    the process.
-    A rank that finished waits for all others in one last all-reduce.
+    Yields a dict with the job's "device" (a CUDA index or None) and "slot". A failing rank writes
+    error-rank<r>.json (the main process folds it into error.txt), publishes its failure on the
+    job's store and tears the group down. The others learn of it from their PeerWatch within a
+    second, whatever the backend (an NCCL collective does not notice a peer leaving), and raise
+    PeerFailed; a rank that stops answering for `collective_timeout_minutes` fails the job the same
+    way, named. A rank that finished waits for all others in one last all-reduce.
     """
-    global last_failure_time
+    global last_failure_time, _watch
     import torch
     import torch.distributed as dist
 
@@ -385,27 +555,32 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "") -> Iterator[dict]
         if p.world_size > 1:
             if dist.is_initialized():
                 dist.destroy_process_group()  # one left by code outside job(): this job gets its own
-            _init_group(p)
+            _watch = _init_group(p, collective_timeout_minutes, run_dir)
         try:
             yield info
+            if p.world_size > 1:
+                dist.all_reduce(torch.zeros(1, device=f"cuda:{info['device']}" if torch.cuda.is_available() else "cpu"))
+        except (Interrupted, SystemExit):  # a stop signal: every rank stopped after the same step and saved; no failure to pass on
+            if p.world_size > 1:
+                _leave_group()
+            raise
         except BaseException as e:
             last_failure_time = time.time()
             if p.world_size > 1:
-                if p.rank != 0:
-                    with contextlib.suppress(OSError):
-                        record = {"time": last_failure_time, "message": f"{type(e).__name__}: {e}"}
-                        (Path(run_dir) / f"error-rank{p.rank}.json").write_text(json.dumps(record))
-                dist.destroy_process_group()
+                cause = _watch.settle(e)
+                _record_failure(run_dir, p.rank, f"PeerFailed: {cause}" if cause else f"{type(e).__name__}: {e}")
+                if cause is None:
+                    from mlm import faults
+
+                    faults.hold_after_failure()
+                _leave_group()
+                if cause is not None:
+                    raise PeerFailed(cause) from None
             raise
         if p.world_size > 1:
-            flag = torch.zeros(1, device=f"cuda:{info['device']}" if torch.cuda.is_available() else "cpu")
-            try:
-                dist.all_reduce(flag)
-            except Exception as e:  # a peer tore the group down: it failed
-                raise PeerFailed(f"another rank of this job failed ({str(e).splitlines()[0][:160]})") from None
-            finally:
-                dist.destroy_process_group()
+            _leave_group()
     finally:
+        _watch = None
         os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
         if lease is not None:
             lease.release()
@@ -429,10 +604,34 @@ def failure_report(run_dir: Path, message: str) -> str:
     return "\n".join(m for _, m in sorted(entries))
 
 
+def _wait_for_key(key: str) -> None:
+    """Poll the job's store for `key`, with no time limit: a peer that fails (or goes silent) while
+    this rank waits ends the wait through the job's watch."""
+    while not _watch.has(key):
+        if _watch.reason is not None:
+            raise PeerFailed(_watch.reason)
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def cache_builders_first(accelerator) -> Iterator[None]:
     """Run the body on the global main process first, then on the first process of each other node,
     then everywhere: a shared disk gets the block cache built once, node-local disks once per node
-    (the cache's atomic rename settles any leftover race). Two barriers in all."""
-    with accelerator.main_process_first(), accelerator.local_main_process_first():
-        yield
+    (the cache's atomic rename settles any leftover race).
+
+    In a job() the waits are keys on the job's store, not barriers: building a large cache may take
+    longer than trainer.collective_timeout_minutes, which bounds collectives only."""
+    if _watch is None:  # one process, or a group made outside job(): Accelerate's two barriers
+        with accelerator.main_process_first(), accelerator.local_main_process_first():
+            yield
+        return
+    p = detect()
+    if p.rank != 0:
+        _wait_for_key("cache/main")
+    if p.local_rank != 0:
+        _wait_for_key(f"cache/node-{p.node_rank}")
+    yield
+    if p.rank == 0:
+        _watch.mark("cache/main")
+    if p.local_rank == 0:
+        _watch.mark(f"cache/node-{p.node_rank}")

@@ -4,6 +4,9 @@
     MLM_FAULT_CHECKPOINT_DELAY=<seconds>             hold every checkpoint write half-done that long
     MLM_TEST_FAIL=<job num>:<rank>:<step>            raise an error on one rank of one sweep job after that
                                                      step (a failure the other ranks must follow)
+    MLM_TEST_FAIL_HOLD=1                             that rank then keeps its process group open and sleeps
+                                                     instead of leaving: its peers see no connection close
+                                                     (as on NCCL), only the failure on the job's store
 
 Points (each marks a moment in a run's life; counts start at 1 in every process):
     startup     resume resolved and metrics truncated, before the first eval or step
@@ -75,3 +78,9 @@ def fail_after_step(job_num: int, rank: int, step: int) -> None:
     j, r, s = (int(x) for x in spec.split(":"))
     if (job_num, rank, step) == (j, r, s):
         raise RuntimeError(f"injected failure (MLM_TEST_FAIL={spec})")
+
+
+def hold_after_failure() -> None:
+    """With MLM_TEST_FAIL_HOLD set, a rank that failed never leaves its process group (until killed)."""
+    while os.environ.get("MLM_TEST_FAIL_HOLD"):
+        time.sleep(60)

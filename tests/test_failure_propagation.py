@@ -1,0 +1,149 @@
+"""A failed or silent rank ends every rank of its job, whatever the backend does (mlm.distributed.PeerWatch)."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, TINY_RUN, compose, sentences
+
+RUN = [*TINY_RUN, "trainer.mixed_precision=no", "trainer.per_device_batch_size=2", "trainer.eval_every=1000"]
+
+
+def torchrun(port: int, *args: str) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(ROOT / "run.py"), *args]
+
+
+@contextlib.contextmanager
+def launched(cmd: list, **kwargs):
+    """Popen in a session of its own: whatever happens (a timeout too), every process of the job is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(sentences(300)))
+    return path
+
+
+def test_collective_timeout_must_be_positive():
+    from mlm.config import UserError
+
+    cfg = compose([*TINY_RUN, "dataset.path=x.txt", "trainer.collective_timeout_minutes=0"])
+    with pytest.raises(UserError, match="trainer.collective_timeout_minutes=0"):
+        cfg.validate()
+
+
+def test_slurm_jobs_end_every_task_when_one_exits_with_an_error(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from mlm.cli import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    script = _make_sbatch_string(command="python run.py", folder=tmp_path, setup=list(cfg.hydra.launcher.setup))
+    lines = script.splitlines()
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert "export SLURM_KILL_BAD_EXIT=1" in lines[:srun]  # srun reads it: --kill-on-bad-exit
+
+
+@pytest.mark.slow
+def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(tmp_path):
+    # Rank 1 raises after step 2 and then, as MLM_TEST_FAIL_HOLD asks, never leaves its group: its
+    # sockets stay open, so rank 0's next gloo all-reduce does not end (as an NCCL one would not,
+    # whatever the failed rank does); the group's own timeout (30 min) is far beyond the subprocess's.
+    # Only the failure published on the job's store can end rank 0.
+    cmd = torchrun(29641, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=1000", "trainer.collective_timeout_minutes=30")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MLM_TEST_FAIL": "0:1:2", "MLM_TEST_FAIL_HOLD": "1"}
+    with launched(cmd, cwd=tmp_path, env=env) as proc:
+        _, err = proc.communicate(timeout=400)
+    assert proc.returncode != 0
+    assert "error: rank 1 failed (RuntimeError: injected failure (MLM_TEST_FAIL=0:1:2))" in err, err[-3000:]
+    [run] = (tmp_path / "outputs" / "runs").iterdir()
+    log = (run / "run.log").read_text()  # rank 0's: its watch ended it, not its collective
+    assert "rank 1 failed (RuntimeError: injected failure (MLM_TEST_FAIL=0:1:2)); ending the job" in log
+    assert "this rank is stuck in a collective that does not end; exiting" in log
+    error = (run / "error.txt").read_text().splitlines()
+    assert error[0] == "rank 1: RuntimeError: injected failure (MLM_TEST_FAIL=0:1:2)"  # the cause first
+    assert error[1].startswith("PeerFailed: rank 1 failed")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert max(steps) <= 2 and not (run / "results.json").exists()
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    raise LookupError(f"no process of rank {rank}")
+
+
+def wait_for_step(run_parent: Path, step: int, launcher: subprocess.Popen) -> None:
+    while launcher.poll() is None:
+        for metrics in run_parent.glob("*/metrics.jsonl"):
+            if any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line.endswith("}")):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"the run ended before step {step}: {launcher.communicate()[1][-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_and_ends_the_job(tmp_path):
+    # SIGSTOP: the process stays, its sockets stay open, the torchrun agent sees it alive; only its
+    # heartbeat on the store stops.
+    cmd = torchrun(29643, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=100000", "trainer.collective_timeout_minutes=0.5")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    with launched(cmd, cwd=tmp_path, env=env) as launcher:
+        wait_for_step(tmp_path / "outputs" / "runs", 3, launcher)
+        rank_process(launcher, 1).send_signal(signal.SIGSTOP)
+        _, err = launcher.communicate(timeout=400)
+    assert launcher.returncode != 0
+    assert "PeerFailed: rank 1 went silent: no heartbeat for" in err, err[-3000:]
+    [run] = (tmp_path / "outputs" / "runs").iterdir()
+    assert "rank 1 went silent: no heartbeat for" in (run / "run.log").read_text()  # rank 0's log says why it ended
+
+
+CACHE_JOB = """
+import os, sys, time
+from pathlib import Path
+import torch
+from accelerate import PartialState
+from mlm import distributed
+run_dir, rank = Path(sys.argv[1]), int(os.environ["RANK"])
+with distributed.job(run_dir, collective_timeout_minutes=0.2):
+    with distributed.cache_builders_first(PartialState()):
+        if rank == 0:
+            time.sleep(25)  # a block cache that takes longer than the collective timeout (12 s)
+        with open(run_dir / "order", "a") as f:
+            f.write(f"{rank}\\n")
+    torch.distributed.all_reduce(torch.ones(1))
+"""
+
+
+@pytest.mark.slow
+def test_building_the_cache_is_not_bounded_by_the_collective_timeout(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29645", "PYTHONPATH": str(ROOT)}
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(launched([sys.executable, "-c", CACHE_JOB, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+                 for r in range(2)]
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert (tmp_path / "order").read_text() == "0\n1\n"  # rank 1 built after rank 0, and waited for it
