@@ -154,7 +154,11 @@ def verify(path: Path) -> Optional[str]:
         if not isinstance(record, dict):
             log.warning("%s was written before checkpoints kept content hashes: checked by file sizes only", path)
             return None
-        if file_record(path / name)["sha256"] != record["sha256"]:
+        try:
+            digest = file_record(path / name)["sha256"]
+        except OSError as e:  # EIO, a stale NFS handle: as unusable as a changed file
+            return f"{name} cannot be read ({e.strerror or e})"
+        if digest != record["sha256"]:
             return f"{name} changed after it was written (its SHA-256 differs from {MANIFEST})"
     return None
 
@@ -232,11 +236,17 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
 
 def load_newest(resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any]], accelerator) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """Resume from the newest checkpoint that verifies and loads on every process: (its path, what `load` returned),
-    or (None, None) to start fresh. One that fails either way is set aside by the main process and the next older one tried."""
+    or (None, None) to start fresh. The main process alone verifies and sets bad ones aside; the others take its choice.
+
+    One that verifies but fails to load is set aside too and the next older one tried; when none is
+    left after such a failure the run stops (UserError) rather than start fresh over half-loaded state."""
+    failed = None
     while True:
-        with accelerator.main_process_first():  # the main process sets bad ones aside before the others look
-            path = resolve_resume(resume, run_dir)
+        path = agreed(accelerator, resolve_resume(resume, run_dir) if accelerator.is_main_process else None)
         if path is None:
+            if failed:
+                raise UserError(f"no checkpoint in {run_dir} loads ({failed}); they are in {Path(run_dir) / 'checkpoints'}/corrupt-ckpt-*, "
+                                "or resume=never to start over")
             return None, None
         error, saved = None, None
         try:
@@ -247,12 +257,24 @@ def load_newest(resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any
             error = e
         if not any_process(accelerator, error is not None):
             return path, saved
+        failed = f"{path.name}: {type(error).__name__}: {str(error)[:200]}" if error else f"{path.name} failed to load on another process"
         if resume != "auto":
-            raise UserError(f"resume={resume!r}: the checkpoint failed to load ({type(error).__name__}: {error}); pick another checkpoint")
+            raise UserError(f"resume={resume!r}: the checkpoint failed to load ({failed}); pick another checkpoint")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            set_aside(path, f"failed to load ({type(error).__name__}: {str(error)[:200]})" if error else "failed to load on another process")
+            set_aside(path, f"failed to load ({failed})")
         accelerator.wait_for_everyone()
+
+
+def agreed(accelerator, value):
+    """The main process's `value` on every process (a broadcast when there are several)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def any_process(accelerator, flag: bool) -> bool:

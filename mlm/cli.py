@@ -80,7 +80,7 @@ def job_info(cfg_hydra) -> dict:
 NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
                "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
                "trainer.reuse_host_memory", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
-               "trainer.keep_checkpoints")
+               "trainer.keep_checkpoints", "trainer.collective_timeout_minutes", "trainer.device_slots")
 
 
 def changed_settings(saved: dict, settings: dict) -> List[str]:
@@ -165,10 +165,12 @@ def guard(run_dir: Path, cfg) -> Optional[dict]:
     """Before anything of ours is written: take the run dir's lock (main process; RunDirLocked if another
     run holds it), refuse a resume with other settings, and return the results if the run is already finished. Every rank reads the same
     results.json and so decides the same: a rank that went on alone would wait for the others forever."""
-    if is_main_process():
-        from mlm.runlock import lock_run_dir
+    from mlm.runlock import lock_run_dir, refuse_foreign
 
+    if is_main_process():
         lock_run_dir(run_dir)
+    else:  # the same verdict as the main process's lock_run_dir, which refuses a foreign dir before it writes run.lock
+        refuse_foreign(run_dir)
     settings = flat_settings(cfg)
     results = finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
     if results is None:

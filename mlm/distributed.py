@@ -260,19 +260,20 @@ class DeviceLease:
     def release(self) -> None:
         if self._fd is None:
             return
-        if self.names[self.slot].startswith("cuda-"):
-            _free_cuda_cache()
-        # the history of who held which slot when (lease.jsonl): for the tests, and for "which job used GPU 3"
-        record = {"slot": self.slot, "name": self.names[self.slot], "acquired": self._since, "released": time.time(),
-                  "pid": os.getpid(), "owner": self.owner}
         try:
+            if self.names[self.slot].startswith("cuda-"):
+                _free_cuda_cache()
+            # the history of who held which slot when (lease.jsonl): for the tests, and for "which job used GPU 3"
+            record = {"slot": self.slot, "name": self.names[self.slot], "acquired": self._since, "released": time.time(),
+                      "pid": os.getpid(), "owner": self.owner}
             with os.fdopen(_open_own(self.dir / "lease.jsonl", os.O_WRONLY | os.O_APPEND), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        except UserError as e:  # the slot is released all the same
-            log.warning("%s", e)
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+        except (UserError, OSError, RuntimeError) as e:  # a symlink planted, a full /tmp, a sticky CUDA error: the slot is released all the same
+            log.warning("device slot %s: %s", self.names[self.slot], e)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def slot_names(device_slots: int) -> List[str]:

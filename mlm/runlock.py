@@ -92,8 +92,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UserError(f"the run directory {self.run_dir} is a file; give the run a directory (hydra.run.dir=...)")
-        if not self.path.exists():
-            refuse_foreign(self.run_dir)
+        refuse_foreign(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -154,7 +153,8 @@ HYDRA_OWN = (".hydra", "multirun.yaml")  # what Hydra writes into a directory be
 def refuse_foreign(run_dir: Path) -> None:
     """The lock file marks a directory as a run's. One without it that holds anything but Hydra's own
     files is someone else's folder: refused before anything in it is touched or deleted."""
-    if not run_dir.is_dir():
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / LOCK_FILE).exists():
         return
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRA_OWN and not p.name.endswith(".log"))
     if foreign:

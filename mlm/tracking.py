@@ -256,6 +256,7 @@ class SafeTrackers:
 
     def __init__(self, trackers: List[Any]):
         self.trackers = trackers
+        self.record = trackers[0]  # metrics.jsonl: the run's own record, kept even if _each drops it
 
     @property
     def run_id(self) -> Optional[str]:
@@ -264,12 +265,12 @@ class SafeTrackers:
     @property
     def failure(self) -> Optional[Exception]:
         """Why metrics.jsonl could not be written (the run's own record: the run must stop), or None."""
-        return self.trackers[0].failure
+        return self.record.failure
 
     @property
     def unwritten(self) -> List[Dict[str, Any]]:
         """metrics.jsonl records not written yet (a checkpoint carries them to the resumed run)."""
-        return self.trackers[0].unwritten
+        return self.record.unwritten
 
     def _each(self, method: str, *args) -> None:
         for t in list(self.trackers):

@@ -12,7 +12,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -98,10 +98,12 @@ class LogWindow:
         return metrics
 
 
-def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Path) -> None:
+def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Path, main: bool) -> None:
     """A non-finite step: stop (default), or with on_nonfinite=skip drop it and keep the schedule in step."""
     state.skipped_steps += 1
     if tcfg.on_nonfinite == "stop" or state.skipped_steps > tcfg.max_skipped_steps:
+        if not main:  # every rank stops here; the main process's message (it hashes the checkpoints) is the one shown
+            raise NonFiniteLoss(f"non-finite training loss at step {state.step + 1} ({error})") from None
         good = checkpoint.newest_verified(run_dir)
         raise NonFiniteLoss(
             f"non-finite training loss at step {state.step + 1} ({error}); "
@@ -169,11 +171,11 @@ class StepResult:
     masked: int  # this process's masked tokens
     grad_norm: torch.Tensor  # global gradient norm before clipping (on the device)
     overflow: bool = False  # fp16: the loss scaler found inf/NaN gradients and skipped the update
-    stop: bool = False  # some process asked to stop after this step (a signal, an unwritable metrics file)
+    stop: Optional[str] = None  # why some process asked to stop after this step: "metrics" (unwritable) or "signal"
 
 
 def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, torch.Tensor]], accelerator, max_grad_norm: float,
-               layout=Replicated(), stop: bool = False) -> StepResult:
+               layout=Replicated(), stops: Tuple[bool, bool] = (False, False)) -> StepResult:
     """One optimizer step over micro-batches.
 
     The loss is normalised by the number of masked tokens in the whole global batch (all
@@ -182,16 +184,16 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
 
     Host syncs: one per step (the finite check below). Under an fp16 loss scaler an overflow is not a
     failure but the scaler's normal signal: the update is skipped and the scale backs off.
-    `stop` (this process wants to stop after this step) rides on the same all-reduce, so every process
-    learns it at that one host read.
+    `stops` (this process wants to stop after this step: for an unwritable metrics file, for a signal)
+    ride on the same all-reduce, so every process learns them, and the reason, at that one host read.
     """
     n_local = sum(int(b["masked_positions"].numel()) for b in micro_batches)
-    stops = torch.tensor(float(stop))
+    wanted = torch.tensor([float(s) for s in stops])
     if accelerator.num_processes > 1:  # one tiny all-reduce per step: the price of exact normalisation
-        totals = accelerator.reduce(torch.tensor([float(n_local), float(stop)], dtype=torch.float64, device=accelerator.device), reduction="sum")
+        totals = accelerator.reduce(torch.tensor([float(n_local), *wanted.tolist()], dtype=torch.float64, device=accelerator.device), reduction="sum")
         # DDP and FSDP average gradients over processes; undo that. Stays on the device: no host wait.
         scale = (accelerator.num_processes / totals[:1].clamp(min=1)).float()
-        stops = totals[1]
+        wanted = totals[1:]
     else:
         scale = 1.0 / max(n_local, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -203,8 +205,9 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
         loss_sum += micro_loss.detach()
     # unscales first under a loss scaler, so the norm is that of the true gradients
     grad_norm = layout.grad_norm(accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf")))
-    # the one host read of a step (three scalars at once): it keeps a NaN out of the weights
-    loss_value, norm_value, stop_value = torch.stack([loss_sum.float(), grad_norm.float(), stops.to(loss_sum.device).float()]).tolist()
+    # the one host read of a step (four scalars at once): it keeps a NaN out of the weights
+    loss_value, norm_value, metrics_stop, signal_stop = torch.cat(
+        [torch.stack([loss_sum.float(), grad_norm.float()]), wanted.to(loss_sum.device).float()]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     # Under a scaler, non-finite unscaled gradients are exactly what its found-inf check sees: it
     # skips the update (also inside fused kernels, where Accelerate's step_was_skipped stays False).
@@ -216,7 +219,7 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
     if not overflow:  # the schedule follows the updates, as Accelerate's scheduler wrapper does
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, n_local, grad_norm, overflow, stop_value > 0)
+    return StepResult(loss_sum, n_local, grad_norm, overflow, "metrics" if metrics_stop else "signal" if signal_stop else None)
 
 
 def check_loss_scale(scaler) -> None:
@@ -383,9 +386,9 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 micro = [next(batches) for _ in range(order.accumulation)]
                 try:
                     result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout,
-                                        stop=stop.signum is not None or tracker.failure is not None)
+                                        stops=(tracker.failure is not None, stop.signum is not None))
                 except NonFiniteLoss as e:
-                    skip_step(state, scheduler, tcfg, e, run_dir)
+                    skip_step(state, scheduler, tcfg, e, run_dir, main)
                     continue
                 state.step += 1
                 faults.reached("step")
@@ -420,7 +423,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 elif result.stop:
                     save(state.step)
                 if result.stop:
-                    stop_with_checkpoint(stop, tracker, run_dir, state.step)
+                    stop_with_checkpoint(result.stop, stop, tracker, run_dir, state.step)
         bar.close()
 
         # 5. final eval, checkpoint, model, results. A rerun after a kill in this phase resumes from
@@ -431,8 +434,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             final = run_eval()
             state.final_eval_step = state.step
             save(state.step)
-        if tracker.failure is not None:  # the final checkpoint carries the records that could not be written
-            stop_with_checkpoint(stop, tracker, run_dir, state.step)
+        if checkpoint.any_process(accelerator, tracker.failure is not None):  # the final checkpoint carries the unwritten records
+            stop_with_checkpoint("metrics", stop, tracker, run_dir, state.step)
         results = {
             "eval_loss": final["eval/loss"],
             "perplexity": final["eval/perplexity"],
@@ -472,12 +475,14 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         tracker.finish()
 
 
-def stop_with_checkpoint(stop: StopSignals, tracker, run_dir: Path, step: int) -> None:
-    """After the checkpoint of `step`: end the run for an unwritable metrics file (a UserError) or a stop signal (Interrupted)."""
+def stop_with_checkpoint(reason: str, stop: StopSignals, tracker, run_dir: Path, step: int) -> None:
+    """After the checkpoint of `step`, on every process: end the run for an unwritable metrics file (a UserError)
+    or a stop signal (Interrupted)."""
     written = Path(run_dir) / "checkpoints" / f"ckpt-{step:08d}"
-    if tracker.failure is not None:
-        raise UserError(f"{write_error('metrics', Path(run_dir) / 'metrics.jsonl', tracker.failure)}; "
-                        f"stopped after step {step} with checkpoint {written}, which keeps the unwritten records") from tracker.failure
+    if reason == "metrics":
+        path = Path(run_dir) / "metrics.jsonl"
+        cause = write_error("metrics", path, tracker.failure) if tracker.failure else f"the main process cannot write {path}"
+        raise UserError(f"{cause}; stopped after step {step} with checkpoint {written}, which keeps the unwritten records")
     stop.hand_on()  # submitit's handler requeues the job and exits here
     raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}; checkpoint {written} written; "
                                    "run the same command again to resume")

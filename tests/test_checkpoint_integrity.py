@@ -77,3 +77,36 @@ def test_an_older_manifest_without_hashes_still_resumes(tmp_path, caplog):
     (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     assert checkpoint.resolve_resume("auto", tmp_path) == path
     assert "checked by file sizes only" in caplog.text
+
+
+class OneProcess:
+    """What load_newest needs of an Accelerator, for one process."""
+
+    num_processes, is_main_process = 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_checkpoints_that_verify_but_fail_to_load_are_tried_newest_first_then_refused(tmp_path):
+    """No fresh start after a failed load: the model and optimizer may hold half of that checkpoint."""
+    for step in (2, 4):
+        make_checkpoint(tmp_path, step)
+    tried = []
+
+    def load(path):
+        tried.append(path.name)
+        if path.name == "ckpt-00000004":
+            raise RuntimeError("written wrong")
+        return {"step": 2}
+
+    assert checkpoint.load_newest("auto", tmp_path, load, OneProcess()) == (tmp_path / "checkpoints" / "ckpt-00000002", {"step": 2})
+    assert tried == ["ckpt-00000004", "ckpt-00000002"] and (tmp_path / "checkpoints" / "corrupt-ckpt-00000004").is_dir()
+
+    def never(path):
+        raise RuntimeError("a bug in loading")
+
+    with pytest.raises(UserError, match="no checkpoint in .* loads \\(ckpt-00000002: RuntimeError: a bug in loading\\)"):
+        checkpoint.load_newest("auto", tmp_path, never, OneProcess())
+    assert checkpoint.list_checkpoints(tmp_path) == []  # set aside, not deleted
+    assert checkpoint.load_newest("auto", tmp_path / "empty", never, OneProcess()) == (None, None)  # nothing there: a fresh start
