@@ -286,7 +286,8 @@ def check_failing_rank(ctx) -> tuple:
               + (f"finished on {processes} processes" if processes else "did not finish"))
     if rc is None:
         return f"{result}; processes still running after {s:.0f} s (killed)", "FAIL"
-    return f"{result}; torchrun exited {rc} after {s:.0f} s", "ok" if rc == 0 and error.startswith("rank 1:") and processes == 2 else "FAIL"
+    # exit 1: a multirun with a failed job says so in its exit status, after job 1 ran
+    return f"{result}; torchrun exited {rc} after {s:.0f} s", "ok" if rc == 1 and error.startswith("rank 1:") and processes == 2 else "FAIL"
 
 
 CHECKS = dict(zip(ROWS, (check_auto_precision, check_fp16, check_syncs, check_throughput, check_parallel,

@@ -80,15 +80,28 @@ def job_info(cfg_hydra) -> dict:
 NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
                "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
                "trainer.reuse_host_memory", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
-               "trainer.keep_checkpoints", "trainer.collective_timeout_minutes", "trainer.device_slots")
+               "trainer.keep_checkpoints", "trainer.collective_timeout_minutes", "trainer.device_slots",
+               "trainer.per_device_batch_size", "trainer.gradient_accumulation_steps")  # these two: their product x processes (the global batch) is compared
 
 
-def changed_settings(saved: dict, settings: dict) -> List[str]:
-    """The result-affecting settings that differ between a run's saved flat config and this one's, as 'key=old there, new now'."""
+def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int]) -> List[str]:
+    """The result-affecting settings that differ between a run's saved flat config (trained on `saved_processes`)
+    and this one's, as 'key=old there, new now'. The batch split may change, the global batch may not."""
     # a stream's shards (and so its data order) depend on the dataloader workers
     ignored = tuple(k for k in NOT_RESULTS if not (k == "trainer.num_workers" and settings.get("dataset.streaming")))
     differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
-    return [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
+    shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
+    before, now = global_batch(saved, saved_processes), global_batch(settings, detect().world_size)
+    if before and now and before != now:
+        shown.append(f"global batch (per_device_batch_size x gradient_accumulation_steps x processes)={before} there, {now} now")
+    return shown
+
+
+def global_batch(flat: dict, processes: Optional[int]) -> Optional[int]:
+    try:
+        return int(flat["trainer.per_device_batch_size"]) * int(flat["trainer.gradient_accumulation_steps"]) * int(processes)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:
@@ -111,7 +124,7 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
             return None  # another budget: resume and train on (as with more max_steps)
     elif max_steps > 0 and results.get("steps") != max_steps:
         return None
-    differ = changed_settings(saved, settings)
+    differ = changed_settings(saved, settings, results.get("processes"))
     if differ:
         raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); "
                         "give this run its own directory, or resume=never to replace that one")
@@ -136,7 +149,7 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
         saved, step = state["config"], int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable (resume then sets it aside) or written before configs were saved
-    differ = changed_settings(saved, settings)
+    differ = changed_settings(saved, settings, state.get("world_size"))
     if differ:
         raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); resume with the same "
                         "settings, give this run its own directory, or resume=never to start over")

@@ -94,12 +94,17 @@ def test_only_result_affecting_settings_block_a_resume(tmp_path):
     ckpt = tmp_path / "checkpoints" / "ckpt-00000004"
     ckpt.mkdir(parents=True)
     settings = {"optimizer.lr": 0.001, "block_size": 32, "seed": 1, "dataset.path": "a.txt", "trainer.max_steps": 8,
-                "trainer.eval_every": 2, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.checkpoint_every": 2}
-    (ckpt / "state.json").write_text(json.dumps({"step": 4, "config": settings}))
+                "trainer.eval_every": 2, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.checkpoint_every": 2,
+                "trainer.per_device_batch_size": 4, "trainer.gradient_accumulation_steps": 1}
+    (ckpt / "state.json").write_text(json.dumps({"step": 4, "config": settings, "world_size": 1}))
     (ckpt / "manifest.json").write_text(json.dumps({"step": 4, "files": {"state.json": (ckpt / "state.json").stat().st_size}}))
     allowed = {**settings, "trainer.eval_every": 3, "trainer.log_every": 5, "trainer.num_workers": 2, "trainer.checkpoint_every": 1,
                "trainer.max_steps": 20}
     check_resume_settings(tmp_path, "auto", 20, allowed)  # cadence, workers, more steps: allowed
+    split = {**settings, "trainer.per_device_batch_size": 2, "trainer.gradient_accumulation_steps": 2}
+    check_resume_settings(tmp_path, "auto", 8, split)  # the same global batch, split otherwise (e.g. on other processes)
+    with pytest.raises(UserError, match=r"global batch \(per_device_batch_size x gradient_accumulation_steps x processes\)=4 there, 8 now"):
+        check_resume_settings(tmp_path, "auto", 8, {**settings, "trainer.per_device_batch_size": 8})
     check_resume_settings(tmp_path, "never", 8, {**settings, "optimizer.lr": 1.0})  # starting over: nothing to compare
     changed = {**settings, "optimizer.lr": 0.002, "block_size": 64, "seed": 2, "dataset.path": "b.txt"}
     with pytest.raises(UserError) as err:
