@@ -132,7 +132,8 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
 
 
 def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> None:
-    """Refuse to resume an unfinished run with result-affecting settings changed (UserError naming each one).
+    """Refuse to resume an unfinished run with result-affecting settings changed (UserError naming each one);
+    with resume=<checkpoint path> (a branch the user asked for) only warn.
 
     Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
     its content is verified later, before loading). Checkpoints without a saved config (older
@@ -150,7 +151,9 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable (resume then sets it aside) or written before configs were saved
     differ = changed_settings(saved, settings, state.get("world_size"))
-    if differ:
+    if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
+        log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
+    elif differ:
         raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); resume with the same "
                         "settings, give this run its own directory, or resume=never to start over")
     if 0 < max_steps < step:

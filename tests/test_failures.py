@@ -87,7 +87,7 @@ def test_a_folder_this_harness_did_not_make_is_refused_untouched(corpus, tmp_pat
     assert sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before  # no lock, no .hydra, nothing deleted
 
 
-def test_only_result_affecting_settings_block_a_resume(tmp_path):
+def test_only_result_affecting_settings_block_a_resume(tmp_path, caplog):
     from mlm.cli import check_resume_settings
     from mlm.config import UserError
 
@@ -112,6 +112,8 @@ def test_only_result_affecting_settings_block_a_resume(tmp_path):
     assert str(err.value) == (f"{ckpt} was trained with other settings (block_size=32 there, 64 now; dataset.path='a.txt' there, "
                               "'b.txt' now; optimizer.lr=0.001 there, 0.002 now; seed=1 there, 2 now); resume with the same settings, "
                               "give this run its own directory, or resume=never to start over")
+    check_resume_settings(tmp_path, str(ckpt), 8, changed)  # a checkpoint named by hand: a branch, warned about, not refused
+    assert f"resuming {ckpt} with other settings: block_size=32 there, 64 now" in caplog.text
     with pytest.raises(UserError, match="trainer.max_steps=3 is below the 4 steps"):
         check_resume_settings(tmp_path, "auto", 3, {**settings, "trainer.max_steps": 3})
 
