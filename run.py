@@ -4,10 +4,13 @@ Hydra composes conf/ -> one typed Config -> mlm.train.train() in the job's run d
 See README.md for the config groups and common overrides.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from mlm.cli import register, run_job
+from mlm.cli import check_override_keys, register, run_job
+from mlm.config import UserError
 
 register()
 
@@ -18,4 +21,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        check_override_keys(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for run.py")
     args = parser.parse_args()
     cfg = compose(args.overrides)
-    cfg.trainer.mixed_precision = "no"
+    cfg.runtime.mixed_precision = "no"
     accelerator = make_accelerator(cfg)
     model, _ = build_model(cfg.model, cfg.block_size, cfg.seed)
     optimizer = build_optimizer(model, cfg.optimizer)

@@ -9,9 +9,9 @@ count mlm.cli.compose + mlm.train.train in this process. Correctness rows use th
 (model=tiny trainer=debug, block 32) on a generated text corpus; only the throughput row runs
 the default-sized benchmark (benchmarks/train_throughput.py).
 
-  auto precision        trainer.mixed_precision=auto: what it resolved to (results.json) against
+  auto precision        runtime.mixed_precision=auto: what it resolved to (results.json) against
                         what this device runs natively (mlm.train.native_bf16)
-  fp16 loss scale       trainer.mixed_precision=fp16: the last train/loss_scale in metrics.jsonl and
+  fp16 loss scale       runtime.mixed_precision=fp16: the last train/loss_scale in metrics.jsonl and
                         results.json's overflow_steps (CPU too: the harness attaches a GradScaler)
   syncs per step        CUDA: train() in this process under torch.cuda.set_sync_debug_mode("warn"),
                         2 and 12 steps; (warnings of the 12-step run - those of the 2-step run) / 10
@@ -24,9 +24,9 @@ the default-sized benchmark (benchmarks/train_throughput.py).
   parallel jobs         run.py -m hydra/launcher=parallel hydra.launcher.n_jobs=2: the slots in
                         lease.jsonl (MLM_LEASE_DIR) never shared by two running jobs; on CUDA also
                         the device memory in use after the sweep against before (torch.cuda.mem_get_info)
-  compile recompiles    CUDA: trainer.compile=true with TORCH_LOGS=recompiles; the recompiles logged
+  compile recompiles    CUDA: runtime.compile=true with TORCH_LOGS=recompiles; the recompiles logged
                         and whether torch._dynamo's recompile limit was hit (then it falls back to eager)
-  DDP vs FSDP           2+ GPUs: torchrun --nproc_per_node 2 with trainer.sharding=none and fsdp, fp32,
+  DDP vs FSDP           2+ GPUs: torchrun --nproc_per_node 2 with runtime.sharding=none and fsdp, fp32,
                         dropout 0: the same perplexity (relative 1e-3, as the CPU test asks)
   failing rank (NCCL)   2+ GPUs: a 2-job sweep under torchrun --nproc_per_node 2 with MLM_TEST_FAIL=0:1:3
                         (job 0 fails on rank 1 after step 3): job 0 must fail on both ranks and job 1 run;
@@ -145,7 +145,7 @@ def check_auto_precision(ctx) -> tuple:
     from mlm.train import native_bf16
 
     run_dir = ctx["work"] / "auto"
-    rc, _, err, s = run_py([*ctx["tiny"], "trainer.mixed_precision=auto", f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left())
+    rc, _, err, s = run_py([*ctx["tiny"], "runtime.mixed_precision=auto", f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left())
     if rc != 0:
         return failed(rc, err, s), "FAIL"
     r = results(run_dir)
@@ -157,7 +157,7 @@ def check_auto_precision(ctx) -> tuple:
 
 def check_fp16(ctx) -> tuple:
     run_dir = ctx["work"] / "fp16"
-    rc, _, err, s = run_py([*ctx["tiny"], "trainer.mixed_precision=fp16", f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left())
+    rc, _, err, s = run_py([*ctx["tiny"], "runtime.mixed_precision=fp16", f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left())
     if rc != 0:
         return failed(rc, err, s), "FAIL"
     r = results(run_dir)
@@ -215,7 +215,7 @@ def check_throughput(ctx) -> tuple:
 
 def check_parallel(ctx) -> tuple:
     sweep, leases = ctx["work"] / "parallel", ctx["work"] / "leases"
-    slots = [] if ctx["cuda"] else ["trainer.device_slots=2", "trainer.num_threads=1"]  # on CUDA the slots are the GPUs
+    slots = [] if ctx["cuda"] else ["runtime.device_slots=2", "runtime.num_threads=1"]  # on CUDA the slots are the GPUs
     used_before = used_mib() if ctx["cuda"] else None
     rc, _, err, s = run_py(["-m", *ctx["tiny"], "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *slots,
                             "optimizer.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep}"],
@@ -247,7 +247,7 @@ def used_mib() -> float:
 
 def check_compile(ctx) -> tuple:
     run_dir = ctx["work"] / "compile"
-    rc, _, err, s = run_py([*ctx["tiny"], "trainer.compile=true", f"hydra.run.dir={run_dir}"],
+    rc, _, err, s = run_py([*ctx["tiny"], "runtime.compile=true", f"hydra.run.dir={run_dir}"],
                            {**ctx["env"], "TORCH_LOGS": "recompiles"}, ctx["budget"].left())
     if rc != 0:
         return failed(rc, err, s), "FAIL"
@@ -263,7 +263,7 @@ def check_ddp_fsdp(ctx) -> tuple:
     ppl = {}
     for sharding in ("none", "fsdp"):
         run_dir = ctx["work"] / f"shard-{sharding}"
-        rc, _, err, s = run_py([*ctx["tiny"], "model.dropout=0", "trainer.mixed_precision=no", f"trainer.sharding={sharding}",
+        rc, _, err, s = run_py([*ctx["tiny"], "model.dropout=0", "runtime.mixed_precision=no", f"runtime.sharding={sharding}",
                                 f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left(), torchrun=2)
         if rc != 0:
             return f"sharding={sharding}: {failed(rc, err, s)}", "FAIL"

@@ -18,10 +18,10 @@ clipping at 1.0:
                    and one dense step of this model takes minutes; the JSON then lists it under "skipped".
   harness          mlm.models.MLMObjective(sparse=True) + mlm.optim.build_optimizer (fused AdamW) +
                    mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision=P), and
-                   mlm.allocator.reuse_host_memory() (trainer.reuse_host_memory, on by default): the
-                   harness's defaults, where P is what trainer.mixed_precision=auto picks on this
+                   mlm.allocator.reuse_host_memory() (runtime.reuse_host_memory, on by default): the
+                   harness's defaults, where P is what runtime.mixed_precision=auto picks on this
                    machine (bf16 where native, else fp32).
-  harness_compile  (only with --compile) the harness with model.base_model.compile(), as trainer.compile=true does.
+  harness_compile  (only with --compile) the harness with model.base_model.compile(), as runtime.compile=true does.
   harness_fast_dropout  (only with --fast-dropout) the harness with trainer.fast_dropout=true (off by
                    default: other random numbers than torch's dropout, so other results).
 
@@ -354,12 +354,12 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     from mlm.train import train_step
 
     accelerator = Accelerator(mixed_precision="bf16" if s["harness_precision"] == "bf16" else "no")
-    reuse_host_memory()  # trainer.reuse_host_memory, on by default in mlm.train
+    reuse_host_memory()  # runtime.reuse_host_memory, on by default in mlm.train
     if variant == "harness_fast_dropout":
         use_fast_dropout(model)
     objective = MLMObjective(model, sparse=True)
     if variant == "harness_compile":
-        model.base_model.compile()  # in place, as mlm.train does with trainer.compile=true
+        model.base_model.compile()  # in place, as mlm.train does with runtime.compile=true
     # the harness's optimizer builder; Adam betas/eps set to the Trainer's so the learning check compares like with like
     opt_cfg = OptimizerConfig(lr=s["lr"], weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, impl="auto")
     optimizer = build_optimizer(objective, opt_cfg)
@@ -580,7 +580,7 @@ def main(argv=None) -> int:
     from mlm.train import native_bf16
 
     bf16_native = native_bf16("cpu")
-    harness_precision = "bf16" if bf16_native else "fp32"  # what trainer.mixed_precision=auto picks here
+    harness_precision = "bf16" if bf16_native else "fp32"  # what runtime.mixed_precision=auto picks here
     precision = {**TRAINER_PRECISION, "harness": harness_precision, "harness_compile": harness_precision,
                  "harness_fast_dropout": harness_precision}
     probed = ("fp32", "bf16") if bf16_native else ("fp32",)

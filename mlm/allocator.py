@@ -1,4 +1,4 @@
-"""Host memory reuse between training steps (`trainer.reuse_host_memory`, glibc only).
+"""Host memory reuse between training steps (`runtime.reuse_host_memory`, glibc only).
 
 glibc serves allocations above a threshold (128 KB, adapting up to 32 MB) with fresh mmaps and
 hands freed memory back to the OS. A CPU training step allocates and frees the same large
@@ -27,7 +27,7 @@ def reuse_host_memory() -> bool:
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # glibc only: other C libraries have other knobs
     except (OSError, AttributeError):
-        log.info("trainer.reuse_host_memory: not a glibc system, allocator left as it is")
+        log.info("runtime.reuse_host_memory: not a glibc system, allocator left as it is")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

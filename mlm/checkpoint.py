@@ -3,7 +3,7 @@
 A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding
   model.safetensors   the model's weights (tied weights stored once)
   optimizer.pt        optimizer state (read back with torch.load(weights_only=True))
-    or sharded/       with trainer.sharding=fsdp: model and optimizer shards of every rank
+    or sharded/       with runtime.sharding=fsdp: model and optimizer shards of every rank
                       (torch.distributed.checkpoint; loadable onto another number of processes)
   scheduler.pt, scaler.pt
   rng-<rank>.json     python, numpy and torch RNG states of each process

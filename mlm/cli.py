@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import difflib
 import logging
 import os
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mlm.config import Config, UserError, register_configs
+from mlm.config import MOVED, REMOVED, Config, UserError, register_configs
 from mlm.distributed import detect, is_main_process, launch_name
 from mlm.files import atomic_write_text
+from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir
 
 log = logging.getLogger("mlm")
 
@@ -50,6 +52,43 @@ def register() -> None:
     OmegaConf.register_new_resolver("mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True)
 
 
+GROUPS = ("dataset", "model", "masking", "optimizer", "scheduler", "trainer", "tracker", "experiment", "hparams_search")
+
+
+def schema_keys(node=Config, prefix: str = "") -> Dict[str, bool]:
+    """Every key of the typed config as a dotted path -> whether free-form keys may follow it (a Dict field)."""
+    keys = {}
+    for f in dataclasses.fields(node):
+        path = prefix + f.name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.update(schema_keys(type(default), path + "."))
+        else:
+            keys[path] = isinstance(default, dict)
+    return keys
+
+
+def check_override_keys(args: List[str]) -> None:
+    """Command-line overrides name real keys: a misspelled, moved or removed key gets one line (UserError)
+    naming the key to use, before Hydra (whose advice, `+key=value`, is wrong for a typed config)."""
+    keys = schema_keys()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in GROUPS or "/" in key or key.split(".")[0] == "hydra" or key in keys:
+            continue
+        if any(free and key.startswith(path + ".") for path, free in keys.items()):
+            continue  # model.arch.<any config field>
+        if key in MOVED:
+            raise UserError(f"{key} is now {MOVED[key]}: {arg.replace(key, MOVED[key], 1)}")
+        if key in REMOVED:
+            raise UserError(f"{key} was removed (measured and not taken; docs/experiments.md has the numbers)")
+        close = difflib.get_close_matches(key, list(keys) + list(GROUPS), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; python run.py --help lists the keys"
+        raise UserError(f"unknown config key {key!r}{hint}")
+
+
 def compose(overrides=()) -> Config:
     """The config `python run.py <overrides>` runs with (conf/ of this checkout, composed by Hydra), as the typed Config."""
     from hydra import compose as hydra_compose
@@ -73,127 +112,6 @@ def job_info(cfg_hydra) -> dict:
     }
 
 
-# Settings that change neither the weights nor the final metrics: a finished run asked again with
-# other values of these is still the same finished run, and an unfinished one may resume with them.
-# (max_steps and budget_minutes say how far to train: finished_results compares them with how far
-# the run got.) Every other setting changed is refused, so one run never mixes two configs.
-NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "trainer.num_workers", "trainer.num_threads",
-               "trainer.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
-               "trainer.reuse_host_memory", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
-               "trainer.keep_checkpoints", "trainer.collective_timeout_minutes", "trainer.device_slots",
-               "trainer.per_device_batch_size", "trainer.gradient_accumulation_steps")  # these two: their product x processes (the global batch) is compared
-
-
-def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int]) -> List[str]:
-    """The result-affecting settings that differ between a run's saved flat config (trained on `saved_processes`)
-    and this one's, as 'key=old there, new now'. The batch split may change, the global batch may not."""
-    # a stream's shards (and so its data order) depend on the dataloader workers
-    ignored = tuple(k for k in NOT_RESULTS if not (k == "trainer.num_workers" and settings.get("dataset.streaming")))
-    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
-    shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
-    before, now = global_batch(saved, saved_processes), global_batch(settings, detect().world_size)
-    if before and now and before != now:
-        shown.append(f"global batch (per_device_batch_size x gradient_accumulation_steps x processes)={before} there, {now} now")
-    return shown
-
-
-def global_batch(flat: dict, processes: Optional[int]) -> Optional[int]:
-    try:
-        return int(flat["trainer.per_device_batch_size"]) * int(flat["trainer.gradient_accumulation_steps"]) * int(processes)
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:
-    """results.json of a run in `run_dir` that already did what is asked, else None.
-
-    Only with resume=auto (never starts over; a checkpoint path continues from there). A run
-    with more trainer.max_steps than it reached is not finished: it resumes and trains on.
-    `settings` (the flat config; None: not known yet, so not decided) must match the finished run's, or a sweep rerun
-    into the same directory with other values would get the old job's results: that is refused.
-    """
-    if resume != "auto" or settings is None:
-        return None
-    try:
-        results = json.loads((Path(run_dir) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    saved = results.get("config") or {}
-    if results.get("stopped") == "budget":  # finished by its time budget: finished if asked the same budget
-        if saved.get("trainer.budget_minutes") != settings.get("trainer.budget_minutes"):
-            return None  # another budget: resume and train on (as with more max_steps)
-    elif max_steps > 0 and results.get("steps") != max_steps:
-        return None
-    differ = changed_settings(saved, settings, results.get("processes"))
-    if differ:
-        raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); "
-                        "give this run its own directory, or resume=never to replace that one")
-    return results
-
-
-def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> None:
-    """Refuse to resume an unfinished run with result-affecting settings changed (UserError naming each one);
-    with resume=<checkpoint path> (a branch the user asked for) only warn.
-
-    Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
-    its content is verified later, before loading). Checkpoints without a saved config (older
-    versions) are not compared."""
-    from mlm.checkpoint import resume_candidates
-
-    if settings is None or resume == "never":
-        return
-    candidates = resume_candidates(resume, run_dir)
-    if not candidates:
-        return
-    try:
-        state = json.loads((candidates[0] / "state.json").read_text())
-        saved, step = state["config"], int(state["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable (resume then sets it aside) or written before configs were saved
-    differ = changed_settings(saved, settings, state.get("world_size"))
-    if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
-        log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
-    elif differ:
-        raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); resume with the same "
-                        "settings, give this run its own directory, or resume=never to start over")
-    if 0 < max_steps < step:
-        raise UserError(f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; "
-                        "raise trainer.max_steps, or resume=never to start over")
-
-
-def flat_settings(cfg: DictConfig) -> Optional[dict]:
-    """The job's config as flat keys (what train() stores in results.json), or None if it does not resolve yet."""
-    from mlm.tracking import flat_config
-
-    try:
-        tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    except Exception:  # e.g. a ${hydra:...} value before Hydra has set up the job: run_job checks again
-        return None
-    return flat_config(tree)
-
-
-def finished_line(run_dir: Path, results: dict) -> str:
-    return (f"{run_dir} already finished ({results.get('steps')} steps, perplexity {results.get('perplexity', float('nan')):.2f}); "
-            f"results in {Path(run_dir) / 'results.json'} (resume=never or another run directory trains again)")
-
-
-def guard(run_dir: Path, cfg) -> Optional[dict]:
-    """Before anything of ours is written: take the run dir's lock (main process; RunDirLocked if another
-    run holds it), refuse a resume with other settings, and return the results if the run is already finished. Every rank reads the same
-    results.json and so decides the same: a rank that went on alone would wait for the others forever."""
-    from mlm.runlock import lock_run_dir, refuse_foreign
-
-    if is_main_process():
-        lock_run_dir(run_dir)
-    else:  # the same verdict as the main process's lock_run_dir, which refuses a foreign dir before it writes run.lock
-        refuse_foreign(run_dir)
-    settings = flat_settings(cfg)
-    results = finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
-    if results is None:
-        check_resume_settings(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
-    return results
-
-
 class RunDirGuard(Callback):
     """Hydra callback: lock the run (or sweep) dir before Hydra writes its .hydra snapshot and log there.
 
@@ -214,8 +132,6 @@ class RunDirGuard(Callback):
             sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from mlm.runlock import lock_run_dir
-
         if not is_main_process():
             return
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
@@ -230,8 +146,6 @@ class RunDirGuard(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """After the summary (Hydra calls the end callbacks in reverse): keep the old multirun.yaml if
         no job ran, unlock, and exit 1 with one line if any job failed or was refused."""
-        from mlm.runlock import release_run_dir
-
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         before = getattr(self, "_before", None)  # None on the other ranks
         if before is not None and before[0] is not None and _sweep_state(sweep_dir)[1] == before[1]:
@@ -273,7 +187,6 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
     from mlm.preemption import Interrupted
-    from mlm.runlock import RunDirLocked, release_run_dir
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -294,8 +207,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         typed: Config = OmegaConf.to_object(cfg)
         try:
             # one device and one process group for this job; a failure on any rank fails it on all
-            with distributed.job(run_dir, typed.trainer.device_slots,
-                                 collective_timeout_minutes=typed.trainer.collective_timeout_minutes) as placed:
+            with distributed.job(run_dir, typed.runtime.device_slots,
+                                 collective_timeout_minutes=typed.runtime.collective_timeout_minutes) as placed:
                 distributed.check_shared_run_dir(run_dir)
                 results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:

@@ -621,7 +621,7 @@ def cache_builders_first(accelerator) -> Iterator[None]:
     (the cache's atomic rename settles any leftover race).
 
     In a job() the waits are keys on the job's store, not barriers: building a large cache may take
-    longer than trainer.collective_timeout_minutes, which bounds collectives only."""
+    longer than runtime.collective_timeout_minutes, which bounds collectives only."""
     if _watch is None:  # one process, or a group made outside job(): Accelerate's two barriers
         with accelerator.main_process_first(), accelerator.local_main_process_first():
             yield

@@ -154,12 +154,8 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTraine
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(seed)
     model = BUILDERS[cfg.source](cfg, tokenizer)
-    if cfg.untie_decoder:
-        untie_decoder(model)
     if cfg.freeze_embeddings:  # a tied decoder shares this parameter, so it stays fixed too
         model.get_input_embeddings().weight.requires_grad_(False)
-    if cfg.keep_layers is not None:
-        keep_bottom_layers(model, cfg.keep_layers)
     freeze_layers(model, cfg.freeze_layers)
     if cfg.head_transform_init == "identity":
         init_identity_transform(model)
@@ -171,19 +167,6 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTraine
     return model, tokenizer
 
 
-def untie_decoder(model: PreTrainedModel) -> None:
-    """Give the output projection its own copy of the word-embedding table (trained apart from it).
-
-    The copy starts equal to the table; the model then predicts as before. A saved model stores both
-    tables; transformers reloads them untied once they differ (the output bias stays tied)."""
-    decoder, table = model.get_output_embeddings(), model.get_input_embeddings().weight
-    if decoder is None or decoder.weight is not table:
-        raise UserError(f"model.untie_decoder=true: the {model.config.model_type} model's output projection is not tied to its word embeddings")
-    decoder.weight = nn.Parameter(table.detach().clone())
-    name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is decoder.weight)
-    model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items() if k != name}
-
-
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer, ...)."""
     count = model.config.num_hidden_layers
@@ -191,16 +174,7 @@ def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise UserError(f"cannot find the {count} encoder layers of model_type={model.config.model_type}, which "
-                    "model.freeze_layers, model.keep_layers and optimizer.layer_lr_decay need; leave them unset for this model")
-
-
-def keep_bottom_layers(model: PreTrainedModel, n: int) -> None:
-    """Drop the encoder's top layers: the MLM head then reads layer n's output (a saved model has n layers)."""
-    layers = encoder_layers(model)
-    if n > len(layers):
-        raise UserError(f"model.keep_layers={n}: the model has only {len(layers)} encoder layers")
-    del layers[n:]
-    model.config.num_hidden_layers = n
+                    "model.freeze_layers and optimizer.layer_lr_decay need; leave them unset for this model")
 
 
 def freeze_layers(model: PreTrainedModel, n: int) -> None:
@@ -260,8 +234,9 @@ def init_unigram_bias(model: PreTrainedModel, token_counts: torch.Tensor, specia
     distribution over the vocabulary. Special tokens are never prediction targets and count 0."""
     vocab = model.config.vocab_size
     biases = [(n, p) for n, p in new_head_parameters(model).items() if p.ndim == 1 and p.numel() == vocab]
-    if not biases:
-        raise UserError(f"model.head_bias_init=unigram: the model has no new output bias of size {vocab} (is its head pretrained?)")
+    if not biases:  # a pretrained head keeps its own bias
+        log.info("model.head_bias_init=unigram: the model has no new output bias of size %d (its head is pretrained); left as it is", vocab)
+        return
     counts = torch.zeros(vocab, dtype=torch.float64)
     counts[: len(token_counts)] = token_counts.double()[:vocab]
     counts[list(special_ids)] = 0
@@ -289,21 +264,6 @@ class MLMObjective(nn.Module):
         if sparse and self.head_fn is None:
             log.warning("sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type)
         self.sparse = sparse and self.head_fn is not None
-        self.head_only = False  # train the head alone (see set_head_only)
-        self._table_trainable = None
-
-    def set_head_only(self, on: bool) -> None:
-        """Train the head alone: the encoder runs without gradients, and a tied output projection (the
-        encoder's embedding table) is held fixed too, so encoder weights cannot move (trainer.head_only_steps)."""
-        if on == self.head_only:
-            return
-        self.head_only = on
-        table = self.model.get_input_embeddings().weight
-        if on:
-            self._table_trainable = table.requires_grad
-            table.requires_grad_(False)
-        else:
-            table.requires_grad_(self._table_trainable)
 
     def forward(self, input_ids, labels, attention_mask=None, masked_positions=None):
         # Flat indices of the masked tokens. The collator computes them on the host, where the
@@ -312,15 +272,10 @@ class MLMObjective(nn.Module):
         if masked_positions is None:
             masked_positions = masked_positions_of(labels)
         targets = labels.reshape(-1).index_select(0, masked_positions)
-        if self.sparse or self.head_only:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.head_only):
-                hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            if self.sparse:  # only the masked positions go through the head
-                hidden = hidden.index_select(0, masked_positions)
+        if self.sparse:  # only the masked positions go through the head
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions)
             logits = self.head_fn(self.model, hidden)
-            if not self.sparse:
-                logits = logits.index_select(0, masked_positions)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             logits = logits.reshape(-1, logits.shape[-1]).index_select(0, masked_positions)

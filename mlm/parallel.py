@@ -1,7 +1,7 @@
 """How the model is spread over processes, from outside the model: replicas or FSDP2 shards.
 
-`trainer.sharding=none` keeps today's path: Accelerate wraps the objective in DDP when there is
-more than one process (every rank holds the whole model and optimizer). `trainer.sharding=fsdp`
+`runtime.sharding=none` keeps today's path: Accelerate wraps the objective in DDP when there is
+more than one process (every rank holds the whole model and optimizer). `runtime.sharding=fsdp`
 applies PyTorch's FSDP2 (`fully_shard`) ourselves, as torchtitan does: every transformer layer is
 its own unit and the root, the objective the loop calls, holds the rest (embeddings, the tied
 decoder, the head), so one layer's parameters are gathered at a time. This works with gloo on CPU as with NCCL on GPUs; Accelerate's
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mlm.config import TrainerConfig, UserError
+from mlm.config import UserError
 from mlm.files import torch_save
 
 MODEL_FILE = "model.safetensors"
@@ -59,7 +59,7 @@ class Replicated:
 
     def load(self, directory: Path, model, optimizer, device) -> None:
         if (directory / SHARDED_DIR).exists():
-            raise UserError(f"checkpoint {directory} holds FSDP shards; resume it with trainer.sharding=fsdp")
+            raise UserError(f"checkpoint {directory} holds FSDP shards; resume it with runtime.sharding=fsdp")
         missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
         if missing or unexpected:
             raise UserError(f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -109,7 +109,7 @@ class FullyShard(Replicated):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         if not (directory / SHARDED_DIR).exists():
-            raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with trainer.sharding=none")
+            raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with runtime.sharding=none")
         model_sd, optim_sd = get_state_dict(self.root, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # each rank reads the pieces of its shards
@@ -154,12 +154,13 @@ def transformer_layers(model: nn.Module):
         if type(m).__name__ in names and not any(p is embedding for p in m.parameters())
     ]
     if not layers:
-        raise UserError(f"trainer.sharding=fsdp found no transformer layers in {type(model).__name__} (no _no_split_modules)")
+        raise UserError(f"runtime.sharding=fsdp found no transformer layers in {type(model).__name__} (no _no_split_modules)")
     return layers
 
 
 LAYOUTS = {"none": Replicated, "fsdp": FullyShard}
 
 
-def build_layout(cfg: TrainerConfig):
-    return LAYOUTS[cfg.sharding]()
+def build_layout(sharding: str):
+    """runtime.sharding -> its layout."""
+    return LAYOUTS[sharding]()

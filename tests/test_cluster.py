@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, TINY_RUN, sentences
 
-DDP_RUN = [*TINY_RUN, "trainer.mixed_precision=no", "trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.per_device_batch_size=2",
+DDP_RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.per_device_batch_size=2",
            "trainer.keep_checkpoints=3", "trainer.save_model=true"]
 
 
@@ -51,7 +51,7 @@ def test_two_process_ddp_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-TWO_NODE_RUN = [*TINY_RUN, "trainer.mixed_precision=no", "trainer.max_steps=2", "trainer.per_device_batch_size=2"]
+TWO_NODE_RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.max_steps=2", "trainer.per_device_batch_size=2"]
 
 
 def two_nodes(args, cwds, port, extra=()):

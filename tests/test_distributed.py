@@ -13,7 +13,7 @@ from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
 pytestmark = pytest.mark.slow
 
 # global batch 8 = 4 per device x 2 processes x 1 micro-batch  |  4 per device x 1 process x 2 micro-batches
-COMMON = [*TINY_RUN, "trainer.mixed_precision=no", "model.dropout=0", "trainer.per_device_batch_size=4",
+COMMON = [*TINY_RUN, "runtime.mixed_precision=no", "model.dropout=0", "trainer.per_device_batch_size=4",
           "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=1", "trainer.max_eval_blocks=37",
           "trainer.checkpoint_every=3"]
 # fp32 sums in a different order (all-reduce of two halves vs accumulation) differ in the last bits;
@@ -70,7 +70,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 # --- sweeps whose jobs are process groups (submitit tasks, SLURM tasks, torchrun around -m) ---------------
 
-DEBUG_RUN = [*TINY_RUN, "model.dropout=0", "trainer.mixed_precision=no", "trainer.per_device_batch_size=2"]
+DEBUG_RUN = [*TINY_RUN, "model.dropout=0", "runtime.mixed_precision=no", "trainer.per_device_batch_size=2"]
 
 
 def job_results(sweep: Path):
@@ -121,7 +121,7 @@ def test_torchrun_around_multirun_a_failure_on_one_rank_fails_that_job_on_all(tm
     corpus.write_text("\n".join(sentences(300)))
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", str(ROOT / "run.py"), "-m",
-           *DEBUG_RUN, "trainer.max_steps=4", f"dataset.path={corpus}", "trainer.mixed_precision=no,bf16", "optimizer.lr=1e-4,2e-4",
+           *DEBUG_RUN, "trainer.max_steps=4", f"dataset.path={corpus}", "runtime.mixed_precision=no,bf16", "optimizer.lr=1e-4,2e-4",
            f"hydra.sweep.dir={sweep}"]
     # job 0 fails on rank 1 only, after its second step; the other three jobs (bf16 too) must run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_TEST_FAIL": "0:1:2"}

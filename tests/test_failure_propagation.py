@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT, TINY_RUN, compose, sentences
 
-RUN = [*TINY_RUN, "trainer.mixed_precision=no", "trainer.per_device_batch_size=2", "trainer.eval_every=1000"]
+RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.per_device_batch_size=2", "trainer.eval_every=1000"]
 
 
 def torchrun(port: int, *args: str) -> list:
@@ -42,8 +42,8 @@ def corpus(tmp_path: Path) -> Path:
 def test_collective_timeout_must_be_positive():
     from mlm.config import UserError
 
-    cfg = compose([*TINY_RUN, "dataset.path=x.txt", "trainer.collective_timeout_minutes=0"])
-    with pytest.raises(UserError, match="trainer.collective_timeout_minutes=0"):
+    cfg = compose([*TINY_RUN, "dataset.path=x.txt", "runtime.collective_timeout_minutes=0"])
+    with pytest.raises(UserError, match="runtime.collective_timeout_minutes=0"):
         cfg.validate()
 
 
@@ -69,7 +69,7 @@ def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(tmp_path)
     # sockets stay open, so rank 0's next gloo all-reduce does not end (as an NCCL one would not,
     # whatever the failed rank does); the group's own timeout (30 min) is far beyond the subprocess's.
     # Only the failure published on the job's store can end rank 0.
-    cmd = torchrun(29641, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=1000", "trainer.collective_timeout_minutes=30")
+    cmd = torchrun(29641, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=1000", "runtime.collective_timeout_minutes=30")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MLM_TEST_FAIL": "0:1:2", "MLM_TEST_FAIL_HOLD": "1"}
     with launched(cmd, cwd=tmp_path, env=env) as proc:
         _, err = proc.communicate(timeout=400)
@@ -109,7 +109,7 @@ def wait_for_step(run_parent: Path, step: int, launcher: subprocess.Popen) -> No
 def test_a_stopped_rank_is_named_and_ends_the_job(tmp_path):
     # SIGSTOP: the process stays, its sockets stay open, the torchrun agent sees it alive; only its
     # heartbeat on the store stops.
-    cmd = torchrun(29643, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=100000", "trainer.collective_timeout_minutes=0.5")
+    cmd = torchrun(29643, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=100000", "runtime.collective_timeout_minutes=0.5")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     with launched(cmd, cwd=tmp_path, env=env) as launcher:
         wait_for_step(tmp_path / "outputs" / "runs", 3, launcher)

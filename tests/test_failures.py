@@ -88,17 +88,17 @@ def test_a_folder_this_harness_did_not_make_is_refused_untouched(corpus, tmp_pat
 
 
 def test_only_result_affecting_settings_block_a_resume(tmp_path, caplog):
-    from mlm.cli import check_resume_settings
+    from mlm.rundir import check_resume_settings
     from mlm.config import UserError
 
     ckpt = tmp_path / "checkpoints" / "ckpt-00000004"
     ckpt.mkdir(parents=True)
     settings = {"optimizer.lr": 0.001, "block_size": 32, "seed": 1, "dataset.path": "a.txt", "trainer.max_steps": 8,
-                "trainer.eval_every": 2, "trainer.log_every": 1, "trainer.num_workers": 0, "trainer.checkpoint_every": 2,
+                "trainer.eval_every": 2, "trainer.log_every": 1, "runtime.num_workers": 0, "trainer.checkpoint_every": 2,
                 "trainer.per_device_batch_size": 4, "trainer.gradient_accumulation_steps": 1}
     (ckpt / "state.json").write_text(json.dumps({"step": 4, "config": settings, "world_size": 1}))
     (ckpt / "manifest.json").write_text(json.dumps({"step": 4, "files": {"state.json": (ckpt / "state.json").stat().st_size}}))
-    allowed = {**settings, "trainer.eval_every": 3, "trainer.log_every": 5, "trainer.num_workers": 2, "trainer.checkpoint_every": 1,
+    allowed = {**settings, "trainer.eval_every": 3, "trainer.log_every": 5, "runtime.num_workers": 2, "trainer.checkpoint_every": 1,
                "trainer.max_steps": 20}
     check_resume_settings(tmp_path, "auto", 20, allowed)  # cadence, workers, more steps: allowed
     split = {**settings, "trainer.per_device_batch_size": 2, "trainer.gradient_accumulation_steps": 2}
@@ -151,7 +151,7 @@ def start(args, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-SIGNAL_RUN = [*TINY_RUN, "trainer.max_steps=400", "trainer.checkpoint_every=0", "trainer.mixed_precision=no", "trainer.eval_every=50"]
+SIGNAL_RUN = [*TINY_RUN, "trainer.max_steps=400", "trainer.checkpoint_every=0", "runtime.mixed_precision=no", "trainer.eval_every=50"]
 
 
 @pytest.fixture(scope="module")

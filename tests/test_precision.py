@@ -24,7 +24,7 @@ def fresh_accelerate_state():
 
 
 def setup(precision: str, seed: int = 0):
-    cfg = compose(["model=tiny", "model.dropout=0", f"trainer.mixed_precision={precision}", "scheduler.warmup_steps=2", "optimizer.lr=1e-3"])
+    cfg = compose(["model=tiny", "model.dropout=0", f"runtime.mixed_precision={precision}", "scheduler.warmup_steps=2", "optimizer.lr=1e-3"])
     accelerator = make_accelerator(cfg)
     model, tokenizer = build_model(cfg.model, 32, seed=seed)
     objective = MLMObjective(model, sparse=True)
@@ -147,7 +147,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for checkpointed in (False, True):
         cfg = compose(["model=tiny", "model.dropout=0"])
         model, tokenizer = build_model(cfg.model, 32, seed=0)
-        if checkpointed:  # as mlm.train does with trainer.activation_checkpointing=true
+        if checkpointed:  # as mlm.train does with runtime.activation_checkpointing=true
             enable_activation_checkpointing(model)
         calls = []
         model.bert.encoder.layer[0].output.dense.register_forward_hook(lambda *_: calls.append(1))
@@ -175,8 +175,8 @@ def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(monkeypatch, cap
 def test_auto_precision_reaches_the_autocast_dtype(fresh_accelerate_state):
     """The default (auto) trains in bf16 on a CPU with AVX512-BF16/AMX and in fp32 on one without."""
     cfg = compose(["model=tiny"])
-    assert cfg.trainer.mixed_precision == "auto"
-    cfg.trainer.mixed_precision = mlm_train.resolve_mixed_precision(cfg.trainer.mixed_precision)
+    assert cfg.runtime.mixed_precision == "auto"
+    cfg.runtime.mixed_precision = mlm_train.resolve_mixed_precision(cfg.runtime.mixed_precision)
     accelerator = make_accelerator(cfg)
     layer = torch.nn.Linear(4, 4)
     with accelerator.autocast():

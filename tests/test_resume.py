@@ -16,7 +16,7 @@ from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
 pytestmark = pytest.mark.slow
 
 # fp32, dropout on (so the RNG state matters), checkpoints every 3 steps, eval every 4
-RUN = [*TINY_RUN, "trainer.mixed_precision=no", "trainer.max_steps=14", "trainer.checkpoint_every=3",
+RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.max_steps=14", "trainer.checkpoint_every=3",
        "trainer.eval_every=4", "trainer.log_every=1", "trainer.keep_checkpoints=2", "trainer.save_model=true"]
 TIMING = ("perf/",)  # wall-clock figures differ between any two runs; everything else must not
 

@@ -28,7 +28,7 @@ def test_every_rank_runs_the_same_number_of_eval_batches(world):
 
 
 def test_accelerate_configs_are_all_usable_on_gpus():
-    """No Accelerate config that cannot work: sharding is trainer.sharding=fsdp (our FSDP2), not Accelerate's
+    """No Accelerate config that cannot work: sharding is runtime.sharding=fsdp (our FSDP2), not Accelerate's
     FSDP/DeepSpeed plugins, which would wrap the model a second time; and no multi-CPU config, because
     `accelerate launch` starts several CPU processes only through mpirun and otherwise runs one (torchrun
     is the CPU launcher)."""
@@ -43,7 +43,7 @@ def test_accelerate_configs_are_all_usable_on_gpus():
 
 
 # 33 eval blocks in batches of 16: the ranks hold 16 and 17 blocks, so 1 and 2 batches without padding
-RUN = [*TINY_RUN, "model.dropout=0", "trainer.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4",
+RUN = [*TINY_RUN, "model.dropout=0", "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4",
        "trainer.max_eval_blocks=33", "trainer.eval_batch_size=16"]
 
 
@@ -55,7 +55,7 @@ def torchrun(args, cwd: Path, port: int, processes: int = 2) -> subprocess.Compl
 
 
 def run_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
-    return [*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", f"trainer.sharding={sharding}", f"trainer.per_device_batch_size={per_device}"]
+    return [*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", f"runtime.sharding={sharding}", f"trainer.per_device_batch_size={per_device}"]
 
 
 def drop_last_checkpoint(run_dir: Path) -> None:

@@ -87,7 +87,7 @@ def test_streaming_run_resumes_exactly(tmp_path, text_file):
     from safetensors.torch import load_file
 
     common = [*TINY_RUN, f"dataset.path={text_file}", "dataset.streaming=true", "dataset.streaming_eval_docs=50",
-              "trainer.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.save_model=true"]
+              "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.save_model=true"]
     full = tmp_path / "full"
     proc = run_cli([*common, f"hydra.run.dir={full}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,9 +134,9 @@ def test_two_processes_stream_what_one_process_with_two_workers_streams(tmp_path
     from tests.test_distributed import RTOL, curves
 
     common = [*TINY_RUN, f"dataset.path={text_file}", "dataset.streaming=true", "dataset.streaming_eval_docs=50",
-              "dataset.tokenize_batch_size=20", "trainer.mixed_precision=no", "model.dropout=0", "trainer.per_device_batch_size=4"]
+              "dataset.tokenize_batch_size=20", "runtime.mixed_precision=no", "model.dropout=0", "trainer.per_device_batch_size=4"]
     one = tmp_path / "one"
-    proc = run_cli([*common, "trainer.num_workers=2", "trainer.gradient_accumulation_steps=2", f"hydra.run.dir={one}"])
+    proc = run_cli([*common, "runtime.num_workers=2", "trainer.gradient_accumulation_steps=2", f"hydra.run.dir={one}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     work = tmp_path / "two"
     work.mkdir()

@@ -65,7 +65,7 @@ def test_a_failed_optuna_trial_is_recorded_and_the_study_goes_on(corpus, tmp_pat
 
 @pytest.mark.slow
 def test_a_refused_rerun_leaves_multirun_yaml_and_exits_1(corpus, tmp_path):
-    from mlm.runlock import lock_run_dir, release_run_dir
+    from mlm.rundir import lock_run_dir, release_run_dir
 
     sweep = tmp_path / "sweep"
     first = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3")

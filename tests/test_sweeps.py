@@ -104,7 +104,7 @@ def test_report_cli_on_run_dirs(tmp_path):
 def test_mixed_precision_is_sweepable_in_one_process(corpus, tmp_path, launcher):
     # joblib with one worker runs both jobs in the same (reused) process, like the basic launcher
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"] if launcher == "joblib" else []
-    jobs = multirun(corpus, tmp_path / "sweep", *extra, "trainer.mixed_precision=no,bf16", "trainer.max_steps=2")
+    jobs = multirun(corpus, tmp_path / "sweep", *extra, "runtime.mixed_precision=no,bf16", "trainer.max_steps=2")
     assert len(jobs) == 2 and not any((j / "error.txt").exists() for j in jobs)
     assert [json.loads((j / "results.json").read_text())["steps"] for j in jobs] == [2, 2]
 
@@ -114,7 +114,7 @@ def test_parallel_jobs_each_lease_a_slot_of_their_own(corpus, tmp_path):
     sweep, leases = tmp_path / "sweep", tmp_path / "leases"
     # 3 workers share 2 slots: one job always waits; job 0 fails after its first step and must give its slot back
     proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=3",
-                    "trainer.device_slots=2", "trainer.num_threads=1", "trainer.max_steps=3", "optimizer.lr=1e-4,2e-4,3e-4,4e-4",
+                    "runtime.device_slots=2", "runtime.num_threads=1", "trainer.max_steps=3", "optimizer.lr=1e-4,2e-4,3e-4,4e-4",
                     f"hydra.sweep.dir={sweep}"], env={"MLM_LEASE_DIR": str(leases), "MLM_TEST_FAIL": "0:0:1"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: 1 of 4 job(s) failed: {sweep / '0' / 'error.txt'}"

@@ -69,7 +69,7 @@ def shard_blocks(cfg: DatasetConfig, tokenizer, block_size: int, shard: int, num
                 j += 1
         if j == start:
             raise UserError(
-                f"streaming shard {shard} of {num_shards} (processes x trainer.num_workers) got no block of block_size={block_size}; "
+                f"streaming shard {shard} of {num_shards} (processes x runtime.num_workers) got no block of block_size={block_size}; "
                 "use more data, fewer processes or workers, a smaller dataset.tokenize_batch_size, or dataset.remainder=keep"
             )
 

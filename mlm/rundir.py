@@ -1,0 +1,334 @@
+"""The run directory's one owner: who may write there, whether its run is finished, whether a rerun
+may resume it, and what starting over or finishing writes.
+
+- `guard()` (called before anything is written): take the lock, refuse a foreign directory or a
+  resume with other settings, and return the results of a run that already did what is asked.
+- `start_from()`: after the resume decision, drop what a fresh start or a resume must not keep.
+- `write_results()`: results.json, written last: its presence means the run is finished.
+
+One writer per run directory: an exclusive lock on `<run dir>/run.lock`, held until the job ends.
+
+The lock is `flock` on the file; the file also holds a record of the holder (host, pid, start
+time, command) so that a refused second run can say who holds it. The kernel drops a flock when
+its process dies, however it dies, so a crashed run never leaves a lock that blocks its resume:
+the next run takes it over, and warns when the record shows the previous holder did not finish
+cleanly (a clean exit empties the record).
+
+What it can and cannot detect:
+- Same host: any second process, whatever launched it (a second terminal, a resubmitted job, two
+  sweeps with one sweep dir). Reliable on local disks.
+- Several hosts sharing a filesystem: on NFSv4 (and NFSv3 with a lock manager), Linux turns flock
+  into an NFS byte-range lock, which other hosts see; a client that loses its lease (network
+  split) can lose the lock without its process noticing. Filesystems without flock support
+  (some FUSE mounts, Lustre mounted without -o flock) make flock fail; then only the holder
+  record is checked: a live process on this host is detected, a record from another host is
+  taken as held (if that run is gone, delete the lock file), and two runs started in the same
+  instant could both pass.
+Only the main process of a multi-process job takes the lock; its ranks are one writer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from mlm.config import UserError
+from mlm.distributed import detect, is_main_process
+from mlm.files import atomic_write_json, write_error
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+_held: Dict[Path, "RunLock"] = {}  # locks this process holds, by run dir (taking one twice is a no-op)
+
+
+class RunDirLocked(UserError):
+    """Another live process holds the run directory."""
+
+
+def _process_start(pid: int) -> Optional[float]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the process a record names still runs (on this host; the same pid reused later does not count)."""
+    try:
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True  # exists but not ours, or an unreadable record: assume held
+    start = _process_start(pid)
+    return start is None or abs(start - float(holder.get("start", start))) < 2
+
+
+def describe(holder: dict) -> str:
+    started = holder.get("start")
+    when = datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S") if isinstance(started, (int, float)) else "?"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {when}"
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir).resolve()
+        self.path = self.run_dir / LOCK_FILE
+        self.fd: Optional[int] = None
+
+    def _record(self) -> dict:
+        try:
+            text = os.pread(self.fd, 4096, 0).decode(errors="replace")
+            return json.loads(text) if text.strip() else {}
+        except (OSError, ValueError):
+            return {"pid": "?", "host": "?"}
+
+    def acquire(self) -> "RunLock":
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"the run directory {self.run_dir} is a file; give the run a directory (hydra.run.dir=...)")
+        refuse_foreign(self.run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error("the run directory's lock", self.path, e) from e
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._record()
+            self._close()
+            raise RunDirLocked(
+                f"{self.run_dir} is in use by another run ({describe(holder)}); wait for it to end, "
+                "or give this run its own directory (hydra.run.dir=... or hydra.sweep.dir=...)"
+            ) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._close()
+                raise
+            holder = self._record()
+            if holder and (holder.get("host") != socket.gethostname() or _alive(holder)):
+                self._close()
+                raise RunDirLocked(
+                    f"{self.run_dir} is in use by another run ({describe(holder)}; this filesystem has no flock, so "
+                    f"if that run is gone delete {self.path}); or give this run its own directory"
+                ) from None
+            log.warning("%s: the filesystem does not support flock; the lock relies on its holder record only", self.path)
+        previous = self._record()
+        if previous:
+            log.warning("taking over %s from a run that did not end cleanly (%s; it is no longer running)", self.path, describe(previous))
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()) or time.time(),
+              "command": " ".join(sys.argv)[:500]}
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(me).encode(), 0)
+            os.fsync(self.fd)
+        except OSError as e:  # e.g. a full disk: nothing else would be written there either
+            self._close()
+            raise write_error("the run directory's lock", self.path, e) from e
+        return self
+
+    def release(self) -> None:
+        """Empty the record (a clean end) and unlock. The file stays: deleting it would let two runs lock two different files."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+
+HYDRA_OWN = (".hydra", "multirun.yaml")  # what Hydra writes into a directory before a job's lock is taken (and <job>.log)
+
+
+def refuse_foreign(run_dir: Path) -> None:
+    """The lock file marks a directory as a run's. One without it that holds anything but Hydra's own
+    files is someone else's folder: refused before anything in it is touched or deleted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / LOCK_FILE).exists():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRA_OWN and not p.name.endswith(".log"))
+    if foreign:
+        raise UserError(f"{run_dir} holds files no run of this harness wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}; "
+                        f"no {LOCK_FILE}); give the run a directory of its own (hydra.run.dir=... or hydra.sweep.dir=...)")
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Take the lock on `run_dir` for this process (kept until release_run_dir or exit); RunDirLocked if held elsewhere."""
+    key = Path(run_dir).resolve()
+    if key not in _held:
+        if not _held:
+            atexit.register(_release_all)  # any exit short of a kill (sys.exit included) ends cleanly
+        _held[key] = RunLock(key).acquire()
+    return _held[key]
+
+
+def _release_all() -> None:
+    for run_dir in list(_held):
+        release_run_dir(run_dir)
+
+
+def release_run_dir(run_dir: Path) -> None:
+    lock = _held.pop(Path(run_dir).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+# Settings that change neither the weights nor the final metrics: a finished run asked again with
+# other values of these is still the same finished run, and an unfinished one may resume with them.
+# (max_steps and budget_minutes say how far to train: finished_results compares them with how far
+# the run got.) Every other setting changed is refused, so one run never mixes two configs.
+NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "runtime.num_workers", "runtime.num_threads",
+               "runtime.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
+               "runtime.reuse_host_memory", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
+               "trainer.keep_checkpoints", "runtime.collective_timeout_minutes", "runtime.device_slots",
+               "trainer.per_device_batch_size", "trainer.gradient_accumulation_steps")  # these two: their product x processes (the global batch) is compared
+
+
+def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int]) -> List[str]:
+    """The result-affecting settings that differ between a run's saved flat config (trained on `saved_processes`)
+    and this one's, as 'key=old there, new now'. The batch split may change, the global batch may not."""
+    # a stream's shards (and so its data order) depend on the dataloader workers
+    ignored = tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming")))
+    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
+    shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
+    before, now = global_batch(saved, saved_processes), global_batch(settings, detect().world_size)
+    if before and now and before != now:
+        shown.append(f"global batch (per_device_batch_size x gradient_accumulation_steps x processes)={before} there, {now} now")
+    return shown
+
+
+def global_batch(flat: dict, processes: Optional[int]) -> Optional[int]:
+    try:
+        return int(flat["trainer.per_device_batch_size"]) * int(flat["trainer.gradient_accumulation_steps"]) * int(processes)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> Optional[dict]:
+    """results.json of a run in `run_dir` that already did what is asked, else None.
+
+    Only with resume=auto (never starts over; a checkpoint path continues from there). A run
+    with more trainer.max_steps than it reached is not finished: it resumes and trains on.
+    `settings` (the flat config; None: not known yet, so not decided) must match the finished run's, or a sweep rerun
+    into the same directory with other values would get the old job's results: that is refused.
+    """
+    if resume != "auto" or settings is None:
+        return None
+    try:
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    saved = results.get("config") or {}
+    if results.get("stopped") == "budget":  # finished by its time budget: finished if asked the same budget
+        if saved.get("trainer.budget_minutes") != settings.get("trainer.budget_minutes"):
+            return None  # another budget: resume and train on (as with more max_steps)
+    elif max_steps > 0 and results.get("steps") != max_steps:
+        return None
+    differ = changed_settings(saved, settings, results.get("processes"))
+    if differ:
+        raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); "
+                        "give this run its own directory, or resume=never to replace that one")
+    return results
+
+
+def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> None:
+    """Refuse to resume an unfinished run with result-affecting settings changed (UserError naming each one);
+    with resume=<checkpoint path> (a branch the user asked for) only warn.
+
+    Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
+    its content is verified later, before loading). Checkpoints without a saved config (older
+    versions) are not compared."""
+    from mlm.checkpoint import resume_candidates  # mlm.checkpoint -> mlm.parallel -> torch.distributed: only when resuming
+
+    if settings is None or resume == "never":
+        return
+    candidates = resume_candidates(resume, run_dir)
+    if not candidates:
+        return
+    try:
+        state = json.loads((candidates[0] / "state.json").read_text())
+        saved, step = state["config"], int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable (resume then sets it aside) or written before configs were saved
+    differ = changed_settings(saved, settings, state.get("world_size"))
+    if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
+        log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
+    elif differ:
+        raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); resume with the same "
+                        "settings, give this run its own directory, or resume=never to start over")
+    if 0 < max_steps < step:
+        raise UserError(f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; "
+                        "raise trainer.max_steps, or resume=never to start over")
+
+
+def flat_settings(cfg: DictConfig) -> Optional[dict]:
+    """The job's config as flat keys (what train() stores in results.json), or None if it does not resolve yet."""
+    from mlm.tracking import flat_config
+
+    try:
+        tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except Exception:  # e.g. a ${hydra:...} value before Hydra has set up the job: run_job checks again
+        return None
+    return flat_config(tree)
+
+
+def finished_line(run_dir: Path, results: dict) -> str:
+    return (f"{run_dir} already finished ({results.get('steps')} steps, perplexity {results.get('perplexity', float('nan')):.2f}); "
+            f"results in {Path(run_dir) / 'results.json'} (resume=never or another run directory trains again)")
+
+
+def guard(run_dir: Path, cfg) -> Optional[dict]:
+    """Before anything of ours is written: take the run dir's lock (main process; RunDirLocked if another
+    run holds it), refuse a resume with other settings, and return the results if the run is already finished. Every rank reads the same
+    results.json and so decides the same: a rank that went on alone would wait for the others forever."""
+    if is_main_process():
+        lock_run_dir(run_dir)
+    else:  # the same verdict as the main process's lock_run_dir, which refuses a foreign dir before it writes run.lock
+        refuse_foreign(run_dir)
+    settings = flat_settings(cfg)
+    results = finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
+    if results is None:
+        check_resume_settings(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
+    return results
+
+
+def start_from(run_dir: Path, resumed_step: Optional[int], unrecorded: List[Dict[str, Any]] = ()) -> None:
+    """Main process, once the resume is decided: metrics.jsonl keeps only the records up to `resumed_step`
+    (plus the ones the checkpoint carries), a recovered failure's error.txt goes, and a fresh start
+    (`resumed_step` None) drops a previous run's results and checkpoints, which would pass for this one's."""
+    from mlm.checkpoint import discard_checkpoints
+    from mlm.tracking import truncate_metrics
+
+    truncate_metrics(run_dir, -1 if resumed_step is None else resumed_step, unrecorded)
+    (run_dir / "error.txt").unlink(missing_ok=True)
+    if resumed_step is None:
+        (run_dir / "results.json").unlink(missing_ok=True)
+        discard_checkpoints(run_dir)
+
+
+def write_results(run_dir: Path, results: Dict[str, Any]) -> None:
+    try:
+        atomic_write_json(Path(run_dir) / "results.json", results)
+    except OSError as e:
+        raise write_error("results", Path(run_dir) / "results.json", e) from e
