@@ -21,7 +21,7 @@ from mlm import checkpoint
 from mlm.cli import compose
 from mlm.models import build_model
 from mlm.optim import build_optimizer, build_scheduler
-from mlm.train import make_accelerator
+from mlm.precision import make_accelerator
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = compose(args.overrides)
     cfg.runtime.mixed_precision = "no"
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.runtime.mixed_precision)
     model, _ = build_model(cfg.model, cfg.block_size, cfg.seed)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, 10)

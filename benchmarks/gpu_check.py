@@ -10,7 +10,7 @@ count mlm.cli.compose + mlm.train.train in this process. Correctness rows use th
 the default-sized benchmark (benchmarks/train_throughput.py).
 
   auto precision        runtime.mixed_precision=auto: what it resolved to (results.json) against
-                        what this device runs natively (mlm.train.native_bf16)
+                        what this device runs natively (mlm.precision.native_bf16)
   fp16 loss scale       runtime.mixed_precision=fp16: the last train/loss_scale in metrics.jsonl and
                         results.json's overflow_steps (CPU too: the harness attaches a GradScaler)
   syncs per step        CUDA: train() in this process under torch.cuda.set_sync_debug_mode("warn"),
@@ -142,7 +142,7 @@ def last_metric(run_dir: Path, key: str):
 
 
 def check_auto_precision(ctx) -> tuple:
-    from mlm.train import native_bf16
+    from mlm.precision import native_bf16
 
     run_dir = ctx["work"] / "auto"
     rc, _, err, s = run_py([*ctx["tiny"], "runtime.mixed_precision=auto", f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left())

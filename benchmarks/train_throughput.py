@@ -14,7 +14,7 @@ clipping at 1.0:
   trainer_fp32     transformers.Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), fp32;
                    Trainer's own default optimizer (fused AdamW in transformers 5 with torch >= 2.8).
   trainer_bf16     the same with bf16=True (autocast through Accelerate). Only where the CPU runs bf16
-                   natively (AVX512-BF16 or AMX, mlm.train.native_bf16): elsewhere torch emulates bf16
+                   natively (AVX512-BF16 or AMX, mlm.precision.native_bf16): elsewhere torch emulates bf16
                    and one dense step of this model takes minutes; the JSON then lists it under "skipped".
   harness          mlm.models.MLMObjective(sparse=True) + mlm.optim.build_optimizer (fused AdamW) +
                    mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision=P), and
@@ -577,7 +577,7 @@ def main(argv=None) -> int:
     if min(steps, reps, warmup) < 1:
         p.error("--steps, --reps and --warmup must be >= 1")
     threads = a.threads or len(os.sched_getaffinity(0))
-    from mlm.train import native_bf16
+    from mlm.precision import native_bf16
 
     bf16_native = native_bf16("cpu")
     harness_precision = "bf16" if bf16_native else "fp32"  # what runtime.mixed_precision=auto picks here

@@ -102,7 +102,7 @@ def _gpus(monkeypatch, count=1, major=8, uuids=None):
 
 @pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
 def test_bf16_counts_as_native_from_ampere_on_only(monkeypatch, major, native):
-    from mlm.train import native_bf16
+    from mlm.precision import native_bf16
 
     _gpus(monkeypatch, major=major)
     assert native_bf16("cuda") is native

@@ -7,9 +7,9 @@ import torch
 from mlm import checkpoint
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
-from mlm.optim import build_optimizer, build_scheduler
-from mlm import train as mlm_train
-from mlm.train import NonFiniteLoss, StepResult, enable_activation_checkpointing, make_accelerator, train_step
+from mlm import precision
+from mlm.precision import make_accelerator
+from mlm.train import NonFiniteLoss, StepResult, build_optimization, enable_activation_checkpointing, train_step
 from tests.conftest import compose
 
 
@@ -25,12 +25,9 @@ def fresh_accelerate_state():
 
 def setup(precision: str, seed: int = 0):
     cfg = compose(["model=tiny", "model.dropout=0", f"runtime.mixed_precision={precision}", "scheduler.warmup_steps=2", "optimizer.lr=1e-3"])
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.runtime.mixed_precision)
     model, tokenizer = build_model(cfg.model, 32, seed=seed)
-    objective = MLMObjective(model, sparse=True)
-    optimizer = build_optimizer(objective, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps=8)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    _, objective, optimizer, scheduler = build_optimization(cfg, model, 8, accelerator)  # as train() builds them
     collator = MLMCollator(tokenizer, cfg.masking, seed=0)
     return accelerator, model, objective, optimizer, scheduler, collator
 
@@ -164,11 +161,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(monkeypatch, caplog, native):
-    monkeypatch.setattr(mlm_train, "native_bf16", lambda device_type: native)
-    assert mlm_train.resolve_mixed_precision("auto") == ("bf16" if native else "no")
-    assert mlm_train.resolve_mixed_precision("no") == "no"
+    monkeypatch.setattr(precision, "native_bf16", lambda device_type: native)
+    assert precision.resolve_mixed_precision("auto") == ("bf16" if native else "no")
+    assert precision.resolve_mixed_precision("no") == "no"
     caplog.clear()
-    assert mlm_train.resolve_mixed_precision("bf16") == "bf16"  # asked for explicitly: kept, with a warning where emulated
+    assert precision.resolve_mixed_precision("bf16") == "bf16"  # asked for explicitly: kept, with a warning where emulated
     assert ("no native bf16" in caplog.text) is not native
 
 
@@ -176,9 +173,9 @@ def test_auto_precision_reaches_the_autocast_dtype(fresh_accelerate_state):
     """The default (auto) trains in bf16 on a CPU with AVX512-BF16/AMX and in fp32 on one without."""
     cfg = compose(["model=tiny"])
     assert cfg.runtime.mixed_precision == "auto"
-    cfg.runtime.mixed_precision = mlm_train.resolve_mixed_precision(cfg.runtime.mixed_precision)
-    accelerator = make_accelerator(cfg)
+    cfg.runtime.mixed_precision = precision.resolve_mixed_precision(cfg.runtime.mixed_precision)
+    accelerator = make_accelerator(cfg.runtime.mixed_precision)
     layer = torch.nn.Linear(4, 4)
     with accelerator.autocast():
         dtype = layer(torch.ones(2, 4)).dtype
-    assert dtype == (torch.bfloat16 if mlm_train.native_bf16("cpu") else torch.float32)
+    assert dtype == (torch.bfloat16 if precision.native_bf16("cpu") else torch.float32)

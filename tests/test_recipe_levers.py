@@ -1,5 +1,5 @@
-"""The first-run recipe levers (head init, head learning rate, head-only steps, frozen layers) and
-the CPU speed switches (sparse embedding gradient, fast dropout): each does what its option says."""
+"""The recipe levers a fine-tune can choose (head init, head learning rate, layer-wise rates, frozen
+layers) and the host-memory switch: each does what its option says."""
 
 import json
 import math
@@ -7,15 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mlm.config import MaskingConfig, UserError
-from mlm.dropout import FastDropout, fast_dropout, keep_mask, use_fast_dropout
 from mlm.masking import MLMCollator
-from mlm.models import (MLMObjective, build_model, encoder_layers, head_parameters, init_unigram_bias, new_head_parameters,
-                        untie_decoder)
+from mlm.models import MLMObjective, build_model, encoder_layers, head_parameters, init_unigram_bias, new_head_parameters
 from mlm.optim import build_optimizer
-from tests.conftest import TINY_RUN, compose, run_cli, sentences
+from tests.conftest import TINY_RUN, compose, run_cli
 
 
 def batch_of(tokenizer, seed: int = 0, rows: int = 8, length: int = 64):
@@ -50,12 +47,15 @@ def test_identity_transform_changes_only_the_new_head():
         assert torch.equal(p, model.base_model.get_parameter(name)), name
 
 
-def test_the_new_head_recipe_comes_with_the_default_model_only():
-    default, guide = compose(), compose(["model=distilroberta"])
+def test_the_new_head_recipe_is_the_default_experiment_and_model_changes_only_the_model():
+    default, other_model, plain = compose(), compose(["model=distilroberta"]), compose(["experiment=none"])
     assert (default.model.head_transform_init, default.model.head_bias_init) == ("identity", "unigram")
     assert default.masking.train_probability > default.masking.mlm_probability == 0.15
-    assert (guide.model.head_transform_init, guide.model.head_bias_init, guide.masking.train_probability) == ("random", "zero", None)
-    assert guide.optimizer.new_head_lr_scale == 1.0 < default.optimizer.new_head_lr_scale
+    assert (other_model.model.head_transform_init, other_model.model.head_bias_init, other_model.masking.train_probability,
+            other_model.optimizer.new_head_lr_scale) == ("identity", "unigram", 0.3, 10)
+    assert other_model.model.name_or_path == "distilbert/distilroberta-base" and other_model.optimizer == default.optimizer
+    assert (plain.model.head_transform_init, plain.model.head_bias_init, plain.masking.train_probability) == ("random", "zero", None)
+    assert plain.optimizer.new_head_lr_scale == 1.0 < default.optimizer.new_head_lr_scale
 
 
 def test_unigram_bias_is_the_smoothed_log_frequency():
@@ -72,18 +72,12 @@ def test_unigram_bias_is_the_smoothed_log_frequency():
     assert torch.exp(bias.double()).sum().item() == pytest.approx(1.0, rel=1e-6)
 
 
-def test_unigram_bias_refuses_a_pretrained_head():
+def test_unigram_bias_leaves_a_pretrained_head_alone():
     model, tokenizer = build_model(compose(["model=tiny"]).model, 64, seed=0)
     model.mlm_new_weights = frozenset()  # as if every weight came from a checkpoint
-    with pytest.raises(UserError, match="no new output bias"):
-        init_unigram_bias(model, torch.ones(10), tokenizer.all_special_ids)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(sentences(400)))
-    return path
+    before = model.cls.predictions.bias.detach().clone()
+    init_unigram_bias(model, torch.ones(10), tokenizer.all_special_ids)
+    assert torch.equal(model.cls.predictions.bias, before)
 
 
 def test_unigram_bias_lowers_the_starting_perplexity(corpus, tmp_path):
@@ -99,7 +93,7 @@ def test_unigram_bias_lowers_the_starting_perplexity(corpus, tmp_path):
     assert before["unigram"] < before["zero"] / 20
 
 
-# ---------------------------------------------------------------- head learning rate, head-only steps, frozen layers
+# ---------------------------------------------------------------- head learning rate, layer-wise rates, frozen layers
 
 
 def test_new_head_lr_scale_puts_the_head_in_its_own_groups():
@@ -154,70 +148,6 @@ def test_layer_lr_decay_moves_each_layer_at_its_own_rate(tokenizer):
         compose(["optimizer.layer_lr_decay=0"]).validate()
 
 
-def test_head_only_step_updates_the_head_alone(tokenizer):
-    cfg = compose(["model=tiny", "model.dropout=0"])
-    model, _ = build_model(cfg.model, 64, seed=0)
-    objective = MLMObjective(model, sparse=True)
-    optimizer = build_optimizer(objective, cfg.optimizer)
-    head = set(head_parameters(model))
-    before = snapshot(model)
-    objective.set_head_only(True)
-    loss, n, _ = objective(**batch_of(tokenizer))
-    (loss / n).backward()
-    assert all(p.grad is None for name, p in model.named_parameters() if name not in head)  # no encoder backward
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    after = snapshot(model)
-    assert all(torch.equal(before[k], after[k]) for k in before if k not in head)
-    assert all(not torch.equal(before[k], after[k]) for k in head)
-    objective.set_head_only(False)  # the next step trains everything
-    one_step(objective, optimizer, batch_of(tokenizer, seed=1))
-    for name in ("bert.encoder.layer.0.output.dense.weight", "bert.embeddings.word_embeddings.weight"):
-        assert not torch.equal(after[name], model.get_parameter(name)), name
-
-
-def test_head_only_steps_in_a_run(corpus, tmp_path):
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path}", "trainer.max_steps=4",
-                    "trainer.head_only_steps=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", "trainer.save_model=false"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    weights = {s: load_file(str(tmp_path / "checkpoints" / f"ckpt-{s:08d}" / "model.safetensors")) for s in (1, 2, 3)}
-    layer = "bert.encoder.layer.1.output.dense.weight"
-    head = "cls.predictions.transform.dense.weight"
-    assert torch.equal(weights[1][layer], weights[2][layer])  # steps 1-2: the encoder waits
-    assert not torch.equal(weights[1][head], weights[2][head])  # ... and the head learns
-    assert not torch.equal(weights[2][layer], weights[3][layer])  # step 3 trains everything
-
-
-def test_untied_decoder_trains_apart_from_the_frozen_table(tokenizer, tmp_path):
-    from transformers import AutoModelForMaskedLM
-
-    cfg = compose(["model=tiny", "model.dropout=0", "model.freeze_embeddings=true", "model.untie_decoder=true"])
-    plain, _ = build_model(compose(["model=tiny", "model.dropout=0"]).model, 64, seed=0)
-    model, _ = build_model(cfg.model, 64, seed=0)
-    table, decoder = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    assert decoder is not table and torch.equal(decoder, table) and decoder.requires_grad and not table.requires_grad
-    assert "cls.predictions.decoder.weight" in head_parameters(model)
-    batch = batch_of(tokenizer)
-    plain.eval(), model.eval()
-    with torch.no_grad():  # the copy starts where the tied projection was: same predictions
-        assert torch.equal(MLMObjective(plain, sparse=True)(**batch)[0], MLMObjective(model, sparse=True)(**batch)[0])
-    model.train()
-    objective = MLMObjective(model, sparse=True)
-    table_before, decoder_before = table.detach().clone(), decoder.detach().clone()
-    one_step(objective, build_optimizer(objective, cfg.optimizer), batch)
-    assert torch.equal(table, table_before) and not torch.equal(decoder, decoder_before)
-    model.save_pretrained(tmp_path)  # both tables are saved and reload untied, the output bias still tied
-    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
-    assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight
-    model.eval(), loaded.eval()
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=batch["input_ids"]).logits, loaded(input_ids=batch["input_ids"]).logits)
-    with pytest.raises(UserError, match="not tied to its word embeddings"):
-        untie_decoder(model)
-
-
 def test_frozen_layers_skip_their_backward(tokenizer):
     cfg = compose(["model=tiny", "model.dropout=0", "model.freeze_layers=1"])
     model, _ = build_model(cfg.model, 64, seed=0)
@@ -238,62 +168,6 @@ def test_frozen_layers_skip_their_backward(tokenizer):
 def test_freezing_every_layer_is_refused():
     with pytest.raises(UserError, match="would freeze all 2 encoder layers"):
         build_model(compose(["model=tiny", "model.freeze_layers=2"]).model, 64, seed=0)
-
-
-# ---------------------------------------------------------------- speed switches
-
-
-def test_fast_dropout_drops_at_the_rate_and_scales():
-    torch.manual_seed(0)
-    x = torch.ones(1 << 20, requires_grad=True)
-    y = fast_dropout(x, 0.1, training=True)
-    dropped = (y == 0).double().mean().item()
-    assert dropped == pytest.approx(round(0.1 * 65536) / 65536, abs=3 * math.sqrt(0.1 * 0.9 / (1 << 20)))
-    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # the same mask and scale flow back
-    for lane in keep_mask((1 << 20,), 0.5, "cpu").view(-1, 4).T:  # each 16-bit lane of a draw is uniform
-        assert lane.double().mean().item() == pytest.approx(0.5, abs=0.005)
-    assert torch.equal(fast_dropout(x, 0.1, training=False), x)
-
-
-def test_fast_dropout_follows_the_seed():
-    torch.manual_seed(3)
-    a = keep_mask((64, 33), 0.1, "cpu")
-    torch.manual_seed(3)
-    assert torch.equal(a, keep_mask((64, 33), 0.1, "cpu"))
-    assert not torch.equal(a, keep_mask((64, 33), 0.1, "cpu"))
-
-
-def test_fast_dropout_swaps_every_dropout_module(tokenizer):
-    model, _ = build_model(compose(["model=tiny", "model.dropout=0.1"]).model, 64, seed=0)
-    plain = sum(type(m) is nn.Dropout for m in model.modules())
-    assert use_fast_dropout(model) == plain > 0
-    assert all(type(m) is not nn.Dropout for m in model.modules())
-    objective = MLMObjective(model, sparse=True)
-    objective.train()
-    torch.manual_seed(0)
-    a = objective(**batch_of(tokenizer))[0]
-    torch.manual_seed(0)
-    assert torch.equal(a, objective(**batch_of(tokenizer))[0])  # reproducible from the seed
-    b = objective(**batch_of(tokenizer))[0]
-    assert not torch.equal(a, b)  # and really random
-    objective.eval()
-    assert torch.equal(objective(**batch_of(tokenizer))[0], objective(**batch_of(tokenizer))[0])
-    assert isinstance(next(m for m in model.modules() if isinstance(m, nn.Dropout)), FastDropout)
-
-
-def test_keep_layers_reads_a_lower_layer(tokenizer):
-    full, _ = build_model(compose(["model=tiny", "model.dropout=0"]).model, 64, seed=0)
-    cut, _ = build_model(compose(["model=tiny", "model.dropout=0", "model.keep_layers=1"]).model, 64, seed=0)
-    assert len(encoder_layers(cut)) == cut.config.num_hidden_layers == 1
-    ids = batch_of(tokenizer)["input_ids"]
-    full.eval(), cut.eval()
-    with torch.no_grad():
-        below = full.base_model(input_ids=ids, output_hidden_states=True).hidden_states[1]
-        torch.testing.assert_close(cut.base_model(input_ids=ids).last_hidden_state, below)
-    with pytest.raises(UserError, match="only 2 encoder layers"):
-        build_model(compose(["model=tiny", "model.keep_layers=3"]).model, 64, seed=0)
 
 
 FAULTS_SCRIPT = """

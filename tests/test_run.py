@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mlm.train import native_bf16
+from mlm.precision import native_bf16
 from tests.conftest import TINY_RUN, run_cli
 
 
