@@ -2,10 +2,15 @@
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from mlm.config import Config, MaskingConfig, UserError
-from tests.conftest import compose
+from mlm.cli import check_override_keys, schema_keys
+from mlm.config import MOVED, REMOVED, Config, MaskingConfig, UserError
+from mlm.tracking import flatten
+from tests.conftest import ROOT, compose, run_cli
+
+CONF = ROOT / "conf"
 
 
 def test_default_config_composes_with_typed_groups():
@@ -61,3 +66,58 @@ def test_eli5_experiment_is_the_guides_recipe():
     assert cfg.block_size == 128 and cfg.masking.mlm_probability == 0.15
     assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.01
     assert cfg.trainer.epochs == 3 and cfg.trainer.max_steps <= 0 and cfg.trainer.eval_every == 0
+
+
+@pytest.mark.parametrize("override", ["runtime.mixed_precision=bf17", "masking.strategy=spam", "optimizer.impl=fast",
+                                      "tracker.backends=[wandb,mlflow]", "runtime.sharding=zero3"])
+def test_a_value_outside_a_choice_is_rejected_when_hydra_composes(override):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([override])
+    assert "expected one of" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["trainer.max_step=10"], "unknown config key 'trainer.max_step'; did you mean trainer.max_steps?"),
+    (["modle=tiny"], "did you mean model?"),
+    (["trainer.mixed_precision=bf16"], "trainer.mixed_precision is now runtime.mixed_precision: runtime.mixed_precision=bf16"),
+    (["trainer.sharding=fsdp"], "trainer.sharding is now runtime.sharding"),
+    (["trainer.fast_dropout=true"], "trainer.fast_dropout was removed"),
+])
+def test_a_wrong_key_on_the_command_line_gets_one_line_naming_the_real_one(args, line):
+    proc = run_cli(args)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {line}" or line in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "+trainer" not in proc.stderr  # not Hydra's advice to append the key
+
+
+def test_free_form_and_hydra_keys_pass_the_key_check():
+    check_override_keys(["model.arch.num_hidden_layers=3", "hydra.run.dir=/tmp/x", "hydra/launcher=parallel", "+model.arch.foo=1",
+                         "-m", "--cfg", "job", "model=tiny", "trainer.max_steps=5", "runtime.mixed_precision=no"])
+
+
+def test_help_lists_only_real_choices():
+    proc = run_cli(["--help"])
+    assert proc.returncode == 0
+    groups = proc.stdout.split("== Config ==")[0]
+    assert "model: distilroberta, minilm, modernbert" in groups and "_schema" not in groups
+
+
+def test_each_default_is_written_once():
+    """Group files list only what differs from the schema, so a default lives in mlm/config.py alone."""
+    schema = OmegaConf.structured(Config)
+    for path in sorted(CONF.glob("*/*.yaml")):
+        group = path.parent.name
+        if group in ("hydra", "experiment", "hparams_search"):
+            continue
+        values = OmegaConf.to_container(OmegaConf.load(path))
+        values.pop("defaults", None)
+        same = [k for k, v in flatten(values).items() if OmegaConf.select(schema, f"{group}.{k}") == v]
+        assert not same, f"{path.relative_to(CONF.parent)} repeats the schema's defaults: {same}"
+    # the default run is the schema, the model's own settings and the default recipe
+    plain = compose(["experiment=none", "model.dropout=null", "model.freeze_embeddings=false"])
+    assert plain == Config()
+
+
+def test_moved_and_removed_keys_are_not_in_the_schema():
+    keys = schema_keys()
+    assert all(old not in keys and new in keys for old, new in MOVED.items())
+    assert not any(key in keys for key in REMOVED)

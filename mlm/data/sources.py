@@ -260,7 +260,7 @@ def join_texts(values: list, field: str) -> List[str]:
 
 def load_text(cfg: DatasetConfig) -> DatasetDict:
     """Raw examples -> {'train', 'test'} with one `text` column, split with a fixed seed."""
-    ds = LOADERS[_registered(cfg.kind)](cfg)
+    ds = LOADERS[cfg.kind](cfg)
     if cfg.max_examples:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
     ds = select_text(ds, cfg.text_field)
@@ -268,12 +268,6 @@ def load_text(cfg: DatasetConfig) -> DatasetDict:
     if len(ds) < 2:
         raise UserError(f"the dataset has {len(ds)} non-empty example(s); it needs at least 2 to split off a test set")
     return ds.train_test_split(test_size=cfg.test_size, seed=cfg.split_seed, shuffle=True)
-
-
-def _registered(kind: str) -> str:
-    if kind not in LOADERS:
-        raise UserError(f"dataset.kind={kind!r} is unknown; choose one of {sorted(LOADERS)}")
-    return kind
 
 
 # ---------------------------------------------------------------- documents one at a time
@@ -326,7 +320,7 @@ def _raw_batches(cfg: DatasetConfig, streaming: bool) -> Iterator[Dict[str, list
             raise UserError(f"dataset.split={cfg.split!r}: a streamed hub dataset cannot be sliced; use dataset.max_examples")
         source = load_hub(cfg, streaming=streaming)
     else:
-        source = LOADERS[_registered(cfg.kind)](cfg)
+        source = LOADERS[cfg.kind](cfg)
     yield from source.iter(batch_size=size)
 
 
