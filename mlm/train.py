@@ -175,6 +175,7 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
     resume(run)
     run.tracker = open_trackers(cfg.tracker, run_dir, config_tree or asdict(cfg), run.job, run.main, resume_id=state.tracker_run_id)
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
+    faults.reached("startup")
     return run
 
 
@@ -244,7 +245,6 @@ def resume(run: Run) -> None:
         log.info("resumed from %s at step %d", ckpt, run.state.step)
     if run.main:
         rundir.start_from(run.run_dir, run.state.step if ckpt is not None else None, run.state.unrecorded)
-    faults.reached("startup")
 
 
 def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

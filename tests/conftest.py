@@ -75,7 +75,7 @@ def eli5_file(tmp_path) -> Path:
     return path
 
 
-TINY_RUN = ["model=tiny", "trainer=debug", "dataset=local", "block_size=32"]
+TINY_RUN = ["model=tiny", "trainer=debug", "experiment=none", "dataset=local", "block_size=32"]  # a plain tiny model: no head recipe
 
 
 def run_cli(args: List[str], cwd: Path = ROOT, env=None, timeout: int = 600, module: str | None = None) -> subprocess.CompletedProcess:

@@ -205,7 +205,6 @@ def test_schedule_values_at_start_middle_and_end():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(strategy="spans"), "masking.strategy='spans'"),
     (dict(schedule="linear"), "needs masking.final_probability"),
     (dict(strategy="span", mlm_probability=0.9), "most span masking"),
     (dict(final_probability=1.0, schedule="cosine"), "masking.final_probability=1.0"),
