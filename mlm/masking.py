@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mlm.config import MaskingConfig, UserError, span_length_mean
-from mlm.optim import SCHEDULES
+from mlm.schedules import SCHEDULES
 
 EVAL_STREAM = 1 << 30  # larger than any epoch number, so eval masks never equal a training epoch's
 _M32 = 0xFFFFFFFF
@@ -216,7 +216,7 @@ def scheduled_probability(cfg: MaskingConfig, progress: float) -> float:
     """The training mask rate at a fraction of training (0 -> 1): train_probability (or
     mlm_probability) -> final_probability.
 
-    The shapes are the learning-rate decays of mlm/optim.py turned upside down (0 -> 1), so
+    The shapes are the learning-rate decays of mlm/schedules.py turned upside down (0 -> 1), so
     `linear` and `cosine` mean the same curve in both groups.
     """
     start = cfg.mlm_probability if cfg.train_probability is None else cfg.train_probability
