@@ -117,6 +117,14 @@ def run_py(args, env: dict, timeout: float, torchrun: int = 0):
     return run([*launcher, str(ROOT / "run.py"), *args], env, timeout)
 
 
+def run_tiny(ctx, name: str, *overrides: str, env: dict | None = None, torchrun: int = 0):
+    """run.py on the tiny setup with `overrides`, into work/<name>: (run_dir, stderr, seconds, failure),
+    where failure is None when it exited 0, else what `failed` says."""
+    run_dir = ctx["work"] / name
+    rc, _, err, s = run_py([*ctx["tiny"], *overrides, f"hydra.run.dir={run_dir}"], {**ctx["env"], **(env or {})}, ctx["budget"].left(), torchrun)
+    return run_dir, err, s, None if rc == 0 else failed(rc, err, s)
+
+
 def failed(rc, err: str, seconds: float) -> str:
     if rc is None:
         return f"timed out after {seconds:.0f} s"
@@ -144,10 +152,9 @@ def last_metric(run_dir: Path, key: str):
 def check_auto_precision(ctx) -> tuple:
     from mlm.precision import native_bf16
 
-    run_dir = ctx["work"] / "auto"
-    rc, _, err, s = run_py([*ctx["tiny"], "runtime.mixed_precision=auto", f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left())
-    if rc != 0:
-        return failed(rc, err, s), "FAIL"
+    run_dir, _, _, failure = run_tiny(ctx, "auto", "runtime.mixed_precision=auto")
+    if failure:
+        return failure, "FAIL"
     r = results(run_dir)
     expected = "bf16" if native_bf16(ctx["device_type"]) else "no"
     result = (f"mixed_precision={r['mixed_precision']} (native bf16 here: {expected == 'bf16'}), device={r['device']}, "
@@ -156,10 +163,9 @@ def check_auto_precision(ctx) -> tuple:
 
 
 def check_fp16(ctx) -> tuple:
-    run_dir = ctx["work"] / "fp16"
-    rc, _, err, s = run_py([*ctx["tiny"], "runtime.mixed_precision=fp16", f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left())
-    if rc != 0:
-        return failed(rc, err, s), "FAIL"
+    run_dir, _, _, failure = run_tiny(ctx, "fp16", "runtime.mixed_precision=fp16")
+    if failure:
+        return failure, "FAIL"
     r = results(run_dir)
     step, scale = last_metric(run_dir, "train/loss_scale")
     result = (f"mixed_precision={r['mixed_precision']}, device={r['device']}, loss_scale={scale} at step {step}, "
@@ -246,11 +252,9 @@ def used_mib() -> float:
 
 
 def check_compile(ctx) -> tuple:
-    run_dir = ctx["work"] / "compile"
-    rc, _, err, s = run_py([*ctx["tiny"], "runtime.compile=true", f"hydra.run.dir={run_dir}"],
-                           {**ctx["env"], "TORCH_LOGS": "recompiles"}, ctx["budget"].left())
-    if rc != 0:
-        return failed(rc, err, s), "FAIL"
+    run_dir, err, s, failure = run_tiny(ctx, "compile", "runtime.compile=true", env={"TORCH_LOGS": "recompiles"})
+    if failure:
+        return failure, "FAIL"
     recompiles = err.count("Recompiling function")
     limit_hit = "hit config." in err  # torch._dynamo's warning when a frame exceeds its recompile limit (eager from then on)
     r = results(run_dir)
@@ -262,11 +266,10 @@ def check_compile(ctx) -> tuple:
 def check_ddp_fsdp(ctx) -> tuple:
     ppl = {}
     for sharding in ("none", "fsdp"):
-        run_dir = ctx["work"] / f"shard-{sharding}"
-        rc, _, err, s = run_py([*ctx["tiny"], "model.dropout=0", "runtime.mixed_precision=no", f"runtime.sharding={sharding}",
-                                f"hydra.run.dir={run_dir}"], ctx["env"], ctx["budget"].left(), torchrun=2)
-        if rc != 0:
-            return f"sharding={sharding}: {failed(rc, err, s)}", "FAIL"
+        run_dir, _, _, failure = run_tiny(ctx, f"shard-{sharding}", "model.dropout=0", "runtime.mixed_precision=no",
+                                          f"runtime.sharding={sharding}", torchrun=2)
+        if failure:
+            return f"sharding={sharding}: {failure}", "FAIL"
         r = results(run_dir)
         ppl[sharding] = (r["perplexity"], r["processes"], r["tokens_per_s"])
     rel = abs(ppl["fsdp"][0] - ppl["none"][0]) / ppl["none"][0]

@@ -17,12 +17,12 @@ The 80/10/10 replacement is drawn per token for `token` and once per word or spa
 so a word is never half [MASK] and half original. `masking.schedule` moves the rate over training
 (`scheduled_probability`); evaluation always uses the fixed `mlm_probability`.
 
-`python -m mlm.masking --show "some sentence"` prints one sentence masked by each strategy.
+`python -m mlm.mask_preview --show "some sentence"` prints one sentence masked by each strategy
+(mlm/mask_preview.py, which also plots the mask-rate schedules).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Dict, Optional, Tuple
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mlm.config import MaskingConfig, UserError, span_length_mean
-from mlm.optim import SCHEDULES
+from mlm.schedules import SCHEDULES
 
 EVAL_STREAM = 1 << 30  # larger than any epoch number, so eval masks never equal a training epoch's
 _M32 = 0xFFFFFFFF
@@ -216,7 +216,7 @@ def scheduled_probability(cfg: MaskingConfig, progress: float) -> float:
     """The training mask rate at a fraction of training (0 -> 1): train_probability (or
     mlm_probability) -> final_probability.
 
-    The shapes are the learning-rate decays of mlm/optim.py turned upside down (0 -> 1), so
+    The shapes are the learning-rate decays of mlm/schedules.py turned upside down (0 -> 1), so
     `linear` and `cosine` mean the same curve in both groups.
     """
     start = cfg.mlm_probability if cfg.train_probability is None else cfg.train_probability
@@ -259,93 +259,3 @@ class MLMCollator:
         if self.pad_token_id is not None and bool((input_ids == self.pad_token_id).any()):
             out["attention_mask"] = (input_ids != self.pad_token_id).to(torch.int64)
         return out
-
-
-def _render(tokenizer, original: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor) -> str:
-    """One line: what the model sees, chosen tokens in brackets ([MASK], [~random], [=kept])."""
-    words = []
-    for orig, seen, label in zip(tokenizer.convert_ids_to_tokens(original.tolist()), tokenizer.convert_ids_to_tokens(inputs.tolist()), labels.tolist()):
-        if label == -100:
-            words.append(orig)
-        elif seen == tokenizer.mask_token:
-            words.append("[MASK]")
-        else:
-            words.append(f"[={orig}]" if seen == orig else f"[~{seen}]")
-    return " ".join(words)
-
-
-def show(text: str, tokenizer, cfg: MaskingConfig, seed: int, examples: int = 1) -> str:
-    """The same sentence masked by each strategy, from a fixed seed (examples = how many draws each)."""
-    ids = torch.tensor([tokenizer(text)["input_ids"]] * examples, dtype=torch.int64)
-    lines = [f"{len(ids[0])} tokens, mlm_probability={cfg.mlm_probability}, seed={seed}; [MASK] = mask token, "
-             "[~x] = replaced by random token x, [=x] = chosen but kept"]
-    for strategy in ("token", "whole_word", "span"):
-        collate = MLMCollator(tokenizer, MaskingConfig(**{**cfg.__dict__, "strategy": strategy}), seed=seed)
-        out = collate({"input_ids": ids.numpy(), "index": np.arange(examples)})
-        for row in range(examples):
-            lines.append(f"{strategy:<10}  {_render(tokenizer, ids[row], out['input_ids'][row], out['labels'][row])}")
-    return "\n".join(lines)
-
-
-def plot_schedules(path: str, start: float, final: float, run_dir: Optional[str] = None) -> None:
-    """The mask rate over training for each schedule, from `scheduled_probability` itself; with
-    `run_dir`, also the rates a finished run logged (train/mlm_probability in its metrics.jsonl)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    progress = np.linspace(0, 1, 201)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for schedule in ("constant", "linear", "cosine"):
-        cfg = MaskingConfig(mlm_probability=start, final_probability=final, schedule=schedule)
-        ax.plot(progress, [scheduled_probability(cfg, x) for x in progress], label=f"masking.schedule={schedule}")
-    if run_dir:
-        import json
-        from pathlib import Path
-
-        steps = json.loads((Path(run_dir) / "results.json").read_text())["steps"]
-        logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        logged = [(r["step"], r["train/mlm_probability"]) for r in logged if "train/mlm_probability" in r]
-        # the rate used for step s was set before it, at fraction (s - 1) / steps
-        ax.plot([(s - 1) / steps for s, _ in logged], [p for _, p in logged], "k.", ms=4, label=f"logged by a run ({steps} steps)")
-    ax.set_xlabel("fraction of training (steps, or time budget)")
-    ax.set_ylabel("train/mlm_probability")
-    ax.set_title(f"mask rate from mlm_probability={start} to final_probability={final}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(argv=None) -> None:
-    from mlm.config import ModelConfig
-    from mlm.models import load_tokenizer
-
-    parser = argparse.ArgumentParser(prog="python -m mlm.masking", description="Show the masking strategies on a sentence, or plot the mask-rate schedules.")
-    parser.add_argument("--show", metavar="TEXT", help="a sentence to mask with each strategy")
-    parser.add_argument("--tokenizer", default=ModelConfig().name_or_path, help="tokenizer (default: the offline MiniLM one)")
-    parser.add_argument("--probability", type=float, default=MaskingConfig.mlm_probability, help="mlm_probability (the schedule's start with --plot)")
-    parser.add_argument("--final", type=float, default=0.15, help="--plot: final_probability")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--examples", type=int, default=1, help="--show: draws per strategy (examples 0, 1, ...)")
-    parser.add_argument("--plot", metavar="PNG", help="write a plot of the mask-rate schedules")
-    parser.add_argument("--run", metavar="DIR", help="--plot: also the rates this finished run logged")
-    args = parser.parse_args(argv)
-    if not (args.show or args.plot):
-        parser.error("give --show TEXT and/or --plot PNG")
-    try:
-        if args.show:
-            cfg = MaskingConfig(mlm_probability=args.probability)
-            cfg.validate()
-            print(show(args.show, load_tokenizer(ModelConfig(name_or_path=args.tokenizer)), cfg, args.seed, args.examples))
-        if args.plot:
-            plot_schedules(args.plot, args.probability, args.final, args.run)
-            print(f"wrote {args.plot}")
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from mlm.config import OptimizerConfig, SchedulerConfig, UserError
+from mlm.models import encoder_layers, new_head_parameters
+from mlm.schedules import SCHEDULES
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0) -> List[dict]:
@@ -20,8 +21,6 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_s
     layer_lr_decay, and the rest of the encoder (the embeddings, and any table or norm outside the
     layer stack) that of the bottom layer times it once more; head weights are not scaled by it.
     The schedule scales every group alike."""
-    from mlm.models import encoder_layers, new_head_parameters  # mlm.models -> mlm.masking -> this module
-
     inner = getattr(model, "model", model)  # the objective wraps the Hugging Face model
     hf_model = hasattr(inner, "base_model")
     scale = {}  # id(parameter) -> multiple of lr; unlisted: 1
@@ -60,14 +59,6 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return OPTIMIZERS[cfg.name](model, cfg)
 
 
-# Each schedule maps progress after warmup (0 -> 1) to a multiplier of the peak learning rate.
-SCHEDULES: Dict[str, Callable[[float], float]] = {
-    "linear": lambda progress: 1.0 - progress,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
-    "constant": lambda progress: 1.0,
-}
-
-
 def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total_steps))
 
@@ -75,7 +66,8 @@ def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, progress: Optional[Callable[[], float]] = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to the peak, then the named decay; stepped once per optimizer step.
+    """Linear warmup to the peak, then the named decay (mlm.schedules: progress after warmup, 0 -> 1,
+    -> multiplier of the peak); stepped once per optimizer step.
 
     With `progress` (the fraction of a time budget spent, 0 -> 1), the schedule follows
     max(step / total_steps, progress()) instead of the step alone (cramming-style): warmup and

@@ -50,6 +50,14 @@ def compose(overrides: List[str] = ()):
     return compose_config(overrides)
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """One text file of 500 generated sentences that every end-to-end run may read (never written to)."""
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n".join(sentences(500)))
+    return path
+
+
 @pytest.fixture
 def text_file(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"

@@ -8,7 +8,7 @@ import torch
 import pytest
 
 from mlm.config import UserError
-from tests.conftest import TINY_RUN, compose, run_cli, sentences
+from tests.conftest import TINY_RUN, compose, run_cli
 
 
 def assert_clean_failure(proc, run_dir, *needles):
@@ -20,13 +20,6 @@ def assert_clean_failure(proc, run_dir, *needles):
     for needle in needles:
         assert needle in errors[0]
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "results.json").exists()
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "c.txt"
-    path.write_text("\n".join(sentences(300)))
-    return path
 
 
 @pytest.mark.parametrize(

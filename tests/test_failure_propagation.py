@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, compose, sentences
+from tests.conftest import ROOT, TINY_RUN, compose
 
 RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.per_device_batch_size=2", "trainer.eval_every=1000"]
 
@@ -31,12 +31,6 @@ def launched(cmd: list, **kwargs):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "c.txt"
-    path.write_text("\n".join(sentences(300)))
-    return path
 
 
 def test_collective_timeout_must_be_positive():
@@ -64,12 +58,12 @@ def test_slurm_jobs_end_every_task_when_one_exits_with_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(tmp_path):
+def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(corpus, tmp_path):
     # Rank 1 raises after step 2 and then, as MLM_TEST_FAIL_HOLD asks, never leaves its group: its
     # sockets stay open, so rank 0's next gloo all-reduce does not end (as an NCCL one would not,
     # whatever the failed rank does); the group's own timeout (30 min) is far beyond the subprocess's.
     # Only the failure published on the job's store can end rank 0.
-    cmd = torchrun(29641, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=1000", "runtime.collective_timeout_minutes=30")
+    cmd = torchrun(29641, *RUN, f"dataset.path={corpus}", "trainer.max_steps=1000", "runtime.collective_timeout_minutes=30")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MLM_TEST_FAIL": "0:1:2", "MLM_TEST_FAIL_HOLD": "1"}
     with launched(cmd, cwd=tmp_path, env=env) as proc:
         _, err = proc.communicate(timeout=400)
@@ -106,10 +100,10 @@ def wait_for_step(run_parent: Path, step: int, launcher: subprocess.Popen) -> No
 
 
 @pytest.mark.slow
-def test_a_stopped_rank_is_named_and_ends_the_job(tmp_path):
+def test_a_stopped_rank_is_named_and_ends_the_job(corpus, tmp_path):
     # SIGSTOP: the process stays, its sockets stay open, the torchrun agent sees it alive; only its
     # heartbeat on the store stops.
-    cmd = torchrun(29643, *RUN, f"dataset.path={corpus(tmp_path)}", "trainer.max_steps=100000", "runtime.collective_timeout_minutes=0.5")
+    cmd = torchrun(29643, *RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "runtime.collective_timeout_minutes=0.5")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     with launched(cmd, cwd=tmp_path, env=env) as launcher:
         wait_for_step(tmp_path / "outputs" / "runs", 3, launcher)

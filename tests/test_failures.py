@@ -13,15 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
+from tests.conftest import ROOT, TINY_RUN, run_cli
 from tests.test_resume import assert_same_as_uninterrupted, last_step, wait_for
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "c.txt"
-    path.write_text("\n".join(sentences(500)))
-    return path
 
 
 @contextlib.contextmanager

@@ -217,8 +217,16 @@ def test_bad_masking_values_are_one_line_errors(overrides, message):
 
 
 def test_show_cli_prints_each_strategy():
-    proc = run_cli(["--show", "Photosynthesis and thermodynamics are unbelievably hard.", "--probability", "0.4", "--seed", "1"], module="mlm.masking")
+    proc = run_cli(["--show", "Photosynthesis and thermodynamics are unbelievably hard.", "--probability", "0.4", "--seed", "1"], module="mlm.mask_preview")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["token", "whole_word", "span"]
     assert any("[" in line.split(None, 1)[1].replace("[CLS]", "").replace("[SEP]", "") for line in lines[1:])
+
+
+def test_plot_cli_draws_the_schedules(tmp_path, capsys):
+    from mlm.mask_preview import main
+
+    main(["--plot", str(tmp_path / "schedules.png"), "--probability", "0.3", "--final", "0.15"])
+    assert (tmp_path / "schedules.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'schedules.png'}"

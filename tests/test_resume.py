@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
+from tests.conftest import ROOT, TINY_RUN, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +19,6 @@ pytestmark = pytest.mark.slow
 RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.max_steps=14", "trainer.checkpoint_every=3",
        "trainer.eval_every=4", "trainer.log_every=1", "trainer.keep_checkpoints=2", "trainer.save_model=true"]
 TIMING = ("perf/",)  # wall-clock figures differ between any two runs; everything else must not
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "c.txt"
-    path.write_text("\n".join(sentences(500)))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,9 @@ import json
 import struct
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import TINY_RUN, run_cli, sentences
+from tests.conftest import TINY_RUN, run_cli
 
 SECRET = "wandbkey-0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "c.txt"
-    path.write_text("\n".join(sentences(300)))
-    return path
 
 
 def offline_runs(run_dir: Path):

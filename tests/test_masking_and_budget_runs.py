@@ -4,14 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_RUN, run_cli, sentences
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(sentences(400)))
-    return path
+from tests.conftest import TINY_RUN, run_cli
 
 
 def records(run_dir):

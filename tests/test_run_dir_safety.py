@@ -1,4 +1,5 @@
-"""The pieces crash safety rests on: torn lines, atomic writes, the run-dir lock, fault points, finished runs."""
+"""The run directory's safeguards that crash safety rests on: torn metrics lines, atomic writes, the run-dir lock,
+fault points, finished runs."""
 
 import json
 import logging
