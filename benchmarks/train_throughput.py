@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput: transformers.Trainer (the HF guide's recipe) against this harness's step.
 
-    python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile --fast-dropout]
+    python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile]
 
 One command, one machine. The same DistilRoBERTa-shaped model (RoBERTa, 6 layers, hidden 768, 12
 heads, FFN 3072, vocab 50265, 514 positions, sdpa attention, ~82M parameters) is built from the
@@ -16,14 +16,13 @@ clipping at 1.0:
   trainer_bf16     the same with bf16=True (autocast through Accelerate). Only where the CPU runs bf16
                    natively (AVX512-BF16 or AMX, mlm.precision.native_bf16): elsewhere torch emulates bf16
                    and one dense step of this model takes minutes; the JSON then lists it under "skipped".
-  harness          mlm.models.MLMObjective(sparse=True) + mlm.optim.build_optimizer (fused AdamW) +
-                   mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision=P), and
-                   mlm.allocator.reuse_host_memory() (runtime.reuse_host_memory, on by default): the
-                   harness's defaults, where P is what runtime.mixed_precision=auto picks on this
-                   machine (bf16 where native, else fp32).
-  harness_compile  (only with --compile) the harness with model.base_model.compile(), as runtime.compile=true does.
-  harness_fast_dropout  (only with --fast-dropout) the harness with trainer.fast_dropout=true (off by
-                   default: other random numbers than torch's dropout, so other results).
+  harness          a Config composed from conf/ (experiment=none, the AdamW/schedule settings above,
+                   runtime.mixed_precision=P, runtime.sparse_prediction=true), then what mlm.train.train()
+                   builds from it: mlm.precision.make_accelerator(P), mlm.allocator.reuse_host_memory()
+                   (runtime.reuse_host_memory, on by default), mlm.train.build_optimization (layout,
+                   MLMObjective, fused AdamW, schedule) around this script's model, mlm.masking.MLMCollator
+                   and mlm.train.train_step; P is what runtime.mixed_precision=auto picks (bf16 where native, else fp32).
+  harness_compile  (only with --compile) the harness with runtime.compile=true (model.base_model.compile()).
 
 Processes. Each variant runs in its own worker subprocess launched by this script, so that its peak
 RSS (resource.getrusage ru_maxrss of that process) is its own and no variant inherits another's
@@ -342,43 +341,53 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     }
 
 
+def harness_config(variant: str, s: dict):
+    """The typed config of the harness variant, composed from conf/ as `python run.py <overrides>` would."""
+    from mlm.cli import compose
+
+    cfg = compose([
+        "experiment=none",  # no recipe: one learning rate for every weight and 15% training masks, as the Trainer
+        f"seed={s['seed']}", f"block_size={BLOCK}",
+        f"optimizer.lr={s['lr']}", "optimizer.beta2=0.999", "optimizer.eps=1e-8", "optimizer.weight_decay=0.01",  # the Trainer's AdamW
+        "scheduler=linear", "scheduler.warmup_ratio=0", "scheduler.warmup_steps=0",
+        f"trainer.max_steps={s['total_steps']}", f"trainer.per_device_batch_size={BATCH}", "trainer.max_grad_norm=1.0",
+        f"runtime.mixed_precision={'bf16' if s['harness_precision'] == 'bf16' else 'no'}", "runtime.sparse_prediction=true",
+        f"runtime.compile={str(variant == 'harness_compile').lower()}",
+    ])
+    cfg.validate()
+    return cfg
+
+
 def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
-    from accelerate import Accelerator
     from mlm.allocator import reuse_host_memory
     from mlm.batching import TrainOrder, TrainSampler, make_loader
-    from mlm.dropout import use_fast_dropout
-    from mlm.config import MaskingConfig, OptimizerConfig, SchedulerConfig
-    from mlm.masking import MLMCollator
-    from mlm.models import MLMObjective
-    from mlm.optim import build_optimizer, build_scheduler
-    from mlm.train import train_step
+    from mlm.masking import MLMCollator, scheduled_probability
+    from mlm.precision import make_accelerator
+    from mlm.train import build_optimization, train_step
 
-    accelerator = Accelerator(mixed_precision="bf16" if s["harness_precision"] == "bf16" else "no")
-    reuse_host_memory()  # runtime.reuse_host_memory, on by default in mlm.train
-    if variant == "harness_fast_dropout":
-        use_fast_dropout(model)
-    objective = MLMObjective(model, sparse=True)
-    if variant == "harness_compile":
-        model.base_model.compile()  # in place, as mlm.train does with runtime.compile=true
-    # the harness's optimizer builder; Adam betas/eps set to the Trainer's so the learning check compares like with like
-    opt_cfg = OptimizerConfig(lr=s["lr"], weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, impl="auto")
-    optimizer = build_optimizer(objective, opt_cfg)
-    scheduler = build_scheduler(optimizer, SchedulerConfig(name="linear", warmup_steps=0, warmup_ratio=0.0), s["total_steps"])
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    order = TrainOrder(len(train_blocks), BATCH, 1, accelerator.num_processes, s["seed"])
-    collator = MLMCollator(tokenizer, MaskingConfig(), seed=s["seed"], stream=0)  # stream = epoch 0
+    # What mlm.train.build_run() builds, around this script's own model (the Trainer's initial weights)
+    cfg = harness_config(variant, s)
+    accelerator = make_accelerator(cfg.runtime.mixed_precision)
+    if cfg.runtime.reuse_host_memory:  # on by default
+        reuse_host_memory()
+    layout, objective, optimizer, scheduler = build_optimization(cfg, model, s["total_steps"], accelerator)
+    tcfg = cfg.trainer
+    order = TrainOrder(len(train_blocks), tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+    collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed, stream=0)  # stream = epoch 0
+    collator.probability = scheduled_probability(cfg.masking, 0.0)  # as mlm.train.train_batches sets it (constant here)
+    assert collator.probability == s["mlm_probability"], collator.probability
     probe = None if variant == "harness_compile" else DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
     objective.train()
     gate = Gate(boundaries(s))
     rss_before = rss_mb()
     gate.open()
-    loader = make_loader(train_blocks, TrainSampler(order, 0, accelerator.process_index), collator, 0, pin_memory=False)
+    loader = make_loader(train_blocks, TrainSampler(order, 0, accelerator.process_index), collator, cfg.runtime.num_workers, pin_memory=False)
     batches = iter(loader)
     masked, losses = [], []
     for step in range(1, s["total_steps"] + 1):
         micro = [next(batches)]
         gate.step_begin()
-        result = train_step(objective, optimizer, scheduler, micro, accelerator, 1.0)
+        result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout)
         losses.append(round(float(result.loss_sum) / max(result.masked, 1), 4))  # train_step already synced the loss
         masked.append(int(result.masked))
         if step == 1 and variant == "harness_compile":
@@ -392,7 +401,7 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "train_loss": losses,
         "autocast_dtype": probe.dtype if probe else f"{s['harness_precision']} (not probed under torch.compile)",
         "threads_in_step": gate.threads,
-        "optimizer": f"mlm.optim.build_optimizer: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
+        "optimizer": f"mlm.train.build_optimization: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
         "rss_before_train_mb": rss_before,
         "peak_rss_mb": peak,
         "dense_head": False,
@@ -558,7 +567,6 @@ def main(argv=None) -> int:
     p.add_argument("--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
     p.add_argument("--compile", action="store_true", help="also time harness_compile (model.base_model.compile())")
-    p.add_argument("--fast-dropout", action="store_true", help="also time harness_fast_dropout (trainer.fast_dropout=true)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_settings", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
@@ -577,12 +585,11 @@ def main(argv=None) -> int:
     if min(steps, reps, warmup) < 1:
         p.error("--steps, --reps and --warmup must be >= 1")
     threads = a.threads or len(os.sched_getaffinity(0))
-    from mlm.precision import native_bf16
+    from mlm.precision import native_bf16, resolve_mixed_precision
 
-    bf16_native = native_bf16("cpu")
-    harness_precision = "bf16" if bf16_native else "fp32"  # what runtime.mixed_precision=auto picks here
-    precision = {**TRAINER_PRECISION, "harness": harness_precision, "harness_compile": harness_precision,
-                 "harness_fast_dropout": harness_precision}
+    bf16_native = native_bf16("cpu")  # the Trainer's device (use_cpu=True)
+    harness_precision = "bf16" if resolve_mixed_precision("auto") == "bf16" else "fp32"  # what runtime.mixed_precision=auto picks
+    precision = {**TRAINER_PRECISION, "harness": harness_precision, "harness_compile": harness_precision}
     probed = ("fp32", "bf16") if bf16_native else ("fp32",)
     eval_blocks = a.eval_blocks or (16 if q else 64)
     mm_size = a.matmul_size or (1024 if q else 2048)
@@ -590,14 +597,14 @@ def main(argv=None) -> int:
     settings = {
         "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps, "threads": threads,
         "lr": a.lr, "seed": a.seed, "eval_blocks": eval_blocks, "block_size": BLOCK, "batch_size": BATCH,
-        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile, "fast_dropout": a.fast_dropout,
+        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile,
         "bf16_native": bf16_native, "harness_precision": harness_precision,
         "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
         "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
         "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
         "mlm_probability": 0.15,
     }
-    variants = list(VARIANTS) + (["harness_compile"] if a.compile else []) + (["harness_fast_dropout"] if a.fast_dropout else [])
+    variants = list(VARIANTS) + (["harness_compile"] if a.compile else [])
     skipped = {}
     if not bf16_native:
         emulated = matmul_gflops(512, 3, threads, ("fp32", "bf16"))
@@ -672,8 +679,6 @@ def main(argv=None) -> int:
     }
     if a.compile:
         per_round["harness_compile_vs_harness"] = window_ratio("harness_compile", "harness")
-    if a.fast_dropout:
-        per_round["harness_fast_dropout_vs_trainer_fp32"] = window_ratio("harness_fast_dropout", "trainer_fp32")
     out = {
         "tokens_per_s": tps,
         "speedup_vs_trainer_fp32": ratio(tps.get("harness"), tps.get("trainer_fp32")),
@@ -720,9 +725,6 @@ def main(argv=None) -> int:
     }
     if a.compile:
         out["speedup_compile_vs_harness"] = ratio(tps.get("harness_compile"), tps.get("harness"))
-    if a.fast_dropout:
-        out["speedup_fast_dropout_vs_trainer_fp32"] = ratio(tps.get("harness_fast_dropout"), tps.get("trainer_fp32"))
-        out["eval_loss"]["harness_fast_dropout"] = ev("harness_fast_dropout")
     try:
         import transformers
 
