@@ -1,77 +1,30 @@
 #!/usr/bin/env python
 """Training throughput: transformers.Trainer (the HF guide's recipe) against this harness's step.
 
-    python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile --fast-dropout]
+    python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile]
 
-One command, one machine. The same DistilRoBERTa-shaped model (RoBERTa, 6 layers, hidden 768, 12
-heads, FFN 3072, vocab 50265, 514 positions, sdpa attention, ~82M parameters) is built from the
-same seed (its parameter checksum is recorded and compared) and trained on the same token blocks
-(the default Wikipedia sample, the offline MiniLM tokenizer, block 128), batch 8, for the same
-number of optimizer steps, with the same threads, learning rate, AdamW hyper-parameters (betas
-0.9/0.999, eps 1e-8, weight decay 0.01 on matrices only), linear decay without warm-up and gradient
-clipping at 1.0:
+Every variant trains the same model (RoBERTa, 6 layers x 768, 12 heads, FFN 3072, vocab 50265, ~82M
+parameters), built from the same seed (parameter checksum compared: "same_init"), on the same token
+blocks (the default Wikipedia sample, the offline MiniLM tokenizer, block 128), batch 8, for the
+same steps and threads, with the same AdamW (--lr, default 3e-4; betas 0.9/0.999, eps 1e-8, weight
+decay 0.01 on matrices only), linear decay without warm-up and gradient clipping at 1.0:
 
-  trainer_fp32     transformers.Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), fp32;
-                   Trainer's own default optimizer (fused AdamW in transformers 5 with torch >= 2.8).
-  trainer_bf16     the same with bf16=True (autocast through Accelerate). Only where the CPU runs bf16
-                   natively (AVX512-BF16 or AMX, mlm.precision.native_bf16): elsewhere torch emulates bf16
-                   and one dense step of this model takes minutes; the JSON then lists it under "skipped".
-  harness          mlm.models.MLMObjective(sparse=True) + mlm.optim.build_optimizer (fused AdamW) +
-                   mlm.masking.MLMCollator + mlm.train.train_step, Accelerator(mixed_precision=P), and
-                   mlm.allocator.reuse_host_memory() (runtime.reuse_host_memory, on by default): the
-                   harness's defaults, where P is what runtime.mixed_precision=auto picks on this
-                   machine (bf16 where native, else fp32).
-  harness_compile  (only with --compile) the harness with model.base_model.compile(), as runtime.compile=true does.
-  harness_fast_dropout  (only with --fast-dropout) the harness with trainer.fast_dropout=true (off by
-                   default: other random numbers than torch's dropout, so other results).
+  trainer_fp32     transformers.Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), fp32
+  trainer_bf16     the same with bf16=True; only where the CPU runs bf16 natively, else under "skipped"
+  harness          built the way mlm.train.train() builds it: a Config composed from conf/ (experiment=none:
+                   15% masks, one learning rate), make_accelerator, build_optimization, MLMCollator and
+                   train_step, at the precision runtime.mixed_precision=auto picks (bf16 where native, else fp32)
+  harness_compile  (--compile) the harness with runtime.compile=true
 
-Processes. Each variant runs in its own worker subprocess launched by this script, so that its peak
-RSS (resource.getrusage ru_maxrss of that process) is its own and no variant inherits another's
-allocator state. All workers stay alive for the whole run (about 2.5 GB each at peak), but only
-one computes at a time: the others block on a pipe, using no CPU.
-
-Timing, interleaved. Every variant trains W warm-up steps (not timed: allocation, first touch,
-torch.compile) and then R windows of N consecutive steps, W + R*N steps in all, as one training
-run. The driver runs the variants' windows in turns: round 0 is every variant's warm-up, round r is
-every variant's r-th window (the order rotates each round), and a worker pauses between its windows
-until the driver tells it to go on. So the windows of different variants are minutes apart at most,
-and a change in background load during the run (other jobs starting or stopping on the machine)
-hits all variants alike instead of whichever happened to run last; the speedups are also reported
-as the median of per-round ratios. A step is timed from the end of the previous step (or the end of
-a pause) to the end of this one, so data loading, masking and collation, the loss read-back and
-per-step logging are included for both loops (end-to-end training throughput); the pause itself is
-never timed. For the Trainer the timestamps come from a TrainerCallback (on_step_begin/on_step_end);
-for the harness from the loop in this file around mlm.train.train_step. tokens/s of a window = N *
-8 * 128 / window time (all positions, masked or not); the reported number is the median over the R
-windows. The compute-only time (step begin -> step end, i.e. without fetching and collating the
-batch) is reported too.
-
-FLOPs (see "flops_counted" in the JSON): 6 * N_body per token (N_body = all parameters except the
-token/position/type embedding tables and the MLM head) + 12 * layers * hidden * seq per token for
-attention scores and values (forward + backward) + the MLM head as actually executed: 6 * (hidden^2
-+ hidden * vocab) per predicted position, where the Trainer predicts every position (dense head)
-and the harness only the masked ones (measured count, ~15%). MFU = achieved model FLOP/s / the
-machine's matmul throughput at the matching precision (bf16 for bf16 variants, fp32 for fp32),
-measured in this run with torch.matmul on square matrices (median of several repetitions) before
-the run, at the start of every round (all workers paused) and after the run. "mfu" divides each
-window by the probe of its own round and takes the median, so background load that slows both
-alike cancels out; "mfu_vs_best_peak" divides by the best probe of the whole run.
-
-Learning check. After the same number of steps from the same initial weights, every variant's
-model is scored in fp32 (no autocast; the dtype is checked with a forward hook) on the first
-`--eval-blocks` test blocks with the harness's deterministic eval masks
-(MLMCollator(stream=mlm.masking.EVAL_STREAM)), so all variants see identical eval inputs. The
-training data order and masks differ between Trainer (its RandomSampler and torch RNG masking) and
-the harness (its TrainOrder permutation and hash masking), so the losses match only statistically:
-the check is "harness within 2% of the Trainer at the harness's precision" (trainer_bf16 where bf16
-is native, else trainer_fp32). The eval loss of the initial weights is reported
-to show how far training moved the loss: a check on a loss that did not move would be meaningless,
-so the default learning rate is 3e-4 rather than the guide's 2e-5 (a fine-tuning rate for a
-pretrained model, which from random init barely moves the loss in a few steps; `--lr 2e-5` gives
-the guide's value). The default run is short (2 warm-up + 3 x 3 timed = 11 steps per variant) so
-that all three variants fit in 10 minutes on 2 cores, where a dense fp32 step of this model takes
-~5-13 s depending on load; more steps (--steps/--reps) make both the timing and the learning check
-tighter. harness_compile is not evaluated (same math as harness; eval would recompile the encoder).
+Reading the output. Each variant runs in its own worker process, and the variants take turns window
+by window (W warm-up steps, then R windows of N steps, interleaved), so background load hits all
+alike. tokens/s is the median over windows of N * 8 * 128 / window time, end to end (data, masking,
+step, loss read-back); speedup_vs_* are ratios of those medians, speedup_median_of_rounds the
+median of per-round ratios. FLOPs count the model as executed ("flops_counted": 6 x body parameters
++ attention + the MLM head, on every position for the Trainer, on the masked ones for the harness);
+MFU divides them by a torch.matmul peak at the variant's precision, probed in every round. eval_loss:
+every variant scored in fp32 on the same eval masks after the same steps; the check is the harness
+within 2% of the Trainer at the harness's precision. Details: the comment block below the imports.
 """
 
 from __future__ import annotations
@@ -86,14 +39,65 @@ import statistics
 import subprocess
 import sys
 import tempfile
-
-from common import emit  # benchmarks/common.py (the script's folder is on sys.path)
 import time
 from pathlib import Path
+
+from common import emit  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# How it measures, in detail.
+#
+# Variants. The model has 514 positions and sdpa attention. trainer_fp32 uses Trainer's own default
+# optimizer (fused AdamW in transformers 5 with torch >= 2.8); trainer_bf16 autocasts through
+# Accelerate. bf16 is native where the CPU has AVX512-BF16 or AMX (mlm.precision.native_bf16);
+# elsewhere torch emulates it and one dense step of this model takes minutes, so the bf16 Trainer
+# is skipped with the measured reason. The harness variant gets runtime.reuse_host_memory (on by
+# default) and the sparse MLM head (runtime.sparse_prediction), as a default run does.
+#
+# Processes. Each variant runs in its own worker subprocess launched by this script, so that its
+# peak RSS (resource.getrusage ru_maxrss of that process) is its own and no variant inherits
+# another's allocator state. All workers stay alive for the whole run (about 2.5 GB each at peak),
+# but only one computes at a time: the others block on a pipe, using no CPU.
+#
+# Timing, interleaved. Every variant trains W warm-up steps (not timed: allocation, first touch,
+# torch.compile) and then R windows of N consecutive steps, W + R*N steps in all, as one training
+# run. The driver runs the variants' windows in turns: round 0 is every variant's warm-up, round r
+# is every variant's r-th window (the order rotates each round), and a worker pauses between its
+# windows until the driver tells it to go on. So the windows of different variants are minutes apart
+# at most, and a change in background load (other jobs starting or stopping on the machine) hits
+# all variants alike instead of whichever happened to run last. A step is timed from the end of the
+# previous step (or the end of a pause) to the end of this one, so data loading, masking and
+# collation, the loss read-back and per-step logging are included for both loops; the pause itself
+# is never timed. The Trainer's timestamps come from a TrainerCallback (on_step_begin/on_step_end),
+# the harness's from the loop in this file around mlm.train.train_step. tokens/s of a window counts
+# all positions, masked or not. The compute-only time (step begin -> step end, i.e. without fetching
+# and collating the batch) is reported too.
+#
+# MFU. The matmul peak is measured in this run with torch.matmul on square matrices (median of
+# several repetitions) before the run, at the start of every round (all workers paused) and after
+# the run. "mfu" divides each window by the probe of its own round and takes the median, so
+# background load that slows both alike cancels out; "mfu_vs_best_peak" divides by the best probe of
+# the whole run. FLOPS_COUNTED below says what is counted and what is not.
+#
+# Learning check. After the same number of steps from the same initial weights, every variant's
+# model is scored in fp32 (no autocast; the dtype is checked with a forward hook) on the first
+# --eval-blocks test blocks with the harness's deterministic eval masks
+# (MLMCollator(stream=mlm.masking.EVAL_STREAM)), so all variants see identical eval inputs. The
+# training data order and masks differ between the Trainer (its RandomSampler and torch RNG masking)
+# and the harness (its TrainOrder permutation and hash masking), so the losses match only
+# statistically: the check is "harness within 2% of the Trainer at the harness's precision"
+# (trainer_bf16 where bf16 is native, else trainer_fp32). The eval loss of the initial weights is
+# reported to show how far training moved the loss: a check on a loss that did not move would be
+# meaningless, so the default learning rate is 3e-4 rather than the guide's 2e-5 (a fine-tuning rate
+# for a pretrained model, which from random init barely moves the loss in a few steps; --lr 2e-5
+# gives the guide's value). The default run is short (2 warm-up + 3 x 3 timed = 11 steps per
+# variant) so that all three variants fit in 10 minutes on 2 cores, where a dense fp32 step of this
+# model takes ~5-13 s depending on load; more steps (--steps/--reps) make both the timing and the
+# learning check tighter. harness_compile is not evaluated (same math as harness; eval would
+# recompile the encoder).
 
 BLOCK = 128
 BATCH = 8
@@ -114,6 +118,7 @@ FLOPS_COUNTED = (
     "loss, optimizer update. MFU = achieved model FLOP/s / measured torch.matmul peak at the variant's "
     "precision (bf16 variants vs bf16 peak, trainer_fp32 vs fp32 peak)."
 )
+
 
 
 # ---------------------------------------------------------------- shared by the workers
@@ -264,11 +269,50 @@ def boundaries(s: dict):
 # ---------------------------------------------------------------- one variant (runs in a worker subprocess)
 
 
-def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+class CountMasked:
+    """The guide's collator, unchanged; only counts the masked positions it produces."""
 
-    gate = Gate(boundaries(s))
+    def __init__(self, inner):
+        self.inner, self.masked = inner, []
+
+    def __call__(self, features):
+        out = self.inner(features)
+        self.masked.append(int((out["labels"] != -100).sum()))
+        return out
+
+
+def trainer_args(variant: str, s: dict, out_dir: str):
+    """The guide's TrainingArguments, set to this benchmark's shared settings."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out_dir,
+        max_steps=s["total_steps"],
+        per_device_train_batch_size=BATCH,
+        learning_rate=s["lr"],
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        bf16=variant == "trainer_bf16",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="steps",
+        logging_steps=1,  # the loss is read back every step, as the harness loop does
+        dataloader_num_workers=0,
+        seed=s["seed"],
+        disable_tqdm=True,
+    )
+
+
+def gate_callback(gate: Gate):
+    """A TrainerCallback that times the Trainer's steps and pauses it at window boundaries."""
+    from transformers import TrainerCallback
 
     class GateCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -280,45 +324,20 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             gate.step_end(state.global_step)
 
-    class CountMasked:
-        """The guide's collator, unchanged; only counts the masked positions it produces."""
+    return GateCallback()
 
-        def __init__(self, inner):
-            self.inner, self.masked = inner, []
 
-        def __call__(self, features):
-            out = self.inner(features)
-            self.masked.append(int((out["labels"] != -100).sum()))
-            return out
+def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
+    from transformers import DataCollatorForLanguageModeling, Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    gate = Gate(boundaries(s))
     collator = CountMasked(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15))
     with tempfile.TemporaryDirectory() as out_dir:
-        args = TrainingArguments(
-            output_dir=out_dir,
-            max_steps=s["total_steps"],
-            per_device_train_batch_size=BATCH,
-            learning_rate=s["lr"],
-            weight_decay=0.01,
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            adam_epsilon=1e-8,
-            lr_scheduler_type="linear",
-            warmup_steps=0,
-            max_grad_norm=1.0,
-            bf16=variant == "trainer_bf16",
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="steps",
-            logging_steps=1,  # the loss is read back every step, as the harness loop does
-            dataloader_num_workers=0,
-            seed=s["seed"],
-            disable_tqdm=True,
-        )
+        args = trainer_args(variant, s, out_dir)
         trainer = Trainer(
             model=model, args=args, train_dataset=train_blocks, data_collator=collator,
-            processing_class=tokenizer, callbacks=[GateCallback()],
+            processing_class=tokenizer, callbacks=[gate_callback(gate)],
         )
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
@@ -327,7 +346,6 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         trainer.train()
         peak = peak_rss_mb()
         losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
-        optim = str(args.optim)
     return {
         "step_s": gate.step_s,
         "compute_s": gate.compute_s,
@@ -335,50 +353,60 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "train_loss": losses,
         "autocast_dtype": probe.dtype,
         "threads_in_step": gate.threads,
-        "optimizer": optim,
+        "optimizer": str(args.optim),
         "rss_before_train_mb": rss_before,
         "peak_rss_mb": peak,
         "dense_head": True,
     }
 
 
+def harness_config(variant: str, s: dict):
+    """The typed config of the harness variant, composed from conf/ as `python run.py <overrides>` would."""
+    from mlm.cli import compose
+
+    cfg = compose([
+        "experiment=none",  # no recipe: one learning rate for every weight and 15% training masks, as the Trainer
+        f"seed={s['seed']}", f"block_size={BLOCK}",
+        f"optimizer.lr={s['lr']}", "optimizer.beta2=0.999", "optimizer.eps=1e-8", "optimizer.weight_decay=0.01",  # the Trainer's AdamW
+        "scheduler=linear", "scheduler.warmup_ratio=0", "scheduler.warmup_steps=0",
+        f"trainer.max_steps={s['total_steps']}", f"trainer.per_device_batch_size={BATCH}", "trainer.max_grad_norm=1.0",
+        f"runtime.mixed_precision={'bf16' if s['harness_precision'] == 'bf16' else 'no'}", "runtime.sparse_prediction=true",
+        f"runtime.compile={str(variant == 'harness_compile').lower()}",
+    ])
+    cfg.validate()
+    return cfg
+
+
 def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
-    from accelerate import Accelerator
     from mlm.allocator import reuse_host_memory
     from mlm.batching import TrainOrder, TrainSampler, make_loader
-    from mlm.dropout import use_fast_dropout
-    from mlm.config import MaskingConfig, OptimizerConfig, SchedulerConfig
-    from mlm.masking import MLMCollator
-    from mlm.models import MLMObjective
-    from mlm.optim import build_optimizer, build_scheduler
-    from mlm.train import train_step
+    from mlm.masking import MLMCollator, scheduled_probability
+    from mlm.precision import make_accelerator
+    from mlm.train import build_optimization, train_step
 
-    accelerator = Accelerator(mixed_precision="bf16" if s["harness_precision"] == "bf16" else "no")
-    reuse_host_memory()  # runtime.reuse_host_memory, on by default in mlm.train
-    if variant == "harness_fast_dropout":
-        use_fast_dropout(model)
-    objective = MLMObjective(model, sparse=True)
-    if variant == "harness_compile":
-        model.base_model.compile()  # in place, as mlm.train does with runtime.compile=true
-    # the harness's optimizer builder; Adam betas/eps set to the Trainer's so the learning check compares like with like
-    opt_cfg = OptimizerConfig(lr=s["lr"], weight_decay=0.01, beta1=0.9, beta2=0.999, eps=1e-8, impl="auto")
-    optimizer = build_optimizer(objective, opt_cfg)
-    scheduler = build_scheduler(optimizer, SchedulerConfig(name="linear", warmup_steps=0, warmup_ratio=0.0), s["total_steps"])
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    order = TrainOrder(len(train_blocks), BATCH, 1, accelerator.num_processes, s["seed"])
-    collator = MLMCollator(tokenizer, MaskingConfig(), seed=s["seed"], stream=0)  # stream = epoch 0
+    # What mlm.train.build_run() builds, around this script's own model (the Trainer's initial weights)
+    cfg = harness_config(variant, s)
+    accelerator = make_accelerator(cfg.runtime.mixed_precision)
+    if cfg.runtime.reuse_host_memory:  # on by default
+        reuse_host_memory()
+    layout, objective, optimizer, scheduler = build_optimization(cfg, model, s["total_steps"], accelerator)
+    tcfg = cfg.trainer
+    order = TrainOrder(len(train_blocks), tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+    collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed, stream=0)  # stream = epoch 0
+    collator.probability = scheduled_probability(cfg.masking, 0.0)  # as mlm.train.train_batches sets it (constant here)
+    assert collator.probability == s["mlm_probability"], collator.probability
     probe = None if variant == "harness_compile" else DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
     objective.train()
     gate = Gate(boundaries(s))
     rss_before = rss_mb()
     gate.open()
-    loader = make_loader(train_blocks, TrainSampler(order, 0, accelerator.process_index), collator, 0, pin_memory=False)
+    loader = make_loader(train_blocks, TrainSampler(order, 0, accelerator.process_index), collator, cfg.runtime.num_workers, pin_memory=False)
     batches = iter(loader)
     masked, losses = [], []
     for step in range(1, s["total_steps"] + 1):
         micro = [next(batches)]
         gate.step_begin()
-        result = train_step(objective, optimizer, scheduler, micro, accelerator, 1.0)
+        result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout)
         losses.append(round(float(result.loss_sum) / max(result.masked, 1), 4))  # train_step already synced the loss
         masked.append(int(result.masked))
         if step == 1 and variant == "harness_compile":
@@ -392,7 +420,7 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "train_loss": losses,
         "autocast_dtype": probe.dtype if probe else f"{s['harness_precision']} (not probed under torch.compile)",
         "threads_in_step": gate.threads,
-        "optimizer": f"mlm.optim.build_optimizer: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
+        "optimizer": f"mlm.train.build_optimization: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
         "rss_before_train_mb": rss_before,
         "peak_rss_mb": peak,
         "dense_head": False,
@@ -524,6 +552,92 @@ def matmul_gflops(size: int, reps: int, threads: int, names=("fp32", "bf16")) ->
     return out
 
 
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def gflops(probe: dict) -> str:
+    return "/".join(f"{g:.0f}" for g in probe.values())
+
+
+# ---------------------------------------------------------------- the driver's steps, in the order main() runs them
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", required=False, help="write the results here")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed window (default 3; quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="timed windows; the median is reported (default 3; quick 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the usable cores)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every variant (linear decay, no warm-up)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-blocks", type=int, default=None, help="test blocks for the learning check (default 64; quick 16)")
+    p.add_argument("--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
+    p.add_argument("--compile", action="store_true", help="also time harness_compile (runtime.compile=true)")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_settings", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if any(x is not None and x < 1 for x in (a.steps, a.reps, a.warmup)):
+        p.error("--steps, --reps and --warmup must be >= 1")
+    return a
+
+
+def make_settings(a) -> dict:
+    """Every setting the workers share (the JSON's "settings"), with --quick's smaller defaults."""
+    from mlm.precision import native_bf16, resolve_mixed_precision
+
+    q = a.quick
+    warmup = a.warmup if a.warmup is not None else (1 if q else 2)
+    steps = a.steps if a.steps is not None else (1 if q else 3)
+    reps = a.reps if a.reps is not None else (2 if q else 3)
+    return {
+        "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps,
+        "threads": a.threads or len(os.sched_getaffinity(0)), "lr": a.lr, "seed": a.seed,
+        "eval_blocks": a.eval_blocks or (16 if q else 64), "block_size": BLOCK, "batch_size": BATCH,
+        "matmul_size": a.matmul_size or (1024 if q else 2048), "matmul_reps": 3 if q else 7, "quick": q, "compile": a.compile,
+        "bf16_native": native_bf16("cpu"),  # on the Trainer's device (use_cpu=True)
+        "harness_precision": "bf16" if resolve_mixed_precision("auto") == "bf16" else "fp32",  # what runtime.mixed_precision=auto picks
+        "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
+        "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
+        "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
+        "mlm_probability": 0.15,
+    }
+
+
+def choose_variants(s: dict):
+    """The variants to run, and the skipped ones with the measured reason."""
+    variants = list(VARIANTS) + (["harness_compile"] if s["compile"] else [])
+    skipped = {}
+    if not s["bf16_native"]:
+        emulated = matmul_gflops(512, 3, s["threads"], ("fp32", "bf16"))
+        skipped["trainer_bf16"] = (f"no native bf16 on this CPU (no AVX512-BF16 or AMX): a 512^2 matmul ran at "
+                                   f"{emulated['bf16']:.1f} GFLOP/s in bf16 against {emulated['fp32']:.1f} in fp32, "
+                                   "so a bf16 Trainer step of this model would take minutes")
+        variants.remove("trainer_bf16")
+    return variants, skipped
+
+
+def probed(s: dict):
+    return ("fp32", "bf16") if s["bf16_native"] else ("fp32",)
+
+
+def measure(variants, s: dict) -> dict:
+    """The matmul peak before, the interleaved run (with a probe at the start of every round), the peak after."""
+    def probe():
+        return matmul_gflops(s["matmul_size"], s["matmul_reps"], s["threads"], probed(s))
+
+    t_all, load_before = time.perf_counter(), os.getloadavg()
+    print(f"matmul peak ({s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...", file=sys.stderr, flush=True)
+    before = probe()
+    with tempfile.TemporaryDirectory() as tmp:
+        results, rounds = run_interleaved(variants, s, Path(tmp), probe)
+    after = probe()
+    return {"results": results, "rounds": rounds, "before": before, "after": after, "loadavg_before": load_before, "t_all": t_all}
+
+
 def window_stats(step_s, warmup: int, steps: int, reps: int, tokens_per_step: int) -> dict:
     windows = [sum(step_s[warmup + r * steps : warmup + (r + 1) * steps]) for r in range(reps)]
     rates = [steps * tokens_per_step / w for w in windows]
@@ -537,232 +651,185 @@ def flops_per_step(stats: dict, masked_mean: float, dense_head: bool) -> float:
     return 6 * stats["n_body"] * tokens + 12 * layers * h * BLOCK * tokens + 6 * (h * h + h * v) * predicted
 
 
-def fmt(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
+FIGURES = ("tokens_per_s", "compute_only_tokens_per_s", "flops_per_step", "model_gflops_achieved", "mfu", "mfu_vs_best_peak",
+           "peak_memory_mb", "peak_memory_minus_rss_before_training_mb")
 
 
-def gflops(probe: dict) -> str:
-    return "/".join(f"{g:.0f}" for g in probe.values())
+def variant_figures(r: dict, rounds, s: dict, best: float, precision: str) -> dict:
+    """One variant's FIGURES and its "details" entry; the figures are None for a failed worker.
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", required=False, help="write the results here")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed window (default 3; quick 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
-    p.add_argument("--reps", type=int, default=None, help="timed windows; the median is reported (default 3; quick 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the usable cores)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every variant (linear decay, no warm-up)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--eval-blocks", type=int, default=None, help="test blocks for the learning check (default 64; quick 16)")
-    p.add_argument("--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
-    p.add_argument("--compile", action="store_true", help="also time harness_compile (model.base_model.compile())")
-    p.add_argument("--fast-dropout", action="store_true", help="also time harness_fast_dropout (trainer.fast_dropout=true)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
-    p.add_argument("--_settings", help=argparse.SUPPRESS)
-    p.add_argument("--_out", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-
-    if a._worker:
-        result = worker(a._worker, json.loads(a._settings))
-        Path(a._out).write_text(json.dumps(result))
-        _signal("finished")
-        return 0
-
-    q = a.quick
-    warmup = a.warmup if a.warmup is not None else (1 if q else 2)
-    steps = a.steps if a.steps is not None else (1 if q else 3)
-    reps = a.reps if a.reps is not None else (2 if q else 3)
-    if min(steps, reps, warmup) < 1:
-        p.error("--steps, --reps and --warmup must be >= 1")
-    threads = a.threads or len(os.sched_getaffinity(0))
-    from mlm.precision import native_bf16
-
-    bf16_native = native_bf16("cpu")
-    harness_precision = "bf16" if bf16_native else "fp32"  # what runtime.mixed_precision=auto picks here
-    precision = {**TRAINER_PRECISION, "harness": harness_precision, "harness_compile": harness_precision,
-                 "harness_fast_dropout": harness_precision}
-    probed = ("fp32", "bf16") if bf16_native else ("fp32",)
-    eval_blocks = a.eval_blocks or (16 if q else 64)
-    mm_size = a.matmul_size or (1024 if q else 2048)
-    mm_reps = 3 if q else 7
-    settings = {
-        "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps, "threads": threads,
-        "lr": a.lr, "seed": a.seed, "eval_blocks": eval_blocks, "block_size": BLOCK, "batch_size": BATCH,
-        "matmul_size": mm_size, "matmul_reps": mm_reps, "quick": q, "compile": a.compile, "fast_dropout": a.fast_dropout,
-        "bf16_native": bf16_native, "harness_precision": harness_precision,
-        "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
-        "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
-        "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
-        "mlm_probability": 0.15,
-    }
-    variants = list(VARIANTS) + (["harness_compile"] if a.compile else []) + (["harness_fast_dropout"] if a.fast_dropout else [])
-    skipped = {}
-    if not bf16_native:
-        emulated = matmul_gflops(512, 3, threads, ("fp32", "bf16"))
-        skipped["trainer_bf16"] = (f"no native bf16 on this CPU (no AVX512-BF16 or AMX): a 512^2 matmul ran at "
-                                   f"{emulated['bf16']:.1f} GFLOP/s in bf16 against {emulated['fp32']:.1f} in fp32, "
-                                   "so a bf16 Trainer step of this model would take minutes")
-        variants.remove("trainer_bf16")
-    command = shlex.join(["python", *sys.argv] if argv is None else ["python", "benchmarks/train_throughput.py", *argv])
-    t_all = time.perf_counter()
-    load_before = os.getloadavg()
-
-    import torch
-
-    print(f"matmul peak ({mm_size}x{mm_size}, {threads} threads) ...", file=sys.stderr, flush=True)
-    mm_before = matmul_gflops(mm_size, mm_reps, threads, probed)
-    with tempfile.TemporaryDirectory() as tmp:
-        results, rounds = run_interleaved(variants, settings, Path(tmp), lambda: matmul_gflops(mm_size, mm_reps, threads, probed))
-    mm_after = matmul_gflops(mm_size, mm_reps, threads, probed)
-    all_probes = [mm_before, mm_after] + [r["matmul_gflops"] for r in rounds]
-    peak = {k: max(m[k] for m in all_probes) for k in probed}
-
+    `best` is the best matmul peak of the run at the variant's precision."""
+    if "error" in r:
+        return {**dict.fromkeys(FIGURES), "details": r}
     tokens_per_step = BATCH * BLOCK
-    tps, mfu, mfu_best, achieved, fps, mem, mem_delta, compute_tps, details = {}, {}, {}, {}, {}, {}, {}, {}, {}
-    for v, r in results.items():
-        if "error" in r:
-            tps[v] = mfu[v] = mfu_best[v] = achieved[v] = fps[v] = mem[v] = mem_delta[v] = compute_tps[v] = None
-            details[v] = r
-            continue
-        w = window_stats(r["step_s"], warmup, steps, reps, tokens_per_step)
-        c = window_stats(r["compute_s"], warmup, steps, reps, tokens_per_step)
-        timed_masked = r["masked_per_step"][warmup:]
-        masked_mean = statistics.mean(timed_masked) if timed_masked else 0.15 * tokens_per_step
-        fps[v] = flops_per_step(r, masked_mean, r["dense_head"])
-        tps[v] = w["tokens_per_s"]
-        compute_tps[v] = c["tokens_per_s"]
-        achieved[v] = fps[v] * tps[v] / tokens_per_step / 1e9
-        # MFU of each window against the matmul peak measured at the start of the same round, then the median:
-        # background load slows the matmul probe and the training alike, so this stays comparable across rounds
-        mfu_reps = [fps[v] * rate / tokens_per_step / 1e9 / rounds[i + 1]["matmul_gflops"][precision[v]]
-                    for i, rate in enumerate(w["tokens_per_s_reps"])]
-        mfu[v] = statistics.median(mfu_reps)
-        mfu_best[v] = achieved[v] / peak[precision[v]]
-        mem[v] = r["peak_rss_mb"]
-        mem_delta[v] = r["peak_rss_mb"] - r["rss_before_train_mb"]
-        details[v] = {**r, **{f"window_{k}": val for k, val in w.items()}, "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
-                      "masked_per_step_mean_timed": masked_mean, "model_gflop_per_step": fps[v] / 1e9,
-                      "mfu_reps": mfu_reps}
+    w = window_stats(r["step_s"], s["warmup"], s["steps"], s["reps"], tokens_per_step)
+    c = window_stats(r["compute_s"], s["warmup"], s["steps"], s["reps"], tokens_per_step)
+    timed_masked = r["masked_per_step"][s["warmup"]:]
+    masked_mean = statistics.mean(timed_masked) if timed_masked else 0.15 * tokens_per_step
+    fps = flops_per_step(r, masked_mean, r["dense_head"])
+    achieved = fps * w["tokens_per_s"] / tokens_per_step / 1e9
+    # MFU of each window against the matmul peak measured at the start of the same round, then the median:
+    # background load slows the matmul probe and the training alike, so this stays comparable across rounds
+    mfu_reps = [fps * rate / tokens_per_step / 1e9 / rounds[i + 1]["matmul_gflops"][precision]
+                for i, rate in enumerate(w["tokens_per_s_reps"])]
+    return {
+        "tokens_per_s": w["tokens_per_s"], "compute_only_tokens_per_s": c["tokens_per_s"], "flops_per_step": fps,
+        "model_gflops_achieved": achieved, "mfu": statistics.median(mfu_reps), "mfu_vs_best_peak": achieved / best,
+        "peak_memory_mb": r["peak_rss_mb"], "peak_memory_minus_rss_before_training_mb": r["peak_rss_mb"] - r["rss_before_train_mb"],
+        "details": {**r, **{f"window_{k}": val for k, val in w.items()}, "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
+                    "masked_per_step_mean_timed": masked_mean, "model_gflop_per_step": fps / 1e9, "mfu_reps": mfu_reps},
+    }
 
+
+def speedups(tps: dict, details: dict, compile_: bool) -> dict:
+    """Harness against Trainer: the ratio of median tokens/s, and the median over rounds of same-round ratios."""
     def ratio(x, y):
         return x / y if x and y else None
 
-    def window_ratio(x, y):
-        """Median over rounds of x's tokens/s / y's tokens/s in the same round (robust to load drift)."""
+    def window_ratio(x, y):  # robust to load drift: both windows of a round ran minutes apart at most
         if tps.get(x) is None or tps.get(y) is None:
             return None, None
         per = [a / b for a, b in zip(details[x]["window_tokens_per_s_reps"], details[y]["window_tokens_per_s_reps"])]
         return statistics.median(per), per
 
-    def ev(v):
-        r = results.get(v, {})
-        return r.get("eval", {}).get("loss")
-
-    init = next((r["eval_init"]["loss"] for r in results.values() if "eval_init" in r), None)
-    reference = f"trainer_{harness_precision}"  # the Trainer at the harness's precision
-    b_loss, c_loss = ev(reference), ev("harness")
-    rel = (c_loss - b_loss) / b_loss if b_loss and c_loss else None
-    checksums = {v: r.get("init_checksum") for v, r in results.items() if "error" not in r}
-    per_round = {
-        "harness_vs_trainer_fp32": window_ratio("harness", "trainer_fp32"),
-        "harness_vs_trainer_bf16": window_ratio("harness", "trainer_bf16"),
-        "trainer_bf16_vs_trainer_fp32": window_ratio("trainer_bf16", "trainer_fp32"),
-    }
-    if a.compile:
-        per_round["harness_compile_vs_harness"] = window_ratio("harness_compile", "harness")
-    if a.fast_dropout:
-        per_round["harness_fast_dropout_vs_trainer_fp32"] = window_ratio("harness_fast_dropout", "trainer_fp32")
+    pairs = {"harness_vs_trainer_fp32": ("harness", "trainer_fp32"), "harness_vs_trainer_bf16": ("harness", "trainer_bf16"),
+             "trainer_bf16_vs_trainer_fp32": ("trainer_bf16", "trainer_fp32")}
+    if compile_:
+        pairs["harness_compile_vs_harness"] = ("harness_compile", "harness")
+    per_round = {k: window_ratio(x, y) for k, (x, y) in pairs.items()}
     out = {
-        "tokens_per_s": tps,
         "speedup_vs_trainer_fp32": ratio(tps.get("harness"), tps.get("trainer_fp32")),
         "speedup_vs_trainer_bf16": ratio(tps.get("harness"), tps.get("trainer_bf16")),
         "speedup_median_of_rounds": {k: m for k, (m, _) in per_round.items()},
         "speedup_per_round": {k: per for k, (_, per) in per_round.items()},
+    }
+    if compile_:
+        out["speedup_compile_vs_harness"] = ratio(tps.get("harness_compile"), tps.get("harness"))
+    return out
+
+
+def eval_summary(results: dict, s: dict) -> dict:
+    """The learning check: the harness's fp32 eval loss against the Trainer's at the harness's precision."""
+    def ev(v):
+        return results.get(v, {}).get("eval", {}).get("loss")
+
+    reference = f"trainer_{s['harness_precision']}"
+    b_loss, c_loss = ev(reference), ev("harness")
+    rel = (c_loss - b_loss) / b_loss if b_loss and c_loss else None
+    return {
+        "reference": reference, "harness": c_loss, "rel_diff": rel,
+        "harness_within_2pct_of_reference": None if rel is None else abs(rel) <= 0.02,
+        "trainer_fp32": ev("trainer_fp32"), "trainer_bf16": ev("trainer_bf16"),
+        "init": next((r["eval_init"]["loss"] for r in results.values() if "eval_init" in r), None),
+        "after_steps": s["total_steps"], "eval_blocks": s["eval_blocks"],
+        "masked_tokens": next((r["eval"]["masked_tokens"] for r in results.values() if "eval" in r), None),
+        "eval_dtype": {v: r["eval"]["dtype"] for v, r in results.items() if "eval" in r},
+        "note": "fp32 eval, harness eval masks (EVAL_STREAM) on the first test blocks, identical for all variants; "
+                "same init and data, but Trainer and harness draw training order and masks differently",
+    }
+
+
+def summarize(run: dict, s: dict, skipped: dict, command: str) -> dict:
+    """The JSON: figures per variant, speedups, the learning check, the matmul probes, settings and machine."""
+    import torch
+    import transformers
+
+    results, rounds = run["results"], run["rounds"]
+    precision = {**TRAINER_PRECISION, "harness": s["harness_precision"], "harness_compile": s["harness_precision"]}
+    probes = [run["before"], run["after"]] + [r["matmul_gflops"] for r in rounds]
+    peak = {k: max(m[k] for m in probes) for k in probed(s)}
+    figs = {v: variant_figures(r, rounds, s, peak[precision[v]], precision[v]) for v, r in results.items()}
+    col = {k: {v: f[k] for v, f in figs.items()} for k in (*FIGURES, "details")}
+    checksums = {v: r.get("init_checksum") for v, r in results.items() if "error" not in r}
+    more = speedups(col["tokens_per_s"], col["details"], s["compile"])
+    compile_speedup = {"speedup_compile_vs_harness": more.pop("speedup_compile_vs_harness")} if s["compile"] else {}
+    return {
+        "tokens_per_s": col["tokens_per_s"],
+        **more,
         "skipped": skipped,
-        "eval_loss": {
-            "reference": reference, "harness": c_loss, "rel_diff": rel,
-            "harness_within_2pct_of_reference": None if rel is None else abs(rel) <= 0.02,
-            "trainer_fp32": ev("trainer_fp32"), "trainer_bf16": ev("trainer_bf16"), "init": init, "after_steps": settings["total_steps"],
-            "eval_blocks": eval_blocks,
-            "masked_tokens": next((r["eval"]["masked_tokens"] for r in results.values() if "eval" in r), None),
-            "eval_dtype": {v: r["eval"]["dtype"] for v, r in results.items() if "eval" in r},
-            "note": "fp32 eval, harness eval masks (EVAL_STREAM) on the first test blocks, identical for all variants; "
-                    "same init and data, but Trainer and harness draw training order and masks differently",
-        },
-        "mfu": mfu,
+        "eval_loss": eval_summary(results, s),
+        "mfu": col["mfu"],
         "mfu_peak": {v: precision[v] for v in results},
         "mfu_note": "mfu: median over windows of (window's model FLOP/s / matmul peak at the variant's precision "
                     "measured at the start of the same round); mfu_vs_best_peak: median tokens/s against the best "
                     "matmul peak seen in the whole run (lower when the machine was busier during training than at its best)",
-        "mfu_vs_best_peak": mfu_best,
-        "model_gflops_achieved": achieved,
-        "model_gflop_per_step": {v: (x / 1e9 if x else None) for v, x in fps.items()},
-        "compute_only_tokens_per_s": compute_tps,
-        "peak_memory_mb": mem,
-        "peak_memory_minus_rss_before_training_mb": mem_delta,
-        "matmul_gflops": {**peak, "size": mm_size, "before": mm_before, "after": mm_after,
-                          "per_round": [r["matmul_gflops"] for r in rounds], "threads": threads,
+        "mfu_vs_best_peak": col["mfu_vs_best_peak"],
+        "model_gflops_achieved": col["model_gflops_achieved"],
+        "model_gflop_per_step": {v: (x / 1e9 if x else None) for v, x in col["flops_per_step"].items()},
+        "compute_only_tokens_per_s": col["compute_only_tokens_per_s"],
+        "peak_memory_mb": col["peak_memory_mb"],
+        "peak_memory_minus_rss_before_training_mb": col["peak_memory_minus_rss_before_training_mb"],
+        "matmul_gflops": {**peak, "size": s["matmul_size"], "before": run["before"], "after": run["after"],
+                          "per_round": [r["matmul_gflops"] for r in rounds], "threads": s["threads"],
                           "note": "fp32/bf16 = the best of all probes (before, at the start of every round, after)"},
         "flops_counted": FLOPS_COUNTED,
         "same_init": len(set(checksums.values())) == 1 if checksums else None,
         "command": command,
-        "settings": settings,
+        "settings": s,
         "machine": {
             "cpu": platform.processor() or platform.machine(), "usable_cores": len(os.sched_getaffinity(0)),
             "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "loadavg_before": run["loadavg_before"], "loadavg_after": os.getloadavg(), "transformers": transformers.__version__,
         },
-        "total_wall_s": time.perf_counter() - t_all,
+        "total_wall_s": time.perf_counter() - run["t_all"],
         "rounds": rounds,
-        "details": details,
+        "details": col["details"],
+        **compile_speedup,
     }
-    if a.compile:
-        out["speedup_compile_vs_harness"] = ratio(tps.get("harness_compile"), tps.get("harness"))
-    if a.fast_dropout:
-        out["speedup_fast_dropout_vs_trainer_fp32"] = ratio(tps.get("harness_fast_dropout"), tps.get("trainer_fp32"))
-        out["eval_loss"]["harness_fast_dropout"] = ev("harness_fast_dropout")
-    try:
-        import transformers
 
-        out["machine"]["transformers"] = transformers.__version__
-    except Exception:  # pragma: no cover
-        pass
 
-    # the table
+def table(out: dict) -> list:
+    """The readable lines, from the JSON alone."""
+    s, ev, mm = out["settings"], out["eval_loss"], out["matmul_gflops"]
     lines = [
-        f"train throughput: RoBERTa 6x768 (vocab 50265), batch {BATCH} x {BLOCK} tokens, {threads} threads, "
-        f"{warmup} warm-up + median of {reps} x {steps} steps, variants interleaved; harness in {harness_precision}",
+        f"train throughput: RoBERTa 6x768 (vocab 50265), batch {BATCH} x {BLOCK} tokens, {s['threads']} threads, "
+        f"{s['warmup']} warm-up + median of {s['reps']} x {s['steps']} steps, variants interleaved; harness in {s['harness_precision']}",
         f"{'variant':<16} {'tokens/s':>9} {'compute':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>11} "
         f"{'+train MB':>9} {'eval loss':>9}",
     ]
-    for v in results:
-        r = results[v]
+    for v, d in out["details"].items():
+        mfu = out["mfu"][v]
         lines.append(
-            f"{v:<16} {fmt(tps[v]):>9} {fmt(compute_tps[v]):>9} {fmt(fps[v] and fps[v] / 1e9):>10} {fmt(achieved[v]):>8} "
-            f"{fmt(mfu[v] and 100 * mfu[v]) + '%':>6} {fmt(mem[v], '.0f'):>11} {fmt(mem_delta[v], '.0f'):>9} "
-            f"{fmt(r.get('eval', {}).get('loss'), '.4f'):>9}"
+            f"{v:<16} {fmt(out['tokens_per_s'][v]):>9} {fmt(out['compute_only_tokens_per_s'][v]):>9} "
+            f"{fmt(out['model_gflop_per_step'][v]):>10} {fmt(out['model_gflops_achieved'][v]):>8} "
+            f"{fmt(mfu and 100 * mfu) + '%':>6} {fmt(out['peak_memory_mb'][v], '.0f'):>11} "
+            f"{fmt(out['peak_memory_minus_rss_before_training_mb'][v], '.0f'):>9} {fmt(d.get('eval', {}).get('loss'), '.4f'):>9}"
         )
-    sp32, sp16 = out["speedup_vs_trainer_fp32"], out["speedup_vs_trainer_bf16"]
-    lines += [f"{v:<16} skipped: {why}" for v, why in skipped.items()]
+    lines += [f"{v:<16} skipped: {why}" for v, why in out["skipped"].items()]
+    rel = ev["rel_diff"]
     lines += [
-        f"harness speedup: {fmt(sp32, '.2f')}x vs trainer_fp32" + ("" if skipped.get("trainer_bf16") else f", {fmt(sp16, '.2f')}x vs trainer_bf16")
-        + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if a.compile else "")
+        f"harness speedup: {fmt(out['speedup_vs_trainer_fp32'], '.2f')}x vs trainer_fp32"
+        + ("" if out["skipped"].get("trainer_bf16") else f", {fmt(out['speedup_vs_trainer_bf16'], '.2f')}x vs trainer_bf16")
+        + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if s["compile"] else "")
         + " (ratio of medians)",
         "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items() if m),
-        f"matmul {'/'.join(probed)} GFLOP/s ({mm_size}^2): best {gflops(peak)}; before {gflops(mm_before)}, rounds "
-        + ", ".join(gflops(r["matmul_gflops"]) for r in rounds)
-        + f", after {gflops(mm_after)} (MFU: vs the same round's probe)",
-        f"eval loss after {settings['total_steps']} steps (init {fmt(init, '.4f')}): {reference} {fmt(b_loss, '.4f')}, "
-        f"harness {fmt(c_loss, '.4f')}, rel diff {fmt(rel and 100 * rel, '+.2f')}% -> "
+        f"matmul {'/'.join(mm['before'])} GFLOP/s ({mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
+        f"before {gflops(mm['before'])}, rounds " + ", ".join(gflops(r) for r in mm["per_round"])
+        + f", after {gflops(mm['after'])} (MFU: vs the same round's probe)",
+        f"eval loss after {ev['after_steps']} steps (init {fmt(ev['init'], '.4f')}): {ev['reference']} {fmt(ev.get(ev['reference']), '.4f')}, "
+        f"harness {fmt(ev['harness'], '.4f')}, rel diff {fmt(rel and 100 * rel, '+.2f')}% -> "
         f"{'within' if rel is not None and abs(rel) <= 0.02 else 'NOT within'} 2%",
         f"same initial weights in every variant: {out['same_init']}; load average before/after: "
-        f"{load_before[0]:.2f} / {out['machine']['loadavg_after'][0]:.2f}",
-        f"total {out['total_wall_s']:.0f}s. command: {command}",
+        f"{out['machine']['loadavg_before'][0]:.2f} / {out['machine']['loadavg_after'][0]:.2f}",
+        f"total {out['total_wall_s']:.0f}s. command: {out['command']}",
     ]
-    emit(lines, out, a.json)
-    return 0 if all("error" not in r for r in results.values()) else 1
+    return lines
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a._worker:  # one variant, started by run_interleaved
+        result = worker(a._worker, json.loads(a._settings))
+        Path(a._out).write_text(json.dumps(result))
+        _signal("finished")
+        return 0
+    settings = make_settings(a)
+    variants, skipped = choose_variants(settings)
+    command = shlex.join(["python", *sys.argv] if argv is None else ["python", "benchmarks/train_throughput.py", *argv])
+    run = measure(variants, settings)
+    out = summarize(run, settings, skipped, command)
+    emit(table(out), out, a.json)
+    return 0 if all("error" not in r for r in run["results"].values()) else 1
 
 
 if __name__ == "__main__":
