@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from mlm.config import OptimizerConfig, SchedulerConfig, UserError
+from mlm.config import OptimizerConfig, SchedulerConfig
 from mlm.models import encoder_layers, new_head_parameters
 from mlm.schedules import SCHEDULES
 
@@ -54,8 +54,6 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimiz
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if cfg.name not in OPTIMIZERS:
-        raise UserError(f"optimizer.name={cfg.name!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.name](model, cfg)
 
 
@@ -74,8 +72,6 @@ def build_scheduler(
     decay end when either the steps or the budget run out. It is read when the scheduler steps, so
     the rate depends on wall time and a resumed run cannot repeat it bit for bit.
     """
-    if cfg.name not in SCHEDULES:
-        raise UserError(f"scheduler.name={cfg.name!r} is unknown; choose one of {sorted(SCHEDULES)}")
     decay, warmup = SCHEDULES[cfg.name], warmup_steps(cfg, total_steps)
 
     def multiplier(step: int) -> float:
