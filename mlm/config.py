@@ -1,7 +1,8 @@
-"""Typed configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+"""Typed configuration: one dataclass per config group, and every default value of the harness.
 
-Hydra rejects unknown keys and wrongly typed values against these schemas before any work
-starts. Value checks that a type cannot express live in `validate()` methods that raise
+conf/config.yaml starts from this schema, and the group files under conf/ list only what differs
+from it. Hydra rejects unknown keys, wrongly typed values and values outside a `Choice` before any
+work starts. Value checks that a type cannot express live in `validate()` methods that raise
 `UserError` with a one-line message naming the value and the fix.
 """
 
