@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU acceptance check: the claims the README makes about GPUs, measured on the machine at hand.
+"""GPU acceptance check: the claims docs/ makes about GPUs (docs/performance.md, docs/distributed.md), measured on the machine at hand.
 
     python benchmarks/gpu_check.py [--budget-minutes 8] [--json out.json] [--out-dir DIR]
 
@@ -16,10 +16,10 @@ the default-sized benchmark (benchmarks/train_throughput.py).
   syncs per step        CUDA: train() in this process under torch.cuda.set_sync_debug_mode("warn"),
                         2 and 12 steps; (warnings of the 12-step run - those of the 2-step run) / 10
                         is the steady-state count per step (start-up, the final eval and checkpoint
-                        cancel out). The README claims one (the loss/grad-norm read-back). Not every
+                        cancel out). docs/performance.md claims one (the loss/grad-norm read-back). Not every
                         synchronizing operation warns (torch's caveat: torch.distributed ops do not).
   throughput vs Trainer CUDA: benchmarks/train_throughput.py --quick as a subprocess; skipped while that
-                        script still pins its Trainer to the CPU (use_cpu=True): the harness would run
+                        script pins its Trainer to the CPU (use_cpu=True): the harness would run
                         on the GPU against a CPU Trainer
   parallel jobs         run.py -m hydra/launcher=parallel hydra.launcher.n_jobs=2: the slots in
                         lease.jsonl (MLM_LEASE_DIR) never shared by two running jobs; on CUDA also
@@ -31,7 +31,8 @@ the default-sized benchmark (benchmarks/train_throughput.py).
   failing rank (NCCL)   2+ GPUs: a 2-job sweep under torchrun --nproc_per_node 2 with MLM_TEST_FAIL=0:1:3
                         (job 0 fails on rank 1 after step 3): job 0 must fail on both ranks and job 1 run;
                         how long torchrun took to exit, or killed after PEER_WAIT_S (NCCL peers may
-                        wait out the group's 30-minute timeout, README "Multi-GPU sweeps")
+                        wait out the group's timeout, runtime.collective_timeout_minutes, default 10;
+                        docs/resume-and-failures.md, "Failure propagation across ranks")
 
 --budget-minutes bounds the whole script: each subprocess gets what is left, and rows that find the
 budget spent say "skipped: budget". On a machine without CUDA the CUDA rows say "skipped: no CUDA
@@ -70,7 +71,7 @@ ROWS = ("auto precision", "fp16 loss scale", "syncs per step", "throughput vs Tr
         "compile recompiles", "DDP vs FSDP", "failing rank (NCCL)")
 CUDA_ONLY = {"syncs per step", "throughput vs Trainer", "compile recompiles"}
 MULTI_GPU = {"DDP vs FSDP", "failing rank (NCCL)"}
-PEER_WAIT_S = 180  # the failing-rank row waits this long at most: NCCL peers may otherwise wait out the group's 30-minute timeout
+PEER_WAIT_S = 180  # the failing-rank row waits this long at most: NCCL peers may otherwise wait out the group's timeout (runtime.collective_timeout_minutes, default 10)
 MIN_ROW_S = 15  # a row is not started with less budget than this: no run.py finishes faster
 
 

@@ -37,7 +37,7 @@ Methods timed (at 1x and 4x):
 The guide's tokenized data also carries attention_mask (and token_type_ids for BERT tokenizers),
 which its group_texts concatenates too; here it gets only input_ids, as mlm.data.tokenize returns,
 which makes the guide's timings lower than in the guide itself. The guide's num_proc=4 is not used
-(2 cores here, and its map is a single batch anyway).
+(the machines it was measured on have 2 cores, and its map is a single batch anyway).
 
 Scaling caveat: the 1x tokenized column is a single Arrow chunk, so flat_token_ids returns a
 zero-copy view of it (microseconds, independent of size), while the 4x concatenation has 4 chunks,
