@@ -45,7 +45,7 @@ which list_flatten -> to_numpy must copy into one array (linear in tokens). So o
 compares a view with a copy, not a linear algorithm with itself. As an extra scaling check, ours is
 also timed at 2x and 8x (both multi-chunk) and 8x/2x is reported; the guide is timed only at 1x and 4x.
 
-Acceptance (from the issue): ours grows at most 4.4x for 4x tokens, and ours is at least 10x
+Acceptance: ours grows at most 4.4x for 4x tokens, and ours is at least 10x
 faster than the guide's at 4x. Both are reported as measured, pass or fail.
 """
 
@@ -168,7 +168,7 @@ def measure(tokenized_1x, block: int, pad_id: int, reps: int) -> dict:
 
 
 def judge(seconds: dict) -> dict:
-    """Growth with the corpus, speedups at 4x, and the issue's acceptance criteria, from the medians."""
+    """Growth with the corpus, speedups at 4x, and the acceptance criteria, from the medians."""
     growth = {m: s["4x"] / s["1x"] for m, s in seconds.items()}
     speedup = {
         "vs_guide_map": seconds["guide_map"]["4x"] / seconds["ours"]["4x"],
@@ -180,7 +180,7 @@ def judge(seconds: dict) -> dict:
         "ours_at_least_10x_faster_than_guide_map_at_4x": speedup["vs_guide_map"] >= 10,
         "ours_dataset_growth_at_most_4.4x": growth["ours_dataset"] <= 4.4,
         "ours_dataset_at_least_10x_faster_than_guide_map_at_4x": speedup["ours_dataset_vs_guide_map"] >= 10,
-        "note": "ours = flat_token_ids + group_blocks as the issue defines it; at 1x its flatten is a zero-copy view of "
+        "note": "ours = flat_token_ids + group_blocks; at 1x its flatten is a zero-copy view of "
                 "a single Arrow chunk (microseconds), at 4x a copy of 4 chunks, so its 4x/1x ratio is view-vs-copy, "
                 "not an algorithmic growth; see growth_8x_over_2x. ours_dataset adds the Dataset.from_dict that "
                 "build_blocks runs, which dominates its time.",

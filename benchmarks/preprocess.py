@@ -7,7 +7,7 @@ Corpus: a generated text file of `--lines` lines (1x; ~100 WordPiece tokens a li
 from the tokenizer's whole-word vocabulary with Zipf frequencies, seed 0); the Nx file is the 1x
 lines written N times (each line is tokenized again: the tokenizer keeps no cache).
 
-For each size, two runs of the issue's command, each in a fresh process under /usr/bin/time
+For each size, two runs of the command below, each in a fresh process under /usr/bin/time
 (wall seconds and peak RSS, `%M`: the largest resident set of the process or of any child):
   cold       run.py model=tiny trainer=debug dataset=local dataset.path=<file>, empty MLM_CACHE:
              preprocessing + a 4-step debug run. The preprocessing seconds are build_blocks' own

@@ -1,6 +1,6 @@
 """How the model is spread over processes, from outside the model: replicas or FSDP2 shards.
 
-`runtime.sharding=none` keeps today's path: Accelerate wraps the objective in DDP when there is
+`runtime.sharding=none` is the plain path: Accelerate wraps the objective in DDP when there is
 more than one process (every rank holds the whole model and optimizer). `runtime.sharding=fsdp`
 applies PyTorch's FSDP2 (`fully_shard`) ourselves, as torchtitan does: every transformer layer is
 its own unit and the root, the objective the loop calls, holds the rest (embeddings, the tied
