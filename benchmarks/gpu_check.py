@@ -65,7 +65,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from common import emit  # noqa: E402  benchmarks/common.py (the script's folder is on sys.path)
 
-TINY = ["model=tiny", "trainer=debug", "dataset=local", "block_size=32", "trainer.save_model=false"]
+TINY = ["model=tiny", "trainer=debug", "experiment=none", "dataset=local", "block_size=32", "trainer.save_model=false"]
 STEPS = 4  # trainer=debug's max_steps
 ROWS = ("auto precision", "fp16 loss scale", "syncs per step", "throughput vs Trainer", "parallel jobs",
         "compile recompiles", "DDP vs FSDP", "failing rank (NCCL)")

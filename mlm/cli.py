@@ -8,14 +8,15 @@ import logging
 import os
 import sys
 import time
+import typing
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mlm.config import MOVED, REMOVED, Config, UserError, register_configs
+from mlm.config import MOVED, REMOVED, Choice, Config, UserError, register_configs
 from mlm.distributed import detect, is_main_process, launch_name
 from mlm.files import atomic_write_text
 from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir
@@ -55,38 +56,67 @@ def register() -> None:
 GROUPS = ("dataset", "model", "masking", "optimizer", "scheduler", "trainer", "tracker", "experiment", "hparams_search")
 
 
-def schema_keys(node=Config, prefix: str = "") -> Dict[str, bool]:
-    """Every key of the typed config as a dotted path -> whether free-form keys may follow it (a Dict field)."""
+def schema_keys(node=Config, prefix: str = "") -> Dict[str, Any]:
+    """Every key of the typed config as a dotted path -> its type (Dict fields take free-form keys below them)."""
     keys = {}
-    for f in dataclasses.fields(node):
-        path = prefix + f.name
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            keys.update(schema_keys(type(default), path + "."))
+    for name, kind in typing.get_type_hints(node).items():
+        if dataclasses.is_dataclass(kind):
+            keys.update(schema_keys(kind, f"{prefix}{name}."))
         else:
-            keys[path] = isinstance(default, dict)
+            keys[prefix + name] = kind
     return keys
 
 
+def choices_of(kind) -> Optional[List[str]]:
+    """The allowed values of a Choice field (or of a list of them), else None."""
+    inner = typing.get_args(kind)[0] if typing.get_origin(kind) in (list, List) else kind
+    return [c.value for c in inner] if isinstance(inner, type) and issubclass(inner, Choice) else None
+
+
 def check_override_keys(args: List[str]) -> None:
-    """Command-line overrides name real keys: a misspelled, moved or removed key gets one line (UserError)
-    naming the key to use, before Hydra (whose advice, `+key=value`, is wrong for a typed config)."""
-    keys = schema_keys()
+    """Command-line overrides name real keys and allowed values: a misspelled, moved or removed key, or a value
+    outside a choice (sweep lists included), gets one line (UserError) before Hydra composes anything (Hydra's
+    advice for an unknown key, `+key=value`, is wrong for a typed config, and its choice error ends a sweep midway)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys, parser = schema_keys(), OverridesParser.create()
     for arg in args:
-        if arg.startswith("-") or "=" not in arg:
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except Exception:  # a flag, or a line Hydra will explain itself
             continue
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if key in GROUPS or "/" in key or key.split(".")[0] == "hydra" or key in keys:
+        key = override.key_or_group
+        if key in GROUPS or "/" in key or key.split(".")[0] == "hydra" or override.is_delete():
             continue
-        if any(free and key.startswith(path + ".") for path, free in keys.items()):
+        if key not in keys:
+            if not any(typing.get_origin(kind) in (dict, Dict) and key.startswith(path + ".") for path, kind in keys.items()):
+                raise UserError(unknown_key_line(key, arg, keys))
             continue  # model.arch.<any config field>
-        if key in MOVED:
-            raise UserError(f"{key} is now {MOVED[key]}: {arg.replace(key, MOVED[key], 1)}")
-        if key in REMOVED:
-            raise UserError(f"{key} was removed (measured and not taken; docs/experiments.md has the numbers)")
-        close = difflib.get_close_matches(key, list(keys) + list(GROUPS), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else "; python run.py --help lists the keys"
-        raise UserError(f"unknown config key {key!r}{hint}")
+        allowed = choices_of(keys[key])
+        if allowed is not None:
+            bad = [v for v in override_values(override) if v not in allowed]
+            if bad:
+                raise UserError(f"{key}={bad[0]} is not one of {', '.join(allowed)}")
+
+
+def override_values(override) -> List[str]:
+    """The string values an override gives its key: each of a choice sweep's, each of a list's, or the one."""
+    if override.is_sweep_override():
+        try:
+            return [str(v) for v in override.sweep_string_iterator()]
+        except Exception:  # an interval sweep: not a choice field's
+            return []
+    value = override.value()
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def unknown_key_line(key: str, arg: str, keys: Dict[str, Any]) -> str:
+    if key in MOVED:
+        return f"{key} is now {MOVED[key]}: {arg.lstrip('+').replace(key, MOVED[key], 1)}"
+    if key in REMOVED:
+        return f"{key} was removed (measured and not taken; docs/experiments.md has the numbers)"
+    close = difflib.get_close_matches(key, list(keys) + list(GROUPS), n=1, cutoff=0.6)
+    return f"unknown config key {key!r}" + (f"; did you mean {close[0]}?" if close else "; python run.py --help lists the keys")
 
 
 def compose(overrides=()) -> Config:

@@ -235,7 +235,8 @@ def init_unigram_bias(model: PreTrainedModel, token_counts: torch.Tensor, specia
     vocab = model.config.vocab_size
     biases = [(n, p) for n, p in new_head_parameters(model).items() if p.ndim == 1 and p.numel() == vocab]
     if not biases:  # a pretrained head keeps its own bias
-        log.info("model.head_bias_init=unigram: the model has no new output bias of size %d (its head is pretrained); left as it is", vocab)
+        log.warning("model.head_bias_init=unigram: the model has no new output bias of size %d (its head is pretrained); "
+                    "left as it is", vocab)
         return
     counts = torch.zeros(vocab, dtype=torch.float64)
     counts[: len(token_counts)] = token_counts.double()[:vocab]

@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mlm.config import UserError
+from mlm.config import MOVED, UserError
 from mlm.distributed import detect, is_main_process
 from mlm.files import atomic_write_json, write_error
 
@@ -210,6 +210,7 @@ def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int]
     and this one's, as 'key=old there, new now'. The batch split may change, the global batch may not."""
     # a stream's shards (and so its data order) depend on the dataloader workers
     ignored = tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming")))
+    saved = {MOVED.get(k, k): v for k, v in saved.items()}  # a run saved before keys moved compares under their new names
     differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
     shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
     before, now = global_batch(saved, saved_processes), global_batch(settings, detect().world_size)

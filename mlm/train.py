@@ -190,7 +190,8 @@ def build_data(cfg: Config, accelerator: Accelerator) -> Tuple[Any, Data]:
             train_blocks, eval_blocks = blocks["train"], blocks["test"]
     if cfg.model.head_bias_init == "unigram":
         if train_blocks is None:
-            log.warning("model.head_bias_init=unigram counts the training split's tokens, which a stream does not have; the bias starts at zero")
+            log.warning("model.head_bias_init=unigram counts the training split's tokens, which a stream does not have; "
+                        "the head's output bias is left as it was built")
         else:
             init_unigram_bias(model, torch.from_numpy(np.bincount(flat_token_ids(train_blocks))), tokenizer.all_special_ids)
     tcfg = cfg.trainer

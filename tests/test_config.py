@@ -82,6 +82,10 @@ def test_a_value_outside_a_choice_is_rejected_when_hydra_composes(override):
     (["trainer.mixed_precision=bf16"], "trainer.mixed_precision is now runtime.mixed_precision: runtime.mixed_precision=bf16"),
     (["trainer.sharding=fsdp"], "trainer.sharding is now runtime.sharding"),
     (["trainer.fast_dropout=true"], "trainer.fast_dropout was removed"),
+    (["runtime.mixed_precision=bf17"], "runtime.mixed_precision=bf17 is not one of auto, no, bf16, fp16"),
+    (["-m", "runtime.mixed_precision=no,fp17"], "runtime.mixed_precision=fp17 is not one of auto, no, bf16, fp16"),  # before any job
+    (["-m", "hparams_search=optuna", "masking.eval_strategy=choice(token,spam)"], "masking.eval_strategy=spam is not one of"),
+    (["tracker.backends=[wandb,mlflow]"], "tracker.backends=mlflow is not one of wandb, tensorboard, csv"),
 ])
 def test_a_wrong_key_on_the_command_line_gets_one_line_naming_the_real_one(args, line):
     proc = run_cli(args)
@@ -91,7 +95,9 @@ def test_a_wrong_key_on_the_command_line_gets_one_line_naming_the_real_one(args,
 
 def test_free_form_and_hydra_keys_pass_the_key_check():
     check_override_keys(["model.arch.num_hidden_layers=3", "hydra.run.dir=/tmp/x", "hydra/launcher=parallel", "+model.arch.foo=1",
-                         "-m", "--cfg", "job", "model=tiny", "trainer.max_steps=5", "runtime.mixed_precision=no"])
+                         "-m", "--cfg", "job", "model=tiny", "trainer.max_steps=5", "runtime.mixed_precision=no", "~experiment",
+                         "optimizer.lr=tag(log, interval(1e-4, 3e-3))", "masking.strategy=choice(token,span)",
+                         "tracker.backends=[wandb,csv]", "runtime.sharding=none,fsdp"])
 
 
 def test_help_lists_only_real_choices():
@@ -121,3 +127,12 @@ def test_moved_and_removed_keys_are_not_in_the_schema():
     keys = schema_keys()
     assert all(old not in keys and new in keys for old, new in MOVED.items())
     assert not any(key in keys for key in REMOVED)
+
+
+def test_a_run_saved_before_keys_moved_compares_them_under_their_new_names():
+    from mlm.rundir import changed_settings
+
+    saved = {"trainer.mixed_precision": "bf16", "trainer.max_steps": 4}
+    assert changed_settings(saved, {"runtime.mixed_precision": "no", "trainer.max_steps": 4}, 1) == [
+        "runtime.mixed_precision='bf16' there, 'no' now"]
+    assert changed_settings(saved, {"runtime.mixed_precision": "bf16", "trainer.max_steps": 4}, 1) == []
