@@ -53,7 +53,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True)
 
 
-GROUPS = ("dataset", "model", "masking", "optimizer", "scheduler", "trainer", "tracker", "experiment", "hparams_search")
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config tree (run.py's config_path)
+GROUPS = tuple(sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")) if CONF.is_dir() else ()  # group=option keys
 
 
 def schema_keys(node=Config, prefix: str = "") -> Dict[str, Any]:
@@ -125,7 +126,7 @@ def compose(overrides=()) -> Config:
     from hydra import initialize_config_dir
 
     register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
 
 

@@ -169,11 +169,12 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
     budget_s = cfg.trainer.budget_minutes * 60 if cfg.trainer.budget_minutes else None
     layout, objective, optimizer, scheduler = build_optimization(cfg, model, data.steps, accelerator,
                                                                  (lambda: state.train_seconds / budget_s) if budget_s else None)
+    tree = config_tree or asdict(cfg)
     run = Run(cfg, run_dir, job or {}, accelerator, data, layout, objective, optimizer, scheduler,
               MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed), state, None,
-              flat_config(config_tree or asdict(cfg)), budget_s, distributed.is_main_process())
+              flat_config(tree), budget_s, distributed.is_main_process())
     resume(run)
-    run.tracker = open_trackers(cfg.tracker, run_dir, config_tree or asdict(cfg), run.job, run.main, resume_id=state.tracker_run_id)
+    run.tracker = open_trackers(cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id)
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
     faults.reached("startup")
     return run
