@@ -34,7 +34,10 @@ HeadTransformInit = Choice("HeadTransformInit", [(v, v) for v in ("random", "ide
 HeadBiasInit = Choice("HeadBiasInit", [(v, v) for v in ("zero", "unigram")])
 MaskStrategy = Choice("MaskStrategy", [(v, v) for v in ("token", "whole_word", "span")])
 RateSchedule = Choice("RateSchedule", [(v, v) for v in ("constant", "linear", "cosine")])  # curves in mlm/schedules.py
-OptimizerName = Choice("OptimizerName", [(v, v) for v in ("adamw",)])
+LRSchedule = Choice("LRSchedule", [(v, v) for v in ("constant", "linear", "cosine", "wsd")])  # wsd: warmup, stable, decay (mlm/optim.py)
+DecayShape = Choice("DecayShape", [(v, v) for v in ("linear", "1-sqrt")])  # wsd's decay (mlm/schedules.py)
+OptimizerName = Choice("OptimizerName", [(v, v) for v in ("adamw", "stable_adamw")])  # builders in mlm/optim.py
+DownstreamKind = Choice("DownstreamKind", [(v, v) for v in ("none", "polarity", "hub", "local")])  # loaders in mlm/downstream.py
 OptimizerImpl = Choice("OptimizerImpl", [(v, v) for v in ("auto", "fused", "foreach", "loop")])
 Precision = Choice("Precision", [(v, v) for v in ("auto", "no", "bf16", "fp16")])
 Sharding = Choice("Sharding", [(v, v) for v in ("none", "fsdp")])
@@ -163,13 +166,20 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: RateSchedule = RateSchedule.linear  # linear | cosine | constant: the decay after warmup (curves in mlm/schedules.py)
+    name: LRSchedule = LRSchedule.linear  # linear | cosine | constant | wsd: the decay after warmup (curves in mlm/schedules.py)
     warmup_steps: int = 0  # optimizer steps of linear warmup; wins over warmup_ratio when > 0
     warmup_ratio: float = 0.06  # fraction of all optimizer steps spent warming up
+    decay_ratio: float = 0.2  # wsd: the decay takes this last fraction of training (steps, or the time budget); before it the rate stays at the peak
+    decay_shape: DecayShape = DecayShape.linear  # wsd: linear | 1-sqrt (the multiplier is 1 - sqrt(progress through the decay))
 
     def validate(self) -> None:
         if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError("scheduler.warmup_steps must be >= 0 and scheduler.warmup_ratio in [0, 1)")
+        if not 0.0 < self.decay_ratio <= 1.0:
+            raise UserError(f"scheduler.decay_ratio={self.decay_ratio} must be in (0, 1]; e.g. scheduler.decay_ratio=0.2")
+        if self.name == "wsd" and self.warmup_steps == 0 and self.warmup_ratio + self.decay_ratio > 1.0:
+            raise UserError(f"scheduler.warmup_ratio={self.warmup_ratio} + scheduler.decay_ratio={self.decay_ratio} exceed 1; "
+                            "warmup and decay must fit in the run")
 
 
 @dataclass
@@ -182,6 +192,7 @@ class TrainerConfig:
     per_device_batch_size: int = 16  # blocks per process per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
+    ema_decay: float = 0.0  # keep an fp32 exponential moving average of the weights with this decay per step (e.g. 0.999); 0 = off
     on_nonfinite: OnNonFinite = OnNonFinite.stop  # stop | skip: what a NaN/inf loss does
     max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
     log_every: int = 10  # optimizer steps between train logs (each one syncs host and device)
@@ -211,6 +222,8 @@ class TrainerConfig:
             raise UserError("trainer.eval_every and trainer.checkpoint_every must be >= 0")
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
             raise UserError(f"trainer.max_eval_blocks={self.max_eval_blocks} must be at least 1 (or unset for the whole held-out split)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1) (0 = no weight average); e.g. trainer.ema_decay=0.999")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise UserError(f"trainer.budget_minutes={self.budget_minutes} must be positive (or unset for no time budget)")
 
@@ -242,6 +255,41 @@ class RuntimeConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """Fine-tune the trained encoder for sentence classification after MLM training (GLUE-sane: a few
+    seeds, the median reported). Runnable alone on a saved model: python -m mlm.downstream <model dir> downstream=..."""
+
+    kind: DownstreamKind = DownstreamKind.none  # none | polarity (the gensim wheel's labelled sentences) | hub | local
+    task: str = ""  # the name results and summaries report (polarity, sst2, mrpc, ...)
+    path: str = ""  # hub: the dataset id (nyu-mll/glue); local: a csv or jsonl file
+    config_name: Optional[str] = None  # hub: the dataset's configuration (sst2, mrpc, rte)
+    text_fields: List[str] = field(default_factory=lambda: ["text"])  # one column, or two for sentence pairs
+    label_field: str = "label"
+    train_split: str = "train"  # hub: the split fine-tuned on
+    eval_split: str = "validation"  # hub: the split scored
+    folds: int = 5  # polarity and local files without a split column: k-fold cross-validation, every example scored once
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # one fine-tune per seed; results report the median accuracy
+    epochs: float = 3.0
+    lr: float = 5e-5
+    batch_size: int = 16
+    max_length: int = 128  # tokens per example (pairs together)
+    max_train_examples: Optional[int] = None  # cap the fine-tuning set (quick checks)
+
+    def validate(self) -> None:
+        if self.kind == "none":
+            return
+        if self.kind in ("hub", "local") and not self.path:
+            raise UserError(f"downstream.kind={self.kind} needs downstream.path (a hub dataset id or a csv/jsonl file)")
+        if not self.seeds:
+            raise UserError("downstream.seeds must list at least one seed, e.g. downstream.seeds=[0,1,2]")
+        if not 1 <= len(self.text_fields) <= 2:
+            raise UserError(f"downstream.text_fields={list(self.text_fields)} must name one column or two (a sentence pair)")
+        if self.folds < 2 or self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.max_length < 8:
+            raise UserError("downstream.folds must be >= 2, downstream.epochs and downstream.lr positive, "
+                            "downstream.batch_size >= 1 and downstream.max_length >= 8")
+
+
+@dataclass
 class TrackerConfig:
     backends: List[TrackerBackend] = field(default_factory=list)  # any of: wandb, tensorboard, csv (metrics.jsonl is always written)
     project: str = "mlm-harness"  # W&B project
@@ -261,6 +309,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     block_size: int = 128  # tokens per training block (special tokens included); at most the model's positions
     seed: int = 42  # seeds init of new weights, data order, masking and dropout
@@ -273,7 +322,7 @@ class Config:
         for name, seed in (("seed", self.seed), ("dataset.split_seed", self.dataset.split_seed)):
             if not 0 <= seed < 2**32:  # the range numpy's and torch's seeding accept
                 raise UserError(f"{name}={seed} is out of range; a seed must be in [0, 2**32), e.g. {name}=42")
-        for group in (self.dataset, self.model, self.masking, self.optimizer, self.scheduler, self.trainer, self.runtime):
+        for group in (self.dataset, self.model, self.masking, self.optimizer, self.scheduler, self.trainer, self.runtime, self.downstream):
             group.validate()
         if self.masking.schedule != "constant" and self.runtime.num_workers > 0:
             # the loop sets the rate on the collator before each step; worker processes hold their own copy
