@@ -28,7 +28,7 @@ from mlm.parallel import MODEL_FILE, SHARDED_DIR
 
 log = logging.getLogger(__name__)
 
-MASKED = "***"  # what mlm.tracking.scrub writes for a value whose key looks secret (it also catches model.tokenizer)
+MASKED = "***"  # what mlm.tracking.scrub writes for a value whose key looks secret (runs saved before it kept model.tokenizer masked it too)
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -21,7 +21,8 @@ from mlm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.I)
+# "token" as a word of its own (HF_TOKEN, auth_token), not model.tokenizer or a config's mask_token_id: those are settings
+SECRET_KEY = re.compile(r"(api[_-]?key|(?<![a-z])token(?![a-z]|_id)|secret|password|passwd)", re.I)
 
 
 class Tracker(Protocol):

@@ -135,6 +135,9 @@ def test_scrub_masks_secret_keys_and_values(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     cleaned = scrub({"tracker": {"api_key": "abc"}, "note": f"key={SECRET}", "lr": 1e-3})
     assert cleaned == {"tracker": {"api_key": "***"}, "note": "key=***", "lr": 1e-3}
+    # settings whose names merely contain "token" are kept: a run must record its tokenizer
+    model = {"tokenizer": "distilroberta-base", "arch": {"pad_token_id": 1}, "hf_token": "abc", "HF_TOKEN": "abc"}
+    assert scrub({"model": model})["model"] == {**model, "hf_token": "***", "HF_TOKEN": "***"}
 
 
 def test_curves_png_is_written(corpus, tmp_path):
