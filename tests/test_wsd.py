@@ -167,20 +167,24 @@ def expected_lr(step: int, total: int, decay_from: int, shape=lambda x: 1 - x) -
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
-    """The long run killed after step 25 (checkpoints 10 and 20), a branch from its step 10, a fresh run with the
-    branch's settings, then the long run resumed in place with decay_shape=1-sqrt."""
+    """The long run killed after step 25 (checkpoints 10 and 20); a branch from its step 10, killed after step 15 and
+    resumed from its own checkpoint; a fresh run with the branch's settings; the long run resumed in place with
+    decay_shape=1-sqrt."""
     root = tmp_path_factory.mktemp("wsd")
     data = f"dataset.path={corpus}"
     killed = run_cli([*LONG, data, f"hydra.run.dir={root / 'long'}"], env={"MLM_FAULT_KILL_AT": "step:25"})
     assert killed.returncode == -9 and not (root / "long" / "results.json").exists(), killed.stderr[-3000:]
     stable = root / "long" / "checkpoints" / "ckpt-00000010"
-    branch = run_cli([*SHORT, data, f"hydra.run.dir={root / 'branch'}", f"resume={stable}"])
+    into = [*SHORT, data, f"hydra.run.dir={root / 'branch'}", "trainer.checkpoint_every=6"]
+    started = run_cli([*into, f"resume={stable}"], env={"MLM_FAULT_KILL_AT": "step:5"})  # killed after step 15 (checkpoint 12)
+    assert started.returncode == -9, started.stderr[-3000:]
+    branch = run_cli(into)  # resume=auto: the branch's own step-12 checkpoint
     assert branch.returncode == 0, branch.stderr[-3000:]
     fresh = run_cli([*SHORT, data, f"hydra.run.dir={root / 'fresh'}"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     extended = run_cli([*LONG, data, f"hydra.run.dir={root / 'long'}", "scheduler.decay_shape=1-sqrt"])  # resume=auto from step 20
     assert extended.returncode == 0, extended.stderr[-3000:]
-    return {"root": root, "stable": stable, "branch": branch, "extended": extended}
+    return {"root": root, "stable": stable, "branch": (started, branch), "extended": extended}
 
 
 @pytest.mark.slow
@@ -194,16 +198,18 @@ def test_a_wsd_run_logs_warmup_a_flat_peak_and_the_decay(runs):
 
 @pytest.mark.slow
 def test_a_decay_branch_ends_where_a_fresh_run_with_its_settings_ends(runs):
-    root, branch = runs["root"], runs["branch"]
-    assert "other settings" not in branch.stderr  # a new decay from a stable checkpoint is no settings drift
+    root, (started, resumed) = runs["root"], runs["branch"]
+    assert "other settings" not in started.stderr + resumed.stderr  # a new decay from a stable checkpoint is no settings drift
+    assert f"resumed from {root / 'branch' / 'checkpoints' / 'ckpt-00000012'}" in resumed.stderr + resumed.stdout
     results = json.loads((root / "branch" / "results.json").read_text())
-    assert results["branched_from"] == {"checkpoint": str(runs["stable"].resolve()), "step": 10}
+    assert results["branched_from"] == {"checkpoint": str(runs["stable"].resolve()), "step": 10}  # kept across its own resume
     assert results["steps"] == 20 and json.loads((root / "fresh" / "results.json").read_text())["branched_from"] is None
     lrs = lr_by_step(root / "branch")
     assert sorted(lrs) == list(range(11, 21))  # steps 1-10 are the stable run's, not logged again
     assert [lrs[s] for s in range(11, 21)] == pytest.approx([expected_lr(s, 20, 10) for s in range(11, 21)], rel=1e-9)
     # The stable run trained its first 10 steps as the fresh run did (same warmup, both flat through step 10),
-    # so the branch is that run: every value logged after step 10, and the final weights, bit for bit.
+    # so the branch, killed and resumed on the way, is that run: every value logged after step 10, and the
+    # final weights, bit for bit.
     assert records(root / "branch") == [r for r in records(root / "fresh") if r["step"] > 10]
     a, b = (load_file(root / name / "final" / "model.safetensors") for name in ("branch", "fresh"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
