@@ -7,9 +7,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from mlm.config import OptimizerConfig, SchedulerConfig
+from mlm.config import OptimizerConfig, SchedulerConfig, UserError
 from mlm.models import encoder_layers, new_head_parameters
-from mlm.schedules import SCHEDULES
+from mlm.schedules import SCHEDULES, decay_start, stable_then_decay, warmup_length
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0) -> List[dict]:
@@ -58,25 +58,36 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
 
 
 def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
-    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total_steps))
+    return warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, progress: Optional[Callable[[], float]] = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then the named decay (mlm.schedules: progress after warmup, 0 -> 1,
-    -> multiplier of the peak); stepped once per optimizer step.
+    -> multiplier of the peak); stepped once per optimizer step. wsd instead holds the peak up to
+    its decay start and decays over the last scheduler.decay_ratio of training
+    (mlm.schedules.stable_then_decay).
 
     With `progress` (the fraction of a time budget spent, 0 -> 1), the schedule follows
     max(step / total_steps, progress()) instead of the step alone (cramming-style): warmup and
     decay end when either the steps or the budget run out. It is read when the scheduler steps, so
     the rate depends on wall time and a resumed run cannot repeat it bit for bit.
+
+    The multipliers are plain functions, rebuilt from this config: LambdaLR's state_dict saves only
+    last_epoch and the rates (it would save a callable object's attributes, and a resume would then
+    restore the old config's over the new), so a branch from a checkpoint follows its own schedule.
     """
-    decay, warmup = SCHEDULES[cfg.name], warmup_steps(cfg, total_steps)
+    decay, warmup = SCHEDULES.get(cfg.name), warmup_steps(cfg, total_steps)
+    hold = decay_start(total_steps, cfg.decay_ratio)  # wsd: the last step at the peak
+    if cfg.name == "wsd":
+        check_wsd_fits(cfg, warmup, hold, total_steps)
 
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if cfg.name == "wsd":
+            return stable_then_decay(step, hold, total_steps, cfg.decay_shape)
         return max(0.0, decay(min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
     def multiplier_by_progress(step: int) -> float:
@@ -85,6 +96,18 @@ def build_scheduler(
         warm = warmup / total_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio
         if done < warm:
             return done / warm
+        if cfg.name == "wsd":
+            return stable_then_decay(done, hold / total_steps, 1.0, cfg.decay_shape)
         return max(0.0, decay((done - warm) / max(1e-9, 1.0 - warm)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier if progress is None else multiplier_by_progress)
+
+
+def check_wsd_fits(cfg: SchedulerConfig, warmup: int, hold: int, total_steps: int) -> None:
+    """The warmup must end by the decay's start, and the decay must get a step (known once the run's length is)."""
+    if warmup > hold:
+        raise UserError(f"{warmup} warmup steps run past the start of the wsd decay after step {hold} of {total_steps} "
+                        f"(scheduler.decay_ratio={cfg.decay_ratio}); lower scheduler.warmup_steps or warmup_ratio, or decay_ratio")
+    if hold == total_steps:
+        raise UserError(f"scheduler.decay_ratio={cfg.decay_ratio} of {total_steps} steps rounds to no decay step; "
+                        f"raise it to at least {1 / total_steps:.3g} or train longer")

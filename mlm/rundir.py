@@ -41,13 +41,14 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import MOVED, UserError
 from mlm.distributed import detect, is_main_process
 from mlm.files import atomic_write_json, write_error
+from mlm.schedules import decay_start, warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +206,12 @@ NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "runtime.n
                "trainer.per_device_batch_size", "trainer.gradient_accumulation_steps")  # these two: their product x processes (the global batch) is compared
 
 
-def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int]) -> List[str]:
+def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int], may_change: Tuple[str, ...] = ()) -> List[str]:
     """The result-affecting settings that differ between a run's saved flat config (trained on `saved_processes`)
-    and this one's, as 'key=old there, new now'. The batch split may change, the global batch may not."""
+    and this one's, as 'key=old there, new now', leaving out `may_change` (branch_may_change). The batch split may
+    change, the global batch may not."""
     # a stream's shards (and so its data order) depend on the dataloader workers
-    ignored = tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming")))
+    ignored = tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming"))) + may_change
     saved = {MOVED.get(k, k): v for k, v in saved.items()}  # a run saved before keys moved compares under their new names
     differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
     shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
@@ -217,6 +219,32 @@ def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int]
     if before and now and before != now:
         shown.append(f"global batch (per_device_batch_size x gradient_accumulation_steps x processes)={before} there, {now} now")
     return shown
+
+
+DECAY_KEYS = ("scheduler.decay_ratio", "scheduler.decay_shape")  # where and how a wsd decay goes
+
+
+def branch_may_change(saved: dict, settings: dict, step: int) -> Tuple[str, ...]:
+    """The settings a checkpoint of `step` steps may resume with changed, beyond NOT_RESULTS, and still be one run.
+
+    A wsd checkpoint in the stable phase of both its schedule (`saved`) and this one (`settings`) may
+    change the decay (DECAY_KEYS): it trained at the peak under both, so a decay branch from it
+    follows the new schedule from its next step on. Any other checkpoint (warming up, decaying, not wsd): none."""
+    return DECAY_KEYS if in_stable_phase(saved, step) and in_stable_phase(settings, step) else ()
+
+
+def in_stable_phase(flat: dict, step: int) -> bool:
+    """Whether a wsd run of these flat settings is at its peak after `step` steps: warmup done, decay not begun
+    (computed as the scheduler does, mlm.schedules). A run counted in epochs or under a time budget is not:
+    its decay's start depends on the data's size or on the clock."""
+    try:
+        total = int(flat["trainer.max_steps"])
+        if flat["scheduler.name"] != "wsd" or total <= 0 or flat.get("trainer.budget_minutes"):
+            return False
+        warmup = warmup_length(int(flat["scheduler.warmup_steps"]), float(flat["scheduler.warmup_ratio"]), total)
+        return warmup <= step <= decay_start(total, float(flat["scheduler.decay_ratio"]))
+    except (KeyError, TypeError, ValueError):  # a config saved before these keys existed
+        return False
 
 
 def global_batch(flat: dict, processes: Optional[int]) -> Optional[int]:
@@ -255,7 +283,8 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
 
 def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> None:
     """Refuse to resume an unfinished run with result-affecting settings changed (UserError naming each one);
-    with resume=<checkpoint path> (a branch the user asked for) only warn.
+    with resume=<checkpoint path> (a branch the user asked for) only warn. A wsd checkpoint in its stable
+    phase may change its decay either way (branch_may_change).
 
     Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
     its content is verified later, before loading). Checkpoints without a saved config (older
@@ -272,7 +301,7 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
         saved, step = state["config"], int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable (resume then sets it aside) or written before configs were saved
-    differ = changed_settings(saved, settings, state.get("world_size"))
+    differ = changed_settings(saved, settings, state.get("world_size"), branch_may_change(saved, settings, step))
     if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
         log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
     elif differ:

@@ -61,6 +61,7 @@ class TrainState:
     log_window: List[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and masked tokens since the last log
     final_eval_step: Optional[int] = None  # the step whose final eval is logged: a resume there must not log it twice
     unrecorded: List[Dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records a failed write left: the resume writes them
+    branched_from: Optional[Dict[str, Any]] = None  # {"checkpoint": path, "step": n}: the other run's checkpoint this one started from
 
     def restore(self, saved: Dict[str, Any]) -> None:
         """Take a checkpoint's state in place (the schedule's time-budget clock reads this object)."""
@@ -244,6 +245,8 @@ def resume(run: Run) -> None:
             raise UserError(f"{ckpt} read its data stream in {saved.get('stream_shards')} shards, this run uses {run.data.stream_shards}; "
                             "keep dataset.streaming, the number of processes and runtime.num_workers to resume")
         run.state.restore(saved["train_state"])
+        if run.run_dir.resolve() not in ckpt.resolve().parents:  # another run's checkpoint: a branch, with its own tracker run
+            run.state.branched_from, run.state.tracker_run_id = {"checkpoint": str(ckpt.resolve()), "step": run.state.step}, None
         log.info("resumed from %s at step %d", ckpt, run.state.step)
     if run.main:
         rundir.start_from(run.run_dir, run.state.step if ckpt is not None else None, run.state.unrecorded)
@@ -406,6 +409,7 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "mixed_precision": run.cfg.runtime.mixed_precision,  # auto resolved
         "peak_rss_mb": peak_rss_mb(acc),
         "wall_seconds": round(wall_seconds, 3),
+        "branched_from": state.branched_from,  # resume=<another run's checkpoint>: which, and its step
         "config": run.settings,  # what a rerun compares before calling this run finished
     }
 
