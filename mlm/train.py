@@ -234,6 +234,7 @@ def build_optimization(cfg: Config, model, steps: int, accelerator: Accelerator,
 def resume(run: Run) -> None:
     """Load the newest checkpoint that verifies (or start fresh), then make the run dir agree with that."""
     acc, layout = run.accelerator, run.layout
+    config_rates = list(run.scheduler.base_lrs)  # loading puts back the checkpoint's peak rates
     ckpt, saved = checkpoint.load_newest(
         run.cfg.resume, run.run_dir,
         lambda path: checkpoint.load_checkpoint(path, run.raw_model, run.optimizer, run.scheduler, acc.scaler, acc, layout), acc)
@@ -245,11 +246,23 @@ def resume(run: Run) -> None:
             raise UserError(f"{ckpt} read its data stream in {saved.get('stream_shards')} shards, this run uses {run.data.stream_shards}; "
                             "keep dataset.streaming, the number of processes and runtime.num_workers to resume")
         run.state.restore(saved["train_state"])
+        keep_config_rates(run.optimizer, run.scheduler, config_rates)
         if run.run_dir.resolve() not in ckpt.resolve().parents:  # another run's checkpoint: a branch, with its own tracker run
             run.state.branched_from, run.state.tracker_run_id = {"checkpoint": str(ckpt.resolve()), "step": run.state.step}, None
         log.info("resumed from %s at step %d", ckpt, run.state.step)
     if run.main:
         rundir.start_from(run.run_dir, run.state.step if ckpt is not None else None, run.state.unrecorded)
+
+
+def keep_config_rates(optimizer, scheduler, rates: List[float]) -> None:
+    """A resume with another optimizer.lr (or new_head_lr_scale) trains at this config's peak rates from the
+    checkpoint's step on, as it says. Unchanged rates are left exactly as loaded (an exact resume)."""
+    if list(scheduler.base_lrs) == rates:
+        return
+    scheduler.base_lrs = rates
+    for group, rate, curve in zip(optimizer.param_groups, rates, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = rate, rate * curve(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

@@ -255,3 +255,30 @@ def test_a_wsd_run_killed_in_its_decay_resumes_exactly(runs, corpus, tmp_path):
     assert records(run_dir) == records(fresh)
     a, b = (load_file(d / "final" / "model.safetensors") for d in (run_dir, fresh))
     assert all(a[k].equal(b[k]) for k in b)
+
+
+def test_a_resume_with_another_peak_rate_trains_at_it():
+    """Loading a checkpoint brings back its peak rates; keep_config_rates puts this config's back (a branch at another lr)."""
+    from mlm.config import SchedulerConfig
+    from mlm.optim import build_scheduler
+    from mlm.train import keep_config_rates
+
+    def optimizer_and_schedule(lr):
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.AdamW([{"params": [weight], "lr": lr}, {"params": [torch.nn.Parameter(torch.ones(1))], "lr": lr * 10}])
+        return optimizer, build_scheduler(optimizer, SchedulerConfig(name="wsd", warmup_steps=2, decay_ratio=0.5), 10)
+
+    saved_optimizer, saved_schedule = optimizer_and_schedule(1e-3)
+    for _ in range(4):
+        saved_optimizer.step()
+        saved_schedule.step()
+    for lr in (1e-3, 3e-3):  # the same rate: left exactly as loaded; another: applied from step 4 on
+        optimizer, schedule = optimizer_and_schedule(lr)
+        optimizer.load_state_dict(saved_optimizer.state_dict())
+        schedule.load_state_dict(saved_schedule.state_dict())
+        keep_config_rates(optimizer, schedule, [lr, lr * 10])
+        assert schedule.get_last_lr() == [g["lr"] for g in optimizer.param_groups] == [lr, lr * 10]  # step 4: the flat peak
+        for _ in range(4):
+            optimizer.step()
+            schedule.step()
+        assert schedule.get_last_lr() == pytest.approx([lr * 0.4, lr * 4])  # step 8: 2 of the 5 decay steps left
