@@ -7,7 +7,7 @@ its own unit and the root, the objective the loop calls, holds the rest (embeddi
 decoder, the head), so one layer's parameters are gathered at a time. This works with gloo on CPU as with NCCL on GPUs; Accelerate's
 own FSDP mode only switches on for GPU-like devices, so it is not used.
 
-The training loop asks a `Layout` for three things and never branches on the mode:
+The training loop asks a `Layout` for these things and never branches on the mode:
   - `no_sync(objective, last)`: skip the gradient reduction of all but the last micro-batch;
   - `save(dir, ...)` / `load(dir, ...)`: checkpoint weights, optimizer state and the weight average
     (mlm/ema.py) if there is one (sharded: every rank writes its shards with
