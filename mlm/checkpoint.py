@@ -3,7 +3,8 @@
 A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding
   model.safetensors   the model's weights (tied weights stored once)
   optimizer.pt        optimizer state (read back with torch.load(weights_only=True))
-    or sharded/       with runtime.sharding=fsdp: model and optimizer shards of every rank
+  ema.safetensors     with trainer.ema_decay > 0: the weight average (mlm/ema.py)
+    or sharded/       with runtime.sharding=fsdp: model, optimizer and weight-average shards of every rank
                       (torch.distributed.checkpoint; loadable onto another number of processes)
   scheduler.pt, scaler.pt
   rng-<rank>.json     python, numpy and torch RNG states of each process
@@ -86,7 +87,7 @@ def model_identity(model) -> Dict[str, Any]:
 
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: Dict[str, Any], accelerator, keep: int,
-    layout=Replicated(),
+    layout=Replicated(), ema=None,
 ) -> Optional[Path]:
     """Every process calls this (each saves its RNG and, when sharded, its shards); the main process
     writes the rest and renames."""
@@ -99,7 +100,7 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
-        layout.save(tmp, model, optimizer, accelerator)
+        layout.save(tmp, model, optimizer, accelerator, ema)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -284,8 +285,8 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")[0] > 0)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated()) -> Dict[str, Any]:
-    """Restore weights, optimizer, schedule and this process's RNG; returns the saved trainer state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated(), ema=None) -> Dict[str, Any]:
+    """Restore weights, optimizer, weight average, schedule and this process's RNG; returns the saved trainer state."""
     state = json.loads((path / "state.json").read_text())
     if state["model"] != model_identity(model):
         raise UserError(
@@ -296,7 +297,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator
         log.warning("checkpoint was written by %d processes, resuming with %d: RNG streams start fresh", state["world_size"], accelerator.num_processes)
     else:
         set_rng_state(json.loads((path / f"rng-{accelerator.process_index}.json").read_text()))
-    layout.load(path, model, optimizer, accelerator.device)
+    layout.load(path, model, optimizer, accelerator.device, ema)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))

@@ -7,28 +7,35 @@ its own unit and the root, the objective the loop calls, holds the rest (embeddi
 decoder, the head), so one layer's parameters are gathered at a time. This works with gloo on CPU as with NCCL on GPUs; Accelerate's
 own FSDP mode only switches on for GPU-like devices, so it is not used.
 
-The training loop asks a `Layout` for three things and never branches on the mode:
+The training loop asks a `Layout` for these things and never branches on the mode:
   - `no_sync(objective, last)`: skip the gradient reduction of all but the last micro-batch;
-  - `save(dir, ...)` / `load(dir, ...)`: checkpoint weights and optimizer state (sharded: every
-    rank writes its shard with torch.distributed.checkpoint, and the layout on disk does not
-    depend on the number of processes, so a run can resume on another one);
-  - `full_state_dict(model)`: the whole model for `final/` (a collective: every rank calls it).
+  - `save(dir, ...)` / `load(dir, ...)`: checkpoint weights, optimizer state and the weight average
+    (mlm/ema.py) if there is one (sharded: every rank writes its shards with
+    torch.distributed.checkpoint, and the layout on disk does not depend on the number of
+    processes, so a run can resume on another one);
+  - `full_state_dict(model)`: the whole model for `final/` (a collective: every rank calls it);
+  - `reshard()`: drop gathered copies of the weights, so that weights changed in place (the weight
+    average swapped in) are the ones the next forward gathers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from mlm.config import UserError
 from mlm.files import torch_save
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # replicated: the weight average, keyed by the model's parameter names
 OPTIMIZER_FILE = "optimizer.pt"
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files: one per rank plus .metadata
 
@@ -36,6 +43,19 @@ SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files: one per rank plus
 def _plain_tensor(x):
     """A DTensor (a sharded run's grad norm) as the full local value; anything else unchanged."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard (the same storage), a plain tensor itself.
+    Call it under no_grad, where to_local() returns the shard itself rather than an autograd view."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def restart_average(ema, directory: Path) -> None:
+    """A checkpoint without a weight average resumed with trainer.ema_decay > 0 (resume=<path>, or one
+    saved before the setting was compared): the average starts from the resumed weights."""
+    log.warning("checkpoint %s holds no weight average; the average (trainer.ema_decay=%g) starts from its weights", directory, ema.decay)
+    ema.restart()
 
 
 class Replicated:
@@ -52,12 +72,17 @@ class Replicated:
     def grad_norm(self, norm):
         return norm
 
-    def save(self, directory: Path, model, optimizer, accelerator) -> None:
+    def reshard(self) -> None:
+        pass  # the model's parameters are the only copy
+
+    def save(self, directory: Path, model, optimizer, accelerator, ema=None) -> None:
         if accelerator.is_main_process:
             save_model(model, str(directory / MODEL_FILE))
             torch_save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            if ema is not None:
+                save_file(ema.state(), str(directory / EMA_FILE))
 
-    def load(self, directory: Path, model, optimizer, device) -> None:
+    def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
         if (directory / SHARDED_DIR).exists():
             raise UserError(f"checkpoint {directory} holds FSDP shards; resume it with runtime.sharding=fsdp")
         missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
@@ -66,6 +91,10 @@ class Replicated:
         # Under gloo Accelerate's device is "cpu:0", a location torch.load cannot restore to: plain "cpu" then
         location = torch.device("cpu") if torch.device(device).type == "cpu" else device
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=location, weights_only=True))
+        if ema is not None and (directory / EMA_FILE).exists():
+            ema.load_state(load_file(str(directory / EMA_FILE)), f"checkpoint {directory}")
+        elif ema is not None:
+            restart_average(ema, directory)
 
     def full_state_dict(self, model) -> Optional[Dict[str, torch.Tensor]]:
         return None  # save_pretrained reads the model itself
@@ -97,14 +126,24 @@ class FullyShard(Replicated):
     def grad_norm(self, norm):
         return _plain_tensor(norm)
 
-    def save(self, directory: Path, model, optimizer, accelerator) -> None:
+    def reshard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.root.modules():  # local: frees the gathered copies, no communication
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def save(self, directory: Path, model, optimizer, accelerator, ema=None) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.root, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory / SHARDED_DIR))
+        state = {"model": model_sd, "optimizer": optim_sd}
+        if ema is not None:
+            state["ema"] = _sharded_average(ema)
+        dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR))
 
-    def load(self, directory: Path, model, optimizer, device) -> None:
+    def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -112,8 +151,13 @@ class FullyShard(Replicated):
             raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with runtime.sharding=none")
         model_sd, optim_sd = get_state_dict(self.root, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
+        saved_average = ema is not None and _holds_average(directory / SHARDED_DIR)
+        if saved_average:
+            state["ema"] = _sharded_average(ema)  # views of the average's shards: loaded in place
         dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # each rank reads the pieces of its shards
         set_state_dict(self.root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if ema is not None and not saved_average:
+            restart_average(ema, directory)
 
     def full_state_dict(self, model) -> Dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -129,6 +173,23 @@ class FullyShard(Replicated):
             if first != name and name in full:
                 full[name] = full[first]
         return full
+
+
+@torch.no_grad()
+def _sharded_average(ema) -> Dict[str, torch.Tensor]:
+    """The weight average's local shards as DTensors laid out like their parameters (sharing their
+    memory), so torch.distributed.checkpoint saves and reshards them as it does the model."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: DTensor.from_local(average, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+            for name, param, average in ema.entries()}
+
+
+def _holds_average(checkpoint_dir: Path) -> bool:
+    """Whether a torch.distributed.checkpoint directory holds an "ema" entry (its metadata lists every key)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return any(key.startswith("ema.") for key in FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks, flat_token_ids
 from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
+from mlm.ema import WeightAverage, weight_average
 from mlm.evaluate import evaluate
 from mlm.files import atomic_path, os_error_of, write_error
 from mlm.masking import MLMCollator, scheduled_probability
@@ -133,6 +134,7 @@ class Run:
     settings: Dict[str, Any]  # the flat config, kept in checkpoints and results: a rerun compares them
     budget_s: Optional[float]  # of training time (state.train_seconds)
     main: bool  # the launcher's rank 0 (the same one Accelerate sees)
+    ema: Optional[WeightAverage] = None  # the weight average (trainer.ema_decay > 0)
 
     @property
     def raw_model(self):
@@ -174,6 +176,7 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
     run = Run(cfg, run_dir, job or {}, accelerator, data, layout, objective, optimizer, scheduler,
               MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed), state, None,
               flat_config(tree), budget_s, distributed.is_main_process())
+    run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
     resume(run)
     run.tracker = open_trackers(cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id)
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
@@ -237,7 +240,7 @@ def resume(run: Run) -> None:
     config_rates = list(run.scheduler.base_lrs)  # loading puts back the checkpoint's peak rates
     ckpt, saved = checkpoint.load_newest(
         run.cfg.resume, run.run_dir,
-        lambda path: checkpoint.load_checkpoint(path, run.raw_model, run.optimizer, run.scheduler, acc.scaler, acc, layout), acc)
+        lambda path: checkpoint.load_checkpoint(path, run.raw_model, run.optimizer, run.scheduler, acc.scaler, acc, layout, run.ema), acc)
     if ckpt is not None:
         order = run.data.order
         if saved["global_batch"] != order.global_batch:
@@ -285,6 +288,8 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 skip_step(state, run.scheduler, tcfg, e, run.run_dir, run.main)
                 continue
             count_step(run, result, t0, window)
+            if run.ema is not None and not result.overflow:  # only a step that changed the weights
+                run.ema.update()
             bar.update(1)
             if state.step % tcfg.log_every == 0 or run.last_step():
                 log_train(run, result, window, bar)
@@ -380,6 +385,8 @@ def run_eval(run: Run) -> Dict[str, float]:
     if metrics["eval/masked_tokens"] == 0:  # a perplexity of nothing is NaN: a setting to fix, not a result
         raise UserError(f"the eval masked no token in {len(blocks)} blocks at masking.mlm_probability={cfg.masking.mlm_probability}; "
                         "raise masking.mlm_probability or trainer.max_eval_blocks")
+    if run.ema is not None:
+        metrics.update(eval_average(run))
     faults.reached("eval")
     log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
              metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(blocks), time.perf_counter() - start)
@@ -389,6 +396,15 @@ def run_eval(run: Run) -> Dict[str, float]:
     return metrics
 
 
+def eval_average(run: Run) -> Dict[str, float]:
+    """The same eval of the weight average, swapped into the model and back (doubles the eval time)."""
+    cfg = run.cfg
+    with run.ema.swapped_in(run.layout):
+        metrics = evaluate(run.objective, run.data.eval_blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator, cfg.trainer.eval_batch_size)
+    log.info("eval at step %d: weight average's perplexity %.2f", run.state.step, metrics["eval/perplexity"])
+    return {"eval/ema_loss": metrics["eval/loss"], "eval/ema_perplexity": metrics["eval/perplexity"]}
+
+
 def save(run: Run, window: "LogWindow") -> None:
     state, acc = run.state, run.accelerator
     state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
@@ -396,7 +412,7 @@ def save(run: Run, window: "LogWindow") -> None:
     extra = {"train_state": asdict(state), "global_batch": run.data.order.global_batch, "stream_shards": run.data.stream_shards,
              "config": run.settings}
     checkpoint.save_checkpoint(run.run_dir, state.step, run.raw_model, run.optimizer, run.scheduler, acc.scaler, extra, acc,
-                               run.cfg.trainer.keep_checkpoints, run.layout)
+                               run.cfg.trainer.keep_checkpoints, run.layout, run.ema)
 
 
 def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Dict[str, Any]:
@@ -407,6 +423,7 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "perplexity": final["eval/perplexity"],
         "perplexity_before": state.perplexity_before,
         "best_perplexity": state.best_perplexity,
+        "ema_perplexity": final.get("eval/ema_perplexity"),  # the weight average's (trainer.ema_decay); null when off
         "masked_accuracy": final["eval/masked_accuracy"],
         "steps": state.step,
         "stopped": "budget" if run.budget_spent() else "steps",  # what ended training
@@ -432,12 +449,25 @@ def save_outputs(run: Run, results: Dict[str, Any]) -> None:
     run.tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"],
                          "final/eval_loss": results["eval_loss"]})
     save_model = run.cfg.trainer.save_model
+    if run.ema is not None:
+        save_average_outputs(run, results)
     full_weights = run.layout.full_state_dict(run.raw_model) if save_model else None  # a collective when sharded
     if run.main:
         if save_model:
             save_final(run.raw_model, run.data.tokenizer, run.run_dir / "final", full_weights)
         faults.reached("results")
         rundir.write_results(run.run_dir, results)
+
+
+def save_average_outputs(run: Run, results: Dict[str, Any]) -> None:
+    """The weight average's summary, and <run>/final_ema: a model like final/ (gathered on every process when sharded)."""
+    run.tracker.summary({"final/ema_perplexity": results["ema_perplexity"]})
+    if not run.cfg.trainer.save_model:
+        return
+    with run.ema.swapped_in(run.layout):
+        weights = run.layout.full_state_dict(run.raw_model)  # a collective when sharded
+        if run.main:
+            save_final(run.raw_model, run.data.tokenizer, run.run_dir / "final_ema", weights)
 
 
 @dataclass
