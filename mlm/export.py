@@ -2,13 +2,16 @@
 
     python -m mlm.export outputs/runs/<run>/checkpoints/ckpt-00000500 exported/step-500
     python -m mlm.export outputs/runs/<run> exported/newest --push-to-hub me/my-mlm   # branch step-<N>
+    python -m mlm.export outputs/runs/<run> exported/newest-ema --ema                  # its weight average instead
 
 A run directory stands for its newest checkpoint that verifies. The checkpoint is hashed against
 its manifest before anything of it is read; the model is rebuilt from the run's own config (kept
 in state.json), its weights loaded strictly (a name missing or left over is an error), whole
 (model.safetensors) or from the FSDP shards of any number of processes (read here in one process,
 without a process group), then written as `final/` is: save_pretrained of model and tokenizer,
-renamed into place when complete. `pipeline("fill-mask", model=<out dir>)` loads it.
+renamed into place when complete. `pipeline("fill-mask", model=<out dir>)` loads it. With --ema the
+checkpoint's weight average (trainer.ema_decay, mlm/ema.py) is laid over the loaded weights: it
+holds the trainable parameters, the frozen ones equal their weights.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from mlm import checkpoint
 from mlm.config import ModelConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
-from mlm.parallel import MODEL_FILE, SHARDED_DIR
+from mlm.parallel import EMA_FILE, MODEL_FILE, SHARDED_DIR
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,8 @@ def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
     return {**settings, **{k: full[k] for k in masked}}
 
 
-def rebuild(ckpt: Path):
-    """(model with the checkpoint's weights, tokenizer, step): the run's own model builder, then a strict load."""
+def rebuild(ckpt: Path, ema: bool = False):
+    """(model with the checkpoint's weights, or its weight average with `ema`, tokenizer, step): the run's own model builder, then a strict load."""
     from mlm.models import build_model
 
     state = json.loads((ckpt / "state.json").read_text())
@@ -111,6 +114,8 @@ def rebuild(ckpt: Path):
         load_shards(ckpt / SHARDED_DIR, model)
     else:
         load_whole(ckpt / MODEL_FILE, model)
+    if ema:
+        load_average(ckpt, model)
     return model, tokenizer, int(state["step"])
 
 
@@ -132,8 +137,6 @@ def load_shards(path: Path, model) -> None:
     """FSDP shards of the objective ("model" entries "model.<name>"; the optimizer's are not read) in this one process.
 
     With no process group torch.distributed.checkpoint loads locally, assembling each full tensor from every rank's file."""
-    import warnings
-
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -143,10 +146,52 @@ def load_shards(path: Path, model) -> None:
     wanted = model.state_dict()  # tied weights under each of their names, as the shards keep them
     check_names(path.parent, list(wanted.keys() - saved), list(saved - wanted.keys()))
     target = {"model": {f"model.{name}": torch.empty_like(t) for name, t in wanted.items()}}
+    load_here(target, reader)
+    model.load_state_dict({name[len("model."):]: t for name, t in target["model"].items()}, strict=True)
+
+
+def load_average(ckpt: Path, model) -> None:
+    """Lay the checkpoint's weight average over the loaded weights: every trainable parameter, by name (tied ones once)."""
+    average = read_sharded_average(ckpt / SHARDED_DIR) if (ckpt / SHARDED_DIR).is_dir() else read_whole_average(ckpt / EMA_FILE)
+    if not average:
+        raise UserError(f"checkpoint {ckpt} holds no weight average (its run had trainer.ema_decay=0, off); export it without --ema")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]  # a tied weight once, as WeightAverage names it
+    missing, unexpected = [n for n in trainable if n not in average], list(average.keys() - model.state_dict().keys())
+    if missing or unexpected:
+        raise UserError(f"the weight average of checkpoint {ckpt} does not fit the model its config builds "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(average, strict=False)  # copies into the parameters: a tied name updates every alias
+
+
+def read_whole_average(path: Path) -> Dict[str, Any]:
+    """ema.safetensors (Replicated.save), or {} without one."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path)) if path.exists() else {}
+
+
+def read_sharded_average(path: Path) -> Dict[str, Any]:
+    """The "ema" entries of FSDP shards ("ema.<name>", see mlm.parallel._sharded_average), whole, in this one process; {} without."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path))
+    saved = {k[len("ema."):]: meta for k, meta in reader.read_metadata().state_dict_metadata.items() if k.startswith("ema.")}
+    target = {"ema": {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in saved.items()}}
+    if saved:
+        load_here(target, reader)
+    return target["ema"]
+
+
+def load_here(target: Dict[str, Any], reader) -> None:
+    """torch.distributed.checkpoint's load into `target` in this one process (no process group: it reads every rank's file)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(target, storage_reader=reader)
-    model.load_state_dict({name[len("model."):]: t for name, t in target["model"].items()}, strict=True)
 
 
 def check_out_dir(out: Path, source: Path) -> None:
@@ -157,7 +202,12 @@ def check_out_dir(out: Path, source: Path) -> None:
         raise UserError(f"{out} is inside {protected}; export outside the run's checkpoints")
 
 
-def check_push(repo: str, out: Path, revision: Optional[str]) -> None:
+def default_revision(step, ema: bool) -> str:
+    """The branch an export is pushed to without --revision: step-<N>, or step-<N>-ema for the weight average."""
+    return f"step-{step}-ema" if ema else f"step-{step}"
+
+
+def check_push(repo: str, out: Path, revision: Optional[str], ema: bool = False) -> None:
     """Before any work: a valid repo id and a hub that answers (huggingface_hub would retry an unreachable one for a minute)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -167,7 +217,7 @@ def check_push(repo: str, out: Path, revision: Optional[str]) -> None:
         raise UserError(f"--push-to-hub {repo!r}: {str(e).splitlines()[0]}") from None
     if offline_mode() or not hub_reachable():
         raise UserError(f"--push-to-hub {repo}: the Hugging Face hub is unreachable (offline?); export without --push-to-hub "
-                        f"and upload it later: hf upload {repo} {out} --revision {revision or 'step-<step>'}")
+                        f"and upload it later: hf upload {repo} {out} --revision {revision or default_revision('<step>', ema)}")
 
 
 def push(out: Path, repo: str, revision: str, step: int) -> str:
@@ -184,20 +234,21 @@ def push(out: Path, repo: str, revision: str, step: int) -> str:
     return info.commit_url
 
 
-def export(source: Path, out: Path, repo: Optional[str] = None, revision: Optional[str] = None) -> Tuple[Path, int]:
-    """Write the model of checkpoint (or run dir) `source` into `out`, optionally pushed; returns (the checkpoint, its step)."""
+def export(source: Path, out: Path, repo: Optional[str] = None, revision: Optional[str] = None, ema: bool = False) -> Tuple[Path, int]:
+    """Write the model (or with `ema` its weight average) of checkpoint (or run dir) `source` into `out`, optionally pushed;
+    returns (the checkpoint, its step)."""
     check_out_dir(out, source)
     if repo:
-        check_push(repo, out, revision)
+        check_push(repo, out, revision, ema)
     ckpt = pick_checkpoint(source)
-    print(f"exporting {ckpt}" + ("" if ckpt == source else f" (the newest verified checkpoint of {source})"))
-    model, tokenizer, step = rebuild(ckpt)
+    print(f"exporting {'the weight average of ' if ema else ''}{ckpt}" + ("" if ckpt == source else f" (the newest verified checkpoint of {source})"))
+    model, tokenizer, step = rebuild(ckpt, ema)
     from mlm.train import save_final  # the same writer as a run's final/ (atomic)
 
     save_final(model, tokenizer, out)
     print(f"wrote {out} (step {step}): python -m mlm.predict {out} \"... <mask> ...\"")
     if repo:
-        revision = revision or f"step-{step}"
+        revision = revision or default_revision(step, ema)
         print(f"pushed to {repo} (branch {revision}): {push(out, repo, revision, step)}")
     return ckpt, step
 
@@ -207,7 +258,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint (<run>/checkpoints/ckpt-<step>) or a run directory (its newest verified checkpoint)")
     parser.add_argument("out", type=Path, help="the model directory to write (new or empty)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload it to this Hugging Face model repo (created if absent)")
-    parser.add_argument("--revision", metavar="BRANCH", help="--push-to-hub: the branch to upload to (default: step-<step>)")
+    parser.add_argument("--ema", action="store_true", help="export the checkpoint's weight average (trainer.ema_decay > 0) instead of its weights")
+    parser.add_argument("--revision", metavar="BRANCH", help="--push-to-hub: the branch to upload to (default: step-<step>, with --ema step-<step>-ema)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.revision and not args.push_to_hub:
@@ -219,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar for a one-file model
     try:
-        export(args.checkpoint, args.out, args.push_to_hub, args.revision)
+        export(args.checkpoint, args.out, args.push_to_hub, args.revision, args.ema)
     except UserError as e:
         if args.debug:
             raise

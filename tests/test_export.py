@@ -31,6 +31,17 @@ def run_dir(corpus, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def ema_run_dir(corpus, tmp_path_factory) -> Path:
+    """The same run with a weight average (trainer.ema_decay=0.9): ema.safetensors in its checkpoints, and final_ema/."""
+    from mlm.train import train
+
+    path = tmp_path_factory.mktemp("export-ema") / "run"
+    train(compose([*RUN, "trainer.ema_decay=0.9", f"dataset.path={corpus}"]), path)
+    assert (ckpt(path, 4) / "ema.safetensors").exists() and (path / "final_ema" / "model.safetensors").exists()
+    return path
+
+
 def ckpt(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"ckpt-{step:08d}"
 
@@ -45,17 +56,17 @@ def logits(model_dir: Path) -> torch.Tensor:
         return model(**tokenizer(SENTENCES, return_tensors="pt", padding=True)).logits
 
 
-def exported(source: Path, out: Path, capsys) -> str:
-    assert export.main([str(source), str(out)]) == 0, capsys.readouterr().err
+def exported(source: Path, out: Path, capsys, *flags: str) -> str:
+    assert export.main([str(source), str(out), *flags]) == 0, capsys.readouterr().err
     return capsys.readouterr().out
 
 
-def assert_weights_are_the_checkpoints(out: Path, checkpoint_dir: Path) -> None:
-    """Every tensor the checkpoint stores is the exported model's tensor of that name (tied names included)."""
+def assert_weights_are_the_checkpoints(out: Path, checkpoint_dir: Path, file: str = "model.safetensors") -> None:
+    """Every tensor the checkpoint stores (in `file`) is the exported model's tensor of that name (tied names included)."""
     from transformers import AutoModelForMaskedLM
 
     state = AutoModelForMaskedLM.from_pretrained(out).state_dict()
-    saved = load_file(str(checkpoint_dir / "model.safetensors"))
+    saved = load_file(str(checkpoint_dir / file))
     assert saved and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
 
 
@@ -98,6 +109,48 @@ def test_a_run_dir_exports_its_newest_good_checkpoint_and_a_corrupt_one_is_refus
     assert f"checkpoint {ckpt(copy, 4)} model.safetensors changed after it was written" in caplog.text
     assert_weights_are_the_checkpoints(tmp_path / "older", ckpt(run_dir, 2))
     assert ckpt(copy, 4).is_dir()  # exporting reads a run dir, it never moves anything in it
+
+
+def test_ema_exports_the_weight_average_of_the_checkpoint_and_a_run_without_one_is_one_line(ema_run_dir, run_dir, tmp_path, monkeypatch, capsys):
+    pushed = []
+    monkeypatch.setattr(export, "hub_reachable", lambda: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(export, "push", lambda out, repo, revision, step: pushed.append((repo, revision, step)) or "https://hub/commit/1")
+    out = exported(ema_run_dir, tmp_path / "ema", capsys, "--ema", "--push-to-hub", "me/tiny-mlm")
+    assert f"exporting the weight average of {ckpt(ema_run_dir, 4)} (the newest verified checkpoint of {ema_run_dir})" in out
+    assert pushed == [("me/tiny-mlm", "step-4-ema", 4)]  # its own branch: step-4 is the weights'
+    averaged = logits(tmp_path / "ema")
+    assert torch.allclose(averaged, logits(ema_run_dir / "final_ema"), rtol=0, atol=1e-6)  # the run's own swap-in and save
+    assert (averaged - logits(ema_run_dir / "final")).abs().max() > 1e-3  # the average, not the weights
+    assert_weights_are_the_checkpoints(tmp_path / "ema", ckpt(ema_run_dir, 4), "ema.safetensors")
+    exported(ckpt(ema_run_dir, 4), tmp_path / "plain", capsys)  # without --ema: the weights, as before
+    assert torch.allclose(logits(tmp_path / "plain"), logits(ema_run_dir / "final"), rtol=0, atol=1e-6)
+
+    assert export.main([str(ckpt(run_dir, 4)), str(tmp_path / "none"), "--ema"]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint {ckpt(run_dir, 4)} holds no weight average (its run had "
+                                       "trainer.ema_decay=0, off); export it without --ema\n")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_weight_average_that_does_not_fit_the_model_is_refused(ema_run_dir, tiny_model, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    average = load_file(str(ckpt(ema_run_dir, 4) / "ema.safetensors"))
+    copy = tmp_path / "ckpt"
+    copy.mkdir()
+    save_file({**average, "extra.weight": torch.zeros(1)}, str(copy / "ema.safetensors"))
+    with pytest.raises(UserError, match=r"weight average of checkpoint .* \(missing \[\], unexpected \['extra.weight'\]\)"):
+        export.load_average(copy, tiny_model)
+    whole = tmp_path / "whole"  # the FSDP reader: one process, no process group
+    dcp.save({"ema": average}, checkpoint_id=str(whole))
+    read = export.read_sharded_average(whole)
+    assert read.keys() == average.keys() and all(torch.equal(read[k], v) for k, v in average.items())
+    dropped = "bert.encoder.layer.1.output.dense.bias"
+    (copy / "sharded").mkdir()
+    dcp.save({"ema": {k: v for k, v in average.items() if k != dropped}}, checkpoint_id=str(copy / "sharded"))
+    with pytest.raises(UserError, match=f"\\(missing \\['{dropped}'\\], unexpected \\[\\]\\)"):
+        export.load_average(copy, tiny_model)
 
 
 def test_the_flat_config_a_checkpoint_keeps_unflattens_to_the_runs_model_config():
@@ -232,13 +285,14 @@ def test_bad_arguments_get_a_usage_line_or_one_error_line(run_dir, tmp_path, cap
 
 @pytest.mark.slow
 def test_an_fsdp_checkpoint_of_two_processes_exports_in_one(tmp_path, capsys):
+    """Its weights and (--ema) its weight average, each rank's shard of it assembled here."""
     from tests.conftest import sentences
     from tests.test_sharding import run_args, torchrun
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(500)))
     fsdp = tmp_path / "fsdp"
-    torchrun(run_args(corpus, fsdp, "fsdp"), tmp_path, 29571)
+    torchrun([*run_args(corpus, fsdp, "fsdp"), "trainer.ema_decay=0.9"], tmp_path, 29571)
     assert (ckpt(fsdp, 4) / "sharded" / ".metadata").exists() and not (ckpt(fsdp, 4) / "model.safetensors").exists()
     exported(ckpt(fsdp, 4), tmp_path / "step4", capsys)
     exported(ckpt(fsdp, 2), tmp_path / "step2", capsys)
@@ -246,3 +300,7 @@ def test_an_fsdp_checkpoint_of_two_processes_exports_in_one(tmp_path, capsys):
     assert torch.allclose(logits(tmp_path / "step4"), final, rtol=0, atol=1e-6)
     assert (logits(tmp_path / "step2") - final).abs().max() > 1e-3
     assert load_file(str(tmp_path / "step4" / "model.safetensors")).keys() == load_file(str(fsdp / "final" / "model.safetensors")).keys()
+    exported(ckpt(fsdp, 4), tmp_path / "ema4", capsys, "--ema")
+    averaged = logits(tmp_path / "ema4")
+    assert torch.allclose(averaged, logits(fsdp / "final_ema"), rtol=0, atol=1e-6)
+    assert (averaged - final).abs().max() > 1e-3
