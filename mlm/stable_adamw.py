@@ -32,7 +32,8 @@ Points settled against the sources:
 Implementations: "foreach" batches every step over a group's tensors with torch._foreach_* ops and
 never reads a value back to the host (the clipping factors stay on the device; no per-tensor
 `.item()` as optimi has); "loop" runs the same arithmetic one tensor at a time. torch has no fused
-kernel for it. FSDP2's DTensor parameters work in both: a tensor's rms is over the whole
+kernel for it: on 2 CPU cores a step over MiniLM's 11M trained weights took 83 ms (foreach; loop
+68-100 ms) against AdamW's 42 ms (foreach) and 9 ms (fused). FSDP2's DTensor parameters work in both: a tensor's rms is over the whole
 (unsharded) tensor, which costs one small all-reduce per tensor per step.
 """
 
@@ -97,22 +98,23 @@ def _foreach_update(params, grads, exp_avgs, exp_avg_sqs, steps: List[int], grou
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     v_hat = torch._foreach_div(exp_avg_sqs, [1 - beta2**t for t in steps])
     # rms = ||g / sqrt(max(v_hat, eps^2))|| / sqrt(numel): one norm kernel per group, the result stays on the device
-    ratio = torch._foreach_div(grads, torch._foreach_sqrt(torch._foreach_clamp_min(v_hat, eps * eps)))
+    ratio = torch._foreach_clamp_min(v_hat, eps * eps)
+    torch._foreach_sqrt_(ratio)
+    torch._foreach_reciprocal_(ratio)
+    torch._foreach_mul_(ratio, grads)
     rms = torch._foreach_div(torch._foreach_norm(ratio), [math.sqrt(p.numel()) for p in params])
-    del ratio
+    del ratio  # at most two parameter-sized temporaries at a time
     clip = torch._foreach_reciprocal(torch._foreach_clamp_min(rms, 1.0))  # lr_t / lr = 1 / max(1, rms)
     if weight_decay != 0:
         decay = torch._foreach_mul(clip, -lr * weight_decay)
         torch._foreach_add_(decay, 1.0)
         torch._foreach_mul_(params, decay)
-    denom = torch._foreach_sqrt(v_hat)
-    del v_hat
-    torch._foreach_add_(denom, eps)
-    step = torch._foreach_div(exp_avgs, denom)
-    del denom
-    torch._foreach_mul_(step, clip)
-    torch._foreach_mul_(step, [-lr / (1 - beta1**t) for t in steps])
-    torch._foreach_add_(params, step)
+    # v_hat becomes -lr_t / (1 - beta1^t) / (sqrt(v_hat) + eps), in place: the step is then one addcmul with m
+    torch._foreach_sqrt_(v_hat)
+    torch._foreach_add_(v_hat, eps)
+    torch._foreach_reciprocal_(v_hat)
+    torch._foreach_mul_(v_hat, torch._foreach_mul(clip, [-lr / (1 - beta1**t) for t in steps]))
+    torch._foreach_addcmul_(params, exp_avgs, v_hat)
 
 
 def _loop_update(params, grads, exp_avgs, exp_avg_sqs, steps: List[int], group) -> None:
@@ -123,8 +125,8 @@ def _loop_update(params, grads, exp_avgs, exp_avg_sqs, steps: List[int], group) 
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         v_hat = v / (1 - beta2**t)
-        rms = torch.linalg.vector_norm(g / v_hat.clamp_min(eps * eps).sqrt()) / math.sqrt(p.numel())
+        rms = torch.linalg.vector_norm(v_hat.clamp_min(eps * eps).sqrt().reciprocal() * g) / math.sqrt(p.numel())
         clip = rms.clamp_min(1.0).reciprocal()
         if weight_decay != 0:
             p.mul_(clip * (-lr * weight_decay) + 1.0)
-        p.add_((m / (v_hat.sqrt() + eps)) * clip * (-lr / (1 - beta1**t)))
+        p.addcmul_(m, (v_hat.sqrt() + eps).reciprocal() * (clip * (-lr / (1 - beta1**t))))
