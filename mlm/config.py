@@ -149,7 +149,7 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.98  # 0.98 as in RoBERTa: steadier with short warmups than 0.999
     eps: float = 1e-6
-    impl: OptimizerImpl = OptimizerImpl.auto  # auto (fused) | fused | foreach | loop: the same update, different kernels (speed only)
+    impl: OptimizerImpl = OptimizerImpl.auto  # auto (fused; foreach for stable_adamw) | fused | foreach | loop: the same update, different kernels (speed only)
     new_head_lr_scale: float = 1.0  # a new MLM head (head weights the checkpoint did not have) learns at lr times this
     layer_lr_decay: float = 1.0  # layer-wise rates: each encoder layer learns at this times the rate of the layer above (1 = all alike)
 
@@ -162,6 +162,8 @@ class OptimizerConfig:
             raise UserError(f"optimizer.layer_lr_decay={self.layer_lr_decay} must be in (0, 1] (1 = the same rate for every layer)")
         if self.weight_decay < 0:
             raise UserError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        if self.name == "stable_adamw" and self.impl == "fused":
+            raise UserError("optimizer.impl=fused: torch has no fused StableAdamW kernel; use optimizer.impl=foreach (or auto, the same)")
 
 
 @dataclass

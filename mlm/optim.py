@@ -10,6 +10,7 @@ from torch import nn
 from mlm.config import OptimizerConfig, SchedulerConfig, UserError
 from mlm.models import encoder_layers, new_head_parameters
 from mlm.schedules import SCHEDULES, decay_start, stable_then_decay, warmup_length
+from mlm.stable_adamw import StableAdamW
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0) -> List[dict]:
@@ -50,7 +51,13 @@ def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
-OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {"adamw": build_adamw}
+def build_stable_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    # auto and foreach: batched ops over each group; loop: one tensor at a time (impl=fused is refused by OptimizerConfig.validate)
+    return StableAdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay), lr=cfg.lr,
+                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=cfg.impl != "loop")
+
+
+OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {"adamw": build_adamw, "stable_adamw": build_stable_adamw}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:

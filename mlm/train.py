@@ -22,7 +22,7 @@ import transformers
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mlm import checkpoint, distributed, faults, rundir
+from mlm import checkpoint, distributed, faults, flops, rundir
 from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
@@ -52,6 +52,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed (all positions, masked or not)
+    predictions: int = 0  # masked positions trained on, all processes (the sparse head's FLOPs follow them)
     train_seconds: float = 0.0  # wall time inside training steps, excluding eval and checkpoints
     skipped_steps: int = 0  # steps dropped for a non-finite loss (trainer.on_nonfinite=skip)
     overflow_steps: int = 0  # fp16: updates the loss scaler skipped for overflowing gradients
@@ -91,16 +92,20 @@ class LogWindow:
         self.seconds += seconds
         self.steps += 1
 
-    def flush(self, accelerator, tokens_per_step: int) -> Dict[str, float]:
-        """Mean masked-token loss over the window and all processes (one all-reduce), then reset."""
+    def flush(self, accelerator, tokens_per_step: int, utilisation: Optional[flops.Utilisation] = None) -> Dict[str, float]:
+        """Mean masked-token loss over the window and all processes (one all-reduce), then reset; with
+        `utilisation`, also the window's model TFLOP/s per device and MFU."""
         totals = torch.stack([self.loss_sum.double(), torch.tensor(float(self.masked), dtype=torch.float64, device=self.device)])
         totals = accelerator.reduce(totals, reduction="sum")
         seconds = max(self.seconds, 1e-9)
         metrics = {
             "train/loss": float(totals[0] / totals[1].clamp(min=1)),
+            "train/masked_tokens": int(totals[1]),  # of all processes
             "perf/tokens_per_s": self.steps * tokens_per_step / seconds,
             "perf/step_s": seconds / max(self.steps, 1),
         }
+        if utilisation is not None:
+            metrics.update(utilisation.rates(self.steps * tokens_per_step, metrics["train/masked_tokens"], seconds))
         self.__init__(self.device)
         return metrics
 
@@ -135,6 +140,7 @@ class Run:
     budget_s: Optional[float]  # of training time (state.train_seconds)
     main: bool  # the launcher's rank 0 (the same one Accelerate sees)
     ema: Optional[WeightAverage] = None  # the weight average (trainer.ema_decay > 0)
+    utilisation: Optional[flops.Utilisation] = None  # FLOP counts and device peak (perf/mfu); None: not countable
 
     @property
     def raw_model(self):
@@ -178,6 +184,8 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
               flat_config(tree), budget_s, distributed.is_main_process())
     run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
     resume(run)
+    run.utilisation = flops.measure_utilisation(run.raw_model, cfg.block_size, accelerator.unwrap_model(objective).sparse,
+                                                accelerator, cfg.runtime.mixed_precision)
     run.tracker = open_trackers(cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id)
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
     faults.reached("startup")
@@ -368,12 +376,13 @@ def count_step(run: Run, result: "StepResult", t0: float, window: "LogWindow") -
 
 
 def log_train(run: Run, result: "StepResult", window: "LogWindow", bar) -> None:
-    metrics = {**window.flush(run.accelerator, run.tokens_per_step), "train/lr": run.scheduler.get_last_lr()[0],
+    metrics = {**window.flush(run.accelerator, run.tokens_per_step, run.utilisation), "train/lr": run.scheduler.get_last_lr()[0],
                "train/grad_norm": float(result.grad_norm), "train/epoch": run.state.step / run.data.order.steps_per_epoch,
                "train/mlm_probability": run.collator.probability}
     scaler = run.accelerator.scaler
     if scaler is not None:
         metrics.update({"train/loss_scale": scaler.get_scale(), "train/overflow_steps": run.state.overflow_steps})
+    run.state.predictions += metrics["train/masked_tokens"]
     run.tracker.log(metrics, run.state.step)
     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
 
@@ -432,6 +441,7 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "train_tokens": state.tokens,
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
+        **flops.run_totals(run.utilisation, state.tokens, state.predictions, state.train_seconds),  # train_flops, mfu
         "processes": acc.num_processes,
         "device": "cpu" if acc.device.type == "cpu" else str(acc.device),  # this process's; rank r has cuda:<local rank>
         "device_slot": run.job.get("device_slot"),

@@ -283,9 +283,14 @@ def split_indices(num_docs: int, test_size: float, seed: int) -> Dict[str, np.nd
 # ---------------------------------------------------------------- the cached build
 
 
+def default_cache_root() -> str:
+    """Where the harness caches what it builds (token blocks, mlm.flops's CPU matmul peak): $MLM_CACHE, else ~/.cache/mlm-harness."""
+    return os.environ.get("MLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlm-harness"))
+
+
 def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str | None = None) -> DatasetDict:
     """Read, tokenize, split and group; cached on disk under a hash of every input that changes the result."""
-    cache_root = cache_root or os.environ.get("MLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlm-harness"))
+    cache_root = cache_root or default_cache_root()
     path = os.path.join(cache_root, "blocks", _cache_key(cfg, tokenizer, block_size))
     if os.path.exists(os.path.join(path, META)):
         log.info("reusing cached blocks %s", path)

@@ -1,0 +1,252 @@
+"""Model FLOPs of a training step and the device's peak: perf/tflops, perf/mfu and results' mfu.
+
+What is counted (model FLOPs as executed, one multiply-add = 2 FLOPs):
+  - every nn.Linear of the model, read from the module tree (so GeGLU's doubled input projection,
+    fused QKV and the absence of biases count as built): 2 x weight size per row forward, and in
+    backward 2 x weight size for the input gradient plus 2 x weight size for the weight gradient;
+    6 x (matmul parameters) x tokens for a fully trained encoder;
+  - attention's two matmuls (scores QK^T and the weighted sum of values): 4 x seq x hidden per token
+    and layer forward, x3 with backward, over the whole block (local attention and padding run
+    masked, not skipped, in the eager and sdpa kernels);
+  - the MLM head (its transform and the vocabulary projection: the nn.Linear modules outside the
+    encoder) at the masked positions only with the sparse head (runtime.sparse_prediction), else at
+    every position.
+Frozen weights (model.freeze_embeddings, model.freeze_layers) get no weight-gradient FLOPs, and the
+layers below the lowest trainable one no backward at all. At the lowest trainable layer the input
+gradient of its first projections is counted although autograd skips it (their input needs none):
+a small overcount, only with model.freeze_layers. Not counted: embedding lookups, norms,
+activations, softmax, the loss, the optimizer update, and activation recompute
+(runtime.activation_checkpointing): MFU counts the model's FLOPs, not the extra work a memory
+saving costs.
+
+The peak: on CUDA, NVIDIA's datasheet figure for the device at the run's matmul precision (dense,
+not the 2:4 sparsity figure); an unknown GPU gets no MFU. On CPU there is no datasheet to read: the
+"peak" is this machine's measured torch.matmul rate (square matrices, the run's dtype and thread
+count, best of a few), measured once and cached per CPU model, thread count, dtype and torch version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from mlm.config import UserError
+from mlm.data.blocks import default_cache_root
+from mlm.files import atomic_write_json
+from mlm.models import encoder_layers
+
+log = logging.getLogger(__name__)
+
+PEAK_CACHE = "matmul_peak.json"  # under the harness's cache dir (MLM_CACHE)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """A step's FLOPs are linear in its tokens and its predicted (masked) positions."""
+
+    per_token: float  # the encoder forward and backward (and the head, when it is dense) per input token
+    per_prediction: float  # the sparse head per masked position (0 with a dense head)
+
+    def of(self, tokens: float, predictions: float) -> float:
+        return self.per_token * tokens + self.per_prediction * predictions
+
+
+def count_flops(model: nn.Module, seq_len: int, sparse: bool) -> Optional[FlopCount]:
+    """The FLOP rates of a Hugging Face masked-LM trained on blocks of `seq_len` tokens (module docstring);
+    None for a model whose stack of encoder layers cannot be found."""
+    try:
+        layers = encoder_layers(model)
+    except UserError:
+        return None
+    layer_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    embeddings = [m for m in (model.get_input_embeddings(), getattr(model.base_model, "embeddings", None)) if m is not None]
+    below = {id(m) for e in embeddings for m in e.modules()}
+    trained = lambda module: any(p.requires_grad for p in module.parameters())  # noqa: E731
+    lowest = -1 if any(map(trained, embeddings)) else next((i for i, layer in enumerate(layers) if trained(layer)), len(layers))
+    encoder = {id(m) for m in model.base_model.modules()}
+    per_token = per_prediction = 0.0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        level = layer_of.get(id(module), -1 if id(module) in below else len(layers))  # outside the stack: below it or above it
+        flops = linear_flops(module.weight, level, lowest)
+        if id(module) in encoder or not sparse:
+            per_token += flops
+        else:
+            per_prediction += flops
+    hidden = model.config.hidden_size
+    per_token += sum((3 if i >= lowest else 1) * 4 * seq_len * hidden for i in range(len(layers)))
+    return FlopCount(per_token, per_prediction)
+
+
+def linear_flops(weight: torch.Tensor, level: int, lowest: int) -> float:
+    """FLOPs per row through one nn.Linear at `level` (-1 below the layers) when `lowest` is the lowest trained level."""
+    size = weight.numel()  # a DTensor's numel is that of the whole weight
+    if level < lowest:  # nothing below or in it is trained: autograd never reaches it
+        return 2 * size
+    return 2 * size + 2 * size + (2 * size if weight.requires_grad else 0)  # forward, input gradient, weight gradient
+
+
+def step_flops(model: nn.Module, seq_len: int, sparse: bool, tokens: int, predictions: int) -> float:
+    """FLOPs of one optimizer step over `tokens` input tokens of which `predictions` are masked."""
+    count = count_flops(model, seq_len, sparse)
+    if count is None:
+        raise UserError(f"cannot count the FLOPs of model_type={model.config.model_type}: its encoder layers were not found")
+    return count.of(tokens, predictions)
+
+
+# ---------------------------------------------------------------- the peak
+
+# NVIDIA datasheets, dense Tensor Core figures (half the "with sparsity" ones), TFLOP/s per GPU;
+# fp32: the non-Tensor-Core rate. First match of the lower-cased device name wins.
+GPU_PEAKS = [
+    (r"h100.*pcie", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    (r"h100.*nvl", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (r"h100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"h200.*nvl", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (r"h200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
+    (r"a100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),  # SXM and PCIe, 40 and 80 GB
+    (r"\ba10\b", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),  # not the A10G (AWS's variant has no datasheet)
+    (r"\ba40\b", {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4}),
+    (r"l40s", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
+    (r"\bl40\b", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
+    (r"\bl4\b", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    (r"v100s", {"fp16": 130.0, "fp32": 16.4}),  # Volta: no bf16 or tf32 Tensor Cores
+    (r"v100.*pcie", {"fp16": 112.0, "fp32": 14.0}),
+    (r"v100", {"fp16": 125.0, "fp32": 15.7}),  # SXM2
+    (r"\bt4\b", {"fp16": 65.0, "fp32": 8.1}),
+    (r"rtx 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),  # fp16/bf16 with fp32 accumulate, as torch runs them
+    (r"rtx 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
+    (r"rtx a6000", {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7}),
+]
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def gpu_peak(name: str, precision: str) -> Optional[float]:
+    """FLOP/s of the GPU called `name` (torch.cuda.get_device_name) at `precision` (bf16, fp16, tf32, fp32); None if unknown."""
+    for pattern, peaks in GPU_PEAKS:
+        if re.search(pattern, name.lower()):
+            tflops = peaks.get(precision)
+            return tflops * 1e12 if tflops else None
+    return None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: Optional[str] = None) -> Optional[float]:
+    """FLOP/s one device of this kind does at `dtype` matmuls: a datasheet figure (CUDA), a cached
+    measurement (CPU), or None (an unknown GPU, another accelerator: no MFU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        precision = DTYPE_NAMES[dtype]
+        if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:  # fp32 matmuls then run as tf32
+            precision = "tf32"
+        peak = gpu_peak(name, precision)
+        if peak is None:
+            log.info("no known %s peak for GPU %r: perf/mfu is not reported (perf/tflops is)", precision, name)
+        return peak
+    if device.type == "cpu":
+        return cpu_peak(dtype, torch.get_num_threads(), cache_dir)
+    log.info("no peak known for device type %s: perf/mfu is not reported", device.type)
+    return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak(dtype: torch.dtype, threads: int, cache_dir: Optional[str] = None) -> float:
+    """The best measured torch.matmul rate here (FLOP/s), from the cache when this CPU, thread count, dtype
+    and torch version were measured before (a few seconds at most the first time)."""
+    path = Path(cache_dir or default_cache_root()) / PEAK_CACHE
+    key = f"{cpu_name()} | {threads} threads | {DTYPE_NAMES[dtype]} | torch {torch.__version__}"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_matmul(dtype)
+        log.info("CPU matmul peak measured: %.1f GFLOP/s (%s), cached in %s", cached[key] / 1e9, key, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, cached)
+        except OSError as e:  # the run goes on; the next one measures again
+            log.warning("cannot cache the CPU matmul peak in %s: %s", path, e.strerror)
+    return cached[key]
+
+
+def measure_matmul(dtype: torch.dtype, reps: int = 5) -> float:
+    """Best FLOP/s of square torch.matmul, from 1024 up to 4096 until one takes 50 ms (large enough for many cores)."""
+    size, best = 1024, 0.0
+    while True:
+        gen = torch.Generator().manual_seed(0)  # its own: the run's random streams (dropout, masks) stay untouched
+        a, b = torch.randn(size, size, generator=gen).to(dtype), torch.randn(size, size, generator=gen).to(dtype)
+        torch.matmul(a, b)  # warm-up: kernel selection, page faults
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * size**3 / min(times))
+        if min(times) >= 0.05 or size >= 4096:
+            return best
+        size *= 2
+
+
+# ---------------------------------------------------------------- what a run reports
+
+
+@dataclass(frozen=True)
+class Utilisation:
+    """A run's FLOP counts, the peak of one of its devices and how many devices (processes) share the work."""
+
+    count: FlopCount
+    peak: Optional[float]  # FLOP/s of one device; None: unknown, no MFU
+    devices: int
+
+    def rates(self, tokens: float, predictions: float, seconds: float) -> Dict[str, float]:
+        """A log window's achieved TFLOP/s per device and MFU (tokens and predictions of all processes)."""
+        per_device = self.count.of(tokens, predictions) / max(seconds, 1e-9) / self.devices
+        rates = {"perf/tflops": per_device / 1e12}
+        if self.peak:
+            rates["perf/mfu"] = per_device / self.peak
+        return rates
+
+
+def measure_utilisation(model: nn.Module, seq_len: int, sparse: bool, accelerator, mixed_precision: str) -> Optional[Utilisation]:
+    """The run's Utilisation (None when its FLOPs cannot be counted). Matmuls run in bf16 or fp16 under
+    that autocast, else in fp32. The main process finds the peak (on CPU: measures it, once per
+    machine) and hands it to the others in one all-reduce, so processes sharing a CPU never time it at once."""
+    count = count_flops(model, seq_len, sparse)
+    if count is None:
+        log.info("cannot count the FLOPs of model_type=%s (no encoder layer stack found): perf/mfu is not reported", model.config.model_type)
+        return None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    peak = peak_flops(accelerator.device, dtype) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        shared = torch.tensor([peak or 0.0], dtype=torch.float64, device=accelerator.device)
+        peak = float(accelerator.reduce(shared, reduction="sum")[0]) or None
+    return Utilisation(count, peak, accelerator.num_processes)
+
+
+def run_totals(utilisation: Optional[Utilisation], tokens: int, predictions: int, seconds: float) -> Dict[str, Optional[float]]:
+    """results.json's train_flops (all processes) and mfu (the whole run's average); None where unknown."""
+    if utilisation is None:
+        return {"train_flops": None, "mfu": None}
+    total = utilisation.count.of(tokens, predictions)
+    mfu = total / seconds / (utilisation.peak * utilisation.devices) if utilisation.peak and seconds > 0 else None
+    return {"train_flops": total, "mfu": mfu}

@@ -1,0 +1,166 @@
+"""perf/mfu: the step's FLOP count against torch's FlopCounterMode, its sparse-head and freezing rules,
+the GPU peak table, the cached CPU matmul probe, and a run that reports both."""
+
+import json
+import logging
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mlm import flops
+from mlm.flops import FlopCount, count_flops, cpu_peak, gpu_peak, peak_flops, step_flops
+from mlm.models import MLMObjective, build_model
+from tests.conftest import TINY_RUN, compose, run_cli
+
+BATCH, SEQ = 4, 32
+
+
+def tiny(name="tiny", *overrides):
+    """A tiny model with eager attention: its score and value matmuls are plain bmm, which FlopCounterMode counts."""
+    cfg = compose([f"model={name}", "model.attn_implementation=eager", *overrides])
+    return build_model(cfg.model, SEQ, seed=0)[0]
+
+
+def batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (BATCH, SEQ), generator=gen)
+    labels = torch.full_like(ids, -100)
+    chosen = torch.rand(BATCH, SEQ, generator=gen) < 0.15
+    labels[chosen] = ids[chosen]
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def counted_by_torch(model, sparse: bool):
+    """FLOPs torch's FlopCounterMode sees in one forward and backward of the objective, and the masked count."""
+    objective = MLMObjective(model, sparse=sparse)
+    with FlopCounterMode(display=False) as counter:
+        loss, masked, _ = objective(**batch())
+        loss.backward()
+    return counter.get_total_flops(), masked
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_modernbert"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_count_matches_flop_counter_mode(name, sparse):
+    model = tiny(name)
+    expected, masked = counted_by_torch(model, sparse)
+    assert 0 < masked < BATCH * SEQ
+    assert step_flops(model, SEQ, sparse, BATCH * SEQ, masked) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [["model.freeze_embeddings=true"], ["model.freeze_layers=1"]])
+def test_frozen_weights_match_flop_counter_mode(overrides):
+    for name in ("tiny", "tiny_modernbert"):
+        model = tiny(name, *overrides)
+        expected, masked = counted_by_torch(model, sparse=True)
+        ours = step_flops(model, SEQ, True, BATCH * SEQ, masked)
+        # BERT with frozen layers below: the lowest trained layer's Q/K/V input gradients, which autograd
+        # skips, are counted (module docstring); 0.8% here. Never an undercount.
+        assert expected <= ours <= expected * 1.01, name
+
+
+def test_sparse_head_costs_exactly_its_share_per_masked_position():
+    model = tiny()
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    head = 6 * (hidden * hidden + hidden * vocab)  # transform and vocabulary projection, forward + both gradients
+    tokens = BATCH * SEQ
+    assert step_flops(model, SEQ, True, tokens, 20) - step_flops(model, SEQ, True, tokens, 12) == 8 * head
+    dense = count_flops(model, SEQ, sparse=False)
+    assert dense.per_prediction == 0 and dense.of(tokens, 20) == dense.of(tokens, 12)  # the dense head runs everywhere
+    assert dense.per_token == pytest.approx(count_flops(model, SEQ, sparse=True).per_token + head)
+
+
+def test_freezing_removes_exactly_the_gradients_autograd_skips():
+    free, frozen_table, frozen_layer = tiny(), tiny("tiny", "model.freeze_embeddings=true"), tiny("tiny", "model.freeze_layers=1")
+    h, vocab, inter = free.config.hidden_size, free.config.vocab_size, free.config.intermediate_size
+    base = count_flops(free, SEQ, True)
+    # the word table is the tied decoder: only its weight gradient goes (2 x h x vocab per prediction)
+    table = count_flops(frozen_table, SEQ, True)
+    assert table.per_token == base.per_token and base.per_prediction - table.per_prediction == 2 * h * vocab
+    # layer 0 runs forward only: its 4 h^2 + 2 h inter matmul weights lose both gradients, attention its backward
+    layer = count_flops(frozen_layer, SEQ, True)
+    layer0 = 4 * h * h + 2 * h * inter
+    assert base.per_token - layer.per_token == 4 * layer0 + 8 * SEQ * h
+    assert base.per_prediction - layer.per_prediction == 2 * h * vocab  # the embeddings froze with it
+
+
+def test_peak_table():
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)  # SXM
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.5e12)
+    assert gpu_peak("NVIDIA H200", "tf32") == pytest.approx(494.7e12)
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "fp16") == gpu_peak("NVIDIA A100 80GB PCIe", "bf16") == pytest.approx(312e12)
+    assert gpu_peak("NVIDIA A10", "bf16") == pytest.approx(125e12) and gpu_peak("NVIDIA L4", "fp32") == pytest.approx(30.3e12)
+    assert gpu_peak("NVIDIA GeForce RTX 4090", "bf16") == pytest.approx(165.2e12)
+    assert gpu_peak("Tesla V100-SXM2-16GB", "fp16") == pytest.approx(125e12)
+    assert gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None  # Volta has no bf16 Tensor Cores
+    assert gpu_peak("NVIDIA A10G", "bf16") is None  # no datasheet: unknown, not guessed
+    assert gpu_peak("NVIDIA Hypothetical X1", "bf16") is None
+
+
+def test_an_unknown_gpu_reports_no_mfu_with_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Hypothetical X1")
+    with caplog.at_level(logging.INFO, logger="mlm.flops"):
+        assert peak_flops(torch.device("cuda"), torch.bfloat16) is None
+    assert "no known bf16 peak for GPU 'NVIDIA Hypothetical X1': perf/mfu is not reported" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda"), torch.float32) == pytest.approx(66.9e12)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # (monkeypatch cannot restore this attribute)
+    try:
+        assert peak_flops(torch.device("cuda"), torch.float32) == pytest.approx(494.7e12)  # fp32 matmuls run as tf32 then
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    utilisation = flops.Utilisation(FlopCount(per_token=1e12, per_prediction=0.0), peak=None, devices=2)
+    assert utilisation.rates(tokens=10, predictions=3, seconds=5.0) == {"perf/tflops": 1.0}  # no perf/mfu without a peak
+    assert flops.run_totals(utilisation, 10, 3, 5.0) == {"train_flops": 1e13, "mfu": None}
+
+
+def test_cpu_probe_is_measured_once_then_read_from_its_cache(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: calls.append(dtype) or 123e9)
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 123e9
+    cached = json.loads((tmp_path / flops.PEAK_CACHE).read_text())
+    (key,) = cached
+    assert cached[key] == 123e9 and "| 2 threads | fp32 | torch " in key and flops.cpu_name() in key
+    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: pytest.fail("timed again although cached"))
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 123e9  # read back, not re-timed
+    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: calls.append(dtype) or 456e9)
+    assert cpu_peak(torch.bfloat16, 2, str(tmp_path)) == 456e9 and cpu_peak(torch.float32, 4, str(tmp_path)) == 456e9
+    assert calls == [torch.float32, torch.bfloat16, torch.float32]  # another dtype or thread count is another entry
+    assert len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 3
+
+
+def test_cpu_probe_survives_a_broken_or_unwritable_cache(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: 7e9)
+    (tmp_path / flops.PEAK_CACHE).write_text("{not json")
+    assert cpu_peak(torch.float32, 1, str(tmp_path)) == 7e9  # measured again and rewritten
+    assert len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 1
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache directory should be
+    with caplog.at_level(logging.WARNING, logger="mlm.flops"):
+        assert cpu_peak(torch.float32, 1, str(blocked / "sub")) == 7e9
+    assert "cannot cache the CPU matmul peak" in caplog.text
+
+
+def test_measured_matmul_rate_is_plausible_and_leaves_the_random_stream_alone():
+    torch.manual_seed(5)
+    rate = flops.measure_matmul(torch.float32, reps=2)
+    assert 1e8 < rate < 1e14  # FLOP/s of a real torch.matmul on this CPU (0.1 GFLOP/s .. 100 TFLOP/s)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # a resumed run's dropout and masks must not depend on whether it probed
+
+
+@pytest.mark.slow
+def test_a_run_logs_mfu_and_counts_its_flops(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", "trainer.max_steps=4", "trainer.save_model=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    assert len(train) == 4 and all(0 < r["perf/mfu"] < 1.5 and r["perf/tflops"] > 0 for r in train)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0 < results["mfu"] < 1.5
+    # the whole run's FLOPs: every token through the encoder, the head at every masked position logged
+    count = count_flops(build_model(compose(TINY_RUN).model, 32, seed=0)[0], 32, sparse=True)
+    assert results["train_flops"] == pytest.approx(count.of(results["train_tokens"], sum(r["train/masked_tokens"] for r in train)))
