@@ -155,7 +155,9 @@ class RunDirGuard(Callback):
         run_dir = Path(str(config.hydra.run.dir)).absolute()
         try:
             results = guard(run_dir, config)
-        except UserError as e:  # locked, or finished with other settings
+            if results is not None:
+                results = with_downstream(run_dir, config, results)
+        except UserError as e:  # locked, or finished with other settings (or its downstream task failed)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         if results is not None:
@@ -231,6 +233,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         except UserError as e:  # locked, or finished with other settings: not ours to write into
             raise RunDirLocked(str(e)) from e
         if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
+            done = with_downstream(run_dir, cfg, done)
             print(finished_line(run_dir, done))
             return objective(done)
         from mlm.train import NonFiniteLoss, train
@@ -276,6 +279,20 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         release_run_dir(run_dir)
 
 
+def with_downstream(run_dir: Path, cfg: DictConfig, results: dict) -> dict:
+    """A finished run asked for downstream numbers its results.json lacks gets them now (the main process
+    fine-tunes its final/; see mlm.downstream.add_to_finished_run); its results, updated or not."""
+    if cfg.downstream.kind == "none" or not is_main_process():
+        return results
+    from mlm.downstream import add_to_finished_run, summary_line
+    from mlm.rundir import flat_settings
+
+    updated = add_to_finished_run(run_dir, OmegaConf.to_object(cfg.downstream), flat_settings(cfg), results)
+    if updated is not results:
+        print(f"{summary_line(updated['downstream'])}: added to {run_dir / 'results.json'}")
+    return updated
+
+
 def objective(results: dict) -> Optional[float]:
     """What a job returns to the sweeper: its final perplexity, or no value where that is NaN, inf or
     missing, which the summary calls failed (a NaN would make the Optuna sweeper raise, see _fail)."""
@@ -308,6 +325,10 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         f"({results['steps']} steps, {results['train_seconds']:.0f} s, {results['tokens_per_s']:.0f} tokens/s)",
         f"run directory: {run_dir}",
     ]
+    if "downstream" in results:
+        from mlm.downstream import summary_line
+
+        lines.insert(2, summary_line(results["downstream"]))
     final = run_dir / "final"
     if final.exists():
         from mlm.config import ModelConfig

@@ -329,6 +329,8 @@ class Config:
         if self.masking.schedule != "constant" and self.runtime.num_workers > 0:
             # the loop sets the rate on the collator before each step; worker processes hold their own copy
             raise UserError(f"masking.schedule={self.masking.schedule} needs runtime.num_workers=0")
+        if self.downstream.kind != "none" and not self.trainer.save_model:  # said before training, not after it
+            raise UserError(f"downstream.kind={self.downstream.kind} fine-tunes the run's final/ model; set trainer.save_model=true")
         if self.dataset.streaming and self.trainer.max_steps <= 0:
             raise UserError("dataset.streaming=true needs trainer.max_steps > 0 (a stream has no length to count epochs in); e.g. trainer.max_steps=1000")
 

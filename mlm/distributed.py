@@ -33,7 +33,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Mapping, Optional
+from typing import Any, Callable, Iterator, List, Mapping, Optional
 
 from mlm.config import UserError
 from mlm.preemption import Interrupted
@@ -612,6 +612,20 @@ def _wait_for_key(key: str) -> None:
         if _watch.reason is not None:
             raise PeerFailed(_watch.reason)
         time.sleep(0.2)
+
+
+def on_main_alone(key: str, work: Callable[[], Any]) -> Any:
+    """`work()` on the main process only (its value; None elsewhere). In a job() the other ranks wait for it
+    on the job's store, with no time limit (a collective would end them after runtime.collective_timeout_minutes),
+    and a failure or silence of the main process still ends their wait."""
+    if is_main_process():
+        value = work()
+        if _watch is not None:
+            _watch.mark(key)
+        return value
+    if _watch is not None:
+        _wait_for_key(key)
+    return None
 
 
 @contextlib.contextmanager

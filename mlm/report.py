@@ -2,7 +2,10 @@
 
 - `plot_run(run_dir)`: curves.png beside metrics.jsonl (train loss, eval perplexity, lr).
 - `python -m mlm.report <sweep or run dirs...>`: summary.md (one row per job, sorted by
-  perplexity) and summary.png (perplexity against each swept value, and the curves).
+  perplexity; a downstream column where jobs have one) and summary.png (perplexity against each
+  swept value, and the curves). A sweep over trainer.budget_minutes or trainer.max_steps also gets
+  budget.png (perplexity and downstream accuracy against training tokens and time, the Pareto
+  front marked) and a table of each front in summary.md: what each minute buys.
   Hydra calls the same at the end of every multirun (SweepSummaryCallback in conf/config.yaml).
 """
 
@@ -145,20 +148,44 @@ def summary_table(jobs: List[Dict[str, Any]], root: Path) -> str:
     def key(j):
         return (failure(j) is not None, j["results"]["perplexity"] if failure(j) is None else float("inf"))
 
+    downstream = any(downstream_accuracy(j) is not None for j in jobs)  # a column only where some job has one
     lines = [
-        "| job | overrides | final ppl | best ppl | ppl before | tokens/s | train s | wall s | device | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| job | overrides | final ppl | best ppl | ppl before |" + (" downstream |" if downstream else "")
+        + " tokens/s | train s | wall s | device | status |",
+        "|---|---|---:|---:|---:|" + ("---:|" if downstream else "") + "---:|---:|---:|---|---|",
     ]
     for j in sorted(jobs, key=key):
         r = j["results"]
-        name = str(j["dir"].relative_to(root)) if j["dir"] != root and root in j["dir"].parents else j["dir"].name
         status = "ok" if failure(j) is None else "failed: " + failure(j).replace("|", "/")[:80]
         lines.append(
-            f"| {name} | {' '.join(f'{k}={v}' for k, v in j['overrides'].items()) or '-'} | {_fmt(r.get('perplexity'))} | "
-            f"{_fmt(r.get('best_perplexity'))} | {_fmt(r.get('perplexity_before'))} | {_fmt(r.get('tokens_per_s'), 0)} | "
-            f"{_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('wall_seconds'), 0)} | {_device(r)} | {status} |"
+            f"| {_job_name(j, root)} | {_overrides_text(j)} | {_fmt(r.get('perplexity'))} | "
+            f"{_fmt(r.get('best_perplexity'))} | {_fmt(r.get('perplexity_before'))} | " + (f"{_downstream_text(j)} | " if downstream else "")
+            + f"{_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('wall_seconds'), 0)} | {_device(r)} | {status} |"
         )
     return "\n".join(lines)
+
+
+def _job_name(job: Dict[str, Any], root: Path) -> str:
+    return str(job["dir"].relative_to(root)) if job["dir"] != root and root in job["dir"].parents else job["dir"].name
+
+
+def _overrides_text(job: Dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in job["overrides"].items()) or "-"
+
+
+def _swept_text(job: Dict[str, Any], keys: List[str]) -> str:
+    return " ".join(f"{k}={job['overrides'].get(k, '-')}" for k in keys) or "-"
+
+
+def downstream_accuracy(job: Dict[str, Any]) -> Optional[float]:
+    """The job's downstream accuracy (the median over its fine-tuning seeds), or None."""
+    value = (job["results"].get("downstream") or {}).get("accuracy")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _downstream_text(job: Dict[str, Any]) -> str:
+    acc = downstream_accuracy(job)
+    return "-" if acc is None else f"{job['results']['downstream'].get('task', '?')} {acc:.3f}"
 
 
 def _device(results: Dict[str, Any]) -> str:
@@ -242,10 +269,116 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None) -> Optional[Path
     if best:
         text.append(f"Best: `{' '.join(f'{k}={v}' for k, v in best['overrides'].items()) or best['dir'].name}` "
                     f"with perplexity {best['results']['perplexity']:.2f}.")
+    best_downstream = max((j for j in jobs if failure(j) is None and downstream_accuracy(j) is not None), key=downstream_accuracy, default=None)
+    if best_downstream:
+        text.append(f"\nBest downstream: `{_overrides_text(best_downstream)}` with {_downstream_text(best_downstream)} "
+                    f"(median of {len(best_downstream['results']['downstream'].get('seeds', []))} seeds).")
     text.append("\n![summary](summary.png)\n")
+    budget = budget_sweep(jobs)
+    if budget:
+        text += [front_tables(budget, out_dir), "![budget](budget.png)\n"]
     atomic_write_text(out_dir / "summary.md", "\n".join(text))
     plot_sweep(jobs, out_dir / "summary.png")
+    if budget:
+        plot_budget(budget, out_dir / "budget.png")
     return out_dir / "summary.md"
+
+
+# ---------------------------------------------------------------- what each minute buys: quality against compute
+
+BUDGET_KEYS = ("trainer.budget_minutes", "trainer.max_steps")  # a sweep over either gets budget.png and the Pareto tables
+COMPUTE = (("train_tokens", "training tokens"), ("train_seconds", "training seconds"))
+
+
+def budget_sweep(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The succeeded jobs of a sweep that varies the training budget (with their compute measured), else []."""
+    if not set(BUDGET_KEYS) & set(swept_keys(jobs)):
+        return []
+    return [j for j in jobs if failure(j) is None and all(_num(j["results"].get(k)) is not None for k, _ in COMPUTE)]
+
+
+def pareto_front(points: List[tuple], higher_is_better: bool = False) -> List[int]:
+    """Indices of the (compute, quality) points that no other point beats with as little compute or less,
+    by compute: each one strictly better than every point left of it (of equal compute, the better one only)."""
+    sign = -1 if higher_is_better else 1
+    front, best = [], math.inf
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], sign * points[i][1])):
+        if sign * points[i][1] < best:
+            front.append(i)
+            best = sign * points[i][1]
+    return front
+
+
+def _qualities(jobs: List[Dict[str, Any]]) -> List[tuple]:
+    """(label, value of a job or None, higher is better) of each quality the jobs have."""
+    out = [("eval perplexity", lambda j: j["results"]["perplexity"], False)]
+    if any(downstream_accuracy(j) is not None for j in jobs):
+        task = next(j["results"]["downstream"].get("task", "?") for j in jobs if downstream_accuracy(j) is not None)
+        out.append((f"{task} accuracy (median of seeds)", downstream_accuracy, True))
+    return out
+
+
+def front_tables(jobs: List[Dict[str, Any]], root: Path) -> str:
+    """Markdown: per quality, the jobs on its Pareto front against training time, and what each extra minute bought."""
+    text, swept = [], swept_keys(jobs)
+    for label, value, higher in _qualities(jobs):
+        scored = [j for j in jobs if value(j) is not None]
+        front = [scored[i] for i in pareto_front([(j["results"]["train_seconds"], value(j)) for j in scored], higher)]
+        text += [f"Pareto front, {label} against training time ({len(front)} of {len(scored)} jobs; no job does better in less time):", "",
+                 "| job | swept | train s | train tokens | " + label + " | change per extra minute |", "|---|---|---:|---:|---:|---:|"]
+        for before, j in zip([None] + front, front):
+            r = j["results"]
+            gain = "-" if before is None else f"{(value(j) - value(before)) / max((r['train_seconds'] - before['results']['train_seconds']) / 60, 1e-9):+.3g}"
+            text.append(f"| {_job_name(j, root)} | {_swept_text(j, swept)} | {r['train_seconds']:.3g} | {int(r['train_tokens']):,} | "
+                        f"{value(j):.{2 if not higher else 3}f} | {gain} |")
+        text.append("")
+    return "\n".join(text)
+
+
+def _compact(v: float) -> str:
+    """1234567 -> 1.2M, 24000 -> 24k, 90.5 -> 90: tick labels that fit under a panel."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
+def plot_budget(jobs: List[Dict[str, Any]], path: Path) -> None:
+    """budget.png: each quality against training tokens and training time, every job a point, the Pareto front a step line."""
+    qualities = _qualities(jobs)
+    keys = [k for k in BUDGET_KEYS if k in swept_keys(jobs)]
+    plt = pyplot()
+    fig, axes = plt.subplots(len(qualities), 2, figsize=(11, 4.2 * len(qualities)), squeeze=False)
+    for row, (label, value, higher) in zip(axes, qualities):
+        scored = [j for j in jobs if value(j) is not None]
+        for ax, (compute, xlabel) in zip(row, COMPUTE):
+            points = [(float(j["results"][compute]), value(j)) for j in scored]
+            front = pareto_front(points, higher)
+            ax.scatter([p[0] for p in points], [p[1] for p in points], color="0.65", label="job", zorder=2)
+            fx, fy = [points[i][0] for i in front], [points[i][1] for i in front]
+            xs = [p[0] for p in points]
+            # the best reached with at most x compute: flat to the next front point, and on to the largest budget
+            ax.step(fx + [max(xs, default=0)], fy + fy[-1:], where="post", color="C3", zorder=3)
+            ax.scatter(fx, fy, color="C3", s=45, label="Pareto front", zorder=4)
+            for (x, y), j in zip(points, scored):
+                ax.annotate(",".join(f"{k.split('.')[-1]}={j['overrides'].get(k)}" for k in keys), (x, y),
+                            fontsize=7, xytext=(4, 4), textcoords="offset points")
+            if xs and min(xs) > 0 and max(xs) / min(xs) >= 3:
+                ax.set_xscale("log")
+            ticks = sorted(set(xs))  # label the jobs' own values, compactly (24k, 1.2M)
+            ax.set_xticks(ticks, [_compact(t) for t in ticks], rotation=30 if len(ticks) > 5 else 0)
+            ax.minorticks_off()
+            ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.set_title(f"{label.split(' (')[0]} vs {xlabel}" + (" (higher is better)" if higher else " (lower is better)"))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"what the training budget buys: {len(jobs)} job(s), swept {', '.join(keys)}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
 
 
 class SweepSummaryCallback(Callback):

@@ -198,8 +198,10 @@ def release_run_dir(run_dir: Path) -> None:
 # Settings that change neither the weights nor the final metrics: a finished run asked again with
 # other values of these is still the same finished run, and an unfinished one may resume with them.
 # (max_steps and budget_minutes say how far to train: finished_results compares them with how far
-# the run got.) Every other setting changed is refused, so one run never mixes two configs.
-NOT_RESULTS = ("resume", "debug", "tracker.", "trainer.progress_bar", "runtime.num_workers", "runtime.num_threads",
+# the run got; downstream.* only says what to fine-tune afterwards: a finished run asked for other
+# downstream numbers gets them added, mlm.cli.with_downstream.) Every other setting changed is
+# refused, so one run never mixes two configs.
+NOT_RESULTS = ("resume", "debug", "tracker.", "downstream.", "trainer.progress_bar", "runtime.num_workers", "runtime.num_threads",
                "runtime.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
                "runtime.reuse_host_memory", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
                "trainer.keep_checkpoints", "runtime.collective_timeout_minutes", "runtime.device_slots",

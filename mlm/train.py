@@ -22,7 +22,7 @@ import transformers
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from mlm import checkpoint, distributed, faults, flops, rundir
+from mlm import checkpoint, distributed, downstream, faults, flops, rundir
 from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
@@ -164,6 +164,8 @@ class Run:
 def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None) -> Run:
     """Validate the config and build the run in `run_dir`: resumed from its newest good checkpoint, if any."""
     cfg.validate()
+    if cfg.downstream.kind != "none" and distributed.is_main_process():
+        downstream.task_splits(cfg.downstream)  # its data loads (or fails) now, not after training
     cfg.runtime.mixed_precision = resolve_mixed_precision(cfg.runtime.mixed_precision)  # what ran is what results.json records
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # run.py's run dirs exist already; a direct call may name a new one
@@ -462,9 +464,14 @@ def save_outputs(run: Run, results: Dict[str, Any]) -> None:
     if run.ema is not None:
         save_average_outputs(run, results)
     full_weights = run.layout.full_state_dict(run.raw_model) if save_model else None  # a collective when sharded
+    if run.main and save_model:
+        save_final(run.raw_model, run.data.tokenizer, run.run_dir / "final", full_weights)
+    if run.cfg.downstream.kind != "none":  # the main process fine-tunes final/ (minutes); the other ranks wait for it
+        scores = distributed.on_main_alone("downstream", lambda: downstream.evaluate(run.run_dir / "final", run.cfg.downstream, run.accelerator.device))
+        if run.main:
+            results["downstream"] = scores
+            run.tracker.summary({"downstream/accuracy": scores["accuracy"], "downstream/macro_f1": scores["macro_f1"]})
     if run.main:
-        if save_model:
-            save_final(run.raw_model, run.data.tokenizer, run.run_dir / "final", full_weights)
         faults.reached("results")
         rundir.write_results(run.run_dir, results)
 
