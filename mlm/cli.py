@@ -325,6 +325,11 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         f"({results['steps']} steps, {results['train_seconds']:.0f} s, {results['tokens_per_s']:.0f} tokens/s)",
         f"run directory: {run_dir}",
     ]
+    if results.get("ema_perplexity") is not None:
+        lines.insert(2, f"weight average (trainer.ema_decay={cfg.trainer.ema_decay:g}): perplexity {results['ema_perplexity']:.2f}; "
+                        f"model: {run_dir / 'final_ema'}")
+    if results.get("mfu") is not None:
+        lines.insert(2, f"model FLOPs utilisation: {results['mfu']:.1%} of the device's peak ({results['train_flops'] / 1e12:.1f} TFLOP trained)")
     if "downstream" in results:
         from mlm.downstream import summary_line
 
