@@ -7,7 +7,7 @@ where the checkpoint has a pooler), then scores it. The protocol, as in cramming
 
 - AdamW at downstream.lr (mlm.optim's parameter groups: no decay on biases and norms; weight decay
   0.01, betas 0.9/0.98), linear decay after a 10% warmup, gradients clipped at 1.0, fp32, the
-  model's own dropout; downstream.epochs over the training examples in batches of
+  model's own dropout; downstream.epochs (polarity: 10) over the training examples in batches of
   downstream.batch_size, each example cut to downstream.max_length tokens (pairs together).
 - polarity and local files: stratified k-fold cross-validation (downstream.folds, the folds fixed
   by FOLD_SEED): every example is scored once per seed by the model that did not train on it, and
