@@ -22,7 +22,8 @@ saving costs.
 The peak: on CUDA, NVIDIA's datasheet figure for the device at the run's matmul precision (dense,
 not the 2:4 sparsity figure); an unknown GPU gets no MFU. On CPU there is no datasheet to read: the
 "peak" is this machine's measured torch.matmul rate (square matrices, the run's dtype and thread
-count, best of a few), measured once and cached per CPU model, thread count, dtype and torch version.
+count, best of a few), the best rate ever probed on this CPU model at this thread count, dtype and
+torch version (a short probe at every start; the cache keeps the maximum).
 """
 
 from __future__ import annotations
@@ -170,23 +171,27 @@ def cpu_name() -> str:
 
 
 def cpu_peak(dtype: torch.dtype, threads: int, cache_dir: Optional[str] = None) -> float:
-    """The best measured torch.matmul rate here (FLOP/s), from the cache when this CPU, thread count, dtype
-    and torch version were measured before (a few seconds at most the first time)."""
+    """The best torch.matmul rate (FLOP/s) ever measured on this CPU at this thread count, dtype and torch
+    version: a short probe at every start (about a second), kept in the cache only when it beats the
+    cached one. So a probe taken while other jobs shared the cores (too low, which would put MFU
+    near or above 1) is corrected by the next quiet start, and a busy start never lowers the peak."""
     path = Path(cache_dir or default_cache_root()) / PEAK_CACHE
     key = f"{cpu_name()} | {threads} threads | {DTYPE_NAMES[dtype]} | torch {torch.__version__}"
     try:
         cached = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
+    except (OSError, ValueError):  # none yet, or unreadable: this probe starts it again
         cached = {}
-    if key not in cached:
-        cached[key] = measure_matmul(dtype)
-        log.info("CPU matmul peak measured: %.1f GFLOP/s (%s), cached in %s", cached[key] / 1e9, key, path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, cached)
-        except OSError as e:  # the run goes on; the next one measures again
-            log.warning("cannot cache the CPU matmul peak in %s: %s", path, e.strerror)
-    return cached[key]
+    measured = measure_matmul(dtype)
+    if measured <= cached.get(key, 0.0):
+        return cached[key]
+    log.info("CPU matmul peak: %.1f GFLOP/s (%s), the best measured here so far; kept in %s", measured / 1e9, key, path)
+    cached[key] = measured
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, cached)
+    except OSError as e:  # the run goes on with this probe's value
+        log.warning("cannot cache the CPU matmul peak in %s: %s", path, e.strerror)
+    return measured
 
 
 def measure_matmul(dtype: torch.dtype, reps: int = 5) -> float:
@@ -229,7 +234,7 @@ class Utilisation:
 
 def measure_utilisation(model: nn.Module, seq_len: int, sparse: bool, accelerator, mixed_precision: str) -> Optional[Utilisation]:
     """The run's Utilisation (None when its FLOPs cannot be counted). Matmuls run in bf16 or fp16 under
-    that autocast, else in fp32. The main process finds the peak (on CPU: measures it, once per
+    that autocast, else in fp32. The main process finds the peak (on CPU: a short probe, the best kept per
     machine) and hands it to the others in one all-reduce, so processes sharing a CPU never time it at once."""
     count = count_flops(model, seq_len, sparse)
     if count is None:
