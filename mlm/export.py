@@ -28,10 +28,10 @@ from mlm import checkpoint
 from mlm.config import ModelConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
 from mlm.parallel import EMA_FILE, MODEL_FILE, SHARDED_DIR
+from mlm.tracking import MASKED  # runs of older versions masked model.tokenizer too, for its "token"
 
 log = logging.getLogger(__name__)
 
-MASKED = "***"  # what mlm.tracking.scrub writes for a value whose key looks secret (runs saved before it kept model.tokenizer masked it too)
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from mlm.config import MOVED, UserError
 from mlm.distributed import detect, is_main_process
 from mlm.files import atomic_write_json, write_error
+from mlm.tracking import MASKED
 from mlm.schedules import decay_start, warmup_length
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int]
     # a stream's shards (and so its data order) depend on the dataloader workers
     ignored = tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming"))) + may_change
     saved = {MOVED.get(k, k): v for k, v in saved.items()}  # a run saved before keys moved compares under their new names
-    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] != settings[k])
+    # "***": a value an older version masked as a secret (model.tokenizer): not known, so not compared
+    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] not in (settings[k], MASKED))
     shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
     before, now = global_batch(saved, saved_processes), global_batch(settings, detect().world_size)
     if before and now and before != now:

@@ -35,6 +35,9 @@ class Tracker(Protocol):
     def finish(self) -> None: ...
 
 
+MASKED = "***"  # what a secret-looking value is saved as
+
+
 def secret_values() -> List[str]:
     """Values of environment variables whose names look secret (WANDB_API_KEY, HF_TOKEN, ...)."""
     return [v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 8]
@@ -44,12 +47,12 @@ def scrub(obj: Any, secrets: Optional[List[str]] = None) -> Any:
     """A copy of a config tree with secret-looking keys and any secret environment value masked."""
     secrets = secret_values() if secrets is None else secrets
     if isinstance(obj, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v else scrub(v, secrets)) for k, v in obj.items()}
+        return {k: (MASKED if SECRET_KEY.search(str(k)) and v else scrub(v, secrets)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub(v, secrets) for v in obj]
     if isinstance(obj, str):
         for s in secrets:
-            obj = obj.replace(s, "***")
+            obj = obj.replace(s, MASKED)
     return obj
 
 

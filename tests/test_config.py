@@ -136,3 +136,11 @@ def test_a_run_saved_before_keys_moved_compares_them_under_their_new_names():
     assert changed_settings(saved, {"runtime.mixed_precision": "no", "trainer.max_steps": 4}, 1) == [
         "runtime.mixed_precision='bf16' there, 'no' now"]
     assert changed_settings(saved, {"runtime.mixed_precision": "bf16", "trainer.max_steps": 4}, 1) == []
+
+
+def test_a_value_an_older_version_masked_is_not_counted_as_changed():
+    from mlm.rundir import changed_settings
+
+    saved = {"model.tokenizer": "***", "optimizer.lr": 1e-4}  # older versions masked model.tokenizer for its "token"
+    assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 1e-4}, 1) == []
+    assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 2e-4}, 1) == ["optimizer.lr=0.0001 there, 0.0002 now"]
