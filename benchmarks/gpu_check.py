@@ -159,7 +159,7 @@ def check_auto_precision(ctx) -> tuple:
     r = results(run_dir)
     expected = "bf16" if native_bf16(ctx["device_type"]) else "no"
     result = (f"mixed_precision={r['mixed_precision']} (native bf16 here: {expected == 'bf16'}), device={r['device']}, "
-              f"steps={r['steps']}, {r['tokens_per_s']:.0f} tokens/s, mfu={r.get('mfu')}")  # mfu: None on an unknown GPU
+              f"steps={r['steps']}, {r['tokens_per_s']:.0f} tokens/s, mfu " + (f"{r['mfu']:.3f}" if r.get("mfu") else "unknown (no peak for this device)"))
     return result, "ok" if r["mixed_precision"] == expected and r["steps"] == STEPS else "FAIL"
 
 
