@@ -64,10 +64,6 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     return OPTIMIZERS[cfg.name](model, cfg)
 
 
-def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
-    return warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, progress: Optional[Callable[[], float]] = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -85,7 +81,7 @@ def build_scheduler(
     last_epoch and the rates (it would save a callable object's attributes, and a resume would then
     restore the old config's over the new), so a branch from a checkpoint follows its own schedule.
     """
-    decay, warmup = SCHEDULES.get(cfg.name), warmup_steps(cfg, total_steps)
+    decay, warmup = SCHEDULES.get(cfg.name), warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
     hold = decay_start(total_steps, cfg.decay_ratio)  # wsd: the last step at the peak
     if cfg.name == "wsd":
         check_wsd_fits(cfg, warmup, hold, total_steps)
