@@ -441,7 +441,12 @@ class PeerWatch:
         return first
 
     def leave(self) -> None:
+        """Stop the watch and wait for its thread to end (each store request it may be in is bounded
+        by the store's timeout). A daemon thread still inside a store call when the interpreter exits
+        aborts the process ("terminate called without an active exception"), a finished rank's exit
+        code -6 that fails the whole job."""
         self.left.set()
+        self._thread.join()
 
     def has(self, key: str) -> bool:
         with self._lock:

@@ -141,3 +141,27 @@ def test_building_the_cache_is_not_bounded_by_the_collective_timeout(tmp_path):
         errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert (tmp_path / "order").read_text() == "0\n1\n"  # rank 1 built after rank 0, and waited for it
+
+
+def test_leaving_waits_for_the_watch_to_finish_its_store_request():
+    """A rank that leaves its job and exits while its watch thread is inside a store call aborts
+    (the interpreter ends a daemon thread inside C++ code), which failed a finished 3-rank job."""
+    import threading
+
+    from mlm.distributed import PeerWatch
+
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowStore:  # its first request blocks until released, as one on a loaded machine can
+        def set(self, key, value):
+            inside.set()
+            release.wait(5)
+
+        def check(self, keys):
+            return False
+
+    watch = PeerWatch(SlowStore(), rank=0, world_size=2, silent_after_s=600, on_stuck=lambda reason: None).start()
+    assert inside.wait(5)
+    threading.Timer(0.5, release.set).start()
+    watch.leave()
+    assert release.is_set() and not watch._thread.is_alive()
