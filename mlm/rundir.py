@@ -348,13 +348,13 @@ def guard(run_dir: Path, cfg) -> Optional[dict]:
 
 
 def start_from(run_dir: Path, resumed_step: Optional[int], unrecorded: List[Dict[str, Any]] = ()) -> None:
-    """Main process, once the resume is decided: metrics.jsonl keeps only the records up to `resumed_step`
+    """Main process, once the resume is decided: the trackers' records keep only the steps up to `resumed_step`
     (plus the ones the checkpoint carries), a recovered failure's error.txt goes, and a fresh start
     (`resumed_step` None) drops a previous run's results and checkpoints, which would pass for this one's."""
     from mlm.checkpoint import discard_checkpoints
-    from mlm.tracking import truncate_metrics
+    from mlm.tracking import rewind_records
 
-    truncate_metrics(run_dir, -1 if resumed_step is None else resumed_step, unrecorded)
+    rewind_records(run_dir, -1 if resumed_step is None else resumed_step, unrecorded)
     (run_dir / "error.txt").unlink(missing_ok=True)
     if resumed_step is None:
         (run_dir / "results.json").unlink(missing_ok=True)

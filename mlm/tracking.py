@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol
 
@@ -145,6 +146,40 @@ def truncate_metrics(run_dir: Path, after_step: int, unwritten: List[Dict[str, A
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in sorted([*kept, *unwritten], key=lambda r: r["step"])))
 
 
+def rewind_records(run_dir: Path, after_step: int, unwritten: List[Dict[str, Any]] = ()) -> None:
+    """Every tracker's files in the run dir as a run (re)starting after `after_step` (-1: a fresh start) needs them:
+    metrics.jsonl and metrics_*.csv keep the records up to it; a fresh start also removes the old run's TensorBoard
+    events (a resumed run's TensorBoard writer purges the replayed steps instead: see TensorBoardTracker)."""
+    run_dir = Path(run_dir)
+    truncate_metrics(run_dir, after_step, unwritten)
+    for path in run_dir.glob("metrics_*.csv"):
+        rewind_csv(path, after_step)
+    events = run_dir / "tensorboard"
+    if after_step < 0 and events.is_dir() and not events.is_symlink():  # never delete through a link
+        for path in events.glob("events.out.tfevents.*"):
+            path.unlink()
+
+
+def rewind_csv(path: Path, after_step: int) -> None:
+    """A metrics_*.csv keeps its header and the rows up to `after_step` (none: the file goes); a torn last row goes too."""
+    if after_step < 0:
+        path.unlink()
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):  # a kill mid-write
+        lines.pop()
+    rows = [line for line in lines[1:] if (step := csv_step(line)) is not None and step <= after_step]
+    if rows != lines[1:]:
+        atomic_write_text(path, "".join([*lines[:1], *rows]))
+
+
+def csv_step(line: str) -> Optional[int]:
+    try:
+        return int(next(csv.reader([line]))[0])
+    except (ValueError, IndexError, StopIteration):
+        return None
+
+
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
@@ -178,13 +213,18 @@ class CsvTracker:
 
 
 class TensorBoardTracker:
+    """Event files in <run>/tensorboard. A run resumed at step k opens its writer with purge_step k+1:
+    TensorBoard's readers then drop what the interrupted run logged after its checkpoint (the steps replayed now)."""
+
     run_id = None
 
-    def __init__(self, run_dir: Path, config: Dict[str, Any]):
+    def __init__(self, run_dir: Path, config: Dict[str, Any], start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
+        purge_step = start_step + 1 if start_step else None
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+        # at the first step of this session: a later resume from the same checkpoint purges it with the replayed steps
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", global_step=purge_step or 0)
 
     def log(self, metrics, step):
         for k, v in metrics.items():
@@ -210,16 +250,41 @@ def wandb_mode(requested: str) -> str:
     return "online" if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
 
 
+WANDB_INIT_TIMEOUT_S = 10.0  # wandb waits 90 s by default; a server not reached by then means offline records instead
+_unreachable: Dict[str, str] = {}  # W&B server URL -> why it could not be reached earlier in this process (a sweep's later jobs)
+
+
+def wandb_init_timeout() -> float:
+    """Seconds wandb.init may take online before the run falls back to offline; WANDB_INIT_TIMEOUT (wandb's own variable) sets it."""
+    return float(os.environ.get("WANDB_INIT_TIMEOUT") or WANDB_INIT_TIMEOUT_S)
+
+
+def wandb_sync_command(run) -> str:
+    """`wandb sync` naming every offline folder of this W&B run, oldest first: a resumed run has one per session."""
+    folders = sorted(Path(run.dir).parent.parent.glob(f"offline-run-*-{run.id}"))
+    return "wandb sync " + " ".join(shlex.quote(str(f)) for f in folders)
+
+
+def offline_reason(requested: str) -> str:
+    if requested == "offline":
+        return "tracker.mode=offline"
+    return f"WANDB_MODE={os.environ['WANDB_MODE']}" if os.environ.get("WANDB_MODE") else "no API key"
+
+
 class WandbTracker:
-    """One W&B run per job. Multirun jobs share a group; overrides become the run name and tags."""
+    """One W&B run per job. Multirun jobs share a group; overrides become the run name and tags.
+
+    A run resumed in its own directory continues its W&B run rewound to the checkpoint (W&B's `resume_from`,
+    which drops the history after that point): its history then holds each step once. W&B's internal step
+    counts log calls, one per metrics.jsonl record, so the records kept by the rewind of metrics.jsonl say
+    where. Offline the rewind point is recorded in the new session's folder and applied by `wandb sync`."""
 
     def __init__(self, cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], resume_id: Optional[str]):
         import wandb
 
         self.wandb = wandb
-        mode = wandb_mode(cfg.mode)
         overrides = [o for o in job.get("overrides", []) if not o.startswith("hydra.")]
-        self.run = wandb.init(
+        options = dict(
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group or job.get("sweep_name"),
@@ -227,12 +292,11 @@ class WandbTracker:
             tags=[*cfg.tags, *[o[:64] for o in overrides]],
             config={**flatten(config), "hydra/job_name": job.get("name"), "hydra/overrides": overrides},
             dir=str(run_dir),
-            id=resume_id,
-            resume="allow" if resume_id else None,
-            mode=mode,
             reinit="finish_previous",  # multirun jobs share a process: never log into the previous job's run
-            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
         )
+        if resume_id:
+            options["resume_from"] = f"{resume_id}?_step={len(read_metrics(run_dir)) - 1}"
+        self.run, offline = self.start(cfg.mode, options)
         self.run_id = self.run.id if self.run is not None else None
         # eval and perf curves plot against the optimizer step, not W&B's internal call counter,
         # which also keeps a resumed run's curves continuous
@@ -241,8 +305,29 @@ class WandbTracker:
             self.run.define_metric(pattern, step_metric="step")
         self.run.define_metric("eval/perplexity", step_metric="step", summary="min")
         self.run.define_metric("eval/loss", step_metric="step", summary="min")
-        if mode == "offline":
-            log.warning("W&B: no API key, logging offline to %s; upload later with `wandb sync %s`", self.run.dir, Path(self.run.dir).parent)
+        if offline:
+            log.warning("W&B: %s, logging offline to %s; upload later with `%s`", offline, Path(self.run.dir).parent, wandb_sync_command(self.run))
+
+    def start(self, requested: str, options: Dict[str, Any]):
+        """The W&B run and, when it logs offline, why. Online, a server not reached within wandb_init_timeout()
+        gives an offline run instead (its records are synced later), and the rest of this process goes offline too."""
+        mode = wandb_mode(requested)
+        if mode != "online":
+            return self.init(mode, options), offline_reason(requested) if mode == "offline" else None
+        url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        if url in _unreachable:
+            return self.init("offline", options), f"{url} could not be reached earlier in this process ({_unreachable[url]})"
+        try:
+            return self.init("online", options), None
+        except Exception as e:  # CommError for a timeout, others for a refusal: offline keeps the records either way
+            text = str(e).strip()
+            _unreachable[url] = scrub(text.splitlines()[0][:200] if text else type(e).__name__)
+        return self.init("offline", options), (f"could not start online within {wandb_init_timeout():g} s ({_unreachable[url]}; "
+                                               "WANDB_INIT_TIMEOUT waits longer)")
+
+    def init(self, mode: str, options: Dict[str, Any]):
+        settings = self.wandb.Settings(init_timeout=wandb_init_timeout(), console="off", silent=True)
+        return self.wandb.init(**options, mode=mode, settings=settings)
 
     def log(self, metrics, step):
         self.run.log({**metrics, "step": step})
@@ -299,15 +384,17 @@ class SafeTrackers:
         self._each("finish")
 
 
-def open_trackers(cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], is_main: bool, resume_id: Optional[str] = None):
-    """The trackers of this process: JSONL plus the configured backends on the main process, nothing elsewhere."""
+def open_trackers(cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], is_main: bool,
+                  resume_id: Optional[str] = None, start_step: int = 0):
+    """The trackers of this process: JSONL plus the configured backends on the main process, nothing elsewhere.
+    `resume_id`, `start_step`: the W&B run and the step of the checkpoint this run resumed from (0: a fresh start)."""
     if not is_main:
         return NullTracker()
     config = scrub(config)
     trackers: List[Any] = [JsonlTracker(run_dir)]
     factories = {
         "csv": lambda: CsvTracker(run_dir),
-        "tensorboard": lambda: TensorBoardTracker(run_dir, config),
+        "tensorboard": lambda: TensorBoardTracker(run_dir, config, start_step),
         "wandb": lambda: WandbTracker(cfg, run_dir, config, job, resume_id),
     }
     for name in cfg.backends:

@@ -188,7 +188,7 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
     resume(run)
     run.utilisation = flops.measure_utilisation(run.raw_model, cfg.block_size, accelerator.unwrap_model(objective).sparse,
                                                 accelerator, cfg.runtime.mixed_precision)
-    run.tracker = open_trackers(cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id)
+    run.tracker = open_trackers(cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id, start_step=state.step)
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
     faults.reached("startup")
     return run

@@ -169,3 +169,117 @@ def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path, monkeypatch)
     train(compose([*TINY_RUN, f"dataset.path={corpus}", "tracker=wandb", "trainer.max_steps=4"]), tmp_path)  # resume=auto
     ids = run_ids()
     assert len(ids) == 2 and ids[0] == ids[1]  # two sessions, one W&B run
+
+
+# --- a resume holds each step once in every tracker; a start-over starts them all over ---------------------------
+
+REPLAY = [*TINY_RUN, "tracker=all", "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=2", "trainer.save_model=false"]
+
+
+def killed_after_step_6(corpus, run_dir: Path):
+    """A run dir as a kill after step 6's records leaves it: every tracker holds steps 1-6, the newest checkpoint
+    is step 3's (step 6's and results.json go, as if the kill came before them). Returns the jsonl records up to 3."""
+    import shutil
+
+    from mlm.checkpoint import list_checkpoints
+    from mlm.train import train
+    from tests.conftest import compose
+
+    train(compose([*REPLAY, f"dataset.path={corpus}"]), run_dir)
+    newest = list_checkpoints(run_dir)[0]
+    assert newest.name == "ckpt-00000006"
+    shutil.rmtree(newest)
+    (run_dir / "results.json").unlink()
+    return [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) if r["step"] <= 3]
+
+
+def csv_steps(path: Path):
+    import csv
+
+    with open(path, newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def tensorboard_steps(run_dir: Path, tag: str):
+    """The steps of a scalar as TensorBoard's own reader shows them (it honours purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def wandb_sessions(run_dir: Path, run_id: str):
+    """Each offline folder of one W&B run, oldest first: (run record, history rows), read with wandb's protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    sessions = []
+    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
+        run, rows = None, []
+        for payload in wandb_records(next(folder.glob("*.wandb"))):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(payload)
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run = rec.run
+            elif kind == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+        sessions.append((run, rows))
+    return sessions
+
+
+def test_a_resume_holds_each_step_once_in_every_tracker(corpus, tmp_path, monkeypatch, caplog):
+    from mlm.train import train
+    from tests.conftest import compose
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    kept = killed_after_step_6(corpus, tmp_path)
+    assert csv_steps(tmp_path / "metrics_train.csv") == [1, 2, 3, 4, 5, 6]  # what the interrupted run logged
+    with open(tmp_path / "metrics_train.csv", "a") as f:
+        f.write("7,0.51")  # and a row torn by the kill
+    caplog.clear()
+    caplog.set_level("INFO", logger="mlm.train")
+    results = train(compose([*REPLAY, f"dataset.path={corpus}"]), tmp_path)  # resume=auto: from step 3, steps 4-6 again
+    assert results["steps"] == 6 and "resumed from" in caplog.text
+
+    assert csv_steps(tmp_path / "metrics_train.csv") == [1, 2, 3, 4, 5, 6]
+    assert csv_steps(tmp_path / "metrics_eval.csv") == [0, 2, 4, 6]
+    assert tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_steps(tmp_path, "eval/perplexity") == [0, 2, 4, 6]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the old file is kept; readers purge it
+
+    # W&B: one run, two offline folders (one per session); the second rewinds the run to the last record kept
+    run_id = json.loads((tmp_path / "checkpoints" / "ckpt-00000006" / "state.json").read_text())["train_state"]["tracker_run_id"]
+    (first, old_rows), (second, new_rows) = wandb_sessions(tmp_path, run_id)
+    assert first.run_id == second.run_id == run_id
+    point = second.branch_point
+    assert (point.run, point.metric, point.value) == (run_id, "_step", len(kept) - 1)
+    assert [r["_step"] for r in new_rows][0] == len(kept)  # W&B's counter goes on from the rewind point
+    synced = [r for r in old_rows if r["_step"] <= point.value] + new_rows  # what `wandb sync` of both leaves in the run
+    assert [r["step"] for r in synced if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in synced if "eval/perplexity" in r] == [0, 2, 4, 6]
+    assert [r["step"] for r in old_rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # (rows 4-6 there are the rewound ones)
+    # the line to upload the records names both folders, oldest first
+    folders = sorted(str(p) for p in (tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert f"`wandb sync {' '.join(folders)}`" in caplog.text
+
+
+def test_resume_never_starts_every_tracker_over(corpus, tmp_path, monkeypatch, caplog):
+    from mlm.train import train
+    from tests.conftest import compose
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    killed_after_step_6(corpus, tmp_path)
+    old_events = set((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    [old_id] = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    caplog.clear()
+    train(compose([*REPLAY, f"dataset.path={corpus}", "resume=never", "trainer.max_steps=2", "trainer.checkpoint_every=0"]), tmp_path)
+
+    assert csv_steps(tmp_path / "metrics_train.csv") == [1, 2] and csv_steps(tmp_path / "metrics_eval.csv") == [0, 2]
+    assert old_events and not old_events & set((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert tensorboard_steps(tmp_path, "train/loss") == [1, 2]
+    new_ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")} - {old_id}
+    assert len(new_ids) == 1  # a new W&B run, not the old one resumed
+    [(run, rows)] = wandb_sessions(tmp_path, new_ids.pop())
+    assert not run.HasField("branch_point") and [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    assert old_id not in caplog.text.split("wandb sync")[-1]  # the upload line names the new run only
