@@ -316,14 +316,14 @@ class WandbTracker:
             return self.init(mode, options), offline_reason(requested) if mode == "offline" else None
         url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         if url in _unreachable:
-            return self.init("offline", options), f"{url} could not be reached earlier in this process ({_unreachable[url]})"
+            return self.init("offline", options), f"{url} failed earlier in this process ({_unreachable[url]})"
         try:
             return self.init("online", options), None
         except Exception as e:  # CommError for a timeout, others for a refusal: offline keeps the records either way
             text = str(e).strip()
             _unreachable[url] = scrub(text.splitlines()[0][:200] if text else type(e).__name__)
-        return self.init("offline", options), (f"could not start online within {wandb_init_timeout():g} s ({_unreachable[url]}; "
-                                               "WANDB_INIT_TIMEOUT waits longer)")
+        return self.init("offline", options), (f"could not start online at {url} ({_unreachable[url]}; "
+                                               f"waited at most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT)")
 
     def init(self, mode: str, options: Dict[str, Any]):
         settings = self.wandb.Settings(init_timeout=wandb_init_timeout(), console="off", silent=True)

@@ -1,9 +1,13 @@
 """Trackers: W&B offline runs, groups for sweeps, failures that do not stop training, no secrets, curves."""
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
+import pytest
+
+from mlm.tracking import read_metrics
 from tests.conftest import TINY_RUN, run_cli
 
 SECRET = "wandbkey-0123456789abcdef0123456789abcdef"
@@ -176,21 +180,28 @@ def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path, monkeypatch)
 REPLAY = [*TINY_RUN, "tracker=all", "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=2", "trainer.save_model=false"]
 
 
-def killed_after_step_6(corpus, run_dir: Path):
+@pytest.fixture(scope="module")
+def killed_after_step_6(corpus, tmp_path_factory):
     """A run dir as a kill after step 6's records leaves it: every tracker holds steps 1-6, the newest checkpoint
-    is step 3's (step 6's and results.json go, as if the kill came before them). Returns the jsonl records up to 3."""
-    import shutil
-
+    is step 3's (step 6's and results.json go, as if the kill came before them). Tests resume copies of it."""
     from mlm.checkpoint import list_checkpoints
     from mlm.train import train
     from tests.conftest import compose
 
-    train(compose([*REPLAY, f"dataset.path={corpus}"]), run_dir)
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        train(compose([*REPLAY, f"dataset.path={corpus}"]), run_dir)
     newest = list_checkpoints(run_dir)[0]
     assert newest.name == "ckpt-00000006"
     shutil.rmtree(newest)
     (run_dir / "results.json").unlink()
-    return [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) if r["step"] <= 3]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
 
 
 def csv_steps(path: Path):
@@ -211,7 +222,10 @@ def tensorboard_steps(run_dir: Path, tag: str):
 
 def wandb_sessions(run_dir: Path, run_id: str):
     """Each offline folder of one W&B run, oldest first: (run record, history rows), read with wandb's protobufs."""
+    import wandb
     from wandb.proto import wandb_internal_pb2
+
+    wandb.teardown()  # wandb-core may still hold a finished run's last records; teardown waits for them (as exit does)
 
     sessions = []
     for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
@@ -228,29 +242,30 @@ def wandb_sessions(run_dir: Path, run_id: str):
     return sessions
 
 
-def test_a_resume_holds_each_step_once_in_every_tracker(corpus, tmp_path, monkeypatch, caplog):
+def test_a_resume_holds_each_step_once_in_every_tracker(corpus, killed_after_step_6, tmp_path, monkeypatch, caplog):
     from mlm.train import train
     from tests.conftest import compose
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    kept = killed_after_step_6(corpus, tmp_path)
-    assert csv_steps(tmp_path / "metrics_train.csv") == [1, 2, 3, 4, 5, 6]  # what the interrupted run logged
-    with open(tmp_path / "metrics_train.csv", "a") as f:
+    run_dir = copy_of(killed_after_step_6, tmp_path)
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= 3]
+    assert csv_steps(run_dir / "metrics_train.csv") == [1, 2, 3, 4, 5, 6]  # what the interrupted run logged
+    with open(run_dir / "metrics_train.csv", "a") as f:
         f.write("7,0.51")  # and a row torn by the kill
     caplog.clear()
     caplog.set_level("INFO", logger="mlm.train")
-    results = train(compose([*REPLAY, f"dataset.path={corpus}"]), tmp_path)  # resume=auto: from step 3, steps 4-6 again
+    results = train(compose([*REPLAY, f"dataset.path={corpus}"]), run_dir)  # resume=auto: from step 3, steps 4-6 again
     assert results["steps"] == 6 and "resumed from" in caplog.text
 
-    assert csv_steps(tmp_path / "metrics_train.csv") == [1, 2, 3, 4, 5, 6]
-    assert csv_steps(tmp_path / "metrics_eval.csv") == [0, 2, 4, 6]
-    assert tensorboard_steps(tmp_path, "train/loss") == [1, 2, 3, 4, 5, 6]
-    assert tensorboard_steps(tmp_path, "eval/perplexity") == [0, 2, 4, 6]
-    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the old file is kept; readers purge it
+    assert csv_steps(run_dir / "metrics_train.csv") == [1, 2, 3, 4, 5, 6]
+    assert csv_steps(run_dir / "metrics_eval.csv") == [0, 2, 4, 6]
+    assert tensorboard_steps(run_dir, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_steps(run_dir, "eval/perplexity") == [0, 2, 4, 6]
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the old file is kept; readers purge it
 
     # W&B: one run, two offline folders (one per session); the second rewinds the run to the last record kept
-    run_id = json.loads((tmp_path / "checkpoints" / "ckpt-00000006" / "state.json").read_text())["train_state"]["tracker_run_id"]
-    (first, old_rows), (second, new_rows) = wandb_sessions(tmp_path, run_id)
+    run_id = json.loads((run_dir / "checkpoints" / "ckpt-00000006" / "state.json").read_text())["train_state"]["tracker_run_id"]
+    (first, old_rows), (second, new_rows) = wandb_sessions(run_dir, run_id)
     assert first.run_id == second.run_id == run_id
     point = second.branch_point
     assert (point.run, point.metric, point.value) == (run_id, "_step", len(kept) - 1)
@@ -260,26 +275,100 @@ def test_a_resume_holds_each_step_once_in_every_tracker(corpus, tmp_path, monkey
     assert [r["step"] for r in synced if "eval/perplexity" in r] == [0, 2, 4, 6]
     assert [r["step"] for r in old_rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # (rows 4-6 there are the rewound ones)
     # the line to upload the records names both folders, oldest first
-    folders = sorted(str(p) for p in (tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    folders = sorted(str(p) for p in (run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert f"`wandb sync {' '.join(folders)}`" in caplog.text
 
 
-def test_resume_never_starts_every_tracker_over(corpus, tmp_path, monkeypatch, caplog):
+def test_resume_never_starts_every_tracker_over(corpus, killed_after_step_6, tmp_path, monkeypatch, caplog):
     from mlm.train import train
     from tests.conftest import compose
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    killed_after_step_6(corpus, tmp_path)
-    old_events = set((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    [old_id] = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    run_dir = copy_of(killed_after_step_6, tmp_path)
+    old_events = set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    [old_id] = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     caplog.clear()
-    train(compose([*REPLAY, f"dataset.path={corpus}", "resume=never", "trainer.max_steps=2", "trainer.checkpoint_every=0"]), tmp_path)
+    train(compose([*REPLAY, f"dataset.path={corpus}", "resume=never", "trainer.max_steps=2", "trainer.checkpoint_every=0"]), run_dir)
 
-    assert csv_steps(tmp_path / "metrics_train.csv") == [1, 2] and csv_steps(tmp_path / "metrics_eval.csv") == [0, 2]
-    assert old_events and not old_events & set((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert tensorboard_steps(tmp_path, "train/loss") == [1, 2]
-    new_ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")} - {old_id}
+    assert csv_steps(run_dir / "metrics_train.csv") == [1, 2] and csv_steps(run_dir / "metrics_eval.csv") == [0, 2]
+    assert old_events and not old_events & set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert tensorboard_steps(run_dir, "train/loss") == [1, 2]
+    new_ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} - {old_id}
     assert len(new_ids) == 1  # a new W&B run, not the old one resumed
-    [(run, rows)] = wandb_sessions(tmp_path, new_ids.pop())
+    [(run, rows)] = wandb_sessions(run_dir, new_ids.pop())
     assert not run.HasField("branch_point") and [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert old_id not in caplog.text.split("wandb sync")[-1]  # the upload line names the new run only
+
+
+# --- a W&B server that cannot be reached: offline records, one line --------------------------------------------
+
+KEY = "0123456789abcdef" * 2 + "01234567"  # 40 characters: the shape wandb accepts as an API key
+
+
+def test_wandb_init_timeout_is_a_few_seconds_and_wandbs_variable_sets_it(monkeypatch):
+    from mlm.tracking import WANDB_INIT_TIMEOUT_S, wandb_init_timeout
+
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    assert wandb_init_timeout() == WANDB_INIT_TIMEOUT_S <= 15  # wandb's own default is 90 s
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "45")
+    assert wandb_init_timeout() == 45.0
+
+
+def test_unreachable_wandb_server_falls_back_to_offline_with_one_line(tmp_path, monkeypatch, caplog, free_tcp_port):
+    import wandb
+
+    import mlm.tracking
+    from mlm.config import TrackerConfig
+    from mlm.tracking import open_trackers
+
+    monkeypatch.setattr(mlm.tracking, "_unreachable", {})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # auto + a key: online
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_tcp_port}")  # nothing listens there
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")  # (the default is WANDB_INIT_TIMEOUT_S; 3 keeps the test short)
+    calls = []
+    real_init = wandb.init
+
+    def spy(**kwargs):
+        calls.append((kwargs["mode"], kwargs["settings"].init_timeout))
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", spy)
+    cfg = TrackerConfig(backends=["wandb"])
+
+    def one_job(run_dir):
+        caplog.clear()
+        trackers = open_trackers(cfg, run_dir, {"lr": 1e-3}, {}, is_main=True)
+        trackers.log({"train/loss": 2.5}, 1)
+        trackers.log({"train/loss": 2.0}, 2)
+        trackers.finish()
+        return [r.getMessage() for r in caplog.records if r.name == "mlm.tracking"]
+
+    lines = one_job(tmp_path / "a")
+    assert calls == [("online", 3.0), ("offline", 3.0)]  # the online try waited what the code passed, no longer
+    [line] = lines
+    assert f"could not start online at http://127.0.0.1:{free_tcp_port}" in line and "waited at most 3 s" in line and "`wandb sync " in line
+    [(run, rows)] = wandb_sessions(tmp_path / "a", next((tmp_path / "a" / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[1])
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 2.5), (2, 2.0)]  # the records, ready for `wandb sync`
+    assert str(next((tmp_path / "a" / "wandb").glob("offline-run-*"))) in line
+
+    # the next job of a sweep in this process goes offline at once, again with one line
+    calls.clear()
+    [line] = one_job(tmp_path / "b")
+    assert calls == [("offline", 3.0)] and "failed earlier in this process" in line
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_a_start_over_deletes_no_event_file_through_a_linked_tensorboard_folder(tmp_path):
+    from mlm.tracking import rewind_records
+
+    victim = tmp_path / "elsewhere" / "events.out.tfevents.1.host"
+    victim.parent.mkdir()
+    victim.write_bytes(b"someone's events")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").symlink_to(victim.parent)
+    rewind_records(tmp_path / "run", -1)
+    assert victim.read_bytes() == b"someone's events"
