@@ -142,6 +142,14 @@ def test_split_slices_a_text_file_as_datasets_slices_it(tmp_path):
         assert _docs(path, split=split) == list(guide), split
 
 
+def test_split_from_the_command_line_slices_the_run_corpus(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(sentences(40)))
+    cfg = compose(["dataset=local", f"dataset.path={path}", "dataset.split='train[25%:50%]'"])  # quoted: Hydra reads [ as a list
+    cfg.validate()
+    assert list(iter_documents(cfg.dataset)) == sentences(40)[10:20]
+
+
 def test_split_slices_across_files_then_max_examples(tmp_path):
     _jsonl(tmp_path / "a.jsonl", [{"text": t} for t in sentences(20)])
     _jsonl(tmp_path / "b.jsonl", [{"text": t} for t in sentences(20, seed=1)])

@@ -417,7 +417,7 @@ def _row_range(cfg: DatasetConfig, streaming: bool) -> range:
         n_rows = sum(_batch_len(b) for _, _, b in _raw_batches(cfg, streaming)) if "%" in cfg.split or "-" in cfg.split else sys.maxsize
         (part,) = instruction.to_absolute({"train": n_rows})
     except (ValueError, AssertionError) as e:
-        raise UserError(f"dataset.split={cfg.split!r}: {_first_line(e)}; {fix}") from e
+        raise UserError(f"dataset.split={cfg.split!r}: {_first_line(e).rstrip('.')}; {fix}") from e
     return range(part.from_, part.to)
 
 
