@@ -207,11 +207,17 @@ def test_killed_build_leftovers_are_removed_by_the_next_build(tmp_path, text_fil
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["row", "gzip", "seed"])
+@pytest.mark.parametrize("case", ["row", "nested", "png", "gzip", "seed"])
 def test_bad_data_via_cli(tmp_path, text_file, case):
     run_dir = tmp_path / "run"
     if case == "row":
         args, needles = [f"dataset.path={_jsonl_with_bad_row(tmp_path / 'rows.jsonl', 101)}"], ["rows.jsonl, line 101"]
+    elif case == "nested":  # once trained on the Python repr of the lists
+        args = [f"dataset.path={_jsonl_with_bad_row(tmp_path / 'rows.jsonl', 101, json.dumps({'text': [['a b'], ['c']]}))}"]
+        needles = ["rows.jsonl, row 101 (line 101): text field 'text' is a list holding a list"]
+    elif case == "png":  # once trained on after a "non-UTF-8 lines" warning
+        (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64))
+        args, needles = [f"dataset.path={tmp_path / 'image.txt'}"], ["image.txt is not text (a PNG image)"]
     elif case == "gzip":
         (tmp_path / "z.txt").write_bytes(gzip.compress(text_file.read_bytes()))
         args, needles = [f"dataset.path={tmp_path / 'z.txt'}"], ["z.txt is gzip-compressed"]

@@ -117,14 +117,14 @@ def load_local(cfg: DownstreamConfig) -> Examples:
 
 
 def _csv_rows(path: Path):
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM (Excel's CSVs) is not part of the first column's name
         reader = csv.DictReader(f)
         for record in reader:
             yield f"{path}, line {reader.line_num}", record
 
 
 def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
