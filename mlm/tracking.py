@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # "token" as a word of its own (HF_TOKEN, auth_token), not model.tokenizer or a config's mask_token_id: those are settings
 SECRET_KEY = re.compile(r"(api[_-]?key|(?<![a-z])token(?![a-z]|_id)|secret|password|passwd)", re.I)
 # KEY=value or KEY: value inside a string: a command line's `+hydra.job.env_set.HF_TOKEN=hf_...`, `env_set={HF_TOKEN:hf_...}`
-ASSIGNMENT = re.compile(r"([\w.\-]+)(=|:[ ]?)([^\s,{}\[\]]+)")
+# (a KEY starts a word: /data/secret:v2 is a path)
+ASSIGNMENT = re.compile(r"(?<![\w./\-])([\w.\-]+)(=|:[ ]?)([^\s,{}\[\]]+)")
 
 
 class Tracker(Protocol):

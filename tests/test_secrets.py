@@ -16,9 +16,9 @@ def test_scrub_masks_assignments_to_secret_keys_in_command_lines():
     from mlm.tracking import scrub
 
     argv = ["run.py", f"+hydra.job.env_set.HF_TOKEN={TOKEN}", f"hydra.job.env_set={{HF_TOKEN:{TOKEN},OMP_NUM_THREADS:2}}",
-            f"--api-key={TOKEN}", "model.tokenizer=bert-base-uncased", "dataset.path=/data/a=b.txt", "optimizer.lr=1e-4"]
+            f"--api-key={TOKEN}", "model.tokenizer=bert-base-uncased", "dataset.path=/data/secret:v2/a=b.txt", "optimizer.lr=1e-4"]
     assert scrub(argv) == ["run.py", "+hydra.job.env_set.HF_TOKEN=***", "hydra.job.env_set={HF_TOKEN:***,OMP_NUM_THREADS:2}",
-                           "--api-key=***", "model.tokenizer=bert-base-uncased", "dataset.path=/data/a=b.txt", "optimizer.lr=1e-4"]
+                           "--api-key=***", "model.tokenizer=bert-base-uncased", "dataset.path=/data/secret:v2/a=b.txt", "optimizer.lr=1e-4"]
 
 
 def test_run_lock_records_the_command_line_masked(tmp_path, monkeypatch):
