@@ -70,3 +70,14 @@ def test_no_secret_reaches_any_file_of_a_run_and_its_rerun_still_resumes(tmp_pat
     assert more.returncode == 0 and "resumed from" in (run_dir / "run.log").read_text(), more.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 6
     assert [str(p) for p in run_dir.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()] == []
+
+
+def test_a_sweep_records_no_secret(tmp_path, corpus):
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0").mkdir(parents=True)
+    (sweep_dir / "run.lock").touch()  # an earlier sweep's directory
+    (sweep_dir / "0" / "notes.txt").write_text("not a run\n")  # the job is refused (not its directory): no training needed
+    out = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.sweep.dir={sweep_dir}", f"+hydra.job.env_set.HF_TOKEN={TOKEN}", "-m"])
+    assert out.returncode == 1 and "1 job(s) refused" in out.stderr, out.stderr[-2000:]
+    assert "HF_TOKEN: '***'" in (sweep_dir / "multirun.yaml").read_text()  # the sweeper writes it; the job start masks it
+    assert [str(p) for p in sweep_dir.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()] == []
