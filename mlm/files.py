@@ -191,6 +191,8 @@ def os_error_advice(e: OSError) -> str:
         return "free disk space, then resume"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "fix the permissions, then resume"
+    if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link planted in the run directory
+        return "a symbolic link is in its place; remove it, then resume"
     if e.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTEMPTY):
         return "something else changed the run directory during the write; is another process writing into it?"
     return "then resume"

@@ -225,7 +225,7 @@ def test_no_writer_follows_a_link(tmp_path):
 
     from mlm.cli import save_config_snapshot
     from mlm.config import UserError
-    from mlm.files import NoFollowFileHandler, atomic_write_text, open_append, torch_save, write_json
+    from mlm.files import NoFollowFileHandler, atomic_write_text, open_append, torch_save, write_error, write_json
     from mlm.rundir import lock_run_dir
     from mlm.tracking import CsvTracker, JsonlTracker
 
@@ -241,7 +241,8 @@ def test_no_writer_follows_a_link(tmp_path):
         assert e.value.errno == errno.ELOOP
     jsonl = JsonlTracker(run_dir)
     jsonl.log({"train/loss": 1.0}, 1)
-    assert jsonl.failure.errno == errno.ELOOP  # the loop stops the run on this, with a checkpoint
+    assert jsonl.failure.errno == errno.ELOOP  # the loop stops the run on this, with a checkpoint, saying:
+    assert str(write_error("metrics", jsonl.path, jsonl.failure)).endswith("(a symbolic link is in its place; remove it, then resume)")
     handler = NoFollowFileHandler(run_dir / "run.log")
     handler.emit(logging.makeLogRecord({"msg": "a line for the log"}))
     handler.close()
