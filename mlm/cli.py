@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import MOVED, REMOVED, Choice, Config, UserError, register_configs
 from mlm.distributed import detect, is_main_process, launch_name
-from mlm.files import atomic_write_text
+from mlm.files import atomic_write_text, open_append
 from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir
 
 log = logging.getLogger("mlm")
@@ -51,6 +51,37 @@ def register() -> None:
     OmegaConf.register_new_resolver("mlm_launch_stamp", launch_stamp, use_cache=True, replace=True)
     # value on the main process; on the others the second argument (default: null)
     OmegaConf.register_new_resolver("mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True)
+    import hydra.core.utils
+
+    hydra.core.utils._save_config = save_config_snapshot  # Hydra 1.3's writer of .hydra/ (pinned in pyproject.toml)
+
+
+def save_config_snapshot(cfg: DictConfig, filename: str, output_dir: Path) -> None:
+    """What Hydra writes as .hydra/config.yaml, hydra.yaml and overrides.yaml, with secrets masked (mlm.tracking.scrub:
+    hydra.yaml holds the command line, `+hydra.job.env_set.HF_TOKEN=...` included) and never written through a link.
+    A link there is left alone: a sweep job's directory is checked (mlm.rundir.refuse_links) only after Hydra
+    writes this, and that check refuses the job in one line; a single run's was checked before."""
+    from mlm.tracking import scrub
+
+    output_dir = Path(output_dir)
+    if output_dir.is_symlink() or (output_dir / filename).is_symlink():
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tree = scrub(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+    atomic_write_text(output_dir / filename, OmegaConf.to_yaml(tree))
+
+
+def mask_sweep_snapshot(sweep_dir: Path) -> None:
+    """The sweep's multirun.yaml as save_config_snapshot writes a job's hydra.yaml: Hydra's sweeper writes it itself
+    (the command line's secrets in clear) just before the first job starts, which masks them."""
+    from mlm.tracking import scrub
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if path.is_symlink() or not path.is_file():
+        return
+    text = OmegaConf.to_yaml(scrub(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
+    if text != OmegaConf.to_yaml(OmegaConf.load(path)):
+        atomic_write_text(path, text)
 
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config tree (run.py's config_path)
@@ -164,6 +195,10 @@ class RunDirGuard(Callback):
             print(finished_line(run_dir, results))
             sys.exit(0)
 
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if job_info(config.hydra)["multirun"] and is_main_process():
+            mask_sweep_snapshot(Path(str(config.hydra.sweep.dir)).absolute())
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not is_main_process():
             return
@@ -253,7 +288,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         sys.exit(e.exit_code)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
         if job["multirun"] and is_main_process():
-            with open(Path(hc.sweep.dir) / REFUSED, "a") as f:  # one short line per job: appends do not interleave
+            with open_append(Path(hc.sweep.dir) / REFUSED) as f:  # one short line per job: appends do not interleave
                 f.write(f"{run_dir}: {str(e).splitlines()[0]}\n")
         return _fail(run_dir, job, str(e), record=False)
     except UserError as e:

@@ -5,6 +5,11 @@ plots) goes through here: written under a temporary name beside its destination,
 disk, then renamed over it. A rename within one directory is atomic on POSIX filesystems, so a
 reader, or a rerun after a kill, sees either the old version or the new one, never half of one.
 The temporary names start with "." so nothing that lists a run directory mistakes them for output.
+
+Nothing here writes through a symbolic link: a file is created or appended with O_NOFOLLOW (a link
+planted under its name is an error, its target untouched), and a rename replaces a link at the
+destination rather than following it. mlm.rundir refuses a run directory holding links up front;
+this is the second line, for a link planted while a run writes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,9 +34,39 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_new(path: Path, mode: str = "w", **kwargs):
+    """open(path, mode) for writing from the start ("w" or "wb"), never through a link: an existing
+    file (not a link) is truncated; a link there raises OSError (ELOOP) and its target is untouched."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
+    return os.fdopen(fd, mode, **kwargs)
+
+
+def open_append(path: Path, mode: str = "a", **kwargs):
+    """open(path, "a") never through a link (OSError ELOOP instead): for metrics.jsonl, the CSVs, the log."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
+    return os.fdopen(fd, mode, **kwargs)
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """The run log's handler (conf/hydra/job_logging/mlm.yaml): logging.FileHandler, but a link planted
+    as the log file is never appended to. The log then goes to the console only: Hydra opens the log
+    before a sweep job's run-dir check (mlm.rundir.refuse_links), which then refuses the job in one line."""
+
+    def _open(self):
+        try:
+            return open_append(self.baseFilename, encoding=self.encoding, errors=self.errors)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            return open(os.devnull, "a", encoding=self.encoding)
+
+
 def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
     """Write and fsync, in place: for files inside a directory that is itself renamed into place."""
-    with open(path, "w") as f:
+    with open_new(path) as f:
         json.dump(obj, f, indent=indent)
         f.flush()
         os.fsync(f.fileno())
@@ -44,8 +80,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename (costs one fsync: milliseconds, once per file)."""
     path = Path(path)
     tmp = _tmp_name(path)
+    _remove(tmp)  # left over by a run killed mid-write, or a link planted there: removed, never written through
     try:
-        with open(tmp, "w") as f:
+        with open_new(tmp) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -118,7 +155,7 @@ def torch_save(obj: Any, path: Path) -> None:
     """torch.save, raising the OSError behind a failed write (a full disk, a read-only filesystem)."""
     import torch
 
-    with open(path, "wb") as f:
+    with open_new(path, "wb") as f:
         recording = _RecordingFile(f)
         try:
             torch.save(obj, recording)
@@ -154,6 +191,8 @@ def os_error_advice(e: OSError) -> str:
         return "free disk space, then resume"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "fix the permissions, then resume"
+    if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link planted in the run directory
+        return "a symbolic link is in its place; remove it, then resume"
     if e.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTEMPTY):
         return "something else changed the run directory during the write; is another process writing into it?"
     return "then resume"

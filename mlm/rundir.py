@@ -47,8 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import MOVED, UserError
 from mlm.distributed import detect, is_main_process
-from mlm.files import atomic_write_json, write_error
-from mlm.tracking import MASKED
+from mlm.files import NOFOLLOW, atomic_write_json, write_error
+from mlm.tracking import MASKED, scrub
 from mlm.schedules import decay_start, warmup_length
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,11 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UserError(f"the run directory {self.run_dir} is a file; give the run a directory (hydra.run.dir=...)")
+        refuse_links(self.run_dir)
         refuse_foreign(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
         except OSError as e:
             raise write_error("the run directory's lock", self.path, e) from e
         try:
@@ -136,7 +137,7 @@ class RunLock:
         if previous:
             log.warning("taking over %s from a run that did not end cleanly (%s; it is no longer running)", self.path, describe(previous))
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()) or time.time(),
-              "command": " ".join(sys.argv)[:500]}
+              "command": " ".join(scrub(sys.argv))[:500]}
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, json.dumps(me).encode(), 0)
@@ -161,6 +162,25 @@ class RunLock:
 
 
 HYDRA_OWN = (".hydra", "multirun.yaml")  # what Hydra writes into a directory before a job's lock is taken (and <job>.log)
+
+
+def refuse_links(run_dir: Path) -> None:
+    """A run (or sweep) directory whose own entries, or .hydra's, are symbolic links is refused before anything
+    is written: the harness writes and truncates those names (run.lock, run.log, metrics.jsonl, checkpoints/,
+    final/, ...), and a link would aim those writes at a file of someone else's. The directory itself may be a link."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / ".hydra"):  # a linked .hydra itself is found in the first
+        if not folder.is_dir():
+            continue
+        links = sorted(p for p in folder.iterdir() if p.is_symlink())
+        if links:
+            raise UserError(link_line(links[0], len(links) - 1))
+
+
+def link_line(link: Path, others: int = 0) -> str:
+    more = f" (and {others} other link{'s' if others > 1 else ''})" if others else ""
+    return (f"{link} is a symbolic link (to {os.readlink(link)}){more}; a run writes only real files in its directory "
+            f"and leaves link targets alone: remove the link, or give the run a directory of its own (hydra.run.dir=...)")
 
 
 def refuse_foreign(run_dir: Path) -> None:
@@ -339,6 +359,7 @@ def guard(run_dir: Path, cfg) -> Optional[dict]:
     if is_main_process():
         lock_run_dir(run_dir)
     else:  # the same verdict as the main process's lock_run_dir, which refuses a foreign dir before it writes run.lock
+        refuse_links(run_dir)
         refuse_foreign(run_dir)
     settings = flat_settings(cfg)
     results = finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, settings)

@@ -7,23 +7,28 @@ switched off with one warning and the run goes on. Non-main processes get a `Nul
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol
 
 from mlm import faults
 from mlm.config import TrackerConfig
-from mlm.files import atomic_write_text
+from mlm.files import atomic_write_text, open_append
 
 log = logging.getLogger(__name__)
 
 # "token" as a word of its own (HF_TOKEN, auth_token), not model.tokenizer or a config's mask_token_id: those are settings
 SECRET_KEY = re.compile(r"(api[_-]?key|(?<![a-z])token(?![a-z]|_id)|secret|password|passwd)", re.I)
+# KEY=value or KEY: value inside a string: a command line's `+hydra.job.env_set.HF_TOKEN=hf_...`, `env_set={HF_TOKEN:hf_...}`
+# (a KEY starts a word: /data/secret:v2 is a path)
+ASSIGNMENT = re.compile(r"(?<![\w./\-])([\w.\-]+)(=|:[ ]?)([^\s,{}\[\]]+)")
 
 
 class Tracker(Protocol):
@@ -45,16 +50,29 @@ def secret_values() -> List[str]:
 
 
 def scrub(obj: Any, secrets: Optional[List[str]] = None) -> Any:
-    """A copy of a config tree with secret-looking keys and any secret environment value masked."""
+    """A copy of a config tree (or a command line's list of arguments) with secret-looking keys, KEY=value
+    assignments to them inside strings, and any secret environment value masked."""
     secrets = secret_values() if secrets is None else secrets
     if isinstance(obj, dict):
         return {k: (MASKED if SECRET_KEY.search(str(k)) and v else scrub(v, secrets)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub(v, secrets) for v in obj]
     if isinstance(obj, str):
+        obj = ASSIGNMENT.sub(lambda m: f"{m[1]}{m[2]}{MASKED}" if SECRET_KEY.search(m[1]) else m[0], obj)
         for s in secrets:
             obj = obj.replace(s, MASKED)
     return obj
+
+
+@contextlib.contextmanager
+def masked_argv():
+    """sys.argv with secrets masked (scrub), for a library that records the command line; restored after."""
+    argv = sys.argv[:]
+    sys.argv[:] = scrub(argv)
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
 
 
 def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -105,7 +123,7 @@ class JsonlTracker:
     def log(self, metrics, step):
         self.unwritten.append({"step": step, **metrics})
         try:
-            with open(self.path, "a") as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
+            with open_append(self.path) as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
                 faults.write(f, "".join(json.dumps(r) + "\n" for r in self.unwritten), "metrics")
         except OSError as e:
             self.failure = e
@@ -199,7 +217,7 @@ class CsvTracker:
         kind = next(iter(metrics)).split("/")[0]  # train, eval, perf... one file per kind keeps columns stable
         path = self.dir / f"metrics_{kind}.csv"
         new = not path.exists()
-        with open(path, "a", newline="") as f:
+        with open_append(path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["step", *metrics], extrasaction="ignore")
             if new:
                 writer.writeheader()
@@ -283,13 +301,13 @@ class WandbTracker:
         import wandb
 
         self.wandb = wandb
-        overrides = [o for o in job.get("overrides", []) if not o.startswith("hydra.")]
+        overrides = scrub([o for o in job.get("overrides", []) if not o.startswith("hydra.")])
         options = dict(
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group or job.get("sweep_name"),
-            name=cfg.run_name or (",".join(overrides) if overrides else job.get("name")),
-            tags=[*cfg.tags, *[o[:64] for o in overrides]],
+            group=scrub(cfg.group or job.get("sweep_name")),
+            name=scrub(cfg.run_name or (",".join(overrides) if overrides else job.get("name"))),
+            tags=scrub([*cfg.tags, *[o[:64] for o in overrides]]),
             config={**flatten(config), "hydra/job_name": job.get("name"), "hydra/overrides": overrides},
             dir=str(run_dir),
             reinit="finish_previous",  # multirun jobs share a process: never log into the previous job's run
@@ -401,7 +419,8 @@ def open_trackers(cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job
         if name == "wandb" and cfg.mode == "disabled":
             continue
         try:
-            trackers.append(factories[name]())
+            with masked_argv():  # W&B records the command line in its run files, which `wandb sync` uploads
+                trackers.append(factories[name]())
         except Exception as e:
             log.warning("tracker %s could not start (%s: %s); the run goes on without it", name, type(e).__name__, e)
     return SafeTrackers(trackers)

@@ -178,3 +178,94 @@ def test_two_runs_into_one_dir_first_completes_second_exits_2(tmp_path, text_fil
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kinds = [(r["step"], next(k for k in r if k != "step").split("/")[0]) for r in records]
     assert len(kinds) == len(set(kinds)) and [s for s, k in kinds if k == "train"] == [1, 2, 3, 4]
+
+
+def plant_links(run_dir, names):
+    """run_dir/<name> -> a victim file outside it, for each name; returns {victim: (bytes, mtime_ns)} to compare after."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    victims = {}
+    for n, name in enumerate(names, 1):
+        victim = run_dir.parent / f"victim{n}"
+        victim.write_text(f"someone else's file {n}\n")
+        os.utime(victim, ns=(10**18, 10**18))
+        (run_dir / name).symlink_to(victim)
+        victims[victim] = (victim.read_bytes(), victim.stat().st_mtime_ns)
+    return victims
+
+
+def untouched(victims):
+    return all((v.read_bytes(), v.stat().st_mtime_ns) == before for v, before in victims.items())
+
+
+def test_a_run_dir_whose_files_are_links_is_refused_and_the_targets_untouched(tmp_path, text_file):
+    run_dir = tmp_path / "run"
+    victims = plant_links(run_dir, ["run.lock", "run.log", "metrics.jsonl"])
+    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is a symbolic link" in lines[0] and str(run_dir / "metrics.jsonl") in lines[0]
+    assert untouched(victims)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "run.lock", "run.log"]  # no .hydra, nothing written
+
+
+def test_a_sweep_job_dir_holding_a_link_is_refused_and_its_target_untouched(tmp_path, text_file):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "run.lock").touch()  # an earlier sweep's directory
+    victims = plant_links(sweep_dir / "0", ["run.log"])  # Hydra opens a job's log before the job checks its directory
+    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.sweep.dir={sweep_dir}", "-m"])
+    assert out.returncode == 1 and "1 job(s) refused" in out.stderr, out.stderr[-2000:]
+    assert "run.log is a symbolic link" in (sweep_dir / "refused.txt").read_text()
+    assert untouched(victims) and (sweep_dir / "0" / "run.log").is_symlink()
+
+
+def test_no_writer_follows_a_link(tmp_path):
+    import errno
+    import logging
+
+    from mlm.cli import save_config_snapshot
+    from mlm.config import UserError
+    from mlm.files import NoFollowFileHandler, atomic_write_text, open_append, torch_save, write_error, write_json
+    from mlm.rundir import lock_run_dir
+    from mlm.tracking import CsvTracker, JsonlTracker
+
+    run_dir = tmp_path / "run"
+    names = ["results.json", ".tmp-results.json", "metrics.jsonl", "metrics_train.csv", "run.log", "state.json", "scheduler.pt"]
+    victims = plant_links(run_dir, names)
+    atomic_write_text(run_dir / "results.json", "{}")  # a rename replaces the link; its temporary file is never written through
+    assert (run_dir / "results.json").read_text() == "{}" and not (run_dir / "results.json").is_symlink()
+    for write in (lambda: open_append(run_dir / "metrics.jsonl"), lambda: CsvTracker(run_dir).log({"train/loss": 1.0}, 1),
+                  lambda: write_json(run_dir / "state.json", {}), lambda: torch_save({}, run_dir / "scheduler.pt")):
+        with pytest.raises(OSError) as e:
+            write()
+        assert e.value.errno == errno.ELOOP
+    jsonl = JsonlTracker(run_dir)
+    jsonl.log({"train/loss": 1.0}, 1)
+    assert jsonl.failure.errno == errno.ELOOP  # the loop stops the run on this, with a checkpoint, saying:
+    assert str(write_error("metrics", jsonl.path, jsonl.failure)).endswith("(a symbolic link is in its place; remove it, then resume)")
+    handler = NoFollowFileHandler(run_dir / "run.log")
+    handler.emit(logging.makeLogRecord({"msg": "a line for the log"}))
+    handler.close()
+    hydra_dir = run_dir / ".hydra"
+    victims.update(plant_links(hydra_dir, ["config.yaml"]))
+    save_config_snapshot({"a": 1}, "config.yaml", hydra_dir)  # left for the run-dir check to refuse
+    assert untouched(victims)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        lock_run_dir(run_dir)
+    assert untouched(victims)
+
+
+def test_a_linked_hydra_folder_is_refused_but_the_run_dir_itself_may_be_a_link(tmp_path):
+    from mlm.config import UserError
+    from mlm.rundir import lock_run_dir, refuse_links, release_run_dir
+
+    elsewhere = tmp_path / "scratch" / "run"  # e.g. outputs/runs/x -> a scratch disk: the user's choice of directory
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "run").symlink_to(elsewhere)
+    lock_run_dir(tmp_path / "run")
+    release_run_dir(tmp_path / "run")
+    assert (elsewhere / "run.lock").is_file()
+    (tmp_path / "theirs").mkdir()
+    (elsewhere / ".hydra").symlink_to(tmp_path / "theirs")
+    with pytest.raises(UserError, match=f"{tmp_path / 'run' / '.hydra'} is a symbolic link"):
+        refuse_links(tmp_path / "run")
