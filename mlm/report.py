@@ -7,6 +7,9 @@
   budget.png (perplexity and downstream accuracy against training tokens and time, the Pareto
   front marked) and a table of each front in summary.md: what each minute buys.
   Hydra calls the same at the end of every multirun (SweepSummaryCallback in conf/config.yaml).
+- Only like with like is ranked: jobs whose evals differ (EVAL_KEYS: held-out text, blocks, tokenizer,
+  eval masks) are ranked in separate groups, never across, and the summary names the keys that differ.
+  At the start of a multirun the same callback refuses an Optuna search space that varies an eval key.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import UserError
-
 from mlm.files import atomic_path, atomic_write_text
 from mlm.tracking import read_metrics
 

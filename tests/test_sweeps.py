@@ -42,6 +42,9 @@ def test_multirun_all_ok_2x2(corpus, tmp_path):
     jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=16,32", "trainer.max_steps=2")
     assert len(jobs) == 4 and all((j / "results.json").exists() for j in jobs)
     assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()
+    summary = (sweep / "summary.md").read_text()  # two block sizes are two evals: ranked apart, no best across them
+    assert "Not comparable: the jobs' evals differ in block_size;" in summary and "Best:" not in summary
+    assert "- eval A (2 job(s)" in summary and "- eval B (2 job(s)" in summary
 
 
 @pytest.mark.slow
@@ -324,3 +327,20 @@ def test_budget_fronts_and_downstream_best_stay_within_one_eval(tmp_path, flat_t
     # downstream accuracy is its own eval: the 0.3-rate job competes there
     assert "- downstream eval A (3 job(s): 1, 3, 0): downstream.task=polarity; best `trainer.budget_minutes=2` with polarity 0.700" in text
     assert "- downstream eval B (1 job(s): 2): downstream.task=sst2; best `trainer.budget_minutes=3` with sst2 0.900" in text
+
+
+def test_a_config_snapshot_is_read_as_text_never_resolved_nor_followed(tmp_path, flat_tiny, monkeypatch):
+    import yaml
+
+    from mlm.report import summarize
+
+    monkeypatch.setenv("MLM_TEST_SECRET_VALUE", "s3cr3t-value-123")
+    eval_job(tmp_path, "0", flat_tiny, 30.0, "1e-3")
+    eval_job(tmp_path, "1", {**flat_tiny, "dataset.path": "${oc.env:MLM_TEST_SECRET_VALUE}"}, 20.0, "2e-3", snapshot_only=True)
+    linked = eval_job(tmp_path, "2", flat_tiny, 25.0, "3e-3", snapshot_only=True)
+    (linked / ".hydra" / "config.yaml").unlink()
+    (linked / ".hydra" / "config.yaml").symlink_to(tmp_path / "1" / ".hydra" / "config.yaml")  # a link: not read
+    text = summarize([tmp_path]).read_text()
+    assert "s3cr3t" not in text and "dataset.path=${oc.env:MLM_TEST_SECRET_VALUE}" in text
+    assert "- eval C (1 job(s): 2): " in text and "dataset.path=(not recorded)" in text
+    assert yaml.safe_load((tmp_path / "1" / ".hydra" / "config.yaml").read_text())["dataset"]["path"].startswith("${oc.env")
