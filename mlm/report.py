@@ -7,6 +7,9 @@
   budget.png (perplexity and downstream accuracy against training tokens and time, the Pareto
   front marked) and a table of each front in summary.md: what each minute buys.
   Hydra calls the same at the end of every multirun (SweepSummaryCallback in conf/config.yaml).
+- Only like with like is ranked: jobs whose evals differ (EVAL_KEYS: held-out text, blocks, tokenizer,
+  eval masks) are ranked in separate groups, never across, and the summary names the keys that differ.
+  At the start of a multirun the same callback refuses an Optuna search space that varies an eval key.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
+from mlm.config import UserError
 from mlm.files import atomic_path, atomic_write_text
 from mlm.tracking import read_metrics
 
@@ -104,6 +110,7 @@ def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
                 "dir": d,
                 "overrides": _trained_with(dict(o.split("=", 1) for o in _overrides(d) if "=" in o), results.get("config", {})),
                 "results": results,
+                "settings": results.get("config") or _snapshot_settings(d),  # the eval it was scored on
                 "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
                 "metrics": read_metrics(d),
             })
@@ -133,6 +140,98 @@ def failure_line(jobs: List[Dict[str, Any]]) -> Optional[str]:
     return f"{len(failed)} of {len(jobs)} job(s) failed: {' '.join(files)}"
 
 
+# ---------------------------------------------------------------- which evals compare
+
+# What an eval perplexity is measured on, as flat config keys: the held-out text (source, split,
+# size, seed), the blocks (length, how many are scored), the vocabulary, and the eval masks (rate,
+# strategy, 80/10/10). Jobs that differ in any of these are scored on different tasks, so the
+# summary never ranks them together, and a search space must not vary them (check_search_space
+# refuses an Optuna one; tests/test_sweeps.py holds the shipped spaces to it). Not here: what only
+# training uses (masking.strategy and train_probability: evals mask with eval_strategy at
+# mlm_probability), the seed (it draws the fixed eval masks as it draws the init: noise of one task,
+# which sweeping seeds measures), and what changes only speed (num_proc, eval_batch_size).
+EVAL_KEYS = (
+    "dataset.kind", "dataset.path", "dataset.config_name", "dataset.split", "dataset.text_field", "dataset.test_size",
+    "dataset.split_seed", "dataset.include_news", "dataset.max_examples", "dataset.remainder", "dataset.streaming",
+    "dataset.streaming_eval_docs", "block_size", "trainer.max_eval_blocks", "model.tokenizer",  # unset: model.name_or_path's
+    "masking.mlm_probability", "masking.eval_strategy", "masking.mask_replace_prob", "masking.random_replace_prob",
+)
+SPAN_EVAL_KEYS = ("masking.span_geometric_p", "masking.span_max_words")  # shape the eval masks only with eval_strategy=span
+# What a downstream accuracy is measured on (the fine-tuning lr, epochs, batch and seeds are training's).
+DOWNSTREAM_EVAL_KEYS = ("downstream.kind", "downstream.task", "downstream.path", "downstream.config_name", "downstream.text_fields",
+                        "downstream.label_field", "downstream.eval_split", "downstream.folds", "downstream.max_length")
+UNKNOWN = "(not recorded)"  # a key a job's saved config lacks: not assumed equal to anything
+
+
+def eval_keys(flat: Dict[str, Any]) -> List[str]:
+    """The flat keys whose values set the eval of a config: EVAL_KEYS, the span shape where evals mask spans,
+    and model.name_or_path where it gives the tokenizer."""
+    keys = list(EVAL_KEYS)
+    if flat.get("masking.eval_strategy") == "span":
+        keys += SPAN_EVAL_KEYS
+    if flat.get("model.tokenizer") is None:
+        keys.append("model.name_or_path")
+    return keys
+
+
+def eval_settings(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """What a job's perplexity was measured on (EVAL_KEYS and, with span evals, SPAN_EVAL_KEYS), the tokenizer
+    as model.tokenizer whichever key gave it. Two jobs are comparable where these are equal."""
+    keys = EVAL_KEYS + (SPAN_EVAL_KEYS if flat.get("masking.eval_strategy") == "span" else ())
+    values = {k: flat.get(k, UNKNOWN) for k in keys}
+    if values["model.tokenizer"] is None:
+        values["model.tokenizer"] = flat.get("model.name_or_path", UNKNOWN)
+    return values
+
+
+def downstream_settings(flat: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: flat.get(k, UNKNOWN) for k in DOWNSTREAM_EVAL_KEYS}
+
+
+def job_settings(job: Dict[str, Any]) -> Dict[str, Any]:
+    """A job's flat config: what results.json says it trained with, else its own .hydra/config.yaml."""
+    return job.get("settings") or job["results"].get("config") or {}
+
+
+def _snapshot_settings(job_dir: Path) -> Dict[str, Any]:
+    """.hydra/config.yaml as flat keys, read as data: interpolations stay text (compared, never resolved)."""
+    path = job_dir / ".hydra" / "config.yaml"
+    if path.is_symlink() or not path.is_file():
+        return {}
+    import yaml
+
+    from mlm.tracking import flatten
+
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return flatten({k: v for k, v in tree.items() if k != "hydra"}) if isinstance(tree, dict) else {}
+
+
+def _frozen(values: Dict[str, Any]) -> tuple:
+    return tuple((k, json.dumps(v, sort_keys=True, default=str)) for k, v in sorted(values.items()))
+
+
+def comparable_groups(jobs: List[Dict[str, Any]], settings_of=eval_settings) -> List[List[Dict[str, Any]]]:
+    """The jobs in groups of equal eval settings, the largest first (ties: in the jobs' order)."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for j in jobs:
+        groups.setdefault(_frozen(settings_of(job_settings(j))), []).append(j)
+    return sorted(groups.values(), key=len, reverse=True)
+
+
+def differing_keys(groups: List[List[Dict[str, Any]]], settings_of=eval_settings) -> List[str]:
+    """The eval keys whose values differ between the groups (a key one group lacks counts as differing)."""
+    values = [settings_of(job_settings(g[0])) for g in groups]
+    keys = sorted({k for v in values for k in v})
+    return [k for k in keys if len({json.dumps(v.get(k, UNKNOWN), default=str) for v in values}) > 1]
+
+
+def group_label(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"G{i + 1}"
+
+
 def _num(v):
     try:
         return float(v)
@@ -144,25 +243,58 @@ def _fmt(v, digits=2):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-def summary_table(jobs: List[Dict[str, Any]], root: Path) -> str:
-    def key(j):
-        return (failure(j) is not None, j["results"]["perplexity"] if failure(j) is None else float("inf"))
+def ranked(jobs: List[Dict[str, Any]]) -> tuple:
+    """The succeeded jobs in groups of comparable evals (the largest first), each sorted by perplexity, and the failed jobs."""
+    ok = [j for j in jobs if failure(j) is None]
+    groups = [sorted(g, key=lambda j: j["results"]["perplexity"]) for g in comparable_groups(ok)]
+    return groups, [j for j in jobs if failure(j) is not None]
 
+
+def summary_table(jobs: List[Dict[str, Any]], root: Path) -> str:
+    """One row per job: each eval group's jobs by perplexity (an `eval` column names the group where there
+    are several), then the failed jobs."""
+    groups, failed = ranked(jobs)
+    labels = {id(j): group_label(i) for i, g in enumerate(groups) for j in g} if len(groups) > 1 else None
     downstream = any(downstream_accuracy(j) is not None for j in jobs)  # a column only where some job has one
     lines = [
-        "| job | overrides | final ppl | best ppl | ppl before |" + (" downstream |" if downstream else "")
+        "| job | overrides |" + (" eval |" if labels else "") + " final ppl | best ppl | ppl before |" + (" downstream |" if downstream else "")
         + " tokens/s | train s | wall s | device | status |",
-        "|---|---|---:|---:|---:|" + ("---:|" if downstream else "") + "---:|---:|---:|---|---|",
+        "|---|---|" + ("---|" if labels else "") + "---:|---:|---:|" + ("---:|" if downstream else "") + "---:|---:|---:|---|---|",
     ]
-    for j in sorted(jobs, key=key):
+    for j in [j for g in groups for j in g] + failed:
         r = j["results"]
         status = "ok" if failure(j) is None else "failed: " + failure(j).replace("|", "/")[:80]
         lines.append(
-            f"| {_job_name(j, root)} | {_overrides_text(j)} | {_fmt(r.get('perplexity'))} | "
+            f"| {_job_name(j, root)} | {_overrides_text(j)} | " + (f"{labels.get(id(j), '-')} | " if labels else "")
+            + f"{_fmt(r.get('perplexity'))} | "
             f"{_fmt(r.get('best_perplexity'))} | {_fmt(r.get('perplexity_before'))} | " + (f"{_downstream_text(j)} | " if downstream else "")
             + f"{_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('wall_seconds'), 0)} | {_device(r)} | {status} |"
         )
     return "\n".join(lines)
+
+
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def best_lines(groups: List[List[Dict[str, Any]]], root: Path, what: str, evals: str, settings_of, score_text, prefix: str = "") -> List[str]:
+    """The best of each group of comparable jobs (groups sorted best first): one "Best" line where all compare;
+    else a line naming the keys that differ, then each group's settings of those keys and its best."""
+    if len(groups) == 1:
+        return [f"{what}: `{_best_name(groups[0][0])}` with {score_text(groups[0][0])}."]
+    keys = differing_keys(groups, settings_of)
+    lines = [f"Not comparable: the jobs' {evals} differ in {', '.join(keys)}; "
+             f"each group is ranked on its own, and no job is best across groups:", ""]
+    for i, g in enumerate(groups):
+        values = settings_of(job_settings(g[0]))
+        lines.append(f"- {prefix}{group_label(i)} ({len(g)} job(s): {', '.join(_job_name(j, root) for j in g)}): "
+                     + " ".join(f"{k}={_value(values.get(k, UNKNOWN))}" for k in keys)
+                     + f"; best `{_best_name(g[0])}` with {score_text(g[0])}.")
+    return lines
+
+
+def _best_name(job: Dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in job["overrides"].items()) or job["dir"].name
 
 
 def _job_name(job: Dict[str, Any], root: Path) -> str:
@@ -210,14 +342,17 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
     n = len(keys) + 2
     plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2))
-    ok = [j for j in jobs if failure(j) is None]
+    groups, _ = ranked(jobs)
+    ok = [j for g in groups for j in g]
+    colours = [f"C{i % 10}" for i, g in enumerate(groups) for _ in g]  # one colour per group of comparable evals
+    group_of = {id(j): group_label(i) for i, g in enumerate(groups) for j in g}
     for ax, k in zip(axes, keys):
         values = [j["overrides"].get(k, "-") if k != "job" else j["dir"].name for j in ok]
         ppl = [j["results"]["perplexity"] for j in ok]
         numeric = all(_num(v) is not None for v in values)
         if numeric and values:
             x = [_num(v) for v in values]
-            ax.scatter(x, ppl)
+            ax.scatter(x, ppl, c=colours)
             if min(x) > 0 and max(x) / min(x) >= 3:
                 ax.set_xscale("log")
             ticks = sorted(set(x))  # label exactly the swept values, compactly (2e-4, not 0.0002)
@@ -225,7 +360,7 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
             ax.minorticks_off()
         else:
             cats = sorted(set(values))
-            ax.scatter([cats.index(v) for v in values], ppl)
+            ax.scatter([cats.index(v) for v in values], ppl, c=colours)
             ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
         for v, p, j in zip(values, ppl, ok):
             others = ",".join(f"{kk}={vv}" for kk, vv in j["overrides"].items() if kk != k and kk in keys)
@@ -239,6 +374,7 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
         for j in ok:
             x, y = _series(j["metrics"], key)
             label = ",".join(f"{k}={j['overrides'].get(k)}" for k in keys if k in j["overrides"]) or j["dir"].name
+            label = f"{group_of[id(j)]}: {label}" if len(groups) > 1 else label  # which eval the curve is on
             # a curve of one point (a 10-step job logging every 10 steps) is a marker, not an invisible line
             ax.plot(x, y, marker="o" if key.startswith("eval") or len(x) == 1 else None, markersize=6 if len(x) == 1 else 3, label=label)
         ax.set_title(title)
@@ -249,7 +385,14 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
     if ok:
         axes[-1].legend(fontsize=7, loc="upper right")
     failed = len(jobs) - len(ok)
-    fig.suptitle(f"{len(ok)} job(s)" + (f", {failed} failed" if failed else ""))
+    title = f"{len(ok)} job(s)" + (f", {failed} failed" if failed else "")
+    if len(groups) > 1:
+        from matplotlib.lines import Line2D
+
+        axes[0].legend(handles=[Line2D([], [], marker="o", ls="", color=f"C{i % 10}", label=f"eval {group_label(i)}") for i in range(len(groups))],
+                       fontsize=7, loc="best")
+        title += f"; evals differ in {', '.join(differing_keys(groups))}: compare perplexities within one colour only"
+    fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -263,19 +406,20 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None) -> Optional[Path
     jobs = collect_jobs(dirs)
     if not jobs:
         return None
-    best = min((j for j in jobs if failure(j) is None),
-               key=lambda j: j["results"]["perplexity"], default=None)
+    groups, _ = ranked(jobs)
     text = [f"# Sweep summary: {out_dir}", "", summary_table(jobs, out_dir), ""]
-    if best:
-        text.append(f"Best: `{' '.join(f'{k}={v}' for k, v in best['overrides'].items()) or best['dir'].name}` "
-                    f"with perplexity {best['results']['perplexity']:.2f}.")
-    best_downstream = max((j for j in jobs if failure(j) is None and downstream_accuracy(j) is not None), key=downstream_accuracy, default=None)
-    if best_downstream:
-        text.append(f"\nBest downstream: `{_overrides_text(best_downstream)}` with {_downstream_text(best_downstream)} "
-                    f"(median of {len(best_downstream['results']['downstream'].get('seeds', []))} seeds).")
+    if groups:
+        text += best_lines(groups, out_dir, "Best", "evals", eval_settings, lambda j: f"perplexity {j['results']['perplexity']:.2f}", "eval ")
+    scored = [j for g in groups for j in g if downstream_accuracy(j) is not None]
+    if scored:
+        by_task = [sorted(g, key=downstream_accuracy, reverse=True) for g in comparable_groups(scored, downstream_settings)]
+        text += [""] + best_lines(by_task, out_dir, "Best downstream", "downstream evals", downstream_settings,
+                                  lambda j: f"{_downstream_text(j)} (median of {len(j['results']['downstream'].get('seeds', []))} seeds)", "downstream eval ")
     text.append("\n![summary](summary.png)\n")
     budget = budget_sweep(jobs)
     if budget:
+        if len(groups) > 1:
+            text.append(f"The Pareto fronts below compare the jobs of eval A only ({len(budget)} job(s)): a front never mixes evals.\n")
         text += [front_tables(budget, out_dir), "![budget](budget.png)\n"]
     atomic_write_text(out_dir / "summary.md", "\n".join(text))
     plot_sweep(jobs, out_dir / "summary.png")
@@ -291,10 +435,12 @@ COMPUTE = (("train_tokens", "training tokens"), ("train_seconds", "training seco
 
 
 def budget_sweep(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The succeeded jobs of a sweep that varies the training budget (with their compute measured), else []."""
+    """The succeeded jobs of a sweep that varies the training budget (with their compute measured), else []:
+    those of the largest group of comparable evals (group A of the summary)."""
     if not set(BUDGET_KEYS) & set(swept_keys(jobs)):
         return []
-    return [j for j in jobs if failure(j) is None and all(_num(j["results"].get(k)) is not None for k, _ in COMPUTE)]
+    groups, _ = ranked(jobs)
+    return [j for j in (groups or [[]])[0] if all(_num(j["results"].get(k)) is not None for k, _ in COMPUTE)]
 
 
 def pareto_front(points: List[tuple], higher_is_better: bool = False) -> List[int]:
@@ -312,9 +458,11 @@ def pareto_front(points: List[tuple], higher_is_better: bool = False) -> List[in
 def _qualities(jobs: List[Dict[str, Any]]) -> List[tuple]:
     """(label, value of a job or None, higher is better) of each quality the jobs have."""
     out = [("eval perplexity", lambda j: j["results"]["perplexity"], False)]
-    if any(downstream_accuracy(j) is not None for j in jobs):
-        task = next(j["results"]["downstream"].get("task", "?") for j in jobs if downstream_accuracy(j) is not None)
-        out.append((f"{task} accuracy (median of seeds)", downstream_accuracy, True))
+    groups = comparable_groups([j for j in jobs if downstream_accuracy(j) is not None], downstream_settings)
+    if groups:  # the largest group of one downstream eval: a front never mixes tasks
+        members = {id(j) for j in groups[0]}
+        task = groups[0][0]["results"]["downstream"].get("task", "?")
+        out.append((f"{task} accuracy (median of seeds)", lambda j: downstream_accuracy(j) if id(j) in members else None, True))
     return out
 
 
@@ -381,8 +529,77 @@ def plot_budget(jobs: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- an Optuna study compares like with like
+
+def search_space(config: DictConfig) -> List[str]:
+    """The sweep overrides an Optuna study searches: hydra.sweeper.params, and the command line's, which win."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=False)
+    lines = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    space = {o.get_key_element(): o for o in OverridesParser.create().parse_overrides(lines)}  # the last of a key wins
+    return [o.input_line for o in space.values() if o.is_sweep_override()]
+
+
+def eval_sweeps(space: List[str], config: DictConfig) -> List[str]:
+    """Which of the sweep overrides `space` would score trials of the (multirun) `config` on different evals, each
+    as 'key (what differs)': a key that sets the eval, or a config group whose options differ in one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mlm.cli import GROUPS
+    from mlm.rundir import flat_settings
+
+    base = flat_settings(config) or {}
+    found = []
+    for override in OverridesParser.create().parse_overrides(space):
+        key = override.get_key_element()
+        if key in eval_keys(base):
+            found.append(f"{key}={base.get(key)} (an eval setting)")
+        elif key in GROUPS:
+            differ = _group_eval_differences(config, key, [str(v) for v in override.sweep_string_iterator()])
+            if differ:
+                found.append(f"{key} (its options' evals differ in {', '.join(differ)})")
+    return found
+
+
+def _group_eval_differences(config: DictConfig, group: str, options: List[str]) -> List[str]:
+    """The eval keys in which the configs composed with each option of `group` differ (as the launcher composes a trial)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mlm.rundir import flat_settings
+
+    loader = GlobalHydra.instance().config_loader()
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+             if not o.is_sweep_override() and o.get_key_element() != group]
+    values = [eval_settings(flat_settings(loader.load_sweep_config(config, fixed + [f"{group}={option}"])) or {}) for option in options]
+    return [k for k in values[0] if len({json.dumps(v.get(k), default=str) for v in values}) > 1]
+
+
+def check_search_space(config: DictConfig) -> None:
+    """An Optuna study ranks its trials by eval perplexity: one whose search space varies the eval is refused
+    in one line (UserError) before any trial runs. Other sweepers rank nothing; their summary groups the evals."""
+    if "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower():
+        return
+    found = eval_sweeps(search_space(config), config)
+    if found:
+        raise UserError(f"hparams_search=optuna would rank trials scored on different evals: its search space varies {'; '.join(found)}; "
+                        "give it one value for the study, or sweep it without Optuna (python run.py -m key=a,b), whose summary ranks each eval on its own")
+
+
 class SweepSummaryCallback(Callback):
-    """Hydra callback: summarise the sweep directory when a multirun ends."""
+    """Hydra callback: refuse an Optuna search over eval settings when a multirun starts; summarise the sweep
+    directory when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from mlm.distributed import is_main_process
+
+        try:  # every rank decides alike (a torchrun around a study runs a sampler on each)
+            check_search_space(config)
+        except UserError as e:
+            if is_main_process():
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from mlm.distributed import is_main_process

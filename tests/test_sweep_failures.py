@@ -86,17 +86,19 @@ def test_a_refused_rerun_leaves_multirun_yaml_and_exits_1(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trial_with_a_nan_result_is_a_failed_trial(corpus, tmp_path):
+def test_a_trial_with_a_nan_loss_is_a_failed_trial(corpus, tmp_path):
     import yaml
 
-    # masking 1e-9 of the tokens masks none: the eval perplexity is NaN (or, once refused up front, an error);
-    # the seeded sampler gives trial 0 1e-9 and trial 1 0.15
+    # lr 1e30 makes the loss NaN at step 2 (an error, not a value); the sampler seeded 4 gives trial 0 1e30 and
+    # trial 1 1e-3. (An eval rate that masks nothing can no longer be searched: eval settings are refused.)
     sweep = tmp_path / "optuna"
-    proc = sweep_cli(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "masking.mlm_probability=choice(1e-9,0.15)")
+    proc = sweep_cli(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=4",
+                     "optimizer.lr=choice(1e30,1e-3)")
     assert proc.returncode == 1, proc.stderr[-3000:]
     asked = {n: yaml.safe_load((sweep / n / ".hydra" / "overrides.yaml").read_text()) for n in ("0", "1")}
-    assert "masking.mlm_probability=1e-09" in asked["0"] and "masking.mlm_probability=0.15" in asked["1"]
+    assert "optimizer.lr=1e+30" in asked["0"] and "optimizer.lr=0.001" in asked["1"]
     assert (proc.stdout + proc.stderr).count("Failed experiment: ") == 1
+    assert "non-finite training loss" in (sweep / "0" / "error.txt").read_text()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(json.loads((sweep / "1" / "results.json").read_text())["perplexity"])
     rows = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| 0 |")]

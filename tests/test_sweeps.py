@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, run_cli
 
 
 def job_dirs(sweep):
@@ -42,6 +42,9 @@ def test_multirun_all_ok_2x2(corpus, tmp_path):
     jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=16,32", "trainer.max_steps=2")
     assert len(jobs) == 4 and all((j / "results.json").exists() for j in jobs)
     assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()
+    summary = (sweep / "summary.md").read_text()  # two block sizes are two evals: ranked apart, no best across them
+    assert "Not comparable: the jobs' evals differ in block_size;" in summary and "Best:" not in summary
+    assert "- eval A (2 job(s)" in summary and "- eval B (2 job(s)" in summary
 
 
 @pytest.mark.slow
@@ -50,10 +53,17 @@ def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     jobs = multirun(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_steps=2")
     import yaml
 
+    from mlm.report import eval_settings
+
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"optimizer.lr", "scheduler.warmup_ratio", "optimizer.weight_decay", "masking.mlm_probability"}
-    values = [json.loads((j / "results.json").read_text())["perplexity"] for j in jobs]
+    assert set(best["best_params"]) == {"optimizer.lr", "scheduler.warmup_ratio", "optimizer.weight_decay", "masking.train_probability"}
+    results = [json.loads((j / "results.json").read_text()) for j in jobs]
+    values = [r["perplexity"] for r in results]
     assert len(values) == 3 and best["best_value"] == pytest.approx(min(values))
+    # the trials train differently and are scored alike
+    assert len({r["config"]["optimizer.lr"] for r in results}) == 3
+    assert all(eval_settings(r["config"]) == eval_settings(results[0]["config"]) for r in results)
+    assert "Best: `" in (sweep / "summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -136,3 +146,201 @@ def test_a_one_point_curve_is_drawn_as_a_marker(tmp_path, monkeypatch):
     report.plot_sweep([job], tmp_path / "summary.png")
     [line] = figures[0].axes[-1].lines  # the train-loss panel
     assert line.get_marker() == "o" and list(line.get_xdata()) == [10]
+
+
+# ---------------------------------------------------------------- sweeps compare like with like
+
+SHIPPED_OPTUNA = ROOT / "conf" / "hparams_search" / "optuna.yaml"
+SHIPPED_WANDB = ROOT / "sweeps" / "wandb.yaml"
+
+
+def shipped_search_spaces():
+    """The keys each shipped search space varies: the Optuna sweeper's params and the W&B sweep's parameters."""
+    import yaml
+
+    optuna = yaml.safe_load(SHIPPED_OPTUNA.read_text())["hydra"]["sweeper"]["params"]
+    wandb = yaml.safe_load(SHIPPED_WANDB.read_text())["parameters"]
+    return {"optuna": sorted(optuna), "wandb": sorted(wandb)}
+
+
+def test_shipped_search_spaces_vary_training_never_the_eval():
+    from mlm.cli import schema_keys
+    from mlm.report import EVAL_KEYS, SPAN_EVAL_KEYS
+
+    keys = schema_keys()
+    eval_only = set(EVAL_KEYS) | set(SPAN_EVAL_KEYS) | {"model.name_or_path"}  # name_or_path gives the tokenizer when model.tokenizer is unset
+    for name, space in shipped_search_spaces().items():
+        assert space and all(k in keys for k in space), (name, space)  # real keys, not typos that a sweep would reject
+        assert not eval_only & set(space), f"{name} searches eval settings {sorted(eval_only & set(space))}"
+        assert "masking.train_probability" in space and "optimizer.lr" in space  # the mask rate it searches is training's
+
+
+def composed_multirun(overrides):
+    """The config (hydra node included) a `run.py -m <overrides>` sweep starts with, inside an initialized Hydra."""
+    from hydra import compose, initialize_config_dir
+
+    from mlm.cli import CONF, register
+
+    register()
+    init = initialize_config_dir(config_dir=str(CONF), version_base="1.3")
+    init.__enter__()
+    return init, compose(config_name="config", overrides=[*TINY_RUN, *overrides], return_hydra_config=True)
+
+
+def test_an_optuna_space_over_eval_settings_is_refused_and_one_over_training_is_not():
+    from omegaconf import open_dict
+
+    from mlm.config import UserError
+    from mlm.report import check_search_space, eval_sweeps, search_space
+
+    init, cfg = composed_multirun(["hparams_search=optuna"])
+    try:
+        check_search_space(cfg)  # the shipped space: accepted
+        assert "masking.train_probability=choice(0.15, 0.2, 0.3, 0.4)" in search_space(cfg)
+        assert eval_sweeps(["masking.strategy=choice(token,span)", "optimizer=choice(adamw,stable_adamw)", "seed=choice(1,2)",
+                            "model=choice(tiny,tiny_modernbert)", "masking.train_probability=interval(0.1,0.5)"], cfg) == []
+        refused = eval_sweeps(["masking.mlm_probability=choice(0.1,0.2)", "block_size=interval(16,64)", "trainer.max_eval_blocks=choice(8,16)",
+                               "model=choice(tiny,distilroberta)", "dataset=choice(local,wiki)"], cfg)
+        assert refused == ["masking.mlm_probability=0.15 (an eval setting)", "block_size=32 (an eval setting)",
+                           "trainer.max_eval_blocks=16 (an eval setting)", "model (its options' evals differ in model.tokenizer)",
+                           "dataset (its options' evals differ in dataset.kind)"]
+        assert eval_sweeps(["model.name_or_path=choice(a,b)"], cfg)  # it gives the tokenizer here (model.tokenizer is unset)
+        with open_dict(cfg):  # as `run.py -m hparams_search=optuna masking.mlm_probability=choice(0.1,0.2)` starts
+            cfg.hydra.overrides.task.append("masking.mlm_probability=choice(0.1,0.2)")
+        with pytest.raises(UserError, match=r"^hparams_search=optuna would rank trials scored on different evals: its search space varies "
+                                            r"masking\.mlm_probability=0\.15 \(an eval setting\); give it one value"):
+            check_search_space(cfg)
+    finally:
+        init.__exit__(None, None, None)
+
+
+def test_an_optuna_sweep_over_the_eval_rate_stops_before_any_trial(corpus, tmp_path):
+    sweep = tmp_path / "optuna"
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hparams_search=optuna", "masking.mlm_probability=choice(0.1,0.2)",
+                    f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: hparams_search=optuna would rank trials scored on different evals: "
+                                                           "its search space varies masking.mlm_probability=")
+    assert not (sweep.exists() and job_dirs(sweep))  # no trial ran
+    assert not (sweep / "optimization_results.yaml").exists() and not (sweep / "multirun.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def flat_tiny():
+    """The flat config a tiny job records in results.json ("config")."""
+    from omegaconf import OmegaConf
+
+    from mlm.tracking import flat_config
+    from tests.conftest import compose
+
+    from mlm.report import EVAL_KEYS, SPAN_EVAL_KEYS
+
+    flat = flat_config(OmegaConf.to_container(OmegaConf.structured(compose(TINY_RUN)), enum_to_str=True))
+    assert set(EVAL_KEYS + SPAN_EVAL_KEYS) <= set(flat)  # every eval key is one a job records
+    return flat
+
+
+def eval_job(sweep, name, flat, ppl, lr, snapshot_only=False, downstream=None):
+    """A finished job as report.py reads it: overrides.yaml, results.json (with its flat config, or with only
+    .hydra/config.yaml holding the config, as a job of an older version), metrics.jsonl."""
+    import yaml
+
+    from mlm.export import unflatten
+
+    d = sweep / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n")
+    flat = {**flat, "optimizer.lr": lr}
+    results = {"perplexity": ppl, "best_perplexity": ppl, "train_seconds": 1.0, "train_tokens": 100, "config": flat}
+    if snapshot_only:
+        del results["config"]
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(unflatten(flat)))
+    if downstream:
+        results["downstream"] = {"task": downstream[0], "accuracy": downstream[1], "seeds": [0, 1, 2]}
+    (d / "results.json").write_text(json.dumps(results))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 3.0, "eval/perplexity": ppl}) + "\n")
+    return d
+
+
+def test_a_summary_ranks_only_jobs_with_the_same_eval_and_names_what_differs(tmp_path, flat_tiny, monkeypatch):
+    from mlm import report
+
+    sweep = tmp_path / "sweep"
+    eval_job(sweep, "0", flat_tiny, 30.0, "1e-3")
+    eval_job(sweep, "1", flat_tiny, 20.0, "2e-3")
+    eval_job(sweep, "2", flat_tiny, 25.0, "3e-3")
+    eval_job(sweep, "3", {**flat_tiny, "masking.mlm_probability": 0.3}, 10.0, "4e-3")  # the lowest number, scored at another mask rate
+    eval_job(sweep, "4", {**flat_tiny, "block_size": 64}, 15.0, "5e-3", snapshot_only=True)  # its config only in .hydra/config.yaml
+    (sweep / "5" / ".hydra").mkdir(parents=True)
+    (sweep / "5" / "error.txt").write_text("RuntimeError: boom\n")
+    figures = []
+    monkeypatch.setattr(report.pyplot(), "close", figures.append)
+    text = report.summarize([sweep]).read_text()
+    assert "Best:" not in text  # no job is best across evals
+    assert "Not comparable: the jobs' evals differ in block_size, masking.mlm_probability; each group is ranked on its own" in text
+    assert "- eval A (3 job(s): 1, 2, 0): block_size=32 masking.mlm_probability=0.15; best `optimizer.lr=2e-3` with perplexity 20.00." in text
+    assert "- eval B (1 job(s): 3): block_size=32 masking.mlm_probability=0.3; best `optimizer.lr=4e-3` with perplexity 10.00." in text
+    assert "- eval C (1 job(s): 4): block_size=64 masking.mlm_probability=0.15; best `optimizer.lr=5e-3`" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "optimizer.lr" in line or line.startswith("| 5 ")]
+    assert [(r[0], r[2]) for r in rows] == [("| 1", "A"), ("| 2", "A"), ("| 0", "A"), ("| 3", "B"), ("| 4", "C"), ("| 5", "-")]
+    fig = figures[0]  # summary.png: one colour per eval, and the title says not to compare across them
+    assert len({tuple(c) for c in fig.axes[0].collections[0].get_facecolors()}) == 3
+    assert "evals differ in block_size, masking.mlm_probability" in fig._suptitle.get_text()
+
+
+def test_jobs_of_one_eval_get_one_best_line(tmp_path, flat_tiny):
+    from mlm.report import summarize
+
+    for i, ppl in enumerate([30.0, 20.0]):
+        eval_job(tmp_path, str(i), flat_tiny, ppl, f"{i + 1}e-3")
+    text = summarize([tmp_path]).read_text()
+    assert "Best: `optimizer.lr=2e-3` with perplexity 20.00." in text and "Not comparable" not in text
+    assert "| eval |" not in text
+
+
+def test_a_key_missing_from_a_jobs_record_is_never_assumed_equal(tmp_path, flat_tiny):
+    from mlm.report import summarize
+
+    eval_job(tmp_path, "0", flat_tiny, 30.0, "1e-3")
+    eval_job(tmp_path, "1", {k: v for k, v in flat_tiny.items() if k != "trainer.max_eval_blocks"}, 20.0, "2e-3")  # an older job's record
+    text = summarize([tmp_path]).read_text()
+    assert "Best:" not in text and "differ in trainer.max_eval_blocks" in text
+    assert "trainer.max_eval_blocks=(not recorded)" in text and "trainer.max_eval_blocks=16" in text
+
+
+def test_budget_fronts_and_downstream_best_stay_within_one_eval(tmp_path, flat_tiny):
+    from mlm.report import summarize
+
+    for i, (ppl, rate, task, acc) in enumerate([(30.0, 0.15, "polarity", 0.6), (20.0, 0.15, "polarity", 0.7), (25.0, 0.15, "sst2", 0.9),
+                                                (5.0, 0.3, "polarity", 0.65)]):
+        flat = {**flat_tiny, "masking.mlm_probability": rate, "downstream.task": task, "trainer.budget_minutes": i + 1}
+        d = eval_job(tmp_path, str(i), flat, ppl, "1e-3", downstream=(task, acc))
+        (d / ".hydra" / "overrides.yaml").write_text(f"- trainer.budget_minutes={i + 1}\n")
+        results = json.loads((d / "results.json").read_text())
+        (d / "results.json").write_text(json.dumps({**results, "train_seconds": 60.0 * (i + 1)}))
+    text = summarize([tmp_path]).read_text()
+    assert "The Pareto fronts below compare the jobs of eval A only (3 job(s))" in text
+    fronts = text.split("Pareto front, ")[1:]
+    assert len(fronts) == 2 and all("| 3 |" not in f for f in fronts)  # the 0.3-rate job (perplexity 5) is on no front
+    assert "(3 of 3 jobs" not in fronts[1] and "| 2 |" not in fronts[1]  # the accuracy front is polarity's: sst2's 0.9 is not on it
+    assert "Not comparable: the jobs' downstream evals differ in downstream.task" in text
+    # downstream accuracy is its own eval: the 0.3-rate job competes there
+    assert "- downstream eval A (3 job(s): 1, 3, 0): downstream.task=polarity; best `trainer.budget_minutes=2` with polarity 0.700" in text
+    assert "- downstream eval B (1 job(s): 2): downstream.task=sst2; best `trainer.budget_minutes=3` with sst2 0.900" in text
+
+
+def test_a_config_snapshot_is_read_as_text_never_resolved_nor_followed(tmp_path, flat_tiny, monkeypatch):
+    import yaml
+
+    from mlm.report import summarize
+
+    monkeypatch.setenv("MLM_TEST_SECRET_VALUE", "s3cr3t-value-123")
+    eval_job(tmp_path, "0", flat_tiny, 30.0, "1e-3")
+    eval_job(tmp_path, "1", {**flat_tiny, "dataset.path": "${oc.env:MLM_TEST_SECRET_VALUE}"}, 20.0, "2e-3", snapshot_only=True)
+    linked = eval_job(tmp_path, "2", flat_tiny, 25.0, "3e-3", snapshot_only=True)
+    (linked / ".hydra" / "config.yaml").unlink()
+    (linked / ".hydra" / "config.yaml").symlink_to(tmp_path / "1" / ".hydra" / "config.yaml")  # a link: not read
+    text = summarize([tmp_path]).read_text()
+    assert "s3cr3t" not in text and "dataset.path=${oc.env:MLM_TEST_SECRET_VALUE}" in text
+    assert "- eval C (1 job(s): 2): " in text and "dataset.path=(not recorded)" in text
+    assert yaml.safe_load((tmp_path / "1" / ".hydra" / "config.yaml").read_text())["dataset"]["path"].startswith("${oc.env")
