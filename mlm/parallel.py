@@ -31,6 +31,7 @@ from torch import nn
 
 from mlm.config import UserError
 from mlm.files import torch_save
+from mlm.untrusted import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,16 @@ class Replicated:
                 save_file(ema.state(), str(directory / EMA_FILE))
 
     def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
-        if (directory / SHARDED_DIR).exists():
-            raise UserError(f"checkpoint {directory} holds FSDP shards; resume it with runtime.sharding=fsdp")
+        if (directory / SHARDED_DIR).exists():  # one line that does not send the user to runtime.sharding=fsdp, which one process refuses
+            raise UserError(f"checkpoint {directory} holds FSDP shards, which resume with several processes only (torchrun "
+                            "--nproc_per_node 2 run.py ... runtime.sharding=fsdp); in one process, export its weights "
+                            f"(python -m mlm.export {directory} <dir>) and train from them (model.source=pretrained model.name_or_path=<dir>)")
         missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
         if missing or unexpected:
             raise UserError(f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         # Under gloo Accelerate's device is "cpu:0", a location torch.load cannot restore to: plain "cpu" then
         location = torch.device("cpu") if torch.device(device).type == "cpu" else device
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=location, weights_only=True))
+        optimizer.load_state_dict(load_weights_only(directory / OPTIMIZER_FILE, OPTIMIZER_FILE, map_location=location))
         if ema is not None and (directory / EMA_FILE).exists():
             ema.load_state(load_file(str(directory / EMA_FILE)), f"checkpoint {directory}")
         elif ema is not None:
@@ -147,6 +150,8 @@ class FullyShard(Replicated):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from mlm.dcp_reader import SafePlanner, SafeReader
+
         if not (directory / SHARDED_DIR).exists():
             raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with runtime.sharding=none")
         model_sd, optim_sd = get_state_dict(self.root, optimizer)
@@ -154,7 +159,8 @@ class FullyShard(Replicated):
         saved_average = ema is not None and _holds_average(directory / SHARDED_DIR)
         if saved_average:
             state["ema"] = _sharded_average(ema)  # views of the average's shards: loaded in place
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # each rank reads the pieces of its shards
+        # each rank reads the pieces of its shards; the metadata and non-tensor entries as data only (mlm/dcp_reader.py)
+        dcp.load(state, storage_reader=SafeReader(str(directory / SHARDED_DIR)), planner=SafePlanner())
         set_state_dict(self.root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if ema is not None and not saved_average:
             restart_average(ema, directory)
@@ -187,9 +193,9 @@ def _sharded_average(ema) -> Dict[str, torch.Tensor]:
 
 def _holds_average(checkpoint_dir: Path) -> bool:
     """Whether a torch.distributed.checkpoint directory holds an "ema" entry (its metadata lists every key)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from mlm.dcp_reader import SafeReader
 
-    return any(key.startswith("ema.") for key in FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
+    return any(key.startswith("ema.") for key in SafeReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
 
 
 @contextlib.contextmanager
