@@ -61,3 +61,18 @@ class SafePlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:
             self.state_dict[fqn] = loaded
+
+
+def load(state, reader: SafeReader) -> None:
+    """dcp.load into `state` through `reader` and SafePlanner. A failure is raised as itself: torch wraps it in a
+    CheckpointException, a BaseException (no `except Exception` sees it) whose message is every rank's traceback."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafePlanner())
+    except CheckpointException as e:
+        error = next((exc for exc, _ in e.failures.values() if isinstance(exc, Exception)), None)
+        if error is None:
+            raise
+        raise error from None

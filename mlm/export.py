@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -169,7 +168,6 @@ def load_shards(path: Path, model) -> None:
 
     With no process group torch.distributed.checkpoint loads locally, assembling each full tensor from every rank's file."""
     import torch
-    import torch.distributed.checkpoint as dcp
 
     from mlm.dcp_reader import SafeReader
 
@@ -221,13 +219,11 @@ def load_here(target: Dict[str, Any], reader) -> None:
     """torch.distributed.checkpoint's load into `target` in this one process (no process group: it reads every rank's file)."""
     import warnings
 
-    import torch.distributed.checkpoint as dcp
-
-    from mlm.dcp_reader import SafePlanner
+    from mlm.dcp_reader import load
 
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(target, storage_reader=reader, planner=SafePlanner())
+        load(target, reader)
 
 
 def check_out_dir(out: Path, source: Path) -> None:

@@ -147,20 +147,23 @@ class FullyShard(Replicated):
         dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR))
 
     def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from mlm.dcp_reader import SafePlanner, SafeReader
+        from mlm.dcp_reader import SafeReader
+        from mlm.dcp_reader import load as load_shards
 
         if not (directory / SHARDED_DIR).exists():
             raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with runtime.sharding=none")
+        # the metadata (a pickle) and non-tensor entries are read as data only (mlm/dcp_reader.py); the metadata first,
+        # so that a refusal is its own one-line error, not one inside dcp.load's collective error report
+        reader = SafeReader(str(directory / SHARDED_DIR))
+        saved_keys = reader.read_metadata().state_dict_metadata
         model_sd, optim_sd = get_state_dict(self.root, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        saved_average = ema is not None and _holds_average(directory / SHARDED_DIR)
+        saved_average = ema is not None and _average_in(saved_keys)
         if saved_average:
             state["ema"] = _sharded_average(ema)  # views of the average's shards: loaded in place
-        # each rank reads the pieces of its shards; the metadata and non-tensor entries as data only (mlm/dcp_reader.py)
-        dcp.load(state, storage_reader=SafeReader(str(directory / SHARDED_DIR)), planner=SafePlanner())
+        load_shards(state, reader)  # each rank reads the pieces of its shards
         set_state_dict(self.root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if ema is not None and not saved_average:
             restart_average(ema, directory)
@@ -191,11 +194,15 @@ def _sharded_average(ema) -> Dict[str, torch.Tensor]:
             for name, param, average in ema.entries()}
 
 
+def _average_in(saved_keys) -> bool:
+    """Whether a torch.distributed.checkpoint's keys (its metadata lists every one) hold an "ema" entry."""
+    return any(key.startswith("ema.") for key in saved_keys)
+
+
 def _holds_average(checkpoint_dir: Path) -> bool:
-    """Whether a torch.distributed.checkpoint directory holds an "ema" entry (its metadata lists every key)."""
     from mlm.dcp_reader import SafeReader
 
-    return any(key.startswith("ema.") for key in SafeReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
+    return _average_in(SafeReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
 
 
 @contextlib.contextmanager
