@@ -16,7 +16,10 @@ moment leaves either the old set of checkpoints or the old set plus one complete
 Before anything of a checkpoint is read (nothing is unpickled, not even torch.distributed.checkpoint's
 .metadata), every file is hashed and compared with the manifest. A checkpoint that fails that
 check, or fails to load, is moved aside to `checkpoints/corrupt-ckpt-<step>` with one warning,
-and the next older one is used.
+and the next older one is used. A hash that matches says only that the files are as written, not
+who wrote them, so loading trusts none of it either: *.pt files are read weights_only, the shards'
+.metadata through an allow-list (mlm/untrusted.py), and state.json must hold the keys this code
+writes (read_state); a refusal is such a load failure.
 """
 
 from __future__ import annotations
