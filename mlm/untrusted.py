@@ -57,9 +57,15 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 def refusal(error: pickle.UnpicklingError) -> str:
-    """What torch's weights-only refusal names (its first unsupported global), without its advice to switch it off."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return f"names {found.group(1)}" if found else "holds more than tensors and plain values"
+    """What torch's weights-only refusal names (its first unsupported global, or what it could not read), without its
+    advice to switch weights-only loading off."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"names {found.group(1)}"
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)  # a damaged or foreign file: "Unsupported operand 110"
+    detail = detail.group(1).strip()[:100] if detail and "weights_only" not in detail.group(1) else "unreadable"
+    return f"is not plain tensors and values ({detail})"
 
 
 def load_weights_only(source, what: str, map_location: Any = "cpu"):

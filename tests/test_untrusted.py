@@ -204,6 +204,15 @@ def test_a_planted_optimizer_pickle_is_set_aside_in_our_words(run_dir, tmp_path)
     assert (path.parent / f"corrupt-{path.name}" / "optimizer.pt").exists()  # set aside, kept for a look
 
 
+def test_a_damaged_pt_file_is_refused_without_torchs_advice(tmp_path):
+    from mlm.untrusted import load_weights_only
+
+    (tmp_path / "scheduler.pt").write_bytes(b"not a torch file")
+    with pytest.raises(RefusedPickle) as refused:
+        load_weights_only(tmp_path / "scheduler.pt", "scheduler.pt")
+    assert str(refused.value) == "scheduler.pt is not plain tensors and values (Unsupported operand 110): refused, nothing of it was run"
+
+
 @pytest.mark.parametrize("edit, reason", [
     (lambda s: s["train_state"].update(bogus=1), "state.json's train_state holds bogus, which this version never writes"),
     (lambda s: s.pop("global_batch"), "state.json has no global_batch of type int"),
