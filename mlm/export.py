@@ -109,7 +109,12 @@ def model_settings(ckpt: Path, state: Dict[str, Any], trust_remote_code: bool) -
     if not isinstance(state.get("config"), dict):
         raise UserError(f"checkpoint {ckpt} was written before checkpoints kept the run's config; export its run's final/ instead")
     check_no_interpolation({k: v for k, v in state["config"].items() if k.startswith("model.")}, f"checkpoint {ckpt}'s state.json")
-    cfg = model_config(unmasked(state["config"], ckpt.parent.parent))
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = model_config(unmasked(state["config"], ckpt.parent.parent))
+    except OmegaConfBaseException as e:  # a value of the wrong type: "model.dropout": "abc"
+        raise UserError(f"checkpoint {ckpt}'s state.json: its model config does not fit this version's ({str(e).splitlines()[0][:200]})") from None
     if cfg.trust_remote_code and not trust_remote_code:
         raise UserError(f"checkpoint {ckpt}'s run had model.trust_remote_code=true: its model {cfg.name_or_path} runs Python code of "
                         "its own, and export takes that setting from its own command line only (--trust-remote-code, "
@@ -126,13 +131,13 @@ def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
         state = checkpoint.read_state(ckpt)
     except checkpoint.CorruptCheckpoint as e:
         raise UserError(f"checkpoint {ckpt}: {e}; export another one") from None
-    settings = state["config"] if isinstance(state.get("config"), dict) else {}
     cfg = model_settings(ckpt, state, trust_remote_code)
+    settings = state["config"]
     if not isinstance(settings.get("block_size"), int) or not isinstance(settings.get("seed"), int):
         raise UserError(f"checkpoint {ckpt}: state.json's config has no block_size or seed; export another one")
-    source = cfg.name_or_path if cfg.source == "pretrained" else None
-    print(f"model: {', '.join(sorted({resolve_path(n) for n in (source, cfg.tokenizer or cfg.name_or_path) if n}))} "
-          f"(named by the checkpoint; files on this machine only{', its code run' if trust_remote_code else ', no code run'})")
+    named = {cfg.tokenizer or cfg.name_or_path, *([cfg.name_or_path] if cfg.source == "pretrained" else [])}
+    print(f"model: {', '.join(sorted(resolve_path(n) for n in named))} (named by the checkpoint; files on this machine only, "
+          f"{'its code run: --trust-remote-code' if trust_remote_code else 'no code run'})")
     model, tokenizer = build_model(cfg, settings["block_size"], settings["seed"], fetch=False)
     if checkpoint.model_identity(model) != state["model"]:
         raise UserError(f"checkpoint {ckpt} holds a model {state['model']}, but its config builds {checkpoint.model_identity(model)} "

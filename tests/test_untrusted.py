@@ -23,6 +23,7 @@ from tests.conftest import TINY_RUN, compose
 from tests.test_export import RUN, ckpt, run_dir  # noqa: F401  (run_dir: the module's finished 4-step run)
 
 SECRET = "s3cr3t-do-not-print-4711"
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save/load in one process, on purpose
 
 
 class Payload:
@@ -87,7 +88,6 @@ def sharded_copy(run: Path, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_export_reads_real_shard_metadata_and_refuses_a_planted_pickle(run_dir, tmp_path, capsys):  # noqa: F811
     from safetensors.torch import load_file
 
@@ -107,7 +107,6 @@ def test_export_reads_real_shard_metadata_and_refuses_a_planted_pickle(run_dir, 
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_planted_non_tensor_entry_is_loaded_weights_only(tmp_path):
     """dcp's default planner torch.load-s non-tensor entries with weights_only=False; ours does not."""
     import torch.distributed.checkpoint as dcp
@@ -322,6 +321,18 @@ def test_export_resolves_no_interpolation_from_a_checkpoint_or_a_snapshot(run_di
     out, err = capsys.readouterr()
     assert one_line(err) == f"error: {snapshot}: model.tokenizer holds an interpolation (${{...}}), which is never resolved from a file; refused\n"
     assert SECRET not in out + err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["config"].update({"model.dropout": "abc"}), "its model config does not fit this version's (Value 'abc' of type 'str'"),
+    (lambda s: s["config"].pop("block_size"), "state.json's config has no block_size or seed; export another one"),
+    (lambda s: s["train_state"].pop("step"), "state.json says step 4 but its train_state step None; export another one"),
+])
+def test_a_checkpoint_config_that_does_not_fit_is_one_line(run_dir, tmp_path, capsys, edit, message):  # noqa: F811
+    path = copied(run_dir, tmp_path)
+    edit_state(path, edit)
+    assert export.main([str(path), str(tmp_path / "out")]) == 2
+    assert message in one_line(capsys.readouterr().err)
 
 
 def test_export_into_dot_works_and_into_its_source_is_one_line(run_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
