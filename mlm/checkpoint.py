@@ -16,7 +16,10 @@ moment leaves either the old set of checkpoints or the old set plus one complete
 Before anything of a checkpoint is read (nothing is unpickled, not even torch.distributed.checkpoint's
 .metadata), every file is hashed and compared with the manifest. A checkpoint that fails that
 check, or fails to load, is moved aside to `checkpoints/corrupt-ckpt-<step>` with one warning,
-and the next older one is used.
+and the next older one is used. A hash that matches says only that the files are as written, not
+who wrote them, so loading trusts none of it either: *.pt files are read weights_only, the shards'
+.metadata through an allow-list (mlm/untrusted.py), and state.json must hold the keys this code
+writes (read_state); a refusal is such a load failure.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from mlm import faults
 from mlm.config import UserError
 from mlm.files import fsync_dir, os_error_of, replace, torch_save, write_error, write_json
 from mlm.parallel import Replicated
+from mlm.untrusted import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +289,39 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")[0] > 0)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated(), ema=None) -> Dict[str, Any]:
-    """Restore weights, optimizer, weight average, schedule and this process's RNG; returns the saved trainer state."""
-    state = json.loads((path / "state.json").read_text())
+class CorruptCheckpoint(Exception):
+    """A checkpoint that verifies but holds what this code never writes: set aside like one whose bytes changed."""
+
+
+# state.json's keys that loading reads, and their types (save_checkpoint writes them, the trainer's under "train_state")
+STATE_KEYS = {"step": int, "world_size": int, "model": dict, "train_state": dict, "global_batch": int}
+
+
+def read_state(path: Path, train_state_fields: Optional[Collection[str]] = None) -> Dict[str, Any]:
+    """A checkpoint's state.json, checked before anything of it is used: a key missing or of another type, or (given the
+    trainer's `train_state_fields`) a trainer key this code does not have, is a CorruptCheckpoint."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except ValueError as e:
+        raise CorruptCheckpoint(f"state.json is not JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"state.json holds a JSON {type(state).__name__}, not an object")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state[key], bool):
+            raise CorruptCheckpoint(f"state.json has no {key} of type {kind.__name__}")
+    unknown = sorted(state["train_state"].keys() - set(train_state_fields)) if train_state_fields is not None else []
+    if unknown:
+        raise CorruptCheckpoint(f"state.json's train_state holds {', '.join(unknown[:3])}, which this version never writes")
+    if state["train_state"].get("step") != state["step"]:
+        raise CorruptCheckpoint(f"state.json says step {state['step']} but its train_state step {state['train_state'].get('step')}")
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated(), ema=None,
+                    train_state_fields: Optional[Collection[str]] = None) -> Dict[str, Any]:
+    """Restore weights, optimizer, weight average, schedule and this process's RNG; returns the saved trainer state
+    (checked by read_state against `train_state_fields`, the trainer's, before anything is restored)."""
+    state = read_state(path, train_state_fields)
     if state["model"] != model_identity(model):
         raise UserError(
             f"checkpoint {path} belongs to a different model ({state['model']}) than this run builds "
@@ -298,7 +332,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator
     else:
         set_rng_state(json.loads((path / f"rng-{accelerator.process_index}.json").read_text()))
     layout.load(path, model, optimizer, accelerator.device, ema)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(load_weights_only(path / "scheduler.pt", "scheduler.pt"))
     if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
+        scaler.load_state_dict(load_weights_only(path / "scaler.pt", "scaler.pt"))
     return state

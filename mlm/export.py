@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from mlm.config import ModelConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
 from mlm.parallel import EMA_FILE, MODEL_FILE, SHARDED_DIR
 from mlm.tracking import MASKED  # runs of older versions masked model.tokenizer too, for its "token"
+from mlm.untrusted import RefusedPickle, check_no_interpolation
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,10 @@ def model_config(settings: Dict[str, Any]) -> ModelConfig:
 
 
 def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
-    """The model keys that the saved config masked as secrets, read back from the run's Hydra snapshot (written unmasked)."""
+    """The model keys that the saved config masked as secrets, read back from the run's Hydra snapshot (written unmasked).
+
+    Read without resolving interpolations: a `${oc.env:...}` there would put an environment variable (a secret) into
+    a path, an error line or a hub request; check_no_interpolation refuses it."""
     masked = [k for k, v in settings.items() if k.startswith("model.") and v == MASKED]
     if not masked:
         return settings
@@ -90,32 +93,64 @@ def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
     from mlm.tracking import flatten
 
     snapshot = run_dir / ".hydra" / "config.yaml"
-    full = flatten({"model": OmegaConf.to_container(OmegaConf.load(snapshot).model, resolve=True)}) if snapshot.is_file() else {}
+    full = flatten({"model": OmegaConf.to_container(OmegaConf.load(snapshot).model, resolve=False)}) if snapshot.is_file() else {}
     lost = [k for k in masked if k not in full]
     if lost:
         raise UserError(f"the checkpoint's saved config masks {lost[0]} (its name looks secret) and {snapshot}, the run's "
                         "unmasked config, is not there to read it from; export the checkpoint inside its run directory")
-    return {**settings, **{k: full[k] for k in masked}}
+    restored = {k: full[k] for k in masked}
+    check_no_interpolation(restored, str(snapshot))
+    return {**settings, **restored}
 
 
-def rebuild(ckpt: Path, ema: bool = False):
-    """(model with the checkpoint's weights, or its weight average with `ema`, tokenizer, step): the run's own model builder, then a strict load."""
-    from mlm.models import build_model
-
-    state = json.loads((ckpt / "state.json").read_text())
-    if "config" not in state:
+def model_settings(ckpt: Path, state: Dict[str, Any], trust_remote_code: bool) -> ModelConfig:
+    """The run's model config, from the checkpoint (data only): no `${...}` resolved, trust_remote_code only if this
+    command was given --trust-remote-code, and the model it names loaded from this machine only (never fetched)."""
+    if not isinstance(state.get("config"), dict):
         raise UserError(f"checkpoint {ckpt} was written before checkpoints kept the run's config; export its run's final/ instead")
-    settings = unmasked(state["config"], ckpt.parent.parent)
-    model, tokenizer = build_model(model_config(settings), settings["block_size"], settings["seed"])
+    check_no_interpolation({k: v for k, v in state["config"].items() if k.startswith("model.")}, f"checkpoint {ckpt}'s state.json")
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = model_config(unmasked(state["config"], ckpt.parent.parent))
+    except OmegaConfBaseException as e:  # a value of the wrong type: "model.dropout": "abc"
+        raise UserError(f"checkpoint {ckpt}'s state.json: its model config does not fit this version's ({str(e).splitlines()[0][:200]})") from None
+    if cfg.trust_remote_code and not trust_remote_code:
+        raise UserError(f"checkpoint {ckpt}'s run had model.trust_remote_code=true: its model {cfg.name_or_path} runs Python code of "
+                        "its own, and export takes that setting from its own command line only (--trust-remote-code, "
+                        "for code you have read): refused, nothing loaded")
+    cfg.trust_remote_code = trust_remote_code
+    return cfg
+
+
+def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
+    """(model with the checkpoint's weights, or its weight average with `ema`, tokenizer, step): the run's own model builder, then a strict load."""
+    from mlm.models import build_model, resolve_path
+
+    try:
+        state = checkpoint.read_state(ckpt)
+    except checkpoint.CorruptCheckpoint as e:
+        raise UserError(f"checkpoint {ckpt}: {e}; export another one") from None
+    cfg = model_settings(ckpt, state, trust_remote_code)
+    settings = state["config"]
+    if not isinstance(settings.get("block_size"), int) or not isinstance(settings.get("seed"), int):
+        raise UserError(f"checkpoint {ckpt}: state.json's config has no block_size or seed; export another one")
+    named = {cfg.tokenizer or cfg.name_or_path, *([cfg.name_or_path] if cfg.source == "pretrained" else [])}
+    print(f"model: {', '.join(sorted(resolve_path(n) for n in named))} (named by the checkpoint; files on this machine only, "
+          f"{'its code run: --trust-remote-code' if trust_remote_code else 'no code run'})")
+    model, tokenizer = build_model(cfg, settings["block_size"], settings["seed"], fetch=False)
     if checkpoint.model_identity(model) != state["model"]:
         raise UserError(f"checkpoint {ckpt} holds a model {state['model']}, but its config builds {checkpoint.model_identity(model)} "
                         "here; export with the version of the code that trained it")
-    if (ckpt / SHARDED_DIR).is_dir():
-        load_shards(ckpt / SHARDED_DIR, model)
-    else:
-        load_whole(ckpt / MODEL_FILE, model)
-    if ema:
-        load_average(ckpt, model)
+    try:
+        if (ckpt / SHARDED_DIR).is_dir():
+            load_shards(ckpt / SHARDED_DIR, model)
+        else:
+            load_whole(ckpt / MODEL_FILE, model)
+        if ema:
+            load_average(ckpt, model)
+    except RefusedPickle as e:
+        raise UserError(f"checkpoint {ckpt}: {e}") from None
     return model, tokenizer, int(state["step"])
 
 
@@ -138,9 +173,10 @@ def load_shards(path: Path, model) -> None:
 
     With no process group torch.distributed.checkpoint loads locally, assembling each full tensor from every rank's file."""
     import torch
-    import torch.distributed.checkpoint as dcp
 
-    reader = dcp.FileSystemReader(str(path))
+    from mlm.dcp_reader import SafeReader
+
+    reader = SafeReader(str(path))
     prefix = "model.model."  # the "model" entry of the saved dict, then the objective's submodule
     saved = {k[len(prefix):] for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
     wanted = model.state_dict()  # tied weights under each of their names, as the shards keep them
@@ -173,9 +209,10 @@ def read_whole_average(path: Path) -> Dict[str, Any]:
 def read_sharded_average(path: Path) -> Dict[str, Any]:
     """The "ema" entries of FSDP shards ("ema.<name>", see mlm.parallel._sharded_average), whole, in this one process; {} without."""
     import torch
-    import torch.distributed.checkpoint as dcp
 
-    reader = dcp.FileSystemReader(str(path))
+    from mlm.dcp_reader import SafeReader
+
+    reader = SafeReader(str(path))
     saved = {k[len("ema."):]: meta for k, meta in reader.read_metadata().state_dict_metadata.items() if k.startswith("ema.")}
     target = {"ema": {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in saved.items()}}
     if saved:
@@ -187,18 +224,19 @@ def load_here(target: Dict[str, Any], reader) -> None:
     """torch.distributed.checkpoint's load into `target` in this one process (no process group: it reads every rank's file)."""
     import warnings
 
-    import torch.distributed.checkpoint as dcp
+    from mlm.dcp_reader import load
 
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(target, storage_reader=reader)
+        load(target, reader)
 
 
 def check_out_dir(out: Path, source: Path) -> None:
+    out, source = out.resolve(), source.resolve()  # "." or "x/.." name a directory too: compared and renamed into as such
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; export into a new or empty directory (nothing is overwritten)")
     protected = source if is_checkpoint(source) else source / "checkpoints"
-    if out.resolve().is_relative_to(protected.resolve()):  # a file planted in a checkpoint makes it fail verification
+    if out.is_relative_to(protected):  # a file planted in a checkpoint makes it fail verification
         raise UserError(f"{out} is inside {protected}; export outside the run's checkpoints")
 
 
@@ -234,18 +272,19 @@ def push(out: Path, repo: str, revision: str, step: int) -> str:
     return info.commit_url
 
 
-def export(source: Path, out: Path, repo: Optional[str] = None, revision: Optional[str] = None, ema: bool = False) -> Tuple[Path, int]:
+def export(source: Path, out: Path, repo: Optional[str] = None, revision: Optional[str] = None, ema: bool = False,
+           trust_remote_code: bool = False) -> Tuple[Path, int]:
     """Write the model (or with `ema` its weight average) of checkpoint (or run dir) `source` into `out`, optionally pushed;
-    returns (the checkpoint, its step)."""
+    returns (the checkpoint, its step). Code shipped with the model runs only with `trust_remote_code` (--trust-remote-code)."""
     check_out_dir(out, source)
     if repo:
         check_push(repo, out, revision, ema)
     ckpt = pick_checkpoint(source)
     print(f"exporting {'the weight average of ' if ema else ''}{ckpt}" + ("" if ckpt == source else f" (the newest verified checkpoint of {source})"))
-    model, tokenizer, step = rebuild(ckpt, ema)
+    model, tokenizer, step = rebuild(ckpt, ema, trust_remote_code)
     from mlm.train import save_final  # the same writer as a run's final/ (atomic)
 
-    save_final(model, tokenizer, out)
+    save_final(model, tokenizer, out.resolve())  # renamed into place from a sibling: "." has no name to put one beside
     print(f"wrote {out} (step {step}): python -m mlm.predict {out} \"... <mask> ...\"")
     if repo:
         revision = revision or default_revision(step, ema)
@@ -260,6 +299,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload it to this Hugging Face model repo (created if absent)")
     parser.add_argument("--ema", action="store_true", help="export the checkpoint's weight average (trainer.ema_decay > 0) instead of its weights")
     parser.add_argument("--revision", metavar="BRANCH", help="--push-to-hub: the branch to upload to (default: step-<step>, with --ema step-<step>-ema)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with the checkpoint's model (an auto_map), for code you have read; "
+                             "never taken from the checkpoint's own config")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.revision and not args.push_to_hub:
@@ -271,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar for a one-file model
     try:
-        export(args.checkpoint, args.out, args.push_to_hub, args.revision, args.ema)
+        export(args.checkpoint, args.out, args.push_to_hub, args.revision, args.ema, args.trust_remote_code)
     except UserError as e:
         if args.debug:
             raise

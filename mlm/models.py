@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTra
 from mlm.config import ModelConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
 from mlm.masking import masked_positions_of
+from mlm.untrusted import refusal, remote_code_of
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +56,70 @@ def resolve_path(name_or_path: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
 
 
-def _hub_call(what: str, name: str, fn: Callable, *args, **kwargs):
-    """A from_pretrained call: local files first; the hub only when it answers (else one clear UserError)."""
+def _hub_call(what: str, name: str, fn: Callable, *args, fetch: bool = True, **kwargs):
+    """A from_pretrained call: local files first; the hub only when it answers (else one clear UserError).
+
+    With fetch=False (a name read from a file, not typed by the user) never the hub. A model folder
+    with code of its own (auto_map) is refused before transformers reads it unless trust_remote_code
+    is set, and pickled weights that are more than tensors are refused in our words (torch's advise
+    weights_only=False)."""
+    code = remote_code_of(name) if os.path.isdir(name) and not kwargs.get("trust_remote_code") else None
+    if code:
+        raise UserError(f"{what} {name!r} ships Python code of its own ({code} has an auto_map) and this command runs "
+                        "none from a model folder: refused, nothing of it was run")
     try:
-        return fn(*args, local_files_only=True, **kwargs)
+        return _refusing_code(what, name, fn, *args, local_files_only=True, **kwargs)
     except OSError as e:  # transformers raises OSError (or subclasses) for missing files and repos
         if os.path.isdir(name):
             raise UserError(f"{what} {name!r}: {str(e).strip().splitlines()[0][:300]}") from e
+    if not fetch:
+        raise UserError(f"{what} {name!r} is not on this machine (no such directory, not in the Hugging Face cache), and a name "
+                        f"read from a file is never fetched; download it yourself (hf download {name}) and run this again")
     if offline_mode() or not hub_reachable():
         raise UserError(
             f"{what} {name!r} is not a local directory nor in the Hugging Face cache, and the hub is unreachable "
             f"(offline?); download it where there is network and set model.name_or_path=/path/to/dir"
         )
     try:
-        return fn(*args, **kwargs)
+        return _refusing_code(what, name, fn, *args, **kwargs)
     except OSError as e:
         raise UserError(f"{what} {name!r}: {str(e).strip().splitlines()[0][:300]}") from e
 
 
-def load_tokenizer(cfg: ModelConfig):
+def _refusing_code(what: str, name: str, fn: Callable, *args, **kwargs):
+    """`fn`, its refusals of code (a hub repo's auto_map, a pickled payload) as one UserError line."""
+    try:
+        return fn(*args, **kwargs)
+    except pickle.UnpicklingError as e:  # weights-only loading of pytorch_model.bin met more than tensors
+        raise UserError(f"{what} {name!r}: its weights file {refusal(e)}: refused, nothing of it was run") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"{what} {name!r} ships Python code of its own and this command runs none: refused, nothing of it was run") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
+def check_saved_model(name: str, give: str) -> None:
+    """A directory given as a saved model (predict, downstream) has a config.json and tokenizer files, else one line
+    ending in `give`, what that command takes; a name that is no directory is left to the hub lookup."""
+    if not os.path.isdir(name):
+        return
+    lacks = "config.json" if not (Path(name) / "config.json").is_file() else None if has_tokenizer(name) else "tokenizer files"
+    if lacks:
+        raise UserError(f"{name} is not a saved model (no {lacks}); {give}")
+
+
+def load_tokenizer(cfg: ModelConfig, fetch: bool = True):
     name = resolve_path(cfg.tokenizer or cfg.name_or_path)
-    if os.path.isdir(name) and not any(
-        (Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
-    ):
+    if os.path.isdir(name) and not has_tokenizer(name):
         raise UserError(f"model directory {name} has no tokenizer files; set model.tokenizer=<dir or hub id>")
-    tok = _hub_call("tokenizer", name, AutoTokenizer.from_pretrained, name, trust_remote_code=cfg.trust_remote_code)
+    tok = _hub_call("tokenizer", name, AutoTokenizer.from_pretrained, name, trust_remote_code=cfg.trust_remote_code, fetch=fetch)
     if tok.mask_token is None:
         raise UserError(f"tokenizer {name!r} has no mask token, so it cannot be used for masked language modeling")
     return tok
@@ -104,14 +145,14 @@ def _quiet_transformers():
         transformers.logging.set_verbosity(level)
 
 
-def build_pretrained(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+def build_pretrained(cfg: ModelConfig, tokenizer, fetch: bool = True) -> PreTrainedModel:
     name = resolve_path(cfg.name_or_path)
-    config = _hub_call("model", name, AutoConfig.from_pretrained, name, trust_remote_code=cfg.trust_remote_code)
+    config = _hub_call("model", name, AutoConfig.from_pretrained, name, trust_remote_code=cfg.trust_remote_code, fetch=fetch)
     _apply_dropout(config, cfg.dropout)
     with _quiet_transformers():
         model, info = _hub_call(
             "model", name, AutoModelForMaskedLM.from_pretrained, name, config=config, output_loading_info=True,
-            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32,
+            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32, fetch=fetch,
         )
     if info.get("missing_keys"):
         log.info("new (randomly initialised) weights: %s", ", ".join(sorted(info["missing_keys"])))
@@ -119,7 +160,7 @@ def build_pretrained(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     return model
 
 
-def build_scratch(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
+def build_scratch(cfg: ModelConfig, tokenizer, fetch: bool = True) -> PreTrainedModel:  # nothing to fetch
     arch = dict(cfg.arch)
     model_type = arch.pop("model_type", None)
     if not model_type:
@@ -139,7 +180,7 @@ def build_scratch(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     return model
 
 
-BUILDERS: Dict[str, Callable[[ModelConfig, object], PreTrainedModel]] = {"pretrained": build_pretrained, "scratch": build_scratch}
+BUILDERS: Dict[str, Callable[..., PreTrainedModel]] = {"pretrained": build_pretrained, "scratch": build_scratch}
 
 
 def max_block_size(model: PreTrainedModel) -> int:
@@ -147,13 +188,13 @@ def max_block_size(model: PreTrainedModel) -> int:
     return getattr(config, "max_position_embeddings", 1 << 30) - POSITION_OFFSET.get(config.model_type, 0)
 
 
-def build_model(cfg: ModelConfig, block_size: int, seed: int) -> Tuple[PreTrainedModel, object]:
-    """Tokenizer and model; new weights (scratch models, new heads) are drawn from `seed`."""
+def build_model(cfg: ModelConfig, block_size: int, seed: int, fetch: bool = True) -> Tuple[PreTrainedModel, object]:
+    """Tokenizer and model; new weights (scratch models, new heads) are drawn from `seed`. fetch=False: local files only."""
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code=true: running the Python code shipped with %s (and its tokenizer)", cfg.name_or_path)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg, fetch)
     torch.manual_seed(seed)
-    model = BUILDERS[cfg.source](cfg, tokenizer)
+    model = BUILDERS[cfg.source](cfg, tokenizer, fetch=fetch)
     if cfg.freeze_embeddings:  # a tied decoder shares this parameter, so it stays fixed too
         model.get_input_embeddings().weight.requires_grad_(False)
     freeze_layers(model, cfg.freeze_layers)

@@ -31,6 +31,7 @@ from torch import nn
 
 from mlm.config import UserError
 from mlm.files import torch_save
+from mlm.untrusted import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,16 @@ class Replicated:
                 save_file(ema.state(), str(directory / EMA_FILE))
 
     def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
-        if (directory / SHARDED_DIR).exists():
-            raise UserError(f"checkpoint {directory} holds FSDP shards; resume it with runtime.sharding=fsdp")
+        if (directory / SHARDED_DIR).exists():  # one line that does not send the user to runtime.sharding=fsdp, which one process refuses
+            raise UserError(f"checkpoint {directory} holds FSDP shards, which resume with several processes only (torchrun "
+                            "--nproc_per_node 2 run.py ... runtime.sharding=fsdp); in one process, export its weights "
+                            f"(python -m mlm.export {directory} <dir>) and train from them (model.source=pretrained model.name_or_path=<dir>)")
         missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
         if missing or unexpected:
             raise UserError(f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         # Under gloo Accelerate's device is "cpu:0", a location torch.load cannot restore to: plain "cpu" then
         location = torch.device("cpu") if torch.device(device).type == "cpu" else device
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=location, weights_only=True))
+        optimizer.load_state_dict(load_weights_only(directory / OPTIMIZER_FILE, OPTIMIZER_FILE, map_location=location))
         if ema is not None and (directory / EMA_FILE).exists():
             ema.load_state(load_file(str(directory / EMA_FILE)), f"checkpoint {directory}")
         elif ema is not None:
@@ -144,17 +147,23 @@ class FullyShard(Replicated):
         dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR))
 
     def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from mlm.dcp_reader import SafeReader
+        from mlm.dcp_reader import load as load_shards
 
         if not (directory / SHARDED_DIR).exists():
             raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with runtime.sharding=none")
+        # the metadata (a pickle) and non-tensor entries are read as data only (mlm/dcp_reader.py); the metadata first,
+        # so that a refusal is its own one-line error, not one inside dcp.load's collective error report
+        reader = SafeReader(str(directory / SHARDED_DIR))
+        saved_keys = reader.read_metadata().state_dict_metadata
         model_sd, optim_sd = get_state_dict(self.root, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        saved_average = ema is not None and _holds_average(directory / SHARDED_DIR)
+        saved_average = ema is not None and _average_in(saved_keys)
         if saved_average:
             state["ema"] = _sharded_average(ema)  # views of the average's shards: loaded in place
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))  # each rank reads the pieces of its shards
+        load_shards(state, reader)  # each rank reads the pieces of its shards
         set_state_dict(self.root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if ema is not None and not saved_average:
             restart_average(ema, directory)
@@ -185,11 +194,15 @@ def _sharded_average(ema) -> Dict[str, torch.Tensor]:
             for name, param, average in ema.entries()}
 
 
-def _holds_average(checkpoint_dir: Path) -> bool:
-    """Whether a torch.distributed.checkpoint directory holds an "ema" entry (its metadata lists every key)."""
-    from torch.distributed.checkpoint import FileSystemReader
+def _average_in(saved_keys) -> bool:
+    """Whether a torch.distributed.checkpoint's keys (its metadata lists every one) hold an "ema" entry."""
+    return any(key.startswith("ema.") for key in saved_keys)
 
-    return any(key.startswith("ema.") for key in FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
+
+def _holds_average(checkpoint_dir: Path) -> bool:
+    from mlm.dcp_reader import SafeReader
+
+    return _average_in(SafeReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
 
 
 @contextlib.contextmanager

@@ -100,15 +100,20 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlm-predict", description="Fill <mask> tokens with a trained masked LM.")
     parser.add_argument("model", help="a model directory (e.g. outputs/<run>/final) or hub id")
     parser.add_argument("text", nargs="+", help="text(s) with <mask> or [MASK]")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=5, help="candidates shown per mask (1 to the vocabulary size)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top-k {args.top_k}: give 1 or more candidates per mask")
     try:
         from mlm.config import ModelConfig
-        from mlm.models import build_pretrained, load_tokenizer
+        from mlm.models import build_pretrained, check_saved_model, load_tokenizer, resolve_path
 
+        check_saved_model(resolve_path(args.model), "give a model directory (a run's final/, an mlm.export output) or a hub id")
         model_cfg = ModelConfig(name_or_path=args.model)
         tokenizer = load_tokenizer(model_cfg)
+        if args.top_k > len(tokenizer):
+            raise UserError(f"--top-k {args.top_k}: the model knows {len(tokenizer)} tokens; give at most {len(tokenizer)}")
         for text in args.text:  # check every text before loading the model
             encode(tokenizer, text, note=False)
         model = build_pretrained(model_cfg, tokenizer)

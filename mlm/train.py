@@ -12,7 +12,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -250,7 +250,8 @@ def resume(run: Run) -> None:
     config_rates = list(run.scheduler.base_lrs)  # loading puts back the checkpoint's peak rates
     ckpt, saved = checkpoint.load_newest(
         run.cfg.resume, run.run_dir,
-        lambda path: checkpoint.load_checkpoint(path, run.raw_model, run.optimizer, run.scheduler, acc.scaler, acc, layout, run.ema), acc)
+        lambda path: checkpoint.load_checkpoint(path, run.raw_model, run.optimizer, run.scheduler, acc.scaler, acc, layout, run.ema,
+                                                train_state_fields=[f.name for f in fields(TrainState)]), acc)
     if ckpt is not None:
         order = run.data.order
         if saved["global_batch"] != order.global_batch:

@@ -216,10 +216,12 @@ def load_classifier(model_dir: str, num_labels: int):
     has none, and the encoder it started from may have one; a new one for both leaves only the encoder to compare."""
     from transformers import AutoModelForSequenceClassification
 
-    from mlm.models import _quiet_transformers
+    from mlm.models import _hub_call, _quiet_transformers
 
     with _quiet_transformers():  # the "newly initialized: classifier..." report is expected here
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32)
+        # through _hub_call: a folder's own code (auto_map) or pickled payload is one line, nothing of it run
+        model = _hub_call("model", model_dir, AutoModelForSequenceClassification.from_pretrained, model_dir, num_labels=num_labels,
+                          dtype=torch.float32)
     pooler = getattr(model.base_model, "pooler", None)  # BERT's dense + tanh on [CLS]; RoBERTa's head has its own, new
     for module in pooler.modules() if pooler is not None else ():
         if isinstance(module, torch.nn.Linear):  # as BERT initialises it (transformers' own init skips loaded weights)
@@ -293,7 +295,7 @@ def default_device() -> torch.device:
 
 def evaluate(model_dir, cfg: DownstreamConfig, device=None) -> Dict[str, Any]:
     """Fine-tune and score `model_dir` once per seed; the result reports the median accuracy over seeds."""
-    from mlm.models import load_tokenizer, resolve_path
+    from mlm.models import check_saved_model, load_tokenizer, resolve_path
 
     cfg.validate()
     if cfg.kind == "none":
@@ -302,6 +304,7 @@ def evaluate(model_dir, cfg: DownstreamConfig, device=None) -> Dict[str, Any]:
     model_dir = resolve_path(str(model_dir))
     if not Path(model_dir, "config.json").is_file():
         raise UserError(f"{model_dir} is not a saved model (no config.json); give a run's final/ directory or package:<module>/<subdir>")
+    check_saved_model(model_dir, "give a run's final/ directory or package:<module>/<subdir>")
     device = torch.device(device) if device is not None else default_device()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir))
     protocol, splits = task_splits(cfg)
