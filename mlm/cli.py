@@ -375,7 +375,8 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         from mlm.models import build_pretrained, load_tokenizer
         from mlm.predict import format_predictions, fill_mask
 
-        model_cfg = ModelConfig(name_or_path=str(final))
+        # this run's own model: its code was trusted on this command line, or it has none
+        model_cfg = ModelConfig(name_or_path=str(final), trust_remote_code=cfg.model.trust_remote_code)
         tokenizer = load_tokenizer(model_cfg)
         model = build_pretrained(model_cfg, tokenizer)
         lines.append(f"model: {final}  (python -m mlm.predict {final} \"... <mask> ...\")")
