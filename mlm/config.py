@@ -3,12 +3,14 @@
 conf/config.yaml starts from this schema, and the group files under conf/ list only what differs
 from it. Hydra rejects unknown keys, wrongly typed values and values outside a `Choice` before any
 work starts. Value checks that a type cannot express live in `validate()` methods that raise
-`UserError` with a one-line message naming the value and the fix.
+`UserError` with a one-line message naming the value and the fix (and `check_finite` refuses a nan
+or inf in any float setting).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
@@ -68,6 +70,10 @@ class DatasetConfig:
             raise UserError(f"dataset.test_size={self.test_size} must be in (0, 1); e.g. dataset.test_size=0.2")
         if self.num_proc < 0:
             raise UserError(f"dataset.num_proc={self.num_proc} must be >= 0 (0 = every core)")
+        if self.tokenize_batch_size < 1:
+            raise UserError(f"dataset.tokenize_batch_size={self.tokenize_batch_size} must be at least 1 (examples per tokenizer call); e.g. 1000")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UserError(f"dataset.max_examples={self.max_examples} must be at least 1 (or unset for every example)")
         if self.streaming and self.streaming_eval_docs < 1:
             raise UserError(f"dataset.streaming_eval_docs={self.streaming_eval_docs} must be at least 1 (the held-out documents)")
         if self.kind in ("hub", "local") and not self.path:
@@ -93,6 +99,19 @@ class ModelConfig:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.freeze_layers < 0:
             raise UserError(f"model.freeze_layers={self.freeze_layers} must be >= 0")
+        check_attn_implementation(self.attn_implementation)
+
+
+def check_attn_implementation(name: str) -> None:
+    """transformers' own check (PreTrainedModel.get_correct_attn_implementation) accepts eager, the registered attention
+    functions and a hub kernel ("org/repo"); anything else is a traceback after the data is prepared: refused now."""
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known and not is_kernel(name):
+        raise UserError(f"model.attn_implementation={name!r} is not an attention backend of transformers; use one of "
+                        f"{', '.join(known)} (or a hub kernel, org/repo)")
 
 
 def span_length_mean(p: float, max_len: int) -> float:
@@ -156,6 +175,11 @@ class OptimizerConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise UserError(f"optimizer.lr={self.lr} must be positive")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"optimizer.{name}={getattr(self, name)} must be in [0, 1); e.g. optimizer.beta1=0.9 optimizer.beta2=0.98")
+        if self.eps <= 0:
+            raise UserError(f"optimizer.eps={self.eps} must be positive (it keeps the update's denominator off zero); e.g. 1e-6")
         if self.new_head_lr_scale <= 0:
             raise UserError(f"optimizer.new_head_lr_scale={self.new_head_lr_scale} must be positive (1 = the same rate as the encoder)")
         if not 0 < self.layer_lr_decay <= 1:
@@ -228,6 +252,12 @@ class TrainerConfig:
             raise UserError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1) (0 = no weight average); e.g. trainer.ema_decay=0.999")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise UserError(f"trainer.budget_minutes={self.budget_minutes} must be positive (or unset for no time budget)")
+        if self.max_grad_norm < 0:
+            raise UserError(f"trainer.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
+        if self.max_skipped_steps < 0:
+            raise UserError(f"trainer.max_skipped_steps={self.max_skipped_steps} must be >= 0")
+        if self.top_k < 1:
+            raise UserError(f"trainer.top_k={self.top_k} must be at least 1 (candidates shown per probe sentence)")
 
 
 @dataclass
@@ -252,6 +282,10 @@ class RuntimeConfig:
             raise UserError("runtime.sharding=fsdp with runtime.compile=true is not supported; set runtime.compile=false")
         if self.device_slots < 0:
             raise UserError(f"runtime.device_slots={self.device_slots} must be >= 0 (0 = every visible GPU)")
+        if self.num_workers < 0:
+            raise UserError(f"runtime.num_workers={self.num_workers} must be >= 0 (0 = load batches in the training process)")
+        if self.num_threads < 0:
+            raise UserError(f"runtime.num_threads={self.num_threads} must be >= 0 (0 = torch's default)")
         if not self.collective_timeout_minutes > 0:
             raise UserError(f"runtime.collective_timeout_minutes={self.collective_timeout_minutes} must be positive; e.g. 10")
 
@@ -280,6 +314,7 @@ class DownstreamConfig:
     def validate(self) -> None:
         if self.kind == "none":
             return
+        check_finite(self, "downstream.")  # also when python -m mlm.downstream validates this group alone
         if self.kind in ("hub", "local") and not self.path:
             raise UserError(f"downstream.kind={self.kind} needs downstream.path (a hub dataset id or a csv/jsonl file)")
         if not self.seeds:
@@ -289,6 +324,8 @@ class DownstreamConfig:
         if self.folds < 2 or self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.max_length < 8:
             raise UserError("downstream.folds must be >= 2, downstream.epochs and downstream.lr positive, "
                             "downstream.batch_size >= 1 and downstream.max_length >= 8")
+        if self.max_train_examples is not None and self.max_train_examples < 1:  # 0 would fine-tune on nothing, forever
+            raise UserError(f"downstream.max_train_examples={self.max_train_examples} must be at least 1 (or unset for every example)")
 
 
 @dataclass
@@ -319,6 +356,7 @@ class Config:
     debug: bool = False  # full tracebacks for user errors
 
     def validate(self) -> None:
+        check_finite(self)
         if self.block_size < 8:
             raise UserError(f"block_size={self.block_size} is too small; use at least 8 (the guide uses 128)")
         for name, seed in (("seed", self.seed), ("dataset.split_seed", self.dataset.split_seed)):
@@ -333,6 +371,16 @@ class Config:
             raise UserError(f"downstream.kind={self.downstream.kind} fine-tunes the run's final/ model; set trainer.save_model=true")
         if self.dataset.streaming and self.trainer.max_steps <= 0:
             raise UserError("dataset.streaming=true needs trainer.max_steps > 0 (a stream has no length to count epochs in); e.g. trainer.max_steps=1000")
+
+
+def check_finite(node: Any, prefix: str = "") -> None:
+    """Every float setting is a number: nan or inf (which Hydra reads from "nan", "inf") passes most range checks."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{f.name}={value} is not a number; give a finite value")
 
 
 # Keys that moved or left: an override with the old spelling fails with this line (see mlm.cli.check_override_keys).

@@ -144,3 +144,39 @@ def test_a_value_an_older_version_masked_is_not_counted_as_changed():
     saved = {"model.tokenizer": "***", "optimizer.lr": 1e-4}  # older versions masked model.tokenizer for its "token"
     assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 1e-4}, 1) == []
     assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 2e-4}, 1) == ["optimizer.lr=0.0001 there, 0.0002 now"]
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["optimizer.beta1=1.0"], "optimizer.beta1=1.0 must be in [0, 1)"),
+    (["optimizer.beta1=-0.1"], "optimizer.beta1=-0.1 must be in [0, 1)"),
+    (["optimizer.beta2=1.5"], "optimizer.beta2=1.5 must be in [0, 1)"),
+    (["optimizer.eps=0"], "optimizer.eps=0.0 must be positive"),
+    (["optimizer.eps=-1e-8"], "optimizer.eps=-1e-08 must be positive"),
+    (["runtime.num_workers=-1"], "runtime.num_workers=-1 must be >= 0"),
+    (["runtime.num_threads=-2"], "runtime.num_threads=-2 must be >= 0"),
+    (["model.attn_implementation=bogus"], "model.attn_implementation='bogus' is not an attention backend of transformers; use one of eager,"),
+    (["dataset.tokenize_batch_size=-5"], "dataset.tokenize_batch_size=-5 must be at least 1"),
+    (["dataset.tokenize_batch_size=0"], "dataset.tokenize_batch_size=0 must be at least 1"),
+    (["dataset.max_examples=0"], "dataset.max_examples=0 must be at least 1 (or unset for every example)"),
+    (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm=-1.0 must be >= 0"),
+    (["trainer.top_k=0"], "trainer.top_k=0 must be at least 1"),
+    (["downstream=polarity", "downstream.max_train_examples=0"], "downstream.max_train_examples=0 must be at least 1 (or unset for every example)"),
+    (["downstream=polarity", "downstream.max_train_examples=-1"], "downstream.max_train_examples=-1 must be at least 1"),
+    (["optimizer.lr=nan"], "optimizer.lr=nan is not a number"),  # nan passes every comparison-based range check
+    (["trainer.epochs=inf"], "trainer.epochs=inf is not a number"),
+    (["downstream=polarity", "downstream.lr=inf"], "downstream.lr=inf is not a number"),
+])
+def test_a_bad_value_is_one_line_naming_its_key(overrides, line):
+    cfg = compose(overrides)
+    with pytest.raises(UserError) as err:
+        cfg.validate()
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [["optimizer.beta1=0", "optimizer.beta2=0.999", "optimizer.eps=1e-12"],
+                                       ["model.attn_implementation=eager"], ["model.attn_implementation=flex_attention"],
+                                       ["model.attn_implementation=kernels-community/flash-attn2"],  # a hub kernel, as transformers allows
+                                       ["runtime.num_workers=2", "dataset.tokenize_batch_size=1", "dataset.max_examples=1"],
+                                       ["downstream=polarity", "downstream.max_train_examples=1"]])
+def test_edge_values_that_work_pass(overrides):
+    compose(overrides).validate()

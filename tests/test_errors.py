@@ -31,6 +31,8 @@ def assert_clean_failure(proc, run_dir, *needles):
         (["masking.mlm_probability=-0.2"], ["mlm_probability=-0.2"]),
         (["block_size=1024"], ["block_size=1024", "512 positions"]),
         (["dataset.streaming=true", "trainer.max_steps=-1"], ["dataset.streaming=true needs trainer.max_steps > 0"]),
+        (["optimizer.beta2=1.0"], ["optimizer.beta2=1.0 must be in [0, 1)"]),  # was torch's ValueError, a traceback
+        (["model.attn_implementation=bogus"], ["model.attn_implementation='bogus' is not an attention backend"]),
     ],
 )
 def test_bad_values_fail_with_one_line(tmp_path, corpus, overrides, needles):
