@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 
@@ -48,6 +48,15 @@ TrackerBackend = Choice("TrackerBackend", [(v, v) for v in ("wandb", "tensorboar
 WandbMode = Choice("WandbMode", [(v, v) for v in ("auto", "online", "offline", "disabled")])
 
 
+# What a setting means for a resume is written on it (field metadata). Unmarked: it changes results, so a run
+# may not resume with it changed (mlm.rundir refuses, naming it). NO_RESULT: it changes no result (speed, memory,
+# workers, cadence, logging, what runs afterwards), so a run may resume with it changed, and a finished run asked
+# again with another value is still that run. OWN_CHECK: compared on its own terms (how far to train: more steps
+# train on; the batch split: the global batch is compared). `resume_exempt()` lists both kinds.
+NO_RESULT = {"resume": "no_result"}
+OWN_CHECK = {"resume": "own_check"}
+
+
 @dataclass
 class DatasetConfig:
     kind: DatasetKind = DatasetKind.gensim_wiki  # gensim_wiki (the offline default) | hub | local (see mlm/data/sources.py)
@@ -59,7 +68,7 @@ class DatasetConfig:
     split_seed: int = 42  # seed of the train/test split, fixed so that runs compare on the same test set
     include_news: bool = False  # gensim_wiki: also add the Lee news corpus (lee_background.cor)
     max_examples: Optional[int] = None  # keep only the first N examples (quick experiments)
-    num_proc: int = 0  # worker processes for tokenization; 0 = every core (small corpora use one)
+    num_proc: int = field(default=0, metadata=NO_RESULT)  # worker processes for tokenization; 0 = every core (small corpora use one)
     remainder: Remainder = Remainder.drop  # tokens that do not fill a last block: drop | keep (a shorter, padded block)
     tokenize_batch_size: int = 1000  # examples per batched tokenizer call (and per streaming shard unit)
     streaming: bool = False  # train from the stream of documents, tokenized and packed on the fly (no preprocessing)
@@ -168,7 +177,7 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.98  # 0.98 as in RoBERTa: steadier with short warmups than 0.999
     eps: float = 1e-6
-    impl: OptimizerImpl = OptimizerImpl.auto  # auto (fused; foreach for stable_adamw) | fused | foreach | loop: the same update, different kernels (speed only)
+    impl: OptimizerImpl = field(default=OptimizerImpl.auto, metadata=NO_RESULT)  # auto (fused; foreach for stable_adamw) | fused | foreach | loop: the same update, different kernels (speed only)
     new_head_lr_scale: float = 1.0  # a new MLM head (head weights the checkpoint did not have) learns at lr times this
     layer_lr_decay: float = 1.0  # layer-wise rates: each encoder layer learns at this times the rate of the layer above (1 = all alike)
 
@@ -212,31 +221,32 @@ class SchedulerConfig:
 class TrainerConfig:
     """How long and on what batches to train, and the cadence of logs, evals and checkpoints."""
 
-    max_steps: int = 1000  # optimizer steps; > 0 wins over epochs (the default run: 1000 steps of 16 x 128 tokens)
-    budget_minutes: Optional[float] = None  # stop when this much training time is spent (evals and checkpoints excluded); the LR and mask-rate schedules follow the spent fraction
+    max_steps: int = field(default=1000, metadata=OWN_CHECK)  # optimizer steps; > 0 wins over epochs (the default run: 1000 steps of 16 x 128 tokens)
+    budget_minutes: Optional[float] = field(default=None, metadata=OWN_CHECK)  # stop when this much training time is spent (evals and checkpoints excluded); the LR and mask-rate schedules follow the spent fraction
     epochs: float = 1.0  # passes over the training blocks when max_steps <= 0
-    per_device_batch_size: int = 16  # blocks per process per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    per_device_batch_size: int = field(default=16, metadata=OWN_CHECK)  # blocks per process per micro-batch
+    gradient_accumulation_steps: int = field(default=1, metadata=OWN_CHECK)  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
     ema_decay: float = 0.0  # keep an fp32 exponential moving average of the weights with this decay per step (e.g. 0.999); 0 = off
     on_nonfinite: OnNonFinite = OnNonFinite.stop  # stop | skip: what a NaN/inf loss does
     max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
-    log_every: int = 10  # optimizer steps between train logs (each one syncs host and device)
-    eval_batch_size: int = 64  # blocks per process per eval batch (no gradients: larger is cheaper)
-    eval_every: int = 500  # optimizer steps between evals; 0 = once per epoch (and always at the end)
+    log_every: int = field(default=10, metadata=NO_RESULT)  # optimizer steps between train logs (each one syncs host and device)
+    eval_batch_size: int = field(default=64, metadata=NO_RESULT)  # blocks per process per eval batch (no gradients: larger is cheaper)
+    eval_every: int = field(default=500, metadata=NO_RESULT)  # optimizer steps between evals; 0 = once per epoch (and always at the end)
     max_eval_blocks: Optional[int] = None  # cap the eval set (the same blocks every time); unset = all
-    checkpoint_every: int = 500  # optimizer steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # newest complete checkpoints kept in <run>/checkpoints
+    checkpoint_every: int = field(default=500, metadata=NO_RESULT)  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = field(default=2, metadata=NO_RESULT)  # newest complete checkpoints kept in <run>/checkpoints
     save_model: bool = True  # write <run>/final with save_pretrained
     probe_sentences: List[str] = field(
         default_factory=lambda: [
             "The Milky Way is a <mask> galaxy.",
             "Paris is the <mask> of France.",
             "The cat sat on the <mask>.",
-        ]
+        ],
+        metadata=NO_RESULT,
     )  # fill-mask examples printed at the end of a run
-    top_k: int = 5  # candidates shown per probe sentence
-    progress_bar: bool = True
+    top_k: int = field(default=5, metadata=NO_RESULT)  # candidates shown per probe sentence
+    progress_bar: bool = field(default=True, metadata=NO_RESULT)
 
     def validate(self) -> None:
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
@@ -266,14 +276,14 @@ class RuntimeConfig:
 
     mixed_precision: Precision = Precision.auto  # auto (bf16 where native, else no) | no | bf16 | fp16: autocast dtype; weights, optimizer and loss stay fp32
     sharding: Sharding = Sharding.none  # none (one process, or DDP replicas) | fsdp (FSDP2: every layer sharded over processes)
-    sparse_prediction: bool = True  # run the vocabulary projection only on masked positions (same loss, fewer FLOPs)
-    compile: bool = False  # torch.compile the encoder (slow first steps; see benchmarks/)
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
-    reuse_host_memory: bool = True  # glibc: freed host memory stays in the process for the next step (no fresh pages per step)
-    num_workers: int = 0  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
-    num_threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
-    device_slots: int = 0  # 1-process jobs lease a device slot of their own: 0 = every visible GPU (none on CPU); N = the first N GPUs, or N CPU slots
-    collective_timeout_minutes: float = 10  # multi-process jobs: a rank that stops answering (no heartbeat) for this long ends the job; also the process group's timeout (start-up, e.g. building the block cache, is not bounded by it)
+    sparse_prediction: bool = field(default=True, metadata=NO_RESULT)  # run the vocabulary projection only on masked positions (same loss, fewer FLOPs)
+    compile: bool = field(default=False, metadata=NO_RESULT)  # torch.compile the encoder (slow first steps; see benchmarks/)
+    activation_checkpointing: bool = field(default=False, metadata=NO_RESULT)  # recompute each layer's activations in backward: less memory, ~1/3 more compute
+    reuse_host_memory: bool = field(default=True, metadata=NO_RESULT)  # glibc: freed host memory stays in the process for the next step (no fresh pages per step)
+    num_workers: int = field(default=0, metadata=NO_RESULT)  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
+    num_threads: int = field(default=0, metadata=NO_RESULT)  # torch intra-op threads; 0 = torch's default (all cores)
+    device_slots: int = field(default=0, metadata=NO_RESULT)  # 1-process jobs lease a device slot of their own: 0 = every visible GPU (none on CPU); N = the first N GPUs, or N CPU slots
+    collective_timeout_minutes: float = field(default=10, metadata=NO_RESULT)  # multi-process jobs: a rank that stops answering (no heartbeat) for this long ends the job; also the process group's timeout (start-up, e.g. building the block cache, is not bounded by it)
 
     def validate(self) -> None:
         if self.sharding == "fsdp" and self.mixed_precision == "fp16":
@@ -348,12 +358,12 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
-    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig, metadata=NO_RESULT)  # what to fine-tune afterwards: a finished run asked for other downstream numbers gets them added (mlm.cli.with_downstream)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig, metadata=NO_RESULT)
     block_size: int = 128  # tokens per training block (special tokens included); at most the model's positions
     seed: int = 42  # seeds init of new weights, data order, masking and dropout
-    resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | <checkpoint path>
-    debug: bool = False  # full tracebacks for user errors
+    resume: str = field(default="auto", metadata=NO_RESULT)  # auto (newest complete checkpoint in the run dir) | never | <checkpoint path>
+    debug: bool = field(default=False, metadata=NO_RESULT)  # full tracebacks for user errors
 
     def validate(self) -> None:
         check_finite(self)
@@ -371,6 +381,18 @@ class Config:
             raise UserError(f"downstream.kind={self.downstream.kind} fine-tunes the run's final/ model; set trainer.save_model=true")
         if self.dataset.streaming and self.trainer.max_steps <= 0:
             raise UserError("dataset.streaming=true needs trainer.max_steps > 0 (a stream has no length to count epochs in); e.g. trainer.max_steps=1000")
+
+
+def resume_exempt(node: type = None, prefix: str = "") -> Tuple[str, ...]:
+    """The flat keys a resume does not compare (marked NO_RESULT or OWN_CHECK); a marked group as its prefix ('tracker.')."""
+    keys: List[str] = []
+    for f in fields(node or Config):
+        group = f.default_factory if is_dataclass(f.default_factory) else None
+        if "resume" in f.metadata:
+            keys.append(prefix + f.name + ("." if group else ""))
+        elif group:
+            keys += resume_exempt(group, f"{prefix}{f.name}.")
+    return tuple(keys)
 
 
 def check_finite(node: Any, prefix: str = "") -> None:

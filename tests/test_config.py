@@ -180,3 +180,52 @@ def test_a_bad_value_is_one_line_naming_its_key(overrides, line):
                                        ["downstream=polarity", "downstream.max_train_examples=1"]])
 def test_edge_values_that_work_pass(overrides):
     compose(overrides).validate()
+
+
+SPEED = ["runtime.activation_checkpointing=true", "dataset.num_proc=1", "optimizer.impl=foreach", "runtime.sparse_prediction=false",
+         "trainer.eval_batch_size=7"]  # the same numbers (up to float rounding), at another speed or memory
+
+
+def flat(overrides):
+    from mlm.rundir import flat_settings
+
+    return flat_settings(OmegaConf.structured(compose(["model=tiny", "dataset=local", "dataset.path=a.txt", *overrides])))
+
+
+def test_speed_and_memory_settings_neither_block_a_resume_nor_unfinish_a_run(tmp_path):
+    import json
+
+    from mlm.rundir import check_resume_settings, finished_results
+    from tests.test_wsd import write_checkpoint
+
+    saved, now = flat(["trainer.max_steps=8"]), flat(["trainer.max_steps=8", *SPEED])
+    assert sorted(k for k in now if now[k] != saved[k]) == sorted(o.split("=")[0] for o in SPEED)
+    write_checkpoint(tmp_path, 4, saved)
+    check_resume_settings(tmp_path, "auto", 8, now)  # was: "trained with other settings (dataset.num_proc=0 there, 1 now; ...)"
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 8, "config": saved, "processes": 1}))
+    assert finished_results(tmp_path, "auto", 8, now)["steps"] == 8  # the same finished run, not a refusal
+
+
+def test_a_refused_resume_names_the_way_out_that_keeps_its_checkpoints(tmp_path, caplog):
+    from mlm.rundir import check_resume_settings
+    from tests.test_wsd import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run", 4, flat([]))
+    changed = flat(["runtime.mixed_precision=no"])
+    with pytest.raises(UserError) as err:
+        check_resume_settings(tmp_path / "run", "auto", 1000, changed)
+    assert str(err.value).endswith(f"put them back to resume it, or branch from it with these in a run directory of its own: "
+                                   f"hydra.run.dir=<new dir> resume={ckpt}") and "resume=never" not in str(err.value)
+    check_resume_settings(tmp_path / "branch", str(ckpt), 1000, changed)  # the advice taken: a branch, warned about, not refused
+    assert f"resuming {ckpt} with other settings: runtime.mixed_precision='auto' there, 'no' now" in caplog.text
+
+
+def test_what_a_setting_means_for_a_resume_is_written_on_its_field():
+    from mlm.config import resume_exempt
+    from mlm.rundir import NOT_RESULTS
+
+    keys = schema_keys()
+    assert NOT_RESULTS == resume_exempt()
+    assert all(k in keys or k.endswith(".") and any(s.startswith(k) for s in keys) for k in NOT_RESULTS)  # real keys or groups
+    assert {o.split("=")[0] for o in SPEED} <= set(NOT_RESULTS) and {"tracker.", "downstream.", "trainer.max_steps"} <= set(NOT_RESULTS)
+    assert not {"optimizer.lr", "runtime.mixed_precision", "seed", "block_size", "trainer.epochs"} & set(NOT_RESULTS)

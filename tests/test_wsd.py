@@ -160,7 +160,7 @@ def test_a_stable_checkpoint_may_change_its_decay_and_nothing_else(tmp_path, cap
         shown = "; ".join(f"{k}={WSD[k]!r} there, {settings[k]!r} now" for k in changed)
         with pytest.raises(UserError) as err:
             check_resume_settings(tmp_path, "auto", settings["trainer.max_steps"], settings)
-        assert str(err.value).startswith(f"{ckpt} was trained with other settings ({shown}); resume with the same settings")
+        assert str(err.value).startswith(f"{ckpt} was trained with other settings ({shown}); put them back to resume it")
         check_resume_settings(tmp_path, str(ckpt), settings["trainer.max_steps"], settings)
         assert f"resuming {ckpt} with other settings: {shown}" in caplog.text
 
@@ -257,8 +257,8 @@ def test_a_decaying_checkpoint_may_not_take_another_decay(runs, corpus):
                     "scheduler.decay_shape=1-sqrt"])
     assert proc.returncode == 2
     assert error_lines(proc)[-1] == (f"error: {run_dir / 'checkpoints' / 'ckpt-00000040'} was trained with other settings "
-                                     "(scheduler.decay_ratio=0.25 there, 0.5 now); resume with the same settings, give this run "
-                                     "its own directory, or resume=never to start over")
+                                     "(scheduler.decay_ratio=0.25 there, 0.5 now); put them back to resume it, or branch from it with "
+                                     f"these in a run directory of its own: hydra.run.dir=<new dir> resume={run_dir / 'checkpoints' / 'ckpt-00000040'}")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
