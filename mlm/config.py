@@ -3,14 +3,16 @@
 conf/config.yaml starts from this schema, and the group files under conf/ list only what differs
 from it. Hydra rejects unknown keys, wrongly typed values and values outside a `Choice` before any
 work starts. Value checks that a type cannot express live in `validate()` methods that raise
-`UserError` with a one-line message naming the value and the fix.
+`UserError` with a one-line message naming the value and the fix (and `check_finite` refuses a nan
+or inf in any float setting).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 
@@ -46,6 +48,15 @@ TrackerBackend = Choice("TrackerBackend", [(v, v) for v in ("wandb", "tensorboar
 WandbMode = Choice("WandbMode", [(v, v) for v in ("auto", "online", "offline", "disabled")])
 
 
+# What a setting means for a resume is written on it (field metadata). Unmarked: it changes results, so a run
+# may not resume with it changed (mlm.rundir refuses, naming it). NO_RESULT: it changes no result (speed, memory,
+# workers, cadence, logging, what runs afterwards), so a run may resume with it changed, and a finished run asked
+# again with another value is still that run. OWN_CHECK: compared on its own terms (how far to train: more steps
+# train on; the batch split: the global batch is compared). `resume_exempt()` lists both kinds.
+NO_RESULT = {"resume": "no_result"}
+OWN_CHECK = {"resume": "own_check"}
+
+
 @dataclass
 class DatasetConfig:
     kind: DatasetKind = DatasetKind.gensim_wiki  # gensim_wiki (the offline default) | hub | local (see mlm/data/sources.py)
@@ -57,7 +68,7 @@ class DatasetConfig:
     split_seed: int = 42  # seed of the train/test split, fixed so that runs compare on the same test set
     include_news: bool = False  # gensim_wiki: also add the Lee news corpus (lee_background.cor)
     max_examples: Optional[int] = None  # keep only the first N examples (quick experiments)
-    num_proc: int = 0  # worker processes for tokenization; 0 = every core (small corpora use one)
+    num_proc: int = field(default=0, metadata=NO_RESULT)  # worker processes for tokenization; 0 = every core (small corpora use one)
     remainder: Remainder = Remainder.drop  # tokens that do not fill a last block: drop | keep (a shorter, padded block)
     tokenize_batch_size: int = 1000  # examples per batched tokenizer call (and per streaming shard unit)
     streaming: bool = False  # train from the stream of documents, tokenized and packed on the fly (no preprocessing)
@@ -68,6 +79,10 @@ class DatasetConfig:
             raise UserError(f"dataset.test_size={self.test_size} must be in (0, 1); e.g. dataset.test_size=0.2")
         if self.num_proc < 0:
             raise UserError(f"dataset.num_proc={self.num_proc} must be >= 0 (0 = every core)")
+        if self.tokenize_batch_size < 1:
+            raise UserError(f"dataset.tokenize_batch_size={self.tokenize_batch_size} must be at least 1 (examples per tokenizer call); e.g. 1000")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UserError(f"dataset.max_examples={self.max_examples} must be at least 1 (or unset for every example)")
         if self.streaming and self.streaming_eval_docs < 1:
             raise UserError(f"dataset.streaming_eval_docs={self.streaming_eval_docs} must be at least 1 (the held-out documents)")
         if self.kind in ("hub", "local") and not self.path:
@@ -93,6 +108,19 @@ class ModelConfig:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.freeze_layers < 0:
             raise UserError(f"model.freeze_layers={self.freeze_layers} must be >= 0")
+        check_attn_implementation(self.attn_implementation)
+
+
+def check_attn_implementation(name: str) -> None:
+    """transformers' own check (PreTrainedModel.get_correct_attn_implementation) accepts eager, the registered attention
+    functions and a hub kernel ("org/repo"); anything else is a traceback after the data is prepared: refused now."""
+    from transformers.integrations.hub_kernels import is_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known and not is_kernel(name):
+        raise UserError(f"model.attn_implementation={name!r} is not an attention backend of transformers; use one of "
+                        f"{', '.join(known)} (or a hub kernel, org/repo)")
 
 
 def span_length_mean(p: float, max_len: int) -> float:
@@ -149,13 +177,18 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.98  # 0.98 as in RoBERTa: steadier with short warmups than 0.999
     eps: float = 1e-6
-    impl: OptimizerImpl = OptimizerImpl.auto  # auto (fused; foreach for stable_adamw) | fused | foreach | loop: the same update, different kernels (speed only)
+    impl: OptimizerImpl = field(default=OptimizerImpl.auto, metadata=NO_RESULT)  # auto (fused; foreach for stable_adamw) | fused | foreach | loop: the same update, different kernels (speed only)
     new_head_lr_scale: float = 1.0  # a new MLM head (head weights the checkpoint did not have) learns at lr times this
     layer_lr_decay: float = 1.0  # layer-wise rates: each encoder layer learns at this times the rate of the layer above (1 = all alike)
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise UserError(f"optimizer.lr={self.lr} must be positive")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"optimizer.{name}={getattr(self, name)} must be in [0, 1); e.g. optimizer.beta1=0.9 optimizer.beta2=0.98")
+        if self.eps <= 0:
+            raise UserError(f"optimizer.eps={self.eps} must be positive (it keeps the update's denominator off zero); e.g. 1e-6")
         if self.new_head_lr_scale <= 0:
             raise UserError(f"optimizer.new_head_lr_scale={self.new_head_lr_scale} must be positive (1 = the same rate as the encoder)")
         if not 0 < self.layer_lr_decay <= 1:
@@ -188,31 +221,32 @@ class SchedulerConfig:
 class TrainerConfig:
     """How long and on what batches to train, and the cadence of logs, evals and checkpoints."""
 
-    max_steps: int = 1000  # optimizer steps; > 0 wins over epochs (the default run: 1000 steps of 16 x 128 tokens)
-    budget_minutes: Optional[float] = None  # stop when this much training time is spent (evals and checkpoints excluded); the LR and mask-rate schedules follow the spent fraction
+    max_steps: int = field(default=1000, metadata=OWN_CHECK)  # optimizer steps; > 0 wins over epochs (the default run: 1000 steps of 16 x 128 tokens)
+    budget_minutes: Optional[float] = field(default=None, metadata=OWN_CHECK)  # stop when this much training time is spent (evals and checkpoints excluded); the LR and mask-rate schedules follow the spent fraction
     epochs: float = 1.0  # passes over the training blocks when max_steps <= 0
-    per_device_batch_size: int = 16  # blocks per process per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    per_device_batch_size: int = field(default=16, metadata=OWN_CHECK)  # blocks per process per micro-batch
+    gradient_accumulation_steps: int = field(default=1, metadata=OWN_CHECK)  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
     ema_decay: float = 0.0  # keep an fp32 exponential moving average of the weights with this decay per step (e.g. 0.999); 0 = off
     on_nonfinite: OnNonFinite = OnNonFinite.stop  # stop | skip: what a NaN/inf loss does
     max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
-    log_every: int = 10  # optimizer steps between train logs (each one syncs host and device)
-    eval_batch_size: int = 64  # blocks per process per eval batch (no gradients: larger is cheaper)
-    eval_every: int = 500  # optimizer steps between evals; 0 = once per epoch (and always at the end)
+    log_every: int = field(default=10, metadata=NO_RESULT)  # optimizer steps between train logs (each one syncs host and device)
+    eval_batch_size: int = field(default=64, metadata=NO_RESULT)  # blocks per process per eval batch (no gradients: larger is cheaper)
+    eval_every: int = field(default=500, metadata=NO_RESULT)  # optimizer steps between evals; 0 = once per epoch (and always at the end)
     max_eval_blocks: Optional[int] = None  # cap the eval set (the same blocks every time); unset = all
-    checkpoint_every: int = 500  # optimizer steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # newest complete checkpoints kept in <run>/checkpoints
+    checkpoint_every: int = field(default=500, metadata=NO_RESULT)  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = field(default=2, metadata=NO_RESULT)  # newest complete checkpoints kept in <run>/checkpoints
     save_model: bool = True  # write <run>/final with save_pretrained
     probe_sentences: List[str] = field(
         default_factory=lambda: [
             "The Milky Way is a <mask> galaxy.",
             "Paris is the <mask> of France.",
             "The cat sat on the <mask>.",
-        ]
+        ],
+        metadata=NO_RESULT,
     )  # fill-mask examples printed at the end of a run
-    top_k: int = 5  # candidates shown per probe sentence
-    progress_bar: bool = True
+    top_k: int = field(default=5, metadata=NO_RESULT)  # candidates shown per probe sentence
+    progress_bar: bool = field(default=True, metadata=NO_RESULT)
 
     def validate(self) -> None:
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
@@ -228,6 +262,12 @@ class TrainerConfig:
             raise UserError(f"trainer.ema_decay={self.ema_decay} must be in [0, 1) (0 = no weight average); e.g. trainer.ema_decay=0.999")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise UserError(f"trainer.budget_minutes={self.budget_minutes} must be positive (or unset for no time budget)")
+        if self.max_grad_norm < 0:
+            raise UserError(f"trainer.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
+        if self.max_skipped_steps < 0:
+            raise UserError(f"trainer.max_skipped_steps={self.max_skipped_steps} must be >= 0")
+        if self.top_k < 1:
+            raise UserError(f"trainer.top_k={self.top_k} must be at least 1 (candidates shown per probe sentence)")
 
 
 @dataclass
@@ -236,14 +276,14 @@ class RuntimeConfig:
 
     mixed_precision: Precision = Precision.auto  # auto (bf16 where native, else no) | no | bf16 | fp16: autocast dtype; weights, optimizer and loss stay fp32
     sharding: Sharding = Sharding.none  # none (one process, or DDP replicas) | fsdp (FSDP2: every layer sharded over processes)
-    sparse_prediction: bool = True  # run the vocabulary projection only on masked positions (same loss, fewer FLOPs)
-    compile: bool = False  # torch.compile the encoder (slow first steps; see benchmarks/)
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
-    reuse_host_memory: bool = True  # glibc: freed host memory stays in the process for the next step (no fresh pages per step)
-    num_workers: int = 0  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
-    num_threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
-    device_slots: int = 0  # 1-process jobs lease a device slot of their own: 0 = every visible GPU (none on CPU); N = the first N GPUs, or N CPU slots
-    collective_timeout_minutes: float = 10  # multi-process jobs: a rank that stops answering (no heartbeat) for this long ends the job; also the process group's timeout (start-up, e.g. building the block cache, is not bounded by it)
+    sparse_prediction: bool = field(default=True, metadata=NO_RESULT)  # run the vocabulary projection only on masked positions (same loss, fewer FLOPs)
+    compile: bool = field(default=False, metadata=NO_RESULT)  # torch.compile the encoder (slow first steps; see benchmarks/)
+    activation_checkpointing: bool = field(default=False, metadata=NO_RESULT)  # recompute each layer's activations in backward: less memory, ~1/3 more compute
+    reuse_host_memory: bool = field(default=True, metadata=NO_RESULT)  # glibc: freed host memory stays in the process for the next step (no fresh pages per step)
+    num_workers: int = field(default=0, metadata=NO_RESULT)  # dataloader worker processes; blocks are pre-tokenized so 0 is usually fastest
+    num_threads: int = field(default=0, metadata=NO_RESULT)  # torch intra-op threads; 0 = torch's default (all cores)
+    device_slots: int = field(default=0, metadata=NO_RESULT)  # 1-process jobs lease a device slot of their own: 0 = every visible GPU (none on CPU); N = the first N GPUs, or N CPU slots
+    collective_timeout_minutes: float = field(default=10, metadata=NO_RESULT)  # multi-process jobs: a rank that stops answering (no heartbeat) for this long ends the job; also the process group's timeout (start-up, e.g. building the block cache, is not bounded by it)
 
     def validate(self) -> None:
         if self.sharding == "fsdp" and self.mixed_precision == "fp16":
@@ -252,6 +292,10 @@ class RuntimeConfig:
             raise UserError("runtime.sharding=fsdp with runtime.compile=true is not supported; set runtime.compile=false")
         if self.device_slots < 0:
             raise UserError(f"runtime.device_slots={self.device_slots} must be >= 0 (0 = every visible GPU)")
+        if self.num_workers < 0:
+            raise UserError(f"runtime.num_workers={self.num_workers} must be >= 0 (0 = load batches in the training process)")
+        if self.num_threads < 0:
+            raise UserError(f"runtime.num_threads={self.num_threads} must be >= 0 (0 = torch's default)")
         if not self.collective_timeout_minutes > 0:
             raise UserError(f"runtime.collective_timeout_minutes={self.collective_timeout_minutes} must be positive; e.g. 10")
 
@@ -280,6 +324,7 @@ class DownstreamConfig:
     def validate(self) -> None:
         if self.kind == "none":
             return
+        check_finite(self, "downstream.")  # also when python -m mlm.downstream validates this group alone
         if self.kind in ("hub", "local") and not self.path:
             raise UserError(f"downstream.kind={self.kind} needs downstream.path (a hub dataset id or a csv/jsonl file)")
         if not self.seeds:
@@ -289,6 +334,8 @@ class DownstreamConfig:
         if self.folds < 2 or self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.max_length < 8:
             raise UserError("downstream.folds must be >= 2, downstream.epochs and downstream.lr positive, "
                             "downstream.batch_size >= 1 and downstream.max_length >= 8")
+        if self.max_train_examples is not None and self.max_train_examples < 1:  # 0 would fine-tune on nothing, forever
+            raise UserError(f"downstream.max_train_examples={self.max_train_examples} must be at least 1 (or unset for every example)")
 
 
 @dataclass
@@ -311,14 +358,15 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
-    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig, metadata=NO_RESULT)  # what to fine-tune afterwards: a finished run asked for other downstream numbers gets them added (mlm.cli.with_downstream)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig, metadata=NO_RESULT)
     block_size: int = 128  # tokens per training block (special tokens included); at most the model's positions
     seed: int = 42  # seeds init of new weights, data order, masking and dropout
-    resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | <checkpoint path>
-    debug: bool = False  # full tracebacks for user errors
+    resume: str = field(default="auto", metadata=NO_RESULT)  # auto (newest complete checkpoint in the run dir) | never | <checkpoint path>
+    debug: bool = field(default=False, metadata=NO_RESULT)  # full tracebacks for user errors
 
     def validate(self) -> None:
+        check_finite(self)
         if self.block_size < 8:
             raise UserError(f"block_size={self.block_size} is too small; use at least 8 (the guide uses 128)")
         for name, seed in (("seed", self.seed), ("dataset.split_seed", self.dataset.split_seed)):
@@ -333,6 +381,28 @@ class Config:
             raise UserError(f"downstream.kind={self.downstream.kind} fine-tunes the run's final/ model; set trainer.save_model=true")
         if self.dataset.streaming and self.trainer.max_steps <= 0:
             raise UserError("dataset.streaming=true needs trainer.max_steps > 0 (a stream has no length to count epochs in); e.g. trainer.max_steps=1000")
+
+
+def resume_exempt(node: type = None, prefix: str = "") -> Tuple[str, ...]:
+    """The flat keys a resume does not compare (marked NO_RESULT or OWN_CHECK); a marked group as its prefix ('tracker.')."""
+    keys: List[str] = []
+    for f in fields(node or Config):
+        group = f.default_factory if is_dataclass(f.default_factory) else None
+        if "resume" in f.metadata:
+            keys.append(prefix + f.name + ("." if group else ""))
+        elif group:
+            keys += resume_exempt(group, f"{prefix}{f.name}.")
+    return tuple(keys)
+
+
+def check_finite(node: Any, prefix: str = "") -> None:
+    """Every float setting is a number: nan or inf (which Hydra reads from "nan", "inf") passes most range checks."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{f.name}={value} is not a number; give a finite value")
 
 
 # Keys that moved or left: an override with the old spelling fails with this line (see mlm.cli.check_override_keys).

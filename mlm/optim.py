@@ -73,9 +73,10 @@ def build_scheduler(
     (mlm.schedules.stable_then_decay).
 
     With `progress` (the fraction of a time budget spent, 0 -> 1), the schedule follows
-    max(step / total_steps, progress()) instead of the step alone (cramming-style): warmup and
-    decay end when either the steps or the budget run out. It is read when the scheduler steps, so
-    the rate depends on wall time and a resumed run cannot repeat it bit for bit.
+    max(step, progress() * total_steps) instead of the step alone (cramming-style): warmup and
+    decay end when either the steps or the budget run out. While the steps lead, the rates are
+    exactly the step-based ones. It is read when the scheduler steps, so the rate depends on wall
+    time and a resumed run cannot repeat it bit for bit.
 
     The multipliers are plain functions, rebuilt from this config: LambdaLR's state_dict saves only
     last_epoch and the rates (it would save a callable object's attributes, and a resume would then
@@ -86,22 +87,21 @@ def build_scheduler(
     if cfg.name == "wsd":
         check_wsd_fits(cfg, warmup, hold, total_steps)
 
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
+    def after_warmup(at: float) -> float:
         if cfg.name == "wsd":
-            return stable_then_decay(step, hold, total_steps, cfg.decay_shape)
-        return max(0.0, decay(min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+            return stable_then_decay(at, hold, total_steps, cfg.decay_shape)
+        return max(0.0, decay(min(1.0, (at - warmup) / max(1, total_steps - warmup))))
+
+    def multiplier(step: int) -> float:
+        """The rate of step `step` + 1, after `step` steps: the warmup counts the step about to run, the rest the steps done."""
+        return (step + 1) / warmup if step < warmup else after_warmup(step)
 
     def multiplier_by_progress(step: int) -> float:
-        # step 0 is the scheduler's own construction, before any training time exists
-        done = min(1.0, max((step + 1) / total_steps, progress() if step > 0 else 0.0))
-        warm = warmup / total_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio
-        if done < warm:
-            return done / warm
-        if cfg.name == "wsd":
-            return stable_then_decay(done, hold / total_steps, 1.0, cfg.decay_shape)
-        return max(0.0, decay((done - warm) / max(1e-9, 1.0 - warm)))
+        # the spent budget in steps; step 0 is the scheduler's own construction, before any training time exists
+        spent = progress() * total_steps if step > 0 else 0.0
+        if max(step, spent) < warmup:
+            return min(1.0, max(step + 1, spent) / warmup)
+        return after_warmup(min(float(total_steps), max(step, spent)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier if progress is None else multiplier_by_progress)
 

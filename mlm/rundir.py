@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from mlm.config import MOVED, UserError
+from mlm.config import MOVED, UserError, resume_exempt
 from mlm.distributed import detect, is_main_process
 from mlm.files import NOFOLLOW, atomic_write_json, write_error
 from mlm.tracking import MASKED, scrub
@@ -216,17 +216,11 @@ def release_run_dir(run_dir: Path) -> None:
         lock.release()
 
 
-# Settings that change neither the weights nor the final metrics: a finished run asked again with
-# other values of these is still the same finished run, and an unfinished one may resume with them.
-# (max_steps and budget_minutes say how far to train: finished_results compares them with how far
-# the run got; downstream.* only says what to fine-tune afterwards: a finished run asked for other
-# downstream numbers gets them added, mlm.cli.with_downstream.) Every other setting changed is
-# refused, so one run never mixes two configs.
-NOT_RESULTS = ("resume", "debug", "tracker.", "downstream.", "trainer.progress_bar", "runtime.num_workers", "runtime.num_threads",
-               "runtime.compile", "trainer.probe_sentences", "trainer.top_k", "trainer.max_steps", "trainer.budget_minutes",
-               "runtime.reuse_host_memory", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
-               "trainer.keep_checkpoints", "runtime.collective_timeout_minutes", "runtime.device_slots",
-               "trainer.per_device_batch_size", "trainer.gradient_accumulation_steps")  # these two: their product x processes (the global batch) is compared
+# The settings a resume (and the "finished" check) does not compare: each says so on its field in mlm/config.py
+# (NO_RESULT: speed, memory, workers, cadence, logging, downstream; OWN_CHECK: max_steps and budget_minutes,
+# which finished_results compares with how far the run got, and the batch split, whose global batch
+# changed_settings compares). Every other setting changed is refused, so one run never mixes two configs.
+NOT_RESULTS = resume_exempt()
 
 
 def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int], may_change: Tuple[str, ...] = ()) -> List[str]:
@@ -300,8 +294,8 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
         return None
     differ = changed_settings(saved, settings, results.get("processes"))
     if differ:
-        raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); "
-                        "give this run its own directory, or resume=never to replace that one")
+        raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); put them back "
+                        "to get its results, or give this run its own directory (hydra.run.dir=... or hydra.sweep.dir=...)")
     return results
 
 
@@ -329,11 +323,11 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
     if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
         log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
     elif differ:
-        raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); resume with the same "
-                        "settings, give this run its own directory, or resume=never to start over")
+        raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); put them back to resume "
+                        f"it, or branch from it with these in a run directory of its own: hydra.run.dir=<new dir> resume={candidates[0]}")
     if 0 < max_steps < step:
-        raise UserError(f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; "
-                        "raise trainer.max_steps, or resume=never to start over")
+        raise UserError(f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; raise "
+                        "trainer.max_steps to resume it, or give this run a directory of its own (hydra.run.dir=...)")
 
 
 def flat_settings(cfg: DictConfig) -> Optional[dict]:

@@ -144,3 +144,88 @@ def test_a_value_an_older_version_masked_is_not_counted_as_changed():
     saved = {"model.tokenizer": "***", "optimizer.lr": 1e-4}  # older versions masked model.tokenizer for its "token"
     assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 1e-4}, 1) == []
     assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 2e-4}, 1) == ["optimizer.lr=0.0001 there, 0.0002 now"]
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["optimizer.beta1=1.0"], "optimizer.beta1=1.0 must be in [0, 1)"),
+    (["optimizer.beta1=-0.1"], "optimizer.beta1=-0.1 must be in [0, 1)"),
+    (["optimizer.beta2=1.5"], "optimizer.beta2=1.5 must be in [0, 1)"),
+    (["optimizer.eps=0"], "optimizer.eps=0.0 must be positive"),
+    (["optimizer.eps=-1e-8"], "optimizer.eps=-1e-08 must be positive"),
+    (["runtime.num_workers=-1"], "runtime.num_workers=-1 must be >= 0"),
+    (["runtime.num_threads=-2"], "runtime.num_threads=-2 must be >= 0"),
+    (["model.attn_implementation=bogus"], "model.attn_implementation='bogus' is not an attention backend of transformers; use one of eager,"),
+    (["dataset.tokenize_batch_size=-5"], "dataset.tokenize_batch_size=-5 must be at least 1"),
+    (["dataset.tokenize_batch_size=0"], "dataset.tokenize_batch_size=0 must be at least 1"),
+    (["dataset.max_examples=0"], "dataset.max_examples=0 must be at least 1 (or unset for every example)"),
+    (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm=-1.0 must be >= 0"),
+    (["trainer.top_k=0"], "trainer.top_k=0 must be at least 1"),
+    (["downstream=polarity", "downstream.max_train_examples=0"], "downstream.max_train_examples=0 must be at least 1 (or unset for every example)"),
+    (["downstream=polarity", "downstream.max_train_examples=-1"], "downstream.max_train_examples=-1 must be at least 1"),
+    (["optimizer.lr=nan"], "optimizer.lr=nan is not a number"),  # nan passes every comparison-based range check
+    (["trainer.epochs=inf"], "trainer.epochs=inf is not a number"),
+    (["downstream=polarity", "downstream.lr=inf"], "downstream.lr=inf is not a number"),
+])
+def test_a_bad_value_is_one_line_naming_its_key(overrides, line):
+    cfg = compose(overrides)
+    with pytest.raises(UserError) as err:
+        cfg.validate()
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [["optimizer.beta1=0", "optimizer.beta2=0.999", "optimizer.eps=1e-12"],
+                                       ["model.attn_implementation=eager"], ["model.attn_implementation=flex_attention"],
+                                       ["model.attn_implementation=kernels-community/flash-attn2"],  # a hub kernel, as transformers allows
+                                       ["runtime.num_workers=2", "dataset.tokenize_batch_size=1", "dataset.max_examples=1"],
+                                       ["downstream=polarity", "downstream.max_train_examples=1"]])
+def test_edge_values_that_work_pass(overrides):
+    compose(overrides).validate()
+
+
+SPEED = ["runtime.activation_checkpointing=true", "dataset.num_proc=1", "optimizer.impl=foreach", "runtime.sparse_prediction=false",
+         "trainer.eval_batch_size=7"]  # the same numbers (up to float rounding), at another speed or memory
+
+
+def flat(overrides):
+    from mlm.rundir import flat_settings
+
+    return flat_settings(OmegaConf.structured(compose(["model=tiny", "dataset=local", "dataset.path=a.txt", *overrides])))
+
+
+def test_speed_and_memory_settings_neither_block_a_resume_nor_unfinish_a_run(tmp_path):
+    import json
+
+    from mlm.rundir import check_resume_settings, finished_results
+    from tests.test_wsd import write_checkpoint
+
+    saved, now = flat(["trainer.max_steps=8"]), flat(["trainer.max_steps=8", *SPEED])
+    assert sorted(k for k in now if now[k] != saved[k]) == sorted(o.split("=")[0] for o in SPEED)
+    write_checkpoint(tmp_path, 4, saved)
+    check_resume_settings(tmp_path, "auto", 8, now)  # was: "trained with other settings (dataset.num_proc=0 there, 1 now; ...)"
+    (tmp_path / "results.json").write_text(json.dumps({"steps": 8, "config": saved, "processes": 1}))
+    assert finished_results(tmp_path, "auto", 8, now)["steps"] == 8  # the same finished run, not a refusal
+
+
+def test_a_refused_resume_names_the_way_out_that_keeps_its_checkpoints(tmp_path, caplog):
+    from mlm.rundir import check_resume_settings
+    from tests.test_wsd import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run", 4, flat([]))
+    changed = flat(["runtime.mixed_precision=no"])
+    with pytest.raises(UserError) as err:
+        check_resume_settings(tmp_path / "run", "auto", 1000, changed)
+    assert str(err.value).endswith(f"put them back to resume it, or branch from it with these in a run directory of its own: "
+                                   f"hydra.run.dir=<new dir> resume={ckpt}") and "resume=never" not in str(err.value)
+    check_resume_settings(tmp_path / "branch", str(ckpt), 1000, changed)  # the advice taken: a branch, warned about, not refused
+    assert f"resuming {ckpt} with other settings: runtime.mixed_precision='auto' there, 'no' now" in caplog.text
+
+
+def test_what_a_setting_means_for_a_resume_is_written_on_its_field():
+    from mlm.config import resume_exempt
+    from mlm.rundir import NOT_RESULTS
+
+    keys = schema_keys()
+    assert NOT_RESULTS == resume_exempt()
+    assert all(k in keys or k.endswith(".") and any(s.startswith(k) for s in keys) for k in NOT_RESULTS)  # real keys or groups
+    assert {o.split("=")[0] for o in SPEED} <= set(NOT_RESULTS) and {"tracker.", "downstream.", "trainer.max_steps"} <= set(NOT_RESULTS)
+    assert not {"optimizer.lr", "runtime.mixed_precision", "seed", "block_size", "trainer.epochs"} & set(NOT_RESULTS)

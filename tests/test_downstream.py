@@ -119,6 +119,11 @@ def test_local_csv_and_jsonl_with_string_int_labels_and_pairs(tmp_path):
     ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "  ", "label": 0}\n', "t.jsonl, line 2: no 'text'"),
     ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "ok", "label": 0\n', "t.jsonl, line 2: not valid JSON"),
     ("t.jsonl", '{"text": "ok", "label": 1}\n["text", 0]\n', "t.jsonl, line 2: a JSON list"),
+    # labels that are no class: a traceback (unhashable, int(inf)) or a class per nan, before
+    ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "ok", "label": {"a": 1}}\n', 't.jsonl, line 2: label={"a": 1} is not a class label'),
+    ("t.jsonl", '{"text": "ok", "label": [1, 0]}\n', "t.jsonl, line 1: label=[1, 0] is not a class label"),
+    ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "ok", "label": Infinity}\n', "t.jsonl, line 2: label=Infinity is not a class label"),
+    ("t.jsonl", '{"text": "ok", "label": NaN}\n', "t.jsonl, line 1: label=NaN is not a class label"),
 ])
 def test_a_malformed_row_is_one_line_naming_file_and_line(tmp_path, name, text, where):
     from mlm.downstream import load_local
@@ -195,6 +200,31 @@ def test_cli_settings_errors_are_one_line(tiny_model_dir, capsys, args, message)
     assert main([str(tiny_model_dir), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {message}" or err[-1].startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("cap", [0, -1])
+def test_max_train_examples_below_one_is_one_line_not_a_hang(tiny_model_dir, cap):
+    """0 fine-tuned on no batch and waited for one forever, at full CPU; -1 dropped one example. Both are refused
+    (unset means every example); the timeout turns a hang back into a failure."""
+    proc = run_cli([str(tiny_model_dir), "downstream=polarity", f"downstream.max_train_examples={cap}"], module="mlm.downstream",
+                   timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: downstream.max_train_examples={cap} must be at least 1 (or unset for every example)"
+    assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [proc.stderr.strip().splitlines()[-1]]
+
+
+def test_a_fine_tune_on_no_examples_stops_at_once(tiny_model_dir):
+    import threading
+
+    from mlm.downstream import Examples, finetune
+
+    outcome = []
+    empty = Examples([], [], ["neg", "pos"])
+    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(UserError, finetune, str(tiny_model_dir), None, empty,
+                                                                          downstream_cfg("downstream=polarity"), 0, "cpu")), daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # a hang leaves the (daemon) thread spinning and fails here
+    assert outcome and "no training examples to fine-tune on" in str(outcome[0].value)
 
 
 def test_cli_model_that_is_not_a_saved_model(tmp_path, capsys):

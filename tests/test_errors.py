@@ -31,6 +31,8 @@ def assert_clean_failure(proc, run_dir, *needles):
         (["masking.mlm_probability=-0.2"], ["mlm_probability=-0.2"]),
         (["block_size=1024"], ["block_size=1024", "512 positions"]),
         (["dataset.streaming=true", "trainer.max_steps=-1"], ["dataset.streaming=true needs trainer.max_steps > 0"]),
+        (["optimizer.beta2=1.0"], ["optimizer.beta2=1.0 must be in [0, 1)"]),  # was torch's ValueError, a traceback
+        (["model.attn_implementation=bogus"], ["model.attn_implementation='bogus' is not an attention backend"]),
     ],
 )
 def test_bad_values_fail_with_one_line(tmp_path, corpus, overrides, needles):
@@ -119,3 +121,20 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, c
     with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3") as err:
         mlm.train.train(cfg, tmp_path / "fresh")
     assert str(err.value).endswith("no verified checkpoint was written before it") and not (tmp_path / "fresh" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_its_speed_and_memory_settings_changed(corpus, tmp_path):
+    """The settings that change no result (tests.test_config.SPEED) were each a refusal of the resume."""
+    import signal
+
+    from tests.test_config import SPEED
+
+    run_dir = tmp_path / "run"
+    args = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.save_model=false",
+            f"hydra.run.dir={run_dir}"]
+    assert run_cli(args, env={"MLM_FAULT_KILL_AT": "step:3"}).returncode == -signal.SIGKILL
+    resumed = run_cli([*args, *SPEED])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'ckpt-00000002'}" in resumed.stdout + resumed.stderr
+    assert "other settings" not in resumed.stdout + resumed.stderr

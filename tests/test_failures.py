@@ -103,8 +103,8 @@ def test_only_result_affecting_settings_block_a_resume(tmp_path, caplog):
     with pytest.raises(UserError) as err:
         check_resume_settings(tmp_path, "auto", 8, changed)
     assert str(err.value) == (f"{ckpt} was trained with other settings (block_size=32 there, 64 now; dataset.path='a.txt' there, "
-                              "'b.txt' now; optimizer.lr=0.001 there, 0.002 now; seed=1 there, 2 now); resume with the same settings, "
-                              "give this run its own directory, or resume=never to start over")
+                              "'b.txt' now; optimizer.lr=0.001 there, 0.002 now; seed=1 there, 2 now); put them back to resume it, "
+                              f"or branch from it with these in a run directory of its own: hydra.run.dir=<new dir> resume={ckpt}")
     check_resume_settings(tmp_path, str(ckpt), 8, changed)  # a checkpoint named by hand: a branch, warned about, not refused
     assert f"resuming {ckpt} with other settings: block_size=32 there, 64 now" in caplog.text
     with pytest.raises(UserError, match="trainer.max_steps=3 is below the 4 steps"):
@@ -122,7 +122,8 @@ def test_another_lr_on_an_unfinished_run_is_refused_with_checkpoints_untouched(c
     assert other.returncode == 2, other.stderr[-2000:]
     assert "taking over" in other.stdout and len(other.stdout.strip().splitlines()) == 1  # the killed run's lock, and only that
     assert error_lines(other) == [f"error: {run_dir}/checkpoints/ckpt-00000004 was trained with other settings (optimizer.lr=0.0004 "
-                                  "there, 0.01 now); resume with the same settings, give this run its own directory, or resume=never to start over"]
+                                  "there, 0.01 now); put them back to resume it, or branch from it with these in a run directory of its own: "
+                                  f"hydra.run.dir=<new dir> resume={run_dir}/checkpoints/ckpt-00000004"]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock") == before  # .hydra too
     same = run_cli([*args, "trainer.eval_every=4"])  # eval cadence changes no result: resumes
     assert same.returncode == 0 and "at step 4\n" in same.stdout + same.stderr, same.stderr[-2000:]

@@ -143,7 +143,8 @@ def test_finished_run_asked_with_other_settings_is_refused(tiny_run):
     other = run_cli([*first.args[2:], "optimizer.lr=0.123"])
     assert other.returncode == 2 and other.stdout == ""
     assert other.stderr.strip().splitlines() == [f"error: {run_dir} holds a finished run with other settings "
-                                                 f"(optimizer.lr=0.0004 there, 0.123 now); give this run its own directory, or resume=never to replace that one"]
+                                                 "(optimizer.lr=0.0004 there, 0.123 now); put them back to get its results, or give this run its own "
+                                                 "directory (hydra.run.dir=... or hydra.sweep.dir=...)"]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
 
 

@@ -84,9 +84,29 @@ def test_the_decay_starts_where_the_spent_budget_reaches_one_minus_decay_ratio()
             lrs.append(sched.get_last_lr()[0])
         assert lrs[:4] == pytest.approx([0.5, 1.0, 1.0, 1.0], abs=1e-4)  # warmup, then flat up to 0.8 of the budget
         assert lrs[4] < 1.0 and lrs[5:] == pytest.approx([half_way, 0.0, 0.0], abs=1e-4)
-    # with the budget far from spent, the steps lead: 10 steps, the decay after 0.8 of them (the budget form counts step + 1)
+    # with the budget far from spent, the steps lead: 10 steps, the decay after step 8, the last step at half the peak
     rates = multipliers({"warmup_steps": 1, "decay_ratio": 0.2}, 10, progress=lambda: 0.0, base_lr=1.0)
-    assert rates[1:] == pytest.approx([1.0] * 7 + [0.5, 0.0, 0.0])
+    assert rates == [1.0] * 9 + [0.5, 0.0]
+
+
+@pytest.mark.parametrize("total, warmup, decay_ratio, shape", [(10, 0, 0.2, "linear"), (20, 3, 0.25, "1-sqrt"), (37, 5, 0.3, "linear")])
+@pytest.mark.parametrize("budget", [False, True])
+def test_the_rates_are_transformers_wsd_schedule_with_or_without_a_budget_the_steps_beat(total, warmup, decay_ratio, shape, budget):
+    """transformers.get_wsd_schedule is the reference: every optimizer step trains at its rate (from the end of warmup
+    on: its warmup starts at 0, ours reaches the peak on warmup's last step), also under a time budget that the steps
+    beat (it was one step ahead: the decay began a step early and the last step trained at 0)."""
+    from mlm.schedules import decay_start
+    from transformers import get_wsd_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hold = decay_start(total, decay_ratio)
+    reference = get_wsd_schedule(opt, num_warmup_steps=warmup, num_decay_steps=total - hold, num_training_steps=total,
+                                 decay_type="1-sqrt" if shape == "1-sqrt" else "linear")
+    expected = [reference.lr_lambdas[0](step) for step in range(total)]  # the rate step + 1 trains at
+    ours = multipliers({"warmup_steps": warmup, "warmup_ratio": 0.0, "decay_ratio": decay_ratio, "decay_shape": shape}, total,
+                       progress=(lambda: 0.01) if budget else None, base_lr=1.0)[:total]
+    assert ours[warmup:] == pytest.approx(expected[warmup:], abs=1e-12) and ours[-1] > 0.0
+    assert ours[:warmup] == [(s + 1) / warmup for s in range(warmup)]
 
 
 # --- which settings a checkpoint may change -----------------------------------------------------------
@@ -140,7 +160,7 @@ def test_a_stable_checkpoint_may_change_its_decay_and_nothing_else(tmp_path, cap
         shown = "; ".join(f"{k}={WSD[k]!r} there, {settings[k]!r} now" for k in changed)
         with pytest.raises(UserError) as err:
             check_resume_settings(tmp_path, "auto", settings["trainer.max_steps"], settings)
-        assert str(err.value).startswith(f"{ckpt} was trained with other settings ({shown}); resume with the same settings")
+        assert str(err.value).startswith(f"{ckpt} was trained with other settings ({shown}); put them back to resume it")
         check_resume_settings(tmp_path, str(ckpt), settings["trainer.max_steps"], settings)
         assert f"resuming {ckpt} with other settings: {shown}" in caplog.text
 
@@ -237,8 +257,8 @@ def test_a_decaying_checkpoint_may_not_take_another_decay(runs, corpus):
                     "scheduler.decay_shape=1-sqrt"])
     assert proc.returncode == 2
     assert error_lines(proc)[-1] == (f"error: {run_dir / 'checkpoints' / 'ckpt-00000040'} was trained with other settings "
-                                     "(scheduler.decay_ratio=0.25 there, 0.5 now); resume with the same settings, give this run "
-                                     "its own directory, or resume=never to start over")
+                                     "(scheduler.decay_ratio=0.25 there, 0.5 now); put them back to resume it, or branch from it with "
+                                     f"these in a run directory of its own: hydra.run.dir=<new dir> resume={run_dir / 'checkpoints' / 'ckpt-00000040'}")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 

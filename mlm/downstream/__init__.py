@@ -90,8 +90,16 @@ def _with_class_ids(rows: List[Tuple[Tuple[str, ...], Any]]) -> Examples:
 def _is_int(value: Any) -> bool:
     try:
         return int(value) == float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         return False
+
+
+def _label(value: Any, where: str, name: str) -> Any:
+    """A row's class label: a string, an integer (or a number equal to one: 1.0 is class 1) or another finite number.
+    A JSON object or list has no class name to sort by, and inf or nan none to compare with (each nan would be a class)."""
+    if not isinstance(value, (str, int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        raise UserError(f"{where}: {name}={json.dumps(value)[:60]} is not a class label; use a string or an integer")
+    return int(value) if _is_int(value) else value
 
 
 def load_local(cfg: DownstreamConfig) -> Examples:
@@ -109,8 +117,7 @@ def load_local(cfg: DownstreamConfig) -> Examples:
         missing = [f for f in fields if record.get(f) is None or str(record[f]).strip() == ""]
         if missing:
             raise UserError(f"{where}: no {missing[0]!r} (or it is empty); every row needs {', '.join(fields)}")
-        label = record[cfg.label_field]
-        rows.append((tuple(str(record[f]) for f in cfg.text_fields), int(label) if _is_int(label) else label))
+        rows.append((tuple(str(record[f]) for f in cfg.text_fields), _label(record[cfg.label_field], where, cfg.label_field)))
     if not rows:
         raise UserError(f"{path} has no rows")
     return _with_class_ids(rows)
@@ -244,6 +251,8 @@ def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, 
     """One fine-tune: a new head seeded by `seed`, AdamW with a linear schedule after a 10% warmup."""
     from mlm.optim import build_optimizer, build_scheduler
 
+    if not len(train):  # the loop below would wait forever for a first batch
+        raise UserError(f"downstream {task_name(cfg)!r}: no training examples to fine-tune on")
     torch.manual_seed(seed)  # the head's initial weights and dropout
     model = load_classifier(model_dir, len(train.classes)).to(device)
     optimizer = build_optimizer(model, OptimizerConfig(lr=cfg.lr))
