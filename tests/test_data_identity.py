@@ -216,3 +216,16 @@ def test_another_spelling_of_the_path_reuses_the_cache_entry(tmp_path, data_file
     monkeypatch.chdir(data_file.parent)
     monkeypatch.setattr(mlm.data.blocks, "iter_documents", lambda *_: pytest.fail("the same file must reuse its blocks"))
     build_blocks(DatasetConfig(kind="local", path="./corpus.txt"), tokenizer, 32, cache_root=str(cache))
+
+
+def test_a_streaming_run_records_and_checks_its_files(tmp_path, data_file, own_cache):
+    from mlm.train import train
+
+    args = [*RUN, f"dataset.path={data_file}", "dataset.streaming=true", "dataset.streaming_eval_docs=50", "trainer.max_steps=2"]
+    run_dir = tmp_path / "stream"
+    assert guard(run_dir, args) is None
+    results = train(compose(args), run_dir)
+    assert [path for path, _ in results["data"]["sources"]] == [str(data_file.resolve())]
+    edit(data_file)
+    with pytest.raises(UserError, match="the training data changed since checkpoint ckpt-00000002"):
+        guard(run_dir, [*args[:-1], "trainer.max_steps=4"])
