@@ -72,8 +72,9 @@ def main() -> None:
         first = timed(lambda: (forget(), identity.file_sha256(corpus, memo)), args.repeats)
         again = timed(lambda: identity.file_sha256(corpus, memo), args.repeats)
         arrow_bytes = sum(os.path.getsize(os.path.join(entry, f"{s}.arrow")) for s in blocks.SPLITS)
-        for split in blocks.SPLITS:
-            identity.remember_sha256(os.path.join(entry, f"{split}.arrow"), blocks._file_record(os.path.join(entry, f"{split}.arrow"))["sha256"], memo)
+        for split in blocks.SPLITS:  # as build_blocks does once the entry is in place
+            arrow = os.path.join(entry, f"{split}.arrow")
+            identity.remember_sha256(arrow, blocks._file_record(arrow)["sha256"], memo)
         check = timed(lambda: blocks._entry_problem(entry, memo), args.repeats)
         unremembered = timed(lambda: (forget(), blocks._entry_problem(entry, memo)), args.repeats)
         opening = timed(lambda: blocks._open_blocks(entry), args.repeats)

@@ -134,6 +134,19 @@ def test_an_unchanged_file_is_not_hashed_again(tmp_path, monkeypatch):
     assert file_sha256(str(path), str(tmp_path / "memo")) == digest
 
 
+def test_a_link_planted_in_a_shared_hash_cache_is_not_written_through(tmp_path):
+    from mlm.data import identity
+
+    path, cache, victim = tmp_path / "f.txt", tmp_path / "cache", tmp_path / "victim"
+    path.write_text("one two three\n")
+    victim.write_text("keep me")
+    memo = Path(identity._memo_path(str(path.resolve()), str(cache)))
+    memo.parent.mkdir(parents=True)
+    Path(f"{memo}.tmp-{os.getpid()}").symlink_to(victim)
+    assert file_sha256(str(path), str(cache)) == hashlib.sha256(b"one two three\n").hexdigest()
+    assert victim.read_text() == "keep me" and not memo.exists()
+
+
 def test_changed_data_names_the_tokenizer_and_files_added_or_gone():
     saved = {"sources": [["/d/a.txt", "1" * 64], ["/d/b.txt", "2" * 64]], "tokenizer": "a" * 64}
     now = {"sources": [["/d/a.txt", "1" * 64], ["/d/c.txt", "3" * 64]], "tokenizer": "b" * 64}

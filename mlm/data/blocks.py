@@ -22,7 +22,6 @@ A build writes into `<key>.tmp-<host>-<pid>` and renames it when done; a killed 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -419,8 +418,13 @@ def _open_checked(path: str, cache_root: str, aside: str) -> DatasetDict | None:
             problem = f"cannot be opened ({type(e).__name__}: {str(e)[:200]})"
     log.warning("cached blocks %s: %s; building them again", path, problem)
     shutil.rmtree(aside, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):  # another process moved it first
+    try:
         os.replace(path, aside)
+    except FileNotFoundError:  # another process moved it first
+        pass
+    except OSError as e:
+        raise UserError(f"cannot move the damaged block cache entry {path} aside: {e.strerror}; delete it, "
+                        "or set MLM_CACHE to a writable directory") from e
     return None
 
 

@@ -21,13 +21,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 from typing import Any, Dict, List, Optional
 
 from mlm.data.sources import _local_files
-
-log = logging.getLogger(__name__)
 
 HASHES = "hashes"  # under the cache root: one small JSON per hashed file
 
@@ -69,9 +66,12 @@ def _remember(memo: str, record: Dict[str, Any]) -> None:
     tmp = f"{memo}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(memo), exist_ok=True)
-        with open(tmp, "w") as f:
+        # a cache may be shared: never write through a link planted at the temporary name
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
             json.dump(record, f)
         os.replace(tmp, memo)
+    except FileExistsError:  # another process of ours is writing it, or something planted: not ours to remove
+        return
     except OSError:  # a read-only cache only costs hashing again next time
         with contextlib.suppress(OSError):
             os.remove(tmp)
