@@ -8,7 +8,8 @@ A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding
                       (torch.distributed.checkpoint; loadable onto another number of processes)
   scheduler.pt, scaler.pt
   rng-<rank>.json     python, numpy and torch RNG states of each process
-  state.json          step, data position, tracker run id, best eval, model identity
+  state.json          step, data position, tracker run id, best eval, model identity, data identity ("data":
+                      the source files' and tokenizer's SHA-256, mlm/data/identity.py; a resume compares them)
   manifest.json       written last: every file's size and SHA-256; a checkpoint without it is incomplete
 It is written under a temporary name and renamed into place when complete, so a kill at any
 moment leaves either the old set of checkpoints or the old set plus one complete new one.

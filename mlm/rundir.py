@@ -292,7 +292,7 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
             return None  # another budget: resume and train on (as with more max_steps)
     elif max_steps > 0 and results.get("steps") != max_steps:
         return None
-    differ = changed_settings(saved, settings, results.get("processes"))
+    differ = changed_settings(saved, settings, results.get("processes"), path_by_content(results))
     if differ:
         raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); put them back "
                         "to get its results, or give this run its own directory (hydra.run.dir=... or hydra.sweep.dir=...)")
@@ -319,7 +319,7 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
         saved, step = state["config"], int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable (resume then sets it aside) or written before configs were saved
-    differ = changed_settings(saved, settings, state.get("world_size"), branch_may_change(saved, settings, step))
+    differ = changed_settings(saved, settings, state.get("world_size"), branch_may_change(saved, settings, step) + path_by_content(state))
     if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
         log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
     elif differ:
@@ -359,7 +359,59 @@ def guard(run_dir: Path, cfg) -> Optional[dict]:
     results = finished_results(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
     if results is None:
         check_resume_settings(run_dir, cfg.resume, cfg.trainer.max_steps, settings)
+    if settings is not None:
+        check_same_data(run_dir, cfg, results)
     return results
+
+
+# ---------------------------------------------------------------- the data's identity (mlm/data/identity.py)
+
+
+def path_by_content(record: dict) -> Tuple[str, ...]:
+    """("dataset.path",) when a run's record (results.json or state.json) holds its files' content hashes:
+    then the files are compared by resolved path and content (check_same_data), not dataset.path as a string."""
+    data = record.get("data")
+    return ("dataset.path",) if isinstance(data, dict) and data.get("sources") is not None else ()
+
+
+def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
+    """resume=auto: refuse to call a finished run done, or to resume the newest checkpoint, when the source files it
+    recorded have other content now (one UserError naming each file). The tokenizer is compared in train.resume,
+    which has it; a checkpoint named by hand (a branch) is checked there too, with a warning."""
+    from mlm.checkpoint import resume_candidates
+
+    if cfg.resume != "auto":
+        return
+    if results is not None:
+        record, where = results, None
+    else:
+        candidates = resume_candidates("auto", run_dir)
+        try:
+            record, where = json.loads((candidates[0] / "state.json").read_text()), candidates[0]
+        except (IndexError, OSError, ValueError):
+            return  # nothing to resume, or unreadable (resume sets it aside)
+    if not path_by_content(record):
+        return  # written before runs recorded their data, or not local files
+    from mlm.data.blocks import default_cache_root
+    from mlm.data.identity import changed_data, source_identity
+
+    try:
+        now = {"sources": source_identity(cfg.dataset, default_cache_root())}
+    except UserError:
+        return  # the files are gone: a finished run's results still stand; a resume says so when it reads them
+    differ = changed_data(record["data"], now)
+    if differ and where is None:
+        raise UserError(f"{run_dir} holds a finished run trained on other data ({'; '.join(differ)}); "
+                        "give the run on this data its own directory (the finished run's results stay)")
+    if differ:
+        raise data_changed(where, differ)
+
+
+def data_changed(checkpoint: Path, differ: List[str]) -> UserError:
+    """The refusal of resume=auto from `checkpoint` on other data, with the way out that keeps every checkpoint."""
+    return UserError(f"the training data changed since checkpoint {checkpoint.name}: {'; '.join(differ)}; put the data back to resume, "
+                     f"or train on it in a new run directory branched from this checkpoint (hydra.run.dir=<new dir> "
+                     f"resume={checkpoint.resolve()}); the checkpoints here are kept")
 
 
 def start_from(run_dir: Path, resumed_step: Optional[int], unrecorded: List[Dict[str, Any]] = ()) -> None:

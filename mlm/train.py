@@ -27,6 +27,8 @@ from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
 from mlm.data import build_blocks, flat_token_ids
+from mlm.data.blocks import default_cache_root
+from mlm.data.identity import changed_data, data_identity
 from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
 from mlm.ema import WeightAverage, weight_average
 from mlm.evaluate import evaluate
@@ -118,6 +120,7 @@ class Data:
     order: TrainOrder
     steps: int  # optimizer steps the run trains for
     stream_shards: Optional[int]  # streaming: how many shards the stream is read in (a resume must keep it)
+    identity: Dict[str, Any]  # what it trains on: source files' and tokenizer's hashes (mlm/data/identity.py), a resume compares them
 
 
 @dataclass
@@ -203,6 +206,7 @@ def build_data(cfg: Config, accelerator: Accelerator) -> Tuple[Any, Data]:
         else:
             blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
             train_blocks, eval_blocks = blocks["train"], blocks["test"]
+        identity = data_identity(cfg.dataset, tokenizer, default_cache_root())  # the hashes build_blocks just took: a stat per file
     if cfg.model.head_bias_init == "unigram":
         if train_blocks is None:
             log.warning("model.head_bias_init=unigram counts the training split's tokens, which a stream does not have; "
@@ -225,7 +229,7 @@ def build_data(cfg: Config, accelerator: Accelerator) -> Tuple[Any, Data]:
         )
     steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.epochs * order.steps_per_epoch))
     stream_shards = accelerator.num_processes * max(1, cfg.runtime.num_workers) if cfg.dataset.streaming else None
-    return model, Data(tokenizer, train_blocks, eval_blocks, order, steps, stream_shards)
+    return model, Data(tokenizer, train_blocks, eval_blocks, order, steps, stream_shards, identity)
 
 
 def build_optimization(cfg: Config, model, steps: int, accelerator: Accelerator, budget_progress=None):
@@ -259,6 +263,7 @@ def resume(run: Run) -> None:
         if saved.get("stream_shards") != run.data.stream_shards:
             raise UserError(f"{ckpt} read its data stream in {saved.get('stream_shards')} shards, this run uses {run.data.stream_shards}; "
                             "keep dataset.streaming, the number of processes and runtime.num_workers to resume")
+        check_data(saved, run.data.identity, ckpt, run.cfg.resume)
         run.state.restore(saved["train_state"])
         keep_config_rates(run.optimizer, run.scheduler, config_rates)
         if run.run_dir.resolve() not in ckpt.resolve().parents:  # another run's checkpoint: a branch, with its own tracker run
@@ -266,6 +271,16 @@ def resume(run: Run) -> None:
         log.info("resumed from %s at step %d", ckpt, run.state.step)
     if run.main:
         rundir.start_from(run.run_dir, run.state.step if ckpt is not None else None, run.state.unrecorded)
+
+
+def check_data(saved: Dict[str, Any], identity: Dict[str, Any], ckpt: Path, resume_setting: str) -> None:
+    """Resuming `ckpt` on other data than it recorded (files or tokenizer): refused under resume=auto, a warning for a
+    checkpoint named by hand (a branch the user asked for). The run dir's guard already refused changed files."""
+    differ = changed_data(saved.get("data"), identity)
+    if differ and resume_setting == "auto":
+        raise rundir.data_changed(ckpt, differ)
+    if differ:
+        log.warning("resuming %s on other data than it trained on: %s", ckpt, "; ".join(differ))
 
 
 def keep_config_rates(optimizer, scheduler, rates: List[float]) -> None:
@@ -422,7 +437,7 @@ def save(run: Run, window: "LogWindow") -> None:
     state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
     state.unrecorded = run.tracker.unwritten
     extra = {"train_state": asdict(state), "global_batch": run.data.order.global_batch, "stream_shards": run.data.stream_shards,
-             "config": run.settings}
+             "config": run.settings, "data": run.data.identity}
     checkpoint.save_checkpoint(run.run_dir, state.step, run.raw_model, run.optimizer, run.scheduler, acc.scaler, extra, acc,
                                run.cfg.trainer.keep_checkpoints, run.layout, run.ema)
 
@@ -454,6 +469,7 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "wall_seconds": round(wall_seconds, 3),
         "branched_from": state.branched_from,  # resume=<another run's checkpoint>: which, and its step
         "config": run.settings,  # what a rerun compares before calling this run finished
+        "data": run.data.identity,  # and what it trained on (mlm/data/identity.py)
     }
 
 

@@ -13,7 +13,10 @@
    are appended to an Arrow file.
 The result is the same blocks, token for token, as grouping the whole split in memory (tested).
 Memory: a few chunks of tokens, plus 16 bytes per document (offsets and the split permutation).
-The blocks are cached under a key of every setting that changes them; a second run memory-maps them.
+The blocks are cached under a key of every setting that changes them and of the source files' content
+(identity.py); a second run memory-maps them. blocks.json records each Arrow file's size and SHA-256,
+checked when the entry is opened (the hash only when the file changed since its last check): an entry
+that fails is built again, with one warning.
 A build writes into `<key>.tmp-<host>-<pid>` and renames it when done; a killed build's is removed by the next.
 """
 
@@ -30,7 +33,7 @@ import shutil
 import socket
 import time
 from collections import deque
-from typing import Dict, Iterable, Iterator, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 import datasets
 import numpy as np
@@ -41,16 +44,18 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from mlm.config import DatasetConfig, UserError
-from mlm.data.sources import _local_files, batched, iter_documents
+from mlm.data.identity import file_sha256, remember_sha256, source_identity, tokenizer_serialization
+from mlm.data.sources import batched, iter_documents
 
 log = logging.getLogger(__name__)
 
-BLOCKS_FORMAT_VERSION = 2  # bump when the block layout changes, so old caches are not reused (2: one Arrow file per split)
+BLOCKS_FORMAT_VERSION = 3  # bump when the block layout changes, so old caches are not reused (2: one Arrow file per split; 3: content hashes)
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
 ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
 ENCODE_CHARS = 1 << 18  # characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
-META = "blocks.json"  # written last into the cache entry: split sizes and token counts
+META = "blocks.json"  # written last into the cache entry: split sizes, token counts, each Arrow file's size and SHA-256
+SPLITS = ("train", "test")
 
 
 # ---------------------------------------------------------------- grouping
@@ -291,22 +296,26 @@ def default_cache_root() -> str:
 def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str | None = None) -> DatasetDict:
     """Read, tokenize, split and group; cached on disk under a hash of every input that changes the result."""
     cache_root = cache_root or default_cache_root()
-    path = os.path.join(cache_root, "blocks", _cache_key(cfg, tokenizer, block_size))
-    if os.path.exists(os.path.join(path, META)):
-        log.info("reusing cached blocks %s", path)
-        return _open_blocks(path)
-    _remove_stale_builds(os.path.dirname(path))
+    path = os.path.join(cache_root, "blocks", _cache_key(cfg, tokenizer, block_size, cache_root))
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # a killed run never leaves a half-written cache entry
+    if os.path.exists(os.path.join(path, META)):
+        blocks = _open_checked(path, cache_root, tmp)
+        if blocks is not None:
+            log.info("reusing cached blocks %s", path)
+            return blocks
+    _remove_stale_builds(os.path.dirname(path))
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         start = time.perf_counter()
         meta = _write_blocks(cfg, tokenizer, block_size, tmp)
         seconds = time.perf_counter() - start
-        tokens = sum(m["tokens"] for m in meta.values())
+        tokens = sum(m["tokens"] for m in meta["splits"].values())
         log.info("preprocessed %d tokens in %.1f s (%.0f tokens/s)", tokens, seconds, tokens / max(seconds, 1e-9))
         try:
             os.replace(tmp, path)
+            for name, record in meta["files"].items():  # hashed while written: the first open only stats them
+                remember_sha256(os.path.join(path, name), record["sha256"], cache_root)
         except OSError:
             if not os.path.exists(os.path.join(path, META)):
                 raise  # a real write error; otherwise another process saved the same blocks first
@@ -346,7 +355,7 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> Dict[str, Dict[str, int]]:
+def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> Dict[str, Any]:
     pad_id = pad_id_of(tokenizer)
     docs = batched(iter_documents(cfg), cfg.tokenize_batch_size)
     tokens = TokenFile.write(os.path.join(out, "tokens.bin"), docs, tokenizer, resolve_num_proc(cfg.num_proc))
@@ -374,9 +383,16 @@ def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> D
     finally:
         tokens.close()
     os.remove(tokens.path)
+    files = {f"{split}.arrow": _file_record(os.path.join(out, f"{split}.arrow")) for split in SPLITS}
+    record = {"format": BLOCKS_FORMAT_VERSION, "block_size": block_size, "splits": meta, "files": files}
     with open(os.path.join(out, META), "w") as f:
-        json.dump({"format": BLOCKS_FORMAT_VERSION, "block_size": block_size, "splits": meta}, f)
-    return meta
+        json.dump(record, f)
+    return record
+
+
+def _file_record(path: str) -> Dict[str, Any]:
+    with open(path, "rb") as f:
+        return {"size": os.path.getsize(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 def _blocks_table(blocks: np.ndarray) -> pa.Table:
@@ -388,15 +404,56 @@ def _blocks_table(blocks: np.ndarray) -> pa.Table:
 
 def _open_blocks(path: str) -> DatasetDict:
     """Memory-mapped: opening costs nothing however large the splits are."""
-    return DatasetDict({split: Dataset.from_file(os.path.join(path, f"{split}.arrow")) for split in ("train", "test")})
+    return DatasetDict({split: Dataset.from_file(os.path.join(path, f"{split}.arrow")) for split in SPLITS})
 
 
-def _cache_key(cfg: DatasetConfig, tokenizer, block_size: int) -> str:
+def _open_checked(path: str, cache_root: str, aside: str) -> DatasetDict | None:
+    """The cached blocks at `path` if every Arrow file has the size and SHA-256 blocks.json records and opens;
+    else None, with one warning, and the entry moved to `aside` (this build's temporary name, removed before it builds)."""
+    problem = _entry_problem(path, cache_root)
+    if problem is None:
+        try:
+            return _open_blocks(path)
+        except Exception as e:  # pyarrow raises its own types for a damaged file
+            problem = f"cannot be opened ({type(e).__name__}: {str(e)[:200]})"
+    log.warning("cached blocks %s: %s; building them again", path, problem)
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another process moved it first
+        pass
+    except OSError as e:
+        raise UserError(f"cannot move the damaged block cache entry {path} aside: {e.strerror}; delete it, "
+                        "or set MLM_CACHE to a writable directory") from e
+    return None
+
+
+def _entry_problem(path: str, cache_root: str) -> str | None:
+    """None if each split's Arrow file matches blocks.json (a stat, plus a hash when the file changed since its
+    last check: identity.file_sha256), else what is wrong."""
+    try:
+        with open(os.path.join(path, META)) as f:
+            files = json.load(f)["files"]
+        for split in SPLITS:
+            name, record = f"{split}.arrow", files[f"{split}.arrow"]
+            size = os.path.getsize(os.path.join(path, name))
+            if size != record["size"]:
+                return f"{name} has {size} bytes, {META} records {record['size']}"
+            if file_sha256(os.path.join(path, name), cache_root) != record["sha256"]:
+                return f"{name} changed after it was written (its SHA-256 differs from {META})"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except (ValueError, KeyError, TypeError):
+        return f"{META} is unreadable or has no content hashes"
+    return None
+
+
+def _cache_key(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str) -> str:
     # settings that change speed or only the streaming path do not change the blocks
-    settings = {k: v for k, v in vars(cfg).items() if k not in ("num_proc", "tokenize_batch_size", "streaming", "streaming_eval_docs")}
-    source = {}
-    if cfg.kind == "local":  # the files' identity: a changed file must not reuse stale blocks
-        source = {f: (os.path.getsize(f), os.path.getmtime(f)) for f in _local_files(cfg.path)}
-    tok = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(sorted(tokenizer.get_vocab().items()))
-    blob = json.dumps([BLOCKS_FORMAT_VERSION, settings, source, block_size, datasets.__version__], sort_keys=True, default=str)
-    return hashlib.sha256((blob + tok).encode()).hexdigest()[:16]
+    unused = ("num_proc", "tokenize_batch_size", "streaming", "streaming_eval_docs") + (("path",) if cfg.kind == "local" else ())
+    settings = {k: v for k, v in vars(cfg).items() if k not in unused}
+    # a local dataset is its files' content, in reading order: a changed file gets new blocks; another spelling of its path does not
+    sources = source_identity(cfg, cache_root)
+    content = [sha for _, sha in sources] if sources is not None else None
+    blob = json.dumps([BLOCKS_FORMAT_VERSION, settings, content, block_size, datasets.__version__], sort_keys=True, default=str)
+    return hashlib.sha256((blob + tokenizer_serialization(tokenizer)).encode()).hexdigest()[:16]
