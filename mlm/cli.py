@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mlm.config import MOVED, REMOVED, Choice, Config, UserError, register_configs
+from mlm.config import CONF, GROUPS, MOVED, REMOVED, Choice, Config, UserError, register_configs
 from mlm.distributed import detect, is_main_process, launch_name
 from mlm.files import atomic_write_text, open_append
 from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir
@@ -84,8 +84,6 @@ def mask_sweep_snapshot(sweep_dir: Path) -> None:
         atomic_write_text(path, text)
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config tree (run.py's config_path)
-GROUPS = tuple(sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")) if CONF.is_dir() else ()  # group=option keys
 
 
 def schema_keys(node=Config, prefix: str = "") -> Dict[str, Any]:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
+
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config tree (run.py's config_path)
+GROUPS = tuple(sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")) if CONF.is_dir() else ()  # group=option keys
 
 
 class UserError(Exception):

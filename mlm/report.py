@@ -546,7 +546,7 @@ def eval_sweeps(space: List[str], config: DictConfig) -> List[str]:
     as 'key (what differs)': a key that sets the eval, or a config group whose options differ in one."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from mlm.cli import GROUPS
+    from mlm.config import GROUPS
     from mlm.rundir import flat_settings
 
     base = flat_settings(config) or {}
