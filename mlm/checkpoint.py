@@ -252,7 +252,7 @@ def load_newest(resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any
         if path is None:
             if failed:
                 raise UserError(f"no checkpoint in {run_dir} loads ({failed}); they are in {Path(run_dir) / 'checkpoints'}/corrupt-ckpt-*, "
-                                "or resume=never to start over")
+                                "or start in a run directory of its own (hydra.run.dir=<new dir>)")
             return None, None
         error, saved = None, None
         try:
@@ -326,7 +326,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator
     if state["model"] != model_identity(model):
         raise UserError(
             f"checkpoint {path} belongs to a different model ({state['model']}) than this run builds "
-            f"({model_identity(model)}); use resume=never or a matching run directory"
+            f"({model_identity(model)}); resume it with the model it was trained with, or train this one in a run directory of its own (hydra.run.dir=<new dir>)"
         )
     if state["world_size"] != accelerator.num_processes and not (path / f"rng-{accelerator.process_index}.json").exists():
         log.warning("checkpoint was written by %d processes, resuming with %d: RNG streams start fresh", state["world_size"], accelerator.num_processes)

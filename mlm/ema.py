@@ -77,7 +77,7 @@ class WeightAverage:
         missing = [name for name in self.names if name not in saved]
         if missing:
             raise UserError(f"{where} holds no average of {missing[:3]} (another set of trainable parameters); "
-                            "resume with the settings it was trained with, or resume=never to start over")
+                            "resume with the settings it was trained with, or train with these in a run directory of its own (hydra.run.dir=<new dir>)")
         for name, average in zip(self.names, self.averages):
             average.copy_(saved[name])
 

@@ -343,7 +343,7 @@ def flat_settings(cfg: DictConfig) -> Optional[dict]:
 
 def finished_line(run_dir: Path, results: dict) -> str:
     return (f"{run_dir} already finished ({results.get('steps')} steps, perplexity {results.get('perplexity', float('nan')):.2f}); "
-            f"results in {Path(run_dir) / 'results.json'} (resume=never or another run directory trains again)")
+            f"results in {Path(run_dir) / 'results.json'} (a run directory of its own, hydra.run.dir=<new dir>, trains again)")
 
 
 def guard(run_dir: Path, cfg) -> Optional[dict]:

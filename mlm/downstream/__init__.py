@@ -362,7 +362,7 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
     final = Path(run_dir) / "final"
     if not final.is_dir():
         raise UserError(f"{run_dir} is finished but has no final/ model to fine-tune (trained with trainer.save_model=false); "
-                        "train it again (resume=never) or in another directory")
+                        "train it again in a run directory of its own (hydra.run.dir=<new dir>)")
     if "downstream" in results:
         log.warning("%s: replacing its downstream result for %s with one for %s", run_dir, results["downstream"].get("task"), task_name(cfg))
     results = {**results, "downstream": evaluate(final, cfg), "config": {**results.get("config", {}), **asked}}
