@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, Mapping, Optional
 
 from mlm.config import UserError
+from mlm.files import open_new
 from mlm.preemption import Interrupted
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ def check_shared_run_dir(run_dir: Path) -> None:
     path = Path(run_dir).absolute() / ".shared-check"
     token = [secrets.token_hex(16) if p.rank == 0 else None]
     if p.rank == 0:
-        path.write_text(token[0])
+        with open_new(path) as f:  # never through a link planted there
+            f.write(token[0])
     dist.broadcast_object_list(token, src=0)
     try:
         seen = path.read_text()
@@ -462,7 +464,8 @@ def _record_failure(run_dir: Path, rank: int, message: str) -> None:
     if rank != 0:
         with contextlib.suppress(OSError):
             record = {"time": last_failure_time, "message": message}
-            (Path(run_dir) / f"error-rank{rank}.json").write_text(json.dumps(record))
+            with open_new(Path(run_dir) / f"error-rank{rank}.json") as f:  # never through a link planted there
+                f.write(json.dumps(record))
 
 
 def _end_stuck(run_dir: Path, rank: int, reason: str) -> None:

@@ -81,3 +81,32 @@ def test_a_sweep_records_no_secret(tmp_path, corpus):
     assert out.returncode == 1 and "1 job(s) refused" in out.stderr, out.stderr[-2000:]
     assert "HF_TOKEN: '***'" in (sweep_dir / "multirun.yaml").read_text()  # the sweeper writes it; the job start masks it
     assert [str(p) for p in sweep_dir.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()] == []
+
+
+def test_parallel_jobs_mask_the_sweep_snapshot_together_without_an_error(tmp_path):
+    """hydra/launcher=parallel starts every job at once, and each masks multirun.yaml: the loser of the
+    rename race raised FileNotFoundError (a warning in every parallel sweep)."""
+    import threading
+
+    from mlm.cli import mask_sweep_snapshot
+
+    secret = "hf_" + "q" * 30
+    failures = []
+
+    def job(barrier):
+        barrier.wait()
+        try:
+            mask_sweep_snapshot(tmp_path)
+        except Exception as e:  # noqa: BLE001 - any error is the failure under test
+            failures.append(repr(e))
+
+    for _ in range(30):
+        (tmp_path / "multirun.yaml").write_text(f"hydra:\n  overrides:\n    task:\n    - +hydra.job.env_set.HF_TOKEN={secret}\n")
+        barrier = threading.Barrier(4)
+        threads = [threading.Thread(target=job, args=(barrier,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert secret not in (tmp_path / "multirun.yaml").read_text()
+    assert failures == []
