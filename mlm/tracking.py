@@ -277,6 +277,26 @@ def wandb_init_timeout() -> float:
     return float(os.environ.get("WANDB_INIT_TIMEOUT") or WANDB_INIT_TIMEOUT_S)
 
 
+_TIMEOUT_SIGNS = ("timed out", "deadline exceeded")  # wandb-core's words when init_timeout ran out
+_CONNECTION_SIGNS = ("connection refused", "connection reset", "no such host", "network is unreachable", "dial tcp", "tls handshake")
+
+
+def unreachable_cause(error: Exception) -> Optional[str]:
+    """'timeout' or 'connection' when wandb.init failed because the server was not reached; None when it answered with
+    a refusal. wandb raises CommError for both (a refused rewind reads "failed to rewind run: <the server's answer>")."""
+    text = str(error).lower()
+    if isinstance(error, TimeoutError) or any(sign in text for sign in _TIMEOUT_SIGNS):
+        return "timeout"
+    if isinstance(error, ConnectionError) or any(sign in text for sign in _CONNECTION_SIGNS):
+        return "connection"
+    return None
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return scrub(text.splitlines()[0][:200] if text else type(error).__name__)
+
+
 def wandb_sync_command(run) -> str:
     """`wandb sync` naming every offline folder of this W&B run, oldest first: a resumed run has one per session."""
     folders = sorted(Path(run.dir).parent.parent.glob(f"offline-run-*-{run.id}"))
@@ -295,7 +315,9 @@ class WandbTracker:
     A run resumed in its own directory continues its W&B run rewound to the checkpoint (W&B's `resume_from`,
     which drops the history after that point): its history then holds each step once. W&B's internal step
     counts log calls, one per metrics.jsonl record, so the records kept by the rewind of metrics.jsonl say
-    where. Offline the rewind point is recorded in the new session's folder and applied by `wandb sync`."""
+    where. Offline the rewind point is recorded in the new session's folder and applied by `wandb sync`.
+    Rewind is a W&B preview feature: a server that refuses it gets the run continued as is (resume="allow"), and its
+    history may then hold the steps between the checkpoint and the interruption twice."""
 
     def __init__(self, cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], resume_id: Optional[str]):
         import wandb
@@ -314,7 +336,7 @@ class WandbTracker:
         )
         if resume_id:
             options["resume_from"] = f"{resume_id}?_step={len(read_metrics(run_dir)) - 1}"
-        self.run, offline = self.start(cfg.mode, options)
+        self.run, offline = self.start(cfg.mode, options, resume_id)
         self.run_id = self.run.id if self.run is not None else None
         # eval and perf curves plot against the optimizer step, not W&B's internal call counter,
         # which also keeps a resumed run's curves continuous
@@ -326,22 +348,40 @@ class WandbTracker:
         if offline:
             log.warning("W&B: %s, logging offline to %s; upload later with `%s`", offline, Path(self.run.dir).parent, wandb_sync_command(self.run))
 
-    def start(self, requested: str, options: Dict[str, Any]):
-        """The W&B run and, when it logs offline, why. Online, a server not reached within wandb_init_timeout()
-        gives an offline run instead (its records are synced later), and the rest of this process goes offline too."""
+    def start(self, requested: str, options: Dict[str, Any], resume_id: Optional[str]):
+        """The W&B run and, when it logs offline, why. Online, a server that refuses the rewind gets the run continued
+        without it; a server not reached within wandb_init_timeout() gives an offline run instead (its records are
+        synced later), and the rest of this process goes offline too."""
         mode = wandb_mode(requested)
         if mode != "online":
             return self.init(mode, options), offline_reason(requested) if mode == "offline" else None
         url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         if url in _unreachable:
             return self.init("offline", options), f"{url} failed earlier in this process ({_unreachable[url]})"
+        run, error = self.try_online(options)
+        if run is None and "resume_from" in options and unreachable_cause(error) is None:
+            # rewind is a preview feature many servers refuse (Self-Managed has none): continue the run as before it
+            log.warning("W&B: %s would not rewind run %s to the checkpoint (%s); continuing it without the rewind, so the steps "
+                        "logged after the checkpoint may appear twice in the W&B UI (metrics.jsonl, CSV and TensorBoard hold each once)",
+                        url, resume_id, first_line(error))
+            options = {k: v for k, v in options.items() if k != "resume_from"} | {"id": resume_id, "resume": "allow"}
+            run, error = self.try_online(options)
+        if run is not None:
+            return run, None
+        cause = unreachable_cause(error)
+        if cause:  # a refusal (a bad key, a project of someone else's) is this job's; the next job tries again
+            _unreachable[url] = first_line(error)
+        waited = f"; waited at most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT" if cause == "timeout" else ""
+        return self.init("offline", options), f"could not start online at {url} ({first_line(error)}{waited})"
+
+    def try_online(self, options: Dict[str, Any]):
+        """(run, None), or (None, why) when wandb.init failed online. wandb-core keeps a failed run's id in use,
+        so it is shut down: the next try (the same id without the rewind, or offline) would be refused."""
         try:
             return self.init("online", options), None
-        except Exception as e:  # CommError for a timeout, others for a refusal: offline keeps the records either way
-            text = str(e).strip()
-            _unreachable[url] = scrub(text.splitlines()[0][:200] if text else type(e).__name__)
-        return self.init("offline", options), (f"could not start online at {url} ({_unreachable[url]}; "
-                                               f"waited at most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT)")
+        except Exception as e:
+            self.wandb.teardown()
+            return None, e
 
     def init(self, mode: str, options: Dict[str, Any]):
         settings = self.wandb.Settings(init_timeout=wandb_init_timeout(), console="off", silent=True)

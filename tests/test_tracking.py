@@ -372,3 +372,120 @@ def test_a_start_over_deletes_no_event_file_through_a_linked_tensorboard_folder(
     (tmp_path / "run" / "tensorboard").symlink_to(victim.parent)
     rewind_records(tmp_path / "run", -1)
     assert victim.read_bytes() == b"someone's events"
+
+
+# --- a server that answers but refuses: the rewind is dropped, the run stays online; only unreachable marks the server ---
+
+REFUSED_REWIND = "failed to rewind run: input: rewindRun rewinding runs is not enabled for this entity"  # wandb 0.31's CommError text
+
+
+@pytest.fixture
+def online_wandb(tmp_path, monkeypatch, caplog):
+    """wandb in auto mode with a key (online), its init replaced by `fail` then offline runs: (calls, one_job, fail)."""
+    import wandb
+
+    import mlm.tracking
+    from mlm.config import TrackerConfig
+    from mlm.tracking import open_trackers
+
+    monkeypatch.setattr(mlm.tracking, "_unreachable", {})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    calls, fail, real_init = [], {}, wandb.init
+
+    def fake_init(**kwargs):  # the server's answer to each online try; an offline run stands in for an accepted one
+        calls.append({k: kwargs.get(k) for k in ("mode", "resume_from", "id", "resume")})
+        if kwargs["mode"] == "online" and fail.get("resume_from" in kwargs):
+            raise fail["resume_from" in kwargs]
+        return real_init(**{**kwargs, "mode": "offline"})
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+
+    def one_job(run_dir, resume_id=None):
+        caplog.clear()
+        calls.clear()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trackers = open_trackers(TrackerConfig(backends=["wandb"]), run_dir, {"lr": 1e-3}, {}, is_main=True, resume_id=resume_id)
+        trackers.log({"train/loss": 2.0}, 4)
+        trackers.finish()
+        return [r.getMessage() for r in caplog.records if r.name == "mlm.tracking"]
+
+    return calls, one_job, fail
+
+
+def kept_records(run_dir: Path, steps):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 3.0}) + "\n" for s in steps))
+
+
+def test_a_refused_rewind_continues_the_run_online_with_one_warning(tmp_path, online_wandb):
+    from wandb.errors import CommError
+
+    import mlm.tracking
+
+    calls, one_job, fail = online_wandb
+    fail[True] = CommError(REFUSED_REWIND)  # only a try with resume_from is refused
+    kept_records(tmp_path / "a", [1, 2, 3])
+    [line] = one_job(tmp_path / "a", resume_id="abc123")
+    assert calls == [{"mode": "online", "resume_from": "abc123?_step=2", "id": None, "resume": None},
+                     {"mode": "online", "resume_from": None, "id": "abc123", "resume": "allow"}]
+    assert "would not rewind run abc123" in line and "rewinding runs is not enabled" in line and "may appear twice" in line
+    assert "offline" not in line and mlm.tracking._unreachable == {}
+
+    # the next job of the sweep still starts online, and says nothing
+    assert one_job(tmp_path / "b") == [] and [c["mode"] for c in calls] == ["online"]
+
+
+def test_a_refusal_stays_with_its_job_and_names_no_timeout(tmp_path, online_wandb):
+    from wandb.errors import AuthenticationError
+
+    calls, one_job, fail = online_wandb
+    fail[False] = AuthenticationError("invalid credentials: the server did not recognize an account for the API key")
+    [line] = one_job(tmp_path / "a")
+    assert [c["mode"] for c in calls] == ["online", "offline"]
+    assert "could not start online at https://wandb.example.org (invalid credentials" in line and "WANDB_INIT_TIMEOUT" not in line
+    [line] = one_job(tmp_path / "b")  # the next job tries online again: the server was reached
+    assert [c["mode"] for c in calls] == ["online", "offline"] and "failed earlier" not in line
+
+
+def test_a_connection_error_marks_the_server_and_names_no_timeout(tmp_path, online_wandb):
+    from wandb.errors import CommError
+
+    import mlm.tracking
+
+    calls, one_job, fail = online_wandb
+    fail[False] = CommError('request to https://wandb.example.org/graphql failed: dial tcp: lookup wandb.example.org: no such host')
+    [line] = one_job(tmp_path / "a")
+    assert "no such host" in line and "WANDB_INIT_TIMEOUT" not in line and "https://wandb.example.org" in mlm.tracking._unreachable
+    [line] = one_job(tmp_path / "b")
+    assert [c["mode"] for c in calls] == ["offline"] and "failed earlier in this process" in line
+
+
+def test_an_unreachable_server_during_a_rewind_goes_offline_keeping_the_rewind(tmp_path, monkeypatch, caplog, free_tcp_port):
+    """The real wandb, nothing listening: its rewind fails with a timeout; the offline folder keeps the rewind for `wandb sync`."""
+    import wandb
+
+    import mlm.tracking
+    from mlm.config import TrackerConfig
+    from mlm.tracking import open_trackers
+
+    monkeypatch.setattr(mlm.tracking, "_unreachable", {})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_tcp_port}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    modes, real_init = [], wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(kw["mode"]) or real_init(**kw))
+    kept_records(tmp_path / "a", [1, 2, 3])
+    caplog.clear()
+    trackers = open_trackers(TrackerConfig(backends=["wandb"]), tmp_path / "a", {}, {}, is_main=True, resume_id="abc123")
+    trackers.finish()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mlm.tracking"]
+    assert modes == ["online", "offline"]  # no second online try: the server was not reached
+    assert "failed to rewind run" in line and "waited at most 3 s, set by WANDB_INIT_TIMEOUT" in line
+    assert f"http://127.0.0.1:{free_tcp_port}" in mlm.tracking._unreachable
+    [(run, rows)] = wandb_sessions(tmp_path / "a", "abc123")
+    assert (run.branch_point.run, run.branch_point.metric, run.branch_point.value) == ("abc123", "_step", 2)
