@@ -286,6 +286,9 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
         results = json.loads((Path(run_dir) / "results.json").read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(results, dict) or not isinstance(results.get("config") or {}, dict):
+        raise UserError(f"{Path(run_dir) / 'results.json'} is not what this harness writes (not an object of results with "
+                        "a \"config\" object); give the run its own directory (hydra.run.dir=<new dir>)")
     saved = results.get("config") or {}
     if results.get("stopped") == "budget":  # finished by its time budget: finished if asked the same budget
         if saved.get("trainer.budget_minutes") != settings.get("trainer.budget_minutes"):
@@ -319,6 +322,8 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
         saved, step = state["config"], int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable (resume then sets it aside) or written before configs were saved
+    if not isinstance(saved, dict) or malformed_data(state.get("data")):
+        return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
     differ = changed_settings(saved, settings, state.get("world_size"), branch_may_change(saved, settings, step) + path_by_content(state))
     if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
         log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
@@ -408,12 +413,18 @@ def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
         return
     if results is not None:
         record, where = results, None
+        problem = malformed_data(results.get("data"))
+        if problem:
+            raise UserError(f"{Path(run_dir) / 'results.json'} is not what this harness writes: its {problem}; "
+                            "give the run its own directory (hydra.run.dir=<new dir>)")
     else:
         candidates = resume_candidates("auto", run_dir)
         try:
             record, where = json.loads((candidates[0] / "state.json").read_text()), candidates[0]
         except (IndexError, OSError, ValueError):
             return  # nothing to resume, or unreadable (resume sets it aside)
+        if not isinstance(record, dict) or malformed_data(record.get("data")):
+            return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
     if not path_by_content(record):
         return  # written before runs recorded their data, or not local files
     from mlm.data.blocks import default_cache_root

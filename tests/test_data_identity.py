@@ -101,6 +101,42 @@ def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, data_f
         guard(stopped_run, args)
 
 
+@pytest.mark.parametrize("data, problem", [
+    ({"sources": [["only-one"]]}, '"data.sources" is not a list of [path, sha256] pairs'),
+    ("abc", '"data" is a JSON str, not an object'),
+    (7, '"data" is a JSON int, not an object'),
+    ("tokenizer", '"data.tokenizer" is not a sha256 string'),
+])
+def test_a_finished_run_whose_results_hold_a_malformed_data_record_is_one_line(stopped_run, data_file, data, problem):
+    results = json.loads((stopped_run / "results.json").read_text())
+    results["data"] = {**results["data"], "tokenizer": 5} if data == "tokenizer" else data
+    (stopped_run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(UserError) as refused:
+        guard(stopped_run, [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"])
+    line = str(refused.value)
+    assert line.startswith(f"{stopped_run / 'results.json'} is not what this harness writes: its {problem}; ") and "\n" not in line
+
+
+@pytest.mark.parametrize("results", [["a list"], {"steps": 2, "config": "abc"}])
+def test_a_results_json_that_is_not_an_object_of_results_is_one_line(stopped_run, data_file, results):
+    (stopped_run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(UserError, match=r"results\.json is not what this harness writes \(not an object of results"):
+        guard(stopped_run, [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"])
+
+
+def test_a_checkpoint_with_a_malformed_data_record_is_set_aside_not_a_traceback(stopped_run, data_file):
+    from mlm.train import train
+    from tests.test_untrusted import edit_state
+
+    (stopped_run / "results.json").unlink()  # killed before it finished: ckpt-2 is what a resume reads
+    edit_state(stopped_run / "checkpoints" / "ckpt-00000002", lambda s: s["data"].update(sources=[["only-one"]]))
+    args = [*RUN, f"dataset.path={data_file}", "trainer.max_steps=4"]
+    assert guard(stopped_run, args) is None  # run.py's checks before training leave it to the resume, which sets it aside
+    with pytest.raises(UserError, match=r"^no checkpoint in .* loads \(ckpt-00000002: CorruptCheckpoint: state\.json's \"data\.sources\" is not"):
+        train(compose(args), stopped_run)
+    assert (stopped_run / "checkpoints" / "corrupt-ckpt-00000002").is_dir()
+
+
 def test_the_same_file_under_another_spelling_resumes(stopped_run, data_file, monkeypatch, caplog):
     from mlm.train import train
 

@@ -108,7 +108,7 @@ def changed_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> List[s
     if not isinstance(saved, dict):
         return []
     problem = malformed_data(saved)
-    if problem:  # callers check first (read_state, check_same_data): this is the last guard against a traceback
+    if problem:  # callers check first (read_state, check_same_data, each with its own one line): a bug if reached
         raise ValueError(problem)
     differ = []
     there, here = saved.get("sources"), now.get("sources")
