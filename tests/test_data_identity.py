@@ -86,11 +86,22 @@ def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_
     # the way out the line names: a branch into a new run dir trains on the new data, with a warning
     branch = tmp_path / "branch"
     ckpt = stopped_run / "checkpoints" / "ckpt-00000002"
+    old = json.loads((stopped_run / "results.json").read_text())  # measured on the corpus before the edit
     with caplog.at_level(logging.WARNING, logger="mlm.train"):
         results = train(compose([*args, f"resume={ckpt}"]), branch)
     assert results["steps"] == 4 and results["branched_from"]["step"] == 2
     assert "on other data than it trained on" in caplog.text
     assert tree_digest(stopped_run / "checkpoints") == before
+    # its numbers are of the new corpus only: no "before" or "best" carried from the old one
+    assert "ckpt-00000002's evals (perplexity before" in caplog.text and "not carried over" in caplog.text
+    assert results["perplexity_before"] is None and results["best_perplexity"] == results["perplexity"] != old["best_perplexity"]
+    assert any(str(data_file) in d for d in results["branched_from"]["other_data"])
+    assert json.loads((branch / "results.json").read_text())["perplexity_before"] is None
+    from mlm.cli import summary_text
+
+    line = summary_text(compose([*args, f"resume={ckpt}"]), branch, results).splitlines()[1]
+    assert line.startswith(f"perplexity: none before on this data (started from a checkpoint trained on other data) -> {results['perplexity']:.2f} after")
+    assert f"{old['perplexity_before']:.2f}" not in line
 
 
 def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, data_file):
@@ -144,9 +155,11 @@ def test_the_same_file_under_another_spelling_resumes(stopped_run, data_file, mo
     relative = [*RUN, "dataset.path=./corpus.txt"]
     assert guard(stopped_run, [*relative, "trainer.max_steps=2"])["steps"] == 2  # the finished run is recognised
     assert guard(stopped_run, [*relative, "trainer.max_steps=4"]) is None  # and resumes
+    before = json.loads((stopped_run / "results.json").read_text())["perplexity_before"]
     with caplog.at_level(logging.INFO, logger="mlm.train"):
         results = train(compose([*relative, "trainer.max_steps=4"]), stopped_run)
     assert "resumed from" in caplog.text and results["steps"] == 4
+    assert results["perplexity_before"] == before is not None and "not carried over" not in caplog.text  # the same data: kept
     link = data_file.parent / "link.txt"
     link.symlink_to(data_file)
     assert guard(stopped_run, [*RUN, f"dataset.path={link}", "trainer.max_steps=4"])["steps"] == 4
