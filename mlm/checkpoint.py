@@ -315,7 +315,22 @@ def read_state(path: Path, train_state_fields: Optional[Collection[str]] = None)
         raise CorruptCheckpoint(f"state.json's train_state holds {', '.join(unknown[:3])}, which this version never writes")
     if state["train_state"].get("step") != state["step"]:
         raise CorruptCheckpoint(f"state.json says step {state['step']} but its train_state step {state['train_state'].get('step')}")
+    problem = shape_problem(state)
+    if problem:
+        raise CorruptCheckpoint(f"state.json's {problem}")
     return state
+
+
+def shape_problem(state: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the keys a resume compares (absent in an older version's checkpoint), or None."""
+    from mlm.rundir import malformed_data
+
+    if "config" in state and not isinstance(state["config"], dict):
+        return '"config" is not an object of settings'
+    shards = state.get("stream_shards")
+    if shards is not None and (not isinstance(shards, int) or isinstance(shards, bool) or shards < 1):
+        return f'"stream_shards" is {json.dumps(shards)[:40]}, not a number of shards'
+    return malformed_data(state.get("data"))
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated(), ema=None,

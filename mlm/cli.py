@@ -354,10 +354,17 @@ def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> Option
     sys.exit(2)
 
 
+def before_text(results: dict) -> str:
+    """The perplexity before training, or why there is none: a resume onto other data keeps none (train.forget_other_data)."""
+    if results.get("perplexity_before") is not None:
+        return f"{results['perplexity_before']:.2f} before"
+    return "none before on this data (started from a checkpoint trained on other data)"
+
+
 def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
     lines = [
         "",
-        f"perplexity: {results['perplexity_before']:.2f} before -> {results['perplexity']:.2f} after "
+        f"perplexity: {before_text(results)} -> {results['perplexity']:.2f} after "
         f"({results['steps']} steps, {results['train_seconds']:.0f} s, {results['tokens_per_s']:.0f} tokens/s)",
         f"run directory: {run_dir}",
     ]

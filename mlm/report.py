@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import UserError
 from mlm.files import atomic_path, atomic_write_text
+from mlm.rundir import content_hashes, malformed_data
 from mlm.tracking import read_metrics
 
 
@@ -165,7 +166,7 @@ UNKNOWN = "(not recorded)"  # a key a job's saved config lacks: not assumed equa
 
 def eval_keys(flat: Dict[str, Any]) -> List[str]:
     """The flat keys whose values set the eval of a config: EVAL_KEYS, the span shape where evals mask spans,
-    and model.name_or_path where it gives the tokenizer."""
+    and model.name_or_path where it gives the tokenizer (model.tokenizer unset). eval_settings reads these."""
     keys = list(EVAL_KEYS)
     if flat.get("masking.eval_strategy") == "span":
         keys += SPAN_EVAL_KEYS
@@ -174,18 +175,34 @@ def eval_keys(flat: Dict[str, Any]) -> List[str]:
     return keys
 
 
-def eval_settings(flat: Dict[str, Any]) -> Dict[str, Any]:
-    """What a job's perplexity was measured on (EVAL_KEYS and, with span evals, SPAN_EVAL_KEYS), the tokenizer
-    as model.tokenizer whichever key gave it. Two jobs are comparable where these are equal."""
-    keys = EVAL_KEYS + (SPAN_EVAL_KEYS if flat.get("masking.eval_strategy") == "span" else ())
-    values = {k: flat.get(k, UNKNOWN) for k in keys}
-    if values["model.tokenizer"] is None:
-        values["model.tokenizer"] = flat.get("model.name_or_path", UNKNOWN)
+def eval_settings(flat: Dict[str, Any], data: Any = None) -> Dict[str, Any]:
+    """What a job's perplexity was measured on: its eval_keys, the tokenizer as model.tokenizer whichever key gave it.
+    With the data identity the job recorded (results.json "data", mlm/data/identity.py), the data is what it read, not
+    what it was called: the source files' content hashes (data.sources) stand for dataset.path, and the tokenizer's
+    hash (data.tokenizer) for its name. Two jobs are comparable where these are equal."""
+    values = {k: flat.get(k, UNKNOWN) for k in eval_keys(flat)}
+    if "model.name_or_path" in values:
+        values["model.tokenizer"] = values.pop("model.name_or_path")
+    hashes = content_hashes(data)
+    if hashes is not None:  # `./corpus.txt` and `corpus.txt` are one corpus; `corpus.txt` edited is another
+        del values["dataset.path"]
+        values["data.sources"] = hashes
+    if malformed_data(data) is None and isinstance(data, dict) and data.get("tokenizer"):
+        del values["model.tokenizer"]
+        values["data.tokenizer"] = data["tokenizer"]
     return values
+
+
+def job_eval_settings(job: Dict[str, Any]) -> Dict[str, Any]:
+    return eval_settings(job_settings(job), job["results"].get("data"))
 
 
 def downstream_settings(flat: Dict[str, Any]) -> Dict[str, Any]:
     return {k: flat.get(k, UNKNOWN) for k in DOWNSTREAM_EVAL_KEYS}
+
+
+def job_downstream_settings(job: Dict[str, Any]) -> Dict[str, Any]:
+    return downstream_settings(job_settings(job))
 
 
 def job_settings(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -213,17 +230,17 @@ def _frozen(values: Dict[str, Any]) -> tuple:
     return tuple((k, json.dumps(v, sort_keys=True, default=str)) for k, v in sorted(values.items()))
 
 
-def comparable_groups(jobs: List[Dict[str, Any]], settings_of=eval_settings) -> List[List[Dict[str, Any]]]:
-    """The jobs in groups of equal eval settings, the largest first (ties: in the jobs' order)."""
+def comparable_groups(jobs: List[Dict[str, Any]], settings_of=job_eval_settings) -> List[List[Dict[str, Any]]]:
+    """The jobs in groups of equal eval settings (`settings_of` a job), the largest first (ties: in the jobs' order)."""
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for j in jobs:
-        groups.setdefault(_frozen(settings_of(job_settings(j))), []).append(j)
+        groups.setdefault(_frozen(settings_of(j)), []).append(j)
     return sorted(groups.values(), key=len, reverse=True)
 
 
-def differing_keys(groups: List[List[Dict[str, Any]]], settings_of=eval_settings) -> List[str]:
+def differing_keys(groups: List[List[Dict[str, Any]]], settings_of=job_eval_settings) -> List[str]:
     """The eval keys whose values differ between the groups (a key one group lacks counts as differing)."""
-    values = [settings_of(job_settings(g[0])) for g in groups]
+    values = [settings_of(g[0]) for g in groups]
     keys = sorted({k for v in values for k in v})
     return [k for k in keys if len({json.dumps(v.get(k, UNKNOWN), default=str) for v in values}) > 1]
 
@@ -286,7 +303,7 @@ def best_lines(groups: List[List[Dict[str, Any]]], root: Path, what: str, evals:
     lines = [f"Not comparable: the jobs' {evals} differ in {', '.join(keys)}; "
              f"each group is ranked on its own, and no job is best across groups:", ""]
     for i, g in enumerate(groups):
-        values = settings_of(job_settings(g[0]))
+        values = settings_of(g[0])
         lines.append(f"- {prefix}{group_label(i)} ({len(g)} job(s): {', '.join(_job_name(j, root) for j in g)}): "
                      + " ".join(f"{k}={_value(values.get(k, UNKNOWN))}" for k in keys)
                      + f"; best `{_best_name(g[0])}` with {score_text(g[0])}.")
@@ -409,11 +426,11 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None) -> Optional[Path
     groups, _ = ranked(jobs)
     text = [f"# Sweep summary: {out_dir}", "", summary_table(jobs, out_dir), ""]
     if groups:
-        text += best_lines(groups, out_dir, "Best", "evals", eval_settings, lambda j: f"perplexity {j['results']['perplexity']:.2f}", "eval ")
+        text += best_lines(groups, out_dir, "Best", "evals", job_eval_settings, lambda j: f"perplexity {j['results']['perplexity']:.2f}", "eval ")
     scored = [j for g in groups for j in g if downstream_accuracy(j) is not None]
     if scored:
-        by_task = [sorted(g, key=downstream_accuracy, reverse=True) for g in comparable_groups(scored, downstream_settings)]
-        text += [""] + best_lines(by_task, out_dir, "Best downstream", "downstream evals", downstream_settings,
+        by_task = [sorted(g, key=downstream_accuracy, reverse=True) for g in comparable_groups(scored, job_downstream_settings)]
+        text += [""] + best_lines(by_task, out_dir, "Best downstream", "downstream evals", job_downstream_settings,
                                   lambda j: f"{_downstream_text(j)} (median of {len(j['results']['downstream'].get('seeds', []))} seeds)", "downstream eval ")
     text.append("\n![summary](summary.png)\n")
     budget = budget_sweep(jobs)
@@ -458,7 +475,7 @@ def pareto_front(points: List[tuple], higher_is_better: bool = False) -> List[in
 def _qualities(jobs: List[Dict[str, Any]]) -> List[tuple]:
     """(label, value of a job or None, higher is better) of each quality the jobs have."""
     out = [("eval perplexity", lambda j: j["results"]["perplexity"], False)]
-    groups = comparable_groups([j for j in jobs if downstream_accuracy(j) is not None], downstream_settings)
+    groups = comparable_groups([j for j in jobs if downstream_accuracy(j) is not None], job_downstream_settings)
     if groups:  # the largest group of one downstream eval: a front never mixes tasks
         members = {id(j) for j in groups[0]}
         task = groups[0][0]["results"]["downstream"].get("task", "?")

@@ -286,6 +286,9 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
         results = json.loads((Path(run_dir) / "results.json").read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(results, dict) or not isinstance(results.get("config") or {}, dict):
+        raise UserError(f"{Path(run_dir) / 'results.json'} is not what this harness writes (not an object of results with "
+                        "a \"config\" object); give the run its own directory (hydra.run.dir=<new dir>)")
     saved = results.get("config") or {}
     if results.get("stopped") == "budget":  # finished by its time budget: finished if asked the same budget
         if saved.get("trainer.budget_minutes") != settings.get("trainer.budget_minutes"):
@@ -319,6 +322,8 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
         saved, step = state["config"], int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # unreadable (resume then sets it aside) or written before configs were saved
+    if not isinstance(saved, dict) or malformed_data(state.get("data")):
+        return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
     differ = changed_settings(saved, settings, state.get("world_size"), branch_may_change(saved, settings, step) + path_by_content(state))
     if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
         log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
@@ -367,11 +372,35 @@ def guard(run_dir: Path, cfg) -> Optional[dict]:
 # ---------------------------------------------------------------- the data's identity (mlm/data/identity.py)
 
 
+def malformed_data(record: Any) -> Optional[str]:
+    """Why a recorded data identity (a run's "data", mlm/data/identity.py) is not what data_identity writes, or None: it is, or there is none
+    (None: a run of an older version). Records are read from files others may have written: checked before use.
+    Here, not in mlm.data.identity, so that mlm.report reads records without importing the data stack."""
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        return f'"data" is a JSON {type(record).__name__}, not an object'
+    sources, tokenizer = record.get("sources"), record.get("tokenizer")
+    if sources is not None and not (isinstance(sources, list) and all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in sources)):
+        return '"data.sources" is not a list of [path, sha256] pairs'
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return '"data.tokenizer" is not a sha256 string'
+    return None
+
+
+def content_hashes(record: Any) -> Optional[List[str]]:
+    """The content hashes of a well-formed data record's source files in reading order (as changed_data compares
+    them), or None (not recorded, not local files, or malformed): the data a run read, whatever its paths are called."""
+    if malformed_data(record) is not None or not isinstance(record, dict) or record.get("sources") is None:
+        return None
+    return [h for _, h in record["sources"]]
+
+
 def path_by_content(record: dict) -> Tuple[str, ...]:
     """("dataset.path",) when a run's record (results.json or state.json) holds its files' content hashes:
     then the files are compared by resolved path and content (check_same_data), not dataset.path as a string."""
-    data = record.get("data")
-    return ("dataset.path",) if isinstance(data, dict) and data.get("sources") is not None else ()
+    return ("dataset.path",) if content_hashes(record.get("data")) is not None else ()
 
 
 def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
@@ -384,12 +413,18 @@ def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
         return
     if results is not None:
         record, where = results, None
+        problem = malformed_data(results.get("data"))
+        if problem:
+            raise UserError(f"{Path(run_dir) / 'results.json'} is not what this harness writes: its {problem}; "
+                            "give the run its own directory (hydra.run.dir=<new dir>)")
     else:
         candidates = resume_candidates("auto", run_dir)
         try:
             record, where = json.loads((candidates[0] / "state.json").read_text()), candidates[0]
         except (IndexError, OSError, ValueError):
             return  # nothing to resume, or unreadable (resume sets it aside)
+        if not isinstance(record, dict) or malformed_data(record.get("data")):
+            return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
     if not path_by_content(record):
         return  # written before runs recorded their data, or not local files
     from mlm.data.blocks import default_cache_root

@@ -263,24 +263,40 @@ def resume(run: Run) -> None:
         if saved.get("stream_shards") != run.data.stream_shards:
             raise UserError(f"{ckpt} read its data stream in {saved.get('stream_shards')} shards, this run uses {run.data.stream_shards}; "
                             "keep dataset.streaming, the number of processes and runtime.num_workers to resume")
-        check_data(saved, run.data.identity, ckpt, run.cfg.resume)
+        other_data = check_data(saved, run.data.identity, ckpt, run.cfg.resume)
         run.state.restore(saved["train_state"])
         keep_config_rates(run.optimizer, run.scheduler, config_rates)
         if run.run_dir.resolve() not in ckpt.resolve().parents:  # another run's checkpoint: a branch, with its own tracker run
             run.state.branched_from, run.state.tracker_run_id = {"checkpoint": str(ckpt.resolve()), "step": run.state.step}, None
+        if other_data:
+            forget_other_data(run.state, ckpt, other_data)
         log.info("resumed from %s at step %d", ckpt, run.state.step)
     if run.main:
         rundir.start_from(run.run_dir, run.state.step if ckpt is not None else None, run.state.unrecorded)
 
 
-def check_data(saved: Dict[str, Any], identity: Dict[str, Any], ckpt: Path, resume_setting: str) -> None:
+def check_data(saved: Dict[str, Any], identity: Dict[str, Any], ckpt: Path, resume_setting: str) -> List[str]:
     """Resuming `ckpt` on other data than it recorded (files or tokenizer): refused under resume=auto, a warning for a
-    checkpoint named by hand (a branch the user asked for). The run dir's guard already refused changed files."""
+    checkpoint named by hand (a branch the user asked for), and what differs is returned. The run dir's guard already
+    refused changed files."""
     differ = changed_data(saved.get("data"), identity)
     if differ and resume_setting == "auto":
         raise rundir.data_changed(ckpt, differ)
     if differ:
         log.warning("resuming %s on other data than it trained on: %s", ckpt, "; ".join(differ))
+    return differ
+
+
+def forget_other_data(state: TrainState, ckpt: Path, differ: List[str]) -> None:
+    """A resume onto other data keeps no number measured on the checkpoint's data, so results.json and the summary never
+    set one corpus's perplexity against another's. The "before" stays unknown rather than measured now: an eval at this
+    step would score the checkpoint's trained weights, not the model the run started from."""
+    log.warning("%s's evals (perplexity before %s, best %s) and loss window were measured on its own data: not carried over",
+                ckpt.name, state.perplexity_before, state.best_perplexity)
+    state.perplexity_before, state.best_perplexity, state.last_eval, state.final_eval_step = None, float("inf"), {}, None
+    state.log_window = [0.0, 0]
+    if state.branched_from is not None:  # results.json says why it has no "before"
+        state.branched_from["other_data"] = differ
 
 
 def keep_config_rates(optimizer, scheduler, rates: List[float]) -> None:

@@ -86,11 +86,22 @@ def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_
     # the way out the line names: a branch into a new run dir trains on the new data, with a warning
     branch = tmp_path / "branch"
     ckpt = stopped_run / "checkpoints" / "ckpt-00000002"
+    old = json.loads((stopped_run / "results.json").read_text())  # measured on the corpus before the edit
     with caplog.at_level(logging.WARNING, logger="mlm.train"):
         results = train(compose([*args, f"resume={ckpt}"]), branch)
     assert results["steps"] == 4 and results["branched_from"]["step"] == 2
     assert "on other data than it trained on" in caplog.text
     assert tree_digest(stopped_run / "checkpoints") == before
+    # its numbers are of the new corpus only: no "before" or "best" carried from the old one
+    assert "ckpt-00000002's evals (perplexity before" in caplog.text and "not carried over" in caplog.text
+    assert results["perplexity_before"] is None and results["best_perplexity"] == results["perplexity"] != old["best_perplexity"]
+    assert any(str(data_file) in d for d in results["branched_from"]["other_data"])
+    assert json.loads((branch / "results.json").read_text())["perplexity_before"] is None
+    from mlm.cli import summary_text
+
+    line = summary_text(compose([*args, f"resume={ckpt}"]), branch, results).splitlines()[1]
+    assert line.startswith(f"perplexity: none before on this data (started from a checkpoint trained on other data) -> {results['perplexity']:.2f} after")
+    assert f"{old['perplexity_before']:.2f}" not in line
 
 
 def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, data_file):
@@ -101,6 +112,42 @@ def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, data_f
         guard(stopped_run, args)
 
 
+@pytest.mark.parametrize("data, problem", [
+    ({"sources": [["only-one"]]}, '"data.sources" is not a list of [path, sha256] pairs'),
+    ("abc", '"data" is a JSON str, not an object'),
+    (7, '"data" is a JSON int, not an object'),
+    ("tokenizer", '"data.tokenizer" is not a sha256 string'),
+])
+def test_a_finished_run_whose_results_hold_a_malformed_data_record_is_one_line(stopped_run, data_file, data, problem):
+    results = json.loads((stopped_run / "results.json").read_text())
+    results["data"] = {**results["data"], "tokenizer": 5} if data == "tokenizer" else data
+    (stopped_run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(UserError) as refused:
+        guard(stopped_run, [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"])
+    line = str(refused.value)
+    assert line.startswith(f"{stopped_run / 'results.json'} is not what this harness writes: its {problem}; ") and "\n" not in line
+
+
+@pytest.mark.parametrize("results", [["a list"], {"steps": 2, "config": "abc"}])
+def test_a_results_json_that_is_not_an_object_of_results_is_one_line(stopped_run, data_file, results):
+    (stopped_run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(UserError, match=r"results\.json is not what this harness writes \(not an object of results"):
+        guard(stopped_run, [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"])
+
+
+def test_a_checkpoint_with_a_malformed_data_record_is_set_aside_not_a_traceback(stopped_run, data_file):
+    from mlm.train import train
+    from tests.test_untrusted import edit_state
+
+    (stopped_run / "results.json").unlink()  # killed before it finished: ckpt-2 is what a resume reads
+    edit_state(stopped_run / "checkpoints" / "ckpt-00000002", lambda s: s["data"].update(sources=[["only-one"]]))
+    args = [*RUN, f"dataset.path={data_file}", "trainer.max_steps=4"]
+    assert guard(stopped_run, args) is None  # run.py's checks before training leave it to the resume, which sets it aside
+    with pytest.raises(UserError, match=r"^no checkpoint in .* loads \(ckpt-00000002: CorruptCheckpoint: state\.json's \"data\.sources\" is not"):
+        train(compose(args), stopped_run)
+    assert (stopped_run / "checkpoints" / "corrupt-ckpt-00000002").is_dir()
+
+
 def test_the_same_file_under_another_spelling_resumes(stopped_run, data_file, monkeypatch, caplog):
     from mlm.train import train
 
@@ -108,9 +155,11 @@ def test_the_same_file_under_another_spelling_resumes(stopped_run, data_file, mo
     relative = [*RUN, "dataset.path=./corpus.txt"]
     assert guard(stopped_run, [*relative, "trainer.max_steps=2"])["steps"] == 2  # the finished run is recognised
     assert guard(stopped_run, [*relative, "trainer.max_steps=4"]) is None  # and resumes
+    before = json.loads((stopped_run / "results.json").read_text())["perplexity_before"]
     with caplog.at_level(logging.INFO, logger="mlm.train"):
         results = train(compose([*relative, "trainer.max_steps=4"]), stopped_run)
     assert "resumed from" in caplog.text and results["steps"] == 4
+    assert results["perplexity_before"] == before is not None and "not carried over" not in caplog.text  # the same data: kept
     link = data_file.parent / "link.txt"
     link.symlink_to(data_file)
     assert guard(stopped_run, [*RUN, f"dataset.path={link}", "trainer.max_steps=4"])["steps"] == 4

@@ -240,7 +240,7 @@ def flat_tiny():
     return flat
 
 
-def eval_job(sweep, name, flat, ppl, lr, snapshot_only=False, downstream=None):
+def eval_job(sweep, name, flat, ppl, lr, snapshot_only=False, downstream=None, data=None):
     """A finished job as report.py reads it: overrides.yaml, results.json (with its flat config, or with only
     .hydra/config.yaml holding the config, as a job of an older version), metrics.jsonl."""
     import yaml
@@ -252,6 +252,8 @@ def eval_job(sweep, name, flat, ppl, lr, snapshot_only=False, downstream=None):
     (d / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n")
     flat = {**flat, "optimizer.lr": lr}
     results = {"perplexity": ppl, "best_perplexity": ppl, "train_seconds": 1.0, "train_tokens": 100, "config": flat}
+    if data is not None:  # the data identity a run records (mlm/data/identity.py)
+        results["data"] = data
     if snapshot_only:
         del results["config"]
         (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(unflatten(flat)))
@@ -344,3 +346,32 @@ def test_a_config_snapshot_is_read_as_text_never_resolved_nor_followed(tmp_path,
     assert "s3cr3t" not in text and "dataset.path=${oc.env:MLM_TEST_SECRET_VALUE}" in text
     assert "- eval C (1 job(s): 2): " in text and "dataset.path=(not recorded)" in text
     assert yaml.safe_load((tmp_path / "1" / ".hydra" / "config.yaml").read_text())["dataset"]["path"].startswith("${oc.env")
+
+
+def test_jobs_are_compared_by_the_data_they_read_not_by_how_its_path_is_spelled(tmp_path, flat_tiny):
+    from mlm.report import eval_settings, summarize
+
+    corpus, content_a, content_b, tok = "/data/corpus.txt", "a" * 64, "b" * 64, "t" * 64
+    eval_job(tmp_path, "0", {**flat_tiny, "dataset.path": "corpus.txt"}, 30.0, "1e-3", data={"sources": [[corpus, content_a]], "tokenizer": tok})
+    eval_job(tmp_path, "1", {**flat_tiny, "dataset.path": "corpus.txt"}, 20.0, "2e-3",  # the same name, edited: the lowest number
+             data={"sources": [[corpus, content_b]], "tokenizer": tok})
+    eval_job(tmp_path, "2", {**flat_tiny, "dataset.path": "./corpus.txt"}, 25.0, "3e-3", data={"sources": [[corpus, content_a]], "tokenizer": tok})
+    text = summarize([tmp_path]).read_text()
+    assert "Best:" not in text  # the edited job is best of nothing but its own eval
+    assert "Not comparable: the jobs' evals differ in data.sources;" in text
+    assert f'- eval A (2 job(s): 2, 0): data.sources=["{content_a}"]; best `optimizer.lr=3e-3` with perplexity 25.00.' in text
+    assert f'- eval B (1 job(s): 1): data.sources=["{content_b}"]; best `optimizer.lr=2e-3` with perplexity 20.00.' in text
+    # the tokenizer likewise: by its recorded hash, whatever name loaded it; a name alone where no hash was recorded
+    named = {**flat_tiny, "model.tokenizer": "./tok"}
+    assert eval_settings(named, {"sources": None, "tokenizer": tok}) == eval_settings(flat_tiny, {"sources": None, "tokenizer": tok})
+    assert eval_settings(named, {"sources": None, "tokenizer": None}) != eval_settings(flat_tiny, {"sources": None, "tokenizer": None})
+    assert eval_settings(flat_tiny, {"sources": None, "tokenizer": tok}) != eval_settings(flat_tiny, {"sources": None, "tokenizer": "u" * 64})
+
+
+@pytest.mark.parametrize("data", [{"sources": [["only-one"]]}, {"sources": "abc"}, {"sources": 7}, {"tokenizer": 5}, "abc", 7])
+def test_a_malformed_data_record_is_compared_by_its_settings_not_a_traceback(tmp_path, flat_tiny, data):
+    from mlm.report import summarize
+
+    eval_job(tmp_path, "0", flat_tiny, 30.0, "1e-3", data=data)
+    eval_job(tmp_path, "1", flat_tiny, 20.0, "2e-3")
+    assert "Best: `optimizer.lr=2e-3` with perplexity 20.00." in summarize([tmp_path]).read_text()

@@ -216,6 +216,13 @@ def test_a_damaged_pt_file_is_refused_without_torchs_advice(tmp_path):
     (lambda s: s["train_state"].update(bogus=1), "state.json's train_state holds bogus, which this version never writes"),
     (lambda s: s.pop("global_batch"), "state.json has no global_batch of type int"),
     (lambda s: s.update(step=99), "state.json says step 99 but its train_state step 4"),
+    (lambda s: s["data"].update(sources=[["only-one"]]), 'state.json\'s "data.sources" is not a list of \\[path, sha256\\] pairs'),
+    (lambda s: s["data"].update(sources="abc"), 'state.json\'s "data.sources" is not a list of \\[path, sha256\\] pairs'),
+    (lambda s: s["data"].update(tokenizer=5), 'state.json\'s "data.tokenizer" is not a sha256 string'),
+    (lambda s: s.update(data="abc"), 'state.json\'s "data" is a JSON str, not an object'),
+    (lambda s: s.update(data=7), 'state.json\'s "data" is a JSON int, not an object'),
+    (lambda s: s.update(config=["a"]), 'state.json\'s "config" is not an object of settings'),
+    (lambda s: s.update(stream_shards="2"), 'state.json\'s "stream_shards" is "2", not a number of shards'),
 ])
 def test_a_state_json_that_verifies_with_unknown_or_missing_keys_is_set_aside(run_dir, tmp_path, edit, reason, caplog):  # noqa: F811
     from mlm.train import TrainState
@@ -229,7 +236,11 @@ def test_a_state_json_that_verifies_with_unknown_or_missing_keys_is_set_aside(ru
     assert f"checkpoint {path} failed to load" in caplog.text and (path.parent / f"corrupt-{path.name}").is_dir()
 
 
-def test_a_resume_sets_a_checkpoint_with_an_unknown_state_key_aside_and_uses_the_older_one(run_dir, corpus, tmp_path, caplog):  # noqa: F811
+@pytest.mark.parametrize("edit, reason", [
+    (lambda s: s["train_state"].update(bogus=1), "train_state holds bogus, which this version never writes"),
+    (lambda s: s["data"].update(sources=[["only-one"]]), '"data.sources" is not a list of [path, sha256] pairs'),
+])
+def test_a_resume_sets_a_checkpoint_with_an_unknown_state_key_aside_and_uses_the_older_one(run_dir, corpus, tmp_path, caplog, edit, reason):  # noqa: F811
     from mlm.train import train
 
     caplog.set_level(logging.INFO)
@@ -237,9 +248,9 @@ def test_a_resume_sets_a_checkpoint_with_an_unknown_state_key_aside_and_uses_the
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "final")
     (copy / "results.json").unlink()
-    edit_state(ckpt(copy, 4), lambda s: s["train_state"].update(bogus=1))
+    edit_state(ckpt(copy, 4), edit)
     results = train(compose([*RUN, f"dataset.path={corpus}"]), copy)
-    assert "train_state holds bogus, which this version never writes" in caplog.text
+    assert reason in caplog.text
     assert f"resumed from {ckpt(copy, 2)} at step 2" in caplog.text and results["steps"] == 4
     assert (copy / "checkpoints" / f"corrupt-{ckpt(copy, 4).name}").is_dir()
 

@@ -25,6 +25,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mlm.data.sources import _local_files
+from mlm.rundir import malformed_data
 
 HASHES = "hashes"  # under the cache root: one small JSON per hashed file
 
@@ -106,6 +107,9 @@ def changed_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> List[s
     The same contents in the same order are the same data, whatever the paths are called."""
     if not isinstance(saved, dict):
         return []
+    problem = malformed_data(saved)
+    if problem:  # callers check first (read_state, check_same_data, each with its own one line): a bug if reached
+        raise ValueError(problem)
     differ = []
     there, here = saved.get("sources"), now.get("sources")
     if there is not None and here is not None and [h for _, h in there] != [h for _, h in here]:
