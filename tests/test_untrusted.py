@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mlm import checkpoint, export, predict
 from mlm.config import UserError
@@ -323,6 +324,53 @@ def test_export_resolves_no_interpolation_from_a_checkpoint_or_a_snapshot(run_di
     assert SECRET not in out + err and not (tmp_path / "out").exists()
 
 
+KERNEL = "kernels-community/flash-attn2"  # a hub kernel: transformers fetches its code through `kernels`, whatever local_files_only says
+
+
+@pytest.fixture
+def no_kernel_fetch(monkeypatch):
+    """Offline, and any hub kernel fetch fails the test: nothing read from a file may name code to fetch and run."""
+    from transformers.integrations import hub_kernels
+
+    def fetched(*args, **kwargs):
+        pytest.fail(f"a hub kernel was fetched: {args}")
+
+    monkeypatch.setattr(hub_kernels, "get_kernel", fetched)
+    monkeypatch.setattr(hub_kernels, "get_kernel_hub", fetched, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_export_takes_no_attention_backend_from_the_checkpoint(run_dir, tmp_path, capsys, monkeypatch, no_kernel_fetch):  # noqa: F811
+    from mlm import models
+
+    built = []
+    build_model = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda cfg, *a, **k: built.append(cfg.attn_implementation) or build_model(cfg, *a, **k))
+    path = copied(run_dir, tmp_path)
+    for saved, used in ((KERNEL, "sdpa"), ("flash_attention_2", "sdpa"), ("eager", "eager")):  # flash: may fall back to a kernel
+        edit_state(path, lambda s: s["config"].update({"model.attn_implementation": saved}))
+        out = tmp_path / f"out-{used}-{len(built)}"
+        assert export.main([str(path), str(out)]) == 0, capsys.readouterr().err
+        assert built[-1] == used and (out / "config.json").is_file()
+        assert torch.equal(load_file(out / "model.safetensors")["bert.embeddings.word_embeddings.weight"],
+                           load_file(run_dir / "final" / "model.safetensors")["bert.embeddings.word_embeddings.weight"])
+    assert KERNEL not in capsys.readouterr().out
+
+
+def test_only_transformers_refusal_of_a_repos_code_reads_as_shipping_code():
+    from transformers.dynamic_module_utils import resolve_trust_remote_code
+
+    from mlm.models import _refusing_code
+
+    def kernel_error():  # a hub kernel's failure that mentions the flag: not a model folder's code
+        raise ValueError(f"An error occurred while trying to load from '{KERNEL}': pass trust_remote_code=True to kernels")
+
+    with pytest.raises(ValueError, match="An error occurred"):
+        _refusing_code("model", "m", kernel_error)
+    with pytest.raises(UserError, match="'someone/coded' ships Python code of its own and this command runs none"):
+        _refusing_code("model", "someone/coded", resolve_trust_remote_code, False, "someone/coded", False, True)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["config"].update({"model.dropout": "abc"}), "its model config does not fit this version's (Value 'abc' of type 'str'"),
     (lambda s: s["config"].pop("block_size"), "state.json's config has no block_size or seed; export another one"),
@@ -338,9 +386,14 @@ def test_a_checkpoint_config_that_does_not_fit_is_one_line(run_dir, tmp_path, ca
 def test_export_into_dot_works_and_into_its_source_is_one_line(run_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
     here = tmp_path / "here"
     here.mkdir()
+    inode = os.stat(here).st_ino
     monkeypatch.chdir(here)
     assert export.main([str(ckpt(run_dir, 2)), "."]) == 0, capsys.readouterr().err
-    assert (here / "model.safetensors").exists() and not list(tmp_path.glob(".tmp*"))
+    assert os.stat(".").st_ino == os.stat(here).st_ino == inode  # the shell's own directory, not one renamed over it
+    assert os.getcwd() == str(here) and not list(tmp_path.glob(".tmp*")) and not list(here.glob(".*"))  # no staging left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir("."))
+    assert torch.equal(load_file("model.safetensors")["bert.embeddings.word_embeddings.weight"],
+                       load_file(ckpt(run_dir, 2) / "model.safetensors")["bert.embeddings.word_embeddings.weight"])
     for out in (run_dir, ckpt(run_dir, 2)):
         assert export.main([str(ckpt(run_dir, 2)), str(out)]) == 2
         assert one_line(capsys.readouterr().err) == f"error: {out} exists and is not empty; export into a new or empty directory (nothing is overwritten)\n"
