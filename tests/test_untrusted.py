@@ -442,6 +442,59 @@ def test_downstream_refuses_hostile_model_folders_in_one_line(hostile_folders, c
     assert not marker.exists()
 
 
+def test_predict_and_downstream_take_no_attention_backend_from_a_model_folder(run_dir, tmp_path, capsys, no_kernel_fetch):  # noqa: F811
+    from mlm.downstream import load_classifier
+
+    folder = tmp_path / "model"
+    shutil.copytree(run_dir / "final", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_implementation": KERNEL}))  # transformers would honour it
+    assert load_classifier(str(folder), 2).config._attn_implementation == "sdpa"
+    assert predict.main([str(folder), "a <mask> b"]) == 0, capsys.readouterr().err
+
+
+QUICK = ["downstream=polarity", "downstream.seeds=[0]", "downstream.epochs=1", "downstream.folds=2", "downstream.max_train_examples=40"]
+
+
+def classifier_code_folder(tmp_path: Path, marker: Path) -> Path:
+    """code_folder with a sequence classifier of its own too: a model that downstream can fine-tune once its code is trusted."""
+    folder = code_folder(tmp_path, marker)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"]["AutoModelForSequenceClassification"] = "evil.EvilClassifier"
+    (folder / "config.json").write_text(json.dumps(config))
+    with open(folder / "evil.py", "a") as f:
+        f.write("from transformers import BertForSequenceClassification\n"
+                "class EvilClassifier(BertForSequenceClassification):\n    config_class = EvilConfig\n")
+    return folder
+
+
+def test_downstream_runs_a_folders_code_only_when_its_own_command_line_trusts_it(tmp_path, capsys):
+    from mlm.downstream.__main__ import main
+
+    marker = tmp_path / "ran"
+    folder = classifier_code_folder(tmp_path, marker)
+    assert main([str(folder), *QUICK]) == 2
+    assert "ships Python code of its own" in one_line(capsys.readouterr().err.splitlines(keepends=True)[-1]) and not marker.exists()
+    assert main([str(folder), *QUICK, "model.trust_remote_code=true"]) == 0, capsys.readouterr().err
+    assert marker.exists() and json.loads(capsys.readouterr().out)["task"] == "polarity"  # trusted here: its code ran, as asked
+
+
+def test_a_runs_own_downstream_phase_trusts_what_its_command_line_trusted(corpus, tmp_path):
+    from mlm.train import train
+
+    from omegaconf import OmegaConf
+
+    from mlm.cli import with_downstream
+
+    folder = classifier_code_folder(tmp_path, tmp_path / "ran")
+    run = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", "model.source=pretrained", f"model.name_or_path={folder}",
+           "model.trust_remote_code=true", *QUICK]
+    results = train(compose(run), tmp_path / "run")  # its final/ ships the folder's code (an auto_map), trusted here
+    assert results["downstream"]["task"] == "polarity" and "auto_map" in json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    asked_again = OmegaConf.structured(compose([*run, "downstream.seeds=[1]"]))  # a finished run asked for another seed
+    assert with_downstream(tmp_path / "run", asked_again, results)["downstream"]["seeds"] == [1]
+
+
 def test_predict_top_k_and_non_model_folders_are_one_line(run_dir, tmp_path, capsys):  # noqa: F811
     final = str(run_dir / "final")
     for k in ("0", "-3"):
