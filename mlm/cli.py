@@ -323,7 +323,7 @@ def with_downstream(run_dir: Path, cfg: DictConfig, results: dict) -> dict:
     from mlm.downstream import add_to_finished_run, summary_line
     from mlm.rundir import flat_settings
 
-    updated = add_to_finished_run(run_dir, OmegaConf.to_object(cfg.downstream), flat_settings(cfg), results)
+    updated = add_to_finished_run(run_dir, OmegaConf.to_object(cfg.downstream), flat_settings(cfg), results, cfg.model.trust_remote_code)
     if updated is not results:
         print(f"{summary_line(updated['downstream'])}: added to {run_dir / 'results.json'}")
     return updated

@@ -9,7 +9,8 @@ its manifest before anything of it is read; the model is rebuilt from the run's 
 in state.json), its weights loaded strictly (a name missing or left over is an error), whole
 (model.safetensors) or from the FSDP shards of any number of processes (read here in one process,
 without a process group), then written as `final/` is: save_pretrained of model and tokenizer,
-renamed into place when complete. `pipeline("fill-mask", model=<out dir>)` loads it. With --ema the
+renamed into place when complete (into an existing empty directory, `.` too, its files are moved,
+config.json last). `pipeline("fill-mask", model=<out dir>)` loads it. With --ema the
 checkpoint's weight average (trainer.ema_decay, mlm/ema.py) is laid over the loaded weights: it
 holds the trainable parameters, the frozen ones equal their weights.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -81,7 +83,9 @@ def model_config(settings: Dict[str, Any]) -> ModelConfig:
 
 
 def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
-    """The model keys that the saved config masked as secrets, read back from the run's Hydra snapshot (written unmasked).
+    """The model keys that the saved config masked as secrets, read back from the run's Hydra snapshot: older versions
+    masked model.tokenizer in state.json (its "token") and wrote .hydra/config.yaml unmasked. This version masks the
+    snapshot too (mlm.cli.save_config_snapshot), so a key masked in both cannot be read back: refused in one line.
 
     Read without resolving interpolations: a `${oc.env:...}` there would put an environment variable (a secret) into
     a path, an error line or a hub request; check_no_interpolation refuses it."""
@@ -94,10 +98,12 @@ def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
 
     snapshot = run_dir / ".hydra" / "config.yaml"
     full = flatten({"model": OmegaConf.to_container(OmegaConf.load(snapshot).model, resolve=False)}) if snapshot.is_file() else {}
-    lost = [k for k in masked if k not in full]
+    lost = [k for k in masked if full.get(k, MASKED) == MASKED]
     if lost:
+        why = "masks it too" if lost[0] in full else "is not there to read it from"
         raise UserError(f"the checkpoint's saved config masks {lost[0]} (its name looks secret) and {snapshot}, the run's "
-                        "unmasked config, is not there to read it from; export the checkpoint inside its run directory")
+                        f"Hydra snapshot, {why}; export the checkpoint inside its run directory, where an older version's "
+                        "snapshot holds it")
     restored = {k: full[k] for k in masked}
     check_no_interpolation(restored, str(snapshot))
     return {**settings, **restored}
@@ -105,7 +111,8 @@ def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
 
 def model_settings(ckpt: Path, state: Dict[str, Any], trust_remote_code: bool) -> ModelConfig:
     """The run's model config, from the checkpoint (data only): no `${...}` resolved, trust_remote_code only if this
-    command was given --trust-remote-code, and the model it names loaded from this machine only (never fetched)."""
+    command was given --trust-remote-code, no attention backend that could be fetched (local_attention), and the model
+    it names loaded from this machine only (never fetched)."""
     if not isinstance(state.get("config"), dict):
         raise UserError(f"checkpoint {ckpt} was written before checkpoints kept the run's config; export its run's final/ instead")
     check_no_interpolation({k: v for k, v in state["config"].items() if k.startswith("model.")}, f"checkpoint {ckpt}'s state.json")
@@ -120,7 +127,18 @@ def model_settings(ckpt: Path, state: Dict[str, Any], trust_remote_code: bool) -
                         "its own, and export takes that setting from its own command line only (--trust-remote-code, "
                         "for code you have read): refused, nothing loaded")
     cfg.trust_remote_code = trust_remote_code
+    cfg.attn_implementation = local_attention(cfg.attn_implementation)
     return cfg
+
+
+LOCAL_ATTENTION = ("eager", "sdpa")  # attention in torch itself: nothing to import or fetch
+
+
+def local_attention(saved: str) -> str:
+    """The attention backend to rebuild with: the run's if it is eager or sdpa, else the schema default. Any other
+    backend may be a hub kernel (org/repo, or flash attention's fallback to one), code fetched and run; a checkpoint
+    never chooses that, and the backend does not change the weights."""
+    return saved if saved in LOCAL_ATTENTION else ModelConfig.attn_implementation
 
 
 def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
@@ -240,6 +258,28 @@ def check_out_dir(out: Path, source: Path) -> None:
         raise UserError(f"{out} is inside {protected}; export outside the run's checkpoints")
 
 
+STAGING = ".export"  # inside an existing out dir: where the model is written before its files are moved in
+
+
+def write_model(model, tokenizer, out: Path) -> None:
+    """mlm.train.save_final's model directory at `out`. A new one is renamed into place whole. An existing (empty)
+    directory stays the same directory, for it may be the shell's own (`.`), which a rename over it would leave
+    deleted: the model is written into a folder inside it, then its files are moved up, config.json last (loaders
+    take a folder without one for no model, so a kill halfway leaves no half a model that loads)."""
+    from mlm.files import fsync_dir
+    from mlm.train import save_final  # the same writer as a run's final/ (atomic)
+
+    if not out.is_dir():
+        save_final(model, tokenizer, out)
+        return
+    staging = out / STAGING
+    save_final(model, tokenizer, staging)
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
+        os.replace(f, out / f.name)
+    staging.rmdir()
+    fsync_dir(out)
+
+
 def default_revision(step, ema: bool) -> str:
     """The branch an export is pushed to without --revision: step-<N>, or step-<N>-ema for the weight average."""
     return f"step-{step}-ema" if ema else f"step-{step}"
@@ -282,9 +322,7 @@ def export(source: Path, out: Path, repo: Optional[str] = None, revision: Option
     ckpt = pick_checkpoint(source)
     print(f"exporting {'the weight average of ' if ema else ''}{ckpt}" + ("" if ckpt == source else f" (the newest verified checkpoint of {source})"))
     model, tokenizer, step = rebuild(ckpt, ema, trust_remote_code)
-    from mlm.train import save_final  # the same writer as a run's final/ (atomic)
-
-    save_final(model, tokenizer, out.resolve())  # renamed into place from a sibling: "." has no name to put one beside
+    write_model(model, tokenizer, out.resolve())
     print(f"wrote {out} (step {step}): python -m mlm.predict {out} \"... <mask> ...\"")
     if repo:
         revision = revision or default_revision(step, ema)

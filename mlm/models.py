@@ -93,9 +93,15 @@ def _refusing_code(what: str, name: str, fn: Callable, *args, **kwargs):
     except pickle.UnpicklingError as e:  # weights-only loading of pytorch_model.bin met more than tensors
         raise UserError(f"{what} {name!r}: its weights file {refusal(e)}: refused, nothing of it was run") from None
     except ValueError as e:
-        if "trust_remote_code" not in str(e):
+        if not refuses_remote_code(e):
             raise
         raise UserError(f"{what} {name!r} ships Python code of its own and this command runs none: refused, nothing of it was run") from None
+
+
+def refuses_remote_code(e: ValueError) -> bool:
+    """transformers' refusal of a repo's own code (dynamic_module_utils: "... contains custom code which must be executed
+    ... pass the argument `trust_remote_code=True`"), not any error that mentions the flag (a hub kernel's does)."""
+    return "custom code" in str(e) and "trust_remote_code=True" in str(e)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")

@@ -500,7 +500,9 @@ def save_outputs(run: Run, results: Dict[str, Any]) -> None:
     if run.main and save_model:
         save_final(run.raw_model, run.data.tokenizer, run.run_dir / "final", full_weights)
     if run.cfg.downstream.kind != "none":  # the main process fine-tunes final/ (minutes); the other ranks wait for it
-        scores = distributed.on_main_alone("downstream", lambda: downstream.evaluate(run.run_dir / "final", run.cfg.downstream, run.accelerator.device))
+        trusted = run.cfg.model.trust_remote_code  # this run's own model: its code (if any) was trusted on this command line
+        scores = distributed.on_main_alone("downstream", lambda: downstream.evaluate(run.run_dir / "final", run.cfg.downstream,
+                                                                                run.accelerator.device, trusted))
         if run.main:
             results["downstream"] = scores
             run.tracker.summary({"downstream/accuracy": scores["accuracy"], "downstream/macro_f1": scores["macro_f1"]})

@@ -233,6 +233,9 @@ def test_cli_model_that_is_not_a_saved_model(tmp_path, capsys):
     assert main([str(tmp_path), "downstream=polarity"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path} is not a saved model (no config.json); " \
         "give a run's final/ directory or package:<module>/<subdir>"
+    assert main([str(tmp_path / "nowhere"), "downstream=polarity"]) == 2  # never looked up on the hub
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'} is not a saved model (no such " \
+        "directory); give a run's final/ directory or package:<module>/<subdir>"
 
 
 def test_a_finished_run_without_final_model_cannot_add_downstream(tmp_path):

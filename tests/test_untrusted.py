@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mlm import checkpoint, export, predict
 from mlm.config import UserError
@@ -334,6 +335,53 @@ def test_export_resolves_no_interpolation_from_a_checkpoint_or_a_snapshot(run_di
     assert SECRET not in out + err and not (tmp_path / "out").exists()
 
 
+KERNEL = "kernels-community/flash-attn2"  # a hub kernel: transformers fetches its code through `kernels`, whatever local_files_only says
+
+
+@pytest.fixture
+def no_kernel_fetch(monkeypatch):
+    """Offline, and any hub kernel fetch fails the test: nothing read from a file may name code to fetch and run."""
+    from transformers.integrations import hub_kernels
+
+    def fetched(*args, **kwargs):
+        pytest.fail(f"a hub kernel was fetched: {args}")
+
+    monkeypatch.setattr(hub_kernels, "get_kernel", fetched)
+    monkeypatch.setattr(hub_kernels, "get_kernel_hub", fetched, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_export_takes_no_attention_backend_from_the_checkpoint(run_dir, tmp_path, capsys, monkeypatch, no_kernel_fetch):  # noqa: F811
+    from mlm import models
+
+    built = []
+    build_model = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda cfg, *a, **k: built.append(cfg.attn_implementation) or build_model(cfg, *a, **k))
+    path = copied(run_dir, tmp_path)
+    for saved, used in ((KERNEL, "sdpa"), ("flash_attention_2", "sdpa"), ("eager", "eager")):  # flash: may fall back to a kernel
+        edit_state(path, lambda s: s["config"].update({"model.attn_implementation": saved}))
+        out = tmp_path / f"out-{used}-{len(built)}"
+        assert export.main([str(path), str(out)]) == 0, capsys.readouterr().err
+        assert built[-1] == used and (out / "config.json").is_file()
+        assert torch.equal(load_file(out / "model.safetensors")["bert.embeddings.word_embeddings.weight"],
+                           load_file(run_dir / "final" / "model.safetensors")["bert.embeddings.word_embeddings.weight"])
+    assert KERNEL not in capsys.readouterr().out
+
+
+def test_only_transformers_refusal_of_a_repos_code_reads_as_shipping_code():
+    from transformers.dynamic_module_utils import resolve_trust_remote_code
+
+    from mlm.models import _refusing_code
+
+    def kernel_error():  # a hub kernel's failure that mentions the flag: not a model folder's code
+        raise ValueError(f"An error occurred while trying to load from '{KERNEL}': pass trust_remote_code=True to kernels")
+
+    with pytest.raises(ValueError, match="An error occurred"):
+        _refusing_code("model", "m", kernel_error)
+    with pytest.raises(UserError, match="'someone/coded' ships Python code of its own and this command runs none"):
+        _refusing_code("model", "someone/coded", resolve_trust_remote_code, False, "someone/coded", False, True)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["config"].update({"model.dropout": "abc"}), "its model config does not fit this version's (Value 'abc' of type 'str'"),
     (lambda s: s["config"].pop("block_size"), "state.json's config has no block_size or seed; export another one"),
@@ -349,9 +397,14 @@ def test_a_checkpoint_config_that_does_not_fit_is_one_line(run_dir, tmp_path, ca
 def test_export_into_dot_works_and_into_its_source_is_one_line(run_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
     here = tmp_path / "here"
     here.mkdir()
+    inode = os.stat(here).st_ino
     monkeypatch.chdir(here)
     assert export.main([str(ckpt(run_dir, 2)), "."]) == 0, capsys.readouterr().err
-    assert (here / "model.safetensors").exists() and not list(tmp_path.glob(".tmp*"))
+    assert os.stat(".").st_ino == os.stat(here).st_ino == inode  # the shell's own directory, not one renamed over it
+    assert os.getcwd() == str(here) and not list(tmp_path.glob(".tmp*")) and not list(here.glob(".*"))  # no staging left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir("."))
+    assert torch.equal(load_file("model.safetensors")["bert.embeddings.word_embeddings.weight"],
+                       load_file(ckpt(run_dir, 2) / "model.safetensors")["bert.embeddings.word_embeddings.weight"])
     for out in (run_dir, ckpt(run_dir, 2)):
         assert export.main([str(ckpt(run_dir, 2)), str(out)]) == 2
         assert one_line(capsys.readouterr().err) == f"error: {out} exists and is not empty; export into a new or empty directory (nothing is overwritten)\n"
@@ -398,6 +451,59 @@ def test_downstream_refuses_hostile_model_folders_in_one_line(hostile_folders, c
         err = capsys.readouterr().err
         assert one_line(err[err.index("error: "):]) and message in err
     assert not marker.exists()
+
+
+def test_predict_and_downstream_take_no_attention_backend_from_a_model_folder(run_dir, tmp_path, capsys, no_kernel_fetch):  # noqa: F811
+    from mlm.downstream import load_classifier
+
+    folder = tmp_path / "model"
+    shutil.copytree(run_dir / "final", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_implementation": KERNEL}))  # transformers would honour it
+    assert load_classifier(str(folder), 2).config._attn_implementation == "sdpa"
+    assert predict.main([str(folder), "a <mask> b"]) == 0, capsys.readouterr().err
+
+
+QUICK = ["downstream=polarity", "downstream.seeds=[0]", "downstream.epochs=1", "downstream.folds=2", "downstream.max_train_examples=40"]
+
+
+def classifier_code_folder(tmp_path: Path, marker: Path) -> Path:
+    """code_folder with a sequence classifier of its own too: a model that downstream can fine-tune once its code is trusted."""
+    folder = code_folder(tmp_path, marker)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"]["AutoModelForSequenceClassification"] = "evil.EvilClassifier"
+    (folder / "config.json").write_text(json.dumps(config))
+    with open(folder / "evil.py", "a") as f:
+        f.write("from transformers import BertForSequenceClassification\n"
+                "class EvilClassifier(BertForSequenceClassification):\n    config_class = EvilConfig\n")
+    return folder
+
+
+def test_downstream_runs_a_folders_code_only_when_its_own_command_line_trusts_it(tmp_path, capsys):
+    from mlm.downstream.__main__ import main
+
+    marker = tmp_path / "ran"
+    folder = classifier_code_folder(tmp_path, marker)
+    assert main([str(folder), *QUICK]) == 2
+    assert "ships Python code of its own" in one_line(capsys.readouterr().err.splitlines(keepends=True)[-1]) and not marker.exists()
+    assert main([str(folder), *QUICK, "model.trust_remote_code=true"]) == 0, capsys.readouterr().err
+    assert marker.exists() and json.loads(capsys.readouterr().out)["task"] == "polarity"  # trusted here: its code ran, as asked
+
+
+def test_a_runs_own_downstream_phase_trusts_what_its_command_line_trusted(corpus, tmp_path):
+    from mlm.train import train
+
+    from omegaconf import OmegaConf
+
+    from mlm.cli import with_downstream
+
+    folder = classifier_code_folder(tmp_path, tmp_path / "ran")
+    run = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", "model.source=pretrained", f"model.name_or_path={folder}",
+           "model.trust_remote_code=true", *QUICK]
+    results = train(compose(run), tmp_path / "run")  # its final/ ships the folder's code (an auto_map), trusted here
+    assert results["downstream"]["task"] == "polarity" and "auto_map" in json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    asked_again = OmegaConf.structured(compose([*run, "downstream.seeds=[1]"]))  # a finished run asked for another seed
+    assert with_downstream(tmp_path / "run", asked_again, results)["downstream"]["seeds"] == [1]
 
 
 def test_predict_top_k_and_non_model_folders_are_one_line(run_dir, tmp_path, capsys):  # noqa: F811

@@ -218,9 +218,13 @@ def task_name(cfg: DownstreamConfig) -> str:
 # ---------------------------------------------------------------- the protocol
 
 
-def load_classifier(model_dir: str, num_labels: int):
+def load_classifier(model_dir: str, num_labels: int, trust_remote_code: bool = False):
     """The saved encoder under a new classification head, its pooler new as well: a run's final/ (an MLM model)
-    has none, and the encoder it started from may have one; a new one for both leaves only the encoder to compare."""
+    has none, and the encoder it started from may have one; a new one for both leaves only the encoder to compare.
+
+    The attention backend is ours (the schema default), never the folder's config.json's: one there may name a hub
+    kernel (org/repo), code that transformers would fetch and run. Its code runs only with `trust_remote_code`,
+    a setting of the command being run."""
     from transformers import AutoModelForSequenceClassification
 
     from mlm.models import _hub_call, _quiet_transformers
@@ -228,7 +232,7 @@ def load_classifier(model_dir: str, num_labels: int):
     with _quiet_transformers():  # the "newly initialized: classifier..." report is expected here
         # through _hub_call: a folder's own code (auto_map) or pickled payload is one line, nothing of it run
         model = _hub_call("model", model_dir, AutoModelForSequenceClassification.from_pretrained, model_dir, num_labels=num_labels,
-                          dtype=torch.float32)
+                          dtype=torch.float32, attn_implementation=ModelConfig.attn_implementation, trust_remote_code=trust_remote_code)
     pooler = getattr(model.base_model, "pooler", None)  # BERT's dense + tanh on [CLS]; RoBERTa's head has its own, new
     for module in pooler.modules() if pooler is not None else ():
         if isinstance(module, torch.nn.Linear):  # as BERT initialises it (transformers' own init skips loaded weights)
@@ -247,14 +251,14 @@ def batches(examples: Examples, order: Sequence[int], batch_size: int, tokenizer
         yield {k: v.to(device) for k, v in enc.items()}
 
 
-def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, seed: int, device):
+def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, seed: int, device, trust_remote_code: bool = False):
     """One fine-tune: a new head seeded by `seed`, AdamW with a linear schedule after a 10% warmup."""
     from mlm.optim import build_optimizer, build_scheduler
 
     if not len(train):  # the loop below would wait forever for a first batch
         raise UserError(f"downstream {task_name(cfg)!r}: no training examples to fine-tune on")
     torch.manual_seed(seed)  # the head's initial weights and dropout
-    model = load_classifier(model_dir, len(train.classes)).to(device)
+    model = load_classifier(model_dir, len(train.classes), trust_remote_code).to(device)
     optimizer = build_optimizer(model, OptimizerConfig(lr=cfg.lr))
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -302,8 +306,9 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def evaluate(model_dir, cfg: DownstreamConfig, device=None) -> Dict[str, Any]:
-    """Fine-tune and score `model_dir` once per seed; the result reports the median accuracy over seeds."""
+def evaluate(model_dir, cfg: DownstreamConfig, device=None, trust_remote_code: bool = False) -> Dict[str, Any]:
+    """Fine-tune and score `model_dir` once per seed; the result reports the median accuracy over seeds. Code shipped
+    with the model runs only with `trust_remote_code`: the model.trust_remote_code of the command being run, never a file's."""
     from mlm.models import check_saved_model, load_tokenizer, resolve_path
 
     cfg.validate()
@@ -311,18 +316,19 @@ def evaluate(model_dir, cfg: DownstreamConfig, device=None) -> Dict[str, Any]:
         raise UserError("downstream.kind=none: choose a task, e.g. downstream=polarity (or sst2, mrpc, rte, local)")
     start = time.perf_counter()
     model_dir = resolve_path(str(model_dir))
-    if not Path(model_dir, "config.json").is_file():
-        raise UserError(f"{model_dir} is not a saved model (no config.json); give a run's final/ directory or package:<module>/<subdir>")
-    check_saved_model(model_dir, "give a run's final/ directory or package:<module>/<subdir>")
+    give = "give a run's final/ directory or package:<module>/<subdir>"
+    if not Path(model_dir).is_dir():  # a saved model only: no hub id (check_saved_model leaves those to the hub lookup)
+        raise UserError(f"{model_dir} is not a saved model (no such directory); {give}")
+    check_saved_model(model_dir, give)
     device = torch.device(device) if device is not None else default_device()
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=model_dir, trust_remote_code=trust_remote_code))
     protocol, splits = task_splits(cfg)
     accuracies, f1s = [], []
     for seed in cfg.seeds:
         labels, predictions = [], []
         for n, (train, held_out) in enumerate(splits, 1):
             t0 = time.perf_counter()
-            model = finetune(model_dir, tokenizer, train, cfg, seed, device)
+            model = finetune(model_dir, tokenizer, train, cfg, seed, device, trust_remote_code)
             predictions += predict(model, tokenizer, held_out, cfg, device)
             labels += held_out.labels
             del model
@@ -349,10 +355,12 @@ def evaluate(model_dir, cfg: DownstreamConfig, device=None) -> Dict[str, Any]:
 # ---------------------------------------------------------------- a finished run asked for a downstream task
 
 
-def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional[dict], results: dict) -> dict:
+def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional[dict], results: dict,
+                        trust_remote_code: bool = False) -> dict:
     """A finished run asked again with downstream settings its results.json has no numbers for (none yet, or
     another task): fine-tune its final/ now, and rewrite results.json with them (the "downstream" record and the
-    config's downstream.* keys: the ones asked). Main process only, under the run's lock. Returns the results."""
+    config's downstream.* keys: the ones asked). Main process only, under the run's lock. Returns the results.
+    `trust_remote_code`: this command line's model.trust_remote_code (the run's own model may ship code)."""
     from mlm import rundir
 
     asked = {k: v for k, v in (settings or {}).items() if k.startswith("downstream.")}
@@ -365,7 +373,7 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
                         "train it again in a run directory of its own (hydra.run.dir=<new dir>)")
     if "downstream" in results:
         log.warning("%s: replacing its downstream result for %s with one for %s", run_dir, results["downstream"].get("task"), task_name(cfg))
-    results = {**results, "downstream": evaluate(final, cfg), "config": {**results.get("config", {}), **asked}}
+    results = {**results, "downstream": evaluate(final, cfg, trust_remote_code=trust_remote_code), "config": {**results.get("config", {}), **asked}}
     rundir.write_results(run_dir, results)
     (Path(run_dir) / "error.txt").unlink(missing_ok=True)  # a failed earlier try of this (a sweep job's record)
     return results

@@ -1,5 +1,6 @@
-"""`python -m mlm.downstream <model dir> downstream=<task> [downstream.<key>=...]`: fine-tune a saved model on a
-downstream task (mlm.downstream.evaluate) and print the result as JSON on stdout (progress on stderr).
+"""`python -m mlm.downstream <model dir> downstream=<task> [downstream.<key>=...] [model.trust_remote_code=true]`: fine-tune
+a saved model on a downstream task (mlm.downstream.evaluate) and print the result as JSON on stdout (progress on stderr).
+A model folder's own Python (an auto_map) runs only with model.trust_remote_code=true on this command line.
 
 Kept apart from the evaluation: it composes the config through mlm.cli, which itself imports mlm.downstream.
 """
@@ -10,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from mlm.config import DownstreamConfig, UserError
 from mlm.downstream import evaluate, summary_line
@@ -21,11 +22,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="python -m mlm.downstream",
         description="Fine-tune a saved model on a downstream task (seeds, median accuracy); prints the result as JSON.")
     parser.add_argument("model", help="a saved model directory (a run's final/) or package:<module>/<subdir>")
-    parser.add_argument("overrides", nargs="*", help="downstream=<task> and downstream.* settings, as for run.py")
+    parser.add_argument("overrides", nargs="*", help="downstream=<task> and downstream.* settings, as for run.py; "
+                                                     "model.trust_remote_code=true runs the model folder's own code (read it first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        result = evaluate(args.model, compose_downstream(args.overrides))
+        cfg, trust_remote_code = compose_downstream(args.overrides)
+        result = evaluate(args.model, cfg, trust_remote_code=trust_remote_code)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -34,18 +37,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def compose_downstream(overrides: List[str]) -> DownstreamConfig:
-    """The downstream group as run.py composes it, from downstream overrides only (the rest would be ignored here)."""
+def compose_downstream(overrides: List[str]) -> Tuple[DownstreamConfig, bool]:
+    """The downstream group as run.py composes it, and model.trust_remote_code (off unless given here), from those
+    overrides only (the rest would be ignored here)."""
     from mlm.cli import check_override_keys, compose
 
     for arg in overrides:
-        if arg.lstrip("+~").split("=")[0].split(".")[0].split("/")[0] != "downstream":
-            raise UserError(f"{arg}: only downstream settings apply here (downstream=<task>, downstream.<key>=...)")
+        key = arg.lstrip("+~").split("=")[0]
+        if key.split(".")[0].split("/")[0] != "downstream" and key != "model.trust_remote_code":
+            raise UserError(f"{arg}: only downstream settings apply here (downstream=<task>, downstream.<key>=..., "
+                            "and model.trust_remote_code)")
     check_override_keys(overrides)
-    cfg = compose(overrides).downstream
-    if cfg.kind == "none":
+    cfg = compose(overrides)
+    if cfg.downstream.kind == "none":
         raise UserError("choose a task: downstream=polarity (or sst2, mrpc, rte, or local with downstream.path=<file>)")
-    return cfg
+    return cfg.downstream, cfg.model.trust_remote_code
 
 
 if __name__ == "__main__":
