@@ -323,7 +323,7 @@ def read_state(path: Path, train_state_fields: Optional[Collection[str]] = None)
 
 def shape_problem(state: Dict[str, Any]) -> Optional[str]:
     """What is wrong with the keys a resume compares (absent in an older version's checkpoint), or None."""
-    from mlm.rundir import malformed_data
+    from mlm.records import malformed_data
 
     if "config" in state and not isinstance(state["config"], dict):
         return '"config" is not an object of settings'

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import UserError
 from mlm.files import atomic_path, atomic_write_text
-from mlm.rundir import content_hashes, malformed_data
+from mlm.records import content_hashes, malformed_data
 from mlm.tracking import read_metrics
 
 

@@ -25,7 +25,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mlm.data.sources import _local_files
-from mlm.rundir import malformed_data
+from mlm.records import malformed_data
 
 HASHES = "hashes"  # under the cache root: one small JSON per hashed file
 
