@@ -175,6 +175,10 @@ class RunDirGuard(Callback):
             sys.exit(2)
         (sweep_dir / REFUSED).unlink(missing_ok=True)  # from the last launch
         self._before = _sweep_state(sweep_dir)
+        if str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher") and detect().world_size == 1:
+            from mlm.preemption import start_parallel_sweep
+
+            start_parallel_sweep(sweep_dir)  # a stop signal stops every job with a checkpoint, then the sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """After the summary (Hydra calls the end callbacks in reverse): keep the old multirun.yaml if
@@ -187,10 +191,24 @@ class RunDirGuard(Callback):
         release_run_dir(sweep_dir)
         if before is None:
             return
-        line = _failures(sweep_dir)
+        from mlm.preemption import end_parallel_sweep
+
+        stopped, line = end_parallel_sweep(), _failures(sweep_dir)
         if line:
             print(f"error: {line}", file=sys.stderr)
+        if stopped:
+            print(f"stopped: {stopped_sweep_line(sweep_dir, stopped)}", file=sys.stderr)
+            sys.exit(128 + stopped)
+        if line:
             sys.exit(1)
+
+
+def stopped_sweep_line(sweep_dir: Path, signum: int) -> str:
+    import signal
+
+    summary = sweep_dir / "summary.md"
+    return (f"the sweep was stopped by {signal.Signals(signum).name}: its running jobs stopped with a checkpoint and no new job started"
+            + (f"; what finished is in {summary}" if summary.exists() else "") + "; run the same command again to resume")
 
 
 def _failures(sweep_dir: Path) -> Optional[str]:
@@ -219,6 +237,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from mlm import preemption
     from mlm.preemption import Interrupted
 
     hc = HydraConfig.get()
@@ -228,6 +247,9 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     try:
         from mlm import distributed
 
+        if preemption.in_sweep() and preemption.stop_requested():  # a queued job of a stopped sweep: not started
+            log.warning("not started: the sweep was stopped by %s", preemption.signal_name(preemption.stop_requested()))
+            return None
         try:
             done = guard(run_dir, cfg)
         except UserError as e:  # locked, or finished with other settings: not ours to write into
@@ -250,6 +272,8 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sweep stops with its job
         log.warning(str(e))
         print(f"stopped: {e}", file=sys.stderr)
+        if preemption.in_sweep():  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
+            return None
         sys.exit(e.exit_code)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
         if job["multirun"] and is_main_process():

@@ -40,8 +40,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mlm import faults
 from mlm.config import DownstreamConfig, ModelConfig, OptimizerConfig, SchedulerConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
+from mlm.preemption import Interrupted, signal_name, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +241,9 @@ def batches(examples: Examples, order: Sequence[int], batch_size: int, tokenizer
 
 
 def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, seed: int, device):
-    """One fine-tune: a new head seeded by `seed`, AdamW with a linear schedule after a 10% warmup."""
+    """One fine-tune: a new head seeded by `seed`, AdamW with a linear schedule after a 10% warmup.
+
+    Inside a training run a stop signal ends it at the next step (Interrupted): the fine-tune is redone by the rerun."""
     from mlm.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(seed)  # the head's initial weights and dropout
@@ -254,6 +258,7 @@ def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, 
     while step < total:
         epoch_order = torch.randperm(len(train), generator=order).tolist()
         for batch in batches(train, epoch_order, cfg.batch_size, tokenizer, cfg.max_length, device):
+            check_stop()
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -261,9 +266,17 @@ def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            faults.reached("finetune")
             if step == total:
                 break
     return model
+
+
+def check_stop() -> None:
+    """Raise Interrupted if a stop signal reached the training run this fine-tune belongs to (mlm.preemption)."""
+    signum = stop_requested()
+    if signum is not None:
+        raise Interrupted(signum, f"stopped by {signal_name(signum)} during the downstream fine-tune")
 
 
 @torch.no_grad()
