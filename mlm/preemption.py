@@ -169,13 +169,18 @@ class SweepWorker(SweepStop):
         self.signum = self.signum or signum
 
     def _watch(self) -> None:
-        while self.signum is None:
-            if self.marker.exists():
+        while os.getppid() == self.parent:
+            if self.signum is None and self.marker.exists():
                 self.signum = marker_signal(self.marker)
-            elif os.getppid() != self.parent:
-                log.warning("the sweep's process %d is gone: stopping this job", self.parent)
-                self.signum = signal.SIGTERM
             time.sleep(WATCH_S)
+        log.warning("the sweep's process %d is gone: stopping this worker's job with a checkpoint", self.parent)
+        self.signum = self.signum or signal.SIGTERM
+        # Nothing will ask this worker for more (it would wait for the next job until its idle timeout): once its
+        # job has checkpointed and returned (a job not yet training has nothing to save), it leaves.
+        while _active is not None:
+            time.sleep(WATCH_S)
+        time.sleep(1.0)  # the job's last lines: its "stopped:" message, the lock's release
+        os._exit(128 + self.signum)
 
 
 def marker_signal(marker: Path) -> int:

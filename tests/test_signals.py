@@ -76,6 +76,24 @@ def _pgid(pid: int):
         return None
 
 
+def start_sweep(corpus, sweep):
+    """Three tiny jobs on two workers: job 0 (3 steps) finishes, jobs 1 and 2 (400 steps) are still training when it returns."""
+    args = ["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "runtime.num_threads=1",
+            "trainer.max_steps=3,400,400", "trainer.checkpoint_every=0", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: (sweep / "0" / "results.json").exists() and last_step(sweep / "1") >= 2 and last_step(sweep / "2") >= 2, proc)
+    return proc, [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+
+
+def wait_gone(workers, pgid) -> None:
+    """Until the workers and every process of the sweep's group have ended (a loaded machine may take a while to reap them)."""
+    deadline = time.time() + 120
+    while (alive(workers) or in_group(pgid)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert alive(workers) == [] and in_group(pgid) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("to", ["parent", "group"])
 def test_a_stopped_parallel_sweep_checkpoints_every_running_job_and_leaves_no_worker(corpus, tmp_path, to):
@@ -83,13 +101,8 @@ def test_a_stopped_parallel_sweep_checkpoints_every_running_job_and_leaves_no_wo
     which reaches the workers too): job 0 finished before, jobs 1 and 2 stop with a checkpoint each."""
     sig = signal.SIGTERM if to == "parent" else signal.SIGINT
     sweep = tmp_path / "sweep"
-    args = ["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "runtime.num_threads=1",
-            "trainer.max_steps=3,400,400", "trainer.checkpoint_every=0", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc, workers = start_sweep(corpus, sweep)
     try:
-        wait_for(lambda: (sweep / "0" / "results.json").exists() and last_step(sweep / "1") >= 2 and last_step(sweep / "2") >= 2, proc)
-        workers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         os.kill(proc.pid, sig) if to == "parent" else os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -109,10 +122,20 @@ def test_a_stopped_parallel_sweep_checkpoints_every_running_job_and_leaves_no_wo
     summary = (sweep / "summary.md").read_text()
     assert summary.count("| ok |") == 1 and "trainer.max_steps=3" in summary  # what finished
     assert (sweep / "run.lock").read_text() == ""
-    deadline = time.time() + 60  # the workers leave as the parent exits; give a loaded machine time to reap them
-    while (alive(workers) or in_group(proc.pid)) and time.time() < deadline:
-        time.sleep(0.2)
-    assert alive(workers) == [] and in_group(proc.pid) == []
+    wait_gone(workers, proc.pid)
+
+
+@pytest.mark.slow
+def test_workers_whose_sweep_process_was_killed_stop_with_a_checkpoint(corpus, tmp_path):
+    """SIGKILL (no handler runs) of the sweep's process: its workers see it gone and stop their jobs as for SIGTERM."""
+    sweep = tmp_path / "sweep"
+    proc, workers = start_sweep(corpus, sweep)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=300)  # the pipes close when the workers have gone too
+    wait_gone(workers, proc.pid)
+    for job in ("1", "2"):
+        [ckpt] = (sweep / job / "checkpoints").iterdir()
+        assert 2 <= json.loads((ckpt / "state.json").read_text())["step"] < 400 and not (sweep / job / "results.json").exists()
 
 
 # ---------------------------------------------------------------- a signal after the last step
