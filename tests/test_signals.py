@@ -185,6 +185,13 @@ def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_resul
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["ckpt-00000004"]
     metrics = (run_dir / "metrics.jsonl").read_text()
 
+    # the rerun's fine-tune stopped too (Ctrl-C): one line, results.json as it was
+    stopped = run_cli(args, env={"MLM_FAULT_SIGNAL_AT": "finetune:1:SIGINT", "OMP_NUM_THREADS": "1"})
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-3000:]
+    assert error_lines(stopped.stderr) == [f"stopped: stopped by SIGINT during the downstream fine-tune; {run_dir / 'results.json'} is unchanged; "
+                                           "run the same command again to add the downstream numbers"]
+    assert json.loads((run_dir / "results.json").read_text()) == results
+
     rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already finished" in rerun.stdout and f"added to {run_dir / 'results.json'}" in rerun.stdout

@@ -43,7 +43,7 @@ import torch
 from mlm import faults
 from mlm.config import DownstreamConfig, ModelConfig, OptimizerConfig, SchedulerConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
-from mlm.preemption import Interrupted, signal_name, stop_requested
+from mlm.preemption import Interrupted, StopSignals, signal_name, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,15 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
                         "train it again (resume=never) or in another directory")
     if "downstream" in results:
         log.warning("%s: replacing its downstream result for %s with one for %s", run_dir, results["downstream"].get("task"), task_name(cfg))
-    results = {**results, "downstream": evaluate(final, cfg), "config": {**results.get("config", {}), **asked}}
+    stop = StopSignals().install()  # a stop signal ends the fine-tune at its next step (one line), results.json as it was
+    try:
+        scores = evaluate(final, cfg)
+    except Interrupted as e:
+        raise Interrupted(e.signum, f"{e}; {Path(run_dir) / 'results.json'} is unchanged; run the same command again "
+                                    "to add the downstream numbers") from None
+    finally:
+        stop.restore()
+    results = {**results, "downstream": scores, "config": {**results.get("config", {}), **asked}}
     rundir.write_results(run_dir, results)
     (Path(run_dir) / "error.txt").unlink(missing_ok=True)  # a failed earlier try of this (a sweep job's record)
     return results
