@@ -124,6 +124,7 @@ class SweepStop:
     def __init__(self, marker: Path):
         self.marker = Path(marker)
         self.signum: Optional[int] = None
+        self.previous: Dict[int, Callable] = {}
 
 
 class SweepParent(SweepStop):
@@ -145,11 +146,12 @@ class SweepParent(SweepStop):
             atomic_write_text(self.marker, signal.Signals(signum).name + "\n")
         except OSError as e:  # the workers still stop if the parent is then killed (they watch its pid)
             log.warning("could not write %s: %s", self.marker, e)
-        print(f"{signal.Signals(signum).name}: stopping the sweep: running jobs checkpoint after their step, "
-              "no new job starts (a second signal ends it at once)", file=sys.stderr, flush=True)
+        # os.write, not print: the main thread may be inside a write to stderr, which a print here would re-enter
+        os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: stopping the sweep: running jobs checkpoint after their step, "
+                                      "no new job starts (a second signal ends it at once)\n".encode())
 
     def restore(self) -> None:
-        for sig, handler in getattr(self, "previous", {}).items():
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
 
@@ -217,8 +219,12 @@ def in_sweep() -> bool:
 def end_parallel_sweep() -> Optional[int]:
     """In the sweep's process, once its jobs have returned: put the handlers back; the signal that stopped it, or None."""
     global _sweep
+    from joblib import register_parallel_backend
+    from joblib._parallel_backends import LokyBackend
+
     if not isinstance(_sweep, SweepParent):
         return None
     stopped, _sweep = _sweep, None
     stopped.restore()
+    register_parallel_backend("loky", LokyBackend)
     return stopped.signum
