@@ -76,13 +76,13 @@ def _pgid(pid: int):
         return None
 
 
-def start_sweep(corpus, sweep):
-    """Three tiny jobs on two workers: job 0 (3 steps) finishes, jobs 1 and 2 (400 steps) are still training when it returns."""
-    args = ["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "runtime.num_threads=1",
+def start_sweep(corpus, sweep, n_jobs=2, running=("1", "2")):
+    """Three tiny jobs: job 0 (3 steps) finishes; on two workers, jobs 1 and 2 (400 steps) are training when it returns."""
+    args = ["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}", "runtime.num_threads=1",
             "trainer.max_steps=3,400,400", "trainer.checkpoint_every=0", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: (sweep / "0" / "results.json").exists() and last_step(sweep / "1") >= 2 and last_step(sweep / "2") >= 2, proc)
+    wait_for(lambda: (sweep / "0" / "results.json").exists() and all(last_step(sweep / job) >= 2 for job in running), proc)
     return proc, [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
 
 
@@ -123,6 +123,21 @@ def test_a_stopped_parallel_sweep_checkpoints_every_running_job_and_leaves_no_wo
     assert summary.count("| ok |") == 1 and "trainer.max_steps=3" in summary  # what finished
     assert (sweep / "run.lock").read_text() == ""
     wait_gone(workers, proc.pid)
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_running_its_jobs_in_its_own_process_starts_no_other(corpus, tmp_path):
+    """n_jobs=1: joblib runs the jobs one after the other in the sweep's process; job 2 never starts."""
+    sweep = tmp_path / "sweep"
+    proc, _ = start_sweep(corpus, sweep, n_jobs=1, running=("1",))
+    os.kill(proc.pid, signal.SIGHUP)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGHUP, err[-3000:]
+    [ckpt] = (sweep / "1" / "checkpoints").iterdir()
+    assert f"stopped: stopped by SIGHUP after step {json.loads((ckpt / 'state.json').read_text())['step']}; checkpoint {ckpt} written" in err
+    assert not (sweep / "2" / "checkpoints").exists() and not (sweep / "2" / "metrics.jsonl").exists()
+    assert error_lines(err)[-1].startswith("stopped: the sweep was stopped by SIGHUP") and "Traceback" not in err
+    assert (sweep / "summary.md").read_text().count("| ok |") == 1
 
 
 @pytest.mark.slow
