@@ -16,9 +16,11 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mlm import preemption
 from mlm.config import CONF, GROUPS, MOVED, REMOVED, Choice, Config, UserError, register_configs
 from mlm.distributed import detect, is_main_process, launch_name
 from mlm.files import atomic_write_text, open_append
+from mlm.preemption import Interrupted
 from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir
 
 log = logging.getLogger("mlm")
@@ -192,6 +194,9 @@ class RunDirGuard(Callback):
         except UserError as e:  # locked, or finished with other settings (or its downstream task failed)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Interrupted as e:  # a stop signal during the downstream fine-tune of a finished run
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
         if results is not None:
             print(finished_line(run_dir, results))
             sys.exit(0)
@@ -211,6 +216,8 @@ class RunDirGuard(Callback):
             sys.exit(2)
         (sweep_dir / REFUSED).unlink(missing_ok=True)  # from the last launch
         self._before = _sweep_state(sweep_dir)
+        if str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher") and detect().world_size == 1:
+            preemption.start_parallel_sweep(sweep_dir)  # a stop signal stops every job with a checkpoint, then the sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """After the summary (Hydra calls the end callbacks in reverse): keep the old multirun.yaml if
@@ -223,10 +230,20 @@ class RunDirGuard(Callback):
         release_run_dir(sweep_dir)
         if before is None:
             return
-        line = _failures(sweep_dir)
+        stopped, line = preemption.end_parallel_sweep(), _failures(sweep_dir)
         if line:
             print(f"error: {line}", file=sys.stderr)
+        if stopped:
+            print(f"stopped: {stopped_sweep_line(sweep_dir, stopped)}", file=sys.stderr)
+            sys.exit(128 + stopped)
+        if line:
             sys.exit(1)
+
+
+def stopped_sweep_line(sweep_dir: Path, signum: int) -> str:
+    summary = sweep_dir / "summary.md"
+    return (f"the sweep was stopped by {preemption.signal_name(signum)}: its running jobs stopped with a checkpoint and no new job started"
+            + (f"; what finished is in {summary}" if summary.exists() else "") + "; run the same command again to resume")
 
 
 def _failures(sweep_dir: Path) -> Optional[str]:
@@ -255,8 +272,6 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from mlm.preemption import Interrupted
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     job = job_info(hc)
@@ -264,6 +279,9 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     try:
         from mlm import distributed
 
+        if preemption.in_sweep() and preemption.stop_requested():  # a queued job of a stopped sweep: not started
+            log.warning("not started: the sweep was stopped by %s", preemption.signal_name(preemption.stop_requested()))
+            return None
         try:
             done = guard(run_dir, cfg)
         except UserError as e:  # locked, or finished with other settings: not ours to write into
@@ -283,9 +301,11 @@ def run_job(cfg: DictConfig) -> Optional[float]:
                 results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
-    except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sweep stops with its job
+    except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sequential sweep stops with its job
         log.warning(str(e))
         print(f"stopped: {e}", file=sys.stderr)
+        if preemption.in_sweep():  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
+            return None
         sys.exit(e.exit_code)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
         if job["multirun"] and is_main_process():

@@ -1,6 +1,8 @@
 """Fault injection for the crash tests, in one place: kill or stall the run at a named moment.
 
     MLM_FAULT_KILL_AT=<point>:<n>[,<point>:<n>...]   SIGKILL this process the n-th time it reaches <point>
+    MLM_FAULT_SIGNAL_AT=<point>:<n>:<SIGNAL>[,...]    send this process SIGNAL (e.g. SIGTERM) the n-th time it reaches
+                                                     <point>, and go on (a stop signal at that moment)
     MLM_FAULT_CHECKPOINT_DELAY=<seconds>             hold every checkpoint write half-done that long
     MLM_TEST_FAIL=<job num>:<rank>:<step>            raise an error on one rank of one sweep job after that
                                                      step (a failure the other ranks must follow)
@@ -16,7 +18,8 @@ Points (each marks a moment in a run's life; counts start at 1 in every process)
     metrics     a metrics.jsonl record half-written (the kill leaves a torn last line)
     final       the final model half-saved (weights written, tokenizer not)
     results     everything written except results.json
-Unset (the normal case), every hook costs one dictionary lookup.
+    finetune    a downstream fine-tuning step done
+Unset (the normal case), every hook costs two dictionary lookups.
 """
 
 from __future__ import annotations
@@ -25,25 +28,32 @@ import os
 import signal
 import time
 from collections import Counter
-from typing import IO
+from typing import IO, Optional
 
-POINTS = ("startup", "step", "eval", "checkpoint", "metrics", "final", "results")
+POINTS = ("startup", "step", "eval", "checkpoint", "metrics", "final", "results", "finetune")
 _reached: Counter = Counter()
+_signalled: Counter = Counter()
+
+
+def _due(variable: str, point: str, visits: Counter) -> Optional[str]:
+    """Count this visit to `point`; the item of `variable` (<point>:<n>[:<extra>]) due at this visit, else None."""
+    spec = os.environ.get(variable)
+    if not spec:
+        return None
+    visits[point] += 1
+    for item in spec.split(","):
+        name, _, rest = item.strip().partition(":")
+        if name not in POINTS:
+            raise ValueError(f"{variable}: unknown point {name!r} (one of {', '.join(POINTS)})")
+        n, _, extra = rest.partition(":")
+        if name == point and int(n or 1) == visits[point]:
+            return extra
+    return None
 
 
 def _armed(point: str) -> bool:
     """Count this visit to `point`; True when MLM_FAULT_KILL_AT asks for a kill at this visit."""
-    spec = os.environ.get("MLM_FAULT_KILL_AT")
-    if not spec:
-        return False
-    _reached[point] += 1
-    for item in spec.split(","):
-        name, _, n = item.strip().partition(":")
-        if name not in POINTS:
-            raise ValueError(f"MLM_FAULT_KILL_AT: unknown point {name!r} (one of {', '.join(POINTS)})")
-        if name == point and int(n or 1) == _reached[point]:
-            return True
-    return False
+    return _due("MLM_FAULT_KILL_AT", point, _reached) is not None
 
 
 def _kill() -> None:
@@ -58,6 +68,9 @@ def reached(point: str) -> None:
             time.sleep(delay)
     if _armed(point):
         _kill()
+    name = _due("MLM_FAULT_SIGNAL_AT", point, _signalled)
+    if name is not None:
+        os.kill(os.getpid(), signal.Signals[name or "SIGTERM"])  # its handler runs before the next line
 
 
 def write(f: IO[str], text: str, point: str) -> None:

@@ -1,21 +1,43 @@
 """Stop signals: finish the optimizer step, write a checkpoint, exit in one line; the rerun resumes.
 
 SLURM warns a job before it preempts it or its time runs out (SIGTERM, or the signal given with
-`--signal`; submitit asks for SIGUSR2), torchrun forwards SIGTERM to its ranks, Ctrl-C is SIGINT.
-The first of SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 only sets a flag; the loop reads it at the next
-step boundary (every rank: the flag rides on the step's one all-reduce, so all ranks stop after the
-same step), saves a checkpoint and raises `Interrupted`. A second signal acts at once, as it
-would have without this module. A handler that was there before (submitit's, which requeues the
-job) is called after the checkpoint is written.
+`--signal`; submitit asks for SIGUSR2), torchrun forwards SIGTERM to its ranks, Ctrl-C is SIGINT,
+a closed terminal or ssh session is SIGHUP. The first of SIGTERM, SIGINT, SIGHUP, SIGUSR1 or
+SIGUSR2 only sets a flag; the loop reads it at the next step boundary (every rank: the flag rides
+on the step's one all-reduce, so all ranks stop after the same step), saves a checkpoint and
+raises `Interrupted`. After the last step the flag is read between the end-of-run stages (final
+checkpoint, final/ and results.json, each downstream fine-tune step), so a run never outlives a
+scheduler's grace period by minutes. A second signal acts at once, as it would have without this
+module. A handler that was there before (submitit's, which requeues the job) is called after the
+checkpoint is written.
+
+A parallel sweep (hydra/launcher=parallel or joblib: jobs in worker processes) is stopped as a
+whole: `SweepParent` takes the parent's stop signals and writes `<sweep dir>/stopped.txt`; every
+worker (`sweep_worker`, run as the workers' initializer) takes its own stop signals as one request,
+however many arrive (Ctrl-C reaches the parent and the workers), and a thread of it watches that
+file and the parent's pid (a parent that died, even by SIGKILL, stops its workers too). A stopped
+worker's job checkpoints at its next step and returns; queued jobs do not start; the parent writes
+the summary of what finished and exits `128 + signal`. A second signal to the parent acts at once
+(joblib then ends its workers).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import signal
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+STOPPED = "stopped.txt"  # in a sweep directory: the parent was stopped, by the signal named inside
+WATCH_S = 0.5  # how often a sweep worker looks at the stop file and its parent (one stat, one getppid)
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -30,31 +52,57 @@ class Interrupted(Exception):
         return 128 + self.signum  # what a shell reports for a process a signal ended
 
 
+def signal_name(signum: Optional[int]) -> str:
+    return signal.Signals(signum).name if signum else "a stop signal on another process"
+
+
+_active: Optional["StopSignals"] = None  # the running job's, while installed (read by downstream fine-tunes)
+_sweep: Optional["SweepStop"] = None  # this process's part in a parallel sweep (its parent or a worker), if any
+
+
+def stop_requested() -> Optional[int]:
+    """The signal that asked the running job (or this sweep process) to stop, or None."""
+    if _active is not None:
+        return _active.signum
+    return _sweep.signum if _sweep is not None else None
+
+
 class StopSignals:
-    """Installed for one run (main thread only: Python delivers signals there); `restore()` puts the old handlers back."""
+    """Installed for one run (main thread only: Python delivers signals there); `restore()` puts the old handlers back.
+
+    In a parallel sweep's process the sweep's handlers stay in place and their request is this run's."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.received: Optional[int] = None
         self.previous: Dict[int, Callable] = {}
 
+    @property
+    def signum(self) -> Optional[int]:
+        return self.received or (_sweep.signum if _sweep is not None else None)
+
     def install(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
+        global _active
+        _active = self
+        if _sweep is None and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:  # a second signal: what it would have done without us
+        if self.received is not None:  # a second signal: what it would have done without us
             self.restore()
             signal.raise_signal(signum)
             return
-        self.signum = signum
+        self.received = signum
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "a stop signal on another process"
+        return signal_name(self.signum)
 
     def restore(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
@@ -65,3 +113,118 @@ class StopSignals:
         self.restore()
         if callable(handler) and handler is not signal.default_int_handler:
             handler(self.signum, None)
+
+
+# ---------------------------------------------------------------- a parallel sweep
+
+
+class SweepStop:
+    """The stop request of a parallel sweep as seen by one of its processes."""
+
+    def __init__(self, marker: Path):
+        self.marker = Path(marker)
+        self.signum: Optional[int] = None
+        self.previous: Dict[int, Callable] = {}
+
+
+class SweepParent(SweepStop):
+    """The sweep's own process: the first stop signal writes the marker its workers watch; a second acts at once."""
+
+    def install(self) -> "SweepParent":
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        from mlm.files import atomic_write_text
+
+        try:
+            atomic_write_text(self.marker, signal.Signals(signum).name + "\n")
+        except OSError as e:  # the workers still stop if the parent is then killed (they watch its pid)
+            log.warning("could not write %s: %s", self.marker, e)
+        # os.write, not print: the main thread may be inside a write to stderr, which a print here would re-enter
+        os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: stopping the sweep: running jobs checkpoint after their step, "
+                                      "no new job starts (a second signal ends it at once)\n".encode())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class SweepWorker(SweepStop):
+    """A worker process: any number of stop signals is one request (Ctrl-C reaches it and its parent, which passes
+    the stop on through the marker), taken also from the marker and from the parent's end."""
+
+    def install(self) -> "SweepWorker":
+        self.parent = os.getppid()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        threading.Thread(target=self._watch, name="mlm-sweep-watch", daemon=True).start()
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+
+    def _watch(self) -> None:
+        while os.getppid() == self.parent:
+            if self.signum is None and self.marker.exists():
+                self.signum = marker_signal(self.marker)
+            time.sleep(WATCH_S)
+        log.warning("the sweep's process %d is gone: stopping this worker's job with a checkpoint", self.parent)
+        self.signum = self.signum or signal.SIGTERM
+        # Nothing will ask this worker for more (it would wait for the next job until its idle timeout): once its
+        # job has checkpointed and returned (a job not yet training has nothing to save), it leaves.
+        while _active is not None:
+            time.sleep(WATCH_S)
+        time.sleep(1.0)  # the job's last lines: its "stopped:" message, the lock's release
+        os._exit(128 + self.signum)
+
+
+def marker_signal(marker: Path) -> int:
+    try:
+        return int(signal.Signals[marker.read_text().strip()])
+    except (OSError, KeyError):
+        return int(signal.SIGTERM)
+
+
+def sweep_worker(marker: str) -> None:
+    """The initializer of a parallel sweep's worker processes (before any job: an idle worker survives a Ctrl-C)."""
+    global _sweep
+    _sweep = SweepWorker(Path(marker)).install()
+
+
+def start_parallel_sweep(sweep_dir: Path) -> None:
+    """In a parallel sweep's process, before its workers start: take its stop signals, and make every worker
+    joblib starts (the loky backend, which the Hydra joblib launcher uses) run `sweep_worker` first."""
+    global _sweep
+    from joblib import register_parallel_backend
+    from joblib._parallel_backends import LokyBackend
+
+    marker = Path(sweep_dir) / STOPPED
+    marker.unlink(missing_ok=True)  # from the last launch
+    _sweep = SweepParent(marker).install()
+    register_parallel_backend("loky", functools.partial(LokyBackend, initializer=sweep_worker, initargs=(str(marker),)))
+
+
+def in_sweep() -> bool:
+    """Whether this process is a parallel sweep's (its parent, or a worker): a stopped job returns, the parent ends the sweep."""
+    return _sweep is not None
+
+
+def end_parallel_sweep() -> Optional[int]:
+    """In the sweep's process, once its jobs have returned: put the handlers back; the signal that stopped it, or None."""
+    global _sweep
+    from joblib import register_parallel_backend
+    from joblib._parallel_backends import LokyBackend
+
+    if not isinstance(_sweep, SweepParent):
+        return None
+    stopped, _sweep = _sweep, None
+    stopped.restore()
+    register_parallel_backend("loky", LokyBackend)
+    return stopped.signum

@@ -354,8 +354,11 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             save(run, window)
         if checkpoint.any_process(run.accelerator, run.tracker.failure is not None):  # the final checkpoint carries the unwritten records
             stop_with_checkpoint("metrics", stop, run.tracker, run.run_dir, state.step)
+        if checkpoint.any_process(run.accelerator, stop.signum is not None):  # trained and checkpointed: the files are the rerun's
+            stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} holds the final eval; "
+                                      "run the same command again to write final/ and results.json (nothing left to train)")
         results = results_record(run, final, time.perf_counter() - wall_start)
-        save_outputs(run, results)
+        save_outputs(run, results, stop)
         return results
     finally:
         stop.restore()
@@ -489,8 +492,11 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
     }
 
 
-def save_outputs(run: Run, results: Dict[str, Any]) -> None:
-    """The final model (gathered on every process when sharded) and results.json, written last: its presence means finished."""
+def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
+    """The final model (gathered on every process when sharded) and results.json, written after it: its presence means
+    finished. A downstream task then fine-tunes final/ (minutes) and results.json is written again with its numbers;
+    a stop signal before or during that fine-tune ends the run with the training results kept, and the rerun adds them
+    (mlm.downstream.add_to_finished_run)."""
     run.tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"],
                          "final/eval_loss": results["eval_loss"]})
     save_model = run.cfg.trainer.save_model
@@ -499,16 +505,29 @@ def save_outputs(run: Run, results: Dict[str, Any]) -> None:
     full_weights = run.layout.full_state_dict(run.raw_model) if save_model else None  # a collective when sharded
     if run.main and save_model:
         save_final(run.raw_model, run.data.tokenizer, run.run_dir / "final", full_weights)
-    if run.cfg.downstream.kind != "none":  # the main process fine-tunes final/ (minutes); the other ranks wait for it
-        trusted = run.cfg.model.trust_remote_code  # this run's own model: its code (if any) was trusted on this command line
-        scores = distributed.on_main_alone("downstream", lambda: downstream.evaluate(run.run_dir / "final", run.cfg.downstream,
-                                                                                run.accelerator.device, trusted))
-        if run.main:
-            results["downstream"] = scores
-            run.tracker.summary({"downstream/accuracy": scores["accuracy"], "downstream/macro_f1": scores["macro_f1"]})
     if run.main:
         faults.reached("results")
         rundir.write_results(run.run_dir, results)
+    if run.cfg.downstream.kind != "none":  # the main process fine-tunes final/ (minutes); the other ranks wait for it
+        stopped = checkpoint.any_process(run.accelerator, stop.signum is not None)
+        scores = None if stopped else distributed.on_main_alone("downstream", lambda: fine_tune_final(run))
+        if checkpoint.any_process(run.accelerator, run.main and scores is None):
+            stop_after_training(stop, f"the training results are in {run.run_dir / 'results.json'}; "
+                                      "run the same command again to add the downstream numbers")
+        if run.main:
+            results["downstream"] = scores
+            run.tracker.summary({"downstream/accuracy": scores["accuracy"], "downstream/macro_f1": scores["macro_f1"]})
+            rundir.write_results(run.run_dir, results)
+
+
+def fine_tune_final(run: Run) -> Optional[Dict[str, Any]]:
+    """The downstream scores of final/, or None where a stop signal ended the fine-tune (so the other ranks, waiting
+    for this one, learn of it in the next all-reduce instead of waiting for ever)."""
+    try:
+        # this run's own model: its code (if any) was trusted on this command line
+        return downstream.evaluate(run.run_dir / "final", run.cfg.downstream, run.accelerator.device, run.cfg.model.trust_remote_code)
+    except Interrupted:
+        return None
 
 
 def save_average_outputs(run: Run, results: Dict[str, Any]) -> None:
@@ -612,6 +631,12 @@ def stop_with_checkpoint(reason: str, stop: StopSignals, tracker, run_dir: Path,
     stop.hand_on()  # submitit's handler requeues the job and exits here
     raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}; checkpoint {written} written; "
                                    "run the same command again to resume")
+
+
+def stop_after_training(stop: StopSignals, what: str) -> None:
+    """A stop signal after the last step (every process): the run ends now, trained, with `what` left for the rerun."""
+    stop.hand_on()  # submitit's handler requeues the job and exits here
+    raise Interrupted(stop.signum, f"stopped by {stop.name} after the last step; {what}")
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -1,5 +1,5 @@
 """Faults a user meets, each produced for real: a full disk, a read-only disk, a run dir that is a file or
-someone else's folder, settings changed before a resume, an unwritable metrics file, SIGTERM mid-run,
+someone else's folder, settings changed before a resume, an unwritable metrics file, SIGTERM, SIGINT or SIGHUP mid-run,
 an eval that scores nothing."""
 
 import contextlib
@@ -157,7 +157,7 @@ def uninterrupted(corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)  # SIGHUP: the terminal or ssh session closed
 def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(corpus, uninterrupted, tmp_path, sig):
     run_dir = tmp_path / "run"
     args = [*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]

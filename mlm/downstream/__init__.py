@@ -40,8 +40,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mlm import faults
 from mlm.config import DownstreamConfig, ModelConfig, OptimizerConfig, SchedulerConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
+from mlm.preemption import Interrupted, StopSignals, signal_name, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +254,9 @@ def batches(examples: Examples, order: Sequence[int], batch_size: int, tokenizer
 
 
 def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, seed: int, device, trust_remote_code: bool = False):
-    """One fine-tune: a new head seeded by `seed`, AdamW with a linear schedule after a 10% warmup."""
+    """One fine-tune: a new head seeded by `seed`, AdamW with a linear schedule after a 10% warmup.
+
+    Inside a training run a stop signal ends it at the next step (Interrupted): the fine-tune is redone by the rerun."""
     from mlm.optim import build_optimizer, build_scheduler
 
     if not len(train):  # the loop below would wait forever for a first batch
@@ -269,6 +273,7 @@ def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, 
     while step < total:
         epoch_order = torch.randperm(len(train), generator=order).tolist()
         for batch in batches(train, epoch_order, cfg.batch_size, tokenizer, cfg.max_length, device):
+            check_stop()
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -276,9 +281,17 @@ def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            faults.reached("finetune")
             if step == total:
                 break
     return model
+
+
+def check_stop() -> None:
+    """Raise Interrupted if a stop signal reached the training run this fine-tune belongs to (mlm.preemption)."""
+    signum = stop_requested()
+    if signum is not None:
+        raise Interrupted(signum, f"stopped by {signal_name(signum)} during the downstream fine-tune")
 
 
 @torch.no_grad()
@@ -373,7 +386,15 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
                         "train it again in a run directory of its own (hydra.run.dir=<new dir>)")
     if "downstream" in results:
         log.warning("%s: replacing its downstream result for %s with one for %s", run_dir, results["downstream"].get("task"), task_name(cfg))
-    results = {**results, "downstream": evaluate(final, cfg, trust_remote_code=trust_remote_code), "config": {**results.get("config", {}), **asked}}
+    stop = StopSignals().install()  # a stop signal ends the fine-tune at its next step (one line), results.json as it was
+    try:
+        scores = evaluate(final, cfg, trust_remote_code=trust_remote_code)
+    except Interrupted as e:
+        raise Interrupted(e.signum, f"{e}; {Path(run_dir) / 'results.json'} is unchanged; run the same command again "
+                                    "to add the downstream numbers") from None
+    finally:
+        stop.restore()
+    results = {**results, "downstream": scores, "config": {**results.get("config", {}), **asked}}
     rundir.write_results(run_dir, results)
     (Path(run_dir) / "error.txt").unlink(missing_ok=True)  # a failed earlier try of this (a sweep job's record)
     return results
