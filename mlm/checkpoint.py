@@ -300,7 +300,7 @@ STATE_KEYS = {"step": int, "world_size": int, "model": dict, "train_state": dict
 
 def read_state(path: Path, train_state_fields: Optional[Collection[str]] = None) -> Dict[str, Any]:
     """A checkpoint's state.json, checked before anything of it is used: a key missing or of another type, or (given the
-    trainer's `train_state_fields`) a trainer key this code does not have, is a CorruptCheckpoint."""
+    trainer's `train_state_fields`) a trainer key this code does not have or one it has missing, is a CorruptCheckpoint."""
     try:
         state = json.loads((path / "state.json").read_text())
     except ValueError as e:
@@ -310,9 +310,13 @@ def read_state(path: Path, train_state_fields: Optional[Collection[str]] = None)
     for key, kind in STATE_KEYS.items():
         if not isinstance(state.get(key), kind) or isinstance(state[key], bool):
             raise CorruptCheckpoint(f"state.json has no {key} of type {kind.__name__}")
-    unknown = sorted(state["train_state"].keys() - set(train_state_fields)) if train_state_fields is not None else []
-    if unknown:
-        raise CorruptCheckpoint(f"state.json's train_state holds {', '.join(unknown[:3])}, which this version never writes")
+    if train_state_fields is not None:
+        unknown = sorted(state["train_state"].keys() - set(train_state_fields))
+        if unknown:
+            raise CorruptCheckpoint(f"state.json's train_state holds {', '.join(unknown[:3])}, which this version never writes")
+        missing = sorted(set(train_state_fields) - state["train_state"].keys())
+        if missing:
+            raise CorruptCheckpoint(f"state.json's train_state has no {', '.join(missing[:3])}, which this version always writes")
     if state["train_state"].get("step") != state["step"]:
         raise CorruptCheckpoint(f"state.json says step {state['step']} but its train_state step {state['train_state'].get('step')}")
     problem = shape_problem(state)

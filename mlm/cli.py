@@ -378,7 +378,9 @@ def before_text(results: dict) -> str:
     """The perplexity before training, or why there is none: a resume onto other data keeps none (train.forget_other_data)."""
     if results.get("perplexity_before") is not None:
         return f"{results['perplexity_before']:.2f} before"
-    return "none before on this data (started from a checkpoint trained on other data)"
+    if (results.get("branched_from") or {}).get("other_data"):
+        return "none before on this data (started from a checkpoint trained on other data)"
+    return "none before (not measured)"
 
 
 def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:

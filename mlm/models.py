@@ -113,8 +113,11 @@ def has_tokenizer(folder: str) -> bool:
 
 def check_saved_model(name: str, give: str) -> None:
     """A directory given as a saved model (predict, downstream) has a config.json and tokenizer files, else one line
-    ending in `give`, what that command takes; a name that is no directory is left to the hub lookup."""
+    ending in `give`, what that command takes; a name that is no directory is left to the hub lookup, unless it can only
+    be a path (absolute, ./ or ~, or more than one '/': a hub id is 'name' or 'org/name')."""
     if not os.path.isdir(name):
+        if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+            raise UserError(f"{name} is not a saved model (no such directory); {give}")
         return
     lacks = "config.json" if not (Path(name) / "config.json").is_file() else None if has_tokenizer(name) else "tokenizer files"
     if lacks:

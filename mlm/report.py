@@ -571,7 +571,7 @@ def eval_sweeps(space: List[str], config: DictConfig) -> List[str]:
     for override in OverridesParser.create().parse_overrides(space):
         key = override.get_key_element()
         if key in eval_keys(base):
-            found.append(f"{key}={base.get(key)} (an eval setting)")
+            found.append(f"{override.input_line} (an eval setting, {base.get(key)} in the config)")
         elif key in GROUPS:
             differ = _group_eval_differences(config, key, [str(v) for v in override.sweep_string_iterator()])
             if differ:
@@ -633,6 +633,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first directory)")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)  # a new directory for a summary of several sweeps
     for job in collect_jobs(args.dirs):  # refresh each run's curves too
         plot_run(job["dir"])
     path = summarize(args.dirs, args.out)

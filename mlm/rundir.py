@@ -181,7 +181,7 @@ def refuse_links(run_dir: Path) -> None:
 def link_line(link: Path, others: int = 0) -> str:
     more = f" (and {others} other link{'s' if others > 1 else ''})" if others else ""
     return (f"{link} is a symbolic link (to {os.readlink(link)}){more}; a run writes only real files in its directory "
-            f"and leaves link targets alone: remove the link, or give the run a directory of its own (hydra.run.dir=...)")
+            f"and leaves link targets alone: remove the link, or give the run a directory of its own (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)")
 
 
 def refuse_foreign(run_dir: Path) -> None:

@@ -83,6 +83,9 @@ def test_nonfinite_gradients_still_stop_without_a_scaler(fresh_accelerate_state)
         step(parts, 0, inf_grad=True)
 
 
+TRAINER_STATE = {"train_state": {"step": 4}, "global_batch": 4}  # what read_state requires of a checkpoint the trainer wrote
+
+
 def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
     """Train 6 steps with an overflow at step 2 and a checkpoint after step 3; a fresh process state
     restored from that checkpoint trains steps 4-6 to the same bits, scale included."""
@@ -91,7 +94,7 @@ def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
     for n in range(6):
         step(parts, n, inf_grad=n == 2)
         if n == 3:
-            checkpoint.save_checkpoint(tmp_path, 4, model, optimizer, scheduler, accelerator.scaler, {}, accelerator, keep=1)
+            checkpoint.save_checkpoint(tmp_path, 4, model, optimizer, scheduler, accelerator.scaler, TRAINER_STATE, accelerator, keep=1)
     reference = [p.detach().clone() for p in model.parameters()]
     reference_scale = accelerator.scaler.get_scale()
 

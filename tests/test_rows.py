@@ -204,9 +204,10 @@ def _png() -> bytes:
 
 @pytest.mark.parametrize("name,content,why", [
     ("image.txt", _png(), r"a PNG image"),
-    ("blob.jsonl", b'{"text": "a"}\n' + bytes(range(256)), r"a NUL byte at offset 14: binary data, or UTF-16 text without a byte-order mark"),
+    ("blob.jsonl", b'{"text": "a"}\n' + bytes(range(256)), r"a NUL byte at offset 14: binary data, or UTF-16BE text without a byte-order mark"),
     ("nobom.txt", "no byte-order mark\n".encode("utf-16-le"), r"a NUL byte at offset 1: .*iconv -f UTF-16LE -t UTF-8"),
-], ids=["png", "nul", "utf16-no-bom"])
+    ("nobom_be.txt", "no byte-order mark\n".encode("utf-16-be"), r"a NUL byte at offset 0: .*iconv -f UTF-16BE -t UTF-8"),
+], ids=["png", "nul", "utf16le-no-bom", "utf16be-no-bom"])
 def test_a_binary_file_is_refused_naming_it(tmp_path, name, content, why):
     path = tmp_path / name
     path.write_bytes(content)

@@ -100,6 +100,8 @@ def test_report_cli_on_run_dirs(tmp_path):
     assert main([str(tmp_path)]) == 0
     table = [l for l in (tmp_path / "summary.md").read_text().splitlines() if "optimizer.lr" in l]
     assert "optimizer.lr=2e-3" in table[0] and "optimizer.lr=0.001" in table[1] and "5e-3" not in table[1]
+    out = tmp_path.parent / f"{tmp_path.name}-summary" / "new"  # --out a directory that does not exist yet: made (was a traceback)
+    assert main([str(tmp_path), "--out", str(out)]) == 0 and (out / "summary.md").exists()
 
 
 @pytest.mark.slow
@@ -201,14 +203,15 @@ def test_an_optuna_space_over_eval_settings_is_refused_and_one_over_training_is_
                             "model=choice(tiny,tiny_modernbert)", "masking.train_probability=interval(0.1,0.5)"], cfg) == []
         refused = eval_sweeps(["masking.mlm_probability=choice(0.1,0.2)", "block_size=interval(16,64)", "trainer.max_eval_blocks=choice(8,16)",
                                "model=choice(tiny,distilroberta)", "dataset=choice(local,wiki)"], cfg)
-        assert refused == ["masking.mlm_probability=0.15 (an eval setting)", "block_size=32 (an eval setting)",
-                           "trainer.max_eval_blocks=16 (an eval setting)", "model (its options' evals differ in model.tokenizer)",
+        assert refused == ["masking.mlm_probability=choice(0.1,0.2) (an eval setting, 0.15 in the config)",
+                           "block_size=interval(16,64) (an eval setting, 32 in the config)",
+                           "trainer.max_eval_blocks=choice(8,16) (an eval setting, 16 in the config)", "model (its options' evals differ in model.tokenizer)",
                            "dataset (its options' evals differ in dataset.kind)"]
         assert eval_sweeps(["model.name_or_path=choice(a,b)"], cfg)  # it gives the tokenizer here (model.tokenizer is unset)
         with open_dict(cfg):  # as `run.py -m hparams_search=optuna masking.mlm_probability=choice(0.1,0.2)` starts
             cfg.hydra.overrides.task.append("masking.mlm_probability=choice(0.1,0.2)")
         with pytest.raises(UserError, match=r"^hparams_search=optuna would rank trials scored on different evals: its search space varies "
-                                            r"masking\.mlm_probability=0\.15 \(an eval setting\); give it one value"):
+                                            r"masking\.mlm_probability=choice\(0\.1,0\.2\) \(an eval setting, 0\.15 in the config\); give it one value"):
             check_search_space(cfg)
     finally:
         init.__exit__(None, None, None)

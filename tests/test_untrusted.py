@@ -215,6 +215,8 @@ def test_a_damaged_pt_file_is_refused_without_torchs_advice(tmp_path):
 
 @pytest.mark.parametrize("edit, reason", [
     (lambda s: s["train_state"].update(bogus=1), "state.json's train_state holds bogus, which this version never writes"),
+    (lambda s: [s["train_state"].pop(k) for k in ("best_perplexity", "tokens")], "state.json's train_state has no best_perplexity, tokens, "
+                                                                                 "which this version always writes"),
     (lambda s: s.pop("global_batch"), "state.json has no global_batch of type int"),
     (lambda s: s.update(step=99), "state.json says step 99 but its train_state step 4"),
     (lambda s: s["data"].update(sources=[["only-one"]]), 'state.json\'s "data.sources" is not a list of \\[path, sha256\\] pairs'),
@@ -524,6 +526,10 @@ def test_predict_top_k_and_non_model_folders_are_one_line(run_dir, tmp_path, cap
     shutil.copy(run_dir / "final" / "config.json", bare)
     assert predict.main([str(bare), "a <mask> b"]) == 2
     assert "is not a saved model (no tokenizer files)" in one_line(capsys.readouterr().err)
+    gone = tmp_path / "no" / "such"
+    assert predict.main([str(gone), "a <mask> b"]) == 2  # a path, not a hub id: no hub lookup, no setting predict lacks
+    assert one_line(capsys.readouterr().err) == (f"error: {gone} is not a saved model (no such directory); "
+                                                 "give a model directory (a run's final/, an mlm.export output) or a hub id\n")
 
 
 def test_an_fsdp_checkpoint_on_one_process_is_one_line_that_points_nowhere_circular(tmp_path):

@@ -208,7 +208,8 @@ def _check_readable(f: str, suffix: str) -> None:
                         f"convert it first (iconv -f {encoding} -t UTF-8 {f} > {utf8})")
     what, nul = next((name for name, magic in BINARY_MAGIC.items() if head.startswith(magic)), None), head.find(b"\0")
     if what or nul >= 0:
-        why = what or f"a NUL byte at offset {nul}: binary data, or UTF-16 text without a byte-order mark (iconv -f UTF-16LE -t UTF-8 {f} > {utf8})"
+        wide = "UTF-16BE" if nul % 2 == 0 else "UTF-16LE"  # ASCII in UTF-16: big-endian puts the NUL first, little-endian second
+        why = what or f"a NUL byte at offset {nul}: binary data, or {wide} text without a byte-order mark (iconv -f {wide} -t UTF-8 {f} > {utf8})"
         raise UserError(f"data file {f} is not text ({why}); point dataset.path at {suffix} text files")
 
 

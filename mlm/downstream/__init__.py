@@ -330,7 +330,7 @@ def evaluate(model_dir, cfg: DownstreamConfig, device=None, trust_remote_code: b
     start = time.perf_counter()
     model_dir = resolve_path(str(model_dir))
     give = "give a run's final/ directory or package:<module>/<subdir>"
-    if not Path(model_dir).is_dir():  # a saved model only: no hub id (check_saved_model leaves those to the hub lookup)
+    if not Path(model_dir).is_dir():  # a saved model only: no hub id (check_saved_model leaves a name like one to the hub lookup)
         raise UserError(f"{model_dir} is not a saved model (no such directory); {give}")
     check_saved_model(model_dir, give)
     device = torch.device(device) if device is not None else default_device()
