@@ -199,12 +199,6 @@ def _average_in(saved_keys) -> bool:
     return any(key.startswith("ema.") for key in saved_keys)
 
 
-def _holds_average(checkpoint_dir: Path) -> bool:
-    from mlm.dcp_reader import SafeReader
-
-    return _average_in(SafeReader(str(checkpoint_dir)).read_metadata().state_dict_metadata)
-
-
 @contextlib.contextmanager
 def _gradient_sync(model, enabled: bool):
     """FSDP2 reduce-scatters gradients after every backward unless told not to (micro-batches but the last)."""

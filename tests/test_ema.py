@@ -297,14 +297,15 @@ def max_difference(a: dict, b: dict) -> float:
 def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(tmp_path):
     from transformers import pipeline
 
-    from mlm.parallel import _holds_average
+    from mlm.dcp_reader import SafeReader
+    from mlm.parallel import _average_in
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(500)))
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
     torchrun(sharded_args(corpus, fsdp, "fsdp"), tmp_path, 29561)
     torchrun(sharded_args(corpus, ddp, "none"), tmp_path, 29562)
-    assert _holds_average(ckpt(fsdp, 4) / "sharded") and not (ckpt(fsdp, 4) / "ema.safetensors").exists()
+    assert _average_in(SafeReader(str(ckpt(fsdp, 4) / "sharded")).read_metadata().state_dict_metadata) and not (ckpt(fsdp, 4) / "ema.safetensors").exists()
     average = load_file(str(fsdp / "final_ema" / "model.safetensors"))
     assert max_difference(average, load_file(str(ddp / "final_ema" / "model.safetensors"))) <= 1e-5
     assert max_difference(average, load_file(str(fsdp / "final" / "model.safetensors"))) > 1e-4
