@@ -243,9 +243,9 @@ class TrainerConfig:
     save_model: bool = True  # write <run>/final with save_pretrained
     probe_sentences: List[str] = field(
         default_factory=lambda: [
-            "The Milky Way is a <mask> galaxy.",
-            "Paris is the <mask> of France.",
-            "The cat sat on the <mask>.",
+            "The Milky Way is a [MASK] galaxy.",
+            "Paris is the [MASK] of France.",
+            "The cat sat on the [MASK].",
         ],
         metadata=NO_RESULT,
     )  # fill-mask examples printed at the end of a run
