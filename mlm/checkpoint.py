@@ -2,10 +2,14 @@
 
 A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding
   model.safetensors   the model's weights (tied weights stored once)
+  config.json         with model.safetensors: the model's config, so `AutoModelForMaskedLM.from_pretrained(<ckpt>)` and
+                      `pipeline("fill-mask", model=<ckpt>)` load the weights of that step (with the tokenizer's files)
+  tokenizer.json ...  the tokenizer's files, as save_pretrained writes them (under 1 MB for the default)
   optimizer.pt        optimizer state (read back with torch.load(weights_only=True))
   ema.safetensors     with trainer.ema_decay > 0: the weight average (mlm/ema.py)
     or sharded/       with runtime.sharding=fsdp: model, optimizer and weight-average shards of every rank
-                      (torch.distributed.checkpoint; loadable onto another number of processes)
+                      (torch.distributed.checkpoint; loadable onto another number of processes), and
+                      HOW_TO_LOAD.txt instead of config.json: one line naming mlm.export, which makes a model directory of them
   scheduler.pt, scaler.pt
   rng-<rank>.json     python, numpy and torch RNG states of each process
   state.json          step, data position, tracker run id, best eval, model identity, data identity ("data":
@@ -25,6 +29,7 @@ writes (read_state); a refusal is such a load failure.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -92,10 +97,10 @@ def model_identity(model) -> Dict[str, Any]:
 
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: Dict[str, Any], accelerator, keep: int,
-    layout=Replicated(), ema=None,
+    layout=Replicated(), ema=None, tokenizer=None,
 ) -> Optional[Path]:
     """Every process calls this (each saves its RNG and, when sharded, its shards); the main process
-    writes the rest and renames."""
+    writes the rest (with `tokenizer`: what from_pretrained needs, write_loadable) and renames."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:08d}"
     tmp = root / f".tmp-ckpt-{step:08d}"
@@ -111,6 +116,8 @@ def save_checkpoint(
             torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
                 torch_save(scaler.state_dict(), tmp / "scaler.pt")
+            if tokenizer is not None:
+                write_loadable(tmp, model, tokenizer, layout.sharded)
             faults.reached("checkpoint")
             write_json(tmp / "state.json", {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)})
             files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -125,6 +132,24 @@ def save_checkpoint(
         raise write_error("checkpoint", final, e) from e
     accelerator.wait_for_everyone()
     return final
+
+
+LOAD_NOTE = "HOW_TO_LOAD.txt"  # in a sharded checkpoint, where config.json would be
+
+
+def write_loadable(directory: Path, model, tokenizer, sharded: bool) -> None:
+    """The tokenizer's files and, next to a whole model.safetensors, the model's config.json (as save_pretrained writes
+    it): Hugging Face's loaders then read the checkpoint as a model directory. FSDP shards they cannot read: a one-line
+    note names mlm.export instead, and without config.json from_pretrained finds no model there rather than a wrong one."""
+    tokenizer.save_pretrained(directory)
+    if sharded:
+        (directory / LOAD_NOTE).write_text(
+            "This checkpoint holds FSDP shards (sharded/), which from_pretrained cannot read; "
+            f"python -m mlm.export {directory.with_name(directory.name.removeprefix('.tmp-'))} <out dir> writes a model directory it loads.\n")
+        return
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]  # as save_pretrained records it
+    config.save_pretrained(directory)
 
 
 def file_record(path: Path) -> Dict[str, Any]:

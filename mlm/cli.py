@@ -53,9 +53,16 @@ def register() -> None:
     OmegaConf.register_new_resolver("mlm_launch_stamp", launch_stamp, use_cache=True, replace=True)
     # value on the main process; on the others the second argument (default: null)
     OmegaConf.register_new_resolver("mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True)
+    OmegaConf.register_new_resolver("mlm_help", help_page, replace=True)  # python run.py --help (conf/hydra/help/mlm.yaml)
     import hydra.core.utils
 
     hydra.core.utils._save_config = save_config_snapshot  # Hydra 1.3's writer of .hydra/ (pinned in pyproject.toml)
+
+
+def help_page(*, _root_) -> str:
+    from mlm.help import help_text
+
+    return help_text(_root_)
 
 
 def save_config_snapshot(cfg: DictConfig, filename: str, output_dir: Path) -> None:

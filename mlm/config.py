@@ -178,9 +178,9 @@ class OptimizerConfig:
     name: OptimizerName = OptimizerName.adamw  # see mlm/optim.py
     lr: float = 4e-4  # peak learning rate, reached after warmup (the guide's recipe uses 2e-5)
     weight_decay: float = 0.01  # decoupled decay; never applied to biases and norm weights
-    beta1: float = 0.9
+    beta1: float = 0.9  # AdamW's decay of the gradient's running mean
     beta2: float = 0.98  # 0.98 as in RoBERTa: steadier with short warmups than 0.999
-    eps: float = 1e-6
+    eps: float = 1e-6  # AdamW's term added to the denominator (1e-6 as in RoBERTa)
     impl: OptimizerImpl = field(default=OptimizerImpl.auto, metadata=NO_RESULT)  # auto (fused; foreach for stable_adamw) | fused | foreach | loop: the same update, different kernels (speed only)
     new_head_lr_scale: float = 1.0  # a new MLM head (head weights the checkpoint did not have) learns at lr times this
     layer_lr_decay: float = 1.0  # layer-wise rates: each encoder layer learns at this times the rate of the layer above (1 = all alike)
@@ -243,14 +243,14 @@ class TrainerConfig:
     save_model: bool = True  # write <run>/final with save_pretrained
     probe_sentences: List[str] = field(
         default_factory=lambda: [
-            "The Milky Way is a <mask> galaxy.",
-            "Paris is the <mask> of France.",
-            "The cat sat on the <mask>.",
+            "The Milky Way is a [MASK] galaxy.",
+            "Paris is the [MASK] of France.",
+            "The cat sat on the [MASK].",
         ],
         metadata=NO_RESULT,
     )  # fill-mask examples printed at the end of a run
     top_k: int = field(default=5, metadata=NO_RESULT)  # candidates shown per probe sentence
-    progress_bar: bool = field(default=True, metadata=NO_RESULT)
+    progress_bar: bool = field(default=True, metadata=NO_RESULT)  # the training progress bar on the console (main process)
 
     def validate(self) -> None:
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
@@ -314,14 +314,14 @@ class DownstreamConfig:
     path: str = ""  # hub: the dataset id (nyu-mll/glue); local: a csv or jsonl file
     config_name: Optional[str] = None  # hub: the dataset's configuration (sst2, mrpc, rte)
     text_fields: List[str] = field(default_factory=lambda: ["text"])  # one column, or two for sentence pairs
-    label_field: str = "label"
+    label_field: str = "label"  # column holding the class label
     train_split: str = "train"  # hub: the split fine-tuned on
     eval_split: str = "validation"  # hub: the split scored
     folds: int = 5  # polarity and local files without a split column: k-fold cross-validation, every example scored once
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # one fine-tune per seed; results report the median accuracy
-    epochs: float = 3.0
-    lr: float = 5e-5
-    batch_size: int = 16
+    epochs: float = 3.0  # passes over the fine-tuning set in each fine-tune
+    lr: float = 5e-5  # AdamW's peak rate, after a 10% warmup, then a linear decay
+    batch_size: int = 16  # examples per fine-tuning step
     max_length: int = 128  # tokens per example (pairs together)
     max_train_examples: Optional[int] = None  # cap the fine-tuning set (quick checks)
 
@@ -349,7 +349,7 @@ class TrackerConfig:
     entity: Optional[str] = None  # W&B team or user; unset = the key's default
     mode: WandbMode = WandbMode.auto  # W&B: auto (online with an API key, else offline) | online | offline | disabled
     group: Optional[str] = None  # W&B group; unset = the multirun sweep directory's name
-    tags: List[str] = field(default_factory=list)
+    tags: List[str] = field(default_factory=list)  # W&B tags, besides the job's overrides
     run_name: Optional[str] = None  # unset = the job's overrides (or the run directory name)
 
 

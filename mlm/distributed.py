@@ -100,6 +100,17 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
     return Placement()
 
 
+def lone_launch_note(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """One line when `accelerate launch --num_processes N` (N > 1) started this process alone: without GPUs (or with
+    --cpu) Accelerate 1.x runs the script once, with MASTER_ADDR/PORT set for N processes and no rank, unless under
+    mpirun (--mpirun_hostfile). None otherwise."""
+    env = os.environ if env is None else env
+    if "ACCELERATE_USE_CPU" not in env or not env.get("MASTER_PORT") or detect(env).world_size > 1:
+        return None
+    return ("accelerate launch started this one process, not the --num_processes asked for (on CPU it starts several only "
+            "under mpirun, --mpirun_hostfile); for several processes here: torchrun --nproc_per_node <N> run.py ...")
+
+
 PORTS = (20000, 32768)  # derived rendezvous ports: below Linux's ephemeral range (32768-60999 by default), which outgoing connections take
 
 
@@ -549,6 +560,8 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "", collective_timeou
     info: dict = {"device": None, "slot": None}
     lease = None
     if p.world_size == 1:
+        if lone_launch_note():
+            log.warning(lone_launch_note())
         names = slot_names(device_slots)
         if names:
             lease = DeviceLease(names)

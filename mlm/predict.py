@@ -1,7 +1,8 @@
 """Fill-mask inference: `python -m mlm.predict <model dir> "The Milky Way is a <mask> galaxy." --top-k 3`.
 
 Accepts `<mask>` or `[MASK]` whatever the model's own mask token is. Each mask is filled
-independently (as Hugging Face's fill-mask pipeline does).
+independently (as Hugging Face's fill-mask pipeline does); a filled-in sentence keeps the other
+masks as the model's mask token.
 """
 
 from __future__ import annotations
@@ -80,10 +81,16 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> List[List[Dict]]:
             filled = enc["input_ids"][0].clone()
             filled[pos] = tok_id
             token = tokenizer.decode([tok_id]).strip()
-            sequence = tokenizer.decode(filled, skip_special_tokens=True)
+            sequence = decode_keeping_masks(tokenizer, filled.tolist())
             candidates.append({"token": token, "score": score, "sequence": sequence})
         results.append(candidates)
     return results
+
+
+def decode_keeping_masks(tokenizer, ids: List[int]) -> str:
+    """The text of `ids` without [CLS]/[SEP]/padding but with the masks not filled in (skip_special_tokens drops them)."""
+    dropped = set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}
+    return tokenizer.decode([i for i in ids if i not in dropped])
 
 
 def format_predictions(text: str, predictions: List[List[Dict]]) -> str:

@@ -50,7 +50,7 @@ from mlm.distributed import detect, is_main_process
 from mlm.files import NOFOLLOW, atomic_write_json, write_error
 from mlm.records import content_hashes, malformed_data
 from mlm.tracking import MASKED, scrub
-from mlm.schedules import decay_start, warmup_length
+from mlm.schedules import decay_start, stable_then_decay, warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,46 @@ def in_stable_phase(flat: dict, step: int) -> bool:
         return False
 
 
+def rate_after(flat: dict, step: int) -> Optional[float]:
+    """The wsd multiplier of the peak after `step` (the rate of step + 1) once warmup is done, as the scheduler computes it;
+    None for another schedule, or one whose decay the data's size or the clock places."""
+    try:
+        total = int(flat["trainer.max_steps"])
+        if flat["scheduler.name"] != "wsd" or total <= 0 or flat.get("trainer.budget_minutes"):
+            return None
+        return stable_then_decay(step, decay_start(total, float(flat["scheduler.decay_ratio"])), total, str(flat["scheduler.decay_shape"]))
+    except (KeyError, TypeError, ValueError):  # a config saved before these keys existed
+        return None
+
+
+SCHEDULE_KEYS = ("trainer.max_steps", *DECAY_KEYS)  # what places a wsd decay
+
+
+def refuse_rate_jump(ckpt: Path, saved: dict, settings: dict, step: int) -> None:
+    """A wsd checkpoint already in its decay resumed with a schedule that trains its next step at a higher rate (a longer
+    run, a later decay) would jump the rate back up, to the peak from 0 for a finished run: refused, naming the
+    newest checkpoint of its run before the decay began, which may branch into these settings."""
+    before, after = rate_after(saved, step), rate_after(settings, step)
+    if before is None or after is None or step <= decay_start(int(saved["trainer.max_steps"]), float(saved["scheduler.decay_ratio"])) \
+            or after <= before + 1e-9:
+        return
+    from mlm.checkpoint import list_checkpoints
+
+    changed = " ".join(f"{k}={settings[k]}" for k in SCHEDULE_KEYS if settings.get(k) != saved.get(k))
+    stable = next((p for p in list_checkpoints(ckpt.parent.parent) if in_stable_phase(saved, _step(p)) and in_stable_phase(settings, _step(p))), None)
+    way = (f"branch from {stable.name}, before the decay began: hydra.run.dir=<new dir> resume={stable}" if stable else
+           f"no checkpoint of {ckpt.parent.parent} before the decay is kept, so put back " + " ".join(f"{k}={saved.get(k)}" for k in SCHEDULE_KEYS))
+    raise UserError(f"{ckpt} is in its wsd decay (rate {before:.2f} x peak after step {step}) and {changed} would train step "
+                    f"{step + 1} at {after:.2f} x peak, jumping the rate back up; {way}")
+
+
+def _step(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def global_batch(flat: dict, processes: Optional[int]) -> Optional[int]:
     try:
         return int(flat["trainer.per_device_batch_size"]) * int(flat["trainer.gradient_accumulation_steps"]) * int(processes)
@@ -326,11 +366,12 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
     if not isinstance(saved, dict) or malformed_data(state.get("data")):
         return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
     differ = changed_settings(saved, settings, state.get("world_size"), branch_may_change(saved, settings, step) + path_by_content(state))
-    if differ and resume != "auto":  # a checkpoint named by hand: a branch from it is the user's choice, said once
-        log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
-    elif differ:
+    if differ and resume == "auto":
         raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); put them back to resume "
                         f"it, or branch from it with these in a run directory of its own: hydra.run.dir=<new dir> resume={candidates[0]}")
+    refuse_rate_jump(candidates[0], saved, settings, step)
+    if differ:  # a checkpoint named by hand: a branch from it is the user's choice, said once
+        log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
     if 0 < max_steps < step:
         raise UserError(f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; raise "
                         "trainer.max_steps to resume it, or give this run a directory of its own (hydra.run.dir=...)")

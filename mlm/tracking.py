@@ -303,6 +303,21 @@ def wandb_sync_command(run) -> str:
     return "wandb sync " + " ".join(shlex.quote(str(f)) for f in folders)
 
 
+_WANDB_ADVICE = re.compile(r"\s*(Consider|Please try) increasing .*", re.I | re.S)  # wandb's own way out (wandb.Settings(init_timeout=...)), not ours
+
+
+def online_failure(url: str, error: Exception, cause: Optional[str]) -> str:
+    """Why W&B could not start online, in the harness's words: the fix by environment variable or setting, never
+    wandb's advice to pass an init_timeout to wandb.init, which this harness's users do not call."""
+    if "no api key" in str(error).lower():  # wandb's UsageError when neither WANDB_API_KEY nor `wandb login` gave one
+        return f"could not start online at {url}: no API key (set WANDB_API_KEY or run `wandb login`, or tracker.mode=offline)"
+    why = _WANDB_ADVICE.sub("", first_line(error)) or type(error).__name__
+    if cause == "timeout":
+        why += f"; waited at most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT"
+    fix = "tracker.mode=offline skips the try" if cause else "check WANDB_API_KEY or `wandb login`, or tracker.mode=offline"
+    return f"could not start online at {url} ({why}; {fix})"
+
+
 def offline_reason(requested: str) -> str:
     if requested == "offline":
         return "tracker.mode=offline"
@@ -371,8 +386,7 @@ class WandbTracker:
         cause = unreachable_cause(error)
         if cause:  # a refusal (a bad key, a project of someone else's) is this job's; the next job tries again
             _unreachable[url] = first_line(error)
-        waited = f"; waited at most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT" if cause == "timeout" else ""
-        return self.init("offline", options), f"could not start online at {url} ({first_line(error)}{waited})"
+        return self.init("offline", options), online_failure(url, error, cause)
 
     def try_online(self, options: Dict[str, Any]):
         """(run, None), or (None, why) when wandb.init failed online. wandb-core keeps a failed run's id in use,

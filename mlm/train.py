@@ -458,7 +458,7 @@ def save(run: Run, window: "LogWindow") -> None:
     extra = {"train_state": asdict(state), "global_batch": run.data.order.global_batch, "stream_shards": run.data.stream_shards,
              "config": run.settings, "data": run.data.identity}
     checkpoint.save_checkpoint(run.run_dir, state.step, run.raw_model, run.optimizer, run.scheduler, acc.scaler, extra, acc,
-                               run.cfg.trainer.keep_checkpoints, run.layout, run.ema)
+                               run.cfg.trainer.keep_checkpoints, run.layout, run.ema, run.data.tokenizer)
 
 
 def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Dict[str, Any]:

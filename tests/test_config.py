@@ -100,11 +100,32 @@ def test_free_form_and_hydra_keys_pass_the_key_check():
                          "tracker.backends=[wandb,csv]", "runtime.sharding=none,fsdp"])
 
 
-def test_help_lists_only_real_choices():
-    proc = run_cli(["--help"])
-    assert proc.returncode == 0
-    groups = proc.stdout.split("== Config ==")[0]
-    assert "model: distilroberta, minilm, modernbert" in groups and "_schema" not in groups
+def test_every_schema_key_has_a_description_in_its_trailing_comment():
+    """--help reads each key's line from its comment in mlm/config.py: a key added without one fails here."""
+    from mlm.help import key_descriptions
+
+    descriptions = key_descriptions()
+    assert descriptions.keys() == schema_keys().keys()
+    assert [key for key, text in descriptions.items() if not text] == []
+
+
+def test_help_describes_every_group_option_and_key_with_this_commands_values():
+    from mlm.config import GROUPS
+    from mlm.help import key_descriptions
+
+    proc = run_cli(["model=tiny", "optimizer.lr=0.002", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    groups, keys = proc.stdout.split("== Keys")
+    assert "model=distilroberta|minilm|modernbert|scratch_distilroberta|tiny|tiny_modernbert   (now: tiny)" in groups
+    assert "  tiny                   A tiny BERT from scratch with the default tokenizer: for tests and quick checks (seconds)." in groups
+    for group in GROUPS:
+        options = [line.split() for line in groups.split(f"\n{group}=", 1)[1].split("\n")[1:] if line.startswith("  ")]
+        assert options and all(len(words) > 1 for words in options), group  # each option named, then described
+    shown = " ".join(keys.split())
+    for key, description in key_descriptions().items():
+        assert f" {key}=" in f" {shown}" and " ".join(description.split()) in shown, key
+    assert " model.source=scratch " in shown and " optimizer.lr=0.002 " in shown  # the command's values, not the schema's
+    assert "_schema" not in proc.stdout
 
 
 def test_each_default_is_written_once():

@@ -2,6 +2,7 @@
 own loaders read, with exactly the weights of that step; bad checkpoints, arguments and an offline hub
 are one line each."""
 
+import json
 import shutil
 import socket
 from dataclasses import asdict
@@ -85,6 +86,20 @@ def test_a_checkpoint_exports_to_the_weights_of_its_step(run_dir, tmp_path, caps
     ours, theirs = pipeline("fill-mask", model=str(out4))(text, top_k=3), pipeline("fill-mask", model=str(run_dir / "final"))(text, top_k=3)
     assert [c["token_str"] for c in ours] == [c["token_str"] for c in theirs]
     assert [c["score"] for c in ours] == pytest.approx([c["score"] for c in theirs], abs=1e-6)
+
+
+def test_a_checkpoint_is_a_model_directory_that_from_pretrained_and_the_pipeline_load(run_dir):
+    """Hugging Face's loaders read ckpt-N itself: the weights of step N (step 4 is final/'s), its files in the manifest."""
+    from transformers import pipeline
+
+    from mlm.checkpoint import verify
+
+    final = logits(run_dir / "final")
+    assert torch.allclose(logits(ckpt(run_dir, 4)), final, rtol=0, atol=1e-6)
+    assert (logits(ckpt(run_dir, 2)) - final).abs().max() > 1e-3  # an older step is its own model
+    assert pipeline("fill-mask", model=str(ckpt(run_dir, 4)))(SENTENCES[0])[0]["sequence"].startswith("the cat sat on the")
+    manifest = json.loads((ckpt(run_dir, 4) / "manifest.json").read_text())["files"]
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= manifest.keys() and verify(ckpt(run_dir, 4)) is None
 
 
 def test_a_run_dir_exports_its_newest_good_checkpoint_and_a_corrupt_one_is_refused(run_dir, tmp_path, capsys, caplog):
@@ -298,6 +313,8 @@ def test_an_fsdp_checkpoint_of_two_processes_exports_in_one(tmp_path, capsys):
     fsdp = tmp_path / "fsdp"
     torchrun([*run_args(corpus, fsdp, "fsdp"), "trainer.ema_decay=0.9"], tmp_path, 29571)
     assert (ckpt(fsdp, 4) / "sharded" / ".metadata").exists() and not (ckpt(fsdp, 4) / "model.safetensors").exists()
+    assert not (ckpt(fsdp, 4) / "config.json").exists()  # from_pretrained finds no model there, and the note says what does
+    assert f"python -m mlm.export {ckpt(fsdp, 4)} <out dir>" in (ckpt(fsdp, 4) / "HOW_TO_LOAD.txt").read_text()
     exported(ckpt(fsdp, 4), tmp_path / "step4", capsys)
     exported(ckpt(fsdp, 2), tmp_path / "step2", capsys)
     final = logits(fsdp / "final")

@@ -200,3 +200,17 @@ def test_eval_masks_tokens_whatever_the_training_strategy(tiny):
     span_eval = evaluate(objective, blocks, tokenizer, MaskingConfig(strategy="span", eval_strategy="span"), 0, acc, batch_size=8)
     assert span_trained == token
     assert span_eval["eval/loss"] != token["eval/loss"]
+
+
+def test_predict_with_two_masks_keeps_the_other_mask_in_each_filled_in_sentence(tiny):
+    from mlm.predict import fill_mask, format_predictions
+
+    model, tokenizer = tiny
+    text = "The <mask> sat on the [MASK]."
+    first, second = fill_mask(model, tokenizer, text, top_k=2)
+    for c in first:
+        assert c["sequence"] == f"the {c['token']} sat on the [MASK]."
+    for c in second:
+        assert c["sequence"] == f"the [MASK] sat on the {c['token']}."
+    shown = format_predictions(text, [first, second]).splitlines()
+    assert shown[1] == "  mask 1:" and shown[2].endswith(f"the {first[0]['token']} sat on the [MASK].")

@@ -1,6 +1,7 @@
 """mlm.distributed without processes: launcher variables -> placement, node lists, device slots."""
 
 import json
+import os
 import multiprocessing as mp
 
 import pytest
@@ -271,3 +272,28 @@ def test_torchrun_on_two_nodes_names_its_run_dir_after_the_rendezvous_id(monkeyp
         distributed.launch_name()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node: the launch time serves
     assert distributed.launch_name() is None
+
+
+# what `accelerate launch` (1.16) sets in the one process it starts on CPU: MASTER_* only when several were asked for
+ACCELERATE_ONE_OF_TWO = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+def test_accelerate_launch_of_several_cpu_processes_that_starts_one_says_how_to_start_several(tmp_path):
+    import subprocess
+    import sys
+
+    from mlm.distributed import lone_launch_note
+
+    assert "torchrun --nproc_per_node <N> run.py" in lone_launch_note(ACCELERATE_ONE_OF_TWO)
+    one = {k: v for k, v in ACCELERATE_ONE_OF_TWO.items() if not k.startswith("MASTER_")}
+    assert lone_launch_note(one) is None  # --num_processes 1: as asked
+    assert lone_launch_note({**ACCELERATE_ONE_OF_TWO, "RANK": "0", "WORLD_SIZE": "2"}) is None  # several started
+    assert lone_launch_note({}) is None
+    # the real launcher, once: the process it starts has that environment (7 s here)
+    script = tmp_path / "note.py"
+    script.write_text("from mlm.distributed import lone_launch_note\nprint(lone_launch_note())\n")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    proc = subprocess.run(accelerate, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == lone_launch_note(ACCELERATE_ONE_OF_TWO)

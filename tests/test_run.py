@@ -1,11 +1,12 @@
 """End to end through run.py and the predict CLI, as a user runs them."""
 
 import json
+import re
 
 import pytest
 
 from mlm.precision import native_bf16
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,16 @@ def test_run_writes_results_metrics_and_model(tiny_run):
     assert "perplexity:" in proc.stdout and "The cat sat on the [MASK]." in proc.stdout or "<mask>" in proc.stdout
 
 
+def readme_mask_examples() -> list:
+    """The README's texts with a mask: quoted in commands, and the probe lines of its output blocks."""
+    text = (ROOT / "README.md").read_text()
+    quoted = re.findall(r'"([^"\n]*(?:<mask>|\[MASK\])[^"\n]*)"', text)
+    probes = re.findall(r"^([A-Z][^|`\n]*(?:<mask>|\[MASK\])[^|`\n]*?\.) {2,}\S", text, flags=re.M)
+    return quoted + probes
+
+
 def test_saved_model_round_trips_through_fill_mask_pipeline(tiny_run):
+    """The README's mask examples, as written, work in Hugging Face's pipeline on a run's final/ (the default tokenizer)."""
     from transformers import pipeline
 
     from mlm.config import ModelConfig
@@ -46,7 +56,11 @@ def test_saved_model_round_trips_through_fill_mask_pipeline(tiny_run):
 
     run_dir, _ = tiny_run
     pipe = pipeline("fill-mask", model=str(run_dir / "final"), top_k=5)
-    reference = pipe("The milky way is a [MASK] galaxy.")
+    examples = readme_mask_examples()
+    assert "The Milky Way is a [MASK] galaxy." in examples and len(examples) >= 4
+    for example in examples:
+        assert len(pipe(example)) == 5, example  # raises on a mask token not the model's (<mask> for the default)
+    reference = pipe(examples[0])
     cfg = ModelConfig(name_or_path=str(run_dir / "final"))
     tokenizer = load_tokenizer(cfg)
     mine = fill_mask(build_pretrained(cfg, tokenizer), tokenizer, "The milky way is a <mask> galaxy.", top_k=5)[0]

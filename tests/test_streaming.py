@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -65,6 +66,16 @@ def test_resumed_stream_continues_where_it_stopped(text_file, tokenizer, workers
             assert np.array_equal(a["index"], b["index"]) and np.array_equal(a["input_ids"], b["input_ids"])
     indices = np.concatenate([b["index"] for b in full])
     assert len(set(indices.tolist())) == len(indices)  # every block has its own index (hash-based masks)
+
+
+@pytest.mark.parametrize("eval_docs", [400, 1000])  # as many documents as the stream has, and more
+def test_an_eval_split_that_takes_every_document_names_streaming_eval_docs(text_file, tokenizer, eval_docs):
+    cfg = replace(stream_cfg(text_file), streaming_eval_docs=eval_docs)  # text_file: 400 one-line documents
+    with pytest.raises(UserError) as err:
+        stream_eval_blocks(cfg, tokenizer, 32)
+    assert str(err.value) == (f"dataset.streaming_eval_docs={eval_docs} holds out the first {eval_docs} documents for eval, and the "
+                              "stream has 400: none is left to train on; set dataset.streaming_eval_docs below 400 (e.g. 40)")
+    assert len(stream_eval_blocks(replace(cfg, streaming_eval_docs=399), tokenizer, 32)["input_ids"]) > 0  # one left: trains
 
 
 def test_stream_starts_a_new_pass_with_new_indices(tmp_path, tokenizer):

@@ -463,6 +463,44 @@ def test_a_connection_error_marks_the_server_and_names_no_timeout(tmp_path, onli
     assert [c["mode"] for c in calls] == ["offline"] and "failed earlier in this process" in line
 
 
+def test_a_timeout_gives_the_harness_advice_not_wandbs(tmp_path, online_wandb):
+    """wandb's own advice (pass init_timeout to wandb.init) is dropped: the harness's variable and setting are named."""
+    from wandb.errors import CommError
+
+    from mlm.tracking import wandb_init_timeout
+
+    calls, one_job, fail = online_wandb
+    fail[False] = CommError("Run initialization has timed out after 10.0 sec. Please try increasing the timeout with the "
+                            "`init_timeout` setting: `wandb.init(settings=wandb.Settings(init_timeout=120))`.")
+    [line] = one_job(tmp_path / "a")
+    assert [c["mode"] for c in calls] == ["online", "offline"]
+    assert ("could not start online at https://wandb.example.org (Run initialization has timed out after 10.0 sec.; waited at "
+            f"most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT; tracker.mode=offline skips the try)") in line
+    assert "init_timeout" not in line and "increasing" not in line
+
+
+def test_online_without_an_api_key_names_where_a_key_goes(tmp_path, monkeypatch, caplog):
+    """tracker.mode=online with no key anywhere: the real wandb refuses at once; one line names WANDB_API_KEY, `wandb login`
+    and tracker.mode=offline, and the run logs offline."""
+    import wandb
+
+    import mlm.tracking
+    from mlm.config import TrackerConfig
+    from mlm.tracking import open_trackers
+
+    monkeypatch.setattr(mlm.tracking, "_unreachable", {})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    wandb.teardown()  # wandb keeps the settings (key, server) an earlier test's runs read from the environment
+    trackers = open_trackers(TrackerConfig(backends=["wandb"], mode="online"), tmp_path / "run", {"lr": 1e-3}, {}, is_main=True)
+    trackers.log({"train/loss": 2.0}, 1)
+    trackers.finish()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mlm.tracking"]
+    assert line.startswith("W&B: could not start online at https://api.wandb.ai: no API key (set WANDB_API_KEY or run "
+                           "`wandb login`, or tracker.mode=offline), logging offline to ")
+
+
 def test_an_unreachable_server_during_a_rewind_goes_offline_keeping_the_rewind(tmp_path, monkeypatch, caplog, free_tcp_port):
     """The real wandb, nothing listening: its rewind fails with a timeout; the offline folder keeps the rewind for `wandb sync`."""
     import wandb

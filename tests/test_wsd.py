@@ -4,6 +4,8 @@ with its settings ends, bit for bit."""
 
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,7 +140,6 @@ def test_the_stable_phase_is_warmup_done_and_decay_not_begun():
     (30, {"trainer.max_steps": 60, "scheduler.decay_ratio": 0.5}, True),  # the last flat step of both (30 = 60 - 30)
     (10, {"trainer.max_steps": 20, "scheduler.decay_ratio": 0.5}, True),  # a shorter branch whose decay starts right there
     (10, {"scheduler.decay_shape": "1-sqrt"}, True),
-    (31, {"trainer.max_steps": 80, "scheduler.decay_ratio": 0.5}, False),  # already decaying under its own schedule
     (10, {"trainer.max_steps": 20, "scheduler.decay_ratio": 0.55}, False),  # the new decay starts after step 9: too late
     (1, {"scheduler.decay_ratio": 0.5}, False),  # still warming up
     (10, {"scheduler.decay_ratio": 0.5, "scheduler.name": "linear"}, False),
@@ -163,6 +164,41 @@ def test_a_stable_checkpoint_may_change_its_decay_and_nothing_else(tmp_path, cap
         assert str(err.value).startswith(f"{ckpt} was trained with other settings ({shown}); put them back to resume it")
         check_resume_settings(tmp_path, str(ckpt), settings["trainer.max_steps"], settings)
         assert f"resuming {ckpt} with other settings: {shown}" in caplog.text
+
+
+def test_a_checkpoint_in_its_decay_may_not_go_back_up_to_a_higher_rate(tmp_path, caplog):
+    """Extending a decayed run in place, or branching a later decay from a decaying checkpoint, would jump the rate
+    back up (from 0 to the peak for a finished run): one line naming the newest stable checkpoint to branch from."""
+    from mlm.config import UserError
+    from mlm.rundir import check_resume_settings
+
+    write_checkpoint(tmp_path, 10, WSD)
+    stable = write_checkpoint(tmp_path, 30, WSD)  # the last step at the peak
+    done = write_checkpoint(tmp_path, 40, WSD)  # the end of the decay: rate 0
+    longer = {**WSD, "trainer.max_steps": 80}  # resume=auto in place with more steps: the decay would start after step 64
+    with pytest.raises(UserError) as err:
+        check_resume_settings(tmp_path, "auto", 80, longer)
+    assert str(err.value) == (f"{done} is in its wsd decay (rate 0.00 x peak after step 40) and trainer.max_steps=80 would train "
+                              f"step 41 at 1.00 x peak, jumping the rate back up; branch from {stable.name}, before the decay "
+                              f"began: hydra.run.dir=<new dir> resume={stable}")
+    check_resume_settings(tmp_path, str(stable), 80, longer)  # the way out it names passes
+
+    shutil.rmtree(done)
+    decaying = write_checkpoint(tmp_path, 31, WSD)  # one step into the decay (0.9 x peak): a later decay, as a branch
+    later = {**WSD, "trainer.max_steps": 80, "scheduler.decay_ratio": 0.5}
+    with pytest.raises(UserError, match=r"^" + re.escape(f"{decaying} is in its wsd decay (rate 0.90 x peak after step 31) and "
+                                                         "trainer.max_steps=80 scheduler.decay_ratio=0.5 would train step 32 at 1.00")):
+        check_resume_settings(tmp_path, str(decaying), 80, later)
+    assert "with other settings" not in caplog.text  # the refusal alone, no warning before it
+    check_resume_settings(tmp_path, "auto", 40, WSD)  # resumed with its own schedule (a run killed in its decay) goes on
+    check_resume_settings(tmp_path, str(decaying), 40, {**WSD, "scheduler.decay_ratio": 0.5})  # a lower rate (0.45): a warning, as before
+    assert f"resuming {decaying} with other settings" in caplog.text
+
+    for ckpt in (stable, tmp_path / "checkpoints" / "ckpt-00000010"):
+        shutil.rmtree(ckpt)
+    with pytest.raises(UserError, match=r"no checkpoint of .* before the decay is kept, so put back trainer.max_steps=40 "
+                                        r"scheduler.decay_ratio=0.25 scheduler.decay_shape=linear$"):
+        check_resume_settings(tmp_path, str(decaying), 80, later)
 
 
 # --- end to end: a stable run, a decay branch, a fresh run with the branch's settings, an exact resume ---

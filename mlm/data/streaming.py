@@ -37,8 +37,15 @@ log = logging.getLogger(__name__)
 
 def stream_eval_blocks(cfg: DatasetConfig, tokenizer, block_size: int) -> Dataset:
     """Blocks of the first `streaming_eval_docs` documents (in memory: a small, fixed held-out set)."""
-    docs = itertools.islice(iter_documents(cfg, streaming=True), cfg.streaming_eval_docs)
-    pieces = (ids for ids, _ in encode_batches(batched(docs, cfg.tokenize_batch_size), tokenizer))
+    docs = list(itertools.islice(iter_documents(cfg, streaming=True), cfg.streaming_eval_docs + 1))  # one more: is any left?
+    if len(docs) <= cfg.streaming_eval_docs:
+        raise UserError(
+            f"dataset.streaming_eval_docs={cfg.streaming_eval_docs} holds out the first {cfg.streaming_eval_docs} documents for eval, "
+            f"and the stream has {len(docs)}: none is left to train on; " + (
+                f"set dataset.streaming_eval_docs below {len(docs)} (e.g. {max(1, len(docs) // 10)})" if len(docs) > 1
+                else "streaming needs at least 2 documents (one to eval, one to train on)")
+        )
+    pieces = (ids for ids, _ in encode_batches(batched(docs[:-1], cfg.tokenize_batch_size), tokenizer))
     blocks = list(pack_blocks(pieces, block_size, cfg.remainder, pad_id_of(tokenizer)))
     if not blocks:
         raise UserError(
