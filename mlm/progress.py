@@ -142,7 +142,8 @@ class TrainBar:
         self.eval_seconds: Optional[float] = None  # the last eval's, measured in this process
         self.projected = False
 
-    def update(self, step: int, train_seconds: float) -> None:
+    def update(self, train_seconds: float) -> None:
+        """After a step; `train_seconds`: the run's training time so far (what the budget bar shows)."""
         if self.budget_s is None:
             self.bar.update(1)
         else:

@@ -336,7 +336,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             count_step(run, result, t0, window)
             if run.ema is not None and not result.overflow:  # only a step that changed the weights
                 run.ema.update()
-            bar.update(state.step, state.train_seconds)
+            bar.update(state.train_seconds)
             if state.step % tcfg.log_every == 0 or run.last_step():
                 log_train(run, result, window, bar)
             if bar.projection_due(state.step, tcfg.log_every) and not run.last_step():

@@ -35,7 +35,7 @@ def test_the_training_bar_rate_counts_training_steps_only(excluded):
             bar.eval_took(100)
         for step in range(1, 11):
             clock.now += 1
-            bar.update(step, float(step))
+            bar.update(float(step))
             if step == 5:  # an eval in the middle
                 clock.now += 100
                 if excluded:
@@ -56,12 +56,12 @@ def test_under_a_time_budget_the_bar_counts_seconds_of_it():
     bar, clock = fake_clocked_bar(budget_s=30.0, steps=100000)
     try:
         clock.now += 2.5
-        bar.update(1, 2.5)
+        bar.update(2.5)
         bar.set_postfix(step=1, loss="9.000")
         assert bar.bar.n == 2.5 and bar.bar.total == 30.0
         text = str(bar.bar)
         assert "2/30 s of the time budget" in text and "step=1/100000, loss=9.000" in text
-        bar.update(2, 31.0)  # the last step overshoots the budget: the bar ends full, not past it
+        bar.update(31.0)  # the last step overshoots the budget: the bar ends full, not past it
         assert bar.bar.n == 30.0
     finally:
         bar.close()
