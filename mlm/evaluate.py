@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from mlm.batching import eval_batch_count, eval_shard, make_loader
 from mlm.masking import EVAL_STREAM, MLMCollator
@@ -32,10 +33,12 @@ def eval_collator(tokenizer, masking_cfg, seed: int) -> MLMCollator:
 
 
 @torch.no_grad()
-def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, batch_size: int) -> Dict[str, float]:
+def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, batch_size: int,
+             bar: Optional[str] = None) -> Dict[str, float]:
     """Score `blocks` (already capped to the eval size) on every process; returns the global metrics.
 
-    `objective` is the prepared module, so it runs under the run's autocast setting.
+    `objective` is the prepared module, so it runs under the run's autocast setting. `bar`: a progress bar over the
+    batches with this title (None: no bar).
     """
     was_training = objective.training
     objective.eval()
@@ -44,7 +47,7 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     padding = eval_batch_count(len(blocks), batch_size, accelerator.num_processes) - len(shard)
     loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(tqdm(loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True)):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         loss_sum, n, correct = objective(**batch)
         if i < len(shard):  # a padding batch only keeps this rank in step with the others

@@ -32,9 +32,25 @@ def native_bf16(device_type: str) -> bool:
         return False
 
 
+def device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else ("cpu" if not accelerator_available() else "other")
+
+
+def precision_reason(requested: str, resolved: str) -> str:
+    """Why the run trains in `resolved`, in words (the start banner's precision line)."""
+    kind = device_kind()
+    name = "fp32" if resolved == "no" else resolved
+    native = native_bf16(kind)
+    if requested == "auto":
+        return f"{name}: this {kind.upper()} has {'native' if native else 'no native'} bf16 (runtime.mixed_precision=auto)"
+    if resolved == "bf16" and not native:
+        return f"bf16, emulated: this {kind.upper()} has no native bf16, far slower than fp32 (runtime.mixed_precision=bf16)"
+    return f"{name}: runtime.mixed_precision={requested}"
+
+
 def resolve_mixed_precision(requested: str) -> str:
     """runtime.mixed_precision=auto -> bf16 where the device runs it natively, else no (fp32)."""
-    device_type = "cuda" if torch.cuda.is_available() else ("cpu" if not accelerator_available() else "other")
+    device_type = device_kind()
     if requested == "auto":
         resolved = "bf16" if native_bf16(device_type) else "no"
         log.info("runtime.mixed_precision=auto -> %s (%s bf16 on this %s)", resolved,

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
-from mlm import checkpoint, distributed, downstream, faults, flops, rundir
+from mlm import checkpoint, distributed, downstream, faults, flops, progress, rundir
 from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, UserError
@@ -37,7 +36,7 @@ from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLMObjective, build_model, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
-from mlm.precision import make_accelerator, resolve_mixed_precision
+from mlm.precision import make_accelerator, precision_reason, resolve_mixed_precision
 from mlm.preemption import Interrupted, StopSignals
 from mlm.tracking import flat_config, open_trackers
 
@@ -144,6 +143,7 @@ class Run:
     main: bool  # the launcher's rank 0 (the same one Accelerate sees)
     ema: Optional[WeightAverage] = None  # the weight average (trainer.ema_decay > 0)
     utilisation: Optional[flops.Utilisation] = None  # FLOP counts and device peak (perf/mfu); None: not countable
+    precision: str = ""  # the precision it trains in, and why (the start banner)
 
     @property
     def raw_model(self):
@@ -169,7 +169,8 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
     cfg.validate()
     if cfg.downstream.kind != "none" and distributed.is_main_process():
         downstream.task_splits(cfg.downstream)  # its data loads (or fails) now, not after training
-    cfg.runtime.mixed_precision = resolve_mixed_precision(cfg.runtime.mixed_precision)  # what ran is what results.json records
+    requested_precision = cfg.runtime.mixed_precision
+    cfg.runtime.mixed_precision = resolve_mixed_precision(requested_precision)  # what ran is what results.json records
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # run.py's run dirs exist already; a direct call may name a new one
     accelerator = make_accelerator(cfg.runtime.mixed_precision)
@@ -188,6 +189,7 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
               MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed), state, None,
               flat_config(tree), budget_s, distributed.is_main_process())
     run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
+    run.precision = precision_reason(str(requested_precision), str(cfg.runtime.mixed_precision))
     resume(run)
     run.utilisation = flops.measure_utilisation(run.raw_model, cfg.block_size, accelerator.unwrap_model(objective).sparse,
                                                 accelerator, cfg.runtime.mixed_precision)
@@ -317,11 +319,13 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     state, tcfg = run.state, cfg.trainer
     eval_every = tcfg.eval_every or run.data.order.steps_per_epoch
     window = LogWindow.restore(state.log_window, run.accelerator.device)
-    bar = tqdm(total=run.data.steps, initial=state.step, disable=not (run.main and tcfg.progress_bar), desc="train", dynamic_ncols=True)
+    if run.main:
+        progress.log_lines(banner(run))
+    bar = progress.TrainBar(run.data.steps, state.step, run.budget_s, state.train_seconds, run.main and tcfg.progress_bar)
     stop = StopSignals().install()
     try:
         if state.step == 0:
-            state.perplexity_before = run_eval(run)["eval/perplexity"]
+            state.perplexity_before = run_eval(run, bar)["eval/perplexity"]
         for t0, micro in train_batches(run):
             try:
                 result = train_step(run.objective, run.optimizer, run.scheduler, micro, run.accelerator, tcfg.max_grad_norm, run.layout,
@@ -332,24 +336,27 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             count_step(run, result, t0, window)
             if run.ema is not None and not result.overflow:  # only a step that changed the weights
                 run.ema.update()
-            bar.update(1)
+            bar.update(state.train_seconds)
             if state.step % tcfg.log_every == 0 or run.last_step():
                 log_train(run, result, window, bar)
+            if bar.projection_due(state.step, tcfg.log_every) and not run.last_step():
+                log.info(projection(run, bar))
             if run.last_step():
                 break
             if state.step % eval_every == 0:
-                run_eval(run)
+                run_eval(run, bar)
             if (tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0) or result.stop:
                 save(run, window)
             if result.stop:
                 stop_with_checkpoint(result.stop, stop, run.tracker, run.run_dir, state.step)
         bar.close()
+        log.info(progress.end_line(state.step, run.data.steps, tcfg.max_steps, tcfg.epochs, run.budget_s, state.train_seconds))
         # A rerun after a kill from here on resumes from the final checkpoint, finds its eval logged
         # (final_eval_step), and redoes only the files.
         if state.final_eval_step == state.step:
             final = state.last_eval
         else:
-            final = run_eval(run)
+            final = run_eval(run, bar)
             state.final_eval_step = state.step
             save(run, window)
         if checkpoint.any_process(run.accelerator, run.tracker.failure is not None):  # the final checkpoint carries the unwritten records
@@ -421,32 +428,62 @@ def log_train(run: Run, result: "StepResult", window: "LogWindow", bar) -> None:
         metrics.update({"train/loss_scale": scaler.get_scale(), "train/overflow_steps": run.state.overflow_steps})
     run.state.predictions += metrics["train/masked_tokens"]
     run.tracker.log(metrics, run.state.step)
-    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+    log.info(progress.train_line(run.state.step, run.data.steps, metrics, (run.state.train_seconds, run.budget_s) if run.budget_s else None))
+    bar.set_postfix(step=run.state.step, loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                    tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
 
 
-def run_eval(run: Run) -> Dict[str, float]:
+def banner(run: Run) -> List[str]:
+    """The start banner's lines (mlm.progress.banner_lines)."""
+    cfg, acc, order = run.cfg, run.accelerator, run.data.order
+    trainable, total = progress.count_parameters(run.raw_model)
+    device = (f"{acc.device} ({torch.cuda.get_device_name(acc.device)})" if acc.device.type == "cuda"
+              else f"{acc.device.type} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})")
+    return progress.banner_lines(
+        model=cfg.model.name_or_path, trainable=trainable, total=total, global_batch=order.global_batch, block_size=cfg.block_size,
+        batch_parts=progress.batch_parts(order.micro_batch, acc.num_processes, order.accumulation), steps=run.data.steps,
+        start_step=run.state.step, budget_minutes=cfg.trainer.budget_minutes, precision=run.precision, device=device,
+        processes=acc.num_processes, run_dir=run.run_dir)
+
+
+def projection(run: Run, bar: progress.TrainBar) -> str:
+    state = run.state
+    return progress.projection_line(state.step, run.data.steps, bar.step_seconds(state.step, state.train_seconds), bar.eval_seconds,
+                                    run.cfg.trainer.eval_every or run.data.order.steps_per_epoch, run.budget_s, state.train_seconds,
+                                    run.accelerator.device.type == "cpu")
+
+
+def run_eval(run: Run, bar: Optional[progress.TrainBar] = None) -> Dict[str, float]:
+    """The eval at this step (with a bar over its batches where the training bar shows); its time is kept out of the
+    training bar's rate."""
     cfg, state, blocks = run.cfg, run.state, run.data.eval_blocks
     start = time.perf_counter()
-    metrics = evaluate(run.objective, blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator, cfg.trainer.eval_batch_size)
+    title = f"eval at step {state.step}" if bar is not None and bar.shown else None
+    log.info("eval at step %d: scoring %d held-out blocks", state.step, len(blocks))
+    metrics = evaluate(run.objective, blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator, cfg.trainer.eval_batch_size, title)
     if metrics["eval/masked_tokens"] == 0:  # a perplexity of nothing is NaN: a setting to fix, not a result
         raise UserError(f"the eval masked no token in {len(blocks)} blocks at masking.mlm_probability={cfg.masking.mlm_probability}; "
                         "raise masking.mlm_probability or trainer.max_eval_blocks")
     if run.ema is not None:
-        metrics.update(eval_average(run))
+        metrics.update(eval_average(run, title))
     faults.reached("eval")
+    seconds = time.perf_counter() - start
     log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
-             metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(blocks), time.perf_counter() - start)
+             metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(blocks), seconds)
+    if bar is not None:
+        bar.eval_took(seconds)
     state.last_eval = metrics
     state.best_perplexity = min(state.best_perplexity, metrics["eval/perplexity"])
     run.tracker.log({**metrics, "eval/best_perplexity": state.best_perplexity}, state.step)
     return metrics
 
 
-def eval_average(run: Run) -> Dict[str, float]:
+def eval_average(run: Run, title: Optional[str] = None) -> Dict[str, float]:
     """The same eval of the weight average, swapped into the model and back (doubles the eval time)."""
     cfg = run.cfg
     with run.ema.swapped_in(run.layout):
-        metrics = evaluate(run.objective, run.data.eval_blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator, cfg.trainer.eval_batch_size)
+        metrics = evaluate(run.objective, run.data.eval_blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator,
+                           cfg.trainer.eval_batch_size, title and f"{title} (weight average)")
     log.info("eval at step %d: weight average's perplexity %.2f", run.state.step, metrics["eval/perplexity"])
     return {"eval/ema_loss": metrics["eval/loss"], "eval/ema_perplexity": metrics["eval/perplexity"]}
 
@@ -504,6 +541,7 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
         save_average_outputs(run, results)
     full_weights = run.layout.full_state_dict(run.raw_model) if save_model else None  # a collective when sharded
     if run.main and save_model:
+        log.info("saving the final model to %s", run.run_dir / "final")
         save_final(run.raw_model, run.data.tokenizer, run.run_dir / "final", full_weights)
     if run.main:
         faults.reached("results")
@@ -523,6 +561,7 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
 def fine_tune_final(run: Run) -> Optional[Dict[str, Any]]:
     """The downstream scores of final/, or None where a stop signal ended the fine-tune (so the other ranks, waiting
     for this one, learn of it in the next all-reduce instead of waiting for ever)."""
+    log.info("downstream: fine-tuning %s on %s", run.run_dir / "final", downstream.task_name(run.cfg.downstream))
     try:
         # this run's own model: its code (if any) was trusted on this command line
         return downstream.evaluate(run.run_dir / "final", run.cfg.downstream, run.accelerator.device, run.cfg.model.trust_remote_code)

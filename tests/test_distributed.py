@@ -52,6 +52,8 @@ def test_two_processes_match_one_process(tmp_path):
     assert json.loads((two / "results.json").read_text())["processes"] == 2
     assert len(list(two.glob("*.log"))) == 1  # one log file, from the main process
     assert proc.stdout.count("perplexity:") == 1  # one summary, from the main process
+    for line in ("trainable parameters of", "eval at step 0: perplexity", "step 1/6: loss", "projected: ", "training ended at step 6/6"):
+        assert proc.stdout.count(line) == 1, line  # one console copy of each log line: the main process's
     assert sorted(p.name for p in (two / "checkpoints" / "ckpt-00000006").glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
 
     loss1, eval1 = curves(one)

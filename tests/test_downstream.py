@@ -341,6 +341,8 @@ def test_run_py_with_downstream_then_a_finished_run_asked_for_more(corpus, tmp_p
     results = json.loads((run_dir / "results.json").read_text())
     assert 0 <= results["downstream"]["accuracy"] <= 1 and results["downstream"]["seeds"] == [0]
     assert f"downstream polarity: accuracy {results['downstream']['accuracy']:.4f}, median of 1 seed(s)" in proc.stdout
+    log = (run_dir / "run.log").read_text()  # a line for each phase after training
+    assert log.index(f"saving the final model to {run_dir / 'final'}") < log.index(f"downstream: fine-tuning {run_dir / 'final'} on polarity")
     model_hash = hashlib.sha256((run_dir / "final" / "model.safetensors").read_bytes()).hexdigest()
     metrics = (run_dir / "metrics.jsonl").read_text()
 

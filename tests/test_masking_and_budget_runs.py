@@ -42,6 +42,7 @@ def test_time_budget_stops_training_and_resume_spends_the_rest(corpus, tmp_path)
     assert first["stopped"] == "budget" and 0 < first["steps"] < 100000
     assert first["train_seconds"] >= 0.04 * 60  # the stop rule, not a speed measurement
     assert (tmp_path / "final" / "model.safetensors").exists()
+    assert f"training ended at step {first['steps']}/100000: the time budget of 0.04 min was spent" in (tmp_path / "run.log").read_text()
     # a larger budget on the same run directory resumes from the final checkpoint and spends the rest
     proc = run_cli([*common, "trainer.budget_minutes=0.08"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +50,7 @@ def test_time_budget_stops_training_and_resume_spends_the_rest(corpus, tmp_path)
     second = json.loads((tmp_path / "results.json").read_text())
     assert second["stopped"] == "budget" and second["steps"] > first["steps"]
     assert second["train_seconds"] >= 0.08 * 60 > first["train_seconds"]
+    assert f"training ended at step {second['steps']}/100000: the time budget of 0.08 min was spent" in (tmp_path / "run.log").read_text()
 
 
 def test_scheduler_follows_the_spent_budget():

@@ -35,7 +35,20 @@ def test_run_writes_results_metrics_and_model(tiny_run):
     assert (run_dir / "final" / "model.safetensors").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "perplexity:" in proc.stdout and "The cat sat on the [MASK]." in proc.stdout or "<mask>" in proc.stdout
+    assert "perplexity:" in proc.stdout and "The cat sat on the [MASK]." in proc.stdout
+
+
+def test_run_log_has_the_banner_the_train_lines_the_projection_and_the_end(tiny_run):
+    run_dir, _ = tiny_run
+    log = (run_dir / "run.log").read_text()
+    for line in ("trainable parameters of", "global batch: 4 blocks x 32 tokens = 128 tokens per step", "length: 4 steps x 128 tokens",
+                 "precision: ", f"run directory: {run_dir}", "to resume: "):
+        assert log.count(line) == 1, line
+    assert log.index("to resume: ") < log.index("eval at step 0: scoring 16 held-out blocks")  # said before the first eval
+    assert [line.split(" - ")[1].split(":")[0] for line in log.splitlines() if ": loss " in line] == [f"step {s}/4" for s in (1, 2, 3, 4)]
+    assert "step 1/4: loss " in log and ", lr " in log and " tokens/s" in log
+    assert log.count("projected: ") == 1 and "3 steps at " in log and "2 evals at " in log  # after step 1 (log_every=1): 2, 4
+    assert "training ended at step 4/4: trainer.max_steps=4 reached" in log
 
 
 def readme_mask_examples() -> list:

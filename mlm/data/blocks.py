@@ -308,6 +308,7 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         start = time.perf_counter()
+        log.info("building the token blocks of %s (once per data, tokenizer and block size; cached in %s)", cfg.path or cfg.kind, path)
         meta = _write_blocks(cfg, tokenizer, block_size, tmp)
         seconds = time.perf_counter() - start
         tokens = sum(m["tokens"] for m in meta["splits"].values())
