@@ -50,7 +50,12 @@ def test_multirun_all_ok_2x2(corpus, tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     sweep = tmp_path / "optuna"
-    jobs = multirun(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_steps=2")
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_steps=2",
+                    f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(sweep)
+    # Optuna imports alembic, which logged 7 "[HYDRA] setup plugin alembic..." lines (conf/hparams_search/optuna.yaml sets its level)
+    assert "setup plugin" not in proc.stdout + proc.stderr and "A new study created" in proc.stdout + proc.stderr
     import yaml
 
     from mlm.report import eval_settings
