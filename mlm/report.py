@@ -808,7 +808,10 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
     atomic_write_text(out_dir / "summary.md", "\n".join(text))
     plot_sweep(jobs, out_dir / "summary.png", unfinished)
     for j in (jobs + unfinished) if curves else ():
-        plot_run(j["dir"], swept or None)
+        try:
+            plot_run(j["dir"], swept or None)
+        except OSError as e:  # a job directory this user cannot write: its own curves.png stays
+            print(f"could not redraw {j['dir'] / 'curves.png'}: {e}", file=sys.stderr)
     if budget:
         plot_budget(budget, out_dir / "budget.png")
     return out_dir / "summary.md"
