@@ -1,11 +1,13 @@
 """Run curves and sweep summaries.
 
-- `plot_run(run_dir)`: curves.png beside metrics.jsonl (train loss, eval perplexity, lr).
-- `python -m mlm.report <sweep or run dirs...>`: summary.md (one row per job, sorted by
-  perplexity; a downstream column where jobs have one) and summary.png (perplexity against each
-  swept value, and the curves). A sweep over trainer.budget_minutes or trainer.max_steps also gets
-  budget.png (perplexity and downstream accuracy against training tokens and time, the Pareto
-  front marked) and a table of each front in summary.md: what each minute buys.
+- `plot_run(run_dir)`: curves.png beside metrics.jsonl (train loss raw and smoothed, eval perplexity and the weight
+  average's, lr), titled with the run's settings.
+- `python -m mlm.report <sweep or run dirs...> [--out DIR]`: summary.md (the overrides every job shares once on top,
+  then one numbered row per job: a column per swept key, sorted by perplexity; EMA and downstream columns where jobs
+  have them; failed and unfinished jobs last, with what became of them; a sweep column for several sweeps) and
+  summary.png (perplexity against each swept key, a panel per key, and the curves). A sweep over
+  trainer.budget_minutes or trainer.max_steps also gets budget.png (perplexity and downstream accuracy against
+  training tokens and time, the Pareto front marked) and a table of each front in summary.md: what each minute buys.
   Hydra calls the same at the end of every multirun (SweepSummaryCallback in conf/config.yaml).
 - Only like with like is ranked: jobs whose evals differ (EVAL_KEYS: held-out text, blocks, tokenizer,
   eval masks) are ranked in separate groups, never across, and the summary names the keys that differ.
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import socket
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -46,30 +50,56 @@ def _series(records: List[Dict[str, Any]], key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(run_dir: Path) -> Optional[Path]:
-    """curves.png: train loss, eval perplexity (log scale) and learning rate against the optimizer step."""
+def plot_run(run_dir: Path, keys: Optional[List[str]] = None) -> Optional[Path]:
+    """curves.png: train loss (raw, faint, and smoothed), eval perplexity (and the weight average's, where the run keeps
+    one) on a log scale, and the learning rate, against the optimizer step; titled with the run's settings: its swept
+    `keys` where a sweep summary gives them, else every override it was started with."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, title in zip(axes, ("train/loss", "eval/perplexity", "train/lr"), ("train loss (masked tokens)", "eval perplexity", "learning rate")):
+    fig, (loss, ppl, lr) = plt.subplots(1, 3, figsize=(14, 4.4), layout="constrained")
+    x, y = _series(records, "train/loss")
+    loss.plot(x, y, color="C0", alpha=0.3, lw=1, marker="o" if len(x) == 1 else None, label="logged")  # one point: a marker
+    weight = smoothing_weight(len(y))
+    loss.plot(x, smoothed(y, weight), color="C0", lw=2, label=f"smoothed (EMA {weight:.2g})")
+    loss.set_title("train loss (masked tokens)", fontsize=10)
+    for key, label, colour in (("eval/perplexity", "model", "C1"), ("eval/ema_perplexity", "weight average (trainer.ema_decay)", "C2")):
         x, y = _series(records, key)
-        ax.plot(x, y, marker="o" if key.startswith("eval") or len(x) == 1 else None, markersize=4)  # one point: a marker
-        ax.set_title(title)
+        if y:  # the last value in the legend, not over a curve
+            ppl.plot(x, y, marker="o", markersize=4, color=colour, label=f"{label}: {y[-1]:.1f} at step {x[-1]}")
+    values = [v for key in ("eval/perplexity", "eval/ema_perplexity") for v in _series(records, key)[1]]
+    if values:
+        plain_scale(ppl, "y", values)
+    ppl.set_title("eval perplexity", fontsize=10)
+    x, y = _series(records, "train/lr")
+    lr.plot(x, y, color="C4", marker="o" if len(x) == 1 else None)
+    if y:
+        plain_scale(lr, "y", [max(y)] * 2)  # linear, plain labels
+    lr.set_title("learning rate", fontsize=10)
+    for ax in (loss, ppl, lr):
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        if key == "eval/perplexity" and y and min(y) > 0:
-            ax.set_yscale("log")
-            ax.annotate(f"{y[-1]:.1f}", (x[-1], y[-1]), textcoords="offset points", xytext=(-10, 8))
-    fig.suptitle(run_dir.name)
-    fig.tight_layout()
+    for ax in (loss, ppl):  # below the panel: never over a curve
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    fig.suptitle(run_title(run_dir, keys), fontsize=11)
     path = run_dir / "curves.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def run_title(run_dir: Path, keys: Optional[List[str]] = None) -> str:
+    """'<dir>: optimizer.lr=0.001, scheduler=wsd': the run's swept `keys` (or all its overrides), wrapped to two lines at most."""
+    overrides = _override_dict(run_dir)
+    shown = {k: v for k, v in overrides.items() if keys is None or k in keys}
+    settings = ", ".join(f"{k}={_short(v)}" for k, v in shown.items())
+    name = "/".join(run_dir.parts[-2:]) if keys is not None else run_dir.name  # a sweep's job: its sweep's name too
+    lines = textwrap.wrap(f"{name}: {settings}", 150) if settings else [name]
+    return "\n".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
 
 
 def _overrides(job_dir: Path) -> List[str]:
@@ -98,24 +128,81 @@ def _trained_with(overrides: Dict[str, str], trained: Dict[str, Any]) -> Dict[st
     return {k: v if k not in trained or same(v, trained[k]) else str(trained[k]) for k, v in overrides.items()}
 
 
+def _job_dirs(root: Path):
+    """`root` and every directory below it."""
+    yield Path(root)
+    yield from sorted(p for p in Path(root).rglob("*") if p.is_dir())
+
+
+def _override_dict(job_dir: Path) -> Dict[str, str]:
+    return dict(o.split("=", 1) for o in _overrides(job_dir) if "=" in o)
+
+
 def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
-    """Every job directory (one with results.json or error.txt) under the given directories."""
+    """Every job directory (one with results.json or error.txt) under the given directories; "root": which of them."""
     jobs = []
     for root in dirs:
-        candidates = [root] + sorted(p for p in Path(root).rglob("*") if p.is_dir())
-        for d in candidates:
+        for d in _job_dirs(root):
             if not ((d / "results.json").exists() or (d / "error.txt").exists()):
                 continue
             results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}  # written atomically
             jobs.append({
                 "dir": d,
-                "overrides": _trained_with(dict(o.split("=", 1) for o in _overrides(d) if "=" in o), results.get("config", {})),
+                "root": Path(root),
+                "overrides": _trained_with(_override_dict(d), results.get("config", {})),
                 "results": results,
                 "settings": results.get("config") or _snapshot_settings(d),  # the eval it was scored on
                 "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
                 "metrics": read_metrics(d),
             })
     return jobs
+
+
+def collect_unfinished(dirs: List[Path]) -> List[Dict[str, Any]]:
+    """The Hydra jobs under the given directories (a .hydra/overrides.yaml) with neither results.json nor error.txt:
+    running, stopped or killed; "unfinished" says which, and how far each got. Never ranked nor counted as failed."""
+    jobs = []
+    for root in dirs:
+        for d in _job_dirs(root):
+            if (d / ".hydra" / "overrides.yaml").is_file() and not ((d / "results.json").exists() or (d / "error.txt").exists()):
+                metrics = read_metrics(d)
+                jobs.append({"dir": d, "root": Path(root), "overrides": _override_dict(d), "results": {}, "settings": _snapshot_settings(d),
+                             "error": None, "metrics": metrics, "unfinished": unfinished_status(d, metrics)})
+    return jobs
+
+
+def unfinished_status(job_dir: Path, metrics: List[Dict[str, Any]]) -> str:
+    """What became of a job that wrote no outcome, from its run.lock (mlm/rundir.py): a clean end (a stop signal,
+    which leaves a checkpoint) empties the holder's record; a killed process leaves it; a live one still holds it."""
+    from mlm.rundir import LOCK_FILE, _alive, describe
+
+    lock = job_dir / LOCK_FILE
+    if not lock.is_file():
+        return "not started (no run.lock)"
+    try:
+        text = lock.read_text()
+        holder = json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        holder = "?"
+    if holder is None:
+        state = "stopped"
+    elif not isinstance(holder, dict):
+        state = "unfinished (its run.lock is unreadable)"
+    elif holder.get("host") == socket.gethostname() and not _alive(holder):
+        state = "killed (its process ended without a word)"
+    else:
+        state = f"running ({describe(holder)})"
+    return f"{state}: {_progress(job_dir, metrics)}"
+
+
+def _progress(job_dir: Path, metrics: List[Dict[str, Any]]) -> str:
+    """'step 57 logged, checkpoint at step 50': how far an unfinished job got."""
+    logged = max((r["step"] for r in metrics if isinstance(r.get("step"), int)), default=None)
+    # checkpoints/ckpt-<step> with its manifest.json (written last) is complete; read here by name, not with
+    # mlm.checkpoint, which would import torch for a summary
+    saved = [int(p.name[5:]) for p in (job_dir / "checkpoints").glob("ckpt-*") if p.name[5:].isdigit() and (p / "manifest.json").is_file()]
+    return (f"step {logged} logged" if logged is not None else "no step logged") + (
+        f", checkpoint at step {max(saved)}" if saved else ", no checkpoint")
 
 
 def failure(job: Dict[str, Any]) -> Optional[str]:
@@ -267,59 +354,164 @@ def ranked(jobs: List[Dict[str, Any]]) -> tuple:
     return groups, [j for j in jobs if failure(j) is not None]
 
 
-def summary_table(jobs: List[Dict[str, Any]], root: Path) -> str:
-    """One row per job: each eval group's jobs by perplexity (an `eval` column names the group where there
-    are several), then the failed jobs."""
+def in_rows(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+    """The jobs in the order of summary.md's rows (its `#`, which summary.png's legend uses too): each eval group's
+    jobs by perplexity, then the failed jobs, then the unfinished ones."""
     groups, failed = ranked(jobs)
+    return [j for g in groups for j in g] + failed + list(unfinished)
+
+
+STATUS_WIDTH = 60  # a longer failure reason is cut at a word in its cell and given whole in a note below the table
+
+
+def summary_table(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] = ()) -> str:
+    """One row per job, numbered (`#`): each eval group's jobs by perplexity (an `eval` column names the group where
+    there are several), then the failed jobs, then the unfinished ones. A `sweep` column where the jobs come from
+    several directories, a column per swept key, an EMA and a downstream column where some job has one; a long
+    failure reason in full in a numbered note below."""
+    groups, _ = ranked(jobs)
+    rows = in_rows(jobs, unfinished)
+    keys = swept_keys(rows)
     labels = {id(j): group_label(i) for i, g in enumerate(groups) for j in g} if len(groups) > 1 else None
-    downstream = any(downstream_accuracy(j) is not None for j in jobs)  # a column only where some job has one
-    lines = [
-        "| job | overrides |" + (" eval |" if labels else "") + " final ppl | best ppl | ppl before |" + (" downstream |" if downstream else "")
-        + " tokens/s | train s | wall s | device | status |",
-        "|---|---|" + ("---|" if labels else "") + "---:|---:|---:|" + ("---:|" if downstream else "") + "---:|---:|---:|---|---|",
-    ]
-    for j in [j for g in groups for j in g] + failed:
+    several = any(j.get("sweep") for j in rows)
+    ema = any(_num(j["results"].get("ema_perplexity")) is not None for j in jobs)
+    downstream = any(downstream_accuracy(j) is not None for j in jobs)
+    columns = (["#"] + (["sweep"] if several else []) + ["job"] + keys + (["eval"] if labels else []) + ["final ppl"]
+               + (["EMA ppl"] if ema else []) + ["best ppl", "ppl before"] + (["downstream"] if downstream else [])
+               + ["tokens/s", "train s", "wall s", "device", "status"])
+    text = ["| " + " | ".join(_cell(c) for c in columns) + " |",
+            "|" + "".join("---:|" if c in NUMBERS else "---|" for c in columns)]
+    notes = []
+    for n, j in enumerate(rows, 1):
         r = j["results"]
-        status = "ok" if failure(j) is None else "failed: " + failure(j).replace("|", "/")[:80]
-        lines.append(
-            f"| {_job_name(j, root)} | {_overrides_text(j)} | " + (f"{labels.get(id(j), '-')} | " if labels else "")
-            + f"{_fmt(r.get('perplexity'))} | "
-            f"{_fmt(r.get('best_perplexity'))} | {_fmt(r.get('perplexity_before'))} | " + (f"{_downstream_text(j)} | " if downstream else "")
-            + f"{_fmt(r.get('tokens_per_s'), 0)} | {_fmt(r.get('train_seconds'), 0)} | {_fmt(r.get('wall_seconds'), 0)} | {_device(r)} | {status} |"
-        )
-    return "\n".join(lines)
+        cells = {"#": n, "sweep": _sweep_name(j), "job": _job_name(j, in_sweep=True), "eval": (labels or {}).get(id(j), "-"),
+                 "final ppl": _fmt(r.get("perplexity")), "EMA ppl": _fmt(_num(r.get("ema_perplexity"))),
+                 "best ppl": _fmt(r.get("best_perplexity")), "ppl before": _fmt(r.get("perplexity_before")),
+                 "downstream": _downstream_text(j), "tokens/s": _fmt(r.get("tokens_per_s"), 0), "train s": _fmt(r.get("train_seconds"), 0),
+                 "wall s": _fmt(r.get("wall_seconds"), 0), "device": _device(r), "status": _status(j, n, notes)}
+        cells.update({k: _short(setting(j, k)) for k in keys})
+        text.append("| " + " | ".join(_cell(cells[c]) for c in columns) + " |")
+    if notes:
+        text += ["", "Notes:", ""] + [f"{i}. {note}" for i, note in enumerate(notes, 1)]
+    return "\n".join(text)
+
+
+NUMBERS = {"#", "final ppl", "EMA ppl", "best ppl", "ppl before", "tokens/s", "train s", "wall s"}  # right-aligned columns
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|")  # a | would end the cell
+
+
+def _status(job: Dict[str, Any], row: int, notes: List[str]) -> str:
+    """ok, failed: <why>, or what became of an unfinished job; a reason longer than STATUS_WIDTH is cut at a word, and
+    given whole in a note (appended to `notes`)."""
+    if job.get("unfinished"):
+        return job["unfinished"]
+    why = failure(job)
+    if why is None:
+        return "ok"
+    if len(why) <= STATUS_WIDTH:
+        return f"failed: {why}"
+    notes.append(f"row {row} ({_job_name(job)}): {why}")
+    return f"failed: {textwrap.shorten(why, STATUS_WIDTH, placeholder=' ...')} (note {len(notes)})"
+
+
+def _short(value: Any) -> str:
+    """A swept value for a table cell or a label: 0.011536162338241389 -> 0.01154, 3e-05 -> 3e-5; text as it is."""
+    number = _num(value)
+    if number is None or not math.isfinite(number) or len(str(value)) <= 7:  # text, or a number as short as it was typed
+        return str(value)
+    return _plain(float(f"{number:.4g}"))
+
+
+def _plain(v: float) -> str:
+    """A number without 10^x notation: 30000, 0.5, 2e-5 (a tick label, a table cell)."""
+    return f"{v:g}".replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")
+
+
+def fixed_settings(jobs: List[Dict[str, Any]]) -> List[str]:
+    """The overrides every job shares (key=value), in the first job's order: said once above the table."""
+    if not jobs:
+        return []
+    return [f"{k}={v}" for k, v in jobs[0]["overrides"].items() if all(j["overrides"].get(k) == v for j in jobs)]
+
+
+def eval_text(flat: Dict[str, Any]) -> Optional[str]:
+    """What a perplexity was measured on, in words: '16 held-out blocks of 32 tokens from local corpus.txt (test_size 0.2),
+    15% token masks'; None for a job that recorded no config. The exact keys are eval_settings'; this names the ones a
+    reader compares."""
+    if "block_size" not in flat or "dataset.kind" not in flat:
+        return None
+    kind, path = str(flat.get("dataset.kind", "?")), flat.get("dataset.path")
+    source = f"{kind} {Path(str(path)).name if kind == 'local' else path}" if path else kind
+    if flat.get("dataset.config_name"):
+        source += f"/{flat['dataset.config_name']}"
+    held = (f"first {flat.get('dataset.streaming_eval_docs')} documents" if flat.get("dataset.streaming")
+            else f"test_size {flat.get('dataset.test_size', '?')}")
+    blocks = flat.get("trainer.max_eval_blocks")
+    rate = _num(flat.get("masking.mlm_probability"))
+    return (f"{blocks if blocks is not None else 'all'} held-out blocks of {flat.get('block_size', '?')} tokens from {source} ({held}), "
+            f"{_plain(rate * 100) + '%' if rate is not None else '?'} {flat.get('masking.eval_strategy', '?')} masks")
+
+
+def sweep_names(dirs: List[Path]) -> Dict[Path, str]:
+    """A short name for each directory: the fewest trailing path parts that tell them apart (outputs/multirun/2026-12-06/10-00-00
+    and .../11-00-00 -> 10-00-00 and 11-00-00)."""
+    paths = [Path(d) for d in dirs]
+    parts = [Path(d).resolve().parts for d in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(set(map(str, paths))):
+            return dict(zip(paths, names))
+    return {p: str(p) for p in paths}
 
 
 def _value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def best_lines(groups: List[List[Dict[str, Any]]], root: Path, what: str, evals: str, settings_of, score_text, prefix: str = "") -> List[str]:
-    """The best of each group of comparable jobs (groups sorted best first): one "Best" line where all compare;
-    else a line naming the keys that differ, then each group's settings of those keys and its best."""
+def best_lines(groups: List[List[Dict[str, Any]]], swept: List[str], what: str, evals: str, settings_of, score_text, prefix: str = "") -> List[str]:
+    """The best of each group of comparable jobs (groups sorted best first), named by its `swept` keys: one "Best" line
+    where all compare; else a line naming the keys that differ, then each group's settings of those keys and its best."""
     if len(groups) == 1:
-        return [f"{what}: `{_best_name(groups[0][0])}` with {score_text(groups[0][0])}."]
+        return [f"{what}: `{_best_name(groups[0][0], swept)}` with {score_text(groups[0][0])}."]
     keys = differing_keys(groups, settings_of)
     lines = [f"Not comparable: the jobs' {evals} differ in {', '.join(keys)}; "
              f"each group is ranked on its own, and no job is best across groups:", ""]
     for i, g in enumerate(groups):
         values = settings_of(g[0])
-        lines.append(f"- {prefix}{group_label(i)} ({len(g)} job(s): {', '.join(_job_name(j, root) for j in g)}): "
+        lines.append(f"- {prefix}{group_label(i)} ({len(g)} job(s): {', '.join(_job_name(j) for j in g)}): "
                      + " ".join(f"{k}={_value(values.get(k, UNKNOWN))}" for k in keys)
-                     + f"; best `{_best_name(g[0])}` with {score_text(g[0])}.")
+                     + f"; best `{_best_name(g[0], swept)}` with {score_text(g[0])}.")
     return lines
 
 
-def _best_name(job: Dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in job["overrides"].items()) or job["dir"].name
+def _best_name(job: Dict[str, Any], keys: List[str] = ()) -> str:
+    """The job's swept settings as overrides, exactly (to paste on a command line); all its overrides where none are swept."""
+    swept = [f"{k}={job['overrides'][k]}" for k in keys if k in job["overrides"]]
+    return " ".join(swept or [f"{k}={v}" for k, v in job["overrides"].items()]) or job["dir"].name
 
 
-def _job_name(job: Dict[str, Any], root: Path) -> str:
-    return str(job["dir"].relative_to(root)) if job["dir"] != root and root in job["dir"].parents else job["dir"].name
+def _job_name(job: Dict[str, Any], in_sweep: bool = False) -> str:
+    """The job's directory relative to its sweep (the directory it was found under), after its sweep's name in a summary of
+    several unless `in_sweep` (a table with a sweep column)."""
+    root = job.get("root", job["dir"])
+    own = str(job["dir"].relative_to(root)) if job["dir"] != root and root in job["dir"].parents else job["dir"].name
+    return f"{job['sweep']}/{own}" if job.get("sweep") and not in_sweep else own
 
 
-def _overrides_text(job: Dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in job["overrides"].items()) or "-"
+def setting(job: Dict[str, Any], key: str) -> Any:
+    """The job's value of a swept key: its override, else what its config had (a key another sweep of the summary
+    varied), else '-'."""
+    if key in job["overrides"]:
+        return job["overrides"][key]
+    flat = job_settings(job)
+    return _value(flat[key]) if key in flat else "-"  # null as a command line writes it
+
+
+def _sweep_name(job: Dict[str, Any]) -> str:
+    return job.get("sweep") or "-"
 
 
 def _swept_text(job: Dict[str, Any], keys: List[str]) -> str:
@@ -348,101 +540,313 @@ def _device(results: Dict[str, Any]) -> str:
     return f"{device} x{n}" if n > 1 else device
 
 
+NO_SETTING = ("hparams_search",)  # an override that sets only hydra.* (the sweeper), nothing a job trains with
+
+
 def swept_keys(jobs: List[Dict[str, Any]]) -> List[str]:
-    keys = sorted({k for j in jobs for k in j["overrides"]})
+    """The override keys whose values differ between the jobs (one some jobs lack included)."""
+    keys = sorted({k for j in jobs for k in j["overrides"] if k not in NO_SETTING})
     return [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
 
 
-def plot_sweep(jobs: List[Dict[str, Any]], path: Path) -> None:
-    """Perplexity against each swept value (one panel each), then eval-perplexity and train-loss curves."""
-    keys = swept_keys(jobs) or ["job"]
-    n = len(keys) + 2
-    plt = pyplot()
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2))
-    groups, _ = ranked(jobs)
-    ok = [j for g in groups for j in g]
-    colours = [f"C{i % 10}" for i, g in enumerate(groups) for _ in g]  # one colour per group of comparable evals
-    group_of = {id(j): group_label(i) for i, g in enumerate(groups) for j in g}
-    for ax, k in zip(axes, keys):
-        values = [j["overrides"].get(k, "-") if k != "job" else j["dir"].name for j in ok]
-        ppl = [j["results"]["perplexity"] for j in ok]
-        numeric = all(_num(v) is not None for v in values)
-        if numeric and values:
-            x = [_num(v) for v in values]
-            ax.scatter(x, ppl, c=colours)
-            if min(x) > 0 and max(x) / min(x) >= 3:
-                ax.set_xscale("log")
-            ticks = sorted(set(x))  # label exactly the swept values, compactly (2e-4, not 0.0002)
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-            ax.minorticks_off()
-        else:
-            cats = sorted(set(values))
-            ax.scatter([cats.index(v) for v in values], ppl, c=colours)
-            ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-        for v, p, j in zip(values, ppl, ok):
-            others = ",".join(f"{kk}={vv}" for kk, vv in j["overrides"].items() if kk != k and kk in keys)
-            if others:
-                ax.annotate(others, ((_num(v) if numeric else sorted(set(values)).index(v)), p), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel(k)
-        ax.set_ylabel("final eval perplexity")
-        ax.set_title(f"perplexity vs {k}")
-        ax.grid(alpha=0.3)
-    for ax, key, title in ((axes[-2], "eval/perplexity", "eval perplexity"), (axes[-1], "train/loss", "train loss")):
-        for j in ok:
-            x, y = _series(j["metrics"], key)
-            label = ",".join(f"{k}={j['overrides'].get(k)}" for k in keys if k in j["overrides"]) or j["dir"].name
-            label = f"{group_of[id(j)]}: {label}" if len(groups) > 1 else label  # which eval the curve is on
-            # a curve of one point (a 10-step job logging every 10 steps) is a marker, not an invisible line
-            ax.plot(x, y, marker="o" if key.startswith("eval") or len(x) == 1 else None, markersize=6 if len(x) == 1 else 3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        if key == "eval/perplexity":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    if ok:
-        axes[-1].legend(fontsize=7, loc="upper right")
-    failed = len(jobs) - len(ok)
-    title = f"{len(ok)} job(s)" + (f", {failed} failed" if failed else "")
-    if len(groups) > 1:
-        from matplotlib.lines import Line2D
+PANELS_PER_ROW = 3  # swept-key panels in a row of summary.png; more keys wrap to the next row
+SWEEP_MARKERS = "osD^vP"  # a marker shape per sweep, in a summary of several
+CURVES = 10  # jobs drawn in colour, with a legend entry, in summary.png's curves (the best of each eval first); the others grey
 
-        axes[0].legend(handles=[Line2D([], [], marker="o", ls="", color=f"C{i % 10}", label=f"eval {group_label(i)}") for i in range(len(groups))],
-                       fontsize=7, loc="best")
-        title += f"; evals differ in {', '.join(differing_keys(groups))}: compare perplexities within one colour only"
-    fig.suptitle(title)
-    fig.tight_layout()
+
+def plot_sweep(jobs: List[Dict[str, Any]], path: Path, unfinished: List[Dict[str, Any]] = ()) -> None:
+    """summary.png: the final perplexity against each swept key (a panel per key, PANELS_PER_ROW to a row, one shared y),
+    each finished job a point coloured by its eval (shaped by its sweep where there are several), the best one ringed,
+    failed and unfinished jobs marked along the top at their settings; below, the eval-perplexity curves and the smoothed
+    train-loss curves, each job labelled with its row (#) of summary.md. The legends sit outside the data."""
+    rows = in_rows(jobs, unfinished)
+    keys = swept_keys(rows) or ["job"]
+    groups, failed = ranked(jobs)
+    ok = [j for g in groups for j in g]
+    style = {id(j): {"color": f"C{i % 10}", "marker": SWEEP_MARKERS[0]} for i, g in enumerate(groups) for j in g}
+    sweeps = list(dict.fromkeys(j.get("sweep") for j in rows))
+    for j in ok:  # one shape per sweep
+        style[id(j)]["marker"] = SWEEP_MARKERS[sweeps.index(j.get("sweep")) % len(SWEEP_MARKERS)]
+    per_row = min(len(keys), PANELS_PER_ROW)
+    key_rows = math.ceil(len(keys) / per_row)
+    plt = pyplot()
+    fig = plt.figure(figsize=(14, 1.4 + 3.3 * key_rows + 3.8), layout="constrained")
+    grid = fig.add_gridspec(key_rows + 1, 6, height_ratios=[3.3] * key_rows + [3.8])
+    span = 4 if per_row == 1 else 6 // per_row  # a lone panel as wide as the two curve panels below it
+    panels = []
+    for i, key in enumerate(keys):
+        row, col = divmod(i, per_row)
+        ax = fig.add_subplot(grid[row, col * span:(col + 1) * span], sharey=panels[0] if panels else None)
+        panels.append(ax)
+        key_panel(ax, key, ok, failed + list(unfinished), style)
+        if col:
+            ax.tick_params(labelleft=False)  # the shared y is labelled once per row
+        else:
+            ax.set_ylabel("final eval perplexity")
+    if ok:
+        plain_scale(panels[0], "y", [j["results"]["perplexity"] for j in ok])
+    else:
+        panels[0].set_yticks([])  # no perplexity to show
+    number = {id(j): n for n, j in enumerate(rows, 1)}
+    group_of = {id(j): group_label(i) for i, g in enumerate(groups) for j in g} if len(groups) > 1 else {}
+    curve_panels(fig, grid, ok, number, keys, group_of, _point_legend(groups, sweeps, ok, failed, unfinished, number))
+    fig.suptitle(_sweep_title(jobs, unfinished, groups), fontsize=12)
+    unoverlap_ticks(fig, panels)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
-def summarize(dirs: List[Path], out_dir: Optional[Path] = None) -> Optional[Path]:
-    """Write summary.md and summary.png into `out_dir` (default: the first directory)."""
+def key_panel(ax, key: str, ok: List[Dict[str, Any]], others: List[Dict[str, Any]], style: Dict[int, Dict[str, str]]) -> None:
+    """The final perplexity of the `ok` jobs against their value of `key`; the `others` (failed, unfinished) at the top."""
+    from matplotlib.transforms import ScaledTranslation
+
+    def value(j):
+        if key == "job":
+            return j["dir"].name
+        v = setting(j, key)
+        return None if v == "-" else v  # a job of another sweep may have no value for this key
+
+    known = [j for j in ok + others if value(j) is not None]
+    numeric = bool(known) and all(_num(value(j)) is not None for j in known)
+    categories = sorted({str(value(j)) for j in known})
+
+    def x(j):
+        return _num(value(j)) if numeric else categories.index(str(value(j)))
+
+    for shape in dict.fromkeys(style[id(j)]["marker"] for j in ok):
+        mine = [j for j in ok if style[id(j)]["marker"] == shape and value(j) is not None]
+        ax.scatter([x(j) for j in mine], [j["results"]["perplexity"] for j in mine], c=[style[id(j)]["color"] for j in mine],
+                   marker=shape, s=36, zorder=3)
+    if ok and value(ok[0]) is not None:  # the best job (of the largest eval group), ringed
+        ax.scatter([x(ok[0])], [ok[0]["results"]["perplexity"]], s=170, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4)
+    top = ax.get_xaxis_transform()  # x in data, y in axes: along the top, whatever the perplexities
+    marks = (("failed", -4, dict(marker="x", color="black")), ("unfinished", 4, dict(marker="o", facecolors="none", edgecolors="0.45")))
+    for outcome, shift, mark in marks:
+        mine = [j for j in others if value(j) is not None and (bool(j.get("unfinished")) == (outcome == "unfinished"))]
+        if mine:  # side by side where a failed and an unfinished job share a value
+            ax.scatter([x(j) for j in mine], [0.95] * len(mine), transform=top + ScaledTranslation(shift / 72, 0, ax.figure.dpi_scale_trans),
+                       s=40, zorder=3, clip_on=False, **mark)
+    ax.margins(x=0.1, y=0.16)  # room for the marks along the top
+    if numeric and known:
+        ax.dataLim.update_from_data_x([x(j) for j in known], ignore=False)  # the marks along the top count for the x range too
+        plain_scale(ax, "x", [x(j) for j in known], exact=True)
+    else:
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    ax.set_xlabel(key)
+    ax.grid(alpha=0.3)
+
+
+def plain_scale(ax, which: str, values: List[float], exact: bool = False) -> None:
+    """A log scale where the values span 3x or more; plain tick labels either way (3000, 0.001, 2e-5; never 3x10^3).
+    `exact`: ticks at the values themselves where there are a few (a grid's values)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    lo, hi = min(values), max(values)
+    if lo > 0 and hi / lo >= 3:
+        (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+        decades = math.log10(hi / lo)
+        wide = 2 if which == "y" else 1  # a y axis has room for 3s within one or two decades; a panel's x axis has not
+        subs = ((1.0,) if decades > 4 else (1.0, 2.0, 5.0) if decades >= wide else (1.0, 2.0, 3.0, 5.0) if decades >= 0.7
+                else (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0))
+        axis.set_major_locator(LogLocator(subs=subs))
+        axis.set_minor_formatter(NullFormatter())
+    distinct = sorted(set(values))
+    if exact and len(distinct) <= 6 and all(v == float(f"{v:.3g}") for v in distinct):  # a grid's values (Optuna's draws are not)
+        axis.set_major_locator(FixedLocator(distinct))
+        axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _plain(float(f"{v:.6g}"))))
+
+
+def unoverlap_ticks(fig, axes) -> None:
+    """Turn an axis's x tick labels upright where they overlap side by side (long categories, dense values)."""
+    fig.canvas.draw()
+    for ax in axes:
+        if _overlapping(ax.xaxis):
+            ax.tick_params(axis="x", labelrotation=90)
+            fig.canvas.draw()
+            if _overlapping(ax.xaxis):
+                ax.tick_params(axis="x", labelsize=7)
+
+
+def _overlapping(axis) -> bool:
+    """Whether two of the axis's drawn tick labels (those within its view) overlap."""
+    lo, hi = sorted(axis.get_view_interval())
+    labels = [t for loc, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= loc <= hi and t.get_text()]
+    boxes = [t.get_window_extent() for t in labels]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def short_keys(keys: List[str]) -> Dict[str, str]:
+    """Each key by its last part (optimizer.lr -> lr) where that names it alone among `keys`."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def curve_panels(fig, grid, ok: List[Dict[str, Any]], number: Dict[int, int], keys: List[str], group_of: Dict[int, str], points: list) -> None:
+    """The bottom row of summary.png: eval perplexity and smoothed train loss against the step, and beside them one legend:
+    the panels' `points`, then the curves (each job by its row in summary.md, its eval group where there are several:
+    `group_of`, and its swept settings where they fit on a line)."""
+    from matplotlib.lines import Line2D
+
+    def header(text):
+        return Line2D([], [], ls="none", label=text)
+
+    evals, losses, slot = (fig.add_subplot(grid[-1, 2 * i:2 * i + 2]) for i in range(3))
+    shown = ok[:CURVES]
+    for i, j in enumerate(ok):
+        look = dict(color=f"C{i % 10}", lw=1.6, zorder=3) if i < CURVES else dict(color="0.75", lw=0.8, zorder=2)
+        x, y = _series(j["metrics"], "eval/perplexity")
+        evals.plot(x, y, marker="o", markersize=3 if len(x) > 1 else 6, **look)
+        x, y = _series(j["metrics"], "train/loss")
+        losses.plot(x, smoothed(y), marker="o" if len(x) == 1 else None, markersize=6, **look)  # one point: a marker
+    labels = [f"#{number[id(j)]}" + (f" (eval {group_of[id(j)]})" if group_of else "") for j in shown]
+    names = short_keys(keys)
+    settings = [", ".join(f"{names[k]}={_short(j['overrides'][k])}" for k in keys if k in j["overrides"]) for j in shown]
+    if all(len(f"{l}: {s}") <= 60 for l, s in zip(labels, settings)):
+        labels = [f"{l}: {s}" if s else l for l, s in zip(labels, settings)]
+    else:  # the settings are in summary.md's row
+        labels = [f"{l}: perplexity {_fmt(j['results']['perplexity'])}" for l, j in zip(labels, shown)]
+    handles = ([header("the panels above:")] + points if points else []) + ([header("the curves (row # of summary.md):")] if shown else [])
+    handles += [Line2D([], [], color=f"C{i % 10}", lw=2, label=label) for i, label in enumerate(labels)]
+    if len(ok) > CURVES:
+        handles.append(Line2D([], [], color="0.75", lw=1, label=f"{len(ok) - CURVES} other jobs"))
+    eval_values = [v for j in ok for v in _series(j["metrics"], "eval/perplexity")[1]]
+    if eval_values:
+        plain_scale(evals, "y", eval_values)
+    evals.set_title("eval perplexity", fontsize=10)
+    losses.set_title("train loss (smoothed)", fontsize=10)
+    for ax in (evals, losses):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if not ok:
+            ax.text(0.5, 0.5, "no job finished", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    slot.axis("off")
+    slot.legend(handles=handles, loc="upper left", fontsize=8, frameon=False, ncols=2 if len(handles) > 20 else 1)
+
+
+def _point_legend(groups, sweeps, ok, failed, unfinished, number) -> list:
+    """The panels' legend: the eval groups (colours), the sweeps (shapes), the best job's ring, failed and unfinished marks."""
+    from matplotlib.lines import Line2D
+
+    def mark(label, **kw):
+        return Line2D([], [], ls="", label=label, **{"markersize": 7, **kw})
+
+    if len(groups) > 1:
+        out = [mark(f"eval {group_label(i)}", marker="o", color=f"C{i % 10}") for i in range(len(groups))]
+    else:
+        out = [mark("finished job", marker="o", color="C0")] if ok else []
+    if len(sweeps) > 1:
+        out += [mark(f"sweep {s}", marker=SWEEP_MARKERS[i % len(SWEEP_MARKERS)], color="0.35") for i, s in enumerate(sweeps)]
+    if ok:
+        out.append(mark(f"best: #{number[id(ok[0])]}", marker="o", markerfacecolor="none", markeredgecolor="black", markersize=12))
+    if failed:
+        out.append(mark(f"failed ({len(failed)})", marker="x", color="black"))
+    if unfinished:
+        out.append(mark(f"unfinished ({len(unfinished)})", marker="o", markerfacecolor="none", markeredgecolor="0.45"))
+    return out
+
+
+def _sweep_title(jobs, unfinished, groups) -> str:
+    """Which sweep(s), how their jobs ended, and what the perplexities were measured on."""
+    everyone = list(jobs) + list(unfinished)
+    names = list(dict.fromkeys(j.get("sweep") or str(j.get("root", j["dir"])) for j in everyone))
+    where = f"sweep {names[0]}" if len(names) == 1 else f"{len(names)} sweeps: {', '.join(names)}"
+    if len(groups) > 1:
+        scored = f"evals differ in {', '.join(differing_keys(groups))}: compare perplexities within one colour only"
+    else:
+        scored = f"eval: {eval_text(job_settings(groups[0][0])) or '(not recorded)'}" if groups else "no job finished"
+    return f"{where} ({outcome_text(jobs, unfinished)})\n{scored}"
+
+
+def smoothed(values: List[float], weight: Optional[float] = None) -> List[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start. The weight grows with the number
+    of points (0.6, TensorBoard's default, for a few; 0.98 for thousands) so that a long run's curve is as readable as a short one's."""
+    if weight is None:
+        weight = smoothing_weight(len(values))
+    out, last = [], 0.0
+    for i, v in enumerate(values, 1):
+        last = last * weight + (1 - weight) * v
+        out.append(last / (1 - weight ** i))
+    return out
+
+
+def smoothing_weight(points: int) -> float:
+    return min(0.98, max(0.6, 1 - 20 / max(points, 1)))
+
+
+def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = False) -> Optional[Path]:
+    """Write summary.md and summary.png into `out_dir` (default: the first directory); None where no job was found.
+    `curves`: redraw each job's curves.png too, titled with its swept settings."""
     dirs = [Path(d) for d in dirs]
     out_dir = Path(out_dir or dirs[0])
-    jobs = collect_jobs(dirs)
-    if not jobs:
+    jobs, unfinished = collect_jobs(dirs), collect_unfinished(dirs)
+    if not jobs and not unfinished:
         return None
+    if len(set(dirs)) > 1:  # each job names its sweep
+        names = sweep_names(dirs)
+        for j in jobs + unfinished:
+            j["sweep"] = names[j["root"]]
     groups, _ = ranked(jobs)
-    text = [f"# Sweep summary: {out_dir}", "", summary_table(jobs, out_dir), ""]
+    swept = swept_keys(jobs + unfinished)
+    text = header_lines(dirs, jobs, unfinished) + ["", summary_table(jobs, unfinished), ""]
     if groups:
-        text += best_lines(groups, out_dir, "Best", "evals", job_eval_settings, lambda j: f"perplexity {j['results']['perplexity']:.2f}", "eval ")
+        text += best_lines(groups, swept, "Best", "evals", job_eval_settings, lambda j: f"perplexity {j['results']['perplexity']:.2f}", "eval ")
     scored = [j for g in groups for j in g if downstream_accuracy(j) is not None]
     if scored:
         by_task = [sorted(g, key=downstream_accuracy, reverse=True) for g in comparable_groups(scored, job_downstream_settings)]
-        text += [""] + best_lines(by_task, out_dir, "Best downstream", "downstream evals", job_downstream_settings,
+        text += [""] + best_lines(by_task, swept, "Best downstream", "downstream evals", job_downstream_settings,
                                   lambda j: f"{_downstream_text(j)} (median of {len(j['results']['downstream'].get('seeds', []))} seeds)", "downstream eval ")
     text.append("\n![summary](summary.png)\n")
     budget = budget_sweep(jobs)
     if budget:
         if len(groups) > 1:
             text.append(f"The Pareto fronts below compare the jobs of eval A only ({len(budget)} job(s)): a front never mixes evals.\n")
-        text += [front_tables(budget, out_dir), "![budget](budget.png)\n"]
+        text += [front_tables(budget), "![budget](budget.png)\n"]
     atomic_write_text(out_dir / "summary.md", "\n".join(text))
-    plot_sweep(jobs, out_dir / "summary.png")
+    plot_sweep(jobs, out_dir / "summary.png", unfinished)
+    for j in (jobs + unfinished) if curves else ():
+        try:
+            plot_run(j["dir"], swept or None)
+        except OSError as e:  # a job directory this user cannot write: its own curves.png stays
+            print(f"could not redraw {j['dir'] / 'curves.png'}: {e}", file=sys.stderr)
     if budget:
         plot_budget(budget, out_dir / "budget.png")
     return out_dir / "summary.md"
+
+
+def header_lines(dirs: List[Path], jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]]) -> List[str]:
+    """summary.md's top: the sweeps, the jobs' outcomes, the overrides they all share (once, not in every row), and the eval."""
+    everyone = jobs + unfinished
+    if len(set(dirs)) > 1:
+        names = sweep_names(dirs)
+        lines = [f"# Summary of {len(set(dirs))} sweeps", "",
+                 "Sweeps: " + "; ".join(f"`{names[d]}` = {d} ({sum(j['root'] == d for j in everyone)} jobs)" for d in dict.fromkeys(dirs)) + "."]
+    else:
+        lines = [f"# Sweep summary: {dirs[0]}"]
+    lines += ["", f"{outcome_text(jobs, unfinished)}."]
+    fixed = fixed_settings(everyone)
+    if fixed:
+        lines += ["", f"Fixed settings (the overrides every job shares): `{' '.join(fixed)}`"]
+    groups, _ = ranked(jobs)
+    if len(groups) > 1:
+        lines += ["", "Evals: they differ between jobs (below); each group (column `eval`) is ranked on its own."]
+    elif groups and eval_text(job_settings(groups[0][0])):
+        lines += ["", f"Eval: {eval_text(job_settings(groups[0][0]))}."]
+    return lines
+
+
+def outcome_text(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]]) -> str:
+    """'6 jobs: 4 ok, 1 failed, 1 unfinished', or '6 jobs, all ok'."""
+    failed = sum(failure(j) is not None for j in jobs)
+    total = len(jobs) + len(unfinished)
+    counted = f"{total} job{'s' if total != 1 else ''}"
+    if not failed and not unfinished:
+        return f"{counted}, all ok"
+    parts = [f"{len(jobs) - failed} ok"] + ([f"{failed} failed"] if failed else []) + ([f"{len(unfinished)} unfinished"] if unfinished else [])
+    return f"{counted}: {', '.join(parts)}"
 
 
 # ---------------------------------------------------------------- what each minute buys: quality against compute
@@ -483,7 +887,7 @@ def _qualities(jobs: List[Dict[str, Any]]) -> List[tuple]:
     return out
 
 
-def front_tables(jobs: List[Dict[str, Any]], root: Path) -> str:
+def front_tables(jobs: List[Dict[str, Any]]) -> str:
     """Markdown: per quality, the jobs on its Pareto front against training time, and what each extra minute bought."""
     text, swept = [], swept_keys(jobs)
     for label, value, higher in _qualities(jobs):
@@ -494,7 +898,7 @@ def front_tables(jobs: List[Dict[str, Any]], root: Path) -> str:
         for before, j in zip([None] + front, front):
             r = j["results"]
             gain = "-" if before is None else f"{(value(j) - value(before)) / max((r['train_seconds'] - before['results']['train_seconds']) / 60, 1e-9):+.3g}"
-            text.append(f"| {_job_name(j, root)} | {_swept_text(j, swept)} | {r['train_seconds']:.3g} | {int(r['train_tokens']):,} | "
+            text.append(f"| {_job_name(j)} | {_swept_text(j, swept)} | {r['train_seconds']:.3g} | {int(r['train_tokens']):,} | "
                         f"{value(j):.{2 if not higher else 3}f} | {gain} |")
         text.append("")
     return "\n".join(text)
@@ -623,7 +1027,7 @@ class SweepSummaryCallback(Callback):
 
         if not is_main_process():
             return
-        path = summarize([Path(config.hydra.sweep.dir)])
+        path = summarize([Path(config.hydra.sweep.dir)], curves=True)
         if path:
             print(f"sweep summary: {path}")
 
@@ -635,11 +1039,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)  # a new directory for a summary of several sweeps
-    for job in collect_jobs(args.dirs):  # refresh each run's curves too
-        plot_run(job["dir"])
-    path = summarize(args.dirs, args.out)
+    path = summarize(args.dirs, args.out, curves=True)  # each run's curves refreshed too
     if path is None:
-        print("no job directories (with results.json or error.txt) found", flush=True)
+        print("no job directories (with results.json, error.txt or .hydra/overrides.yaml) found", flush=True)
         return 1
     print(path.read_text())
     return 0

@@ -17,6 +17,7 @@ import torch
 
 from mlm.config import UserError
 from tests.conftest import ROOT, TINY_RUN, compose, run_cli
+from tests.test_sweeps import summary_rows
 
 POSITIVE, NEGATIVE = "good great fine happy lovely".split(), "bad awful sad poor ugly".split()
 # a task a tiny model learns in a few steps: the two classes use disjoint words
@@ -449,10 +450,8 @@ def test_budget_sweep_summary_has_downstream_column_front_tables_and_budget_png(
     fake_job(tmp_path, "3", {"trainer.budget_minutes": 8}, 12.5, 480, 48000, 0.75)
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
-    header = next(l for l in text.splitlines() if l.startswith("| job |"))
-    assert "| downstream |" in header
-    row = next(l for l in text.splitlines() if l.startswith("| 3 |"))
-    assert "| polarity 0.750 |" in row
+    [row] = [r for r in summary_rows(text) if r["job"] == "3"]  # a downstream column
+    assert row["downstream"] == "polarity 0.750"
     assert "Best: `trainer.budget_minutes=4` with perplexity 12.00." in text
     assert "Best downstream: `trainer.budget_minutes=8` with polarity 0.750 (median of 3 seeds)." in text
     ppl_front, acc_front = text.split("Pareto front, ")[1:]
@@ -480,7 +479,8 @@ def test_budget_plot_draws_the_front_as_a_step_line(tmp_path, monkeypatch):
     for i, (ppl, acc) in enumerate([(20.0, 0.6), (15.0, 0.58), (12.0, 0.7), (12.5, 0.75)]):
         fake_job(tmp_path, str(i), {"trainer.max_steps": 100 * 2 ** i}, ppl, 60 * 2 ** i, 6000 * 2 ** i, acc)
     report.summarize([tmp_path])
-    fig = next(f for f in figures if len(f.axes) == 4)  # budget.png: ppl and accuracy, each against tokens and seconds
+    fig = next(f for f in figures if f._suptitle.get_text().startswith("what the training budget buys"))  # budget.png: ppl and accuracy,
+    # each against tokens and seconds
     ppl_vs_tokens, acc_vs_seconds = fig.axes[0], fig.axes[3]
     [front] = ppl_vs_tokens.lines
     # the front's points, then flat on to the largest budget (whose own point, 12.5, lies above it)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.conftest import TINY_RUN, run_cli
+from tests.test_sweeps import summary_rows
 
 
 def fake_job(sweep, num, results):
@@ -23,11 +24,10 @@ def test_a_nan_inf_or_missing_perplexity_is_a_failed_job(tmp_path):
     fake_job(tmp_path, 2, {"steps": 2})
     fake_job(tmp_path, 3, {"perplexity": 40.0, "steps": 2})
     summary = summarize([tmp_path]).read_text()
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and "optimizer.lr" in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["3", "0", "1", "2"]  # the one that succeeded first
-    assert rows[0].endswith("| ok |") and summary.count("| ok |") == 1
-    assert "failed: perplexity nan in results.json" in rows[1] and "failed: perplexity inf" in rows[2]
-    assert "failed: no perplexity in results.json" in rows[3]
+    rows = summary_rows(summary)
+    assert [r["job"] for r in rows] == ["3", "0", "1", "2"]  # the one that succeeded first
+    assert [r["status"] for r in rows] == ["ok", "failed: perplexity nan in results.json", "failed: perplexity inf in results.json",
+                                           "failed: no perplexity in results.json"]
     assert "Best: `optimizer.lr=4e-3` with perplexity 40.00" in summary
     line = failure_line(collect_jobs([tmp_path]))
     assert line.startswith("3 of 4 job(s) failed: ") and str(tmp_path / "0" / "results.json") in line
@@ -101,8 +101,8 @@ def test_a_trial_with_a_nan_loss_is_a_failed_trial(corpus, tmp_path):
     assert "non-finite training loss" in (sweep / "0" / "error.txt").read_text()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(json.loads((sweep / "1" / "results.json").read_text())["perplexity"])
-    rows = [line for line in (sweep / "summary.md").read_text().splitlines() if line.startswith("| 0 |")]
-    assert len(rows) == 1 and "| failed: " in rows[0]
+    [row] = [r for r in summary_rows((sweep / "summary.md").read_text()) if r["job"] == "0"]
+    assert row["status"].startswith("failed: ") and "non-finite training loss" in row["status"]
 
 
 @pytest.mark.slow

@@ -11,6 +11,19 @@ def job_dirs(sweep):
     return sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").exists())
 
 
+def summary_rows(text):
+    """summary.md's job table: one dict per row, by column name."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| # |"))
+    header = [c.strip() for c in lines[start].strip("|").split(" | ")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip()[2:-2].split(" | ")))))
+    return rows
+
+
 def multirun(corpus, sweep, *overrides, returncode=0):
     """A tiny multirun through run.py (exit 0: every job succeeded, 1: some failed); returns its job directories."""
     proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.sweep.dir={sweep}"])
@@ -30,9 +43,9 @@ def test_2x2_multirun_with_a_failing_job_and_summary(corpus, tmp_path):
     assert all("block_size=600" in (j / "error.txt").read_text() for j in failed)
     summary = (sweep / "summary.md").read_text()
     assert summary.count("| ok |") == 2 and summary.count("failed: block_size=600") == 2
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and "optimizer.lr" in line]
-    ppl = [float(r.split("|")[3]) for r in rows if "| ok |" in r]
-    assert ppl == sorted(ppl)  # sorted by perplexity
+    rows = summary_rows(summary)
+    ppl = [float(r["final ppl"]) for r in rows if r["status"] == "ok"]
+    assert ppl == sorted(ppl) and [r["#"] for r in rows] == ["1", "2", "3", "4"]  # sorted by perplexity
     assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -50,7 +63,12 @@ def test_multirun_all_ok_2x2(corpus, tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     sweep = tmp_path / "optuna"
-    jobs = multirun(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_steps=2")
+    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_steps=2",
+                    f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = job_dirs(sweep)
+    # Optuna imports alembic, which logged 7 "[HYDRA] setup plugin alembic..." lines (conf/hparams_search/optuna.yaml sets its level)
+    assert "setup plugin" not in proc.stdout + proc.stderr and "A new study created" in proc.stdout + proc.stderr
     import yaml
 
     from mlm.report import eval_settings
@@ -63,7 +81,10 @@ def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     # the trials train differently and are scored alike
     assert len({r["config"]["optimizer.lr"] for r in results}) == 3
     assert all(eval_settings(r["config"]) == eval_settings(results[0]["config"]) for r in results)
-    assert "Best: `" in (sweep / "summary.md").read_text()
+    summary = (sweep / "summary.md").read_text()
+    assert "Best: `" in summary and summary.count("trainer.max_steps=2") == 1  # a setting every trial shares: said once, on top
+    rows = summary_rows(summary)
+    assert len(rows) == 3 and all(set(best["best_params"]) <= set(r) for r in rows)  # the searched keys are columns
 
 
 @pytest.mark.slow
@@ -91,15 +112,15 @@ def test_report_cli_on_run_dirs(tmp_path):
                                                     "config": {"optimizer.lr": (i + 1) / 1000}}))
         (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 5 - s, "eval/perplexity": ppl + 10 - s}) + "\n" for s in range(3)))
     assert main([str(tmp_path)]) == 0
-    table = [l for l in (tmp_path / "summary.md").read_text().splitlines() if "optimizer.lr" in l]
-    assert "optimizer.lr=2e-3" in table[0] and "optimizer.lr=1e-3" in table[1]
+    rows = summary_rows((tmp_path / "summary.md").read_text())
+    assert [(r["job"], r["optimizer.lr"]) for r in rows] == [("1", "2e-3"), ("0", "1e-3")]
     assert (tmp_path / "0" / "curves.png").exists() and (tmp_path / "summary.png").exists()
     # a sweep rerun into the same dir with other values: Hydra rewrites overrides.yaml, the job refuses to
     # run, and the summary still shows the values its results were trained with
     (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=5e-3\n")
     assert main([str(tmp_path)]) == 0
-    table = [l for l in (tmp_path / "summary.md").read_text().splitlines() if "optimizer.lr" in l]
-    assert "optimizer.lr=2e-3" in table[0] and "optimizer.lr=0.001" in table[1] and "5e-3" not in table[1]
+    text = (tmp_path / "summary.md").read_text()
+    assert [(r["job"], r["optimizer.lr"]) for r in summary_rows(text)] == [("1", "2e-3"), ("0", "0.001")] and "5e-3" not in text
     out = tmp_path.parent / f"{tmp_path.name}-summary" / "new"  # --out a directory that does not exist yet: made (was a traceback)
     assert main([str(tmp_path), "--out", str(out)]) == 0 and (out / "summary.md").exists()
 
@@ -146,7 +167,8 @@ def test_a_one_point_curve_is_drawn_as_a_marker(tmp_path, monkeypatch):
     job = {"dir": tmp_path, "overrides": {}, "error": None, "results": {"perplexity": 9.0},
            "metrics": [{"step": 10, "train/loss": 2.5, "eval/perplexity": 9.0}]}  # a 10-step job logging every 10 steps
     report.plot_sweep([job], tmp_path / "summary.png")
-    [line] = figures[0].axes[-1].lines  # the train-loss panel
+    [losses] = [ax for ax in figures[0].axes if ax.get_title().startswith("train loss")]
+    [line] = losses.lines
     assert line.get_marker() == "o" and list(line.get_xdata()) == [10]
 
 
@@ -286,8 +308,8 @@ def test_a_summary_ranks_only_jobs_with_the_same_eval_and_names_what_differs(tmp
     assert "- eval A (3 job(s): 1, 2, 0): block_size=32 masking.mlm_probability=0.15; best `optimizer.lr=2e-3` with perplexity 20.00." in text
     assert "- eval B (1 job(s): 3): block_size=32 masking.mlm_probability=0.3; best `optimizer.lr=4e-3` with perplexity 10.00." in text
     assert "- eval C (1 job(s): 4): block_size=64 masking.mlm_probability=0.15; best `optimizer.lr=5e-3`" in text
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "optimizer.lr" in line or line.startswith("| 5 ")]
-    assert [(r[0], r[2]) for r in rows] == [("| 1", "A"), ("| 2", "A"), ("| 0", "A"), ("| 3", "B"), ("| 4", "C"), ("| 5", "-")]
+    rows = summary_rows(text)
+    assert [(r["#"], r["job"], r["eval"]) for r in rows] == [("1", "1", "A"), ("2", "2", "A"), ("3", "0", "A"), ("4", "3", "B"), ("5", "4", "C"), ("6", "5", "-")]
     fig = figures[0]  # summary.png: one colour per eval, and the title says not to compare across them
     assert len({tuple(c) for c in fig.axes[0].collections[0].get_facecolors()}) == 3
     assert "evals differ in block_size, masking.mlm_probability" in fig._suptitle.get_text()
@@ -378,3 +400,208 @@ def test_a_malformed_data_record_is_compared_by_its_settings_not_a_traceback(tmp
     eval_job(tmp_path, "0", flat_tiny, 30.0, "1e-3", data=data)
     eval_job(tmp_path, "1", flat_tiny, 20.0, "2e-3")
     assert "Best: `optimizer.lr=2e-3` with perplexity 20.00." in summarize([tmp_path]).read_text()
+
+
+# ---------------------------------------------------------------- reports that read at scale
+
+LONG_ERROR = ("RuntimeError: non-finite training loss (nan) at step 37: the learning rate or the data may be at fault; "
+              "lower optimizer.lr or look at the batch at that step")
+SIX_KEYS = {"optimizer.lr": ["0.00013927723945289018", "0.0008468008575248334", "0.011536162338241389", "0.0031986171822035612",
+                             "0.0011748439548007038", "0.0013481575603601424", "0.00031"],  # as Optuna draws them
+            "scheduler": ["linear", "cosine", "wsd", "linear", "cosine", "wsd", "linear"],
+            "model": ["tiny", "tiny_modernbert", "scratch_distilroberta", "distilroberta", "tiny", "tiny_modernbert", "scratch_distilroberta"],
+            "masking.train_probability": ["0.15", "0.3", "0.15", "0.3", "0.15", "0.3", "0.15"],
+            "optimizer.weight_decay": ["0.0", "0.01", "0.1", "0.0", "0.01", "0.1", "0.0"],
+            "scheduler.warmup_ratio": ["0.0", "0.1", "0.0", "0.1", "0.0", "0.1", "0.0"]}
+
+
+def report_job(sweep, name, overrides, ppl=None, ema=None, error=None, steps=20, flat=None):
+    """A job as report.py reads it: .hydra/overrides.yaml and metrics.jsonl, then results.json (perplexity `ppl`, the weight
+    average's `ema`, the flat config `flat`) or error.txt; neither where both `ppl` and `error` are None (an unfinished job)."""
+    d = sweep / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
+    final = ppl or 100.0
+    records = [{"step": s, "train/loss": 5 - s / steps + 0.3 * (-1) ** s, "train/lr": 1e-3 * (1 - s / steps)} for s in range(1, steps + 1)]
+    records += [{"step": s, "eval/perplexity": final * (1 + steps - s), **({"eval/ema_perplexity": ema * (1 + steps - s)} if ema else {})}
+                for s in range(0, steps + 1, 5)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["step"])))
+    if error:
+        (d / "error.txt").write_text(error + "\n")
+    elif ppl is not None:
+        (d / "results.json").write_text(json.dumps({"perplexity": ppl, "best_perplexity": ppl, "ema_perplexity": ema, "train_seconds": 60.0,
+                                                    "train_tokens": 1000, **({"config": flat} if flat else {})}))
+    return d
+
+
+def six_key_sweep(sweep, keys=tuple(SIX_KEYS)):
+    """Seven jobs over `keys` (of SIX_KEYS), all with trainer.max_steps=200: five finished (the first two with a weight
+    average), the sixth failed with a long reason, the last stopped at step 6 with a checkpoint of step 5."""
+    for i in range(7):
+        overrides = {**{k: SIX_KEYS[k][i] for k in keys}, "trainer.max_steps": 200}
+        if i < 5:
+            report_job(sweep, str(i), overrides, ppl=100.0 + 10 * i, ema=95.0 + 10 * i if i < 2 else None)
+        elif i == 5:
+            report_job(sweep, str(i), overrides, error=LONG_ERROR)
+        else:
+            d = report_job(sweep, str(i), overrides, steps=6)
+            (d / "run.lock").write_text("")  # released: a clean end (a stop signal) without results
+            (d / "checkpoints" / "ckpt-5").mkdir(parents=True)
+            (d / "checkpoints" / "ckpt-5" / "manifest.json").write_text("{}")
+
+
+def test_a_summary_says_the_fixed_settings_once_and_gives_each_swept_key_a_column(tmp_path):
+    from mlm.report import STATUS_WIDTH, summarize
+
+    six_key_sweep(tmp_path)
+    text = summarize([tmp_path]).read_text()
+    assert "7 jobs: 5 ok, 1 failed, 1 unfinished." in text
+    assert text.count("trainer.max_steps=200") == 1 and "Fixed settings (the overrides every job shares): `trainer.max_steps=200`" in text
+    rows = summary_rows(text)
+    assert [r["#"] for r in rows] == [str(n) for n in range(1, 8)] and [r["job"] for r in rows] == ["0", "1", "2", "3", "4", "5", "6"]
+    assert all(set(SIX_KEYS) <= set(r) for r in rows) and [r["scheduler"] for r in rows] == SIX_KEYS["scheduler"]
+    assert [r["optimizer.lr"] for r in rows] == ["0.0001393", "0.0008468", "0.01154", "0.003199", "0.001175", "0.001348", "0.00031"]
+    assert [r["EMA ppl"] for r in rows[:3]] == ["95.00", "105.00", "-"]  # the weight average's, where a job kept one
+    # the long reason: cut at a word in its cell, whole in a numbered note below the table
+    failed = rows[5]["status"]
+    assert failed.startswith("failed: ") and failed.endswith(" ... (note 1)")
+    cut = failed[len("failed: "):-len(" ... (note 1)")]
+    assert LONG_ERROR.startswith(cut + " ") and len(cut) <= STATUS_WIDTH
+    assert f"\n1. row 6 (5): {LONG_ERROR}\n" in text
+    assert rows[6]["status"] == "stopped: step 6 logged, checkpoint at step 5" and rows[6]["final ppl"] == "-"
+    assert "Best: `masking.train_probability=0.15 model=tiny optimizer.lr=0.00013927723945289018 optimizer.weight_decay=0.0 " in text
+
+
+def test_an_unfinished_job_says_whether_it_runs_stopped_or_was_killed(tmp_path):
+    import subprocess
+    import sys
+
+    from mlm.report import collect_jobs, failure_line, unfinished_status
+    from mlm.rundir import RunLock
+
+    d = report_job(tmp_path, "0", {"optimizer.lr": "1e-3"}, steps=7)
+    assert unfinished_status(d, []) == "not started (no run.lock)"
+    (d / "run.lock").write_text("")
+    lock = RunLock(d).acquire()  # this process holds it
+    try:
+        assert unfinished_status(d, [{"step": 7}]).startswith(f"running (pid {__import__('os').getpid()} on ")
+    finally:
+        lock.release()
+    assert unfinished_status(d, [{"step": 7}]) == "stopped: step 7 logged, no checkpoint"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (d / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout), "start": 0}))
+    assert unfinished_status(d, []) == "killed (its process ended without a word): no step logged, no checkpoint"
+    assert collect_jobs([tmp_path]) == [] and failure_line(collect_jobs([tmp_path])) is None  # not a failure of the sweep
+
+
+def two_sweeps(tmp_path, flat):
+    """Sweeps one/sweep and two/sweep, jobs 0 and 1 each; two/sweep's job 1 scored on blocks of 64 tokens."""
+    a, b = tmp_path / "one" / "sweep", tmp_path / "two" / "sweep"
+    report_job(a, "0", {"optimizer.lr": "1e-3"}, ppl=30.0, flat={**flat, "optimizer.lr": 1e-3})
+    report_job(a, "1", {"optimizer.lr": "2e-3"}, ppl=20.0, flat={**flat, "optimizer.lr": 2e-3})
+    report_job(b, "0", {"optimizer.lr": "3e-3"}, ppl=25.0, flat={**flat, "optimizer.lr": 3e-3})
+    report_job(b, "1", {"optimizer.lr": "3e-3", "block_size": "64"}, ppl=10.0, flat={**flat, "optimizer.lr": 3e-3, "block_size": 64})
+    return a, b
+
+
+def test_two_sweeps_in_one_report_name_their_sweep_and_rank_only_comparable_jobs(tmp_path, flat_tiny, capsys):
+    from mlm.report import main
+
+    a, b = two_sweeps(tmp_path, flat_tiny)
+    out = tmp_path / "merged" / "new"  # made
+    assert main([str(a), str(b), "--out", str(out)]) == 0
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# Summary of 2 sweeps\n\nSweeps: `one/sweep` = " + str(a) + " (2 jobs); `two/sweep` = " + str(b) + " (2 jobs).")
+    rows = summary_rows(text)
+    assert [(r["#"], r["sweep"], r["job"], r["eval"]) for r in rows] == [
+        ("1", "one/sweep", "1", "A"), ("2", "two/sweep", "0", "A"), ("3", "one/sweep", "0", "A"), ("4", "two/sweep", "1", "B")]
+    assert [r["block_size"] for r in rows] == ["32", "32", "32", "64"]  # a key one sweep set and the other did not: its config's value
+    # the lowest perplexity (10, blocks of 64) is best of nothing but its own eval
+    assert "Best:" not in text and "Not comparable: the jobs' evals differ in block_size; each group is ranked on its own" in text
+    assert "- eval A (3 job(s): one/sweep/1, two/sweep/0, one/sweep/0): block_size=32; best `optimizer.lr=2e-3` with perplexity 20.00." in text
+    assert "- eval B (1 job(s): two/sweep/1): block_size=64; best `block_size=64 optimizer.lr=3e-3` with perplexity 10.00." in text
+    assert not (a / "summary.md").exists() and (out / "summary.png").exists()
+
+
+def drawn_ticklabels(axis):
+    """The axis's major tick labels within its view (those drawn; matplotlib also keeps one beyond each end)."""
+    lo, hi = sorted(axis.get_view_interval())
+    return [label for loc, label in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= loc <= hi]
+
+
+def text_boxes(fig, axes):
+    """The drawn window boxes of the figure's texts: the suptitle, the legends' texts, and each of `axes`' tick labels and axis labels."""
+    renderer = fig.canvas.get_renderer()
+    texts = [fig._suptitle] + [t for ax in fig.axes for legend in [ax.get_legend()] if legend for t in legend.get_texts()]
+    for ax in axes:
+        texts += drawn_ticklabels(ax.xaxis) + drawn_ticklabels(ax.yaxis) + [ax.xaxis.label, ax.yaxis.label, ax.title]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_summary_png_gives_each_swept_key_a_panel_whose_labels_never_overlap(tmp_path, monkeypatch, n):
+    from mlm import report
+
+    figures = []
+    monkeypatch.setattr(report.pyplot(), "close", figures.append)
+    keys = list(SIX_KEYS)[:n]
+    six_key_sweep(tmp_path, keys)
+    report.summarize([tmp_path])
+    fig = figures[0]
+    fig.canvas.draw()
+    panels = {ax.get_xlabel(): ax for ax in fig.axes if ax.get_xlabel() in keys}
+    assert sorted(panels) == sorted(keys)
+    first = panels[keys[0]]
+    assert all(ax is first or first.get_shared_y_axes().joined(first, ax) for ax in panels.values())  # one perplexity scale
+    assert len({round(ax.get_position().y0, 3) for ax in panels.values()}) == -(-n // report.PANELS_PER_ROW)  # 3 to a row
+    boxes = text_boxes(fig, list(panels.values()))
+    overlaps = [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+    assert overlaps == []
+    assert not any("10^" in t or "times" in t or "$" in t for t, _ in boxes)  # plain tick labels
+    lr = [t.get_text() for t in drawn_ticklabels(panels["optimizer.lr"].xaxis)]  # round values, not each draw's 19 digits
+    assert panels["optimizer.lr"].get_xscale() == "log" and {"0.0002", "0.001", "0.01"} <= set(lr) and len(lr) <= 7
+    if "model" in panels:  # four long names side by side would overlap: upright
+        assert [t.get_text() for t in panels["model"].get_xticklabels()] == ["distilroberta", "scratch_distilroberta", "tiny", "tiny_modernbert"]
+        assert panels["model"].get_xticklabels()[0].get_rotation() == 90
+    # the legend sits beside the curves, over no panel's data
+    [legend] = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    data = [ax for ax in fig.axes if ax.axison]
+    assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in data)
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "best: #1" in labels and "failed (1)" in labels and "unfinished (1)" in labels
+    top = panels[keys[0]].collections  # the finished jobs, the best one's ring, the failed and the unfinished job's marks
+    assert [len(c.get_offsets()) for c in top] == [5, 1, 1, 1]
+    assert "7 jobs: 5 ok, 1 failed, 1 unfinished" in fig._suptitle.get_text()
+
+
+def test_curves_png_smooths_the_loss_draws_the_weight_average_and_is_titled_with_the_settings(tmp_path, monkeypatch):
+    from mlm import report
+
+    figures = []
+    monkeypatch.setattr(report.pyplot(), "close", figures.append)
+    d = report_job(tmp_path, "3", {"optimizer.lr": "0.011536162338241389", "model": "tiny"}, ppl=950.0, ema=900.0, steps=40)
+    report.plot_run(d, ["optimizer.lr"])  # as a sweep summary draws it: the swept key only
+    report.plot_run(d)  # as the run draws it when it ends: every override
+    swept, alone = figures
+    assert swept._suptitle.get_text() == f"{tmp_path.name}/3: optimizer.lr=0.01154"
+    assert alone._suptitle.get_text() == "3: optimizer.lr=0.01154, model=tiny"
+    loss, ppl, lr = swept.axes
+    raw, smooth = loss.lines
+    assert raw.get_alpha() < 0.5 and [line.get_label() for line in loss.lines] == ["logged", "smoothed (EMA 0.6)"]
+    assert list(smooth.get_ydata()) == report.smoothed(list(raw.get_ydata()), 0.6) != list(raw.get_ydata())
+    assert [line.get_label() for line in ppl.lines] == ["model: 950.0 at step 40", "weight average (trainer.ema_decay): 900.0 at step 40"]
+    swept.canvas.draw()
+    assert ppl.get_yscale() == "log"
+    ticks = [t.get_text() for ax in (loss, ppl, lr) for t in drawn_ticklabels(ax.yaxis) if t.get_text()]
+    assert ticks and not any("10^" in t or "times" in t or "$" in t for t in ticks)  # 1000, 5000, 0.0002: plain
+    assert not any(ax.get_legend().get_window_extent().overlaps(ax.get_window_extent()) for ax in (loss, ppl))  # below the panel
+
+
+def test_smoothing_is_tensorboards_debiased_moving_average():
+    from mlm.report import smoothed, smoothing_weight
+
+    assert smoothed([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])  # debiased: no pull towards 0 at the start
+    assert smoothed([2.0, 4.0], 0.5) == pytest.approx([2.0, (0.25 * 2 + 0.5 * 4) / 0.75])
+    assert smoothing_weight(8) == 0.6 and smoothing_weight(200) == pytest.approx(0.9) and smoothing_weight(10_000) == 0.98
