@@ -466,7 +466,8 @@ def stop_abandoned_eval(run: Run, window: "LogWindow", stop: StopSignals, abando
     the last step, written now unless the run resumed from it. The rerun does not redo that eval (the next is at
     its usual step; a final eval is done by the rerun). Before the first step there is nothing to save."""
     state = run.state
-    log.warning("abandoned the eval at step %d after %s for %s (nothing of it logged)", state.step, abandoned, stop.name)
+    log.warning("abandoned the eval at step %d after %s for %s: nothing of it is logged%s", state.step, abandoned, stop.name,
+                "" if state.step == 0 else ", and a rerun goes on without it")
     if state.step == 0:
         stop.hand_on()  # submitit's handler requeues the job and exits here
         raise Interrupted(stop.signum, f"stopped by {stop.name} during the eval at step 0; nothing trained yet and no checkpoint; "
