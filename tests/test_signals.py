@@ -285,27 +285,35 @@ EVAL_RUN = [*TINY_RUN, "trainer.eval_batch_size=4", "runtime.num_threads=1"]  # 
 
 
 @pytest.mark.slow
-def test_a_sigterm_during_an_eval_stops_at_its_next_batch_with_the_last_steps_checkpoint_and_the_rerun_resumes(corpus, tmp_path):
-    """The signal lands after the 2nd of the 4 batches of the eval at step 2 (eval batch 6 of the run)."""
+@pytest.mark.parametrize("final", [False, True], ids=["periodic", "final"])
+def test_a_sigterm_during_an_eval_stops_at_its_next_batch_with_the_last_steps_checkpoint_and_the_rerun_resumes(corpus, tmp_path, final):
+    """The signal lands after the 2nd of the 4 batches of the eval at step 2 (eval batch 6 of the run) or of the final
+    eval at step 4 (eval batch 10)."""
     from mlm.checkpoint import list_checkpoints, verify
 
     run_dir = tmp_path / "run"
     args = [*EVAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
-    proc = run_cli(args, env={"MLM_FAULT_SIGNAL_AT": "eval_batch:6:SIGTERM", "OMP_NUM_THREADS": "1"})
+    proc = run_cli(args, env={"MLM_FAULT_SIGNAL_AT": f"eval_batch:{10 if final else 6}:SIGTERM", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
-    ckpt = run_dir / "checkpoints" / "ckpt-00000002"
+    step = 4 if final else 2
+    ckpt = run_dir / "checkpoints" / f"ckpt-{step:08d}"
+    stopped = (f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} is the last step's; run the same command again to run "
+               "the final eval and write final/ and results.json (nothing left to train)" if final else
+               f"stopped: stopped by SIGTERM after step 2; checkpoint {ckpt} written; run the same command again to resume")
     assert error_lines(proc.stderr) == [
-        "SIGTERM: abandoning the eval at step 2; stopping with the checkpoint of step 2 (a second SIGTERM stops at once, saving nothing more)",
-        f"stopped: stopped by SIGTERM after step 2; checkpoint {ckpt} written; run the same command again to resume"]
-    assert "abandoned the eval at step 2 after 2 of 4 batches" in proc.stdout  # the 3rd batch was never scored
+        f"SIGTERM: abandoning the eval at step {step}; stopping with the checkpoint of step {step} (a second SIGTERM stops at once, saving nothing more)",
+        stopped]
+    assert f"abandoned the eval at step {step} after 2 of 4 batches" in proc.stdout  # the 3rd batch was never scored
     assert list_checkpoints(run_dir) == [ckpt] and verify(ckpt) is None
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "eval/perplexity" in r] == [0]  # the abandoned eval logged nothing
+    assert [r["step"] for r in records if "eval/perplexity" in r] == ([0, 2] if final else [0])  # the abandoned eval logged nothing
 
     rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {ckpt} at step 2" in rerun.stdout + rerun.stderr
+    assert f"resumed from {ckpt} at step {step}" in rerun.stdout + rerun.stderr
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/perplexity" in r] == ([0, 2, 4] if final else [0, 4])  # the rerun goes on without it
 
 
 def test_a_second_sigint_while_the_checkpoint_is_written_stops_at_once_in_one_line(corpus, tmp_path):
