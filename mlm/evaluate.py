@@ -16,8 +16,10 @@ from typing import Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
+from mlm import faults
 from mlm.batching import eval_batch_count, eval_shard, make_loader
 from mlm.masking import EVAL_STREAM, MLMCollator
+from mlm.preemption import Abandoned, stop_agreed
 
 
 def perplexity(loss_sum: float, n_tokens: int) -> float:
@@ -38,7 +40,8 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     """Score `blocks` (already capped to the eval size) on every process; returns the global metrics.
 
     `objective` is the prepared module, so it runs under the run's autocast setting. `bar`: a progress bar over the
-    batches with this title (None: no bar).
+    batches with this title (None: no bar). A stop signal gives the eval up at the next batch (`Abandoned`), on every
+    process at the same batch.
     """
     was_training = objective.training
     objective.eval()
@@ -48,10 +51,14 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
     for i, batch in enumerate(tqdm(loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True)):
+        if stop_agreed(accelerator):
+            objective.train(was_training)
+            raise Abandoned(i, len(loader))
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         loss_sum, n, correct = objective(**batch)
         if i < len(shard):  # a padding batch only keeps this rank in step with the others
             totals += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=totals.device), correct.double()])
+        faults.reached("eval_batch")
     totals = accelerator.reduce(totals, reduction="sum")  # one all-reduce for the whole eval set
     objective.train(was_training)
     loss_sum, n_tokens, correct = totals.tolist()

@@ -3,6 +3,7 @@
     MLM_FAULT_KILL_AT=<point>:<n>[,<point>:<n>...]   SIGKILL this process the n-th time it reaches <point>
     MLM_FAULT_SIGNAL_AT=<point>:<n>:<SIGNAL>[,...]    send this process SIGNAL (e.g. SIGTERM) the n-th time it reaches
                                                      <point>, and go on (a stop signal at that moment)
+    MLM_FAULT_RANK=<rank>                            the two above only on that rank ($RANK; unset: every process)
     MLM_FAULT_CHECKPOINT_DELAY=<seconds>             hold every checkpoint write half-done that long
     MLM_TEST_FAIL=<job num>:<rank>:<step>            raise an error on one rank of one sweep job after that
                                                      step (a failure the other ranks must follow)
@@ -13,8 +14,10 @@
 Points (each marks a moment in a run's life; counts start at 1 in every process):
     startup     resume resolved and metrics truncated, before the first eval or step
     step        an optimizer step done, before its metrics are logged or a checkpoint taken
+    eval_batch  a batch of an evaluation scored (the next batch looks for a stop signal)
     eval        an evaluation computed, before it is logged
     checkpoint  a checkpoint half-written (weights and optimizer on disk, no manifest yet)
+    tokenize    a batch of documents tokenized while the block cache is built
     metrics     a metrics.jsonl record half-written (the kill leaves a torn last line)
     final       the final model half-saved (weights written, tokenizer not)
     results     everything written except results.json
@@ -30,7 +33,7 @@ import time
 from collections import Counter
 from typing import IO, Optional
 
-POINTS = ("startup", "step", "eval", "checkpoint", "metrics", "final", "results", "finetune")
+POINTS = ("startup", "step", "eval_batch", "eval", "checkpoint", "tokenize", "metrics", "final", "results", "finetune")
 _reached: Counter = Counter()
 _signalled: Counter = Counter()
 
@@ -38,7 +41,7 @@ _signalled: Counter = Counter()
 def _due(variable: str, point: str, visits: Counter) -> Optional[str]:
     """Count this visit to `point`; the item of `variable` (<point>:<n>[:<extra>]) due at this visit, else None."""
     spec = os.environ.get(variable)
-    if not spec:
+    if not spec or os.environ.get("MLM_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return None
     visits[point] += 1
     for item in spec.split(","):

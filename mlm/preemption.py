@@ -7,9 +7,12 @@ SIGUSR2 only sets a flag; the loop reads it at the next step boundary (every ran
 on the step's one all-reduce, so all ranks stop after the same step), saves a checkpoint and
 raises `Interrupted`. After the last step the flag is read between the end-of-run stages (final
 checkpoint, final/ and results.json, each downstream fine-tune step), so a run never outlives a
-scheduler's grace period by minutes. A second signal acts at once, as it would have without this
-module. A handler that was there before (submitit's, which requeues the job) is called after the
-checkpoint is written.
+scheduler's grace period by minutes. An eval gives up at its next batch (`Abandoned`: every rank at the
+same batch, nothing of it logged). The first signal says in one line what will happen. Before training
+(data, cache build, model, checkpoint load) there is nothing to save: the first signal stops at once. A
+second signal stops at once too, in one line (`stopped at once by a second SIGINT; the newest checkpoint
+is ...`), exit code 128 + signal, no traceback. A handler that was there before (submitit's, which
+requeues the job) is called after the checkpoint is written, and is what a signal that acts at once calls.
 
 A parallel sweep (hydra/launcher=parallel or joblib: jobs in worker processes) is stopped as a
 whole: `SweepParent` takes the parent's stop signals and writes `<sweep dir>/stopped.txt`; every
@@ -23,6 +26,7 @@ the summary of what finished and exits `128 + signal`. A second signal to the pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -31,7 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 STOPPED = "stopped.txt"  # in a sweep directory: the parent was stopped, by the signal named inside
@@ -67,14 +71,54 @@ def stop_requested() -> Optional[int]:
     return _sweep.signum if _sweep is not None else None
 
 
+class Abandoned(Exception):
+    """An eval given up for a stop signal, on every process at the same batch (nothing of it was logged)."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"{done} of {total} batches")
+        self.done, self.total = done, total
+
+
+def stop_agreed(accelerator) -> bool:
+    """Whether a stop was asked of any process of the run: every process calls this at the same point and
+    gets the same answer (one one-element all-reduce when there are several)."""
+    from mlm.checkpoint import any_process
+
+    return any_process(accelerator, stop_requested() is not None)
+
+
+@contextlib.contextmanager
+def plan(text: str) -> Iterator[None]:
+    """While inside: what the first stop signal says it will do (one line, e.g. that it abandons the eval)."""
+    stop = _active
+    if stop is None:
+        yield
+        return
+    before, stop.plan = stop.plan, text
+    try:
+        yield
+    finally:
+        stop.plan = before
+
+
+def _say(line: str) -> None:
+    # os.write, not print: the main thread may be inside a write to stderr, which a print here would re-enter
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 class StopSignals:
     """Installed for one run (main thread only: Python delivers signals there); `restore()` puts the old handlers back.
 
+    `plan` is what the first signal says it will do; while it is None (before training: nothing to save) the
+    first signal stops at once, like a second. `newest()` names the newest checkpoint for that line. Only the
+    `main` process writes these lines (under torchrun every rank gets the signal).
     In a parallel sweep's process the sweep's handlers stay in place and their request is this run's."""
 
-    def __init__(self):
+    def __init__(self, main: bool = True, newest: Callable[[], Optional[Path]] = lambda: None,
+                 plan: Optional[str] = "stopping after this step with a checkpoint"):
         self.received: Optional[int] = None
         self.previous: Dict[int, Callable] = {}
+        self.main, self.newest, self.plan = main, newest, plan
 
     @property
     def signum(self) -> Optional[int]:
@@ -83,17 +127,35 @@ class StopSignals:
     def install(self) -> "StopSignals":
         global _active
         _active = self
+        self.pid = os.getpid()
         if _sweep is None and threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received is not None:  # a second signal: what it would have done without us
-            self.restore()
-            signal.raise_signal(signum)
+        if os.getpid() != self.pid:  # a forked worker (data loading, tokenizing): its parent decides, and ends it
+            return
+        if self.received is not None or self.plan is None:
+            self._stop_at_once(signum, second=self.received is not None)
             return
         self.received = signum
+        if self.main:
+            name = signal_name(signum)
+            _say(f"{name}: {self.plan} (a second {name} stops at once, saving nothing more)")
+
+    def _stop_at_once(self, signum: int, second: bool) -> None:
+        """SystemExit(128 + signum) from the handler, after one line: the run's `finally` blocks still release its lock."""
+        previous = self.previous.get(signum)
+        self.restore()
+        if callable(previous) and previous is not signal.default_int_handler:  # submitit's: it requeues the job and exits
+            signal.raise_signal(signum)
+            return
+        if self.main:
+            newest = self.newest()
+            _say("stopped: stopped at once by " + (f"a second {signal_name(signum)}" if second else f"{signal_name(signum)} before training began")
+                 + (f"; the newest checkpoint is {newest}" if newest else "; no checkpoint was written, the rerun starts over"))
+        raise SystemExit(128 + signum)
 
     @property
     def name(self) -> str:

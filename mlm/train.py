@@ -37,7 +37,7 @@ from mlm.models import MLMObjective, build_model, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
 from mlm.precision import make_accelerator, precision_reason, resolve_mixed_precision
-from mlm.preemption import Interrupted, StopSignals
+from mlm.preemption import Abandoned, Interrupted, StopSignals, plan
 from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
@@ -315,14 +315,21 @@ def keep_config_rates(optimizer, scheduler, rates: List[float]) -> None:
 def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Train and evaluate as configured; writes into `run_dir` and returns the results dict."""
     wall_start = time.perf_counter()
-    run = build_run(cfg, run_dir, job, config_tree)
+    # until its plan is set, a stop signal ends the process at once in one line: there is nothing to save yet
+    stop = StopSignals(distributed.is_main_process(), lambda: next(iter(checkpoint.list_checkpoints(run_dir)), None), plan=None).install()
+    try:
+        run = build_run(cfg, run_dir, job, config_tree)
+    except BaseException:
+        stop.restore()
+        raise
     state, tcfg = run.state, cfg.trainer
+    start_step = state.step  # that of the checkpoint it resumed from (0: none)
     eval_every = tcfg.eval_every or run.data.order.steps_per_epoch
     window = LogWindow.restore(state.log_window, run.accelerator.device)
     if run.main:
         progress.log_lines(banner(run))
     bar = progress.TrainBar(run.data.steps, state.step, run.budget_s, state.train_seconds, run.main and tcfg.progress_bar)
-    stop = StopSignals().install()
+    stop.plan = "stopping after this step with a checkpoint"
     try:
         if state.step == 0:
             state.perplexity_before = run_eval(run, bar)["eval/perplexity"]
@@ -351,6 +358,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 stop_with_checkpoint(result.stop, stop, run.tracker, run.run_dir, state.step)
         bar.close()
         log.info(progress.end_line(state.step, run.data.steps, tcfg.max_steps, tcfg.epochs, run.budget_s, state.train_seconds))
+        stop.plan = "stopping once the final checkpoint is written; nothing is left to train"
         # A rerun after a kill from here on resumes from the final checkpoint, finds its eval logged
         # (final_eval_step), and redoes only the files.
         if state.final_eval_step == state.step:
@@ -365,8 +373,11 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} holds the final eval; "
                                       "run the same command again to write final/ and results.json (nothing left to train)")
         results = results_record(run, final, time.perf_counter() - wall_start)
+        stop.plan = "finishing final/ and results.json (seconds); a downstream fine-tune then stops at its next step"
         save_outputs(run, results, stop)
         return results
+    except Abandoned as e:  # a stop signal during an eval, seen by every process at the same batch
+        stop_abandoned_eval(run, window, stop, e, start_step)
     finally:
         stop.restore()
         bar.close()
@@ -460,12 +471,14 @@ def run_eval(run: Run, bar: Optional[progress.TrainBar] = None) -> Dict[str, flo
     start = time.perf_counter()
     title = f"eval at step {state.step}" if bar is not None and bar.shown else None
     log.info("eval at step %d: scoring %d held-out blocks", state.step, len(blocks))
-    metrics = evaluate(run.objective, blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator, cfg.trainer.eval_batch_size, title)
-    if metrics["eval/masked_tokens"] == 0:  # a perplexity of nothing is NaN: a setting to fix, not a result
-        raise UserError(f"the eval masked no token in {len(blocks)} blocks at masking.mlm_probability={cfg.masking.mlm_probability}; "
-                        "raise masking.mlm_probability or trainer.max_eval_blocks")
-    if run.ema is not None:
-        metrics.update(eval_average(run, title))
+    with plan(abandon_plan(state.step)):
+        metrics = evaluate(run.objective, blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator, cfg.trainer.eval_batch_size,
+                           title)
+        if metrics["eval/masked_tokens"] == 0:  # a perplexity of nothing is NaN: a setting to fix, not a result
+            raise UserError(f"the eval masked no token in {len(blocks)} blocks at masking.mlm_probability={cfg.masking.mlm_probability}; "
+                            "raise masking.mlm_probability or trainer.max_eval_blocks")
+        if run.ema is not None:
+            metrics.update(eval_average(run, title))
     faults.reached("eval")
     seconds = time.perf_counter() - start
     log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
@@ -476,6 +489,32 @@ def run_eval(run: Run, bar: Optional[progress.TrainBar] = None) -> Dict[str, flo
     state.best_perplexity = min(state.best_perplexity, metrics["eval/perplexity"])
     run.tracker.log({**metrics, "eval/best_perplexity": state.best_perplexity}, state.step)
     return metrics
+
+
+def abandon_plan(step: int) -> str:
+    """What a stop signal during the eval at `step` does (said at once, in one line)."""
+    if step == 0:
+        return "abandoning the eval at step 0; nothing is trained yet, so there is no checkpoint and the rerun starts over"
+    return f"abandoning the eval at step {step}; stopping with the checkpoint of step {step}"
+
+
+def stop_abandoned_eval(run: Run, window: "LogWindow", stop: StopSignals, abandoned: Abandoned, start_step: int) -> None:
+    """End the run after an eval a stop signal gave up (nothing of it logged), on every process: with the checkpoint of
+    the last step, written now unless the run resumed from it. The rerun does not redo that eval (the next is at
+    its usual step; a final eval is done by the rerun). Before the first step there is nothing to save."""
+    state = run.state
+    log.warning("abandoned the eval at step %d after %s for %s: nothing of it is logged%s", state.step, abandoned, stop.name,
+                "" if state.step == 0 else ", and a rerun goes on without it")
+    if state.step == 0:
+        stop.hand_on()  # submitit's handler requeues the job and exits here
+        raise Interrupted(stop.signum, f"stopped by {stop.name} during the eval at step 0; nothing trained yet and no checkpoint; "
+                                       "run the same command again to start over")
+    if state.step != start_step:
+        save(run, window)
+    if run.last_step():
+        stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} is the last step's; run the same "
+                                  "command again to run the final eval and write final/ and results.json (nothing left to train)")
+    stop_with_checkpoint("signal", stop, run.tracker, run.run_dir, state.step)
 
 
 def eval_average(run: Run, title: Optional[str] = None) -> Dict[str, float]:

@@ -167,8 +167,10 @@ def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(cor
     out, err = proc.communicate(timeout=120)  # the step in flight, one checkpoint, then out
     assert proc.returncode == 128 + sig, err[-3000:]
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"stopped: stopped by {signal.Signals(sig).name} after step ") and "Traceback" not in err
-    step = int(lines[0].split("after step ")[1].split(";")[0])
+    name = signal.Signals(sig).name
+    assert lines[0] == f"{name}: stopping after this step with a checkpoint (a second {name} stops at once, saving nothing more)", err[-3000:]
+    assert len(lines) == 2 and lines[1].startswith(f"stopped: stopped by {name} after step ") and "Traceback" not in err
+    step = int(lines[1].split("after step ")[1].split(";")[0])
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"ckpt-{step:08d}"] and 30 <= step < 400
     assert (run_dir / "run.lock").read_text() == ""  # released
     resumed = run_cli(args)

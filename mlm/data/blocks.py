@@ -30,6 +30,7 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import time
 from collections import deque
@@ -43,6 +44,7 @@ from datasets import Dataset, DatasetDict
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from mlm import faults
 from mlm.config import DatasetConfig, UserError
 from mlm.data.identity import file_sha256, remember_sha256, source_identity, tokenizer_serialization
 from mlm.data.sources import batched, iter_documents
@@ -202,6 +204,8 @@ def _piece_end(text: str, lo: int, hi: int) -> int:
 def _quiet_worker() -> None:
     # each worker is one core's worth of tokenization; the tokenizer's own thread pool would oversubscribe
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # the pool ends its workers with SIGTERM (a build given up for a stop signal): not the handler the fork copied
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def encode_batches(batches: Iterable[List[str]], tokenizer, num_proc: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -245,6 +249,7 @@ class TokenFile:
                 f.write(ids.tobytes())
                 lengths.append(lens)
                 bar.update(len(lens))
+                faults.reached("tokenize")
         offsets = np.zeros(sum(map(len, lengths)) + 1, dtype=np.int64)
         if lengths:
             np.cumsum(np.concatenate(lengths), out=offsets[1:])

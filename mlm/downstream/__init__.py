@@ -386,7 +386,8 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
                         "train it again in a run directory of its own (hydra.run.dir=<new dir>)")
     if "downstream" in results:
         log.warning("%s: replacing its downstream result for %s with one for %s", run_dir, results["downstream"].get("task"), task_name(cfg))
-    stop = StopSignals().install()  # a stop signal ends the fine-tune at its next step (one line), results.json as it was
+    # a stop signal ends the fine-tune at its next step (one line), results.json as it was
+    stop = StopSignals(plan="stopping the downstream fine-tune at its next step; results.json stays as it is").install()
     try:
         scores = evaluate(final, cfg, trust_remote_code=trust_remote_code)
     except Interrupted as e:
