@@ -25,8 +25,9 @@ two, which say they need two.
                         harness and harness_compile against trainer_bf16 and trainer_bf16_compile
                         (Trainer's bf16, fused AdamW, sdpa, torch_compile) on the GPU at the same
                         global batch; tokens/s, MFU against the datasheet peak, peak memory, eval
-                        loss. Each gets an equal share of the budget left before it, less
-                        AFTER_THROUGHPUT_S for the rows after it; its full table goes into --md
+                        loss. Each gets an equal share of the budget left before it (less
+                        AFTER_THROUGHPUT_S for the two-GPU rows where they run); its full table
+                        goes into --md
   parallel jobs         run.py -m hydra/launcher=parallel hydra.launcher.n_jobs=2: the slots in
                         lease.jsonl (MLM_LEASE_DIR) never shared by two running jobs; on CUDA also
                         the device memory in use after the sweep against before (torch.cuda.mem_get_info)
@@ -74,13 +75,14 @@ from common import emit  # noqa: E402  benchmarks/common.py (the script's folder
 TINY = ["model=tiny", "trainer=debug", "experiment=none", "dataset=local", "block_size=32", "trainer.save_model=false"]
 STEPS = 4  # trainer=debug's max_steps
 THROUGHPUT = {"throughput default 128": ("default", 128), "throughput base 128": ("base", 128), "throughput base 512": ("base", 512)}
-ROWS = ("auto precision", "fp16 loss scale", "syncs per step", *THROUGHPUT, "parallel jobs",
-        "compile recompiles", "DDP vs FSDP", "failing rank (NCCL)")
+# the throughput rows after the quick single-GPU ones: they take what the budget has left
+ROWS = ("auto precision", "fp16 loss scale", "syncs per step", "parallel jobs", "compile recompiles", *THROUGHPUT,
+        "DDP vs FSDP", "failing rank (NCCL)")
 CUDA_ONLY = {"syncs per step", "compile recompiles", *THROUGHPUT}
 MULTI_GPU = {"DDP vs FSDP", "failing rank (NCCL)"}
 PEER_WAIT_S = 180  # the failing-rank row waits this long at most: NCCL peers may otherwise wait out the group's timeout (runtime.collective_timeout_minutes, default 10)
 MIN_ROW_S = 15  # a row is not started with less budget than this: no run.py finishes faster
-AFTER_THROUGHPUT_S = 120  # kept from the throughput rows for the single-GPU rows after them (parallel jobs, compile recompiles)
+AFTER_THROUGHPUT_S = 240  # kept from the throughput rows for the two-GPU rows after them, where there are 2+ GPUs
 MIN_THROUGHPUT_S = 60  # a throughput row is not started with less: four workers start and compile
 
 
@@ -219,7 +221,7 @@ def check_throughput(ctx, row: str) -> tuple:
     """One scale and block of benchmarks/train_throughput.py on this GPU (an equal share of the budget left)."""
     scale, block = THROUGHPUT[row]
     left = list(THROUGHPUT)[list(THROUGHPUT).index(row):]  # this row and the throughput rows after it
-    timeout = (ctx["budget"].left() - AFTER_THROUGHPUT_S) / len(left)
+    timeout = (ctx["budget"].left() - (AFTER_THROUGHPUT_S if ctx["gpus"] >= 2 else 0)) / len(left)
     if timeout < MIN_THROUGHPUT_S:
         return "skipped: budget", None
     out = ctx["work"] / f"train_throughput-{scale}-{block}.json"
@@ -323,9 +325,9 @@ def check_failing_rank(ctx) -> tuple:
 
 
 CHECKS = {"auto precision": check_auto_precision, "fp16 loss scale": check_fp16, "syncs per step": check_syncs,
+          "parallel jobs": check_parallel, "compile recompiles": check_compile,
           **{row: (lambda ctx, row=row: check_throughput(ctx, row)) for row in THROUGHPUT},
-          "parallel jobs": check_parallel, "compile recompiles": check_compile, "DDP vs FSDP": check_ddp_fsdp,
-          "failing rank (NCCL)": check_failing_rank}
+          "DDP vs FSDP": check_ddp_fsdp, "failing rank (NCCL)": check_failing_rank}
 assert tuple(CHECKS) == ROWS
 
 
@@ -335,6 +337,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--md", help="also write the table (and each throughput row's full table) here, as markdown to paste into a note")
     p.add_argument("--out-dir", help="keep the runs here (default: a temporary directory, removed at the end)")
+    p.add_argument("--only", help="run only the rows whose name contains this (e.g. 'throughput' for a rerun of those); the others say 'skipped: --only'")
     a = p.parse_args(argv)
 
     start = time.monotonic()
@@ -349,12 +352,14 @@ def main(argv=None) -> int:
     os.environ["MLM_CACHE"] = str(work / "cache")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MLM_LEASE_DIR": str(work / "leases")}
-    ctx = {"work": work, "env": env, "budget": budget, "cuda": cuda, "device_type": "cuda" if cuda else "cpu",
+    ctx = {"work": work, "env": env, "budget": budget, "cuda": cuda, "gpus": gpus, "device_type": "cuda" if cuda else "cpu",
            "tiny": [*TINY, f"dataset.path={corpus}"]}
 
     rows = []
     for name, check in CHECKS.items():
-        if name in CUDA_ONLY | MULTI_GPU and not cuda:
+        if a.only and a.only not in name:
+            result, status = "", "skipped: --only"
+        elif name in CUDA_ONLY | MULTI_GPU and not cuda:
             result, status = "", "skipped: no CUDA device"
         elif name in MULTI_GPU and gpus < 2:
             result, status = "", f"skipped: needs 2+ CUDA devices (found {gpus})"

@@ -150,16 +150,28 @@ def test_the_throughput_rows_run_the_benchmark_at_their_scale_in_a_share_of_the_
         return 0, "table line\nwrote x", "", 42.0
 
     monkeypatch.setattr(module, "run", fake_run)
-    ctx = {"work": tmp_path, "env": {}, "budget": module.Budget(10)}
+    ctx = {"work": tmp_path, "env": {}, "budget": module.Budget(10), "gpus": 1}
     result, status = module.check_throughput(ctx, "throughput base 512")
     (cmd, timeout), = calls
     assert cmd[cmd.index("--scale") + 1] == "base" and cmd[cmd.index("--block") + 1] == "512" and "--quick" in cmd
-    assert 600 - module.AFTER_THROUGHPUT_S - 5 < timeout <= 600 - module.AFTER_THROUGHPUT_S  # the last throughput row: all that is left
+    assert 595 < timeout <= 600  # the last throughput row on one GPU: all that is left
     assert status == "ok" and result.startswith("trainer_bf16 1,000 tok/s MFU 10.0% 2.0 GiB, harness 2,500 tok/s MFU 30.0% 1.0 GiB")
     assert "best harness (harness) vs best Trainer (trainer_bf16): 2.50x" in result
     assert ctx["throughput"]["throughput base 512"]["table"] == ["table line"]
 
+    ctx["gpus"] = 2  # the two-GPU rows after them keep their share
     module.check_throughput(ctx, "throughput default 128")  # the first of three: a third
     assert calls[-1][1] == pytest.approx((600 - module.AFTER_THROUGHPUT_S) / 3, abs=5)
-    ctx["budget"] = module.Budget(module.AFTER_THROUGHPUT_S / 60)
-    assert module.check_throughput(ctx, "throughput base 128") == ("skipped: budget", None)
+    ctx["budget"] = module.Budget((module.AFTER_THROUGHPUT_S + module.MIN_THROUGHPUT_S - 5) / 60)
+    assert module.check_throughput(ctx, "throughput base 512") == ("skipped: budget", None)
+
+
+def test_only_runs_the_rows_named_and_the_table_says_so(tmp_path, monkeypatch, capsys):
+    module = load_script()
+    monkeypatch.setenv("MLM_CACHE", str(tmp_path / "cache"))  # main() points it at its work dir; restored after
+    md = tmp_path / "check.md"
+    assert module.main(["--budget-minutes", "0", "--only", "parallel", "--out-dir", str(tmp_path / "work"), "--md", str(md)]) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows["parallel jobs"] == ("", "skipped: budget")  # the row named, out of budget here
+    assert all(status == "skipped: --only" for name, (_, status) in rows.items() if name != "parallel jobs")
+    assert md.read_text().startswith("# GPU check\n\n| check | result | status |")
