@@ -933,8 +933,8 @@ def table(out: dict) -> list:
     lines += [f"{v:<20} skipped: {why}" for v, why in out["skipped"].items()]
     rel = ev["rel_diff"]
     lines += [
-        f"harness speedup: {fmt(out['speedup_vs_trainer_fp32'], '.2f')}x vs trainer_fp32"
-        + ("" if out["skipped"].get("trainer_bf16") else f", {fmt(out['speedup_vs_trainer_bf16'], '.2f')}x vs trainer_bf16")
+        "harness speedup: " + ", ".join(f"{fmt(out[f'speedup_vs_{t}'], '.2f')}x vs {t}" for t in ("trainer_fp32", "trainer_bf16")
+                                        if out[f"speedup_vs_{t}"] is not None)
         + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if s["compile"] else "")
         + " (ratio of medians)",
         "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items() if m),
