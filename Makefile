@@ -35,3 +35,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf outputs .pytest_cache
+
+.PHONY: gpu-check
+gpu-check: $(STAMP)   ## on a CUDA machine: every GPU row in one call (budget 8 min), the table to paste in benchmarks/results/gpu_check.md
+	$(PY) benchmarks/gpu_check.py --budget-minutes 8 --json benchmarks/results/gpu_check.json --md benchmarks/results/gpu_check.md

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """GPU acceptance check: the claims docs/ makes about GPUs (docs/performance.md, docs/distributed.md), measured on the machine at hand.
 
-    python benchmarks/gpu_check.py [--budget-minutes 8] [--json out.json] [--out-dir DIR]
+    python benchmarks/gpu_check.py [--budget-minutes 8] [--json out.json] [--md out.md] [--out-dir DIR]
+    make gpu-check   (writes benchmarks/results/gpu_check.json and gpu_check.md: the table to paste into a note)
 
 One table, one row per check: what was measured, and ok / FAIL / skipped: <reason>. Every run is
 built by the harness's own code: `run.py` (or `torchrun run.py`) subprocesses, and for the sync
 count mlm.cli.compose + mlm.train.train in this process. Correctness rows use the tiny model
-(model=tiny trainer=debug, block 32) on a generated text corpus; only the throughput row runs
-the default-sized benchmark (benchmarks/train_throughput.py).
+(model=tiny trainer=debug, block 32) on a generated text corpus; only the throughput rows run
+the sized benchmark (benchmarks/train_throughput.py). Every row runs on one GPU except the last
+two, which say they need two.
 
   auto precision        runtime.mixed_precision=auto: what it resolved to (results.json) against
                         what this device runs natively (mlm.precision.native_bf16)
@@ -18,9 +20,14 @@ the default-sized benchmark (benchmarks/train_throughput.py).
                         is the steady-state count per step (start-up, the final eval and checkpoint
                         cancel out). docs/performance.md claims one (the loss/grad-norm read-back). Not every
                         synchronizing operation warns (torch's caveat: torch.distributed ops do not).
-  throughput vs Trainer CUDA: benchmarks/train_throughput.py --quick as a subprocess; skipped while that
-                        script pins its Trainer to the CPU (use_cpu=True): the harness would run
-                        on the GPU against a CPU Trainer
+  throughput default 128, base 128, base 512
+                        CUDA: benchmarks/train_throughput.py --quick --scale S --block B as a subprocess:
+                        harness and harness_compile against trainer_bf16 and trainer_bf16_compile
+                        (Trainer's bf16, fused AdamW, sdpa, torch_compile) on the GPU at the same
+                        global batch; tokens/s, MFU against the datasheet peak, peak memory, eval
+                        loss. Each gets an equal share of the budget left before it (less
+                        AFTER_THROUGHPUT_S for the two-GPU rows where they run); its full table
+                        goes into --md
   parallel jobs         run.py -m hydra/launcher=parallel hydra.launcher.n_jobs=2: the slots in
                         lease.jsonl (MLM_LEASE_DIR) never shared by two running jobs; on CUDA also
                         the device memory in use after the sweep against before (torch.cuda.mem_get_info)
@@ -67,12 +74,16 @@ from common import emit  # noqa: E402  benchmarks/common.py (the script's folder
 
 TINY = ["model=tiny", "trainer=debug", "experiment=none", "dataset=local", "block_size=32", "trainer.save_model=false"]
 STEPS = 4  # trainer=debug's max_steps
-ROWS = ("auto precision", "fp16 loss scale", "syncs per step", "throughput vs Trainer", "parallel jobs",
-        "compile recompiles", "DDP vs FSDP", "failing rank (NCCL)")
-CUDA_ONLY = {"syncs per step", "throughput vs Trainer", "compile recompiles"}
+THROUGHPUT = {"throughput default 128": ("default", 128), "throughput base 128": ("base", 128), "throughput base 512": ("base", 512)}
+# the throughput rows after the quick single-GPU ones: they take what the budget has left
+ROWS = ("auto precision", "fp16 loss scale", "syncs per step", "parallel jobs", "compile recompiles", *THROUGHPUT,
+        "DDP vs FSDP", "failing rank (NCCL)")
+CUDA_ONLY = {"syncs per step", "compile recompiles", *THROUGHPUT}
 MULTI_GPU = {"DDP vs FSDP", "failing rank (NCCL)"}
 PEER_WAIT_S = 180  # the failing-rank row waits this long at most: NCCL peers may otherwise wait out the group's timeout (runtime.collective_timeout_minutes, default 10)
 MIN_ROW_S = 15  # a row is not started with less budget than this: no run.py finishes faster
+AFTER_THROUGHPUT_S = 240  # kept from the throughput rows for the two-GPU rows after them, where there are 2+ GPUs
+MIN_THROUGHPUT_S = 60  # a throughput row is not started with less: four workers start and compile
 
 
 class Budget:
@@ -206,18 +217,37 @@ def check_syncs(ctx) -> tuple:
     return result, "ok" if per_step <= 1 else "FAIL"
 
 
-def check_throughput(ctx) -> tuple:
+def check_throughput(ctx, row: str) -> tuple:
+    """One scale and block of benchmarks/train_throughput.py on this GPU (an equal share of the budget left)."""
+    scale, block = THROUGHPUT[row]
+    left = list(THROUGHPUT)[list(THROUGHPUT).index(row):]  # this row and the throughput rows after it
+    timeout = (ctx["budget"].left() - (AFTER_THROUGHPUT_S if ctx["gpus"] >= 2 else 0)) / len(left)
+    if timeout < MIN_THROUGHPUT_S:
+        return "skipped: budget", None
+    out = ctx["work"] / f"train_throughput-{scale}-{block}.json"
     script = ROOT / "benchmarks" / "train_throughput.py"
-    if "use_cpu=True" in script.read_text():
-        return "skipped: train_throughput.py runs its Trainer on CPU only (TrainingArguments use_cpu=True)", None
-    out = ctx["work"] / "train_throughput.json"
-    rc, _, err, s = run([sys.executable, str(script), "--quick", "--json", str(out)], ctx["env"], ctx["budget"].left())
-    if rc != 0:
+    rc, stdout, err, s = run([sys.executable, str(script), "--quick", "--scale", scale, "--block", str(block), "--json", str(out)],
+                             ctx["env"], timeout)
+    if rc is None or not out.exists():
         return failed(rc, err, s), "FAIL"
     r = json.loads(out.read_text())
-    tps = ", ".join(f"{k} {v:.0f}" for k, v in r["tokens_per_s"].items() if v)
-    speedup = r.get("speedup_vs_trainer_bf16") or r.get("speedup_vs_trainer_fp32")
-    return f"tokens/s: {tps}; harness vs Trainer {speedup:.2f}x (--quick, {s:.0f} s)", "ok" if speedup else "FAIL"
+    ctx.setdefault("throughput", {})[row] = {"json": r, "table": [line for line in stdout.splitlines() if not line.startswith("wrote ")]}
+    return throughput_result(r, s), "ok" if rc == 0 and r["best_vs_best_trainer"]["speedup"] else "FAIL"
+
+
+def throughput_result(r: dict, seconds: float) -> str:
+    """The row's text: each variant's tokens/s, MFU and peak memory, the best-against-best ratio, the eval losses."""
+    def cell(v):
+        tps, mfu, mem = r["tokens_per_s"].get(v), r["mfu"].get(v), r["peak_memory_mb"].get(v)
+        if tps is None:
+            return f"{v} failed"
+        return f"{v} {tps:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu is not None else "") + (f" {mem / 1024:.1f} GiB" if mem else "")
+
+    best, ev = r["best_vs_best_trainer"], r["eval_loss"]
+    speedup = f"{best['speedup']:.2f}x" if best["speedup"] else "-"
+    return (", ".join(cell(v) for v in r["tokens_per_s"]) + f"; best harness ({best['harness']}) vs best Trainer ({best['trainer']}): "
+            f"{speedup}; eval loss after {ev['after_steps']} steps: harness {ev['harness'] or float('nan'):.3f}, "
+            f"{ev['reference']} {ev.get(ev['reference']) or float('nan'):.3f} ({seconds:.0f} s)")
 
 
 def check_parallel(ctx) -> tuple:
@@ -294,15 +324,20 @@ def check_failing_rank(ctx) -> tuple:
     return f"{result}; torchrun exited {rc} after {s:.0f} s", "ok" if rc == 1 and error.startswith("rank 1:") and processes == 2 else "FAIL"
 
 
-CHECKS = dict(zip(ROWS, (check_auto_precision, check_fp16, check_syncs, check_throughput, check_parallel,
-                         check_compile, check_ddp_fsdp, check_failing_rank)))
+CHECKS = {"auto precision": check_auto_precision, "fp16 loss scale": check_fp16, "syncs per step": check_syncs,
+          "parallel jobs": check_parallel, "compile recompiles": check_compile,
+          **{row: (lambda ctx, row=row: check_throughput(ctx, row)) for row in THROUGHPUT},
+          "DDP vs FSDP": check_ddp_fsdp, "failing rank (NCCL)": check_failing_rank}
+assert tuple(CHECKS) == ROWS
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=8.0, help="for the whole script; rows left when it is spent say 'skipped: budget'")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--md", help="also write the table (and each throughput row's full table) here, as markdown to paste into a note")
     p.add_argument("--out-dir", help="keep the runs here (default: a temporary directory, removed at the end)")
+    p.add_argument("--only", help="run only the rows whose name contains this (e.g. 'throughput' for a rerun of those); the others say 'skipped: --only'")
     a = p.parse_args(argv)
 
     start = time.monotonic()
@@ -317,12 +352,14 @@ def main(argv=None) -> int:
     os.environ["MLM_CACHE"] = str(work / "cache")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MLM_LEASE_DIR": str(work / "leases")}
-    ctx = {"work": work, "env": env, "budget": budget, "cuda": cuda, "device_type": "cuda" if cuda else "cpu",
+    ctx = {"work": work, "env": env, "budget": budget, "cuda": cuda, "gpus": gpus, "device_type": "cuda" if cuda else "cpu",
            "tiny": [*TINY, f"dataset.path={corpus}"]}
 
     rows = []
     for name, check in CHECKS.items():
-        if name in CUDA_ONLY | MULTI_GPU and not cuda:
+        if a.only and a.only not in name:
+            result, status = "", "skipped: --only"
+        elif name in CUDA_ONLY | MULTI_GPU and not cuda:
             result, status = "", "skipped: no CUDA device"
         elif name in MULTI_GPU and gpus < 2:
             result, status = "", f"skipped: needs 2+ CUDA devices (found {gpus})"
@@ -348,10 +385,23 @@ def main(argv=None) -> int:
               f"command: {command}"]
     out = {"rows": rows, "device": device, "cuda_devices": gpus, "torch": torch.__version__, "wall_s": wall,
            "budget_minutes": a.budget_minutes, "command": command}
+    out["throughput"] = {row: t["json"] for row, t in ctx.get("throughput", {}).items()}
     emit(lines, out, a.json)
+    if a.md:
+        write_markdown(Path(a.md), lines, ctx.get("throughput", {}))
     if keep is not None:
         keep.cleanup()
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
+
+
+def write_markdown(path: Path, lines, throughput: dict) -> None:
+    """The table, then each throughput row's own table in a code block."""
+    text = ["# GPU check", "", *lines]
+    for row, t in throughput.items():
+        text += ["", f"## {row}", "", "```", *t["table"], "```"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,18 @@
 """Training throughput: transformers.Trainer (the HF guide's recipe) against this harness's step.
 
     python benchmarks/train_throughput.py --json out.json [--steps N --warmup W --reps R --threads T --quick --compile]
+                                          [--scale default|base --block 128|512 --batch B --device auto|cpu|cuda]
+
+Device: CUDA when present (--device auto), else the CPU; harness and Trainer always on the same one.
+The CPU run is the one described below. On CUDA the variants are trainer_bf16 (bf16=True,
+optim=adamw_torch_fused, sdpa), trainer_bf16_compile (the same with torch_compile=True), harness and
+harness_compile (runtime.compile=true), all under bf16 autocast, at a global batch of 64 x 128 or 32 x 512
+tokens (--batch) with 4 dataloader workers each; a step's time ends at torch.cuda.synchronize(); peak
+memory is torch.cuda.max_memory_allocated; MFU divides by NVIDIA's datasheet peak (mlm.flops.GPU_PEAKS).
+--scale base swaps the model for a BERT-base-shaped encoder (12 x 768, 12 heads, FFN 3072, vocab
+30522, random init from a local BertConfig: no hub), at --block 128 or 512; on CPU it is not run
+unless asked (tens of seconds to minutes a step). benchmarks/gpu_check.py runs the three
+CUDA configurations (default at 128, base at 128 and 512) in one call.
 
 Every variant trains the same model (RoBERTa, 6 layers x 768, 12 heads, FFN 3072, vocab 50265, ~82M
 parameters), built from the same seed (parameter checksum compared: "same_init"), on the same token
@@ -99,24 +111,35 @@ if str(ROOT) not in sys.path:
 # learning check tighter. harness_compile is not evaluated (same math as harness; eval would
 # recompile the encoder).
 
-BLOCK = 128
-BATCH = 8
+BLOCK = 128  # the default --block
+BATCH = 8  # the CPU's batch (blocks per step); on CUDA see CUDA_BATCH
 ARCH = dict(
     num_hidden_layers=6, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
     vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
 )
+# --scale base: a BERT-base-shaped encoder from a local config (random init, no hub), the MiniLM tokenizer's vocabulary
+BASE_ARCH = dict(
+    num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+    vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+)
+SCALES = {"default": ("roberta", ARCH), "base": ("bert", BASE_ARCH)}
+# On CUDA one batch of 8 x 128 leaves an H100 mostly idle: the same global batch for every variant, larger
+CUDA_BATCH = {128: 64, 512: 32}  # block -> blocks per step (8192 and 16384 tokens)
+CUDA_WORKERS = 4  # dataloader workers of both the Trainer and the harness on CUDA (the collator runs beside the GPU step)
 VARIANTS = ("trainer_fp32", "trainer_bf16", "harness")
-TRAINER_PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16"}
+CUDA_VARIANTS = ("trainer_bf16", "trainer_bf16_compile", "harness", "harness_compile")
+TRAINER_PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16", "trainer_bf16_compile": "bf16"}
 TOKEN = "@@train_throughput@@"  # prefix of the workers' status lines on stdout
 FLOPS_COUNTED = (
-    "model FLOPs per optimizer step = 6 * N_body * T  (N_body: all parameters except the word/position/type "
-    "embedding tables and the MLM head; T = 8 * 128 tokens; forward 2x + backward 4x) "
+    "model FLOPs per optimizer step, counted by mlm.flops.count_flops (the harness's perf/mfu counter): 6 x the "
+    "weights of every nn.Linear in the encoder per token (forward 2x + backward 4x; T = batch x block tokens) "
     "+ 12 * layers * hidden * seq * T  (attention scores QK^T and weighted values, forward + backward) "
-    "+ 6 * (hidden^2 + hidden * vocab) * P  (MLM head transform and vocabulary projection as executed: "
+    "+ 6 x the MLM head's nn.Linear weights (transform and vocabulary projection) per predicted position as executed: "
     "P = T for the Trainer's dense head, P = the measured number of masked positions (~15%) for the harness's "
-    "sparse head). Not counted: embedding lookups and their gradient, layer norms, activations, softmax, "
-    "loss, optimizer update. MFU = achieved model FLOP/s / measured torch.matmul peak at the variant's "
-    "precision (bf16 variants vs bf16 peak, trainer_fp32 vs fp32 peak)."
+    "sparse head. Not counted: biases, embedding lookups and their gradient, layer norms, activations, softmax, "
+    "loss, optimizer update. MFU = achieved model FLOP/s / peak at the variant's precision: on CPU a torch.matmul "
+    "peak measured in this run (bf16 variants vs bf16 peak, trainer_fp32 vs fp32 peak); on CUDA NVIDIA's datasheet "
+    "figure (dense bf16 Tensor Core peak)."
 )
 
 
@@ -137,12 +160,13 @@ def _log(variant: str, msg: str) -> None:
     print(f"[{variant}] {msg}", file=sys.stderr, flush=True)
 
 
-def build_model(tokenizer, seed: int):
+def build_model(tokenizer, seed: int, scale: str = "default"):
     import torch
-    from transformers import AutoModelForMaskedLM, RobertaConfig
+    from transformers import AutoModelForMaskedLM, BertConfig, RobertaConfig
 
     torch.manual_seed(seed)
-    config = RobertaConfig(**ARCH, pad_token_id=tokenizer.pad_token_id)
+    model_type, arch = SCALES[scale]
+    config = (RobertaConfig if model_type == "roberta" else BertConfig)(**arch, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     return model
@@ -151,9 +175,9 @@ def build_model(tokenizer, seed: int):
 def param_stats(model) -> dict:
     import torch
 
-    emb = model.roberta.embeddings
+    emb = model.base_model.embeddings
     tables = {id(emb.word_embeddings.weight), id(emb.position_embeddings.weight), id(emb.token_type_embeddings.weight)}
-    head = {id(p) for p in model.lm_head.parameters()}
+    head = {id(p) for p in model.parameters()} - {id(p) for p in model.base_model.parameters()}  # lm_head (RoBERTa) or cls (BERT)
     params = list(model.parameters())  # tied decoder weight appears once
     with torch.no_grad():
         checksum = float(sum(p.double().sum() for p in params)) + float(sum((p.double() ** 2).sum() for p in params))
@@ -177,30 +201,38 @@ class DtypeProbe:
         self.handle.remove()
 
 
+class OneProcess:
+    """What mlm.evaluate.evaluate asks of its accelerator, for one process on `device`: nothing to reduce."""
+
+    process_index, num_processes = 0, 1
+
+    def __init__(self, device):
+        self.device = device
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+
+def first_linear(model):
+    return model.base_model.encoder.layer[0].intermediate.dense
+
+
 def eval_loss(model, blocks, tokenizer, seed: int, batch_size: int = 16) -> dict:
-    """Mean masked-token loss in fp32 with the harness's deterministic eval masks (identical for every variant)."""
+    """Mean masked-token loss in fp32 with the harness's deterministic eval masks (identical for every variant):
+    mlm.evaluate.evaluate, the harness's own eval, on the model's device."""
     import torch
-    from mlm.batching import eval_shard, make_loader
     from mlm.config import MaskingConfig
-    from mlm.masking import EVAL_STREAM, MLMCollator
+    from mlm.evaluate import evaluate
     from mlm.models import MLMObjective
 
     # A fresh objective around the raw model: Accelerate patches the *prepared* module's forward with
     # autocast, and Trainer patches the model's own forward; base_model and lm_head are untouched.
     objective = MLMObjective(model, sparse=True)
-    was_training = model.training
-    model.eval()
-    probe = DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
-    collator = MLMCollator(tokenizer, MaskingConfig(), seed=seed, stream=EVAL_STREAM)
-    loader = make_loader(blocks, eval_shard(len(blocks), batch_size, 0, 1), collator, num_workers=0, pin_memory=False)
-    loss_sum, n = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        for batch in loader:
-            s, k, _ = objective(**batch)
-            loss_sum += float(s)
-            n += int(k)
-    model.train(was_training)
-    return {"loss": loss_sum / max(n, 1), "masked_tokens": n, "dtype": probe.dtype}
+    device = next(model.parameters()).device
+    probe = DtypeProbe(first_linear(model))
+    with torch.autocast(device.type, enabled=False):
+        m = evaluate(objective, blocks, tokenizer, MaskingConfig(), seed, OneProcess(device), batch_size)
+    return {"loss": m["eval/loss"], "masked_tokens": m["eval/masked_tokens"], "dtype": probe.dtype}
 
 
 def rss_mb() -> float:
@@ -211,6 +243,26 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_before(s: dict) -> dict:
+    """Host RSS, and on CUDA the device memory allocated (weights, optimizer) with its peak counter reset."""
+    out = {"rss_before_train_mb": rss_mb()}
+    if s["device"] == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        out["cuda_allocated_before_train_mb"] = torch.cuda.memory_allocated() / 2**20
+    return out
+
+
+def memory_peak(s: dict) -> dict:
+    out = {"peak_rss_mb": peak_rss_mb()}
+    if s["device"] == "cuda":
+        import torch
+
+        out["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 # ---------------------------------------------------------------- the worker side of the driver protocol
@@ -233,8 +285,9 @@ class Gate:
     this step; the pause is never counted.
     """
 
-    def __init__(self, boundaries):
+    def __init__(self, boundaries, cuda: bool = False):
         self.boundaries = set(boundaries)  # step numbers (1-based) after which to pause
+        self.cuda = cuda
         self.step_s, self.compute_s = [], []
         self.threads = None
         self._last = self._begin = None
@@ -252,11 +305,19 @@ class Gate:
             self.threads = torch.get_num_threads()
 
     def step_end(self, step: int) -> None:
+        if self.cuda:  # a step ends when the device has done it (both loops read their loss back every step anyway)
+            import torch
+
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.step_s.append(now - self._last)
         self.compute_s.append(now - self._begin)
         self._last = now
         if step in self.boundaries:
+            if self.cuda:  # a paused worker hands its cached activations back: only the running one holds the device's memory
+                import torch
+
+                torch.cuda.empty_cache()
             _signal("done")
             _wait_go()
             self._last = time.perf_counter()
@@ -288,7 +349,7 @@ def trainer_args(variant: str, s: dict, out_dir: str):
     return TrainingArguments(
         output_dir=out_dir,
         max_steps=s["total_steps"],
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=s["batch_size"],
         learning_rate=s["lr"],
         weight_decay=0.01,
         adam_beta1=0.9,
@@ -297,16 +358,18 @@ def trainer_args(variant: str, s: dict, out_dir: str):
         lr_scheduler_type="linear",
         warmup_steps=0,
         max_grad_norm=1.0,
-        bf16=variant == "trainer_bf16",
-        use_cpu=True,
+        bf16=TRAINER_PRECISION[variant] == "bf16",
+        use_cpu=s["device"] == "cpu",  # else the GPU, as the harness
         report_to="none",
         save_strategy="no",
         eval_strategy="no",
         logging_strategy="steps",
         logging_steps=1,  # the loss is read back every step, as the harness loop does
-        dataloader_num_workers=0,
+        dataloader_num_workers=s["num_workers"],
         seed=s["seed"],
         disable_tqdm=True,
+        # on CUDA the Trainer's best settings: fused AdamW (its CPU default already), and a torch_compile row
+        **({"optim": "adamw_torch_fused", "torch_compile": variant.endswith("_compile")} if s["device"] == "cuda" else {}),
     )
 
 
@@ -331,7 +394,7 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     from transformers import DataCollatorForLanguageModeling, Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    gate = Gate(boundaries(s))
+    gate = Gate(boundaries(s), s["device"] == "cuda")
     collator = CountMasked(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15))
     with tempfile.TemporaryDirectory() as out_dir:
         args = trainer_args(variant, s, out_dir)
@@ -341,21 +404,21 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         )
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        probe = DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
-        rss_before = rss_mb()
+        probe = None if args.torch_compile else DtypeProbe(first_linear(model))  # a hook is no probe under torch.compile
+        before = memory_before(s)
         trainer.train()
-        peak = peak_rss_mb()
+        peak = memory_peak(s)
         losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
     return {
         "step_s": gate.step_s,
         "compute_s": gate.compute_s,
         "masked_per_step": collator.masked[: len(gate.step_s)],
         "train_loss": losses,
-        "autocast_dtype": probe.dtype,
+        "autocast_dtype": probe.dtype if probe else f"{TRAINER_PRECISION[variant]} (not probed under torch.compile)",
         "threads_in_step": gate.threads,
         "optimizer": str(args.optim),
-        "rss_before_train_mb": rss_before,
-        "peak_rss_mb": peak,
+        "torch_compile": args.torch_compile,
+        **before, **peak,
         "dense_head": True,
     }
 
@@ -366,12 +429,12 @@ def harness_config(variant: str, s: dict):
 
     cfg = compose([
         "experiment=none",  # no recipe: one learning rate for every weight and 15% training masks, as the Trainer
-        f"seed={s['seed']}", f"block_size={BLOCK}",
+        f"seed={s['seed']}", f"block_size={s['block_size']}",
         f"optimizer.lr={s['lr']}", "optimizer.beta2=0.999", "optimizer.eps=1e-8", "optimizer.weight_decay=0.01",  # the Trainer's AdamW
         "scheduler=linear", "scheduler.warmup_ratio=0", "scheduler.warmup_steps=0",
-        f"trainer.max_steps={s['total_steps']}", f"trainer.per_device_batch_size={BATCH}", "trainer.max_grad_norm=1.0",
+        f"trainer.max_steps={s['total_steps']}", f"trainer.per_device_batch_size={s['batch_size']}", "trainer.max_grad_norm=1.0",
         f"runtime.mixed_precision={'bf16' if s['harness_precision'] == 'bf16' else 'no'}", "runtime.sparse_prediction=true",
-        f"runtime.compile={str(variant == 'harness_compile').lower()}",
+        f"runtime.compile={str(variant == 'harness_compile').lower()}", f"runtime.num_workers={s['num_workers']}",
     ])
     cfg.validate()
     return cfg
@@ -395,13 +458,21 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed, stream=0)  # stream = epoch 0
     collator.probability = scheduled_probability(cfg.masking, 0.0)  # as mlm.train.train_batches sets it (constant here)
     assert collator.probability == s["mlm_probability"], collator.probability
-    probe = None if variant == "harness_compile" else DtypeProbe(model.roberta.encoder.layer[0].intermediate.dense)
+    probe = None if variant == "harness_compile" else DtypeProbe(first_linear(model))
     objective.train()
-    gate = Gate(boundaries(s))
-    rss_before = rss_mb()
+    gate = Gate(boundaries(s), s["device"] == "cuda")
+    before = memory_before(s)
     gate.open()
-    loader = make_loader(train_blocks, TrainSampler(order, 0, accelerator.process_index), collator, cfg.runtime.num_workers, pin_memory=False)
-    batches = iter(loader)
+
+    def epochs():  # as mlm.train.train_batches: epoch after epoch, new masks each (a long CUDA run may pass one epoch)
+        epoch = 0
+        while True:
+            collator.stream = epoch
+            yield from make_loader(train_blocks, TrainSampler(order, epoch, accelerator.process_index), collator,
+                                   cfg.runtime.num_workers, pin_memory=s["device"] == "cuda")
+            epoch += 1
+
+    batches = epochs()
     masked, losses = [], []
     for step in range(1, s["total_steps"] + 1):
         micro = [next(batches)]
@@ -412,7 +483,7 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         if step == 1 and variant == "harness_compile":
             _log(variant, f"first step (compiles the encoder) took {time.perf_counter() - gate._begin:.1f}s")
         gate.step_end(step)
-    peak = peak_rss_mb()
+    peak = memory_peak(s)
     return {
         "step_s": gate.step_s,
         "compute_s": gate.compute_s,
@@ -421,8 +492,7 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "autocast_dtype": probe.dtype if probe else f"{s['harness_precision']} (not probed under torch.compile)",
         "threads_in_step": gate.threads,
         "optimizer": f"mlm.train.build_optimization: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
-        "rss_before_train_mb": rss_before,
-        "peak_rss_mb": peak,
+        **before, **peak,
         "dense_head": False,
         "first_step_s": gate.step_s[0],
     }
@@ -439,19 +509,26 @@ def worker(variant: str, s: dict) -> dict:
 
     t_setup = time.perf_counter()
     tokenizer = load_tokenizer(ModelConfig())
-    blocks = build_blocks(DatasetConfig(), tokenizer, BLOCK)
+    from mlm.flops import count_flops
+
+    blocks = build_blocks(DatasetConfig(), tokenizer, s["block_size"])
     train_blocks = blocks["train"]
     eval_blocks = blocks["test"].select(range(min(s["eval_blocks"], len(blocks["test"]))))
-    model = build_model(tokenizer, s["seed"])
+    model = build_model(tokenizer, s["seed"], s["scale"])
     stats = param_stats(model)
-    result = {"variant": variant, **stats, "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks)}
+    # the package's FLOP counter (perf/mfu's): the Trainer's head runs on every position, the harness's on the masked ones
+    count = count_flops(model, s["block_size"], sparse=not variant.startswith("trainer"))
+    result = {"variant": variant, **stats, "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks),
+              "flops_per_token": count.per_token, "flops_per_prediction": count.per_prediction}
+    if s["device"] == "cuda":
+        model.to("cuda")  # the eval of the initial weights runs there too; Trainer and Accelerate keep it there
     if s.get("eval_init"):
         _log(variant, "eval of the initial weights ...")
         result["eval_init"] = eval_loss(model, eval_blocks, tokenizer, s["seed"])
     result["setup_s"] = time.perf_counter() - t_setup
     run = run_trainer if variant.startswith("trainer") else run_harness
     result.update(run(variant, s, tokenizer, train_blocks, model))
-    if variant != "harness_compile":  # eval would recompile the compiled encoder (eval mode, other shapes)
+    if not variant.endswith("_compile"):  # eval would recompile the compiled model (eval mode, other shapes)
         result["eval"] = eval_loss(model, eval_blocks, tokenizer, s["seed"])
     result["torch_threads"] = torch.get_num_threads()
     return result
@@ -485,7 +562,7 @@ class Worker:
         print(f"[{self.variant}] FAILED: {self.error}", file=sys.stderr, flush=True)
         return False
 
-    def go(self, then: str) -> bool:
+    def send_go(self) -> bool:
         if not self.alive:
             return False
         try:
@@ -493,7 +570,10 @@ class Worker:
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # expect() reports the exit
-        return self.expect(then)
+        return True
+
+    def go(self, then: str) -> bool:
+        return self.send_go() and self.expect(then)
 
     def result(self) -> dict:
         if self.alive and self.proc.wait() == 0 and self.out.exists():
@@ -507,15 +587,30 @@ def run_interleaved(variants, settings: dict, tmp: Path, probe):
     `probe()` measures the matmul peak at the start of every round, while all workers are paused.
     """
     workers, rounds = {}, []
+    # CUDA (16 cores, 80 GB): after the first worker (it fills the block cache), the others' setup at once, and the
+    # (compiling) warm-up of all variants at once
+    together = settings["device"] == "cuda"
     for i, v in enumerate(variants):
         print(f"[{v}] setting up ...", file=sys.stderr, flush=True)
-        w = Worker(v, {**settings, "eval_init": i == 0}, tmp / f"{v}.json")
-        w.expect("ready")
-        workers[v] = w
+        workers[v] = Worker(v, {**settings, "eval_init": i == 0}, tmp / f"{v}.json")
+        if not together or i == 0:
+            workers[v].expect("ready")
+    if together:
+        for w in list(workers.values())[1:]:
+            w.expect("ready")
     for r in range(1 + settings["reps"]):
         order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])
         what = f"{settings['warmup']} warm-up step(s)" if r == 0 else f"window {r}/{settings['reps']} ({settings['steps']} step(s))"
         entry = {"round": r, "order": order, "loadavg_1min": os.getloadavg()[0], "matmul_gflops": probe(), "seconds": {}}
+        if r == 0 and together:  # untimed: only the windows after it are measured, one variant at a time
+            t = time.perf_counter()
+            started = [v for v in order if workers[v].send_go()]
+            for v in started:
+                if workers[v].expect("done"):
+                    entry["seconds"][v] = time.perf_counter() - t
+                    print(f"[{v}] {what} (all variants at once): {entry['seconds'][v]:.1f}s", file=sys.stderr, flush=True)
+            rounds.append(entry)
+            continue
         for v in order:
             t = time.perf_counter()
             if workers[v].go("done"):
@@ -575,33 +670,51 @@ def parse_args(argv):
     p.add_argument("--eval-blocks", type=int, default=None, help="test blocks for the learning check (default 64; quick 16)")
     p.add_argument("--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
-    p.add_argument("--compile", action="store_true", help="also time harness_compile (runtime.compile=true)")
+    p.add_argument("--compile", action="store_true", help="also time harness_compile (runtime.compile=true); always on CUDA")
+    p.add_argument("--scale", choices=tuple(SCALES), default="default",
+                   help="default: RoBERTa 6x768 (vocab 50265); base: BERT-base 12x768 (vocab 30522), random init from a local config")
+    p.add_argument("--block", type=int, choices=(128, 512), default=BLOCK, help="tokens per block (default 128)")
+    p.add_argument("--batch", type=int, default=None, help=f"blocks per step, every variant (default: {BATCH} on CPU; on CUDA {CUDA_BATCH})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present, else CPU")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_settings", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if any(x is not None and x < 1 for x in (a.steps, a.reps, a.warmup)):
-        p.error("--steps, --reps and --warmup must be >= 1")
+    if any(x is not None and x < 1 for x in (a.steps, a.reps, a.warmup, a.batch)):
+        p.error("--steps, --reps, --warmup and --batch must be >= 1")
+    if a.device == "cuda" and not __import__("torch").cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
     return a
 
 
 def make_settings(a) -> dict:
     """Every setting the workers share (the JSON's "settings"), with --quick's smaller defaults."""
+    import torch
+
+    from mlm.flops import gpu_peak
     from mlm.precision import native_bf16, resolve_mixed_precision
 
     q = a.quick
-    warmup = a.warmup if a.warmup is not None else (1 if q else 2)
-    steps = a.steps if a.steps is not None else (1 if q else 3)
+    cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    # CUDA: more warm-up (torch.compile compiles in the first steps) and longer windows (a step takes milliseconds)
+    warmup = a.warmup if a.warmup is not None else (3 if cuda else 1 if q else 2)
+    steps = a.steps if a.steps is not None else ((5 if q else 10) if cuda else 1 if q else 3)
     reps = a.reps if a.reps is not None else (2 if q else 3)
+    model_type, arch = SCALES[a.scale]
+    name = torch.cuda.get_device_name(0) if cuda else None
     return {
+        "device": "cuda" if cuda else "cpu", "device_name": name or "CPU",
         "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps,
         "threads": a.threads or len(os.sched_getaffinity(0)), "lr": a.lr, "seed": a.seed,
-        "eval_blocks": a.eval_blocks or (16 if q else 64), "block_size": BLOCK, "batch_size": BATCH,
-        "matmul_size": a.matmul_size or (1024 if q else 2048), "matmul_reps": 3 if q else 7, "quick": q, "compile": a.compile,
-        "bf16_native": native_bf16("cpu"),  # on the Trainer's device (use_cpu=True)
+        "eval_blocks": a.eval_blocks or (16 if q else 64), "block_size": a.block, "scale": a.scale,
+        "batch_size": a.batch or (CUDA_BATCH[a.block] if cuda else BATCH), "num_workers": CUDA_WORKERS if cuda else 0,
+        "matmul_size": a.matmul_size or (1024 if q else 2048), "matmul_reps": 3 if q else 7, "quick": q, "compile": a.compile or cuda,
+        "bf16_native": native_bf16("cuda" if cuda else "cpu"),  # on the Trainer's device, the harness's
         "harness_precision": "bf16" if resolve_mixed_precision("auto") == "bf16" else "fp32",  # what runtime.mixed_precision=auto picks
-        "model": {"model_type": "roberta", **ARCH, "attn_implementation": "sdpa"},
-        "data": "mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), 128): train split",
+        # CUDA: MFU against NVIDIA's datasheet figure (mlm.flops.GPU_PEAKS, as perf/mfu); CPU: the matmul probe below
+        "datasheet_peak_gflops": {p: (gpu_peak(name, p) or 0) / 1e9 or None for p in ("bf16", "fp32")} if cuda else None,
+        "model": {"model_type": model_type, **arch, "attn_implementation": "sdpa"},
+        "data": f"mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), {a.block}): train split",
         "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
         "mlm_probability": 0.15,
     }
@@ -609,8 +722,14 @@ def make_settings(a) -> dict:
 
 def choose_variants(s: dict):
     """The variants to run, and the skipped ones with the measured reason."""
+    if s["device"] == "cuda":
+        return list(CUDA_VARIANTS), {"trainer_fp32": "on CUDA the Trainer runs with its best settings (bf16, fused AdamW, sdpa; "
+                                                     "trainer_bf16_compile adds torch_compile): an fp32 row would only be slower"}
     variants = list(VARIANTS) + (["harness_compile"] if s["compile"] else [])
     skipped = {}
+    if s["scale"] == "default":
+        skipped["base scale"] = ("BERT-base 12x768 at block 128 and 512 is not run on CPU by default (a dense step takes "
+                                 "tens of seconds to minutes on 2 cores); --scale base [--block 512] runs it")
     if not s["bf16_native"]:
         emulated = matmul_gflops(512, 3, s["threads"], ("fp32", "bf16"))
         skipped["trainer_bf16"] = (f"no native bf16 on this CPU (no AVX512-BF16 or AMX): a 512^2 matmul ran at "
@@ -621,6 +740,8 @@ def choose_variants(s: dict):
 
 
 def probed(s: dict):
+    if s["device"] == "cuda":  # the datasheet is the peak there
+        return ()
     return ("fp32", "bf16") if s["bf16_native"] else ("fp32",)
 
 
@@ -630,7 +751,8 @@ def measure(variants, s: dict) -> dict:
         return matmul_gflops(s["matmul_size"], s["matmul_reps"], s["threads"], probed(s))
 
     t_all, load_before = time.perf_counter(), os.getloadavg()
-    print(f"matmul peak ({s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...", file=sys.stderr, flush=True)
+    if probed(s):
+        print(f"matmul peak ({s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...", file=sys.stderr, flush=True)
     before = probe()
     with tempfile.TemporaryDirectory() as tmp:
         results, rounds = run_interleaved(variants, s, Path(tmp), probe)
@@ -644,13 +766,6 @@ def window_stats(step_s, warmup: int, steps: int, reps: int, tokens_per_step: in
     return {"tokens_per_s": statistics.median(rates), "tokens_per_s_reps": rates, "window_s": windows}
 
 
-def flops_per_step(stats: dict, masked_mean: float, dense_head: bool) -> float:
-    h, v, layers = ARCH["hidden_size"], ARCH["vocab_size"], ARCH["num_hidden_layers"]
-    tokens = BATCH * BLOCK
-    predicted = tokens if dense_head else masked_mean
-    return 6 * stats["n_body"] * tokens + 12 * layers * h * BLOCK * tokens + 6 * (h * h + h * v) * predicted
-
-
 FIGURES = ("tokens_per_s", "compute_only_tokens_per_s", "flops_per_step", "model_gflops_achieved", "mfu", "mfu_vs_best_peak",
            "peak_memory_mb", "peak_memory_minus_rss_before_training_mb")
 
@@ -661,21 +776,26 @@ def variant_figures(r: dict, rounds, s: dict, best: float, precision: str) -> di
     `best` is the best matmul peak of the run at the variant's precision."""
     if "error" in r:
         return {**dict.fromkeys(FIGURES), "details": r}
-    tokens_per_step = BATCH * BLOCK
+    tokens_per_step = s["batch_size"] * s["block_size"]
     w = window_stats(r["step_s"], s["warmup"], s["steps"], s["reps"], tokens_per_step)
     c = window_stats(r["compute_s"], s["warmup"], s["steps"], s["reps"], tokens_per_step)
     timed_masked = r["masked_per_step"][s["warmup"]:]
     masked_mean = statistics.mean(timed_masked) if timed_masked else 0.15 * tokens_per_step
-    fps = flops_per_step(r, masked_mean, r["dense_head"])
+    fps = r["flops_per_token"] * tokens_per_step + r["flops_per_prediction"] * masked_mean  # mlm.flops.count_flops
     achieved = fps * w["tokens_per_s"] / tokens_per_step / 1e9
-    # MFU of each window against the matmul peak measured at the start of the same round, then the median:
-    # background load slows the matmul probe and the training alike, so this stays comparable across rounds
-    mfu_reps = [fps * rate / tokens_per_step / 1e9 / rounds[i + 1]["matmul_gflops"][precision]
-                for i, rate in enumerate(w["tokens_per_s_reps"])]
+    # CPU: MFU of each window against the matmul peak measured at the start of the same round, then the median:
+    # background load slows the matmul probe and the training alike, so this stays comparable across rounds.
+    # CUDA: against the datasheet peak (None for a GPU not in mlm.flops.GPU_PEAKS)
+    peaks = [best] * s["reps"] if s["device"] == "cuda" else [rounds[i + 1]["matmul_gflops"][precision] for i in range(s["reps"])]
+    mfu_reps = [fps * rate / tokens_per_step / 1e9 / peak for rate, peak in zip(w["tokens_per_s_reps"], peaks) if peak]
+    device_mem = "peak_cuda_allocated_mb" in r  # CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS
+    peak_mem = r["peak_cuda_allocated_mb"] if device_mem else r["peak_rss_mb"]
+    before_mem = r["cuda_allocated_before_train_mb"] if device_mem else r["rss_before_train_mb"]
     return {
         "tokens_per_s": w["tokens_per_s"], "compute_only_tokens_per_s": c["tokens_per_s"], "flops_per_step": fps,
-        "model_gflops_achieved": achieved, "mfu": statistics.median(mfu_reps), "mfu_vs_best_peak": achieved / best,
-        "peak_memory_mb": r["peak_rss_mb"], "peak_memory_minus_rss_before_training_mb": r["peak_rss_mb"] - r["rss_before_train_mb"],
+        "model_gflops_achieved": achieved, "mfu": statistics.median(mfu_reps) if mfu_reps else None,
+        "mfu_vs_best_peak": achieved / best if best else None,
+        "peak_memory_mb": peak_mem, "peak_memory_minus_rss_before_training_mb": peak_mem - before_mem,
         "details": {**r, **{f"window_{k}": val for k, val in w.items()}, "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
                     "masked_per_step_mean_timed": masked_mean, "model_gflop_per_step": fps / 1e9, "mfu_reps": mfu_reps},
     }
@@ -696,6 +816,10 @@ def speedups(tps: dict, details: dict, compile_: bool) -> dict:
              "trainer_bf16_vs_trainer_fp32": ("trainer_bf16", "trainer_fp32")}
     if compile_:
         pairs["harness_compile_vs_harness"] = ("harness_compile", "harness")
+    if "trainer_bf16_compile" in tps:  # CUDA
+        pairs.update({"harness_vs_trainer_bf16_compile": ("harness", "trainer_bf16_compile"),
+                      "harness_compile_vs_trainer_bf16": ("harness_compile", "trainer_bf16"),
+                      "harness_compile_vs_trainer_bf16_compile": ("harness_compile", "trainer_bf16_compile")})
     per_round = {k: window_ratio(x, y) for k, (x, y) in pairs.items()}
     out = {
         "speedup_vs_trainer_fp32": ratio(tps.get("harness"), tps.get("trainer_fp32")),
@@ -705,6 +829,10 @@ def speedups(tps: dict, details: dict, compile_: bool) -> dict:
     }
     if compile_:
         out["speedup_compile_vs_harness"] = ratio(tps.get("harness_compile"), tps.get("harness"))
+    best = {side: max(((v, x) for v, x in tps.items() if v.startswith(side) and x), key=lambda vx: vx[1], default=(None, None))
+            for side in ("harness", "trainer")}
+    out["best_vs_best_trainer"] = {"harness": best["harness"][0], "trainer": best["trainer"][0],
+                                   "speedup": ratio(best["harness"][1], best["trainer"][1])}
     return out
 
 
@@ -737,7 +865,7 @@ def summarize(run: dict, s: dict, skipped: dict, command: str) -> dict:
     results, rounds = run["results"], run["rounds"]
     precision = {**TRAINER_PRECISION, "harness": s["harness_precision"], "harness_compile": s["harness_precision"]}
     probes = [run["before"], run["after"]] + [r["matmul_gflops"] for r in rounds]
-    peak = {k: max(m[k] for m in probes) for k in probed(s)}
+    peak = s["datasheet_peak_gflops"] if s["device"] == "cuda" else {k: max(m[k] for m in probes) for k in probed(s)}
     figs = {v: variant_figures(r, rounds, s, peak[precision[v]], precision[v]) for v, r in results.items()}
     col = {k: {v: f[k] for v, f in figs.items()} for k in (*FIGURES, "details")}
     checksums = {v: r.get("init_checksum") for v, r in results.items() if "error" not in r}
@@ -763,11 +891,13 @@ def summarize(run: dict, s: dict, skipped: dict, command: str) -> dict:
                           "per_round": [r["matmul_gflops"] for r in rounds], "threads": s["threads"],
                           "note": "fp32/bf16 = the best of all probes (before, at the start of every round, after)"},
         "flops_counted": FLOPS_COUNTED,
+        "peak_memory_note": "CUDA: torch.cuda.max_memory_allocated during training (the +train column: minus what was allocated "
+                            "before it); CPU: the worker's peak RSS (+train: minus its RSS before training)",
         "same_init": len(set(checksums.values())) == 1 if checksums else None,
         "command": command,
         "settings": s,
         "machine": {
-            "cpu": platform.processor() or platform.machine(), "usable_cores": len(os.sched_getaffinity(0)),
+            "cpu": platform.processor() or platform.machine(), "usable_cores": len(os.sched_getaffinity(0)), "device": s["device_name"],
             "torch": torch.__version__, "python": platform.python_version(),
             "loadavg_before": run["loadavg_before"], "loadavg_after": os.getloadavg(), "transformers": transformers.__version__,
         },
@@ -781,31 +911,40 @@ def summarize(run: dict, s: dict, skipped: dict, command: str) -> dict:
 def table(out: dict) -> list:
     """The readable lines, from the JSON alone."""
     s, ev, mm = out["settings"], out["eval_loss"], out["matmul_gflops"]
+    m = s["model"]
+    where = f"{s['device_name']}, {CUDA_WORKERS} loader workers" if s["device"] == "cuda" else f"{s['threads']} threads"
     lines = [
-        f"train throughput: RoBERTa 6x768 (vocab 50265), batch {BATCH} x {BLOCK} tokens, {s['threads']} threads, "
+        f"train throughput: {m['model_type']} {m['num_hidden_layers']}x{m['hidden_size']} (vocab {m['vocab_size']}), batch "
+        f"{s['batch_size']} x {s['block_size']} tokens, {where}, "
         f"{s['warmup']} warm-up + median of {s['reps']} x {s['steps']} steps, variants interleaved; harness in {s['harness_precision']}",
-        f"{'variant':<16} {'tokens/s':>9} {'compute':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>11} "
-        f"{'+train MB':>9} {'eval loss':>9}",
+        f"{'variant':<20} {'tokens/s':>9} {'step ms':>8} {'compute':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6} "
+        f"{'peak MB' if s['device'] == 'cuda' else 'peak RSS MB':>11} {'+train MB':>9} {'eval loss':>9}",
     ]
+    tokens_per_step = s["batch_size"] * s["block_size"]
     for v, d in out["details"].items():
         mfu = out["mfu"][v]
+        tps = out["tokens_per_s"][v]
         lines.append(
-            f"{v:<16} {fmt(out['tokens_per_s'][v]):>9} {fmt(out['compute_only_tokens_per_s'][v]):>9} "
+            f"{v:<20} {fmt(tps):>9} {fmt(tps and 1e3 * tokens_per_step / tps):>8} {fmt(out['compute_only_tokens_per_s'][v]):>9} "
             f"{fmt(out['model_gflop_per_step'][v]):>10} {fmt(out['model_gflops_achieved'][v]):>8} "
             f"{fmt(mfu and 100 * mfu) + '%':>6} {fmt(out['peak_memory_mb'][v], '.0f'):>11} "
             f"{fmt(out['peak_memory_minus_rss_before_training_mb'][v], '.0f'):>9} {fmt(d.get('eval', {}).get('loss'), '.4f'):>9}"
         )
-    lines += [f"{v:<16} skipped: {why}" for v, why in out["skipped"].items()]
+    lines += [f"{v:<20} skipped: {why}" for v, why in out["skipped"].items()]
     rel = ev["rel_diff"]
     lines += [
-        f"harness speedup: {fmt(out['speedup_vs_trainer_fp32'], '.2f')}x vs trainer_fp32"
-        + ("" if out["skipped"].get("trainer_bf16") else f", {fmt(out['speedup_vs_trainer_bf16'], '.2f')}x vs trainer_bf16")
+        "harness speedup: " + ", ".join(f"{fmt(out[f'speedup_vs_{t}'], '.2f')}x vs {t}" for t in ("trainer_fp32", "trainer_bf16")
+                                        if out[f"speedup_vs_{t}"] is not None)
         + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if s["compile"] else "")
         + " (ratio of medians)",
         "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items() if m),
-        f"matmul {'/'.join(mm['before'])} GFLOP/s ({mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
-        f"before {gflops(mm['before'])}, rounds " + ", ".join(gflops(r) for r in mm["per_round"])
-        + f", after {gflops(mm['after'])} (MFU: vs the same round's probe)",
+        f"best harness row vs best Trainer row: {out['best_vs_best_trainer']['harness']} / {out['best_vs_best_trainer']['trainer']} "
+        f"= {fmt(out['best_vs_best_trainer']['speedup'], '.2f')}x",
+        (f"MFU against the datasheet peak of {s['device_name']}: " + ", ".join(f"{k} {fmt(g, '.0f')} GFLOP/s" for k, g in mm.items() if k in ("bf16", "fp32"))
+         if s["device"] == "cuda" else
+         f"matmul {'/'.join(mm['before'])} GFLOP/s ({mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
+         f"before {gflops(mm['before'])}, rounds " + ", ".join(gflops(r) for r in mm["per_round"])
+         + f", after {gflops(mm['after'])} (MFU: vs the same round's probe)"),
         f"eval loss after {ev['after_steps']} steps (init {fmt(ev['init'], '.4f')}): {ev['reference']} {fmt(ev.get(ev['reference']), '.4f')}, "
         f"harness {fmt(ev['harness'], '.4f')}, rel diff {fmt(rel and 100 * rel, '+.2f')}% -> "
         f"{'within' if rel is not None and abs(rel) <= 0.02 else 'NOT within'} 2%",

@@ -394,7 +394,8 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
     lines = [
         "",
         f"perplexity: {before_text(results)} -> {results['perplexity']:.2f} after "
-        f"({results['steps']} steps, {results['train_seconds']:.0f} s, {results['tokens_per_s']:.0f} tokens/s)",
+        f"({results['steps']} steps, {results['train_seconds']:.0f} s, {results['tokens_per_s']:.0f} tokens/s"
+        + (f", {results['data_wait']:.0%} of it waiting for data)" if results.get("data_wait") is not None else ")"),
         f"run directory: {run_dir}",
     ]
     if results.get("ema_perplexity") is not None:

@@ -42,6 +42,8 @@ from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
 
+DATA_WAIT_WARN = 0.2  # a log window whose steps waited longer than this share for their batches gets one warning per run
+
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient became NaN/inf; the run stops and keeps its last good checkpoint."""
@@ -78,6 +80,7 @@ class LogWindow:
         self.device = device
         self.loss_sum = torch.tensor(loss_sum, device=device)
         self.masked, self.seconds, self.steps = masked, 0.0, 0
+        self.wait = 0.0  # of self.seconds, spent waiting for the next batch
 
     @classmethod
     def restore(cls, saved: List[float], device) -> "LogWindow":
@@ -87,10 +90,11 @@ class LogWindow:
         """What a checkpoint keeps: the loss average must span the kill; timing restarts anyway."""
         return [float(self.loss_sum), self.masked]
 
-    def add(self, loss_sum: torch.Tensor, masked: int, seconds: float) -> None:
+    def add(self, loss_sum: torch.Tensor, masked: int, seconds: float, wait: float = 0.0) -> None:
         self.loss_sum += loss_sum
         self.masked += masked
         self.seconds += seconds
+        self.wait += wait
         self.steps += 1
 
     def flush(self, accelerator, tokens_per_step: int, utilisation: Optional[flops.Utilisation] = None) -> Dict[str, float]:
@@ -104,6 +108,7 @@ class LogWindow:
             "train/masked_tokens": int(totals[1]),  # of all processes
             "perf/tokens_per_s": self.steps * tokens_per_step / seconds,
             "perf/step_s": seconds / max(self.steps, 1),
+            "perf/data_wait": min(self.wait / seconds, 1.0),  # share of the steps' time spent in next(batches)
         }
         if utilisation is not None:
             metrics.update(utilisation.rates(self.steps * tokens_per_step, metrics["train/masked_tokens"], seconds))
@@ -144,6 +149,9 @@ class Run:
     ema: Optional[WeightAverage] = None  # the weight average (trainer.ema_decay > 0)
     utilisation: Optional[flops.Utilisation] = None  # FLOP counts and device peak (perf/mfu); None: not countable
     precision: str = ""  # the precision it trains in, and why (the start banner)
+    batch_wait: float = 0.0  # seconds the current step waited for its batches (train_batches)
+    waited: List[float] = field(default_factory=lambda: [0.0, 0.0])  # batch wait and step seconds since this process started
+    data_wait_warned: bool = False
 
     @property
     def raw_model(self):
@@ -398,7 +406,9 @@ def train_batches(run: Run) -> Iterator[Tuple[float, List[Dict[str, torch.Tensor
         for _ in range(first, min(order.steps_per_epoch, first + run.data.steps - state.step)):
             t0 = time.perf_counter()
             collator.probability = scheduled_probability(run.cfg.masking, run.done_fraction())
-            yield t0, [next(batches) for _ in range(order.accumulation)]
+            micro = [next(batches) for _ in range(order.accumulation)]
+            run.batch_wait = time.perf_counter() - t0  # perf/data_wait: the step's time waiting for data
+            yield t0, micro
 
 
 def epoch_loader(run: Run, epoch: int, first_step: int):
@@ -427,10 +437,13 @@ def count_step(run: Run, result: "StepResult", t0: float, window: "LogWindow") -
         log.info("step %d: fp16 gradients overflowed, update skipped; loss scale now %g", state.step, acc.scaler.get_scale())
         check_loss_scale(acc.scaler)
     else:
-        window.add(result.loss_sum, result.masked, seconds)
+        window.add(result.loss_sum, result.masked, seconds, run.batch_wait)
+    run.waited[0] += run.batch_wait
+    run.waited[1] += seconds
 
 
 def log_train(run: Run, result: "StepResult", window: "LogWindow", bar) -> None:
+    window_steps = window.steps
     metrics = {**window.flush(run.accelerator, run.tokens_per_step, run.utilisation), "train/lr": run.scheduler.get_last_lr()[0],
                "train/grad_norm": float(result.grad_norm), "train/epoch": run.state.step / run.data.order.steps_per_epoch,
                "train/mlm_probability": run.collator.probability}
@@ -439,6 +452,12 @@ def log_train(run: Run, result: "StepResult", window: "LogWindow", bar) -> None:
         metrics.update({"train/loss_scale": scaler.get_scale(), "train/overflow_steps": run.state.overflow_steps})
     run.state.predictions += metrics["train/masked_tokens"]
     run.tracker.log(metrics, run.state.step)
+    if metrics["perf/data_wait"] > DATA_WAIT_WARN and not run.data_wait_warned:
+        run.data_wait_warned = True
+        first = run.state.step - window_steps + 1
+        steps = f"steps {first}-{run.state.step}" if window_steps > 1 else f"step {run.state.step}"
+        log.warning("%s waited %.0f%% of the time for the next batch: the device is starved of data "
+                    "(raise runtime.num_workers; docs/performance.md, 'Data wait')", steps, 100 * metrics["perf/data_wait"])
     log.info(progress.train_line(run.state.step, run.data.steps, metrics, (run.state.train_seconds, run.budget_s) if run.budget_s else None))
     bar.set_postfix(step=run.state.step, loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
                     tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
@@ -554,6 +573,7 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "train_tokens": state.tokens,
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
+        "data_wait": round(run.waited[0] / run.waited[1], 4) if run.waited[1] else None,  # this process's steps (since a resume)
         **flops.run_totals(run.utilisation, state.tokens, state.predictions, state.train_seconds),  # train_flops, mfu
         "processes": acc.num_processes,
         "device": "cpu" if acc.device.type == "cpu" else str(acc.device),  # this process's; rank r has cuda:<local rank>

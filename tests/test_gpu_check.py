@@ -17,7 +17,8 @@ from tests.conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 CPU_ROWS = ("auto precision", "fp16 loss scale", "parallel jobs")
-CUDA_ROWS = ("syncs per step", "throughput vs Trainer", "compile recompiles", "DDP vs FSDP", "failing rank (NCCL)")
+CUDA_ROWS = ("syncs per step", "throughput default 128", "throughput base 128", "throughput base 512", "compile recompiles",
+             "DDP vs FSDP", "failing rank (NCCL)")
 
 
 def table(stdout: str) -> dict:
@@ -130,3 +131,47 @@ def test_the_two_process_rows_run_on_cpu_processes_with_gloo(tmp_path):
     assert status == "ok", result
     assert "job 0: rank 1 failed after step 3, error.txt: rank 1: RuntimeError: injected failure" in result
     assert "job 1: finished on 2 processes" in result and "torchrun exited 1 after" in result  # the sweep says a job failed
+
+
+def test_the_throughput_rows_run_the_benchmark_at_their_scale_in_a_share_of_the_budget(tmp_path, monkeypatch):
+    """The CUDA-only throughput rows' plumbing on CPU, with the subprocess stubbed: each row runs
+    train_throughput.py at its scale and block within an equal share of what the budget has left (less what
+    the rows after them keep), and reads the row from the JSON it wrote; with too little left it says budget."""
+    module = load_script()
+    calls = []
+
+    def fake_run(cmd, env, timeout):
+        calls.append((cmd, timeout))
+        out = json.dumps({"tokens_per_s": {"trainer_bf16": 1000.0, "harness": 2500.0}, "mfu": {"trainer_bf16": 0.1, "harness": 0.3},
+                          "peak_memory_mb": {"trainer_bf16": 2048.0, "harness": 1024.0},
+                          "best_vs_best_trainer": {"harness": "harness", "trainer": "trainer_bf16", "speedup": 2.5},
+                          "eval_loss": {"after_steps": 13, "harness": 7.0, "reference": "trainer_bf16", "trainer_bf16": 7.1}})
+        (tmp_path / cmd[cmd.index("--json") + 1]).write_text(out)
+        return 0, "table line\nwrote x", "", 42.0
+
+    monkeypatch.setattr(module, "run", fake_run)
+    ctx = {"work": tmp_path, "env": {}, "budget": module.Budget(10), "gpus": 1}
+    result, status = module.check_throughput(ctx, "throughput base 512")
+    (cmd, timeout), = calls
+    assert cmd[cmd.index("--scale") + 1] == "base" and cmd[cmd.index("--block") + 1] == "512" and "--quick" in cmd
+    assert 595 < timeout <= 600  # the last throughput row on one GPU: all that is left
+    assert status == "ok" and result.startswith("trainer_bf16 1,000 tok/s MFU 10.0% 2.0 GiB, harness 2,500 tok/s MFU 30.0% 1.0 GiB")
+    assert "best harness (harness) vs best Trainer (trainer_bf16): 2.50x" in result
+    assert ctx["throughput"]["throughput base 512"]["table"] == ["table line"]
+
+    ctx["gpus"] = 2  # the two-GPU rows after them keep their share
+    module.check_throughput(ctx, "throughput default 128")  # the first of three: a third
+    assert calls[-1][1] == pytest.approx((600 - module.AFTER_THROUGHPUT_S) / 3, abs=5)
+    ctx["budget"] = module.Budget((module.AFTER_THROUGHPUT_S + module.MIN_THROUGHPUT_S - 5) / 60)
+    assert module.check_throughput(ctx, "throughput base 512") == ("skipped: budget", None)
+
+
+def test_only_runs_the_rows_named_and_the_table_says_so(tmp_path, monkeypatch, capsys):
+    module = load_script()
+    monkeypatch.setenv("MLM_CACHE", str(tmp_path / "cache"))  # main() points it at its work dir; restored after
+    md = tmp_path / "check.md"
+    assert module.main(["--budget-minutes", "0", "--only", "parallel", "--out-dir", str(tmp_path / "work"), "--md", str(md)]) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows["parallel jobs"] == ("", "skipped: budget")  # the row named, out of budget here
+    assert all(status == "skipped: --only" for name, (_, status) in rows.items() if name != "parallel jobs")
+    assert md.read_text().startswith("# GPU check\n\n| check | result | status |")

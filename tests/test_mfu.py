@@ -164,3 +164,30 @@ def test_a_run_logs_mfu_and_counts_its_flops(corpus, tmp_path):
     # the whole run's FLOPs: every token through the encoder, the head at every masked position logged
     count = count_flops(build_model(compose(TINY_RUN).model, 32, seed=0)[0], 32, sparse=True)
     assert results["train_flops"] == pytest.approx(count.of(results["train_tokens"], sum(r["train/masked_tokens"] for r in train)))
+
+
+
+@pytest.mark.slow
+def test_a_run_starved_of_data_reports_its_data_wait_and_warns_once(corpus, tmp_path, monkeypatch, caplog):
+    """perf/data_wait (the share of a step spent in next(batches)) in every train record and in results.json; a
+    collator that sleeps makes the steps wait on data, which the run says in one warning."""
+    import time
+
+    import mlm.train
+    from mlm.masking import MLMCollator
+
+    class SlowCollator(MLMCollator):
+        def __call__(self, batch):
+            time.sleep(1.0)  # far longer than a tiny model's step: the step waits on its batch
+            return super().__call__(batch)
+
+    monkeypatch.setattr(mlm.train, "MLMCollator", SlowCollator)
+    cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.log_every=1", "trainer.save_model=false"])
+    with caplog.at_level(logging.WARNING, logger="mlm.train"):
+        results = mlm.train.train(cfg, tmp_path)
+    train = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    assert len(train) == 4 and all(0 <= r["perf/data_wait"] <= 1 and r["perf/tokens_per_s"] > 0 for r in train)
+    assert mlm.train.DATA_WAIT_WARN < results["data_wait"] <= 1
+    first = next(r["step"] for r in train if r["perf/data_wait"] > mlm.train.DATA_WAIT_WARN)
+    warned = [r.getMessage() for r in caplog.records if "for the next batch" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"step {first} waited ") and "raise runtime.num_workers" in warned[0]

@@ -31,6 +31,8 @@ def test_run_writes_results_metrics_and_model(tiny_run):
     assert results["mixed_precision"] == ("bf16" if native_bf16("cpu") else "no")  # the default, auto, as resolved here
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+    assert all(0 <= r["perf/data_wait"] <= 1 and r["perf/tokens_per_s"] > 0 for r in records if "train/loss" in r)
+    assert 0 <= results["data_wait"] <= 1 and f"{results['data_wait']:.0%} of it waiting for data" in proc.stdout
     assert [r["step"] for r in records if "eval/perplexity" in r] == [0, 2, 4]
     assert (run_dir / "final" / "model.safetensors").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()
