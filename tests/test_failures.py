@@ -248,6 +248,8 @@ def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write metrics {metrics}: Is a directory"), err[-2000:]
     assert "which keeps the unwritten records" in lines[0]
+    error = (run_dir / "error.txt").read_text().splitlines()  # the cause, then the command that resumes the run
+    assert error == [lines[0].removeprefix("error: "), f"resume with: {sys.executable} {ROOT / 'run.py'} {' '.join(args)}"]
     shutil.rmtree(metrics)
     shutil.move(kept, metrics)  # the user fixes the disk; the records written before stay
     resumed = run_cli(args)
