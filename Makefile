@@ -6,21 +6,28 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# One stamp per torch spec (named by its checksum, holding it): another TORCH_SPEC is a new set-up.
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+OTHER_SPECS = $(filter-out $(STAMP),$(wildcard $(VENV)/.installed*))
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast bench clean clean-outputs
 
+# A set-up with another spec first removes its torch: pip keeps an installed torch that satisfies the
+# new spec's version (2.13.0+cpu satisfies torch==2.13.0 from a CUDA index).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(OTHER_SPECS),$(PY) -m pip uninstall --quiet --yes torch)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	rm -f $(VENV)/.installed*
+	printf '%s\n' '$(TORCH_SPEC)' > $(STAMP)
 
 setup: $(STAMP)
 
+# MLM_MAKE_TARGET: a stop line then gives the resume command as `make train ARGS="... hydra.run.dir=<dir>"`
 train: $(STAMP)   ## the default job, offline: pretrained MiniLM on the Wikipedia sample
-	$(PY) run.py $(ARGS)
+	MLM_MAKE_TARGET=train $(PY) run.py $(ARGS)
 
 test: $(STAMP)    ## the whole suite: fast tests and the slow end-to-end ones
 	$(PY) -m pytest -q -m "slow or not slow"
@@ -33,8 +40,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/grouping.py --json benchmarks/results/grouping.json
 	$(PY) benchmarks/preprocess.py --json benchmarks/results/preprocess.json
 
-clean:
-	rm -rf outputs .pytest_cache
+clean:            ## caches only; runs stay (outputs/: make clean-outputs CONFIRM=1)
+	rm -rf .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-outputs:    ## deletes every run and sweep in outputs/ (checkpoints included)
+	@test "$(CONFIRM)" = 1 || { echo "this deletes every run and sweep in outputs/, checkpoints included; to do it: make clean-outputs CONFIRM=1"; exit 2; }
+	rm -rf outputs
 
 .PHONY: gpu-check
 gpu-check: $(STAMP)   ## on a CUDA machine: every GPU row in one call (budget 8 min), the table to paste in benchmarks/results/gpu_check.md

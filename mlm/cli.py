@@ -21,17 +21,19 @@ from mlm.config import CONF, GROUPS, MOVED, REMOVED, Choice, Config, UserError, 
 from mlm.distributed import detect, is_main_process, launch_name
 from mlm.files import atomic_write_text, open_append
 from mlm.preemption import Interrupted
-from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir
+from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir, resume_command, resume_note
 
 log = logging.getLogger("mlm")
 
 
-def launch_stamp() -> str:
-    """A timestamp shared by all processes of one launch on one node (for the run directory name).
+def launch_stamp(*, _root_: Optional[DictConfig] = None) -> str:
+    """The default run (or sweep) directory's name: a timestamp shared by all processes of one launch on one node,
+    or, for a single run with resume=auto, the unfinished default run this same command started (resume_unfinished).
 
     torchrun and `accelerate launch` start every rank from one launcher process, so its start time
     is common to all of them; a plain `python run.py` uses its own start time. The tasks of one
     SLURM job (on several nodes) use its job id instead: their start times differ.
+    Decided once per process (Hydra resolves the run dir more than once).
     """
     try:
         name = launch_name()
@@ -40,6 +42,25 @@ def launch_stamp() -> str:
         sys.exit(2)
     if name:
         return name
+    key = _stamp_key(_root_)
+    if key not in _stamps:
+        _stamps[key] = resume_unfinished(_root_, start_stamp()) if key[0] else start_stamp()
+    return _stamps[key]
+
+
+_stamps: Dict[tuple, str] = {}  # launch_stamp's decisions in this process
+
+
+def _stamp_key(root: Optional[DictConfig]) -> tuple:
+    """(whether a default run dir may resume an unfinished run, the command's overrides, the working directory)."""
+    from hydra.types import RunMode
+
+    hydra = root.get("hydra") if root is not None else None
+    single = hydra is not None and hydra.get("mode") == RunMode.RUN and root.get("resume") == "auto"
+    return single, tuple(hydra.overrides.task) if single else (), os.getcwd()
+
+
+def start_stamp() -> str:
     start = time.time()
     if detect().world_size > 1:  # also mpirun and submitit tasks, whose LOCAL_RANK setup() exports only later
         import psutil
@@ -48,9 +69,31 @@ def launch_stamp() -> str:
     return datetime.fromtimestamp(start).strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def resume_unfinished(root: DictConfig, stamp: str) -> str:
+    """A single run with no hydra.run.dir resumes the newest unfinished default run of the same command and settings
+    (mlm.rundir.unfinished_run: an exact resume, so it costs no result; a finished run is never chosen), saying so in
+    one line; else `stamp`, a new directory. Every rank of a launch chooses alike: a directory without a checkpoint is
+    never chosen, so the one rank 0 creates cannot be, and the lock of a rank of this launch does not count."""
+    import yaml
+
+    from mlm.rundir import RUNS_ROOT, unfinished_run
+    from mlm.tracking import scrub
+
+    overrides = scrub(list(root.hydra.overrides.task))
+    tree = OmegaConf.to_container(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True)
+    found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree))))  # as save_config_snapshot writes it
+    if found is None:
+        return stamp
+    run_dir, step = found
+    if is_main_process():
+        print(f"resuming the unfinished run {run_dir} (same command, stopped at step {step}); "
+              f"to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}", flush=True)
+    return run_dir.name
+
+
 def register() -> None:
     register_configs()
-    OmegaConf.register_new_resolver("mlm_launch_stamp", launch_stamp, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("mlm_launch_stamp", launch_stamp, replace=True)  # cached by launch_stamp (it reads the root)
     # value on the main process; on the others the second argument (default: null)
     OmegaConf.register_new_resolver("mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True)
     OmegaConf.register_new_resolver("mlm_help", help_page, replace=True)  # python run.py --help (conf/hydra/help/mlm.yaml)
@@ -250,7 +293,7 @@ class RunDirGuard(Callback):
 def stopped_sweep_line(sweep_dir: Path, signum: int) -> str:
     summary = sweep_dir / "summary.md"
     return (f"the sweep was stopped by {preemption.signal_name(signum)}: its running jobs stopped with a checkpoint and no new job started"
-            + (f"; what finished is in {summary}" if summary.exists() else "") + "; run the same command again to resume")
+            + (f"; what finished is in {summary}" if summary.exists() else "") + f"; resume with: {resume_command(sweep_dir, sweep_dir)}")
 
 
 def _failures(sweep_dir: Path) -> Optional[str]:
@@ -370,7 +413,7 @@ def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> Option
     log.error(message)
     if record and is_main_process() and run_dir.is_dir():
         try:
-            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n")
+            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n" + resume_note(run_dir))
         except OSError as e:  # the disk that failed the run may fail this too; the message below still says why
             log.warning("could not write %s: %s", run_dir / "error.txt", e)
     if job["multirun"]:

@@ -36,6 +36,9 @@ import fcntl
 import json
 import logging
 import os
+import re
+import shlex
+import shutil
 import socket
 import sys
 import time
@@ -215,6 +218,112 @@ def release_run_dir(run_dir: Path) -> None:
     lock = _held.pop(Path(run_dir).resolve(), None)
     if lock is not None:
         lock.release()
+
+
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether a live process other than this one, or another rank of this launch (a sibling: same parent), holds
+    `run_dir` (its run.lock record, read without locking: a lock taken to look would refuse its real taker)."""
+    try:
+        holder = json.loads((Path(run_dir) / LOCK_FILE).read_text() or "{}")
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # unreadable: assume held
+    if not holder:
+        return False  # a clean end empties the record
+    if holder.get("host") != socket.gethostname():
+        return True
+    if not _alive(holder) or holder.get("pid") == os.getpid():
+        return False
+    try:
+        import psutil
+
+        return detect().world_size == 1 or psutil.Process(int(holder["pid"])).ppid() != os.getppid()
+    except Exception:
+        return True
+
+
+# ---------------------------------------------------------------- the command that resumes a run
+
+RUNS_ROOT = Path("outputs/runs")  # where a run without hydra.run.dir goes (conf/config.yaml; relative to the working directory)
+STAMP_NAME = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d")  # a default run directory's name: its start time (mlm.cli.launch_stamp)
+MAKE_TARGET = "MLM_MAKE_TARGET"  # set by the Makefile's train target: the resume command is then `make train ARGS=...`
+
+
+def resume_command(run_dir: Path, sweep_dir: Optional[Path] = None) -> str:
+    """The command that resumes this run (or sweep): the command as given, secrets masked, plus hydra.run.dir (a sweep's
+    job: hydra.sweep.dir) when it named none, since a default directory is new each time. Under `make train` it is
+    `make train ARGS="..."`; under torchrun or accelerate launch a rank's argv is not the launcher's, so it says so."""
+    sweep_dir = sweep_dir or _sweep_dir()
+    key, where = ("hydra.sweep.dir", sweep_dir) if sweep_dir else ("hydra.run.dir", Path(run_dir))
+    args = scrub(sys.argv[1:])
+    extra = [] if any(a.lstrip("+").startswith(key + "=") for a in args) else [f"{key}={Path(where).absolute()}"]
+    if detect().world_size > 1:
+        return "the same launch command (torchrun, accelerate launch, srun)" + (f" with {shlex.join(extra)} added" if extra else "")
+    target = os.environ.get(MAKE_TARGET)
+    if target:
+        return f"make {target} ARGS={_make_quote(shlex.join(args + extra))}"
+    return shlex.join([python_name(), sys.argv[0], *args, *extra])
+
+
+def _sweep_dir() -> Optional[str]:
+    """The sweep directory when this process runs a multirun's job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def _make_quote(text: str) -> str:
+    """ARGS="..." as a user types it, unless the shell would expand something inside double quotes."""
+    return f'"{text}"' if not re.search(r'["$`\\!]', text) else shlex.quote(text)
+
+
+def python_name() -> str:
+    """How to call this Python from the working directory: a relative path to a venv inside it, `python` when that
+    is this interpreter, else its full path."""
+    exe = sys.executable
+    with contextlib.suppress(ValueError):
+        return str(Path(exe).relative_to(Path.cwd()))
+    return next((name for name in ("python", "python3") if shutil.which(name) == exe), exe)
+
+
+def resume_note(run_dir: Path) -> str:
+    """What error.txt adds after the error: the command that resumes the run, when it holds a checkpoint."""
+    from mlm.checkpoint import list_checkpoints
+
+    return f"resume with: {resume_command(run_dir)}\n" if list_checkpoints(run_dir) else ""
+
+
+def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, int]]:
+    """The newest default run (under RUNS_ROOT, named by its start time) that this command resumes exactly, and the step
+    of its newest checkpoint: started with the same overrides and settings (.hydra/overrides.yaml, .hydra/config.yaml),
+    holding a complete checkpoint and no results.json (never a finished run), and not in use by a live process.
+    `config`: this run's settings as save_config_snapshot writes them (unresolved, secrets masked)."""
+    import yaml
+
+    if not RUNS_ROOT.is_dir():
+        return None
+    for run_dir in sorted((p for p in RUNS_ROOT.iterdir() if STAMP_NAME.fullmatch(p.name)), reverse=True):
+        try:
+            if (run_dir / "results.json").exists() or not (run_dir / "checkpoints").is_dir():
+                continue
+            saved = run_dir / ".hydra"
+            if yaml.safe_load((saved / "overrides.yaml").read_text()) != overrides or yaml.safe_load((saved / "config.yaml").read_text()) != config:
+                continue
+            if held_elsewhere(run_dir):
+                continue
+            from mlm.checkpoint import list_checkpoints  # imports torch: only for a candidate
+
+            newest = list_checkpoints(run_dir)
+            if newest:
+                return run_dir, int(newest[0].name.split("-")[-1])
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+    return None
 
 
 # The settings a resume (and the "finished" check) does not compare: each says so on its field in mlm/config.py

@@ -379,7 +379,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             stop_with_checkpoint("metrics", stop, run.tracker, run.run_dir, state.step)
         if checkpoint.any_process(run.accelerator, stop.signum is not None):  # trained and checkpointed: the files are the rerun's
             stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} holds the final eval; "
-                                      "run the same command again to write final/ and results.json (nothing left to train)")
+                                      f"write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}")
         results = results_record(run, final, time.perf_counter() - wall_start)
         stop.plan = "finishing final/ and results.json (seconds); a downstream fine-tune then stops at its next step"
         save_outputs(run, results, stop)
@@ -527,12 +527,12 @@ def stop_abandoned_eval(run: Run, window: "LogWindow", stop: StopSignals, abando
     if state.step == 0:
         stop.hand_on()  # submitit's handler requeues the job and exits here
         raise Interrupted(stop.signum, f"stopped by {stop.name} during the eval at step 0; nothing trained yet and no checkpoint; "
-                                       "run the same command again to start over")
+                                       f"start over with: {rundir.resume_command(run.run_dir)}")
     if state.step != start_step:
         save(run, window)
     if run.last_step():
-        stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} is the last step's; run the same "
-                                  "command again to run the final eval and write final/ and results.json (nothing left to train)")
+        stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} is the last step's; run the final "
+                                  f"eval and write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}")
     stop_with_checkpoint("signal", stop, run.tracker, run.run_dir, state.step)
 
 
@@ -610,7 +610,7 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
         scores = None if stopped else distributed.on_main_alone("downstream", lambda: fine_tune_final(run))
         if checkpoint.any_process(run.accelerator, run.main and scores is None):
             stop_after_training(stop, f"the training results are in {run.run_dir / 'results.json'}; "
-                                      "run the same command again to add the downstream numbers")
+                                      f"add the downstream numbers with: {rundir.resume_command(run.run_dir)}")
         if run.main:
             results["downstream"] = scores
             run.tracker.summary({"downstream/accuracy": scores["accuracy"], "downstream/macro_f1": scores["macro_f1"]})
@@ -728,7 +728,7 @@ def stop_with_checkpoint(reason: str, stop: StopSignals, tracker, run_dir: Path,
         raise UserError(f"{cause}; stopped after step {step} with checkpoint {written}, which keeps the unwritten records")
     stop.hand_on()  # submitit's handler requeues the job and exits here
     raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}; checkpoint {written} written; "
-                                   "run the same command again to resume")
+                                   f"resume with: {rundir.resume_command(run_dir)}")
 
 
 def stop_after_training(stop: StopSignals, what: str) -> None:

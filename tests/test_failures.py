@@ -157,7 +157,7 @@ def uninterrupted(corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)  # SIGHUP: the terminal or ssh session closed
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)  # SIGHUP: the terminal or ssh session closed
 def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(corpus, uninterrupted, tmp_path, sig):
     run_dir = tmp_path / "run"
     args = [*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
@@ -165,16 +165,69 @@ def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(cor
     wait_for(lambda: last_step(run_dir) >= 30, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)  # the step in flight, one checkpoint, then out
-    assert proc.returncode == 128 + sig, err[-3000:]
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    step = assert_stopped(proc, err, sig, run_dir)
+    resume = f"{sys.executable} {ROOT / 'run.py'} {' '.join(args)}"  # the command as given: it names its run dir
+    assert err.strip().endswith(f"; checkpoint {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} written; resume with: {resume}")
+    resumed = run_cli(args)
+    assert resumed.returncode == 0 and f"at step {step}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert_same_as_uninterrupted(run_dir, uninterrupted)
+
+
+def assert_stopped(proc, err: str, sig, run_dir: Path, after: int = 30) -> int:
+    """One `stopped:` line, one checkpoint of the step it names (past `after`), the lock released; that step.
+    Under make, make ends by the signal itself once the run has exited (a shell shows 128 + signal either way)."""
+    assert proc.returncode == (-sig if proc.args[0] == "make" else 128 + sig), err[-3000:]
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("make: ***")]  # make's own "Interrupt"
     name = signal.Signals(sig).name
     assert lines[0] == f"{name}: stopping after this step with a checkpoint (a second {name} stops at once, saving nothing more)", err[-3000:]
     assert len(lines) == 2 and lines[1].startswith(f"stopped: stopped by {name} after step ") and "Traceback" not in err
     step = int(lines[1].split("after step ")[1].split(";")[0])
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"ckpt-{step:08d}"] and 30 <= step < 400
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == f"ckpt-{step:08d}" and after <= step < 400
     assert (run_dir / "run.lock").read_text() == ""  # released
-    resumed = run_cli(args)
-    assert resumed.returncode == 0 and f"at step {step}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    return step
+
+
+def clone_with_make(tmp_path: Path):
+    """A checkout as `make train` sees it (links to this one's files) and the environment that makes its set-up
+    already done: the installed stamp and this Python (MAKEFLAGS passes them as command-line variables)."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("Makefile", "run.py", "conf", "pyproject.toml"):
+        (clone / name).symlink_to(ROOT / name)
+    (tmp_path / "installed").write_text("")  # newer than pyproject.toml
+    return clone, {**os.environ, "MAKEFLAGS": f"PY={sys.executable} STAMP={tmp_path / 'installed'}"}  # threads as the reference run's
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_make_train_then_make_train_again_or_the_printed_command_resume_the_run(corpus, uninterrupted, tmp_path):
+    """`make train` (no run dir), Ctrl-C (SIGINT to the terminal's process group: make and the run); `make train` again
+    resumes that run, saying so; Ctrl-C again; then the command the first stop line printed finishes it, exactly."""
+    clone, env = clone_with_make(tmp_path)
+    make_train = ["make", "-s", "train", f"ARGS={' '.join([*SIGNAL_RUN, f'dataset.path={corpus}'])}"]
+
+    def ctrl_c_after(step: int):
+        proc = subprocess.Popen(make_train, cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_for(lambda: any(last_step(d) >= step for d in (clone / "outputs" / "runs").glob("*")), proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc, *proc.communicate(timeout=120)
+
+    proc, out, err = ctrl_c_after(30)
+    [run_dir] = (clone / "outputs" / "runs").iterdir()
+    step = assert_stopped(proc, err, signal.SIGINT, run_dir)
+    printed = err.split("resume with: ")[1].strip().splitlines()[0]
+    assert printed == f'make train ARGS="{" ".join([*SIGNAL_RUN, f"dataset.path={corpus}"])} hydra.run.dir={run_dir}"'
+
+    proc, out, err = ctrl_c_after(step + 5)  # the same command again: the same run
+    assert out.startswith(f"resuming the unfinished run outputs/runs/{run_dir.name} (same command, stopped at step {step}); "
+                          "to start a new run instead add hydra.run.dir=outputs/runs/"), out[:2000]
+    assert f"resumed from {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} at step {step}\n" in out + err
+    second = assert_stopped(proc, err, signal.SIGINT, run_dir, after=step + 5)
+    assert [d.name for d in (clone / "outputs" / "runs").iterdir()] == [run_dir.name]
+    assert err.split("resume with: ")[1].strip().splitlines()[0] == printed
+
+    resumed = subprocess.run(printed, shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and f"at step {second}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert "resuming the unfinished run" not in resumed.stdout  # it named its run dir
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
@@ -197,6 +250,8 @@ def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write metrics {metrics}: Is a directory"), err[-2000:]
     assert "which keeps the unwritten records" in lines[0]
+    error = (run_dir / "error.txt").read_text().splitlines()  # the cause, then the command that resumes the run
+    assert error == [lines[0].removeprefix("error: "), f"resume with: {sys.executable} {ROOT / 'run.py'} {' '.join(args)}"]
     shutil.rmtree(metrics)
     shutil.move(kept, metrics)  # the user fixes the disk; the records written before stay
     resumed = run_cli(args)

@@ -49,3 +49,42 @@ def test_an_install_of_the_wheel_imports_the_data_package_and_the_loop(wheel, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(path.startswith(str(target)) for path in files.values()), files  # not an editable install's checkout
+
+
+def make(clone, *args):
+    proc = subprocess.run(["make", "-s", *args], cwd=clone, capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_make_setup_follows_the_torch_spec_and_make_clean_keeps_the_runs(tmp_path):
+    """Dry runs (-n) of the Makefile in a checkout-like folder: nothing is installed."""
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    _, plan = make(tmp_path, "-n", "setup")
+    stamp = tmp_path / plan.split("> ")[-1].strip()  # the set-up's last command writes its stamp
+    assert "pip install --quiet torch==2.13.0" in plan and "pip uninstall" not in plan  # a first set-up
+    stamp.parent.mkdir()
+    stamp.write_text("torch==2.13.0\n")  # as that set-up leaves it
+    assert make(tmp_path, "-n", "setup") == (0, "")
+    cuda = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+    _, plan = make(tmp_path, "-n", "setup", f"TORCH_SPEC={cuda}")
+    assert "pip uninstall --quiet --yes torch" in plan and f"pip install --quiet {cuda}\n" in plan  # pip would keep 2.13.0+cpu
+
+    run = tmp_path / "outputs" / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text("{}")
+    for cache in (".pytest_cache", "mlm/__pycache__"):
+        (tmp_path / cache).mkdir(parents=True)
+    assert make(tmp_path, "clean")[0] == 0
+    assert (run / "results.json").exists() and not (tmp_path / ".pytest_cache").exists() and not (tmp_path / "mlm" / "__pycache__").exists()
+    code, said = make(tmp_path, "clean-outputs")
+    assert code == 2 and "make clean-outputs CONFIRM=1" in said and (run / "results.json").exists()
+    assert make(tmp_path, "clean-outputs", "CONFIRM=1")[0] == 0 and not (tmp_path / "outputs").exists()
+
+
+def test_exported_models_are_not_tracked_by_git():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert subprocess.run(["git", "check-ignore", "-q", "exported/step-500/model.safetensors"], cwd=ROOT).returncode == 0  # docs/export.md's folder

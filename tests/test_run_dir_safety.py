@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -283,3 +284,101 @@ def test_a_ranks_failure_record_is_never_written_through_a_link(tmp_path):
     (run_dir / "error-rank1.json").symlink_to(victim)
     _record_failure(run_dir, 1, "rank 1: boom")
     assert victim.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- the same command resumes its unfinished run
+
+
+def composed_run(overrides, mode="RUN"):
+    """The config (hydra node included) `python run.py <overrides>` starts with, as the run-dir resolver sees it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from mlm.cli import CONF, register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode[mode]
+    return cfg
+
+
+def default_run(cfg, name: str, step=None, results=False, lock=None):
+    """outputs/runs/<name> as a run of `cfg` leaves it: Hydra's snapshot (.hydra/), a checkpoint of `step` (its manifest
+    is what makes it complete), results.json if it finished, and run.lock's holder record."""
+    import copy
+
+    from omegaconf import OmegaConf, open_dict
+
+    from mlm.cli import save_config_snapshot
+
+    run_dir = Path("outputs/runs") / name
+    task = copy.deepcopy(cfg)
+    with open_dict(task):
+        del task["hydra"]
+    save_config_snapshot(task, "config.yaml", run_dir / ".hydra")
+    save_config_snapshot(OmegaConf.create(list(cfg.hydra.overrides.task)), "overrides.yaml", run_dir / ".hydra")
+    if step is not None:
+        (run_dir / "checkpoints" / f"ckpt-{step:08d}").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"ckpt-{step:08d}" / "manifest.json").write_text(json.dumps({"step": step, "files": {}}))
+    if results:
+        (run_dir / "results.json").write_text("{}")
+    (run_dir / "run.lock").write_text(json.dumps(lock) if lock else "")
+    return run_dir
+
+
+def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_command(tmp_path, monkeypatch, capsys):
+    import psutil
+    import socket
+
+    from mlm import cli
+
+    monkeypatch.chdir(tmp_path)
+    cfg = composed_run([*TINY_RUN, "trainer.max_steps=8"])
+
+    def chosen(config=cfg):
+        cli._stamps.clear()  # decided once per process
+        return cli.launch_stamp(_root_=config)
+
+    fresh = chosen()
+    assert not Path("outputs/runs", fresh).exists() and capsys.readouterr().out == ""
+    default_run(cfg, "2026-01-01_00-00-00", step=4)
+    default_run(cfg, "2026-01-02_00-00-00", step=8, results=True)  # finished: never chosen
+    default_run(cfg, "2026-01-03_00-00-00")  # no checkpoint yet (a run just started): never chosen
+    pid1 = {"host": socket.gethostname(), "pid": 1, "start": psutil.Process(1).create_time()}
+    newest = default_run(cfg, "2026-01-04_00-00-00", step=2, lock=pid1)  # in use by a live process
+    assert chosen() == "2026-01-01_00-00-00"
+    assert capsys.readouterr().out == ("resuming the unfinished run outputs/runs/2026-01-01_00-00-00 (same command, stopped at step 4); "
+                                       f"to start a new run instead add hydra.run.dir=outputs/runs/{fresh}\n")
+    (newest / "run.lock").write_text(json.dumps({**pid1, "start": 1.0}))  # its holder is gone (pid 1 is another process now)
+    assert chosen() == newest.name
+    # another command, or the same one whose settings changed (an edited config file): a new run
+    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=9"])) not in {p.name for p in Path("outputs/runs").iterdir()}
+    (newest / ".hydra" / "config.yaml").write_text((newest / ".hydra" / "config.yaml").read_text().replace("lr: ", "lr: 1"))
+    assert chosen() == "2026-01-01_00-00-00"
+    # a run that says where it goes, one that starts over, or a sweep never takes another run's directory
+    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8", "resume=never"])) not in {p.name for p in Path("outputs/runs").iterdir()}
+    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8"], mode="MULTIRUN")) not in {p.name for p in Path("outputs/runs").iterdir()}
+
+
+def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monkeypatch):
+    from mlm.rundir import python_name, resume_command
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("RANK", "WORLD_SIZE", "MLM_MAKE_TARGET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["run.py", "model=tiny", "+hydra.job.env_set.HF_TOKEN=hf_abc", "optimizer.lr=1e-4"])
+    run_dir = tmp_path / "outputs" / "runs" / "2026-01-01_00-00-00"
+    assert resume_command(Path("outputs/runs/2026-01-01_00-00-00")) == (
+        f"{python_name()} run.py model=tiny '+hydra.job.env_set.HF_TOKEN=***' optimizer.lr=1e-4 hydra.run.dir={run_dir}")
+    monkeypatch.setenv("MLM_MAKE_TARGET", "train")  # what the Makefile's train target sets
+    assert resume_command(run_dir) == f"make train ARGS=\"model=tiny '+hydra.job.env_set.HF_TOKEN=***' optimizer.lr=1e-4 hydra.run.dir={run_dir}\""
+    monkeypatch.setattr(sys, "argv", ["run.py", "hydra.run.dir=here"])  # named: as given
+    assert resume_command(tmp_path / "here") == 'make train ARGS="hydra.run.dir=here"'
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank's argv is not the launcher's
+    assert resume_command(tmp_path / "here") == "the same launch command (torchrun, accelerate launch, srun)"
+    monkeypatch.setattr(sys, "argv", ["run.py"])
+    assert resume_command(run_dir) == f"the same launch command (torchrun, accelerate launch, srun) with hydra.run.dir={run_dir} added"

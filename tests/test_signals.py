@@ -4,6 +4,7 @@ Each signal is produced for real (sent to a process, or by the run itself at a f
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -133,10 +134,14 @@ def _pgid(pid: int):
         return None
 
 
+def sweep_args(corpus, sweep, n_jobs=2):
+    return ["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}", "runtime.num_threads=1",
+            "trainer.max_steps=3,400,400", "trainer.checkpoint_every=0", f"hydra.sweep.dir={sweep}"]
+
+
 def start_sweep(corpus, sweep, n_jobs=2, running=("1", "2")):
     """Three tiny jobs: job 0 (3 steps) finishes; on two workers, jobs 1 and 2 (400 steps) are training when it returns."""
-    args = ["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}", "runtime.num_threads=1",
-            "trainer.max_steps=3,400,400", "trainer.checkpoint_every=0", f"hydra.sweep.dir={sweep}"]
+    args = sweep_args(corpus, sweep, n_jobs)
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: (sweep / "0" / "results.json").exists() and all(last_step(sweep / job) >= 2 for job in running), proc)
@@ -175,7 +180,7 @@ def test_a_stopped_parallel_sweep_checkpoints_every_running_job_and_leaves_no_wo
         assert f"stopped by {sig.name} after step {step}; checkpoint {ckpt} written" in err
         assert (sweep / job / "run.lock").read_text() == ""  # released
     assert stopped[-1] == (f"stopped: the sweep was stopped by {sig.name}: its running jobs stopped with a checkpoint and no new job "
-                           f"started; what finished is in {sweep / 'summary.md'}; run the same command again to resume")
+                           f"started; what finished is in {sweep / 'summary.md'}; resume with: {as_typed(sweep_args(corpus, sweep))}")
     summary = (sweep / "summary.md").read_text()
     assert summary.count("| ok |") == 1 and "trainer.max_steps=3" in summary  # what finished
     assert (sweep / "run.lock").read_text() == ""
@@ -219,22 +224,29 @@ def after_last_step_run(corpus, run_dir):
     return [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.eval_every=0", *QUICK_DOWNSTREAM, f"hydra.run.dir={run_dir}"]
 
 
+def as_typed(args) -> str:
+    """The command run_cli runs, as a stop line gives it back (mlm.rundir.resume_command)."""
+    return shlex.join([sys.executable, str(ROOT / "run.py"), *args])
+
+
 @pytest.mark.slow
 def test_a_signal_in_the_final_eval_stops_before_final_and_the_rerun_writes_it_without_training(corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    args = after_last_step_run(corpus, run_dir)
-    proc = run_cli(args, env={"MLM_FAULT_SIGNAL_AT": "eval:2:SIGTERM", "OMP_NUM_THREADS": "1"})  # eval 1 is at step 0, eval 2 the final one
+    """A default run directory (the command names none): the stop line's command names it, and resumes it."""
+    args = after_last_step_run(corpus, tmp_path)[:-1]
+    proc = run_cli(args, cwd=tmp_path, env={"MLM_FAULT_SIGNAL_AT": "eval:2:SIGTERM", "OMP_NUM_THREADS": "1"})  # eval 1 is at step 0, eval 2 the final one
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    [run_dir] = (tmp_path / "outputs" / "runs").iterdir()
     ckpt = run_dir / "checkpoints" / "ckpt-00000004"
+    printed = f"{as_typed(args)} hydra.run.dir={run_dir}"
     assert error_lines(proc.stderr) == [
         "SIGTERM: stopping once the final checkpoint is written; nothing is left to train (a second SIGTERM stops at once, saving nothing more)",
         f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} holds the final eval; "
-        "run the same command again to write final/ and results.json (nothing left to train)"]
+        f"write final/ and results.json (nothing left to train) with: {printed}"]
     assert ckpt.is_dir() and not (run_dir / "final").exists() and not (run_dir / "results.json").exists()
     metrics = (run_dir / "metrics.jsonl").read_text()
     assert '"eval/perplexity"' in metrics.splitlines()[-1] and json.loads(metrics.splitlines()[-1])["step"] == 4
 
-    rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
+    rerun = subprocess.run(printed, shell=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {ckpt} at step 4" in rerun.stdout + rerun.stderr
     results = json.loads((run_dir / "results.json").read_text())
@@ -255,7 +267,7 @@ def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_resul
         "SIGHUP: finishing final/ and results.json (seconds); a downstream fine-tune then stops at its next step "
         "(a second SIGHUP stops at once, saving nothing more)",
         f"stopped: stopped by SIGHUP after the last step; the training results are in {run_dir / 'results.json'}; "
-        "run the same command again to add the downstream numbers"]
+        f"add the downstream numbers with: {as_typed(args)}"]
     assert "downstream polarity, seed 0, split" not in proc.stdout + proc.stderr  # no fold was finished
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 4 and "downstream" not in results and (run_dir / "final" / "model.safetensors").exists()
@@ -268,7 +280,7 @@ def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_resul
     assert error_lines(stopped.stderr) == [
         "SIGINT: stopping the downstream fine-tune at its next step; results.json stays as it is (a second SIGINT stops at once, saving nothing more)",
         f"stopped: stopped by SIGINT during the downstream fine-tune; {run_dir / 'results.json'} is unchanged; "
-        "run the same command again to add the downstream numbers"]
+        f"add the downstream numbers with: {as_typed(args)}"]
     assert json.loads((run_dir / "results.json").read_text()) == results
 
     rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
@@ -297,9 +309,9 @@ def test_a_sigterm_during_an_eval_stops_at_its_next_batch_with_the_last_steps_ch
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     step = 4 if final else 2
     ckpt = run_dir / "checkpoints" / f"ckpt-{step:08d}"
-    stopped = (f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} is the last step's; run the same command again to run "
-               "the final eval and write final/ and results.json (nothing left to train)" if final else
-               f"stopped: stopped by SIGTERM after step 2; checkpoint {ckpt} written; run the same command again to resume")
+    stopped = (f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} is the last step's; run the final eval and write "
+               f"final/ and results.json (nothing left to train) with: {as_typed(args)}" if final else
+               f"stopped: stopped by SIGTERM after step 2; checkpoint {ckpt} written; resume with: {as_typed(args)}")
     assert error_lines(proc.stderr) == [
         f"SIGTERM: abandoning the eval at step {step}; stopping with the checkpoint of step {step} (a second SIGTERM stops at once, saving nothing more)",
         stopped]

@@ -391,8 +391,8 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
     try:
         scores = evaluate(final, cfg, trust_remote_code=trust_remote_code)
     except Interrupted as e:
-        raise Interrupted(e.signum, f"{e}; {Path(run_dir) / 'results.json'} is unchanged; run the same command again "
-                                    "to add the downstream numbers") from None
+        raise Interrupted(e.signum, f"{e}; {Path(run_dir) / 'results.json'} is unchanged; add the downstream numbers "
+                                    f"with: {rundir.resume_command(run_dir)}") from None
     finally:
         stop.restore()
     results = {**results, "downstream": scores, "config": {**results.get("config", {}), **asked}}
