@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm import preemption
-from mlm.config import CONF, GROUPS, MOVED, REMOVED, Choice, Config, UserError, register_configs
+from mlm.config import CONF, GROUPS, MOVED, REMOVED, Config, UserError, choices_of, register_configs
 from mlm.distributed import detect, is_main_process, launch_name
 from mlm.files import atomic_write_text, open_append
 from mlm.preemption import Interrupted
@@ -150,12 +150,6 @@ def schema_keys(node=Config, prefix: str = "") -> Dict[str, Any]:
         else:
             keys[prefix + name] = kind
     return keys
-
-
-def choices_of(kind) -> Optional[List[str]]:
-    """The allowed values of a Choice field (or of a list of them), else None."""
-    inner = typing.get_args(kind)[0] if typing.get_origin(kind) in (list, List) else kind
-    return [c.value for c in inner] if isinstance(inner, type) and issubclass(inner, Choice) else None
 
 
 def check_override_keys(args: List[str]) -> None:

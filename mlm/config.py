@@ -10,6 +10,7 @@ or inf in any float setting).
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -31,6 +32,12 @@ class Choice(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def choices_of(kind) -> Optional[List[str]]:
+    """The allowed values of a Choice field (or of a list of them), else None."""
+    inner = typing.get_args(kind)[0] if typing.get_origin(kind) in (list, List) else kind
+    return [c.value for c in inner] if isinstance(inner, type) and issubclass(inner, Choice) else None
 
 
 DatasetKind = Choice("DatasetKind", [(v, v) for v in ("gensim_wiki", "hub", "local")])  # loaders in mlm/data/sources.py

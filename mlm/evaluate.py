@@ -50,15 +50,16 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     padding = eval_batch_count(len(blocks), batch_size, accelerator.num_processes) - len(shard)
     loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    for i, batch in enumerate(tqdm(loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True)):
-        if stop_agreed(accelerator):
-            objective.train(was_training)
-            raise Abandoned(i, len(loader))
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        loss_sum, n, correct = objective(**batch)
-        if i < len(shard):  # a padding batch only keeps this rank in step with the others
-            totals += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=totals.device), correct.double()])
-        faults.reached("eval_batch")
+    with tqdm(loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True) as batches:  # closed on an abandon too
+        for i, batch in enumerate(batches):
+            if stop_agreed(accelerator):
+                objective.train(was_training)
+                raise Abandoned(i, len(loader))
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            loss_sum, n, correct = objective(**batch)
+            if i < len(shard):  # a padding batch only keeps this rank in step with the others
+                totals += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=totals.device), correct.double()])
+            faults.reached("eval_batch")
     totals = accelerator.reduce(totals, reduction="sum")  # one all-reduce for the whole eval set
     objective.train(was_training)
     loss_sum, n_tokens, correct = totals.tolist()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mlm import config as schema
-from mlm.config import CONF, GROUPS, Config
+from mlm.config import CONF, GROUPS, Config, choices_of
 
 WIDTH = 110  # a description longer than this is cut at a word, with "..."
 
@@ -115,7 +115,6 @@ def group_lines(choices: Dict[str, str]) -> List[str]:
 
 
 def key_lines(root) -> List[str]:
-    from mlm.cli import choices_of
 
     descriptions = key_descriptions()
     pairs = []

@@ -28,8 +28,8 @@ def log_lines(lines: List[str]) -> None:
 
 def banner_lines(*, model: str, trainable: int, total: int, global_batch: int, block_size: int, batch_parts: str,
                  steps: int, start_step: int, budget_minutes: Optional[float], precision: str, device: str, processes: int,
-                 run_dir, resume: Optional[str] = None) -> List[str]:
-    """The start banner: what trains, on what, how long, and how to resume (`resume`: the command; else how to make it)."""
+                 run_dir, resume: str) -> List[str]:
+    """The start banner: what trains, on what, how long, and how to resume (`resume`: the command)."""
     tokens_per_step = global_batch * block_size
     length = f"{steps:,} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} training tokens"
     if start_step:
@@ -43,7 +43,7 @@ def banner_lines(*, model: str, trainable: int, total: int, global_batch: int, b
         f"precision: {precision}",
         f"device: {device}, {processes} process{'es' if processes > 1 else ''}",
         f"run directory: {run_dir}",
-        f"to resume: {resume or f'the same command with hydra.run.dir={run_dir}'}",
+        f"to resume: {resume}",
     ]
 
 
@@ -157,7 +157,7 @@ class TrainBar:
         self.bar.set_postfix(values)  # in this order (keyword arguments would be sorted)
 
     def exclude(self, seconds: float) -> None:
-        """Take `seconds` (an eval's, a checkpoint's) out of the bar's clock: tqdm's rate is the EMA of (steps since the
+        """Take `seconds` (an eval's) out of the bar's clock: tqdm's rate is the EMA of (steps since the
         last print) / (time since the last print), and its elapsed time runs from start_t; both move past the gap."""
         if not self.bar.disable:
             self.bar.start_t += seconds

@@ -333,12 +333,13 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     state, tcfg = run.state, cfg.trainer
     start_step = state.step  # that of the checkpoint it resumed from (0: none)
     eval_every = tcfg.eval_every or run.data.order.steps_per_epoch
-    window = LogWindow.restore(state.log_window, run.accelerator.device)
-    if run.main:
-        progress.log_lines(banner(run))
-    bar = progress.TrainBar(run.data.steps, state.step, run.budget_s, state.train_seconds, run.main and tcfg.progress_bar)
-    stop.plan = "stopping after this step with a checkpoint"
+    bar = None
     try:
+        window = LogWindow.restore(state.log_window, run.accelerator.device)
+        if run.main:
+            progress.log_lines(banner(run))
+        bar = progress.TrainBar(run.data.steps, state.step, run.budget_s, state.train_seconds, run.main and tcfg.progress_bar)
+        stop.plan = "stopping after this step with a checkpoint"
         if state.step == 0:
             state.perplexity_before = run_eval(run, bar)["eval/perplexity"]
         for t0, micro in train_batches(run):
@@ -381,14 +382,15 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} holds the final eval; "
                                       f"write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}")
         results = results_record(run, final, time.perf_counter() - wall_start)
-        stop.plan = "finishing final/ and results.json (seconds); a downstream fine-tune then stops at its next step"
+        stop.plan = "finishing final/ and results.json (seconds)"
         save_outputs(run, results, stop)
         return results
     except Abandoned as e:  # a stop signal during an eval, seen by every process at the same batch
         stop_abandoned_eval(run, window, stop, e, start_step)
     finally:
         stop.restore()
-        bar.close()
+        if bar is not None:
+            bar.close()
         run.tracker.finish()
 
 
@@ -473,7 +475,7 @@ def banner(run: Run) -> List[str]:
         model=cfg.model.name_or_path, trainable=trainable, total=total, global_batch=order.global_batch, block_size=cfg.block_size,
         batch_parts=progress.batch_parts(order.micro_batch, acc.num_processes, order.accumulation), steps=run.data.steps,
         start_step=run.state.step, budget_minutes=cfg.trainer.budget_minutes, precision=run.precision, device=device,
-        processes=acc.num_processes, run_dir=run.run_dir)
+        processes=acc.num_processes, run_dir=run.run_dir, resume=rundir.resume_command(run.run_dir))
 
 
 def projection(run: Run, bar: progress.TrainBar) -> str:
@@ -606,6 +608,7 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
         faults.reached("results")
         rundir.write_results(run.run_dir, results)
     if run.cfg.downstream.kind != "none":  # the main process fine-tunes final/ (minutes); the other ranks wait for it
+        stop.plan = f"stopping the downstream fine-tune at its next step; {run.run_dir / 'results.json'} holds the training results"
         stopped = checkpoint.any_process(run.accelerator, stop.signum is not None)
         scores = None if stopped else distributed.on_main_alone("downstream", lambda: fine_tune_final(run))
         if checkpoint.any_process(run.accelerator, run.main and scores is None):

@@ -112,7 +112,7 @@ def test_the_banner_says_what_trains_how_long_and_how_to_resume(tmp_path):
     lines = progress.banner_lines(model="tiny", trainable=1_000_000, total=1_200_000, global_batch=16, block_size=128,
                                   batch_parts=progress.batch_parts(8, 2, 1), steps=1000, start_step=0, budget_minutes=None,
                                   precision="fp32: this CPU has no native bf16 (runtime.mixed_precision=auto)", device="cpu (2 threads)",
-                                  processes=2, run_dir=tmp_path)
+                                  processes=2, run_dir=tmp_path, resume=f"python run.py hydra.run.dir={tmp_path}")
     text = "\n".join(lines)
     for part in ("1,000,000 trainable parameters of 1,200,000", "16 blocks x 128 tokens = 2,048 tokens per step (8 per device x 2 processes x 1 micro-batch)",
                  "1,000 steps x 2,048 tokens = 2,048,000 training tokens", "fp32: this CPU has no native bf16", "cpu (2 threads), 2 processes",

@@ -263,9 +263,10 @@ def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_resul
     args = after_last_step_run(corpus, run_dir)
     proc = run_cli(args, env={"MLM_FAULT_SIGNAL_AT": f"{point}:SIGHUP", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 128 + signal.SIGHUP, proc.stderr[-3000:]
+    plan = ("finishing final/ and results.json (seconds)" if point == "final:1" else
+            f"stopping the downstream fine-tune at its next step; {run_dir / 'results.json'} holds the training results")
     assert error_lines(proc.stderr) == [
-        "SIGHUP: finishing final/ and results.json (seconds); a downstream fine-tune then stops at its next step "
-        "(a second SIGHUP stops at once, saving nothing more)",
+        f"SIGHUP: {plan} (a second SIGHUP stops at once, saving nothing more)",
         f"stopped: stopped by SIGHUP after the last step; the training results are in {run_dir / 'results.json'}; "
         f"add the downstream numbers with: {as_typed(args)}"]
     assert "downstream polarity, seed 0, split" not in proc.stdout + proc.stderr  # no fold was finished
