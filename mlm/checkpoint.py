@@ -122,9 +122,7 @@ def save_checkpoint(
         if scaler is not None:
             files["scaler.pt"] = scaler.state_dict()
         state = {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)}
-        writer.submit(lambda files, state: _write(files, state, tmp, final, keep), files, state)
-        if wait:
-            writer.wait()
+        writer.submit(lambda files, state: _write(files, state, tmp, final, keep), files, state, background=not wait)
     accelerator.wait_for_everyone()
     return final
 
@@ -188,9 +186,11 @@ class Writer:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
-    def submit(self, write: Callable[..., None], *state) -> None:
+    def submit(self, write: Callable[..., None], *state, background: bool = True) -> None:
+        """write(*state) once the write in flight is complete: inline, or (background and self.background) on the
+        writer's thread from a host copy of `state` (a write waited for at once gains nothing from a copy)."""
         self.wait()
-        if not self.background:
+        if not (background and self.background):
             write(*state)
             return
         state = host_copy(state)  # on this thread, before the next step changes anything
@@ -213,6 +213,7 @@ class Writer:
     def wait(self) -> None:
         """Until the write in flight, if any, is complete (renamed into place), then `check`."""
         if self._thread is not None:
+            faults.waiting_for(self._thread)
             self._thread.join()
             self._thread = None
         self.check()

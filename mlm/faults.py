@@ -4,8 +4,8 @@
     MLM_FAULT_SIGNAL_AT=<point>:<n>:<SIGNAL>[,...]    send this process SIGNAL (e.g. SIGTERM) the n-th time it reaches
                                                      <point>, and go on (a stop signal at that moment)
     MLM_FAULT_CHECKPOINT_DELAY=<seconds>             hold every checkpoint write half-done that long
-    MLM_FAULT_CHECKPOINT_HOLD_STEPS=<n>              hold every checkpoint write half-done until the run has taken n
-                                                     more steps (trainer.async_checkpoint: a write in flight)
+    MLM_FAULT_CHECKPOINT_HOLD_STEPS=<n>              hold every background checkpoint write (trainer.async_checkpoint)
+                                                     half-done until the run has taken n more steps or waits for it
     MLM_TEST_FAIL=<job num>:<rank>:<step>            raise an error on one rank of one sweep job after that
                                                      step (a failure the other ranks must follow)
     MLM_TEST_FAIL_HOLD=1                             that rank then keeps its process group open and sleeps
@@ -69,7 +69,7 @@ def _kill() -> None:
 def reached(point: str) -> None:
     """A fault point: dies here if asked to; the checkpoint point also honours the delay."""
     hold = point in ("step", "checkpoint") and int(os.environ.get("MLM_FAULT_CHECKPOINT_HOLD_STEPS", "0"))
-    if hold:
+    if hold and (point == "step" or threading.current_thread() is not threading.main_thread()):
         _hold(point, hold)
     if point == "checkpoint":
         delay = float(os.environ.get("MLM_FAULT_CHECKPOINT_DELAY", "0"))
@@ -83,15 +83,23 @@ def reached(point: str) -> None:
 
 
 def _hold(point: str, steps: int) -> None:
-    """A step counts itself; a checkpoint write waits for `steps` more (at most 10 minutes: a synchronous write waits out)."""
+    """A step counts itself; a background checkpoint write waits for `steps` more, or for the loop to wait for it."""
     global _steps_taken
     with _step_done:
         if point == "step":
             _steps_taken += 1
             _step_done.notify_all()
         else:
-            target = _steps_taken + steps
-            _step_done.wait_for(lambda: _steps_taken >= target, timeout=600)
+            target, writer = _steps_taken + steps, threading.current_thread()
+            _step_done.wait_for(lambda: _steps_taken >= target or getattr(writer, "awaited", False))
+
+
+def waiting_for(writer: threading.Thread) -> None:
+    """The training thread waits for this writer thread: its hold ends (else the two would wait on each other)."""
+    if os.environ.get("MLM_FAULT_CHECKPOINT_HOLD_STEPS"):
+        with _step_done:
+            writer.awaited = True
+            _step_done.notify_all()
 
 
 def write(f: IO[str], text: str, point: str) -> None:

@@ -134,6 +134,25 @@ def test_sigkill_during_a_background_checkpoint_write_resumes_exactly_from_the_o
     assert not list(run_dir.rglob(".tmp-*"))
 
 
+def test_a_stop_signal_completes_the_background_write_in_flight_and_its_own(corpus, uninterrupted, tmp_path):
+    """SIGTERM at step 4 while checkpoint 3 is held half-written in the background: the stop after step 5 waits for it,
+    writes checkpoint 5, and the rerun resumes from 5 exactly."""
+    from mlm.checkpoint import list_checkpoints, verify
+
+    run_dir = tmp_path / "run"
+    args = [*RUN, "trainer.async_checkpoint=true", f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
+    stopped = run_cli(args, env={"MLM_FAULT_CHECKPOINT_HOLD_STEPS": "3", "MLM_FAULT_SIGNAL_AT": "step:4:SIGTERM"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM after step 5" in stopped.stderr
+    checkpoints = list_checkpoints(run_dir)
+    assert [p.name for p in checkpoints] == ["ckpt-00000005", "ckpt-00000003"] and not [p for p in checkpoints if verify(p)]
+    assert not list(run_dir.rglob(".tmp-*"))
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 5\n" in resumed.stdout + resumed.stderr
+    assert_same_as_uninterrupted(run_dir, uninterrupted, other_settings=["trainer.async_checkpoint"])
+
+
 def test_keeps_only_the_last_k_checkpoints(uninterrupted):
     from mlm.checkpoint import list_checkpoints
 
