@@ -29,6 +29,7 @@ writes (read_state); a refusal is such a load failure.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -36,11 +37,13 @@ import logging
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from mlm import faults
 from mlm.config import UserError
@@ -97,41 +100,136 @@ def model_identity(model) -> Dict[str, Any]:
 
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: Dict[str, Any], accelerator, keep: int,
-    layout=Replicated(), ema=None, tokenizer=None,
+    layout=Replicated(), ema=None, tokenizer=None, writer: Optional["Writer"] = None, wait: bool = True,
 ) -> Optional[Path]:
-    """Every process calls this (each saves its RNG and, when sharded, its shards); the main process
-    writes the rest (with `tokenizer`: what from_pretrained needs, write_loadable) and renames."""
+    """Every process calls this (each saves its RNG and, when sharded, its shards); the main process writes the rest
+    (with `tokenizer`: what from_pretrained needs, write_loadable) and renames. With a background `writer` and wait=False the main process's files are written while the next
+    steps run: the state of this step is copied to host memory first; the collectives stay on this thread."""
+    writer = writer or Writer()
+    writer.wait()  # at most one write in flight (and an error of the last one surfaces here)
     root = Path(run_dir) / "checkpoints"
     final = root / f"ckpt-{step:08d}"
     tmp = root / f".tmp-ckpt-{step:08d}"
-    try:
+    with _removed_on_error(tmp, final):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed mid-write
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
-        layout.save(tmp, model, optimizer, accelerator, ema)
+        files = {f"rng-{accelerator.process_index}.json": rng_state()}
+        layout.save(tmp, model, optimizer, accelerator, ema)  # the shards when sharded (a collective), else nothing
+        if not accelerator.is_main_process:
+            write_files(tmp, files)  # a few kB; the main process's manifest lists them
+        elif tokenizer is not None:
+            write_loadable(tmp, model, tokenizer, layout.sharded)  # small files (config, tokenizer), written now
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if scaler is not None:
-                torch_save(scaler.state_dict(), tmp / "scaler.pt")
-            if tokenizer is not None:
-                write_loadable(tmp, model, tokenizer, layout.sharded)
-            faults.reached("checkpoint")
-            write_json(tmp / "state.json", {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)})
-            files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            write_json(tmp / MANIFEST, {"step": step, "files": files})
-            fsync_dir(tmp)
-            replace(tmp, final)  # over the same step saved before, if any (e.g. by a run started with resume=never)
-            _prune(root, keep, final)
+    if accelerator.is_main_process:
+        files.update(layout.files(model, optimizer, ema))
+        files["scheduler.pt"] = scheduler.state_dict()
+        if scaler is not None:
+            files["scaler.pt"] = scaler.state_dict()
+        state = {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)}
+        writer.submit(lambda files, state: _write(files, state, tmp, final, keep), files, state, background=not wait)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write(files: Dict[str, Any], state: Dict[str, Any], tmp: Path, final: Path, keep: int) -> None:
+    """The main process's part: its files, state.json, the manifest (last), the rename, then the pruning."""
+    with _removed_on_error(tmp, final):
+        write_files(tmp, files)
+        faults.reached("checkpoint")
+        write_json(tmp / "state.json", state)
+        files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json(tmp / MANIFEST, {"step": state["step"], "files": files})
+        fsync_dir(tmp)
+        replace(tmp, final)  # over the same step saved before, if any (e.g. by a run started with resume=never)
+        _prune(final.parent, keep, final)
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path, final: Path):
+    try:
+        yield
     except Exception as e:  # a full disk raises RuntimeError in torch.save, SafetensorError in safetensors
         shutil.rmtree(tmp, ignore_errors=True)
         if os_error_of(e) is None:
             raise
         raise write_error("checkpoint", final, e) from e
-    accelerator.wait_for_everyone()
-    return final
+
+
+def write_files(directory: Path, files: Dict[str, Any]) -> None:
+    """Write file name -> contents: *.json as JSON, *.safetensors from (tensors, metadata), anything else with torch.save."""
+    for name, contents in files.items():
+        if name.endswith(".json"):
+            write_json(directory / name, contents)
+        elif name.endswith(".safetensors"):
+            tensors, metadata = contents
+            save_file(tensors, str(directory / name), metadata=metadata)
+        else:
+            torch_save(contents, directory / name)
+
+
+def host_copy(obj):
+    """A copy of a state (nested dicts, lists and tuples of tensors and plain values) with every tensor in host memory:
+    what a background write reads while the next steps change the live tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class Writer:
+    """Writes a checkpoint's main-process files inline, or (background=True, trainer.async_checkpoint) on a thread of its
+    own from a host copy of the state, one write at a time. The thread is not a daemon: an exiting interpreter waits
+    for it, so a stop never leaves the newest checkpoint half-written; a kill leaves its temporary directory, which
+    no resume takes. A write's error is raised in the training thread by `check` (every step) or `wait`."""
+
+    def __init__(self, background: bool = False):
+        self.background = background
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, write: Callable[..., None], *state, background: bool = True) -> None:
+        """write(*state) once the write in flight is complete: inline, or (background and self.background) on the
+        writer's thread from a host copy of `state` (a write waited for at once gains nothing from a copy)."""
+        self.wait()
+        if not (background and self.background):
+            write(*state)
+            return
+        state = host_copy(state)  # on this thread, before the next step changes anything
+
+        def run():
+            try:
+                write(*state)
+            except BaseException as e:
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer")
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise the error of a write that failed in the background (a finished write's only)."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def wait(self) -> None:
+        """Until the write in flight, if any, is complete (renamed into place), then `check`."""
+        if self._thread is not None:
+            faults.waiting_for(self._thread)
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def close(self) -> None:
+        """On the way out of a run that raised: wait for the write in flight; its error is logged, not raised over the run's."""
+        try:
+            self.wait()
+        except Exception as e:
+            log.error("the checkpoint written in the background failed too: %s", e)
 
 
 LOAD_NOTE = "HOW_TO_LOAD.txt"  # in a sharded checkpoint, where config.json would be

@@ -247,6 +247,7 @@ class TrainerConfig:
     max_eval_blocks: Optional[int] = None  # cap the eval set (the same blocks every time); unset = all
     checkpoint_every: int = field(default=500, metadata=NO_RESULT)  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = field(default=2, metadata=NO_RESULT)  # newest complete checkpoints kept in <run>/checkpoints
+    async_checkpoint: bool = field(default=False, metadata=NO_RESULT)  # write checkpoints in a background thread while the next steps run (from a host copy of the step's state; the final one and a stop's are written synchronously; sharded runs write synchronously): docs/performance.md
     save_model: bool = True  # write <run>/final with save_pretrained
     probe_sentences: List[str] = field(
         default_factory=lambda: [

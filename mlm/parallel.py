@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import _remove_duplicate_names, load_file, load_model  # the rule save_model drops tied names by
 from torch import nn
 
 from mlm.config import UserError
-from mlm.files import torch_save
 from mlm.untrusted import load_weights_only
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,17 @@ def restart_average(ema, directory: Path) -> None:
     ema.restart()
 
 
+def weights(model) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
+    """(tensors, metadata) for model.safetensors, as safetensors' save_model writes them: a tied weight once, its other
+    names in the metadata (computed here, on the live tensors, because a copy no longer shares their storage)."""
+    tensors, metadata = model.state_dict(), None
+    for kept, dropped in _remove_duplicate_names(tensors).items():
+        for name in dropped:
+            metadata = {**(metadata or {}), name: kept}
+            del tensors[name]
+    return {k: v.contiguous() for k, v in tensors.items()}, metadata
+
+
 class Replicated:
     """One process, or DDP replicas through Accelerate: every rank holds everything, rank 0 writes."""
 
@@ -77,11 +87,14 @@ class Replicated:
         pass  # the model's parameters are the only copy
 
     def save(self, directory: Path, model, optimizer, accelerator, ema=None) -> None:
-        if accelerator.is_main_process:
-            save_model(model, str(directory / MODEL_FILE))
-            torch_save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-            if ema is not None:
-                save_file(ema.state(), str(directory / EMA_FILE))
+        """What must be written now, on every process (nothing: the main process writes `files` with the checkpoint's others)."""
+
+    def files(self, model, optimizer, ema=None) -> Dict[str, Any]:
+        """The main process's model files of a checkpoint, file name -> contents (the live tensors, not copies): mlm.checkpoint.write_files."""
+        files = {MODEL_FILE: weights(model), OPTIMIZER_FILE: optimizer.state_dict()}
+        if ema is not None:
+            files[EMA_FILE] = (ema.state(), None)
+        return files
 
     def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
         if (directory / SHARDED_DIR).exists():  # one line that does not send the user to runtime.sharding=fsdp, which one process refuses
@@ -135,6 +148,9 @@ class FullyShard(Replicated):
         for module in self.root.modules():  # local: frees the gathered copies, no communication
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+    def files(self, model, optimizer, ema=None) -> Dict[str, Any]:
+        return {}  # every rank's shards are written by `save`, a collective
 
     def save(self, directory: Path, model, optimizer, accelerator, ema=None) -> None:
         import torch.distributed.checkpoint as dcp

@@ -152,6 +152,7 @@ class Run:
     batch_wait: float = 0.0  # seconds the current step waited for its batches (train_batches)
     waited: List[float] = field(default_factory=lambda: [0.0, 0.0])  # batch wait and step seconds since this process started
     data_wait_warned: bool = False
+    writer: checkpoint.Writer = field(default_factory=checkpoint.Writer)  # writes checkpoints: inline, or in the background
 
     @property
     def raw_model(self):
@@ -198,6 +199,7 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
               flat_config(tree), budget_s, distributed.is_main_process())
     run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
     run.precision = precision_reason(str(requested_precision), str(cfg.runtime.mixed_precision))
+    run.writer = checkpoint_writer(cfg, layout)
     resume(run)
     run.utilisation = flops.measure_utilisation(run.raw_model, cfg.block_size, accelerator.unwrap_model(objective).sparse,
                                                 accelerator, cfg.runtime.mixed_precision)
@@ -205,6 +207,15 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
     faults.reached("startup")
     return run
+
+
+def checkpoint_writer(cfg: Config, layout) -> checkpoint.Writer:
+    """trainer.async_checkpoint's writer. Sharded runs write synchronously: each rank's shards are written by a
+    collective (torch.distributed.checkpoint), whose async_save would run collectives off this thread on a second
+    process group, and the manifest would have to wait for every rank's background write."""
+    if cfg.trainer.async_checkpoint and layout.sharded:
+        log.warning("trainer.async_checkpoint: sharded runs (runtime.sharding=fsdp) write their checkpoints synchronously")
+    return checkpoint.Writer(background=cfg.trainer.async_checkpoint and not layout.sharded)
 
 
 def build_data(cfg: Config, accelerator: Accelerator) -> Tuple[Any, Data]:
@@ -347,8 +358,10 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
                 result = train_step(run.objective, run.optimizer, run.scheduler, micro, run.accelerator, tcfg.max_grad_norm, run.layout,
                                     stops=(run.tracker.failure is not None, stop.signum is not None))
             except NonFiniteLoss as e:
+                run.writer.wait()  # the checkpoint in flight is complete before the newest verified one is named
                 skip_step(state, run.scheduler, tcfg, e, run.run_dir, run.main)
                 continue
+            run.writer.check()  # a checkpoint that failed in the background stops the run here
             count_step(run, result, t0, window)
             if run.ema is not None and not result.overflow:  # only a step that changed the weights
                 run.ema.update()
@@ -362,7 +375,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             if state.step % eval_every == 0:
                 run_eval(run, bar)
             if (tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0) or result.stop:
-                save(run, window)
+                save(run, window, wait=result.stop is not None)  # a stop's checkpoint is complete before any rank leaves
             if result.stop:
                 stop_with_checkpoint(result.stop, stop, run.tracker, run.run_dir, state.step)
         bar.close()
@@ -388,6 +401,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
     except Abandoned as e:  # a stop signal during an eval, seen by every process at the same batch
         stop_abandoned_eval(run, window, stop, e, start_step)
     finally:
+        run.writer.close()  # an error or a stop: the checkpoint in flight is completed, never abandoned half-written
         stop.restore()
         if bar is not None:
             bar.close()
@@ -548,14 +562,15 @@ def eval_average(run: Run, title: Optional[str] = None) -> Dict[str, float]:
     return {"eval/ema_loss": metrics["eval/loss"], "eval/ema_perplexity": metrics["eval/perplexity"]}
 
 
-def save(run: Run, window: "LogWindow") -> None:
+def save(run: Run, window: "LogWindow", wait: bool = True) -> None:
+    """Checkpoint this step; wait=False returns once the state is copied when trainer.async_checkpoint is on."""
     state, acc = run.state, run.accelerator
     state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
     state.unrecorded = run.tracker.unwritten
     extra = {"train_state": asdict(state), "global_batch": run.data.order.global_batch, "stream_shards": run.data.stream_shards,
              "config": run.settings, "data": run.data.identity}
     checkpoint.save_checkpoint(run.run_dir, state.step, run.raw_model, run.optimizer, run.scheduler, acc.scaler, extra, acc,
-                               run.cfg.trainer.keep_checkpoints, run.layout, run.ema, run.data.tokenizer)
+                               run.cfg.trainer.keep_checkpoints, run.layout, run.ema, run.data.tokenizer, run.writer, wait)
 
 
 def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Dict[str, Any]:

@@ -59,7 +59,8 @@ def last_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def assert_same_as_uninterrupted(run_dir: Path, reference: Path):
+def assert_same_as_uninterrupted(run_dir: Path, reference: Path, other_settings=()):
+    """(other_settings: keys of results.json's config that these two runs set differently on purpose)"""
     a = load_file(run_dir / "final" / "model.safetensors")
     b = load_file(reference / "final" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -68,6 +69,8 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: Path):
     assert records(run_dir) == records(reference)  # every logged value, including steps after the checkpoint
     measured = ("train_seconds", "tokens_per_s", "mfu", "wall_seconds", "peak_rss_mb")  # of this process, not of the training
     results, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
+    for key in other_settings:
+        assert results["config"].pop(key) != expected["config"].pop(key)
     assert {k: v for k, v in results.items() if k not in measured} == {k: v for k, v in expected.items() if k not in measured}
 
 
@@ -109,6 +112,45 @@ def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corp
     assert f"skipping incomplete or corrupt checkpoint {corrupt}" in resumed.stdout + resumed.stderr
     shutil.rmtree(corrupt)
     assert_same_as_uninterrupted(run_dir, uninterrupted)
+
+
+def test_sigkill_during_a_background_checkpoint_write_resumes_exactly_from_the_one_before(corpus, uninterrupted, tmp_path):
+    """trainer.async_checkpoint: every write is held half-done until two more steps ran; the second one (checkpoint 6)
+    is then killed. The reference run wrote synchronously, so the results are also the same with the option on and off."""
+    from mlm.checkpoint import list_checkpoints, newest_verified
+
+    run_dir = tmp_path / "run"
+    args = [*RUN, "trainer.async_checkpoint=true", f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
+    killed = run_cli(args, env={"MLM_FAULT_CHECKPOINT_HOLD_STEPS": "2", "MLM_FAULT_KILL_AT": "checkpoint:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert last_step(run_dir) >= 7  # step 7 was trained and logged while checkpoint 6 was being written
+    assert (run_dir / "checkpoints" / ".tmp-ckpt-00000006" / "optimizer.pt").exists()  # killed mid-write
+    assert newest_verified(run_dir) == run_dir / "checkpoints" / "ckpt-00000003"
+    resumed = run_cli(args)  # writes 6, 9 and 12 in the background again; the final one is waited for
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 3\n" in resumed.stdout + resumed.stderr
+    assert_same_as_uninterrupted(run_dir, uninterrupted, other_settings=["trainer.async_checkpoint"])
+    assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-00000014", "ckpt-00000012"]  # pruned once complete
+    assert not list(run_dir.rglob(".tmp-*"))
+
+
+def test_a_stop_signal_completes_the_background_write_in_flight_and_its_own(corpus, uninterrupted, tmp_path):
+    """SIGTERM at step 4 while checkpoint 3 is held half-written in the background: the stop after step 5 waits for it,
+    writes checkpoint 5, and the rerun resumes from 5 exactly."""
+    from mlm.checkpoint import list_checkpoints, verify
+
+    run_dir = tmp_path / "run"
+    args = [*RUN, "trainer.async_checkpoint=true", f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
+    stopped = run_cli(args, env={"MLM_FAULT_CHECKPOINT_HOLD_STEPS": "3", "MLM_FAULT_SIGNAL_AT": "step:4:SIGTERM"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM after step 5" in stopped.stderr
+    checkpoints = list_checkpoints(run_dir)
+    assert [p.name for p in checkpoints] == ["ckpt-00000005", "ckpt-00000003"] and not [p for p in checkpoints if verify(p)]
+    assert not list(run_dir.rglob(".tmp-*"))
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 5\n" in resumed.stdout + resumed.stderr
+    assert_same_as_uninterrupted(run_dir, uninterrupted, other_settings=["trainer.async_checkpoint"])
 
 
 def test_keeps_only_the_last_k_checkpoints(uninterrupted):
