@@ -220,20 +220,38 @@ def release_run_dir(run_dir: Path) -> None:
         lock.release()
 
 
-def held_elsewhere(run_dir: Path) -> bool:
-    """Whether a live process other than this one, or another rank of this launch (a sibling: same parent), holds
-    `run_dir` (its run.lock record, read without locking: a lock taken to look would refuse its real taker)."""
+def lock_state(run_dir: Path) -> Tuple[str, Optional[dict]]:
+    """What `run_dir`'s run.lock says of its holder, read without locking (a lock taken to look would refuse its real
+    taker), and the holder's record: "none" (no run.lock: never started), "ended" (a clean end empties the record),
+    "unreadable", "killed" (its process on this host no longer runs), or "held" (a live process on this host, or one
+    on another host, which cannot be checked from here). mlm.report and the resume of an unfinished run both ask here."""
     try:
-        holder = json.loads((Path(run_dir) / LOCK_FILE).read_text() or "{}")
+        text = (Path(run_dir) / LOCK_FILE).read_text()
+        holder = json.loads(text) if text.strip() else None
     except FileNotFoundError:
-        return False
+        return "none", None
     except (OSError, ValueError):
+        return "unreadable", None
+    if holder is None:
+        return "ended", None
+    if not isinstance(holder, dict):
+        return "unreadable", None
+    if holder.get("host") == socket.gethostname() and not _alive(holder):
+        return "killed", holder
+    return "held", holder
+
+
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether a process other than this one, or another rank of this launch (a sibling: same parent), holds
+    `run_dir` (lock_state: held, or unreadable)."""
+    state, holder = lock_state(run_dir)
+    if state in ("none", "ended", "killed"):
+        return False
+    if holder is None:
         return True  # unreadable: assume held
-    if not holder:
-        return False  # a clean end empties the record
     if holder.get("host") != socket.gethostname():
         return True
-    if not _alive(holder) or holder.get("pid") == os.getpid():
+    if holder.get("pid") == os.getpid():
         return False
     try:
         import psutil
@@ -241,6 +259,14 @@ def held_elsewhere(run_dir: Path) -> bool:
         return detect().world_size == 1 or psutil.Process(int(holder["pid"])).ppid() != os.getppid()
     except Exception:
         return True
+
+
+def checkpoint_steps(run_dir: Path) -> List[int]:
+    """The steps of `run_dir`'s complete checkpoints (checkpoints/ckpt-<step> with its manifest.json, written last),
+    newest first, read by name without importing torch (mlm.checkpoint.list_checkpoints also checks each file's size)."""
+    root = Path(run_dir) / "checkpoints"
+    names = root.glob("ckpt-*") if root.is_dir() else []
+    return sorted((int(p.name[5:]) for p in names if p.name[5:].isdigit() and (p / "manifest.json").is_file()), reverse=True)
 
 
 # ---------------------------------------------------------------- the command that resumes a run
@@ -316,11 +342,9 @@ def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, i
                 continue
             if held_elsewhere(run_dir):
                 continue
-            from mlm.checkpoint import list_checkpoints  # imports torch: only for a candidate
-
-            newest = list_checkpoints(run_dir)
-            if newest:
-                return run_dir, int(newest[0].name.split("-")[-1])
+            steps = checkpoint_steps(run_dir)
+            if steps:
+                return run_dir, steps[0]
         except (OSError, ValueError, yaml.YAMLError):
             continue
     return None
