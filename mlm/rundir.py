@@ -282,14 +282,21 @@ def resume_command(run_dir: Path, sweep_dir: Optional[Path] = None) -> str:
     `make train ARGS="..."`; under torchrun or accelerate launch a rank's argv is not the launcher's, so it says so."""
     sweep_dir = sweep_dir or _sweep_dir()
     key, where = ("hydra.sweep.dir", sweep_dir) if sweep_dir else ("hydra.run.dir", Path(run_dir))
-    args = scrub(sys.argv[1:])
+    args = [a for a in sys.argv[1:] if scrub(a) == a]
     extra = [] if any(a.lstrip("+").startswith(key + "=") for a in args) else [f"{key}={Path(where).absolute()}"]
     if detect().world_size > 1:
         return "the same launch command (torchrun, accelerate launch, srun)" + (f" with {shlex.join(extra)} added" if extra else "")
     target = os.environ.get(MAKE_TARGET)
     if target:
-        return f"make {target} ARGS={_make_quote(shlex.join(args + extra))}"
-    return shlex.join([python_name(), sys.argv[0], *args, *extra])
+        return f"make {target} ARGS={_make_quote(shlex.join(args + extra))}" + _secrets_left_out()
+    return shlex.join([python_name(), sys.argv[0], *args, *extra]) + _secrets_left_out()
+
+
+def _secrets_left_out() -> str:
+    """The command's arguments that hold a secret are left out of a printed command (masked, a pasted one would set the
+    secret to ***): said after it, by their key."""
+    held = [scrub(a).split("=")[0] + "=..." if "=" in a else "the argument holding a secret" for a in sys.argv[1:] if scrub(a) != a]
+    return f" (and add again, with its value: {', '.join(held)})" if held else ""
 
 
 def _sweep_dir() -> Optional[str]:

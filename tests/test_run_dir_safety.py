@@ -371,10 +371,12 @@ def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monk
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, "argv", ["run.py", "model=tiny", "+hydra.job.env_set.HF_TOKEN=hf_abc", "optimizer.lr=1e-4"])
     run_dir = tmp_path / "outputs" / "runs" / "2026-01-01_00-00-00"
+    # the secret is left out, not masked (a pasted *** would be the token), and named after the command
     assert resume_command(Path("outputs/runs/2026-01-01_00-00-00")) == (
-        f"{python_name()} run.py model=tiny '+hydra.job.env_set.HF_TOKEN=***' optimizer.lr=1e-4 hydra.run.dir={run_dir}")
+        f"{python_name()} run.py model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir} (and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)")
     monkeypatch.setenv("MLM_MAKE_TARGET", "train")  # what the Makefile's train target sets
-    assert resume_command(run_dir) == f"make train ARGS=\"model=tiny '+hydra.job.env_set.HF_TOKEN=***' optimizer.lr=1e-4 hydra.run.dir={run_dir}\""
+    assert resume_command(run_dir) == (f"make train ARGS=\"model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir}\" "
+                                       "(and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)")
     monkeypatch.setattr(sys, "argv", ["run.py", "hydra.run.dir=here"])  # named: as given
     assert resume_command(tmp_path / "here") == 'make train ARGS="hydra.run.dir=here"'
     monkeypatch.setenv("RANK", "1")
