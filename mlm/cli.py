@@ -17,9 +17,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm import preemption
-from mlm.config import CONF, GROUPS, MOVED, REMOVED, Choice, Config, UserError, register_configs
-from mlm.distributed import detect, is_main_process, launch_name
-from mlm.files import atomic_write_text, open_append
+from mlm.config import CONF, GROUPS, MOVED, REMOVED, Choice, Config, Resumable, UserError, register_configs
+from mlm.distributed import PeerFailed, detect, is_main_process, launch_name
+from mlm.files import NOFOLLOW, atomic_write_text, open_append
 from mlm.preemption import Interrupted
 from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir, resume_command, resume_note
 
@@ -365,11 +365,11 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     except UserError as e:
         if debug:
             raise
-        return _fail(run_dir, job, str(e))
+        return _fail(run_dir, job, str(e), resumable=isinstance(e, Resumable))
     except Exception as e:
         if job["multirun"] and not debug:  # one broken job must not end the sweep; its log has the traceback
             log.exception("job failed")
-            return _fail(run_dir, job, f"{type(e).__name__}: {e}")
+            return _fail(run_dir, job, f"{type(e).__name__}: {e}", resumable=isinstance(e, PeerFailed))
         raise
     else:
         if is_main_process():
@@ -407,13 +407,15 @@ def objective(results: dict) -> Optional[float]:
     return None if failure({"error": None, "results": results}) else results["perplexity"]
 
 
-def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> Optional[float]:
+def _fail(run_dir: Path, job: dict, message: str, record: bool = True, resumable: bool = False) -> Optional[float]:
+    """error.txt and one line; the command that resumes the run only for a failure a rerun gets past (`resumable`: a
+    failed write, a failed peer): a bad setting or a NaN loss fails again."""
     from mlm.distributed import failure_report
 
     log.error(message)
     if record and is_main_process() and run_dir.is_dir():
         try:
-            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n" + resume_note(run_dir))
+            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n" + (resume_note(run_dir) if resumable else ""))
         except OSError as e:  # the disk that failed the run may fail this too; the message below still says why
             log.warning("could not write %s: %s", run_dir / "error.txt", e)
     if job["multirun"]:

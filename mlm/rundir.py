@@ -334,7 +334,8 @@ def resume_note(run_dir: Path) -> str:
 def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, int]]:
     """The newest default run (under RUNS_ROOT, named by its start time) that this command resumes exactly, and the step
     of its newest checkpoint: started with the same overrides and settings (.hydra/overrides.yaml, .hydra/config.yaml),
-    holding a complete checkpoint and no results.json (never a finished run), and not in use by a live process.
+    holding a complete checkpoint, no results.json (never a finished run) and no error.txt (a failed run needs a decision:
+    its error.txt gives the command that resumes it where a rerun gets past the failure), and not in use by a live process.
     `config`: this run's settings as save_config_snapshot writes them (unresolved, secrets masked)."""
     import yaml
 
@@ -342,8 +343,8 @@ def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, i
         return None
     for run_dir in sorted((p for p in RUNS_ROOT.iterdir() if STAMP_NAME.fullmatch(p.name)), reverse=True):
         try:
-            if (run_dir / "results.json").exists() or not (run_dir / "checkpoints").is_dir():
-                continue
+            if (run_dir / "results.json").exists() or (run_dir / "error.txt").exists() or not (run_dir / "checkpoints").is_dir():
+                continue  # finished; failed (a decision: its error.txt says whether its command resumes it); never saved
             saved = run_dir / ".hydra"
             if yaml.safe_load((saved / "overrides.yaml").read_text()) != overrides or yaml.safe_load((saved / "config.yaml").read_text()) != config:
                 continue

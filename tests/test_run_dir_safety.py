@@ -361,6 +361,8 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     # a run that says where it goes, one that starts over, or a sweep never takes another run's directory
     assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8", "resume=never"])) not in {p.name for p in Path("outputs/runs").iterdir()}
     assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8"], mode="MULTIRUN")) not in {p.name for p in Path("outputs/runs").iterdir()}
+    Path("outputs/runs/2026-01-01_00-00-00/error.txt").write_text("the eval masked no token in 2 blocks\n")  # failed: a decision, not an unfinished run
+    assert chosen() not in {p.name for p in Path("outputs/runs").iterdir()}
 
 
 def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monkeypatch):
@@ -384,3 +386,26 @@ def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monk
     assert resume_command(tmp_path / "here") == "the same launch command (torchrun, accelerate launch, srun)"
     monkeypatch.setattr(sys, "argv", ["run.py"])
     assert resume_command(run_dir) == f"the same launch command (torchrun, accelerate launch, srun) with hydra.run.dir={run_dir} added"
+
+
+def test_error_txt_gives_the_resume_command_only_for_a_failure_a_rerun_gets_past(tmp_path, monkeypatch):
+    import errno
+
+    from mlm.cli import _fail
+    from mlm.config import Resumable
+    from mlm.files import write_error
+
+    for name in ("RANK", "WORLD_SIZE", "MLM_MAKE_TARGET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["run.py", f"hydra.run.dir={tmp_path}"])
+    (tmp_path / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "ckpt-00000004" / "manifest.json").write_text(json.dumps({"step": 4, "files": {}}))
+    job = {"multirun": True}  # returns instead of exiting
+    _fail(tmp_path, job, "the eval masked no token in 2 blocks")  # a setting: the same command fails again
+    assert (tmp_path / "error.txt").read_text() == "the eval masked no token in 2 blocks\n"
+    full = write_error("metrics", tmp_path / "metrics.jsonl", OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(full, Resumable)  # run_job passes resumable=isinstance(e, Resumable)
+    _fail(tmp_path, job, str(full), resumable=True)
+    from mlm.rundir import python_name
+
+    assert (tmp_path / "error.txt").read_text().splitlines() == [str(full), f"resume with: {python_name()} run.py hydra.run.dir={tmp_path}"]
