@@ -242,10 +242,10 @@ class RunDirGuard(Callback):
             if results is not None:
                 results = with_downstream(run_dir, config, results)
         except UserError as e:  # locked, or finished with other settings (or its downstream task failed)
-            print(f"error: {e}", file=sys.stderr)
+            main_process_says(f"error: {e}")
             sys.exit(2)
         except Interrupted as e:  # a stop signal during the downstream fine-tune of a finished run
-            print(f"stopped: {e}", file=sys.stderr)
+            main_process_says(f"stopped: {e}")
             sys.exit(e.exit_code)
         if results is not None:
             print(finished_line(run_dir, results))
@@ -288,6 +288,15 @@ class RunDirGuard(Callback):
             sys.exit(128 + stopped)
         if line:
             sys.exit(1)
+
+
+def main_process_says(line: str) -> None:
+    """`line` on stderr from the main process; the other ranks of a launch (which reach the same verdict) log it at
+    WARNING, which their console leaves out: one copy under torchrun."""
+    if is_main_process():
+        print(line, file=sys.stderr)
+    else:
+        log.warning(line)
 
 
 def stopped_sweep_line(sweep_dir: Path, signum: int) -> str:
@@ -352,8 +361,9 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
     except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sequential sweep stops with its job
-        log.warning(str(e))
-        print(f"stopped: {e}", file=sys.stderr)
+        log.warning(str(e))  # on the console of the main process only (mlm.progress.MainProcessConsole)
+        if is_main_process():
+            print(f"stopped: {e}", file=sys.stderr)
         if preemption.in_sweep():  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
             return None
         sys.exit(e.exit_code)
@@ -422,7 +432,8 @@ def _fail(run_dir: Path, job: dict, message: str, record: bool = True, resumable
         # No value: Optuna records the trial as FAIL and goes on (NaN makes it raise: it refuses to tell
         # COMPLETE with NaN, then FAIL with a value); the basic sweeper and launchers go on with any value.
         return None
-    print(f"error: {message}", file=sys.stderr)
+    if is_main_process():  # the other ranks' log.error above is their console's copy, tagged with the rank
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

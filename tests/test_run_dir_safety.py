@@ -409,3 +409,18 @@ def test_error_txt_gives_the_resume_command_only_for_a_failure_a_rerun_gets_past
     from mlm.rundir import python_name
 
     assert (tmp_path / "error.txt").read_text().splitlines() == [str(full), f"resume with: {python_name()} run.py hydra.run.dir={tmp_path}"]
+
+
+def test_only_the_main_process_prints_its_error_and_stop_lines(tmp_path, monkeypatch, capsys, caplog):
+    from mlm.cli import _fail, main_process_says
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 1 of a torchrun launch: its console would repeat rank 0's line
+    with caplog.at_level(logging.WARNING, logger="mlm"):
+        main_process_says("stopped: a stop signal on another process")
+        with pytest.raises(SystemExit):
+            _fail(tmp_path, {"multirun": False}, "cannot write metrics")
+    assert capsys.readouterr().err == "" and "stopped: a stop signal on another process" in caplog.text
+    monkeypatch.setenv("RANK", "0")
+    main_process_says("stopped: by SIGINT")
+    assert capsys.readouterr().err == "stopped: by SIGINT\n"
