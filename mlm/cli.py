@@ -71,24 +71,61 @@ def start_stamp() -> str:
 
 def resume_unfinished(root: DictConfig, stamp: str) -> str:
     """A single run with no hydra.run.dir resumes the newest unfinished default run of the same command and settings
-    (mlm.rundir.unfinished_run: an exact resume, so it costs no result; a finished run is never chosen), saying so in
-    one line; else `stamp`, a new directory. Every rank of a launch chooses alike: a directory without a checkpoint is
-    never chosen, so the one rank 0 creates cannot be, and the lock of a rank of this launch does not count."""
+    (mlm.rundir.unfinished_run: an exact resume, so it costs no result; a finished or failed run is never chosen), saying
+    so in one line; else `stamp`, a new directory. The ranks of one launch take the choice of the first to decide
+    (agreed_choice): each looking on its own could disagree when a candidate's holder ends between their looks."""
     import yaml
 
-    from mlm.rundir import RUNS_ROOT, unfinished_run
+    from mlm.rundir import RUNS_ROOT, checkpoint_steps, unfinished_run
     from mlm.tracking import scrub
 
-    overrides = scrub(list(root.hydra.overrides.task))
-    tree = OmegaConf.to_container(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True)
-    found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree))))  # as save_config_snapshot writes it
-    if found is None:
-        return stamp
-    run_dir, step = found
-    if is_main_process():
-        print(f"resuming the unfinished run {run_dir} (same command, stopped at step {step}); "
+    def choose() -> str:
+        overrides = scrub(list(root.hydra.overrides.task))
+        tree = OmegaConf.to_container(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True)
+        found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree))))  # as save_config_snapshot writes it
+        return stamp if found is None else found[0].name
+
+    name = agreed_choice(choose)
+    if name != stamp and is_main_process():
+        steps = checkpoint_steps(RUNS_ROOT / name)
+        print(f"resuming the unfinished run {RUNS_ROOT / name} (same command, stopped at step {steps[0] if steps else '?'}); "
               f"to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}", flush=True)
-    return run_dir.name
+    return name
+
+
+def agreed_choice(choose) -> str:
+    """choose() in a single process; under a launcher of several processes on this node (torchrun, accelerate launch),
+    the value of the rank that decided first: it writes it to a file named by the launcher (its pid and start time) in
+    this user's folder of the temp dir, linked into place with its whole text (so exclusive, and never through a
+    link), and the others read it. (A torchrun restart of its workers reads it again: the same run dir.)"""
+    if detect().world_size == 1:
+        return choose()
+    import psutil
+    import stat
+    import tempfile
+
+    from mlm.files import open_new
+
+    folder = Path(tempfile.gettempdir()) / f"mlm-launch-choices-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    own = os.lstat(folder)
+    if not stat.S_ISDIR(own.st_mode) or own.st_uid != os.getuid():  # someone else's, or a link: decide alone
+        log.warning("%s is not a folder of this user's; the ranks choose their run directory each on its own", folder)
+        return choose()
+    launcher = psutil.Process(os.getppid())
+    path = folder / f"{launcher.pid}-{launcher.create_time():.3f}"
+    if not path.is_file():
+        draft = folder / f".draft-{os.getpid()}"
+        with open_new(draft) as f:
+            f.write(choose())
+        try:
+            os.link(draft, path)  # fails if another rank was first: its choice stands
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW)) as f:
+        return f.read()
 
 
 def register() -> None:

@@ -365,6 +365,31 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     assert chosen() not in {p.name for p in Path("outputs/runs").iterdir()}
 
 
+def test_the_ranks_of_one_launch_resume_the_same_run_when_a_holder_ends_between_their_looks(tmp_path, monkeypatch):
+    import psutil
+    import socket
+
+    from mlm import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(__import__("tempfile"), "tempdir", str(tmp_path))  # where the launch's choice is written
+    cfg = composed_run([*TINY_RUN, "trainer.max_steps=8"])
+    older = default_run(cfg, "2026-01-01_00-00-00", step=4)
+    pid1 = {"host": socket.gethostname(), "pid": 1, "start": psutil.Process(1).create_time()}
+    newest = default_run(cfg, "2026-01-04_00-00-00", step=2, lock=pid1)  # in use by another live process
+
+    def rank(r):
+        for key, value in {"RANK": r, "LOCAL_RANK": r, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2}.items():
+            monkeypatch.setenv(key, str(value))
+        cli._stamps.clear()  # each rank is a process of its own
+        return cli.launch_stamp(_root_=cfg)
+
+    assert rank(0) == older.name
+    (newest / "run.lock").write_text("")  # its holder ends cleanly before rank 1 looks: alone, rank 1 would take it
+    assert rank(1) == older.name
+    assert cli.agreed_choice(lambda: "other") == older.name  # the same launcher: its first choice stands
+
+
 def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monkeypatch):
     from mlm.rundir import python_name, resume_command
 
