@@ -88,8 +88,8 @@ def resume_unfinished(root: DictConfig, stamp: str) -> str:
     name = agreed_choice(choose)
     if name != stamp and is_main_process():
         steps = checkpoint_steps(RUNS_ROOT / name)
-        print(f"resuming the unfinished run {RUNS_ROOT / name} (same command, stopped at step {steps[0] if steps else '?'}); "
-              f"to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}", flush=True)
+        print(f"resuming the unfinished run {RUNS_ROOT / name} (same command; its newest checkpoint is at step "
+              f"{steps[0] if steps else '?'}); to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}", flush=True)
     return name
 
 

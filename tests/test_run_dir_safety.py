@@ -336,6 +336,7 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     from mlm import cli
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "start_stamp", lambda: "2026-12-06_12-00-00")  # the clock may tick a second between two calls
     cfg = composed_run([*TINY_RUN, "trainer.max_steps=8"])
 
     def chosen(config=cfg):
@@ -350,8 +351,8 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     pid1 = {"host": socket.gethostname(), "pid": 1, "start": psutil.Process(1).create_time()}
     newest = default_run(cfg, "2026-01-04_00-00-00", step=2, lock=pid1)  # in use by a live process
     assert chosen() == "2026-01-01_00-00-00"
-    assert capsys.readouterr().out == ("resuming the unfinished run outputs/runs/2026-01-01_00-00-00 (same command, stopped at step 4); "
-                                       f"to start a new run instead add hydra.run.dir=outputs/runs/{fresh}\n")
+    assert capsys.readouterr().out == ("resuming the unfinished run outputs/runs/2026-01-01_00-00-00 (same command; its newest checkpoint "
+                                       f"is at step 4); to start a new run instead add hydra.run.dir=outputs/runs/{fresh}\n")
     (newest / "run.lock").write_text(json.dumps({**pid1, "start": 1.0}))  # its holder is gone (pid 1 is another process now)
     assert chosen() == newest.name
     # another command, or the same one whose settings changed (an edited config file): a new run
