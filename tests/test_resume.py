@@ -66,7 +66,7 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: Path):
     for k in a:
         assert a[k].equal(b[k]), f"{k} differs"  # bitwise identical weights
     assert records(run_dir) == records(reference)  # every logged value, including steps after the checkpoint
-    measured = ("train_seconds", "tokens_per_s", "mfu", "wall_seconds", "peak_rss_mb")  # of this process, not of the training
+    measured = ("train_seconds", "tokens_per_s", "mfu", "wall_seconds", "peak_rss_mb", "data_wait")  # of this process, not of the training
     results, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
     assert {k: v for k, v in results.items() if k not in measured} == {k: v for k, v in expected.items() if k not in measured}
 
