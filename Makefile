@@ -4,24 +4,37 @@
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+DEFAULT_SPEC := torch==2.13.0
+TORCH_SPEC ?= $(DEFAULT_SPEC)
 PY := $(VENV)/bin/python
-# One stamp per torch spec (named by its checksum, holding it): another TORCH_SPEC is a new set-up.
-STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
-OTHER_SPECS = $(filter-out $(STAMP),$(wildcard $(VENV)/.installed*))
+# One stamp per torch spec (named by its checksum, holding the spec). Only a TORCH_SPEC given on the command
+# line or in the environment makes set-up follow a new spec; any other target (and set-up without one) takes the
+# set-up that exists, whatever its spec: `make train` after a CUDA set-up keeps the CUDA torch. `.installed`
+# (the stamp of versions before specs had stamps, empty) is a set-up with the default spec.
+stamp_of = $(VENV)/.installed-$(shell printf '%s' '$(1)' | cksum | cut -d' ' -f1)
+same = $(and $(findstring x$(1),x$(2)),$(findstring x$(2),x$(1)))
+INSTALLED := $(firstword $(wildcard $(VENV)/.installed*))
+INSTALLED_SPEC := $(if $(INSTALLED),$(or $(shell cat '$(INSTALLED)'),$(DEFAULT_SPEC)))
+ifneq ($(filter command line environment,$(origin TORCH_SPEC)),)
+STAMP := $(call stamp_of,$(TORCH_SPEC))
+else
+STAMP := $(or $(INSTALLED),$(call stamp_of,$(TORCH_SPEC)))
+TORCH_SPEC := $(or $(INSTALLED_SPEC),$(TORCH_SPEC))
+endif
 
 .PHONY: setup train test test-fast bench clean clean-outputs
 
-# A set-up with another spec first removes its torch: pip keeps an installed torch that satisfies the
-# new spec's version (2.13.0+cpu satisfies torch==2.13.0 from a CUDA index).
+# The old stamp goes first, so that a failed install leaves none. A set-up with another spec then removes its
+# torch: pip keeps an installed torch that satisfies the new spec's version (2.13.0+cpu satisfies torch==2.13.0
+# from a CUDA index).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(if $(OTHER_SPECS),$(PY) -m pip uninstall --quiet --yes torch)
+	rm -f $(VENV)/.installed*
+	$(if $(INSTALLED_SPEC),$(if $(call same,$(INSTALLED_SPEC),$(TORCH_SPEC)),,$(PY) -m pip uninstall --quiet --yes torch))
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
-	rm -f $(VENV)/.installed*
-	printf '%s\n' '$(TORCH_SPEC)' > $(STAMP)
+	printf '%s\n' '$(TORCH_SPEC)' > $(call stamp_of,$(TORCH_SPEC))
 
 setup: $(STAMP)
 

@@ -17,9 +17,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm import preemption
-from mlm.config import CONF, GROUPS, MOVED, REMOVED, Config, UserError, choices_of, register_configs
-from mlm.distributed import detect, is_main_process, launch_name
-from mlm.files import atomic_write_text, open_append
+from mlm.config import CONF, GROUPS, MOVED, REMOVED, Config, Resumable, UserError, choices_of, register_configs
+from mlm.distributed import PeerFailed, detect, is_main_process, launch_name
+from mlm.files import NOFOLLOW, atomic_write_text, open_append
 from mlm.preemption import Interrupted
 from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir, resume_command, resume_note
 
@@ -71,24 +71,61 @@ def start_stamp() -> str:
 
 def resume_unfinished(root: DictConfig, stamp: str) -> str:
     """A single run with no hydra.run.dir resumes the newest unfinished default run of the same command and settings
-    (mlm.rundir.unfinished_run: an exact resume, so it costs no result; a finished run is never chosen), saying so in
-    one line; else `stamp`, a new directory. Every rank of a launch chooses alike: a directory without a checkpoint is
-    never chosen, so the one rank 0 creates cannot be, and the lock of a rank of this launch does not count."""
+    (mlm.rundir.unfinished_run: an exact resume, so it costs no result; a finished or failed run is never chosen), saying
+    so in one line; else `stamp`, a new directory. The ranks of one launch take the choice of the first to decide
+    (agreed_choice): each looking on its own could disagree when a candidate's holder ends between their looks."""
     import yaml
 
-    from mlm.rundir import RUNS_ROOT, unfinished_run
+    from mlm.rundir import RUNS_ROOT, checkpoint_steps, unfinished_run
     from mlm.tracking import scrub
 
-    overrides = scrub(list(root.hydra.overrides.task))
-    tree = OmegaConf.to_container(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True)
-    found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree))))  # as save_config_snapshot writes it
-    if found is None:
-        return stamp
-    run_dir, step = found
-    if is_main_process():
-        print(f"resuming the unfinished run {run_dir} (same command, stopped at step {step}); "
-              f"to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}", flush=True)
-    return run_dir.name
+    def choose() -> str:
+        overrides = scrub(list(root.hydra.overrides.task))
+        tree = OmegaConf.to_container(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True)
+        found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree))))  # as save_config_snapshot writes it
+        return stamp if found is None else found[0].name
+
+    name = agreed_choice(choose)
+    if name != stamp and is_main_process():
+        steps = checkpoint_steps(RUNS_ROOT / name)
+        print(f"resuming the unfinished run {RUNS_ROOT / name} (same command; its newest checkpoint is at step "
+              f"{steps[0] if steps else '?'}); to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}", flush=True)
+    return name
+
+
+def agreed_choice(choose) -> str:
+    """choose() in a single process; under a launcher of several processes on this node (torchrun, accelerate launch),
+    the value of the rank that decided first: it writes it to a file named by the launcher (its pid and start time) in
+    this user's folder of the temp dir, linked into place with its whole text (so exclusive, and never through a
+    link), and the others read it. (A torchrun restart of its workers reads it again: the same run dir.)"""
+    if detect().world_size == 1:
+        return choose()
+    import psutil
+    import stat
+    import tempfile
+
+    from mlm.files import open_new
+
+    folder = Path(tempfile.gettempdir()) / f"mlm-launch-choices-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    own = os.lstat(folder)
+    if not stat.S_ISDIR(own.st_mode) or own.st_uid != os.getuid():  # someone else's, or a link: decide alone
+        log.warning("%s is not a folder of this user's; the ranks choose their run directory each on its own", folder)
+        return choose()
+    launcher = psutil.Process(os.getppid())
+    path = folder / f"{launcher.pid}-{launcher.create_time():.3f}"
+    if not path.is_file():
+        draft = folder / f".draft-{os.getpid()}"
+        with open_new(draft) as f:
+            f.write(choose())
+        try:
+            os.link(draft, path)  # fails if another rank was first: its choice stands
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW)) as f:
+        return f.read()
 
 
 def register() -> None:
@@ -236,10 +273,10 @@ class RunDirGuard(Callback):
             if results is not None:
                 results = with_downstream(run_dir, config, results)
         except UserError as e:  # locked, or finished with other settings (or its downstream task failed)
-            print(f"error: {e}", file=sys.stderr)
+            main_process_says(f"error: {e}")
             sys.exit(2)
         except Interrupted as e:  # a stop signal during the downstream fine-tune of a finished run
-            print(f"stopped: {e}", file=sys.stderr)
+            main_process_says(f"stopped: {e}")
             sys.exit(e.exit_code)
         if results is not None:
             print(finished_line(run_dir, results))
@@ -282,6 +319,15 @@ class RunDirGuard(Callback):
             sys.exit(128 + stopped)
         if line:
             sys.exit(1)
+
+
+def main_process_says(line: str) -> None:
+    """`line` on stderr from the main process; the other ranks of a launch (which reach the same verdict) log it at
+    WARNING, which their console leaves out: one copy under torchrun."""
+    if is_main_process():
+        print(line, file=sys.stderr)
+    else:
+        log.warning(line)
 
 
 def stopped_sweep_line(sweep_dir: Path, signum: int) -> str:
@@ -346,8 +392,9 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
     except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sequential sweep stops with its job
-        log.warning(str(e))
-        print(f"stopped: {e}", file=sys.stderr)
+        log.warning(str(e))  # on the console of the main process only (mlm.progress.MainProcessConsole)
+        if is_main_process():
+            print(f"stopped: {e}", file=sys.stderr)
         if preemption.in_sweep():  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
             return None
         sys.exit(e.exit_code)
@@ -359,11 +406,11 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     except UserError as e:
         if debug:
             raise
-        return _fail(run_dir, job, str(e))
+        return _fail(run_dir, job, str(e), resumable=isinstance(e, Resumable))
     except Exception as e:
         if job["multirun"] and not debug:  # one broken job must not end the sweep; its log has the traceback
             log.exception("job failed")
-            return _fail(run_dir, job, f"{type(e).__name__}: {e}")
+            return _fail(run_dir, job, f"{type(e).__name__}: {e}", resumable=isinstance(e, PeerFailed))
         raise
     else:
         if is_main_process():
@@ -401,20 +448,23 @@ def objective(results: dict) -> Optional[float]:
     return None if failure({"error": None, "results": results}) else results["perplexity"]
 
 
-def _fail(run_dir: Path, job: dict, message: str, record: bool = True) -> Optional[float]:
+def _fail(run_dir: Path, job: dict, message: str, record: bool = True, resumable: bool = False) -> Optional[float]:
+    """error.txt and one line; the command that resumes the run only for a failure a rerun gets past (`resumable`: a
+    failed write, a failed peer): a bad setting or a NaN loss fails again."""
     from mlm.distributed import failure_report
 
     log.error(message)
     if record and is_main_process() and run_dir.is_dir():
         try:
-            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n" + resume_note(run_dir))
+            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n" + (resume_note(run_dir) if resumable else ""))
         except OSError as e:  # the disk that failed the run may fail this too; the message below still says why
             log.warning("could not write %s: %s", run_dir / "error.txt", e)
     if job["multirun"]:
         # No value: Optuna records the trial as FAIL and goes on (NaN makes it raise: it refuses to tell
         # COMPLETE with NaN, then FAIL with a value); the basic sweeper and launchers go on with any value.
         return None
-    print(f"error: {message}", file=sys.stderr)
+    if is_main_process():  # the other ranks' log.error above is their console's copy, tagged with the rank
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -26,6 +26,11 @@ class UserError(Exception):
     """A mistake the user can fix (bad value, missing file, no network). Printed as one line, exit code 2."""
 
 
+class Resumable(UserError):
+    """A failure a rerun gets past once its cause is fixed (a failed write: a full disk, a permission): error.txt then
+    ends with the command that resumes the run. A bad setting or a NaN loss is a plain UserError: it fails again."""
+
+
 class Choice(str, Enum):
     """A closed set of string values: Hydra rejects any other when it composes. Members compare equal
     to their strings (`Precision.bf16 == "bf16"`) and print as them."""

@@ -178,11 +178,11 @@ def os_error_of(e: BaseException) -> Optional[OSError]:
 
 
 def write_error(what: str, path: Path, e: BaseException) -> Exception:
-    """The one-line UserError for a failed write of `what` to `path` (call only when os_error_of(e) is set)."""
-    from mlm.config import UserError
+    """The one-line UserError (Resumable) for a failed write of `what` to `path` (call only when os_error_of(e) is set)."""
+    from mlm.config import Resumable
 
     err = os_error_of(e)
-    return UserError(f"cannot write {what} {path}: {err.strerror or err} ({os_error_advice(err)})")
+    return Resumable(f"cannot write {what} {path}: {err.strerror or err} ({os_error_advice(err)})")
 
 
 def os_error_advice(e: OSError) -> str:

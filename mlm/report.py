@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -174,35 +173,22 @@ def collect_unfinished(dirs: List[Path]) -> List[Dict[str, Any]]:
 def unfinished_status(job_dir: Path, metrics: List[Dict[str, Any]]) -> str:
     """What became of a job that wrote no outcome, from its run.lock (mlm/rundir.py): a clean end (a stop signal,
     which leaves a checkpoint) empties the holder's record; a killed process leaves it; a live one still holds it."""
-    from mlm.rundir import LOCK_FILE, _alive, describe
+    from mlm.rundir import describe, lock_state
 
-    lock = job_dir / LOCK_FILE
-    if not lock.is_file():
-        return "not started (no run.lock)"
-    try:
-        text = lock.read_text()
-        holder = json.loads(text) if text.strip() else None
-    except (OSError, ValueError):
-        holder = "?"
-    if holder is None:
-        state = "stopped"
-    elif not isinstance(holder, dict):
-        state = "unfinished (its run.lock is unreadable)"
-    elif holder.get("host") == socket.gethostname() and not _alive(holder):
-        state = "killed (its process ended without a word)"
-    else:
-        state = f"running ({describe(holder)})"
-    return f"{state}: {_progress(job_dir, metrics)}"
+    state, holder = lock_state(job_dir)
+    said = {"none": "not started (no run.lock)", "ended": "stopped", "unreadable": "unfinished (its run.lock is unreadable)",
+            "killed": "killed (its process ended without a word)"}.get(state) or f"running ({describe(holder)})"
+    return said if state == "none" else f"{said}: {_progress(job_dir, metrics)}"
 
 
 def _progress(job_dir: Path, metrics: List[Dict[str, Any]]) -> str:
     """'step 57 logged, checkpoint at step 50': how far an unfinished job got."""
+    from mlm.rundir import checkpoint_steps
+
     logged = max((r["step"] for r in metrics if isinstance(r.get("step"), int)), default=None)
-    # checkpoints/ckpt-<step> with its manifest.json (written last) is complete; read here by name, not with
-    # mlm.checkpoint, which would import torch for a summary
-    saved = [int(p.name[5:]) for p in (job_dir / "checkpoints").glob("ckpt-*") if p.name[5:].isdigit() and (p / "manifest.json").is_file()]
+    saved = checkpoint_steps(job_dir)
     return (f"step {logged} logged" if logged is not None else "no step logged") + (
-        f", checkpoint at step {max(saved)}" if saved else ", no checkpoint")
+        f", checkpoint at step {saved[0]}" if saved else ", no checkpoint")
 
 
 def failure(job: Dict[str, Any]) -> Optional[str]:

@@ -220,20 +220,38 @@ def release_run_dir(run_dir: Path) -> None:
         lock.release()
 
 
-def held_elsewhere(run_dir: Path) -> bool:
-    """Whether a live process other than this one, or another rank of this launch (a sibling: same parent), holds
-    `run_dir` (its run.lock record, read without locking: a lock taken to look would refuse its real taker)."""
+def lock_state(run_dir: Path) -> Tuple[str, Optional[dict]]:
+    """What `run_dir`'s run.lock says of its holder, read without locking (a lock taken to look would refuse its real
+    taker), and the holder's record: "none" (no run.lock: never started), "ended" (a clean end empties the record),
+    "unreadable", "killed" (its process on this host no longer runs), or "held" (a live process on this host, or one
+    on another host, which cannot be checked from here). mlm.report and the resume of an unfinished run both ask here."""
     try:
-        holder = json.loads((Path(run_dir) / LOCK_FILE).read_text() or "{}")
+        text = (Path(run_dir) / LOCK_FILE).read_text()
+        holder = json.loads(text) if text.strip() else None
     except FileNotFoundError:
-        return False
+        return "none", None
     except (OSError, ValueError):
+        return "unreadable", None
+    if holder is None:
+        return "ended", None
+    if not isinstance(holder, dict):
+        return "unreadable", None
+    if holder.get("host") == socket.gethostname() and not _alive(holder):
+        return "killed", holder
+    return "held", holder
+
+
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether a process other than this one, or another rank of this launch (a sibling: same parent), holds
+    `run_dir` (lock_state: held, or unreadable)."""
+    state, holder = lock_state(run_dir)
+    if state in ("none", "ended", "killed"):
+        return False
+    if holder is None:
         return True  # unreadable: assume held
-    if not holder:
-        return False  # a clean end empties the record
     if holder.get("host") != socket.gethostname():
         return True
-    if not _alive(holder) or holder.get("pid") == os.getpid():
+    if holder.get("pid") == os.getpid():
         return False
     try:
         import psutil
@@ -241,6 +259,14 @@ def held_elsewhere(run_dir: Path) -> bool:
         return detect().world_size == 1 or psutil.Process(int(holder["pid"])).ppid() != os.getppid()
     except Exception:
         return True
+
+
+def checkpoint_steps(run_dir: Path) -> List[int]:
+    """The steps of `run_dir`'s complete checkpoints (checkpoints/ckpt-<step> with its manifest.json, written last),
+    newest first, read by name without importing torch (mlm.checkpoint.list_checkpoints also checks each file's size)."""
+    root = Path(run_dir) / "checkpoints"
+    names = root.glob("ckpt-*") if root.is_dir() else []
+    return sorted((int(p.name[5:]) for p in names if p.name[5:].isdigit() and (p / "manifest.json").is_file()), reverse=True)
 
 
 # ---------------------------------------------------------------- the command that resumes a run
@@ -256,14 +282,21 @@ def resume_command(run_dir: Path, sweep_dir: Optional[Path] = None) -> str:
     `make train ARGS="..."`; under torchrun or accelerate launch a rank's argv is not the launcher's, so it says so."""
     sweep_dir = sweep_dir or _sweep_dir()
     key, where = ("hydra.sweep.dir", sweep_dir) if sweep_dir else ("hydra.run.dir", Path(run_dir))
-    args = scrub(sys.argv[1:])
+    args = [a for a in sys.argv[1:] if scrub(a) == a]
     extra = [] if any(a.lstrip("+").startswith(key + "=") for a in args) else [f"{key}={Path(where).absolute()}"]
     if detect().world_size > 1:
         return "the same launch command (torchrun, accelerate launch, srun)" + (f" with {shlex.join(extra)} added" if extra else "")
     target = os.environ.get(MAKE_TARGET)
     if target:
-        return f"make {target} ARGS={_make_quote(shlex.join(args + extra))}"
-    return shlex.join([python_name(), sys.argv[0], *args, *extra])
+        return f"make {target} ARGS={_make_quote(shlex.join(args + extra))}" + _secrets_left_out()
+    return shlex.join([python_name(), sys.argv[0], *args, *extra]) + _secrets_left_out()
+
+
+def _secrets_left_out() -> str:
+    """The command's arguments that hold a secret are left out of a printed command (masked, a pasted one would set the
+    secret to ***): said after it, by their key."""
+    held = [scrub(a).split("=")[0] + "=..." if "=" in a else "the argument holding a secret" for a in sys.argv[1:] if scrub(a) != a]
+    return f" (and add again, with its value: {', '.join(held)})" if held else ""
 
 
 def _sweep_dir() -> Optional[str]:
@@ -301,7 +334,8 @@ def resume_note(run_dir: Path) -> str:
 def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, int]]:
     """The newest default run (under RUNS_ROOT, named by its start time) that this command resumes exactly, and the step
     of its newest checkpoint: started with the same overrides and settings (.hydra/overrides.yaml, .hydra/config.yaml),
-    holding a complete checkpoint and no results.json (never a finished run), and not in use by a live process.
+    holding a complete checkpoint, no results.json (never a finished run) and no error.txt (a failed run needs a decision:
+    its error.txt gives the command that resumes it where a rerun gets past the failure), and not in use by a live process.
     `config`: this run's settings as save_config_snapshot writes them (unresolved, secrets masked)."""
     import yaml
 
@@ -309,18 +343,16 @@ def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, i
         return None
     for run_dir in sorted((p for p in RUNS_ROOT.iterdir() if STAMP_NAME.fullmatch(p.name)), reverse=True):
         try:
-            if (run_dir / "results.json").exists() or not (run_dir / "checkpoints").is_dir():
-                continue
+            if (run_dir / "results.json").exists() or (run_dir / "error.txt").exists() or not (run_dir / "checkpoints").is_dir():
+                continue  # finished; failed (a decision: its error.txt says whether its command resumes it); never saved
             saved = run_dir / ".hydra"
             if yaml.safe_load((saved / "overrides.yaml").read_text()) != overrides or yaml.safe_load((saved / "config.yaml").read_text()) != config:
                 continue
             if held_elsewhere(run_dir):
                 continue
-            from mlm.checkpoint import list_checkpoints  # imports torch: only for a candidate
-
-            newest = list_checkpoints(run_dir)
-            if newest:
-                return run_dir, int(newest[0].name.split("-")[-1])
+            steps = checkpoint_steps(run_dir)
+            if steps:
+                return run_dir, steps[0]
         except (OSError, ValueError, yaml.YAMLError):
             continue
     return None

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from mlm import checkpoint, distributed, downstream, faults, flops, progress, rundir
 from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
-from mlm.config import Config, UserError
+from mlm.config import Config, Resumable, UserError
 from mlm.data import build_blocks, flat_token_ids
 from mlm.data.blocks import default_cache_root
 from mlm.data.identity import changed_data, data_identity
@@ -743,7 +743,7 @@ def stop_with_checkpoint(reason: str, stop: StopSignals, tracker, run_dir: Path,
     if reason == "metrics":
         path = Path(run_dir) / "metrics.jsonl"
         cause = write_error("metrics", path, tracker.failure) if tracker.failure else f"the main process cannot write {path}"
-        raise UserError(f"{cause}; stopped after step {step} with checkpoint {written}, which keeps the unwritten records")
+        raise Resumable(f"{cause}; stopped after step {step} with checkpoint {written}, which keeps the unwritten records")
     stop.hand_on()  # submitit's handler requeues the job and exits here
     raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}; checkpoint {written} written; "
                                    f"resume with: {rundir.resume_command(run_dir)}")

@@ -218,7 +218,7 @@ def test_ctrl_c_in_make_train_then_make_train_again_or_the_printed_command_resum
     assert printed == f'make train ARGS="{" ".join([*SIGNAL_RUN, f"dataset.path={corpus}"])} hydra.run.dir={run_dir}"'
 
     proc, out, err = ctrl_c_after(step + 5)  # the same command again: the same run
-    assert out.startswith(f"resuming the unfinished run outputs/runs/{run_dir.name} (same command, stopped at step {step}); "
+    assert out.startswith(f"resuming the unfinished run outputs/runs/{run_dir.name} (same command; its newest checkpoint is at step {step}); "
                           "to start a new run instead add hydra.run.dir=outputs/runs/"), out[:2000]
     assert f"resumed from {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} at step {step}\n" in out + err
     second = assert_stopped(proc, err, signal.SIGINT, run_dir, after=step + 5)

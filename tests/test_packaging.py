@@ -71,6 +71,18 @@ def test_make_setup_follows_the_torch_spec_and_make_clean_keeps_the_runs(tmp_pat
     cuda = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
     _, plan = make(tmp_path, "-n", "setup", f"TORCH_SPEC={cuda}")
     assert "pip uninstall --quiet --yes torch" in plan and f"pip install --quiet {cuda}\n" in plan  # pip would keep 2.13.0+cpu
+    assert plan.index("rm -f .venv/.installed*") < plan.index("pip uninstall")  # a failed install leaves no stamp
+    stamp.unlink()
+    cuda_stamp = tmp_path / plan.split("> ")[-1].strip()
+    cuda_stamp.write_text(cuda + "\n")  # after that CUDA set-up, the targets that leave TORCH_SPEC alone keep its torch
+    for target in ("train", "test", "gpu-check"):
+        code, plan = make(tmp_path, "-n", target)
+        assert code == 0 and "pip" not in plan.replace("-m pytest", ""), plan
+    assert make(tmp_path, "-n", "setup") == (0, "")
+    cuda_stamp.unlink()
+    (tmp_path / ".venv" / ".installed").touch()  # an older checkout's stamp: set up with the default spec
+    code, plan = make(tmp_path, "-n", "train")
+    assert code == 0 and "pip" not in plan and "run.py" in plan
 
     run = tmp_path / "outputs" / "runs" / "r"
     run.mkdir(parents=True)

@@ -67,7 +67,7 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: Path, other_settings=
     for k in a:
         assert a[k].equal(b[k]), f"{k} differs"  # bitwise identical weights
     assert records(run_dir) == records(reference)  # every logged value, including steps after the checkpoint
-    measured = ("train_seconds", "tokens_per_s", "mfu", "wall_seconds", "peak_rss_mb")  # of this process, not of the training
+    measured = ("train_seconds", "tokens_per_s", "mfu", "wall_seconds", "peak_rss_mb", "data_wait")  # of this process, not of the training
     results, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
     for key in other_settings:
         assert results["config"].pop(key) != expected["config"].pop(key)

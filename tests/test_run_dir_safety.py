@@ -336,6 +336,7 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     from mlm import cli
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "start_stamp", lambda: "2026-12-06_12-00-00")  # the clock may tick a second between two calls
     cfg = composed_run([*TINY_RUN, "trainer.max_steps=8"])
 
     def chosen(config=cfg):
@@ -350,8 +351,8 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     pid1 = {"host": socket.gethostname(), "pid": 1, "start": psutil.Process(1).create_time()}
     newest = default_run(cfg, "2026-01-04_00-00-00", step=2, lock=pid1)  # in use by a live process
     assert chosen() == "2026-01-01_00-00-00"
-    assert capsys.readouterr().out == ("resuming the unfinished run outputs/runs/2026-01-01_00-00-00 (same command, stopped at step 4); "
-                                       f"to start a new run instead add hydra.run.dir=outputs/runs/{fresh}\n")
+    assert capsys.readouterr().out == ("resuming the unfinished run outputs/runs/2026-01-01_00-00-00 (same command; its newest checkpoint "
+                                       f"is at step 4); to start a new run instead add hydra.run.dir=outputs/runs/{fresh}\n")
     (newest / "run.lock").write_text(json.dumps({**pid1, "start": 1.0}))  # its holder is gone (pid 1 is another process now)
     assert chosen() == newest.name
     # another command, or the same one whose settings changed (an edited config file): a new run
@@ -361,6 +362,33 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     # a run that says where it goes, one that starts over, or a sweep never takes another run's directory
     assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8", "resume=never"])) not in {p.name for p in Path("outputs/runs").iterdir()}
     assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8"], mode="MULTIRUN")) not in {p.name for p in Path("outputs/runs").iterdir()}
+    Path("outputs/runs/2026-01-01_00-00-00/error.txt").write_text("the eval masked no token in 2 blocks\n")  # failed: a decision, not an unfinished run
+    assert chosen() not in {p.name for p in Path("outputs/runs").iterdir()}
+
+
+def test_the_ranks_of_one_launch_resume_the_same_run_when_a_holder_ends_between_their_looks(tmp_path, monkeypatch):
+    import psutil
+    import socket
+
+    from mlm import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(__import__("tempfile"), "tempdir", str(tmp_path))  # where the launch's choice is written
+    cfg = composed_run([*TINY_RUN, "trainer.max_steps=8"])
+    older = default_run(cfg, "2026-01-01_00-00-00", step=4)
+    pid1 = {"host": socket.gethostname(), "pid": 1, "start": psutil.Process(1).create_time()}
+    newest = default_run(cfg, "2026-01-04_00-00-00", step=2, lock=pid1)  # in use by another live process
+
+    def rank(r):
+        for key, value in {"RANK": r, "LOCAL_RANK": r, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2}.items():
+            monkeypatch.setenv(key, str(value))
+        cli._stamps.clear()  # each rank is a process of its own
+        return cli.launch_stamp(_root_=cfg)
+
+    assert rank(0) == older.name
+    (newest / "run.lock").write_text("")  # its holder ends cleanly before rank 1 looks: alone, rank 1 would take it
+    assert rank(1) == older.name
+    assert cli.agreed_choice(lambda: "other") == older.name  # the same launcher: its first choice stands
 
 
 def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monkeypatch):
@@ -371,10 +399,12 @@ def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monk
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, "argv", ["run.py", "model=tiny", "+hydra.job.env_set.HF_TOKEN=hf_abc", "optimizer.lr=1e-4"])
     run_dir = tmp_path / "outputs" / "runs" / "2026-01-01_00-00-00"
+    # the secret is left out, not masked (a pasted *** would be the token), and named after the command
     assert resume_command(Path("outputs/runs/2026-01-01_00-00-00")) == (
-        f"{python_name()} run.py model=tiny '+hydra.job.env_set.HF_TOKEN=***' optimizer.lr=1e-4 hydra.run.dir={run_dir}")
+        f"{python_name()} run.py model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir} (and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)")
     monkeypatch.setenv("MLM_MAKE_TARGET", "train")  # what the Makefile's train target sets
-    assert resume_command(run_dir) == f"make train ARGS=\"model=tiny '+hydra.job.env_set.HF_TOKEN=***' optimizer.lr=1e-4 hydra.run.dir={run_dir}\""
+    assert resume_command(run_dir) == (f"make train ARGS=\"model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir}\" "
+                                       "(and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)")
     monkeypatch.setattr(sys, "argv", ["run.py", "hydra.run.dir=here"])  # named: as given
     assert resume_command(tmp_path / "here") == 'make train ARGS="hydra.run.dir=here"'
     monkeypatch.setenv("RANK", "1")
@@ -382,3 +412,41 @@ def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monk
     assert resume_command(tmp_path / "here") == "the same launch command (torchrun, accelerate launch, srun)"
     monkeypatch.setattr(sys, "argv", ["run.py"])
     assert resume_command(run_dir) == f"the same launch command (torchrun, accelerate launch, srun) with hydra.run.dir={run_dir} added"
+
+
+def test_error_txt_gives_the_resume_command_only_for_a_failure_a_rerun_gets_past(tmp_path, monkeypatch):
+    import errno
+
+    from mlm.cli import _fail
+    from mlm.config import Resumable
+    from mlm.files import write_error
+
+    for name in ("RANK", "WORLD_SIZE", "MLM_MAKE_TARGET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["run.py", f"hydra.run.dir={tmp_path}"])
+    (tmp_path / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "ckpt-00000004" / "manifest.json").write_text(json.dumps({"step": 4, "files": {}}))
+    job = {"multirun": True}  # returns instead of exiting
+    _fail(tmp_path, job, "the eval masked no token in 2 blocks")  # a setting: the same command fails again
+    assert (tmp_path / "error.txt").read_text() == "the eval masked no token in 2 blocks\n"
+    full = write_error("metrics", tmp_path / "metrics.jsonl", OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(full, Resumable)  # run_job passes resumable=isinstance(e, Resumable)
+    _fail(tmp_path, job, str(full), resumable=True)
+    from mlm.rundir import python_name
+
+    assert (tmp_path / "error.txt").read_text().splitlines() == [str(full), f"resume with: {python_name()} run.py hydra.run.dir={tmp_path}"]
+
+
+def test_only_the_main_process_prints_its_error_and_stop_lines(tmp_path, monkeypatch, capsys, caplog):
+    from mlm.cli import _fail, main_process_says
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 1 of a torchrun launch: its console would repeat rank 0's line
+    with caplog.at_level(logging.WARNING, logger="mlm"):
+        main_process_says("stopped: a stop signal on another process")
+        with pytest.raises(SystemExit):
+            _fail(tmp_path, {"multirun": False}, "cannot write metrics")
+    assert capsys.readouterr().err == "" and "stopped: a stop signal on another process" in caplog.text
+    monkeypatch.setenv("RANK", "0")
+    main_process_says("stopped: by SIGINT")
+    assert capsys.readouterr().err == "stopped: by SIGINT\n"

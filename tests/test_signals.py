@@ -375,3 +375,4 @@ def test_a_signal_to_one_rank_during_an_eval_stops_every_rank_at_the_same_batch(
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/perplexity" in r] == [0]
     assert f"stopped: stopped by a stop signal on another process after step 2; checkpoint {ckpt} written" in proc.stderr
+    assert proc.stderr.count("stopped: ") == 1, proc.stderr[-3000:]  # the main process's line only, not rank 1's as well

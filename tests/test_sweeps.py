@@ -493,6 +493,13 @@ def test_an_unfinished_job_says_whether_it_runs_stopped_or_was_killed(tmp_path):
 
     (d / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout), "start": 0}))
     assert unfinished_status(d, []) == "killed (its process ended without a word): no step logged, no checkpoint"
+    from mlm.rundir import held_elsewhere
+
+    assert not held_elsewhere(d)  # the resume of an unfinished run reads the same state (mlm.rundir.lock_state)
+    (d / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "start": 0}))  # cannot be checked from here
+    assert unfinished_status(d, []).startswith("running (pid 1 on elsewhere") and held_elsewhere(d)
+    (d / "run.lock").write_text("{")
+    assert unfinished_status(d, []).startswith("unfinished (its run.lock is unreadable)") and held_elsewhere(d)
     assert collect_jobs([tmp_path]) == [] and failure_line(collect_jobs([tmp_path])) is None  # not a failure of the sweep
 
 
