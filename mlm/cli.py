@@ -322,9 +322,9 @@ class RunDirGuard(Callback):
 
 
 def main_process_says(line: str) -> None:
-    """`line` on stderr from the main process; the other ranks of a launch (which reach the same verdict) log it at
-    WARNING, which their console leaves out: one copy under torchrun."""
-    if is_main_process():
+    """`line` on stderr from the first process of each node; the other ranks there (which reach the same verdict) log
+    it at WARNING, which their console leaves out: one copy under torchrun, and one in each node's own output."""
+    if detect().local_rank == 0:
         print(line, file=sys.stderr)
     else:
         log.warning(line)
@@ -393,7 +393,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             raise UserError(str(e)) from e
     except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sequential sweep stops with its job
         log.warning(str(e))  # on the console of the main process only (mlm.progress.MainProcessConsole)
-        if is_main_process():
+        if detect().local_rank == 0:  # one copy in each node's output
             print(f"stopped: {e}", file=sys.stderr)
         if preemption.in_sweep():  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
             return None
@@ -463,7 +463,7 @@ def _fail(run_dir: Path, job: dict, message: str, record: bool = True, resumable
         # No value: Optuna records the trial as FAIL and goes on (NaN makes it raise: it refuses to tell
         # COMPLETE with NaN, then FAIL with a value); the basic sweeper and launchers go on with any value.
         return None
-    if is_main_process():  # the other ranks' log.error above is their console's copy, tagged with the rank
+    if detect().local_rank == 0:  # one copy in each node's output; the other ranks' log.error above is tagged with the rank
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -441,12 +441,13 @@ def test_only_the_main_process_prints_its_error_and_stop_lines(tmp_path, monkeyp
     from mlm.cli import _fail, main_process_says
 
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")  # rank 1 of a torchrun launch: its console would repeat rank 0's line
     with caplog.at_level(logging.WARNING, logger="mlm"):
         main_process_says("stopped: a stop signal on another process")
         with pytest.raises(SystemExit):
             _fail(tmp_path, {"multirun": False}, "cannot write metrics")
     assert capsys.readouterr().err == "" and "stopped: a stop signal on another process" in caplog.text
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of a second node: that node's output has its own copy
     main_process_says("stopped: by SIGINT")
     assert capsys.readouterr().err == "stopped: by SIGINT\n"
