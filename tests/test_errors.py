@@ -78,13 +78,13 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path, corpus):
     (errno.EEXIST, "during the write; is another process writing into it?"),  # a collision: no advice about space or permissions
 ])
 def test_failed_checkpoint_write_says_what_happened(tmp_path, corpus, monkeypatch, code, advice):
-    import mlm.parallel
+    import mlm.checkpoint
     from mlm.train import train
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(mlm.parallel, "save_model", fail)
+    monkeypatch.setattr(mlm.checkpoint, "save_file", fail)  # the write of model.safetensors
     cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2"])
     with pytest.raises(UserError) as err:
         train(cfg, tmp_path)
