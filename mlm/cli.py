@@ -170,10 +170,7 @@ def mask_sweep_snapshot(sweep_dir: Path) -> None:
         return
     text = OmegaConf.to_yaml(scrub(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
     if text != OmegaConf.to_yaml(OmegaConf.load(path)):
-        try:
-            atomic_write_text(path, text)
-        except FileNotFoundError:  # a parallel job of this sweep renamed the same masked text into place first
-            pass
+        atomic_write_text(path, text, shared=True)  # the parallel jobs of a sweep do this at once
 
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -72,14 +73,16 @@ def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
         os.fsync(f.fileno())
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".tmp-{path.name}")
+def _tmp_name(path: Path, writer: str = "") -> Path:
+    return path.with_name(f".tmp-{path.name}{writer}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename (costs one fsync: milliseconds, once per file)."""
+def atomic_write_text(path: Path, text: str, shared: bool = False) -> None:
+    """Replace `path` with `text` in one rename (costs one fsync: milliseconds, once per file). `shared`: several
+    writers may write it at once (a parallel sweep's jobs), so each has a temporary file of its own; with one, a
+    writer could remove another's before its rename and every rename could fail."""
     path = Path(path)
-    tmp = _tmp_name(path)
+    tmp = _tmp_name(path, f"-{os.getpid()}-{threading.get_ident()}" if shared else "")
     _remove(tmp)  # left over by a run killed mid-write, or a link planted there: removed, never written through
     try:
         with open_new(tmp) as f:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +86,15 @@ def eli5_file(tmp_path) -> Path:
 
 
 TINY_RUN = ["model=tiny", "trainer=debug", "experiment=none", "dataset=local", "block_size=32"]  # a plain tiny model: no head recipe
+
+
+def as_typed(args, cwd: Path = ROOT) -> str:
+    """The command run_cli runs from `cwd`, as a stop line gives it back (mlm.rundir.resume_command names the Python as
+    called from there: a venv inside the checkout is `.venv/bin/python`)."""
+    from mlm.rundir import python_name
+
+    with contextlib.chdir(cwd):
+        return shlex.join([python_name(), str(ROOT / "run.py"), *args])
 
 
 def run_cli(args: List[str], cwd: Path = ROOT, env=None, timeout: int = 600, module: str | None = None) -> subprocess.CompletedProcess:

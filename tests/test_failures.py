@@ -5,6 +5,7 @@ an eval that scores nothing."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, as_typed, run_cli
 from tests.test_resume import assert_same_as_uninterrupted, last_step, wait_for
 
 
@@ -166,7 +167,7 @@ def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(cor
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)  # the step in flight, one checkpoint, then out
     step = assert_stopped(proc, err, sig, run_dir)
-    resume = f"{sys.executable} {ROOT / 'run.py'} {' '.join(args)}"  # the command as given: it names its run dir
+    resume = as_typed(args)  # the command as given: it names its run dir
     assert err.strip().endswith(f"; checkpoint {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} written; resume with: {resume}")
     resumed = run_cli(args)
     assert resumed.returncode == 0 and f"at step {step}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
@@ -177,7 +178,7 @@ def assert_stopped(proc, err: str, sig, run_dir: Path, after: int = 30) -> int:
     """One `stopped:` line, one checkpoint of the step it names (past `after`), the lock released; that step.
     Under make, make ends by the signal itself once the run has exited (a shell shows 128 + signal either way)."""
     assert proc.returncode == (-sig if proc.args[0] == "make" else 128 + sig), err[-3000:]
-    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("make: ***")]  # make's own "Interrupt"
+    lines = [line for line in err.strip().splitlines() if line.strip() and not re.match(r"make(\[\d+\])?: \*\*\*", line)]  # make's own "Interrupt"
     name = signal.Signals(sig).name
     assert lines[0] == f"{name}: stopping after this step with a checkpoint (a second {name} stops at once, saving nothing more)", err[-3000:]
     assert len(lines) == 2 and lines[1].startswith(f"stopped: stopped by {name} after step ") and "Traceback" not in err
@@ -251,7 +252,7 @@ def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write metrics {metrics}: Is a directory"), err[-2000:]
     assert "which keeps the unwritten records" in lines[0]
     error = (run_dir / "error.txt").read_text().splitlines()  # the cause, then the command that resumes the run
-    assert error == [lines[0].removeprefix("error: "), f"resume with: {sys.executable} {ROOT / 'run.py'} {' '.join(args)}"]
+    assert error == [lines[0].removeprefix("error: "), f"resume with: {as_typed(args)}"]
     shutil.rmtree(metrics)
     shutil.move(kept, metrics)  # the user fixes the disk; the records written before stay
     resumed = run_cli(args)

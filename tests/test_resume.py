@@ -135,21 +135,22 @@ def test_sigkill_during_a_background_checkpoint_write_resumes_exactly_from_the_o
 
 
 def test_a_stop_signal_completes_the_background_write_in_flight_and_its_own(corpus, uninterrupted, tmp_path):
-    """SIGTERM at step 4 while checkpoint 3 is held half-written in the background: the stop after step 5 waits for it,
-    writes checkpoint 5, and the rerun resumes from 5 exactly."""
+    """SIGTERM at step 5 while checkpoint 3 is held half-written in the background: the stop after step 6 waits for it,
+    writes checkpoint 6, and the rerun resumes from 6 exactly. (At step 4, an eval step, the stop would give that eval up,
+    which the rerun does not redo: not an uninterrupted run's records.)"""
     from mlm.checkpoint import list_checkpoints, verify
 
     run_dir = tmp_path / "run"
     args = [*RUN, "trainer.async_checkpoint=true", f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
-    stopped = run_cli(args, env={"MLM_FAULT_CHECKPOINT_HOLD_STEPS": "3", "MLM_FAULT_SIGNAL_AT": "step:4:SIGTERM"})
+    stopped = run_cli(args, env={"MLM_FAULT_CHECKPOINT_HOLD_STEPS": "3", "MLM_FAULT_SIGNAL_AT": "step:5:SIGTERM"})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    assert "stopped by SIGTERM after step 5" in stopped.stderr
+    assert "stopped by SIGTERM after step 6" in stopped.stderr
     checkpoints = list_checkpoints(run_dir)
-    assert [p.name for p in checkpoints] == ["ckpt-00000005", "ckpt-00000003"] and not [p for p in checkpoints if verify(p)]
+    assert [p.name for p in checkpoints] == ["ckpt-00000006", "ckpt-00000003"] and not [p for p in checkpoints if verify(p)]
     assert not list(run_dir.rglob(".tmp-*"))
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 5\n" in resumed.stdout + resumed.stderr
+    assert "at step 6\n" in resumed.stdout + resumed.stderr
     assert_same_as_uninterrupted(run_dir, uninterrupted, other_settings=["trainer.async_checkpoint"])
 
 

@@ -4,7 +4,6 @@ Each signal is produced for real (sent to a process, or by the run itself at a f
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, as_typed, run_cli
 from tests.test_resume import last_step, wait_for
 
 
@@ -224,11 +223,6 @@ def after_last_step_run(corpus, run_dir):
     return [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.eval_every=0", *QUICK_DOWNSTREAM, f"hydra.run.dir={run_dir}"]
 
 
-def as_typed(args) -> str:
-    """The command run_cli runs, as a stop line gives it back (mlm.rundir.resume_command)."""
-    return shlex.join([sys.executable, str(ROOT / "run.py"), *args])
-
-
 @pytest.mark.slow
 def test_a_signal_in_the_final_eval_stops_before_final_and_the_rerun_writes_it_without_training(corpus, tmp_path):
     """A default run directory (the command names none): the stop line's command names it, and resumes it."""
@@ -237,7 +231,7 @@ def test_a_signal_in_the_final_eval_stops_before_final_and_the_rerun_writes_it_w
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     [run_dir] = (tmp_path / "outputs" / "runs").iterdir()
     ckpt = run_dir / "checkpoints" / "ckpt-00000004"
-    printed = f"{as_typed(args)} hydra.run.dir={run_dir}"
+    printed = f"{as_typed(args, tmp_path)} hydra.run.dir={run_dir}"
     assert error_lines(proc.stderr) == [
         "SIGTERM: stopping once the final checkpoint is written; nothing is left to train (a second SIGTERM stops at once, saving nothing more)",
         f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} holds the final eval; "
