@@ -98,18 +98,23 @@ def model_identity(model) -> Dict[str, Any]:
     return {k: getattr(c, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is (once complete)."""
+    return Path(run_dir) / "checkpoints" / f"ckpt-{step:08d}"
+
+
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: Dict[str, Any], accelerator, keep: int,
     layout=Replicated(), ema=None, tokenizer=None, writer: Optional["Writer"] = None, wait: bool = True,
 ) -> Optional[Path]:
     """Every process calls this (each saves its RNG and, when sharded, its shards); the main process writes the rest
-    (with `tokenizer`: what from_pretrained needs, write_loadable) and renames. With a background `writer` and wait=False the main process's files are written while the next
-    steps run: the state of this step is copied to host memory first; the collectives stay on this thread."""
+    (with `tokenizer`: what from_pretrained needs, write_loadable) and renames. With a background `writer` and
+    wait=False the main process's files are written while the next steps run: the state of this step is copied to
+    host memory first; the collectives stay on this thread."""
     writer = writer or Writer()
     writer.wait()  # at most one write in flight (and an error of the last one surfaces here)
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"ckpt-{step:08d}"
-    tmp = root / f".tmp-ckpt-{step:08d}"
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
     with _removed_on_error(tmp, final):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed mid-write

@@ -83,7 +83,7 @@ def resume_unfinished(root: DictConfig, stamp: str) -> str:
         overrides = scrub(list(root.hydra.overrides.task))
         tree = OmegaConf.to_container(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True)
         found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree))))  # as save_config_snapshot writes it
-        return stamp if found is None else found[0].name
+        return stamp if found is None else found.name
 
     name = agreed_choice(choose)
     if name != stamp and is_main_process():

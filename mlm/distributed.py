@@ -560,8 +560,9 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "", collective_timeou
     info: dict = {"device": None, "slot": None}
     lease = None
     if p.world_size == 1:
-        if lone_launch_note():
-            log.warning(lone_launch_note())
+        note = lone_launch_note()
+        if note:
+            log.warning(note)
         names = slot_names(device_slots)
         if names:
             lease = DeviceLease(names)

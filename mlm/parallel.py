@@ -61,12 +61,9 @@ def restart_average(ema, directory: Path) -> None:
 def weights(model) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
     """(tensors, metadata) for model.safetensors, as safetensors' save_model writes them: a tied weight once, its other
     names in the metadata (computed here, on the live tensors, because a copy no longer shares their storage)."""
-    tensors, metadata = model.state_dict(), None
-    for kept, dropped in _remove_duplicate_names(tensors).items():
-        for name in dropped:
-            metadata = {**(metadata or {}), name: kept}
-            del tensors[name]
-    return {k: v.contiguous() for k, v in tensors.items()}, metadata
+    tensors = model.state_dict()
+    metadata = {name: kept for kept, dropped in _remove_duplicate_names(tensors).items() for name in dropped}
+    return {k: v.contiguous() for k, v in tensors.items() if k not in metadata}, metadata or None
 
 
 class Replicated:

@@ -331,9 +331,8 @@ def resume_note(run_dir: Path) -> str:
     return f"resume with: {resume_command(run_dir)}\n" if list_checkpoints(run_dir) else ""
 
 
-def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, int]]:
-    """The newest default run (under RUNS_ROOT, named by its start time) that this command resumes exactly, and the step
-    of its newest checkpoint: started with the same overrides and settings (.hydra/overrides.yaml, .hydra/config.yaml),
+def unfinished_run(overrides: List[str], config: dict) -> Optional[Path]:
+    """The newest default run (under RUNS_ROOT, named by its start time) that this command resumes exactly: started with the same overrides and settings (.hydra/overrides.yaml, .hydra/config.yaml),
     holding a complete checkpoint, no results.json (never a finished run) and no error.txt (a failed run needs a decision:
     its error.txt gives the command that resumes it where a rerun gets past the failure), and not in use by a live process.
     `config`: this run's settings as save_config_snapshot writes them (unresolved, secrets masked)."""
@@ -350,9 +349,8 @@ def unfinished_run(overrides: List[str], config: dict) -> Optional[Tuple[Path, i
                 continue
             if held_elsewhere(run_dir):
                 continue
-            steps = checkpoint_steps(run_dir)
-            if steps:
-                return run_dir, steps[0]
+            if checkpoint_steps(run_dir):
+                return run_dir
         except (OSError, ValueError, yaml.YAMLError):
             continue
     return None

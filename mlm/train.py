@@ -392,7 +392,7 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         if checkpoint.any_process(run.accelerator, run.tracker.failure is not None):  # the final checkpoint carries the unwritten records
             stop_with_checkpoint("metrics", stop, run.tracker, run.run_dir, state.step)
         if checkpoint.any_process(run.accelerator, stop.signum is not None):  # trained and checkpointed: the files are the rerun's
-            stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} holds the final eval; "
+            stop_after_training(stop, f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} holds the final eval; "
                                       f"write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}")
         results = results_record(run, final, time.perf_counter() - wall_start)
         stop.plan = "finishing final/ and results.json (seconds)"
@@ -547,7 +547,7 @@ def stop_abandoned_eval(run: Run, window: "LogWindow", stop: StopSignals, abando
     if state.step != start_step:
         save(run, window)
     if run.last_step():
-        stop_after_training(stop, f"checkpoint {run.run_dir / 'checkpoints' / f'ckpt-{state.step:08d}'} is the last step's; run the final "
+        stop_after_training(stop, f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} is the last step's; run the final "
                                   f"eval and write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}")
     stop_with_checkpoint("signal", stop, run.tracker, run.run_dir, state.step)
 
@@ -739,7 +739,7 @@ def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Pat
 def stop_with_checkpoint(reason: str, stop: StopSignals, tracker, run_dir: Path, step: int) -> None:
     """After the checkpoint of `step`, on every process: end the run for an unwritable metrics file (a UserError)
     or a stop signal (Interrupted)."""
-    written = Path(run_dir) / "checkpoints" / f"ckpt-{step:08d}"
+    written = checkpoint.checkpoint_dir(run_dir, step)
     if reason == "metrics":
         path = Path(run_dir) / "metrics.jsonl"
         cause = write_error("metrics", path, tracker.failure) if tracker.failure else f"the main process cannot write {path}"
