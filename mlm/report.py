@@ -49,12 +49,13 @@ def _series(records: List[Dict[str, Any]], key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(run_dir: Path, keys: Optional[List[str]] = None) -> Optional[Path]:
+def plot_run(run_dir: Path, keys: Optional[List[str]] = None, records: Optional[List[Dict[str, Any]]] = None) -> Optional[Path]:
     """curves.png: train loss (raw, faint, and smoothed), eval perplexity (and the weight average's, where the run keeps
     one) on a log scale, and the learning rate, against the optimizer step; titled with the run's settings: its swept
-    `keys` where a sweep summary gives them, else every override it was started with."""
+    `keys` where a sweep summary gives them, else every override it was started with. `records`: its metrics.jsonl,
+    where the caller has read it already."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = read_metrics(run_dir) if records is None else records
     if not records:
         return None
     plt = pyplot()
@@ -795,7 +796,7 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
     plot_sweep(jobs, out_dir / "summary.png", unfinished)
     for j in (jobs + unfinished) if curves else ():
         try:
-            plot_run(j["dir"], swept or None)
+            plot_run(j["dir"], swept or None, j["metrics"])
         except OSError as e:  # a job directory this user cannot write: its own curves.png stays
             print(f"could not redraw {j['dir'] / 'curves.png'}: {e}", file=sys.stderr)
     if budget:
