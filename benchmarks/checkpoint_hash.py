@@ -43,7 +43,9 @@ def main() -> None:
         saves, hashes, verifies = [], [], []
         for i in range(args.repeats):
             start = time.perf_counter()
-            path = checkpoint.save_checkpoint(Path(tmp), i + 1, model, optimizer, scheduler, None, {"train_state": {}}, accelerator, 1)
+            path = checkpoint.save_checkpoint(
+                Path(tmp), i + 1, model, optimizer, scheduler, None, {"train_state": {}}, accelerator, 1
+            )
             saves.append(time.perf_counter() - start)
             files = [p for p in path.rglob("*") if p.is_file() and p.name != checkpoint.MANIFEST]
             start = time.perf_counter()
@@ -55,8 +57,10 @@ def main() -> None:
             verifies.append(time.perf_counter() - start)
         size = sum(f.stat().st_size for f in files) / 1e6
     print(f"model {cfg.model.name_or_path}: checkpoint {size:.0f} MB in {len(files)} files; best of {args.repeats}:")
-    print(f"  save (hashing included) {min(saves):.2f} s | hashing alone {min(hashes):.2f} s "
-          f"({size / min(hashes):.0f} MB/s, {min(hashes) / min(saves):.0%} of the save) | verify on resume {min(verifies):.2f} s")
+    print(
+        f"  save (hashing included) {min(saves):.2f} s | hashing alone {min(hashes):.2f} s "
+        f"({size / min(hashes):.0f} MB/s, {min(hashes) / min(saves):.0%} of the save) | verify on resume {min(verifies):.2f} s"
+    )
     print("command: .venv/bin/python benchmarks/checkpoint_hash.py " + " ".join(args.overrides))
 
 

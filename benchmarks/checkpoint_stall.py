@@ -51,7 +51,7 @@ def figures(times, saves, every: int):
     intervals = [b - a for a, b in zip(times, times[1:])]  # intervals[i]: from step i+1's booking to step i+2's
     after = [i for i in range(len(intervals)) if (i + 1) % every == 0]  # holds the checkpoint of step i+1
     normal = statistics.median(d for i, d in enumerate(intervals) if not any(i - j in after for j in range(every // 2)))
-    excess = [sum(intervals[i:i + every]) - every * normal for i in after if i + every <= len(intervals)]
+    excess = [sum(intervals[i : i + every]) - every * normal for i in after if i + every <= len(intervals)]
     return normal, statistics.median(saves), statistics.median(excess)
 
 
@@ -62,23 +62,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting, alternating")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for run.py")
     args = parser.parse_args()
-    base = [f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every={args.every}", f"trainer.eval_every={10 * args.steps}",
-            f"trainer.log_every={10 * args.steps}", "trainer.progress_bar=false", "trainer.save_model=false",
-            "trainer.keep_checkpoints=1", "trainer.max_eval_blocks=16", *args.overrides]
+    base = [
+        f"trainer.max_steps={args.steps}",
+        f"trainer.checkpoint_every={args.every}",
+        f"trainer.eval_every={10 * args.steps}",
+        f"trainer.log_every={10 * args.steps}",
+        "trainer.progress_bar=false",
+        "trainer.save_model=false",
+        "trainer.keep_checkpoints=1",
+        "trainer.max_eval_blocks=16",
+        *args.overrides,
+    ]
     rows = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for on in (False, True):
-                times, saves = timed_run([*base, f"trainer.async_checkpoint={str(on).lower()}"], Path(tmp) / f"{r}-{on}")
+                times, saves = timed_run(
+                    [*base, f"trainer.async_checkpoint={str(on).lower()}"], Path(tmp) / f"{r}-{on}"
+                )
                 rows[on].append(figures(times, saves, args.every))
-                print(f"async_checkpoint={str(on).lower():5}: step {rows[on][-1][0]:.3f} s | stall {rows[on][-1][1]:.3f} s | "
-                      f"excess {rows[on][-1][2]:+.3f} s", flush=True)
+                print(
+                    f"async_checkpoint={str(on).lower():5}: step {rows[on][-1][0]:.3f} s | stall {rows[on][-1][1]:.3f} s | "
+                    f"excess {rows[on][-1][2]:+.3f} s",
+                    flush=True,
+                )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for on, found in rows.items():
-        print(f"async_checkpoint={str(on).lower():5}: median step {statistics.median(f[0] for f in found):.3f} s | "
-              f"stall {statistics.median(f[1] for f in found):.3f} s | excess {statistics.median(f[2] for f in found):+.3f} s")
-    print("command: .venv/bin/python benchmarks/checkpoint_stall.py " + " ".join(
-        [f"--steps {args.steps}", f"--every {args.every}", f"--repeats {args.repeats}", *args.overrides]))
+        print(
+            f"async_checkpoint={str(on).lower():5}: median step {statistics.median(f[0] for f in found):.3f} s | "
+            f"stall {statistics.median(f[1] for f in found):.3f} s | excess {statistics.median(f[2] for f in found):+.3f} s"
+        )
+    print(
+        "command: .venv/bin/python benchmarks/checkpoint_stall.py "
+        + " ".join([f"--steps {args.steps}", f"--every {args.every}", f"--repeats {args.repeats}", *args.overrides])
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def write_corpus(path: str, megabytes: int) -> None:
-    line = ("the galaxy milky way spiral mass gravity orbit earth moon sun heat atom electron field force " * 2 + "\n").encode()
+    line = (
+        "the galaxy milky way spiral mass gravity orbit earth moon sun heat atom electron field force " * 2 + "\n"
+    ).encode()
     chunk = line * ((1 << 20) // len(line) + 1)
     with open(path, "wb") as f:
         for _ in range(megabytes):
@@ -64,7 +66,11 @@ def main() -> None:
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="data-hash-")
     try:
-        corpus, memo, entry = os.path.join(root, "corpus.txt"), os.path.join(root, "cache"), os.path.join(root, "cache", "blocks", "k")
+        corpus, memo, entry = (
+            os.path.join(root, "corpus.txt"),
+            os.path.join(root, "cache"),
+            os.path.join(root, "cache", "blocks", "k"),
+        )
         write_corpus(corpus, args.text_mb)
         write_entry(entry, int(args.tokens))
         forget = lambda: shutil.rmtree(os.path.join(memo, identity.HASHES), ignore_errors=True)  # noqa: E731
@@ -78,12 +84,21 @@ def main() -> None:
         check = timed(lambda: blocks._entry_problem(entry, memo), args.repeats)
         unremembered = timed(lambda: (forget(), blocks._entry_problem(entry, memo)), args.repeats)
         opening = timed(lambda: blocks._open_blocks(entry), args.repeats)
-        print(json.dumps({
-            "corpus_mb": args.text_mb, "corpus_first_hash_s": round(first, 3), "corpus_gb_per_s": round(args.text_mb / 1024 / first, 2),
-            "corpus_rehash_s": round(again, 5),
-            "arrow_mb": round(arrow_bytes / 2**20), "cache_check_s": round(check, 5), "cache_check_unremembered_s": round(unremembered, 3),
-            "cache_open_s": round(opening, 4),
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "corpus_mb": args.text_mb,
+                    "corpus_first_hash_s": round(first, 3),
+                    "corpus_gb_per_s": round(args.text_mb / 1024 / first, 2),
+                    "corpus_rehash_s": round(again, 5),
+                    "arrow_mb": round(arrow_bytes / 2**20),
+                    "cache_check_s": round(check, 5),
+                    "cache_check_unremembered_s": round(unremembered, 3),
+                    "cache_open_s": round(opening, 4),
+                },
+                indent=1,
+            )
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

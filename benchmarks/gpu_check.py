@@ -74,10 +74,22 @@ from common import emit  # noqa: E402  benchmarks/common.py (the script's folder
 
 TINY = ["model=tiny", "trainer=debug", "experiment=none", "dataset=local", "block_size=32", "trainer.save_model=false"]
 STEPS = 4  # trainer=debug's max_steps
-THROUGHPUT = {"throughput default 128": ("default", 128), "throughput base 128": ("base", 128), "throughput base 512": ("base", 512)}
+THROUGHPUT = {
+    "throughput default 128": ("default", 128),
+    "throughput base 128": ("base", 128),
+    "throughput base 512": ("base", 512),
+}
 # the throughput rows after the quick single-GPU ones: they take what the budget has left
-ROWS = ("auto precision", "fp16 loss scale", "syncs per step", "parallel jobs", "compile recompiles", *THROUGHPUT,
-        "DDP vs FSDP", "failing rank (NCCL)")
+ROWS = (
+    "auto precision",
+    "fp16 loss scale",
+    "syncs per step",
+    "parallel jobs",
+    "compile recompiles",
+    *THROUGHPUT,
+    "DDP vs FSDP",
+    "failing rank (NCCL)",
+)
 CUDA_ONLY = {"syncs per step", "compile recompiles", *THROUGHPUT}
 MULTI_GPU = {"DDP vs FSDP", "failing rank (NCCL)"}
 PEER_WAIT_S = 180  # the failing-rank row waits this long at most: NCCL peers may otherwise wait out the group's timeout (runtime.collective_timeout_minutes, default 10)
@@ -96,10 +108,16 @@ class Budget:
 
 def write_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
     """Random sentences over a small vocabulary: enough blocks of 32 tokens for tens of steps."""
-    words = ("the a of and to in is was for on that with as by at from it were which this "
-             "star planet light water energy cell river city king war music language theory orbit moon").split()
+    words = (
+        "the a of and to in is was for on that with as by at from it were which this "
+        "star planet light water energy cell river city king war music language theory orbit moon"
+    ).split()
     rng = random.Random(seed)
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))).capitalize() + "." for _ in range(lines)))
+    path.write_text(
+        "\n".join(
+            " ".join(rng.choice(words) for _ in range(rng.randint(8, 30))).capitalize() + "." for _ in range(lines)
+        )
+    )
     return path
 
 
@@ -113,7 +131,9 @@ def run(cmd, env: dict, timeout: float, cwd: Path = ROOT):
     """(returncode or None when killed at the timeout, stdout, stderr, seconds). Its own session, so a
     timeout kills torchrun's workers too, not only the launcher."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=max(timeout, 1))
         rc = proc.returncode
@@ -125,7 +145,19 @@ def run(cmd, env: dict, timeout: float, cwd: Path = ROOT):
 
 
 def run_py(args, env: dict, timeout: float, torchrun: int = 0):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", str(free_port())] if torchrun else [sys.executable]
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(torchrun),
+            "--master_port",
+            str(free_port()),
+        ]
+        if torchrun
+        else [sys.executable]
+    )
     return run([*launcher, str(ROOT / "run.py"), *args], env, timeout)
 
 
@@ -133,7 +165,12 @@ def run_tiny(ctx, name: str, *overrides: str, env: dict | None = None, torchrun:
     """run.py on the tiny setup with `overrides`, into work/<name>: (run_dir, stderr, seconds, failure),
     where failure is None when it exited 0, else what `failed` says."""
     run_dir = ctx["work"] / name
-    rc, _, err, s = run_py([*ctx["tiny"], *overrides, f"hydra.run.dir={run_dir}"], {**ctx["env"], **(env or {})}, ctx["budget"].left(), torchrun)
+    rc, _, err, s = run_py(
+        [*ctx["tiny"], *overrides, f"hydra.run.dir={run_dir}"],
+        {**ctx["env"], **(env or {})},
+        ctx["budget"].left(),
+        torchrun,
+    )
     return run_dir, err, s, None if rc == 0 else failed(rc, err, s)
 
 
@@ -169,8 +206,11 @@ def check_auto_precision(ctx) -> tuple:
         return failure, "FAIL"
     r = results(run_dir)
     expected = "bf16" if native_bf16(ctx["device_type"]) else "no"
-    result = (f"mixed_precision={r['mixed_precision']} (native bf16 here: {expected == 'bf16'}), device={r['device']}, "
-              f"steps={r['steps']}, {r['tokens_per_s']:.0f} tokens/s, mfu " + (f"{r['mfu']:.3f}" if r.get("mfu") else "unknown (no peak for this device)"))
+    result = (
+        f"mixed_precision={r['mixed_precision']} (native bf16 here: {expected == 'bf16'}), device={r['device']}, "
+        f"steps={r['steps']}, {r['tokens_per_s']:.0f} tokens/s, mfu "
+        + (f"{r['mfu']:.3f}" if r.get("mfu") else "unknown (no peak for this device)")
+    )
     return result, "ok" if r["mixed_precision"] == expected and r["steps"] == STEPS else "FAIL"
 
 
@@ -180,9 +220,17 @@ def check_fp16(ctx) -> tuple:
         return failure, "FAIL"
     r = results(run_dir)
     step, scale = last_metric(run_dir, "train/loss_scale")
-    result = (f"mixed_precision={r['mixed_precision']}, device={r['device']}, loss_scale={scale} at step {step}, "
-              f"overflow_steps={r['overflow_steps']}, steps={r['steps']}")
-    ok = r["mixed_precision"] == "fp16" and scale is not None and math.isfinite(scale) and scale >= 1 and r["steps"] == STEPS
+    result = (
+        f"mixed_precision={r['mixed_precision']}, device={r['device']}, loss_scale={scale} at step {step}, "
+        f"overflow_steps={r['overflow_steps']}, steps={r['steps']}"
+    )
+    ok = (
+        r["mixed_precision"] == "fp16"
+        and scale is not None
+        and math.isfinite(scale)
+        and scale >= 1
+        and r["steps"] == STEPS
+    )
     return result, "ok" if ok else "FAIL"
 
 
@@ -212,61 +260,94 @@ def check_syncs(ctx) -> tuple:
     where = ", ".join(f"{loc} +{n}" for loc, n in (long - short).most_common(3)) or "none"
     torch.cuda.empty_cache()
     reserved = torch.cuda.memory_reserved() / 2**20
-    result = (f"{per_step:g} syncs/step over steps 3-12 ({sum(short.values())} in the 2-step run, {sum(long.values())} in the "
-              f"12-step one; the 10 extra steps' from: {where}); memory_reserved after train() returned: {reserved:.0f} MiB")
+    result = (
+        f"{per_step:g} syncs/step over steps 3-12 ({sum(short.values())} in the 2-step run, {sum(long.values())} in the "
+        f"12-step one; the 10 extra steps' from: {where}); memory_reserved after train() returned: {reserved:.0f} MiB"
+    )
     return result, "ok" if per_step <= 1 else "FAIL"
 
 
 def check_throughput(ctx, row: str) -> tuple:
     """One scale and block of benchmarks/train_throughput.py on this GPU (an equal share of the budget left)."""
     scale, block = THROUGHPUT[row]
-    left = list(THROUGHPUT)[list(THROUGHPUT).index(row):]  # this row and the throughput rows after it
+    left = list(THROUGHPUT)[list(THROUGHPUT).index(row) :]  # this row and the throughput rows after it
     timeout = (ctx["budget"].left() - (AFTER_THROUGHPUT_S if ctx["gpus"] >= 2 else 0)) / len(left)
     if timeout < MIN_THROUGHPUT_S:
         return "skipped: budget", None
     out = ctx["work"] / f"train_throughput-{scale}-{block}.json"
     script = ROOT / "benchmarks" / "train_throughput.py"
-    rc, stdout, err, s = run([sys.executable, str(script), "--quick", "--scale", scale, "--block", str(block), "--json", str(out)],
-                             ctx["env"], timeout)
+    rc, stdout, err, s = run(
+        [sys.executable, str(script), "--quick", "--scale", scale, "--block", str(block), "--json", str(out)],
+        ctx["env"],
+        timeout,
+    )
     if rc is None or not out.exists():
         return failed(rc, err, s), "FAIL"
     r = json.loads(out.read_text())
-    ctx.setdefault("throughput", {})[row] = {"json": r, "table": [line for line in stdout.splitlines() if not line.startswith("wrote ")]}
+    ctx.setdefault("throughput", {})[row] = {
+        "json": r,
+        "table": [line for line in stdout.splitlines() if not line.startswith("wrote ")],
+    }
     return throughput_result(r, s), "ok" if rc == 0 and r["best_vs_best_trainer"]["speedup"] else "FAIL"
 
 
 def throughput_result(r: dict, seconds: float) -> str:
     """The row's text: each variant's tokens/s, MFU and peak memory, the best-against-best ratio, the eval losses."""
+
     def cell(v):
         tps, mfu, mem = r["tokens_per_s"].get(v), r["mfu"].get(v), r["peak_memory_mb"].get(v)
         if tps is None:
             return f"{v} failed"
-        return f"{v} {tps:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu is not None else "") + (f" {mem / 1024:.1f} GiB" if mem else "")
+        return (
+            f"{v} {tps:,.0f} tok/s"
+            + (f" MFU {mfu:.1%}" if mfu is not None else "")
+            + (f" {mem / 1024:.1f} GiB" if mem else "")
+        )
 
     best, ev = r["best_vs_best_trainer"], r["eval_loss"]
     speedup = f"{best['speedup']:.2f}x" if best["speedup"] else "-"
-    return (", ".join(cell(v) for v in r["tokens_per_s"]) + f"; best harness ({best['harness']}) vs best Trainer ({best['trainer']}): "
-            f"{speedup}; eval loss after {ev['after_steps']} steps: harness {ev['harness'] or float('nan'):.3f}, "
-            f"{ev['reference']} {ev.get(ev['reference']) or float('nan'):.3f} ({seconds:.0f} s)")
+    return (
+        ", ".join(cell(v) for v in r["tokens_per_s"])
+        + f"; best harness ({best['harness']}) vs best Trainer ({best['trainer']}): "
+        f"{speedup}; eval loss after {ev['after_steps']} steps: harness {ev['harness'] or float('nan'):.3f}, "
+        f"{ev['reference']} {ev.get(ev['reference']) or float('nan'):.3f} ({seconds:.0f} s)"
+    )
 
 
 def check_parallel(ctx) -> tuple:
     sweep, leases = ctx["work"] / "parallel", ctx["work"] / "leases"
     slots = [] if ctx["cuda"] else ["runtime.device_slots=2", "runtime.num_threads=1"]  # on CUDA the slots are the GPUs
     used_before = used_mib() if ctx["cuda"] else None
-    rc, _, err, s = run_py(["-m", *ctx["tiny"], "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *slots,
-                            "optimizer.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep}"],
-                           {**ctx["env"], "MLM_LEASE_DIR": str(leases)}, ctx["budget"].left())
+    rc, _, err, s = run_py(
+        [
+            "-m",
+            *ctx["tiny"],
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
+            *slots,
+            "optimizer.lr=1e-4,2e-4",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        {**ctx["env"], "MLM_LEASE_DIR": str(leases)},
+        ctx["budget"].left(),
+    )
     if rc != 0:
         return failed(rc, err, s), "FAIL"
     jobs = [sweep / str(i) for i in range(2)]
     done = [results(j) for j in jobs if (j / "results.json").exists()]
     records = [json.loads(line) for line in (leases / "lease.jsonl").read_text().splitlines()]
     mine = [r for r in records if r["owner"] in {str(j) for j in jobs}]
-    overlapping = [(a, b) for i, a in enumerate(mine) for b in mine[i + 1:] if a["acquired"] < b["released"] and b["acquired"] < a["released"]]
+    overlapping = [
+        (a, b)
+        for i, a in enumerate(mine)
+        for b in mine[i + 1 :]
+        if a["acquired"] < b["released"] and b["acquired"] < a["released"]
+    ]
     shared = [a for a, b in overlapping if a["slot"] == b["slot"]]
-    result = (f"{len(done)}/2 jobs finished on {sorted({r['device'] for r in done})}, lease slots {sorted(r['name'] for r in mine)}, "
-              f"ran at the same time: {'yes' if overlapping else 'no'}, a slot held by two running jobs: {'yes' if shared else 'no'}")
+    result = (
+        f"{len(done)}/2 jobs finished on {sorted({r['device'] for r in done})}, lease slots {sorted(r['name'] for r in mine)}, "
+        f"ran at the same time: {'yes' if overlapping else 'no'}, a slot held by two running jobs: {'yes' if shared else 'no'}"
+    )
     ok = len(done) == 2 and len(mine) == 2 and not shared
     if ctx["cuda"]:
         left = used_mib() - used_before
@@ -287,57 +368,96 @@ def check_compile(ctx) -> tuple:
     if failure:
         return failure, "FAIL"
     recompiles = err.count("Recompiling function")
-    limit_hit = "hit config." in err  # torch._dynamo's warning when a frame exceeds its recompile limit (eager from then on)
+    limit_hit = (
+        "hit config." in err
+    )  # torch._dynamo's warning when a frame exceeds its recompile limit (eager from then on)
     r = results(run_dir)
-    result = (f"{recompiles} recompiles in {r['steps']} steps with evals every 2 (recompile limit "
-              f"{torch._dynamo.config.recompile_limit}: {'hit' if limit_hit else 'not hit'}), {r['tokens_per_s']:.0f} tokens/s, {s:.0f} s")
+    result = (
+        f"{recompiles} recompiles in {r['steps']} steps with evals every 2 (recompile limit "
+        f"{torch._dynamo.config.recompile_limit}: {'hit' if limit_hit else 'not hit'}), {r['tokens_per_s']:.0f} tokens/s, {s:.0f} s"
+    )
     return result, "ok" if not limit_hit else "FAIL"
 
 
 def check_ddp_fsdp(ctx) -> tuple:
     ppl = {}
     for sharding in ("none", "fsdp"):
-        run_dir, _, _, failure = run_tiny(ctx, f"shard-{sharding}", "model.dropout=0", "runtime.mixed_precision=no",
-                                          f"runtime.sharding={sharding}", torchrun=2)
+        run_dir, _, _, failure = run_tiny(
+            ctx,
+            f"shard-{sharding}",
+            "model.dropout=0",
+            "runtime.mixed_precision=no",
+            f"runtime.sharding={sharding}",
+            torchrun=2,
+        )
         if failure:
             return f"sharding={sharding}: {failure}", "FAIL"
         r = results(run_dir)
         ppl[sharding] = (r["perplexity"], r["processes"], r["tokens_per_s"])
     rel = abs(ppl["fsdp"][0] - ppl["none"][0]) / ppl["none"][0]
-    result = "; ".join(f"{k}: perplexity {p:.4f}, {n} processes, {t:.0f} tokens/s" for k, (p, n, t) in ppl.items()) + f"; relative difference {rel:.1e}"
+    result = (
+        "; ".join(f"{k}: perplexity {p:.4f}, {n} processes, {t:.0f} tokens/s" for k, (p, n, t) in ppl.items())
+        + f"; relative difference {rel:.1e}"
+    )
     return result, "ok" if rel <= 1e-3 and ppl["fsdp"][1] == ppl["none"][1] == 2 else "FAIL"
 
 
 def check_failing_rank(ctx) -> tuple:
     # a sweep of two jobs under one torchrun: job 0 fails on rank 1 after step 3, job 1 must still run on both ranks
     sweep = ctx["work"] / "failing-rank"
-    rc, _, err, s = run_py(["-m", *ctx["tiny"], "trainer.max_steps=8", "optimizer.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep}"],
-                           {**ctx["env"], "MLM_TEST_FAIL": "0:1:3"}, min(ctx["budget"].left(), PEER_WAIT_S), torchrun=2)
+    rc, _, err, s = run_py(
+        ["-m", *ctx["tiny"], "trainer.max_steps=8", "optimizer.lr=1e-4,2e-4", f"hydra.sweep.dir={sweep}"],
+        {**ctx["env"], "MLM_TEST_FAIL": "0:1:3"},
+        min(ctx["budget"].left(), PEER_WAIT_S),
+        torchrun=2,
+    )
     error_file, second = sweep / "0" / "error.txt", sweep / "1" / "results.json"
     error = error_file.read_text().splitlines()[0] if error_file.exists() else "no error.txt"
     processes = json.loads(second.read_text())["processes"] if second.exists() else None
-    result = (f"job 0: rank 1 failed after step 3, error.txt: {error[:100]}; job 1: "
-              + (f"finished on {processes} processes" if processes else "did not finish"))
+    result = f"job 0: rank 1 failed after step 3, error.txt: {error[:100]}; job 1: " + (
+        f"finished on {processes} processes" if processes else "did not finish"
+    )
     if rc is None:
         return f"{result}; processes still running after {s:.0f} s (killed)", "FAIL"
     # exit 1: a multirun with a failed job says so in its exit status, after job 1 ran
-    return f"{result}; torchrun exited {rc} after {s:.0f} s", "ok" if rc == 1 and error.startswith("rank 1:") and processes == 2 else "FAIL"
+    return f"{result}; torchrun exited {rc} after {s:.0f} s", "ok" if rc == 1 and error.startswith(
+        "rank 1:"
+    ) and processes == 2 else "FAIL"
 
 
-CHECKS = {"auto precision": check_auto_precision, "fp16 loss scale": check_fp16, "syncs per step": check_syncs,
-          "parallel jobs": check_parallel, "compile recompiles": check_compile,
-          **{row: (lambda ctx, row=row: check_throughput(ctx, row)) for row in THROUGHPUT},
-          "DDP vs FSDP": check_ddp_fsdp, "failing rank (NCCL)": check_failing_rank}
+CHECKS = {
+    "auto precision": check_auto_precision,
+    "fp16 loss scale": check_fp16,
+    "syncs per step": check_syncs,
+    "parallel jobs": check_parallel,
+    "compile recompiles": check_compile,
+    **{row: (lambda ctx, row=row: check_throughput(ctx, row)) for row in THROUGHPUT},
+    "DDP vs FSDP": check_ddp_fsdp,
+    "failing rank (NCCL)": check_failing_rank,
+}
 assert tuple(CHECKS) == ROWS
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-minutes", type=float, default=8.0, help="for the whole script; rows left when it is spent say 'skipped: budget'")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=8.0,
+        help="for the whole script; rows left when it is spent say 'skipped: budget'",
+    )
     p.add_argument("--json", help="also write the rows here")
-    p.add_argument("--md", help="also write the table (and each throughput row's full table) here, as markdown to paste into a note")
+    p.add_argument(
+        "--md",
+        help="also write the table (and each throughput row's full table) here, as markdown to paste into a note",
+    )
     p.add_argument("--out-dir", help="keep the runs here (default: a temporary directory, removed at the end)")
-    p.add_argument("--only", help="run only the rows whose name contains this (e.g. 'throughput' for a rerun of those); the others say 'skipped: --only'")
+    p.add_argument(
+        "--only",
+        help="run only the rows whose name contains this (e.g. 'throughput' for a rerun of those); the others say 'skipped: --only'",
+    )
     a = p.parse_args(argv)
 
     start = time.monotonic()
@@ -350,10 +470,21 @@ def main(argv=None) -> int:
     corpus = write_corpus(work / "corpus.txt")
     # block cache, leases and thread count of this check alone; the in-process row reads os.environ
     os.environ["MLM_CACHE"] = str(work / "cache")
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "MLM_LEASE_DIR": str(work / "leases")}
-    ctx = {"work": work, "env": env, "budget": budget, "cuda": cuda, "gpus": gpus, "device_type": "cuda" if cuda else "cpu",
-           "tiny": [*TINY, f"dataset.path={corpus}"]}
+    env = {
+        **os.environ,
+        "HYDRA_FULL_ERROR": "0",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "MLM_LEASE_DIR": str(work / "leases"),
+    }
+    ctx = {
+        "work": work,
+        "env": env,
+        "budget": budget,
+        "cuda": cuda,
+        "gpus": gpus,
+        "device_type": "cuda" if cuda else "cpu",
+        "tiny": [*TINY, f"dataset.path={corpus}"],
+    }
 
     rows = []
     for name, check in CHECKS.items():
@@ -379,12 +510,24 @@ def main(argv=None) -> int:
     lines = ["| check | result | status |", "|---|---|---|"]
     lines += [f"| {r['check']} | {r['result'].replace('|', '/')} | {r['status']} |" for r in rows]
     device = torch.cuda.get_device_name(0) if cuda else "CPU (no CUDA device)"
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["benchmarks/gpu_check.py", *argv])
+    command = (
+        shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["benchmarks/gpu_check.py", *argv])
+    )
     wall = time.monotonic() - start
-    lines += ["", f"device: {device}, {gpus} CUDA device(s), torch {torch.__version__}; {wall:.0f} s of a {a.budget_minutes:g}-minute budget",
-              f"command: {command}"]
-    out = {"rows": rows, "device": device, "cuda_devices": gpus, "torch": torch.__version__, "wall_s": wall,
-           "budget_minutes": a.budget_minutes, "command": command}
+    lines += [
+        "",
+        f"device: {device}, {gpus} CUDA device(s), torch {torch.__version__}; {wall:.0f} s of a {a.budget_minutes:g}-minute budget",
+        f"command: {command}",
+    ]
+    out = {
+        "rows": rows,
+        "device": device,
+        "cuda_devices": gpus,
+        "torch": torch.__version__,
+        "wall_s": wall,
+        "budget_minutes": a.budget_minutes,
+        "command": command,
+    }
     out["throughput"] = {row: t["json"] for row, t in ctx.get("throughput", {}).items()}
     emit(lines, out, a.json)
     if a.md:

@@ -134,8 +134,11 @@ def measure(tokenized_1x, block: int, pad_id: int, reps: int) -> dict:
         ds = tokenized_1x if k == 1 else concatenate_datasets([tokenized_1x] * k)
         n_tokens = int(pc_sum_lengths(ds))
         found["sizes"][name] = {
-            "documents": len(ds), "tokens": n_tokens, "blocks": n_tokens // block,
-            "guide_map_batches": -(-len(ds) // 1000), "arrow_chunks": ds.data.column("input_ids").num_chunks,
+            "documents": len(ds),
+            "tokens": n_tokens,
+            "blocks": n_tokens // block,
+            "guide_map_batches": -(-len(ds) // 1000),
+            "arrow_chunks": ds.data.column("input_ids").num_chunks,
         }
         print(f"{name}: {len(ds)} documents, {n_tokens} tokens ...", file=sys.stderr, flush=True)
 
@@ -181,9 +184,9 @@ def judge(seconds: dict) -> dict:
         "ours_dataset_growth_at_most_4.4x": growth["ours_dataset"] <= 4.4,
         "ours_dataset_at_least_10x_faster_than_guide_map_at_4x": speedup["ours_dataset_vs_guide_map"] >= 10,
         "note": "ours = flat_token_ids + group_blocks; at 1x its flatten is a zero-copy view of "
-                "a single Arrow chunk (microseconds), at 4x a copy of 4 chunks, so its 4x/1x ratio is view-vs-copy, "
-                "not an algorithmic growth; see growth_8x_over_2x. ours_dataset adds the Dataset.from_dict that "
-                "build_blocks runs, which dominates its time.",
+        "a single Arrow chunk (microseconds), at 4x a copy of 4 chunks, so its 4x/1x ratio is view-vs-copy, "
+        "not an algorithmic growth; see growth_8x_over_2x. ours_dataset adds the Dataset.from_dict that "
+        "build_blocks runs, which dominates its time.",
     }
     return {
         "growth_4x_over_1x": growth,
@@ -196,7 +199,12 @@ def judge(seconds: dict) -> dict:
 def report(out: dict) -> list:
     """The readable lines of the results."""
     block, reps, sizes, seconds = out["settings"]["block_size"], out["settings"]["reps"], out["sizes"], out["seconds"]
-    growth, scaling, speedup, ok = out["growth_4x_over_1x"], out["growth_8x_over_2x"], out["speedup_ours_at_4x"], out["acceptance"]
+    growth, scaling, speedup, ok = (
+        out["growth_4x_over_1x"],
+        out["growth_8x_over_2x"],
+        out["speedup_ours_at_4x"],
+        out["acceptance"],
+    )
     lines = [
         f"grouping into {block}-token blocks, median of {reps} (1x: {sizes['1x']['documents']} docs, {sizes['1x']['tokens']} tokens; "
         f"4x: {sizes['4x']['documents']} docs, {sizes['4x']['tokens']} tokens)",
@@ -219,7 +227,9 @@ def report(out: dict) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--reps", type=int, default=5, help="timed samples per method and size; the median is reported")
     p.add_argument("--block-size", type=int, default=128)
@@ -265,10 +275,19 @@ def main(argv=None) -> int:
             "ours_dataset": "ours + datasets.Dataset.from_dict (int32), as build_blocks does before saving",
         },
         "command": command,
-        "settings": {"reps": a.reps, "block_size": a.block_size, "corpus": "gensim_wiki train+test, mlm.data.tokenize, input_ids only",
-                     "tokenizer": type(tokenizer).__name__},
-        "machine": {"python": platform.python_version(), "datasets": datasets.__version__, "numpy": np.__version__,
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "settings": {
+            "reps": a.reps,
+            "block_size": a.block_size,
+            "corpus": "gensim_wiki train+test, mlm.data.tokenize, input_ids only",
+            "tokenizer": type(tokenizer).__name__,
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "datasets": datasets.__version__,
+            "numpy": np.__version__,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "total_wall_s": time.perf_counter() - t_all,
     }
     emit(report(out), out, a.json)

@@ -44,8 +44,9 @@ def masked_states(model, blocks, collator, n: int, seed: int):
     for i in range(0, len(picked), 32):
         index = picked[i : i + 32]
         batch = collator({"input_ids": np.asarray(blocks.select(index.tolist())["input_ids"]), "index": index})
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                  output_hidden_states=True).hidden_states
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=True
+        ).hidden_states
         rows = [h.reshape(-1, h.shape[-1]).index_select(0, batch["masked_positions"]) for h in hidden]
         states = [[r] for r in rows] if states is None else [s + [r] for s, r in zip(states, rows)]
         targets.append(batch["labels"].reshape(-1).index_select(0, batch["masked_positions"]))
@@ -75,7 +76,9 @@ def main(argv=None) -> int:
     model, tokenizer = build_model(cfg.model, cfg.block_size, cfg.seed)
     blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
     if cfg.model.head_bias_init == "unigram":
-        init_unigram_bias(model, torch.from_numpy(np.bincount(flat_token_ids(blocks["train"]))), tokenizer.all_special_ids)
+        init_unigram_bias(
+            model, torch.from_numpy(np.bincount(flat_token_ids(blocks["train"]))), tokenizer.all_special_ids
+        )
     model.eval()
     head_fn, head = MLM_HEADS[model.config.model_type], new_head_parameters(model)
     if not head:
@@ -91,25 +94,48 @@ def main(argv=None) -> int:
     train_collator = MLMCollator(tokenizer, cfg.masking, cfg.seed, stream=0)
     train_collator.probability = scheduled_probability(cfg.masking, 0.0)  # the training rate, as the loop sets it
     train_x, train_y = masked_states(model, blocks["train"], train_collator, args.train_blocks, cfg.seed)
-    eval_x, eval_y = masked_states(model, blocks["test"], eval_collator(tokenizer, cfg.masking, cfg.seed), args.eval_blocks, cfg.seed)
-    what = cfg.model.name_or_path if cfg.model.source == "pretrained" else f"{cfg.model.source} {cfg.model.arch.get('model_type')}"
-    lines = [f"{what}: {len(train_y)} training / {len(eval_y)} held-out masked positions "
-             f"({args.train_blocks} / {args.eval_blocks} blocks), states of {len(train_x)} layers in {time.perf_counter() - start:.0f} s"]
+    eval_x, eval_y = masked_states(
+        model, blocks["test"], eval_collator(tokenizer, cfg.masking, cfg.seed), args.eval_blocks, cfg.seed
+    )
+    what = (
+        cfg.model.name_or_path
+        if cfg.model.source == "pretrained"
+        else f"{cfg.model.source} {cfg.model.arch.get('model_type')}"
+    )
+    lines = [
+        f"{what}: {len(train_y)} training / {len(eval_y)} held-out masked positions "
+        f"({args.train_blocks} / {args.eval_blocks} blocks), states of {len(train_x)} layers in {time.perf_counter() - start:.0f} s"
+    ]
 
     def held_out_perplexity(layer: int) -> float:
         with torch.no_grad():
-            total = sum(F.cross_entropy(head_fn(model, eval_x[layer][i : i + 2048]), eval_y[i : i + 2048], reduction="sum").item()
-                        for i in range(0, len(eval_y), 2048))
+            total = sum(
+                F.cross_entropy(
+                    head_fn(model, eval_x[layer][i : i + 2048]), eval_y[i : i + 2048], reduction="sum"
+                ).item()
+                for i in range(0, len(eval_y), 2048)
+            )
         return perplexity(total, len(eval_y))
 
     lr = cfg.optimizer.lr * cfg.optimizer.new_head_lr_scale
-    out = {"settings": {**vars(args), "layers": layers, "lr": lr, "train_positions": len(train_y), "eval_positions": len(eval_y)}, "layers": {}}
+    out = {
+        "settings": {
+            **vars(args),
+            "layers": layers,
+            "lr": lr,
+            "train_positions": len(train_y),
+            "eval_positions": len(eval_y),
+        },
+        "layers": {},
+    }
     for layer in layers:
         with torch.no_grad():
             for name, p in head.items():
                 p.copy_(initial[name])
                 p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optimizer.weight_decay, lr), lr=lr)  # only the head is trainable
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optimizer.weight_decay, lr), lr=lr
+        )  # only the head is trainable
         order = torch.Generator().manual_seed(cfg.seed)
         curve = [held_out_perplexity(layer)]
         for _ in range(args.epochs):
@@ -120,8 +146,10 @@ def main(argv=None) -> int:
                 optimizer.step()
             curve.append(held_out_perplexity(layer))
         out["layers"][str(layer)] = curve
-        lines.append(f"layer {layer}: held-out perplexity by pass {' -> '.join(f'{x:,.1f}' for x in curve)}  "
-                     f"(best {min(curve):,.1f}; {time.perf_counter() - start:.0f} s)")
+        lines.append(
+            f"layer {layer}: held-out perplexity by pass {' -> '.join(f'{x:,.1f}' for x in curve)}  "
+            f"(best {min(curve):,.1f}; {time.perf_counter() - start:.0f} s)"
+        )
     emit(lines, out, args.json)
     return 0
 

@@ -58,7 +58,10 @@ def main() -> None:
     tokenizer = load_tokenizer(ModelConfig())
     ids = np.random.default_rng(0).integers(1000, 30000, size=(args.batch, args.block_size))
     batch = {"input_ids": ids, "index": np.arange(args.batch)}
-    methods = {s: (lambda c=MLMCollator(tokenizer, MaskingConfig(strategy=s), seed=0): c(batch)) for s in ("token", "whole_word", "span")}
+    methods = {
+        s: (lambda c=MLMCollator(tokenizer, MaskingConfig(strategy=s), seed=0): c(batch))
+        for s in ("token", "whole_word", "span")
+    }
     hf = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     examples = [{"input_ids": row.tolist()} for row in ids]
     methods["hf_token"] = lambda: hf(examples)

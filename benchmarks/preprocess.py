@@ -89,7 +89,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="mlm-preprocess-"))
     work.mkdir(parents=True, exist_ok=True)
-    base = ["model=tiny", "trainer=debug", "dataset=local", f"dataset.num_proc={a.num_proc}", "trainer.save_model=false"]
+    base = [
+        "model=tiny",
+        "trainer=debug",
+        "dataset=local",
+        f"dataset.num_proc={a.num_proc}",
+        "trainer.save_model=false",
+    ]
     results = {}
     text = make_corpus(a.lines)
     for scale in a.scales:
@@ -107,30 +113,49 @@ def main(argv=None) -> int:
         r["tokens_per_s"] = r["tokens"] / r["preprocess_s"]
         r["startup_and_debug_run_s"] = r["cold"]["wall_s"] - r["preprocess_s"]
         run_dir = work / f"stream-{scale}"
-        r["streaming"] = timed([*args, "dataset.streaming=true", f"hydra.run.dir={run_dir}"], env, watch=run_dir / "metrics.jsonl")
+        r["streaming"] = timed(
+            [*args, "dataset.streaming=true", f"hydra.run.dir={run_dir}"], env, watch=run_dir / "metrics.jsonl"
+        )
         results[f"{scale}x"] = r
         print(f"{scale}x: {json.dumps(r)}", flush=True)
         shutil.rmtree(cache, ignore_errors=True)
         corpus.unlink()
 
     one = results[f"{a.scales[0]}x"]
-    lines = [f"{'size':>5} {'tokens':>12} {'run s':>8} {'prep s':>7} {'tok/s':>10} {'RSS MB':>7} "
-             f"{'stream s':>8} {'1st step s':>10} {'stream RSS':>10}"]
+    lines = [
+        f"{'size':>5} {'tokens':>12} {'run s':>8} {'prep s':>7} {'tok/s':>10} {'RSS MB':>7} "
+        f"{'stream s':>8} {'1st step s':>10} {'stream RSS':>10}"
+    ]
     for k, r in results.items():
-        lines.append(f"{k:>5} {r['tokens']:>12,} {r['cold']['wall_s']:>8.1f} {r['preprocess_s']:>7.1f} "
-                     f"{r['tokens_per_s']:>10,.0f} {r['cold']['peak_rss_mb']:>7.0f} {r['streaming']['wall_s']:>8.1f} "
-                     f"{r['streaming']['first_step_s']:>10.1f} {r['streaming']['peak_rss_mb']:>10.0f}")
-    ratios = {k: {"tokens": r["tokens"] / one["tokens"], "preprocess_time": r["preprocess_s"] / one["preprocess_s"],
-                  "peak_rss": r["cold"]["peak_rss_mb"] / one["cold"]["peak_rss_mb"],
-                  "streaming_wall_over_preprocess": r["streaming"]["wall_s"] / r["preprocess_s"],
-                  "streaming_rss_over_1x_rss": r["streaming"]["peak_rss_mb"] / one["cold"]["peak_rss_mb"]} for k, r in results.items()}
+        lines.append(
+            f"{k:>5} {r['tokens']:>12,} {r['cold']['wall_s']:>8.1f} {r['preprocess_s']:>7.1f} "
+            f"{r['tokens_per_s']:>10,.0f} {r['cold']['peak_rss_mb']:>7.0f} {r['streaming']['wall_s']:>8.1f} "
+            f"{r['streaming']['first_step_s']:>10.1f} {r['streaming']['peak_rss_mb']:>10.0f}"
+        )
+    ratios = {
+        k: {
+            "tokens": r["tokens"] / one["tokens"],
+            "preprocess_time": r["preprocess_s"] / one["preprocess_s"],
+            "peak_rss": r["cold"]["peak_rss_mb"] / one["cold"]["peak_rss_mb"],
+            "streaming_wall_over_preprocess": r["streaming"]["wall_s"] / r["preprocess_s"],
+            "streaming_rss_over_1x_rss": r["streaming"]["peak_rss_mb"] / one["cold"]["peak_rss_mb"],
+        }
+        for k, r in results.items()
+    }
     for k, q in ratios.items():
-        lines.append(f"{k}: {q['tokens']:.2f}x tokens -> {q['preprocess_time']:.2f}x preprocessing time, {q['peak_rss']:.2f}x peak RSS; "
-                     f"streaming run {q['streaming_wall_over_preprocess']:.0%} of the preprocessing time, RSS {q['streaming_rss_over_1x_rss']:.2f}x the 1x run")
+        lines.append(
+            f"{k}: {q['tokens']:.2f}x tokens -> {q['preprocess_time']:.2f}x preprocessing time, {q['peak_rss']:.2f}x peak RSS; "
+            f"streaming run {q['streaming_wall_over_preprocess']:.0%} of the preprocessing time, RSS {q['streaming_rss_over_1x_rss']:.2f}x the 1x run"
+        )
     command = shlex.join(["python", "benchmarks/preprocess.py", *(sys.argv[1:] if argv is None else argv)])
     lines.append(f"command: {command}")
-    out = {"results": results, "ratios_to_first_scale": ratios, "command": command, "cpus": os.cpu_count(),
-           "settings": {"lines_1x": a.lines, "num_proc": a.num_proc, "run": base}}
+    out = {
+        "results": results,
+        "ratios_to_first_scale": ratios,
+        "command": command,
+        "cpus": os.cpu_count(),
+        "settings": {"lines_1x": a.lines, "num_proc": a.num_proc, "run": base},
+    }
     emit(lines, out, a.json)
     return 0
 

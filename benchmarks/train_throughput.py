@@ -114,18 +114,30 @@ if str(ROOT) not in sys.path:
 BLOCK = 128  # the default --block
 BATCH = 8  # the CPU's batch (blocks per step); on CUDA see CUDA_BATCH
 ARCH = dict(
-    num_hidden_layers=6, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-    vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+    num_hidden_layers=6,
+    hidden_size=768,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    vocab_size=50265,
+    max_position_embeddings=514,
+    type_vocab_size=1,
 )
 # --scale base: a BERT-base-shaped encoder from a local config (random init, no hub), the MiniLM tokenizer's vocabulary
 BASE_ARCH = dict(
-    num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-    vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+    num_hidden_layers=12,
+    hidden_size=768,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    vocab_size=30522,
+    max_position_embeddings=512,
+    type_vocab_size=2,
 )
 SCALES = {"default": ("roberta", ARCH), "base": ("bert", BASE_ARCH)}
 # On CUDA one batch of 8 x 128 leaves an H100 mostly idle: the same global batch for every variant, larger
 CUDA_BATCH = {128: 64, 512: 32}  # block -> blocks per step (8192 and 16384 tokens)
-CUDA_WORKERS = 4  # dataloader workers of both the Trainer and the harness on CUDA (the collator runs beside the GPU step)
+CUDA_WORKERS = (
+    4  # dataloader workers of both the Trainer and the harness on CUDA (the collator runs beside the GPU step)
+)
 VARIANTS = ("trainer_fp32", "trainer_bf16", "harness")
 CUDA_VARIANTS = ("trainer_bf16", "trainer_bf16_compile", "harness", "harness_compile")
 TRAINER_PRECISION = {"trainer_fp32": "fp32", "trainer_bf16": "bf16", "trainer_bf16_compile": "bf16"}
@@ -141,7 +153,6 @@ FLOPS_COUNTED = (
     "peak measured in this run (bf16 variants vs bf16 peak, trainer_fp32 vs fp32 peak); on CUDA NVIDIA's datasheet "
     "figure (dense bf16 Tensor Core peak)."
 )
-
 
 
 # ---------------------------------------------------------------- shared by the workers
@@ -177,7 +188,9 @@ def param_stats(model) -> dict:
 
     emb = model.base_model.embeddings
     tables = {id(emb.word_embeddings.weight), id(emb.position_embeddings.weight), id(emb.token_type_embeddings.weight)}
-    head = {id(p) for p in model.parameters()} - {id(p) for p in model.base_model.parameters()}  # lm_head (RoBERTa) or cls (BERT)
+    head = {id(p) for p in model.parameters()} - {
+        id(p) for p in model.base_model.parameters()
+    }  # lm_head (RoBERTa) or cls (BERT)
     params = list(model.parameters())  # tied decoder weight appears once
     with torch.no_grad():
         checksum = float(sum(p.double().sum() for p in params)) + float(sum((p.double() ** 2).sum() for p in params))
@@ -314,7 +327,9 @@ class Gate:
         self.compute_s.append(now - self._begin)
         self._last = now
         if step in self.boundaries:
-            if self.cuda:  # a paused worker hands its cached activations back: only the running one holds the device's memory
+            if (
+                self.cuda
+            ):  # a paused worker hands its cached activations back: only the running one holds the device's memory
                 import torch
 
                 torch.cuda.empty_cache()
@@ -369,7 +384,11 @@ def trainer_args(variant: str, s: dict, out_dir: str):
         seed=s["seed"],
         disable_tqdm=True,
         # on CUDA the Trainer's best settings: fused AdamW (its CPU default already), and a torch_compile row
-        **({"optim": "adamw_torch_fused", "torch_compile": variant.endswith("_compile")} if s["device"] == "cuda" else {}),
+        **(
+            {"optim": "adamw_torch_fused", "torch_compile": variant.endswith("_compile")}
+            if s["device"] == "cuda"
+            else {}
+        ),
     )
 
 
@@ -399,12 +418,18 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         args = trainer_args(variant, s, out_dir)
         trainer = Trainer(
-            model=model, args=args, train_dataset=train_blocks, data_collator=collator,
-            processing_class=tokenizer, callbacks=[gate_callback(gate)],
+            model=model,
+            args=args,
+            train_dataset=train_blocks,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=[gate_callback(gate)],
         )
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        probe = None if args.torch_compile else DtypeProbe(first_linear(model))  # a hook is no probe under torch.compile
+        probe = (
+            None if args.torch_compile else DtypeProbe(first_linear(model))
+        )  # a hook is no probe under torch.compile
         before = memory_before(s)
         trainer.train()
         peak = memory_peak(s)
@@ -418,7 +443,8 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "threads_in_step": gate.threads,
         "optimizer": str(args.optim),
         "torch_compile": args.torch_compile,
-        **before, **peak,
+        **before,
+        **peak,
         "dense_head": True,
     }
 
@@ -427,15 +453,27 @@ def harness_config(variant: str, s: dict):
     """The typed config of the harness variant, composed from conf/ as `python run.py <overrides>` would."""
     from mlm.cli import compose
 
-    cfg = compose([
-        "experiment=none",  # no recipe: one learning rate for every weight and 15% training masks, as the Trainer
-        f"seed={s['seed']}", f"block_size={s['block_size']}",
-        f"optimizer.lr={s['lr']}", "optimizer.beta2=0.999", "optimizer.eps=1e-8", "optimizer.weight_decay=0.01",  # the Trainer's AdamW
-        "scheduler=linear", "scheduler.warmup_ratio=0", "scheduler.warmup_steps=0",
-        f"trainer.max_steps={s['total_steps']}", f"trainer.per_device_batch_size={s['batch_size']}", "trainer.max_grad_norm=1.0",
-        f"runtime.mixed_precision={'bf16' if s['harness_precision'] == 'bf16' else 'no'}", "runtime.sparse_prediction=true",
-        f"runtime.compile={str(variant == 'harness_compile').lower()}", f"runtime.num_workers={s['num_workers']}",
-    ])
+    cfg = compose(
+        [
+            "experiment=none",  # no recipe: one learning rate for every weight and 15% training masks, as the Trainer
+            f"seed={s['seed']}",
+            f"block_size={s['block_size']}",
+            f"optimizer.lr={s['lr']}",
+            "optimizer.beta2=0.999",
+            "optimizer.eps=1e-8",
+            "optimizer.weight_decay=0.01",  # the Trainer's AdamW
+            "scheduler=linear",
+            "scheduler.warmup_ratio=0",
+            "scheduler.warmup_steps=0",
+            f"trainer.max_steps={s['total_steps']}",
+            f"trainer.per_device_batch_size={s['batch_size']}",
+            "trainer.max_grad_norm=1.0",
+            f"runtime.mixed_precision={'bf16' if s['harness_precision'] == 'bf16' else 'no'}",
+            "runtime.sparse_prediction=true",
+            f"runtime.compile={str(variant == 'harness_compile').lower()}",
+            f"runtime.num_workers={s['num_workers']}",
+        ]
+    )
     cfg.validate()
     return cfg
 
@@ -454,7 +492,13 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         reuse_host_memory()
     layout, objective, optimizer, scheduler = build_optimization(cfg, model, s["total_steps"], accelerator)
     tcfg = cfg.trainer
-    order = TrainOrder(len(train_blocks), tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+    order = TrainOrder(
+        len(train_blocks),
+        tcfg.per_device_batch_size,
+        tcfg.gradient_accumulation_steps,
+        accelerator.num_processes,
+        cfg.seed,
+    )
     collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed, stream=0)  # stream = epoch 0
     collator.probability = scheduled_probability(cfg.masking, 0.0)  # as mlm.train.train_batches sets it (constant here)
     assert collator.probability == s["mlm_probability"], collator.probability
@@ -468,8 +512,13 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         epoch = 0
         while True:
             collator.stream = epoch
-            yield from make_loader(train_blocks, TrainSampler(order, epoch, accelerator.process_index), collator,
-                                   cfg.runtime.num_workers, pin_memory=s["device"] == "cuda")
+            yield from make_loader(
+                train_blocks,
+                TrainSampler(order, epoch, accelerator.process_index),
+                collator,
+                cfg.runtime.num_workers,
+                pin_memory=s["device"] == "cuda",
+            )
             epoch += 1
 
     batches = epochs()
@@ -492,7 +541,8 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "autocast_dtype": probe.dtype if probe else f"{s['harness_precision']} (not probed under torch.compile)",
         "threads_in_step": gate.threads,
         "optimizer": f"mlm.train.build_optimization: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
-        **before, **peak,
+        **before,
+        **peak,
         "dense_head": False,
         "first_step_s": gate.step_s[0],
     }
@@ -518,8 +568,14 @@ def worker(variant: str, s: dict) -> dict:
     stats = param_stats(model)
     # the package's FLOP counter (perf/mfu's): the Trainer's head runs on every position, the harness's on the masked ones
     count = count_flops(model, s["block_size"], sparse=not variant.startswith("trainer"))
-    result = {"variant": variant, **stats, "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks),
-              "flops_per_token": count.per_token, "flops_per_prediction": count.per_prediction}
+    result = {
+        "variant": variant,
+        **stats,
+        "train_blocks": len(train_blocks),
+        "eval_blocks": len(eval_blocks),
+        "flops_per_token": count.per_token,
+        "flops_per_prediction": count.per_prediction,
+    }
     if s["device"] == "cuda":
         model.to("cuda")  # the eval of the initial weights runs there too; Trainer and Accelerate keep it there
     if s.get("eval_init"):
@@ -542,9 +598,20 @@ class Worker:
 
     def __init__(self, variant: str, settings: dict, out: Path):
         self.variant, self.out, self.error = variant, out, None
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--_settings", json.dumps(settings), "--_out", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_worker",
+            variant,
+            "--_settings",
+            json.dumps(settings),
+            "--_out",
+            str(out),
+        ]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env, cwd=str(ROOT))
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env, cwd=str(ROOT)
+        )
 
     @property
     def alive(self) -> bool:
@@ -554,7 +621,7 @@ class Worker:
         """Read the worker's stdout until status `msg` (other lines are passed on to stderr)."""
         for line in self.proc.stdout:
             if line.startswith(TOKEN):
-                if line[len(TOKEN):].strip() == msg:
+                if line[len(TOKEN) :].strip() == msg:
                     return True
             else:
                 sys.stderr.write(line)
@@ -599,16 +666,28 @@ def run_interleaved(variants, settings: dict, tmp: Path, probe):
         for w in list(workers.values())[1:]:
             w.expect("ready")
     for r in range(1 + settings["reps"]):
-        order = list(variants[r % len(variants):]) + list(variants[: r % len(variants)])
-        what = f"{settings['warmup']} warm-up step(s)" if r == 0 else f"window {r}/{settings['reps']} ({settings['steps']} step(s))"
-        entry = {"round": r, "order": order, "loadavg_1min": os.getloadavg()[0], "matmul_gflops": probe(), "seconds": {}}
+        order = list(variants[r % len(variants) :]) + list(variants[: r % len(variants)])
+        what = (
+            f"{settings['warmup']} warm-up step(s)"
+            if r == 0
+            else f"window {r}/{settings['reps']} ({settings['steps']} step(s))"
+        )
+        entry = {
+            "round": r,
+            "order": order,
+            "loadavg_1min": os.getloadavg()[0],
+            "matmul_gflops": probe(),
+            "seconds": {},
+        }
         if r == 0 and together:  # untimed: only the windows after it are measured, one variant at a time
             t = time.perf_counter()
             started = [v for v in order if workers[v].send_go()]
             for v in started:
                 if workers[v].expect("done"):
                     entry["seconds"][v] = time.perf_counter() - t
-                    print(f"[{v}] {what} (all variants at once): {entry['seconds'][v]:.1f}s", file=sys.stderr, flush=True)
+                    print(
+                        f"[{v}] {what} (all variants at once): {entry['seconds'][v]:.1f}s", file=sys.stderr, flush=True
+                    )
             rounds.append(entry)
             continue
         for v in order:
@@ -659,23 +738,44 @@ def gflops(probe: dict) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--json", required=False, help="write the results here")
     p.add_argument("--steps", type=int, default=None, help="steps per timed window (default 3; quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
     p.add_argument("--reps", type=int, default=None, help="timed windows; the median is reported (default 3; quick 2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the usable cores)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every variant (linear decay, no warm-up)")
+    p.add_argument(
+        "--lr", type=float, default=3e-4, help="peak learning rate of every variant (linear decay, no warm-up)"
+    )
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--eval-blocks", type=int, default=None, help="test blocks for the learning check (default 64; quick 16)")
-    p.add_argument("--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)")
+    p.add_argument(
+        "--eval-blocks", type=int, default=None, help="test blocks for the learning check (default 64; quick 16)"
+    )
+    p.add_argument(
+        "--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
-    p.add_argument("--compile", action="store_true", help="also time harness_compile (runtime.compile=true); always on CUDA")
-    p.add_argument("--scale", choices=tuple(SCALES), default="default",
-                   help="default: RoBERTa 6x768 (vocab 50265); base: BERT-base 12x768 (vocab 30522), random init from a local config")
+    p.add_argument(
+        "--compile", action="store_true", help="also time harness_compile (runtime.compile=true); always on CUDA"
+    )
+    p.add_argument(
+        "--scale",
+        choices=tuple(SCALES),
+        default="default",
+        help="default: RoBERTa 6x768 (vocab 50265); base: BERT-base 12x768 (vocab 30522), random init from a local config",
+    )
     p.add_argument("--block", type=int, choices=(128, 512), default=BLOCK, help="tokens per block (default 128)")
-    p.add_argument("--batch", type=int, default=None, help=f"blocks per step, every variant (default: {BATCH} on CPU; on CUDA {CUDA_BATCH})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present, else CPU")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"blocks per step, every variant (default: {BATCH} on CPU; on CUDA {CUDA_BATCH})",
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present, else CPU"
+    )
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_settings", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
@@ -703,16 +803,32 @@ def make_settings(a) -> dict:
     model_type, arch = SCALES[a.scale]
     name = torch.cuda.get_device_name(0) if cuda else None
     return {
-        "device": "cuda" if cuda else "cpu", "device_name": name or "CPU",
-        "warmup": warmup, "steps": steps, "reps": reps, "total_steps": warmup + steps * reps,
-        "threads": a.threads or len(os.sched_getaffinity(0)), "lr": a.lr, "seed": a.seed,
-        "eval_blocks": a.eval_blocks or (16 if q else 64), "block_size": a.block, "scale": a.scale,
-        "batch_size": a.batch or (CUDA_BATCH[a.block] if cuda else BATCH), "num_workers": CUDA_WORKERS if cuda else 0,
-        "matmul_size": a.matmul_size or (1024 if q else 2048), "matmul_reps": 3 if q else 7, "quick": q, "compile": a.compile or cuda,
+        "device": "cuda" if cuda else "cpu",
+        "device_name": name or "CPU",
+        "warmup": warmup,
+        "steps": steps,
+        "reps": reps,
+        "total_steps": warmup + steps * reps,
+        "threads": a.threads or len(os.sched_getaffinity(0)),
+        "lr": a.lr,
+        "seed": a.seed,
+        "eval_blocks": a.eval_blocks or (16 if q else 64),
+        "block_size": a.block,
+        "scale": a.scale,
+        "batch_size": a.batch or (CUDA_BATCH[a.block] if cuda else BATCH),
+        "num_workers": CUDA_WORKERS if cuda else 0,
+        "matmul_size": a.matmul_size or (1024 if q else 2048),
+        "matmul_reps": 3 if q else 7,
+        "quick": q,
+        "compile": a.compile or cuda,
         "bf16_native": native_bf16("cuda" if cuda else "cpu"),  # on the Trainer's device, the harness's
-        "harness_precision": "bf16" if resolve_mixed_precision("auto") == "bf16" else "fp32",  # what runtime.mixed_precision=auto picks
+        "harness_precision": "bf16"
+        if resolve_mixed_precision("auto") == "bf16"
+        else "fp32",  # what runtime.mixed_precision=auto picks
         # CUDA: MFU against NVIDIA's datasheet figure (mlm.flops.GPU_PEAKS, as perf/mfu); CPU: the matmul probe below
-        "datasheet_peak_gflops": {p: (gpu_peak(name, p) or 0) / 1e9 or None for p in ("bf16", "fp32")} if cuda else None,
+        "datasheet_peak_gflops": {p: (gpu_peak(name, p) or 0) / 1e9 or None for p in ("bf16", "fp32")}
+        if cuda
+        else None,
         "model": {"model_type": model_type, **arch, "attn_implementation": "sdpa"},
         "data": f"mlm.data.build_blocks(DatasetConfig(), load_tokenizer(ModelConfig()), {a.block}): train split",
         "optimizer": "AdamW betas (0.9, 0.999) eps 1e-8 weight_decay 0.01 (not on biases/norms), grad clip 1.0, linear decay to 0, no warm-up",
@@ -723,18 +839,24 @@ def make_settings(a) -> dict:
 def choose_variants(s: dict):
     """The variants to run, and the skipped ones with the measured reason."""
     if s["device"] == "cuda":
-        return list(CUDA_VARIANTS), {"trainer_fp32": "on CUDA the Trainer runs with its best settings (bf16, fused AdamW, sdpa; "
-                                                     "trainer_bf16_compile adds torch_compile): an fp32 row would only be slower"}
+        return list(CUDA_VARIANTS), {
+            "trainer_fp32": "on CUDA the Trainer runs with its best settings (bf16, fused AdamW, sdpa; "
+            "trainer_bf16_compile adds torch_compile): an fp32 row would only be slower"
+        }
     variants = list(VARIANTS) + (["harness_compile"] if s["compile"] else [])
     skipped = {}
     if s["scale"] == "default":
-        skipped["base scale"] = ("BERT-base 12x768 at block 128 and 512 is not run on CPU by default (a dense step takes "
-                                 "tens of seconds to minutes on 2 cores); --scale base [--block 512] runs it")
+        skipped["base scale"] = (
+            "BERT-base 12x768 at block 128 and 512 is not run on CPU by default (a dense step takes "
+            "tens of seconds to minutes on 2 cores); --scale base [--block 512] runs it"
+        )
     if not s["bf16_native"]:
         emulated = matmul_gflops(512, 3, s["threads"], ("fp32", "bf16"))
-        skipped["trainer_bf16"] = (f"no native bf16 on this CPU (no AVX512-BF16 or AMX): a 512^2 matmul ran at "
-                                   f"{emulated['bf16']:.1f} GFLOP/s in bf16 against {emulated['fp32']:.1f} in fp32, "
-                                   "so a bf16 Trainer step of this model would take minutes")
+        skipped["trainer_bf16"] = (
+            f"no native bf16 on this CPU (no AVX512-BF16 or AMX): a 512^2 matmul ran at "
+            f"{emulated['bf16']:.1f} GFLOP/s in bf16 against {emulated['fp32']:.1f} in fp32, "
+            "so a bf16 Trainer step of this model would take minutes"
+        )
         variants.remove("trainer_bf16")
     return variants, skipped
 
@@ -747,17 +869,29 @@ def probed(s: dict):
 
 def measure(variants, s: dict) -> dict:
     """The matmul peak before, the interleaved run (with a probe at the start of every round), the peak after."""
+
     def probe():
         return matmul_gflops(s["matmul_size"], s["matmul_reps"], s["threads"], probed(s))
 
     t_all, load_before = time.perf_counter(), os.getloadavg()
     if probed(s):
-        print(f"matmul peak ({s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...", file=sys.stderr, flush=True)
+        print(
+            f"matmul peak ({s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     before = probe()
     with tempfile.TemporaryDirectory() as tmp:
         results, rounds = run_interleaved(variants, s, Path(tmp), probe)
     after = probe()
-    return {"results": results, "rounds": rounds, "before": before, "after": after, "loadavg_before": load_before, "t_all": t_all}
+    return {
+        "results": results,
+        "rounds": rounds,
+        "before": before,
+        "after": after,
+        "loadavg_before": load_before,
+        "t_all": t_all,
+    }
 
 
 def window_stats(step_s, warmup: int, steps: int, reps: int, tokens_per_step: int) -> dict:
@@ -766,8 +900,16 @@ def window_stats(step_s, warmup: int, steps: int, reps: int, tokens_per_step: in
     return {"tokens_per_s": statistics.median(rates), "tokens_per_s_reps": rates, "window_s": windows}
 
 
-FIGURES = ("tokens_per_s", "compute_only_tokens_per_s", "flops_per_step", "model_gflops_achieved", "mfu", "mfu_vs_best_peak",
-           "peak_memory_mb", "peak_memory_minus_rss_before_training_mb")
+FIGURES = (
+    "tokens_per_s",
+    "compute_only_tokens_per_s",
+    "flops_per_step",
+    "model_gflops_achieved",
+    "mfu",
+    "mfu_vs_best_peak",
+    "peak_memory_mb",
+    "peak_memory_minus_rss_before_training_mb",
+)
 
 
 def variant_figures(r: dict, rounds, s: dict, best: float, precision: str) -> dict:
@@ -779,30 +921,45 @@ def variant_figures(r: dict, rounds, s: dict, best: float, precision: str) -> di
     tokens_per_step = s["batch_size"] * s["block_size"]
     w = window_stats(r["step_s"], s["warmup"], s["steps"], s["reps"], tokens_per_step)
     c = window_stats(r["compute_s"], s["warmup"], s["steps"], s["reps"], tokens_per_step)
-    timed_masked = r["masked_per_step"][s["warmup"]:]
+    timed_masked = r["masked_per_step"][s["warmup"] :]
     masked_mean = statistics.mean(timed_masked) if timed_masked else 0.15 * tokens_per_step
     fps = r["flops_per_token"] * tokens_per_step + r["flops_per_prediction"] * masked_mean  # mlm.flops.count_flops
     achieved = fps * w["tokens_per_s"] / tokens_per_step / 1e9
     # CPU: MFU of each window against the matmul peak measured at the start of the same round, then the median:
     # background load slows the matmul probe and the training alike, so this stays comparable across rounds.
     # CUDA: against the datasheet peak (None for a GPU not in mlm.flops.GPU_PEAKS)
-    peaks = [best] * s["reps"] if s["device"] == "cuda" else [rounds[i + 1]["matmul_gflops"][precision] for i in range(s["reps"])]
+    peaks = (
+        [best] * s["reps"]
+        if s["device"] == "cuda"
+        else [rounds[i + 1]["matmul_gflops"][precision] for i in range(s["reps"])]
+    )
     mfu_reps = [fps * rate / tokens_per_step / 1e9 / peak for rate, peak in zip(w["tokens_per_s_reps"], peaks) if peak]
     device_mem = "peak_cuda_allocated_mb" in r  # CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak RSS
     peak_mem = r["peak_cuda_allocated_mb"] if device_mem else r["peak_rss_mb"]
     before_mem = r["cuda_allocated_before_train_mb"] if device_mem else r["rss_before_train_mb"]
     return {
-        "tokens_per_s": w["tokens_per_s"], "compute_only_tokens_per_s": c["tokens_per_s"], "flops_per_step": fps,
-        "model_gflops_achieved": achieved, "mfu": statistics.median(mfu_reps) if mfu_reps else None,
+        "tokens_per_s": w["tokens_per_s"],
+        "compute_only_tokens_per_s": c["tokens_per_s"],
+        "flops_per_step": fps,
+        "model_gflops_achieved": achieved,
+        "mfu": statistics.median(mfu_reps) if mfu_reps else None,
         "mfu_vs_best_peak": achieved / best if best else None,
-        "peak_memory_mb": peak_mem, "peak_memory_minus_rss_before_training_mb": peak_mem - before_mem,
-        "details": {**r, **{f"window_{k}": val for k, val in w.items()}, "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
-                    "masked_per_step_mean_timed": masked_mean, "model_gflop_per_step": fps / 1e9, "mfu_reps": mfu_reps},
+        "peak_memory_mb": peak_mem,
+        "peak_memory_minus_rss_before_training_mb": peak_mem - before_mem,
+        "details": {
+            **r,
+            **{f"window_{k}": val for k, val in w.items()},
+            "compute_tokens_per_s_reps": c["tokens_per_s_reps"],
+            "masked_per_step_mean_timed": masked_mean,
+            "model_gflop_per_step": fps / 1e9,
+            "mfu_reps": mfu_reps,
+        },
     }
 
 
 def speedups(tps: dict, details: dict, compile_: bool) -> dict:
     """Harness against Trainer: the ratio of median tokens/s, and the median over rounds of same-round ratios."""
+
     def ratio(x, y):
         return x / y if x and y else None
 
@@ -812,14 +969,21 @@ def speedups(tps: dict, details: dict, compile_: bool) -> dict:
         per = [a / b for a, b in zip(details[x]["window_tokens_per_s_reps"], details[y]["window_tokens_per_s_reps"])]
         return statistics.median(per), per
 
-    pairs = {"harness_vs_trainer_fp32": ("harness", "trainer_fp32"), "harness_vs_trainer_bf16": ("harness", "trainer_bf16"),
-             "trainer_bf16_vs_trainer_fp32": ("trainer_bf16", "trainer_fp32")}
+    pairs = {
+        "harness_vs_trainer_fp32": ("harness", "trainer_fp32"),
+        "harness_vs_trainer_bf16": ("harness", "trainer_bf16"),
+        "trainer_bf16_vs_trainer_fp32": ("trainer_bf16", "trainer_fp32"),
+    }
     if compile_:
         pairs["harness_compile_vs_harness"] = ("harness_compile", "harness")
     if "trainer_bf16_compile" in tps:  # CUDA
-        pairs.update({"harness_vs_trainer_bf16_compile": ("harness", "trainer_bf16_compile"),
-                      "harness_compile_vs_trainer_bf16": ("harness_compile", "trainer_bf16"),
-                      "harness_compile_vs_trainer_bf16_compile": ("harness_compile", "trainer_bf16_compile")})
+        pairs.update(
+            {
+                "harness_vs_trainer_bf16_compile": ("harness", "trainer_bf16_compile"),
+                "harness_compile_vs_trainer_bf16": ("harness_compile", "trainer_bf16"),
+                "harness_compile_vs_trainer_bf16_compile": ("harness_compile", "trainer_bf16_compile"),
+            }
+        )
     per_round = {k: window_ratio(x, y) for k, (x, y) in pairs.items()}
     out = {
         "speedup_vs_trainer_fp32": ratio(tps.get("harness"), tps.get("trainer_fp32")),
@@ -829,15 +993,23 @@ def speedups(tps: dict, details: dict, compile_: bool) -> dict:
     }
     if compile_:
         out["speedup_compile_vs_harness"] = ratio(tps.get("harness_compile"), tps.get("harness"))
-    best = {side: max(((v, x) for v, x in tps.items() if v.startswith(side) and x), key=lambda vx: vx[1], default=(None, None))
-            for side in ("harness", "trainer")}
-    out["best_vs_best_trainer"] = {"harness": best["harness"][0], "trainer": best["trainer"][0],
-                                   "speedup": ratio(best["harness"][1], best["trainer"][1])}
+    best = {
+        side: max(
+            ((v, x) for v, x in tps.items() if v.startswith(side) and x), key=lambda vx: vx[1], default=(None, None)
+        )
+        for side in ("harness", "trainer")
+    }
+    out["best_vs_best_trainer"] = {
+        "harness": best["harness"][0],
+        "trainer": best["trainer"][0],
+        "speedup": ratio(best["harness"][1], best["trainer"][1]),
+    }
     return out
 
 
 def eval_summary(results: dict, s: dict) -> dict:
     """The learning check: the harness's fp32 eval loss against the Trainer's at the harness's precision."""
+
     def ev(v):
         return results.get(v, {}).get("eval", {}).get("loss")
 
@@ -845,15 +1017,19 @@ def eval_summary(results: dict, s: dict) -> dict:
     b_loss, c_loss = ev(reference), ev("harness")
     rel = (c_loss - b_loss) / b_loss if b_loss and c_loss else None
     return {
-        "reference": reference, "harness": c_loss, "rel_diff": rel,
+        "reference": reference,
+        "harness": c_loss,
+        "rel_diff": rel,
         "harness_within_2pct_of_reference": None if rel is None else abs(rel) <= 0.02,
-        "trainer_fp32": ev("trainer_fp32"), "trainer_bf16": ev("trainer_bf16"),
+        "trainer_fp32": ev("trainer_fp32"),
+        "trainer_bf16": ev("trainer_bf16"),
         "init": next((r["eval_init"]["loss"] for r in results.values() if "eval_init" in r), None),
-        "after_steps": s["total_steps"], "eval_blocks": s["eval_blocks"],
+        "after_steps": s["total_steps"],
+        "eval_blocks": s["eval_blocks"],
         "masked_tokens": next((r["eval"]["masked_tokens"] for r in results.values() if "eval" in r), None),
         "eval_dtype": {v: r["eval"]["dtype"] for v, r in results.items() if "eval" in r},
         "note": "fp32 eval, harness eval masks (EVAL_STREAM) on the first test blocks, identical for all variants; "
-                "same init and data, but Trainer and harness draw training order and masks differently",
+        "same init and data, but Trainer and harness draw training order and masks differently",
     }
 
 
@@ -879,27 +1055,38 @@ def summarize(run: dict, s: dict, skipped: dict, command: str) -> dict:
         "mfu": col["mfu"],
         "mfu_peak": {v: precision[v] for v in results},
         "mfu_note": "mfu: median over windows of (window's model FLOP/s / matmul peak at the variant's precision "
-                    "measured at the start of the same round); mfu_vs_best_peak: median tokens/s against the best "
-                    "matmul peak seen in the whole run (lower when the machine was busier during training than at its best)",
+        "measured at the start of the same round); mfu_vs_best_peak: median tokens/s against the best "
+        "matmul peak seen in the whole run (lower when the machine was busier during training than at its best)",
         "mfu_vs_best_peak": col["mfu_vs_best_peak"],
         "model_gflops_achieved": col["model_gflops_achieved"],
         "model_gflop_per_step": {v: (x / 1e9 if x else None) for v, x in col["flops_per_step"].items()},
         "compute_only_tokens_per_s": col["compute_only_tokens_per_s"],
         "peak_memory_mb": col["peak_memory_mb"],
         "peak_memory_minus_rss_before_training_mb": col["peak_memory_minus_rss_before_training_mb"],
-        "matmul_gflops": {**peak, "size": s["matmul_size"], "before": run["before"], "after": run["after"],
-                          "per_round": [r["matmul_gflops"] for r in rounds], "threads": s["threads"],
-                          "note": "fp32/bf16 = the best of all probes (before, at the start of every round, after)"},
+        "matmul_gflops": {
+            **peak,
+            "size": s["matmul_size"],
+            "before": run["before"],
+            "after": run["after"],
+            "per_round": [r["matmul_gflops"] for r in rounds],
+            "threads": s["threads"],
+            "note": "fp32/bf16 = the best of all probes (before, at the start of every round, after)",
+        },
         "flops_counted": FLOPS_COUNTED,
         "peak_memory_note": "CUDA: torch.cuda.max_memory_allocated during training (the +train column: minus what was allocated "
-                            "before it); CPU: the worker's peak RSS (+train: minus its RSS before training)",
+        "before it); CPU: the worker's peak RSS (+train: minus its RSS before training)",
         "same_init": len(set(checksums.values())) == 1 if checksums else None,
         "command": command,
         "settings": s,
         "machine": {
-            "cpu": platform.processor() or platform.machine(), "usable_cores": len(os.sched_getaffinity(0)), "device": s["device_name"],
-            "torch": torch.__version__, "python": platform.python_version(),
-            "loadavg_before": run["loadavg_before"], "loadavg_after": os.getloadavg(), "transformers": transformers.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "usable_cores": len(os.sched_getaffinity(0)),
+            "device": s["device_name"],
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "loadavg_before": run["loadavg_before"],
+            "loadavg_after": os.getloadavg(),
+            "transformers": transformers.__version__,
         },
         "total_wall_s": time.perf_counter() - run["t_all"],
         "rounds": rounds,
@@ -933,18 +1120,27 @@ def table(out: dict) -> list:
     lines += [f"{v:<20} skipped: {why}" for v, why in out["skipped"].items()]
     rel = ev["rel_diff"]
     lines += [
-        "harness speedup: " + ", ".join(f"{fmt(out[f'speedup_vs_{t}'], '.2f')}x vs {t}" for t in ("trainer_fp32", "trainer_bf16")
-                                        if out[f"speedup_vs_{t}"] is not None)
+        "harness speedup: "
+        + ", ".join(
+            f"{fmt(out[f'speedup_vs_{t}'], '.2f')}x vs {t}"
+            for t in ("trainer_fp32", "trainer_bf16")
+            if out[f"speedup_vs_{t}"] is not None
+        )
         + (f"; compile vs harness: {fmt(out['speedup_compile_vs_harness'], '.2f')}x" if s["compile"] else "")
         + " (ratio of medians)",
-        "median of per-round ratios: " + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items() if m),
+        "median of per-round ratios: "
+        + ", ".join(f"{k} {fmt(m, '.2f')}x" for k, m in out["speedup_median_of_rounds"].items() if m),
         f"best harness row vs best Trainer row: {out['best_vs_best_trainer']['harness']} / {out['best_vs_best_trainer']['trainer']} "
         f"= {fmt(out['best_vs_best_trainer']['speedup'], '.2f')}x",
-        (f"MFU against the datasheet peak of {s['device_name']}: " + ", ".join(f"{k} {fmt(g, '.0f')} GFLOP/s" for k, g in mm.items() if k in ("bf16", "fp32"))
-         if s["device"] == "cuda" else
-         f"matmul {'/'.join(mm['before'])} GFLOP/s ({mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
-         f"before {gflops(mm['before'])}, rounds " + ", ".join(gflops(r) for r in mm["per_round"])
-         + f", after {gflops(mm['after'])} (MFU: vs the same round's probe)"),
+        (
+            f"MFU against the datasheet peak of {s['device_name']}: "
+            + ", ".join(f"{k} {fmt(g, '.0f')} GFLOP/s" for k, g in mm.items() if k in ("bf16", "fp32"))
+            if s["device"] == "cuda"
+            else f"matmul {'/'.join(mm['before'])} GFLOP/s ({mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
+            f"before {gflops(mm['before'])}, rounds "
+            + ", ".join(gflops(r) for r in mm["per_round"])
+            + f", after {gflops(mm['after'])} (MFU: vs the same round's probe)"
+        ),
         f"eval loss after {ev['after_steps']} steps (init {fmt(ev['init'], '.4f')}): {ev['reference']} {fmt(ev.get(ev['reference']), '.4f')}, "
         f"harness {fmt(ev['harness'], '.4f')}, rel diff {fmt(rel and 100 * rel, '+.2f')}% -> "
         f"{'within' if rel is not None and abs(rel) <= 0.02 else 'NOT within'} 2%",

@@ -95,10 +95,17 @@ def eval_batch_count(num_blocks: int, batch_size: int, world_size: int) -> int:
     return math.ceil(math.ceil(num_blocks / world_size) / batch_size)
 
 
-def make_loader(blocks: Dataset, batch_sampler, collate_fn, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def make_loader(
+    blocks: Dataset, batch_sampler, collate_fn, num_workers: int, pin_memory: bool
+) -> torch.utils.data.DataLoader:
     # A private generator: creating a loader iterator draws a worker seed, and drawing it from the
     # global RNG would shift the dropout stream every eval or epoch (and break exact resume).
     return torch.utils.data.DataLoader(
-        IndexedBlocks(blocks), batch_sampler=batch_sampler, collate_fn=collate_fn,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(0),
+        IndexedBlocks(blocks),
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
     )

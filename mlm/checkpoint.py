@@ -54,7 +54,9 @@ from mlm.untrusted import load_weights_only
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-CHECKPOINT_NAME = re.compile(r"ckpt-\d+")  # what a checkpoint directory is called (corrupt ones are renamed away from it)
+CHECKPOINT_NAME = re.compile(
+    r"ckpt-\d+"
+)  # what a checkpoint directory is called (corrupt ones are renamed away from it)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -87,7 +89,12 @@ def _set_cuda_rng(states: List[list]) -> None:
         return
     n = torch.cuda.device_count()
     if len(states) > n:
-        log.warning("checkpoint holds the CUDA RNG of %d devices, this process sees %d: restoring the first %d", len(states), n, n)
+        log.warning(
+            "checkpoint holds the CUDA RNG of %d devices, this process sees %d: restoring the first %d",
+            len(states),
+            n,
+            n,
+        )
     for i, s in enumerate(states[:n]):
         torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
 
@@ -95,7 +102,10 @@ def _set_cuda_rng(states: List[list]) -> None:
 def model_identity(model) -> Dict[str, Any]:
     """What must match for a checkpoint's weights to belong to this model."""
     c = model.config
-    return {k: getattr(c, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
+    return {
+        k: getattr(c, k, None)
+        for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    }
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -104,8 +114,20 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model, optimizer, scheduler, scaler, state: Dict[str, Any], accelerator, keep: int,
-    layout=Replicated(), ema=None, tokenizer=None, writer: Optional["Writer"] = None, wait: bool = True,
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    state: Dict[str, Any],
+    accelerator,
+    keep: int,
+    layout=Replicated(),
+    ema=None,
+    tokenizer=None,
+    writer: Optional["Writer"] = None,
+    wait: bool = True,
 ) -> Optional[Path]:
     """Every process calls this (each saves its RNG and, when sharded, its shards); the main process writes the rest
     (with `tokenizer`: what from_pretrained needs, write_loadable) and renames. With a background `writer` and
@@ -248,7 +270,8 @@ def write_loadable(directory: Path, model, tokenizer, sharded: bool) -> None:
     if sharded:
         (directory / LOAD_NOTE).write_text(
             "This checkpoint holds FSDP shards (sharded/), which from_pretrained cannot read; "
-            f"python -m mlm.export {directory.with_name(directory.name.removeprefix('.tmp-'))} <out dir> writes a model directory it loads.\n")
+            f"python -m mlm.export {directory.with_name(directory.name.removeprefix('.tmp-'))} <out dir> writes a model directory it loads.\n"
+        )
         return
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]  # as save_pretrained records it
@@ -281,7 +304,9 @@ def verify(path: Path) -> Optional[str]:
     if manifest is None:
         return f"incomplete: a file is missing, has another size than {MANIFEST} records, or {MANIFEST} is unreadable"
     listed = set(manifest["files"]) | {MANIFEST}
-    extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in listed)
+    extra = sorted(
+        str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in listed
+    )
     if extra:
         return f"holds files this run did not write: {', '.join(extra[:3])}"
     for name, record in manifest["files"].items():
@@ -317,7 +342,7 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
 def _prune(root: Path, keep: int, written: Path) -> None:
     """Keep the checkpoint just written and the newest keep-1 others."""
     others = [p for p in list_checkpoints(root.parent) if p != written]
-    for old in others[keep - 1:]:
+    for old in others[keep - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -339,7 +364,12 @@ def discard_checkpoints(run_dir: Path) -> None:
     """A run starting over (resume=never) in a used directory: a later resume=auto must not pick up the old run's."""
     old = list_checkpoints(run_dir)
     if old:
-        log.warning("starting over in %s: deleting %d checkpoint(s) of the previous run there (newest %s)", run_dir, len(old), old[0].name)
+        log.warning(
+            "starting over in %s: deleting %d checkpoint(s) of the previous run there (newest %s)",
+            run_dir,
+            len(old),
+            old[0].name,
+        )
         for path in old:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -368,7 +398,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     return None
 
 
-def load_newest(resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any]], accelerator) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+def load_newest(
+    resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any]], accelerator
+) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """Resume from the newest checkpoint that verifies and loads on every process: (its path, what `load` returned),
     or (None, None) to start fresh. The main process alone verifies and sets bad ones aside; the others take its choice.
 
@@ -379,8 +411,10 @@ def load_newest(resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any
         path = agreed(accelerator, resolve_resume(resume, run_dir) if accelerator.is_main_process else None)
         if path is None:
             if failed:
-                raise UserError(f"no checkpoint in {run_dir} loads ({failed}); they are in {Path(run_dir) / 'checkpoints'}/corrupt-ckpt-*, "
-                                "or start in a run directory of its own (hydra.run.dir=<new dir>)")
+                raise UserError(
+                    f"no checkpoint in {run_dir} loads ({failed}); they are in {Path(run_dir) / 'checkpoints'}/corrupt-ckpt-*, "
+                    "or start in a run directory of its own (hydra.run.dir=<new dir>)"
+                )
             return None, None
         error, saved = None, None
         try:
@@ -391,7 +425,11 @@ def load_newest(resume: str, run_dir: Path, load: Callable[[Path], Dict[str, Any
             error = e
         if not any_process(accelerator, error is not None):
             return path, saved
-        failed = f"{path.name}: {type(error).__name__}: {str(error)[:200]}" if error else f"{path.name} failed to load on another process"
+        failed = (
+            f"{path.name}: {type(error).__name__}: {str(error)[:200]}"
+            if error
+            else f"{path.name} failed to load on another process"
+        )
         if resume != "auto":
             raise UserError(f"resume={resume!r}: the checkpoint failed to load ({failed}); pick another checkpoint")
         accelerator.wait_for_everyone()
@@ -441,12 +479,18 @@ def read_state(path: Path, train_state_fields: Optional[Collection[str]] = None)
     if train_state_fields is not None:
         unknown = sorted(state["train_state"].keys() - set(train_state_fields))
         if unknown:
-            raise CorruptCheckpoint(f"state.json's train_state holds {', '.join(unknown[:3])}, which this version never writes")
+            raise CorruptCheckpoint(
+                f"state.json's train_state holds {', '.join(unknown[:3])}, which this version never writes"
+            )
         missing = sorted(set(train_state_fields) - state["train_state"].keys())
         if missing:
-            raise CorruptCheckpoint(f"state.json's train_state has no {', '.join(missing[:3])}, which this version always writes")
+            raise CorruptCheckpoint(
+                f"state.json's train_state has no {', '.join(missing[:3])}, which this version always writes"
+            )
     if state["train_state"].get("step") != state["step"]:
-        raise CorruptCheckpoint(f"state.json says step {state['step']} but its train_state step {state['train_state'].get('step')}")
+        raise CorruptCheckpoint(
+            f"state.json says step {state['step']} but its train_state step {state['train_state'].get('step')}"
+        )
     problem = shape_problem(state)
     if problem:
         raise CorruptCheckpoint(f"state.json's {problem}")
@@ -465,8 +509,17 @@ def shape_problem(state: Dict[str, Any]) -> Optional[str]:
     return malformed_data(state.get("data"))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator, layout=Replicated(), ema=None,
-                    train_state_fields: Optional[Collection[str]] = None) -> Dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    accelerator,
+    layout=Replicated(),
+    ema=None,
+    train_state_fields: Optional[Collection[str]] = None,
+) -> Dict[str, Any]:
     """Restore weights, optimizer, weight average, schedule and this process's RNG; returns the saved trainer state
     (checked by read_state against `train_state_fields`, the trainer's, before anything is restored)."""
     state = read_state(path, train_state_fields)
@@ -475,8 +528,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, accelerator
             f"checkpoint {path} belongs to a different model ({state['model']}) than this run builds "
             f"({model_identity(model)}); resume it with the model it was trained with, or train this one in a run directory of its own (hydra.run.dir=<new dir>)"
         )
-    if state["world_size"] != accelerator.num_processes and not (path / f"rng-{accelerator.process_index}.json").exists():
-        log.warning("checkpoint was written by %d processes, resuming with %d: RNG streams start fresh", state["world_size"], accelerator.num_processes)
+    if (
+        state["world_size"] != accelerator.num_processes
+        and not (path / f"rng-{accelerator.process_index}.json").exists()
+    ):
+        log.warning(
+            "checkpoint was written by %d processes, resuming with %d: RNG streams start fresh",
+            state["world_size"],
+            accelerator.num_processes,
+        )
     else:
         set_rng_state(json.loads((path / f"rng-{accelerator.process_index}.json").read_text()))
     layout.load(path, model, optimizer, accelerator.device, ema)

@@ -81,15 +81,22 @@ def resume_unfinished(root: DictConfig, stamp: str) -> str:
 
     def choose() -> str:
         overrides = scrub(list(root.hydra.overrides.task))
-        tree = OmegaConf.to_container(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True)
-        found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree))))  # as save_config_snapshot writes it
+        tree = OmegaConf.to_container(
+            OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True
+        )
+        found = unfinished_run(
+            overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree)))
+        )  # as save_config_snapshot writes it
         return stamp if found is None else found.name
 
     name = agreed_choice(choose)
     if name != stamp and is_main_process():
         steps = checkpoint_steps(RUNS_ROOT / name)
-        print(f"resuming the unfinished run {RUNS_ROOT / name} (same command; its newest checkpoint is at step "
-              f"{steps[0] if steps else '?'}); to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}", flush=True)
+        print(
+            f"resuming the unfinished run {RUNS_ROOT / name} (same command; its newest checkpoint is at step "
+            f"{steps[0] if steps else '?'}); to start a new run instead add hydra.run.dir={RUNS_ROOT / stamp}",
+            flush=True,
+        )
     return name
 
 
@@ -130,10 +137,16 @@ def agreed_choice(choose) -> str:
 
 def register() -> None:
     register_configs()
-    OmegaConf.register_new_resolver("mlm_launch_stamp", launch_stamp, replace=True)  # cached by launch_stamp (it reads the root)
+    OmegaConf.register_new_resolver(
+        "mlm_launch_stamp", launch_stamp, replace=True
+    )  # cached by launch_stamp (it reads the root)
     # value on the main process; on the others the second argument (default: null)
-    OmegaConf.register_new_resolver("mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True)
-    OmegaConf.register_new_resolver("mlm_help", help_page, replace=True)  # python run.py --help (conf/hydra/help/mlm.yaml)
+    OmegaConf.register_new_resolver(
+        "mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True
+    )
+    OmegaConf.register_new_resolver(
+        "mlm_help", help_page, replace=True
+    )  # python run.py --help (conf/hydra/help/mlm.yaml)
     import hydra.core.utils
 
     hydra.core.utils._save_config = save_config_snapshot  # Hydra 1.3's writer of .hydra/ (pinned in pyproject.toml)
@@ -173,8 +186,6 @@ def mask_sweep_snapshot(sweep_dir: Path) -> None:
         atomic_write_text(path, text, shared=True)  # the parallel jobs of a sweep do this at once
 
 
-
-
 def schema_keys(node=Config, prefix: str = "") -> Dict[str, Any]:
     """Every key of the typed config as a dotted path -> its type (Dict fields take free-form keys below them)."""
     keys = {}
@@ -202,7 +213,9 @@ def check_override_keys(args: List[str]) -> None:
         if key in GROUPS or "/" in key or key.split(".")[0] == "hydra" or override.is_delete():
             continue
         if key not in keys:
-            if not any(typing.get_origin(kind) in (dict, Dict) and key.startswith(path + ".") for path, kind in keys.items()):
+            if not any(
+                typing.get_origin(kind) in (dict, Dict) and key.startswith(path + ".") for path, kind in keys.items()
+            ):
                 raise UserError(unknown_key_line(key, arg, keys))
             continue  # model.arch.<any config field>
         allowed = choices_of(keys[key])
@@ -229,7 +242,9 @@ def unknown_key_line(key: str, arg: str, keys: Dict[str, Any]) -> str:
     if key in REMOVED:
         return f"{key} was removed (measured and not taken; docs/experiments.md has the numbers)"
     close = difflib.get_close_matches(key, list(keys) + list(GROUPS), n=1, cutoff=0.6)
-    return f"unknown config key {key!r}" + (f"; did you mean {close[0]}?" if close else "; python run.py --help lists the keys")
+    return f"unknown config key {key!r}" + (
+        f"; did you mean {close[0]}?" if close else "; python run.py --help lists the keys"
+    )
 
 
 def compose(overrides=()) -> Config:
@@ -295,7 +310,9 @@ class RunDirGuard(Callback):
         (sweep_dir / REFUSED).unlink(missing_ok=True)  # from the last launch
         self._before = _sweep_state(sweep_dir)
         if str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher") and detect().world_size == 1:
-            preemption.start_parallel_sweep(sweep_dir)  # a stop signal stops every job with a checkpoint, then the sweep
+            preemption.start_parallel_sweep(
+                sweep_dir
+            )  # a stop signal stops every job with a checkpoint, then the sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """After the summary (Hydra calls the end callbacks in reverse): keep the old multirun.yaml if
@@ -329,8 +346,11 @@ def main_process_says(line: str) -> None:
 
 def stopped_sweep_line(sweep_dir: Path, signum: int) -> str:
     summary = sweep_dir / "summary.md"
-    return (f"the sweep was stopped by {preemption.signal_name(signum)}: its running jobs stopped with a checkpoint and no new job started"
-            + (f"; what finished is in {summary}" if summary.exists() else "") + f"; resume with: {resume_command(sweep_dir, sweep_dir)}")
+    return (
+        f"the sweep was stopped by {preemption.signal_name(signum)}: its running jobs stopped with a checkpoint and no new job started"
+        + (f"; what finished is in {summary}" if summary.exists() else "")
+        + f"; resume with: {resume_command(sweep_dir, sweep_dir)}"
+    )
 
 
 def _failures(sweep_dir: Path) -> Optional[str]:
@@ -338,7 +358,9 @@ def _failures(sweep_dir: Path) -> Optional[str]:
     from mlm.report import collect_jobs, failure_line
 
     refused = (sweep_dir / REFUSED).read_text().splitlines() if (sweep_dir / REFUSED).exists() else []
-    parts = [failure_line(collect_jobs([sweep_dir]))] + ([f"{len(refused)} job(s) refused: {sweep_dir / REFUSED}"] if refused else [])
+    parts = [failure_line(collect_jobs([sweep_dir]))] + (
+        [f"{len(refused)} job(s) refused: {sweep_dir / REFUSED}"] if refused else []
+    )
     return "; ".join(p for p in parts if p) or None
 
 
@@ -382,17 +404,24 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         typed: Config = OmegaConf.to_object(cfg)
         try:
             # one device and one process group for this job; a failure on any rank fails it on all
-            with distributed.job(run_dir, typed.runtime.device_slots,
-                                 collective_timeout_minutes=typed.runtime.collective_timeout_minutes) as placed:
+            with distributed.job(
+                run_dir, typed.runtime.device_slots, collective_timeout_minutes=typed.runtime.collective_timeout_minutes
+            ) as placed:
                 distributed.check_shared_run_dir(run_dir)
-                results = train(typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True))
+                results = train(
+                    typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True)
+                )
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
-    except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written; a sequential sweep stops with its job
+    except (
+        Interrupted
+    ) as e:  # preempted or stopped by hand: a checkpoint is written; a sequential sweep stops with its job
         log.warning(str(e))  # on the console of the main process only (mlm.progress.MainProcessConsole)
         if detect().local_rank == 0:  # one copy in each node's output
             print(f"stopped: {e}", file=sys.stderr)
-        if preemption.in_sweep():  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
+        if (
+            preemption.in_sweep()
+        ):  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
             return None
         sys.exit(e.exit_code)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
@@ -431,7 +460,9 @@ def with_downstream(run_dir: Path, cfg: DictConfig, results: dict) -> dict:
     from mlm.downstream import add_to_finished_run, summary_line
     from mlm.rundir import flat_settings
 
-    updated = add_to_finished_run(run_dir, OmegaConf.to_object(cfg.downstream), flat_settings(cfg), results, cfg.model.trust_remote_code)
+    updated = add_to_finished_run(
+        run_dir, OmegaConf.to_object(cfg.downstream), flat_settings(cfg), results, cfg.model.trust_remote_code
+    )
     if updated is not results:
         print(f"{summary_line(updated['downstream'])}: added to {run_dir / 'results.json'}")
     return updated
@@ -453,14 +484,19 @@ def _fail(run_dir: Path, job: dict, message: str, record: bool = True, resumable
     log.error(message)
     if record and is_main_process() and run_dir.is_dir():
         try:
-            atomic_write_text(run_dir / "error.txt", failure_report(run_dir, message) + "\n" + (resume_note(run_dir) if resumable else ""))
+            atomic_write_text(
+                run_dir / "error.txt",
+                failure_report(run_dir, message) + "\n" + (resume_note(run_dir) if resumable else ""),
+            )
         except OSError as e:  # the disk that failed the run may fail this too; the message below still says why
             log.warning("could not write %s: %s", run_dir / "error.txt", e)
     if job["multirun"]:
         # No value: Optuna records the trial as FAIL and goes on (NaN makes it raise: it refuses to tell
         # COMPLETE with NaN, then FAIL with a value); the basic sweeper and launchers go on with any value.
         return None
-    if detect().local_rank == 0:  # one copy in each node's output; the other ranks' log.error above is tagged with the rank
+    if (
+        detect().local_rank == 0
+    ):  # one copy in each node's output; the other ranks' log.error above is tagged with the rank
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -483,10 +519,16 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         f"run directory: {run_dir}",
     ]
     if results.get("ema_perplexity") is not None:
-        lines.insert(2, f"weight average (trainer.ema_decay={cfg.trainer.ema_decay:g}): perplexity {results['ema_perplexity']:.2f}; "
-                        f"model: {run_dir / 'final_ema'}")
+        lines.insert(
+            2,
+            f"weight average (trainer.ema_decay={cfg.trainer.ema_decay:g}): perplexity {results['ema_perplexity']:.2f}; "
+            f"model: {run_dir / 'final_ema'}",
+        )
     if results.get("mfu") is not None:
-        lines.insert(2, f"model FLOPs utilisation: {results['mfu']:.1%} of the device's peak ({results['train_flops'] / 1e12:.1f} TFLOP trained)")
+        lines.insert(
+            2,
+            f"model FLOPs utilisation: {results['mfu']:.1%} of the device's peak ({results['train_flops'] / 1e12:.1f} TFLOP trained)",
+        )
     if "downstream" in results:
         from mlm.downstream import summary_line
 
@@ -501,7 +543,7 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         model_cfg = ModelConfig(name_or_path=str(final), trust_remote_code=cfg.model.trust_remote_code)
         tokenizer = load_tokenizer(model_cfg)
         model = build_pretrained(model_cfg, tokenizer)
-        lines.append(f"model: {final}  (python -m mlm.predict {final} \"... <mask> ...\")")
+        lines.append(f'model: {final}  (python -m mlm.predict {final} "... <mask> ...")')
         for text in cfg.trainer.probe_sentences:
             lines.append(format_predictions(text, fill_mask(model, tokenizer, text, cfg.trainer.top_k)))
     return "\n".join(lines)

@@ -70,14 +70,31 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate launch, or a previous setup()
         launcher = env.get("MLM_LAUNCHER", "torchrun")  # setup() leaves its source here
         job_id = env.get("SUBMITIT_LOCAL_JOB_ID") if launcher == "submitit_local" else env.get("SLURM_JOB_ID")
-        return Placement(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK", default=0),
-                         _int(env, "LOCAL_WORLD_SIZE", "WORLD_SIZE", default=1), _int(env, "GROUP_RANK", default=0),
-                         launcher, job_id, env.get("MASTER_ADDR"), _int(env, "MASTER_PORT", default=0) or None)
+        return Placement(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            _int(env, "LOCAL_RANK", default=0),
+            _int(env, "LOCAL_WORLD_SIZE", "WORLD_SIZE", default=1),
+            _int(env, "GROUP_RANK", default=0),
+            launcher,
+            job_id,
+            env.get("MASTER_ADDR"),
+            _int(env, "MASTER_PORT", default=0) or None,
+        )
     if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_GLOBALID" in env:
         job_id = env.get("SUBMITIT_LOCAL_JOB_ID", "0")
         n = _int(env, "SUBMITIT_LOCAL_NTASKS", default=1)
-        return Placement(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, _int(env, "SUBMITIT_LOCAL_LOCALID", default=0), n, 0,
-                         "submitit_local", job_id, "127.0.0.1", _port(env, job_id))
+        return Placement(
+            int(env["SUBMITIT_LOCAL_GLOBALID"]),
+            n,
+            _int(env, "SUBMITIT_LOCAL_LOCALID", default=0),
+            n,
+            0,
+            "submitit_local",
+            job_id,
+            "127.0.0.1",
+            _port(env, job_id),
+        )
     # Only srun sets SLURM_STEP_NUM_TASKS, for the tasks it starts (submitit's slurm tasks too: its sbatch
     # script runs them under srun). A batch script's own shell has SLURM_NTASKS and SLURM_PROCID=0 of
     # the whole allocation but is one process: taking it for rank 0 of SLURM_NTASKS waits for peers forever.
@@ -85,18 +102,39 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
     if "SLURM_PROCID" in env and n > 1:
         job_id = env.get("SLURM_JOB_ID", "0")
         nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", default=1)
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        return Placement(int(env["SLURM_PROCID"]), n, _int(env, "SLURM_LOCALID", default=0), max(1, n // max(nodes, 1)),
-                         _int(env, "SLURM_NODEID", default=0), "slurm", job_id, env.get("MASTER_ADDR") or slurm_hostnames(nodelist)[0],
-                         _port(env, job_id))
-    for prefix in ("OMPI_COMM_WORLD_", "PMI_", "MV2_COMM_WORLD_"):  # mpirun (Accelerate's multi-CPU launches read these too)
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        )
+        return Placement(
+            int(env["SLURM_PROCID"]),
+            n,
+            _int(env, "SLURM_LOCALID", default=0),
+            max(1, n // max(nodes, 1)),
+            _int(env, "SLURM_NODEID", default=0),
+            "slurm",
+            job_id,
+            env.get("MASTER_ADDR") or slurm_hostnames(nodelist)[0],
+            _port(env, job_id),
+        )
+    for prefix in (
+        "OMPI_COMM_WORLD_",
+        "PMI_",
+        "MV2_COMM_WORLD_",
+    ):  # mpirun (Accelerate's multi-CPU launches read these too)
         n = _int(env, prefix + "SIZE", default=1)
         if n > 1:
             local_n = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", default=n)
-            return Placement(_int(env, prefix + "RANK", default=0), n,
-                             _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", default=0),
-                             local_n, 0, "mpi", None, env.get("MASTER_ADDR") or ("127.0.0.1" if local_n == n else None),
-                             _int(env, "MASTER_PORT", default=29500))
+            return Placement(
+                _int(env, prefix + "RANK", default=0),
+                n,
+                _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", default=0),
+                local_n,
+                0,
+                "mpi",
+                None,
+                env.get("MASTER_ADDR") or ("127.0.0.1" if local_n == n else None),
+                _int(env, "MASTER_PORT", default=29500),
+            )
     return Placement()
 
 
@@ -107,11 +145,16 @@ def lone_launch_note(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     env = os.environ if env is None else env
     if "ACCELERATE_USE_CPU" not in env or not env.get("MASTER_PORT") or detect(env).world_size > 1:
         return None
-    return ("accelerate launch started this one process, not the --num_processes asked for (on CPU it starts several only "
-            "under mpirun, --mpirun_hostfile); for several processes here: torchrun --nproc_per_node <N> run.py ...")
+    return (
+        "accelerate launch started this one process, not the --num_processes asked for (on CPU it starts several only "
+        "under mpirun, --mpirun_hostfile); for several processes here: torchrun --nproc_per_node <N> run.py ..."
+    )
 
 
-PORTS = (20000, 32768)  # derived rendezvous ports: below Linux's ephemeral range (32768-60999 by default), which outgoing connections take
+PORTS = (
+    20000,
+    32768,
+)  # derived rendezvous ports: below Linux's ephemeral range (32768-60999 by default), which outgoing connections take
 
 
 def _port(env: Mapping[str, str], job_id: str) -> int:
@@ -127,7 +170,9 @@ def slurm_hostnames(nodelist: str) -> List[str]:
     """Expand a SLURM node list ("gpu[01-03,07],login1"): scontrol when present, else the common forms."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True).stdout
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ).stdout
             if out.split():
                 return out.split()
         except (OSError, subprocess.SubprocessError):
@@ -148,9 +193,15 @@ def setup() -> Placement:
     """Export the torch distributed variables for this process (idempotent); returns the placement."""
     p = detect()
     if p.launcher in ("slurm", "submitit_local", "mpi"):
-        os.environ.update(RANK=str(p.rank), WORLD_SIZE=str(p.world_size), LOCAL_RANK=str(p.local_rank),
-                          LOCAL_WORLD_SIZE=str(p.local_world_size), GROUP_RANK=str(p.node_rank),
-                          MASTER_PORT=str(p.master_port), MLM_LAUNCHER=p.launcher)
+        os.environ.update(
+            RANK=str(p.rank),
+            WORLD_SIZE=str(p.world_size),
+            LOCAL_RANK=str(p.local_rank),
+            LOCAL_WORLD_SIZE=str(p.local_world_size),
+            GROUP_RANK=str(p.node_rank),
+            MASTER_PORT=str(p.master_port),
+            MLM_LAUNCHER=p.launcher,
+        )
         if p.master_addr:  # mpirun across nodes: the user names rank 0's host (Accelerate says so if not)
             os.environ["MASTER_ADDR"] = p.master_addr
     if p.world_size > 1 and device_index(p.local_rank) not in (None, p.local_rank):
@@ -186,12 +237,16 @@ def launch_name() -> Optional[str]:
     p = detect()
     job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "")
     if job and (p.launcher == "slurm" or p.world_size > p.local_world_size):
-        return f"slurm-{job}" + (f".{step}" if step.isdigit() and int(step) < 2**31 else "")  # batch/extern steps have huge ids
+        return f"slurm-{job}" + (
+            f".{step}" if step.isdigit() and int(step) < 2**31 else ""
+        )  # batch/extern steps have huge ids
     if p.world_size > p.local_world_size:  # each node's start second differs: one run directory per node
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's --rdzv-id; "none" when not given
         if run_id == "none":
-            raise UserError(f"{p.world_size} processes on {p.world_size // p.local_world_size} nodes need one run directory: "
-                            "set hydra.run.dir=<shared path> (with torchrun: or give --rdzv-id=<name>)")
+            raise UserError(
+                f"{p.world_size} processes on {p.world_size // p.local_world_size} nodes need one run directory: "
+                "set hydra.run.dir=<shared path> (with torchrun: or give --rdzv-id=<name>)"
+            )
         return "torchrun-" + re.sub(r"[^\w.-]", "_", run_id)
     return None
 
@@ -225,8 +280,10 @@ def check_shared_run_dir(run_dir: Path) -> None:
     if p.rank == 0:
         path.unlink(missing_ok=True)
     if differ.item():
-        raise UserError(f"run directory {run_dir} is not shared between the nodes ({int(differ.item())} of {p.world_size} "
-                        "processes see another one); put it on a shared filesystem (hydra.run.dir=...)")
+        raise UserError(
+            f"run directory {run_dir} is not shared between the nodes ({int(differ.item())} of {p.world_size} "
+            "processes see another one); put it on a shared filesystem (hydra.run.dir=...)"
+        )
 
 
 # --- device slots -----------------------------------------------------------------------------------------
@@ -277,11 +334,21 @@ class DeviceLease:
             if self.names[self.slot].startswith("cuda-"):
                 _free_cuda_cache()
             # the history of who held which slot when (lease.jsonl): for the tests, and for "which job used GPU 3"
-            record = {"slot": self.slot, "name": self.names[self.slot], "acquired": self._since, "released": time.time(),
-                      "pid": os.getpid(), "owner": self.owner}
+            record = {
+                "slot": self.slot,
+                "name": self.names[self.slot],
+                "acquired": self._since,
+                "released": time.time(),
+                "pid": os.getpid(),
+                "owner": self.owner,
+            }
             with os.fdopen(_open_own(self.dir / "lease.jsonl", os.O_WRONLY | os.O_APPEND), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        except (UserError, OSError, RuntimeError) as e:  # a symlink planted, a full /tmp, a sticky CUDA error: the slot is released all the same
+        except (
+            UserError,
+            OSError,
+            RuntimeError,
+        ) as e:  # a symlink planted, a full /tmp, a sticky CUDA error: the slot is released all the same
             log.warning("device slot %s: %s", self.names[self.slot], e)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -317,8 +384,10 @@ def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
-        raise UserError(f"device lease directory {path} is a symlink or belongs to uid {st.st_uid}, not you; "
-                        "remove it or set MLM_LEASE_DIR to a directory of your own")
+        raise UserError(
+            f"device lease directory {path} is a symlink or belongs to uid {st.st_uid}, not you; "
+            "remove it or set MLM_LEASE_DIR to a directory of your own"
+        )
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
 
@@ -425,8 +494,10 @@ class PeerWatch:
         if not quiet:
             return None
         names = ", ".join(str(r) for r in quiet)
-        return (f"rank {names} went silent: no heartbeat for {max(quiet.values()):.0f} s "
-                "(a stopped or hung process, or a lost node)")
+        return (
+            f"rank {names} went silent: no heartbeat for {max(quiet.values()):.0f} s "
+            "(a stopped or hung process, or a lost node)"
+        )
 
     def _publish(self, reason: str) -> str:
         """Publish `reason` as the job's failure unless one came first; returns the first one."""
@@ -520,14 +591,23 @@ def _init_group(p: Placement, timeout_minutes: float, run_dir: Path) -> PeerWatc
     prefix = f"mlm-job-{_groups_started}/"
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(p.local_rank % torch.cuda.device_count())  # as Accelerate picks it (one GPU per task, or all)
+        torch.cuda.set_device(
+            p.local_rank % torch.cuda.device_count()
+        )  # as Accelerate picks it (one GPU per task, or all)
         backend = "nccl"
     _meet(dist.PrefixStore(prefix + "meet/", _store), p.world_size)
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, _store), rank=p.rank, world_size=p.world_size, timeout=timeout)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(prefix, _store), rank=p.rank, world_size=p.world_size, timeout=timeout
+    )
     own = dist.TCPStore(_store.host, _store.port, is_master=False, timeout=datetime.timedelta(seconds=30))
-    return PeerWatch(dist.PrefixStore(prefix + "watch/", own), p.rank, p.world_size, timeout.total_seconds(),
-                     functools.partial(_end_stuck, run_dir, p.rank)).start()
+    return PeerWatch(
+        dist.PrefixStore(prefix + "watch/", own),
+        p.rank,
+        p.world_size,
+        timeout.total_seconds(),
+        functools.partial(_end_stuck, run_dir, p.rank),
+    ).start()
 
 
 def _leave_group() -> None:
@@ -540,7 +620,9 @@ def _leave_group() -> None:
 
 
 @contextlib.contextmanager
-def job(run_dir: Path, device_slots: int = 0, owner: str = "", collective_timeout_minutes: float = 10) -> Iterator[dict]:
+def job(
+    run_dir: Path, device_slots: int = 0, owner: str = "", collective_timeout_minutes: float = 10
+) -> Iterator[dict]:
     """Around one job's training: its device and process group; a failure on any rank fails all.
 
     Yields a dict with the job's "device" (a CUDA index or None) and "slot". A failing rank writes
@@ -583,7 +665,10 @@ def job(run_dir: Path, device_slots: int = 0, owner: str = "", collective_timeou
             yield info
             if p.world_size > 1:
                 dist.all_reduce(torch.zeros(1, device=f"cuda:{info['device']}" if torch.cuda.is_available() else "cpu"))
-        except (Interrupted, SystemExit):  # a stop signal: every rank stopped after the same step and saved; no failure to pass on
+        except (
+            Interrupted,
+            SystemExit,
+        ):  # a stop signal: every rank stopped after the same step and saved; no failure to pass on
             if p.world_size > 1:
                 _leave_group()
             raise

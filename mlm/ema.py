@@ -42,10 +42,14 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # a tied weight once
-        if any(p.dtype != torch.float32 for _, p in trainable):  # a swap into lower-precision weights would round the average
+        if any(
+            p.dtype != torch.float32 for _, p in trainable
+        ):  # a swap into lower-precision weights would round the average
             raise RuntimeError("the weight average expects fp32 weights")
         self.names: List[str] = [name for name, _ in trainable]
-        self.params: List[torch.nn.Parameter] = [p for _, p in trainable]  # sharded: the DTensors themselves (FSDP swaps in gathered copies)
+        self.params: List[torch.nn.Parameter] = [
+            p for _, p in trainable
+        ]  # sharded: the DTensors themselves (FSDP swaps in gathered copies)
         with torch.no_grad():
             self.averages: List[torch.Tensor] = [local_tensor(p).detach().clone() for p in self.params]
 
@@ -76,8 +80,10 @@ class WeightAverage:
         """Copy a saved average in (names and shapes must match this model's trainable parameters)."""
         missing = [name for name in self.names if name not in saved]
         if missing:
-            raise UserError(f"{where} holds no average of {missing[:3]} (another set of trainable parameters); "
-                            "resume with the settings it was trained with, or train with these in a run directory of its own (hydra.run.dir=<new dir>)")
+            raise UserError(
+                f"{where} holds no average of {missing[:3]} (another set of trainable parameters); "
+                "resume with the settings it was trained with, or train with these in a run directory of its own (hydra.run.dir=<new dir>)"
+            )
         for name, average in zip(self.names, self.averages):
             average.copy_(saved[name])
 
@@ -109,9 +115,18 @@ def weight_average(model: torch.nn.Module, decay: float, steps: int) -> Optional
     still weigh more than 5% in the average at the end of the run's `steps` steps."""
     if decay == 0:
         return None
-    start_share = decay ** steps
+    start_share = decay**steps
     if start_share > 0.05:
-        fix = f"lower trainer.ema_decay to {1 - 3 / steps:.4g} or less, or train longer" if steps > 3 else "train longer"
-        log.warning("trainer.ema_decay=%g averages over about %.0f steps: after this run's %d steps the start weights still make up "
-                    "%.0f%% of the average; %s", decay, 1 / (1 - decay), steps, 100 * start_share, fix)
+        fix = (
+            f"lower trainer.ema_decay to {1 - 3 / steps:.4g} or less, or train longer" if steps > 3 else "train longer"
+        )
+        log.warning(
+            "trainer.ema_decay=%g averages over about %.0f steps: after this run's %d steps the start weights still make up "
+            "%.0f%% of the average; %s",
+            decay,
+            1 / (1 - decay),
+            steps,
+            100 * start_share,
+            fix,
+        )
     return WeightAverage(model, decay)

@@ -31,12 +31,15 @@ def perplexity(loss_sum: float, n_tokens: int) -> float:
 
 def eval_collator(tokenizer, masking_cfg, seed: int) -> MLMCollator:
     """The masks every eval draws: masking.eval_strategy at mlm_probability, from the fixed EVAL_STREAM."""
-    return MLMCollator(tokenizer, dataclasses.replace(masking_cfg, strategy=masking_cfg.eval_strategy), seed=seed, stream=EVAL_STREAM)
+    return MLMCollator(
+        tokenizer, dataclasses.replace(masking_cfg, strategy=masking_cfg.eval_strategy), seed=seed, stream=EVAL_STREAM
+    )
 
 
 @torch.no_grad()
-def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, batch_size: int,
-             bar: Optional[str] = None) -> Dict[str, float]:
+def evaluate(
+    objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, batch_size: int, bar: Optional[str] = None
+) -> Dict[str, float]:
     """Score `blocks` (already capped to the eval size) on every process; returns the global metrics.
 
     `objective` is the prepared module, so it runs under the run's autocast setting. `bar`: a progress bar over the
@@ -50,7 +53,9 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
     padding = eval_batch_count(len(blocks), batch_size, accelerator.num_processes) - len(shard)
     loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    with tqdm(loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True) as batches:  # closed on an abandon too
+    with tqdm(
+        loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True
+    ) as batches:  # closed on an abandon too
         for i, batch in enumerate(batches):
             if stop_agreed(accelerator):
                 objective.train(was_training)
@@ -58,7 +63,13 @@ def evaluate(objective, blocks, tokenizer, masking_cfg, seed: int, accelerator, 
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             loss_sum, n, correct = objective(**batch)
             if i < len(shard):  # a padding batch only keeps this rank in step with the others
-                totals += torch.stack([loss_sum.double(), torch.tensor(float(n), dtype=torch.float64, device=totals.device), correct.double()])
+                totals += torch.stack(
+                    [
+                        loss_sum.double(),
+                        torch.tensor(float(n), dtype=torch.float64, device=totals.device),
+                        correct.double(),
+                    ]
+                )
             faults.reached("eval_batch")
     totals = accelerator.reduce(totals, reduction="sum")  # one all-reduce for the whole eval set
     objective.train(was_training)

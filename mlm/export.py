@@ -35,7 +35,6 @@ from mlm.untrusted import RefusedPickle, check_no_interpolation
 log = logging.getLogger(__name__)
 
 
-
 def is_checkpoint(path: Path) -> bool:
     return (path / checkpoint.MANIFEST).exists() or (path / "state.json").exists()
 
@@ -45,11 +44,15 @@ def pick_checkpoint(path: Path) -> Path:
     if is_checkpoint(path):
         problem = checkpoint.verify(path)
         if problem:
-            raise UserError(f"checkpoint {path}: the checkpoint {problem}; export another one (or the run directory: its newest good one)")
+            raise UserError(
+                f"checkpoint {path}: the checkpoint {problem}; export another one (or the run directory: its newest good one)"
+            )
         return path
     if not (path / "checkpoints").is_dir():
-        raise UserError(f"{path} is neither a checkpoint (no {checkpoint.MANIFEST}) nor a run directory (no checkpoints/); "
-                        "give <run>/checkpoints/ckpt-<step> or <run>")
+        raise UserError(
+            f"{path} is neither a checkpoint (no {checkpoint.MANIFEST}) nor a run directory (no checkpoints/); "
+            "give <run>/checkpoints/ckpt-<step> or <run>"
+        )
     for candidate in checkpoint.list_checkpoints(path):
         problem = checkpoint.verify(candidate)
         if problem is None:
@@ -76,10 +79,14 @@ def model_config(settings: Dict[str, Any]) -> ModelConfig:
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     tree = unflatten({k: v for k, v in settings.items() if k.startswith("model.")}).get("model", {})
-    for name in sorted(tree.keys() - fields):  # written by an older version; the model identity check catches a model it changes
+    for name in sorted(
+        tree.keys() - fields
+    ):  # written by an older version; the model identity check catches a model it changes
         log.warning("the checkpoint's config sets model.%s, which this version does not have: ignored", name)
         del tree[name]
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), tree))  # Choice strings -> members, types checked
+    return OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), tree)
+    )  # Choice strings -> members, types checked
 
 
 def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
@@ -97,13 +104,19 @@ def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
     from mlm.tracking import flatten
 
     snapshot = run_dir / ".hydra" / "config.yaml"
-    full = flatten({"model": OmegaConf.to_container(OmegaConf.load(snapshot).model, resolve=False)}) if snapshot.is_file() else {}
+    full = (
+        flatten({"model": OmegaConf.to_container(OmegaConf.load(snapshot).model, resolve=False)})
+        if snapshot.is_file()
+        else {}
+    )
     lost = [k for k in masked if full.get(k, MASKED) == MASKED]
     if lost:
         why = "masks it too" if lost[0] in full else "is not there to read it from"
-        raise UserError(f"the checkpoint's saved config masks {lost[0]} (its name looks secret) and {snapshot}, the run's "
-                        f"Hydra snapshot, {why}; export the checkpoint inside its run directory, where an older version's "
-                        "snapshot holds it")
+        raise UserError(
+            f"the checkpoint's saved config masks {lost[0]} (its name looks secret) and {snapshot}, the run's "
+            f"Hydra snapshot, {why}; export the checkpoint inside its run directory, where an older version's "
+            "snapshot holds it"
+        )
     restored = {k: full[k] for k in masked}
     check_no_interpolation(restored, str(snapshot))
     return {**settings, **restored}
@@ -114,18 +127,26 @@ def model_settings(ckpt: Path, state: Dict[str, Any], trust_remote_code: bool) -
     command was given --trust-remote-code, no attention backend that could be fetched (local_attention), and the model
     it names loaded from this machine only (never fetched)."""
     if not isinstance(state.get("config"), dict):
-        raise UserError(f"checkpoint {ckpt} was written before checkpoints kept the run's config; export its run's final/ instead")
-    check_no_interpolation({k: v for k, v in state["config"].items() if k.startswith("model.")}, f"checkpoint {ckpt}'s state.json")
+        raise UserError(
+            f"checkpoint {ckpt} was written before checkpoints kept the run's config; export its run's final/ instead"
+        )
+    check_no_interpolation(
+        {k: v for k, v in state["config"].items() if k.startswith("model.")}, f"checkpoint {ckpt}'s state.json"
+    )
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         cfg = model_config(unmasked(state["config"], ckpt.parent.parent))
     except OmegaConfBaseException as e:  # a value of the wrong type: "model.dropout": "abc"
-        raise UserError(f"checkpoint {ckpt}'s state.json: its model config does not fit this version's ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"checkpoint {ckpt}'s state.json: its model config does not fit this version's ({str(e).splitlines()[0][:200]})"
+        ) from None
     if cfg.trust_remote_code and not trust_remote_code:
-        raise UserError(f"checkpoint {ckpt}'s run had model.trust_remote_code=true: its model {cfg.name_or_path} runs Python code of "
-                        "its own, and export takes that setting from its own command line only (--trust-remote-code, "
-                        "for code you have read): refused, nothing loaded")
+        raise UserError(
+            f"checkpoint {ckpt}'s run had model.trust_remote_code=true: its model {cfg.name_or_path} runs Python code of "
+            "its own, and export takes that setting from its own command line only (--trust-remote-code, "
+            "for code you have read): refused, nothing loaded"
+        )
     cfg.trust_remote_code = trust_remote_code
     cfg.attn_implementation = local_attention(cfg.attn_implementation)
     return cfg
@@ -154,12 +175,16 @@ def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
     if not isinstance(settings.get("block_size"), int) or not isinstance(settings.get("seed"), int):
         raise UserError(f"checkpoint {ckpt}: state.json's config has no block_size or seed; export another one")
     named = {cfg.tokenizer or cfg.name_or_path, *([cfg.name_or_path] if cfg.source == "pretrained" else [])}
-    print(f"model: {', '.join(sorted(resolve_path(n) for n in named))} (named by the checkpoint; files on this machine only, "
-          f"{'its code run: --trust-remote-code' if trust_remote_code else 'no code run'})")
+    print(
+        f"model: {', '.join(sorted(resolve_path(n) for n in named))} (named by the checkpoint; files on this machine only, "
+        f"{'its code run: --trust-remote-code' if trust_remote_code else 'no code run'})"
+    )
     model, tokenizer = build_model(cfg, settings["block_size"], settings["seed"], fetch=False)
     if checkpoint.model_identity(model) != state["model"]:
-        raise UserError(f"checkpoint {ckpt} holds a model {state['model']}, but its config builds {checkpoint.model_identity(model)} "
-                        "here; export with the version of the code that trained it")
+        raise UserError(
+            f"checkpoint {ckpt} holds a model {state['model']}, but its config builds {checkpoint.model_identity(model)} "
+            "here; export with the version of the code that trained it"
+        )
     try:
         if (ckpt / SHARDED_DIR).is_dir():
             load_shards(ckpt / SHARDED_DIR, model)
@@ -174,8 +199,10 @@ def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
 
 def check_names(ckpt: Path, missing: List[str], unexpected: List[str]) -> None:
     if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt} does not fit the model its config builds (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+        raise UserError(
+            f"checkpoint {ckpt} does not fit the model its config builds (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
 
 
 def load_whole(path: Path, model) -> None:
@@ -196,24 +223,34 @@ def load_shards(path: Path, model) -> None:
 
     reader = SafeReader(str(path))
     prefix = "model.model."  # the "model" entry of the saved dict, then the objective's submodule
-    saved = {k[len(prefix):] for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
+    saved = {k[len(prefix) :] for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
     wanted = model.state_dict()  # tied weights under each of their names, as the shards keep them
     check_names(path.parent, list(wanted.keys() - saved), list(saved - wanted.keys()))
     target = {"model": {f"model.{name}": torch.empty_like(t) for name, t in wanted.items()}}
     load_here(target, reader)
-    model.load_state_dict({name[len("model."):]: t for name, t in target["model"].items()}, strict=True)
+    model.load_state_dict({name[len("model.") :]: t for name, t in target["model"].items()}, strict=True)
 
 
 def load_average(ckpt: Path, model) -> None:
     """Lay the checkpoint's weight average over the loaded weights: every trainable parameter, by name (tied ones once)."""
-    average = read_sharded_average(ckpt / SHARDED_DIR) if (ckpt / SHARDED_DIR).is_dir() else read_whole_average(ckpt / EMA_FILE)
+    average = (
+        read_sharded_average(ckpt / SHARDED_DIR)
+        if (ckpt / SHARDED_DIR).is_dir()
+        else read_whole_average(ckpt / EMA_FILE)
+    )
     if not average:
-        raise UserError(f"checkpoint {ckpt} holds no weight average (its run had trainer.ema_decay=0, off); export it without --ema")
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]  # a tied weight once, as WeightAverage names it
+        raise UserError(
+            f"checkpoint {ckpt} holds no weight average (its run had trainer.ema_decay=0, off); export it without --ema"
+        )
+    trainable = [
+        name for name, p in model.named_parameters() if p.requires_grad
+    ]  # a tied weight once, as WeightAverage names it
     missing, unexpected = [n for n in trainable if n not in average], list(average.keys() - model.state_dict().keys())
     if missing or unexpected:
-        raise UserError(f"the weight average of checkpoint {ckpt} does not fit the model its config builds "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise UserError(
+            f"the weight average of checkpoint {ckpt} does not fit the model its config builds "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     model.load_state_dict(average, strict=False)  # copies into the parameters: a tied name updates every alias
 
 
@@ -231,7 +268,9 @@ def read_sharded_average(path: Path) -> Dict[str, Any]:
     from mlm.dcp_reader import SafeReader
 
     reader = SafeReader(str(path))
-    saved = {k[len("ema."):]: meta for k, meta in reader.read_metadata().state_dict_metadata.items() if k.startswith("ema.")}
+    saved = {
+        k[len("ema.") :]: meta for k, meta in reader.read_metadata().state_dict_metadata.items() if k.startswith("ema.")
+    }
     target = {"ema": {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in saved.items()}}
     if saved:
         load_here(target, reader)
@@ -250,7 +289,10 @@ def load_here(target: Dict[str, Any], reader) -> None:
 
 
 def check_out_dir(out: Path, source: Path) -> None:
-    out, source = out.resolve(), source.resolve()  # "." or "x/.." name a directory too: compared and renamed into as such
+    out, source = (
+        out.resolve(),
+        source.resolve(),
+    )  # "." or "x/.." name a directory too: compared and renamed into as such
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; export into a new or empty directory (nothing is overwritten)")
     protected = source if is_checkpoint(source) else source / "checkpoints"
@@ -294,8 +336,10 @@ def check_push(repo: str, out: Path, revision: Optional[str], ema: bool = False)
     except HFValidationError as e:
         raise UserError(f"--push-to-hub {repo!r}: {str(e).splitlines()[0]}") from None
     if offline_mode() or not hub_reachable():
-        raise UserError(f"--push-to-hub {repo}: the Hugging Face hub is unreachable (offline?); export without --push-to-hub "
-                        f"and upload it later: hf upload {repo} {out} --revision {revision or default_revision('<step>', ema)}")
+        raise UserError(
+            f"--push-to-hub {repo}: the Hugging Face hub is unreachable (offline?); export without --push-to-hub "
+            f"and upload it later: hf upload {repo} {out} --revision {revision or default_revision('<step>', ema)}"
+        )
 
 
 def push(out: Path, repo: str, revision: str, step: int) -> str:
@@ -306,24 +350,35 @@ def push(out: Path, repo: str, revision: str, step: int) -> str:
     try:
         api.create_repo(repo, exist_ok=True)
         api.create_branch(repo, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(out), revision=revision, commit_message=f"mlm.export: step {step}")
+        info = api.upload_folder(
+            repo_id=repo, folder_path=str(out), revision=revision, commit_message=f"mlm.export: step {step}"
+        )
     except (OSError, ValueError) as e:  # HfHubHTTPError (401 without a token, 403, 404) is an OSError
         raise UserError(f"--push-to-hub {repo}: {str(e).strip().splitlines()[0][:300]} (the export is in {out})") from e
     return info.commit_url
 
 
-def export(source: Path, out: Path, repo: Optional[str] = None, revision: Optional[str] = None, ema: bool = False,
-           trust_remote_code: bool = False) -> Tuple[Path, int]:
+def export(
+    source: Path,
+    out: Path,
+    repo: Optional[str] = None,
+    revision: Optional[str] = None,
+    ema: bool = False,
+    trust_remote_code: bool = False,
+) -> Tuple[Path, int]:
     """Write the model (or with `ema` its weight average) of checkpoint (or run dir) `source` into `out`, optionally pushed;
     returns (the checkpoint, its step). Code shipped with the model runs only with `trust_remote_code` (--trust-remote-code)."""
     check_out_dir(out, source)
     if repo:
         check_push(repo, out, revision, ema)
     ckpt = pick_checkpoint(source)
-    print(f"exporting {'the weight average of ' if ema else ''}{ckpt}" + ("" if ckpt == source else f" (the newest verified checkpoint of {source})"))
+    print(
+        f"exporting {'the weight average of ' if ema else ''}{ckpt}"
+        + ("" if ckpt == source else f" (the newest verified checkpoint of {source})")
+    )
     model, tokenizer, step = rebuild(ckpt, ema, trust_remote_code)
     write_model(model, tokenizer, out.resolve())
-    print(f"wrote {out} (step {step}): python -m mlm.predict {out} \"... <mask> ...\"")
+    print(f'wrote {out} (step {step}): python -m mlm.predict {out} "... <mask> ..."')
     if repo:
         revision = revision or default_revision(step, ema)
         print(f"pushed to {repo} (branch {revision}): {push(out, repo, revision, step)}")
@@ -331,15 +386,34 @@ def export(source: Path, out: Path, repo: Optional[str] = None, revision: Option
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlm.export", description="Turn a training checkpoint into a Hugging Face model directory.")
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint (<run>/checkpoints/ckpt-<step>) or a run directory (its newest verified checkpoint)")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlm.export", description="Turn a training checkpoint into a Hugging Face model directory."
+    )
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoint (<run>/checkpoints/ckpt-<step>) or a run directory (its newest verified checkpoint)",
+    )
     parser.add_argument("out", type=Path, help="the model directory to write (new or empty)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload it to this Hugging Face model repo (created if absent)")
-    parser.add_argument("--ema", action="store_true", help="export the checkpoint's weight average (trainer.ema_decay > 0) instead of its weights")
-    parser.add_argument("--revision", metavar="BRANCH", help="--push-to-hub: the branch to upload to (default: step-<step>, with --ema step-<step>-ema)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run Python code shipped with the checkpoint's model (an auto_map), for code you have read; "
-                             "never taken from the checkpoint's own config")
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO", help="also upload it to this Hugging Face model repo (created if absent)"
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="export the checkpoint's weight average (trainer.ema_decay > 0) instead of its weights",
+    )
+    parser.add_argument(
+        "--revision",
+        metavar="BRANCH",
+        help="--push-to-hub: the branch to upload to (default: step-<step>, with --ema step-<step>-ema)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with the checkpoint's model (an auto_map), for code you have read; "
+        "never taken from the checkpoint's own config",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.revision and not args.push_to_hub:

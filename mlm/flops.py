@@ -69,16 +69,24 @@ def count_flops(model: nn.Module, seq_len: int, sparse: bool) -> Optional[FlopCo
     except UserError:
         return None
     layer_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
-    embeddings = [m for m in (model.get_input_embeddings(), getattr(model.base_model, "embeddings", None)) if m is not None]
+    embeddings = [
+        m for m in (model.get_input_embeddings(), getattr(model.base_model, "embeddings", None)) if m is not None
+    ]
     below = {id(m) for e in embeddings for m in e.modules()}
     trained = lambda module: any(p.requires_grad for p in module.parameters())  # noqa: E731
-    lowest = -1 if any(map(trained, embeddings)) else next((i for i, layer in enumerate(layers) if trained(layer)), len(layers))
+    lowest = (
+        -1
+        if any(map(trained, embeddings))
+        else next((i for i, layer in enumerate(layers) if trained(layer)), len(layers))
+    )
     encoder = {id(m) for m in model.base_model.modules()}
     per_token = per_prediction = 0.0
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
-        level = layer_of.get(id(module), -1 if id(module) in below else len(layers))  # outside the stack: below it or above it
+        level = layer_of.get(
+            id(module), -1 if id(module) in below else len(layers)
+        )  # outside the stack: below it or above it
         flops = linear_flops(module.weight, level, lowest)
         if id(module) in encoder or not sparse:
             per_token += flops
@@ -101,7 +109,9 @@ def step_flops(model: nn.Module, seq_len: int, sparse: bool, tokens: int, predic
     """FLOPs of one optimizer step over `tokens` input tokens of which `predictions` are masked."""
     count = count_flops(model, seq_len, sparse)
     if count is None:
-        raise UserError(f"cannot count the FLOPs of model_type={model.config.model_type}: its encoder layers were not found")
+        raise UserError(
+            f"cannot count the FLOPs of model_type={model.config.model_type}: its encoder layers were not found"
+        )
     return count.of(tokens, predictions)
 
 
@@ -116,7 +126,10 @@ GPU_PEAKS = [
     (r"h200.*nvl", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     (r"h200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
     (r"a100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),  # SXM and PCIe, 40 and 80 GB
-    (r"\ba10\b", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),  # not the A10G (AWS's variant has no datasheet)
+    (
+        r"\ba10\b",
+        {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    ),  # not the A10G (AWS's variant has no datasheet)
     (r"\ba40\b", {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4}),
     (r"l40s", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
     (r"\bl40\b", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
@@ -125,7 +138,10 @@ GPU_PEAKS = [
     (r"v100.*pcie", {"fp16": 112.0, "fp32": 14.0}),
     (r"v100", {"fp16": 125.0, "fp32": 15.7}),  # SXM2
     (r"\bt4\b", {"fp16": 65.0, "fp32": 8.1}),
-    (r"rtx 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),  # fp16/bf16 with fp32 accumulate, as torch runs them
+    (
+        r"rtx 4090",
+        {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    ),  # fp16/bf16 with fp32 accumulate, as torch runs them
     (r"rtx 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
     (r"rtx a6000", {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7}),
 ]
@@ -232,13 +248,18 @@ class Utilisation:
         return rates
 
 
-def measure_utilisation(model: nn.Module, seq_len: int, sparse: bool, accelerator, mixed_precision: str) -> Optional[Utilisation]:
+def measure_utilisation(
+    model: nn.Module, seq_len: int, sparse: bool, accelerator, mixed_precision: str
+) -> Optional[Utilisation]:
     """The run's Utilisation (None when its FLOPs cannot be counted). Matmuls run in bf16 or fp16 under
     that autocast, else in fp32. The main process finds the peak (on CPU: a short probe, the best kept per
     machine) and hands it to the others in one all-reduce, so processes sharing a CPU never time it at once."""
     count = count_flops(model, seq_len, sparse)
     if count is None:
-        log.info("cannot count the FLOPs of model_type=%s (no encoder layer stack found): perf/mfu is not reported", model.config.model_type)
+        log.info(
+            "cannot count the FLOPs of model_type=%s (no encoder layer stack found): perf/mfu is not reported",
+            model.config.model_type,
+        )
         return None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     peak = peak_flops(accelerator.device, dtype) if accelerator.is_main_process else None
@@ -248,7 +269,9 @@ def measure_utilisation(model: nn.Module, seq_len: int, sparse: bool, accelerato
     return Utilisation(count, peak, accelerator.num_processes)
 
 
-def run_totals(utilisation: Optional[Utilisation], tokens: int, predictions: int, seconds: float) -> Dict[str, Optional[float]]:
+def run_totals(
+    utilisation: Optional[Utilisation], tokens: int, predictions: int, seconds: float
+) -> Dict[str, Optional[float]]:
     """results.json's train_flops (all processes) and mfu (the whole run's average); None where unknown."""
     if utilisation is None:
         return {"train_flops": None, "mfu": None}

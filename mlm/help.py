@@ -27,8 +27,11 @@ WIDTH = 110  # a description longer than this is cut at a word, with "..."
 def field_comments(source: Path = Path(schema.__file__)) -> Dict[Tuple[str, str], str]:
     """(dataclass name, field name) -> the comment ending the field's definition (its last line, or its first)."""
     text = source.read_text()
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(text).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+        if tok.type == tokenize.COMMENT
+    }
     found = {}
     for node in ast.parse(text).body:
         if isinstance(node, ast.ClassDef):
@@ -120,10 +123,15 @@ def key_lines(root) -> List[str]:
     pairs = []
     for key, (_, _, kind) in key_fields().items():
         allowed = choices_of(kind)
-        description = descriptions[key] + (f" [{'|'.join(allowed)}]" if allowed and "|" not in descriptions[key] else "")
+        description = descriptions[key] + (
+            f" [{'|'.join(allowed)}]" if allowed and "|" not in descriptions[key] else ""
+        )
         pairs.append((f"{key}={shown(value_of(root, key))}", description))
     width = min(48, max(len(left) for left, _ in pairs))
-    return [f"{left:<{width}}  {description}" if len(left) <= width else f"{left}\n{'':<{width}}  {description}" for left, description in pairs]
+    return [
+        f"{left:<{width}}  {description}" if len(left) <= width else f"{left}\n{'':<{width}}  {description}"
+        for left, description in pairs
+    ]
 
 
 def help_text(root=None) -> str:

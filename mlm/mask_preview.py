@@ -26,7 +26,11 @@ from mlm.report import pyplot
 def _render(tokenizer, original: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor) -> str:
     """One line: what the model sees, chosen tokens in brackets ([MASK], [~random], [=kept])."""
     words = []
-    for orig, seen, label in zip(tokenizer.convert_ids_to_tokens(original.tolist()), tokenizer.convert_ids_to_tokens(inputs.tolist()), labels.tolist()):
+    for orig, seen, label in zip(
+        tokenizer.convert_ids_to_tokens(original.tolist()),
+        tokenizer.convert_ids_to_tokens(inputs.tolist()),
+        labels.tolist(),
+    ):
         if label == -100:
             words.append(orig)
         elif seen == tokenizer.mask_token:
@@ -39,8 +43,10 @@ def _render(tokenizer, original: torch.Tensor, inputs: torch.Tensor, labels: tor
 def show(text: str, tokenizer, cfg: MaskingConfig, seed: int, examples: int = 1) -> str:
     """The same sentence masked by each strategy, from a fixed seed (examples = how many draws each)."""
     ids = torch.tensor([tokenizer(text)["input_ids"]] * examples, dtype=torch.int64)
-    lines = [f"{len(ids[0])} tokens, mlm_probability={cfg.mlm_probability}, seed={seed}; [MASK] = mask token, "
-             "[~x] = replaced by random token x, [=x] = chosen but kept"]
+    lines = [
+        f"{len(ids[0])} tokens, mlm_probability={cfg.mlm_probability}, seed={seed}; [MASK] = mask token, "
+        "[~x] = replaced by random token x, [=x] = chosen but kept"
+    ]
     for strategy in ("token", "whole_word", "span"):
         collate = MLMCollator(tokenizer, MaskingConfig(**{**cfg.__dict__, "strategy": strategy}), seed=seed)
         out = collate({"input_ids": ids.numpy(), "index": np.arange(examples)})
@@ -63,7 +69,13 @@ def plot_schedules(path: str, start: float, final: float, run_dir: Optional[str]
         logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         logged = [(r["step"], r["train/mlm_probability"]) for r in logged if "train/mlm_probability" in r]
         # the rate used for step s was set before it, at fraction (s - 1) / steps
-        ax.plot([(s - 1) / steps for s, _ in logged], [p for _, p in logged], "k.", ms=4, label=f"logged by a run ({steps} steps)")
+        ax.plot(
+            [(s - 1) / steps for s, _ in logged],
+            [p for _, p in logged],
+            "k.",
+            ms=4,
+            label=f"logged by a run ({steps} steps)",
+        )
     ax.set_xlabel("fraction of training (steps, or time budget)")
     ax.set_ylabel("train/mlm_probability")
     ax.set_title(f"mask rate from mlm_probability={start} to final_probability={final}", fontsize=10)
@@ -75,10 +87,20 @@ def plot_schedules(path: str, start: float, final: float, run_dir: Optional[str]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlm.mask_preview", description="Show the masking strategies on a sentence, or plot the mask-rate schedules.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlm.mask_preview",
+        description="Show the masking strategies on a sentence, or plot the mask-rate schedules.",
+    )
     parser.add_argument("--show", metavar="TEXT", help="a sentence to mask with each strategy")
-    parser.add_argument("--tokenizer", default=ModelConfig().name_or_path, help="tokenizer (default: the offline MiniLM one)")
-    parser.add_argument("--probability", type=float, default=MaskingConfig.mlm_probability, help="mlm_probability (the schedule's start with --plot)")
+    parser.add_argument(
+        "--tokenizer", default=ModelConfig().name_or_path, help="tokenizer (default: the offline MiniLM one)"
+    )
+    parser.add_argument(
+        "--probability",
+        type=float,
+        default=MaskingConfig.mlm_probability,
+        help="mlm_probability (the schedule's start with --plot)",
+    )
     parser.add_argument("--final", type=float, default=0.15, help="--plot: final_probability")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=1, help="--show: draws per strategy (examples 0, 1, ...)")
@@ -91,7 +113,9 @@ def main(argv=None) -> None:
         if args.show:
             cfg = MaskingConfig(mlm_probability=args.probability)
             cfg.validate()
-            print(show(args.show, load_tokenizer(ModelConfig(name_or_path=args.tokenizer)), cfg, args.seed, args.examples))
+            print(
+                show(args.show, load_tokenizer(ModelConfig(name_or_path=args.tokenizer)), cfg, args.seed, args.examples)
+            )
         if args.plot:
             plot_schedules(args.plot, args.probability, args.final, args.run)
             print(f"wrote {args.plot}")

@@ -146,7 +146,11 @@ def span_mask(
 
     u_len, u_gap, u_state = uniform(3), uniform(4), uniform(5)
     lengths = _inverse_cdf(u_len, cdf_len)
-    gaps = 1 + (torch.floor(torch.log1p(-u_gap) / math.log1p(-gap_p)).to(torch.int64) if gap_p < 1 else torch.zeros_like(lengths))
+    gaps = 1 + (
+        torch.floor(torch.log1p(-u_gap) / math.log1p(-gap_p)).to(torch.int64)
+        if gap_p < 1
+        else torch.zeros_like(lengths)
+    )
     in_span = u_state[:, 0] < probability  # step 3: the state at word 0
     gaps[:, 0] = torch.where(in_span, 0, gaps[:, 0])
     lengths[:, 0] = torch.where(in_span, _inverse_cdf(u_len[:, 0], cdf_res), lengths[:, 0])
@@ -193,8 +197,15 @@ def mask_tokens(
             chosen = (random_uniform(seed, stream, index, length, 0).gather(1, first) < q) & candidates
             how = random_uniform(seed, stream, index, length, 1).gather(1, first)
         else:
-            chosen, segment = span_mask(starts, index, seed=seed, stream=stream, probability=q,
-                                        p=cfg.span_geometric_p, max_len=cfg.span_max_words)
+            chosen, segment = span_mask(
+                starts,
+                index,
+                seed=seed,
+                stream=stream,
+                probability=q,
+                p=cfg.span_geometric_p,
+                max_len=cfg.span_max_words,
+            )
             chosen &= candidates
             how = random_uniform(seed, stream, index, span_segments(length), 1).gather(1, segment)  # one draw per span
     to_mask = chosen & (how < cfg.mask_replace_prob)
@@ -251,9 +262,16 @@ class MLMCollator:
         input_ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.int64)
         index = torch.as_tensor(np.asarray(batch["index"]), dtype=torch.int64)
         out = mask_tokens(
-            input_ids, index, seed=self.seed, stream=self.stream, cfg=self.cfg,
-            special_ids=self.special_ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
-            word_table=self.word_table, probability=self.probability,
+            input_ids,
+            index,
+            seed=self.seed,
+            stream=self.stream,
+            cfg=self.cfg,
+            special_ids=self.special_ids,
+            mask_token_id=self.mask_token_id,
+            vocab_size=self.vocab_size,
+            word_table=self.word_table,
+            probability=self.probability,
         )
         out["masked_positions"] = masked_positions_of(out["labels"])  # on the host: no device sync later
         if self.pad_token_id is not None and bool((input_ids == self.pad_token_id).any()):

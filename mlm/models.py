@@ -65,16 +65,20 @@ def _hub_call(what: str, name: str, fn: Callable, *args, fetch: bool = True, **k
     weights_only=False)."""
     code = remote_code_of(name) if os.path.isdir(name) and not kwargs.get("trust_remote_code") else None
     if code:
-        raise UserError(f"{what} {name!r} ships Python code of its own ({code} has an auto_map) and this command runs "
-                        "none from a model folder: refused, nothing of it was run")
+        raise UserError(
+            f"{what} {name!r} ships Python code of its own ({code} has an auto_map) and this command runs "
+            "none from a model folder: refused, nothing of it was run"
+        )
     try:
         return _refusing_code(what, name, fn, *args, local_files_only=True, **kwargs)
     except OSError as e:  # transformers raises OSError (or subclasses) for missing files and repos
         if os.path.isdir(name):
             raise UserError(f"{what} {name!r}: {str(e).strip().splitlines()[0][:300]}") from e
     if not fetch:
-        raise UserError(f"{what} {name!r} is not on this machine (no such directory, not in the Hugging Face cache), and a name "
-                        f"read from a file is never fetched; download it yourself (hf download {name}) and run this again")
+        raise UserError(
+            f"{what} {name!r} is not on this machine (no such directory, not in the Hugging Face cache), and a name "
+            f"read from a file is never fetched; download it yourself (hf download {name}) and run this again"
+        )
     if offline_mode() or not hub_reachable():
         raise UserError(
             f"{what} {name!r} is not a local directory nor in the Hugging Face cache, and the hub is unreachable "
@@ -95,7 +99,9 @@ def _refusing_code(what: str, name: str, fn: Callable, *args, **kwargs):
     except ValueError as e:
         if not refuses_remote_code(e):
             raise
-        raise UserError(f"{what} {name!r} ships Python code of its own and this command runs none: refused, nothing of it was run") from None
+        raise UserError(
+            f"{what} {name!r} ships Python code of its own and this command runs none: refused, nothing of it was run"
+        ) from None
 
 
 def refuses_remote_code(e: ValueError) -> bool:
@@ -119,7 +125,13 @@ def check_saved_model(name: str, give: str) -> None:
         if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
             raise UserError(f"{name} is not a saved model (no such directory); {give}")
         return
-    lacks = "config.json" if not (Path(name) / "config.json").is_file() else None if has_tokenizer(name) else "tokenizer files"
+    lacks = (
+        "config.json"
+        if not (Path(name) / "config.json").is_file()
+        else None
+        if has_tokenizer(name)
+        else "tokenizer files"
+    )
     if lacks:
         raise UserError(f"{name} is not a saved model (no {lacks}); {give}")
 
@@ -128,7 +140,9 @@ def load_tokenizer(cfg: ModelConfig, fetch: bool = True):
     name = resolve_path(cfg.tokenizer or cfg.name_or_path)
     if os.path.isdir(name) and not has_tokenizer(name):
         raise UserError(f"model directory {name} has no tokenizer files; set model.tokenizer=<dir or hub id>")
-    tok = _hub_call("tokenizer", name, AutoTokenizer.from_pretrained, name, trust_remote_code=cfg.trust_remote_code, fetch=fetch)
+    tok = _hub_call(
+        "tokenizer", name, AutoTokenizer.from_pretrained, name, trust_remote_code=cfg.trust_remote_code, fetch=fetch
+    )
     if tok.mask_token is None:
         raise UserError(f"tokenizer {name!r} has no mask token, so it cannot be used for masked language modeling")
     return tok
@@ -156,12 +170,22 @@ def _quiet_transformers():
 
 def build_pretrained(cfg: ModelConfig, tokenizer, fetch: bool = True) -> PreTrainedModel:
     name = resolve_path(cfg.name_or_path)
-    config = _hub_call("model", name, AutoConfig.from_pretrained, name, trust_remote_code=cfg.trust_remote_code, fetch=fetch)
+    config = _hub_call(
+        "model", name, AutoConfig.from_pretrained, name, trust_remote_code=cfg.trust_remote_code, fetch=fetch
+    )
     _apply_dropout(config, cfg.dropout)
     with _quiet_transformers():
         model, info = _hub_call(
-            "model", name, AutoModelForMaskedLM.from_pretrained, name, config=config, output_loading_info=True,
-            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32, fetch=fetch,
+            "model",
+            name,
+            AutoModelForMaskedLM.from_pretrained,
+            name,
+            config=config,
+            output_loading_info=True,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=torch.float32,
+            fetch=fetch,
         )
     if info.get("missing_keys"):
         log.info("new (randomly initialised) weights: %s", ", ".join(sorted(info["missing_keys"])))
@@ -178,13 +202,18 @@ def build_scratch(cfg: ModelConfig, tokenizer, fetch: bool = True) -> PreTrained
     arch.setdefault("pad_token_id", tokenizer.pad_token_id)
     # ModernBERT's config defaults to its own vocabulary's [CLS]/[SEP] ids; follow the tokenizer instead
     if model_type == "modernbert":
-        for key, value in (("cls_token_id", tokenizer.cls_token_id), ("sep_token_id", tokenizer.sep_token_id),
-                           ("bos_token_id", tokenizer.bos_token_id or tokenizer.cls_token_id),
-                           ("eos_token_id", tokenizer.eos_token_id or tokenizer.sep_token_id)):
+        for key, value in (
+            ("cls_token_id", tokenizer.cls_token_id),
+            ("sep_token_id", tokenizer.sep_token_id),
+            ("bos_token_id", tokenizer.bos_token_id or tokenizer.cls_token_id),
+            ("eos_token_id", tokenizer.eos_token_id or tokenizer.sep_token_id),
+        ):
             arch.setdefault(key, value)
     config = AutoConfig.for_model(model_type, **arch)
     _apply_dropout(config, cfg.dropout)
-    model = AutoModelForMaskedLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForMaskedLM.from_config(
+        config, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+    )
     model.mlm_new_weights = frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
     return model
 
@@ -200,7 +229,10 @@ def max_block_size(model: PreTrainedModel) -> int:
 def build_model(cfg: ModelConfig, block_size: int, seed: int, fetch: bool = True) -> Tuple[PreTrainedModel, object]:
     """Tokenizer and model; new weights (scratch models, new heads) are drawn from `seed`. fetch=False: local files only."""
     if cfg.trust_remote_code:
-        log.warning("model.trust_remote_code=true: running the Python code shipped with %s (and its tokenizer)", cfg.name_or_path)
+        log.warning(
+            "model.trust_remote_code=true: running the Python code shipped with %s (and its tokenizer)",
+            cfg.name_or_path,
+        )
     tokenizer = load_tokenizer(cfg, fetch)
     torch.manual_seed(seed)
     model = BUILDERS[cfg.source](cfg, tokenizer, fetch=fetch)
@@ -211,9 +243,13 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int, fetch: bool = True
         init_identity_transform(model)
     limit = max_block_size(model)
     if block_size > limit:
-        raise UserError(f"block_size={block_size} is larger than the model's {limit} positions; use block_size<={limit}")
+        raise UserError(
+            f"block_size={block_size} is larger than the model's {limit} positions; use block_size<={limit}"
+        )
     if model.config.vocab_size < len(tokenizer):
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; they do not belong together")
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}; they do not belong together"
+        )
     return model, tokenizer
 
 
@@ -223,8 +259,10 @@ def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     for module in model.base_model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
-    raise UserError(f"cannot find the {count} encoder layers of model_type={model.config.model_type}, which "
-                    "model.freeze_layers and optimizer.layer_lr_decay need; leave them unset for this model")
+    raise UserError(
+        f"cannot find the {count} encoder layers of model_type={model.config.model_type}, which "
+        "model.freeze_layers and optimizer.layer_lr_decay need; leave them unset for this model"
+    )
 
 
 def freeze_layers(model: PreTrainedModel, n: int) -> None:
@@ -234,7 +272,9 @@ def freeze_layers(model: PreTrainedModel, n: int) -> None:
         return
     layers = encoder_layers(model)
     if n >= len(layers):
-        raise UserError(f"model.freeze_layers={n} would freeze all {len(layers)} encoder layers; use at most {len(layers) - 1}")
+        raise UserError(
+            f"model.freeze_layers={n} would freeze all {len(layers)} encoder layers; use at most {len(layers) - 1}"
+        )
     model.get_input_embeddings().requires_grad_(False)
     embeddings = getattr(model.base_model, "embeddings", None)
     if embeddings is not None:
@@ -285,8 +325,11 @@ def init_unigram_bias(model: PreTrainedModel, token_counts: torch.Tensor, specia
     vocab = model.config.vocab_size
     biases = [(n, p) for n, p in new_head_parameters(model).items() if p.ndim == 1 and p.numel() == vocab]
     if not biases:  # a pretrained head keeps its own bias
-        log.warning("model.head_bias_init=unigram: the model has no new output bias of size %d (its head is pretrained); "
-                    "left as it is", vocab)
+        log.warning(
+            "model.head_bias_init=unigram: the model has no new output bias of size %d (its head is pretrained); "
+            "left as it is",
+            vocab,
+        )
         return
     counts = torch.zeros(vocab, dtype=torch.float64)
     counts[: len(token_counts)] = token_counts.double()[:vocab]
@@ -294,7 +337,11 @@ def init_unigram_bias(model: PreTrainedModel, token_counts: torch.Tensor, specia
     log_freq = torch.log((counts + 1) / (counts.sum() + vocab))
     for name, p in biases:
         p.copy_(log_freq.to(p.dtype))
-    log.info("head output bias initialised to log unigram frequencies of %d training tokens: %s", int(counts.sum()), ", ".join(n for n, _ in biases))
+    log.info(
+        "head output bias initialised to log unigram frequencies of %d training tokens: %s",
+        int(counts.sum()),
+        ", ".join(n for n, _ in biases),
+    )
 
 
 class MLMObjective(nn.Module):
@@ -313,7 +360,9 @@ class MLMObjective(nn.Module):
         self.model = model
         self.head_fn = MLM_HEADS.get(model.config.model_type)
         if sparse and self.head_fn is None:
-            log.warning("sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type)
+            log.warning(
+                "sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type
+            )
         self.sparse = sparse and self.head_fn is not None
 
     def forward(self, input_ids, labels, attention_mask=None, masked_positions=None):
@@ -334,4 +383,3 @@ class MLMObjective(nn.Module):
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         correct = None if self.model.training else (logits.argmax(-1) == targets).sum()
         return loss_sum, targets.numel(), correct
-

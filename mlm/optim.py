@@ -13,7 +13,9 @@ from mlm.schedules import SCHEDULES, decay_start, stable_then_decay, warmup_leng
 from mlm.stable_adamw import StableAdamW
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0) -> List[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0
+) -> List[dict]:
     """Decay matrices only: biases, norm weights and other 1-D parameters get no weight decay.
 
     With new_head_lr_scale != 1 the new MLM head's weights (head weights the checkpoint did not have)
@@ -29,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_s
         layers = encoder_layers(inner)
         scale.update({id(p): layer_lr_decay ** len(layers) for p in inner.base_model.parameters()})
         for depth, layer in enumerate(reversed(layers)):
-            scale.update({id(p): layer_lr_decay ** depth for p in layer.parameters()})
+            scale.update({id(p): layer_lr_decay**depth for p in layer.parameters()})
     if new_head_lr_scale != 1.0 and hf_model:
         scale.update({id(p): new_head_lr_scale for p in new_head_parameters(inner).values()})
     groups: Dict[tuple, List[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
@@ -37,9 +39,14 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, new_head_lr_s
         if not p.requires_grad:
             continue
         groups.setdefault((scale.get(id(p), 1.0), not (p.ndim < 2 or "norm" in name.lower())), []).append(p)
-    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], not key[1]))  # the groups at lr first (the order checkpoints were saved with)
-    return [{"params": groups[s, decay], "weight_decay": weight_decay if decay else 0.0, "lr": lr * s}
-            for s, decay in order if groups[s, decay] or s == 1.0]
+    order = sorted(
+        groups, key=lambda key: (key[0] != 1.0, key[0], not key[1])
+    )  # the groups at lr first (the order checkpoints were saved with)
+    return [
+        {"params": groups[s, decay], "weight_decay": weight_decay if decay else 0.0, "lr": lr * s}
+        for s, decay in order
+        if groups[s, decay] or s == 1.0
+    ]
 
 
 def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -48,16 +55,30 @@ def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer
     if impl == "auto":
         impl = "fused"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        **kwargs,
+    )
 
 
 def build_stable_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     # auto and foreach: batched ops over each group; loop: one tensor at a time (impl=fused is refused by OptimizerConfig.validate)
-    return StableAdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay), lr=cfg.lr,
-                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=cfg.impl != "loop")
+    return StableAdamW(
+        param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        foreach=cfg.impl != "loop",
+    )
 
 
-OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {"adamw": build_adamw, "stable_adamw": build_stable_adamw}
+OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {
+    "adamw": build_adamw,
+    "stable_adamw": build_stable_adamw,
+}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -65,7 +86,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, progress: Optional[Callable[[], float]] = None
+    optimizer: torch.optim.Optimizer,
+    cfg: SchedulerConfig,
+    total_steps: int,
+    progress: Optional[Callable[[], float]] = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then the named decay (mlm.schedules: progress after warmup, 0 -> 1,
     -> multiplier of the peak); stepped once per optimizer step. wsd instead holds the peak up to
@@ -109,8 +133,12 @@ def build_scheduler(
 def check_wsd_fits(cfg: SchedulerConfig, warmup: int, hold: int, total_steps: int) -> None:
     """The warmup must end by the decay's start, and the decay must get a step (known once the run's length is)."""
     if warmup > hold:
-        raise UserError(f"{warmup} warmup steps run past the start of the wsd decay after step {hold} of {total_steps} "
-                        f"(scheduler.decay_ratio={cfg.decay_ratio}); lower scheduler.warmup_steps or warmup_ratio, or decay_ratio")
+        raise UserError(
+            f"{warmup} warmup steps run past the start of the wsd decay after step {hold} of {total_steps} "
+            f"(scheduler.decay_ratio={cfg.decay_ratio}); lower scheduler.warmup_steps or warmup_ratio, or decay_ratio"
+        )
     if hold == total_steps:
-        raise UserError(f"scheduler.decay_ratio={cfg.decay_ratio} of {total_steps} steps rounds to no decay step; "
-                        f"raise it to at least {1 / total_steps:.3g} or train longer")
+        raise UserError(
+            f"scheduler.decay_ratio={cfg.decay_ratio} of {total_steps} steps rounds to no decay step; "
+            f"raise it to at least {1 / total_steps:.3g} or train longer"
+        )

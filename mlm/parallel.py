@@ -54,7 +54,11 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
 def restart_average(ema, directory: Path) -> None:
     """A checkpoint without a weight average resumed with trainer.ema_decay > 0 (resume=<path>, or one
     saved before the setting was compared): the average starts from the resumed weights."""
-    log.warning("checkpoint %s holds no weight average; the average (trainer.ema_decay=%g) starts from its weights", directory, ema.decay)
+    log.warning(
+        "checkpoint %s holds no weight average; the average (trainer.ema_decay=%g) starts from its weights",
+        directory,
+        ema.decay,
+    )
     ema.restart()
 
 
@@ -94,13 +98,19 @@ class Replicated:
         return files
 
     def load(self, directory: Path, model, optimizer, device, ema=None) -> None:
-        if (directory / SHARDED_DIR).exists():  # one line that does not send the user to runtime.sharding=fsdp, which one process refuses
-            raise UserError(f"checkpoint {directory} holds FSDP shards, which resume with several processes only (torchrun "
-                            "--nproc_per_node 2 run.py ... runtime.sharding=fsdp); in one process, export its weights "
-                            f"(python -m mlm.export {directory} <dir>) and train from them (model.source=pretrained model.name_or_path=<dir>)")
+        if (
+            directory / SHARDED_DIR
+        ).exists():  # one line that does not send the user to runtime.sharding=fsdp, which one process refuses
+            raise UserError(
+                f"checkpoint {directory} holds FSDP shards, which resume with several processes only (torchrun "
+                "--nproc_per_node 2 run.py ... runtime.sharding=fsdp); in one process, export its weights "
+                f"(python -m mlm.export {directory} <dir>) and train from them (model.source=pretrained model.name_or_path=<dir>)"
+            )
         missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
         if missing or unexpected:
-            raise UserError(f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise UserError(
+                f"checkpoint {directory} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         # Under gloo Accelerate's device is "cpu:0", a location torch.load cannot restore to: plain "cpu" then
         location = torch.device("cpu") if torch.device(device).type == "cpu" else device
         optimizer.load_state_dict(load_weights_only(directory / OPTIMIZER_FILE, OPTIMIZER_FILE, map_location=location))
@@ -122,7 +132,9 @@ class FullyShard(Replicated):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16: parameters gathered and computed in bf16; gradients reduced and master weights kept in fp32
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None, reduce_dtype=torch.float32
+        )
         for layer in transformer_layers(objective.model):
             fully_shard(layer, mp_policy=policy)
         # The root is the objective, whose forward the loop calls (the sparse head calls the encoder
@@ -166,7 +178,9 @@ class FullyShard(Replicated):
         from mlm.dcp_reader import load as load_shards
 
         if not (directory / SHARDED_DIR).exists():
-            raise UserError(f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with runtime.sharding=none")
+            raise UserError(
+                f"checkpoint {directory} holds a whole model, not FSDP shards; resume it with runtime.sharding=none"
+            )
         # the metadata (a pickle) and non-tensor entries are read as data only (mlm/dcp_reader.py); the metadata first,
         # so that a refusal is its own one-line error, not one inside dcp.load's collective error report
         reader = SafeReader(str(directory / SHARDED_DIR))
@@ -186,7 +200,9 @@ class FullyShard(Replicated):
 
         # every rank takes part in the all-gathers; the tensors land on the CPU of rank 0 only
         full = get_model_state_dict(self.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        full = {name.removeprefix("model."): tensor for name, tensor in full.items()}  # the objective's keys -> the model's
+        full = {
+            name.removeprefix("model."): tensor for name, tensor in full.items()
+        }  # the objective's keys -> the model's
         # Gathering copies each name apart; point tied names (decoder = word embeddings) at one tensor
         # again, so save_pretrained stores them once, as it does for an unsharded model.
         first_name = {}
@@ -203,8 +219,10 @@ def _sharded_average(ema) -> Dict[str, torch.Tensor]:
     memory), so torch.distributed.checkpoint saves and reshards them as it does the model."""
     from torch.distributed.tensor import DTensor
 
-    return {name: DTensor.from_local(average, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-            for name, param, average in ema.entries()}
+    return {
+        name: DTensor.from_local(average, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+        for name, param, average in ema.entries()
+    }
 
 
 def _average_in(saved_keys) -> bool:
@@ -231,11 +249,12 @@ def transformer_layers(model: nn.Module):
     names = set(getattr(model, "_no_split_modules", None) or ())
     embedding = model.get_input_embeddings().weight
     layers = [
-        m for m in model.modules()
-        if type(m).__name__ in names and not any(p is embedding for p in m.parameters())
+        m for m in model.modules() if type(m).__name__ in names and not any(p is embedding for p in m.parameters())
     ]
     if not layers:
-        raise UserError(f"runtime.sharding=fsdp found no transformer layers in {type(model).__name__} (no _no_split_modules)")
+        raise UserError(
+            f"runtime.sharding=fsdp found no transformer layers in {type(model).__name__} (no _no_split_modules)"
+        )
     return layers
 
 

@@ -22,7 +22,9 @@ def accelerator_available() -> bool:
 
 def native_bf16(device_type: str) -> bool:
     """Whether bf16 matmuls run in hardware here. On a CPU that means AVX512-BF16 or AMX (oneDNN's check)."""
-    if device_type == "cuda":  # compute capability 8.0 (Ampere) on; V100/T4 only emulate it, which torch counts by default
+    if (
+        device_type == "cuda"
+    ):  # compute capability 8.0 (Ampere) on; V100/T4 only emulate it, which torch counts by default
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != "cpu":
         return True  # other accelerators (MPS, XPU): Accelerate's own bf16 autocast
@@ -42,7 +44,9 @@ def precision_reason(requested: str, resolved: str) -> str:
     name = "fp32" if resolved == "no" else resolved
     native = native_bf16(kind)
     if requested == "auto":
-        return f"{name}: this {kind.upper()} has {'native' if native else 'no native'} bf16 (runtime.mixed_precision=auto)"
+        return (
+            f"{name}: this {kind.upper()} has {'native' if native else 'no native'} bf16 (runtime.mixed_precision=auto)"
+        )
     if resolved == "bf16" and not native:
         return f"bf16, emulated: this {kind.upper()} has no native bf16, far slower than fp32 (runtime.mixed_precision=bf16)"
     return f"{name}: runtime.mixed_precision={requested}"
@@ -53,12 +57,19 @@ def resolve_mixed_precision(requested: str) -> str:
     device_type = device_kind()
     if requested == "auto":
         resolved = "bf16" if native_bf16(device_type) else "no"
-        log.info("runtime.mixed_precision=auto -> %s (%s bf16 on this %s)", resolved,
-                 "native" if resolved == "bf16" else "no native", device_type.upper())
+        log.info(
+            "runtime.mixed_precision=auto -> %s (%s bf16 on this %s)",
+            resolved,
+            "native" if resolved == "bf16" else "no native",
+            device_type.upper(),
+        )
         return resolved
     if requested == "bf16" and not native_bf16(device_type):
-        log.warning("runtime.mixed_precision=bf16: this %s has no native bf16 (on a CPU: no AVX512-BF16 or AMX), so "
-                    "bf16 runs emulated, far slower than fp32; runtime.mixed_precision=auto picks fp32 here", device_type.upper())
+        log.warning(
+            "runtime.mixed_precision=bf16: this %s has no native bf16 (on a CPU: no AVX512-BF16 or AMX), so "
+            "bf16 runs emulated, far slower than fp32; runtime.mixed_precision=auto picks fp32 here",
+            device_type.upper(),
+        )
     return str(requested)
 
 

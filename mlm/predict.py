@@ -36,7 +36,9 @@ def encode(tokenizer, text: str, note: bool = True):
     enc = tokenizer(to_model_mask(text, tokenizer.mask_token), return_tensors="pt", verbose=False)
     positions = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
     if not positions:
-        raise UserError(f"no mask in {text[:80]!r}{'...' if len(text) > 80 else ''}: write <mask> (or [MASK]) where the word to predict goes")
+        raise UserError(
+            f"no mask in {text[:80]!r}{'...' if len(text) > 80 else ''}: write <mask> (or [MASK]) where the word to predict goes"
+        )
     if len(positions) > MAX_MASKS:
         raise UserError(f"{len(positions)} masks in one text; at most {MAX_MASKS} are supported")
     limit = tokenizer.model_max_length
@@ -57,10 +59,15 @@ def _window(tokenizer, enc, positions: List[int], limit: int, note: bool):
         )
     start = min(max(1, (positions[0] + positions[-1]) // 2 - width // 2), n - 1 - width)
     for key, value in enc.items():
-        enc[key] = torch.cat([value[:, :1], value[:, start:start + width], value[:, -1:]], dim=1)
+        enc[key] = torch.cat([value[:, :1], value[:, start : start + width], value[:, -1:]], dim=1)
     if note:
-        log.warning("the text is %d tokens, more than the %d the model reads at once: predicting from tokens %d-%d, around the mask",
-                    n, limit, start, start + width - 1)
+        log.warning(
+            "the text is %d tokens, more than the %d the model reads at once: predicting from tokens %d-%d, around the mask",
+            n,
+            limit,
+            start,
+            start + width - 1,
+        )
     return enc, [p - start + 1 for p in positions]
 
 
@@ -116,11 +123,15 @@ def main(argv: List[str] | None = None) -> int:
         from mlm.config import ModelConfig
         from mlm.models import build_pretrained, check_saved_model, load_tokenizer, resolve_path
 
-        check_saved_model(resolve_path(args.model), "give a model directory (a run's final/, an mlm.export output) or a hub id")
+        check_saved_model(
+            resolve_path(args.model), "give a model directory (a run's final/, an mlm.export output) or a hub id"
+        )
         model_cfg = ModelConfig(name_or_path=args.model)
         tokenizer = load_tokenizer(model_cfg)
         if args.top_k > len(tokenizer):
-            raise UserError(f"--top-k {args.top_k}: the model knows {len(tokenizer)} tokens; give at most {len(tokenizer)}")
+            raise UserError(
+                f"--top-k {args.top_k}: the model knows {len(tokenizer)} tokens; give at most {len(tokenizer)}"
+            )
         for text in args.text:  # check every text before loading the model
             encode(tokenizer, text, note=False)
         model = build_pretrained(model_cfg, tokenizer)

@@ -114,8 +114,12 @@ class StopSignals:
     `main` process writes these lines (under torchrun every rank gets the signal).
     In a parallel sweep's process the sweep's handlers stay in place and their request is this run's."""
 
-    def __init__(self, main: bool = True, newest: Callable[[], Optional[Path]] = lambda: None,
-                 plan: Optional[str] = "stopping after this step with a checkpoint"):
+    def __init__(
+        self,
+        main: bool = True,
+        newest: Callable[[], Optional[Path]] = lambda: None,
+        plan: Optional[str] = "stopping after this step with a checkpoint",
+    ):
         self.received: Optional[int] = None
         self.previous: Dict[int, Callable] = {}
         self.main, self.newest, self.plan = main, newest, plan
@@ -148,13 +152,22 @@ class StopSignals:
         """SystemExit(128 + signum) from the handler, after one line: the run's `finally` blocks still release its lock."""
         previous = self.previous.get(signum)
         self.restore()
-        if callable(previous) and previous is not signal.default_int_handler:  # submitit's: it requeues the job and exits
+        if (
+            callable(previous) and previous is not signal.default_int_handler
+        ):  # submitit's: it requeues the job and exits
             signal.raise_signal(signum)
             return
         if self.main:
             newest = self.newest()
-            _say("stopped: stopped at once by " + (f"a second {signal_name(signum)}" if second else f"{signal_name(signum)} before training began")
-                 + (f"; the newest checkpoint is {newest}" if newest else "; no checkpoint was written, the rerun starts over"))
+            _say(
+                "stopped: stopped at once by "
+                + (f"a second {signal_name(signum)}" if second else f"{signal_name(signum)} before training began")
+                + (
+                    f"; the newest checkpoint is {newest}"
+                    if newest
+                    else "; no checkpoint was written, the rerun starts over"
+                )
+            )
         raise SystemExit(128 + signum)
 
     @property
@@ -209,8 +222,11 @@ class SweepParent(SweepStop):
         except OSError as e:  # the workers still stop if the parent is then killed (they watch its pid)
             log.warning("could not write %s: %s", self.marker, e)
         # os.write, not print: the main thread may be inside a write to stderr, which a print here would re-enter
-        os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: stopping the sweep: running jobs checkpoint after their step, "
-                                      "no new job starts (a second signal ends it at once)\n".encode())
+        os.write(
+            sys.stderr.fileno(),
+            f"{signal.Signals(signum).name}: stopping the sweep: running jobs checkpoint after their step, "
+            "no new job starts (a second signal ends it at once)\n".encode(),
+        )
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

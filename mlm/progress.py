@@ -26,9 +26,23 @@ def log_lines(lines: List[str]) -> None:
         log.info(line)
 
 
-def banner_lines(*, model: str, trainable: int, total: int, global_batch: int, block_size: int, batch_parts: str,
-                 steps: int, start_step: int, budget_minutes: Optional[float], precision: str, device: str, processes: int,
-                 run_dir, resume: str) -> List[str]:
+def banner_lines(
+    *,
+    model: str,
+    trainable: int,
+    total: int,
+    global_batch: int,
+    block_size: int,
+    batch_parts: str,
+    steps: int,
+    start_step: int,
+    budget_minutes: Optional[float],
+    precision: str,
+    device: str,
+    processes: int,
+    run_dir,
+    resume: str,
+) -> List[str]:
     """The start banner: what trains, on what, how long, and how to resume (`resume`: the command)."""
     tokens_per_step = global_batch * block_size
     length = f"{steps:,} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} training tokens"
@@ -66,18 +80,24 @@ def count_parameters(model) -> tuple:
 def train_line(step: int, steps: int, metrics: Dict[str, float], budget: Optional[tuple] = None) -> str:
     """`step 20/1000: loss 5.213, lr 4.0e-05, grad norm 1.23, 1,850 tokens/s`: the run.log line of each log_every.
     `budget`: (seconds spent, seconds of budget)."""
-    line = (f"step {step}/{steps}: loss {metrics['train/loss']:.3f}, lr {metrics['train/lr']:.1e}, "
-            f"grad norm {metrics['train/grad_norm']:.2f}, {metrics['perf/tokens_per_s']:,.0f} tokens/s")
+    line = (
+        f"step {step}/{steps}: loss {metrics['train/loss']:.3f}, lr {metrics['train/lr']:.1e}, "
+        f"grad norm {metrics['train/grad_norm']:.2f}, {metrics['perf/tokens_per_s']:,.0f} tokens/s"
+    )
     if budget:
         line += f", {budget[0]:.0f}/{budget[1]:.0f} s of the time budget"
     return line
 
 
-def end_line(step: int, steps: int, max_steps: int, epochs: float, budget_s: Optional[float], train_seconds: float) -> str:
+def end_line(
+    step: int, steps: int, max_steps: int, epochs: float, budget_s: Optional[float], train_seconds: float
+) -> str:
     """What ended training (a stop signal's line is the stop message itself)."""
     if budget_s is not None and train_seconds >= budget_s:
-        return (f"training ended at step {step}/{steps}: the time budget of {budget_s / 60:g} min was spent "
-                f"(trainer.budget_minutes={budget_s / 60:g}; {train_seconds:.0f} s of training)")
+        return (
+            f"training ended at step {step}/{steps}: the time budget of {budget_s / 60:g} min was spent "
+            f"(trainer.budget_minutes={budget_s / 60:g}; {train_seconds:.0f} s of training)"
+        )
     if max_steps > 0:
         return f"training ended at step {step}/{steps}: trainer.max_steps={max_steps} reached"
     return f"training ended at step {step}/{steps}: trainer.epochs={epochs:g} done"
@@ -99,8 +119,16 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def projection_line(step: int, steps: int, step_seconds: float, eval_seconds: Optional[float], eval_every: int,
-                    budget_s: Optional[float], train_seconds: float, on_cpu: bool) -> str:
+def projection_line(
+    step: int,
+    steps: int,
+    step_seconds: float,
+    eval_seconds: Optional[float],
+    eval_every: int,
+    budget_s: Optional[float],
+    train_seconds: float,
+    on_cpu: bool,
+) -> str:
     """The projected rest of the run after measuring a few steps: training at the measured rate (up to the time budget),
     plus the evals still to come at the measured eval time; where that is long on a CPU, the time-budget setting."""
     train_left = (steps - step) * step_seconds
@@ -116,11 +144,16 @@ def projection_line(step: int, steps: int, step_seconds: float, eval_seconds: Op
     if eval_seconds is None:
         evals, total = f"{evals}, not timed yet", train_left
     else:
-        evals, total = f"{evals} at {duration(eval_seconds)} ({duration(n * eval_seconds)})", train_left + n * eval_seconds
+        evals, total = (
+            f"{evals} at {duration(eval_seconds)} ({duration(n * eval_seconds)})",
+            train_left + n * eval_seconds,
+        )
     line = f"projected: {duration(total)} more for this run: {training} and {evals}"
     if on_cpu and budget_s is None and total > LONG_RUN_S:
-        line += ("; that is long for this CPU: add trainer.budget_minutes=30 to train for 30 minutes "
-                 "(the LR and mask schedules follow the budget), or lower trainer.max_steps")
+        line += (
+            "; that is long for this CPU: add trainer.budget_minutes=30 to train for 30 minutes "
+            "(the LR and mask schedules follow the budget), or lower trainer.max_steps"
+        )
     return line
 
 
@@ -132,9 +165,17 @@ class TrainBar:
         if budget_s is None:
             self.bar = tqdm(total=steps, initial=step, desc="train", disable=not show, dynamic_ncols=True, **tqdm_args)
         else:
-            self.bar = tqdm(total=budget_s, initial=min(train_seconds, budget_s), desc="train", unit="s", disable=not show,
-                            dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the "
-                                                          "time budget [{elapsed}<{remaining}{postfix}]", **tqdm_args)
+            self.bar = tqdm(
+                total=budget_s,
+                initial=min(train_seconds, budget_s),
+                desc="train",
+                unit="s",
+                disable=not show,
+                dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the "
+                "time budget [{elapsed}<{remaining}{postfix}]",
+                **tqdm_args,
+            )
         self.steps, self.start_step, self.start_seconds = steps, step, train_seconds
         self.shown = show
         self._redirect = self.redirect_logging()
@@ -209,6 +250,8 @@ class MainProcessConsole(logging.Filter):
             return True
         if record.levelno < logging.ERROR:
             return False
-        if not str(record.msg).startswith("[rank "):  # its file handler on this rank writes /dev/null: the tag harms nothing
+        if not str(record.msg).startswith(
+            "[rank "
+        ):  # its file handler on this rank writes /dev/null: the tag harms nothing
             record.msg = f"[rank {self.rank}] {record.msg}"
         return True

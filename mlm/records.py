@@ -16,8 +16,10 @@ def malformed_data(record: Any) -> Optional[str]:
     if not isinstance(record, dict):
         return f'"data" is a JSON {type(record).__name__}, not an object'
     sources, tokenizer = record.get("sources"), record.get("tokenizer")
-    if sources is not None and not (isinstance(sources, list) and all(
-            isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in sources)):
+    if sources is not None and not (
+        isinstance(sources, list)
+        and all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in sources)
+    ):
         return '"data.sources" is not a list of [path, sha256] pairs'
     if tokenizer is not None and not isinstance(tokenizer, str):
         return '"data.tokenizer" is not a sha256 string'

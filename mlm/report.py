@@ -49,7 +49,9 @@ def _series(records: List[Dict[str, Any]], key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(run_dir: Path, keys: Optional[List[str]] = None, records: Optional[List[Dict[str, Any]]] = None) -> Optional[Path]:
+def plot_run(
+    run_dir: Path, keys: Optional[List[str]] = None, records: Optional[List[Dict[str, Any]]] = None
+) -> Optional[Path]:
     """curves.png: train loss (raw, faint, and smoothed), eval perplexity (and the weight average's, where the run keeps
     one) on a log scale, and the learning rate, against the optimizer step; titled with the run's settings: its swept
     `keys` where a sweep summary gives them, else every override it was started with. `records`: its metrics.jsonl,
@@ -61,11 +63,16 @@ def plot_run(run_dir: Path, keys: Optional[List[str]] = None, records: Optional[
     plt = pyplot()
     fig, (loss, ppl, lr) = plt.subplots(1, 3, figsize=(14, 4.4), layout="constrained")
     x, y = _series(records, "train/loss")
-    loss.plot(x, y, color="C0", alpha=0.3, lw=1, marker="o" if len(x) == 1 else None, label="logged")  # one point: a marker
+    loss.plot(
+        x, y, color="C0", alpha=0.3, lw=1, marker="o" if len(x) == 1 else None, label="logged"
+    )  # one point: a marker
     weight = smoothing_weight(len(y))
     loss.plot(x, smoothed(y, weight), color="C0", lw=2, label=f"smoothed (EMA {weight:.2g})")
     loss.set_title("train loss (masked tokens)", fontsize=10)
-    for key, label, colour in (("eval/perplexity", "model", "C1"), ("eval/ema_perplexity", "weight average (trainer.ema_decay)", "C2")):
+    for key, label, colour in (
+        ("eval/perplexity", "model", "C1"),
+        ("eval/ema_perplexity", "weight average (trainer.ema_decay)", "C2"),
+    ):
         x, y = _series(records, key)
         if y:  # the last value in the legend, not over a curve
             ppl.plot(x, y, marker="o", markersize=4, color=colour, label=f"{label}: {y[-1]:.1f} at step {x[-1]}")
@@ -121,6 +128,7 @@ def _trained_with(overrides: Dict[str, str], trained: Dict[str, Any]) -> Dict[st
     Hydra rewrites .hydra/overrides.yaml at every launch, also for a job that then refuses to
     run (a sweep rerun into the same directory with other values); results.json keeps the truth.
     """
+
     def same(a, b):
         na, nb = _num(a), _num(b)
         return na == nb if na is not None and nb is not None else str(a).lower() == str(b).lower()
@@ -145,16 +153,20 @@ def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
         for d in _job_dirs(root):
             if not ((d / "results.json").exists() or (d / "error.txt").exists()):
                 continue
-            results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}  # written atomically
-            jobs.append({
-                "dir": d,
-                "root": Path(root),
-                "overrides": _trained_with(_override_dict(d), results.get("config", {})),
-                "results": results,
-                "settings": results.get("config") or _snapshot_settings(d),  # the eval it was scored on
-                "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
-                "metrics": read_metrics(d),
-            })
+            results = (
+                json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+            )  # written atomically
+            jobs.append(
+                {
+                    "dir": d,
+                    "root": Path(root),
+                    "overrides": _trained_with(_override_dict(d), results.get("config", {})),
+                    "results": results,
+                    "settings": results.get("config") or _snapshot_settings(d),  # the eval it was scored on
+                    "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
+                    "metrics": read_metrics(d),
+                }
+            )
     return jobs
 
 
@@ -164,10 +176,22 @@ def collect_unfinished(dirs: List[Path]) -> List[Dict[str, Any]]:
     jobs = []
     for root in dirs:
         for d in _job_dirs(root):
-            if (d / ".hydra" / "overrides.yaml").is_file() and not ((d / "results.json").exists() or (d / "error.txt").exists()):
+            if (d / ".hydra" / "overrides.yaml").is_file() and not (
+                (d / "results.json").exists() or (d / "error.txt").exists()
+            ):
                 metrics = read_metrics(d)
-                jobs.append({"dir": d, "root": Path(root), "overrides": _override_dict(d), "results": {}, "settings": _snapshot_settings(d),
-                             "error": None, "metrics": metrics, "unfinished": unfinished_status(d, metrics)})
+                jobs.append(
+                    {
+                        "dir": d,
+                        "root": Path(root),
+                        "overrides": _override_dict(d),
+                        "results": {},
+                        "settings": _snapshot_settings(d),
+                        "error": None,
+                        "metrics": metrics,
+                        "unfinished": unfinished_status(d, metrics),
+                    }
+                )
     return jobs
 
 
@@ -177,8 +201,12 @@ def unfinished_status(job_dir: Path, metrics: List[Dict[str, Any]]) -> str:
     from mlm.rundir import describe, lock_state
 
     state, holder = lock_state(job_dir)
-    said = {"none": "not started (no run.lock)", "ended": "stopped", "unreadable": "unfinished (its run.lock is unreadable)",
-            "killed": "killed (its process ended without a word)"}.get(state) or f"running ({describe(holder)})"
+    said = {
+        "none": "not started (no run.lock)",
+        "ended": "stopped",
+        "unreadable": "unfinished (its run.lock is unreadable)",
+        "killed": "killed (its process ended without a word)",
+    }.get(state) or f"running ({describe(holder)})"
     return said if state == "none" else f"{said}: {_progress(job_dir, metrics)}"
 
 
@@ -189,7 +217,8 @@ def _progress(job_dir: Path, metrics: List[Dict[str, Any]]) -> str:
     logged = max((r["step"] for r in metrics if isinstance(r.get("step"), int)), default=None)
     saved = checkpoint_steps(job_dir)
     return (f"step {logged} logged" if logged is not None else "no step logged") + (
-        f", checkpoint at step {saved[0]}" if saved else ", no checkpoint")
+        f", checkpoint at step {saved[0]}" if saved else ", no checkpoint"
+    )
 
 
 def failure(job: Dict[str, Any]) -> Optional[str]:
@@ -226,15 +255,42 @@ def failure_line(jobs: List[Dict[str, Any]]) -> Optional[str]:
 # mlm_probability), the seed (it draws the fixed eval masks as it draws the init: noise of one task,
 # which sweeping seeds measures), and what changes only speed (num_proc, eval_batch_size).
 EVAL_KEYS = (
-    "dataset.kind", "dataset.path", "dataset.config_name", "dataset.split", "dataset.text_field", "dataset.test_size",
-    "dataset.split_seed", "dataset.include_news", "dataset.max_examples", "dataset.remainder", "dataset.streaming",
-    "dataset.streaming_eval_docs", "block_size", "trainer.max_eval_blocks", "model.tokenizer",  # unset: model.name_or_path's
-    "masking.mlm_probability", "masking.eval_strategy", "masking.mask_replace_prob", "masking.random_replace_prob",
+    "dataset.kind",
+    "dataset.path",
+    "dataset.config_name",
+    "dataset.split",
+    "dataset.text_field",
+    "dataset.test_size",
+    "dataset.split_seed",
+    "dataset.include_news",
+    "dataset.max_examples",
+    "dataset.remainder",
+    "dataset.streaming",
+    "dataset.streaming_eval_docs",
+    "block_size",
+    "trainer.max_eval_blocks",
+    "model.tokenizer",  # unset: model.name_or_path's
+    "masking.mlm_probability",
+    "masking.eval_strategy",
+    "masking.mask_replace_prob",
+    "masking.random_replace_prob",
 )
-SPAN_EVAL_KEYS = ("masking.span_geometric_p", "masking.span_max_words")  # shape the eval masks only with eval_strategy=span
+SPAN_EVAL_KEYS = (
+    "masking.span_geometric_p",
+    "masking.span_max_words",
+)  # shape the eval masks only with eval_strategy=span
 # What a downstream accuracy is measured on (the fine-tuning lr, epochs, batch and seeds are training's).
-DOWNSTREAM_EVAL_KEYS = ("downstream.kind", "downstream.task", "downstream.path", "downstream.config_name", "downstream.text_fields",
-                        "downstream.label_field", "downstream.eval_split", "downstream.folds", "downstream.max_length")
+DOWNSTREAM_EVAL_KEYS = (
+    "downstream.kind",
+    "downstream.task",
+    "downstream.path",
+    "downstream.config_name",
+    "downstream.text_fields",
+    "downstream.label_field",
+    "downstream.eval_split",
+    "downstream.folds",
+    "downstream.max_length",
+)
 UNKNOWN = "(not recorded)"  # a key a job's saved config lacks: not assumed equal to anything
 
 
@@ -363,19 +419,41 @@ def summary_table(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] =
     several = any(j.get("sweep") for j in rows)
     ema = any(_num(j["results"].get("ema_perplexity")) is not None for j in jobs)
     downstream = any(downstream_accuracy(j) is not None for j in jobs)
-    columns = (["#"] + (["sweep"] if several else []) + ["job"] + keys + (["eval"] if labels else []) + ["final ppl"]
-               + (["EMA ppl"] if ema else []) + ["best ppl", "ppl before"] + (["downstream"] if downstream else [])
-               + ["tokens/s", "train s", "wall s", "device", "status"])
-    text = ["| " + " | ".join(_cell(c) for c in columns) + " |",
-            "|" + "".join("---:|" if c in NUMBERS else "---|" for c in columns)]
+    columns = (
+        ["#"]
+        + (["sweep"] if several else [])
+        + ["job"]
+        + keys
+        + (["eval"] if labels else [])
+        + ["final ppl"]
+        + (["EMA ppl"] if ema else [])
+        + ["best ppl", "ppl before"]
+        + (["downstream"] if downstream else [])
+        + ["tokens/s", "train s", "wall s", "device", "status"]
+    )
+    text = [
+        "| " + " | ".join(_cell(c) for c in columns) + " |",
+        "|" + "".join("---:|" if c in NUMBERS else "---|" for c in columns),
+    ]
     notes = []
     for n, j in enumerate(rows, 1):
         r = j["results"]
-        cells = {"#": n, "sweep": _sweep_name(j), "job": _job_name(j, in_sweep=True), "eval": (labels or {}).get(id(j), "-"),
-                 "final ppl": _fmt(r.get("perplexity")), "EMA ppl": _fmt(_num(r.get("ema_perplexity"))),
-                 "best ppl": _fmt(r.get("best_perplexity")), "ppl before": _fmt(r.get("perplexity_before")),
-                 "downstream": _downstream_text(j), "tokens/s": _fmt(r.get("tokens_per_s"), 0), "train s": _fmt(r.get("train_seconds"), 0),
-                 "wall s": _fmt(r.get("wall_seconds"), 0), "device": _device(r), "status": _status(j, n, notes)}
+        cells = {
+            "#": n,
+            "sweep": _sweep_name(j),
+            "job": _job_name(j, in_sweep=True),
+            "eval": (labels or {}).get(id(j), "-"),
+            "final ppl": _fmt(r.get("perplexity")),
+            "EMA ppl": _fmt(_num(r.get("ema_perplexity"))),
+            "best ppl": _fmt(r.get("best_perplexity")),
+            "ppl before": _fmt(r.get("perplexity_before")),
+            "downstream": _downstream_text(j),
+            "tokens/s": _fmt(r.get("tokens_per_s"), 0),
+            "train s": _fmt(r.get("train_seconds"), 0),
+            "wall s": _fmt(r.get("wall_seconds"), 0),
+            "device": _device(r),
+            "status": _status(j, n, notes),
+        }
         cells.update({k: _short(setting(j, k)) for k in keys})
         text.append("| " + " | ".join(_cell(cells[c]) for c in columns) + " |")
     if notes:
@@ -383,7 +461,16 @@ def summary_table(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] =
     return "\n".join(text)
 
 
-NUMBERS = {"#", "final ppl", "EMA ppl", "best ppl", "ppl before", "tokens/s", "train s", "wall s"}  # right-aligned columns
+NUMBERS = {
+    "#",
+    "final ppl",
+    "EMA ppl",
+    "best ppl",
+    "ppl before",
+    "tokens/s",
+    "train s",
+    "wall s",
+}  # right-aligned columns
 
 
 def _cell(value: Any) -> str:
@@ -407,7 +494,9 @@ def _status(job: Dict[str, Any], row: int, notes: List[str]) -> str:
 def _short(value: Any) -> str:
     """A swept value for a table cell or a label: 0.011536162338241389 -> 0.01154, 3e-05 -> 3e-5; text as it is."""
     number = _num(value)
-    if number is None or not math.isfinite(number) or len(str(value)) <= 7:  # text, or a number as short as it was typed
+    if (
+        number is None or not math.isfinite(number) or len(str(value)) <= 7
+    ):  # text, or a number as short as it was typed
         return str(value)
     return _plain(float(f"{number:.4g}"))
 
@@ -434,12 +523,17 @@ def eval_text(flat: Dict[str, Any]) -> Optional[str]:
     source = f"{kind} {Path(str(path)).name if kind == 'local' else path}" if path else kind
     if flat.get("dataset.config_name"):
         source += f"/{flat['dataset.config_name']}"
-    held = (f"first {flat.get('dataset.streaming_eval_docs')} documents" if flat.get("dataset.streaming")
-            else f"test_size {flat.get('dataset.test_size', '?')}")
+    held = (
+        f"first {flat.get('dataset.streaming_eval_docs')} documents"
+        if flat.get("dataset.streaming")
+        else f"test_size {flat.get('dataset.test_size', '?')}"
+    )
     blocks = flat.get("trainer.max_eval_blocks")
     rate = _num(flat.get("masking.mlm_probability"))
-    return (f"{blocks if blocks is not None else 'all'} held-out blocks of {flat.get('block_size', '?')} tokens from {source} ({held}), "
-            f"{_plain(rate * 100) + '%' if rate is not None else '?'} {flat.get('masking.eval_strategy', '?')} masks")
+    return (
+        f"{blocks if blocks is not None else 'all'} held-out blocks of {flat.get('block_size', '?')} tokens from {source} ({held}), "
+        f"{_plain(rate * 100) + '%' if rate is not None else '?'} {flat.get('masking.eval_strategy', '?')} masks"
+    )
 
 
 def sweep_names(dirs: List[Path]) -> Dict[Path, str]:
@@ -458,19 +552,32 @@ def _value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def best_lines(groups: List[List[Dict[str, Any]]], swept: List[str], what: str, evals: str, settings_of, score_text, prefix: str = "") -> List[str]:
+def best_lines(
+    groups: List[List[Dict[str, Any]]],
+    swept: List[str],
+    what: str,
+    evals: str,
+    settings_of,
+    score_text,
+    prefix: str = "",
+) -> List[str]:
     """The best of each group of comparable jobs (groups sorted best first), named by its `swept` keys: one "Best" line
     where all compare; else a line naming the keys that differ, then each group's settings of those keys and its best."""
     if len(groups) == 1:
         return [f"{what}: `{_best_name(groups[0][0], swept)}` with {score_text(groups[0][0])}."]
     keys = differing_keys(groups, settings_of)
-    lines = [f"Not comparable: the jobs' {evals} differ in {', '.join(keys)}; "
-             f"each group is ranked on its own, and no job is best across groups:", ""]
+    lines = [
+        f"Not comparable: the jobs' {evals} differ in {', '.join(keys)}; "
+        f"each group is ranked on its own, and no job is best across groups:",
+        "",
+    ]
     for i, g in enumerate(groups):
         values = settings_of(g[0])
-        lines.append(f"- {prefix}{group_label(i)} ({len(g)} job(s): {', '.join(_job_name(j) for j in g)}): "
-                     + " ".join(f"{k}={_value(values.get(k, UNKNOWN))}" for k in keys)
-                     + f"; best `{_best_name(g[0], swept)}` with {score_text(g[0])}.")
+        lines.append(
+            f"- {prefix}{group_label(i)} ({len(g)} job(s): {', '.join(_job_name(j) for j in g)}): "
+            + " ".join(f"{k}={_value(values.get(k, UNKNOWN))}" for k in keys)
+            + f"; best `{_best_name(g[0], swept)}` with {score_text(g[0])}."
+        )
     return lines
 
 
@@ -563,7 +670,7 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path, unfinished: List[Dict[str
     panels = []
     for i, key in enumerate(keys):
         row, col = divmod(i, per_row)
-        ax = fig.add_subplot(grid[row, col * span:(col + 1) * span], sharey=panels[0] if panels else None)
+        ax = fig.add_subplot(grid[row, col * span : (col + 1) * span], sharey=panels[0] if panels else None)
         panels.append(ax)
         key_panel(ax, key, ok, failed + list(unfinished), style)
         if col:
@@ -584,7 +691,9 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path, unfinished: List[Dict[str
     plt.close(fig)
 
 
-def key_panel(ax, key: str, ok: List[Dict[str, Any]], others: List[Dict[str, Any]], style: Dict[int, Dict[str, str]]) -> None:
+def key_panel(
+    ax, key: str, ok: List[Dict[str, Any]], others: List[Dict[str, Any]], style: Dict[int, Dict[str, str]]
+) -> None:
     """The final perplexity of the `ok` jobs against their value of `key`; the `others` (failed, unfinished) at the top."""
     from matplotlib.transforms import ScaledTranslation
 
@@ -603,20 +712,46 @@ def key_panel(ax, key: str, ok: List[Dict[str, Any]], others: List[Dict[str, Any
 
     for shape in dict.fromkeys(style[id(j)]["marker"] for j in ok):
         mine = [j for j in ok if style[id(j)]["marker"] == shape and value(j) is not None]
-        ax.scatter([x(j) for j in mine], [j["results"]["perplexity"] for j in mine], c=[style[id(j)]["color"] for j in mine],
-                   marker=shape, s=36, zorder=3)
+        ax.scatter(
+            [x(j) for j in mine],
+            [j["results"]["perplexity"] for j in mine],
+            c=[style[id(j)]["color"] for j in mine],
+            marker=shape,
+            s=36,
+            zorder=3,
+        )
     if ok and value(ok[0]) is not None:  # the best job (of the largest eval group), ringed
-        ax.scatter([x(ok[0])], [ok[0]["results"]["perplexity"]], s=170, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4)
+        ax.scatter(
+            [x(ok[0])],
+            [ok[0]["results"]["perplexity"]],
+            s=170,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.4,
+            zorder=4,
+        )
     top = ax.get_xaxis_transform()  # x in data, y in axes: along the top, whatever the perplexities
-    marks = (("failed", -4, dict(marker="x", color="black")), ("unfinished", 4, dict(marker="o", facecolors="none", edgecolors="0.45")))
+    marks = (
+        ("failed", -4, dict(marker="x", color="black")),
+        ("unfinished", 4, dict(marker="o", facecolors="none", edgecolors="0.45")),
+    )
     for outcome, shift, mark in marks:
         mine = [j for j in others if value(j) is not None and (bool(j.get("unfinished")) == (outcome == "unfinished"))]
         if mine:  # side by side where a failed and an unfinished job share a value
-            ax.scatter([x(j) for j in mine], [0.95] * len(mine), transform=top + ScaledTranslation(shift / 72, 0, ax.figure.dpi_scale_trans),
-                       s=40, zorder=3, clip_on=False, **mark)
+            ax.scatter(
+                [x(j) for j in mine],
+                [0.95] * len(mine),
+                transform=top + ScaledTranslation(shift / 72, 0, ax.figure.dpi_scale_trans),
+                s=40,
+                zorder=3,
+                clip_on=False,
+                **mark,
+            )
     ax.margins(x=0.1, y=0.16)  # room for the marks along the top
     if numeric and known:
-        ax.dataLim.update_from_data_x([x(j) for j in known], ignore=False)  # the marks along the top count for the x range too
+        ax.dataLim.update_from_data_x(
+            [x(j) for j in known], ignore=False
+        )  # the marks along the top count for the x range too
         plain_scale(ax, "x", [x(j) for j in known], exact=True)
     else:
         ax.set_xticks(range(len(categories)), categories)
@@ -636,12 +771,21 @@ def plain_scale(ax, which: str, values: List[float], exact: bool = False) -> Non
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
         decades = math.log10(hi / lo)
         wide = 2 if which == "y" else 1  # a y axis has room for 3s within one or two decades; a panel's x axis has not
-        subs = ((1.0,) if decades > 4 else (1.0, 2.0, 5.0) if decades >= wide else (1.0, 2.0, 3.0, 5.0) if decades >= 0.7
-                else (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0))
+        subs = (
+            (1.0,)
+            if decades > 4
+            else (1.0, 2.0, 5.0)
+            if decades >= wide
+            else (1.0, 2.0, 3.0, 5.0)
+            if decades >= 0.7
+            else (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+        )
         axis.set_major_locator(LogLocator(subs=subs))
         axis.set_minor_formatter(NullFormatter())
     distinct = sorted(set(values))
-    if exact and len(distinct) <= 6 and all(v == float(f"{v:.3g}") for v in distinct):  # a grid's values (Optuna's draws are not)
+    if (
+        exact and len(distinct) <= 6 and all(v == float(f"{v:.3g}") for v in distinct)
+    ):  # a grid's values (Optuna's draws are not)
         axis.set_major_locator(FixedLocator(distinct))
         axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(lambda v, _: _plain(float(f"{v:.6g}"))))
@@ -661,9 +805,11 @@ def unoverlap_ticks(fig, axes) -> None:
 def _overlapping(axis) -> bool:
     """Whether two of the axis's drawn tick labels (those within its view) overlap."""
     lo, hi = sorted(axis.get_view_interval())
-    labels = [t for loc, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= loc <= hi and t.get_text()]
+    labels = [
+        t for loc, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= loc <= hi and t.get_text()
+    ]
     boxes = [t.get_window_extent() for t in labels]
-    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
 def short_keys(keys: List[str]) -> Dict[str, str]:
@@ -672,7 +818,9 @@ def short_keys(keys: List[str]) -> Dict[str, str]:
     return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
 
 
-def curve_panels(fig, grid, ok: List[Dict[str, Any]], number: Dict[int, int], keys: List[str], group_of: Dict[int, str], points: list) -> None:
+def curve_panels(
+    fig, grid, ok: List[Dict[str, Any]], number: Dict[int, int], keys: List[str], group_of: Dict[int, str], points: list
+) -> None:
     """The bottom row of summary.png: eval perplexity and smoothed train loss against the step, and beside them one legend:
     the panels' `points`, then the curves (each job by its row in summary.md, its eval group where there are several:
     `group_of`, and its swept settings where they fit on a line)."""
@@ -681,7 +829,7 @@ def curve_panels(fig, grid, ok: List[Dict[str, Any]], number: Dict[int, int], ke
     def header(text):
         return Line2D([], [], ls="none", label=text)
 
-    evals, losses, slot = (fig.add_subplot(grid[-1, 2 * i:2 * i + 2]) for i in range(3))
+    evals, losses, slot = (fig.add_subplot(grid[-1, 2 * i : 2 * i + 2]) for i in range(3))
     shown = ok[:CURVES]
     for i, j in enumerate(ok):
         look = dict(color=f"C{i % 10}", lw=1.6, zorder=3) if i < CURVES else dict(color="0.75", lw=0.8, zorder=2)
@@ -691,12 +839,16 @@ def curve_panels(fig, grid, ok: List[Dict[str, Any]], number: Dict[int, int], ke
         losses.plot(x, smoothed(y), marker="o" if len(x) == 1 else None, markersize=6, **look)  # one point: a marker
     labels = [f"#{number[id(j)]}" + (f" (eval {group_of[id(j)]})" if group_of else "") for j in shown]
     names = short_keys(keys)
-    settings = [", ".join(f"{names[k]}={_short(j['overrides'][k])}" for k in keys if k in j["overrides"]) for j in shown]
+    settings = [
+        ", ".join(f"{names[k]}={_short(j['overrides'][k])}" for k in keys if k in j["overrides"]) for j in shown
+    ]
     if all(len(f"{l}: {s}") <= 60 for l, s in zip(labels, settings)):
         labels = [f"{l}: {s}" if s else l for l, s in zip(labels, settings)]
     else:  # the settings are in summary.md's row
         labels = [f"{l}: perplexity {_fmt(j['results']['perplexity'])}" for l, j in zip(labels, shown)]
-    handles = ([header("the panels above:")] + points if points else []) + ([header("the curves (row # of summary.md):")] if shown else [])
+    handles = ([header("the panels above:")] + points if points else []) + (
+        [header("the curves (row # of summary.md):")] if shown else []
+    )
     handles += [Line2D([], [], color=f"C{i % 10}", lw=2, label=label) for i, label in enumerate(labels)]
     if len(ok) > CURVES:
         handles.append(Line2D([], [], color="0.75", lw=1, label=f"{len(ok) - CURVES} other jobs"))
@@ -726,9 +878,19 @@ def _point_legend(groups, sweeps, ok, failed, unfinished, number) -> list:
     else:
         out = [mark("finished job", marker="o", color="C0")] if ok else []
     if len(sweeps) > 1:
-        out += [mark(f"sweep {s}", marker=SWEEP_MARKERS[i % len(SWEEP_MARKERS)], color="0.35") for i, s in enumerate(sweeps)]
+        out += [
+            mark(f"sweep {s}", marker=SWEEP_MARKERS[i % len(SWEEP_MARKERS)], color="0.35") for i, s in enumerate(sweeps)
+        ]
     if ok:
-        out.append(mark(f"best: #{number[id(ok[0])]}", marker="o", markerfacecolor="none", markeredgecolor="black", markersize=12))
+        out.append(
+            mark(
+                f"best: #{number[id(ok[0])]}",
+                marker="o",
+                markerfacecolor="none",
+                markeredgecolor="black",
+                markersize=12,
+            )
+        )
     if failed:
         out.append(mark(f"failed ({len(failed)})", marker="x", color="black"))
     if unfinished:
@@ -756,7 +918,7 @@ def smoothed(values: List[float], weight: Optional[float] = None) -> List[float]
     out, last = [], 0.0
     for i, v in enumerate(values, 1):
         last = last * weight + (1 - weight) * v
-        out.append(last / (1 - weight ** i))
+        out.append(last / (1 - weight**i))
     return out
 
 
@@ -780,17 +942,36 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
     swept = swept_keys(jobs + unfinished)
     text = header_lines(dirs, jobs, unfinished) + ["", summary_table(jobs, unfinished), ""]
     if groups:
-        text += best_lines(groups, swept, "Best", "evals", job_eval_settings, lambda j: f"perplexity {j['results']['perplexity']:.2f}", "eval ")
+        text += best_lines(
+            groups,
+            swept,
+            "Best",
+            "evals",
+            job_eval_settings,
+            lambda j: f"perplexity {j['results']['perplexity']:.2f}",
+            "eval ",
+        )
     scored = [j for g in groups for j in g if downstream_accuracy(j) is not None]
     if scored:
-        by_task = [sorted(g, key=downstream_accuracy, reverse=True) for g in comparable_groups(scored, job_downstream_settings)]
-        text += [""] + best_lines(by_task, swept, "Best downstream", "downstream evals", job_downstream_settings,
-                                  lambda j: f"{_downstream_text(j)} (median of {len(j['results']['downstream'].get('seeds', []))} seeds)", "downstream eval ")
+        by_task = [
+            sorted(g, key=downstream_accuracy, reverse=True) for g in comparable_groups(scored, job_downstream_settings)
+        ]
+        text += [""] + best_lines(
+            by_task,
+            swept,
+            "Best downstream",
+            "downstream evals",
+            job_downstream_settings,
+            lambda j: f"{_downstream_text(j)} (median of {len(j['results']['downstream'].get('seeds', []))} seeds)",
+            "downstream eval ",
+        )
     text.append("\n![summary](summary.png)\n")
     budget = budget_sweep(jobs)
     if budget:
         if len(groups) > 1:
-            text.append(f"The Pareto fronts below compare the jobs of eval A only ({len(budget)} job(s)): a front never mixes evals.\n")
+            text.append(
+                f"The Pareto fronts below compare the jobs of eval A only ({len(budget)} job(s)): a front never mixes evals.\n"
+            )
         text += [front_tables(budget), "![budget](budget.png)\n"]
     atomic_write_text(out_dir / "summary.md", "\n".join(text))
     plot_sweep(jobs, out_dir / "summary.png", unfinished)
@@ -809,8 +990,15 @@ def header_lines(dirs: List[Path], jobs: List[Dict[str, Any]], unfinished: List[
     everyone = jobs + unfinished
     if len(set(dirs)) > 1:
         names = sweep_names(dirs)
-        lines = [f"# Summary of {len(set(dirs))} sweeps", "",
-                 "Sweeps: " + "; ".join(f"`{names[d]}` = {d} ({sum(j['root'] == d for j in everyone)} jobs)" for d in dict.fromkeys(dirs)) + "."]
+        lines = [
+            f"# Summary of {len(set(dirs))} sweeps",
+            "",
+            "Sweeps: "
+            + "; ".join(
+                f"`{names[d]}` = {d} ({sum(j['root'] == d for j in everyone)} jobs)" for d in dict.fromkeys(dirs)
+            )
+            + ".",
+        ]
     else:
         lines = [f"# Sweep summary: {dirs[0]}"]
     lines += ["", f"{outcome_text(jobs, unfinished)}."]
@@ -832,13 +1020,20 @@ def outcome_text(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]]) -
     counted = f"{total} job{'s' if total != 1 else ''}"
     if not failed and not unfinished:
         return f"{counted}, all ok"
-    parts = [f"{len(jobs) - failed} ok"] + ([f"{failed} failed"] if failed else []) + ([f"{len(unfinished)} unfinished"] if unfinished else [])
+    parts = (
+        [f"{len(jobs) - failed} ok"]
+        + ([f"{failed} failed"] if failed else [])
+        + ([f"{len(unfinished)} unfinished"] if unfinished else [])
+    )
     return f"{counted}: {', '.join(parts)}"
 
 
 # ---------------------------------------------------------------- what each minute buys: quality against compute
 
-BUDGET_KEYS = ("trainer.budget_minutes", "trainer.max_steps")  # a sweep over either gets budget.png and the Pareto tables
+BUDGET_KEYS = (
+    "trainer.budget_minutes",
+    "trainer.max_steps",
+)  # a sweep over either gets budget.png and the Pareto tables
 COMPUTE = (("train_tokens", "training tokens"), ("train_seconds", "training seconds"))
 
 
@@ -870,7 +1065,9 @@ def _qualities(jobs: List[Dict[str, Any]]) -> List[tuple]:
     if groups:  # the largest group of one downstream eval: a front never mixes tasks
         members = {id(j) for j in groups[0]}
         task = groups[0][0]["results"]["downstream"].get("task", "?")
-        out.append((f"{task} accuracy (median of seeds)", lambda j: downstream_accuracy(j) if id(j) in members else None, True))
+        out.append(
+            (f"{task} accuracy (median of seeds)", lambda j: downstream_accuracy(j) if id(j) in members else None, True)
+        )
     return out
 
 
@@ -880,13 +1077,23 @@ def front_tables(jobs: List[Dict[str, Any]]) -> str:
     for label, value, higher in _qualities(jobs):
         scored = [j for j in jobs if value(j) is not None]
         front = [scored[i] for i in pareto_front([(j["results"]["train_seconds"], value(j)) for j in scored], higher)]
-        text += [f"Pareto front, {label} against training time ({len(front)} of {len(scored)} jobs; no job does better in less time):", "",
-                 "| job | swept | train s | train tokens | " + label + " | change per extra minute |", "|---|---|---:|---:|---:|---:|"]
+        text += [
+            f"Pareto front, {label} against training time ({len(front)} of {len(scored)} jobs; no job does better in less time):",
+            "",
+            "| job | swept | train s | train tokens | " + label + " | change per extra minute |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for before, j in zip([None] + front, front):
             r = j["results"]
-            gain = "-" if before is None else f"{(value(j) - value(before)) / max((r['train_seconds'] - before['results']['train_seconds']) / 60, 1e-9):+.3g}"
-            text.append(f"| {_job_name(j)} | {_swept_text(j, swept)} | {r['train_seconds']:.3g} | {int(r['train_tokens']):,} | "
-                        f"{value(j):.{2 if not higher else 3}f} | {gain} |")
+            gain = (
+                "-"
+                if before is None
+                else f"{(value(j) - value(before)) / max((r['train_seconds'] - before['results']['train_seconds']) / 60, 1e-9):+.3g}"
+            )
+            text.append(
+                f"| {_job_name(j)} | {_swept_text(j, swept)} | {r['train_seconds']:.3g} | {int(r['train_tokens']):,} | "
+                f"{value(j):.{2 if not higher else 3}f} | {gain} |"
+            )
         text.append("")
     return "\n".join(text)
 
@@ -917,8 +1124,13 @@ def plot_budget(jobs: List[Dict[str, Any]], path: Path) -> None:
             ax.step(fx + [max(xs, default=0)], fy + fy[-1:], where="post", color="C3", zorder=3)
             ax.scatter(fx, fy, color="C3", s=45, label="Pareto front", zorder=4)
             for (x, y), j in zip(points, scored):
-                ax.annotate(",".join(f"{k.split('.')[-1]}={j['overrides'].get(k)}" for k in keys), (x, y),
-                            fontsize=7, xytext=(4, 4), textcoords="offset points")
+                ax.annotate(
+                    ",".join(f"{k.split('.')[-1]}={j['overrides'].get(k)}" for k in keys),
+                    (x, y),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
             if xs and min(xs) > 0 and max(xs) / min(xs) >= 3:
                 ax.set_xscale("log")
             ticks = sorted(set(xs))  # label the jobs' own values, compactly (24k, 1.2M)
@@ -927,7 +1139,9 @@ def plot_budget(jobs: List[Dict[str, Any]], path: Path) -> None:
             ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
-            ax.set_title(f"{label.split(' (')[0]} vs {xlabel}" + (" (higher is better)" if higher else " (lower is better)"))
+            ax.set_title(
+                f"{label.split(' (')[0]} vs {xlabel}" + (" (higher is better)" if higher else " (lower is better)")
+            )
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"what the training budget buys: {len(jobs)} job(s), swept {', '.join(keys)}")
@@ -938,6 +1152,7 @@ def plot_budget(jobs: List[Dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------- an Optuna study compares like with like
+
 
 def search_space(config: DictConfig) -> List[str]:
     """The sweep overrides an Optuna study searches: hydra.sweeper.params, and the command line's, which win."""
@@ -978,9 +1193,15 @@ def _group_eval_differences(config: DictConfig, group: str, options: List[str]) 
     from mlm.rundir import flat_settings
 
     loader = GlobalHydra.instance().config_loader()
-    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-             if not o.is_sweep_override() and o.get_key_element() != group]
-    values = [eval_settings(flat_settings(loader.load_sweep_config(config, fixed + [f"{group}={option}"])) or {}) for option in options]
+    fixed = [
+        o.input_line
+        for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        if not o.is_sweep_override() and o.get_key_element() != group
+    ]
+    values = [
+        eval_settings(flat_settings(loader.load_sweep_config(config, fixed + [f"{group}={option}"])) or {})
+        for option in options
+    ]
     return [k for k in values[0] if len({json.dumps(v.get(k), default=str) for v in values}) > 1]
 
 
@@ -991,8 +1212,10 @@ def check_search_space(config: DictConfig) -> None:
         return
     found = eval_sweeps(search_space(config), config)
     if found:
-        raise UserError(f"hparams_search=optuna would rank trials scored on different evals: its search space varies {'; '.join(found)}; "
-                        "give it one value for the study, or sweep it without Optuna (python run.py -m key=a,b), whose summary ranks each eval on its own")
+        raise UserError(
+            f"hparams_search=optuna would rank trials scored on different evals: its search space varies {'; '.join(found)}; "
+            "give it one value for the study, or sweep it without Optuna (python run.py -m key=a,b), whose summary ranks each eval on its own"
+        )
 
 
 class SweepSummaryCallback(Callback):
@@ -1020,7 +1243,9 @@ class SweepSummaryCallback(Callback):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlm.report", description="Summarise runs and sweeps: summary.md + summary.png")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlm.report", description="Summarise runs and sweeps: summary.md + summary.png"
+    )
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first directory)")
     args = parser.parse_args(argv)

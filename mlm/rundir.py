@@ -136,12 +136,22 @@ class RunLock:
                     f"{self.run_dir} is in use by another run ({describe(holder)}; this filesystem has no flock, so "
                     f"if that run is gone delete {self.path}); or give this run its own directory"
                 ) from None
-            log.warning("%s: the filesystem does not support flock; the lock relies on its holder record only", self.path)
+            log.warning(
+                "%s: the filesystem does not support flock; the lock relies on its holder record only", self.path
+            )
         previous = self._record()
         if previous:
-            log.warning("taking over %s from a run that did not end cleanly (%s; it is no longer running)", self.path, describe(previous))
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()) or time.time(),
-              "command": " ".join(scrub(sys.argv))[:500]}
+            log.warning(
+                "taking over %s from a run that did not end cleanly (%s; it is no longer running)",
+                self.path,
+                describe(previous),
+            )
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start": _process_start(os.getpid()) or time.time(),
+            "command": " ".join(scrub(sys.argv))[:500],
+        }
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, json.dumps(me).encode(), 0)
@@ -165,7 +175,10 @@ class RunLock:
             self.fd = None
 
 
-HYDRA_OWN = (".hydra", "multirun.yaml")  # what Hydra writes into a directory before a job's lock is taken (and <job>.log)
+HYDRA_OWN = (
+    ".hydra",
+    "multirun.yaml",
+)  # what Hydra writes into a directory before a job's lock is taken (and <job>.log)
 
 
 def refuse_links(run_dir: Path) -> None:
@@ -183,8 +196,10 @@ def refuse_links(run_dir: Path) -> None:
 
 def link_line(link: Path, others: int = 0) -> str:
     more = f" (and {others} other link{'s' if others > 1 else ''})" if others else ""
-    return (f"{link} is a symbolic link (to {os.readlink(link)}){more}; a run writes only real files in its directory "
-            f"and leaves link targets alone: remove the link, or give the run a directory of its own (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)")
+    return (
+        f"{link} is a symbolic link (to {os.readlink(link)}){more}; a run writes only real files in its directory "
+        f"and leaves link targets alone: remove the link, or give the run a directory of its own (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep)"
+    )
 
 
 def refuse_foreign(run_dir: Path) -> None:
@@ -195,8 +210,10 @@ def refuse_foreign(run_dir: Path) -> None:
         return
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in HYDRA_OWN and not p.name.endswith(".log"))
     if foreign:
-        raise UserError(f"{run_dir} holds files no run of this harness wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}; "
-                        f"no {LOCK_FILE}); give the run a directory of its own (hydra.run.dir=... or hydra.sweep.dir=...)")
+        raise UserError(
+            f"{run_dir} holds files no run of this harness wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}; "
+            f"no {LOCK_FILE}); give the run a directory of its own (hydra.run.dir=... or hydra.sweep.dir=...)"
+        )
 
 
 def lock_run_dir(run_dir: Path) -> RunLock:
@@ -266,13 +283,19 @@ def checkpoint_steps(run_dir: Path) -> List[int]:
     newest first, read by name without importing torch (mlm.checkpoint.list_checkpoints also checks each file's size)."""
     root = Path(run_dir) / "checkpoints"
     names = root.glob("ckpt-*") if root.is_dir() else []
-    return sorted((int(p.name[5:]) for p in names if p.name[5:].isdigit() and (p / "manifest.json").is_file()), reverse=True)
+    return sorted(
+        (int(p.name[5:]) for p in names if p.name[5:].isdigit() and (p / "manifest.json").is_file()), reverse=True
+    )
 
 
 # ---------------------------------------------------------------- the command that resumes a run
 
-RUNS_ROOT = Path("outputs/runs")  # where a run without hydra.run.dir goes (conf/config.yaml; relative to the working directory)
-STAMP_NAME = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d")  # a default run directory's name: its start time (mlm.cli.launch_stamp)
+RUNS_ROOT = Path(
+    "outputs/runs"
+)  # where a run without hydra.run.dir goes (conf/config.yaml; relative to the working directory)
+STAMP_NAME = re.compile(
+    r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
+)  # a default run directory's name: its start time (mlm.cli.launch_stamp)
 MAKE_TARGET = "MLM_MAKE_TARGET"  # set by the Makefile's train target: the resume command is then `make train ARGS=...`
 
 
@@ -285,7 +308,9 @@ def resume_command(run_dir: Path, sweep_dir: Optional[Path] = None) -> str:
     args = [a for a in sys.argv[1:] if scrub(a) == a]
     extra = [] if any(a.lstrip("+").startswith(key + "=") for a in args) else [f"{key}={Path(where).absolute()}"]
     if detect().world_size > 1:
-        return "the same launch command (torchrun, accelerate launch, srun)" + (f" with {shlex.join(extra)} added" if extra else "")
+        return "the same launch command (torchrun, accelerate launch, srun)" + (
+            f" with {shlex.join(extra)} added" if extra else ""
+        )
     target = os.environ.get(MAKE_TARGET)
     if target:
         return f"make {target} ARGS={_make_quote(shlex.join(args + extra))}" + _secrets_left_out()
@@ -295,7 +320,11 @@ def resume_command(run_dir: Path, sweep_dir: Optional[Path] = None) -> str:
 def _secrets_left_out() -> str:
     """The command's arguments that hold a secret are left out of a printed command (masked, a pasted one would set the
     secret to ***): said after it, by their key."""
-    held = [scrub(a).split("=")[0] + "=..." if "=" in a else "the argument holding a secret" for a in sys.argv[1:] if scrub(a) != a]
+    held = [
+        scrub(a).split("=")[0] + "=..." if "=" in a else "the argument holding a secret"
+        for a in sys.argv[1:]
+        if scrub(a) != a
+    ]
     return f" (and add again, with its value: {', '.join(held)})" if held else ""
 
 
@@ -342,10 +371,17 @@ def unfinished_run(overrides: List[str], config: dict) -> Optional[Path]:
         return None
     for run_dir in sorted((p for p in RUNS_ROOT.iterdir() if STAMP_NAME.fullmatch(p.name)), reverse=True):
         try:
-            if (run_dir / "results.json").exists() or (run_dir / "error.txt").exists() or not (run_dir / "checkpoints").is_dir():
+            if (
+                (run_dir / "results.json").exists()
+                or (run_dir / "error.txt").exists()
+                or not (run_dir / "checkpoints").is_dir()
+            ):
                 continue  # finished; failed (a decision: its error.txt says whether its command resumes it); never saved
             saved = run_dir / ".hydra"
-            if yaml.safe_load((saved / "overrides.yaml").read_text()) != overrides or yaml.safe_load((saved / "config.yaml").read_text()) != config:
+            if (
+                yaml.safe_load((saved / "overrides.yaml").read_text()) != overrides
+                or yaml.safe_load((saved / "config.yaml").read_text()) != config
+            ):
                 continue
             if held_elsewhere(run_dir):
                 continue
@@ -363,19 +399,30 @@ def unfinished_run(overrides: List[str], config: dict) -> Optional[Path]:
 NOT_RESULTS = resume_exempt()
 
 
-def changed_settings(saved: dict, settings: dict, saved_processes: Optional[int], may_change: Tuple[str, ...] = ()) -> List[str]:
+def changed_settings(
+    saved: dict, settings: dict, saved_processes: Optional[int], may_change: Tuple[str, ...] = ()
+) -> List[str]:
     """The result-affecting settings that differ between a run's saved flat config (trained on `saved_processes`)
     and this one's, as 'key=old there, new now', leaving out `may_change` (branch_may_change). The batch split may
     change, the global batch may not."""
     # a stream's shards (and so its data order) depend on the dataloader workers
-    ignored = tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming"))) + may_change
-    saved = {MOVED.get(k, k): v for k, v in saved.items()}  # a run saved before keys moved compares under their new names
+    ignored = (
+        tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming")))
+        + may_change
+    )
+    saved = {
+        MOVED.get(k, k): v for k, v in saved.items()
+    }  # a run saved before keys moved compares under their new names
     # "***": a value an older version masked as a secret (model.tokenizer): not known, so not compared
-    differ = sorted(k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] not in (settings[k], MASKED))
+    differ = sorted(
+        k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] not in (settings[k], MASKED)
+    )
     shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
     before, now = global_batch(saved, saved_processes), global_batch(settings, detect().world_size)
     if before and now and before != now:
-        shown.append(f"global batch (per_device_batch_size x gradient_accumulation_steps x processes)={before} there, {now} now")
+        shown.append(
+            f"global batch (per_device_batch_size x gradient_accumulation_steps x processes)={before} there, {now} now"
+        )
     return shown
 
 
@@ -412,7 +459,9 @@ def rate_after(flat: dict, step: int) -> Optional[float]:
         total = int(flat["trainer.max_steps"])
         if flat["scheduler.name"] != "wsd" or total <= 0 or flat.get("trainer.budget_minutes"):
             return None
-        return stable_then_decay(step, decay_start(total, float(flat["scheduler.decay_ratio"])), total, str(flat["scheduler.decay_shape"]))
+        return stable_then_decay(
+            step, decay_start(total, float(flat["scheduler.decay_ratio"])), total, str(flat["scheduler.decay_shape"])
+        )
     except (KeyError, TypeError, ValueError):  # a config saved before these keys existed
         return None
 
@@ -425,17 +474,34 @@ def refuse_rate_jump(ckpt: Path, saved: dict, settings: dict, step: int) -> None
     run, a later decay) would jump the rate back up, to the peak from 0 for a finished run: refused, naming the
     newest checkpoint of its run before the decay began, which may branch into these settings."""
     before, after = rate_after(saved, step), rate_after(settings, step)
-    if before is None or after is None or step <= decay_start(int(saved["trainer.max_steps"]), float(saved["scheduler.decay_ratio"])) \
-            or after <= before + 1e-9:
+    if (
+        before is None
+        or after is None
+        or step <= decay_start(int(saved["trainer.max_steps"]), float(saved["scheduler.decay_ratio"]))
+        or after <= before + 1e-9
+    ):
         return
     from mlm.checkpoint import list_checkpoints
 
     changed = " ".join(f"{k}={settings[k]}" for k in SCHEDULE_KEYS if settings.get(k) != saved.get(k))
-    stable = next((p for p in list_checkpoints(ckpt.parent.parent) if in_stable_phase(saved, _step(p)) and in_stable_phase(settings, _step(p))), None)
-    way = (f"branch from {stable.name}, before the decay began: hydra.run.dir=<new dir> resume={stable}" if stable else
-           f"no checkpoint of {ckpt.parent.parent} before the decay is kept, so put back " + " ".join(f"{k}={saved.get(k)}" for k in SCHEDULE_KEYS))
-    raise UserError(f"{ckpt} is in its wsd decay (rate {before:.2f} x peak after step {step}) and {changed} would train step "
-                    f"{step + 1} at {after:.2f} x peak, jumping the rate back up; {way}")
+    stable = next(
+        (
+            p
+            for p in list_checkpoints(ckpt.parent.parent)
+            if in_stable_phase(saved, _step(p)) and in_stable_phase(settings, _step(p))
+        ),
+        None,
+    )
+    way = (
+        f"branch from {stable.name}, before the decay began: hydra.run.dir=<new dir> resume={stable}"
+        if stable
+        else f"no checkpoint of {ckpt.parent.parent} before the decay is kept, so put back "
+        + " ".join(f"{k}={saved.get(k)}" for k in SCHEDULE_KEYS)
+    )
+    raise UserError(
+        f"{ckpt} is in its wsd decay (rate {before:.2f} x peak after step {step}) and {changed} would train step "
+        f"{step + 1} at {after:.2f} x peak, jumping the rate back up; {way}"
+    )
 
 
 def _step(ckpt: Path) -> int:
@@ -447,7 +513,11 @@ def _step(ckpt: Path) -> int:
 
 def global_batch(flat: dict, processes: Optional[int]) -> Optional[int]:
     try:
-        return int(flat["trainer.per_device_batch_size"]) * int(flat["trainer.gradient_accumulation_steps"]) * int(processes)
+        return (
+            int(flat["trainer.per_device_batch_size"])
+            * int(flat["trainer.gradient_accumulation_steps"])
+            * int(processes)
+        )
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -467,8 +537,10 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
     except (OSError, ValueError):
         return None
     if not isinstance(results, dict) or not isinstance(results.get("config") or {}, dict):
-        raise UserError(f"{Path(run_dir) / 'results.json'} is not what this harness writes (not an object of results with "
-                        "a \"config\" object); give the run its own directory (hydra.run.dir=<new dir>)")
+        raise UserError(
+            f"{Path(run_dir) / 'results.json'} is not what this harness writes (not an object of results with "
+            'a "config" object); give the run its own directory (hydra.run.dir=<new dir>)'
+        )
     saved = results.get("config") or {}
     if results.get("stopped") == "budget":  # finished by its time budget: finished if asked the same budget
         if saved.get("trainer.budget_minutes") != settings.get("trainer.budget_minutes"):
@@ -477,8 +549,10 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
         return None
     differ = changed_settings(saved, settings, results.get("processes"), path_by_content(results))
     if differ:
-        raise UserError(f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); put them back "
-                        "to get its results, or give this run its own directory (hydra.run.dir=... or hydra.sweep.dir=...)")
+        raise UserError(
+            f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); put them back "
+            "to get its results, or give this run its own directory (hydra.run.dir=... or hydra.sweep.dir=...)"
+        )
     return results
 
 
@@ -490,7 +564,9 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
     Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
     its content is verified later, before loading). Checkpoints without a saved config (older
     versions) are not compared."""
-    from mlm.checkpoint import resume_candidates  # mlm.checkpoint -> mlm.parallel -> torch.distributed: only when resuming
+    from mlm.checkpoint import (
+        resume_candidates,
+    )  # mlm.checkpoint -> mlm.parallel -> torch.distributed: only when resuming
 
     if settings is None or resume == "never":
         return
@@ -504,16 +580,22 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
         return  # unreadable (resume then sets it aside) or written before configs were saved
     if not isinstance(saved, dict) or malformed_data(state.get("data")):
         return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
-    differ = changed_settings(saved, settings, state.get("world_size"), branch_may_change(saved, settings, step) + path_by_content(state))
+    differ = changed_settings(
+        saved, settings, state.get("world_size"), branch_may_change(saved, settings, step) + path_by_content(state)
+    )
     if differ and resume == "auto":
-        raise UserError(f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); put them back to resume "
-                        f"it, or branch from it with these in a run directory of its own: hydra.run.dir=<new dir> resume={candidates[0]}")
+        raise UserError(
+            f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); put them back to resume "
+            f"it, or branch from it with these in a run directory of its own: hydra.run.dir=<new dir> resume={candidates[0]}"
+        )
     refuse_rate_jump(candidates[0], saved, settings, step)
     if differ:  # a checkpoint named by hand: a branch from it is the user's choice, said once
         log.warning("resuming %s with other settings: %s", candidates[0], "; ".join(differ))
     if 0 < max_steps < step:
-        raise UserError(f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; raise "
-                        "trainer.max_steps to resume it, or give this run a directory of its own (hydra.run.dir=...)")
+        raise UserError(
+            f"trainer.max_steps={max_steps} is below the {step} steps {candidates[0]} already trained; raise "
+            "trainer.max_steps to resume it, or give this run a directory of its own (hydra.run.dir=...)"
+        )
 
 
 def flat_settings(cfg: DictConfig) -> Optional[dict]:
@@ -528,8 +610,10 @@ def flat_settings(cfg: DictConfig) -> Optional[dict]:
 
 
 def finished_line(run_dir: Path, results: dict) -> str:
-    return (f"{run_dir} already finished ({results.get('steps')} steps, perplexity {results.get('perplexity', float('nan')):.2f}); "
-            f"results in {Path(run_dir) / 'results.json'} (a run directory of its own, hydra.run.dir=<new dir>, trains again)")
+    return (
+        f"{run_dir} already finished ({results.get('steps')} steps, perplexity {results.get('perplexity', float('nan')):.2f}); "
+        f"results in {Path(run_dir) / 'results.json'} (a run directory of its own, hydra.run.dir=<new dir>, trains again)"
+    )
 
 
 def guard(run_dir: Path, cfg) -> Optional[dict]:
@@ -571,8 +655,10 @@ def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
         record, where = results, None
         problem = malformed_data(results.get("data"))
         if problem:
-            raise UserError(f"{Path(run_dir) / 'results.json'} is not what this harness writes: its {problem}; "
-                            "give the run its own directory (hydra.run.dir=<new dir>)")
+            raise UserError(
+                f"{Path(run_dir) / 'results.json'} is not what this harness writes: its {problem}; "
+                "give the run its own directory (hydra.run.dir=<new dir>)"
+            )
     else:
         candidates = resume_candidates("auto", run_dir)
         try:
@@ -592,17 +678,21 @@ def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
         return  # the files are gone: a finished run's results still stand; a resume says so when it reads them
     differ = changed_data(record["data"], now)
     if differ and where is None:
-        raise UserError(f"{run_dir} holds a finished run trained on other data ({'; '.join(differ)}); "
-                        "give the run on this data its own directory (the finished run's results stay)")
+        raise UserError(
+            f"{run_dir} holds a finished run trained on other data ({'; '.join(differ)}); "
+            "give the run on this data its own directory (the finished run's results stay)"
+        )
     if differ:
         raise data_changed(where, differ)
 
 
 def data_changed(checkpoint: Path, differ: List[str]) -> UserError:
     """The refusal of resume=auto from `checkpoint` on other data, with the way out that keeps every checkpoint."""
-    return UserError(f"the training data changed since checkpoint {checkpoint.name}: {'; '.join(differ)}; put the data back to resume, "
-                     f"or train on it in a new run directory branched from this checkpoint (hydra.run.dir=<new dir> "
-                     f"resume={checkpoint.resolve()}); the checkpoints here are kept")
+    return UserError(
+        f"the training data changed since checkpoint {checkpoint.name}: {'; '.join(differ)}; put the data back to resume, "
+        f"or train on it in a new run directory branched from this checkpoint (hydra.run.dir=<new dir> "
+        f"resume={checkpoint.resolve()}); the checkpoints here are kept"
+    )
 
 
 def start_from(run_dir: Path, resumed_step: Optional[int], unrecorded: List[Dict[str, Any]] = ()) -> None:

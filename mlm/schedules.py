@@ -21,9 +21,13 @@ SCHEDULES: Dict[str, Callable[[float], float]] = {
     "constant": lambda progress: 1.0,
 }
 
-DECAY_SHAPES: Dict[str, Callable[[float], float]] = {  # wsd's decay: progress through the decay (0 -> 1) -> multiplier (1 -> 0)
+DECAY_SHAPES: Dict[
+    str, Callable[[float], float]
+] = {  # wsd's decay: progress through the decay (0 -> 1) -> multiplier (1 -> 0)
     "linear": lambda x: 1.0 - x,
-    "1-sqrt": lambda x: 1.0 - math.sqrt(x),  # falls fast, then flattens (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations")
+    "1-sqrt": lambda x: (
+        1.0 - math.sqrt(x)
+    ),  # falls fast, then flattens (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations")
 }
 
 

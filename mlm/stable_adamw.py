@@ -48,10 +48,19 @@ import torch
 class StableAdamW(torch.optim.Optimizer):
     """AdamW with per-tensor update clipping. Param groups take lr, betas, eps, weight_decay, like AdamW's."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
-                 weight_decay: float = 0.01, foreach: bool = True):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        foreach: bool = True,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid StableAdamW settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise ValueError(
+                f"invalid StableAdamW settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}"
+            )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach))
 
     @torch.no_grad()

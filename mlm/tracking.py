@@ -123,7 +123,9 @@ class JsonlTracker:
     def log(self, metrics, step):
         self.unwritten.append({"step": step, **metrics})
         try:
-            with open_append(self.path) as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
+            with open_append(
+                self.path
+            ) as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
                 faults.write(f, "".join(json.dumps(r) + "\n" for r in self.unwritten), "metrics")
         except OSError as e:
             self.failure = e
@@ -148,7 +150,12 @@ def _records(path: Path) -> List[Dict[str, Any]]:
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("no step")
         except ValueError:
-            log.warning("%s line %d is not a complete record (%r); a run killed mid-write leaves one; ignoring it", path, n, line[:60])
+            log.warning(
+                "%s line %d is not a complete record (%r); a run killed mid-write leaves one; ignoring it",
+                path,
+                n,
+                line[:60],
+            )
             continue
         records.append(record)
     return records
@@ -242,7 +249,9 @@ class TensorBoardTracker:
         purge_step = start_step + 1 if start_step else None
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
         # at the first step of this session: a later resume from the same checkpoint purges it with the replayed steps
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", global_step=purge_step or 0)
+        self.writer.add_text(
+            "config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", global_step=purge_step or 0
+        )
 
     def log(self, metrics, step):
         for k, v in metrics.items():
@@ -269,7 +278,9 @@ def wandb_mode(requested: str) -> str:
 
 
 WANDB_INIT_TIMEOUT_S = 10.0  # wandb waits 90 s by default; a server not reached by then means offline records instead
-_unreachable: Dict[str, str] = {}  # W&B server URL -> why it could not be reached earlier in this process (a sweep's later jobs)
+_unreachable: Dict[
+    str, str
+] = {}  # W&B server URL -> why it could not be reached earlier in this process (a sweep's later jobs)
 
 
 def wandb_init_timeout() -> float:
@@ -278,7 +289,14 @@ def wandb_init_timeout() -> float:
 
 
 _TIMEOUT_SIGNS = ("timed out", "deadline exceeded")  # wandb-core's words when init_timeout ran out
-_CONNECTION_SIGNS = ("connection refused", "connection reset", "no such host", "network is unreachable", "dial tcp", "tls handshake")
+_CONNECTION_SIGNS = (
+    "connection refused",
+    "connection reset",
+    "no such host",
+    "network is unreachable",
+    "dial tcp",
+    "tls handshake",
+)
 
 
 def unreachable_cause(error: Exception) -> Optional[str]:
@@ -303,7 +321,9 @@ def wandb_sync_command(run) -> str:
     return "wandb sync " + " ".join(shlex.quote(str(f)) for f in folders)
 
 
-_WANDB_ADVICE = re.compile(r"\s*(Consider|Please try) increasing .*", re.I | re.S)  # wandb's own way out (wandb.Settings(init_timeout=...)), not ours
+_WANDB_ADVICE = re.compile(
+    r"\s*(Consider|Please try) increasing .*", re.I | re.S
+)  # wandb's own way out (wandb.Settings(init_timeout=...)), not ours
 
 
 def online_failure(url: str, error: Exception, cause: Optional[str]) -> str:
@@ -314,7 +334,11 @@ def online_failure(url: str, error: Exception, cause: Optional[str]) -> str:
     why = _WANDB_ADVICE.sub("", first_line(error)) or type(error).__name__
     if cause == "timeout":
         why += f"; waited at most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT"
-    fix = "tracker.mode=offline skips the try" if cause else "check WANDB_API_KEY or `wandb login`, or tracker.mode=offline"
+    fix = (
+        "tracker.mode=offline skips the try"
+        if cause
+        else "check WANDB_API_KEY or `wandb login`, or tracker.mode=offline"
+    )
     return f"could not start online at {url} ({why}; {fix})"
 
 
@@ -334,7 +358,9 @@ class WandbTracker:
     Rewind is a W&B preview feature: a server that refuses it gets the run continued as is (resume="allow"), and its
     history may then hold the steps between the checkpoint and the interruption twice."""
 
-    def __init__(self, cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], resume_id: Optional[str]):
+    def __init__(
+        self, cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], resume_id: Optional[str]
+    ):
         import wandb
 
         self.wandb = wandb
@@ -361,7 +387,12 @@ class WandbTracker:
         self.run.define_metric("eval/perplexity", step_metric="step", summary="min")
         self.run.define_metric("eval/loss", step_metric="step", summary="min")
         if offline:
-            log.warning("W&B: %s, logging offline to %s; upload later with `%s`", offline, Path(self.run.dir).parent, wandb_sync_command(self.run))
+            log.warning(
+                "W&B: %s, logging offline to %s; upload later with `%s`",
+                offline,
+                Path(self.run.dir).parent,
+                wandb_sync_command(self.run),
+            )
 
     def start(self, requested: str, options: Dict[str, Any], resume_id: Optional[str]):
         """The W&B run and, when it logs offline, why. Online, a server that refuses the rewind gets the run continued
@@ -376,9 +407,13 @@ class WandbTracker:
         run, error = self.try_online(options)
         if run is None and "resume_from" in options and unreachable_cause(error) is None:
             # rewind is a preview feature many servers refuse (Self-Managed has none): continue the run as before it
-            log.warning("W&B: %s would not rewind run %s to the checkpoint (%s); continuing it without the rewind, so the steps "
-                        "logged after the checkpoint may appear twice in the W&B UI (metrics.jsonl, CSV and TensorBoard hold each once)",
-                        url, resume_id, first_line(error))
+            log.warning(
+                "W&B: %s would not rewind run %s to the checkpoint (%s); continuing it without the rewind, so the steps "
+                "logged after the checkpoint may appear twice in the W&B UI (metrics.jsonl, CSV and TensorBoard hold each once)",
+                url,
+                resume_id,
+                first_line(error),
+            )
             options = {k: v for k, v in options.items() if k != "resume_from"} | {"id": resume_id, "resume": "allow"}
             run, error = self.try_online(options)
         if run is not None:
@@ -438,7 +473,13 @@ class SafeTrackers:
             try:
                 getattr(t, method)(*args)
             except Exception as e:  # a tracker must never stop training
-                log.warning("tracker %s failed in %s (%s: %s); it is switched off for the rest of the run", type(t).__name__, method, type(e).__name__, e)
+                log.warning(
+                    "tracker %s failed in %s (%s: %s); it is switched off for the rest of the run",
+                    type(t).__name__,
+                    method,
+                    type(e).__name__,
+                    e,
+                )
                 self.trackers.remove(t)
                 if method != "finish":
                     try:  # close it anyway, so a W&B run does not stay open into the next job of a sweep
@@ -456,8 +497,15 @@ class SafeTrackers:
         self._each("finish")
 
 
-def open_trackers(cfg: TrackerConfig, run_dir: Path, config: Dict[str, Any], job: Dict[str, Any], is_main: bool,
-                  resume_id: Optional[str] = None, start_step: int = 0):
+def open_trackers(
+    cfg: TrackerConfig,
+    run_dir: Path,
+    config: Dict[str, Any],
+    job: Dict[str, Any],
+    is_main: bool,
+    resume_id: Optional[str] = None,
+    start_step: int = 0,
+):
     """The trackers of this process: JSONL plus the configured backends on the main process, nothing elsewhere.
     `resume_id`, `start_step`: the W&B run and the step of the checkpoint this run resumed from (0: a fresh start)."""
     if not is_main:

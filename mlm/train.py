@@ -42,7 +42,9 @@ from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
 
-DATA_WAIT_WARN = 0.2  # a log window whose steps waited longer than this share for their batches gets one warning per run
+DATA_WAIT_WARN = (
+    0.2  # a log window whose steps waited longer than this share for their batches gets one warning per run
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -65,8 +67,12 @@ class TrainState:
     tracker_run_id: Optional[str] = None
     log_window: List[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and masked tokens since the last log
     final_eval_step: Optional[int] = None  # the step whose final eval is logged: a resume there must not log it twice
-    unrecorded: List[Dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records a failed write left: the resume writes them
-    branched_from: Optional[Dict[str, Any]] = None  # {"checkpoint": path, "step": n}: the other run's checkpoint this one started from
+    unrecorded: List[Dict[str, Any]] = field(
+        default_factory=list
+    )  # metrics.jsonl records a failed write left: the resume writes them
+    branched_from: Optional[Dict[str, Any]] = (
+        None  # {"checkpoint": path, "step": n}: the other run's checkpoint this one started from
+    )
 
     def restore(self, saved: Dict[str, Any]) -> None:
         """Take a checkpoint's state in place (the schedule's time-budget clock reads this object)."""
@@ -97,10 +103,14 @@ class LogWindow:
         self.wait += wait
         self.steps += 1
 
-    def flush(self, accelerator, tokens_per_step: int, utilisation: Optional[flops.Utilisation] = None) -> Dict[str, float]:
+    def flush(
+        self, accelerator, tokens_per_step: int, utilisation: Optional[flops.Utilisation] = None
+    ) -> Dict[str, float]:
         """Mean masked-token loss over the window and all processes (one all-reduce), then reset; with
         `utilisation`, also the window's model TFLOP/s per device and MFU."""
-        totals = torch.stack([self.loss_sum.double(), torch.tensor(float(self.masked), dtype=torch.float64, device=self.device)])
+        totals = torch.stack(
+            [self.loss_sum.double(), torch.tensor(float(self.masked), dtype=torch.float64, device=self.device)]
+        )
         totals = accelerator.reduce(totals, reduction="sum")
         seconds = max(self.seconds, 1e-9)
         metrics = {
@@ -124,7 +134,9 @@ class Data:
     order: TrainOrder
     steps: int  # optimizer steps the run trains for
     stream_shards: Optional[int]  # streaming: how many shards the stream is read in (a resume must keep it)
-    identity: Dict[str, Any]  # what it trains on: source files' and tokenizer's hashes (mlm/data/identity.py), a resume compares them
+    identity: Dict[
+        str, Any
+    ]  # what it trains on: source files' and tokenizer's hashes (mlm/data/identity.py), a resume compares them
 
 
 @dataclass
@@ -150,9 +162,13 @@ class Run:
     utilisation: Optional[flops.Utilisation] = None  # FLOP counts and device peak (perf/mfu); None: not countable
     precision: str = ""  # the precision it trains in, and why (the start banner)
     batch_wait: float = 0.0  # seconds the current step waited for its batches (train_batches)
-    waited: List[float] = field(default_factory=lambda: [0.0, 0.0])  # batch wait and step seconds since this process started
+    waited: List[float] = field(
+        default_factory=lambda: [0.0, 0.0]
+    )  # batch wait and step seconds since this process started
     data_wait_warned: bool = False
-    writer: checkpoint.Writer = field(default_factory=checkpoint.Writer)  # writes checkpoints: inline, or in the background
+    writer: checkpoint.Writer = field(
+        default_factory=checkpoint.Writer
+    )  # writes checkpoints: inline, or in the background
 
     @property
     def raw_model(self):
@@ -167,13 +183,17 @@ class Run:
 
     def done_fraction(self) -> float:
         """How far training is (0 -> 1): by steps, or by the time budget when that is further along."""
-        return max(self.state.step / self.data.steps, self.state.train_seconds / self.budget_s if self.budget_s else 0.0)
+        return max(
+            self.state.step / self.data.steps, self.state.train_seconds / self.budget_s if self.budget_s else 0.0
+        )
 
     def last_step(self) -> bool:
         return self.state.step == self.data.steps or self.budget_spent()
 
 
-def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None) -> Run:
+def build_run(
+    cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None
+) -> Run:
     """Validate the config and build the run in `run_dir`: resumed from its newest good checkpoint, if any."""
     cfg.validate()
     if cfg.downstream.kind != "none" and distributed.is_main_process():
@@ -191,19 +211,41 @@ def build_run(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, 
     model, data = build_data(cfg, accelerator)
     state = TrainState()
     budget_s = cfg.trainer.budget_minutes * 60 if cfg.trainer.budget_minutes else None
-    layout, objective, optimizer, scheduler = build_optimization(cfg, model, data.steps, accelerator,
-                                                                 (lambda: state.train_seconds / budget_s) if budget_s else None)
+    layout, objective, optimizer, scheduler = build_optimization(
+        cfg, model, data.steps, accelerator, (lambda: state.train_seconds / budget_s) if budget_s else None
+    )
     tree = config_tree or asdict(cfg)
-    run = Run(cfg, run_dir, job or {}, accelerator, data, layout, objective, optimizer, scheduler,
-              MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed), state, None,
-              flat_config(tree), budget_s, distributed.is_main_process())
+    run = Run(
+        cfg,
+        run_dir,
+        job or {},
+        accelerator,
+        data,
+        layout,
+        objective,
+        optimizer,
+        scheduler,
+        MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed),
+        state,
+        None,
+        flat_config(tree),
+        budget_s,
+        distributed.is_main_process(),
+    )
     run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
     run.precision = precision_reason(str(requested_precision), str(cfg.runtime.mixed_precision))
     run.writer = checkpoint_writer(cfg, layout)
     resume(run)
-    run.utilisation = flops.measure_utilisation(run.raw_model, cfg.block_size, accelerator.unwrap_model(objective).sparse,
-                                                accelerator, cfg.runtime.mixed_precision)
-    run.tracker = open_trackers(cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id, start_step=state.step)
+    run.utilisation = flops.measure_utilisation(
+        run.raw_model,
+        cfg.block_size,
+        accelerator.unwrap_model(objective).sparse,
+        accelerator,
+        cfg.runtime.mixed_precision,
+    )
+    run.tracker = open_trackers(
+        cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id, start_step=state.step
+    )
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
     faults.reached("startup")
     return run
@@ -214,7 +256,9 @@ def checkpoint_writer(cfg: Config, layout) -> checkpoint.Writer:
     collective (torch.distributed.checkpoint), whose async_save would run collectives off this thread on a second
     process group, and the manifest would have to wait for every rank's background write."""
     if cfg.trainer.async_checkpoint and layout.sharded:
-        log.warning("trainer.async_checkpoint: sharded runs (runtime.sharding=fsdp) write their checkpoints synchronously")
+        log.warning(
+            "trainer.async_checkpoint: sharded runs (runtime.sharding=fsdp) write their checkpoints synchronously"
+        )
     return checkpoint.Writer(background=cfg.trainer.async_checkpoint and not layout.sharded)
 
 
@@ -227,20 +271,30 @@ def build_data(cfg: Config, accelerator: Accelerator) -> Tuple[Any, Data]:
         else:
             blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
             train_blocks, eval_blocks = blocks["train"], blocks["test"]
-        identity = data_identity(cfg.dataset, tokenizer, default_cache_root())  # the hashes build_blocks just took: a stat per file
+        identity = data_identity(
+            cfg.dataset, tokenizer, default_cache_root()
+        )  # the hashes build_blocks just took: a stat per file
     if cfg.model.head_bias_init == "unigram":
         if train_blocks is None:
-            log.warning("model.head_bias_init=unigram counts the training split's tokens, which a stream does not have; "
-                        "the head's output bias is left as it was built")
+            log.warning(
+                "model.head_bias_init=unigram counts the training split's tokens, which a stream does not have; "
+                "the head's output bias is left as it was built"
+            )
         else:
-            init_unigram_bias(model, torch.from_numpy(np.bincount(flat_token_ids(train_blocks))), tokenizer.all_special_ids)
+            init_unigram_bias(
+                model, torch.from_numpy(np.bincount(flat_token_ids(train_blocks))), tokenizer.all_special_ids
+            )
     tcfg = cfg.trainer
     if tcfg.max_eval_blocks:
         eval_blocks = eval_blocks.select(range(min(tcfg.max_eval_blocks, len(eval_blocks))))
     if len(eval_blocks) == 0:
-        raise UserError(f"the held-out split of {cfg.dataset.path or cfg.dataset.kind} has no block of {cfg.block_size} tokens; "
-                        "raise dataset.test_size, lower block_size, or use more data")
-    order = TrainOrder(0, tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed)
+        raise UserError(
+            f"the held-out split of {cfg.dataset.path or cfg.dataset.kind} has no block of {cfg.block_size} tokens; "
+            "raise dataset.test_size, lower block_size, or use more data"
+        )
+    order = TrainOrder(
+        0, tcfg.per_device_batch_size, tcfg.gradient_accumulation_steps, accelerator.num_processes, cfg.seed
+    )
     # a stream has no length: the whole run counts as one epoch of max_steps global batches
     order.num_blocks = len(train_blocks) if train_blocks is not None else tcfg.max_steps * order.global_batch
     if order.steps_per_epoch == 0:
@@ -258,13 +312,17 @@ def build_optimization(cfg: Config, model, steps: int, accelerator: Accelerator,
     and schedule (stepped by hand once per optimizer step; `budget_progress` makes it follow a time budget)."""
     layout = build_layout(cfg.runtime.sharding)
     if layout.sharded and accelerator.num_processes == 1:
-        raise UserError("runtime.sharding=fsdp needs several processes (e.g. torchrun --nproc_per_node 2 run.py ...); use runtime.sharding=none")
+        raise UserError(
+            "runtime.sharding=fsdp needs several processes (e.g. torchrun --nproc_per_node 2 run.py ...); use runtime.sharding=none"
+        )
     objective = MLMObjective(model, sparse=cfg.runtime.sparse_prediction)
     if cfg.runtime.activation_checkpointing:  # before sharding, so FSDP wraps the checkpointed layers
         enable_activation_checkpointing(model)
     if cfg.runtime.compile:
         model.base_model.compile()  # in place: parameter names and checkpoints stay the same
-    objective, optimizer = layout.prepare(objective, lambda module: build_optimizer(module, cfg.optimizer), accelerator, cfg.runtime.mixed_precision)
+    objective, optimizer = layout.prepare(
+        objective, lambda module: build_optimizer(module, cfg.optimizer), accelerator, cfg.runtime.mixed_precision
+    )
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps, budget_progress)
     return layout, objective, optimizer, scheduler
 
@@ -274,21 +332,42 @@ def resume(run: Run) -> None:
     acc, layout = run.accelerator, run.layout
     config_rates = list(run.scheduler.base_lrs)  # loading puts back the checkpoint's peak rates
     ckpt, saved = checkpoint.load_newest(
-        run.cfg.resume, run.run_dir,
-        lambda path: checkpoint.load_checkpoint(path, run.raw_model, run.optimizer, run.scheduler, acc.scaler, acc, layout, run.ema,
-                                                train_state_fields=[f.name for f in fields(TrainState)]), acc)
+        run.cfg.resume,
+        run.run_dir,
+        lambda path: checkpoint.load_checkpoint(
+            path,
+            run.raw_model,
+            run.optimizer,
+            run.scheduler,
+            acc.scaler,
+            acc,
+            layout,
+            run.ema,
+            train_state_fields=[f.name for f in fields(TrainState)],
+        ),
+        acc,
+    )
     if ckpt is not None:
         order = run.data.order
         if saved["global_batch"] != order.global_batch:
-            raise UserError(f"{ckpt} was trained with a global batch of {saved['global_batch']}, this run has {order.global_batch}; keep the batch settings to resume")
+            raise UserError(
+                f"{ckpt} was trained with a global batch of {saved['global_batch']}, this run has {order.global_batch}; keep the batch settings to resume"
+            )
         if saved.get("stream_shards") != run.data.stream_shards:
-            raise UserError(f"{ckpt} read its data stream in {saved.get('stream_shards')} shards, this run uses {run.data.stream_shards}; "
-                            "keep dataset.streaming, the number of processes and runtime.num_workers to resume")
+            raise UserError(
+                f"{ckpt} read its data stream in {saved.get('stream_shards')} shards, this run uses {run.data.stream_shards}; "
+                "keep dataset.streaming, the number of processes and runtime.num_workers to resume"
+            )
         other_data = check_data(saved, run.data.identity, ckpt, run.cfg.resume)
         run.state.restore(saved["train_state"])
         keep_config_rates(run.optimizer, run.scheduler, config_rates)
-        if run.run_dir.resolve() not in ckpt.resolve().parents:  # another run's checkpoint: a branch, with its own tracker run
-            run.state.branched_from, run.state.tracker_run_id = {"checkpoint": str(ckpt.resolve()), "step": run.state.step}, None
+        if (
+            run.run_dir.resolve() not in ckpt.resolve().parents
+        ):  # another run's checkpoint: a branch, with its own tracker run
+            run.state.branched_from, run.state.tracker_run_id = (
+                {"checkpoint": str(ckpt.resolve()), "step": run.state.step},
+                None,
+            )
         if other_data:
             forget_other_data(run.state, ckpt, other_data)
         log.info("resumed from %s at step %d", ckpt, run.state.step)
@@ -312,9 +391,18 @@ def forget_other_data(state: TrainState, ckpt: Path, differ: List[str]) -> None:
     """A resume onto other data keeps no number measured on the checkpoint's data, so results.json and the summary never
     set one corpus's perplexity against another's. The "before" stays unknown rather than measured now: an eval at this
     step would score the checkpoint's trained weights, not the model the run started from."""
-    log.warning("%s's evals (perplexity before %s, best %s) and loss window were measured on its own data: not carried over",
-                ckpt.name, state.perplexity_before, state.best_perplexity)
-    state.perplexity_before, state.best_perplexity, state.last_eval, state.final_eval_step = None, float("inf"), {}, None
+    log.warning(
+        "%s's evals (perplexity before %s, best %s) and loss window were measured on its own data: not carried over",
+        ckpt.name,
+        state.perplexity_before,
+        state.best_perplexity,
+    )
+    state.perplexity_before, state.best_perplexity, state.last_eval, state.final_eval_step = (
+        None,
+        float("inf"),
+        {},
+        None,
+    )
     state.log_window = [0.0, 0]
     if state.branched_from is not None:  # results.json says why it has no "before"
         state.branched_from["other_data"] = differ
@@ -331,11 +419,15 @@ def keep_config_rates(optimizer, scheduler, rates: List[float]) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def train(
+    cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """Train and evaluate as configured; writes into `run_dir` and returns the results dict."""
     wall_start = time.perf_counter()
     # until its plan is set, a stop signal ends the process at once in one line: there is nothing to save yet
-    stop = StopSignals(distributed.is_main_process(), lambda: next(iter(checkpoint.list_checkpoints(run_dir)), None), plan=None).install()
+    stop = StopSignals(
+        distributed.is_main_process(), lambda: next(iter(checkpoint.list_checkpoints(run_dir)), None), plan=None
+    ).install()
     try:
         run = build_run(cfg, run_dir, job, config_tree)
     except BaseException:
@@ -349,14 +441,24 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
         window = LogWindow.restore(state.log_window, run.accelerator.device)
         if run.main:
             progress.log_lines(banner(run))
-        bar = progress.TrainBar(run.data.steps, state.step, run.budget_s, state.train_seconds, run.main and tcfg.progress_bar)
+        bar = progress.TrainBar(
+            run.data.steps, state.step, run.budget_s, state.train_seconds, run.main and tcfg.progress_bar
+        )
         stop.plan = "stopping after this step with a checkpoint"
         if state.step == 0:
             state.perplexity_before = run_eval(run, bar)["eval/perplexity"]
         for t0, micro in train_batches(run):
             try:
-                result = train_step(run.objective, run.optimizer, run.scheduler, micro, run.accelerator, tcfg.max_grad_norm, run.layout,
-                                    stops=(run.tracker.failure is not None, stop.signum is not None))
+                result = train_step(
+                    run.objective,
+                    run.optimizer,
+                    run.scheduler,
+                    micro,
+                    run.accelerator,
+                    tcfg.max_grad_norm,
+                    run.layout,
+                    stops=(run.tracker.failure is not None, stop.signum is not None),
+                )
             except NonFiniteLoss as e:
                 run.writer.wait()  # the checkpoint in flight is complete before the newest verified one is named
                 skip_step(state, run.scheduler, tcfg, e, run.run_dir, run.main)
@@ -375,11 +477,17 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             if state.step % eval_every == 0:
                 run_eval(run, bar)
             if (tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0) or result.stop:
-                save(run, window, wait=result.stop is not None)  # a stop's checkpoint is complete before any rank leaves
+                save(
+                    run, window, wait=result.stop is not None
+                )  # a stop's checkpoint is complete before any rank leaves
             if result.stop:
                 stop_with_checkpoint(result.stop, stop, run.tracker, run.run_dir, state.step)
         bar.close()
-        log.info(progress.end_line(state.step, run.data.steps, tcfg.max_steps, tcfg.epochs, run.budget_s, state.train_seconds))
+        log.info(
+            progress.end_line(
+                state.step, run.data.steps, tcfg.max_steps, tcfg.epochs, run.budget_s, state.train_seconds
+            )
+        )
         stop.plan = "stopping once the final checkpoint is written; nothing is left to train"
         # A rerun after a kill from here on resumes from the final checkpoint, finds its eval logged
         # (final_eval_step), and redoes only the files.
@@ -389,11 +497,18 @@ def train(cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, conf
             final = run_eval(run, bar)
             state.final_eval_step = state.step
             save(run, window)
-        if checkpoint.any_process(run.accelerator, run.tracker.failure is not None):  # the final checkpoint carries the unwritten records
+        if checkpoint.any_process(
+            run.accelerator, run.tracker.failure is not None
+        ):  # the final checkpoint carries the unwritten records
             stop_with_checkpoint("metrics", stop, run.tracker, run.run_dir, state.step)
-        if checkpoint.any_process(run.accelerator, stop.signum is not None):  # trained and checkpointed: the files are the rerun's
-            stop_after_training(stop, f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} holds the final eval; "
-                                      f"write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}")
+        if checkpoint.any_process(
+            run.accelerator, stop.signum is not None
+        ):  # trained and checkpointed: the files are the rerun's
+            stop_after_training(
+                stop,
+                f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} holds the final eval; "
+                f"write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}",
+            )
         results = results_record(run, final, time.perf_counter() - wall_start)
         stop.plan = "finishing final/ and results.json (seconds)"
         save_outputs(run, results, stop)
@@ -414,7 +529,9 @@ def train_batches(run: Run) -> Iterator[Tuple[float, List[Dict[str, torch.Tensor
     The masking rate is set before each step's batches are drawn: it is a function of the step (or
     the spent budget). New masks every epoch, the same for every process."""
     state, order, collator = run.state, run.data.order, run.collator
-    collator.probability = scheduled_probability(run.cfg.masking, run.done_fraction())  # worker processes copy this rate
+    collator.probability = scheduled_probability(
+        run.cfg.masking, run.done_fraction()
+    )  # worker processes copy this rate
     while state.step < run.data.steps and not run.budget_spent():
         epoch, first = divmod(state.step, order.steps_per_epoch)
         collator.stream = epoch
@@ -430,11 +547,20 @@ def train_batches(run: Run) -> Iterator[Tuple[float, List[Dict[str, torch.Tensor
 def epoch_loader(run: Run, epoch: int, first_step: int):
     cfg, data, acc = run.cfg, run.data, run.accelerator
     if cfg.dataset.streaming:  # a resumed stream skips the micro-batches already trained on
-        stream = BlockStream(cfg.dataset, data.tokenizer, cfg.block_size, data.order.micro_batch, acc.process_index,
-                             acc.num_processes, start_batches=first_step * data.order.accumulation)
+        stream = BlockStream(
+            cfg.dataset,
+            data.tokenizer,
+            cfg.block_size,
+            data.order.micro_batch,
+            acc.process_index,
+            acc.num_processes,
+            start_batches=first_step * data.order.accumulation,
+        )
         return stream_loader(stream, run.collator, cfg.runtime.num_workers)
     sampler = TrainSampler(data.order, epoch, acc.process_index, start_step=first_step)
-    return make_loader(data.train_blocks, sampler, run.collator, cfg.runtime.num_workers, pin_memory=torch.cuda.is_available())
+    return make_loader(
+        data.train_blocks, sampler, run.collator, cfg.runtime.num_workers, pin_memory=torch.cuda.is_available()
+    )
 
 
 def count_step(run: Run, result: "StepResult", t0: float, window: "LogWindow") -> None:
@@ -450,7 +576,9 @@ def count_step(run: Run, result: "StepResult", t0: float, window: "LogWindow") -
     state.train_seconds += seconds
     if result.overflow:  # the data was consumed; the update and the schedule step were not
         state.overflow_steps += 1
-        log.info("step %d: fp16 gradients overflowed, update skipped; loss scale now %g", state.step, acc.scaler.get_scale())
+        log.info(
+            "step %d: fp16 gradients overflowed, update skipped; loss scale now %g", state.step, acc.scaler.get_scale()
+        )
         check_loss_scale(acc.scaler)
     else:
         window.add(result.loss_sum, result.masked, seconds, run.batch_wait)
@@ -460,9 +588,13 @@ def count_step(run: Run, result: "StepResult", t0: float, window: "LogWindow") -
 
 def log_train(run: Run, result: "StepResult", window: "LogWindow", bar) -> None:
     window_steps = window.steps
-    metrics = {**window.flush(run.accelerator, run.tokens_per_step, run.utilisation), "train/lr": run.scheduler.get_last_lr()[0],
-               "train/grad_norm": float(result.grad_norm), "train/epoch": run.state.step / run.data.order.steps_per_epoch,
-               "train/mlm_probability": run.collator.probability}
+    metrics = {
+        **window.flush(run.accelerator, run.tokens_per_step, run.utilisation),
+        "train/lr": run.scheduler.get_last_lr()[0],
+        "train/grad_norm": float(result.grad_norm),
+        "train/epoch": run.state.step / run.data.order.steps_per_epoch,
+        "train/mlm_probability": run.collator.probability,
+    }
     scaler = run.accelerator.scaler
     if scaler is not None:
         metrics.update({"train/loss_scale": scaler.get_scale(), "train/overflow_steps": run.state.overflow_steps})
@@ -472,31 +604,64 @@ def log_train(run: Run, result: "StepResult", window: "LogWindow", bar) -> None:
         run.data_wait_warned = True
         first = run.state.step - window_steps + 1
         steps = f"steps {first}-{run.state.step}" if window_steps > 1 else f"step {run.state.step}"
-        log.warning("%s waited %.0f%% of the time for the next batch: the device is starved of data "
-                    "(raise runtime.num_workers; docs/performance.md, 'Data wait')", steps, 100 * metrics["perf/data_wait"])
-    log.info(progress.train_line(run.state.step, run.data.steps, metrics, (run.state.train_seconds, run.budget_s) if run.budget_s else None))
-    bar.set_postfix(step=run.state.step, loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
-                    tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+        log.warning(
+            "%s waited %.0f%% of the time for the next batch: the device is starved of data "
+            "(raise runtime.num_workers; docs/performance.md, 'Data wait')",
+            steps,
+            100 * metrics["perf/data_wait"],
+        )
+    log.info(
+        progress.train_line(
+            run.state.step, run.data.steps, metrics, (run.state.train_seconds, run.budget_s) if run.budget_s else None
+        )
+    )
+    bar.set_postfix(
+        step=run.state.step,
+        loss=f"{metrics['train/loss']:.3f}",
+        lr=f"{metrics['train/lr']:.2e}",
+        tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
+    )
 
 
 def banner(run: Run) -> List[str]:
     """The start banner's lines (mlm.progress.banner_lines)."""
     cfg, acc, order = run.cfg, run.accelerator, run.data.order
     trainable, total = progress.count_parameters(run.raw_model)
-    device = (f"{acc.device} ({torch.cuda.get_device_name(acc.device)})" if acc.device.type == "cuda"
-              else f"{acc.device.type} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})")
+    device = (
+        f"{acc.device} ({torch.cuda.get_device_name(acc.device)})"
+        if acc.device.type == "cuda"
+        else f"{acc.device.type} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+    )
     return progress.banner_lines(
-        model=cfg.model.name_or_path, trainable=trainable, total=total, global_batch=order.global_batch, block_size=cfg.block_size,
-        batch_parts=progress.batch_parts(order.micro_batch, acc.num_processes, order.accumulation), steps=run.data.steps,
-        start_step=run.state.step, budget_minutes=cfg.trainer.budget_minutes, precision=run.precision, device=device,
-        processes=acc.num_processes, run_dir=run.run_dir, resume=rundir.resume_command(run.run_dir))
+        model=cfg.model.name_or_path,
+        trainable=trainable,
+        total=total,
+        global_batch=order.global_batch,
+        block_size=cfg.block_size,
+        batch_parts=progress.batch_parts(order.micro_batch, acc.num_processes, order.accumulation),
+        steps=run.data.steps,
+        start_step=run.state.step,
+        budget_minutes=cfg.trainer.budget_minutes,
+        precision=run.precision,
+        device=device,
+        processes=acc.num_processes,
+        run_dir=run.run_dir,
+        resume=rundir.resume_command(run.run_dir),
+    )
 
 
 def projection(run: Run, bar: progress.TrainBar) -> str:
     state = run.state
-    return progress.projection_line(state.step, run.data.steps, bar.step_seconds(state.step, state.train_seconds), bar.eval_seconds,
-                                    run.cfg.trainer.eval_every or run.data.order.steps_per_epoch, run.budget_s, state.train_seconds,
-                                    run.accelerator.device.type == "cpu")
+    return progress.projection_line(
+        state.step,
+        run.data.steps,
+        bar.step_seconds(state.step, state.train_seconds),
+        bar.eval_seconds,
+        run.cfg.trainer.eval_every or run.data.order.steps_per_epoch,
+        run.budget_s,
+        state.train_seconds,
+        run.accelerator.device.type == "cpu",
+    )
 
 
 def run_eval(run: Run, bar: Optional[progress.TrainBar] = None) -> Dict[str, float]:
@@ -507,17 +672,33 @@ def run_eval(run: Run, bar: Optional[progress.TrainBar] = None) -> Dict[str, flo
     title = f"eval at step {state.step}" if bar is not None and bar.shown else None
     log.info("eval at step %d: scoring %d held-out blocks", state.step, len(blocks))
     with plan(abandon_plan(state.step)):
-        metrics = evaluate(run.objective, blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator, cfg.trainer.eval_batch_size,
-                           title)
+        metrics = evaluate(
+            run.objective,
+            blocks,
+            run.data.tokenizer,
+            cfg.masking,
+            cfg.seed,
+            run.accelerator,
+            cfg.trainer.eval_batch_size,
+            title,
+        )
         if metrics["eval/masked_tokens"] == 0:  # a perplexity of nothing is NaN: a setting to fix, not a result
-            raise UserError(f"the eval masked no token in {len(blocks)} blocks at masking.mlm_probability={cfg.masking.mlm_probability}; "
-                            "raise masking.mlm_probability or trainer.max_eval_blocks")
+            raise UserError(
+                f"the eval masked no token in {len(blocks)} blocks at masking.mlm_probability={cfg.masking.mlm_probability}; "
+                "raise masking.mlm_probability or trainer.max_eval_blocks"
+            )
         if run.ema is not None:
             metrics.update(eval_average(run, title))
     faults.reached("eval")
     seconds = time.perf_counter() - start
-    log.info("eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)", state.step,
-             metrics["eval/perplexity"], metrics["eval/masked_accuracy"], len(blocks), seconds)
+    log.info(
+        "eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)",
+        state.step,
+        metrics["eval/perplexity"],
+        metrics["eval/masked_accuracy"],
+        len(blocks),
+        seconds,
+    )
     if bar is not None:
         bar.eval_took(seconds)
     state.last_eval = metrics
@@ -529,26 +710,41 @@ def run_eval(run: Run, bar: Optional[progress.TrainBar] = None) -> Dict[str, flo
 def abandon_plan(step: int) -> str:
     """What a stop signal during the eval at `step` does (said at once, in one line)."""
     if step == 0:
-        return "abandoning the eval at step 0; nothing is trained yet, so there is no checkpoint and the rerun starts over"
+        return (
+            "abandoning the eval at step 0; nothing is trained yet, so there is no checkpoint and the rerun starts over"
+        )
     return f"abandoning the eval at step {step}; stopping with the checkpoint of step {step}"
 
 
-def stop_abandoned_eval(run: Run, window: "LogWindow", stop: StopSignals, abandoned: Abandoned, start_step: int) -> None:
+def stop_abandoned_eval(
+    run: Run, window: "LogWindow", stop: StopSignals, abandoned: Abandoned, start_step: int
+) -> None:
     """End the run after an eval a stop signal gave up (nothing of it logged), on every process: with the checkpoint of
     the last step, written now unless the run resumed from it. The rerun does not redo that eval (the next is at
     its usual step; a final eval is done by the rerun). Before the first step there is nothing to save."""
     state = run.state
-    log.warning("abandoned the eval at step %d after %s for %s: nothing of it is logged%s", state.step, abandoned, stop.name,
-                "" if state.step == 0 else ", and a rerun goes on without it")
+    log.warning(
+        "abandoned the eval at step %d after %s for %s: nothing of it is logged%s",
+        state.step,
+        abandoned,
+        stop.name,
+        "" if state.step == 0 else ", and a rerun goes on without it",
+    )
     if state.step == 0:
         stop.hand_on()  # submitit's handler requeues the job and exits here
-        raise Interrupted(stop.signum, f"stopped by {stop.name} during the eval at step 0; nothing trained yet and no checkpoint; "
-                                       f"start over with: {rundir.resume_command(run.run_dir)}")
+        raise Interrupted(
+            stop.signum,
+            f"stopped by {stop.name} during the eval at step 0; nothing trained yet and no checkpoint; "
+            f"start over with: {rundir.resume_command(run.run_dir)}",
+        )
     if state.step != start_step:
         save(run, window)
     if run.last_step():
-        stop_after_training(stop, f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} is the last step's; run the final "
-                                  f"eval and write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}")
+        stop_after_training(
+            stop,
+            f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} is the last step's; run the final "
+            f"eval and write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}",
+        )
     stop_with_checkpoint("signal", stop, run.tracker, run.run_dir, state.step)
 
 
@@ -556,8 +752,16 @@ def eval_average(run: Run, title: Optional[str] = None) -> Dict[str, float]:
     """The same eval of the weight average, swapped into the model and back (doubles the eval time)."""
     cfg = run.cfg
     with run.ema.swapped_in(run.layout):
-        metrics = evaluate(run.objective, run.data.eval_blocks, run.data.tokenizer, cfg.masking, cfg.seed, run.accelerator,
-                           cfg.trainer.eval_batch_size, title and f"{title} (weight average)")
+        metrics = evaluate(
+            run.objective,
+            run.data.eval_blocks,
+            run.data.tokenizer,
+            cfg.masking,
+            cfg.seed,
+            run.accelerator,
+            cfg.trainer.eval_batch_size,
+            title and f"{title} (weight average)",
+        )
     log.info("eval at step %d: weight average's perplexity %.2f", run.state.step, metrics["eval/perplexity"])
     return {"eval/ema_loss": metrics["eval/loss"], "eval/ema_perplexity": metrics["eval/perplexity"]}
 
@@ -567,10 +771,29 @@ def save(run: Run, window: "LogWindow", wait: bool = True) -> None:
     state, acc = run.state, run.accelerator
     state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
     state.unrecorded = run.tracker.unwritten
-    extra = {"train_state": asdict(state), "global_batch": run.data.order.global_batch, "stream_shards": run.data.stream_shards,
-             "config": run.settings, "data": run.data.identity}
-    checkpoint.save_checkpoint(run.run_dir, state.step, run.raw_model, run.optimizer, run.scheduler, acc.scaler, extra, acc,
-                               run.cfg.trainer.keep_checkpoints, run.layout, run.ema, run.data.tokenizer, run.writer, wait)
+    extra = {
+        "train_state": asdict(state),
+        "global_batch": run.data.order.global_batch,
+        "stream_shards": run.data.stream_shards,
+        "config": run.settings,
+        "data": run.data.identity,
+    }
+    checkpoint.save_checkpoint(
+        run.run_dir,
+        state.step,
+        run.raw_model,
+        run.optimizer,
+        run.scheduler,
+        acc.scaler,
+        extra,
+        acc,
+        run.cfg.trainer.keep_checkpoints,
+        run.layout,
+        run.ema,
+        run.data.tokenizer,
+        run.writer,
+        wait,
+    )
 
 
 def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Dict[str, Any]:
@@ -590,10 +813,14 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "train_tokens": state.tokens,
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
-        "data_wait": round(run.waited[0] / run.waited[1], 4) if run.waited[1] else None,  # this process's steps (since a resume)
+        "data_wait": round(run.waited[0] / run.waited[1], 4)
+        if run.waited[1]
+        else None,  # this process's steps (since a resume)
         **flops.run_totals(run.utilisation, state.tokens, state.predictions, state.train_seconds),  # train_flops, mfu
         "processes": acc.num_processes,
-        "device": "cpu" if acc.device.type == "cpu" else str(acc.device),  # this process's; rank r has cuda:<local rank>
+        "device": "cpu"
+        if acc.device.type == "cpu"
+        else str(acc.device),  # this process's; rank r has cuda:<local rank>
         "device_slot": run.job.get("device_slot"),
         "sharding": str(run.cfg.runtime.sharding),
         "mixed_precision": run.cfg.runtime.mixed_precision,  # auto resolved
@@ -610,8 +837,13 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
     finished. A downstream task then fine-tunes final/ (minutes) and results.json is written again with its numbers;
     a stop signal before or during that fine-tune ends the run with the training results kept, and the rerun adds them
     (mlm.downstream.add_to_finished_run)."""
-    run.tracker.summary({"final/perplexity": results["perplexity"], "best/perplexity": results["best_perplexity"],
-                         "final/eval_loss": results["eval_loss"]})
+    run.tracker.summary(
+        {
+            "final/perplexity": results["perplexity"],
+            "best/perplexity": results["best_perplexity"],
+            "final/eval_loss": results["eval_loss"],
+        }
+    )
     save_model = run.cfg.trainer.save_model
     if run.ema is not None:
         save_average_outputs(run, results)
@@ -627,8 +859,11 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
         stopped = checkpoint.any_process(run.accelerator, stop.signum is not None)
         scores = None if stopped else distributed.on_main_alone("downstream", lambda: fine_tune_final(run))
         if checkpoint.any_process(run.accelerator, run.main and scores is None):
-            stop_after_training(stop, f"the training results are in {run.run_dir / 'results.json'}; "
-                                      f"add the downstream numbers with: {rundir.resume_command(run.run_dir)}")
+            stop_after_training(
+                stop,
+                f"the training results are in {run.run_dir / 'results.json'}; "
+                f"add the downstream numbers with: {rundir.resume_command(run.run_dir)}",
+            )
         if run.main:
             results["downstream"] = scores
             run.tracker.summary({"downstream/accuracy": scores["accuracy"], "downstream/macro_f1": scores["macro_f1"]})
@@ -641,7 +876,9 @@ def fine_tune_final(run: Run) -> Optional[Dict[str, Any]]:
     log.info("downstream: fine-tuning %s on %s", run.run_dir / "final", downstream.task_name(run.cfg.downstream))
     try:
         # this run's own model: its code (if any) was trusted on this command line
-        return downstream.evaluate(run.run_dir / "final", run.cfg.downstream, run.accelerator.device, run.cfg.model.trust_remote_code)
+        return downstream.evaluate(
+            run.run_dir / "final", run.cfg.downstream, run.accelerator.device, run.cfg.model.trust_remote_code
+        )
     except Interrupted:
         return None
 
@@ -666,8 +903,16 @@ class StepResult:
     stop: Optional[str] = None  # why some process asked to stop after this step: "metrics" (unwritable) or "signal"
 
 
-def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, torch.Tensor]], accelerator, max_grad_norm: float,
-               layout=Replicated(), stops: Tuple[bool, bool] = (False, False)) -> StepResult:
+def train_step(
+    objective,
+    optimizer,
+    scheduler,
+    micro_batches: List[Dict[str, torch.Tensor]],
+    accelerator,
+    max_grad_norm: float,
+    layout=Replicated(),
+    stops: Tuple[bool, bool] = (False, False),
+) -> StepResult:
     """One optimizer step over micro-batches.
 
     The loss is normalised by the number of masked tokens in the whole global batch (all
@@ -682,7 +927,10 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
     n_local = sum(int(b["masked_positions"].numel()) for b in micro_batches)
     wanted = torch.tensor([float(s) for s in stops])
     if accelerator.num_processes > 1:  # one tiny all-reduce per step: the price of exact normalisation
-        totals = accelerator.reduce(torch.tensor([float(n_local), *wanted.tolist()], dtype=torch.float64, device=accelerator.device), reduction="sum")
+        totals = accelerator.reduce(
+            torch.tensor([float(n_local), *wanted.tolist()], dtype=torch.float64, device=accelerator.device),
+            reduction="sum",
+        )
         # DDP and FSDP average gradients over processes; undo that. Stays on the device: no host wait.
         scale = (accelerator.num_processes / totals[:1].clamp(min=1)).float()
         wanted = totals[1:]
@@ -696,10 +944,13 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
             accelerator.backward(micro_loss * scale)
         loss_sum += micro_loss.detach()
     # unscales first under a loss scaler, so the norm is that of the true gradients
-    grad_norm = layout.grad_norm(accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf")))
+    grad_norm = layout.grad_norm(
+        accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    )
     # the one host read of a step (four scalars at once): it keeps a NaN out of the weights
     loss_value, norm_value, metrics_stop, signal_stop = torch.cat(
-        [torch.stack([loss_sum.float(), grad_norm.float()]), wanted.to(loss_sum.device).float()]).tolist()
+        [torch.stack([loss_sum.float(), grad_norm.float()]), wanted.to(loss_sum.device).float()]
+    ).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     # Under a scaler, non-finite unscaled gradients are exactly what its found-inf check sees: it
     # skips the update (also inside fused kernels, where Accelerate's step_was_skipped stays False).
@@ -711,13 +962,17 @@ def train_step(objective, optimizer, scheduler, micro_batches: List[Dict[str, to
     if not overflow:  # the schedule follows the updates, as Accelerate's scheduler wrapper does
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, n_local, grad_norm, overflow, "metrics" if metrics_stop else "signal" if signal_stop else None)
+    return StepResult(
+        loss_sum, n_local, grad_norm, overflow, "metrics" if metrics_stop else "signal" if signal_stop else None
+    )
 
 
 def check_loss_scale(scaler) -> None:
     """fp16: a scale that keeps halving below 1 means the gradients are non-finite at any scale (a real NaN)."""
     if scaler is not None and scaler.get_scale() < 1.0:
-        raise NonFiniteLoss(f"the fp16 loss scale fell to {scaler.get_scale():.3g}: the gradients are non-finite at any scale")
+        raise NonFiniteLoss(
+            f"the fp16 loss scale fell to {scaler.get_scale():.3g}: the gradients are non-finite at any scale"
+        )
 
 
 def skip_step(state: TrainState, scheduler, tcfg, error: Exception, run_dir: Path, main: bool) -> None:
@@ -742,11 +997,20 @@ def stop_with_checkpoint(reason: str, stop: StopSignals, tracker, run_dir: Path,
     written = checkpoint.checkpoint_dir(run_dir, step)
     if reason == "metrics":
         path = Path(run_dir) / "metrics.jsonl"
-        cause = write_error("metrics", path, tracker.failure) if tracker.failure else f"the main process cannot write {path}"
-        raise Resumable(f"{cause}; stopped after step {step} with checkpoint {written}, which keeps the unwritten records")
+        cause = (
+            write_error("metrics", path, tracker.failure)
+            if tracker.failure
+            else f"the main process cannot write {path}"
+        )
+        raise Resumable(
+            f"{cause}; stopped after step {step} with checkpoint {written}, which keeps the unwritten records"
+        )
     stop.hand_on()  # submitit's handler requeues the job and exits here
-    raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}; checkpoint {written} written; "
-                                   f"resume with: {rundir.resume_command(run_dir)}")
+    raise Interrupted(
+        stop.signum,
+        f"stopped by {stop.name} after step {step}; checkpoint {written} written; "
+        f"resume with: {rundir.resume_command(run_dir)}",
+    )
 
 
 def stop_after_training(stop: StopSignals, what: str) -> None:
@@ -763,7 +1027,9 @@ def enable_activation_checkpointing(model) -> None:
 
 def peak_rss_mb(accelerator) -> float:
     """The largest peak resident memory of any process of the run, in MB (Linux reports KB)."""
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=accelerator.device)
+    peak = torch.tensor(
+        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=accelerator.device
+    )
     return round(float(accelerator.reduce(peak, reduction="max") if accelerator.num_processes > 1 else peak), 1)
 
 

@@ -30,9 +30,16 @@ class RefusedPickle(pickle.UnpicklingError):
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 # What DCP metadata is built from (torch 2.13: Metadata.state_dict_metadata, storage_data, storage_meta).
 METADATA_CLASSES = {
-    (_DCP_METADATA, name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    (_DCP_METADATA, name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
     )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
@@ -40,7 +47,11 @@ METADATA_CLASSES = {
     ("torch.serialization", "_get_layout"),  # a layout by its name ("torch.strided")
     ("collections", "OrderedDict"),
     # StorageMeta.checkpoint_id: a path when dcp.save was given one (pathlib._local from Python 3.13)
-    *((module, cls) for module in ("pathlib", "pathlib._local") for cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
+    *(
+        (module, cls)
+        for module in ("pathlib", "pathlib._local")
+        for cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+    ),
 }
 
 
@@ -48,7 +59,9 @@ class MetadataUnpickler(pickle.Unpickler):
     """pickle.Unpickler that resolves only METADATA_CLASSES and torch dtypes; anything else is a RefusedPickle."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in METADATA_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in METADATA_CLASSES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise RefusedPickle(f"names {module}.{name}, which checkpoint metadata never holds")
 
@@ -63,7 +76,9 @@ def refusal(error: pickle.UnpicklingError) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return f"names {found.group(1)}"
-    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)  # a damaged or foreign file: "Unsupported operand 110"
+    detail = re.search(
+        r"WeightsUnpickler error:\s*([^\n]+)", text
+    )  # a damaged or foreign file: "Unsupported operand 110"
     detail = detail.group(1).strip()[:100] if detail and "weights_only" not in detail.group(1) else "unreadable"
     return f"is not plain tensors and values ({detail})"
 
@@ -96,7 +111,9 @@ def check_no_interpolation(values: Dict[str, Any], where: str) -> None:
     for key, value in values.items():
         for text in _strings(value):
             if "${" in text:
-                raise UserError(f"{where}: {key} holds an interpolation (${{...}}), which is never resolved from a file; refused")
+                raise UserError(
+                    f"{where}: {key} holds an interpolation (${{...}}), which is never resolved from a file; refused"
+                )
 
 
 def _strings(value: Any) -> Iterable[str]:

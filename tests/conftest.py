@@ -74,18 +74,35 @@ def eli5_file(tmp_path) -> Path:
     rows = []
     for i in range(60):
         n = rng.randint(1, 3)
-        rows.append({
-            "q_id": f"q{i}", "title": f"Why does thing {i} happen?", "selftext": "", "category": "Physics", "subreddit": "askscience",
-            "answers": {"a_id": [f"a{i}_{j}" for j in range(n)], "text": sentences(n, seed=i * 7 + 3), "score": [rng.randint(1, 50) for _ in range(n)],
-                        "text_urls": [[] for _ in range(n)]},
-            "title_urls": [], "selftext_urls": [],
-        })
+        rows.append(
+            {
+                "q_id": f"q{i}",
+                "title": f"Why does thing {i} happen?",
+                "selftext": "",
+                "category": "Physics",
+                "subreddit": "askscience",
+                "answers": {
+                    "a_id": [f"a{i}_{j}" for j in range(n)],
+                    "text": sentences(n, seed=i * 7 + 3),
+                    "score": [rng.randint(1, 50) for _ in range(n)],
+                    "text_urls": [[] for _ in range(n)],
+                },
+                "title_urls": [],
+                "selftext_urls": [],
+            }
+        )
     path = tmp_path / "eli5.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
 
-TINY_RUN = ["model=tiny", "trainer=debug", "experiment=none", "dataset=local", "block_size=32"]  # a plain tiny model: no head recipe
+TINY_RUN = [
+    "model=tiny",
+    "trainer=debug",
+    "experiment=none",
+    "dataset=local",
+    "block_size=32",
+]  # a plain tiny model: no head recipe
 
 
 def as_typed(args, cwd: Path = ROOT) -> str:
@@ -97,7 +114,9 @@ def as_typed(args, cwd: Path = ROOT) -> str:
         return shlex.join([python_name(), str(ROOT / "run.py"), *args])
 
 
-def run_cli(args: List[str], cwd: Path = ROOT, env=None, timeout: int = 600, module: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: List[str], cwd: Path = ROOT, env=None, timeout: int = 600, module: str | None = None
+) -> subprocess.CompletedProcess:
     """Run `python run.py ...` (or `python -m module ...`) as a user would."""
     cmd = [sys.executable, "-m", module] if module else [sys.executable, str(ROOT / "run.py")]
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}

@@ -21,7 +21,9 @@ def held_writes(monkeypatch):
 def contents(path):
     """Every file's bytes, but model.safetensors as its tensors and metadata: safetensors writes its metadata (the tied
     names) in hash-map order, so two saves of the same weights differ in those bytes (and so in the manifest's hash)."""
-    found = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name not in ("model.safetensors", "manifest.json")}
+    found = {
+        p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name not in ("model.safetensors", "manifest.json")
+    }
     with safe_open(path / "model.safetensors", "pt") as f:
         found["model.safetensors"] = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     return found
@@ -40,7 +42,8 @@ def test_a_background_checkpoint_holds_its_step_while_the_next_steps_run(fresh_a
     for n in range(2):
         step(parts, n)
     save = lambda where, writer=None: checkpoint.save_checkpoint(  # noqa: E731
-        where, 2, model, optimizer, scheduler, None, TRAINER_STATE, accelerator, keep=1, writer=writer, wait=False)
+        where, 2, model, optimizer, scheduler, None, TRAINER_STATE, accelerator, keep=1, writer=writer, wait=False
+    )
     synchronous = save(tmp_path / "sync")
 
     release = held_writes(monkeypatch)
@@ -60,7 +63,8 @@ def test_a_background_write_error_is_raised_in_the_training_thread(fresh_acceler
     accelerator, model, _, optimizer, scheduler, _ = parts
     writer = checkpoint.Writer(background=True)
     save = lambda n, wait: checkpoint.save_checkpoint(  # noqa: E731
-        tmp_path, n, model, optimizer, scheduler, None, TRAINER_STATE, accelerator, keep=1, writer=writer, wait=wait)
+        tmp_path, n, model, optimizer, scheduler, None, TRAINER_STATE, accelerator, keep=1, writer=writer, wait=wait
+    )
     first = save(1, wait=True)
 
     def full_disk(point):

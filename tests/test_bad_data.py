@@ -82,7 +82,9 @@ def test_symlink_loop_reads_each_file_once(tmp_path):
     os.symlink("..", tmp_path / "sub" / "up")  # a loop: sub/up/sub/up/... is the same folder
     os.symlink("a.txt", tmp_path / "same.txt")  # a second name for a.txt
     assert _local_files(str(tmp_path)) == [str(tmp_path / "a.txt"), str(tmp_path / "sub" / "b.txt")]
-    assert list(iter_documents(DatasetConfig(kind="local", path=str(tmp_path)))) == sentences(40) + sentences(10, seed=1)
+    assert list(iter_documents(DatasetConfig(kind="local", path=str(tmp_path)))) == sentences(40) + sentences(
+        10, seed=1
+    )
     assert _local_files(str(tmp_path / "*.txt")) == [str(tmp_path / "a.txt")]  # a glob, too
 
 
@@ -157,7 +159,9 @@ def test_long_document_builds_the_same_blocks(tmp_path, tokenizer, monkeypatch):
 @pytest.mark.parametrize("override", ["seed=-1", f"seed={2**64}", f"seed={2**32}", "dataset.split_seed=-3"])
 def test_out_of_range_seed_is_a_config_error(override):
     cfg = compose([*TINY_RUN, "dataset.path=corpus.txt", override])
-    with pytest.raises(UserError, match=rf"{override.split('=')[0]}=.* is out of range; a seed must be in \[0, 2\*\*32\)"):
+    with pytest.raises(
+        UserError, match=rf"{override.split('=')[0]}=.* is out of range; a seed must be in \[0, 2\*\*32\)"
+    ):
         cfg.validate()
 
 
@@ -186,7 +190,9 @@ b.build_blocks(DatasetConfig(kind="local", path=sys.argv[1]), load_tokenizer(Mod
 @pytest.mark.slow
 def test_killed_build_leftovers_are_removed_by_the_next_build(tmp_path, text_file, tokenizer):
     cache = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(text_file), str(cache)], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_BUILD, str(text_file), str(cache)], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == -9, proc.stderr
     (left,) = (cache / "blocks").iterdir()
     assert ".tmp-" in left.name and (left / "tokens.bin").exists()
@@ -213,7 +219,9 @@ def test_bad_data_via_cli(tmp_path, text_file, case):
     if case == "row":
         args, needles = [f"dataset.path={_jsonl_with_bad_row(tmp_path / 'rows.jsonl', 101)}"], ["rows.jsonl, line 101"]
     elif case == "nested":  # once trained on the Python repr of the lists
-        args = [f"dataset.path={_jsonl_with_bad_row(tmp_path / 'rows.jsonl', 101, json.dumps({'text': [['a b'], ['c']]}))}"]
+        args = [
+            f"dataset.path={_jsonl_with_bad_row(tmp_path / 'rows.jsonl', 101, json.dumps({'text': [['a b'], ['c']]}))}"
+        ]
         needles = ["rows.jsonl, row 101 (line 101): text field 'text' is a list holding a list"]
     elif case == "png":  # once trained on after a "non-UTF-8 lines" warning
         (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64))

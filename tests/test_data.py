@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from mlm.config import DatasetConfig, UserError
-from mlm.data import build_blocks, flat_token_ids, group_blocks, iter_documents, load_text, pack_blocks, select_text, split_indices, tokenize
+from mlm.data import (
+    build_blocks,
+    flat_token_ids,
+    group_blocks,
+    iter_documents,
+    load_text,
+    pack_blocks,
+    select_text,
+    split_indices,
+    tokenize,
+)
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 1000, 1024])
@@ -37,7 +47,9 @@ def test_eli5_schema_flatten_and_join(eli5_file):
     assert set(splits) == {"train", "test"} and len(splits["test"]) == 12 and len(splits["train"]) == 48
     rows = [json.loads(line) for line in eli5_file.read_text().splitlines()]
     expected = {" ".join(r["answers"]["text"]) for r in rows}
-    assert set(list(splits["train"]["text"])) | set(list(splits["test"]["text"])) == expected  # each example's answers joined
+    assert (
+        set(list(splits["train"]["text"])) | set(list(splits["test"]["text"])) == expected
+    )  # each example's answers joined
 
 
 def test_split_is_fixed_by_the_seed(text_file):
@@ -60,8 +72,11 @@ def test_local_tabular_formats(tmp_path, fmt):
 
     df = pd.DataFrame({"body": sentences(20), "n": range(20)})
     path = tmp_path / f"data.{fmt}"
-    {"csv": lambda: df.to_csv(path, index=False), "parquet": lambda: df.to_parquet(path),
-     "jsonl": lambda: df.to_json(path, orient="records", lines=True)}[fmt]()
+    {
+        "csv": lambda: df.to_csv(path, index=False),
+        "parquet": lambda: df.to_parquet(path),
+        "jsonl": lambda: df.to_json(path, orient="records", lines=True),
+    }[fmt]()
     splits = load_text(DatasetConfig(kind="local", path=str(path), text_field="body"))
     assert sorted(list(splits["train"]["text"]) + list(splits["test"]["text"])) == sorted(df["body"])
 
@@ -96,7 +111,9 @@ def test_blocks_are_cached_and_reused(tmp_path, text_file, tokenizer, monkeypatc
     first = build_blocks(cfg, tokenizer, 32, cache_root=str(tmp_path))
     import mlm.data.blocks
 
-    monkeypatch.setattr(mlm.data.blocks, "iter_documents", lambda *_: pytest.fail("a cached build must not reload the text"))
+    monkeypatch.setattr(
+        mlm.data.blocks, "iter_documents", lambda *_: pytest.fail("a cached build must not reload the text")
+    )
     second = build_blocks(cfg, tokenizer, 32, cache_root=str(tmp_path))
     assert list(second["train"]["input_ids"]) == list(first["train"]["input_ids"])
     assert first["train"].column_names == ["input_ids"]  # no stored labels copy: the collator makes them
@@ -125,7 +142,9 @@ def test_gensim_wiki_default_corpus():
 def reference_blocks(cfg, tokenizer, block_size):
     """What build_blocks returned before it streamed: the whole split in memory, grouped in one numpy pass."""
     return {
-        split: group_blocks(flat_token_ids(tokenize(texts, tokenizer, cfg)), block_size, cfg.remainder, tokenizer.pad_token_id)
+        split: group_blocks(
+            flat_token_ids(tokenize(texts, tokenizer, cfg)), block_size, cfg.remainder, tokenizer.pad_token_id
+        )
         for split, texts in load_text(cfg).items()
     }
 
@@ -139,7 +158,9 @@ def test_blocks_identical_to_the_in_memory_reference(request, tmp_path, tokenize
     field = "answers.text" if corpus == "eli5_file" else "text"
     # small batches and chunks: many worker batches (2 processes) and many carried remainders per split
     monkeypatch.setattr(mlm.data.blocks, "CHUNK_TOKENS", 200)
-    cfg = DatasetConfig(kind="local", path=str(path), text_field=field, remainder=remainder, tokenize_batch_size=7, num_proc=2)
+    cfg = DatasetConfig(
+        kind="local", path=str(path), text_field=field, remainder=remainder, tokenize_batch_size=7, num_proc=2
+    )
     ours = build_blocks(cfg, tokenizer, 48, cache_root=str(tmp_path))
     expected = reference_blocks(cfg, tokenizer, 48)
     for split in ("train", "test"):
@@ -161,7 +182,9 @@ def test_pack_blocks_carries_remainders_across_pieces(remainder):
     rng = np.random.default_rng(0)
     pieces = [rng.integers(1, 1000, size=n).astype(np.int32) for n in [0, 5, 31, 1, 64, 0, 100, 17, 3, 250]]
     packed = np.concatenate(list(pack_blocks(pieces, 32, remainder, pad_id=0)))
-    assert np.array_equal(packed, group_blocks(np.concatenate(pieces), 32, remainder, pad_id=0))  # no token lost at a piece boundary
+    assert np.array_equal(
+        packed, group_blocks(np.concatenate(pieces), 32, remainder, pad_id=0)
+    )  # no token lost at a piece boundary
 
 
 def test_documents_shorter_than_a_block_still_make_blocks(tmp_path, tokenizer):
@@ -174,8 +197,11 @@ def test_documents_shorter_than_a_block_still_make_blocks(tmp_path, tokenizer):
 
 
 def test_iter_documents_match_load_text(eli5_file, text_file):
-    for cfg in (DatasetConfig(kind="local", path=str(eli5_file), text_field="answers.text", max_examples=33),
-                DatasetConfig(kind="local", path=str(text_file), max_examples=250), DatasetConfig()):
+    for cfg in (
+        DatasetConfig(kind="local", path=str(eli5_file), text_field="answers.text", max_examples=33),
+        DatasetConfig(kind="local", path=str(text_file), max_examples=250),
+        DatasetConfig(),
+    ):
         splits = load_text(cfg)
         docs = list(iter_documents(cfg))
         assert sorted(docs) == sorted(list(splits["train"]["text"]) + list(splits["test"]["text"]))

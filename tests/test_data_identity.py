@@ -17,7 +17,13 @@ from mlm.data import build_blocks
 from mlm.data.identity import changed_data, file_sha256
 from tests.conftest import TINY_RUN, compose, sentences
 
-RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.eval_every=100", "trainer.save_model=false"]
+RUN = [
+    *TINY_RUN,
+    "runtime.mixed_precision=no",
+    "trainer.checkpoint_every=2",
+    "trainer.eval_every=100",
+    "trainer.save_model=false",
+]
 
 
 @pytest.fixture
@@ -47,7 +53,11 @@ def guard(run_dir: Path, overrides):
 
 
 def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def edit(path: Path) -> None:
@@ -94,13 +104,18 @@ def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_
     assert tree_digest(stopped_run / "checkpoints") == before
     # its numbers are of the new corpus only: no "before" or "best" carried from the old one
     assert "ckpt-00000002's evals (perplexity before" in caplog.text and "not carried over" in caplog.text
-    assert results["perplexity_before"] is None and results["best_perplexity"] == results["perplexity"] != old["best_perplexity"]
+    assert (
+        results["perplexity_before"] is None
+        and results["best_perplexity"] == results["perplexity"] != old["best_perplexity"]
+    )
     assert any(str(data_file) in d for d in results["branched_from"]["other_data"])
     assert json.loads((branch / "results.json").read_text())["perplexity_before"] is None
     from mlm.cli import summary_text
 
     line = summary_text(compose([*args, f"resume={ckpt}"]), branch, results).splitlines()[1]
-    assert line.startswith(f"perplexity: none before on this data (started from a checkpoint trained on other data) -> {results['perplexity']:.2f} after")
+    assert line.startswith(
+        f"perplexity: none before on this data (started from a checkpoint trained on other data) -> {results['perplexity']:.2f} after"
+    )
     assert f"{old['perplexity_before']:.2f}" not in line
 
 
@@ -112,12 +127,15 @@ def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, data_f
         guard(stopped_run, args)
 
 
-@pytest.mark.parametrize("data, problem", [
-    ({"sources": [["only-one"]]}, '"data.sources" is not a list of [path, sha256] pairs'),
-    ("abc", '"data" is a JSON str, not an object'),
-    (7, '"data" is a JSON int, not an object'),
-    ("tokenizer", '"data.tokenizer" is not a sha256 string'),
-])
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        ({"sources": [["only-one"]]}, '"data.sources" is not a list of [path, sha256] pairs'),
+        ("abc", '"data" is a JSON str, not an object'),
+        (7, '"data" is a JSON int, not an object'),
+        ("tokenizer", '"data.tokenizer" is not a sha256 string'),
+    ],
+)
 def test_a_finished_run_whose_results_hold_a_malformed_data_record_is_one_line(stopped_run, data_file, data, problem):
     results = json.loads((stopped_run / "results.json").read_text())
     results["data"] = {**results["data"], "tokenizer": 5} if data == "tokenizer" else data
@@ -125,7 +143,10 @@ def test_a_finished_run_whose_results_hold_a_malformed_data_record_is_one_line(s
     with pytest.raises(UserError) as refused:
         guard(stopped_run, [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"])
     line = str(refused.value)
-    assert line.startswith(f"{stopped_run / 'results.json'} is not what this harness writes: its {problem}; ") and "\n" not in line
+    assert (
+        line.startswith(f"{stopped_run / 'results.json'} is not what this harness writes: its {problem}; ")
+        and "\n" not in line
+    )
 
 
 @pytest.mark.parametrize("results", [["a list"], {"steps": 2, "config": "abc"}])
@@ -142,8 +163,13 @@ def test_a_checkpoint_with_a_malformed_data_record_is_set_aside_not_a_traceback(
     (stopped_run / "results.json").unlink()  # killed before it finished: ckpt-2 is what a resume reads
     edit_state(stopped_run / "checkpoints" / "ckpt-00000002", lambda s: s["data"].update(sources=[["only-one"]]))
     args = [*RUN, f"dataset.path={data_file}", "trainer.max_steps=4"]
-    assert guard(stopped_run, args) is None  # run.py's checks before training leave it to the resume, which sets it aside
-    with pytest.raises(UserError, match=r"^no checkpoint in .* loads \(ckpt-00000002: CorruptCheckpoint: state\.json's \"data\.sources\" is not"):
+    assert (
+        guard(stopped_run, args) is None
+    )  # run.py's checks before training leave it to the resume, which sets it aside
+    with pytest.raises(
+        UserError,
+        match=r"^no checkpoint in .* loads \(ckpt-00000002: CorruptCheckpoint: state\.json's \"data\.sources\" is not",
+    ):
         train(compose(args), stopped_run)
     assert (stopped_run / "checkpoints" / "corrupt-ckpt-00000002").is_dir()
 
@@ -159,7 +185,9 @@ def test_the_same_file_under_another_spelling_resumes(stopped_run, data_file, mo
     with caplog.at_level(logging.INFO, logger="mlm.train"):
         results = train(compose([*relative, "trainer.max_steps=4"]), stopped_run)
     assert "resumed from" in caplog.text and results["steps"] == 4
-    assert results["perplexity_before"] == before is not None and "not carried over" not in caplog.text  # the same data: kept
+    assert (
+        results["perplexity_before"] == before is not None and "not carried over" not in caplog.text
+    )  # the same data: kept
     link = data_file.parent / "link.txt"
     link.symlink_to(data_file)
     assert guard(stopped_run, [*RUN, f"dataset.path={link}", "trainer.max_steps=4"])["steps"] == 4
@@ -199,8 +227,11 @@ def test_a_link_planted_in_a_shared_hash_cache_is_not_written_through(tmp_path):
 def test_changed_data_names_the_tokenizer_and_files_added_or_gone():
     saved = {"sources": [["/d/a.txt", "1" * 64], ["/d/b.txt", "2" * 64]], "tokenizer": "a" * 64}
     now = {"sources": [["/d/a.txt", "1" * 64], ["/d/c.txt", "3" * 64]], "tokenizer": "b" * 64}
-    assert changed_data(saved, now) == ["/d/b.txt is no longer read", "/d/c.txt is new",
-                                        "the tokenizer has another vocabulary or rules (sha256 aaaaaaaaaaaa there, bbbbbbbbbbbb now)"]
+    assert changed_data(saved, now) == [
+        "/d/b.txt is no longer read",
+        "/d/c.txt is new",
+        "the tokenizer has another vocabulary or rules (sha256 aaaaaaaaaaaa there, bbbbbbbbbbbb now)",
+    ]
     moved = {"sources": [["/e/a.txt", "1" * 64], ["/e/b.txt", "2" * 64]]}  # the same contents elsewhere: the same data
     assert changed_data(saved, moved) == [] and changed_data(None, now) == []
 
@@ -222,7 +253,7 @@ def flip_ids(arrow: Path, count: int = 64) -> None:
     at = data.find(first[:8].tobytes())
     assert at >= 0
     n = min(count, len(first))
-    data[at:at + 4 * n] = ((first[:n] + 7) % 1000 + 1000).astype(np.int32).tobytes()
+    data[at : at + 4 * n] = ((first[:n] + 7) % 1000 + 1000).astype(np.int32).tobytes()
     size = arrow.stat().st_size
     arrow.write_bytes(bytes(data))
     assert arrow.stat().st_size == size
@@ -239,7 +270,11 @@ def test_flipped_ids_in_a_cached_test_split_are_rebuilt_and_score_as_clean(tmp_p
     with caplog.at_level(logging.WARNING, logger="mlm.data.blocks"):
         again = train(compose(args), tmp_path / "again")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "mlm.data.blocks"]
-    assert len(warnings) == 1 and "test.arrow changed after it was written" in warnings[0] and "building them again" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "test.arrow changed after it was written" in warnings[0]
+        and "building them again" in warnings[0]
+    )
     assert test_arrow.read_bytes() == original
     assert again["perplexity"] == clean["perplexity"] and again["perplexity_before"] == clean["perplexity_before"]
 
@@ -256,7 +291,9 @@ def test_a_truncated_cached_train_split_is_rebuilt(tmp_path, data_file, tokenize
         again = build_blocks(cfg, tokenizer, 32, cache_root=str(cache))
     assert [list(b) for b in again["train"]["input_ids"]] == reference
     assert caplog.text.count("building them again") == 1 and "train.arrow has " in caplog.text
-    assert [p.name for p in (cache / "blocks").iterdir()] == [entry(cache).name]  # the damaged entry is gone, not kept beside
+    assert [p.name for p in (cache / "blocks").iterdir()] == [
+        entry(cache).name
+    ]  # the damaged entry is gone, not kept beside
 
 
 def test_an_unreadable_blocks_json_is_rebuilt(tmp_path, data_file, tokenizer, caplog):
@@ -276,14 +313,22 @@ def test_another_spelling_of_the_path_reuses_the_cache_entry(tmp_path, data_file
     cache = tmp_path / "cache"
     build_blocks(DatasetConfig(kind="local", path=str(data_file)), tokenizer, 32, cache_root=str(cache))
     monkeypatch.chdir(data_file.parent)
-    monkeypatch.setattr(mlm.data.blocks, "iter_documents", lambda *_: pytest.fail("the same file must reuse its blocks"))
+    monkeypatch.setattr(
+        mlm.data.blocks, "iter_documents", lambda *_: pytest.fail("the same file must reuse its blocks")
+    )
     build_blocks(DatasetConfig(kind="local", path="./corpus.txt"), tokenizer, 32, cache_root=str(cache))
 
 
 def test_a_streaming_run_records_and_checks_its_files(tmp_path, data_file, own_cache):
     from mlm.train import train
 
-    args = [*RUN, f"dataset.path={data_file}", "dataset.streaming=true", "dataset.streaming_eval_docs=50", "trainer.max_steps=2"]
+    args = [
+        *RUN,
+        f"dataset.path={data_file}",
+        "dataset.streaming=true",
+        "dataset.streaming_eval_docs=50",
+        "trainer.max_steps=2",
+    ]
     run_dir = tmp_path / "stream"
     assert guard(run_dir, args) is None
     results = train(compose(args), run_dir)

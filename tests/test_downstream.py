@@ -21,8 +21,20 @@ from tests.test_sweeps import summary_rows
 
 POSITIVE, NEGATIVE = "good great fine happy lovely".split(), "bad awful sad poor ugly".split()
 # a task a tiny model learns in a few steps: the two classes use disjoint words
-EASY = ["downstream.lr=5e-3", "downstream.epochs=6", "downstream.batch_size=8", "downstream.folds=2", "downstream.seeds=[0,1]"]
-QUICK = ["downstream=polarity", "downstream.seeds=[0]", "downstream.epochs=1", "downstream.folds=2", "downstream.max_train_examples=40"]
+EASY = [
+    "downstream.lr=5e-3",
+    "downstream.epochs=6",
+    "downstream.batch_size=8",
+    "downstream.folds=2",
+    "downstream.seeds=[0,1]",
+]
+QUICK = [
+    "downstream=polarity",
+    "downstream.seeds=[0]",
+    "downstream.epochs=1",
+    "downstream.folds=2",
+    "downstream.max_train_examples=40",
+]
 
 
 def downstream_cfg(*overrides):
@@ -53,8 +65,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def easy_jsonl(tmp_path) -> Path:
     rng = random.Random(0)
-    rows = [{"text": " ".join(rng.choice(POSITIVE if i % 2 else NEGATIVE) for _ in range(6)), "label": "pos" if i % 2 else "neg"}
-            for i in range(40)]
+    rows = [
+        {
+            "text": " ".join(rng.choice(POSITIVE if i % 2 else NEGATIVE) for _ in range(6)),
+            "label": "pos" if i % 2 else "neg",
+        }
+        for i in range(40)
+    ]
     path = tmp_path / "easy.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -96,7 +113,9 @@ def test_macro_f1_matches_sklearn():
     for _ in range(20):
         y, p = rng.integers(0, 3, 30).tolist(), rng.integers(0, 3, 30).tolist()
         assert macro_f1(y, p) == pytest.approx(sklearn_metrics.f1_score(y, p, average="macro"))
-    assert macro_f1([0, 0, 1, 1], [0, 0, 0, 0]) == pytest.approx(sklearn_metrics.f1_score([0, 0, 1, 1], [0, 0, 0, 0], average="macro", zero_division=0))
+    assert macro_f1([0, 0, 1, 1], [0, 0, 0, 0]) == pytest.approx(
+        sklearn_metrics.f1_score([0, 0, 1, 1], [0, 0, 0, 0], average="macro", zero_division=0)
+    )
 
 
 def test_local_csv_and_jsonl_with_string_int_labels_and_pairs(tmp_path):
@@ -105,27 +124,54 @@ def test_local_csv_and_jsonl_with_string_int_labels_and_pairs(tmp_path):
     csv_file = tmp_path / "t.csv"
     csv_file.write_text('text,label\n"a, quoted one",good\nplain,bad\nthird,good\n')
     examples = load_local(downstream_cfg("downstream=local", f"downstream.path={csv_file}"))
-    assert examples.texts == [("a, quoted one",), ("plain",), ("third",)] and examples.classes == ["bad", "good"] and examples.labels == [1, 0, 1]
+    assert (
+        examples.texts == [("a, quoted one",), ("plain",), ("third",)]
+        and examples.classes == ["bad", "good"]
+        and examples.labels == [1, 0, 1]
+    )
 
     pairs = tmp_path / "p.jsonl"
-    pairs.write_text("\n".join(json.dumps({"a": f"first {i}", "b": f"second {i}", "y": y}) for i, y in enumerate([10, 2, 1, 2])) + "\n\n")
-    examples = load_local(downstream_cfg("downstream=local", f"downstream.path={pairs}", "downstream.text_fields=[a,b]", "downstream.label_field=y"))
+    pairs.write_text(
+        "\n".join(json.dumps({"a": f"first {i}", "b": f"second {i}", "y": y}) for i, y in enumerate([10, 2, 1, 2]))
+        + "\n\n"
+    )
+    examples = load_local(
+        downstream_cfg(
+            "downstream=local", f"downstream.path={pairs}", "downstream.text_fields=[a,b]", "downstream.label_field=y"
+        )
+    )
     assert examples.texts[0] == ("first 0", "second 0")
-    assert examples.classes == ["1", "2", "10"] and examples.labels == [2, 1, 0, 1]  # integers in numeric order, not as strings
+    assert examples.classes == ["1", "2", "10"] and examples.labels == [
+        2,
+        1,
+        0,
+        1,
+    ]  # integers in numeric order, not as strings
 
 
-@pytest.mark.parametrize("name, text, where", [
-    ("t.csv", "text,label\nfine,1\n,0\n", "t.csv, line 3: no 'text'"),
-    ("t.csv", "text,label\nfine,1\nno label here\n", "t.csv, line 3: no 'label'"),
-    ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "  ", "label": 0}\n', "t.jsonl, line 2: no 'text'"),
-    ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "ok", "label": 0\n', "t.jsonl, line 2: not valid JSON"),
-    ("t.jsonl", '{"text": "ok", "label": 1}\n["text", 0]\n', "t.jsonl, line 2: a JSON list"),
-    # labels that are no class: a traceback (unhashable, int(inf)) or a class per nan, before
-    ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "ok", "label": {"a": 1}}\n', 't.jsonl, line 2: label={"a": 1} is not a class label'),
-    ("t.jsonl", '{"text": "ok", "label": [1, 0]}\n', "t.jsonl, line 1: label=[1, 0] is not a class label"),
-    ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "ok", "label": Infinity}\n', "t.jsonl, line 2: label=Infinity is not a class label"),
-    ("t.jsonl", '{"text": "ok", "label": NaN}\n', "t.jsonl, line 1: label=NaN is not a class label"),
-])
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("t.csv", "text,label\nfine,1\n,0\n", "t.csv, line 3: no 'text'"),
+        ("t.csv", "text,label\nfine,1\nno label here\n", "t.csv, line 3: no 'label'"),
+        ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "  ", "label": 0}\n', "t.jsonl, line 2: no 'text'"),
+        ("t.jsonl", '{"text": "ok", "label": 1}\n{"text": "ok", "label": 0\n', "t.jsonl, line 2: not valid JSON"),
+        ("t.jsonl", '{"text": "ok", "label": 1}\n["text", 0]\n', "t.jsonl, line 2: a JSON list"),
+        # labels that are no class: a traceback (unhashable, int(inf)) or a class per nan, before
+        (
+            "t.jsonl",
+            '{"text": "ok", "label": 1}\n{"text": "ok", "label": {"a": 1}}\n',
+            't.jsonl, line 2: label={"a": 1} is not a class label',
+        ),
+        ("t.jsonl", '{"text": "ok", "label": [1, 0]}\n', "t.jsonl, line 1: label=[1, 0] is not a class label"),
+        (
+            "t.jsonl",
+            '{"text": "ok", "label": 1}\n{"text": "ok", "label": Infinity}\n',
+            "t.jsonl, line 2: label=Infinity is not a class label",
+        ),
+        ("t.jsonl", '{"text": "ok", "label": NaN}\n', "t.jsonl, line 1: label=NaN is not a class label"),
+    ],
+)
 def test_a_malformed_row_is_one_line_naming_file_and_line(tmp_path, name, text, where):
     from mlm.downstream import load_local
 
@@ -164,10 +210,15 @@ def test_hub_task_unreachable_fails_at_once_with_one_line(monkeypatch):
 
 def test_hub_task_cli_offline_is_one_error_line(tmp_path, tiny_model_dir):
     # HF_HUB_OFFLINE=1 with an empty cache: datasets itself answers, at once
-    proc = run_cli([str(tiny_model_dir), "downstream=mrpc"], module="mlm.downstream",
-                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": None})
+    proc = run_cli(
+        [str(tiny_model_dir), "downstream=mrpc"],
+        module="mlm.downstream",
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": None},
+    )
     assert proc.returncode == 2
-    assert proc.stdout == "" and proc.stderr.strip().splitlines()[-1].startswith("error: could not load downstream dataset 'nyu-mll/glue/mrpc'")
+    assert proc.stdout == "" and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: could not load downstream dataset 'nyu-mll/glue/mrpc'"
+    )
     assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1 and "Traceback" not in proc.stderr
 
 
@@ -176,7 +227,9 @@ def test_hub_task_cli_offline_is_one_error_line(tmp_path, tiny_model_dir):
 
 def test_downstream_needs_the_final_model_said_before_training():
     cfg = compose([*TINY_RUN, "dataset.path=x.txt", "downstream=polarity", "trainer.save_model=false"])
-    with pytest.raises(UserError, match="downstream.kind=polarity fine-tunes the run's final/ model; set trainer.save_model=true"):
+    with pytest.raises(
+        UserError, match="downstream.kind=polarity fine-tunes the run's final/ model; set trainer.save_model=true"
+    ):
         cfg.validate()
 
 
@@ -186,15 +239,23 @@ def test_downstream_settings_do_not_block_a_resume():
     saved = {"downstream.kind": "none", "downstream.seeds": [0, 1, 2], "optimizer.lr": 1e-3}
     asked = {"downstream.kind": "polarity", "downstream.seeds": [0], "optimizer.lr": 1e-3}
     assert changed_settings(saved, asked, 1) == []
-    assert changed_settings(saved, {**asked, "optimizer.lr": 2e-3}, 1) == ["optimizer.lr=0.001 there, 0.002 now"]  # the rest still is compared
+    assert changed_settings(saved, {**asked, "optimizer.lr": 2e-3}, 1) == [
+        "optimizer.lr=0.001 there, 0.002 now"
+    ]  # the rest still is compared
 
 
-@pytest.mark.parametrize("args, message", [
-    (["model=tiny"], "model=tiny: only downstream settings apply here"),
-    ([], "choose a task: downstream=polarity"),
-    (["downstream=polarity", "downstream.sedes=[0]"], "unknown config key 'downstream.sedes'; did you mean downstream.seeds?"),
-    (["downstream=polarity", "downstream.seeds=[]"], "downstream.seeds must list at least one seed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=tiny"], "model=tiny: only downstream settings apply here"),
+        ([], "choose a task: downstream=polarity"),
+        (
+            ["downstream=polarity", "downstream.sedes=[0]"],
+            "unknown config key 'downstream.sedes'; did you mean downstream.seeds?",
+        ),
+        (["downstream=polarity", "downstream.seeds=[]"], "downstream.seeds must list at least one seed"),
+    ],
+)
 def test_cli_settings_errors_are_one_line(tiny_model_dir, capsys, args, message):
     from mlm.downstream.__main__ import main
 
@@ -207,10 +268,16 @@ def test_cli_settings_errors_are_one_line(tiny_model_dir, capsys, args, message)
 def test_max_train_examples_below_one_is_one_line_not_a_hang(tiny_model_dir, cap):
     """0 fine-tuned on no batch and waited for one forever, at full CPU; -1 dropped one example. Both are refused
     (unset means every example); the timeout turns a hang back into a failure."""
-    proc = run_cli([str(tiny_model_dir), "downstream=polarity", f"downstream.max_train_examples={cap}"], module="mlm.downstream",
-                   timeout=120)
+    proc = run_cli(
+        [str(tiny_model_dir), "downstream=polarity", f"downstream.max_train_examples={cap}"],
+        module="mlm.downstream",
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"error: downstream.max_train_examples={cap} must be at least 1 (or unset for every example)"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: downstream.max_train_examples={cap} must be at least 1 (or unset for every example)"
+    )
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [proc.stderr.strip().splitlines()[-1]]
 
 
@@ -221,8 +288,14 @@ def test_a_fine_tune_on_no_examples_stops_at_once(tiny_model_dir):
 
     outcome = []
     empty = Examples([], [], ["neg", "pos"])
-    worker = threading.Thread(target=lambda: outcome.append(pytest.raises(UserError, finetune, str(tiny_model_dir), None, empty,
-                                                                          downstream_cfg("downstream=polarity"), 0, "cpu")), daemon=True)
+    worker = threading.Thread(
+        target=lambda: outcome.append(
+            pytest.raises(
+                UserError, finetune, str(tiny_model_dir), None, empty, downstream_cfg("downstream=polarity"), 0, "cpu"
+            )
+        ),
+        daemon=True,
+    )
     worker.start()
     worker.join(timeout=60)  # a hang leaves the (daemon) thread spinning and fails here
     assert outcome and "no training examples to fine-tune on" in str(outcome[0].value)
@@ -232,11 +305,16 @@ def test_cli_model_that_is_not_a_saved_model(tmp_path, capsys):
     from mlm.downstream.__main__ import main
 
     assert main([str(tmp_path), "downstream=polarity"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path} is not a saved model (no config.json); " \
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path} is not a saved model (no config.json); "
         "give a run's final/ directory or package:<module>/<subdir>"
+    )
     assert main([str(tmp_path / "nowhere"), "downstream=polarity"]) == 2  # never looked up on the hub
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'} is not a saved model (no such " \
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"error: {tmp_path / 'nowhere'} is not a saved model (no such "
         "directory); give a run's final/ directory or package:<module>/<subdir>"
+    )
 
 
 def test_a_finished_run_without_final_model_cannot_add_downstream(tmp_path):
@@ -245,7 +323,9 @@ def test_a_finished_run_without_final_model_cannot_add_downstream(tmp_path):
     results = {"perplexity": 9.0, "config": {"downstream.kind": "none"}}
     with pytest.raises(UserError, match="has no final/ model to fine-tune"):
         add_to_finished_run(tmp_path, downstream_cfg("downstream=polarity"), {"downstream.kind": "polarity"}, results)
-    assert add_to_finished_run(tmp_path, downstream_cfg(), {"downstream.kind": "none"}, results) is results  # none asked: nothing to do
+    assert (
+        add_to_finished_run(tmp_path, downstream_cfg(), {"downstream.kind": "none"}, results) is results
+    )  # none asked: nothing to do
 
 
 # ---------------------------------------------------------------- the protocol
@@ -264,7 +344,9 @@ def test_the_classifier_keeps_the_encoder_and_gets_a_new_pooler(one_thread):
     model = load_classifier(path, 2)
     assert torch.equal(model.bert.encoder.layer[5].output.dense.weight, saved["encoder.layer.5.output.dense.weight"])
     pooler = model.bert.pooler.dense.weight
-    assert not torch.allclose(pooler, saved["pooler.dense.weight"]) and pooler.std().item() == pytest.approx(0.02, rel=0.05)
+    assert not torch.allclose(pooler, saved["pooler.dense.weight"]) and pooler.std().item() == pytest.approx(
+        0.02, rel=0.05
+    )
     assert not model.bert.pooler.dense.bias.any()
 
 
@@ -295,15 +377,25 @@ def test_protocol_on_a_tiny_model_learns_reports_the_median_and_repeats_exactly(
     assert result["seeds"] == [0, 1] and len(result["accuracies"]) == 2 and result["examples"] == 40
     assert result["accuracy"] == float(np.median(result["accuracies"]))
     assert result["accuracy"] > 0.75  # it learned (chance is 0.5): the loop does update the weights
-    assert evaluate(tiny_model_dir, cfg, "cpu")["accuracies"] == result["accuracies"]  # the same seeds, the same numbers
+    assert (
+        evaluate(tiny_model_dir, cfg, "cpu")["accuracies"] == result["accuracies"]
+    )  # the same seeds, the same numbers
 
 
 def test_polarity_on_a_tiny_model_with_two_seeds(tiny_model_dir, one_thread):
     from mlm.downstream import evaluate
 
-    result = evaluate(tiny_model_dir, downstream_cfg("downstream=polarity", "downstream.seeds=[0,1]", "downstream.epochs=1"), "cpu")
-    assert result["examples"] == 200 and result["protocol"] == "5-fold cross-validation" and result["classes"] == ["neg", "pos"]
-    assert len(result["accuracies"]) == 2 and all(a * 200 == round(a * 200) for a in result["accuracies"])  # a count of 200
+    result = evaluate(
+        tiny_model_dir, downstream_cfg("downstream=polarity", "downstream.seeds=[0,1]", "downstream.epochs=1"), "cpu"
+    )
+    assert (
+        result["examples"] == 200
+        and result["protocol"] == "5-fold cross-validation"
+        and result["classes"] == ["neg", "pos"]
+    )
+    assert len(result["accuracies"]) == 2 and all(
+        a * 200 == round(a * 200) for a in result["accuracies"]
+    )  # a count of 200
     assert result["accuracy"] == statistics.median(result["accuracies"])
 
 
@@ -311,7 +403,12 @@ def test_downstream_cli_prints_the_result_as_json(tiny_model_dir):
     proc = run_cli([str(tiny_model_dir), *QUICK], module="mlm.downstream", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
-    assert result["task"] == "polarity" and result["seeds"] == [0] and len(result["accuracies"]) == 1 and result["examples"] == 200
+    assert (
+        result["task"] == "polarity"
+        and result["seeds"] == [0]
+        and len(result["accuracies"]) == 1
+        and result["examples"] == 200
+    )
     assert "downstream polarity: accuracy" in proc.stderr
 
 
@@ -329,7 +426,10 @@ def test_a_run_with_downstream_puts_it_in_results_and_the_tracker_summary(corpus
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["downstream"] == results["downstream"] and saved["downstream"]["task"] == "polarity"
     assert saved["downstream"]["model"] == str(tmp_path / "final")
-    assert {"downstream/accuracy": saved["downstream"]["accuracy"], "downstream/macro_f1": saved["downstream"]["macro_f1"]} in summaries
+    assert {
+        "downstream/accuracy": saved["downstream"]["accuracy"],
+        "downstream/macro_f1": saved["downstream"]["macro_f1"],
+    } in summaries
 
 
 @pytest.mark.slow
@@ -343,7 +443,9 @@ def test_run_py_with_downstream_then_a_finished_run_asked_for_more(corpus, tmp_p
     assert 0 <= results["downstream"]["accuracy"] <= 1 and results["downstream"]["seeds"] == [0]
     assert f"downstream polarity: accuracy {results['downstream']['accuracy']:.4f}, median of 1 seed(s)" in proc.stdout
     log = (run_dir / "run.log").read_text()  # a line for each phase after training
-    assert log.index(f"saving the final model to {run_dir / 'final'}") < log.index(f"downstream: fine-tuning {run_dir / 'final'} on polarity")
+    assert log.index(f"saving the final model to {run_dir / 'final'}") < log.index(
+        f"downstream: fine-tuning {run_dir / 'final'} on polarity"
+    )
     model_hash = hashlib.sha256((run_dir / "final" / "model.safetensors").read_bytes()).hexdigest()
     metrics = (run_dir / "metrics.jsonl").read_text()
 
@@ -356,7 +458,9 @@ def test_run_py_with_downstream_then_a_finished_run_asked_for_more(corpus, tmp_p
     assert f"added to {run_dir / 'results.json'}" in proc.stdout and "already finished" in proc.stdout
     updated = json.loads((run_dir / "results.json").read_text())
     assert updated["downstream"]["seeds"] == [1] and updated["config"]["downstream.seeds"] == [1]
-    assert {k: v for k, v in updated.items() if k not in ("downstream", "config")} == {k: v for k, v in results.items() if k not in ("downstream", "config")}
+    assert {k: v for k, v in updated.items() if k not in ("downstream", "config")} == {
+        k: v for k, v in results.items() if k not in ("downstream", "config")
+    }
     assert hashlib.sha256((run_dir / "final" / "model.safetensors").read_bytes()).hexdigest() == model_hash
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # no step trained again
     # downstream=none asks for nothing: the numbers stay
@@ -402,10 +506,23 @@ def test_other_ranks_wait_for_the_main_process_fine_tune_past_the_collective_tim
     from tests.test_failure_propagation import launched
 
     port = 29651 if outcome == "ok" else 29652
-    env = {"OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PYTHONPATH": str(ROOT),
+    }
     with contextlib.ExitStack() as stack:
-        procs = [stack.enter_context(launched([sys.executable, "-c", ALONE_JOB, str(tmp_path), outcome], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
-                 for r in range(2)]
+        procs = [
+            stack.enter_context(
+                launched(
+                    [sys.executable, "-c", ALONE_JOB, str(tmp_path), outcome],
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                )
+            )
+            for r in range(2)
+        ]
         errs = [p.communicate(timeout=300)[1] for p in procs]
     if outcome == "ok":
         assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
@@ -422,12 +539,22 @@ def fake_job(root: Path, name: str, overrides: dict, ppl: float, seconds: float,
     d = root / name
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
-    results = {"perplexity": ppl, "best_perplexity": ppl, "perplexity_before": 40.0, "train_seconds": seconds, "train_tokens": tokens,
-               "tokens_per_s": tokens / seconds, "wall_seconds": seconds + 5, "config": {k: float(v) for k, v in overrides.items()}}
+    results = {
+        "perplexity": ppl,
+        "best_perplexity": ppl,
+        "perplexity_before": 40.0,
+        "train_seconds": seconds,
+        "train_tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "wall_seconds": seconds + 5,
+        "config": {k: float(v) for k, v in overrides.items()},
+    }
     if accuracy is not None:
         results["downstream"] = {"task": "polarity", "accuracy": accuracy, "accuracies": [accuracy], "seeds": [0, 1, 2]}
     (d / "results.json").write_text(json.dumps(results))
-    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 5 - s, "eval/perplexity": ppl + 3 - s}) + "\n" for s in range(4)))
+    (d / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "train/loss": 5 - s, "eval/perplexity": ppl + 3 - s}) + "\n" for s in range(4))
+    )
 
 
 def test_pareto_front_drops_dominated_points():
@@ -455,9 +582,19 @@ def test_budget_sweep_summary_has_downstream_column_front_tables_and_budget_png(
     assert "Best: `trainer.budget_minutes=4` with perplexity 12.00." in text
     assert "Best downstream: `trainer.budget_minutes=8` with polarity 0.750 (median of 3 seeds)." in text
     ppl_front, acc_front = text.split("Pareto front, ")[1:]
-    assert [l.split(" | ")[0] for l in ppl_front.splitlines() if l.startswith("| ") and not l.startswith("| job")] == ["| 0", "| 1", "| 2"]
-    assert "(3 of 4 jobs" in ppl_front and "| 2 | trainer.budget_minutes=4 | 240 | 24,000 | 12.00 | -1.5 |" in ppl_front  # (12 - 15) / 2 min
-    assert [l.split(" | ")[0] for l in acc_front.splitlines() if l.startswith("| ") and not l.startswith("| job")] == ["| 0", "| 2", "| 3"]
+    assert [l.split(" | ")[0] for l in ppl_front.splitlines() if l.startswith("| ") and not l.startswith("| job")] == [
+        "| 0",
+        "| 1",
+        "| 2",
+    ]
+    assert (
+        "(3 of 4 jobs" in ppl_front and "| 2 | trainer.budget_minutes=4 | 240 | 24,000 | 12.00 | -1.5 |" in ppl_front
+    )  # (12 - 15) / 2 min
+    assert [l.split(" | ")[0] for l in acc_front.splitlines() if l.startswith("| ") and not l.startswith("| job")] == [
+        "| 0",
+        "| 2",
+        "| 3",
+    ]
     assert "![budget](budget.png)" in text
     assert (tmp_path / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -477,13 +614,20 @@ def test_budget_plot_draws_the_front_as_a_step_line(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(report.pyplot(), "close", figures.append)
     for i, (ppl, acc) in enumerate([(20.0, 0.6), (15.0, 0.58), (12.0, 0.7), (12.5, 0.75)]):
-        fake_job(tmp_path, str(i), {"trainer.max_steps": 100 * 2 ** i}, ppl, 60 * 2 ** i, 6000 * 2 ** i, acc)
+        fake_job(tmp_path, str(i), {"trainer.max_steps": 100 * 2**i}, ppl, 60 * 2**i, 6000 * 2**i, acc)
     report.summarize([tmp_path])
-    fig = next(f for f in figures if f._suptitle.get_text().startswith("what the training budget buys"))  # budget.png: ppl and accuracy,
+    fig = next(
+        f for f in figures if f._suptitle.get_text().startswith("what the training budget buys")
+    )  # budget.png: ppl and accuracy,
     # each against tokens and seconds
     ppl_vs_tokens, acc_vs_seconds = fig.axes[0], fig.axes[3]
     [front] = ppl_vs_tokens.lines
     # the front's points, then flat on to the largest budget (whose own point, 12.5, lies above it)
-    assert list(front.get_xdata()) == [6000, 12000, 24000, 48000] and list(front.get_ydata()) == [20.0, 15.0, 12.0, 12.0]
+    assert list(front.get_xdata()) == [6000, 12000, 24000, 48000] and list(front.get_ydata()) == [
+        20.0,
+        15.0,
+        12.0,
+        12.0,
+    ]
     assert front.get_drawstyle() == "steps-post"
     assert list(acc_vs_seconds.lines[0].get_ydata()) == [0.6, 0.7, 0.75, 0.75]

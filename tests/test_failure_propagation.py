@@ -18,13 +18,25 @@ RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.per_device_batch_size=2
 
 
 def torchrun(port: int, *args: str) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(ROOT / "run.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(ROOT / "run.py"),
+        *args,
+    ]
 
 
 @contextlib.contextmanager
 def launched(cmd: list, **kwargs):
     """Popen in a session of its own: whatever happens (a timeout too), every process of the job is killed."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         yield proc
     finally:
@@ -63,8 +75,16 @@ def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(corpus, t
     # sockets stay open, so rank 0's next gloo all-reduce does not end (as an NCCL one would not,
     # whatever the failed rank does); the group's own timeout (30 min) is far beyond the subprocess's.
     # Only the failure published on the job's store can end rank 0.
-    cmd = torchrun(29641, *RUN, f"dataset.path={corpus}", "trainer.max_steps=1000", "runtime.collective_timeout_minutes=30")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MLM_TEST_FAIL": "0:1:2", "MLM_TEST_FAIL_HOLD": "1"}
+    cmd = torchrun(
+        29641, *RUN, f"dataset.path={corpus}", "trainer.max_steps=1000", "runtime.collective_timeout_minutes=30"
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "0",
+        "MLM_TEST_FAIL": "0:1:2",
+        "MLM_TEST_FAIL_HOLD": "1",
+    }
     with launched(cmd, cwd=tmp_path, env=env) as proc:
         _, err = proc.communicate(timeout=400)
     assert proc.returncode != 0
@@ -76,7 +96,9 @@ def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(corpus, t
     error = (run / "error.txt").read_text().splitlines()
     assert error[0] == "rank 1: RuntimeError: injected failure (MLM_TEST_FAIL=0:1:2)"  # the cause first
     assert error[1].startswith("PeerFailed: rank 1 failed")
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    steps = [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+    ]
     assert max(steps) <= 2 and not (run / "results.json").exists()
 
 
@@ -93,7 +115,11 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 def wait_for_step(run_parent: Path, step: int, launcher: subprocess.Popen) -> None:
     while launcher.poll() is None:
         for metrics in run_parent.glob("*/metrics.jsonl"):
-            if any(json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines() if line.endswith("}")):
+            if any(
+                json.loads(line).get("step", 0) >= step
+                for line in metrics.read_text().splitlines()
+                if line.endswith("}")
+            ):
                 return
         time.sleep(0.5)
     raise AssertionError(f"the run ended before step {step}: {launcher.communicate()[1][-3000:]}")
@@ -103,7 +129,9 @@ def wait_for_step(run_parent: Path, step: int, launcher: subprocess.Popen) -> No
 def test_a_stopped_rank_is_named_and_ends_the_job(corpus, tmp_path):
     # SIGSTOP: the process stays, its sockets stay open, the torchrun agent sees it alive; only its
     # heartbeat on the store stops.
-    cmd = torchrun(29643, *RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "runtime.collective_timeout_minutes=0.5")
+    cmd = torchrun(
+        29643, *RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "runtime.collective_timeout_minutes=0.5"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     with launched(cmd, cwd=tmp_path, env=env) as launcher:
         wait_for_step(tmp_path / "outputs" / "runs", 3, launcher)
@@ -134,10 +162,23 @@ with distributed.job(run_dir, collective_timeout_minutes=0.2):
 
 @pytest.mark.slow
 def test_building_the_cache_is_not_bounded_by_the_collective_timeout(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29645", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29645",
+        "PYTHONPATH": str(ROOT),
+    }
     with contextlib.ExitStack() as stack:
-        procs = [stack.enter_context(launched([sys.executable, "-c", CACHE_JOB, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
-                 for r in range(2)]
+        procs = [
+            stack.enter_context(
+                launched(
+                    [sys.executable, "-c", CACHE_JOB, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+                )
+            )
+            for r in range(2)
+        ]
         errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert (tmp_path / "order").read_text() == "0\n1\n"  # rank 1 built after rank 0, and waited for it

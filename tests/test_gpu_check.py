@@ -17,8 +17,15 @@ from tests.conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 CPU_ROWS = ("auto precision", "fp16 loss scale", "parallel jobs")
-CUDA_ROWS = ("syncs per step", "throughput default 128", "throughput base 128", "throughput base 512", "compile recompiles",
-             "DDP vs FSDP", "failing rank (NCCL)")
+CUDA_ROWS = (
+    "syncs per step",
+    "throughput default 128",
+    "throughput base 128",
+    "throughput base 512",
+    "compile recompiles",
+    "DDP vs FSDP",
+    "failing rank (NCCL)",
+)
 
 
 def table(stdout: str) -> dict:
@@ -41,8 +48,13 @@ def value(result: str, key: str) -> str:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run; on a GPU run the script itself")
 def test_gpu_check_on_cpu_runs_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--budget-minutes", "6", "--json", str(out), "--out-dir", str(tmp_path / "work")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--budget-minutes", "6", "--json", str(out), "--out-dir", str(tmp_path / "work")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = table(proc.stdout)
     module = load_script()
@@ -61,7 +73,11 @@ def test_gpu_check_on_cpu_runs_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert value(result, "device") == "cpu" and int(value(result, "steps")) == auto["steps"] == 4
 
     fp16 = json.loads((work / "fp16" / "results.json").read_text())
-    scales = [json.loads(line)["train/loss_scale"] for line in (work / "fp16" / "metrics.jsonl").read_text().splitlines() if "train/loss_scale" in line]
+    scales = [
+        json.loads(line)["train/loss_scale"]
+        for line in (work / "fp16" / "metrics.jsonl").read_text().splitlines()
+        if "train/loss_scale" in line
+    ]
     result = rows["fp16 loss scale"][0]
     assert value(result, "mixed_precision") == fp16["mixed_precision"] == "fp16"
     assert float(value(result, "loss_scale")) == scales[-1] >= 1
@@ -103,8 +119,13 @@ def test_the_sync_row_trains_in_process_through_compose_and_train(tmp_path, monk
 
 
 def test_a_spent_budget_skips_the_rows_left_and_the_table_is_still_whole(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--budget-minutes", "0", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--budget-minutes", "0", "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = table(proc.stdout)
     assert set(rows) == set(CPU_ROWS + CUDA_ROWS)
@@ -125,12 +146,18 @@ def test_the_two_process_rows_run_on_cpu_processes_with_gloo(tmp_path):
     assert status == "ok", result
     for sharding in ("none", "fsdp"):
         r = json.loads((tmp_path / f"shard-{sharding}" / "results.json").read_text())
-        assert r["processes"] == 2 and r["sharding"] == sharding and f"{sharding}: perplexity {r['perplexity']:.4f}" in result
+        assert (
+            r["processes"] == 2
+            and r["sharding"] == sharding
+            and f"{sharding}: perplexity {r['perplexity']:.4f}" in result
+        )
 
     result, status = module.check_failing_rank(ctx)
     assert status == "ok", result
     assert "job 0: rank 1 failed after step 3, error.txt: rank 1: RuntimeError: injected failure" in result
-    assert "job 1: finished on 2 processes" in result and "torchrun exited 1 after" in result  # the sweep says a job failed
+    assert (
+        "job 1: finished on 2 processes" in result and "torchrun exited 1 after" in result
+    )  # the sweep says a job failed
 
 
 def test_the_throughput_rows_run_the_benchmark_at_their_scale_in_a_share_of_the_budget(tmp_path, monkeypatch):
@@ -142,20 +169,27 @@ def test_the_throughput_rows_run_the_benchmark_at_their_scale_in_a_share_of_the_
 
     def fake_run(cmd, env, timeout):
         calls.append((cmd, timeout))
-        out = json.dumps({"tokens_per_s": {"trainer_bf16": 1000.0, "harness": 2500.0}, "mfu": {"trainer_bf16": 0.1, "harness": 0.3},
-                          "peak_memory_mb": {"trainer_bf16": 2048.0, "harness": 1024.0},
-                          "best_vs_best_trainer": {"harness": "harness", "trainer": "trainer_bf16", "speedup": 2.5},
-                          "eval_loss": {"after_steps": 13, "harness": 7.0, "reference": "trainer_bf16", "trainer_bf16": 7.1}})
+        out = json.dumps(
+            {
+                "tokens_per_s": {"trainer_bf16": 1000.0, "harness": 2500.0},
+                "mfu": {"trainer_bf16": 0.1, "harness": 0.3},
+                "peak_memory_mb": {"trainer_bf16": 2048.0, "harness": 1024.0},
+                "best_vs_best_trainer": {"harness": "harness", "trainer": "trainer_bf16", "speedup": 2.5},
+                "eval_loss": {"after_steps": 13, "harness": 7.0, "reference": "trainer_bf16", "trainer_bf16": 7.1},
+            }
+        )
         (tmp_path / cmd[cmd.index("--json") + 1]).write_text(out)
         return 0, "table line\nwrote x", "", 42.0
 
     monkeypatch.setattr(module, "run", fake_run)
     ctx = {"work": tmp_path, "env": {}, "budget": module.Budget(10), "gpus": 1}
     result, status = module.check_throughput(ctx, "throughput base 512")
-    (cmd, timeout), = calls
+    ((cmd, timeout),) = calls
     assert cmd[cmd.index("--scale") + 1] == "base" and cmd[cmd.index("--block") + 1] == "512" and "--quick" in cmd
     assert 595 < timeout <= 600  # the last throughput row on one GPU: all that is left
-    assert status == "ok" and result.startswith("trainer_bf16 1,000 tok/s MFU 10.0% 2.0 GiB, harness 2,500 tok/s MFU 30.0% 1.0 GiB")
+    assert status == "ok" and result.startswith(
+        "trainer_bf16 1,000 tok/s MFU 10.0% 2.0 GiB, harness 2,500 tok/s MFU 30.0% 1.0 GiB"
+    )
     assert "best harness (harness) vs best Trainer (trainer_bf16): 2.50x" in result
     assert ctx["throughput"]["throughput base 512"]["table"] == ["table line"]
 
@@ -170,7 +204,12 @@ def test_only_runs_the_rows_named_and_the_table_says_so(tmp_path, monkeypatch, c
     module = load_script()
     monkeypatch.setenv("MLM_CACHE", str(tmp_path / "cache"))  # main() points it at its work dir; restored after
     md = tmp_path / "check.md"
-    assert module.main(["--budget-minutes", "0", "--only", "parallel", "--out-dir", str(tmp_path / "work"), "--md", str(md)]) == 0
+    assert (
+        module.main(
+            ["--budget-minutes", "0", "--only", "parallel", "--out-dir", str(tmp_path / "work"), "--md", str(md)]
+        )
+        == 0
+    )
     rows = table(capsys.readouterr().out)
     assert rows["parallel jobs"] == ("", "skipped: budget")  # the row named, out of budget here
     assert all(status == "skipped: --only" for name, (_, status) in rows.items() if name != "parallel jobs")

@@ -53,7 +53,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
         path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = "done"
@@ -68,13 +68,22 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
 
 def test_find_cycle_sees_a_circle_through_a_function_local_import(tmp_path):
     # the shape this test was written against: masking -> optim, optim -> models in a function, models -> masking
-    graph = {"mlm.masking": {"mlm.optim"}, "mlm.optim": {"mlm.models"}, "mlm.models": {"mlm.masking"}, "mlm.config": set()}
+    graph = {
+        "mlm.masking": {"mlm.optim"},
+        "mlm.optim": {"mlm.models"},
+        "mlm.models": {"mlm.masking"},
+        "mlm.config": set(),
+    }
     assert find_cycle(graph) == ["mlm.masking", "mlm.optim", "mlm.models", "mlm.masking"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
     module = tmp_path / "mlm" / "optim.py"
     module.parent.mkdir()
     module.write_text("import math\n\ndef f():\n    from mlm.models import build_model\n    from . import config\n")
-    assert imported_modules(module, {"mlm.models", "mlm.config", "mlm"}, root=tmp_path) == {"mlm.models", "mlm.config", "mlm"}
+    assert imported_modules(module, {"mlm.models", "mlm.config", "mlm"}, root=tmp_path) == {
+        "mlm.models",
+        "mlm.config",
+        "mlm",
+    }
 
 
 def test_the_graph_reads_every_module_and_its_local_imports():
@@ -92,6 +101,8 @@ def test_no_import_cycle_in_mlm():
 def test_the_masking_library_needs_no_cli_or_plotting():
     """Its command line and plots live in mlm/mask_preview.py."""
     tree = ast.parse((PACKAGE / "masking.py").read_text())
-    names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not names & {"argparse", "matplotlib"}

@@ -39,7 +39,9 @@ def ours(blocks, tokenizer, cfg=MaskingConfig(), seed=0, stream=0):
     return out["input_ids"], out["labels"]
 
 
-@pytest.mark.parametrize("cfg", [MaskingConfig(), MaskingConfig(mlm_probability=0.3, mask_replace_prob=0.5, random_replace_prob=0.25)])
+@pytest.mark.parametrize(
+    "cfg", [MaskingConfig(), MaskingConfig(mlm_probability=0.3, mask_replace_prob=0.5, random_replace_prob=0.25)]
+)
 def test_rates_and_80_10_10_split(blocks, tokenizer, cfg):
     inputs, labels = ours(blocks, tokenizer, cfg)
     s = stats(inputs, labels, torch.as_tensor(blocks), tokenizer)

@@ -11,11 +11,20 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["masking.strategy=span", "masking.schedule=linear", "masking.mlm_probability=0.3", "masking.final_probability=0.15"],
-    ["masking.strategy=whole_word", "model=tiny_modernbert"],
-    ["masking.train_probability=0.4"],
-], ids=["span-linear", "whole_word-modernbert", "train-rate"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [
+            "masking.strategy=span",
+            "masking.schedule=linear",
+            "masking.mlm_probability=0.3",
+            "masking.final_probability=0.15",
+        ],
+        ["masking.strategy=whole_word", "model=tiny_modernbert"],
+        ["masking.train_probability=0.4"],
+    ],
+    ids=["span-linear", "whole_word-modernbert", "train-rate"],
+)
 def test_run_with_strategy_and_schedule(corpus, tmp_path, overrides):
     proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path}", *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,14 +44,23 @@ def test_run_with_strategy_and_schedule(corpus, tmp_path, overrides):
 
 @pytest.mark.slow
 def test_time_budget_stops_training_and_resume_spends_the_rest(corpus, tmp_path):
-    common = [*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path}", "trainer.max_steps=100000", "trainer.eval_every=100000"]
+    common = [
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        f"hydra.run.dir={tmp_path}",
+        "trainer.max_steps=100000",
+        "trainer.eval_every=100000",
+    ]
     proc = run_cli([*common, "trainer.budget_minutes=0.04"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((tmp_path / "results.json").read_text())
     assert first["stopped"] == "budget" and 0 < first["steps"] < 100000
     assert first["train_seconds"] >= 0.04 * 60  # the stop rule, not a speed measurement
     assert (tmp_path / "final" / "model.safetensors").exists()
-    assert f"training ended at step {first['steps']}/100000: the time budget of 0.04 min was spent" in (tmp_path / "run.log").read_text()
+    assert (
+        f"training ended at step {first['steps']}/100000: the time budget of 0.04 min was spent"
+        in (tmp_path / "run.log").read_text()
+    )
     # a larger budget on the same run directory resumes from the final checkpoint and spends the rest
     proc = run_cli([*common, "trainer.budget_minutes=0.08"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,7 +68,10 @@ def test_time_budget_stops_training_and_resume_spends_the_rest(corpus, tmp_path)
     second = json.loads((tmp_path / "results.json").read_text())
     assert second["stopped"] == "budget" and second["steps"] > first["steps"]
     assert second["train_seconds"] >= 0.08 * 60 > first["train_seconds"]
-    assert f"training ended at step {second['steps']}/100000: the time budget of 0.08 min was spent" in (tmp_path / "run.log").read_text()
+    assert (
+        f"training ended at step {second['steps']}/100000: the time budget of 0.08 min was spent"
+        in (tmp_path / "run.log").read_text()
+    )
 
 
 def test_scheduler_follows_the_spent_budget():
@@ -85,10 +106,25 @@ def test_two_processes_stop_on_one_budget_clock(corpus, tmp_path):
 
     from tests.conftest import ROOT
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547", str(ROOT / "run.py"),
-           *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "trainer.eval_every=100000",
-           "trainer.budget_minutes=0.03", "masking.strategy=span"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29547",
+        str(ROOT / "run.py"),
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        "trainer.max_steps=100000",
+        "trainer.eval_every=100000",
+        "trainer.budget_minutes=0.03",
+        "masking.strategy=span",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = list((tmp_path / "outputs" / "runs").iterdir())
     results = json.loads((run_dir / "results.json").read_text())

@@ -58,7 +58,9 @@ def test_word_start_table_reads_wordpiece(tokenizer):
     assert table[pieces].tolist() == [True, False, True, False, True]
 
 
-@pytest.mark.parametrize("kind,marker,size", [("ByteLevelBPETokenizer", "\u0120", 400), ("SentencePieceBPETokenizer", "\u2581", 120)])
+@pytest.mark.parametrize(
+    "kind,marker,size", [("ByteLevelBPETokenizer", "\u0120", 400), ("SentencePieceBPETokenizer", "\u2581", 120)]
+)
 def test_word_start_table_reads_bpe_and_sentencepiece(kind, marker, size):
     """Vocabularies trained here (RoBERTa-style byte-level BPE, SentencePiece-style): the marker starts words."""
     import tokenizers
@@ -66,7 +68,9 @@ def test_word_start_table_reads_bpe_and_sentencepiece(kind, marker, size):
 
     trainer = getattr(tokenizers, kind)()
     trainer.train_from_iterator(long_sentences(500), vocab_size=size, special_tokens=["<s>", "</s>", "<pad>", "<mask>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", mask_token="<mask>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=trainer._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", mask_token="<mask>"
+    )
     table = word_start_table(tok)
     ids = tok(" thermodynamics of the photosynthesis")["input_ids"]
     pieces = tok.convert_ids_to_tokens(ids)
@@ -87,7 +91,9 @@ def test_masked_fraction_and_guarantees(blocks, tokenizer, strategy, tol, rate):
     assert not (chosen & special).any()
     assert torch.equal(out["labels"][chosen], original[chosen])
     assert torch.equal(out["input_ids"][~chosen], original[~chosen])
-    assert (chosen & (out["input_ids"] == tokenizer.mask_token_id)).sum().item() / chosen.sum().item() == pytest.approx(0.8, abs=0.03)
+    assert (chosen & (out["input_ids"] == tokenizer.mask_token_id)).sum().item() / chosen.sum().item() == pytest.approx(
+        0.8, abs=0.03
+    )
 
 
 @pytest.mark.parametrize("strategy", ["whole_word", "span"])
@@ -110,16 +116,31 @@ def test_no_word_is_partly_chosen_and_replacement_is_per_word(blocks, tokenizer,
 def test_whole_word_statistics_match_huggingface(tokenizer):
     """Same sentences through Hugging Face's whole_word_mask (word = pieces with no gap in the text) and ours."""
     texts = long_sentences(3000, seed=5)
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=48, return_offsets_mapping=True, return_special_tokens_mask=True)
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=48,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
     ids = np.array(enc["input_ids"])
     torch.manual_seed(0)
-    hf_collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, whole_word_mask=True)  # forces 100% [MASK]
-    hf = hf_collator([{"input_ids": i, "offset_mapping": o, "special_tokens_mask": s}
-                      for i, o, s in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"])])
+    hf_collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=0.15, whole_word_mask=True
+    )  # forces 100% [MASK]
+    hf = hf_collator(
+        [
+            {"input_ids": i, "offset_mapping": o, "special_tokens_mask": s}
+            for i, o, s in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"])
+        ]
+    )
     ours = collate(tokenizer, ids, mask_replace_prob=1.0, random_replace_prob=0.0, strategy="whole_word")
     original = torch.as_tensor(ids)
     special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))
-    continuation = torch.tensor([t.startswith("##") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))])[original]
+    continuation = torch.tensor(
+        [t.startswith("##") for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    )[original]
 
     def stats(labels, inputs):
         chosen = labels != -100
@@ -182,18 +203,28 @@ def test_span_rate_is_the_same_at_every_word_position():
 @pytest.mark.parametrize("strategy", ["whole_word", "span"])
 def test_masks_depend_only_on_seed_stream_and_index(blocks, tokenizer, strategy):
     whole = collate(tokenizer, blocks[:8], seed=5, stream=2, strategy=strategy)
-    part = collate(tokenizer, blocks[[6, 2]], seed=5, stream=2, index=np.array([6, 2]), strategy=strategy)  # as on another rank
-    assert torch.equal(part["labels"], whole["labels"][[6, 2]]) and torch.equal(part["input_ids"], whole["input_ids"][[6, 2]])
+    part = collate(
+        tokenizer, blocks[[6, 2]], seed=5, stream=2, index=np.array([6, 2]), strategy=strategy
+    )  # as on another rank
+    assert torch.equal(part["labels"], whole["labels"][[6, 2]]) and torch.equal(
+        part["input_ids"], whole["input_ids"][[6, 2]]
+    )
     assert torch.equal(collate(tokenizer, blocks[:8], seed=5, stream=2, strategy=strategy)["labels"], whole["labels"])
-    assert not torch.equal(collate(tokenizer, blocks[:8], seed=5, stream=3, strategy=strategy)["labels"], whole["labels"])
-    assert not torch.equal(collate(tokenizer, blocks[:8], seed=5, stream=EVAL_STREAM, strategy=strategy)["labels"], whole["labels"])
+    assert not torch.equal(
+        collate(tokenizer, blocks[:8], seed=5, stream=3, strategy=strategy)["labels"], whole["labels"]
+    )
+    assert not torch.equal(
+        collate(tokenizer, blocks[:8], seed=5, stream=EVAL_STREAM, strategy=strategy)["labels"], whole["labels"]
+    )
 
 
 def test_schedule_values_at_start_middle_and_end():
     linear = MaskingConfig(mlm_probability=0.3, final_probability=0.15, schedule="linear")
     cosine = MaskingConfig(mlm_probability=0.3, final_probability=0.15, schedule="cosine")
     constant = MaskingConfig(mlm_probability=0.3)
-    assert [scheduled_probability(linear, x) for x in (0, 0.25, 0.5, 1, 1.5)] == pytest.approx([0.3, 0.2625, 0.225, 0.15, 0.15])
+    assert [scheduled_probability(linear, x) for x in (0, 0.25, 0.5, 1, 1.5)] == pytest.approx(
+        [0.3, 0.2625, 0.225, 0.15, 0.15]
+    )
     assert [scheduled_probability(cosine, x) for x in (0, 0.5, 1)] == pytest.approx([0.3, 0.225, 0.15])
     assert scheduled_probability(cosine, 0.25) == pytest.approx(0.3 - 0.15 * (1 - np.cos(np.pi / 4)) / 2)
     assert {scheduled_probability(constant, x) for x in (0, 0.5, 1)} == {0.3}
@@ -204,12 +235,15 @@ def test_schedule_values_at_start_middle_and_end():
     assert [scheduled_probability(ramp, x) for x in (0, 0.5, 1)] == pytest.approx([0.4, 0.3, 0.2])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(schedule="linear"), "needs masking.final_probability"),
-    (dict(strategy="span", mlm_probability=0.9), "most span masking"),
-    (dict(final_probability=1.0, schedule="cosine"), "masking.final_probability=1.0"),
-    (dict(train_probability=0.0), "masking.train_probability=0.0"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(schedule="linear"), "needs masking.final_probability"),
+        (dict(strategy="span", mlm_probability=0.9), "most span masking"),
+        (dict(final_probability=1.0, schedule="cosine"), "masking.final_probability=1.0"),
+        (dict(train_probability=0.0), "masking.train_probability=0.0"),
+    ],
+)
 def test_bad_masking_values_are_one_line_errors(overrides, message):
     with pytest.raises(UserError, match=message) as info:
         MaskingConfig(**overrides).validate()
@@ -217,7 +251,10 @@ def test_bad_masking_values_are_one_line_errors(overrides, message):
 
 
 def test_show_cli_prints_each_strategy():
-    proc = run_cli(["--show", "Photosynthesis and thermodynamics are unbelievably hard.", "--probability", "0.4", "--seed", "1"], module="mlm.mask_preview")
+    proc = run_cli(
+        ["--show", "Photosynthesis and thermodynamics are unbelievably hard.", "--probability", "0.4", "--seed", "1"],
+        module="mlm.mask_preview",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["token", "whole_word", "span"]

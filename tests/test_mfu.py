@@ -72,7 +72,11 @@ def test_sparse_head_costs_exactly_its_share_per_masked_position():
 
 
 def test_freezing_removes_exactly_the_gradients_autograd_skips():
-    free, frozen_table, frozen_layer = tiny(), tiny("tiny", "model.freeze_embeddings=true"), tiny("tiny", "model.freeze_layers=1")
+    free, frozen_table, frozen_layer = (
+        tiny(),
+        tiny("tiny", "model.freeze_embeddings=true"),
+        tiny("tiny", "model.freeze_layers=1"),
+    )
     h, vocab, inter = free.config.hidden_size, free.config.vocab_size, free.config.intermediate_size
     base = count_flops(free, SEQ, True)
     # the word table is the tied decoder: only its weight gradient goes (2 x h x vocab per prediction)
@@ -89,8 +93,12 @@ def test_peak_table():
     assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)  # SXM
     assert gpu_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.5e12)
     assert gpu_peak("NVIDIA H200", "tf32") == pytest.approx(494.7e12)
-    assert gpu_peak("NVIDIA A100-SXM4-80GB", "fp16") == gpu_peak("NVIDIA A100 80GB PCIe", "bf16") == pytest.approx(312e12)
-    assert gpu_peak("NVIDIA A10", "bf16") == pytest.approx(125e12) and gpu_peak("NVIDIA L4", "fp32") == pytest.approx(30.3e12)
+    assert (
+        gpu_peak("NVIDIA A100-SXM4-80GB", "fp16") == gpu_peak("NVIDIA A100 80GB PCIe", "bf16") == pytest.approx(312e12)
+    )
+    assert gpu_peak("NVIDIA A10", "bf16") == pytest.approx(125e12) and gpu_peak("NVIDIA L4", "fp32") == pytest.approx(
+        30.3e12
+    )
     assert gpu_peak("NVIDIA GeForce RTX 4090", "bf16") == pytest.approx(165.2e12)
     assert gpu_peak("Tesla V100-SXM2-16GB", "fp16") == pytest.approx(125e12)
     assert gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None  # Volta has no bf16 Tensor Cores
@@ -108,11 +116,15 @@ def test_an_unknown_gpu_reports_no_mfu_with_one_line(monkeypatch, caplog):
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True  # (monkeypatch cannot restore this attribute)
     try:
-        assert peak_flops(torch.device("cuda"), torch.float32) == pytest.approx(494.7e12)  # fp32 matmuls run as tf32 then
+        assert peak_flops(torch.device("cuda"), torch.float32) == pytest.approx(
+            494.7e12
+        )  # fp32 matmuls run as tf32 then
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     utilisation = flops.Utilisation(FlopCount(per_token=1e12, per_prediction=0.0), peak=None, devices=2)
-    assert utilisation.rates(tokens=10, predictions=3, seconds=5.0) == {"perf/tflops": 1.0}  # no perf/mfu without a peak
+    assert utilisation.rates(tokens=10, predictions=3, seconds=5.0) == {
+        "perf/tflops": 1.0
+    }  # no perf/mfu without a peak
     assert flops.run_totals(utilisation, 10, 3, 5.0) == {"train_flops": 1e13, "mfu": None}
 
 
@@ -128,7 +140,9 @@ def test_cpu_probe_keeps_the_best_rate_measured_so_a_busy_probe_never_lowers_the
     assert json.loads((tmp_path / flops.PEAK_CACHE).read_text()) == {key: 200e9}
     monkeypatch.setattr(flops, "measure_matmul", lambda dtype: 1e9)
     assert cpu_peak(torch.bfloat16, 2, str(tmp_path)) == 1e9 and cpu_peak(torch.float32, 4, str(tmp_path)) == 1e9
-    assert len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 3  # another dtype or thread count is another entry
+    assert (
+        len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 3
+    )  # another dtype or thread count is another entry
 
 
 def test_cpu_probe_survives_a_broken_or_unwritable_cache(tmp_path, monkeypatch, caplog):
@@ -155,7 +169,15 @@ def test_measured_matmul_rate_is_plausible_and_leaves_the_random_stream_alone():
 @pytest.mark.slow
 def test_a_run_logs_mfu_and_counts_its_flops(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", "trainer.max_steps=4", "trainer.save_model=false"])
+    proc = run_cli(
+        [
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_steps=4",
+            "trainer.save_model=false",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
     assert len(train) == 4 and all(0 < r["perf/mfu"] < 1.5 and r["perf/tflops"] > 0 for r in train)
@@ -163,8 +185,9 @@ def test_a_run_logs_mfu_and_counts_its_flops(corpus, tmp_path):
     assert 0 < results["mfu"] < 1.5
     # the whole run's FLOPs: every token through the encoder, the head at every masked position logged
     count = count_flops(build_model(compose(TINY_RUN).model, 32, seed=0)[0], 32, sparse=True)
-    assert results["train_flops"] == pytest.approx(count.of(results["train_tokens"], sum(r["train/masked_tokens"] for r in train)))
-
+    assert results["train_flops"] == pytest.approx(
+        count.of(results["train_tokens"], sum(r["train/masked_tokens"] for r in train))
+    )
 
 
 @pytest.mark.slow
@@ -182,7 +205,9 @@ def test_a_run_starved_of_data_reports_its_data_wait_and_warns_once(corpus, tmp_
             return super().__call__(batch)
 
     monkeypatch.setattr(mlm.train, "MLMCollator", SlowCollator)
-    cfg = compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.log_every=1", "trainer.save_model=false"])
+    cfg = compose(
+        [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.log_every=1", "trainer.save_model=false"]
+    )
     with caplog.at_level(logging.WARNING, logger="mlm.train"):
         results = mlm.train.train(cfg, tmp_path)
     train = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
@@ -190,4 +215,6 @@ def test_a_run_starved_of_data_reports_its_data_wait_and_warns_once(corpus, tmp_
     assert mlm.train.DATA_WAIT_WARN < results["data_wait"] <= 1
     first = next(r["step"] for r in train if r["perf/data_wait"] > mlm.train.DATA_WAIT_WARN)
     warned = [r.getMessage() for r in caplog.records if "for the next batch" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith(f"step {first} waited ") and "raise runtime.num_workers" in warned[0]
+    assert (
+        len(warned) == 1 and warned[0].startswith(f"step {first} waited ") and "raise runtime.num_workers" in warned[0]
+    )

@@ -66,7 +66,9 @@ def test_sdpa_attention_is_used_and_matches_eager():
     eager, _ = build_model(cfg.model, 64, seed=0)
     batch = masked_batch(tokenizer)
     model.eval(), eager.eval()
-    torch.testing.assert_close(MLMObjective(model, True)(**batch)[0], MLMObjective(eager, True)(**batch)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        MLMObjective(model, True)(**batch)[0], MLMObjective(eager, True)(**batch)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_dropout_override():
@@ -113,14 +115,18 @@ def test_evaluation_is_deterministic_and_normalised_per_token(tiny, tokenizer, c
     acc = Accelerator(cpu=True)
     objective = MLMObjective(model, sparse=True)
     first = evaluate(objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=8)
-    second = evaluate(objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=5, bar="eval at step 0")  # other batching, same masks
+    second = evaluate(
+        objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=5, bar="eval at step 0"
+    )  # other batching, same masks
     assert first["eval/perplexity"] == pytest.approx(second["eval/perplexity"], rel=1e-6)
     bar = capsys.readouterr().err  # a bar over the 8 batches of the titled eval only
     assert "eval at step 0" in bar and "/8 " in bar and "/5 " not in bar  # the untitled eval (5 batches) shows none
     # reference: Hugging Face's model loss over all masked tokens at once
     from mlm.masking import EVAL_STREAM
 
-    batch = MLMCollator(tokenizer, MaskingConfig(), seed=0, stream=EVAL_STREAM)({"input_ids": np.asarray(blocks["input_ids"]), "index": np.arange(37)})
+    batch = MLMCollator(tokenizer, MaskingConfig(), seed=0, stream=EVAL_STREAM)(
+        {"input_ids": np.asarray(blocks["input_ids"]), "index": np.arange(37)}
+    )
     model.eval()
     with torch.no_grad():
         ref = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
@@ -146,7 +152,9 @@ def test_freeze_embeddings_keeps_tied_table_fixed(tokenizer):
     assert torch.equal(table, before) and not torch.equal(model.cls.predictions.bias, bias_before)
 
 
-TINY_DISTILBERT = ModelConfig(source="scratch", arch={"model_type": "distilbert", "n_layers": 2, "dim": 32, "n_heads": 2, "hidden_dim": 64})
+TINY_DISTILBERT = ModelConfig(
+    source="scratch", arch={"model_type": "distilbert", "n_layers": 2, "dim": 32, "n_heads": 2, "hidden_dim": 64}
+)
 
 
 @pytest.mark.parametrize("model_cfg", [TINY_DISTILBERT, "tiny_modernbert"], ids=["distilbert", "modernbert"])
@@ -195,11 +203,15 @@ def test_eval_masks_tokens_whatever_the_training_strategy(tiny):
     from mlm.evaluate import evaluate
 
     model, tokenizer = tiny
-    blocks = Dataset.from_dict({"input_ids": np.random.default_rng(0).integers(1000, 20000, size=(24, 64)).astype(np.int32)})
+    blocks = Dataset.from_dict(
+        {"input_ids": np.random.default_rng(0).integers(1000, 20000, size=(24, 64)).astype(np.int32)}
+    )
     objective, acc = MLMObjective(model, sparse=True), Accelerator(cpu=True)
     token = evaluate(objective, blocks, tokenizer, MaskingConfig(), 0, acc, batch_size=8)
     span_trained = evaluate(objective, blocks, tokenizer, MaskingConfig(strategy="span"), 0, acc, batch_size=8)
-    span_eval = evaluate(objective, blocks, tokenizer, MaskingConfig(strategy="span", eval_strategy="span"), 0, acc, batch_size=8)
+    span_eval = evaluate(
+        objective, blocks, tokenizer, MaskingConfig(strategy="span", eval_strategy="span"), 0, acc, batch_size=8
+    )
     assert span_trained == token
     assert span_eval["eval/loss"] != token["eval/loss"]
 

@@ -21,8 +21,24 @@ def wheel(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "mlm", src / "mlm", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(src)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = out.glob("*.whl")
     return path
@@ -40,12 +56,20 @@ def test_the_wheel_has_every_module_of_the_package(wheel):
 def test_an_install_of_the_wheel_imports_the_data_package_and_the_loop(wheel, tmp_path):
     target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"  # elsewhere: no mlm/ beside the interpreter's cwd
     elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    code = "import json, mlm.data, mlm.train; print(json.dumps({m.__name__: m.__file__ for m in (mlm.data, mlm.train)}))"
+    code = (
+        "import json, mlm.data, mlm.train; print(json.dumps({m.__name__: m.__file__ for m in (mlm.data, mlm.train)}))"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}  # the install alone: this checkout is not on the path
-    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(path.startswith(str(target)) for path in files.values()), files  # not an editable install's checkout
@@ -70,7 +94,9 @@ def test_make_setup_follows_the_torch_spec_and_make_clean_keeps_the_runs(tmp_pat
     assert make(tmp_path, "-n", "setup") == (0, "")
     cuda = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
     _, plan = make(tmp_path, "-n", "setup", f"TORCH_SPEC={cuda}")
-    assert "pip uninstall --quiet --yes torch" in plan and f"pip install --quiet {cuda}\n" in plan  # pip would keep 2.13.0+cpu
+    assert (
+        "pip uninstall --quiet --yes torch" in plan and f"pip install --quiet {cuda}\n" in plan
+    )  # pip would keep 2.13.0+cpu
     assert plan.index("rm -f .venv/.installed*") < plan.index("pip uninstall")  # a failed install leaves no stamp
     stamp.unlink()
     cuda_stamp = tmp_path / plan.split("> ")[-1].strip()
@@ -90,7 +116,11 @@ def test_make_setup_follows_the_torch_spec_and_make_clean_keeps_the_runs(tmp_pat
     for cache in (".pytest_cache", "mlm/__pycache__"):
         (tmp_path / cache).mkdir(parents=True)
     assert make(tmp_path, "clean")[0] == 0
-    assert (run / "results.json").exists() and not (tmp_path / ".pytest_cache").exists() and not (tmp_path / "mlm" / "__pycache__").exists()
+    assert (
+        (run / "results.json").exists()
+        and not (tmp_path / ".pytest_cache").exists()
+        and not (tmp_path / "mlm" / "__pycache__").exists()
+    )
     code, said = make(tmp_path, "clean-outputs")
     assert code == 2 and "make clean-outputs CONFIRM=1" in said and (run / "results.json").exists()
     assert make(tmp_path, "clean-outputs", "CONFIRM=1")[0] == 0 and not (tmp_path / "outputs").exists()
@@ -99,4 +129,6 @@ def test_make_setup_follows_the_torch_spec_and_make_clean_keeps_the_runs(tmp_pat
 def test_exported_models_are_not_tracked_by_git():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    assert subprocess.run(["git", "check-ignore", "-q", "exported/step-500/model.safetensors"], cwd=ROOT).returncode == 0  # docs/export.md's folder
+    assert (
+        subprocess.run(["git", "check-ignore", "-q", "exported/step-500/model.safetensors"], cwd=ROOT).returncode == 0
+    )  # docs/export.md's folder

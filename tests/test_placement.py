@@ -11,15 +11,32 @@ from mlm.distributed import DeviceLease, Placement, detect, slurm_hostnames
 
 
 def test_torchrun_variables_win():
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-           "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }
     assert detect(env) == Placement(3, 4, 1, 2, 1, "torchrun", None, "n1", 29500)
 
 
 def test_slurm_tasks_of_two_nodes(monkeypatch):
     monkeypatch.setenv("PATH", "")  # no scontrol: the node list is parsed here
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "4242",
+    }
     p = detect(env)
     assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.node_rank, p.launcher) == (5, 8, 1, 4, 1, "slurm")
     assert p.master_addr == "gpu07" and p.job_id == "4242"
@@ -34,8 +51,13 @@ def test_slurm_batch_shell_with_one_task_is_a_single_process():
 
 
 def test_submitit_local_tasks():
-    env = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1",
-           "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_JOB_ID": "999"}
+    env = {
+        "SUBMITIT_EXECUTOR": "local",
+        "SUBMITIT_LOCAL_NTASKS": "2",
+        "SUBMITIT_LOCAL_GLOBALID": "1",
+        "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_JOB_ID": "999",
+    }
     p = detect(env)
     assert (p.rank, p.world_size, p.local_rank, p.launcher, p.master_addr) == (1, 2, 1, "submitit_local", "127.0.0.1")
 
@@ -76,10 +98,22 @@ def test_a_slot_is_never_given_twice_and_a_failed_job_gives_it_back(tmp_path, mo
 
 
 def test_mpirun_ranks():
-    env = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
-           "MASTER_ADDR": "n0"}
+    env = {
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_RANK": "2",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "MASTER_ADDR": "n0",
+    }
     p = detect(env)
-    assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.launcher, p.master_addr) == (2, 4, 0, 2, "mpi", "n0")
+    assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.launcher, p.master_addr) == (
+        2,
+        4,
+        0,
+        2,
+        "mpi",
+        "n0",
+    )
     assert detect({"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}) == Placement()
 
 
@@ -96,7 +130,9 @@ def _gpus(monkeypatch, count=1, major=8, uuids=None):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(major=major, minor=0, uuid=uuids[i]))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(major=major, minor=0, uuid=uuids[i])
+    )
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation "works" on a V100
     monkeypatch.setattr(torch.version, "hip", None)
 
@@ -109,23 +145,53 @@ def test_bf16_counts_as_native_from_ampere_on_only(monkeypatch, major, native):
     assert native_bf16("cuda") is native
 
 
-BATCH_SHELL = {"SLURM_JOB_ID": "555", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_LOCALID": "0",
-               "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_TASKS_PER_NODE": "2(x2)",
-               "SLURM_CPUS_ON_NODE": "8", "SLURM_GPUS_ON_NODE": "2", "SLURM_SUBMIT_DIR": "/home/u"}
+BATCH_SHELL = {
+    "SLURM_JOB_ID": "555",
+    "SLURM_NTASKS": "4",
+    "SLURM_PROCID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NNODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[01-02]",
+    "SLURM_TASKS_PER_NODE": "2(x2)",
+    "SLURM_CPUS_ON_NODE": "8",
+    "SLURM_GPUS_ON_NODE": "2",
+    "SLURM_SUBMIT_DIR": "/home/u",
+}
 
 
 def test_a_batch_shell_of_a_four_task_allocation_is_one_process():
     assert detect(BATCH_SHELL) == Placement()
-    assert detect({**BATCH_SHELL, "SLURM_STEP_ID": "4294967291"}) == Placement()  # the batch step's own id, where Slurm sets one
+    assert (
+        detect({**BATCH_SHELL, "SLURM_STEP_ID": "4294967291"}) == Placement()
+    )  # the batch step's own id, where Slurm sets one
 
 
 def test_srun_tasks_and_submitit_slurm_tasks_are_one_job(monkeypatch):
     monkeypatch.setenv("PATH", "")
     # srun (and so submitit's sbatch script, which starts its tasks with srun) adds the step's variables
-    task = {**BATCH_SHELL, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_PROCID": "3",
-            "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[01-02]", "SUBMITIT_EXECUTOR": "slurm"}
+    task = {
+        **BATCH_SHELL,
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_NUM_NODES": "2",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_NODELIST": "gpu[01-02]",
+        "SUBMITIT_EXECUTOR": "slurm",
+    }
     p = detect(task)
-    assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.node_rank, p.launcher, p.master_addr) == (3, 4, 1, 2, 1, "slurm", "gpu01")
+    assert (p.rank, p.world_size, p.local_rank, p.local_world_size, p.node_rank, p.launcher, p.master_addr) == (
+        3,
+        4,
+        1,
+        2,
+        1,
+        "slurm",
+        "gpu01",
+    )
 
 
 def _cuda_rng(monkeypatch, count):
@@ -169,7 +235,16 @@ def test_a_checkpoint_keeps_this_devices_cuda_rng_and_resumes_on_fewer_gpus(monk
     assert "restoring the first 1" in caplog.text
 
 
-TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "MLM_LAUNCHER")
+TORCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "MLM_LAUNCHER",
+)
 
 
 def _environ(monkeypatch, env):
@@ -186,8 +261,19 @@ def test_srun_with_one_gpu_per_task_gives_accelerate_and_ddp_device_0(monkeypatc
     import os
 
     _gpus(monkeypatch, count=gpus)
-    _environ(monkeypatch, {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
-                           "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost"})
+    _environ(
+        monkeypatch,
+        {
+            "SLURM_JOB_ID": "9",
+            "SLURM_STEP_ID": "0",
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_NTASKS": "2",
+            "SLURM_PROCID": "1",
+            "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_STEP_NODELIST": "localhost",
+        },
+    )
     p = distributed.setup()
     # Accelerate's device is LOCAL_RANK % device_count, DDP's device_ids and barriers [LOCAL_RANK]: both this one
     assert os.environ["LOCAL_RANK"] == str(device) and p.local_rank == device and p.rank == 1
@@ -208,7 +294,10 @@ def test_gpu_slots_are_named_by_uuid_whatever_index_the_job_sees(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # under SLURM's cgroups every job sees its GPU as 0
     assert distributed.slot_names(0) == ["cuda-GPU-3f1e"]
     _gpus(monkeypatch, count=2, uuids=["GPU-aa", "GPU-bb"])
-    assert distributed.slot_names(0) == ["cuda-GPU-aa", "cuda-GPU-bb"] and distributed.slot_names(5) == ["cuda-GPU-aa", "cuda-GPU-bb"]
+    assert distributed.slot_names(0) == ["cuda-GPU-aa", "cuda-GPU-bb"] and distributed.slot_names(5) == [
+        "cuda-GPU-aa",
+        "cuda-GPU-bb",
+    ]
     assert distributed.slot_names(1) == ["cuda-GPU-aa"]
 
 
@@ -275,7 +364,12 @@ def test_torchrun_on_two_nodes_names_its_run_dir_after_the_rendezvous_id(monkeyp
 
 
 # what `accelerate launch` (1.16) sets in the one process it starts on CPU: MASTER_* only when several were asked for
-ACCELERATE_ONE_OF_TWO = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "ACCELERATE_MIXED_PRECISION": "no"}
+ACCELERATE_ONE_OF_TWO = {
+    "ACCELERATE_USE_CPU": "True",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+    "ACCELERATE_MIXED_PRECISION": "no",
+}
 
 
 def test_accelerate_launch_of_several_cpu_processes_that_starts_one_says_how_to_start_several(tmp_path):
@@ -292,8 +386,23 @@ def test_accelerate_launch_of_several_cpu_processes_that_starts_one_says_how_to_
     # the real launcher, once: the process it starts has that environment (7 s here)
     script = tmp_path / "note.py"
     script.write_text("from mlm.distributed import lone_launch_note\nprint(lone_launch_note())\n")
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
-    proc = subprocess.run(accelerate, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+    ]
+    proc = subprocess.run(
+        accelerate, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == lone_launch_note(ACCELERATE_ONE_OF_TWO)

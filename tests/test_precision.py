@@ -24,7 +24,15 @@ def fresh_accelerate_state():
 
 
 def setup(precision: str, seed: int = 0):
-    cfg = compose(["model=tiny", "model.dropout=0", f"runtime.mixed_precision={precision}", "scheduler.warmup_steps=2", "optimizer.lr=1e-3"])
+    cfg = compose(
+        [
+            "model=tiny",
+            "model.dropout=0",
+            f"runtime.mixed_precision={precision}",
+            "scheduler.warmup_steps=2",
+            "optimizer.lr=1e-3",
+        ]
+    )
     accelerator = make_accelerator(cfg.runtime.mixed_precision)
     model, tokenizer = build_model(cfg.model, 32, seed=seed)
     _, objective, optimizer, scheduler = build_optimization(cfg, model, 8, accelerator)  # as train() builds them
@@ -83,7 +91,10 @@ def test_nonfinite_gradients_still_stop_without_a_scaler(fresh_accelerate_state)
         step(parts, 0, inf_grad=True)
 
 
-TRAINER_STATE = {"train_state": {"step": 4}, "global_batch": 4}  # what read_state requires of a checkpoint the trainer wrote
+TRAINER_STATE = {
+    "train_state": {"step": 4},
+    "global_batch": 4,
+}  # what read_state requires of a checkpoint the trainer wrote
 
 
 def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
@@ -94,13 +105,17 @@ def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
     for n in range(6):
         step(parts, n, inf_grad=n == 2)
         if n == 3:
-            checkpoint.save_checkpoint(tmp_path, 4, model, optimizer, scheduler, accelerator.scaler, TRAINER_STATE, accelerator, keep=1)
+            checkpoint.save_checkpoint(
+                tmp_path, 4, model, optimizer, scheduler, accelerator.scaler, TRAINER_STATE, accelerator, keep=1
+            )
     reference = [p.detach().clone() for p in model.parameters()]
     reference_scale = accelerator.scaler.get_scale()
 
     resumed = setup("fp16", seed=1)  # other initial weights: everything must come from the checkpoint
     accelerator, model, _, optimizer, scheduler, _ = resumed
-    checkpoint.load_checkpoint(checkpoint.resolve_resume("auto", tmp_path), model, optimizer, scheduler, accelerator.scaler, accelerator)
+    checkpoint.load_checkpoint(
+        checkpoint.resolve_resume("auto", tmp_path), model, optimizer, scheduler, accelerator.scaler, accelerator
+    )
     assert accelerator.scaler.get_scale() < 65536.0  # the backed-off scale came back with the checkpoint
     for n in (4, 5):
         step(resumed, n)
@@ -111,7 +126,12 @@ def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
 # Ops that make a CUDA host wait for the device: a scalar read (.item(), float()), and the data-dependent
 # shapes of nonzero / boolean indexing. The step's one planned read (loss and grad norm together, via
 # .tolist()) does not pass through the dispatcher, so on CPU this mode sees exactly the unplanned ones.
-HOST_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default", "aten.is_nonzero.default"}
+HOST_SYNC_OPS = {
+    "aten._local_scalar_dense.default",
+    "aten.nonzero.default",
+    "aten.masked_select.default",
+    "aten.is_nonzero.default",
+}
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
@@ -168,7 +188,9 @@ def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(monkeypatch, cap
     assert precision.resolve_mixed_precision("auto") == ("bf16" if native else "no")
     assert precision.resolve_mixed_precision("no") == "no"
     caplog.clear()
-    assert precision.resolve_mixed_precision("bf16") == "bf16"  # asked for explicitly: kept, with a warning where emulated
+    assert (
+        precision.resolve_mixed_precision("bf16") == "bf16"
+    )  # asked for explicitly: kept, with a warning where emulated
     assert ("no native bf16" in caplog.text) is not native
 
 

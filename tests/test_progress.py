@@ -68,10 +68,15 @@ def test_under_a_time_budget_the_bar_counts_seconds_of_it():
 
 
 def test_the_end_line_says_what_ended_training():
-    assert progress.end_line(1000, 1000, 1000, 1.0, None, 3000.0) == "training ended at step 1000/1000: trainer.max_steps=1000 reached"
+    assert (
+        progress.end_line(1000, 1000, 1000, 1.0, None, 3000.0)
+        == "training ended at step 1000/1000: trainer.max_steps=1000 reached"
+    )
     assert progress.end_line(57, 57, 0, 2.0, None, 30.0) == "training ended at step 57/57: trainer.epochs=2 done"
     budget = progress.end_line(42, 1000, 1000, 1.0, 30.0, 30.4)
-    assert budget.startswith("training ended at step 42/1000: the time budget of 0.5 min was spent (trainer.budget_minutes=0.5")
+    assert budget.startswith(
+        "training ended at step 42/1000: the time budget of 0.5 min was spent (trainer.budget_minutes=0.5"
+    )
     # a budget that was not spent did not end it
     assert "max_steps=1000 reached" in progress.end_line(1000, 1000, 1000, 1.0, 600.0, 30.0)
 
@@ -86,18 +91,26 @@ def test_evals_left_counts_the_periodic_ones_and_the_final_one():
 def test_the_projection_adds_the_evals_and_on_a_slow_cpu_names_the_time_budget():
     line = progress.projection_line(5, 1000, 3.0, 200.0, 500, None, 15.0, on_cpu=True)
     # 995 steps x 3 s = 2985 s, plus the evals at 500 and 1000 x 200 s
-    assert line.startswith("projected: 56.4 min more for this run: 995 steps at 3.00 s/step (49.8 min) and 2 evals at 3.3 min (6.7 min)")
+    assert line.startswith(
+        "projected: 56.4 min more for this run: 995 steps at 3.00 s/step (49.8 min) and 2 evals at 3.3 min (6.7 min)"
+    )
     assert "trainer.budget_minutes=30" in line
-    assert "budget" not in progress.projection_line(5, 1000, 3.0, 200.0, 500, None, 15.0, on_cpu=False)  # a GPU: no advice
+    assert "budget" not in progress.projection_line(
+        5, 1000, 3.0, 200.0, 500, None, 15.0, on_cpu=False
+    )  # a GPU: no advice
     assert "budget" not in progress.projection_line(5, 100, 0.1, 2.0, 500, None, 0.5, on_cpu=True)  # short: no advice
 
 
 def test_the_projection_under_a_time_budget_stops_at_the_budget():
     line = progress.projection_line(5, 100000, 2.0, 10.0, 500, 600.0, 10.0, on_cpu=True)
     # 590 s of budget left at 2 s/step: ~295 steps, ending before step 500: only the final eval
-    assert line == ("projected: 10.0 min more for this run: the time budget's 9.8 min left (about 295 steps at 2.00 s/step) "
-                    "and 1 eval at 10 s (10 s)")
-    assert "not timed yet" in progress.projection_line(105, 200, 1.0, None, 100, None, 0.0, on_cpu=True)  # a resume: no eval yet
+    assert line == (
+        "projected: 10.0 min more for this run: the time budget's 9.8 min left (about 295 steps at 2.00 s/step) "
+        "and 1 eval at 10 s (10 s)"
+    )
+    assert "not timed yet" in progress.projection_line(
+        105, 200, 1.0, None, 100, None, 0.0, on_cpu=True
+    )  # a resume: no eval yet
 
 
 def test_the_projection_is_said_once_at_the_first_log_step_or_after_five_steps():
@@ -109,17 +122,49 @@ def test_the_projection_is_said_once_at_the_first_log_step_or_after_five_steps()
 
 
 def test_the_banner_says_what_trains_how_long_and_how_to_resume(tmp_path):
-    lines = progress.banner_lines(model="tiny", trainable=1_000_000, total=1_200_000, global_batch=16, block_size=128,
-                                  batch_parts=progress.batch_parts(8, 2, 1), steps=1000, start_step=0, budget_minutes=None,
-                                  precision="fp32: this CPU has no native bf16 (runtime.mixed_precision=auto)", device="cpu (2 threads)",
-                                  processes=2, run_dir=tmp_path, resume=f"python run.py hydra.run.dir={tmp_path}")
+    lines = progress.banner_lines(
+        model="tiny",
+        trainable=1_000_000,
+        total=1_200_000,
+        global_batch=16,
+        block_size=128,
+        batch_parts=progress.batch_parts(8, 2, 1),
+        steps=1000,
+        start_step=0,
+        budget_minutes=None,
+        precision="fp32: this CPU has no native bf16 (runtime.mixed_precision=auto)",
+        device="cpu (2 threads)",
+        processes=2,
+        run_dir=tmp_path,
+        resume=f"python run.py hydra.run.dir={tmp_path}",
+    )
     text = "\n".join(lines)
-    for part in ("1,000,000 trainable parameters of 1,200,000", "16 blocks x 128 tokens = 2,048 tokens per step (8 per device x 2 processes x 1 micro-batch)",
-                 "1,000 steps x 2,048 tokens = 2,048,000 training tokens", "fp32: this CPU has no native bf16", "cpu (2 threads), 2 processes",
-                 f"run directory: {tmp_path}", f"hydra.run.dir={tmp_path}"):
+    for part in (
+        "1,000,000 trainable parameters of 1,200,000",
+        "16 blocks x 128 tokens = 2,048 tokens per step (8 per device x 2 processes x 1 micro-batch)",
+        "1,000 steps x 2,048 tokens = 2,048,000 training tokens",
+        "fp32: this CPU has no native bf16",
+        "cpu (2 threads), 2 processes",
+        f"run directory: {tmp_path}",
+        f"hydra.run.dir={tmp_path}",
+    ):
         assert part in text, part
-    lines = progress.banner_lines(model="tiny", trainable=1, total=1, global_batch=16, block_size=128, batch_parts="", steps=1000, start_step=300,
-                                  budget_minutes=30, precision="", device="cpu", processes=1, run_dir=tmp_path, resume="make train ARGS=...")
+    lines = progress.banner_lines(
+        model="tiny",
+        trainable=1,
+        total=1,
+        global_batch=16,
+        block_size=128,
+        batch_parts="",
+        steps=1000,
+        start_step=300,
+        budget_minutes=30,
+        precision="",
+        device="cpu",
+        processes=1,
+        run_dir=tmp_path,
+        resume="make train ARGS=...",
+    )
     assert "(resuming at step 300), or trainer.budget_minutes=30 of training time if that is spent first" in lines[2]
     assert lines[-1] == "to resume: make train ARGS=..."
 
@@ -129,8 +174,12 @@ def test_the_precision_line_says_why(monkeypatch):
 
     monkeypatch.setattr(precision, "device_kind", lambda: "cpu")
     monkeypatch.setattr(precision, "native_bf16", lambda kind: False)
-    assert precision.precision_reason("auto", "no") == "fp32: this CPU has no native bf16 (runtime.mixed_precision=auto)"
-    assert precision.precision_reason("bf16", "bf16").startswith("bf16, emulated: this CPU has no native bf16, far slower than fp32")
+    assert (
+        precision.precision_reason("auto", "no") == "fp32: this CPU has no native bf16 (runtime.mixed_precision=auto)"
+    )
+    assert precision.precision_reason("bf16", "bf16").startswith(
+        "bf16, emulated: this CPU has no native bf16, far slower than fp32"
+    )
     monkeypatch.setattr(precision, "native_bf16", lambda kind: True)
     assert precision.precision_reason("auto", "bf16") == "bf16: this CPU has native bf16 (runtime.mixed_precision=auto)"
     assert precision.precision_reason("no", "no") == "fp32: runtime.mixed_precision=no"

@@ -10,7 +10,14 @@ import torch
 
 from mlm.config import MaskingConfig, UserError
 from mlm.masking import MLMCollator
-from mlm.models import MLMObjective, build_model, encoder_layers, head_parameters, init_unigram_bias, new_head_parameters
+from mlm.models import (
+    MLMObjective,
+    build_model,
+    encoder_layers,
+    head_parameters,
+    init_unigram_bias,
+    new_head_parameters,
+)
 from mlm.optim import build_optimizer
 from tests.conftest import TINY_RUN, compose, run_cli
 
@@ -51,10 +58,20 @@ def test_the_new_head_recipe_is_the_default_experiment_and_model_changes_only_th
     default, other_model, plain = compose(), compose(["model=distilroberta"]), compose(["experiment=none"])
     assert (default.model.head_transform_init, default.model.head_bias_init) == ("identity", "unigram")
     assert default.masking.train_probability > default.masking.mlm_probability == 0.15
-    assert (other_model.model.head_transform_init, other_model.model.head_bias_init, other_model.masking.train_probability,
-            other_model.optimizer.new_head_lr_scale) == ("identity", "unigram", 0.3, 10)
-    assert other_model.model.name_or_path == "distilbert/distilroberta-base" and other_model.optimizer == default.optimizer
-    assert (plain.model.head_transform_init, plain.model.head_bias_init, plain.masking.train_probability) == ("random", "zero", None)
+    assert (
+        other_model.model.head_transform_init,
+        other_model.model.head_bias_init,
+        other_model.masking.train_probability,
+        other_model.optimizer.new_head_lr_scale,
+    ) == ("identity", "unigram", 0.3, 10)
+    assert (
+        other_model.model.name_or_path == "distilbert/distilroberta-base" and other_model.optimizer == default.optimizer
+    )
+    assert (plain.model.head_transform_init, plain.model.head_bias_init, plain.masking.train_probability) == (
+        "random",
+        "zero",
+        None,
+    )
     assert plain.optimizer.new_head_lr_scale == 1.0 < default.optimizer.new_head_lr_scale
 
 
@@ -85,8 +102,16 @@ def test_unigram_bias_lowers_the_starting_perplexity(corpus, tmp_path):
     before = {}
     for init in ("zero", "unigram"):
         run_dir = tmp_path / init
-        proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", "trainer.max_steps=2",
-                        f"model.head_bias_init={init}", "trainer.save_model=false"])
+        proc = run_cli(
+            [
+                *TINY_RUN,
+                f"dataset.path={corpus}",
+                f"hydra.run.dir={run_dir}",
+                "trainer.max_steps=2",
+                f"model.head_bias_init={init}",
+                "trainer.save_model=false",
+            ]
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         before[init] = json.loads((run_dir / "results.json").read_text())["perplexity_before"]
     # the tiny corpus has ~90 distinct words: a unigram guess is far better than ~1/30522
@@ -108,7 +133,9 @@ def test_new_head_lr_scale_puts_the_head_in_its_own_groups():
         ids = {id(p) for p in group["params"]}
         assert ids <= head or not ids & head
         assert group["lr"] == pytest.approx(1e-2 if ids <= head else 1e-3)
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(1 for p in objective.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
+        1 for p in objective.parameters() if p.requires_grad
+    )
     model.mlm_new_weights = frozenset()  # a head that came with the checkpoint keeps the encoder's rate
     assert {g["lr"] for g in build_optimizer(MLMObjective(model, sparse=True), cfg.optimizer).param_groups} == {1e-3}
 
@@ -125,12 +152,23 @@ def test_param_group_order_is_what_checkpoints_were_saved_with():
 def test_layer_lr_decay_moves_each_layer_at_its_own_rate(tokenizer):
     """Adam's first step moves a weight by about its group's rate (|g| >> eps, so eps is tiny here): the top layer by lr,
     the layer below by lr * decay, the embeddings (the tied table too) by lr * decay^2; the new head keeps its scale."""
-    cfg = compose(["model=tiny", "model.dropout=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0",
-                   "optimizer.layer_lr_decay=0.5", "optimizer.new_head_lr_scale=4", "optimizer.eps=1e-12"])
+    cfg = compose(
+        [
+            "model=tiny",
+            "model.dropout=0",
+            "optimizer.lr=1e-3",
+            "optimizer.weight_decay=0",
+            "optimizer.layer_lr_decay=0.5",
+            "optimizer.new_head_lr_scale=4",
+            "optimizer.eps=1e-12",
+        ]
+    )
     model, _ = build_model(cfg.model, 64, seed=0)
     objective = MLMObjective(model, sparse=True)
     optimizer = build_optimizer(objective, cfg.optimizer)
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(1 for p in objective.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
+        1 for p in objective.parameters() if p.requires_grad
+    )
     before = snapshot(model)
     loss, n, _ = objective(**batch_of(tokenizer))
     (loss / n).backward()
@@ -139,7 +177,9 @@ def test_layer_lr_decay_moves_each_layer_at_its_own_rate(tokenizer):
 
     assert len(encoder_layers(model)) == 2
     rates = {"bert.encoder.layer.1.": 1e-3, "bert.encoder.layer.0.": 5e-4, "bert.embeddings.": 2.5e-4, "cls.": 4e-3}
-    moved = [name for name, g in largest_grad.items() if g > 1e-8]  # attention key biases get none (softmax shift invariance)
+    moved = [
+        name for name, g in largest_grad.items() if g > 1e-8
+    ]  # attention key biases get none (softmax shift invariance)
     assert len(moved) >= len(largest_grad) - 2
     for name in moved:  # every tensor with a gradient: its largest move is its rate
         rate = next(r for prefix, r in rates.items() if name.startswith(prefix))
@@ -152,7 +192,9 @@ def test_frozen_layers_skip_their_backward(tokenizer):
     cfg = compose(["model=tiny", "model.dropout=0", "model.freeze_layers=1"])
     model, _ = build_model(cfg.model, 64, seed=0)
     layers = encoder_layers(model)
-    assert not any(p.requires_grad for p in layers[0].parameters()) and all(p.requires_grad for p in layers[1].parameters())
+    assert not any(p.requires_grad for p in layers[0].parameters()) and all(
+        p.requires_grad for p in layers[1].parameters()
+    )
     seen = []
     layers[1].register_forward_hook(lambda m, args, out: seen.append(args[0].requires_grad))
     objective = MLMObjective(model, sparse=True)
@@ -161,8 +203,12 @@ def test_frozen_layers_skip_their_backward(tokenizer):
     one_step(objective, optimizer, batch_of(tokenizer))
     assert seen == [False]  # the first trainable layer's input carries no graph: nothing below it runs backward
     after = snapshot(model)
-    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("bert.encoder.layer.0.", "bert.embeddings.")))
-    assert not torch.equal(before["bert.encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.1.output.dense.weight"])
+    assert all(
+        torch.equal(before[k], after[k]) for k in before if k.startswith(("bert.encoder.layer.0.", "bert.embeddings."))
+    )
+    assert not torch.equal(
+        before["bert.encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.1.output.dense.weight"]
+    )
 
 
 def test_freezing_every_layer_is_refused():
@@ -195,6 +241,12 @@ def test_reuse_host_memory_stops_fresh_pages_per_step():
 
     from tests.conftest import ROOT
 
-    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], cwd=ROOT, capture_output=True, text=True,
-                                       check=True).stdout.split()[-1]) for mode in ("off", "on")}
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", FAULTS_SCRIPT, mode], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for mode in ("off", "on")
+    }
     assert faults["off"] > 10_000 and faults["on"] < 1_000, faults

@@ -16,8 +16,16 @@ from tests.conftest import ROOT, TINY_RUN, run_cli
 pytestmark = pytest.mark.slow
 
 # fp32, dropout on (so the RNG state matters), checkpoints every 3 steps, eval every 4
-RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.max_steps=14", "trainer.checkpoint_every=3",
-       "trainer.eval_every=4", "trainer.log_every=1", "trainer.keep_checkpoints=2", "trainer.save_model=true"]
+RUN = [
+    *TINY_RUN,
+    "runtime.mixed_precision=no",
+    "trainer.max_steps=14",
+    "trainer.checkpoint_every=3",
+    "trainer.eval_every=4",
+    "trainer.log_every=1",
+    "trainer.keep_checkpoints=2",
+    "trainer.save_model=true",
+]
 TIMING = ("perf/",)  # wall-clock figures differ between any two runs; everything else must not
 
 
@@ -31,13 +39,17 @@ def uninterrupted(corpus, tmp_path_factory):
 
 def records(run_dir: Path):
     """Every record of metrics.jsonl without its timing keys, in file order (so duplicates and gaps show)."""
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING)}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith(TIMING)}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def start(corpus, run_dir, env=None):
     cmd = [sys.executable, str(ROOT / "run.py"), *RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(predicate, proc, timeout=300):
@@ -55,7 +67,9 @@ def last_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]  # not a line being written
+    steps = [
+        json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")
+    ]  # not a line being written
     return max(steps, default=0)
 
 
@@ -67,11 +81,20 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: Path, other_settings=
     for k in a:
         assert a[k].equal(b[k]), f"{k} differs"  # bitwise identical weights
     assert records(run_dir) == records(reference)  # every logged value, including steps after the checkpoint
-    measured = ("train_seconds", "tokens_per_s", "mfu", "wall_seconds", "peak_rss_mb", "data_wait")  # of this process, not of the training
+    measured = (
+        "train_seconds",
+        "tokens_per_s",
+        "mfu",
+        "wall_seconds",
+        "peak_rss_mb",
+        "data_wait",
+    )  # of this process, not of the training
     results, expected = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
     for key in other_settings:
         assert results["config"].pop(key) != expected["config"].pop(key)
-    assert {k: v for k, v in results.items() if k not in measured} == {k: v for k, v in expected.items() if k not in measured}
+    assert {k: v for k, v in results.items() if k not in measured} == {
+        k: v for k, v in expected.items() if k not in measured
+    }
 
 
 def test_sigkill_during_training_then_resume_is_exact(corpus, uninterrupted, tmp_path):
@@ -114,7 +137,9 @@ def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corp
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
-def test_sigkill_during_a_background_checkpoint_write_resumes_exactly_from_the_one_before(corpus, uninterrupted, tmp_path):
+def test_sigkill_during_a_background_checkpoint_write_resumes_exactly_from_the_one_before(
+    corpus, uninterrupted, tmp_path
+):
     """trainer.async_checkpoint: every write is held half-done until two more steps ran; the second one (checkpoint 6)
     is then killed. The reference run wrote synchronously, so the results are also the same with the option on and off."""
     from mlm.checkpoint import list_checkpoints, newest_verified
@@ -146,7 +171,9 @@ def test_a_stop_signal_completes_the_background_write_in_flight_and_its_own(corp
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "stopped by SIGTERM after step 6" in stopped.stderr
     checkpoints = list_checkpoints(run_dir)
-    assert [p.name for p in checkpoints] == ["ckpt-00000006", "ckpt-00000003"] and not [p for p in checkpoints if verify(p)]
+    assert [p.name for p in checkpoints] == ["ckpt-00000006", "ckpt-00000003"] and not [
+        p for p in checkpoints if verify(p)
+    ]
     assert not list(run_dir.rglob(".tmp-*"))
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -167,13 +194,13 @@ def test_keeps_only_the_last_k_checkpoints(uninterrupted):
 # (counts are per process: "eval:2" is the second evaluation this process runs). With 14 steps,
 # checkpoints every 3 and evals every 4, the runs below go:
 KILLS = [  # (kill point, the step the run resumes from: None for a fresh start)
-    ("startup:1", None),      # fresh start, killed before anything is logged
-    ("eval:2", None),         # fresh again: eval at step 0 logged, killed computing the eval at step 4 (checkpoint 3 on disk)
-    ("checkpoint:2", 3),      # checkpoint 6 written, killed half-way through checkpoint 9
-    ("metrics:5", 6),         # killed in the middle of writing its 5th record (step 10's): a torn last line
-    ("step:3", 9),            # drops the torn line; killed right after the optimizer step 12, before checkpoint 12
-    ("final:1", 9),           # final eval and checkpoint 14 done, killed with final/ half-saved
-    ("results:1", 14),        # the final eval is logged already; killed before results.json
+    ("startup:1", None),  # fresh start, killed before anything is logged
+    ("eval:2", None),  # fresh again: eval at step 0 logged, killed computing the eval at step 4 (checkpoint 3 on disk)
+    ("checkpoint:2", 3),  # checkpoint 6 written, killed half-way through checkpoint 9
+    ("metrics:5", 6),  # killed in the middle of writing its 5th record (step 10's): a torn last line
+    ("step:3", 9),  # drops the torn line; killed right after the optimizer step 12, before checkpoint 12
+    ("final:1", 9),  # final eval and checkpoint 14 done, killed with final/ half-saved
+    ("results:1", 14),  # the final eval is logged already; killed before results.json
 ]
 
 
@@ -211,7 +238,7 @@ def flip_bytes(path: Path, count: int = 64) -> None:
     """Change `count` bytes in the middle of a file, keeping its size (what bit rot or a bad copy does)."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
     path.write_bytes(bytes(data))
 
 
@@ -223,7 +250,9 @@ def killed_after_two_checkpoints(corpus, run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "scheduler.pt", "state.json", "rng-0.json"])
-def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_older_one_exactly(corpus, uninterrupted, tmp_path, damaged):
+def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_older_one_exactly(
+    corpus, uninterrupted, tmp_path, damaged
+):
     import shutil
 
     run_dir = tmp_path / "run"

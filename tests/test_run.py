@@ -43,13 +43,25 @@ def test_run_writes_results_metrics_and_model(tiny_run):
 def test_run_log_has_the_banner_the_train_lines_the_projection_and_the_end(tiny_run):
     run_dir, _ = tiny_run
     log = (run_dir / "run.log").read_text()
-    for line in ("trainable parameters of", "global batch: 4 blocks x 32 tokens = 128 tokens per step", "length: 4 steps x 128 tokens",
-                 "precision: ", f"run directory: {run_dir}", "to resume: "):
+    for line in (
+        "trainable parameters of",
+        "global batch: 4 blocks x 32 tokens = 128 tokens per step",
+        "length: 4 steps x 128 tokens",
+        "precision: ",
+        f"run directory: {run_dir}",
+        "to resume: ",
+    ):
         assert log.count(line) == 1, line
-    assert log.index("to resume: ") < log.index("eval at step 0: scoring 16 held-out blocks")  # said before the first eval
-    assert [line.split(" - ")[1].split(":")[0] for line in log.splitlines() if ": loss " in line] == [f"step {s}/4" for s in (1, 2, 3, 4)]
+    assert log.index("to resume: ") < log.index(
+        "eval at step 0: scoring 16 held-out blocks"
+    )  # said before the first eval
+    assert [line.split(" - ")[1].split(":")[0] for line in log.splitlines() if ": loss " in line] == [
+        f"step {s}/4" for s in (1, 2, 3, 4)
+    ]
     assert "step 1/4: loss " in log and ", lr " in log and " tokens/s" in log
-    assert log.count("projected: ") == 1 and "3 steps at " in log and "2 evals at " in log  # after step 1 (log_every=1): 2, 4
+    assert (
+        log.count("projected: ") == 1 and "3 steps at " in log and "2 evals at " in log
+    )  # after step 1 (log_every=1): 2, 4
     assert "training ended at step 4/4: trainer.max_steps=4 reached" in log
 
 
@@ -93,7 +105,9 @@ def test_predict_cli(tiny_run):
     assert lines[1].lstrip().startswith("1. ") and "the milky way is a" in lines[1]
 
 
-@pytest.mark.parametrize("text,message", [("No mask in this text.", "no mask"), (" ".join(["[MASK]"] * 9), "at most 8")])
+@pytest.mark.parametrize(
+    "text,message", [("No mask in this text.", "no mask"), (" ".join(["[MASK]"] * 9), "at most 8")]
+)
 def test_predict_cli_bad_text_exits_2(tiny_run, text, message):
     run_dir, _ = tiny_run
     proc = run_cli([str(run_dir / "final"), text], module="mlm.predict")
@@ -123,7 +137,7 @@ def test_long_text_keeps_a_window_around_the_mask_like_the_pipeline_on_that_wind
     enc, positions = encode(tokenizer, text)
     assert enc["input_ids"].shape[1] == 512 and enc["input_ids"][0, positions[0]] == tokenizer.mask_token_id
     # the window is the last 510 tokens: 505 words and "the sky is [MASK] ."
-    window = " ".join(text.split()[-(505 + 4):])
+    window = " ".join(text.split()[-(505 + 4) :])
     mine = fill_mask(build_pretrained(cfg, tokenizer), tokenizer, text, top_k=5)[0]
     reference = pipeline("fill-mask", model=str(run_dir / "final"), top_k=5)(window)
     assert [c["token"] for c in mine] == [r["token_str"] for r in reference]
@@ -133,7 +147,9 @@ def test_long_text_keeps_a_window_around_the_mask_like_the_pipeline_on_that_wind
 
 def test_predict_cli_long_text_says_where_it_looked(tiny_run):
     run_dir, _ = tiny_run
-    proc = run_cli([str(run_dir / "final"), long_text().replace("[MASK]", "<mask>"), "--top-k", "2"], module="mlm.predict")
+    proc = run_cli(
+        [str(run_dir / "final"), long_text().replace("[MASK]", "<mask>"), "--top-k", "2"], module="mlm.predict"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "no mask" not in proc.stderr and "is 707 tokens, more than the 512" in proc.stderr
     first = proc.stdout.splitlines()[1]
@@ -148,7 +164,8 @@ def test_finished_run_run_again_prints_one_line_and_changes_nothing(tiny_run):
     assert again.stdout.strip() == again.stdout.strip().splitlines()[0] and again.stderr == ""
     assert f"{run_dir} already finished (4 steps" in again.stdout and str(run_dir / "results.json") in again.stdout
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == {
-        p: t for p, t in before.items() if p.name != "run.lock"}
+        p: t for p, t in before.items() if p.name != "run.lock"
+    }
 
 
 def test_distilroberta_offline_fails_with_one_clear_line(tmp_path):
@@ -171,9 +188,11 @@ def test_finished_run_asked_with_other_settings_is_refused(tiny_run):
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
     other = run_cli([*first.args[2:], "optimizer.lr=0.123"])
     assert other.returncode == 2 and other.stdout == ""
-    assert other.stderr.strip().splitlines() == [f"error: {run_dir} holds a finished run with other settings "
-                                                 "(optimizer.lr=0.0004 there, 0.123 now); put them back to get its results, or give this run its own "
-                                                 "directory (hydra.run.dir=... or hydra.sweep.dir=...)"]
+    assert other.stderr.strip().splitlines() == [
+        f"error: {run_dir} holds a finished run with other settings "
+        "(optimizer.lr=0.0004 there, 0.123 now); put them back to get its results, or give this run its own "
+        "directory (hydra.run.dir=... or hydra.sweep.dir=...)"
+    ]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"} == before
 
 

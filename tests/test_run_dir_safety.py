@@ -55,8 +55,14 @@ def test_atomic_path_replaces_whole_or_keeps_the_old(tmp_path):
 
 
 def run_python(code: str, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
 
 
 def test_fault_points_kill_at_the_nth_visit_and_tear_writes(tmp_path):
@@ -71,12 +77,15 @@ def test_fault_points_kill_at_the_nth_visit_and_tear_writes(tmp_path):
     assert run_python(code, env={"MLM_FAULT_KILL_AT": "step:3"}).returncode == 0
     assert "unknown point" in run_python(code, env={"MLM_FAULT_KILL_AT": "stpe:1"}).stderr
     path = tmp_path / "m.jsonl"
-    proc = run_python(f"""
+    proc = run_python(
+        f"""
         from mlm import faults
         with open({str(path)!r}, "a") as f:
             faults.write(f, "0123456789\\n", "metrics")
             faults.write(f, "abcdefghij\\n", "metrics")
-    """, env={"MLM_FAULT_KILL_AT": "metrics:2"})
+    """,
+        env={"MLM_FAULT_KILL_AT": "metrics:2"},
+    )
     assert proc.returncode == -signal.SIGKILL and path.read_text() == "0123456789\nabcde"
 
 
@@ -93,7 +102,9 @@ HOLD = """
 def holder(tmp_path):
     """Another process holding the lock on tmp_path/run."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD), str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLD), str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     yield run_dir, proc
     proc.kill()
@@ -120,8 +131,10 @@ def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(holder, text_f
     run_dir, proc = holder
     before = sorted(p.name for p in run_dir.rglob("*"))
     fresh = run_dir.parent / "fresh-home"  # as on a new machine: no matplotlib font cache, nothing in HOME
-    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"],
-                  env={"HOME": str(fresh), "MPLCONFIGDIR": str(fresh / "mpl"), "XDG_CACHE_HOME": str(fresh / "cache")})
+    out = run_cli(
+        [*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"],
+        env={"HOME": str(fresh), "MPLCONFIGDIR": str(fresh / "mpl"), "XDG_CACHE_HOME": str(fresh / "cache")},
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and f"pid {proc.pid} on" in out.stderr
     assert out.stdout == "" and "Traceback" not in out.stderr
@@ -135,11 +148,17 @@ def test_finished_means_the_planned_steps_with_the_same_settings(tmp_path):
     settings = {"optimizer.lr": 0.001, "seed": 42, "trainer.max_steps": 4, "trainer.progress_bar": False}
     (tmp_path / "results.json").write_text(json.dumps({"steps": 4, "perplexity": 9.0, "config": settings}))
     assert finished_results(tmp_path, "auto", 4, settings)["perplexity"] == 9.0
-    assert finished_results(tmp_path, "auto", 4, {**settings, "trainer.progress_bar": True}) is not None  # no effect on results
-    assert finished_results(tmp_path, "auto", 8, {**settings, "trainer.max_steps": 8}) is None  # asked for more: train on
+    assert (
+        finished_results(tmp_path, "auto", 4, {**settings, "trainer.progress_bar": True}) is not None
+    )  # no effect on results
+    assert (
+        finished_results(tmp_path, "auto", 8, {**settings, "trainer.max_steps": 8}) is None
+    )  # asked for more: train on
     assert finished_results(tmp_path, "never", 4, settings) is None
     with pytest.raises(UserError, match="other settings \\(optimizer.lr=0.001 there, 0.0002 now\\)"):
-        finished_results(tmp_path, "auto", 4, {**settings, "optimizer.lr": 0.0002})  # e.g. a sweep rerun with other values
+        finished_results(
+            tmp_path, "auto", 4, {**settings, "optimizer.lr": 0.0002}
+        )  # e.g. a sweep rerun with other values
     (tmp_path / "results.json").write_text('{"steps": 4, "perpl')  # cannot happen (atomic), but must not pass
     assert finished_results(tmp_path, "auto", 4, settings) is None
 
@@ -148,13 +167,26 @@ def test_a_run_stopped_by_its_budget_is_finished_with_the_same_budget(tmp_path):
     from mlm.rundir import finished_results
     from mlm.config import UserError
 
-    settings = {"trainer.max_steps": 100000, "trainer.budget_minutes": 0.25, "runtime.num_workers": 0, "dataset.streaming": False}
-    (tmp_path / "results.json").write_text(json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": settings}))
+    settings = {
+        "trainer.max_steps": 100000,
+        "trainer.budget_minutes": 0.25,
+        "runtime.num_workers": 0,
+        "dataset.streaming": False,
+    }
+    (tmp_path / "results.json").write_text(
+        json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": settings})
+    )
     assert finished_results(tmp_path, "auto", 100000, settings)["steps"] == 19
-    assert finished_results(tmp_path, "auto", 100000, {**settings, "runtime.num_workers": 2}) is not None  # speed only ...
-    assert finished_results(tmp_path, "auto", 100000, {**settings, "trainer.budget_minutes": 0.5}) is None  # more time: train on
+    assert (
+        finished_results(tmp_path, "auto", 100000, {**settings, "runtime.num_workers": 2}) is not None
+    )  # speed only ...
+    assert (
+        finished_results(tmp_path, "auto", 100000, {**settings, "trainer.budget_minutes": 0.5}) is None
+    )  # more time: train on
     streamed = {**settings, "dataset.streaming": True}
-    (tmp_path / "results.json").write_text(json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": streamed}))
+    (tmp_path / "results.json").write_text(
+        json.dumps({"steps": 19, "stopped": "budget", "perplexity": 9.0, "config": streamed})
+    )
     with pytest.raises(UserError, match="num_workers"):  # ... except for a stream, whose shards follow the workers
         finished_results(tmp_path, "auto", 100000, {**streamed, "runtime.num_workers": 2})
 
@@ -163,8 +195,15 @@ def test_two_runs_into_one_dir_first_completes_second_exits_2(tmp_path, text_fil
     from mlm.rundir import describe
 
     run_dir = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "run.py"), *TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}",
-            "trainer.checkpoint_every=1", "trainer.log_every=1"]
+    args = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        *TINY_RUN,
+        f"dataset.path={text_file}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.checkpoint_every=1",
+        "trainer.log_every=1",
+    ]
     env = {**os.environ, "MLM_FAULT_CHECKPOINT_DELAY": "1"}  # keeps the first run going while the second starts
     first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = run_dir / "run.lock"
@@ -204,9 +243,18 @@ def test_a_run_dir_whose_files_are_links_is_refused_and_the_targets_untouched(tm
     out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"])
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "is a symbolic link" in lines[0] and str(run_dir / "metrics.jsonl") in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: ")
+        and "is a symbolic link" in lines[0]
+        and str(run_dir / "metrics.jsonl") in lines[0]
+    )
     assert untouched(victims)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "run.lock", "run.log"]  # no .hydra, nothing written
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "metrics.jsonl",
+        "run.lock",
+        "run.log",
+    ]  # no .hydra, nothing written
 
 
 def test_a_sweep_job_dir_holding_a_link_is_refused_and_its_target_untouched(tmp_path, text_file):
@@ -231,19 +279,35 @@ def test_no_writer_follows_a_link(tmp_path):
     from mlm.tracking import CsvTracker, JsonlTracker
 
     run_dir = tmp_path / "run"
-    names = ["results.json", ".tmp-results.json", "metrics.jsonl", "metrics_train.csv", "run.log", "state.json", "scheduler.pt"]
+    names = [
+        "results.json",
+        ".tmp-results.json",
+        "metrics.jsonl",
+        "metrics_train.csv",
+        "run.log",
+        "state.json",
+        "scheduler.pt",
+    ]
     victims = plant_links(run_dir, names)
-    atomic_write_text(run_dir / "results.json", "{}")  # a rename replaces the link; its temporary file is never written through
+    atomic_write_text(
+        run_dir / "results.json", "{}"
+    )  # a rename replaces the link; its temporary file is never written through
     assert (run_dir / "results.json").read_text() == "{}" and not (run_dir / "results.json").is_symlink()
-    for write in (lambda: open_append(run_dir / "metrics.jsonl"), lambda: CsvTracker(run_dir).log({"train/loss": 1.0}, 1),
-                  lambda: write_json(run_dir / "state.json", {}), lambda: torch_save({}, run_dir / "scheduler.pt")):
+    for write in (
+        lambda: open_append(run_dir / "metrics.jsonl"),
+        lambda: CsvTracker(run_dir).log({"train/loss": 1.0}, 1),
+        lambda: write_json(run_dir / "state.json", {}),
+        lambda: torch_save({}, run_dir / "scheduler.pt"),
+    ):
         with pytest.raises(OSError) as e:
             write()
         assert e.value.errno == errno.ELOOP
     jsonl = JsonlTracker(run_dir)
     jsonl.log({"train/loss": 1.0}, 1)
     assert jsonl.failure.errno == errno.ELOOP  # the loop stops the run on this, with a checkpoint, saying:
-    assert str(write_error("metrics", jsonl.path, jsonl.failure)).endswith("(a symbolic link is in its place; remove it, then resume)")
+    assert str(write_error("metrics", jsonl.path, jsonl.failure)).endswith(
+        "(a symbolic link is in its place; remove it, then resume)"
+    )
     handler = NoFollowFileHandler(run_dir / "run.log")
     handler.emit(logging.makeLogRecord({"msg": "a line for the log"}))
     handler.close()
@@ -322,7 +386,9 @@ def default_run(cfg, name: str, step=None, results=False, lock=None):
     save_config_snapshot(OmegaConf.create(list(cfg.hydra.overrides.task)), "overrides.yaml", run_dir / ".hydra")
     if step is not None:
         (run_dir / "checkpoints" / f"ckpt-{step:08d}").mkdir(parents=True)
-        (run_dir / "checkpoints" / f"ckpt-{step:08d}" / "manifest.json").write_text(json.dumps({"step": step, "files": {}}))
+        (run_dir / "checkpoints" / f"ckpt-{step:08d}" / "manifest.json").write_text(
+            json.dumps({"step": step, "files": {}})
+        )
     if results:
         (run_dir / "results.json").write_text("{}")
     (run_dir / "run.lock").write_text(json.dumps(lock) if lock else "")
@@ -336,7 +402,9 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     from mlm import cli
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "start_stamp", lambda: "2026-12-06_12-00-00")  # the clock may tick a second between two calls
+    monkeypatch.setattr(
+        cli, "start_stamp", lambda: "2026-12-06_12-00-00"
+    )  # the clock may tick a second between two calls
     cfg = composed_run([*TINY_RUN, "trainer.max_steps=8"])
 
     def chosen(config=cfg):
@@ -351,18 +419,32 @@ def test_a_run_without_a_run_dir_resumes_the_newest_unfinished_run_of_the_same_c
     pid1 = {"host": socket.gethostname(), "pid": 1, "start": psutil.Process(1).create_time()}
     newest = default_run(cfg, "2026-01-04_00-00-00", step=2, lock=pid1)  # in use by a live process
     assert chosen() == "2026-01-01_00-00-00"
-    assert capsys.readouterr().out == ("resuming the unfinished run outputs/runs/2026-01-01_00-00-00 (same command; its newest checkpoint "
-                                       f"is at step 4); to start a new run instead add hydra.run.dir=outputs/runs/{fresh}\n")
-    (newest / "run.lock").write_text(json.dumps({**pid1, "start": 1.0}))  # its holder is gone (pid 1 is another process now)
+    assert capsys.readouterr().out == (
+        "resuming the unfinished run outputs/runs/2026-01-01_00-00-00 (same command; its newest checkpoint "
+        f"is at step 4); to start a new run instead add hydra.run.dir=outputs/runs/{fresh}\n"
+    )
+    (newest / "run.lock").write_text(
+        json.dumps({**pid1, "start": 1.0})
+    )  # its holder is gone (pid 1 is another process now)
     assert chosen() == newest.name
     # another command, or the same one whose settings changed (an edited config file): a new run
-    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=9"])) not in {p.name for p in Path("outputs/runs").iterdir()}
-    (newest / ".hydra" / "config.yaml").write_text((newest / ".hydra" / "config.yaml").read_text().replace("lr: ", "lr: 1"))
+    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=9"])) not in {
+        p.name for p in Path("outputs/runs").iterdir()
+    }
+    (newest / ".hydra" / "config.yaml").write_text(
+        (newest / ".hydra" / "config.yaml").read_text().replace("lr: ", "lr: 1")
+    )
     assert chosen() == "2026-01-01_00-00-00"
     # a run that says where it goes, one that starts over, or a sweep never takes another run's directory
-    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8", "resume=never"])) not in {p.name for p in Path("outputs/runs").iterdir()}
-    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8"], mode="MULTIRUN")) not in {p.name for p in Path("outputs/runs").iterdir()}
-    Path("outputs/runs/2026-01-01_00-00-00/error.txt").write_text("the eval masked no token in 2 blocks\n")  # failed: a decision, not an unfinished run
+    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8", "resume=never"])) not in {
+        p.name for p in Path("outputs/runs").iterdir()
+    }
+    assert chosen(composed_run([*TINY_RUN, "trainer.max_steps=8"], mode="MULTIRUN")) not in {
+        p.name for p in Path("outputs/runs").iterdir()
+    }
+    Path("outputs/runs/2026-01-01_00-00-00/error.txt").write_text(
+        "the eval masked no token in 2 blocks\n"
+    )  # failed: a decision, not an unfinished run
     assert chosen() not in {p.name for p in Path("outputs/runs").iterdir()}
 
 
@@ -397,21 +479,29 @@ def test_the_resume_command_is_the_command_given_with_its_run_dir(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     for name in ("RANK", "WORLD_SIZE", "MLM_MAKE_TARGET"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(sys, "argv", ["run.py", "model=tiny", "+hydra.job.env_set.HF_TOKEN=hf_abc", "optimizer.lr=1e-4"])
+    monkeypatch.setattr(
+        sys, "argv", ["run.py", "model=tiny", "+hydra.job.env_set.HF_TOKEN=hf_abc", "optimizer.lr=1e-4"]
+    )
     run_dir = tmp_path / "outputs" / "runs" / "2026-01-01_00-00-00"
     # the secret is left out, not masked (a pasted *** would be the token), and named after the command
     assert resume_command(Path("outputs/runs/2026-01-01_00-00-00")) == (
-        f"{python_name()} run.py model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir} (and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)")
+        f"{python_name()} run.py model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir} (and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)"
+    )
     monkeypatch.setenv("MLM_MAKE_TARGET", "train")  # what the Makefile's train target sets
-    assert resume_command(run_dir) == (f"make train ARGS=\"model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir}\" "
-                                       "(and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)")
+    assert resume_command(run_dir) == (
+        f'make train ARGS="model=tiny optimizer.lr=1e-4 hydra.run.dir={run_dir}" '
+        "(and add again, with its value: +hydra.job.env_set.HF_TOKEN=...)"
+    )
     monkeypatch.setattr(sys, "argv", ["run.py", "hydra.run.dir=here"])  # named: as given
     assert resume_command(tmp_path / "here") == 'make train ARGS="hydra.run.dir=here"'
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")  # a rank's argv is not the launcher's
     assert resume_command(tmp_path / "here") == "the same launch command (torchrun, accelerate launch, srun)"
     monkeypatch.setattr(sys, "argv", ["run.py"])
-    assert resume_command(run_dir) == f"the same launch command (torchrun, accelerate launch, srun) with hydra.run.dir={run_dir} added"
+    assert (
+        resume_command(run_dir)
+        == f"the same launch command (torchrun, accelerate launch, srun) with hydra.run.dir={run_dir} added"
+    )
 
 
 def test_error_txt_gives_the_resume_command_only_for_a_failure_a_rerun_gets_past(tmp_path, monkeypatch):
@@ -434,7 +524,10 @@ def test_error_txt_gives_the_resume_command_only_for_a_failure_a_rerun_gets_past
     _fail(tmp_path, job, str(full), resumable=True)
     from mlm.rundir import python_name
 
-    assert (tmp_path / "error.txt").read_text().splitlines() == [str(full), f"resume with: {python_name()} run.py hydra.run.dir={tmp_path}"]
+    assert (tmp_path / "error.txt").read_text().splitlines() == [
+        str(full),
+        f"resume with: {python_name()} run.py hydra.run.dir={tmp_path}",
+    ]
 
 
 def test_only_the_main_process_prints_its_error_and_stop_lines(tmp_path, monkeypatch, capsys, caplog):

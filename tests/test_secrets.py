@@ -15,10 +15,24 @@ ENV_SECRET = "envSecret98765432"  # in the environment, under a secret-looking n
 def test_scrub_masks_assignments_to_secret_keys_in_command_lines():
     from mlm.tracking import scrub
 
-    argv = ["run.py", f"+hydra.job.env_set.HF_TOKEN={TOKEN}", f"hydra.job.env_set={{HF_TOKEN:{TOKEN},OMP_NUM_THREADS:2}}",
-            f"--api-key={TOKEN}", "model.tokenizer=bert-base-uncased", "dataset.path=/data/secret:v2/a=b.txt", "optimizer.lr=1e-4"]
-    assert scrub(argv) == ["run.py", "+hydra.job.env_set.HF_TOKEN=***", "hydra.job.env_set={HF_TOKEN:***,OMP_NUM_THREADS:2}",
-                           "--api-key=***", "model.tokenizer=bert-base-uncased", "dataset.path=/data/secret:v2/a=b.txt", "optimizer.lr=1e-4"]
+    argv = [
+        "run.py",
+        f"+hydra.job.env_set.HF_TOKEN={TOKEN}",
+        f"hydra.job.env_set={{HF_TOKEN:{TOKEN},OMP_NUM_THREADS:2}}",
+        f"--api-key={TOKEN}",
+        "model.tokenizer=bert-base-uncased",
+        "dataset.path=/data/secret:v2/a=b.txt",
+        "optimizer.lr=1e-4",
+    ]
+    assert scrub(argv) == [
+        "run.py",
+        "+hydra.job.env_set.HF_TOKEN=***",
+        "hydra.job.env_set={HF_TOKEN:***,OMP_NUM_THREADS:2}",
+        "--api-key=***",
+        "model.tokenizer=bert-base-uncased",
+        "dataset.path=/data/secret:v2/a=b.txt",
+        "optimizer.lr=1e-4",
+    ]
 
 
 def test_run_lock_records_the_command_line_masked(tmp_path, monkeypatch):
@@ -44,18 +58,30 @@ def test_hydra_snapshot_masks_secrets_and_is_otherwise_what_hydra_writes(tmp_pat
     register()
     assert hydra.core.utils._save_config is save_config_snapshot  # what Hydra's run_job calls for .hydra/
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=[*TINY_RUN, f"+hydra.job.env_set.HF_TOKEN={TOKEN}"], return_hydra_config=True)
+        cfg = hydra_compose(
+            config_name="config",
+            overrides=[*TINY_RUN, f"+hydra.job.env_set.HF_TOKEN={TOKEN}"],
+            return_hydra_config=True,
+        )
     save_config_snapshot(cfg.hydra, "hydra.yaml", tmp_path / ".hydra")
     written = (tmp_path / ".hydra" / "hydra.yaml").read_text()
     assert TOKEN not in written
-    assert written == OmegaConf.to_yaml(cfg.hydra).replace(f"HF_TOKEN={TOKEN}", "HF_TOKEN=***").replace(f"HF_TOKEN: {TOKEN}", "HF_TOKEN: '***'")
+    assert written == OmegaConf.to_yaml(cfg.hydra).replace(f"HF_TOKEN={TOKEN}", "HF_TOKEN=***").replace(
+        f"HF_TOKEN: {TOKEN}", "HF_TOKEN: '***'"
+    )
 
 
 @pytest.mark.slow
 def test_no_secret_reaches_any_file_of_a_run_and_its_rerun_still_resumes(tmp_path, corpus):
     run_dir = tmp_path / "run"
-    args = [*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", "tracker=all", f"+hydra.job.env_set.HF_TOKEN={TOKEN}",
-            "tracker.tags=[${oc.env:MY_SECRET}]"]  # a secret that reaches the resolved config, hence W&B and TensorBoard
+    args = [
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        f"hydra.run.dir={run_dir}",
+        "tracker=all",
+        f"+hydra.job.env_set.HF_TOKEN={TOKEN}",
+        "tracker.tags=[${oc.env:MY_SECRET}]",
+    ]  # a secret that reaches the resolved config, hence W&B and TensorBoard
     env = {"WANDB_MODE": "offline", "MY_SECRET": ENV_SECRET}
     first = run_cli(args, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -76,10 +102,22 @@ def test_a_sweep_records_no_secret(tmp_path, corpus):
     sweep_dir = tmp_path / "sweep"
     (sweep_dir / "0").mkdir(parents=True)
     (sweep_dir / "run.lock").touch()  # an earlier sweep's directory
-    (sweep_dir / "0" / "notes.txt").write_text("not a run\n")  # the job is refused (not its directory): no training needed
-    out = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.sweep.dir={sweep_dir}", f"+hydra.job.env_set.HF_TOKEN={TOKEN}", "-m"])
+    (sweep_dir / "0" / "notes.txt").write_text(
+        "not a run\n"
+    )  # the job is refused (not its directory): no training needed
+    out = run_cli(
+        [
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"+hydra.job.env_set.HF_TOKEN={TOKEN}",
+            "-m",
+        ]
+    )
     assert out.returncode == 1 and "1 job(s) refused" in out.stderr, out.stderr[-2000:]
-    assert "HF_TOKEN: '***'" in (sweep_dir / "multirun.yaml").read_text()  # the sweeper writes it; the job start masks it
+    assert (
+        "HF_TOKEN: '***'" in (sweep_dir / "multirun.yaml").read_text()
+    )  # the sweeper writes it; the job start masks it
     assert [str(p) for p in sweep_dir.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()] == []
 
 
@@ -101,7 +139,9 @@ def test_parallel_jobs_mask_the_sweep_snapshot_together_without_an_error(tmp_pat
             failures.append(repr(e))
 
     for _ in range(30):
-        (tmp_path / "multirun.yaml").write_text(f"hydra:\n  overrides:\n    task:\n    - +hydra.job.env_set.HF_TOKEN={secret}\n")
+        (tmp_path / "multirun.yaml").write_text(
+            f"hydra:\n  overrides:\n    task:\n    - +hydra.job.env_set.HF_TOKEN={secret}\n"
+        )
         barrier = threading.Barrier(4)
         threads = [threading.Thread(target=job, args=(barrier,)) for _ in range(4)]
         for t in threads:

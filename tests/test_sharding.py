@@ -43,19 +43,44 @@ def test_accelerate_configs_are_all_usable_on_gpus():
 
 
 # 33 eval blocks in batches of 16: the ranks hold 16 and 17 blocks, so 1 and 2 batches without padding
-RUN = [*TINY_RUN, "model.dropout=0", "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.max_steps=4",
-       "trainer.max_eval_blocks=33", "trainer.eval_batch_size=16"]
+RUN = [
+    *TINY_RUN,
+    "model.dropout=0",
+    "runtime.mixed_precision=no",
+    "trainer.checkpoint_every=2",
+    "trainer.max_steps=4",
+    "trainer.max_eval_blocks=33",
+    "trainer.eval_batch_size=16",
+]
 
 
 def torchrun(args, cwd: Path, port: int, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port), str(ROOT / "run.py"), *args]
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(port),
+        str(ROOT / "run.py"),
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def run_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
-    return [*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", f"runtime.sharding={sharding}", f"trainer.per_device_batch_size={per_device}"]
+    return [
+        *RUN,
+        f"dataset.path={corpus}",
+        f"hydra.run.dir={run_dir}",
+        f"runtime.sharding={sharding}",
+        f"trainer.per_device_batch_size={per_device}",
+    ]
 
 
 def drop_last_checkpoint(run_dir: Path) -> None:

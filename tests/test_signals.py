@@ -29,11 +29,17 @@ def test_sighup_is_a_stop_signal_said_in_one_line_and_a_second_one_stops_at_once
     try:
         os.kill(os.getpid(), signal.SIGHUP)  # the handler runs before the next line
         assert stop.signum == signal.SIGHUP and stop_requested() == signal.SIGHUP and stop.name == "SIGHUP"
-        assert capfd.readouterr().err == "SIGHUP: stopping after this step with a checkpoint (a second SIGHUP stops at once, saving nothing more)\n"
+        assert (
+            capfd.readouterr().err
+            == "SIGHUP: stopping after this step with a checkpoint (a second SIGHUP stops at once, saving nothing more)\n"
+        )
         with pytest.raises(SystemExit) as second:  # not SIGINT's own KeyboardInterrupt (a traceback)
             os.kill(os.getpid(), signal.SIGINT)
         assert second.value.code == 128 + signal.SIGINT
-        assert capfd.readouterr().err == f"stopped: stopped at once by a second SIGINT; the newest checkpoint is {tmp_path / 'ckpt-00000002'}\n"
+        assert (
+            capfd.readouterr().err
+            == f"stopped: stopped at once by a second SIGINT; the newest checkpoint is {tmp_path / 'ckpt-00000002'}\n"
+        )
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a third acts as without us
     finally:
         stop.restore()
@@ -49,7 +55,10 @@ def test_before_training_the_first_signal_stops_at_once_and_a_handler_from_befor
         with pytest.raises(SystemExit) as stopped:
             os.kill(os.getpid(), signal.SIGTERM)
         assert stopped.value.code == 128 + signal.SIGTERM
-        assert capfd.readouterr().err == "stopped: stopped at once by SIGTERM before training began; no checkpoint was written, the rerun starts over\n"
+        assert (
+            capfd.readouterr().err
+            == "stopped: stopped at once by SIGTERM before training began; no checkpoint was written, the rerun starts over\n"
+        )
     finally:
         stop.restore()
     called = []
@@ -76,7 +85,9 @@ def test_an_eval_gives_up_at_its_next_batch_once_a_stop_is_asked(tokenizer):
     from tests.conftest import compose
 
     model, _ = build_model(compose(["model=tiny"]).model, 32, seed=0)
-    blocks = Dataset.from_dict({"input_ids": np.random.default_rng(0).integers(1000, 20000, size=(20, 32)).astype(np.int32)})
+    blocks = Dataset.from_dict(
+        {"input_ids": np.random.default_rng(0).integers(1000, 20000, size=(20, 32)).astype(np.int32)}
+    )
     objective = MLMObjective(model, sparse=True)
     scored = []
     objective.register_forward_hook(lambda module, args, out: scored.append(1))
@@ -134,16 +145,34 @@ def _pgid(pid: int):
 
 
 def sweep_args(corpus, sweep, n_jobs=2):
-    return ["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}", "runtime.num_threads=1",
-            "trainer.max_steps=3,400,400", "trainer.checkpoint_every=0", f"hydra.sweep.dir={sweep}"]
+    return [
+        "-m",
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        "hydra/launcher=parallel",
+        f"hydra.launcher.n_jobs={n_jobs}",
+        "runtime.num_threads=1",
+        "trainer.max_steps=3,400,400",
+        "trainer.checkpoint_every=0",
+        f"hydra.sweep.dir={sweep}",
+    ]
 
 
 def start_sweep(corpus, sweep, n_jobs=2, running=("1", "2")):
     """Three tiny jobs: job 0 (3 steps) finishes; on two workers, jobs 1 and 2 (400 steps) are training when it returns."""
     args = sweep_args(corpus, sweep, n_jobs)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: (sweep / "0" / "results.json").exists() and all(last_step(sweep / job) >= 2 for job in running), proc)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for(
+        lambda: (sweep / "0" / "results.json").exists() and all(last_step(sweep / job) >= 2 for job in running), proc
+    )
     return proc, [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
 
 
@@ -175,11 +204,15 @@ def test_a_stopped_parallel_sweep_checkpoints_every_running_job_and_leaves_no_wo
     for job in ("1", "2"):
         [ckpt] = (sweep / job / "checkpoints").iterdir()
         step = json.loads((ckpt / "state.json").read_text())["step"]
-        assert 2 <= step < 400 and not (sweep / job / "results.json").exists() and not (sweep / job / "error.txt").exists()
+        assert (
+            2 <= step < 400 and not (sweep / job / "results.json").exists() and not (sweep / job / "error.txt").exists()
+        )
         assert f"stopped by {sig.name} after step {step}; checkpoint {ckpt} written" in err
         assert (sweep / job / "run.lock").read_text() == ""  # released
-    assert stopped[-1] == (f"stopped: the sweep was stopped by {sig.name}: its running jobs stopped with a checkpoint and no new job "
-                           f"started; what finished is in {sweep / 'summary.md'}; resume with: {as_typed(sweep_args(corpus, sweep))}")
+    assert stopped[-1] == (
+        f"stopped: the sweep was stopped by {sig.name}: its running jobs stopped with a checkpoint and no new job "
+        f"started; what finished is in {sweep / 'summary.md'}; resume with: {as_typed(sweep_args(corpus, sweep))}"
+    )
     summary = (sweep / "summary.md").read_text()
     assert summary.count("| ok |") == 1 and "trainer.max_steps=3" in summary  # what finished
     assert (sweep / "run.lock").read_text() == ""
@@ -195,7 +228,10 @@ def test_a_stopped_sweep_running_its_jobs_in_its_own_process_starts_no_other(cor
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGHUP, err[-3000:]
     [ckpt] = (sweep / "1" / "checkpoints").iterdir()
-    assert f"stopped: stopped by SIGHUP after step {json.loads((ckpt / 'state.json').read_text())['step']}; checkpoint {ckpt} written" in err
+    assert (
+        f"stopped: stopped by SIGHUP after step {json.loads((ckpt / 'state.json').read_text())['step']}; checkpoint {ckpt} written"
+        in err
+    )
     assert not (sweep / "2" / "checkpoints").exists() and not (sweep / "2" / "metrics.jsonl").exists()
     assert error_lines(err)[-1].startswith("stopped: the sweep was stopped by SIGHUP") and "Traceback" not in err
     assert (sweep / "summary.md").read_text().count("| ok |") == 1
@@ -211,23 +247,41 @@ def test_workers_whose_sweep_process_was_killed_stop_with_a_checkpoint(corpus, t
     wait_gone(workers, proc.pid)
     for job in ("1", "2"):
         [ckpt] = (sweep / job / "checkpoints").iterdir()
-        assert 2 <= json.loads((ckpt / "state.json").read_text())["step"] < 400 and not (sweep / job / "results.json").exists()
+        assert (
+            2 <= json.loads((ckpt / "state.json").read_text())["step"] < 400
+            and not (sweep / job / "results.json").exists()
+        )
 
 
 # ---------------------------------------------------------------- a signal after the last step
 
-QUICK_DOWNSTREAM = ["downstream=polarity", "downstream.seeds=[0]", "downstream.epochs=1", "downstream.folds=2", "downstream.max_train_examples=40"]
+QUICK_DOWNSTREAM = [
+    "downstream=polarity",
+    "downstream.seeds=[0]",
+    "downstream.epochs=1",
+    "downstream.folds=2",
+    "downstream.max_train_examples=40",
+]
 
 
 def after_last_step_run(corpus, run_dir):
-    return [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.eval_every=0", *QUICK_DOWNSTREAM, f"hydra.run.dir={run_dir}"]
+    return [
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        "trainer.max_steps=4",
+        "trainer.eval_every=0",
+        *QUICK_DOWNSTREAM,
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 @pytest.mark.slow
 def test_a_signal_in_the_final_eval_stops_before_final_and_the_rerun_writes_it_without_training(corpus, tmp_path):
     """A default run directory (the command names none): the stop line's command names it, and resumes it."""
     args = after_last_step_run(corpus, tmp_path)[:-1]
-    proc = run_cli(args, cwd=tmp_path, env={"MLM_FAULT_SIGNAL_AT": "eval:2:SIGTERM", "OMP_NUM_THREADS": "1"})  # eval 1 is at step 0, eval 2 the final one
+    proc = run_cli(
+        args, cwd=tmp_path, env={"MLM_FAULT_SIGNAL_AT": "eval:2:SIGTERM", "OMP_NUM_THREADS": "1"}
+    )  # eval 1 is at step 0, eval 2 the final one
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     [run_dir] = (tmp_path / "outputs" / "runs").iterdir()
     ckpt = run_dir / "checkpoints" / "ckpt-00000004"
@@ -235,34 +289,53 @@ def test_a_signal_in_the_final_eval_stops_before_final_and_the_rerun_writes_it_w
     assert error_lines(proc.stderr) == [
         "SIGTERM: stopping once the final checkpoint is written; nothing is left to train (a second SIGTERM stops at once, saving nothing more)",
         f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} holds the final eval; "
-        f"write final/ and results.json (nothing left to train) with: {printed}"]
+        f"write final/ and results.json (nothing left to train) with: {printed}",
+    ]
     assert ckpt.is_dir() and not (run_dir / "final").exists() and not (run_dir / "results.json").exists()
     metrics = (run_dir / "metrics.jsonl").read_text()
     assert '"eval/perplexity"' in metrics.splitlines()[-1] and json.loads(metrics.splitlines()[-1])["step"] == 4
 
-    rerun = subprocess.run(printed, shell=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        printed,
+        shell=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {ckpt} at step 4" in rerun.stdout + rerun.stderr
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["steps"] == 4 and results["downstream"]["task"] == "polarity" and (run_dir / "final" / "model.safetensors").exists()
+    assert (
+        results["steps"] == 4
+        and results["downstream"]["task"] == "polarity"
+        and (run_dir / "final" / "model.safetensors").exists()
+    )
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # no step trained, no eval logged again
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["final:1", "finetune:1"])
-def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_results_and_the_rerun_adds_downstream(corpus, tmp_path, point):
+def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_results_and_the_rerun_adds_downstream(
+    corpus, tmp_path, point
+):
     """final:1: final/ half-written (it is finished, then results.json, and the fine-tune does not start);
     finetune:1: after the downstream fine-tune's first step (it stops at the next)."""
     run_dir = tmp_path / "run"
     args = after_last_step_run(corpus, run_dir)
     proc = run_cli(args, env={"MLM_FAULT_SIGNAL_AT": f"{point}:SIGHUP", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 128 + signal.SIGHUP, proc.stderr[-3000:]
-    plan = ("finishing final/ and results.json (seconds)" if point == "final:1" else
-            f"stopping the downstream fine-tune at its next step; {run_dir / 'results.json'} holds the training results")
+    plan = (
+        "finishing final/ and results.json (seconds)"
+        if point == "final:1"
+        else f"stopping the downstream fine-tune at its next step; {run_dir / 'results.json'} holds the training results"
+    )
     assert error_lines(proc.stderr) == [
         f"SIGHUP: {plan} (a second SIGHUP stops at once, saving nothing more)",
         f"stopped: stopped by SIGHUP after the last step; the training results are in {run_dir / 'results.json'}; "
-        f"add the downstream numbers with: {as_typed(args)}"]
+        f"add the downstream numbers with: {as_typed(args)}",
+    ]
     assert "downstream polarity, seed 0, split" not in proc.stdout + proc.stderr  # no fold was finished
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 4 and "downstream" not in results and (run_dir / "final" / "model.safetensors").exists()
@@ -275,73 +348,105 @@ def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_resul
     assert error_lines(stopped.stderr) == [
         "SIGINT: stopping the downstream fine-tune at its next step; results.json stays as it is (a second SIGINT stops at once, saving nothing more)",
         f"stopped: stopped by SIGINT during the downstream fine-tune; {run_dir / 'results.json'} is unchanged; "
-        f"add the downstream numbers with: {as_typed(args)}"]
+        f"add the downstream numbers with: {as_typed(args)}",
+    ]
     assert json.loads((run_dir / "results.json").read_text()) == results
 
     rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already finished" in rerun.stdout and f"added to {run_dir / 'results.json'}" in rerun.stdout
     updated = json.loads((run_dir / "results.json").read_text())
-    assert updated["downstream"]["task"] == "polarity" and {k: v for k, v in updated.items() if k != "downstream"} == results
+    assert (
+        updated["downstream"]["task"] == "polarity"
+        and {k: v for k, v in updated.items() if k != "downstream"} == results
+    )
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained again
 
 
 # ---------------------------------------------------------------- a signal during an eval, a checkpoint or the cache build
 
-EVAL_RUN = [*TINY_RUN, "trainer.eval_batch_size=4", "runtime.num_threads=1"]  # 16 eval blocks: 4 batches an eval, at steps 0, 2 and 4
+EVAL_RUN = [
+    *TINY_RUN,
+    "trainer.eval_batch_size=4",
+    "runtime.num_threads=1",
+]  # 16 eval blocks: 4 batches an eval, at steps 0, 2 and 4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("final", [False, True], ids=["periodic", "final"])
-def test_a_sigterm_during_an_eval_stops_at_its_next_batch_with_the_last_steps_checkpoint_and_the_rerun_resumes(corpus, tmp_path, final):
+def test_a_sigterm_during_an_eval_stops_at_its_next_batch_with_the_last_steps_checkpoint_and_the_rerun_resumes(
+    corpus, tmp_path, final
+):
     """The signal lands after the 2nd of the 4 batches of the eval at step 2 (eval batch 6 of the run) or of the final
     eval at step 4 (eval batch 10)."""
     from mlm.checkpoint import list_checkpoints, verify
 
     run_dir = tmp_path / "run"
     args = [*EVAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
-    proc = run_cli(args, env={"MLM_FAULT_SIGNAL_AT": f"eval_batch:{10 if final else 6}:SIGTERM", "OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        args, env={"MLM_FAULT_SIGNAL_AT": f"eval_batch:{10 if final else 6}:SIGTERM", "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     step = 4 if final else 2
     ckpt = run_dir / "checkpoints" / f"ckpt-{step:08d}"
-    stopped = (f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} is the last step's; run the final eval and write "
-               f"final/ and results.json (nothing left to train) with: {as_typed(args)}" if final else
-               f"stopped: stopped by SIGTERM after step 2; checkpoint {ckpt} written; resume with: {as_typed(args)}")
+    stopped = (
+        f"stopped: stopped by SIGTERM after the last step; checkpoint {ckpt} is the last step's; run the final eval and write "
+        f"final/ and results.json (nothing left to train) with: {as_typed(args)}"
+        if final
+        else f"stopped: stopped by SIGTERM after step 2; checkpoint {ckpt} written; resume with: {as_typed(args)}"
+    )
     assert error_lines(proc.stderr) == [
         f"SIGTERM: abandoning the eval at step {step}; stopping with the checkpoint of step {step} (a second SIGTERM stops at once, saving nothing more)",
-        stopped]
+        stopped,
+    ]
     assert f"abandoned the eval at step {step} after 2 of 4 batches" in proc.stdout  # the 3rd batch was never scored
     assert list_checkpoints(run_dir) == [ckpt] and verify(ckpt) is None
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "eval/perplexity" in r] == ([0, 2] if final else [0])  # the abandoned eval logged nothing
+    assert [r["step"] for r in records if "eval/perplexity" in r] == (
+        [0, 2] if final else [0]
+    )  # the abandoned eval logged nothing
 
     rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {ckpt} at step {step}" in rerun.stdout + rerun.stderr
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "eval/perplexity" in r] == ([0, 2, 4] if final else [0, 4])  # the rerun goes on without it
+    assert [r["step"] for r in records if "eval/perplexity" in r] == (
+        [0, 2, 4] if final else [0, 4]
+    )  # the rerun goes on without it
 
 
 def test_a_second_sigint_while_the_checkpoint_is_written_stops_at_once_in_one_line(corpus, tmp_path):
     """The first Ctrl-C (after the step-0 eval) says what it will do; the second lands in the half-written checkpoint."""
     run_dir = tmp_path / "run"
-    proc = run_cli([*EVAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"],
-                   env={"MLM_FAULT_SIGNAL_AT": "eval:1:SIGINT,checkpoint:1:SIGINT", "OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        [*EVAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"],
+        env={"MLM_FAULT_SIGNAL_AT": "eval:1:SIGINT,checkpoint:1:SIGINT", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
-    assert error_lines(proc.stderr) == ["SIGINT: stopping after this step with a checkpoint (a second SIGINT stops at once, saving nothing more)",
-                                        "stopped: stopped at once by a second SIGINT; no checkpoint was written, the rerun starts over"]
+    assert error_lines(proc.stderr) == [
+        "SIGINT: stopping after this step with a checkpoint (a second SIGINT stops at once, saving nothing more)",
+        "stopped: stopped at once by a second SIGINT; no checkpoint was written, the rerun starts over",
+    ]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert (run_dir / "run.lock").read_text() == ""  # released on the way out
 
 
 def test_a_sigint_during_the_cache_build_stops_at_once_and_the_next_run_builds_a_complete_cache(corpus, tmp_path):
     cache = tmp_path / "cache"
-    args = [*EVAL_RUN, f"dataset.path={corpus}", "dataset.tokenize_batch_size=50", "trainer.max_steps=1", "trainer.eval_every=0"]
+    args = [
+        *EVAL_RUN,
+        f"dataset.path={corpus}",
+        "dataset.tokenize_batch_size=50",
+        "trainer.max_steps=1",
+        "trainer.eval_every=0",
+    ]
     env = {"MLM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'a'}"], env={**env, "MLM_FAULT_SIGNAL_AT": "tokenize:2:SIGINT"})
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
-    assert error_lines(proc.stderr) == ["stopped: stopped at once by SIGINT before training began; no checkpoint was written, the rerun starts over"]
+    assert error_lines(proc.stderr) == [
+        "stopped: stopped at once by SIGINT before training began; no checkpoint was written, the rerun starts over"
+    ]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert list((cache / "blocks").iterdir()) == []  # neither a cache entry nor the build's temporary directory
 
@@ -356,9 +461,27 @@ def test_a_signal_to_one_rank_during_an_eval_stops_every_rank_at_the_same_batch(
     the eval's per-batch all-reduce, so rank 0 gives up at the same batch and both write the checkpoint of step 2."""
     from mlm.checkpoint import list_checkpoints, verify
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29657", str(ROOT / "run.py"),
-           *EVAL_RUN, "trainer.max_eval_blocks=32", "trainer.per_device_batch_size=2", f"dataset.path={corpus}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MLM_FAULT_SIGNAL_AT": "eval_batch:6:SIGTERM", "MLM_FAULT_RANK": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29657",
+        str(ROOT / "run.py"),
+        *EVAL_RUN,
+        "trainer.max_eval_blocks=32",
+        "trainer.per_device_batch_size=2",
+        f"dataset.path={corpus}",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "0",
+        "MLM_FAULT_SIGNAL_AT": "eval_batch:6:SIGTERM",
+        "MLM_FAULT_RANK": "1",
+    }
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0, proc.stderr[-3000:]
     [run_dir] = (tmp_path / "outputs" / "runs").iterdir()
@@ -368,5 +491,9 @@ def test_a_signal_to_one_rank_during_an_eval_stops_every_rank_at_the_same_batch(
     assert "abandoned the eval at step 2 after 2 of 4 batches" in (run_dir / "run.log").read_text()  # rank 0's log
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/perplexity" in r] == [0]
-    assert f"stopped: stopped by a stop signal on another process after step 2; checkpoint {ckpt} written" in proc.stderr
-    assert proc.stderr.count("stopped: ") == 1, proc.stderr[-3000:]  # the main process's line only, not rank 1's as well
+    assert (
+        f"stopped: stopped by a stop signal on another process after step 2; checkpoint {ckpt} written" in proc.stderr
+    )
+    assert proc.stderr.count("stopped: ") == 1, proc.stderr[
+        -3000:
+    ]  # the main process's line only, not rank 1's as well

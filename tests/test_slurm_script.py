@@ -40,10 +40,21 @@ def fake_slurm(tmp_path, job_id: str):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(sentences(300)))
     log, runs = tmp_path / "slurm.log", tmp_path / "runs"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
-           "SLURM_JOB_ID": job_id, "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node001", "SLURM_SUBMIT_DIR": str(tmp_path),
-           "MLM_REPO": str(ROOT), "MLM_RUN_ROOT": str(runs), "PYTHON": sys.executable, "NPROC_PER_NODE": "2",
-           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_SLURM_LOG": str(log),
+        "SLURM_JOB_ID": job_id,
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "node001",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "MLM_REPO": str(ROOT),
+        "MLM_RUN_ROOT": str(runs),
+        "PYTHON": sys.executable,
+        "NPROC_PER_NODE": "2",
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "0",
+    }
     args = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=4", "trainer.save_model=false"]
     return env, args, log, runs
 
@@ -51,17 +62,25 @@ def fake_slurm(tmp_path, job_id: str):
 @pytest.mark.slow
 def test_sbatch_script_runs_one_node_of_two_processes_and_a_requeue_finds_the_same_run(tmp_path):
     env, args, log, runs = fake_slurm(tmp_path, "4242")
-    proc = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((runs / "slurm-4242" / "results.json").read_text())
     assert results["processes"] == 2 and results["steps"] == 4
     assert [p.name for p in runs.iterdir()] == ["slurm-4242"]  # both processes wrote into the one run directory
     calls = log.read_text().splitlines()
     assert calls[0] == "scontrol show hostnames node001"
-    assert calls[1].startswith("--kill-on-bad-exit=1 ") and "--rdzv_endpoint 127.0.0.1:" in calls[1] and "--rdzv_id 4242" in calls[1]
+    assert (
+        calls[1].startswith("--kill-on-bad-exit=1 ")
+        and "--rdzv_endpoint 127.0.0.1:" in calls[1]
+        and "--rdzv_id 4242" in calls[1]
+    )
 
     # the job requeued after it finished: the same job id finds the same directory and the finished run
-    again = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished (4 steps" in again.stdout
     assert json.loads((runs / "slurm-4242" / "results.json").read_text()) == results
@@ -73,10 +92,16 @@ def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeue
     rank finishes its step and they checkpoint), then asks for a requeue; the requeued job resumes and finishes."""
     env, args, log, runs = fake_slurm(tmp_path, "4343")
     args = [*args, "trainer.max_steps=400", "trainer.eval_every=100"]
-    proc = subprocess.Popen(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = runs / "slurm-4343" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().count("train/loss") >= 10) and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        not (metrics.exists() and metrics.read_text().count("train/loss") >= 10)
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)  # some steps trained under torchrun
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=600)
@@ -86,7 +111,9 @@ def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeue
     state = json.loads(next((runs / "slurm-4343" / "checkpoints").glob("ckpt-*/state.json")).read_text())
     assert 10 <= state["step"] < 400 and state["world_size"] == 2
 
-    again = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {runs / 'slurm-4343' / 'checkpoints'}" in again.stdout + again.stderr
     assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 400

@@ -21,7 +21,9 @@ def run_steps(impl: str, steps: int = 3, compile_encoder: bool = False):
     rng = np.random.default_rng(0)
     losses = []
     for step in range(steps):
-        batch = MLMCollator(tokenizer, MaskingConfig(), seed=0, stream=step)({"input_ids": rng.integers(1000, 20000, (8, 64)), "index": np.arange(8)})
+        batch = MLMCollator(tokenizer, MaskingConfig(), seed=0, stream=step)(
+            {"input_ids": rng.integers(1000, 20000, (8, 64)), "index": np.arange(8)}
+        )
         loss, n, _ = objective(**batch)
         (loss / n).backward()
         opt.step()
@@ -47,7 +49,9 @@ def test_no_weight_decay_on_biases_and_norms():
     decay, no_decay = param_groups(model, 0.01, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 and "norm" not in names[id(p)].lower() for p in decay["params"])
-    assert any("LayerNorm" in names[id(p)] for p in no_decay["params"]) and any(names[id(p)].endswith("bias") for p in no_decay["params"])
+    assert any("LayerNorm" in names[id(p)] for p in no_decay["params"]) and any(
+        names[id(p)].endswith("bias") for p in no_decay["params"]
+    )
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
 
 

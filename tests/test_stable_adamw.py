@@ -45,8 +45,11 @@ def test_matches_a_hand_computation_with_and_without_clipping(foreach):
     expected, rms = by_hand(start, grads)
     assert rms[0] <= 1 and rms[1] <= 1 < rms[2]  # steps 1-2 unclipped (rms 1 and 0.82), step 3 clipped (rms 1.72)
     p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-    run_steps(StableAdamW([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=foreach),
-              [p], [[torch.tensor(g, dtype=torch.float64)] for g in grads])
+    run_steps(
+        StableAdamW([p], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=foreach),
+        [p],
+        [[torch.tensor(g, dtype=torch.float64)] for g in grads],
+    )
     assert p.detach().tolist() == pytest.approx(expected, rel=1e-12, abs=1e-14)
     adamw, _ = by_hand(start, grads, clip=False)  # the clip changed step 3: AdamW's step lands elsewhere
     assert max(abs(a - b) for a, b in zip(adamw, expected)) > 0.01
@@ -89,8 +92,11 @@ def test_foreach_and_loop_agree():
     results = {}
     for foreach in (True, False):
         params = [p.clone().requires_grad_() for p in start]
-        optimizer = StableAdamW([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}],
-                                lr=1e-2, foreach=foreach)
+        optimizer = StableAdamW(
+            [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}],
+            lr=1e-2,
+            foreach=foreach,
+        )
         run_steps(optimizer, params, random_history(shapes, 5, seed=3))
         results[foreach] = params
         assert float(optimizer.state[params[1]]["step"]) == 4  # the step without a gradient was not counted
@@ -139,8 +145,19 @@ def train_losses(run_dir):
 @pytest.mark.slow
 def test_a_tiny_run_trains_with_it(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", "optimizer=stable_adamw", "optimizer.lr=3e-3",
-                    "trainer.max_grad_norm=0", "trainer.max_steps=20", "trainer.eval_every=20", "trainer.save_model=false"])
+    proc = run_cli(
+        [
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            f"hydra.run.dir={run_dir}",
+            "optimizer=stable_adamw",
+            "optimizer.lr=3e-3",
+            "trainer.max_grad_norm=0",
+            "trainer.max_steps=20",
+            "trainer.eval_every=20",
+            "trainer.save_model=false",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = train_losses(run_dir)
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
@@ -158,7 +175,13 @@ def test_fsdp_trains_as_ddp_does(tmp_path):
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(500)))
-    extra = ["optimizer=stable_adamw", "trainer.max_grad_norm=0", "optimizer.lr=3e-3", "trainer.max_steps=3", "trainer.checkpoint_every=0"]
+    extra = [
+        "optimizer=stable_adamw",
+        "trainer.max_grad_norm=0",
+        "optimizer.lr=3e-3",
+        "trainer.max_steps=3",
+        "trainer.checkpoint_every=0",
+    ]
     weights = {}
     for port, sharding in enumerate(("none", "fsdp"), start=29561):
         torchrun([*run_args(corpus, tmp_path / sharding, sharding), *extra], tmp_path, port)

@@ -14,7 +14,9 @@ from tests.conftest import TINY_RUN, compose, run_cli
 
 
 def stream_cfg(path, **kw):
-    return DatasetConfig(kind="local", path=str(path), streaming=True, streaming_eval_docs=40, tokenize_batch_size=9, **kw)
+    return DatasetConfig(
+        kind="local", path=str(path), streaming=True, streaming_eval_docs=40, tokenize_batch_size=9, **kw
+    )
 
 
 def test_two_shards_read_every_training_document_once(text_file):
@@ -37,7 +39,9 @@ def test_two_shards_make_disjoint_blocks_of_their_own_documents(text_file, token
         tokens = np.concatenate([b for _, b in blocks])
         assert np.array_equal(tokens[: len(expected)], expected)  # this shard's documents, in order, nothing else
         seen[shard] = [i for i, _ in blocks]
-    assert seen[0] == list(range(0, 2 * len(seen[0]), 2)) and seen[1] == list(range(1, 2 * len(seen[1]), 2))  # global indices, no clash
+    assert seen[0] == list(range(0, 2 * len(seen[0]), 2)) and seen[1] == list(
+        range(1, 2 * len(seen[1]), 2)
+    )  # global indices, no clash
 
 
 def test_eval_documents_are_held_out(text_file, tokenizer):
@@ -73,9 +77,13 @@ def test_an_eval_split_that_takes_every_document_names_streaming_eval_docs(text_
     cfg = replace(stream_cfg(text_file), streaming_eval_docs=eval_docs)  # text_file: 400 one-line documents
     with pytest.raises(UserError) as err:
         stream_eval_blocks(cfg, tokenizer, 32)
-    assert str(err.value) == (f"dataset.streaming_eval_docs={eval_docs} holds out the first {eval_docs} documents for eval, and the "
-                              "stream has 400: none is left to train on; set dataset.streaming_eval_docs below 400 (e.g. 40)")
-    assert len(stream_eval_blocks(replace(cfg, streaming_eval_docs=399), tokenizer, 32)["input_ids"]) > 0  # one left: trains
+    assert str(err.value) == (
+        f"dataset.streaming_eval_docs={eval_docs} holds out the first {eval_docs} documents for eval, and the "
+        "stream has 400: none is left to train on; set dataset.streaming_eval_docs below 400 (e.g. 40)"
+    )
+    assert (
+        len(stream_eval_blocks(replace(cfg, streaming_eval_docs=399), tokenizer, 32)["input_ids"]) > 0
+    )  # one left: trains
 
 
 def test_stream_starts_a_new_pass_with_new_indices(tmp_path, tokenizer):
@@ -98,12 +106,22 @@ def test_streaming_run_resumes_exactly(tmp_path, text_file):
     With the default head recipe: its unigram bias needs token counts a stream lacks, so it says so and starts at zero."""
     from safetensors.torch import load_file
 
-    common = [*(a for a in TINY_RUN if not a.startswith("experiment=")), f"dataset.path={text_file}", "dataset.streaming=true", "dataset.streaming_eval_docs=50",
-              "runtime.mixed_precision=no", "trainer.checkpoint_every=2", "trainer.save_model=true"]
+    common = [
+        *(a for a in TINY_RUN if not a.startswith("experiment=")),
+        f"dataset.path={text_file}",
+        "dataset.streaming=true",
+        "dataset.streaming_eval_docs=50",
+        "runtime.mixed_precision=no",
+        "trainer.checkpoint_every=2",
+        "trainer.save_model=true",
+    ]
     full = tmp_path / "full"
     proc = run_cli([*common, f"hydra.run.dir={full}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "head_bias_init=unigram counts the training split's tokens, which a stream does not have" in (full / "run.log").read_text()
+    assert (
+        "head_bias_init=unigram counts the training split's tokens, which a stream does not have"
+        in (full / "run.log").read_text()
+    )
     resumed = tmp_path / "resumed"
     proc = run_cli([*common, f"resume={full / 'checkpoints' / 'ckpt-00000002'}", f"hydra.run.dir={resumed}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,7 +129,11 @@ def test_streaming_run_resumes_exactly(tmp_path, text_file):
     assert all(a[k].equal(b[k]) for k in a)
 
     def losses(run):
-        return {r["step"]: r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r}
+        return {
+            r["step"]: r["train/loss"]
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r
+        }
 
     assert losses(resumed) == {s: v for s, v in losses(full).items() if s > 2}
     state = json.loads((full / "checkpoints" / "ckpt-00000002" / "state.json").read_text())
@@ -146,15 +168,35 @@ def test_two_processes_stream_what_one_process_with_two_workers_streams(tmp_path
     from tests.conftest import ROOT
     from tests.test_distributed import RTOL, curves
 
-    common = [*TINY_RUN, f"dataset.path={text_file}", "dataset.streaming=true", "dataset.streaming_eval_docs=50",
-              "dataset.tokenize_batch_size=20", "runtime.mixed_precision=no", "model.dropout=0", "trainer.per_device_batch_size=4"]
+    common = [
+        *TINY_RUN,
+        f"dataset.path={text_file}",
+        "dataset.streaming=true",
+        "dataset.streaming_eval_docs=50",
+        "dataset.tokenize_batch_size=20",
+        "runtime.mixed_precision=no",
+        "model.dropout=0",
+        "trainer.per_device_batch_size=4",
+    ]
     one = tmp_path / "one"
     proc = run_cli([*common, "runtime.num_workers=2", "trainer.gradient_accumulation_steps=2", f"hydra.run.dir={one}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     work = tmp_path / "two"
     work.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(ROOT / "run.py"), *common]
-    proc = subprocess.run(cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        str(ROOT / "run.py"),
+        *common,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (two,) = list((work / "outputs" / "runs").iterdir())
     assert json.loads((two / "results.json").read_text())["processes"] == 2

@@ -26,8 +26,12 @@ def test_a_nan_inf_or_missing_perplexity_is_a_failed_job(tmp_path):
     summary = summarize([tmp_path]).read_text()
     rows = summary_rows(summary)
     assert [r["job"] for r in rows] == ["3", "0", "1", "2"]  # the one that succeeded first
-    assert [r["status"] for r in rows] == ["ok", "failed: perplexity nan in results.json", "failed: perplexity inf in results.json",
-                                           "failed: no perplexity in results.json"]
+    assert [r["status"] for r in rows] == [
+        "ok",
+        "failed: perplexity nan in results.json",
+        "failed: perplexity inf in results.json",
+        "failed: no perplexity in results.json",
+    ]
     assert "Best: `optimizer.lr=4e-3` with perplexity 40.00" in summary
     line = failure_line(collect_jobs([tmp_path]))
     assert line.startswith("3 of 4 job(s) failed: ") and str(tmp_path / "0" / "results.json") in line
@@ -35,7 +39,10 @@ def test_a_nan_inf_or_missing_perplexity_is_a_failed_job(tmp_path):
 
 
 def sweep_cli(corpus, sweep, *overrides, env=None):
-    return run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", *overrides, f"hydra.sweep.dir={sweep}"], env=env)
+    return run_cli(
+        ["-m", *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", *overrides, f"hydra.sweep.dir={sweep}"],
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -43,7 +50,9 @@ def test_a_failed_optuna_trial_is_recorded_and_the_study_goes_on(corpus, tmp_pat
     import yaml
 
     sweep = tmp_path / "optuna"
-    proc = sweep_cli(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3", env={"MLM_TEST_FAIL": "1:0:1"})  # trial 1 raises
+    proc = sweep_cli(
+        corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=3", env={"MLM_TEST_FAIL": "1:0:1"}
+    )  # trial 1 raises
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: 1 of 3 job(s) failed: {sweep / '1' / 'error.txt'}"
     # the sweeper logs this once it has told Optuna the trial FAILed (an RDB storage to look at the study
@@ -68,7 +77,10 @@ def test_a_refused_rerun_leaves_multirun_yaml_and_exits_1(corpus, tmp_path):
     rerun = sweep_cli(corpus, sweep, "optimizer.lr=5e-3,6e-3")
     assert rerun.returncode == 1
     assert rerun.stderr.strip().splitlines()[-1] == f"error: 2 job(s) refused: {sweep / 'refused.txt'}"
-    assert [line.split(":")[0] for line in (sweep / "refused.txt").read_text().splitlines()] == [str(sweep / "0"), str(sweep / "1")]
+    assert [line.split(":")[0] for line in (sweep / "refused.txt").read_text().splitlines()] == [
+        str(sweep / "0"),
+        str(sweep / "1"),
+    ]
     assert (sweep / "multirun.yaml").read_text() == snapshot and "5e-3" not in snapshot
     assert (sweep / "summary.md").read_text() == summary
     # a second sweep into a sweep directory held by a live one stops before the sweeper writes anything
@@ -92,8 +104,14 @@ def test_a_trial_with_a_nan_loss_is_a_failed_trial(corpus, tmp_path):
     # lr 1e30 makes the loss NaN at step 2 (an error, not a value); the sampler seeded 4 gives trial 0 1e30 and
     # trial 1 1e-3. (An eval rate that masks nothing can no longer be searched: eval settings are refused.)
     sweep = tmp_path / "optuna"
-    proc = sweep_cli(corpus, sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=4",
-                     "optimizer.lr=choice(1e30,1e-3)")
+    proc = sweep_cli(
+        corpus,
+        sweep,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.seed=4",
+        "optimizer.lr=choice(1e30,1e-3)",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     asked = {n: yaml.safe_load((sweep / n / ".hydra" / "overrides.yaml").read_text()) for n in ("0", "1")}
     assert "optimizer.lr=1e+30" in asked["0"] and "optimizer.lr=0.001" in asked["1"]
@@ -116,9 +134,23 @@ def test_torchrun_around_an_optuna_study_a_trial_failing_on_one_rank_fails_on_al
     from tests.conftest import ROOT
 
     sweep = tmp_path / "optuna"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(ROOT / "run.py"), "-m",
-           *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-           f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        str(ROOT / "run.py"),
+        "-m",
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        "trainer.max_steps=2",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_TEST_FAIL": "0:1:1"}  # trial 0 fails on rank 1 only
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stderr[-4000:]  # rank 0 exits 1 after the summary; torchrun passes it on

@@ -17,7 +17,7 @@ def summary_rows(text):
     start = next(i for i, line in enumerate(lines) if line.startswith("| # |"))
     header = [c.strip() for c in lines[start].strip("|").split(" | ")]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("| "):
             break
         rows.append(dict(zip(header, (c.strip() for c in line.strip()[2:-2].split(" | ")))))
@@ -63,8 +63,17 @@ def test_multirun_all_ok_2x2(corpus, tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     sweep = tmp_path / "optuna"
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_steps=2",
-                    f"hydra.sweep.dir={sweep}"])
+    proc = run_cli(
+        [
+            "-m",
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=3",
+            "trainer.max_steps=2",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = job_dirs(sweep)
     # Optuna imports alembic, which logged 7 "[HYDRA] setup plugin alembic..." lines (conf/hparams_search/optuna.yaml sets its level)
@@ -74,7 +83,12 @@ def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     from mlm.report import eval_settings
 
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"optimizer.lr", "scheduler.warmup_ratio", "optimizer.weight_decay", "masking.train_probability"}
+    assert set(best["best_params"]) == {
+        "optimizer.lr",
+        "scheduler.warmup_ratio",
+        "optimizer.weight_decay",
+        "masking.train_probability",
+    }
     results = [json.loads((j / "results.json").read_text()) for j in jobs]
     values = [r["perplexity"] for r in results]
     assert len(values) == 3 and best["best_value"] == pytest.approx(min(values))
@@ -82,7 +96,9 @@ def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
     assert len({r["config"]["optimizer.lr"] for r in results}) == 3
     assert all(eval_settings(r["config"]) == eval_settings(results[0]["config"]) for r in results)
     summary = (sweep / "summary.md").read_text()
-    assert "Best: `" in summary and summary.count("trainer.max_steps=2") == 1  # a setting every trial shares: said once, on top
+    assert (
+        "Best: `" in summary and summary.count("trainer.max_steps=2") == 1
+    )  # a setting every trial shares: said once, on top
     rows = summary_rows(summary)
     assert len(rows) == 3 and all(set(best["best_params"]) <= set(r) for r in rows)  # the searched keys are columns
 
@@ -90,15 +106,23 @@ def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
 @pytest.mark.slow
 def test_submitit_local_runs_one_job(corpus, tmp_path):
     sweep = tmp_path / "submitit"
-    [job] = multirun(corpus, sweep, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "trainer.max_steps=2")
+    [job] = multirun(
+        corpus, sweep, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "trainer.max_steps=2"
+    )
     assert json.loads((job / "results.json").read_text())["steps"] == 2
     assert list((sweep / ".submitit").glob("*/*_log.out"))
 
 
 def test_slurm_launcher_config_composes():
-    proc = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra"])
+    proc = run_cli(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "--cfg", "hydra"]
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "submitit_launcher.SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout and "gpus_per_node: 4" in proc.stdout
+    assert (
+        "submitit_launcher.SlurmLauncher" in proc.stdout
+        and "partition: gpu" in proc.stdout
+        and "gpus_per_node: 4" in proc.stdout
+    )
 
 
 def test_report_cli_on_run_dirs(tmp_path):
@@ -108,9 +132,22 @@ def test_report_cli_on_run_dirs(tmp_path):
         d = tmp_path / str(i)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={i + 1}e-3\n")
-        (d / "results.json").write_text(json.dumps({"perplexity": ppl, "best_perplexity": ppl, "tokens_per_s": 100.0, "train_seconds": 1.0,
-                                                    "config": {"optimizer.lr": (i + 1) / 1000}}))
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 5 - s, "eval/perplexity": ppl + 10 - s}) + "\n" for s in range(3)))
+        (d / "results.json").write_text(
+            json.dumps(
+                {
+                    "perplexity": ppl,
+                    "best_perplexity": ppl,
+                    "tokens_per_s": 100.0,
+                    "train_seconds": 1.0,
+                    "config": {"optimizer.lr": (i + 1) / 1000},
+                }
+            )
+        )
+        (d / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"step": s, "train/loss": 5 - s, "eval/perplexity": ppl + 10 - s}) + "\n" for s in range(3)
+            )
+        )
     assert main([str(tmp_path)]) == 0
     rows = summary_rows((tmp_path / "summary.md").read_text())
     assert [(r["job"], r["optimizer.lr"]) for r in rows] == [("1", "2e-3"), ("0", "1e-3")]
@@ -120,8 +157,13 @@ def test_report_cli_on_run_dirs(tmp_path):
     (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=5e-3\n")
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
-    assert [(r["job"], r["optimizer.lr"]) for r in summary_rows(text)] == [("1", "2e-3"), ("0", "0.001")] and "5e-3" not in text
-    out = tmp_path.parent / f"{tmp_path.name}-summary" / "new"  # --out a directory that does not exist yet: made (was a traceback)
+    assert [(r["job"], r["optimizer.lr"]) for r in summary_rows(text)] == [
+        ("1", "2e-3"),
+        ("0", "0.001"),
+    ] and "5e-3" not in text
+    out = (
+        tmp_path.parent / f"{tmp_path.name}-summary" / "new"
+    )  # --out a directory that does not exist yet: made (was a traceback)
     assert main([str(tmp_path), "--out", str(out)]) == 0 and (out / "summary.md").exists()
 
 
@@ -139,15 +181,32 @@ def test_mixed_precision_is_sweepable_in_one_process(corpus, tmp_path, launcher)
 def test_parallel_jobs_each_lease_a_slot_of_their_own(corpus, tmp_path):
     sweep, leases = tmp_path / "sweep", tmp_path / "leases"
     # 3 workers share 2 slots: one job always waits; job 0 fails after its first step and must give its slot back
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=3",
-                    "runtime.device_slots=2", "runtime.num_threads=1", "trainer.max_steps=3", "optimizer.lr=1e-4,2e-4,3e-4,4e-4",
-                    f"hydra.sweep.dir={sweep}"], env={"MLM_LEASE_DIR": str(leases), "MLM_TEST_FAIL": "0:0:1"})
+    proc = run_cli(
+        [
+            "-m",
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=3",
+            "runtime.device_slots=2",
+            "runtime.num_threads=1",
+            "trainer.max_steps=3",
+            "optimizer.lr=1e-4,2e-4,3e-4,4e-4",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env={"MLM_LEASE_DIR": str(leases), "MLM_TEST_FAIL": "0:0:1"},
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: 1 of 4 job(s) failed: {sweep / '0' / 'error.txt'}"
     records = [json.loads(line) for line in (leases / "lease.jsonl").read_text().splitlines()]
     assert sorted(r["owner"] for r in records) == [str(sweep / str(i)) for i in range(4)]
     assert {r["slot"] for r in records} <= {0, 1}
-    overlapping = [(a, b) for i, a in enumerate(records) for b in records[i + 1:] if a["acquired"] < b["released"] and b["acquired"] < a["released"]]
+    overlapping = [
+        (a, b)
+        for i, a in enumerate(records)
+        for b in records[i + 1 :]
+        if a["acquired"] < b["released"] and b["acquired"] < a["released"]
+    ]
     assert overlapping  # jobs did run at the same time ...
     assert all(a["slot"] != b["slot"] for a, b in overlapping)  # ... never on the same slot
     assert (sweep / "0" / "error.txt").read_text().startswith("RuntimeError: injected failure")
@@ -164,8 +223,13 @@ def test_a_one_point_curve_is_drawn_as_a_marker(tmp_path, monkeypatch):
 
     figures = []
     monkeypatch.setattr(report.pyplot(), "close", figures.append)
-    job = {"dir": tmp_path, "overrides": {}, "error": None, "results": {"perplexity": 9.0},
-           "metrics": [{"step": 10, "train/loss": 2.5, "eval/perplexity": 9.0}]}  # a 10-step job logging every 10 steps
+    job = {
+        "dir": tmp_path,
+        "overrides": {},
+        "error": None,
+        "results": {"perplexity": 9.0},
+        "metrics": [{"step": 10, "train/loss": 2.5, "eval/perplexity": 9.0}],
+    }  # a 10-step job logging every 10 steps
     report.plot_sweep([job], tmp_path / "summary.png")
     [losses] = [ax for ax in figures[0].axes if ax.get_title().startswith("train loss")]
     [line] = losses.lines
@@ -192,11 +256,15 @@ def test_shipped_search_spaces_vary_training_never_the_eval():
     from mlm.report import EVAL_KEYS, SPAN_EVAL_KEYS
 
     keys = schema_keys()
-    eval_only = set(EVAL_KEYS) | set(SPAN_EVAL_KEYS) | {"model.name_or_path"}  # name_or_path gives the tokenizer when model.tokenizer is unset
+    eval_only = (
+        set(EVAL_KEYS) | set(SPAN_EVAL_KEYS) | {"model.name_or_path"}
+    )  # name_or_path gives the tokenizer when model.tokenizer is unset
     for name, space in shipped_search_spaces().items():
         assert space and all(k in keys for k in space), (name, space)  # real keys, not typos that a sweep would reject
         assert not eval_only & set(space), f"{name} searches eval settings {sorted(eval_only & set(space))}"
-        assert "masking.train_probability" in space and "optimizer.lr" in space  # the mask rate it searches is training's
+        assert (
+            "masking.train_probability" in space and "optimizer.lr" in space
+        )  # the mask rate it searches is training's
 
 
 def composed_multirun(overrides):
@@ -221,19 +289,46 @@ def test_an_optuna_space_over_eval_settings_is_refused_and_one_over_training_is_
     try:
         check_search_space(cfg)  # the shipped space: accepted
         assert "masking.train_probability=choice(0.15, 0.2, 0.3, 0.4)" in search_space(cfg)
-        assert eval_sweeps(["masking.strategy=choice(token,span)", "optimizer=choice(adamw,stable_adamw)", "seed=choice(1,2)",
-                            "model=choice(tiny,tiny_modernbert)", "masking.train_probability=interval(0.1,0.5)"], cfg) == []
-        refused = eval_sweeps(["masking.mlm_probability=choice(0.1,0.2)", "block_size=interval(16,64)", "trainer.max_eval_blocks=choice(8,16)",
-                               "model=choice(tiny,distilroberta)", "dataset=choice(local,wiki)"], cfg)
-        assert refused == ["masking.mlm_probability=choice(0.1,0.2) (an eval setting, 0.15 in the config)",
-                           "block_size=interval(16,64) (an eval setting, 32 in the config)",
-                           "trainer.max_eval_blocks=choice(8,16) (an eval setting, 16 in the config)", "model (its options' evals differ in model.tokenizer)",
-                           "dataset (its options' evals differ in dataset.kind)"]
-        assert eval_sweeps(["model.name_or_path=choice(a,b)"], cfg)  # it gives the tokenizer here (model.tokenizer is unset)
+        assert (
+            eval_sweeps(
+                [
+                    "masking.strategy=choice(token,span)",
+                    "optimizer=choice(adamw,stable_adamw)",
+                    "seed=choice(1,2)",
+                    "model=choice(tiny,tiny_modernbert)",
+                    "masking.train_probability=interval(0.1,0.5)",
+                ],
+                cfg,
+            )
+            == []
+        )
+        refused = eval_sweeps(
+            [
+                "masking.mlm_probability=choice(0.1,0.2)",
+                "block_size=interval(16,64)",
+                "trainer.max_eval_blocks=choice(8,16)",
+                "model=choice(tiny,distilroberta)",
+                "dataset=choice(local,wiki)",
+            ],
+            cfg,
+        )
+        assert refused == [
+            "masking.mlm_probability=choice(0.1,0.2) (an eval setting, 0.15 in the config)",
+            "block_size=interval(16,64) (an eval setting, 32 in the config)",
+            "trainer.max_eval_blocks=choice(8,16) (an eval setting, 16 in the config)",
+            "model (its options' evals differ in model.tokenizer)",
+            "dataset (its options' evals differ in dataset.kind)",
+        ]
+        assert eval_sweeps(
+            ["model.name_or_path=choice(a,b)"], cfg
+        )  # it gives the tokenizer here (model.tokenizer is unset)
         with open_dict(cfg):  # as `run.py -m hparams_search=optuna masking.mlm_probability=choice(0.1,0.2)` starts
             cfg.hydra.overrides.task.append("masking.mlm_probability=choice(0.1,0.2)")
-        with pytest.raises(UserError, match=r"^hparams_search=optuna would rank trials scored on different evals: its search space varies "
-                                            r"masking\.mlm_probability=choice\(0\.1,0\.2\) \(an eval setting, 0\.15 in the config\); give it one value"):
+        with pytest.raises(
+            UserError,
+            match=r"^hparams_search=optuna would rank trials scored on different evals: its search space varies "
+            r"masking\.mlm_probability=choice\(0\.1,0\.2\) \(an eval setting, 0\.15 in the config\); give it one value",
+        ):
             check_search_space(cfg)
     finally:
         init.__exit__(None, None, None)
@@ -241,11 +336,25 @@ def test_an_optuna_space_over_eval_settings_is_refused_and_one_over_training_is_
 
 def test_an_optuna_sweep_over_the_eval_rate_stops_before_any_trial(corpus, tmp_path):
     sweep = tmp_path / "optuna"
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "hparams_search=optuna", "masking.mlm_probability=choice(0.1,0.2)",
-                    f"hydra.sweep.dir={sweep}"])
+    proc = run_cli(
+        [
+            "-m",
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            "hparams_search=optuna",
+            "masking.mlm_probability=choice(0.1,0.2)",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: hparams_search=optuna would rank trials scored on different evals: "
-                                                           "its search space varies masking.mlm_probability=")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: hparams_search=optuna would rank trials scored on different evals: "
+            "its search space varies masking.mlm_probability="
+        )
+    )
     assert not (sweep.exists() and job_dirs(sweep))  # no trial ran
     assert not (sweep / "optimization_results.yaml").exists() and not (sweep / "multirun.yaml").exists()
 
@@ -296,20 +405,40 @@ def test_a_summary_ranks_only_jobs_with_the_same_eval_and_names_what_differs(tmp
     eval_job(sweep, "0", flat_tiny, 30.0, "1e-3")
     eval_job(sweep, "1", flat_tiny, 20.0, "2e-3")
     eval_job(sweep, "2", flat_tiny, 25.0, "3e-3")
-    eval_job(sweep, "3", {**flat_tiny, "masking.mlm_probability": 0.3}, 10.0, "4e-3")  # the lowest number, scored at another mask rate
-    eval_job(sweep, "4", {**flat_tiny, "block_size": 64}, 15.0, "5e-3", snapshot_only=True)  # its config only in .hydra/config.yaml
+    eval_job(
+        sweep, "3", {**flat_tiny, "masking.mlm_probability": 0.3}, 10.0, "4e-3"
+    )  # the lowest number, scored at another mask rate
+    eval_job(
+        sweep, "4", {**flat_tiny, "block_size": 64}, 15.0, "5e-3", snapshot_only=True
+    )  # its config only in .hydra/config.yaml
     (sweep / "5" / ".hydra").mkdir(parents=True)
     (sweep / "5" / "error.txt").write_text("RuntimeError: boom\n")
     figures = []
     monkeypatch.setattr(report.pyplot(), "close", figures.append)
     text = report.summarize([sweep]).read_text()
     assert "Best:" not in text  # no job is best across evals
-    assert "Not comparable: the jobs' evals differ in block_size, masking.mlm_probability; each group is ranked on its own" in text
-    assert "- eval A (3 job(s): 1, 2, 0): block_size=32 masking.mlm_probability=0.15; best `optimizer.lr=2e-3` with perplexity 20.00." in text
-    assert "- eval B (1 job(s): 3): block_size=32 masking.mlm_probability=0.3; best `optimizer.lr=4e-3` with perplexity 10.00." in text
+    assert (
+        "Not comparable: the jobs' evals differ in block_size, masking.mlm_probability; each group is ranked on its own"
+        in text
+    )
+    assert (
+        "- eval A (3 job(s): 1, 2, 0): block_size=32 masking.mlm_probability=0.15; best `optimizer.lr=2e-3` with perplexity 20.00."
+        in text
+    )
+    assert (
+        "- eval B (1 job(s): 3): block_size=32 masking.mlm_probability=0.3; best `optimizer.lr=4e-3` with perplexity 10.00."
+        in text
+    )
     assert "- eval C (1 job(s): 4): block_size=64 masking.mlm_probability=0.15; best `optimizer.lr=5e-3`" in text
     rows = summary_rows(text)
-    assert [(r["#"], r["job"], r["eval"]) for r in rows] == [("1", "1", "A"), ("2", "2", "A"), ("3", "0", "A"), ("4", "3", "B"), ("5", "4", "C"), ("6", "5", "-")]
+    assert [(r["#"], r["job"], r["eval"]) for r in rows] == [
+        ("1", "1", "A"),
+        ("2", "2", "A"),
+        ("3", "0", "A"),
+        ("4", "3", "B"),
+        ("5", "4", "C"),
+        ("6", "5", "-"),
+    ]
     fig = figures[0]  # summary.png: one colour per eval, and the title says not to compare across them
     assert len({tuple(c) for c in fig.axes[0].collections[0].get_facecolors()}) == 3
     assert "evals differ in block_size, masking.mlm_probability" in fig._suptitle.get_text()
@@ -329,7 +458,9 @@ def test_a_key_missing_from_a_jobs_record_is_never_assumed_equal(tmp_path, flat_
     from mlm.report import summarize
 
     eval_job(tmp_path, "0", flat_tiny, 30.0, "1e-3")
-    eval_job(tmp_path, "1", {k: v for k, v in flat_tiny.items() if k != "trainer.max_eval_blocks"}, 20.0, "2e-3")  # an older job's record
+    eval_job(
+        tmp_path, "1", {k: v for k, v in flat_tiny.items() if k != "trainer.max_eval_blocks"}, 20.0, "2e-3"
+    )  # an older job's record
     text = summarize([tmp_path]).read_text()
     assert "Best:" not in text and "differ in trainer.max_eval_blocks" in text
     assert "trainer.max_eval_blocks=(not recorded)" in text and "trainer.max_eval_blocks=16" in text
@@ -338,8 +469,14 @@ def test_a_key_missing_from_a_jobs_record_is_never_assumed_equal(tmp_path, flat_
 def test_budget_fronts_and_downstream_best_stay_within_one_eval(tmp_path, flat_tiny):
     from mlm.report import summarize
 
-    for i, (ppl, rate, task, acc) in enumerate([(30.0, 0.15, "polarity", 0.6), (20.0, 0.15, "polarity", 0.7), (25.0, 0.15, "sst2", 0.9),
-                                                (5.0, 0.3, "polarity", 0.65)]):
+    for i, (ppl, rate, task, acc) in enumerate(
+        [
+            (30.0, 0.15, "polarity", 0.6),
+            (20.0, 0.15, "polarity", 0.7),
+            (25.0, 0.15, "sst2", 0.9),
+            (5.0, 0.3, "polarity", 0.65),
+        ]
+    ):
         flat = {**flat_tiny, "masking.mlm_probability": rate, "downstream.task": task, "trainer.budget_minutes": i + 1}
         d = eval_job(tmp_path, str(i), flat, ppl, "1e-3", downstream=(task, acc))
         (d / ".hydra" / "overrides.yaml").write_text(f"- trainer.budget_minutes={i + 1}\n")
@@ -349,11 +486,19 @@ def test_budget_fronts_and_downstream_best_stay_within_one_eval(tmp_path, flat_t
     assert "The Pareto fronts below compare the jobs of eval A only (3 job(s))" in text
     fronts = text.split("Pareto front, ")[1:]
     assert len(fronts) == 2 and all("| 3 |" not in f for f in fronts)  # the 0.3-rate job (perplexity 5) is on no front
-    assert "(3 of 3 jobs" not in fronts[1] and "| 2 |" not in fronts[1]  # the accuracy front is polarity's: sst2's 0.9 is not on it
+    assert (
+        "(3 of 3 jobs" not in fronts[1] and "| 2 |" not in fronts[1]
+    )  # the accuracy front is polarity's: sst2's 0.9 is not on it
     assert "Not comparable: the jobs' downstream evals differ in downstream.task" in text
     # downstream accuracy is its own eval: the 0.3-rate job competes there
-    assert "- downstream eval A (3 job(s): 1, 3, 0): downstream.task=polarity; best `trainer.budget_minutes=2` with polarity 0.700" in text
-    assert "- downstream eval B (1 job(s): 2): downstream.task=sst2; best `trainer.budget_minutes=3` with sst2 0.900" in text
+    assert (
+        "- downstream eval A (3 job(s): 1, 3, 0): downstream.task=polarity; best `trainer.budget_minutes=2` with polarity 0.700"
+        in text
+    )
+    assert (
+        "- downstream eval B (1 job(s): 2): downstream.task=sst2; best `trainer.budget_minutes=3` with sst2 0.900"
+        in text
+    )
 
 
 def test_a_config_snapshot_is_read_as_text_never_resolved_nor_followed(tmp_path, flat_tiny, monkeypatch):
@@ -363,37 +508,79 @@ def test_a_config_snapshot_is_read_as_text_never_resolved_nor_followed(tmp_path,
 
     monkeypatch.setenv("MLM_TEST_SECRET_VALUE", "s3cr3t-value-123")
     eval_job(tmp_path, "0", flat_tiny, 30.0, "1e-3")
-    eval_job(tmp_path, "1", {**flat_tiny, "dataset.path": "${oc.env:MLM_TEST_SECRET_VALUE}"}, 20.0, "2e-3", snapshot_only=True)
+    eval_job(
+        tmp_path,
+        "1",
+        {**flat_tiny, "dataset.path": "${oc.env:MLM_TEST_SECRET_VALUE}"},
+        20.0,
+        "2e-3",
+        snapshot_only=True,
+    )
     linked = eval_job(tmp_path, "2", flat_tiny, 25.0, "3e-3", snapshot_only=True)
     (linked / ".hydra" / "config.yaml").unlink()
     (linked / ".hydra" / "config.yaml").symlink_to(tmp_path / "1" / ".hydra" / "config.yaml")  # a link: not read
     text = summarize([tmp_path]).read_text()
     assert "s3cr3t" not in text and "dataset.path=${oc.env:MLM_TEST_SECRET_VALUE}" in text
     assert "- eval C (1 job(s): 2): " in text and "dataset.path=(not recorded)" in text
-    assert yaml.safe_load((tmp_path / "1" / ".hydra" / "config.yaml").read_text())["dataset"]["path"].startswith("${oc.env")
+    assert yaml.safe_load((tmp_path / "1" / ".hydra" / "config.yaml").read_text())["dataset"]["path"].startswith(
+        "${oc.env"
+    )
 
 
 def test_jobs_are_compared_by_the_data_they_read_not_by_how_its_path_is_spelled(tmp_path, flat_tiny):
     from mlm.report import eval_settings, summarize
 
     corpus, content_a, content_b, tok = "/data/corpus.txt", "a" * 64, "b" * 64, "t" * 64
-    eval_job(tmp_path, "0", {**flat_tiny, "dataset.path": "corpus.txt"}, 30.0, "1e-3", data={"sources": [[corpus, content_a]], "tokenizer": tok})
-    eval_job(tmp_path, "1", {**flat_tiny, "dataset.path": "corpus.txt"}, 20.0, "2e-3",  # the same name, edited: the lowest number
-             data={"sources": [[corpus, content_b]], "tokenizer": tok})
-    eval_job(tmp_path, "2", {**flat_tiny, "dataset.path": "./corpus.txt"}, 25.0, "3e-3", data={"sources": [[corpus, content_a]], "tokenizer": tok})
+    eval_job(
+        tmp_path,
+        "0",
+        {**flat_tiny, "dataset.path": "corpus.txt"},
+        30.0,
+        "1e-3",
+        data={"sources": [[corpus, content_a]], "tokenizer": tok},
+    )
+    eval_job(
+        tmp_path,
+        "1",
+        {**flat_tiny, "dataset.path": "corpus.txt"},
+        20.0,
+        "2e-3",  # the same name, edited: the lowest number
+        data={"sources": [[corpus, content_b]], "tokenizer": tok},
+    )
+    eval_job(
+        tmp_path,
+        "2",
+        {**flat_tiny, "dataset.path": "./corpus.txt"},
+        25.0,
+        "3e-3",
+        data={"sources": [[corpus, content_a]], "tokenizer": tok},
+    )
     text = summarize([tmp_path]).read_text()
     assert "Best:" not in text  # the edited job is best of nothing but its own eval
     assert "Not comparable: the jobs' evals differ in data.sources;" in text
-    assert f'- eval A (2 job(s): 2, 0): data.sources=["{content_a}"]; best `optimizer.lr=3e-3` with perplexity 25.00.' in text
-    assert f'- eval B (1 job(s): 1): data.sources=["{content_b}"]; best `optimizer.lr=2e-3` with perplexity 20.00.' in text
+    assert (
+        f'- eval A (2 job(s): 2, 0): data.sources=["{content_a}"]; best `optimizer.lr=3e-3` with perplexity 25.00.'
+        in text
+    )
+    assert (
+        f'- eval B (1 job(s): 1): data.sources=["{content_b}"]; best `optimizer.lr=2e-3` with perplexity 20.00.' in text
+    )
     # the tokenizer likewise: by its recorded hash, whatever name loaded it; a name alone where no hash was recorded
     named = {**flat_tiny, "model.tokenizer": "./tok"}
-    assert eval_settings(named, {"sources": None, "tokenizer": tok}) == eval_settings(flat_tiny, {"sources": None, "tokenizer": tok})
-    assert eval_settings(named, {"sources": None, "tokenizer": None}) != eval_settings(flat_tiny, {"sources": None, "tokenizer": None})
-    assert eval_settings(flat_tiny, {"sources": None, "tokenizer": tok}) != eval_settings(flat_tiny, {"sources": None, "tokenizer": "u" * 64})
+    assert eval_settings(named, {"sources": None, "tokenizer": tok}) == eval_settings(
+        flat_tiny, {"sources": None, "tokenizer": tok}
+    )
+    assert eval_settings(named, {"sources": None, "tokenizer": None}) != eval_settings(
+        flat_tiny, {"sources": None, "tokenizer": None}
+    )
+    assert eval_settings(flat_tiny, {"sources": None, "tokenizer": tok}) != eval_settings(
+        flat_tiny, {"sources": None, "tokenizer": "u" * 64}
+    )
 
 
-@pytest.mark.parametrize("data", [{"sources": [["only-one"]]}, {"sources": "abc"}, {"sources": 7}, {"tokenizer": 5}, "abc", 7])
+@pytest.mark.parametrize(
+    "data", [{"sources": [["only-one"]]}, {"sources": "abc"}, {"sources": 7}, {"tokenizer": 5}, "abc", 7]
+)
 def test_a_malformed_data_record_is_compared_by_its_settings_not_a_traceback(tmp_path, flat_tiny, data):
     from mlm.report import summarize
 
@@ -404,15 +591,34 @@ def test_a_malformed_data_record_is_compared_by_its_settings_not_a_traceback(tmp
 
 # ---------------------------------------------------------------- reports that read at scale
 
-LONG_ERROR = ("RuntimeError: non-finite training loss (nan) at step 37: the learning rate or the data may be at fault; "
-              "lower optimizer.lr or look at the batch at that step")
-SIX_KEYS = {"optimizer.lr": ["0.00013927723945289018", "0.0008468008575248334", "0.011536162338241389", "0.0031986171822035612",
-                             "0.0011748439548007038", "0.0013481575603601424", "0.00031"],  # as Optuna draws them
-            "scheduler": ["linear", "cosine", "wsd", "linear", "cosine", "wsd", "linear"],
-            "model": ["tiny", "tiny_modernbert", "scratch_distilroberta", "distilroberta", "tiny", "tiny_modernbert", "scratch_distilroberta"],
-            "masking.train_probability": ["0.15", "0.3", "0.15", "0.3", "0.15", "0.3", "0.15"],
-            "optimizer.weight_decay": ["0.0", "0.01", "0.1", "0.0", "0.01", "0.1", "0.0"],
-            "scheduler.warmup_ratio": ["0.0", "0.1", "0.0", "0.1", "0.0", "0.1", "0.0"]}
+LONG_ERROR = (
+    "RuntimeError: non-finite training loss (nan) at step 37: the learning rate or the data may be at fault; "
+    "lower optimizer.lr or look at the batch at that step"
+)
+SIX_KEYS = {
+    "optimizer.lr": [
+        "0.00013927723945289018",
+        "0.0008468008575248334",
+        "0.011536162338241389",
+        "0.0031986171822035612",
+        "0.0011748439548007038",
+        "0.0013481575603601424",
+        "0.00031",
+    ],  # as Optuna draws them
+    "scheduler": ["linear", "cosine", "wsd", "linear", "cosine", "wsd", "linear"],
+    "model": [
+        "tiny",
+        "tiny_modernbert",
+        "scratch_distilroberta",
+        "distilroberta",
+        "tiny",
+        "tiny_modernbert",
+        "scratch_distilroberta",
+    ],
+    "masking.train_probability": ["0.15", "0.3", "0.15", "0.3", "0.15", "0.3", "0.15"],
+    "optimizer.weight_decay": ["0.0", "0.01", "0.1", "0.0", "0.01", "0.1", "0.0"],
+    "scheduler.warmup_ratio": ["0.0", "0.1", "0.0", "0.1", "0.0", "0.1", "0.0"],
+}
 
 
 def report_job(sweep, name, overrides, ppl=None, ema=None, error=None, steps=20, flat=None):
@@ -422,15 +628,34 @@ def report_job(sweep, name, overrides, ppl=None, ema=None, error=None, steps=20,
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
     final = ppl or 100.0
-    records = [{"step": s, "train/loss": 5 - s / steps + 0.3 * (-1) ** s, "train/lr": 1e-3 * (1 - s / steps)} for s in range(1, steps + 1)]
-    records += [{"step": s, "eval/perplexity": final * (1 + steps - s), **({"eval/ema_perplexity": ema * (1 + steps - s)} if ema else {})}
-                for s in range(0, steps + 1, 5)]
+    records = [
+        {"step": s, "train/loss": 5 - s / steps + 0.3 * (-1) ** s, "train/lr": 1e-3 * (1 - s / steps)}
+        for s in range(1, steps + 1)
+    ]
+    records += [
+        {
+            "step": s,
+            "eval/perplexity": final * (1 + steps - s),
+            **({"eval/ema_perplexity": ema * (1 + steps - s)} if ema else {}),
+        }
+        for s in range(0, steps + 1, 5)
+    ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["step"])))
     if error:
         (d / "error.txt").write_text(error + "\n")
     elif ppl is not None:
-        (d / "results.json").write_text(json.dumps({"perplexity": ppl, "best_perplexity": ppl, "ema_perplexity": ema, "train_seconds": 60.0,
-                                                    "train_tokens": 1000, **({"config": flat} if flat else {})}))
+        (d / "results.json").write_text(
+            json.dumps(
+                {
+                    "perplexity": ppl,
+                    "best_perplexity": ppl,
+                    "ema_perplexity": ema,
+                    "train_seconds": 60.0,
+                    "train_tokens": 1000,
+                    **({"config": flat} if flat else {}),
+                }
+            )
+        )
     return d
 
 
@@ -456,20 +681,42 @@ def test_a_summary_says_the_fixed_settings_once_and_gives_each_swept_key_a_colum
     six_key_sweep(tmp_path)
     text = summarize([tmp_path]).read_text()
     assert "7 jobs: 5 ok, 1 failed, 1 unfinished." in text
-    assert text.count("trainer.max_steps=200") == 1 and "Fixed settings (the overrides every job shares): `trainer.max_steps=200`" in text
+    assert (
+        text.count("trainer.max_steps=200") == 1
+        and "Fixed settings (the overrides every job shares): `trainer.max_steps=200`" in text
+    )
     rows = summary_rows(text)
-    assert [r["#"] for r in rows] == [str(n) for n in range(1, 8)] and [r["job"] for r in rows] == ["0", "1", "2", "3", "4", "5", "6"]
+    assert [r["#"] for r in rows] == [str(n) for n in range(1, 8)] and [r["job"] for r in rows] == [
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+    ]
     assert all(set(SIX_KEYS) <= set(r) for r in rows) and [r["scheduler"] for r in rows] == SIX_KEYS["scheduler"]
-    assert [r["optimizer.lr"] for r in rows] == ["0.0001393", "0.0008468", "0.01154", "0.003199", "0.001175", "0.001348", "0.00031"]
+    assert [r["optimizer.lr"] for r in rows] == [
+        "0.0001393",
+        "0.0008468",
+        "0.01154",
+        "0.003199",
+        "0.001175",
+        "0.001348",
+        "0.00031",
+    ]
     assert [r["EMA ppl"] for r in rows[:3]] == ["95.00", "105.00", "-"]  # the weight average's, where a job kept one
     # the long reason: cut at a word in its cell, whole in a numbered note below the table
     failed = rows[5]["status"]
     assert failed.startswith("failed: ") and failed.endswith(" ... (note 1)")
-    cut = failed[len("failed: "):-len(" ... (note 1)")]
+    cut = failed[len("failed: ") : -len(" ... (note 1)")]
     assert LONG_ERROR.startswith(cut + " ") and len(cut) <= STATUS_WIDTH
     assert f"\n1. row 6 (5): {LONG_ERROR}\n" in text
     assert rows[6]["status"] == "stopped: step 6 logged, checkpoint at step 5" and rows[6]["final ppl"] == "-"
-    assert "Best: `masking.train_probability=0.15 model=tiny optimizer.lr=0.00013927723945289018 optimizer.weight_decay=0.0 " in text
+    assert (
+        "Best: `masking.train_probability=0.15 model=tiny optimizer.lr=0.00013927723945289018 optimizer.weight_decay=0.0 "
+        in text
+    )
 
 
 def test_an_unfinished_job_says_whether_it_runs_stopped_or_was_killed(tmp_path):
@@ -500,7 +747,9 @@ def test_an_unfinished_job_says_whether_it_runs_stopped_or_was_killed(tmp_path):
     assert unfinished_status(d, []).startswith("running (pid 1 on elsewhere") and held_elsewhere(d)
     (d / "run.lock").write_text("{")
     assert unfinished_status(d, []).startswith("unfinished (its run.lock is unreadable)") and held_elsewhere(d)
-    assert collect_jobs([tmp_path]) == [] and failure_line(collect_jobs([tmp_path])) is None  # not a failure of the sweep
+    assert (
+        collect_jobs([tmp_path]) == [] and failure_line(collect_jobs([tmp_path])) is None
+    )  # not a failure of the sweep
 
 
 def two_sweeps(tmp_path, flat):
@@ -509,7 +758,13 @@ def two_sweeps(tmp_path, flat):
     report_job(a, "0", {"optimizer.lr": "1e-3"}, ppl=30.0, flat={**flat, "optimizer.lr": 1e-3})
     report_job(a, "1", {"optimizer.lr": "2e-3"}, ppl=20.0, flat={**flat, "optimizer.lr": 2e-3})
     report_job(b, "0", {"optimizer.lr": "3e-3"}, ppl=25.0, flat={**flat, "optimizer.lr": 3e-3})
-    report_job(b, "1", {"optimizer.lr": "3e-3", "block_size": "64"}, ppl=10.0, flat={**flat, "optimizer.lr": 3e-3, "block_size": 64})
+    report_job(
+        b,
+        "1",
+        {"optimizer.lr": "3e-3", "block_size": "64"},
+        ppl=10.0,
+        flat={**flat, "optimizer.lr": 3e-3, "block_size": 64},
+    )
     return a, b
 
 
@@ -520,15 +775,35 @@ def test_two_sweeps_in_one_report_name_their_sweep_and_rank_only_comparable_jobs
     out = tmp_path / "merged" / "new"  # made
     assert main([str(a), str(b), "--out", str(out)]) == 0
     text = (out / "summary.md").read_text()
-    assert text.startswith("# Summary of 2 sweeps\n\nSweeps: `one/sweep` = " + str(a) + " (2 jobs); `two/sweep` = " + str(b) + " (2 jobs).")
+    assert text.startswith(
+        "# Summary of 2 sweeps\n\nSweeps: `one/sweep` = " + str(a) + " (2 jobs); `two/sweep` = " + str(b) + " (2 jobs)."
+    )
     rows = summary_rows(text)
     assert [(r["#"], r["sweep"], r["job"], r["eval"]) for r in rows] == [
-        ("1", "one/sweep", "1", "A"), ("2", "two/sweep", "0", "A"), ("3", "one/sweep", "0", "A"), ("4", "two/sweep", "1", "B")]
-    assert [r["block_size"] for r in rows] == ["32", "32", "32", "64"]  # a key one sweep set and the other did not: its config's value
+        ("1", "one/sweep", "1", "A"),
+        ("2", "two/sweep", "0", "A"),
+        ("3", "one/sweep", "0", "A"),
+        ("4", "two/sweep", "1", "B"),
+    ]
+    assert [r["block_size"] for r in rows] == [
+        "32",
+        "32",
+        "32",
+        "64",
+    ]  # a key one sweep set and the other did not: its config's value
     # the lowest perplexity (10, blocks of 64) is best of nothing but its own eval
-    assert "Best:" not in text and "Not comparable: the jobs' evals differ in block_size; each group is ranked on its own" in text
-    assert "- eval A (3 job(s): one/sweep/1, two/sweep/0, one/sweep/0): block_size=32; best `optimizer.lr=2e-3` with perplexity 20.00." in text
-    assert "- eval B (1 job(s): two/sweep/1): block_size=64; best `block_size=64 optimizer.lr=3e-3` with perplexity 10.00." in text
+    assert (
+        "Best:" not in text
+        and "Not comparable: the jobs' evals differ in block_size; each group is ranked on its own" in text
+    )
+    assert (
+        "- eval A (3 job(s): one/sweep/1, two/sweep/0, one/sweep/0): block_size=32; best `optimizer.lr=2e-3` with perplexity 20.00."
+        in text
+    )
+    assert (
+        "- eval B (1 job(s): two/sweep/1): block_size=64; best `block_size=64 optimizer.lr=3e-3` with perplexity 10.00."
+        in text
+    )
     assert not (a / "summary.md").exists() and (out / "summary.png").exists()
 
 
@@ -541,7 +816,9 @@ def drawn_ticklabels(axis):
 def text_boxes(fig, axes):
     """The drawn window boxes of the figure's texts: the suptitle, the legends' texts, and each of `axes`' tick labels and axis labels."""
     renderer = fig.canvas.get_renderer()
-    texts = [fig._suptitle] + [t for ax in fig.axes for legend in [ax.get_legend()] if legend for t in legend.get_texts()]
+    texts = [fig._suptitle] + [
+        t for ax in fig.axes for legend in [ax.get_legend()] if legend for t in legend.get_texts()
+    ]
     for ax in axes:
         texts += drawn_ticklabels(ax.xaxis) + drawn_ticklabels(ax.yaxis) + [ax.xaxis.label, ax.yaxis.label, ax.title]
     return [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
@@ -561,16 +838,27 @@ def test_summary_png_gives_each_swept_key_a_panel_whose_labels_never_overlap(tmp
     panels = {ax.get_xlabel(): ax for ax in fig.axes if ax.get_xlabel() in keys}
     assert sorted(panels) == sorted(keys)
     first = panels[keys[0]]
-    assert all(ax is first or first.get_shared_y_axes().joined(first, ax) for ax in panels.values())  # one perplexity scale
-    assert len({round(ax.get_position().y0, 3) for ax in panels.values()}) == -(-n // report.PANELS_PER_ROW)  # 3 to a row
+    assert all(
+        ax is first or first.get_shared_y_axes().joined(first, ax) for ax in panels.values()
+    )  # one perplexity scale
+    assert len({round(ax.get_position().y0, 3) for ax in panels.values()}) == -(
+        -n // report.PANELS_PER_ROW
+    )  # 3 to a row
     boxes = text_boxes(fig, list(panels.values()))
-    overlaps = [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+    overlaps = [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :] if box.overlaps(other)]
     assert overlaps == []
     assert not any("10^" in t or "times" in t or "$" in t for t, _ in boxes)  # plain tick labels
-    lr = [t.get_text() for t in drawn_ticklabels(panels["optimizer.lr"].xaxis)]  # round values, not each draw's 19 digits
+    lr = [
+        t.get_text() for t in drawn_ticklabels(panels["optimizer.lr"].xaxis)
+    ]  # round values, not each draw's 19 digits
     assert panels["optimizer.lr"].get_xscale() == "log" and {"0.0002", "0.001", "0.01"} <= set(lr) and len(lr) <= 7
     if "model" in panels:  # four long names side by side would overlap: upright
-        assert [t.get_text() for t in panels["model"].get_xticklabels()] == ["distilroberta", "scratch_distilroberta", "tiny", "tiny_modernbert"]
+        assert [t.get_text() for t in panels["model"].get_xticklabels()] == [
+            "distilroberta",
+            "scratch_distilroberta",
+            "tiny",
+            "tiny_modernbert",
+        ]
         assert panels["model"].get_xticklabels()[0].get_rotation() == 90
     # the legend sits beside the curves, over no panel's data
     [legend] = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
@@ -578,7 +866,9 @@ def test_summary_png_gives_each_swept_key_a_panel_whose_labels_never_overlap(tmp
     assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in data)
     labels = [t.get_text() for t in legend.get_texts()]
     assert "best: #1" in labels and "failed (1)" in labels and "unfinished (1)" in labels
-    top = panels[keys[0]].collections  # the finished jobs, the best one's ring, the failed and the unfinished job's marks
+    top = panels[
+        keys[0]
+    ].collections  # the finished jobs, the best one's ring, the failed and the unfinished job's marks
     assert [len(c.get_offsets()) for c in top] == [5, 1, 1, 1]
     assert "7 jobs: 5 ok, 1 failed, 1 unfinished" in fig._suptitle.get_text()
 
@@ -588,7 +878,9 @@ def test_curves_png_smooths_the_loss_draws_the_weight_average_and_is_titled_with
 
     figures = []
     monkeypatch.setattr(report.pyplot(), "close", figures.append)
-    d = report_job(tmp_path, "3", {"optimizer.lr": "0.011536162338241389", "model": "tiny"}, ppl=950.0, ema=900.0, steps=40)
+    d = report_job(
+        tmp_path, "3", {"optimizer.lr": "0.011536162338241389", "model": "tiny"}, ppl=950.0, ema=900.0, steps=40
+    )
     report.plot_run(d, ["optimizer.lr"])  # as a sweep summary draws it: the swept key only
     report.plot_run(d)  # as the run draws it when it ends: every override
     swept, alone = figures
@@ -598,12 +890,17 @@ def test_curves_png_smooths_the_loss_draws_the_weight_average_and_is_titled_with
     raw, smooth = loss.lines
     assert raw.get_alpha() < 0.5 and [line.get_label() for line in loss.lines] == ["logged", "smoothed (EMA 0.6)"]
     assert list(smooth.get_ydata()) == report.smoothed(list(raw.get_ydata()), 0.6) != list(raw.get_ydata())
-    assert [line.get_label() for line in ppl.lines] == ["model: 950.0 at step 40", "weight average (trainer.ema_decay): 900.0 at step 40"]
+    assert [line.get_label() for line in ppl.lines] == [
+        "model: 950.0 at step 40",
+        "weight average (trainer.ema_decay): 900.0 at step 40",
+    ]
     swept.canvas.draw()
     assert ppl.get_yscale() == "log"
     ticks = [t.get_text() for ax in (loss, ppl, lr) for t in drawn_ticklabels(ax.yaxis) if t.get_text()]
     assert ticks and not any("10^" in t or "times" in t or "$" in t for t in ticks)  # 1000, 5000, 0.0002: plain
-    assert not any(ax.get_legend().get_window_extent().overlaps(ax.get_window_extent()) for ax in (loss, ppl))  # below the panel
+    assert not any(
+        ax.get_legend().get_window_extent().overlaps(ax.get_window_extent()) for ax in (loss, ppl)
+    )  # below the panel
 
 
 def test_smoothing_is_tensorboards_debiased_moving_average():
@@ -611,4 +908,6 @@ def test_smoothing_is_tensorboards_debiased_moving_average():
 
     assert smoothed([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])  # debiased: no pull towards 0 at the start
     assert smoothed([2.0, 4.0], 0.5) == pytest.approx([2.0, (0.25 * 2 + 0.5 * 4) / 0.75])
-    assert smoothing_weight(8) == 0.6 and smoothing_weight(200) == pytest.approx(0.9) and smoothing_weight(10_000) == 0.98
+    assert (
+        smoothing_weight(8) == 0.6 and smoothing_weight(200) == pytest.approx(0.9) and smoothing_weight(10_000) == 0.98
+    )

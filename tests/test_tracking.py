@@ -51,7 +51,9 @@ def read_wandb_run(run_dir: Path):
         rec.ParseFromString(payload)
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+            history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            )
         elif kind == "run":
             run_info = rec.run
             config.update({item.key: json.loads(item.value_json) for item in rec.run.config.update})
@@ -88,8 +90,17 @@ def test_api_key_never_written_to_run_files(corpus, tmp_path):
 
 def test_multirun_jobs_share_a_wandb_group(corpus, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", "tracker=wandb", "optimizer.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"],
-                   env={"WANDB_MODE": "offline"})
+    proc = run_cli(
+        [
+            "-m",
+            *TINY_RUN,
+            f"dataset.path={corpus}",
+            "tracker=wandb",
+            "optimizer.lr=1e-3,2e-3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env={"WANDB_MODE": "offline"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = [read_wandb_run(sweep / str(i))[2] for i in range(2)]
     assert infos[0].run_group == infos[1].run_group == "sweep"
@@ -170,14 +181,23 @@ def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path, monkeypatch)
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     train(compose([*TINY_RUN, f"dataset.path={corpus}", "tracker=wandb", "trainer.max_steps=2"]), tmp_path)
-    train(compose([*TINY_RUN, f"dataset.path={corpus}", "tracker=wandb", "trainer.max_steps=4"]), tmp_path)  # resume=auto
+    train(
+        compose([*TINY_RUN, f"dataset.path={corpus}", "tracker=wandb", "trainer.max_steps=4"]), tmp_path
+    )  # resume=auto
     ids = run_ids()
     assert len(ids) == 2 and ids[0] == ids[1]  # two sessions, one W&B run
 
 
 # --- a resume holds each step once in every tracker; a start-over starts them all over ---------------------------
 
-REPLAY = [*TINY_RUN, "tracker=all", "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.eval_every=2", "trainer.save_model=false"]
+REPLAY = [
+    *TINY_RUN,
+    "tracker=all",
+    "trainer.max_steps=6",
+    "trainer.checkpoint_every=3",
+    "trainer.eval_every=2",
+    "trainer.save_model=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +257,9 @@ def wandb_sessions(run_dir: Path, run_id: str):
             if kind == "run":
                 run = rec.run
             elif kind == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+                )
         sessions.append((run, rows))
     return sessions
 
@@ -261,19 +283,32 @@ def test_a_resume_holds_each_step_once_in_every_tracker(corpus, killed_after_ste
     assert csv_steps(run_dir / "metrics_eval.csv") == [0, 2, 4, 6]
     assert tensorboard_steps(run_dir, "train/loss") == [1, 2, 3, 4, 5, 6]
     assert tensorboard_steps(run_dir, "eval/perplexity") == [0, 2, 4, 6]
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the old file is kept; readers purge it
+    assert (
+        len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    )  # the old file is kept; readers purge it
 
     # W&B: one run, two offline folders (one per session); the second rewinds the run to the last record kept
-    run_id = json.loads((run_dir / "checkpoints" / "ckpt-00000006" / "state.json").read_text())["train_state"]["tracker_run_id"]
+    run_id = json.loads((run_dir / "checkpoints" / "ckpt-00000006" / "state.json").read_text())["train_state"][
+        "tracker_run_id"
+    ]
     (first, old_rows), (second, new_rows) = wandb_sessions(run_dir, run_id)
     assert first.run_id == second.run_id == run_id
     point = second.branch_point
     assert (point.run, point.metric, point.value) == (run_id, "_step", len(kept) - 1)
     assert [r["_step"] for r in new_rows][0] == len(kept)  # W&B's counter goes on from the rewind point
-    synced = [r for r in old_rows if r["_step"] <= point.value] + new_rows  # what `wandb sync` of both leaves in the run
+    synced = [
+        r for r in old_rows if r["_step"] <= point.value
+    ] + new_rows  # what `wandb sync` of both leaves in the run
     assert [r["step"] for r in synced if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in synced if "eval/perplexity" in r] == [0, 2, 4, 6]
-    assert [r["step"] for r in old_rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]  # (rows 4-6 there are the rewound ones)
+    assert [r["step"] for r in old_rows if "train/loss" in r] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]  # (rows 4-6 there are the rewound ones)
     # the line to upload the records names both folders, oldest first
     folders = sorted(str(p) for p in (run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert f"`wandb sync {' '.join(folders)}`" in caplog.text
@@ -288,7 +323,12 @@ def test_resume_never_starts_every_tracker_over(corpus, killed_after_step_6, tmp
     old_events = set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     [old_id] = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     caplog.clear()
-    train(compose([*REPLAY, f"dataset.path={corpus}", "resume=never", "trainer.max_steps=2", "trainer.checkpoint_every=0"]), run_dir)
+    train(
+        compose(
+            [*REPLAY, f"dataset.path={corpus}", "resume=never", "trainer.max_steps=2", "trainer.checkpoint_every=0"]
+        ),
+        run_dir,
+    )
 
     assert csv_steps(run_dir / "metrics_train.csv") == [1, 2] and csv_steps(run_dir / "metrics_eval.csv") == [0, 2]
     assert old_events and not old_events & set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -348,8 +388,14 @@ def test_unreachable_wandb_server_falls_back_to_offline_with_one_line(tmp_path, 
     lines = one_job(tmp_path / "a")
     assert calls == [("online", 3.0), ("offline", 3.0)]  # the online try waited what the code passed, no longer
     [line] = lines
-    assert f"could not start online at http://127.0.0.1:{free_tcp_port}" in line and "waited at most 3 s" in line and "`wandb sync " in line
-    [(run, rows)] = wandb_sessions(tmp_path / "a", next((tmp_path / "a" / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[1])
+    assert (
+        f"could not start online at http://127.0.0.1:{free_tcp_port}" in line
+        and "waited at most 3 s" in line
+        and "`wandb sync " in line
+    )
+    [(run, rows)] = wandb_sessions(
+        tmp_path / "a", next((tmp_path / "a" / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[1]
+    )
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 2.5), (2, 2.0)]  # the records, ready for `wandb sync`
     assert str(next((tmp_path / "a" / "wandb").glob("offline-run-*"))) in line
 
@@ -407,7 +453,9 @@ def online_wandb(tmp_path, monkeypatch, caplog):
         caplog.clear()
         calls.clear()
         run_dir.mkdir(parents=True, exist_ok=True)
-        trackers = open_trackers(TrackerConfig(backends=["wandb"]), run_dir, {"lr": 1e-3}, {}, is_main=True, resume_id=resume_id)
+        trackers = open_trackers(
+            TrackerConfig(backends=["wandb"]), run_dir, {"lr": 1e-3}, {}, is_main=True, resume_id=resume_id
+        )
         trackers.log({"train/loss": 2.0}, 4)
         trackers.finish()
         return [r.getMessage() for r in caplog.records if r.name == "mlm.tracking"]
@@ -429,9 +477,13 @@ def test_a_refused_rewind_continues_the_run_online_with_one_warning(tmp_path, on
     fail[True] = CommError(REFUSED_REWIND)  # only a try with resume_from is refused
     kept_records(tmp_path / "a", [1, 2, 3])
     [line] = one_job(tmp_path / "a", resume_id="abc123")
-    assert calls == [{"mode": "online", "resume_from": "abc123?_step=2", "id": None, "resume": None},
-                     {"mode": "online", "resume_from": None, "id": "abc123", "resume": "allow"}]
-    assert "would not rewind run abc123" in line and "rewinding runs is not enabled" in line and "may appear twice" in line
+    assert calls == [
+        {"mode": "online", "resume_from": "abc123?_step=2", "id": None, "resume": None},
+        {"mode": "online", "resume_from": None, "id": "abc123", "resume": "allow"},
+    ]
+    assert (
+        "would not rewind run abc123" in line and "rewinding runs is not enabled" in line and "may appear twice" in line
+    )
     assert "offline" not in line and mlm.tracking._unreachable == {}
 
     # the next job of the sweep still starts online, and says nothing
@@ -445,7 +497,10 @@ def test_a_refusal_stays_with_its_job_and_names_no_timeout(tmp_path, online_wand
     fail[False] = AuthenticationError("invalid credentials: the server did not recognize an account for the API key")
     [line] = one_job(tmp_path / "a")
     assert [c["mode"] for c in calls] == ["online", "offline"]
-    assert "could not start online at https://wandb.example.org (invalid credentials" in line and "WANDB_INIT_TIMEOUT" not in line
+    assert (
+        "could not start online at https://wandb.example.org (invalid credentials" in line
+        and "WANDB_INIT_TIMEOUT" not in line
+    )
     [line] = one_job(tmp_path / "b")  # the next job tries online again: the server was reached
     assert [c["mode"] for c in calls] == ["online", "offline"] and "failed earlier" not in line
 
@@ -456,9 +511,15 @@ def test_a_connection_error_marks_the_server_and_names_no_timeout(tmp_path, onli
     import mlm.tracking
 
     calls, one_job, fail = online_wandb
-    fail[False] = CommError('request to https://wandb.example.org/graphql failed: dial tcp: lookup wandb.example.org: no such host')
+    fail[False] = CommError(
+        "request to https://wandb.example.org/graphql failed: dial tcp: lookup wandb.example.org: no such host"
+    )
     [line] = one_job(tmp_path / "a")
-    assert "no such host" in line and "WANDB_INIT_TIMEOUT" not in line and "https://wandb.example.org" in mlm.tracking._unreachable
+    assert (
+        "no such host" in line
+        and "WANDB_INIT_TIMEOUT" not in line
+        and "https://wandb.example.org" in mlm.tracking._unreachable
+    )
     [line] = one_job(tmp_path / "b")
     assert [c["mode"] for c in calls] == ["offline"] and "failed earlier in this process" in line
 
@@ -470,12 +531,16 @@ def test_a_timeout_gives_the_harness_advice_not_wandbs(tmp_path, online_wandb):
     from mlm.tracking import wandb_init_timeout
 
     calls, one_job, fail = online_wandb
-    fail[False] = CommError("Run initialization has timed out after 10.0 sec. Please try increasing the timeout with the "
-                            "`init_timeout` setting: `wandb.init(settings=wandb.Settings(init_timeout=120))`.")
+    fail[False] = CommError(
+        "Run initialization has timed out after 10.0 sec. Please try increasing the timeout with the "
+        "`init_timeout` setting: `wandb.init(settings=wandb.Settings(init_timeout=120))`."
+    )
     [line] = one_job(tmp_path / "a")
     assert [c["mode"] for c in calls] == ["online", "offline"]
-    assert ("could not start online at https://wandb.example.org (Run initialization has timed out after 10.0 sec.; waited at "
-            f"most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT; tracker.mode=offline skips the try)") in line
+    assert (
+        "could not start online at https://wandb.example.org (Run initialization has timed out after 10.0 sec.; waited at "
+        f"most {wandb_init_timeout():g} s, set by WANDB_INIT_TIMEOUT; tracker.mode=offline skips the try)"
+    ) in line
     assert "init_timeout" not in line and "increasing" not in line
 
 
@@ -493,15 +558,21 @@ def test_online_without_an_api_key_names_where_a_key_goes(tmp_path, monkeypatch,
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     wandb.teardown()  # wandb keeps the settings (key, server) an earlier test's runs read from the environment
-    trackers = open_trackers(TrackerConfig(backends=["wandb"], mode="online"), tmp_path / "run", {"lr": 1e-3}, {}, is_main=True)
+    trackers = open_trackers(
+        TrackerConfig(backends=["wandb"], mode="online"), tmp_path / "run", {"lr": 1e-3}, {}, is_main=True
+    )
     trackers.log({"train/loss": 2.0}, 1)
     trackers.finish()
     [line] = [r.getMessage() for r in caplog.records if r.name == "mlm.tracking"]
-    assert line.startswith("W&B: could not start online at https://api.wandb.ai: no API key (set WANDB_API_KEY or run "
-                           "`wandb login`, or tracker.mode=offline), logging offline to ")
+    assert line.startswith(
+        "W&B: could not start online at https://api.wandb.ai: no API key (set WANDB_API_KEY or run "
+        "`wandb login`, or tracker.mode=offline), logging offline to "
+    )
 
 
-def test_an_unreachable_server_during_a_rewind_goes_offline_keeping_the_rewind(tmp_path, monkeypatch, caplog, free_tcp_port):
+def test_an_unreachable_server_during_a_rewind_goes_offline_keeping_the_rewind(
+    tmp_path, monkeypatch, caplog, free_tcp_port
+):
     """The real wandb, nothing listening: its rewind fails with a timeout; the offline folder keeps the rewind for `wandb sync`."""
     import wandb
 
@@ -519,7 +590,9 @@ def test_an_unreachable_server_during_a_rewind_goes_offline_keeping_the_rewind(t
     monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(kw["mode"]) or real_init(**kw))
     kept_records(tmp_path / "a", [1, 2, 3])
     caplog.clear()
-    trackers = open_trackers(TrackerConfig(backends=["wandb"]), tmp_path / "a", {}, {}, is_main=True, resume_id="abc123")
+    trackers = open_trackers(
+        TrackerConfig(backends=["wandb"]), tmp_path / "a", {}, {}, is_main=True, resume_id="abc123"
+    )
     trackers.finish()
     [line] = [r.getMessage() for r in caplog.records if r.name == "mlm.tracking"]
     assert modes == ["online", "offline"]  # no second online try: the server was not reached

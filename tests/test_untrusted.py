@@ -24,7 +24,9 @@ from tests.conftest import TINY_RUN, compose
 from tests.test_export import RUN, ckpt, run_dir  # noqa: F401  (run_dir: the module's finished 4-step run)
 
 SECRET = "s3cr3t-do-not-print-4711"
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save/load in one process, on purpose
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled"
+)  # dcp.save/load in one process, on purpose
 
 
 class Payload:
@@ -39,8 +41,14 @@ class Payload:
 
 def rehash(path: Path) -> None:
     """The manifest rewritten to the files as they are now: the checkpoint verifies, as a planted one would."""
-    files = {str(p.relative_to(path)): checkpoint.file_record(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name != checkpoint.MANIFEST}
-    (path / checkpoint.MANIFEST).write_text(json.dumps({"step": json.loads((path / "state.json").read_text())["step"], "files": files}))
+    files = {
+        str(p.relative_to(path)): checkpoint.file_record(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != checkpoint.MANIFEST
+    }
+    (path / checkpoint.MANIFEST).write_text(
+        json.dumps({"step": json.loads((path / "state.json").read_text())["step"], "files": files})
+    )
     assert checkpoint.verify(path) is None
 
 
@@ -103,8 +111,10 @@ def test_export_reads_real_shard_metadata_and_refuses_a_planted_pickle(run_dir, 
     rehash(path)
     assert export.main([str(path), str(tmp_path / "out")]) == 2
     err = one_line(capsys.readouterr().err)
-    assert err == (f"error: checkpoint {path}: sharded/.metadata names posix.system, which checkpoint metadata never holds: "
-                   "refused, nothing of it was run\n")
+    assert err == (
+        f"error: checkpoint {path}: sharded/.metadata names posix.system, which checkpoint metadata never holds: "
+        "refused, nothing of it was run\n"
+    )
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -167,13 +177,17 @@ def test_the_fsdp_load_takes_real_shards_and_refuses_a_planted_pickle(process_gr
     saved_layout, saved, saved_optimizer = sharded_module(seed=0)
     saved_layout.save(tmp_path, saved, saved_optimizer, accelerator=None)
     layout, module, optimizer = sharded_module(seed=1)
-    layout.load(tmp_path, module, optimizer, "cpu")  # real metadata and the optimizer's param_groups (non-tensor entries)
+    layout.load(
+        tmp_path, module, optimizer, "cpu"
+    )  # real metadata and the optimizer's param_groups (non-tensor entries)
     assert all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(module.parameters(), saved.parameters()))
     assert optimizer.param_groups[0]["betas"] == saved_optimizer.param_groups[0]["betas"]
 
     marker = tmp_path / "pwned"
     (tmp_path / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
-    with pytest.raises(RefusedPickle, match="^sharded/.metadata names posix.system, which checkpoint metadata never holds"):
+    with pytest.raises(
+        RefusedPickle, match="^sharded/.metadata names posix.system, which checkpoint metadata never holds"
+    ):
         layout.load(tmp_path, module, optimizer, "cpu")
     assert not marker.exists()
 
@@ -198,8 +212,12 @@ def test_a_planted_optimizer_pickle_is_set_aside_in_our_words(run_dir, tmp_path)
     model = build_model(compose(TINY_RUN).model, 32, seed=0)[0]
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(UserError) as refused:
-        checkpoint.load_newest("auto", path.parent.parent, lambda p: Replicated().load(p, model, optimizer, "cpu"), OneProcess())
-    assert "ckpt-00000004: RefusedPickle: optimizer.pt names posix.system: refused, nothing of it was run" in str(refused.value)
+        checkpoint.load_newest(
+            "auto", path.parent.parent, lambda p: Replicated().load(p, model, optimizer, "cpu"), OneProcess()
+        )
+    assert "ckpt-00000004: RefusedPickle: optimizer.pt names posix.system: refused, nothing of it was run" in str(
+        refused.value
+    )
     assert "weights_only" not in str(refused.value) and not marker.exists()
     assert (path.parent / f"corrupt-{path.name}" / "optimizer.pt").exists()  # set aside, kept for a look
 
@@ -210,23 +228,40 @@ def test_a_damaged_pt_file_is_refused_without_torchs_advice(tmp_path):
     (tmp_path / "scheduler.pt").write_bytes(b"not a torch file")
     with pytest.raises(RefusedPickle) as refused:
         load_weights_only(tmp_path / "scheduler.pt", "scheduler.pt")
-    assert str(refused.value) == "scheduler.pt is not plain tensors and values (Unsupported operand 110): refused, nothing of it was run"
+    assert (
+        str(refused.value)
+        == "scheduler.pt is not plain tensors and values (Unsupported operand 110): refused, nothing of it was run"
+    )
 
 
-@pytest.mark.parametrize("edit, reason", [
-    (lambda s: s["train_state"].update(bogus=1), "state.json's train_state holds bogus, which this version never writes"),
-    (lambda s: [s["train_state"].pop(k) for k in ("best_perplexity", "tokens")], "state.json's train_state has no best_perplexity, tokens, "
-                                                                                 "which this version always writes"),
-    (lambda s: s.pop("global_batch"), "state.json has no global_batch of type int"),
-    (lambda s: s.update(step=99), "state.json says step 99 but its train_state step 4"),
-    (lambda s: s["data"].update(sources=[["only-one"]]), 'state.json\'s "data.sources" is not a list of \\[path, sha256\\] pairs'),
-    (lambda s: s["data"].update(sources="abc"), 'state.json\'s "data.sources" is not a list of \\[path, sha256\\] pairs'),
-    (lambda s: s["data"].update(tokenizer=5), 'state.json\'s "data.tokenizer" is not a sha256 string'),
-    (lambda s: s.update(data="abc"), 'state.json\'s "data" is a JSON str, not an object'),
-    (lambda s: s.update(data=7), 'state.json\'s "data" is a JSON int, not an object'),
-    (lambda s: s.update(config=["a"]), 'state.json\'s "config" is not an object of settings'),
-    (lambda s: s.update(stream_shards="2"), 'state.json\'s "stream_shards" is "2", not a number of shards'),
-])
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (
+            lambda s: s["train_state"].update(bogus=1),
+            "state.json's train_state holds bogus, which this version never writes",
+        ),
+        (
+            lambda s: [s["train_state"].pop(k) for k in ("best_perplexity", "tokens")],
+            "state.json's train_state has no best_perplexity, tokens, which this version always writes",
+        ),
+        (lambda s: s.pop("global_batch"), "state.json has no global_batch of type int"),
+        (lambda s: s.update(step=99), "state.json says step 99 but its train_state step 4"),
+        (
+            lambda s: s["data"].update(sources=[["only-one"]]),
+            'state.json\'s "data.sources" is not a list of \\[path, sha256\\] pairs',
+        ),
+        (
+            lambda s: s["data"].update(sources="abc"),
+            'state.json\'s "data.sources" is not a list of \\[path, sha256\\] pairs',
+        ),
+        (lambda s: s["data"].update(tokenizer=5), 'state.json\'s "data.tokenizer" is not a sha256 string'),
+        (lambda s: s.update(data="abc"), 'state.json\'s "data" is a JSON str, not an object'),
+        (lambda s: s.update(data=7), 'state.json\'s "data" is a JSON int, not an object'),
+        (lambda s: s.update(config=["a"]), 'state.json\'s "config" is not an object of settings'),
+        (lambda s: s.update(stream_shards="2"), 'state.json\'s "stream_shards" is "2", not a number of shards'),
+    ],
+)
 def test_a_state_json_that_verifies_with_unknown_or_missing_keys_is_set_aside(run_dir, tmp_path, edit, reason, caplog):  # noqa: F811
     from mlm.train import TrainState
 
@@ -234,16 +269,25 @@ def test_a_state_json_that_verifies_with_unknown_or_missing_keys_is_set_aside(ru
     edit_state(path, edit)
     fields = [f for f in TrainState.__dataclass_fields__]
     with pytest.raises(UserError, match=f"no checkpoint in .* loads \\(ckpt-00000004: CorruptCheckpoint: {reason}\\)"):
-        checkpoint.load_newest("auto", path.parent.parent, lambda p: checkpoint.load_checkpoint(
-            p, None, None, None, None, OneProcess(), train_state_fields=fields), OneProcess())
+        checkpoint.load_newest(
+            "auto",
+            path.parent.parent,
+            lambda p: checkpoint.load_checkpoint(p, None, None, None, None, OneProcess(), train_state_fields=fields),
+            OneProcess(),
+        )
     assert f"checkpoint {path} failed to load" in caplog.text and (path.parent / f"corrupt-{path.name}").is_dir()
 
 
-@pytest.mark.parametrize("edit, reason", [
-    (lambda s: s["train_state"].update(bogus=1), "train_state holds bogus, which this version never writes"),
-    (lambda s: s["data"].update(sources=[["only-one"]]), '"data.sources" is not a list of [path, sha256] pairs'),
-])
-def test_a_resume_sets_a_checkpoint_with_an_unknown_state_key_aside_and_uses_the_older_one(run_dir, corpus, tmp_path, caplog, edit, reason):  # noqa: F811
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda s: s["train_state"].update(bogus=1), "train_state holds bogus, which this version never writes"),
+        (lambda s: s["data"].update(sources=[["only-one"]]), '"data.sources" is not a list of [path, sha256] pairs'),
+    ],
+)
+def test_a_resume_sets_a_checkpoint_with_an_unknown_state_key_aside_and_uses_the_older_one(
+    run_dir, corpus, tmp_path, caplog, edit, reason
+):  # noqa: F811
     from mlm.train import train
 
     caplog.set_level(logging.INFO)
@@ -270,18 +314,28 @@ def code_folder(tmp_path: Path, marker: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForMaskedLM": "evil.EvilModel"})
+    config.update(
+        model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForMaskedLM": "evil.EvilModel"}
+    )
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                    "from transformers import BertConfig, BertForMaskedLM\n"
-                                    "class EvilConfig(BertConfig):\n    model_type = 'evil'\n"
-                                    "class EvilModel(BertForMaskedLM):\n    config_class = EvilConfig\n")
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import BertConfig, BertForMaskedLM\n"
+        "class EvilConfig(BertConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(BertForMaskedLM):\n    config_class = EvilConfig\n"
+    )
     return folder
 
 
 def pointing_at(folder: Path, trust: bool):
-    return lambda s: s["config"].update({"model.source": "pretrained", "model.name_or_path": str(folder), "model.tokenizer": None,
-                                         "model.trust_remote_code": trust})
+    return lambda s: s["config"].update(
+        {
+            "model.source": "pretrained",
+            "model.name_or_path": str(folder),
+            "model.tokenizer": None,
+            "model.trust_remote_code": trust,
+        }
+    )
 
 
 def test_export_takes_no_trust_remote_code_from_the_checkpoint(run_dir, tmp_path, capsys):  # noqa: F811
@@ -291,15 +345,21 @@ def test_export_takes_no_trust_remote_code_from_the_checkpoint(run_dir, tmp_path
     edit_state(path, pointing_at(folder, trust=True))
     assert export.main([str(path), str(tmp_path / "out")]) == 2
     out, err = capsys.readouterr()
-    assert one_line(err) == (f"error: checkpoint {path}'s run had model.trust_remote_code=true: its model {folder} runs Python code "
-                             "of its own, and export takes that setting from its own command line only (--trust-remote-code, for "
-                             "code you have read): refused, nothing loaded\n")
+    assert one_line(err) == (
+        f"error: checkpoint {path}'s run had model.trust_remote_code=true: its model {folder} runs Python code "
+        "of its own, and export takes that setting from its own command line only (--trust-remote-code, for "
+        "code you have read): refused, nothing loaded\n"
+    )
     edit_state(path, pointing_at(folder, trust=False))  # the folder's auto_map alone
     assert export.main([str(path), str(tmp_path / "out")]) == 2
     out, err = capsys.readouterr()
-    assert f"model: {folder} (named by the checkpoint; files on this machine only, no code run)\n" in out  # shown before it loads
-    assert one_line(err) == (f"error: tokenizer {str(folder)!r} ships Python code of its own ({folder / 'config.json'} has an auto_map) "
-                             "and this command runs none from a model folder: refused, nothing of it was run\n")
+    assert (
+        f"model: {folder} (named by the checkpoint; files on this machine only, no code run)\n" in out
+    )  # shown before it loads
+    assert one_line(err) == (
+        f"error: tokenizer {str(folder)!r} ships Python code of its own ({folder / 'config.json'} has an auto_map) "
+        "and this command runs none from a model folder: refused, nothing of it was run\n"
+    )
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -309,11 +369,14 @@ def test_export_fetches_no_model_a_checkpoint_names(run_dir, tmp_path, capsys, m
     monkeypatch.setattr(models, "hub_reachable", lambda: pytest.fail("the hub was asked"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     path = copied(run_dir, tmp_path)
-    edit_state(path, lambda s: s["config"].update({"model.source": "pretrained", "model.name_or_path": "someone/evil-model"}))
+    edit_state(
+        path, lambda s: s["config"].update({"model.source": "pretrained", "model.name_or_path": "someone/evil-model"})
+    )
     assert export.main([str(path), str(tmp_path / "out")]) == 2
     assert one_line(capsys.readouterr().err).startswith(
         "error: tokenizer 'someone/evil-model' is not on this machine (no such directory, not in the Hugging Face cache), and a "
-        "name read from a file is never fetched; download it yourself (hf download someone/evil-model)")
+        "name read from a file is never fetched; download it yourself (hf download someone/evil-model)"
+    )
 
 
 def test_export_resolves_no_interpolation_from_a_checkpoint_or_a_snapshot(run_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
@@ -323,17 +386,24 @@ def test_export_resolves_no_interpolation_from_a_checkpoint_or_a_snapshot(run_di
     edit_state(path, lambda s: s["config"].update({"model.tokenizer": leak}))
     assert export.main([str(path), str(tmp_path / "out")]) == 2
     out, err = capsys.readouterr()
-    assert one_line(err) == (f"error: checkpoint {path}'s state.json: model.tokenizer holds an interpolation (${{...}}), "
-                             "which is never resolved from a file; refused\n")
+    assert one_line(err) == (
+        f"error: checkpoint {path}'s state.json: model.tokenizer holds an interpolation (${{...}}), "
+        "which is never resolved from a file; refused\n"
+    )
     assert SECRET not in out + err
 
-    edit_state(path, lambda s: s["config"].update({"model.tokenizer": export.MASKED}))  # masked: read from .hydra/config.yaml
+    edit_state(
+        path, lambda s: s["config"].update({"model.tokenizer": export.MASKED})
+    )  # masked: read from .hydra/config.yaml
     snapshot = path.parent.parent / ".hydra" / "config.yaml"  # as Hydra writes it: unresolved
     snapshot.parent.mkdir()
     snapshot.write_text(f"model:\n  source: scratch\n  tokenizer: {leak}\n")
     assert export.main([str(path), str(tmp_path / "out")]) == 2
     out, err = capsys.readouterr()
-    assert one_line(err) == f"error: {snapshot}: model.tokenizer holds an interpolation (${{...}}), which is never resolved from a file; refused\n"
+    assert (
+        one_line(err)
+        == f"error: {snapshot}: model.tokenizer holds an interpolation (${{...}}), which is never resolved from a file; refused\n"
+    )
     assert SECRET not in out + err and not (tmp_path / "out").exists()
 
 
@@ -358,15 +428,23 @@ def test_export_takes_no_attention_backend_from_the_checkpoint(run_dir, tmp_path
 
     built = []
     build_model = models.build_model
-    monkeypatch.setattr(models, "build_model", lambda cfg, *a, **k: built.append(cfg.attn_implementation) or build_model(cfg, *a, **k))
+    monkeypatch.setattr(
+        models, "build_model", lambda cfg, *a, **k: built.append(cfg.attn_implementation) or build_model(cfg, *a, **k)
+    )
     path = copied(run_dir, tmp_path)
-    for saved, used in ((KERNEL, "sdpa"), ("flash_attention_2", "sdpa"), ("eager", "eager")):  # flash: may fall back to a kernel
+    for saved, used in (
+        (KERNEL, "sdpa"),
+        ("flash_attention_2", "sdpa"),
+        ("eager", "eager"),
+    ):  # flash: may fall back to a kernel
         edit_state(path, lambda s: s["config"].update({"model.attn_implementation": saved}))
         out = tmp_path / f"out-{used}-{len(built)}"
         assert export.main([str(path), str(out)]) == 0, capsys.readouterr().err
         assert built[-1] == used and (out / "config.json").is_file()
-        assert torch.equal(load_file(out / "model.safetensors")["bert.embeddings.word_embeddings.weight"],
-                           load_file(run_dir / "final" / "model.safetensors")["bert.embeddings.word_embeddings.weight"])
+        assert torch.equal(
+            load_file(out / "model.safetensors")["bert.embeddings.word_embeddings.weight"],
+            load_file(run_dir / "final" / "model.safetensors")["bert.embeddings.word_embeddings.weight"],
+        )
     assert KERNEL not in capsys.readouterr().out
 
 
@@ -376,7 +454,9 @@ def test_only_transformers_refusal_of_a_repos_code_reads_as_shipping_code():
     from mlm.models import _refusing_code
 
     def kernel_error():  # a hub kernel's failure that mentions the flag: not a model folder's code
-        raise ValueError(f"An error occurred while trying to load from '{KERNEL}': pass trust_remote_code=True to kernels")
+        raise ValueError(
+            f"An error occurred while trying to load from '{KERNEL}': pass trust_remote_code=True to kernels"
+        )
 
     with pytest.raises(ValueError, match="An error occurred"):
         _refusing_code("model", "m", kernel_error)
@@ -384,11 +464,20 @@ def test_only_transformers_refusal_of_a_repos_code_reads_as_shipping_code():
         _refusing_code("model", "someone/coded", resolve_trust_remote_code, False, "someone/coded", False, True)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: s["config"].update({"model.dropout": "abc"}), "its model config does not fit this version's (Value 'abc' of type 'str'"),
-    (lambda s: s["config"].pop("block_size"), "state.json's config has no block_size or seed; export another one"),
-    (lambda s: s["train_state"].pop("step"), "state.json says step 4 but its train_state step None; export another one"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda s: s["config"].update({"model.dropout": "abc"}),
+            "its model config does not fit this version's (Value 'abc' of type 'str'",
+        ),
+        (lambda s: s["config"].pop("block_size"), "state.json's config has no block_size or seed; export another one"),
+        (
+            lambda s: s["train_state"].pop("step"),
+            "state.json says step 4 but its train_state step None; export another one",
+        ),
+    ],
+)
 def test_a_checkpoint_config_that_does_not_fit_is_one_line(run_dir, tmp_path, capsys, edit, message):  # noqa: F811
     path = copied(run_dir, tmp_path)
     edit_state(path, edit)
@@ -403,13 +492,20 @@ def test_export_into_dot_works_and_into_its_source_is_one_line(run_dir, tmp_path
     monkeypatch.chdir(here)
     assert export.main([str(ckpt(run_dir, 2)), "."]) == 0, capsys.readouterr().err
     assert os.stat(".").st_ino == os.stat(here).st_ino == inode  # the shell's own directory, not one renamed over it
-    assert os.getcwd() == str(here) and not list(tmp_path.glob(".tmp*")) and not list(here.glob(".*"))  # no staging left
+    assert (
+        os.getcwd() == str(here) and not list(tmp_path.glob(".tmp*")) and not list(here.glob(".*"))
+    )  # no staging left
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir("."))
-    assert torch.equal(load_file("model.safetensors")["bert.embeddings.word_embeddings.weight"],
-                       load_file(ckpt(run_dir, 2) / "model.safetensors")["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(
+        load_file("model.safetensors")["bert.embeddings.word_embeddings.weight"],
+        load_file(ckpt(run_dir, 2) / "model.safetensors")["bert.embeddings.word_embeddings.weight"],
+    )
     for out in (run_dir, ckpt(run_dir, 2)):
         assert export.main([str(ckpt(run_dir, 2)), str(out)]) == 2
-        assert one_line(capsys.readouterr().err) == f"error: {out} exists and is not empty; export into a new or empty directory (nothing is overwritten)\n"
+        assert (
+            one_line(capsys.readouterr().err)
+            == f"error: {out} exists and is not empty; export into a new or empty directory (nothing is overwritten)\n"
+        )
 
 
 # ---------------------------------------------------------------- predict and downstream on a model folder
@@ -436,11 +532,14 @@ def hostile_folders(tmp_path_factory):
 def test_predict_refuses_hostile_model_folders_in_one_line(hostile_folders, capsys):
     marker, folder, pickled = hostile_folders
     assert predict.main([str(folder), "a <mask> b"]) == 2
-    assert one_line(capsys.readouterr().err) == (f"error: tokenizer {str(folder)!r} ships Python code of its own ({folder / 'config.json'} "
-                                                 "has an auto_map) and this command runs none from a model folder: refused, nothing of it was run\n")
+    assert one_line(capsys.readouterr().err) == (
+        f"error: tokenizer {str(folder)!r} ships Python code of its own ({folder / 'config.json'} "
+        "has an auto_map) and this command runs none from a model folder: refused, nothing of it was run\n"
+    )
     assert predict.main([str(pickled), "a <mask> b"]) == 2
-    assert one_line(capsys.readouterr().err) == (f"error: model {str(pickled)!r}: its weights file names posix.system: refused, "
-                                                 "nothing of it was run\n")
+    assert one_line(capsys.readouterr().err) == (
+        f"error: model {str(pickled)!r}: its weights file names posix.system: refused, nothing of it was run\n"
+    )
     assert not marker.exists()
 
 
@@ -448,25 +547,43 @@ def test_downstream_refuses_hostile_model_folders_in_one_line(hostile_folders, c
     from mlm.downstream.__main__ import main
 
     marker, folder, pickled = hostile_folders
-    for model, message in ((folder, "ships Python code of its own"), (pickled, f"model {str(pickled)!r}: its weights file names posix.system")):
-        assert main([str(model), "downstream=polarity", "downstream.seeds=[0]", "downstream.folds=2", "downstream.epochs=1"]) == 2
+    for model, message in (
+        (folder, "ships Python code of its own"),
+        (pickled, f"model {str(pickled)!r}: its weights file names posix.system"),
+    ):
+        assert (
+            main(
+                [str(model), "downstream=polarity", "downstream.seeds=[0]", "downstream.folds=2", "downstream.epochs=1"]
+            )
+            == 2
+        )
         err = capsys.readouterr().err
-        assert one_line(err[err.index("error: "):]) and message in err
+        assert one_line(err[err.index("error: ") :]) and message in err
     assert not marker.exists()
 
 
-def test_predict_and_downstream_take_no_attention_backend_from_a_model_folder(run_dir, tmp_path, capsys, no_kernel_fetch):  # noqa: F811
+def test_predict_and_downstream_take_no_attention_backend_from_a_model_folder(
+    run_dir, tmp_path, capsys, no_kernel_fetch
+):  # noqa: F811
     from mlm.downstream import load_classifier
 
     folder = tmp_path / "model"
     shutil.copytree(run_dir / "final", folder)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "attn_implementation": KERNEL}))  # transformers would honour it
+    (folder / "config.json").write_text(
+        json.dumps({**config, "attn_implementation": KERNEL})
+    )  # transformers would honour it
     assert load_classifier(str(folder), 2).config._attn_implementation == "sdpa"
     assert predict.main([str(folder), "a <mask> b"]) == 0, capsys.readouterr().err
 
 
-QUICK = ["downstream=polarity", "downstream.seeds=[0]", "downstream.epochs=1", "downstream.folds=2", "downstream.max_train_examples=40"]
+QUICK = [
+    "downstream=polarity",
+    "downstream.seeds=[0]",
+    "downstream.epochs=1",
+    "downstream.folds=2",
+    "downstream.max_train_examples=40",
+]
 
 
 def classifier_code_folder(tmp_path: Path, marker: Path) -> Path:
@@ -476,8 +593,10 @@ def classifier_code_folder(tmp_path: Path, marker: Path) -> Path:
     config["auto_map"]["AutoModelForSequenceClassification"] = "evil.EvilClassifier"
     (folder / "config.json").write_text(json.dumps(config))
     with open(folder / "evil.py", "a") as f:
-        f.write("from transformers import BertForSequenceClassification\n"
-                "class EvilClassifier(BertForSequenceClassification):\n    config_class = EvilConfig\n")
+        f.write(
+            "from transformers import BertForSequenceClassification\n"
+            "class EvilClassifier(BertForSequenceClassification):\n    config_class = EvilConfig\n"
+        )
     return folder
 
 
@@ -487,9 +606,14 @@ def test_downstream_runs_a_folders_code_only_when_its_own_command_line_trusts_it
     marker = tmp_path / "ran"
     folder = classifier_code_folder(tmp_path, marker)
     assert main([str(folder), *QUICK]) == 2
-    assert "ships Python code of its own" in one_line(capsys.readouterr().err.splitlines(keepends=True)[-1]) and not marker.exists()
+    assert (
+        "ships Python code of its own" in one_line(capsys.readouterr().err.splitlines(keepends=True)[-1])
+        and not marker.exists()
+    )
     assert main([str(folder), *QUICK, "model.trust_remote_code=true"]) == 0, capsys.readouterr().err
-    assert marker.exists() and json.loads(capsys.readouterr().out)["task"] == "polarity"  # trusted here: its code ran, as asked
+    assert (
+        marker.exists() and json.loads(capsys.readouterr().out)["task"] == "polarity"
+    )  # trusted here: its code ran, as asked
 
 
 def test_a_runs_own_downstream_phase_trusts_what_its_command_line_trusted(corpus, tmp_path):
@@ -500,10 +624,19 @@ def test_a_runs_own_downstream_phase_trusts_what_its_command_line_trusted(corpus
     from mlm.cli import with_downstream
 
     folder = classifier_code_folder(tmp_path, tmp_path / "ran")
-    run = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", "model.source=pretrained", f"model.name_or_path={folder}",
-           "model.trust_remote_code=true", *QUICK]
+    run = [
+        *TINY_RUN,
+        f"dataset.path={corpus}",
+        "trainer.max_steps=2",
+        "model.source=pretrained",
+        f"model.name_or_path={folder}",
+        "model.trust_remote_code=true",
+        *QUICK,
+    ]
     results = train(compose(run), tmp_path / "run")  # its final/ ships the folder's code (an auto_map), trusted here
-    assert results["downstream"]["task"] == "polarity" and "auto_map" in json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert results["downstream"]["task"] == "polarity" and "auto_map" in json.loads(
+        (tmp_path / "run" / "final" / "config.json").read_text()
+    )
     asked_again = OmegaConf.structured(compose([*run, "downstream.seeds=[1]"]))  # a finished run asked for another seed
     assert with_downstream(tmp_path / "run", asked_again, results)["downstream"]["seeds"] == [1]
 
@@ -513,13 +646,18 @@ def test_predict_top_k_and_non_model_folders_are_one_line(run_dir, tmp_path, cap
     for k in ("0", "-3"):
         with pytest.raises(SystemExit) as exit_:
             predict.main([final, "a <mask> b", "--top-k", k])
-        assert exit_.value.code == 2 and capsys.readouterr().err.endswith(f"error: --top-k {k}: give 1 or more candidates per mask\n")
+        assert exit_.value.code == 2 and capsys.readouterr().err.endswith(
+            f"error: --top-k {k}: give 1 or more candidates per mask\n"
+        )
     assert predict.main([final, "a <mask> b", "--top-k", "1000000"]) == 2
     assert one_line(capsys.readouterr().err).startswith("error: --top-k 1000000: the model knows ")
     for folder, lacks in ((tmp_path, "config.json"), (run_dir / "checkpoints", "config.json")):
         assert predict.main([str(folder), "a <mask> b"]) == 2
         err = one_line(capsys.readouterr().err)
-        assert err == f"error: {folder} is not a saved model (no {lacks}); give a model directory (a run's final/, an mlm.export output) or a hub id\n"
+        assert (
+            err
+            == f"error: {folder} is not a saved model (no {lacks}); give a model directory (a run's final/, an mlm.export output) or a hub id\n"
+        )
         assert "model.tokenizer" not in err  # predict has no such setting
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -528,8 +666,10 @@ def test_predict_top_k_and_non_model_folders_are_one_line(run_dir, tmp_path, cap
     assert "is not a saved model (no tokenizer files)" in one_line(capsys.readouterr().err)
     gone = tmp_path / "no" / "such"
     assert predict.main([str(gone), "a <mask> b"]) == 2  # a path, not a hub id: no hub lookup, no setting predict lacks
-    assert one_line(capsys.readouterr().err) == (f"error: {gone} is not a saved model (no such directory); "
-                                                 "give a model directory (a run's final/, an mlm.export output) or a hub id\n")
+    assert one_line(capsys.readouterr().err) == (
+        f"error: {gone} is not a saved model (no such directory); "
+        "give a model directory (a run's final/, an mlm.export output) or a hub id\n"
+    )
 
 
 def test_an_fsdp_checkpoint_on_one_process_is_one_line_that_points_nowhere_circular(tmp_path):

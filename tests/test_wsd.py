@@ -53,7 +53,9 @@ def test_one_minus_sqrt_decay_boundaries():
 def test_decay_start_rounds_as_the_warmup_does():
     from mlm.schedules import decay_start, warmup_length
 
-    assert decay_start(10, 0.25) == 8 and warmup_length(0, 0.25, 10) == 2  # round(2.5) = 2 for both (Python rounds halves to even)
+    assert (
+        decay_start(10, 0.25) == 8 and warmup_length(0, 0.25, 10) == 2
+    )  # round(2.5) = 2 for both (Python rounds halves to even)
     assert decay_start(10, 0.3) == 7 and decay_start(40, 0.25) == 30 and decay_start(20, 1.0) == 0
     rates = multipliers({"warmup_ratio": 0.0, "decay_ratio": 1.0}, 4)  # no warmup, all decay: a plain linear decay
     assert rates == [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -62,9 +64,14 @@ def test_decay_start_rounds_as_the_warmup_does():
 def test_a_wsd_that_does_not_fit_the_run_is_one_line():
     from mlm.config import UserError
 
-    with pytest.raises(UserError, match=r"^5 warmup steps run past the start of the wsd decay after step 4 of 20 \(scheduler.decay_ratio=0.8\)"):
+    with pytest.raises(
+        UserError,
+        match=r"^5 warmup steps run past the start of the wsd decay after step 4 of 20 \(scheduler.decay_ratio=0.8\)",
+    ):
         multipliers({"warmup_steps": 5, "decay_ratio": 0.8}, 20)
-    with pytest.raises(UserError, match=r"^scheduler.decay_ratio=0.01 of 20 steps rounds to no decay step; raise it to at least 0.05"):
+    with pytest.raises(
+        UserError, match=r"^scheduler.decay_ratio=0.01 of 20 steps rounds to no decay step; raise it to at least 0.05"
+    ):
         multipliers({"decay_ratio": 0.01}, 20)
 
 
@@ -77,7 +84,12 @@ def test_the_decay_starts_where_the_spent_budget_reaches_one_minus_decay_ratio()
     for shape, half_way in (("linear", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))):
         spent = [0.0]
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched = build_scheduler(opt, SchedulerConfig(name="wsd", warmup_ratio=0.1, decay_ratio=0.2, decay_shape=shape), 100000, lambda: spent[0])
+        sched = build_scheduler(
+            opt,
+            SchedulerConfig(name="wsd", warmup_ratio=0.1, decay_ratio=0.2, decay_shape=shape),
+            100000,
+            lambda: spent[0],
+        )
         lrs = []
         for fraction in (0.05, 0.1, 0.5, 0.8, 0.8001, 0.9, 1.0, 1.3):
             spent[0] = fraction
@@ -91,9 +103,13 @@ def test_the_decay_starts_where_the_spent_budget_reaches_one_minus_decay_ratio()
     assert rates == [1.0] * 9 + [0.5, 0.0]
 
 
-@pytest.mark.parametrize("total, warmup, decay_ratio, shape", [(10, 0, 0.2, "linear"), (20, 3, 0.25, "1-sqrt"), (37, 5, 0.3, "linear")])
+@pytest.mark.parametrize(
+    "total, warmup, decay_ratio, shape", [(10, 0, 0.2, "linear"), (20, 3, 0.25, "1-sqrt"), (37, 5, 0.3, "linear")]
+)
 @pytest.mark.parametrize("budget", [False, True])
-def test_the_rates_are_transformers_wsd_schedule_with_or_without_a_budget_the_steps_beat(total, warmup, decay_ratio, shape, budget):
+def test_the_rates_are_transformers_wsd_schedule_with_or_without_a_budget_the_steps_beat(
+    total, warmup, decay_ratio, shape, budget
+):
     """transformers.get_wsd_schedule is the reference: every optimizer step trains at its rate (from the end of warmup
     on: its warmup starts at 0, ours reaches the peak on warmup's last step), also under a time budget that the steps
     beat (it was one step ahead: the decay began a step early and the last step trained at 0)."""
@@ -102,20 +118,39 @@ def test_the_rates_are_transformers_wsd_schedule_with_or_without_a_budget_the_st
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     hold = decay_start(total, decay_ratio)
-    reference = get_wsd_schedule(opt, num_warmup_steps=warmup, num_decay_steps=total - hold, num_training_steps=total,
-                                 decay_type="1-sqrt" if shape == "1-sqrt" else "linear")
+    reference = get_wsd_schedule(
+        opt,
+        num_warmup_steps=warmup,
+        num_decay_steps=total - hold,
+        num_training_steps=total,
+        decay_type="1-sqrt" if shape == "1-sqrt" else "linear",
+    )
     expected = [reference.lr_lambdas[0](step) for step in range(total)]  # the rate step + 1 trains at
-    ours = multipliers({"warmup_steps": warmup, "warmup_ratio": 0.0, "decay_ratio": decay_ratio, "decay_shape": shape}, total,
-                       progress=(lambda: 0.01) if budget else None, base_lr=1.0)[:total]
+    ours = multipliers(
+        {"warmup_steps": warmup, "warmup_ratio": 0.0, "decay_ratio": decay_ratio, "decay_shape": shape},
+        total,
+        progress=(lambda: 0.01) if budget else None,
+        base_lr=1.0,
+    )[:total]
     assert ours[warmup:] == pytest.approx(expected[warmup:], abs=1e-12) and ours[-1] > 0.0
     assert ours[:warmup] == [(s + 1) / warmup for s in range(warmup)]
 
 
 # --- which settings a checkpoint may change -----------------------------------------------------------
 
-WSD = {"scheduler.name": "wsd", "scheduler.warmup_steps": 2, "scheduler.warmup_ratio": 0.06, "scheduler.decay_ratio": 0.25,
-       "scheduler.decay_shape": "linear", "trainer.max_steps": 40, "trainer.budget_minutes": None, "optimizer.lr": 0.001,
-       "seed": 1, "trainer.per_device_batch_size": 4, "trainer.gradient_accumulation_steps": 1}  # the decay starts after step 30
+WSD = {
+    "scheduler.name": "wsd",
+    "scheduler.warmup_steps": 2,
+    "scheduler.warmup_ratio": 0.06,
+    "scheduler.decay_ratio": 0.25,
+    "scheduler.decay_shape": "linear",
+    "trainer.max_steps": 40,
+    "trainer.budget_minutes": None,
+    "optimizer.lr": 0.001,
+    "seed": 1,
+    "trainer.per_device_batch_size": 4,
+    "trainer.gradient_accumulation_steps": 1,
+}  # the decay starts after step 30
 
 
 def write_checkpoint(run_dir: Path, step: int, settings: dict) -> Path:
@@ -133,17 +168,34 @@ def test_the_stable_phase_is_warmup_done_and_decay_not_begun():
     assert not in_stable_phase({**WSD, "scheduler.name": "linear"}, 10)
     assert not in_stable_phase({**WSD, "trainer.budget_minutes": 5.0}, 10)  # the clock decides when the decay starts
     assert not in_stable_phase({**WSD, "trainer.max_steps": 0}, 10)  # counted in epochs: the length depends on the data
-    assert not in_stable_phase({k: v for k, v in WSD.items() if k != "scheduler.decay_ratio"}, 10)  # saved before the key existed
+    assert not in_stable_phase(
+        {k: v for k, v in WSD.items() if k != "scheduler.decay_ratio"}, 10
+    )  # saved before the key existed
 
 
-@pytest.mark.parametrize("step, new, allowed", [
-    (30, {"trainer.max_steps": 60, "scheduler.decay_ratio": 0.5}, True),  # the last flat step of both (30 = 60 - 30)
-    (10, {"trainer.max_steps": 20, "scheduler.decay_ratio": 0.5}, True),  # a shorter branch whose decay starts right there
-    (10, {"scheduler.decay_shape": "1-sqrt"}, True),
-    (10, {"trainer.max_steps": 20, "scheduler.decay_ratio": 0.55}, False),  # the new decay starts after step 9: too late
-    (1, {"scheduler.decay_ratio": 0.5}, False),  # still warming up
-    (10, {"scheduler.decay_ratio": 0.5, "scheduler.name": "linear"}, False),
-])
+@pytest.mark.parametrize(
+    "step, new, allowed",
+    [
+        (
+            30,
+            {"trainer.max_steps": 60, "scheduler.decay_ratio": 0.5},
+            True,
+        ),  # the last flat step of both (30 = 60 - 30)
+        (
+            10,
+            {"trainer.max_steps": 20, "scheduler.decay_ratio": 0.5},
+            True,
+        ),  # a shorter branch whose decay starts right there
+        (10, {"scheduler.decay_shape": "1-sqrt"}, True),
+        (
+            10,
+            {"trainer.max_steps": 20, "scheduler.decay_ratio": 0.55},
+            False,
+        ),  # the new decay starts after step 9: too late
+        (1, {"scheduler.decay_ratio": 0.5}, False),  # still warming up
+        (10, {"scheduler.decay_ratio": 0.5, "scheduler.name": "linear"}, False),
+    ],
+)
 def test_a_stable_checkpoint_may_change_its_decay_and_nothing_else(tmp_path, caplog, step, new, allowed):
     from mlm.config import UserError
     from mlm.rundir import check_resume_settings
@@ -152,16 +204,22 @@ def test_a_stable_checkpoint_may_change_its_decay_and_nothing_else(tmp_path, cap
     settings = {**WSD, **new}
     changed = sorted(k for k in new if k.startswith("scheduler."))
     if allowed:
-        check_resume_settings(tmp_path, "auto", settings["trainer.max_steps"], settings)  # the same run dir: extended, or another decay
+        check_resume_settings(
+            tmp_path, "auto", settings["trainer.max_steps"], settings
+        )  # the same run dir: extended, or another decay
         check_resume_settings(tmp_path, str(ckpt), settings["trainer.max_steps"], settings)  # a branch
         assert "other settings" not in caplog.text
-        with pytest.raises(UserError, match=r"other settings \(optimizer.lr=0.001 there, 0.002 now\)"):  # anything else still is drift
+        with pytest.raises(
+            UserError, match=r"other settings \(optimizer.lr=0.001 there, 0.002 now\)"
+        ):  # anything else still is drift
             check_resume_settings(tmp_path, "auto", settings["trainer.max_steps"], {**settings, "optimizer.lr": 0.002})
     else:
         shown = "; ".join(f"{k}={WSD[k]!r} there, {settings[k]!r} now" for k in changed)
         with pytest.raises(UserError) as err:
             check_resume_settings(tmp_path, "auto", settings["trainer.max_steps"], settings)
-        assert str(err.value).startswith(f"{ckpt} was trained with other settings ({shown}); put them back to resume it")
+        assert str(err.value).startswith(
+            f"{ckpt} was trained with other settings ({shown}); put them back to resume it"
+        )
         check_resume_settings(tmp_path, str(ckpt), settings["trainer.max_steps"], settings)
         assert f"resuming {ckpt} with other settings: {shown}" in caplog.text
 
@@ -175,37 +233,68 @@ def test_a_checkpoint_in_its_decay_may_not_go_back_up_to_a_higher_rate(tmp_path,
     write_checkpoint(tmp_path, 10, WSD)
     stable = write_checkpoint(tmp_path, 30, WSD)  # the last step at the peak
     done = write_checkpoint(tmp_path, 40, WSD)  # the end of the decay: rate 0
-    longer = {**WSD, "trainer.max_steps": 80}  # resume=auto in place with more steps: the decay would start after step 64
+    longer = {
+        **WSD,
+        "trainer.max_steps": 80,
+    }  # resume=auto in place with more steps: the decay would start after step 64
     with pytest.raises(UserError) as err:
         check_resume_settings(tmp_path, "auto", 80, longer)
-    assert str(err.value) == (f"{done} is in its wsd decay (rate 0.00 x peak after step 40) and trainer.max_steps=80 would train "
-                              f"step 41 at 1.00 x peak, jumping the rate back up; branch from {stable.name}, before the decay "
-                              f"began: hydra.run.dir=<new dir> resume={stable}")
+    assert str(err.value) == (
+        f"{done} is in its wsd decay (rate 0.00 x peak after step 40) and trainer.max_steps=80 would train "
+        f"step 41 at 1.00 x peak, jumping the rate back up; branch from {stable.name}, before the decay "
+        f"began: hydra.run.dir=<new dir> resume={stable}"
+    )
     check_resume_settings(tmp_path, str(stable), 80, longer)  # the way out it names passes
 
     shutil.rmtree(done)
     decaying = write_checkpoint(tmp_path, 31, WSD)  # one step into the decay (0.9 x peak): a later decay, as a branch
     later = {**WSD, "trainer.max_steps": 80, "scheduler.decay_ratio": 0.5}
-    with pytest.raises(UserError, match=r"^" + re.escape(f"{decaying} is in its wsd decay (rate 0.90 x peak after step 31) and "
-                                                         "trainer.max_steps=80 scheduler.decay_ratio=0.5 would train step 32 at 1.00")):
+    with pytest.raises(
+        UserError,
+        match=r"^"
+        + re.escape(
+            f"{decaying} is in its wsd decay (rate 0.90 x peak after step 31) and "
+            "trainer.max_steps=80 scheduler.decay_ratio=0.5 would train step 32 at 1.00"
+        ),
+    ):
         check_resume_settings(tmp_path, str(decaying), 80, later)
     assert "with other settings" not in caplog.text  # the refusal alone, no warning before it
-    check_resume_settings(tmp_path, "auto", 40, WSD)  # resumed with its own schedule (a run killed in its decay) goes on
-    check_resume_settings(tmp_path, str(decaying), 40, {**WSD, "scheduler.decay_ratio": 0.5})  # a lower rate (0.45): a warning, as before
+    check_resume_settings(
+        tmp_path, "auto", 40, WSD
+    )  # resumed with its own schedule (a run killed in its decay) goes on
+    check_resume_settings(
+        tmp_path, str(decaying), 40, {**WSD, "scheduler.decay_ratio": 0.5}
+    )  # a lower rate (0.45): a warning, as before
     assert f"resuming {decaying} with other settings" in caplog.text
 
     for ckpt in (stable, tmp_path / "checkpoints" / "ckpt-00000010"):
         shutil.rmtree(ckpt)
-    with pytest.raises(UserError, match=r"no checkpoint of .* before the decay is kept, so put back trainer.max_steps=40 "
-                                        r"scheduler.decay_ratio=0.25 scheduler.decay_shape=linear$"):
+    with pytest.raises(
+        UserError,
+        match=r"no checkpoint of .* before the decay is kept, so put back trainer.max_steps=40 "
+        r"scheduler.decay_ratio=0.25 scheduler.decay_shape=linear$",
+    ):
         check_resume_settings(tmp_path, str(decaying), 80, later)
 
 
 # --- end to end: a stable run, a decay branch, a fresh run with the branch's settings, an exact resume ---
 
-FP32 = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.log_every=1", "trainer.eval_every=1000", "scheduler=wsd",
-        "scheduler.warmup_steps=2", "optimizer.lr=5e-4"]
-LONG = [*FP32, "trainer.max_steps=40", "scheduler.decay_ratio=0.25", "trainer.checkpoint_every=10", "trainer.keep_checkpoints=4"]
+FP32 = [
+    *TINY_RUN,
+    "runtime.mixed_precision=no",
+    "trainer.log_every=1",
+    "trainer.eval_every=1000",
+    "scheduler=wsd",
+    "scheduler.warmup_steps=2",
+    "optimizer.lr=5e-4",
+]
+LONG = [
+    *FP32,
+    "trainer.max_steps=40",
+    "scheduler.decay_ratio=0.25",
+    "trainer.checkpoint_every=10",
+    "trainer.keep_checkpoints=4",
+]
 SHORT = [*FP32, "trainer.max_steps=20", "scheduler.decay_ratio=0.5"]  # the branch's settings: the decay after step 10
 PEAK = 5e-4  # optimizer.lr
 
@@ -232,13 +321,17 @@ def runs(corpus, tmp_path_factory):
     assert killed.returncode == -9 and not (root / "long" / "results.json").exists(), killed.stderr[-3000:]
     stable = root / "long" / "checkpoints" / "ckpt-00000010"
     into = [*SHORT, data, f"hydra.run.dir={root / 'branch'}", "trainer.checkpoint_every=6"]
-    started = run_cli([*into, f"resume={stable}"], env={"MLM_FAULT_KILL_AT": "step:5"})  # killed after step 15 (checkpoint 12)
+    started = run_cli(
+        [*into, f"resume={stable}"], env={"MLM_FAULT_KILL_AT": "step:5"}
+    )  # killed after step 15 (checkpoint 12)
     assert started.returncode == -9, started.stderr[-3000:]
     branch = run_cli(into)  # resume=auto: the branch's own step-12 checkpoint
     assert branch.returncode == 0, branch.stderr[-3000:]
     fresh = run_cli([*SHORT, data, f"hydra.run.dir={root / 'fresh'}"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    extended = run_cli([*LONG, data, f"hydra.run.dir={root / 'long'}", "scheduler.decay_shape=1-sqrt"])  # resume=auto from step 20
+    extended = run_cli(
+        [*LONG, data, f"hydra.run.dir={root / 'long'}", "scheduler.decay_shape=1-sqrt"]
+    )  # resume=auto from step 20
     assert extended.returncode == 0, extended.stderr[-3000:]
     return {"root": root, "stable": stable, "branch": (started, branch), "extended": extended}
 
@@ -255,10 +348,15 @@ def test_a_wsd_run_logs_warmup_a_flat_peak_and_the_decay(runs):
 @pytest.mark.slow
 def test_a_decay_branch_ends_where_a_fresh_run_with_its_settings_ends(runs):
     root, (started, resumed) = runs["root"], runs["branch"]
-    assert "other settings" not in started.stderr + resumed.stderr  # a new decay from a stable checkpoint is no settings drift
+    assert (
+        "other settings" not in started.stderr + resumed.stderr
+    )  # a new decay from a stable checkpoint is no settings drift
     assert f"resumed from {root / 'branch' / 'checkpoints' / 'ckpt-00000012'}" in resumed.stderr + resumed.stdout
     results = json.loads((root / "branch" / "results.json").read_text())
-    assert results["branched_from"] == {"checkpoint": str(runs["stable"].resolve()), "step": 10}  # kept across its own resume
+    assert results["branched_from"] == {
+        "checkpoint": str(runs["stable"].resolve()),
+        "step": 10,
+    }  # kept across its own resume
     assert results["steps"] == 20 and json.loads((root / "fresh" / "results.json").read_text())["branched_from"] is None
     lrs = lr_by_step(root / "branch")
     assert sorted(lrs) == list(range(11, 21))  # steps 1-10 are the stable run's, not logged again
@@ -278,7 +376,8 @@ def test_a_run_resumed_in_place_from_a_stable_checkpoint_takes_the_new_decay_sha
     lrs = lr_by_step(runs["root"] / "long")
     assert sorted(lrs) == list(range(1, 41))
     assert [lrs[s] for s in range(1, 41)] == pytest.approx(
-        [expected_lr(s, 40, 30, shape=lambda x: 1 - math.sqrt(x)) for s in range(1, 41)], rel=1e-9)
+        [expected_lr(s, 40, 30, shape=lambda x: 1 - math.sqrt(x)) for s in range(1, 41)], rel=1e-9
+    )
     results = json.loads((runs["root"] / "long" / "results.json").read_text())
     assert results["branched_from"] is None and results["config"]["scheduler.decay_shape"] == "1-sqrt"
 
@@ -289,12 +388,22 @@ def test_a_decaying_checkpoint_may_not_take_another_decay(runs, corpus):
     checkpoints untouched."""
     run_dir = runs["root"] / "long"
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_cli([*LONG, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}", "trainer.max_steps=60", "scheduler.decay_ratio=0.5",
-                    "scheduler.decay_shape=1-sqrt"])
+    proc = run_cli(
+        [
+            *LONG,
+            f"dataset.path={corpus}",
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_steps=60",
+            "scheduler.decay_ratio=0.5",
+            "scheduler.decay_shape=1-sqrt",
+        ]
+    )
     assert proc.returncode == 2
-    assert error_lines(proc)[-1] == (f"error: {run_dir / 'checkpoints' / 'ckpt-00000040'} was trained with other settings "
-                                     "(scheduler.decay_ratio=0.25 there, 0.5 now); put them back to resume it, or branch from it with "
-                                     f"these in a run directory of its own: hydra.run.dir=<new dir> resume={run_dir / 'checkpoints' / 'ckpt-00000040'}")
+    assert error_lines(proc)[-1] == (
+        f"error: {run_dir / 'checkpoints' / 'ckpt-00000040'} was trained with other settings "
+        "(scheduler.decay_ratio=0.25 there, 0.5 now); put them back to resume it, or branch from it with "
+        f"these in a run directory of its own: hydra.run.dir=<new dir> resume={run_dir / 'checkpoints' / 'ckpt-00000040'}"
+    )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
@@ -302,7 +411,9 @@ def test_a_decaying_checkpoint_may_not_take_another_decay(runs, corpus):
 def test_a_wsd_run_killed_in_its_decay_resumes_exactly(runs, corpus, tmp_path):
     """Killed after step 15 (in the decay), resumed from its step-12 checkpoint: the same weights and records as the fresh run."""
     run_dir, data = tmp_path / "run", f"dataset.path={corpus}"
-    killed = run_cli([*SHORT, data, f"hydra.run.dir={run_dir}", "trainer.checkpoint_every=6"], env={"MLM_FAULT_KILL_AT": "step:15"})
+    killed = run_cli(
+        [*SHORT, data, f"hydra.run.dir={run_dir}", "trainer.checkpoint_every=6"], env={"MLM_FAULT_KILL_AT": "step:15"}
+    )
     assert killed.returncode == -9
     resumed = run_cli([*SHORT, data, f"hydra.run.dir={run_dir}", "trainer.checkpoint_every=6"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -321,7 +432,9 @@ def test_a_resume_with_another_peak_rate_trains_at_it():
 
     def optimizer_and_schedule(lr):
         weight = torch.nn.Parameter(torch.ones(2))
-        optimizer = torch.optim.AdamW([{"params": [weight], "lr": lr}, {"params": [torch.nn.Parameter(torch.ones(1))], "lr": lr * 10}])
+        optimizer = torch.optim.AdamW(
+            [{"params": [weight], "lr": lr}, {"params": [torch.nn.Parameter(torch.ones(1))], "lr": lr * 10}]
+        )
         return optimizer, build_scheduler(optimizer, SchedulerConfig(name="wsd", warmup_steps=2, decay_ratio=0.5), 10)
 
     saved_optimizer, saved_schedule = optimizer_and_schedule(1e-3)
@@ -333,7 +446,9 @@ def test_a_resume_with_another_peak_rate_trains_at_it():
         optimizer.load_state_dict(saved_optimizer.state_dict())
         schedule.load_state_dict(saved_schedule.state_dict())
         keep_config_rates(optimizer, schedule, [lr, lr * 10])
-        assert schedule.get_last_lr() == [g["lr"] for g in optimizer.param_groups] == [lr, lr * 10]  # step 4: the flat peak
+        assert (
+            schedule.get_last_lr() == [g["lr"] for g in optimizer.param_groups] == [lr, lr * 10]
+        )  # step 4: the flat peak
         for _ in range(4):
             optimizer.step()
             schedule.step()

@@ -55,7 +55,9 @@ BLOCKS_FORMAT_VERSION = 3  # bump when the block layout changes, so old caches a
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
 ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
-ENCODE_CHARS = 1 << 18  # characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
+ENCODE_CHARS = (
+    1 << 18
+)  # characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
 META = "blocks.json"  # written last into the cache entry: split sizes, token counts, each Arrow file's size and SHA-256
 SPLITS = ("train", "test")
 
@@ -107,8 +109,12 @@ def tokenize(texts: Dataset, tokenizer, cfg: DatasetConfig) -> Dataset:
         return {"input_ids": tokenizer(batch["text"], verbose=False)["input_ids"]}
 
     return texts.map(
-        encode, batched=True, batch_size=cfg.tokenize_batch_size, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        remove_columns=texts.column_names, desc="tokenize",
+        encode,
+        batched=True,
+        batch_size=cfg.tokenize_batch_size,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+        remove_columns=texts.column_names,
+        desc="tokenize",
     )
 
 
@@ -174,7 +180,13 @@ def _encode_long(text: str) -> np.ndarray:
     pieces, lo = [], 0
     while lo < len(text):
         hi = _piece_end(text, lo, lo + ENCODE_CHARS)
-        ids = _TOKENIZER(text[lo:hi], add_special_tokens=False, verbose=False, return_attention_mask=False, return_token_type_ids=False)
+        ids = _TOKENIZER(
+            text[lo:hi],
+            add_special_tokens=False,
+            verbose=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
         pieces.append(np.asarray(ids["input_ids"], dtype=np.int32))
         lo = hi
     before, after = _special_tokens_around()
@@ -208,7 +220,9 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def encode_batches(batches: Iterable[List[str]], tokenizer, num_proc: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def encode_batches(
+    batches: Iterable[List[str]], tokenizer, num_proc: int = 1
+) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(ids, lengths) of each batch of texts, in order; with num_proc > 1 batches are tokenized by a
     pool of forked workers, at most 2 x num_proc batches in flight (so memory does not grow with the corpus)."""
     global _TOKENIZER
@@ -263,7 +277,9 @@ class TokenFile:
         """The ids of the documents `order`, concatenated in that order, about CHUNK_TOKENS at a time."""
         starts, ends = self.offsets[order], self.offsets[order + 1]
         cum = np.cumsum(ends - starts)
-        bounds = np.searchsorted(cum, np.arange(CHUNK_TOKENS, int(cum[-1]) if len(cum) else 0, CHUNK_TOKENS), side="right")
+        bounds = np.searchsorted(
+            cum, np.arange(CHUNK_TOKENS, int(cum[-1]) if len(cum) else 0, CHUNK_TOKENS), side="right"
+        )
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
             if lo == hi:
                 continue
@@ -313,7 +329,11 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         start = time.perf_counter()
-        log.info("building the token blocks of %s (once per data, tokenizer and block size; cached in %s)", cfg.path or cfg.kind, path)
+        log.info(
+            "building the token blocks of %s (once per data, tokenizer and block size; cached in %s)",
+            cfg.path or cfg.kind,
+            path,
+        )
         meta = _write_blocks(cfg, tokenizer, block_size, tmp)
         seconds = time.perf_counter() - start
         tokens = sum(m["tokens"] for m in meta["splits"].values())
@@ -326,7 +346,9 @@ def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str
             if not os.path.exists(os.path.join(path, META)):
                 raise  # a real write error; otherwise another process saved the same blocks first
     except OSError as e:
-        raise UserError(f"cannot write the block cache to {path}: {e.strerror} (set MLM_CACHE to a writable directory)") from e
+        raise UserError(
+            f"cannot write the block cache to {path}: {e.strerror} (set MLM_CACHE to a writable directory)"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _open_blocks(path)
@@ -366,14 +388,18 @@ def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> D
     docs = batched(iter_documents(cfg), cfg.tokenize_batch_size)
     tokens = TokenFile.write(os.path.join(out, "tokens.bin"), docs, tokenizer, resolve_num_proc(cfg.num_proc))
     if tokens.num_docs < 2:
-        raise UserError(f"the dataset has {tokens.num_docs} non-empty example(s); it needs at least 2 to split off a test set")
+        raise UserError(
+            f"the dataset has {tokens.num_docs} non-empty example(s); it needs at least 2 to split off a test set"
+        )
     meta = {}
     try:
         for split, order in split_indices(tokens.num_docs, cfg.test_size, cfg.split_seed).items():
             n_tokens = int((tokens.offsets[order + 1] - tokens.offsets[order]).sum())
             writer = ArrowWriter(features=BLOCK_FEATURES, path=os.path.join(out, f"{split}.arrow"))
             n_blocks = 0
-            with tqdm(total=n_tokens, desc=f"group {split}", unit=" tokens", unit_scale=True, delay=2, mininterval=2) as bar:
+            with tqdm(
+                total=n_tokens, desc=f"group {split}", unit=" tokens", unit_scale=True, delay=2, mininterval=2
+            ) as bar:
                 for blocks in pack_blocks(tokens.chunks(order), block_size, cfg.remainder, pad_id):
                     writer.write_table(_blocks_table(blocks))
                     n_blocks += len(blocks)
@@ -405,7 +431,9 @@ def _blocks_table(blocks: np.ndarray) -> pa.Table:
     """A (k, block_size) int32 array as an Arrow list column, without going through Python lists."""
     k, size = blocks.shape
     offsets = pa.array(np.arange(0, (k + 1) * size, size, dtype=np.int32))
-    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(blocks.reshape(-1).astype(np.int32, copy=False)))})
+    return pa.table(
+        {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(blocks.reshape(-1).astype(np.int32, copy=False)))}
+    )
 
 
 def _open_blocks(path: str) -> DatasetDict:
@@ -429,8 +457,10 @@ def _open_checked(path: str, cache_root: str, aside: str) -> DatasetDict | None:
     except FileNotFoundError:  # another process moved it first
         pass
     except OSError as e:
-        raise UserError(f"cannot move the damaged block cache entry {path} aside: {e.strerror}; delete it, "
-                        "or set MLM_CACHE to a writable directory") from e
+        raise UserError(
+            f"cannot move the damaged block cache entry {path} aside: {e.strerror}; delete it, "
+            "or set MLM_CACHE to a writable directory"
+        ) from e
     return None
 
 
@@ -456,10 +486,14 @@ def _entry_problem(path: str, cache_root: str) -> str | None:
 
 def _cache_key(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str) -> str:
     # settings that change speed or only the streaming path do not change the blocks
-    unused = ("num_proc", "tokenize_batch_size", "streaming", "streaming_eval_docs") + (("path",) if cfg.kind == "local" else ())
+    unused = ("num_proc", "tokenize_batch_size", "streaming", "streaming_eval_docs") + (
+        ("path",) if cfg.kind == "local" else ()
+    )
     settings = {k: v for k, v in vars(cfg).items() if k not in unused}
     # a local dataset is its files' content, in reading order: a changed file gets new blocks; another spelling of its path does not
     sources = source_identity(cfg, cache_root)
     content = [sha for _, sha in sources] if sources is not None else None
-    blob = json.dumps([BLOCKS_FORMAT_VERSION, settings, content, block_size, datasets.__version__], sort_keys=True, default=str)
+    blob = json.dumps(
+        [BLOCKS_FORMAT_VERSION, settings, content, block_size, datasets.__version__], sort_keys=True, default=str
+    )
     return hashlib.sha256((blob + tokenizer_serialization(tokenizer)).encode()).hexdigest()[:16]

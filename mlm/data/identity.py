@@ -91,14 +91,18 @@ def tokenizer_serialization(tokenizer) -> str:
     if getattr(tokenizer, "is_fast", False):
         # without the truncation and padding state, which the first call with default arguments clears
         # (the harness never truncates or pads when it makes blocks): a used tokenizer is the same tokenizer
-        return json.dumps({**json.loads(tokenizer.backend_tokenizer.to_str()), "truncation": None, "padding": None}, sort_keys=True)
+        return json.dumps(
+            {**json.loads(tokenizer.backend_tokenizer.to_str()), "truncation": None, "padding": None}, sort_keys=True
+        )
     return repr(sorted(tokenizer.get_vocab().items()))
 
 
 def data_identity(cfg, tokenizer, cache_root: str) -> Dict[str, Any]:
     """What a run trained on: {"sources": source_identity, "tokenizer": sha256 of its serialization}."""
-    return {"sources": source_identity(cfg, cache_root),
-            "tokenizer": hashlib.sha256(tokenizer_serialization(tokenizer).encode()).hexdigest()}
+    return {
+        "sources": source_identity(cfg, cache_root),
+        "tokenizer": hashlib.sha256(tokenizer_serialization(tokenizer).encode()).hexdigest(),
+    }
 
 
 def changed_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> List[str]:
@@ -115,12 +119,18 @@ def changed_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any]) -> List[s
     if there is not None and here is not None and [h for _, h in there] != [h for _, h in here]:
         differ = _changed_files(dict(there), dict(here))
     if saved.get("tokenizer") and now.get("tokenizer") and saved["tokenizer"] != now["tokenizer"]:
-        differ.append(f"the tokenizer has another vocabulary or rules (sha256 {saved['tokenizer'][:12]} there, {now['tokenizer'][:12]} now)")
+        differ.append(
+            f"the tokenizer has another vocabulary or rules (sha256 {saved['tokenizer'][:12]} there, {now['tokenizer'][:12]} now)"
+        )
     return differ
 
 
 def _changed_files(there: Dict[str, str], here: Dict[str, str]) -> List[str]:
-    shown = [f"{p} has other content (sha256 {there[p][:12]} there, {here[p][:12]} now)" for p in there if p in here and there[p] != here[p]]
+    shown = [
+        f"{p} has other content (sha256 {there[p][:12]} there, {here[p][:12]} now)"
+        for p in there
+        if p in here and there[p] != here[p]
+    ]
     shown += [f"{p} is no longer read" for p in there if p not in here]
     shown += [f"{p} is new" for p in here if p not in there]
     return shown or ["the files are read in another order"]

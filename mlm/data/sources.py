@@ -38,13 +38,27 @@ log = logging.getLogger(__name__)
 
 LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # leading bytes of compressed files: such a file named .txt or .jsonl is refused, not read as text (parquet's own are PAR1)
-COMPRESSED = {"gzip": re.compile(rb"\x1f\x8b"), "bzip2": re.compile(rb"BZh[1-9]1AY&SY"), "xz": re.compile(rb"\xfd7zXZ\x00"),
-              "zstd": re.compile(rb"\x28\xb5\x2f\xfd")}
+COMPRESSED = {
+    "gzip": re.compile(rb"\x1f\x8b"),
+    "bzip2": re.compile(rb"BZh[1-9]1AY&SY"),
+    "xz": re.compile(rb"\xfd7zXZ\x00"),
+    "zstd": re.compile(rb"\x28\xb5\x2f\xfd"),
+}
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")  # read as UTF-8 text (parquet is binary by design)
 # a text file in another encoding is refused with the fix, never read as UTF-8 with NULs (UTF-32 LE first: it starts like UTF-16 LE)
-WIDE_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")]
-BINARY_MAGIC = {"a PNG image": b"\x89PNG\r\n\x1a\n", "a JPEG image": b"\xff\xd8\xff", "a GIF image": b"GIF8", "a PDF": b"%PDF-",
-                "a zip archive (docx, xlsx, ...)": b"PK\x03\x04"}
+WIDE_BOMS = [
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+]
+BINARY_MAGIC = {
+    "a PNG image": b"\x89PNG\r\n\x1a\n",
+    "a JPEG image": b"\xff\xd8\xff",
+    "a GIF image": b"GIF8",
+    "a PDF": b"%PDF-",
+    "a zip archive (docx, xlsx, ...)": b"PK\x03\x04",
+}
 BINARY_HEAD = 8000  # a NUL byte in the first 8000 bytes makes a file binary (git's test); text never holds one
 
 
@@ -89,7 +103,9 @@ def _wiki_articles() -> List[str]:
 def load_gensim_wiki(cfg: DatasetConfig) -> Dataset:
     texts = _wiki_articles()
     if cfg.include_news:  # one news story per line
-        texts += [line.strip() for line in _gensim_test_file("lee_background.cor").read_text().splitlines() if line.strip()]
+        texts += [
+            line.strip() for line in _gensim_test_file("lee_background.cor").read_text().splitlines() if line.strip()
+        ]
     return Dataset.from_dict({"text": texts})
 
 
@@ -137,7 +153,11 @@ def load_local(cfg: DatasetConfig) -> Dataset:
 def _read_error(files: List[str], e: Exception) -> UserError:
     """What a failed read of local files tells the user: the first malformed JSON line if there is
     one (the file and its line number), else the reader's own first line."""
-    where = next(filter(None, map(_bad_json_line, files)), None) if Path(files[0]).suffix.lower() in (".json", ".jsonl") else None
+    where = (
+        next(filter(None, map(_bad_json_line, files)), None)
+        if Path(files[0]).suffix.lower() in (".json", ".jsonl")
+        else None
+    )
     if where:
         return UserError(f"{where}; fix or remove that line")
     shown = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
@@ -198,18 +218,27 @@ def _check_readable(f: str, suffix: str) -> None:
         head = fh.read(BINARY_HEAD)
     kind = next((name for name, magic in COMPRESSED.items() if magic.match(head)), None)
     if kind:
-        raise UserError(f"data file {f} is {kind}-compressed, not a plain {suffix} file; decompress it first (e.g. {kind} -dc {f} > plain{suffix})")
+        raise UserError(
+            f"data file {f} is {kind}-compressed, not a plain {suffix} file; decompress it first (e.g. {kind} -dc {f} > plain{suffix})"
+        )
     if suffix not in TEXT_SUFFIXES:
         return
     utf8 = f"{Path(f).with_suffix('')}.utf8{suffix}"
     encoding = next((name for bom, name in WIDE_BOMS if head.startswith(bom)), None)
     if encoding:
-        raise UserError(f"data file {f} is {encoding} text (it starts with a {encoding} byte-order mark); data files are read as UTF-8: "
-                        f"convert it first (iconv -f {encoding} -t UTF-8 {f} > {utf8})")
+        raise UserError(
+            f"data file {f} is {encoding} text (it starts with a {encoding} byte-order mark); data files are read as UTF-8: "
+            f"convert it first (iconv -f {encoding} -t UTF-8 {f} > {utf8})"
+        )
     what, nul = next((name for name, magic in BINARY_MAGIC.items() if head.startswith(magic)), None), head.find(b"\0")
     if what or nul >= 0:
-        wide = "UTF-16BE" if nul % 2 == 0 else "UTF-16LE"  # ASCII in UTF-16: big-endian puts the NUL first, little-endian second
-        why = what or f"a NUL byte at offset {nul}: binary data, or {wide} text without a byte-order mark (iconv -f {wide} -t UTF-8 {f} > {utf8})"
+        wide = (
+            "UTF-16BE" if nul % 2 == 0 else "UTF-16LE"
+        )  # ASCII in UTF-16: big-endian puts the NUL first, little-endian second
+        why = (
+            what
+            or f"a NUL byte at offset {nul}: binary data, or {wide} text without a byte-order mark (iconv -f {wide} -t UTF-8 {f} > {utf8})"
+        )
         raise UserError(f"data file {f} is not text ({why}); point dataset.path at {suffix} text files")
 
 
@@ -226,7 +255,11 @@ def _local_files(path: str) -> List[str]:
         raise UserError(f"{unsupported[0]}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)}")
     unique = list({os.path.realpath(f): f for f in reversed(files)}.values())[::-1]  # the first name of each real file
     if len(unique) < len(files):
-        log.warning("dataset.path=%r: %d path(s) are links to files already listed; each file is read once", path, len(files) - len(unique))
+        log.warning(
+            "dataset.path=%r: %d path(s) are links to files already listed; each file is read once",
+            path,
+            len(files) - len(unique),
+        )
     return unique
 
 
@@ -285,8 +318,10 @@ def join_texts(values: list, field: str, source: str, first_row: int) -> List[st
         else:
             inner = next((v for v in value if not isinstance(v, str)), None) if isinstance(value, list) else None
             what = f"a list holding {_json_kind(inner)}" if isinstance(value, list) else _json_kind(value)
-            raise UserError(f"{_row_name(source, row)}: text field {field!r} is {what} ({_short(value)}), not text or a list of texts; "
-                            "fix that row, or point dataset.text_field at a text field")
+            raise UserError(
+                f"{_row_name(source, row)}: text field {field!r} is {what} ({_short(value)}), not text or a list of texts; "
+                "fix that row, or point dataset.text_field at a text field"
+            )
     return out
 
 
@@ -326,8 +361,10 @@ class _FieldTally:
     def values(self, source: str, batch: Dict[str, list]) -> list:
         n, values = _batch_len(batch), _lookup(batch, self.field)
         if values is None and not self.rows:
-            raise UserError(f"text field {self.field!r} does not exist in the first {n} row(s) of {source}; "
-                            f"the data has fields {sorted(_flat_fields(batch))} (set dataset.text_field)")
+            raise UserError(
+                f"text field {self.field!r} does not exist in the first {n} row(s) of {source}; "
+                f"the data has fields {sorted(_flat_fields(batch))} (set dataset.text_field)"
+            )
         self.fields = self.fields or sorted(_flat_fields(batch))
         values = [None] * n if values is None else values
         self.rows[source] += n
@@ -342,12 +379,18 @@ class _FieldTally:
         where = ", ".join(f"{s}: {self.missing[s]} of {self.rows[s]}" for s in sources[:3])
         where += f" and {len(sources) - 3} more file(s)" if len(sources) > 3 else ""
         if missing == total:
-            raise UserError(f"text field {self.field!r} is missing or null in all {total} rows ({where}); "
-                            f"the data has fields {self.fields} (set dataset.text_field)")
-        _warn_once(f"text field {self.field!r} is missing or null in {missing} of {total} rows ({where}); those rows are skipped")
+            raise UserError(
+                f"text field {self.field!r} is missing or null in all {total} rows ({where}); "
+                f"the data has fields {self.fields} (set dataset.text_field)"
+            )
+        _warn_once(
+            f"text field {self.field!r} is missing or null in {missing} of {total} rows ({where}); those rows are skipped"
+        )
 
 
-_WARNED: set = set()  # a streamed corpus is read by every shard, pass after pass: each warning is logged once per process
+_WARNED: set = (
+    set()
+)  # a streamed corpus is read by every shard, pass after pass: each warning is logged once per process
 
 
 def _warn_once(message: str) -> None:
@@ -413,16 +456,24 @@ def _row_range(cfg: DatasetConfig, streaming: bool) -> range:
     fix = f"{'local files are' if cfg.kind == 'local' else 'this dataset is'} one split, 'train': use dataset.split=train or a slice of it (train[:1000], train[10%:])"
     try:
         instruction = datasets.ReadInstruction.from_spec(cfg.split)
-        if len(instruction.to_absolute({"train": sys.maxsize})) != 1:  # also checks the split name before anything is read
+        if (
+            len(instruction.to_absolute({"train": sys.maxsize})) != 1
+        ):  # also checks the split name before anything is read
             raise ValueError("one slice only")
-        n_rows = sum(_batch_len(b) for _, _, b in _raw_batches(cfg, streaming)) if "%" in cfg.split or "-" in cfg.split else sys.maxsize
+        n_rows = (
+            sum(_batch_len(b) for _, _, b in _raw_batches(cfg, streaming))
+            if "%" in cfg.split or "-" in cfg.split
+            else sys.maxsize
+        )
         (part,) = instruction.to_absolute({"train": n_rows})
     except (ValueError, AssertionError) as e:
         raise UserError(f"dataset.split={cfg.split!r}: {_first_line(e).rstrip('.')}; {fix}") from e
     return range(part.from_, part.to)
 
 
-def _sliced(batches: Iterable[Tuple[str, int, Dict[str, list]]], rows: range) -> Iterator[Tuple[str, int, Dict[str, list]]]:
+def _sliced(
+    batches: Iterable[Tuple[str, int, Dict[str, list]]], rows: range
+) -> Iterator[Tuple[str, int, Dict[str, list]]]:
     """The (source, first row, batch) items cut to the rows `rows` of the whole sequence; stops reading after the last."""
     at = 0
     for source, first_row, batch in batches:
@@ -450,7 +501,9 @@ def _raw_batches(cfg: DatasetConfig, streaming: bool) -> Iterator[Tuple[str, int
         return
     if cfg.kind == "hub":
         if streaming and "[" in cfg.split:
-            raise UserError(f"dataset.split={cfg.split!r}: a streamed hub dataset cannot be sliced; use dataset.max_examples")
+            raise UserError(
+                f"dataset.split={cfg.split!r}: a streamed hub dataset cannot be sliced; use dataset.max_examples"
+            )
         source = load_hub(cfg, streaming=streaming)
     else:
         source = LOADERS[cfg.kind](cfg)
@@ -485,7 +538,10 @@ def _datasets_shards(files: List[str], suffix: str) -> Dict[str, datasets.Iterab
     except Exception as e:
         raise _read_error(files, e) from e
     if source.num_shards != len(files):  # not one shard per file: open each file on its own (slower: ~50 ms a file)
-        return {f: datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=[f], split="train", streaming=True) for f in files}
+        return {
+            f: datasets.load_dataset(LOCAL_BUILDERS[suffix], data_files=[f], split="train", streaming=True)
+            for f in files
+        }
     return {f: source.shard(len(files), i) for i, f in enumerate(files)}
 
 
@@ -535,9 +591,13 @@ def _json_row(path: str, n: int, raw: bytes) -> dict:
     except UnicodeDecodeError:
         raise UserError(f"{path}, line {n}: bytes that are not UTF-8; fix or remove that line") from None
     except ValueError as e:
-        raise UserError(f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg.removesuffix(' at')}); fix or remove that line") from None
+        raise UserError(
+            f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg.removesuffix(' at')}); fix or remove that line"
+        ) from None
     if not isinstance(value, dict):
-        raise UserError(f"{path}, line {n}: a JSON {type(value).__name__}, not an object with a text field; fix or remove that line")
+        raise UserError(
+            f"{path}, line {n}: a JSON {type(value).__name__}, not an object with a text field; fix or remove that line"
+        )
     return value
 
 
@@ -562,5 +622,9 @@ def _flat_fields(batch: Dict[str, list]) -> List[str]:
     names = []
     for name, values in batch.items():
         first = next((v for v in values if v is not None), None)
-        names += [f"{name}.{sub}" for sub in _flat_fields({k: [v] for k, v in first.items()})] if isinstance(first, dict) else [name]
+        names += (
+            [f"{name}.{sub}" for sub in _flat_fields({k: [v] for k, v in first.items()})]
+            if isinstance(first, dict)
+            else [name]
+        )
     return names

@@ -37,13 +37,18 @@ log = logging.getLogger(__name__)
 
 def stream_eval_blocks(cfg: DatasetConfig, tokenizer, block_size: int) -> Dataset:
     """Blocks of the first `streaming_eval_docs` documents (in memory: a small, fixed held-out set)."""
-    docs = list(itertools.islice(iter_documents(cfg, streaming=True), cfg.streaming_eval_docs + 1))  # one more: is any left?
+    docs = list(
+        itertools.islice(iter_documents(cfg, streaming=True), cfg.streaming_eval_docs + 1)
+    )  # one more: is any left?
     if len(docs) <= cfg.streaming_eval_docs:
         raise UserError(
             f"dataset.streaming_eval_docs={cfg.streaming_eval_docs} holds out the first {cfg.streaming_eval_docs} documents for eval, "
-            f"and the stream has {len(docs)}: none is left to train on; " + (
-                f"set dataset.streaming_eval_docs below {len(docs)} (e.g. {max(1, len(docs) // 10)})" if len(docs) > 1
-                else "streaming needs at least 2 documents (one to eval, one to train on)")
+            f"and the stream has {len(docs)}: none is left to train on; "
+            + (
+                f"set dataset.streaming_eval_docs below {len(docs)} (e.g. {max(1, len(docs) // 10)})"
+                if len(docs) > 1
+                else "streaming needs at least 2 documents (one to eval, one to train on)"
+            )
         )
     pieces = (ids for ids, _ in encode_batches(batched(docs[:-1], cfg.tokenize_batch_size), tokenizer))
     blocks = list(pack_blocks(pieces, block_size, cfg.remainder, pad_id_of(tokenizer)))
@@ -53,8 +58,12 @@ def stream_eval_blocks(cfg: DatasetConfig, tokenizer, block_size: int) -> Datase
             f"block_size={block_size}; raise dataset.streaming_eval_docs or use dataset.remainder=keep"
         )
     blocks = np.concatenate(blocks)
-    log.info("streaming %s: the first %d documents are the eval set (%d blocks); training blocks are made on the fly from the rest",
-             cfg.path or cfg.kind, cfg.streaming_eval_docs, len(blocks))
+    log.info(
+        "streaming %s: the first %d documents are the eval set (%d blocks); training blocks are made on the fly from the rest",
+        cfg.path or cfg.kind,
+        cfg.streaming_eval_docs,
+        len(blocks),
+    )
     return Dataset.from_dict({"input_ids": blocks}, features=BLOCK_FEATURES)
 
 
@@ -64,7 +73,9 @@ def shard_batches(cfg: DatasetConfig, shard: int, num_shards: int) -> Iterator[l
     return (batch for b, batch in enumerate(batched(docs, cfg.tokenize_batch_size)) if b % num_shards == shard)
 
 
-def shard_blocks(cfg: DatasetConfig, tokenizer, block_size: int, shard: int, num_shards: int) -> Iterator[Tuple[int, np.ndarray]]:
+def shard_blocks(
+    cfg: DatasetConfig, tokenizer, block_size: int, shard: int, num_shards: int
+) -> Iterator[Tuple[int, np.ndarray]]:
     """(global index, block) of one shard, pass after pass, forever."""
     j = 0
     for _ in itertools.count():
@@ -84,7 +95,16 @@ def shard_blocks(cfg: DatasetConfig, tokenizer, block_size: int, shard: int, num
 class BlockStream(torch.utils.data.IterableDataset):
     """One process's micro-batches {'input_ids': (B, L), 'index': (B,)}, from micro-batch `start_batches` on."""
 
-    def __init__(self, cfg: DatasetConfig, tokenizer, block_size: int, micro_batch: int, rank: int, world_size: int, start_batches: int = 0):
+    def __init__(
+        self,
+        cfg: DatasetConfig,
+        tokenizer,
+        block_size: int,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        start_batches: int = 0,
+    ):
         self.cfg, self.tokenizer, self.block_size, self.micro_batch = cfg, tokenizer, block_size, micro_batch
         self.rank, self.world_size, self.start_batches = rank, world_size, start_batches
 
@@ -97,7 +117,9 @@ class BlockStream(torch.utils.data.IterableDataset):
         # made len(range(role, start_batches, workers)) micro-batches already.
         role = (worker + self.start_batches) % workers
         skip = len(range(role, self.start_batches, workers))
-        blocks = shard_blocks(self.cfg, self.tokenizer, self.block_size, self.rank * workers + role, self.world_size * workers)
+        blocks = shard_blocks(
+            self.cfg, self.tokenizer, self.block_size, self.rank * workers + role, self.world_size * workers
+        )
         for batch in batched(itertools.islice(blocks, skip * self.micro_batch, None), self.micro_batch):
             index, ids = zip(*batch)
             yield {"input_ids": np.stack(ids), "index": np.asarray(index, dtype=np.int64)}
@@ -106,5 +128,9 @@ class BlockStream(torch.utils.data.IterableDataset):
 def stream_loader(stream: BlockStream, collate_fn, num_workers: int) -> torch.utils.data.DataLoader:
     # batch_size=None: the stream yields whole micro-batches; a private generator as in batching.make_loader
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, collate_fn=collate_fn, num_workers=num_workers, generator=torch.Generator().manual_seed(0),
+        stream,
+        batch_size=None,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
     )

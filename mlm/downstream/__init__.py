@@ -74,7 +74,9 @@ def load_polarity(cfg: DownstreamConfig) -> Examples:
 
     path = _gensim_test_file("pang_lee_polarity.cor")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="cp1252").splitlines(), 1):  # Pang and Lee's bytes: Windows-1252 (0x97: an em dash)
+    for n, line in enumerate(
+        path.read_text(encoding="cp1252").splitlines(), 1
+    ):  # Pang and Lee's bytes: Windows-1252 (0x97: an em dash)
         label, _, text = line.partition(" ")
         if not label.startswith("__label__") or not text.strip():
             raise UserError(f"{path}, line {n}: not '__label__<class> <text>'")
@@ -115,18 +117,22 @@ def load_local(cfg: DownstreamConfig) -> Examples:
         raise UserError(f"downstream.path={cfg.path!r}: use a .csv (with a header row) or a .jsonl file")
     fields = [*cfg.text_fields, cfg.label_field]
     rows = []
-    for where, record in (_csv_rows(path) if suffix == ".csv" else _jsonl_rows(path)):
+    for where, record in _csv_rows(path) if suffix == ".csv" else _jsonl_rows(path):
         missing = [f for f in fields if record.get(f) is None or str(record[f]).strip() == ""]
         if missing:
             raise UserError(f"{where}: no {missing[0]!r} (or it is empty); every row needs {', '.join(fields)}")
-        rows.append((tuple(str(record[f]) for f in cfg.text_fields), _label(record[cfg.label_field], where, cfg.label_field)))
+        rows.append(
+            (tuple(str(record[f]) for f in cfg.text_fields), _label(record[cfg.label_field], where, cfg.label_field))
+        )
     if not rows:
         raise UserError(f"{path} has no rows")
     return _with_class_ids(rows)
 
 
 def _csv_rows(path: Path):
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM (Excel's CSVs) is not part of the first column's name
+    with open(
+        path, newline="", encoding="utf-8-sig", errors="replace"
+    ) as f:  # -sig: a BOM (Excel's CSVs) is not part of the first column's name
         reader = csv.DictReader(f)
         for record in reader:
             yield f"{path}, line {reader.line_num}", record
@@ -152,19 +158,27 @@ def load_hub_split(cfg: DownstreamConfig, split: str) -> Examples:
 
     name = f"{cfg.path}/{cfg.config_name}" if cfg.config_name else cfg.path
     if not offline_mode() and not hub_reachable():
-        raise UserError(f"downstream dataset {name!r}: the Hugging Face hub is unreachable; use downstream=polarity or "
-                        "downstream=local downstream.path=<csv or jsonl>, or HF_HUB_OFFLINE=1 if it is in your Hugging Face cache")
+        raise UserError(
+            f"downstream dataset {name!r}: the Hugging Face hub is unreachable; use downstream=polarity or "
+            "downstream=local downstream.path=<csv or jsonl>, or HF_HUB_OFFLINE=1 if it is in your Hugging Face cache"
+        )
     try:
         data = datasets.load_dataset(cfg.path, cfg.config_name, split=split)
     except Exception as e:  # offline cache misses, 404s, unknown configs and splits all come as different types
-        raise UserError(f"could not load downstream dataset {name!r} split {split!r}: {type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0][:300]}") from e
+        raise UserError(
+            f"could not load downstream dataset {name!r} split {split!r}: {type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0][:300]}"
+        ) from e
     missing = [f for f in [*cfg.text_fields, cfg.label_field] if f not in data.column_names]
     if missing:
-        raise UserError(f"downstream dataset {name!r} has no column {missing[0]!r}; its columns: {', '.join(data.column_names)}")
+        raise UserError(
+            f"downstream dataset {name!r} has no column {missing[0]!r}; its columns: {', '.join(data.column_names)}"
+        )
     labels = data[cfg.label_field]
     if min(labels) < 0:  # GLUE's test splits: labels withheld (-1)
-        raise UserError(f"downstream dataset {name!r} split {split!r} has no labels; score another split (downstream.eval_split=validation)")
+        raise UserError(
+            f"downstream dataset {name!r} split {split!r} has no labels; score another split (downstream.eval_split=validation)"
+        )
     feature = data.features[cfg.label_field]
     classes = list(feature.names) if hasattr(feature, "names") else [str(i) for i in range(max(labels) + 1)]
     return Examples(list(zip(*(data[f] for f in cfg.text_fields))), labels, classes)
@@ -194,9 +208,13 @@ def task_splits(cfg: DownstreamConfig) -> Tuple[str, List[Tuple[Examples, Exampl
         return f"{cfg.train_split} -> {cfg.eval_split}", [(train, load_hub_split(cfg, cfg.eval_split))]
     examples = LOADERS[cfg.kind](cfg)
     if len(set(examples.labels)) < 2:
-        raise UserError(f"downstream task {task_name(cfg)!r} has one class only ({examples.classes[0]!r}); a classifier needs two or more")
+        raise UserError(
+            f"downstream task {task_name(cfg)!r} has one class only ({examples.classes[0]!r}); a classifier needs two or more"
+        )
     if len(examples) < cfg.folds:
-        raise UserError(f"downstream task {task_name(cfg)!r} has {len(examples)} examples, fewer than downstream.folds={cfg.folds}")
+        raise UserError(
+            f"downstream task {task_name(cfg)!r} has {len(examples)} examples, fewer than downstream.folds={cfg.folds}"
+        )
     folds = stratified_folds(examples.labels, cfg.folds)
     pairs = []
     for held_out in folds:
@@ -233,8 +251,16 @@ def load_classifier(model_dir: str, num_labels: int, trust_remote_code: bool = F
 
     with _quiet_transformers():  # the "newly initialized: classifier..." report is expected here
         # through _hub_call: a folder's own code (auto_map) or pickled payload is one line, nothing of it run
-        model = _hub_call("model", model_dir, AutoModelForSequenceClassification.from_pretrained, model_dir, num_labels=num_labels,
-                          dtype=torch.float32, attn_implementation=ModelConfig.attn_implementation, trust_remote_code=trust_remote_code)
+        model = _hub_call(
+            "model",
+            model_dir,
+            AutoModelForSequenceClassification.from_pretrained,
+            model_dir,
+            num_labels=num_labels,
+            dtype=torch.float32,
+            attn_implementation=ModelConfig.attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
     pooler = getattr(model.base_model, "pooler", None)  # BERT's dense + tanh on [CLS]; RoBERTa's head has its own, new
     for module in pooler.modules() if pooler is not None else ():
         if isinstance(module, torch.nn.Linear):  # as BERT initialises it (transformers' own init skips loaded weights)
@@ -246,14 +272,24 @@ def load_classifier(model_dir: str, num_labels: int, trust_remote_code: bool = F
 def batches(examples: Examples, order: Sequence[int], batch_size: int, tokenizer, max_length: int, device):
     """Tokenized batches in `order`, padded to their own longest example."""
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         columns = list(zip(*(examples.texts[i] for i in idx)))  # one list per text field
-        enc = tokenizer(*(list(c) for c in columns), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            *(list(c) for c in columns), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor([examples.labels[i] for i in idx])
         yield {k: v.to(device) for k, v in enc.items()}
 
 
-def finetune(model_dir: str, tokenizer, train: Examples, cfg: DownstreamConfig, seed: int, device, trust_remote_code: bool = False):
+def finetune(
+    model_dir: str,
+    tokenizer,
+    train: Examples,
+    cfg: DownstreamConfig,
+    seed: int,
+    device,
+    trust_remote_code: bool = False,
+):
     """One fine-tune: a new head seeded by `seed`, AdamW with a linear schedule after a 10% warmup.
 
     Inside a training run a stop signal ends it at the next step (Interrupted): the fine-tune is redone by the rerun."""
@@ -330,7 +366,9 @@ def evaluate(model_dir, cfg: DownstreamConfig, device=None, trust_remote_code: b
     start = time.perf_counter()
     model_dir = resolve_path(str(model_dir))
     give = "give a run's final/ directory or package:<module>/<subdir>"
-    if not Path(model_dir).is_dir():  # a saved model only: no hub id (check_saved_model leaves a name like one to the hub lookup)
+    if not Path(
+        model_dir
+    ).is_dir():  # a saved model only: no hub id (check_saved_model leaves a name like one to the hub lookup)
         raise UserError(f"{model_dir} is not a saved model (no such directory); {give}")
     check_saved_model(model_dir, give)
     device = torch.device(device) if device is not None else default_device()
@@ -345,8 +383,16 @@ def evaluate(model_dir, cfg: DownstreamConfig, device=None, trust_remote_code: b
             predictions += predict(model, tokenizer, held_out, cfg, device)
             labels += held_out.labels
             del model
-            log.info("downstream %s, seed %d, split %d/%d: %d trained, %d scored (%.0f s)", task_name(cfg), seed, n, len(splits),
-                     len(train), len(held_out), time.perf_counter() - t0)
+            log.info(
+                "downstream %s, seed %d, split %d/%d: %d trained, %d scored (%.0f s)",
+                task_name(cfg),
+                seed,
+                n,
+                len(splits),
+                len(train),
+                len(held_out),
+                time.perf_counter() - t0,
+            )
         accuracies.append(sum(y == p for y, p in zip(labels, predictions)) / len(labels))
         f1s.append(macro_f1(labels, predictions))
         log.info("downstream %s, seed %d: accuracy %.4f", task_name(cfg), seed, accuracies[-1])
@@ -368,8 +414,9 @@ def evaluate(model_dir, cfg: DownstreamConfig, device=None, trust_remote_code: b
 # ---------------------------------------------------------------- a finished run asked for a downstream task
 
 
-def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional[dict], results: dict,
-                        trust_remote_code: bool = False) -> dict:
+def add_to_finished_run(
+    run_dir: Path, cfg: DownstreamConfig, settings: Optional[dict], results: dict, trust_remote_code: bool = False
+) -> dict:
     """A finished run asked again with downstream settings its results.json has no numbers for (none yet, or
     another task): fine-tune its final/ now, and rewrite results.json with them (the "downstream" record and the
     config's downstream.* keys: the ones asked). Main process only, under the run's lock. Returns the results.
@@ -382,17 +429,27 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
         return results
     final = Path(run_dir) / "final"
     if not final.is_dir():
-        raise UserError(f"{run_dir} is finished but has no final/ model to fine-tune (trained with trainer.save_model=false); "
-                        "train it again in a run directory of its own (hydra.run.dir=<new dir>)")
+        raise UserError(
+            f"{run_dir} is finished but has no final/ model to fine-tune (trained with trainer.save_model=false); "
+            "train it again in a run directory of its own (hydra.run.dir=<new dir>)"
+        )
     if "downstream" in results:
-        log.warning("%s: replacing its downstream result for %s with one for %s", run_dir, results["downstream"].get("task"), task_name(cfg))
+        log.warning(
+            "%s: replacing its downstream result for %s with one for %s",
+            run_dir,
+            results["downstream"].get("task"),
+            task_name(cfg),
+        )
     # a stop signal ends the fine-tune at its next step (one line), results.json as it was
     stop = StopSignals(plan="stopping the downstream fine-tune at its next step; results.json stays as it is").install()
     try:
         scores = evaluate(final, cfg, trust_remote_code=trust_remote_code)
     except Interrupted as e:
-        raise Interrupted(e.signum, f"{e}; {Path(run_dir) / 'results.json'} is unchanged; add the downstream numbers "
-                                    f"with: {rundir.resume_command(run_dir)}") from None
+        raise Interrupted(
+            e.signum,
+            f"{e}; {Path(run_dir) / 'results.json'} is unchanged; add the downstream numbers "
+            f"with: {rundir.resume_command(run_dir)}",
+        ) from None
     finally:
         stop.restore()
     results = {**results, "downstream": scores, "config": {**results.get("config", {}), **asked}}
@@ -402,5 +459,7 @@ def add_to_finished_run(run_dir: Path, cfg: DownstreamConfig, settings: Optional
 
 
 def summary_line(result: Dict[str, Any]) -> str:
-    return (f"downstream {result['task']}: accuracy {result['accuracy']:.4f}, median of {len(result['seeds'])} seed(s) "
-            f"({', '.join(f'{a:.3f}' for a in result['accuracies'])}; {result['protocol']}, {result['seconds']:.0f} s)")
+    return (
+        f"downstream {result['task']}: accuracy {result['accuracy']:.4f}, median of {len(result['seeds'])} seed(s) "
+        f"({', '.join(f'{a:.3f}' for a in result['accuracies'])}; {result['protocol']}, {result['seconds']:.0f} s)"
+    )

@@ -20,10 +20,15 @@ from mlm.downstream import evaluate, summary_line
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mlm.downstream",
-        description="Fine-tune a saved model on a downstream task (seeds, median accuracy); prints the result as JSON.")
+        description="Fine-tune a saved model on a downstream task (seeds, median accuracy); prints the result as JSON.",
+    )
     parser.add_argument("model", help="a saved model directory (a run's final/) or package:<module>/<subdir>")
-    parser.add_argument("overrides", nargs="*", help="downstream=<task> and downstream.* settings, as for run.py; "
-                                                     "model.trust_remote_code=true runs the model folder's own code (read it first)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="downstream=<task> and downstream.* settings, as for run.py; "
+        "model.trust_remote_code=true runs the model folder's own code (read it first)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -45,8 +50,10 @@ def compose_downstream(overrides: List[str]) -> Tuple[DownstreamConfig, bool]:
     for arg in overrides:
         key = arg.lstrip("+~").split("=")[0]
         if key.split(".")[0].split("/")[0] != "downstream" and key != "model.trust_remote_code":
-            raise UserError(f"{arg}: only downstream settings apply here (downstream=<task>, downstream.<key>=..., "
-                            "and model.trust_remote_code)")
+            raise UserError(
+                f"{arg}: only downstream settings apply here (downstream=<task>, downstream.<key>=..., "
+                "and model.trust_remote_code)"
+            )
     check_override_keys(overrides)
     cfg = compose(overrides)
     if cfg.downstream.kind == "none":
