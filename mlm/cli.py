@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import logging
 import os
@@ -17,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm import preemption
-from mlm.config import CONF, GROUPS, MOVED, REMOVED, Config, Resumable, UserError, choices_of, register_configs
+from mlm.config import CONF, GROUPS, Config, Resumable, UserError, choices_of, register_configs, schema_fields
 from mlm.distributed import PeerFailed, detect, is_main_process, launch_name
 from mlm.files import NOFOLLOW, atomic_write_text, open_append
 from mlm.preemption import Interrupted
@@ -186,19 +185,13 @@ def mask_sweep_snapshot(sweep_dir: Path) -> None:
         atomic_write_text(path, text, shared=True)  # the parallel jobs of a sweep do this at once
 
 
-def schema_keys(node=Config, prefix: str = "") -> Dict[str, Any]:
+def schema_keys() -> Dict[str, Any]:
     """Every key of the typed config as a dotted path -> its type (Dict fields take free-form keys below them)."""
-    keys = {}
-    for name, kind in typing.get_type_hints(node).items():
-        if dataclasses.is_dataclass(kind):
-            keys.update(schema_keys(kind, f"{prefix}{name}."))
-        else:
-            keys[prefix + name] = kind
-    return keys
+    return {key: kind for key, (_, kind) in schema_fields().items()}
 
 
 def check_override_keys(args: List[str]) -> None:
-    """Command-line overrides name real keys and allowed values: a misspelled, moved or removed key, or a value
+    """Command-line overrides name real keys and allowed values: a misspelled key (with the closest real one), or a value
     outside a choice (sweep lists included), gets one line (UserError) before Hydra composes anything (Hydra's
     advice for an unknown key, `+key=value`, is wrong for a typed config, and its choice error ends a sweep midway)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -216,7 +209,7 @@ def check_override_keys(args: List[str]) -> None:
             if not any(
                 typing.get_origin(kind) in (dict, Dict) and key.startswith(path + ".") for path, kind in keys.items()
             ):
-                raise UserError(unknown_key_line(key, arg, keys))
+                raise UserError(unknown_key_line(key, keys))
             continue  # model.arch.<any config field>
         allowed = choices_of(keys[key])
         if allowed is not None:
@@ -236,11 +229,7 @@ def override_values(override) -> List[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def unknown_key_line(key: str, arg: str, keys: Dict[str, Any]) -> str:
-    if key in MOVED:
-        return f"{key} is now {MOVED[key]}: {arg.lstrip('+').replace(key, MOVED[key], 1)}"
-    if key in REMOVED:
-        return f"{key} was removed (measured and not taken; docs/experiments.md has the numbers)"
+def unknown_key_line(key: str, keys: Dict[str, Any]) -> str:
     close = difflib.get_close_matches(key, list(keys) + list(GROUPS), n=1, cutoff=0.6)
     return f"unknown config key {key!r}" + (
         f"; did you mean {close[0]}?" if close else "; python run.py --help lists the keys"

@@ -1,62 +1,21 @@
 """`python run.py --help`: every config group with a line on each option, and every key with its value and a line on it.
 
 The lines come from where they are already written, read here and nowhere else: an option's from the first sentence of
-its file's leading comment (conf/<group>/<option>.yaml), a key's from its trailing comment in the schema's source
-(mlm/config.py: `name: type = default  # what it does`). Hydra prints `hydra.help.template`
+its file's leading comment (conf/<group>/<option>.yaml), a key's from its field in the schema (mlm/config.py:
+`name: type = setting(default, "what it does", resume=...)`). Hydra prints `hydra.help.template`
 (conf/hydra/help/mlm.yaml), which calls the resolver registered by mlm.cli.register: `help_text`.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import io
 import json
 import re
-import tokenize
-import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
-from mlm import config as schema
-from mlm.config import CONF, GROUPS, Config, choices_of
+from mlm.config import CONF, GROUPS, Config, choices_of, schema_fields
 
 WIDTH = 110  # a description longer than this is cut at a word, with "..."
-
-
-def field_comments(source: Path = Path(schema.__file__)) -> Dict[Tuple[str, str], str]:
-    """(dataclass name, field name) -> the comment ending the field's definition (its last line, or its first)."""
-    text = source.read_text()
-    comments = {
-        tok.start[0]: tok.string.lstrip("#").strip()
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline)
-        if tok.type == tokenize.COMMENT
-    }
-    found = {}
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.ClassDef):
-            for stmt in node.body:
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                    found[(node.name, stmt.target.id)] = comments.get(stmt.end_lineno) or comments.get(stmt.lineno, "")
-    return found
-
-
-def key_fields(node: type = Config, prefix: str = "") -> Dict[str, Tuple[str, str, Any]]:
-    """Every schema key (dotted) -> (its dataclass's name, its field name, its type), in the schema's order."""
-    keys = {}
-    hints = typing.get_type_hints(node)
-    for f in dataclasses.fields(node):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.update(key_fields(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            keys[prefix + f.name] = (node.__name__, f.name, hints[f.name])
-    return keys
-
-
-def key_descriptions() -> Dict[str, str]:
-    """Every schema key -> its one-line description ('' where the schema has no comment on it)."""
-    comments = field_comments()
-    return {key: comments.get((cls, name), "") for key, (cls, name, _) in key_fields().items()}
 
 
 def option_description(path: Path) -> str:
@@ -118,14 +77,11 @@ def group_lines(choices: Dict[str, str]) -> List[str]:
 
 
 def key_lines(root) -> List[str]:
-
-    descriptions = key_descriptions()
     pairs = []
-    for key, (_, _, kind) in key_fields().items():
-        allowed = choices_of(kind)
-        description = descriptions[key] + (
-            f" [{'|'.join(allowed)}]" if allowed and "|" not in descriptions[key] else ""
-        )
+    for key, (f, kind) in schema_fields().items():
+        allowed, description = choices_of(kind), f.metadata["description"]
+        if allowed and "|" not in description:
+            description += f" [{'|'.join(allowed)}]"
         pairs.append((f"{key}={shown(value_of(root, key))}", description))
     width = min(48, max(len(left) for left, _ in pairs))
     return [

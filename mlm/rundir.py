@@ -48,12 +48,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from mlm.config import MOVED, UserError, resume_exempt
+from mlm.config import UserError, blocking_changes
 from mlm.distributed import detect, is_main_process
 from mlm.files import NOFOLLOW, atomic_write_json, write_error
 from mlm.records import content_hashes, malformed_data
-from mlm.tracking import MASKED, scrub
-from mlm.schedules import decay_start, stable_then_decay, warmup_length
+from mlm.schedules import WSD_KEYS, decay_branch, rate_jump
+from mlm.tracking import scrub
 
 log = logging.getLogger(__name__)
 
@@ -392,32 +392,18 @@ def unfinished_run(overrides: List[str], config: dict) -> Optional[Path]:
     return None
 
 
-# The settings a resume (and the "finished" check) does not compare: each says so on its field in mlm/config.py
-# (NO_RESULT: speed, memory, workers, cadence, logging, downstream; OWN_CHECK: max_steps and budget_minutes,
-# which finished_results compares with how far the run got, and the batch split, whose global batch
-# changed_settings compares). Every other setting changed is refused, so one run never mixes two configs.
-NOT_RESULTS = resume_exempt()
-
-
 def changed_settings(
-    saved: dict, settings: dict, saved_processes: Optional[int], may_change: Tuple[str, ...] = ()
+    saved: dict, settings: dict, saved_processes: Optional[int], step: Optional[int] = None, may_change=()
 ) -> List[str]:
-    """The result-affecting settings that differ between a run's saved flat config (trained on `saved_processes`)
-    and this one's, as 'key=old there, new now', leaving out `may_change` (branch_may_change). The batch split may
-    change, the global batch may not."""
-    # a stream's shards (and so its data order) depend on the dataloader workers
-    ignored = (
-        tuple(k for k in NOT_RESULTS if not (k == "runtime.num_workers" and settings.get("dataset.streaming")))
-        + may_change
-    )
-    saved = {
-        MOVED.get(k, k): v for k, v in saved.items()
-    }  # a run saved before keys moved compares under their new names
-    # "***": a value an older version masked as a secret (model.tokenizer): not known, so not compared
-    differ = sorted(
-        k for k in set(saved) & set(settings) if not k.startswith(ignored) and saved[k] not in (settings[k], MASKED)
-    )
-    shown = [f"{k}={saved[k]!r} there, {settings[k]!r} now" for k in differ]
+    """The settings whose change keeps a run from going on (mlm.config.blocking_changes: each setting's resume rule)
+    between its saved flat config (trained on `saved_processes`, its checkpoint at `step`; None: finished) and this
+    one's, as 'key=old there, new now', leaving out `may_change` (path_by_content). The batch split may change, the
+    global batch may not."""
+    shown = [
+        f"{k}={saved.get(k)!r} there, {settings.get(k)!r} now"
+        for k in blocking_changes(saved, settings, step)
+        if k not in may_change
+    ]
     before, now = global_batch(saved, saved_processes), global_batch(settings, detect().world_size)
     if before and now and before != now:
         shown.append(
@@ -426,81 +412,26 @@ def changed_settings(
     return shown
 
 
-DECAY_KEYS = ("scheduler.decay_ratio", "scheduler.decay_shape")  # where and how a wsd decay goes
-
-
-def branch_may_change(saved: dict, settings: dict, step: int) -> Tuple[str, ...]:
-    """The settings a checkpoint of `step` steps may resume with changed, beyond NOT_RESULTS, and still be one run.
-
-    A wsd checkpoint in the stable phase of both its schedule (`saved`) and this one (`settings`) may
-    change the decay (DECAY_KEYS): it trained at the peak under both, so a decay branch from it
-    follows the new schedule from its next step on. Any other checkpoint (warming up, decaying, not wsd): none."""
-    return DECAY_KEYS if in_stable_phase(saved, step) and in_stable_phase(settings, step) else ()
-
-
-def in_stable_phase(flat: dict, step: int) -> bool:
-    """Whether a wsd run of these flat settings is at its peak after `step` steps: warmup done, decay not begun
-    (computed as the scheduler does, mlm.schedules). A run counted in epochs or under a time budget is not:
-    its decay's start depends on the data's size or on the clock."""
-    try:
-        total = int(flat["trainer.max_steps"])
-        if flat["scheduler.name"] != "wsd" or total <= 0 or flat.get("trainer.budget_minutes"):
-            return False
-        warmup = warmup_length(int(flat["scheduler.warmup_steps"]), float(flat["scheduler.warmup_ratio"]), total)
-        return warmup <= step <= decay_start(total, float(flat["scheduler.decay_ratio"]))
-    except (KeyError, TypeError, ValueError):  # a config saved before these keys existed
-        return False
-
-
-def rate_after(flat: dict, step: int) -> Optional[float]:
-    """The wsd multiplier of the peak after `step` (the rate of step + 1) once warmup is done, as the scheduler computes it;
-    None for another schedule, or one whose decay the data's size or the clock places."""
-    try:
-        total = int(flat["trainer.max_steps"])
-        if flat["scheduler.name"] != "wsd" or total <= 0 or flat.get("trainer.budget_minutes"):
-            return None
-        return stable_then_decay(
-            step, decay_start(total, float(flat["scheduler.decay_ratio"])), total, str(flat["scheduler.decay_shape"])
-        )
-    except (KeyError, TypeError, ValueError):  # a config saved before these keys existed
-        return None
-
-
-SCHEDULE_KEYS = ("trainer.max_steps", *DECAY_KEYS)  # what places a wsd decay
-
-
 def refuse_rate_jump(ckpt: Path, saved: dict, settings: dict, step: int) -> None:
     """A wsd checkpoint already in its decay resumed with a schedule that trains its next step at a higher rate (a longer
-    run, a later decay) would jump the rate back up, to the peak from 0 for a finished run: refused, naming the
-    newest checkpoint of its run before the decay began, which may branch into these settings."""
-    before, after = rate_after(saved, step), rate_after(settings, step)
-    if (
-        before is None
-        or after is None
-        or step <= decay_start(int(saved["trainer.max_steps"]), float(saved["scheduler.decay_ratio"]))
-        or after <= before + 1e-9
-    ):
+    run, a later decay: mlm.schedules.rate_jump) is refused, naming the newest checkpoint of its run before the decay
+    began, which may branch into these settings."""
+    jump = rate_jump(saved, settings, step)
+    if jump is None:
         return
     from mlm.checkpoint import list_checkpoints
 
-    changed = " ".join(f"{k}={settings[k]}" for k in SCHEDULE_KEYS if settings.get(k) != saved.get(k))
-    stable = next(
-        (
-            p
-            for p in list_checkpoints(ckpt.parent.parent)
-            if in_stable_phase(saved, _step(p)) and in_stable_phase(settings, _step(p))
-        ),
-        None,
-    )
+    changed = " ".join(f"{k}={settings[k]}" for k in WSD_KEYS if settings.get(k) != saved.get(k))
+    stable = next((p for p in list_checkpoints(ckpt.parent.parent) if decay_branch(saved, settings, _step(p))), None)
     way = (
         f"branch from {stable.name}, before the decay began: hydra.run.dir=<new dir> resume={stable}"
         if stable
         else f"no checkpoint of {ckpt.parent.parent} before the decay is kept, so put back "
-        + " ".join(f"{k}={saved.get(k)}" for k in SCHEDULE_KEYS)
+        + " ".join(f"{k}={saved.get(k)}" for k in WSD_KEYS)
     )
     raise UserError(
-        f"{ckpt} is in its wsd decay (rate {before:.2f} x peak after step {step}) and {changed} would train step "
-        f"{step + 1} at {after:.2f} x peak, jumping the rate back up; {way}"
+        f"{ckpt} is in its wsd decay (rate {jump[0]:.2f} x peak after step {step}) and {changed} would train step "
+        f"{step + 1} at {jump[1]:.2f} x peak, jumping the rate back up; {way}"
     )
 
 
@@ -547,7 +478,7 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
             return None  # another budget: resume and train on (as with more max_steps)
     elif max_steps > 0 and results.get("steps") != max_steps:
         return None
-    differ = changed_settings(saved, settings, results.get("processes"), path_by_content(results))
+    differ = changed_settings(saved, settings, results.get("processes"), None, path_by_content(results))
     if differ:
         raise UserError(
             f"{run_dir} holds a finished run with other settings ({'; '.join(differ)}); put them back "
@@ -559,11 +490,10 @@ def finished_results(run_dir: Path, resume: str, max_steps: int, settings: Optio
 def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: Optional[dict]) -> None:
     """Refuse to resume an unfinished run with result-affecting settings changed (UserError naming each one);
     with resume=<checkpoint path> (a branch the user asked for) only warn. A wsd checkpoint in its stable
-    phase may change its decay either way (branch_may_change).
+    phase may change its decay either way (mlm.schedules.decay_branch).
 
     Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
-    its content is verified later, before loading). Checkpoints without a saved config (older
-    versions) are not compared."""
+    its content is verified later, before loading)."""
     from mlm.checkpoint import (
         resume_candidates,
     )  # mlm.checkpoint -> mlm.parallel -> torch.distributed: only when resuming
@@ -577,12 +507,10 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
         state = json.loads((candidates[0] / "state.json").read_text())
         saved, step = state["config"], int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable (resume then sets it aside) or written before configs were saved
+        return  # unreadable: resume sets it aside (checkpoint.read_state)
     if not isinstance(saved, dict) or malformed_data(state.get("data")):
         return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
-    differ = changed_settings(
-        saved, settings, state.get("world_size"), branch_may_change(saved, settings, step) + path_by_content(state)
-    )
+    differ = changed_settings(saved, settings, state.get("world_size"), step, path_by_content(state))
     if differ and resume == "auto":
         raise UserError(
             f"{candidates[0]} was trained with other settings ({'; '.join(differ)}); put them back to resume "

@@ -5,8 +5,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from mlm.cli import check_override_keys, schema_keys
-from mlm.config import MOVED, REMOVED, Config, MaskingConfig, UserError
+from mlm.cli import check_override_keys
+from mlm.config import Config, MaskingConfig, UserError, schema_fields
 from mlm.tracking import flatten
 from tests.conftest import ROOT, compose, run_cli
 
@@ -93,12 +93,6 @@ def test_a_value_outside_a_choice_is_rejected_when_hydra_composes(override):
     [
         (["trainer.max_step=10"], "unknown config key 'trainer.max_step'; did you mean trainer.max_steps?"),
         (["modle=tiny"], "did you mean model?"),
-        (
-            ["trainer.mixed_precision=bf16"],
-            "trainer.mixed_precision is now runtime.mixed_precision: runtime.mixed_precision=bf16",
-        ),
-        (["trainer.sharding=fsdp"], "trainer.sharding is now runtime.sharding"),
-        (["trainer.fast_dropout=true"], "trainer.fast_dropout was removed"),
         (["runtime.mixed_precision=bf17"], "runtime.mixed_precision=bf17 is not one of auto, no, bf16, fp16"),
         (
             ["-m", "runtime.mixed_precision=no,fp17"],
@@ -139,18 +133,41 @@ def test_free_form_and_hydra_keys_pass_the_key_check():
     )
 
 
-def test_every_schema_key_has_a_description_in_its_trailing_comment():
-    """--help reads each key's line from its comment in mlm/config.py: a key added without one fails here."""
-    from mlm.help import key_descriptions
+def unclassified(node) -> list:
+    """The fields of a schema dataclass (groups walked into) without a --help line or without a resume rule."""
+    import dataclasses
+    import typing
 
-    descriptions = key_descriptions()
-    assert descriptions.keys() == schema_keys().keys()
-    assert [key for key, text in descriptions.items() if not text] == []
+    from mlm import config, schedules
+
+    rules = {config.fixed, config.free, config.own_check, config.free_unless_streaming, schedules.decay_branch}
+    hints, found = typing.get_type_hints(node), []
+    for f in dataclasses.fields(node):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += unclassified(hints[f.name])
+        elif not f.metadata.get("description") or f.metadata.get("resume") not in rules:
+            found.append(f"{node.__name__}.{f.name}")
+    return found
+
+
+def test_every_setting_has_a_description_and_a_resume_rule():
+    """--help reads each key's line from its field, and a resume asks each key's rule: a key added without both fails."""
+    import dataclasses
+
+    from mlm.config import free, setting
+
+    @dataclasses.dataclass
+    class Added:
+        described: int = setting(1, "a line", resume=free)
+        bare: int = 2  # a setting added the plain way
+        quiet: int = dataclasses.field(default=3, metadata={"resume": free})
+
+    assert unclassified(Added) == ["Added.bare", "Added.quiet"]
+    assert unclassified(Config) == []
 
 
 def test_help_describes_every_group_option_and_key_with_this_commands_values():
     from mlm.config import GROUPS
-    from mlm.help import key_descriptions
 
     proc = run_cli(["model=tiny", "optimizer.lr=0.002", "--help"])
     assert proc.returncode == 0, proc.stderr
@@ -164,8 +181,8 @@ def test_help_describes_every_group_option_and_key_with_this_commands_values():
         options = [line.split() for line in groups.split(f"\n{group}=", 1)[1].split("\n")[1:] if line.startswith("  ")]
         assert options and all(len(words) > 1 for words in options), group  # each option named, then described
     shown = " ".join(keys.split())
-    for key, description in key_descriptions().items():
-        assert f" {key}=" in f" {shown}" and " ".join(description.split()) in shown, key
+    for key, (field, _) in schema_fields().items():
+        assert f" {key}=" in f" {shown}" and " ".join(field.metadata["description"].split()) in shown, key
     assert (
         " model.source=scratch " in shown and " optimizer.lr=0.002 " in shown
     )  # the command's values, not the schema's
@@ -188,30 +205,13 @@ def test_each_default_is_written_once():
     assert plain == Config()
 
 
-def test_moved_and_removed_keys_are_not_in_the_schema():
-    keys = schema_keys()
-    assert all(old not in keys and new in keys for old, new in MOVED.items())
-    assert not any(key in keys for key in REMOVED)
-
-
-def test_a_run_saved_before_keys_moved_compares_them_under_their_new_names():
+def test_a_setting_on_one_side_only_counts_as_changed():
     from mlm.rundir import changed_settings
 
-    saved = {"trainer.mixed_precision": "bf16", "trainer.max_steps": 4}
-    assert changed_settings(saved, {"runtime.mixed_precision": "no", "trainer.max_steps": 4}, 1) == [
-        "runtime.mixed_precision='bf16' there, 'no' now"
-    ]
-    assert changed_settings(saved, {"runtime.mixed_precision": "bf16", "trainer.max_steps": 4}, 1) == []
-
-
-def test_a_value_an_older_version_masked_is_not_counted_as_changed():
-    from mlm.rundir import changed_settings
-
-    saved = {"model.tokenizer": "***", "optimizer.lr": 1e-4}  # older versions masked model.tokenizer for its "token"
-    assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 1e-4}, 1) == []
-    assert changed_settings(saved, {"model.tokenizer": "distilroberta-base", "optimizer.lr": 2e-4}, 1) == [
-        "optimizer.lr=0.0001 there, 0.0002 now"
-    ]
+    saved = {"model.arch.hidden_size": 64, "optimizer.lr": 1e-4}  # a key inside a dict setting follows its rule
+    now = {"model.arch.hidden_size": 64, "model.arch.num_hidden_layers": 2, "optimizer.lr": 1e-4}
+    assert changed_settings(saved, now, 1) == ["model.arch.num_hidden_layers=None there, 2 now"]
+    assert changed_settings({**saved, "tracker.project": "a"}, saved, 1) == []  # free on either side
 
 
 @pytest.mark.parametrize(
@@ -320,17 +320,18 @@ def test_a_refused_resume_names_the_way_out_that_keeps_its_checkpoints(tmp_path,
 
 
 def test_what_a_setting_means_for_a_resume_is_written_on_its_field():
-    from mlm.config import resume_exempt
-    from mlm.rundir import NOT_RESULTS
+    from mlm.config import blocking_changes
 
-    keys = schema_keys()
-    assert NOT_RESULTS == resume_exempt()
-    assert all(
-        k in keys or k.endswith(".") and any(s.startswith(k) for s in keys) for k in NOT_RESULTS
-    )  # real keys or groups
-    assert {o.split("=")[0] for o in SPEED} <= set(NOT_RESULTS) and {
-        "tracker.",
-        "downstream.",
-        "trainer.max_steps",
-    } <= set(NOT_RESULTS)
-    assert not {"optimizer.lr", "runtime.mixed_precision", "seed", "block_size", "trainer.epochs"} & set(NOT_RESULTS)
+    saved = flat(["trainer.max_steps=8"])
+    assert blocking_changes(saved, flat(["trainer.max_steps=8", *SPEED])) == []  # free
+    free_groups = ["tracker.project=other", "tracker.backends=[csv]", "downstream=polarity", "resume=never"]
+    assert blocking_changes(saved, flat(["trainer.max_steps=8", *free_groups])) == []
+    own = ["trainer.max_steps=9", "trainer.per_device_batch_size=2", "trainer.budget_minutes=5"]
+    assert blocking_changes(saved, flat(own)) == []  # own_check: rundir compares them on their own terms
+    fixed = ["optimizer.lr=0.1", "runtime.mixed_precision=no", "seed=1", "block_size=64", "trainer.epochs=2"]
+    assert blocking_changes(saved, flat(["trainer.max_steps=8", *fixed])) == sorted(o.split("=")[0] for o in fixed)
+    workers, streamed = flat(["trainer.max_steps=8", "runtime.num_workers=2"]), {**saved, "dataset.streaming": True}
+    assert blocking_changes(saved, workers) == []
+    assert blocking_changes(streamed, {**workers, "dataset.streaming": True}) == ["runtime.num_workers"]
+    decay = flat(["trainer.max_steps=8", "scheduler.decay_shape=1-sqrt"])
+    assert blocking_changes(saved, decay) == ["scheduler.decay_shape"]  # not a wsd run: mlm.schedules.decay_branch

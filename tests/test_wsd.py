@@ -162,7 +162,7 @@ def write_checkpoint(run_dir: Path, step: int, settings: dict) -> Path:
 
 
 def test_the_stable_phase_is_warmup_done_and_decay_not_begun():
-    from mlm.rundir import in_stable_phase
+    from mlm.schedules import in_stable_phase
 
     assert [s for s in range(42) if in_stable_phase(WSD, s)] == list(range(2, 31))
     assert not in_stable_phase({**WSD, "scheduler.name": "linear"}, 10)
@@ -170,7 +170,7 @@ def test_the_stable_phase_is_warmup_done_and_decay_not_begun():
     assert not in_stable_phase({**WSD, "trainer.max_steps": 0}, 10)  # counted in epochs: the length depends on the data
     assert not in_stable_phase(
         {k: v for k, v in WSD.items() if k != "scheduler.decay_ratio"}, 10
-    )  # saved before the key existed
+    )  # settings without the key (a file not written by this harness)
 
 
 @pytest.mark.parametrize(
