@@ -4,7 +4,8 @@ conf/config.yaml starts from this schema, and the group files under conf/ list o
 from it. Hydra rejects unknown keys, wrongly typed values and values outside a `Choice` before any
 work starts. Value checks that a type cannot express live in `validate()` methods that raise
 `UserError` with a one-line message naming the value and the fix (and `check_finite` refuses a nan
-or inf in any float setting).
+or inf in any float setting). Each setting is declared as `setting(default, "its --help line", resume=rule)`:
+what it does and whether a run may resume with it changed are written where the setting is.
 """
 
 from __future__ import annotations

@@ -419,6 +419,7 @@ def refuse_rate_jump(ckpt: Path, saved: dict, settings: dict, step: int) -> None
     jump = rate_jump(saved, settings, step)
     if jump is None:
         return
+    before, after = jump
     from mlm.checkpoint import list_checkpoints
 
     changed = " ".join(f"{k}={settings[k]}" for k in WSD_KEYS if settings.get(k) != saved.get(k))
@@ -430,8 +431,8 @@ def refuse_rate_jump(ckpt: Path, saved: dict, settings: dict, step: int) -> None
         + " ".join(f"{k}={saved.get(k)}" for k in WSD_KEYS)
     )
     raise UserError(
-        f"{ckpt} is in its wsd decay (rate {jump[0]:.2f} x peak after step {step}) and {changed} would train step "
-        f"{step + 1} at {jump[1]:.2f} x peak, jumping the rate back up; {way}"
+        f"{ckpt} is in its wsd decay (rate {before:.2f} x peak after step {step}) and {changed} would train step "
+        f"{step + 1} at {after:.2f} x peak, jumping the rate back up; {way}"
     )
 
 
