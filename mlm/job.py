@@ -244,16 +244,16 @@ class Job:
     def __enter__(self) -> "Job":
         import torch
 
-        self.failure_time = None
+        self.failure_time = self.device = self.slot = None
         p = self.placement = export_placement()
         (self.run_dir / f"error-rank{p.rank}.json").unlink(missing_ok=True)  # from an earlier attempt of this job
         if p.world_size == 1:
             self._lease_device()
-        elif torch.cuda.is_available():
+            return self
+        if torch.cuda.is_available():
             self.device = p.local_rank % torch.cuda.device_count()
         try:
-            if p.world_size > 1:
-                self.watch = self._join_group()
+            self.watch = self._join_group()
         except BaseException:
             self._release()
             raise
@@ -307,14 +307,8 @@ class Job:
             backend, store=dist.PrefixStore(prefix, store), rank=p.rank, world_size=p.world_size, timeout=self.timeout
         )
         own = dist.TCPStore(store.host, store.port, is_master=False, timeout=datetime.timedelta(seconds=30))
-        watch = PeerWatch(
-            dist.PrefixStore(prefix + "watch/", own),
-            p.rank,
-            p.world_size,
-            self.timeout.total_seconds(),
-            self._end_stuck,
-        )
-        return watch.start()
+        watch = dist.PrefixStore(prefix + "watch/", own)
+        return PeerWatch(watch, p.rank, p.world_size, self.timeout.total_seconds(), self._end_stuck).start()
 
     def _finish(self) -> None:
         """A rank that finished waits for all others in one last all-reduce, then leaves the group."""

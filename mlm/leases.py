@@ -77,11 +77,8 @@ class DeviceLease:
             }
             with os.fdopen(_open_own(self.dir / "lease.jsonl", os.O_WRONLY | os.O_APPEND), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        except (
-            UserError,
-            OSError,
-            RuntimeError,
-        ) as e:  # a symlink planted, a full /tmp, a sticky CUDA error: the slot is released all the same
+        # a symlink planted, a full /tmp, a sticky CUDA error: the slot is released all the same
+        except (UserError, OSError, RuntimeError) as e:
             log.warning("device slot %s: %s", self.names[self.slot], e)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

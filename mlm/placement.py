@@ -96,11 +96,7 @@ def detect(env: Optional[Mapping[str, str]] = None) -> Placement:
             env.get("MASTER_ADDR") or slurm_hostnames(nodelist)[0],
             _port(env, job_id),
         )
-    for prefix in (
-        "OMPI_COMM_WORLD_",
-        "PMI_",
-        "MV2_COMM_WORLD_",
-    ):  # mpirun (Accelerate's multi-CPU launches read these too)
+    for prefix in ("OMPI_COMM_WORLD_", "PMI_", "MV2_COMM_WORLD_"):  # mpirun (Accelerate's multi-CPU launches too)
         n = _int(env, prefix + "SIZE", default=1)
         if n > 1:
             local_n = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", default=n)
@@ -131,10 +127,8 @@ def lone_launch_note(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     )
 
 
-PORTS = (
-    20000,
-    32768,
-)  # derived rendezvous ports: below Linux's ephemeral range (32768-60999 by default), which outgoing connections take
+# derived rendezvous ports: below Linux's ephemeral range (32768-60999 by default), which outgoing connections take
+PORTS = (20000, 32768)
 
 
 def _port(env: Mapping[str, str], job_id: str) -> int:
@@ -184,9 +178,7 @@ def launch_name() -> Optional[str]:
     p = detect()
     job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", "")
     if job and (p.launcher == "slurm" or p.world_size > p.local_world_size):
-        return f"slurm-{job}" + (
-            f".{step}" if step.isdigit() and int(step) < 2**31 else ""
-        )  # batch/extern steps have huge ids
+        return f"slurm-{job}" + (f".{step}" if step.isdigit() and int(step) < 2**31 else "")  # batch/extern: huge ids
     if p.world_size > p.local_world_size:  # each node's start second differs: one run directory per node
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's --rdzv-id; "none" when not given
         if run_id == "none":
