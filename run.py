@@ -11,13 +11,15 @@ from omegaconf import DictConfig
 
 from mlm.cli import check_override_keys, register, run_job
 from mlm.config import UserError
+from mlm.job import Rendezvous
 
 register()
+rendezvous = Rendezvous()  # this process's link to its launcher's store: the jobs of a multirun run here one by one
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run_job(cfg)  # eval perplexity: what Optuna minimises
+    return run_job(cfg, rendezvous)  # eval perplexity: what Optuna minimises
 
 
 if __name__ == "__main__":

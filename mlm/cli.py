@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlm import preemption
 from mlm.config import CONF, GROUPS, Config, Resumable, UserError, choices_of, register_configs, schema_fields
-from mlm.distributed import PeerFailed, detect, is_main_process, launch_name
 from mlm.files import NOFOLLOW, atomic_write_text, open_append
+from mlm.job import Job, PeerFailed, Rendezvous
+from mlm.placement import detect, is_main_process, launch_name
 from mlm.preemption import Interrupted
 from mlm.rundir import RunDirLocked, finished_line, guard, lock_run_dir, release_run_dir, resume_command, resume_note
 
@@ -366,17 +367,17 @@ def _sweep_state(sweep_dir: Path) -> tuple:
     return (snapshot.read_text() if snapshot.exists() else None), outcomes
 
 
-def run_job(cfg: DictConfig) -> Optional[float]:
-    """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on)."""
+def run_job(cfg: DictConfig, rendezvous: Rendezvous) -> Optional[float]:
+    """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on).
+    `rendezvous`: this process's, for every job it runs."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     job = job_info(hc)
     debug = bool(cfg.get("debug", False))
+    placed: Optional[Job] = None  # once the job has started: its failure time orders error.txt
     try:
-        from mlm import distributed
-
         if preemption.in_sweep() and preemption.stop_requested():  # a queued job of a stopped sweep: not started
             log.warning("not started: the sweep was stopped by %s", preemption.signal_name(preemption.stop_requested()))
             return None
@@ -393,13 +394,11 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         typed: Config = OmegaConf.to_object(cfg)
         try:
             # one device and one process group for this job; a failure on any rank fails it on all
-            with distributed.job(
-                run_dir, typed.runtime.device_slots, collective_timeout_minutes=typed.runtime.collective_timeout_minutes
-            ) as placed:
-                distributed.check_shared_run_dir(run_dir)
-                results = train(
-                    typed, run_dir, {**job, "device_slot": placed["slot"]}, OmegaConf.to_container(cfg, resolve=True)
-                )
+            runtime = typed.runtime
+            with Job(run_dir, rendezvous, runtime.device_slots, runtime.collective_timeout_minutes) as placed:
+                placed.check_shared_run_dir()
+                tree = OmegaConf.to_container(cfg, resolve=True)
+                results = train(typed, run_dir, {**job, "device_slot": placed.slot}, tree, placed)
         except NonFiniteLoss as e:
             raise UserError(str(e)) from e
     except (
@@ -421,11 +420,11 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     except UserError as e:
         if debug:
             raise
-        return _fail(run_dir, job, str(e), resumable=isinstance(e, Resumable))
+        return _fail(run_dir, job, str(e), resumable=isinstance(e, Resumable), placed=placed)
     except Exception as e:
         if job["multirun"] and not debug:  # one broken job must not end the sweep; its log has the traceback
             log.exception("job failed")
-            return _fail(run_dir, job, f"{type(e).__name__}: {e}", resumable=isinstance(e, PeerFailed))
+            return _fail(run_dir, job, f"{type(e).__name__}: {e}", resumable=isinstance(e, PeerFailed), placed=placed)
         raise
     else:
         if is_main_process():
@@ -465,18 +464,18 @@ def objective(results: dict) -> Optional[float]:
     return None if failure({"error": None, "results": results}) else results["perplexity"]
 
 
-def _fail(run_dir: Path, job: dict, message: str, record: bool = True, resumable: bool = False) -> Optional[float]:
+def _fail(
+    run_dir: Path, job: dict, message: str, record: bool = True, resumable: bool = False, placed: Optional[Job] = None
+) -> Optional[float]:
     """error.txt and one line; the command that resumes the run only for a failure a rerun gets past (`resumable`: a
-    failed write, a failed peer): a bad setting or a NaN loss fails again."""
-    from mlm.distributed import failure_report
+    failed write, a failed peer): a bad setting or a NaN loss fails again. `placed`: the Job, once it has started."""
+    from mlm.job import failure_report
 
     log.error(message)
     if record and is_main_process() and run_dir.is_dir():
         try:
-            atomic_write_text(
-                run_dir / "error.txt",
-                failure_report(run_dir, message) + "\n" + (resume_note(run_dir) if resumable else ""),
-            )
+            report = failure_report(run_dir, message, placed and placed.failure_time)
+            atomic_write_text(run_dir / "error.txt", report + "\n" + (resume_note(run_dir) if resumable else ""))
         except OSError as e:  # the disk that failed the run may fail this too; the message below still says why
             log.warning("could not write %s: %s", run_dir / "error.txt", e)
     if job["multirun"]:

@@ -81,7 +81,7 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     sets up multi-process CPU training (gloo) when told cpu=True; otherwise torchrun's ranks would
     each train alone. Accelerate keeps one state per process and refuses a second configuration
     (another mixed_precision, device or distributed type); each job of a multirun starts from a
-    fresh one. The process group is not part of that state: mlm.distributed.job() owns it.
+    fresh one. The process group is not part of that state: mlm.job.Job owns it.
     """
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

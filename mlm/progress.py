@@ -241,7 +241,7 @@ class MainProcessConsole(logging.Filter):
 
     def __init__(self, name: str = ""):
         super().__init__(name)
-        from mlm.distributed import rank
+        from mlm.placement import rank
 
         self.rank = rank()
 

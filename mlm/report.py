@@ -1223,7 +1223,7 @@ class SweepSummaryCallback(Callback):
     directory when it ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from mlm.distributed import is_main_process
+        from mlm.placement import is_main_process
 
         try:  # every rank decides alike (a torchrun around a study runs a sampler on each)
             check_search_space(config)
@@ -1233,7 +1233,7 @@ class SweepSummaryCallback(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from mlm.distributed import is_main_process
+        from mlm.placement import is_main_process
 
         if not is_main_process():
             return

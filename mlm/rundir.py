@@ -49,8 +49,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from mlm.config import UserError, blocking_changes
-from mlm.distributed import detect, is_main_process
 from mlm.files import NOFOLLOW, atomic_write_json, write_error
+from mlm.placement import detect, is_main_process
 from mlm.records import content_hashes, malformed_data
 from mlm.schedules import WSD_KEYS, decay_branch, rate_jump
 from mlm.tracking import scrub

@@ -21,7 +21,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 
-from mlm import checkpoint, distributed, downstream, faults, flops, progress, rundir
+from mlm import checkpoint, downstream, faults, flops, progress, rundir
 from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, Resumable, UserError
@@ -32,10 +32,12 @@ from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
 from mlm.ema import WeightAverage, weight_average
 from mlm.evaluate import evaluate
 from mlm.files import atomic_path, os_error_of, write_error
+from mlm.job import Job, cache_builders_first, on_main_alone
 from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLMObjective, build_model, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
+from mlm.placement import is_main_process, rank
 from mlm.precision import make_accelerator, precision_reason, resolve_mixed_precision
 from mlm.preemption import Abandoned, Interrupted, StopSignals, plan
 from mlm.tracking import flat_config, open_trackers
@@ -169,6 +171,7 @@ class Run:
     writer: checkpoint.Writer = field(
         default_factory=checkpoint.Writer
     )  # writes checkpoints: inline, or in the background
+    group: Optional[Job] = None  # the job's processes acting as one (mlm.job); None: outside a Job
 
     @property
     def raw_model(self):
@@ -192,11 +195,15 @@ class Run:
 
 
 def build_run(
-    cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None
+    cfg: Config,
+    run_dir: Path,
+    job: Optional[Dict[str, Any]] = None,
+    config_tree: Optional[Dict[str, Any]] = None,
+    group: Optional[Job] = None,
 ) -> Run:
     """Validate the config and build the run in `run_dir`: resumed from its newest good checkpoint, if any."""
     cfg.validate()
-    if cfg.downstream.kind != "none" and distributed.is_main_process():
+    if cfg.downstream.kind != "none" and is_main_process():
         downstream.task_splits(cfg.downstream)  # its data loads (or fails) now, not after training
     requested_precision = cfg.runtime.mixed_precision
     cfg.runtime.mixed_precision = resolve_mixed_precision(requested_precision)  # what ran is what results.json records
@@ -208,7 +215,7 @@ def build_run(
         torch.set_num_threads(cfg.runtime.num_threads)
     if cfg.runtime.reuse_host_memory:
         reuse_host_memory()
-    model, data = build_data(cfg, accelerator)
+    model, data = build_data(cfg, accelerator, group)
     state = TrainState()
     budget_s = cfg.trainer.budget_minutes * 60 if cfg.trainer.budget_minutes else None
     layout, objective, optimizer, scheduler = build_optimization(
@@ -230,7 +237,8 @@ def build_run(
         None,
         flat_config(tree),
         budget_s,
-        distributed.is_main_process(),
+        is_main_process(),
+        group=group,
     )
     run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
     run.precision = precision_reason(str(requested_precision), str(cfg.runtime.mixed_precision))
@@ -262,9 +270,9 @@ def checkpoint_writer(cfg: Config, layout) -> checkpoint.Writer:
     return checkpoint.Writer(background=cfg.trainer.async_checkpoint and not layout.sharded)
 
 
-def build_data(cfg: Config, accelerator: Accelerator) -> Tuple[Any, Data]:
+def build_data(cfg: Config, accelerator: Accelerator, group: Optional[Job] = None) -> Tuple[Any, Data]:
     """Model, tokenizer and token blocks (the main process fills the block cache, the others reuse it), and the data order."""
-    with distributed.cache_builders_first(accelerator):
+    with cache_builders_first(accelerator, group):
         model, tokenizer = build_model(cfg.model, cfg.block_size, cfg.seed)
         if cfg.dataset.streaming:  # training blocks come from the stream (train_batches)
             train_blocks, eval_blocks = None, stream_eval_blocks(cfg.dataset, tokenizer, cfg.block_size)
@@ -420,16 +428,20 @@ def keep_config_rates(optimizer, scheduler, rates: List[float]) -> None:
 
 
 def train(
-    cfg: Config, run_dir: Path, job: Optional[Dict[str, Any]] = None, config_tree: Optional[Dict[str, Any]] = None
+    cfg: Config,
+    run_dir: Path,
+    job: Optional[Dict[str, Any]] = None,
+    config_tree: Optional[Dict[str, Any]] = None,
+    group: Optional[Job] = None,
 ) -> Dict[str, Any]:
-    """Train and evaluate as configured; writes into `run_dir` and returns the results dict."""
+    """Train and evaluate as configured (in `group`, its Job); writes into `run_dir` and returns the results dict."""
     wall_start = time.perf_counter()
     # until its plan is set, a stop signal ends the process at once in one line: there is nothing to save yet
     stop = StopSignals(
-        distributed.is_main_process(), lambda: next(iter(checkpoint.list_checkpoints(run_dir)), None), plan=None
+        is_main_process(), lambda: next(iter(checkpoint.list_checkpoints(run_dir)), None), plan=None
     ).install()
     try:
-        run = build_run(cfg, run_dir, job, config_tree)
+        run = build_run(cfg, run_dir, job, config_tree, group)
     except BaseException:
         stop.restore()
         raise
@@ -568,7 +580,7 @@ def count_step(run: Run, result: "StepResult", t0: float, window: "LogWindow") -
     state, acc = run.state, run.accelerator
     state.step += 1
     faults.reached("step")
-    faults.fail_after_step(run.job.get("num") or 0, distributed.rank(), state.step)
+    faults.fail_after_step(run.job.get("num") or 0, rank(), state.step)
     state.tokens += run.tokens_per_step
     seconds = time.perf_counter() - t0
     if run.budget_s and acc.num_processes > 1:  # the same LR and the same last step on every rank
@@ -857,7 +869,7 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
     if run.cfg.downstream.kind != "none":  # the main process fine-tunes final/ (minutes); the other ranks wait for it
         stop.plan = f"stopping the downstream fine-tune at its next step; {run.run_dir / 'results.json'} holds the training results"
         stopped = checkpoint.any_process(run.accelerator, stop.signum is not None)
-        scores = None if stopped else distributed.on_main_alone("downstream", lambda: fine_tune_final(run))
+        scores = None if stopped else on_main_alone("downstream", lambda: fine_tune_final(run), run.group)
         if checkpoint.any_process(run.accelerator, run.main and scores is None):
             stop_after_training(
                 stop,

@@ -484,15 +484,15 @@ ALONE_JOB = """
 import os, sys, time
 from pathlib import Path
 import torch
-from mlm import distributed
+from mlm.job import Job, on_main_alone
 run_dir, rank, fail = Path(sys.argv[1]), int(os.environ["RANK"]), sys.argv[2] == "fail"
 def work():
     time.sleep(25)  # a fine-tune longer than the collective timeout (12 s)
     if fail:
         raise RuntimeError("the fine-tune broke")
     return "scores"
-with distributed.job(run_dir, collective_timeout_minutes=0.2):
-    value = distributed.on_main_alone("downstream", work)
+with Job(run_dir, collective_timeout_minutes=0.2) as job:
+    value = on_main_alone("downstream", work, job)
     with open(run_dir / "order", "a") as f:
         f.write(f"{rank} {value}\\n")
 """

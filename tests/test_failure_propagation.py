@@ -1,4 +1,4 @@
-"""A failed or silent rank ends every rank of its job, whatever the backend does (mlm.distributed.PeerWatch)."""
+"""A failed or silent rank ends every rank of its job, whatever the backend does (mlm.job.PeerWatch)."""
 
 import contextlib
 import json
@@ -148,10 +148,10 @@ import os, sys, time
 from pathlib import Path
 import torch
 from accelerate import PartialState
-from mlm import distributed
+from mlm.job import Job, cache_builders_first
 run_dir, rank = Path(sys.argv[1]), int(os.environ["RANK"])
-with distributed.job(run_dir, collective_timeout_minutes=0.2):
-    with distributed.cache_builders_first(PartialState()):
+with Job(run_dir, collective_timeout_minutes=0.2) as job:
+    with cache_builders_first(PartialState(), job):
         if rank == 0:
             time.sleep(25)  # a block cache that takes longer than the collective timeout (12 s)
         with open(run_dir / "order", "a") as f:
@@ -189,7 +189,7 @@ def test_leaving_waits_for_the_watch_to_finish_its_store_request():
     (the interpreter ends a daemon thread inside C++ code), which failed a finished 3-rank job."""
     import threading
 
-    from mlm.distributed import PeerWatch
+    from mlm.job import PeerWatch
 
     inside, release = threading.Event(), threading.Event()
 

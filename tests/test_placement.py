@@ -1,4 +1,4 @@
-"""mlm.distributed without processes: launcher variables -> placement, node lists, device slots."""
+"""mlm.placement, mlm.leases and mlm.job without processes: launcher variables -> placement, node lists, device slots."""
 
 import json
 import os
@@ -6,8 +6,33 @@ import multiprocessing as mp
 
 import pytest
 
-from mlm import distributed
-from mlm.distributed import DeviceLease, Placement, detect, slurm_hostnames
+from mlm.config import UserError
+from mlm.job import Job, export_placement
+from mlm.leases import DeviceLease, slot_names
+from mlm.placement import Placement, detect, launch_name, lone_launch_note, slurm_hostnames
+
+
+def test_placement_imports_without_torch(monkeypatch):
+    """A fresh import of mlm.placement, and of every mlm module it needs, runs no `import torch` (it would raise)."""
+    import importlib
+    import sys
+
+    def ours(name):
+        return name == "mlm" or name.startswith("mlm.")
+
+    kept = {name: module for name, module in sys.modules.items() if ours(name)}
+    monkeypatch.setitem(sys.modules, "torch", None)
+    try:
+        for name in kept:
+            del sys.modules[name]
+        fresh = importlib.import_module("mlm.placement")
+        assert fresh.detect({"RANK": "1", "WORLD_SIZE": "2"}).world_size == 2
+        with pytest.raises(ImportError):
+            importlib.import_module("mlm.leases").slot_names(1)  # what does need torch imports it when asked (refused)
+    finally:  # the other tests go on with the modules they imported
+        for name in [m for m in sys.modules if ours(m)]:
+            del sys.modules[name]
+        sys.modules.update(kept)
 
 
 def test_torchrun_variables_win():
@@ -85,11 +110,11 @@ def test_a_slot_is_never_given_twice_and_a_failed_job_gives_it_back(tmp_path, mo
     taken = q.get(timeout=60)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            with distributed.job(tmp_path / "run", device_slots=2) as placed:
-                assert placed["slot"] == 1 - taken  # the free one
+            with Job(tmp_path / "run", device_slots=2) as placed:
+                assert placed.slot == 1 - taken  # the free one
                 raise RuntimeError("boom")
-        with distributed.job(tmp_path / "run2", device_slots=2) as placed:  # released by the failure
-            assert placed["slot"] == 1 - taken
+        with Job(tmp_path / "run2", device_slots=2) as placed:  # released by the failure
+            assert placed.slot == 1 - taken
     finally:
         q.put("done")
         other.join(60)
@@ -274,10 +299,10 @@ def test_srun_with_one_gpu_per_task_gives_accelerate_and_ddp_device_0(monkeypatc
             "SLURM_STEP_NODELIST": "localhost",
         },
     )
-    p = distributed.setup()
+    p = export_placement()
     # Accelerate's device is LOCAL_RANK % device_count, DDP's device_ids and barriers [LOCAL_RANK]: both this one
     assert os.environ["LOCAL_RANK"] == str(device) and p.local_rank == device and p.rank == 1
-    assert distributed.setup() == p  # idempotent
+    assert export_placement() == p  # idempotent
 
 
 def test_torchrun_local_rank_1_with_one_visible_gpu(monkeypatch):
@@ -285,20 +310,20 @@ def test_torchrun_local_rank_1_with_one_visible_gpu(monkeypatch):
 
     _gpus(monkeypatch, count=1)
     _environ(monkeypatch, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
-    distributed.setup()
+    export_placement()
     assert os.environ["LOCAL_RANK"] == "0"
 
 
 def test_gpu_slots_are_named_by_uuid_whatever_index_the_job_sees(monkeypatch):
     _gpus(monkeypatch, count=1, uuids=["GPU-3f1e"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # under SLURM's cgroups every job sees its GPU as 0
-    assert distributed.slot_names(0) == ["cuda-GPU-3f1e"]
+    assert slot_names(0) == ["cuda-GPU-3f1e"]
     _gpus(monkeypatch, count=2, uuids=["GPU-aa", "GPU-bb"])
-    assert distributed.slot_names(0) == ["cuda-GPU-aa", "cuda-GPU-bb"] and distributed.slot_names(5) == [
+    assert slot_names(0) == ["cuda-GPU-aa", "cuda-GPU-bb"] and slot_names(5) == [
         "cuda-GPU-aa",
         "cuda-GPU-bb",
     ]
-    assert distributed.slot_names(1) == ["cuda-GPU-aa"]
+    assert slot_names(1) == ["cuda-GPU-aa"]
 
 
 def test_releasing_a_gpu_lease_empties_the_cuda_cache(tmp_path, monkeypatch):
@@ -328,7 +353,7 @@ def test_a_symlink_planted_in_the_lease_dir_is_never_followed(tmp_path, caplog):
     assert victim.read_text() == "precious\n" and "is a symlink" in caplog.text
     assert (leases.stat().st_mode & 0o777) == 0o700
     (leases / "cpu-1.lock").symlink_to(victim)
-    with pytest.raises(distributed.UserError, match="cpu-1.lock is a symlink"):
+    with pytest.raises(UserError, match="cpu-1.lock is a symlink"):
         DeviceLease(["cpu-1"], leases).acquire()
     assert victim.read_text() == "precious\n"
 
@@ -339,7 +364,7 @@ def test_a_lease_dir_of_another_user_is_refused(tmp_path, monkeypatch):
     leases = tmp_path / "leases"
     leases.mkdir()
     monkeypatch.setattr(os, "getuid", lambda: os.stat(leases).st_uid + 1)  # as if another user had made it
-    with pytest.raises(distributed.UserError, match="MLM_LEASE_DIR"):
+    with pytest.raises(UserError, match="MLM_LEASE_DIR"):
         DeviceLease(["cpu-0"], leases).acquire()
 
 
@@ -355,12 +380,12 @@ def test_torchrun_on_two_nodes_names_its_run_dir_after_the_rendezvous_id(monkeyp
     two_nodes = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1"}
     _environ(monkeypatch, {**two_nodes, "TORCHELASTIC_RUN_ID": "exp/7"})
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert distributed.launch_name() == "torchrun-exp_7"
+    assert launch_name() == "torchrun-exp_7"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default: no --rdzv-id given
-    with pytest.raises(distributed.UserError, match="4 processes on 2 nodes need one run directory"):
-        distributed.launch_name()
+    with pytest.raises(UserError, match="4 processes on 2 nodes need one run directory"):
+        launch_name()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node: the launch time serves
-    assert distributed.launch_name() is None
+    assert launch_name() is None
 
 
 # what `accelerate launch` (1.16) sets in the one process it starts on CPU: MASTER_* only when several were asked for
@@ -376,8 +401,6 @@ def test_accelerate_launch_of_several_cpu_processes_that_starts_one_says_how_to_
     import subprocess
     import sys
 
-    from mlm.distributed import lone_launch_note
-
     assert "torchrun --nproc_per_node <N> run.py" in lone_launch_note(ACCELERATE_ONE_OF_TWO)
     one = {k: v for k, v in ACCELERATE_ONE_OF_TWO.items() if not k.startswith("MASTER_")}
     assert lone_launch_note(one) is None  # --num_processes 1: as asked
@@ -385,7 +408,7 @@ def test_accelerate_launch_of_several_cpu_processes_that_starts_one_says_how_to_
     assert lone_launch_note({}) is None
     # the real launcher, once: the process it starts has that environment (7 s here)
     script = tmp_path / "note.py"
-    script.write_text("from mlm.distributed import lone_launch_note\nprint(lone_launch_note())\n")
+    script.write_text("from mlm.placement import lone_launch_note\nprint(lone_launch_note())\n")
     accelerate = [
         sys.executable,
         "-m",

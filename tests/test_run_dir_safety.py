@@ -337,16 +337,16 @@ def test_a_linked_hydra_folder_is_refused_but_the_run_dir_itself_may_be_a_link(t
 
 
 def test_a_ranks_failure_record_is_never_written_through_a_link(tmp_path):
-    """error-rank<r>.json (mlm.distributed) is written into the run dir while a job fails: a link planted
+    """error-rank<r>.json (mlm.job) is written into the run dir while a job fails: a link planted
     there during the run is not followed (the check up front only sees links planted before)."""
-    from mlm.distributed import _record_failure
+    from mlm.job import _record_failure
 
     victim = tmp_path / "victim"
     victim.write_text("keep me")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "error-rank1.json").symlink_to(victim)
-    _record_failure(run_dir, 1, "rank 1: boom")
+    _record_failure(run_dir, 1, "rank 1: boom", failed_at=0.0)
     assert victim.read_text() == "keep me"
 
 
