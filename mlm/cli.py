@@ -535,6 +535,8 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         lines.insert(2, summary_line(results["downstream"]))
     final = run_dir / "final"
     if final.exists():
+        lines.append(f'model: {final}  (python -m mlm.predict {final} "... <mask> ...")')
+    if final.exists() and cfg.trainer.probe_sentences:  # final/ is loaded only to fill in probe sentences
         from mlm.config import ModelConfig
         from mlm.models import build_pretrained, load_tokenizer
         from mlm.predict import format_predictions, fill_mask
@@ -543,7 +545,6 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         model_cfg = ModelConfig(name_or_path=str(final), trust_remote_code=cfg.model.trust_remote_code)
         tokenizer = load_tokenizer(model_cfg)
         model = build_pretrained(model_cfg, tokenizer)
-        lines.append(f'model: {final}  (python -m mlm.predict {final} "... <mask> ...")')
         for text in cfg.trainer.probe_sentences:
             lines.append(format_predictions(text, fill_mask(model, tokenizer, text, cfg.trainer.top_k)))
     return "\n".join(lines)

@@ -22,20 +22,26 @@ saving costs.
 The peak: on CUDA, NVIDIA's datasheet figure for the device at the run's matmul precision (dense,
 not the 2:4 sparsity figure); an unknown GPU gets no MFU. On CPU there is no datasheet to read: the
 "peak" is this machine's measured torch.matmul rate (square matrices, the run's dtype and thread
-count, best of a few), the best rate ever probed on this CPU model at this thread count, dtype and
-torch version (a short probe at every start; the cache keeps the maximum).
+count, best of a few), probed once per machine and kept in <cache>/matmul_peak.json (cpu_peak). The
+peak is found when something first reads it (a logged perf/mfu, results.json's mfu): a run that logs
+nothing never probes.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import math
+import os
 import platform
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -48,6 +54,8 @@ from mlm.models import encoder_layers
 log = logging.getLogger(__name__)
 
 PEAK_CACHE = "matmul_peak.json"  # under the harness's cache dir (MLM_CACHE)
+PEAK_CACHE_BYTES = 1 << 20  # read no more of it: a larger file is not one this code wrote
+PLAUSIBLE_PEAK = (1e6, 1e16)  # FLOP/s a cached CPU peak may claim; anything outside was not measured here
 
 
 @dataclass(frozen=True)
@@ -176,31 +184,34 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: Optional[str
     return None
 
 
-def cpu_name() -> str:
+def cpu_identity() -> str:
+    """This CPU's model name and a digest of its feature flags (two machines with one name may differ in AVX-512/AMX)."""
+    name, flags = "", ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not name:
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{name or platform.processor() or platform.machine()} | flags {digest}"
 
 
 def cpu_peak(dtype: torch.dtype, threads: int, cache_dir: Optional[str] = None) -> float:
-    """The best torch.matmul rate (FLOP/s) ever measured on this CPU at this thread count, dtype and torch
-    version: a short probe at every start (about a second), kept in the cache only when it beats the
-    cached one. So a probe taken while other jobs shared the cores (too low, which would put MFU
-    near or above 1) is corrected by the next quiet start, and a busy start never lowers the peak."""
+    """The torch.matmul rate (FLOP/s) of this CPU at this thread count and dtype: probed once (about a second)
+    and kept in <cache dir>/matmul_peak.json under the CPU's model and flags, the thread count, dtype and torch
+    version; later runs read it without probing. A probe taken while other jobs shared the cores stays low
+    until the file is deleted (docs/performance.md)."""
     path = Path(cache_dir or default_cache_root()) / PEAK_CACHE
-    key = f"{cpu_name()} | {threads} threads | {DTYPE_NAMES[dtype]} | torch {torch.__version__}"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: this probe starts it again
-        cached = {}
-    measured = measure_matmul(dtype)
-    if measured <= cached.get(key, 0.0):
+    key = f"{cpu_identity()} | {threads} threads | {DTYPE_NAMES[dtype]} | torch {torch.__version__}"
+    cached = read_peaks(path)
+    if key in cached:
         return cached[key]
-    log.info("CPU matmul peak: %.1f GFLOP/s (%s), the best measured here so far; kept in %s", measured / 1e9, key, path)
+    measured = measure_matmul(dtype)
+    log.info("CPU matmul peak: %.1f GFLOP/s (%s), kept in %s", measured / 1e9, key, path)
     cached[key] = measured
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,9 +221,30 @@ def cpu_peak(dtype: torch.dtype, threads: int, cache_dir: Optional[str] = None) 
     return measured
 
 
-def measure_matmul(dtype: torch.dtype, reps: int = 5) -> float:
-    """Best FLOP/s of square torch.matmul, from 1024 up to 4096 until one takes 50 ms (large enough for many cores)."""
-    size, best = 1024, 0.0
+def read_peaks(path: Path) -> Dict[str, float]:
+    """The cached peaks, trusting none of it: a regular file (no link, no pipe) of at most PEAK_CACHE_BYTES holding
+    a JSON object, read as data; only its entries that are plausible numbers count. Anything else is ignored, and the
+    next probe rewrites the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(PEAK_CACHE_BYTES + 1) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
+        cached = json.loads(text) if len(text) <= PEAK_CACHE_BYTES else None
+    except (OSError, ValueError, RecursionError):  # none yet, a link, unreadable, not JSON (or nested past any use)
+        return {}
+    if not isinstance(cached, dict):
+        return {}
+    low, high = PLAUSIBLE_PEAK
+    return {
+        key: float(rate)
+        for key, rate in cached.items()
+        if type(rate) in (int, float) and math.isfinite(rate) and low < rate < high
+    }
+
+
+def measure_matmul(dtype: torch.dtype, reps: int = 5, size: int = 1024) -> float:
+    """Best FLOP/s of square torch.matmul, from `size` up to 4096 until one takes 50 ms (large enough for many cores)."""
+    best = 0.0
     while True:
         gen = torch.Generator().manual_seed(0)  # its own: the run's random streams (dropout, masks) stay untouched
         a, b = torch.randn(size, size, generator=gen).to(dtype), torch.randn(size, size, generator=gen).to(dtype)
@@ -233,11 +265,16 @@ def measure_matmul(dtype: torch.dtype, reps: int = 5) -> float:
 
 @dataclass(frozen=True)
 class Utilisation:
-    """A run's FLOP counts, the peak of one of its devices and how many devices (processes) share the work."""
+    """A run's FLOP counts, how many devices (processes) share the work, and how to find the peak of one device."""
 
     count: FlopCount
-    peak: Optional[float]  # FLOP/s of one device; None: unknown, no MFU
     devices: int
+    find_peak: Callable[[], Optional[float]] = lambda: None
+
+    @functools.cached_property
+    def peak(self) -> Optional[float]:
+        """FLOP/s of one device; None: unknown, no MFU. Found at the first read, on every process at once."""
+        return self.find_peak()
 
     def rates(self, tokens: float, predictions: float, seconds: float) -> Dict[str, float]:
         """A log window's achieved TFLOP/s per device and MFU (tokens and predictions of all processes)."""
@@ -252,8 +289,9 @@ def measure_utilisation(
     model: nn.Module, seq_len: int, sparse: bool, accelerator, mixed_precision: str
 ) -> Optional[Utilisation]:
     """The run's Utilisation (None when its FLOPs cannot be counted). Matmuls run in bf16 or fp16 under
-    that autocast, else in fp32. The main process finds the peak (on CPU: a short probe, the best kept per
-    machine) and hands it to the others in one all-reduce, so processes sharing a CPU never time it at once."""
+    that autocast, else in fp32. The peak is found at its first read, which every process reaches together (a log
+    step, the results): the main process finds it (on CPU: the cached probe) and hands it to the others in one
+    all-reduce, so processes sharing a CPU never time it at once."""
     count = count_flops(model, seq_len, sparse)
     if count is None:
         log.info(
@@ -262,11 +300,15 @@ def measure_utilisation(
         )
         return None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    peak = peak_flops(accelerator.device, dtype) if accelerator.is_main_process else None
-    if accelerator.num_processes > 1:
-        shared = torch.tensor([peak or 0.0], dtype=torch.float64, device=accelerator.device)
-        peak = float(accelerator.reduce(shared, reduction="sum")[0]) or None
-    return Utilisation(count, peak, accelerator.num_processes)
+
+    def find_peak() -> Optional[float]:
+        peak = peak_flops(accelerator.device, dtype) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            shared = torch.tensor([peak or 0.0], dtype=torch.float64, device=accelerator.device)
+            peak = float(accelerator.reduce(shared, reduction="sum")[0]) or None
+        return peak
+
+    return Utilisation(count, accelerator.num_processes, find_peak)
 
 
 def run_totals(
