@@ -22,9 +22,9 @@ saving costs.
 The peak: on CUDA, NVIDIA's datasheet figure for the device at the run's matmul precision (dense,
 not the 2:4 sparsity figure); an unknown GPU gets no MFU. On CPU there is no datasheet to read: the
 "peak" is this machine's measured torch.matmul rate (square matrices, the run's dtype and thread
-count, best of a few), probed once per machine and kept in <cache>/matmul_peak.json (cpu_peak). The
-peak is found when something first reads it (a logged perf/mfu, results.json's mfu): a run that logs
-nothing never probes.
+count, best of a few), kept per machine in <cache>/matmul_peak.json and settled by a probe on a quiet
+machine (cpu_peak). The peak is found when something first reads it (a logged perf/mfu, results.json's
+mfu): a run that logs nothing never probes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -201,30 +201,37 @@ def cpu_identity() -> str:
 
 
 def cpu_peak(dtype: torch.dtype, threads: int, cache_dir: Optional[str] = None) -> float:
-    """The torch.matmul rate (FLOP/s) of this CPU at this thread count and dtype: probed once (about a second)
-    and kept in <cache dir>/matmul_peak.json under the CPU's model and flags, the thread count, dtype and torch
-    version; later runs read it without probing. A probe taken while other jobs shared the cores stays low
-    until the file is deleted (docs/performance.md)."""
+    """The torch.matmul rate (FLOP/s) of this CPU at this thread count and dtype, kept in <cache dir>/matmul_peak.json
+    under the CPU's model and flags, the thread count, dtype and torch version. A probe (about a second) taken while
+    the machine is quiet settles it: later runs read it without probing. One taken while other work shared the cores
+    reads low (MFU near 1), so until a quiet one, every start probes again and the best rate is kept."""
     path = Path(cache_dir or default_cache_root()) / PEAK_CACHE
     key = f"{cpu_identity()} | {threads} threads | {DTYPE_NAMES[dtype]} | torch {torch.__version__}"
     cached = read_peaks(path)
-    if key in cached:
-        return cached[key]
-    measured = measure_matmul(dtype)
-    log.info("CPU matmul peak: %.1f GFLOP/s (%s), kept in %s", measured / 1e9, key, path)
-    cached[key] = measured
+    if cached.get(key, {}).get("settled"):
+        return cached[key]["peak"]
+    measured, settled = measure_matmul(dtype), not machine_busy()
+    best = max(measured, cached.get(key, {}).get("peak", 0.0))
+    log.info("CPU matmul peak: %.1f GFLOP/s (%s), %s in %s", best / 1e9, key, "settled" if settled else "kept", path)
+    cached[key] = {"peak": best, "settled": settled}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, cached)
     except OSError as e:  # the run goes on with this probe's value
         log.warning("cannot cache the CPU matmul peak in %s: %s", path, e.strerror)
-    return measured
+    return best
 
 
-def read_peaks(path: Path) -> Dict[str, float]:
+def machine_busy() -> bool:
+    """Other work shares the cores (a 1-minute load average over half of them): a matmul probe now reads low."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return os.getloadavg()[0] > cores / 2
+
+
+def read_peaks(path: Path) -> Dict[str, Dict[str, Any]]:
     """The cached peaks, trusting none of it: a regular file (no link, no pipe) of at most PEAK_CACHE_BYTES holding
-    a JSON object, read as data; only its entries that are plausible numbers count. Anything else is ignored, and the
-    next probe rewrites the file."""
+    a JSON object, read as data; only its entries of a plausible "peak" and a boolean "settled" count. Anything
+    else is ignored, and the next probe rewrites the file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
@@ -236,9 +243,13 @@ def read_peaks(path: Path) -> Dict[str, float]:
         return {}
     low, high = PLAUSIBLE_PEAK
     return {
-        key: float(rate)
-        for key, rate in cached.items()
-        if type(rate) in (int, float) and math.isfinite(rate) and low < rate < high
+        key: {"peak": float(entry["peak"]), "settled": entry["settled"]}
+        for key, entry in cached.items()
+        if isinstance(entry, dict)
+        and type(entry.get("peak")) in (int, float)
+        and math.isfinite(entry["peak"])
+        and low < entry["peak"] < high
+        and type(entry.get("settled")) is bool
     }
 
 

@@ -131,27 +131,45 @@ def test_an_unknown_gpu_reports_no_mfu_with_one_line(monkeypatch, caplog):
     assert flops.run_totals(utilisation, 10, 3, 5.0) == {"train_flops": 1e13, "mfu": None}
 
 
-def counting_probe(monkeypatch, rate=123e9):
-    """flops.measure_matmul replaced by one that returns `rate` and counts its calls."""
+def counting_probe(monkeypatch, *rates, busy=False):
+    """flops.measure_matmul replaced by one that returns `rates` in turn (the last one from then on) and counts its
+    calls, on a machine that is `busy` or quiet."""
     calls = []
-    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: calls.append(dtype) or rate)
+
+    def probe(dtype):
+        calls.append(dtype)
+        return rates[min(len(calls), len(rates)) - 1]
+
+    monkeypatch.setattr(flops, "measure_matmul", probe)
+    monkeypatch.setattr(flops, "machine_busy", lambda: busy)
     return calls
 
 
 def test_cpu_peak_is_probed_once_per_machine_and_read_back_by_the_next_run(tmp_path, monkeypatch):
-    calls = counting_probe(monkeypatch)
+    calls = counting_probe(monkeypatch, 123e9)
     assert cpu_peak(torch.float32, 2, str(tmp_path)) == 123e9
     cached = json.loads((tmp_path / flops.PEAK_CACHE).read_text())
     (key,) = cached
-    assert cached[key] == 123e9 and key.startswith(flops.cpu_identity()) and "| 2 threads | fp32 | torch " in key
+    assert cached[key] == {"peak": 123e9, "settled": True}
+    assert key.startswith(flops.cpu_identity()) and "| 2 threads | fp32 | torch " in key
     assert "| flags " in key  # two CPUs of one name with other features (AVX-512, AMX) are two machines
-    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: pytest.fail("the cached peak was probed again"))
+    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: pytest.fail("the settled peak was probed again"))
     assert cpu_peak(torch.float32, 2, str(tmp_path)) == 123e9  # the next run reads it
     calls = counting_probe(monkeypatch, 1e9)
     assert cpu_peak(torch.bfloat16, 2, str(tmp_path)) == 1e9 and cpu_peak(torch.float32, 4, str(tmp_path)) == 1e9
     monkeypatch.setattr(flops, "cpu_identity", lambda: "Another CPU | flags 0123456789ab")
     assert cpu_peak(torch.float32, 2, str(tmp_path)) == 1e9
     assert len(calls) == 3 and len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 4  # one entry each
+
+
+def test_a_probe_on_a_busy_machine_never_lowers_the_peak_and_a_quiet_one_settles_it(tmp_path, monkeypatch):
+    calls = counting_probe(monkeypatch, 50e9, 30e9, 80e9, busy=True)  # other jobs share the cores
+    assert [cpu_peak(torch.float32, 2, str(tmp_path)) for _ in range(3)] == [50e9, 50e9, 80e9]  # the best so far
+    (entry,) = json.loads((tmp_path / flops.PEAK_CACHE).read_text()).values()
+    assert entry == {"peak": 80e9, "settled": False} and len(calls) == 3
+    calls = counting_probe(monkeypatch, 120e9)  # quiet now
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 120e9
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 120e9 and len(calls) == 1  # settled: read back
 
 
 class Planted:
@@ -167,7 +185,7 @@ class Planted:
 def plant(path: Path, what: str, key: str) -> None:
     if what == "link":
         target = path.parent / "elsewhere.json"
-        target.write_text(json.dumps({key: 5e9}))
+        target.write_text(json.dumps({key: {"peak": 5e9, "settled": True}}))
         path.symlink_to(target)
     elif what == "fifo":
         os.mkfifo(path)  # opening it for reading would wait for a writer for ever
@@ -182,13 +200,15 @@ def plant(path: Path, what: str, key: str) -> None:
     [
         "{not json",
         "[1e12]",
-        '{"KEY": "1e12"}',
-        '{"KEY": -5}',
-        '{"KEY": 1e300}',
-        '{"KEY": NaN}',
-        '{"KEY": true}',
+        '{"KEY": 1e12}',
+        '{"KEY": {"peak": "1e12", "settled": true}}',
+        '{"KEY": {"peak": -5, "settled": true}}',
+        '{"KEY": {"peak": 1e300, "settled": true}}',
+        '{"KEY": {"peak": NaN, "settled": true}}',
+        '{"KEY": {"peak": true, "settled": true}}',
+        '{"KEY": {"peak": 5e9, "settled": "yes"}}',
         "[" * 100_000 + "]" * 100_000,
-        '{"KEY": 5e9, "pad": "' + "x" * flops.PEAK_CACHE_BYTES + '"}',
+        '{"KEY": {"peak": 5e9, "settled": true}, "pad": "' + "x" * flops.PEAK_CACHE_BYTES + '"}',
         "link",
         "fifo",
         "pickle",
@@ -201,22 +221,27 @@ def test_a_corrupt_or_planted_cache_is_ignored_and_rewritten(tmp_path, monkeypat
     path = tmp_path / flops.PEAK_CACHE
     plant(path, what, key)
     assert cpu_peak(torch.float32, 1, str(tmp_path)) == 7e9 and len(calls) == 1  # probed, as with no cache
-    assert path.is_file() and not path.is_symlink() and json.loads(path.read_text()) == {key: 7e9}
+    assert path.is_file() and not path.is_symlink()
+    assert json.loads(path.read_text()) == {key: {"peak": 7e9, "settled": True}}
     assert not (tmp_path / "ran").exists()  # read as data: nothing in it was run
     if what == "link":
-        assert json.loads((tmp_path / "elsewhere.json").read_text()) == {key: 5e9}  # the link is replaced, not followed
+        assert json.loads((tmp_path / "elsewhere.json").read_text())[key]["peak"] == 5e9  # replaced, not followed
 
 
 def test_a_cache_keeps_its_good_entries_beside_a_bad_one(tmp_path, monkeypatch):
     counting_probe(monkeypatch, 7e9)
     key = f"{flops.cpu_identity()} | 1 threads | fp32 | torch {torch.__version__}"
-    (tmp_path / flops.PEAK_CACHE).write_text(json.dumps({"other machine": 3e9, key: "fast"}))
+    other = {"peak": 3e9, "settled": True}
+    (tmp_path / flops.PEAK_CACHE).write_text(json.dumps({"other machine": other, key: "fast"}))
     assert cpu_peak(torch.float32, 1, str(tmp_path)) == 7e9
-    assert json.loads((tmp_path / flops.PEAK_CACHE).read_text()) == {"other machine": 3e9, key: 7e9}
+    assert json.loads((tmp_path / flops.PEAK_CACHE).read_text()) == {
+        "other machine": other,
+        key: {"peak": 7e9, "settled": True},
+    }
 
 
 def test_cpu_probe_survives_an_unwritable_cache(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: 7e9)
+    counting_probe(monkeypatch, 7e9)
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the cache directory should be
     with caplog.at_level(logging.WARNING, logger="mlm.flops"):
@@ -311,3 +336,11 @@ def test_building_a_run_writes_nothing_and_probes_no_peak_until_one_is_read(corp
     open_run(run, tmp_path / "run")
     run.tracker.finish()
     assert run.state.step == 0 and (tmp_path / "run").is_dir() and list(cwd.iterdir()) == []
+
+
+def test_a_machine_is_busy_when_its_load_passes_half_its_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert flops.machine_busy()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 9.0, 9.0))  # the last minute is what a probe meets
+    assert not flops.machine_busy()
