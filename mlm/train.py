@@ -1043,11 +1043,14 @@ def enable_activation_checkpointing(model) -> None:
     enable({"use_reentrant": False})
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_mb(accelerator) -> float:
-    """The largest peak resident memory of any process of the run, in MB (Linux reports KB)."""
-    peak = torch.tensor(
-        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=accelerator.device
-    )
+    """The largest peak resident memory of any process of the run, in MB."""
+    peak = torch.tensor([own_peak_rss_mb()], dtype=torch.float64, device=accelerator.device)
     return round(float(accelerator.reduce(peak, reduction="max") if accelerator.num_processes > 1 else peak), 1)
 
 
