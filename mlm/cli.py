@@ -399,9 +399,10 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             done = with_downstream(run_dir, cfg, done)
             print(finished_line(run_dir, done))
             return objective(done)
+        typed: Config = OmegaConf.to_object(cfg)
+        typed.validate()  # a bad setting is refused before the training code (seconds of imports) is loaded
         from mlm.train import NonFiniteLoss, train
 
-        typed: Config = OmegaConf.to_object(cfg)
         try:
             # one device and one process group for this job; a failure on any rank fails it on all
             with distributed.job(
