@@ -476,7 +476,7 @@ def harness_config(variant: str, s: dict):
 
 
 def run_harness(variant: str, s: dict, tokenizer, model) -> dict:
-    from mlm.train import build_run, train_batches, train_step
+    from mlm.train import build_run, train_batches
 
     # The run mlm.train.build_run() assembles from the config, around this script's own model (the Trainer's initial
     # weights); its own data (the same blocks: a cache hit) and the loop's batches (mlm.train.train_batches)
@@ -491,15 +491,7 @@ def run_harness(variant: str, s: dict, tokenizer, model) -> dict:
     masked, losses = [], []
     for _, micro in train_batches(run):
         gate.step_begin()
-        result = train_step(
-            run.objective,
-            run.optimizer,
-            run.scheduler,
-            micro,
-            run.accelerator,
-            run.cfg.trainer.max_grad_norm,
-            run.layout,
-        )
+        result = run.step(micro)
         run.state.step += 1
         losses.append(round(float(result.loss_sum) / max(result.masked, 1), 4))  # train_step already synced the loss
         masked.append(int(result.masked))

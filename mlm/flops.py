@@ -33,7 +33,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -92,9 +91,8 @@ def count_flops(model: nn.Module, seq_len: int, sparse: bool) -> Optional[FlopCo
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
-        level = layer_of.get(
-            id(module), -1 if id(module) in below else len(layers)
-        )  # outside the stack: below it or above it
+        # outside the stack: below it or above it
+        level = layer_of.get(id(module), -1 if id(module) in below else len(layers))
         flops = linear_flops(module.weight, level, lowest)
         if id(module) in encoder or not sparse:
             per_token += flops
@@ -134,10 +132,8 @@ GPU_PEAKS = [
     (r"h200.*nvl", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     (r"h200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
     (r"a100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),  # SXM and PCIe, 40 and 80 GB
-    (
-        r"\ba10\b",
-        {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
-    ),  # not the A10G (AWS's variant has no datasheet)
+    # not the A10G (AWS's variant has no datasheet)
+    (r"\ba10\b", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
     (r"\ba40\b", {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4}),
     (r"l40s", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
     (r"\bl40\b", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
@@ -146,10 +142,8 @@ GPU_PEAKS = [
     (r"v100.*pcie", {"fp16": 112.0, "fp32": 14.0}),
     (r"v100", {"fp16": 125.0, "fp32": 15.7}),  # SXM2
     (r"\bt4\b", {"fp16": 65.0, "fp32": 8.1}),
-    (
-        r"rtx 4090",
-        {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
-    ),  # fp16/bf16 with fp32 accumulate, as torch runs them
+    # fp16/bf16 with fp32 accumulate, as torch runs them
+    (r"rtx 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),
     (r"rtx 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
     (r"rtx a6000", {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7}),
 ]
@@ -186,18 +180,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: Optional[str
 
 def cpu_identity() -> str:
     """This CPU's model name and a digest of its feature flags (two machines with one name may differ in AVX-512/AMX)."""
-    name, flags = "", ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not name:
-                name = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = value.strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
-    return f"{name or platform.processor() or platform.machine()} | flags {digest}"
+        lines = []
+    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    digest = hashlib.sha256(info.get("flags", info.get("Features", "")).encode()).hexdigest()[:12]
+    return f"{info.get('model name') or platform.processor() or platform.machine()} | flags {digest}"
 
 
 def cpu_peak(dtype: torch.dtype, threads: int, cache_dir: Optional[str] = None) -> float:
@@ -239,18 +228,18 @@ def read_peaks(path: Path) -> Dict[str, Dict[str, Any]]:
         cached = json.loads(text) if len(text) <= PEAK_CACHE_BYTES else None
     except (OSError, ValueError, RecursionError):  # none yet, a link, unreadable, not JSON (or nested past any use)
         return {}
-    if not isinstance(cached, dict):
-        return {}
-    low, high = PLAUSIBLE_PEAK
-    return {
-        key: {"peak": float(entry["peak"]), "settled": entry["settled"]}
-        for key, entry in cached.items()
-        if isinstance(entry, dict)
-        and type(entry.get("peak")) in (int, float)
-        and math.isfinite(entry["peak"])
-        and low < entry["peak"] < high
+    entries = cached.items() if isinstance(cached, dict) else ()
+    return {key: {"peak": float(e["peak"]), "settled": e["settled"]} for key, e in entries if plausible_entry(e)}
+
+
+def plausible_entry(entry: Any) -> bool:
+    low, high = PLAUSIBLE_PEAK  # NaN and inf fail these comparisons too
+    return (
+        isinstance(entry, dict)
         and type(entry.get("settled")) is bool
-    }
+        and type(entry.get("peak")) in (int, float)
+        and low < entry["peak"] < high
+    )
 
 
 def measure_matmul(dtype: torch.dtype, reps: int = 5, size: int = 1024) -> float:

@@ -43,9 +43,8 @@ from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
 
-DATA_WAIT_WARN = (
-    0.2  # a log window whose steps waited longer than this share for their batches gets one warning per run
-)
+# a log window whose steps waited longer than this share for their batches gets one warning per run
+DATA_WAIT_WARN = 0.2
 
 
 class NonFiniteLoss(RuntimeError):
@@ -135,9 +134,8 @@ class Data:
     order: TrainOrder
     steps: int  # optimizer steps the run trains for
     stream_shards: Optional[int]  # streaming: how many shards the stream is read in (a resume must keep it)
-    identity: Dict[
-        str, Any
-    ]  # what it trains on: source files' and tokenizer's hashes (mlm/data/identity.py), a resume compares them
+    # what it trains on: source files' and tokenizer's hashes (mlm/data/identity.py), a resume compares them
+    identity: Dict[str, Any]
 
 
 @dataclass
@@ -163,13 +161,15 @@ class Run:
     utilisation: Optional[flops.Utilisation] = None  # FLOP counts and device peak (perf/mfu); None: not countable
     precision: str = ""  # the precision it trains in, and why (the start banner)
     batch_wait: float = 0.0  # seconds the current step waited for its batches (train_batches)
-    waited: List[float] = field(
-        default_factory=lambda: [0.0, 0.0]
-    )  # batch wait and step seconds since this process started
+    waited: List[float] = field(default_factory=lambda: [0.0, 0.0])  # batch wait and step seconds since this process
     data_wait_warned: bool = False
-    writer: checkpoint.Writer = field(
-        default_factory=checkpoint.Writer
-    )  # writes checkpoints: inline, or in the background
+    writer: checkpoint.Writer = field(default_factory=checkpoint.Writer)  # inline, or in the background
+
+    def step(self, micro_batches: List[Dict[str, torch.Tensor]], stops: Tuple[bool, bool] = (False, False)):
+        """train_step over this run's parts."""
+        tcfg, acc = self.cfg.trainer, self.accelerator
+        args = (self.objective, self.optimizer, self.scheduler, micro_batches, acc, tcfg.max_grad_norm, self.layout)
+        return train_step(*args, stops=stops)
 
     @property
     def raw_model(self):
@@ -218,23 +218,8 @@ def build_run(
         cfg, model, data.steps, accelerator, (lambda: state.train_seconds / budget_s) if budget_s else None
     )
     collator = MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed)
-    settings = flat_config(config_tree or asdict(cfg))
-    main = distributed.is_main_process()
-    run = Run(
-        cfg,
-        job or {},
-        accelerator,
-        data,
-        layout,
-        objective,
-        optimizer,
-        scheduler,
-        collator,
-        state,
-        settings,
-        budget_s,
-        main,
-    )
+    parts = (accelerator, data, layout, objective, optimizer, scheduler, collator, state)
+    run = Run(cfg, job or {}, *parts, flat_config(config_tree or asdict(cfg)), budget_s, distributed.is_main_process())
     run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
     run.precision = precision_reason(str(requested_precision), str(cfg.runtime.mixed_precision))
     run.writer = checkpoint_writer(cfg, layout)
@@ -282,9 +267,8 @@ def build_data(cfg: Config, accelerator: Accelerator, built: Optional[Tuple[Any,
         else:
             blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
             train_blocks, eval_blocks = blocks["train"], blocks["test"]
-        identity = data_identity(
-            cfg.dataset, tokenizer, default_cache_root()
-        )  # the hashes build_blocks just took: a stat per file
+        # the hashes build_blocks just took: a stat per file
+        identity = data_identity(cfg.dataset, tokenizer, default_cache_root())
     if cfg.model.head_bias_init == "unigram":
         if train_blocks is None:
             log.warning(
@@ -480,16 +464,7 @@ def train_steps(run: Run, window: "LogWindow", bar: progress.TrainBar, stop: Sto
     eval_every = tcfg.eval_every or run.data.order.steps_per_epoch
     for t0, micro in train_batches(run):
         try:
-            result = train_step(
-                run.objective,
-                run.optimizer,
-                run.scheduler,
-                micro,
-                run.accelerator,
-                tcfg.max_grad_norm,
-                run.layout,
-                stops=(run.tracker.failure is not None, stop.signum is not None),
-            )
+            result = run.step(micro, stops=(run.tracker.failure is not None, stop.signum is not None))
         except NonFiniteLoss as e:
             run.writer.wait()  # the checkpoint in flight is complete before the newest verified one is named
             skip_step(state, run.scheduler, tcfg, e, run.run_dir, run.main)
@@ -530,9 +505,7 @@ def final_eval(run: Run, window: "LogWindow", bar: progress.TrainBar, stop: Stop
         save(run, window)
     if checkpoint.any_process(run.accelerator, run.tracker.failure is not None):  # the checkpoint carries them
         stop_with_checkpoint("metrics", stop, run.tracker, run.run_dir, state.step)
-    if checkpoint.any_process(
-        run.accelerator, stop.signum is not None
-    ):  # trained and checkpointed: files are the rerun's
+    if checkpoint.any_process(run.accelerator, stop.signum is not None):  # trained, checkpointed: files are the rerun's
         stop_after_training(
             stop,
             f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} holds the final eval; "
@@ -547,9 +520,8 @@ def train_batches(run: Run) -> Iterator[Tuple[float, List[Dict[str, torch.Tensor
     The masking rate is set before each step's batches are drawn: it is a function of the step (or
     the spent budget). New masks every epoch, the same for every process."""
     state, order, collator = run.state, run.data.order, run.collator
-    collator.probability = scheduled_probability(
-        run.cfg.masking, run.done_fraction()
-    )  # worker processes copy this rate
+    # worker processes copy this rate
+    collator.probability = scheduled_probability(run.cfg.masking, run.done_fraction())
     while state.step < run.data.steps and not run.budget_spent():
         epoch, first = divmod(state.step, order.steps_per_epoch)
         collator.stream = epoch
@@ -831,14 +803,11 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "train_tokens": state.tokens,
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
-        "data_wait": round(run.waited[0] / run.waited[1], 4)
-        if run.waited[1]
-        else None,  # this process's steps (since a resume)
+        # this process's steps (since a resume)
+        "data_wait": round(run.waited[0] / run.waited[1], 4) if run.waited[1] else None,
         **flops.run_totals(run.utilisation, state.tokens, state.predictions, state.train_seconds),  # train_flops, mfu
         "processes": acc.num_processes,
-        "device": "cpu"
-        if acc.device.type == "cpu"
-        else str(acc.device),  # this process's; rank r has cuda:<local rank>
+        "device": "cpu" if acc.device.type == "cpu" else str(acc.device),  # this process's; rank r: cuda:<local rank>
         "device_slot": run.job.get("device_slot"),
         "sharding": str(run.cfg.runtime.sharding),
         "mixed_precision": run.cfg.runtime.mixed_precision,  # auto resolved
