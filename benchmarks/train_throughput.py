@@ -844,7 +844,7 @@ def measure(variants, s: dict) -> dict:
     t_all, load_before = time.perf_counter(), os.getloadavg()
     if probed(s):
         print(
-            f"matmul peak ({s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...",
+            f"matmul peak (from {s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...",
             file=sys.stderr,
             flush=True,
         )
@@ -1104,7 +1104,7 @@ def table(out: dict) -> list:
             f"MFU against the datasheet peak of {s['device_name']}: "
             + ", ".join(f"{k} {fmt(g, '.0f')} GFLOP/s" for k, g in mm.items() if k in ("bf16", "fp32"))
             if s["device"] == "cuda"
-            else f"matmul {'/'.join(mm['before'])} GFLOP/s ({mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
+            else f"matmul {'/'.join(mm['before'])} GFLOP/s (from {mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
             f"before {gflops(mm['before'])}, rounds "
             + ", ".join(gflops(r) for r in mm["per_round"])
             + f", after {gflops(mm['after'])} (MFU: vs the same round's probe)"
