@@ -23,9 +23,9 @@ decay 0.01 on matrices only), linear decay without warm-up and gradient clipping
 
   trainer_fp32     transformers.Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), fp32
   trainer_bf16     the same with bf16=True; only where the CPU runs bf16 natively, else under "skipped"
-  harness          built the way mlm.train.train() builds it: a Config composed from conf/ (experiment=none:
-                   15% masks, one learning rate), make_accelerator, build_optimization, MLMCollator and
-                   train_step, at the precision runtime.mixed_precision=auto picks (bf16 where native, else fp32)
+  harness          mlm.train.build_run() around the same model: a Config composed from conf/ (experiment=none:
+                   15% masks, one learning rate), trained by mlm.train.train_batches and train_step, at the
+                   precision runtime.mixed_precision=auto picks (bf16 where native, else fp32)
   harness_compile  (--compile) the harness with runtime.compile=true
 
 Reading the output. Each variant runs in its own worker process, and the variants take turns window
@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -88,8 +87,8 @@ if str(ROOT) not in sys.path:
 # all positions, masked or not. The compute-only time (step begin -> step end, i.e. without fetching
 # and collating the batch) is reported too.
 #
-# MFU. The matmul peak is measured in this run with torch.matmul on square matrices (median of
-# several repetitions) before the run, at the start of every round (all workers paused) and after
+# MFU. The matmul peak is measured in this run with mlm.flops.measure_matmul (perf/mfu's CPU probe:
+# square torch.matmul from --matmul-size up until one takes 50 ms, best of several) before the run, at the start of every round (all workers paused) and after
 # the run. "mfu" divides each window by the probe of its own round and takes the median, so
 # background load that slows both alike cancels out; "mfu_vs_best_peak" divides by the best probe of
 # the whole run. FLOPS_COUNTED below says what is counted and what is not.
@@ -254,10 +253,6 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def memory_before(s: dict) -> dict:
     """Host RSS, and on CUDA the device memory allocated (weights, optimizer) with its peak counter reset."""
     out = {"rss_before_train_mb": rss_mb()}
@@ -270,7 +265,9 @@ def memory_before(s: dict) -> dict:
 
 
 def memory_peak(s: dict) -> dict:
-    out = {"peak_rss_mb": peak_rss_mb()}
+    from mlm.train import own_peak_rss_mb
+
+    out = {"peak_rss_mb": own_peak_rss_mb()}
     if s["device"] == "cuda":
         import torch
 
@@ -478,60 +475,29 @@ def harness_config(variant: str, s: dict):
     return cfg
 
 
-def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
-    from mlm.allocator import reuse_host_memory
-    from mlm.batching import TrainOrder, TrainSampler, make_loader
-    from mlm.masking import MLMCollator, scheduled_probability
-    from mlm.precision import make_accelerator
-    from mlm.train import build_optimization, train_step
+def run_harness(variant: str, s: dict, tokenizer, model) -> dict:
+    from mlm.train import build_run, train_batches
 
-    # What mlm.train.build_run() builds, around this script's own model (the Trainer's initial weights)
-    cfg = harness_config(variant, s)
-    accelerator = make_accelerator(cfg.runtime.mixed_precision)
-    if cfg.runtime.reuse_host_memory:  # on by default
-        reuse_host_memory()
-    layout, objective, optimizer, scheduler = build_optimization(cfg, model, s["total_steps"], accelerator)
-    tcfg = cfg.trainer
-    order = TrainOrder(
-        len(train_blocks),
-        tcfg.per_device_batch_size,
-        tcfg.gradient_accumulation_steps,
-        accelerator.num_processes,
-        cfg.seed,
-    )
-    collator = MLMCollator(tokenizer, cfg.masking, seed=cfg.seed, stream=0)  # stream = epoch 0
-    collator.probability = scheduled_probability(cfg.masking, 0.0)  # as mlm.train.train_batches sets it (constant here)
-    assert collator.probability == s["mlm_probability"], collator.probability
+    # The run mlm.train.build_run() assembles from the config, around this script's own model (the Trainer's initial
+    # weights); its own data (the same blocks: a cache hit) and the loop's batches (mlm.train.train_batches)
+    run = build_run(harness_config(variant, s), built=(model, tokenizer))
+    assert run.data.steps == s["total_steps"], run.data.steps
+    assert scheduled_rate(run) == s["mlm_probability"], scheduled_rate(run)
     probe = None if variant == "harness_compile" else DtypeProbe(first_linear(model))
-    objective.train()
+    run.objective.train()
     gate = Gate(boundaries(s), s["device"] == "cuda")
     before = memory_before(s)
     gate.open()
-
-    def epochs():  # as mlm.train.train_batches: epoch after epoch, new masks each (a long CUDA run may pass one epoch)
-        epoch = 0
-        while True:
-            collator.stream = epoch
-            yield from make_loader(
-                train_blocks,
-                TrainSampler(order, epoch, accelerator.process_index),
-                collator,
-                cfg.runtime.num_workers,
-                pin_memory=s["device"] == "cuda",
-            )
-            epoch += 1
-
-    batches = epochs()
     masked, losses = [], []
-    for step in range(1, s["total_steps"] + 1):
-        micro = [next(batches)]
+    for _, micro in train_batches(run):
         gate.step_begin()
-        result = train_step(objective, optimizer, scheduler, micro, accelerator, tcfg.max_grad_norm, layout)
+        result = run.step(micro)
+        run.state.step += 1
         losses.append(round(float(result.loss_sum) / max(result.masked, 1), 4))  # train_step already synced the loss
         masked.append(int(result.masked))
-        if step == 1 and variant == "harness_compile":
+        if run.state.step == 1 and variant == "harness_compile":
             _log(variant, f"first step (compiles the encoder) took {time.perf_counter() - gate._begin:.1f}s")
-        gate.step_end(step)
+        gate.step_end(run.state.step)
     peak = memory_peak(s)
     return {
         "step_s": gate.step_s,
@@ -540,12 +506,19 @@ def run_harness(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
         "train_loss": losses,
         "autocast_dtype": probe.dtype if probe else f"{s['harness_precision']} (not probed under torch.compile)",
         "threads_in_step": gate.threads,
-        "optimizer": f"mlm.train.build_optimization: torch.optim.AdamW fused={optimizer.optimizer.defaults.get('fused')}",
+        "optimizer": f"mlm.train.build_run: torch.optim.AdamW fused={run.optimizer.optimizer.defaults.get('fused')}",
         **before,
         **peak,
         "dense_head": False,
         "first_step_s": gate.step_s[0],
     }
+
+
+def scheduled_rate(run) -> float:
+    """The training mask rate at the start (constant here: experiment=none), as mlm.train.train_batches sets it."""
+    from mlm.masking import scheduled_probability
+
+    return scheduled_probability(run.cfg.masking, run.done_fraction())
 
 
 def worker(variant: str, s: dict) -> dict:
@@ -582,8 +555,10 @@ def worker(variant: str, s: dict) -> dict:
         _log(variant, "eval of the initial weights ...")
         result["eval_init"] = eval_loss(model, eval_blocks, tokenizer, s["seed"])
     result["setup_s"] = time.perf_counter() - t_setup
-    run = run_trainer if variant.startswith("trainer") else run_harness
-    result.update(run(variant, s, tokenizer, train_blocks, model))
+    if variant.startswith("trainer"):
+        result.update(run_trainer(variant, s, tokenizer, train_blocks, model))
+    else:
+        result.update(run_harness(variant, s, tokenizer, model))
     if not variant.endswith("_compile"):  # eval would recompile the compiled model (eval mode, other shapes)
         result["eval"] = eval_loss(model, eval_blocks, tokenizer, s["seed"])
     result["torch_threads"] = torch.get_num_threads()
@@ -705,25 +680,15 @@ def run_interleaved(variants, settings: dict, tmp: Path, probe):
 
 
 def matmul_gflops(size: int, reps: int, threads: int, names=("fp32", "bf16")) -> dict:
+    """GFLOP/s of square torch.matmul at each precision in `names`: mlm.flops.measure_matmul (perf/mfu's CPU probe),
+    starting at `size`."""
     import torch
 
+    from mlm.flops import measure_matmul
+
     torch.set_num_threads(threads)
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name not in names:
-            continue
-        g = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=g).to(dtype)
-        b = torch.randn(size, size, generator=g).to(dtype)
-        for _ in range(2):
-            torch.matmul(a, b)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - t)
-        out[name] = 2 * size**3 / statistics.median(times) / 1e9
-    return out
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return {name: measure_matmul(dtypes[name], reps, size) / 1e9 for name in ("fp32", "bf16") if name in names}
 
 
 def fmt(x, spec=".1f"):
@@ -754,7 +719,10 @@ def parse_args(argv):
         "--eval-blocks", type=int, default=None, help="test blocks for the learning check (default 64; quick 16)"
     )
     p.add_argument(
-        "--matmul-size", type=int, default=None, help="square matmul size for the peak (default 2048; quick 1024)"
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="the peak probe's first square matmul size; it grows to 4096 until one takes 50 ms (default 2048; quick 1024)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 x 1 timed steps, 16 eval blocks")
     p.add_argument(
@@ -876,7 +844,7 @@ def measure(variants, s: dict) -> dict:
     t_all, load_before = time.perf_counter(), os.getloadavg()
     if probed(s):
         print(
-            f"matmul peak ({s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...",
+            f"matmul peak (from {s['matmul_size']}x{s['matmul_size']}, {s['threads']} threads) ...",
             file=sys.stderr,
             flush=True,
         )
@@ -1136,7 +1104,7 @@ def table(out: dict) -> list:
             f"MFU against the datasheet peak of {s['device_name']}: "
             + ", ".join(f"{k} {fmt(g, '.0f')} GFLOP/s" for k, g in mm.items() if k in ("bf16", "fp32"))
             if s["device"] == "cuda"
-            else f"matmul {'/'.join(mm['before'])} GFLOP/s ({mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
+            else f"matmul {'/'.join(mm['before'])} GFLOP/s (from {mm['size']}^2): best {gflops({k: mm[k] for k in mm['before']})}; "
             f"before {gflops(mm['before'])}, rounds "
             + ", ".join(gflops(r) for r in mm["per_round"])
             + f", after {gflops(mm['after'])} (MFU: vs the same round's probe)"

@@ -389,9 +389,10 @@ def run_job(cfg: DictConfig, rendezvous: Rendezvous) -> Optional[float]:
             done = with_downstream(run_dir, cfg, done)
             print(finished_line(run_dir, done))
             return objective(done)
+        typed: Config = OmegaConf.to_object(cfg)
+        typed.validate()  # a bad setting is refused before the training code (seconds of imports) is loaded
         from mlm.train import NonFiniteLoss, train
 
-        typed: Config = OmegaConf.to_object(cfg)
         try:
             # one device and one process group for this job; a failure on any rank fails it on all
             runtime = typed.runtime
@@ -523,6 +524,8 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         lines.insert(2, summary_line(results["downstream"]))
     final = run_dir / "final"
     if final.exists():
+        lines.append(f'model: {final}  (python -m mlm.predict {final} "... <mask> ...")')
+    if final.exists() and cfg.trainer.probe_sentences:  # final/ is loaded only to fill in probe sentences
         from mlm.config import ModelConfig
         from mlm.models import build_pretrained, load_tokenizer
         from mlm.predict import format_predictions, fill_mask
@@ -531,7 +534,6 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         model_cfg = ModelConfig(name_or_path=str(final), trust_remote_code=cfg.model.trust_remote_code)
         tokenizer = load_tokenizer(model_cfg)
         model = build_pretrained(model_cfg, tokenizer)
-        lines.append(f'model: {final}  (python -m mlm.predict {final} "... <mask> ...")')
         for text in cfg.trainer.probe_sentences:
             lines.append(format_predictions(text, fill_mask(model, tokenizer, text, cfg.trainer.top_k)))
     return "\n".join(lines)

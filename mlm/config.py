@@ -210,6 +210,8 @@ class ModelConfig:
 def check_attn_implementation(name: str) -> None:
     """transformers' own check (PreTrainedModel.get_correct_attn_implementation) accepts eager, the registered attention
     functions and a hub kernel ("org/repo"); anything else is a traceback after the data is prepared: refused now."""
+    if name in ("eager", "sdpa"):  # always there: no need to load transformers' model code (seconds) to know
+        return
     from transformers.integrations.hub_kernels import is_kernel
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

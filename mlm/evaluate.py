@@ -53,9 +53,8 @@ def evaluate(
     padding = eval_batch_count(len(blocks), batch_size, accelerator.num_processes) - len(shard)
     loader = make_loader(blocks, shard + [[0]] * padding, collator, num_workers=0, pin_memory=False)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, tokens, correct
-    with tqdm(
-        loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True
-    ) as batches:  # closed on an abandon too
+    # closed on an abandon too
+    with tqdm(loader, desc=bar, disable=bar is None, leave=False, dynamic_ncols=True) as batches:
         for i, batch in enumerate(batches):
             if stop_agreed(accelerator):
                 objective.train(was_training)
@@ -63,13 +62,8 @@ def evaluate(
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             loss_sum, n, correct = objective(**batch)
             if i < len(shard):  # a padding batch only keeps this rank in step with the others
-                totals += torch.stack(
-                    [
-                        loss_sum.double(),
-                        torch.tensor(float(n), dtype=torch.float64, device=totals.device),
-                        correct.double(),
-                    ]
-                )
+                count = torch.tensor(float(n), dtype=torch.float64, device=totals.device)
+                totals += torch.stack([loss_sum.double(), count, correct.double()])
             faults.reached("eval_batch")
     totals = accelerator.reduce(totals, reduction="sum")  # one all-reduce for the whole eval set
     objective.train(was_training)

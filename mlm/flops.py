@@ -22,20 +22,25 @@ saving costs.
 The peak: on CUDA, NVIDIA's datasheet figure for the device at the run's matmul precision (dense,
 not the 2:4 sparsity figure); an unknown GPU gets no MFU. On CPU there is no datasheet to read: the
 "peak" is this machine's measured torch.matmul rate (square matrices, the run's dtype and thread
-count, best of a few), the best rate ever probed on this CPU model at this thread count, dtype and
-torch version (a short probe at every start; the cache keeps the maximum).
+count, best of a few), kept per machine in <cache>/matmul_peak.json and settled by a probe on a quiet
+machine (cpu_peak). The peak is found when something first reads it (a logged perf/mfu, results.json's
+mfu): a run that logs nothing never probes.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import os
 import platform
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -48,6 +53,8 @@ from mlm.models import encoder_layers
 log = logging.getLogger(__name__)
 
 PEAK_CACHE = "matmul_peak.json"  # under the harness's cache dir (MLM_CACHE)
+PEAK_CACHE_BYTES = 1 << 20  # read no more of it: a larger file is not one this code wrote
+PLAUSIBLE_PEAK = (1e6, 1e16)  # FLOP/s a cached CPU peak may claim; anything outside was not measured here
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,8 @@ def count_flops(model: nn.Module, seq_len: int, sparse: bool) -> Optional[FlopCo
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
-        level = layer_of.get(
-            id(module), -1 if id(module) in below else len(layers)
-        )  # outside the stack: below it or above it
+        # outside the stack: below it or above it
+        level = layer_of.get(id(module), -1 if id(module) in below else len(layers))
         flops = linear_flops(module.weight, level, lowest)
         if id(module) in encoder or not sparse:
             per_token += flops
@@ -126,10 +132,8 @@ GPU_PEAKS = [
     (r"h200.*nvl", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     (r"h200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
     (r"a100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),  # SXM and PCIe, 40 and 80 GB
-    (
-        r"\ba10\b",
-        {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
-    ),  # not the A10G (AWS's variant has no datasheet)
+    # not the A10G (AWS's variant has no datasheet)
+    (r"\ba10\b", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
     (r"\ba40\b", {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4}),
     (r"l40s", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
     (r"\bl40\b", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
@@ -138,10 +142,8 @@ GPU_PEAKS = [
     (r"v100.*pcie", {"fp16": 112.0, "fp32": 14.0}),
     (r"v100", {"fp16": 125.0, "fp32": 15.7}),  # SXM2
     (r"\bt4\b", {"fp16": 65.0, "fp32": 8.1}),
-    (
-        r"rtx 4090",
-        {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
-    ),  # fp16/bf16 with fp32 accumulate, as torch runs them
+    # fp16/bf16 with fp32 accumulate, as torch runs them
+    (r"rtx 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),
     (r"rtx 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
     (r"rtx a6000", {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7}),
 ]
@@ -176,43 +178,73 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: Optional[str
     return None
 
 
-def cpu_name() -> str:
+def cpu_identity() -> str:
+    """This CPU's model name and a digest of its feature flags (two machines with one name may differ in AVX-512/AMX)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    info = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    digest = hashlib.sha256(info.get("flags", info.get("Features", "")).encode()).hexdigest()[:12]
+    return f"{info.get('model name') or platform.processor() or platform.machine()} | flags {digest}"
 
 
 def cpu_peak(dtype: torch.dtype, threads: int, cache_dir: Optional[str] = None) -> float:
-    """The best torch.matmul rate (FLOP/s) ever measured on this CPU at this thread count, dtype and torch
-    version: a short probe at every start (about a second), kept in the cache only when it beats the
-    cached one. So a probe taken while other jobs shared the cores (too low, which would put MFU
-    near or above 1) is corrected by the next quiet start, and a busy start never lowers the peak."""
+    """The torch.matmul rate (FLOP/s) of this CPU at this thread count and dtype, kept in <cache dir>/matmul_peak.json
+    under the CPU's model and flags, the thread count, dtype and torch version. A probe (about a second) taken while
+    the machine is quiet settles it: later runs read it without probing. One taken while other work shared the cores
+    reads low (MFU near 1), so until a quiet one, every start probes again and the best rate is kept."""
     path = Path(cache_dir or default_cache_root()) / PEAK_CACHE
-    key = f"{cpu_name()} | {threads} threads | {DTYPE_NAMES[dtype]} | torch {torch.__version__}"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: this probe starts it again
-        cached = {}
-    measured = measure_matmul(dtype)
-    if measured <= cached.get(key, 0.0):
-        return cached[key]
-    log.info("CPU matmul peak: %.1f GFLOP/s (%s), the best measured here so far; kept in %s", measured / 1e9, key, path)
-    cached[key] = measured
+    key = f"{cpu_identity()} | {threads} threads | {DTYPE_NAMES[dtype]} | torch {torch.__version__}"
+    cached = read_peaks(path)
+    if cached.get(key, {}).get("settled"):
+        return cached[key]["peak"]
+    measured, settled = measure_matmul(dtype), not machine_busy()
+    best = max(measured, cached.get(key, {}).get("peak", 0.0))
+    log.info("CPU matmul peak: %.1f GFLOP/s (%s), %s in %s", best / 1e9, key, "settled" if settled else "kept", path)
+    cached[key] = {"peak": best, "settled": settled}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, cached)
     except OSError as e:  # the run goes on with this probe's value
         log.warning("cannot cache the CPU matmul peak in %s: %s", path, e.strerror)
-    return measured
+    return best
 
 
-def measure_matmul(dtype: torch.dtype, reps: int = 5) -> float:
-    """Best FLOP/s of square torch.matmul, from 1024 up to 4096 until one takes 50 ms (large enough for many cores)."""
-    size, best = 1024, 0.0
+def machine_busy() -> bool:
+    """Other work shares the cores (a 1-minute load average over half of them): a matmul probe now reads low."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return os.getloadavg()[0] > cores / 2
+
+
+def read_peaks(path: Path) -> Dict[str, Dict[str, Any]]:
+    """The cached peaks, trusting none of it: a regular file (no link, no pipe) of at most PEAK_CACHE_BYTES holding
+    a JSON object, read as data; only its entries of a plausible "peak" and a boolean "settled" count. Anything
+    else is ignored, and the next probe rewrites the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(PEAK_CACHE_BYTES + 1) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
+        cached = json.loads(text) if len(text) <= PEAK_CACHE_BYTES else None
+    except (OSError, ValueError, RecursionError):  # none yet, a link, unreadable, not JSON (or nested past any use)
+        return {}
+    entries = cached.items() if isinstance(cached, dict) else ()
+    return {key: {"peak": float(e["peak"]), "settled": e["settled"]} for key, e in entries if plausible_entry(e)}
+
+
+def plausible_entry(entry: Any) -> bool:
+    low, high = PLAUSIBLE_PEAK  # NaN and inf fail these comparisons too
+    return (
+        isinstance(entry, dict)
+        and type(entry.get("settled")) is bool
+        and type(entry.get("peak")) in (int, float)
+        and low < entry["peak"] < high
+    )
+
+
+def measure_matmul(dtype: torch.dtype, reps: int = 5, size: int = 1024) -> float:
+    """Best FLOP/s of square torch.matmul, from `size` up to 4096 until one takes 50 ms (large enough for many cores)."""
+    best = 0.0
     while True:
         gen = torch.Generator().manual_seed(0)  # its own: the run's random streams (dropout, masks) stay untouched
         a, b = torch.randn(size, size, generator=gen).to(dtype), torch.randn(size, size, generator=gen).to(dtype)
@@ -233,11 +265,16 @@ def measure_matmul(dtype: torch.dtype, reps: int = 5) -> float:
 
 @dataclass(frozen=True)
 class Utilisation:
-    """A run's FLOP counts, the peak of one of its devices and how many devices (processes) share the work."""
+    """A run's FLOP counts, how many devices (processes) share the work, and how to find the peak of one device."""
 
     count: FlopCount
-    peak: Optional[float]  # FLOP/s of one device; None: unknown, no MFU
     devices: int
+    find_peak: Callable[[], Optional[float]] = lambda: None
+
+    @functools.cached_property
+    def peak(self) -> Optional[float]:
+        """FLOP/s of one device; None: unknown, no MFU. Found at the first read, on every process at once."""
+        return self.find_peak()
 
     def rates(self, tokens: float, predictions: float, seconds: float) -> Dict[str, float]:
         """A log window's achieved TFLOP/s per device and MFU (tokens and predictions of all processes)."""
@@ -252,8 +289,9 @@ def measure_utilisation(
     model: nn.Module, seq_len: int, sparse: bool, accelerator, mixed_precision: str
 ) -> Optional[Utilisation]:
     """The run's Utilisation (None when its FLOPs cannot be counted). Matmuls run in bf16 or fp16 under
-    that autocast, else in fp32. The main process finds the peak (on CPU: a short probe, the best kept per
-    machine) and hands it to the others in one all-reduce, so processes sharing a CPU never time it at once."""
+    that autocast, else in fp32. The peak is found at its first read, which every process reaches together (a log
+    step, the results): the main process finds it (on CPU: the cached probe) and hands it to the others in one
+    all-reduce, so processes sharing a CPU never time it at once."""
     count = count_flops(model, seq_len, sparse)
     if count is None:
         log.info(
@@ -262,11 +300,15 @@ def measure_utilisation(
         )
         return None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    peak = peak_flops(accelerator.device, dtype) if accelerator.is_main_process else None
-    if accelerator.num_processes > 1:
-        shared = torch.tensor([peak or 0.0], dtype=torch.float64, device=accelerator.device)
-        peak = float(accelerator.reduce(shared, reduction="sum")[0]) or None
-    return Utilisation(count, peak, accelerator.num_processes)
+
+    def find_peak() -> Optional[float]:
+        peak = peak_flops(accelerator.device, dtype) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            shared = torch.tensor([peak or 0.0], dtype=torch.float64, device=accelerator.device)
+            peak = float(accelerator.reduce(shared, reduction="sum")[0]) or None
+        return peak
+
+    return Utilisation(count, accelerator.num_processes, find_peak)
 
 
 def run_totals(

@@ -22,9 +22,8 @@ def accelerator_available() -> bool:
 
 def native_bf16(device_type: str) -> bool:
     """Whether bf16 matmuls run in hardware here. On a CPU that means AVX512-BF16 or AMX (oneDNN's check)."""
-    if (
-        device_type == "cuda"
-    ):  # compute capability 8.0 (Ampere) on; V100/T4 only emulate it, which torch counts by default
+    # compute capability 8.0 (Ampere) on; V100/T4 only emulate it, which torch counts by default
+    if device_type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != "cpu":
         return True  # other accelerators (MPS, XPU): Accelerate's own bf16 autocast

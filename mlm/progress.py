@@ -250,8 +250,7 @@ class MainProcessConsole(logging.Filter):
             return True
         if record.levelno < logging.ERROR:
             return False
-        if not str(record.msg).startswith(
-            "[rank "
-        ):  # its file handler on this rank writes /dev/null: the tag harms nothing
+        # its file handler on this rank writes /dev/null: the tag harms nothing
+        if not str(record.msg).startswith("[rank "):
             record.msg = f"[rank {self.rank}] {record.msg}"
         return True

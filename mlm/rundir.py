@@ -576,8 +576,6 @@ def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
     """resume=auto: refuse to call a finished run done, or to resume the newest checkpoint, when the source files it
     recorded have other content now (one UserError naming each file). The tokenizer is compared in train.resume,
     which has it; a checkpoint named by hand (a branch) is checked there too, with a warning."""
-    from mlm.checkpoint import resume_candidates
-
     if cfg.resume != "auto":
         return
     if results is not None:
@@ -589,6 +587,8 @@ def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
                 "give the run its own directory (hydra.run.dir=<new dir>)"
             )
     else:
+        from mlm.checkpoint import resume_candidates  # torch: not for a finished run's rerun
+
         candidates = resume_candidates("auto", run_dir)
         try:
             record, where = json.loads((candidates[0] / "state.json").read_text()), candidates[0]

@@ -1,9 +1,10 @@
 """The training loop over a run that `build_run()` assembles from the config.
 
 `build_run()` makes everything a run is made of (accelerator, model, data, objective, optimizer,
-schedule, layout, trackers, resume state); tests and benchmarks call it too. `train()` reads top to
-bottom: build, first eval, the steps with their cadence, final eval, results. `train_step()` is one
-optimizer step.
+schedule, layout) and writes nothing; the throughput benchmark calls it too. `open_run()` puts it in
+a run dir: resume from the newest good checkpoint (or start fresh), open the trackers. `train()` reads
+top to bottom: build, open, first eval, the steps with their cadence, final eval, results.
+`train_step()` is one optimizer step.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
 
-DATA_WAIT_WARN = (
-    0.2  # a log window whose steps waited longer than this share for their batches gets one warning per run
-)
+# a log window whose steps waited longer than this share for their batches gets one warning per run
+DATA_WAIT_WARN = 0.2
 
 
 class NonFiniteLoss(RuntimeError):
@@ -136,9 +136,8 @@ class Data:
     order: TrainOrder
     steps: int  # optimizer steps the run trains for
     stream_shards: Optional[int]  # streaming: how many shards the stream is read in (a resume must keep it)
-    identity: Dict[
-        str, Any
-    ]  # what it trains on: source files' and tokenizer's hashes (mlm/data/identity.py), a resume compares them
+    # what it trains on: source files' and tokenizer's hashes (mlm/data/identity.py), a resume compares them
+    identity: Dict[str, Any]
 
 
 @dataclass
@@ -146,7 +145,6 @@ class Run:
     """Everything one training run is made of, built from the config by build_run()."""
 
     cfg: Config
-    run_dir: Path
     job: Dict[str, Any]
     accelerator: Accelerator
     data: Data
@@ -156,22 +154,25 @@ class Run:
     scheduler: Any
     collator: MLMCollator
     state: TrainState
-    tracker: Any
     settings: Dict[str, Any]  # the flat config, kept in checkpoints and results: a rerun compares them
     budget_s: Optional[float]  # of training time (state.train_seconds)
     main: bool  # the launcher's rank 0 (the same one Accelerate sees)
+    run_dir: Optional[Path] = None  # set by open_run
+    tracker: Any = None  # opened by open_run
     ema: Optional[WeightAverage] = None  # the weight average (trainer.ema_decay > 0)
     utilisation: Optional[flops.Utilisation] = None  # FLOP counts and device peak (perf/mfu); None: not countable
     precision: str = ""  # the precision it trains in, and why (the start banner)
     batch_wait: float = 0.0  # seconds the current step waited for its batches (train_batches)
-    waited: List[float] = field(
-        default_factory=lambda: [0.0, 0.0]
-    )  # batch wait and step seconds since this process started
+    waited: List[float] = field(default_factory=lambda: [0.0, 0.0])  # batch wait and step seconds since this process
     data_wait_warned: bool = False
-    writer: checkpoint.Writer = field(
-        default_factory=checkpoint.Writer
-    )  # writes checkpoints: inline, or in the background
+    writer: checkpoint.Writer = field(default_factory=checkpoint.Writer)  # inline, or in the background
     group: Optional[Job] = None  # the job's processes acting as one (mlm.job); None: outside a Job
+
+    def step(self, micro_batches: List[Dict[str, torch.Tensor]], stops: Tuple[bool, bool] = (False, False)):
+        """train_step over this run's parts."""
+        tcfg, acc = self.cfg.trainer, self.accelerator
+        args = (self.objective, self.optimizer, self.scheduler, micro_batches, acc, tcfg.max_grad_norm, self.layout)
+        return train_step(*args, stops=stops)
 
     @property
     def raw_model(self):
@@ -196,63 +197,53 @@ class Run:
 
 def build_run(
     cfg: Config,
-    run_dir: Path,
     job: Optional[Dict[str, Any]] = None,
     config_tree: Optional[Dict[str, Any]] = None,
+    built: Optional[Tuple[Any, Any]] = None,
     group: Optional[Job] = None,
 ) -> Run:
-    """Validate the config and build the run in `run_dir`: resumed from its newest good checkpoint, if any."""
+    """Validate the config and build the run's parts; nothing is written (but the token-block cache) and no run dir is
+    read: open_run() does that. `built`: a (model, tokenizer) made elsewhere instead of cfg.model's (the benchmark's)."""
     cfg.validate()
     if cfg.downstream.kind != "none" and is_main_process():
         downstream.task_splits(cfg.downstream)  # its data loads (or fails) now, not after training
     requested_precision = cfg.runtime.mixed_precision
     cfg.runtime.mixed_precision = resolve_mixed_precision(requested_precision)  # what ran is what results.json records
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)  # run.py's run dirs exist already; a direct call may name a new one
     accelerator = make_accelerator(cfg.runtime.mixed_precision)
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one to watch
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)
     if cfg.runtime.reuse_host_memory:
         reuse_host_memory()
-    model, data = build_data(cfg, accelerator, group)
+    model, data = build_data(cfg, accelerator, built, group)
     state = TrainState()
     budget_s = cfg.trainer.budget_minutes * 60 if cfg.trainer.budget_minutes else None
     layout, objective, optimizer, scheduler = build_optimization(
         cfg, model, data.steps, accelerator, (lambda: state.train_seconds / budget_s) if budget_s else None
     )
-    tree = config_tree or asdict(cfg)
-    run = Run(
-        cfg,
-        run_dir,
-        job or {},
-        accelerator,
-        data,
-        layout,
-        objective,
-        optimizer,
-        scheduler,
-        MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed),
-        state,
-        None,
-        flat_config(tree),
-        budget_s,
-        is_main_process(),
-        group=group,
-    )
+    collator = MLMCollator(data.tokenizer, cfg.masking, seed=cfg.seed)
+    parts = (accelerator, data, layout, objective, optimizer, scheduler, collator, state)
+    run = Run(cfg, job or {}, *parts, flat_config(config_tree or asdict(cfg)), budget_s, is_main_process(), group=group)
     run.ema = weight_average(run.raw_model, cfg.trainer.ema_decay, data.steps)  # before resume(), which loads it
     run.precision = precision_reason(str(requested_precision), str(cfg.runtime.mixed_precision))
     run.writer = checkpoint_writer(cfg, layout)
-    resume(run)
+    sparse = accelerator.unwrap_model(objective).sparse
     run.utilisation = flops.measure_utilisation(
-        run.raw_model,
-        cfg.block_size,
-        accelerator.unwrap_model(objective).sparse,
-        accelerator,
-        cfg.runtime.mixed_precision,
+        run.raw_model, cfg.block_size, sparse, accelerator, cfg.runtime.mixed_precision
     )
+    return run
+
+
+def open_run(run: Run, run_dir: Path, config_tree: Optional[Dict[str, Any]] = None) -> Run:
+    """Put a built run in `run_dir`: resumed from its newest good checkpoint, if any (the run dir's records then
+    keep only the steps up to it), with its trackers open."""
+    run.run_dir = Path(run_dir)
+    run.run_dir.mkdir(parents=True, exist_ok=True)  # run.py's run dirs exist already; a direct call may name a new one
+    resume(run)
+    state = run.state
+    tree = config_tree or asdict(run.cfg)
     run.tracker = open_trackers(
-        cfg.tracker, run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id, start_step=state.step
+        run.cfg.tracker, run.run_dir, tree, run.job, run.main, resume_id=state.tracker_run_id, start_step=state.step
     )
     state.tracker_run_id = run.tracker.run_id or state.tracker_run_id
     faults.reached("startup")
@@ -270,18 +261,20 @@ def checkpoint_writer(cfg: Config, layout) -> checkpoint.Writer:
     return checkpoint.Writer(background=cfg.trainer.async_checkpoint and not layout.sharded)
 
 
-def build_data(cfg: Config, accelerator: Accelerator, group: Optional[Job] = None) -> Tuple[Any, Data]:
-    """Model, tokenizer and token blocks (the main process fills the block cache, the others reuse it), and the data order."""
+def build_data(
+    cfg: Config, accelerator: Accelerator, built: Optional[Tuple[Any, Any]] = None, group: Optional[Job] = None
+) -> Tuple[Any, Data]:
+    """Model and tokenizer (`built`, or cfg.model's), token blocks (the main process fills the block cache, the
+    others reuse it), and the data order."""
     with cache_builders_first(accelerator, group):
-        model, tokenizer = build_model(cfg.model, cfg.block_size, cfg.seed)
+        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed)
         if cfg.dataset.streaming:  # training blocks come from the stream (train_batches)
             train_blocks, eval_blocks = None, stream_eval_blocks(cfg.dataset, tokenizer, cfg.block_size)
         else:
             blocks = build_blocks(cfg.dataset, tokenizer, cfg.block_size)
             train_blocks, eval_blocks = blocks["train"], blocks["test"]
-        identity = data_identity(
-            cfg.dataset, tokenizer, default_cache_root()
-        )  # the hashes build_blocks just took: a stat per file
+        # the hashes build_blocks just took: a stat per file
+        identity = data_identity(cfg.dataset, tokenizer, default_cache_root())
     if cfg.model.head_bias_init == "unigram":
         if train_blocks is None:
             log.warning(
@@ -441,13 +434,12 @@ def train(
         is_main_process(), lambda: next(iter(checkpoint.list_checkpoints(run_dir)), None), plan=None
     ).install()
     try:
-        run = build_run(cfg, run_dir, job, config_tree, group)
+        run = open_run(build_run(cfg, job, config_tree, group=group), run_dir, config_tree)
     except BaseException:
         stop.restore()
         raise
     state, tcfg = run.state, cfg.trainer
     start_step = state.step  # that of the checkpoint it resumed from (0: none)
-    eval_every = tcfg.eval_every or run.data.order.steps_per_epoch
     bar = None
     try:
         window = LogWindow.restore(state.log_window, run.accelerator.device)
@@ -459,68 +451,9 @@ def train(
         stop.plan = "stopping after this step with a checkpoint"
         if state.step == 0:
             state.perplexity_before = run_eval(run, bar)["eval/perplexity"]
-        for t0, micro in train_batches(run):
-            try:
-                result = train_step(
-                    run.objective,
-                    run.optimizer,
-                    run.scheduler,
-                    micro,
-                    run.accelerator,
-                    tcfg.max_grad_norm,
-                    run.layout,
-                    stops=(run.tracker.failure is not None, stop.signum is not None),
-                )
-            except NonFiniteLoss as e:
-                run.writer.wait()  # the checkpoint in flight is complete before the newest verified one is named
-                skip_step(state, run.scheduler, tcfg, e, run.run_dir, run.main)
-                continue
-            run.writer.check()  # a checkpoint that failed in the background stops the run here
-            count_step(run, result, t0, window)
-            if run.ema is not None and not result.overflow:  # only a step that changed the weights
-                run.ema.update()
-            bar.update(state.train_seconds)
-            if state.step % tcfg.log_every == 0 or run.last_step():
-                log_train(run, result, window, bar)
-            if bar.projection_due(state.step, tcfg.log_every) and not run.last_step():
-                log.info(projection(run, bar))
-            if run.last_step():
-                break
-            if state.step % eval_every == 0:
-                run_eval(run, bar)
-            if (tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0) or result.stop:
-                save(
-                    run, window, wait=result.stop is not None
-                )  # a stop's checkpoint is complete before any rank leaves
-            if result.stop:
-                stop_with_checkpoint(result.stop, stop, run.tracker, run.run_dir, state.step)
+        train_steps(run, window, bar, stop)
         bar.close()
-        log.info(
-            progress.end_line(
-                state.step, run.data.steps, tcfg.max_steps, tcfg.epochs, run.budget_s, state.train_seconds
-            )
-        )
-        stop.plan = "stopping once the final checkpoint is written; nothing is left to train"
-        # A rerun after a kill from here on resumes from the final checkpoint, finds its eval logged
-        # (final_eval_step), and redoes only the files.
-        if state.final_eval_step == state.step:
-            final = state.last_eval
-        else:
-            final = run_eval(run, bar)
-            state.final_eval_step = state.step
-            save(run, window)
-        if checkpoint.any_process(
-            run.accelerator, run.tracker.failure is not None
-        ):  # the final checkpoint carries the unwritten records
-            stop_with_checkpoint("metrics", stop, run.tracker, run.run_dir, state.step)
-        if checkpoint.any_process(
-            run.accelerator, stop.signum is not None
-        ):  # trained and checkpointed: the files are the rerun's
-            stop_after_training(
-                stop,
-                f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} holds the final eval; "
-                f"write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}",
-            )
+        final = final_eval(run, window, bar, stop)
         results = results_record(run, final, time.perf_counter() - wall_start)
         stop.plan = "finishing final/ and results.json (seconds)"
         save_outputs(run, results, stop)
@@ -535,15 +468,70 @@ def train(
         run.tracker.finish()
 
 
+def train_steps(run: Run, window: "LogWindow", bar: progress.TrainBar, stop: StopSignals) -> None:
+    """The steps from where the run stands to its last, with their logs, evals, checkpoints and stops."""
+    state, tcfg = run.state, run.cfg.trainer
+    eval_every = tcfg.eval_every or run.data.order.steps_per_epoch
+    for t0, micro in train_batches(run):
+        try:
+            result = run.step(micro, stops=(run.tracker.failure is not None, stop.signum is not None))
+        except NonFiniteLoss as e:
+            run.writer.wait()  # the checkpoint in flight is complete before the newest verified one is named
+            skip_step(state, run.scheduler, tcfg, e, run.run_dir, run.main)
+            continue
+        run.writer.check()  # a checkpoint that failed in the background stops the run here
+        count_step(run, result, t0, window)
+        if run.ema is not None and not result.overflow:  # only a step that changed the weights
+            run.ema.update()
+        bar.update(state.train_seconds)
+        if state.step % tcfg.log_every == 0 or run.last_step():
+            log_train(run, result, window, bar)
+        if bar.projection_due(state.step, tcfg.log_every) and not run.last_step():
+            log.info(projection(run, bar))
+        if run.last_step():
+            return
+        if state.step % eval_every == 0:
+            run_eval(run, bar)
+        if (tcfg.checkpoint_every and state.step % tcfg.checkpoint_every == 0) or result.stop:
+            save(run, window, wait=result.stop is not None)  # a stop's checkpoint is complete before any rank leaves
+        if result.stop:
+            stop_with_checkpoint(result.stop, stop, run.tracker, run.run_dir, state.step)
+
+
+def final_eval(run: Run, window: "LogWindow", bar: progress.TrainBar, stop: StopSignals) -> Dict[str, float]:
+    """The final eval and its checkpoint, then the stops that end a trained run before its files are written."""
+    state, tcfg = run.state, run.cfg.trainer
+    log.info(
+        progress.end_line(state.step, run.data.steps, tcfg.max_steps, tcfg.epochs, run.budget_s, state.train_seconds)
+    )
+    stop.plan = "stopping once the final checkpoint is written; nothing is left to train"
+    # A rerun after a kill from here on resumes from the final checkpoint, finds its eval logged
+    # (final_eval_step), and redoes only the files.
+    if state.final_eval_step == state.step:
+        final = state.last_eval
+    else:
+        final = run_eval(run, bar)
+        state.final_eval_step = state.step
+        save(run, window)
+    if checkpoint.any_process(run.accelerator, run.tracker.failure is not None):  # the checkpoint carries them
+        stop_with_checkpoint("metrics", stop, run.tracker, run.run_dir, state.step)
+    if checkpoint.any_process(run.accelerator, stop.signum is not None):  # trained, checkpointed: files are the rerun's
+        stop_after_training(
+            stop,
+            f"checkpoint {checkpoint.checkpoint_dir(run.run_dir, state.step)} holds the final eval; "
+            f"write final/ and results.json (nothing left to train) with: {rundir.resume_command(run.run_dir)}",
+        )
+    return final
+
+
 def train_batches(run: Run) -> Iterator[Tuple[float, List[Dict[str, torch.Tensor]]]]:
     """(start time, micro-batches) of each optimizer step from where the run stands, epoch after epoch.
 
     The masking rate is set before each step's batches are drawn: it is a function of the step (or
     the spent budget). New masks every epoch, the same for every process."""
     state, order, collator = run.state, run.data.order, run.collator
-    collator.probability = scheduled_probability(
-        run.cfg.masking, run.done_fraction()
-    )  # worker processes copy this rate
+    # worker processes copy this rate
+    collator.probability = scheduled_probability(run.cfg.masking, run.done_fraction())
     while state.step < run.data.steps and not run.budget_spent():
         epoch, first = divmod(state.step, order.steps_per_epoch)
         collator.stream = epoch
@@ -825,14 +813,11 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "train_tokens": state.tokens,
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
-        "data_wait": round(run.waited[0] / run.waited[1], 4)
-        if run.waited[1]
-        else None,  # this process's steps (since a resume)
+        # this process's steps (since a resume)
+        "data_wait": round(run.waited[0] / run.waited[1], 4) if run.waited[1] else None,
         **flops.run_totals(run.utilisation, state.tokens, state.predictions, state.train_seconds),  # train_flops, mfu
         "processes": acc.num_processes,
-        "device": "cpu"
-        if acc.device.type == "cpu"
-        else str(acc.device),  # this process's; rank r has cuda:<local rank>
+        "device": "cpu" if acc.device.type == "cpu" else str(acc.device),  # this process's; rank r: cuda:<local rank>
         "device_slot": run.job.get("device_slot"),
         "sharding": str(run.cfg.runtime.sharding),
         "mixed_precision": run.cfg.runtime.mixed_precision,  # auto resolved
@@ -1037,11 +1022,14 @@ def enable_activation_checkpointing(model) -> None:
     enable({"use_reentrant": False})
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_rss_mb(accelerator) -> float:
-    """The largest peak resident memory of any process of the run, in MB (Linux reports KB)."""
-    peak = torch.tensor(
-        [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=accelerator.device
-    )
+    """The largest peak resident memory of any process of the run, in MB."""
+    peak = torch.tensor([own_peak_rss_mb()], dtype=torch.float64, device=accelerator.device)
     return round(float(accelerator.reduce(peak, reduction="max") if accelerator.num_processes > 1 else peak), 1)
 
 

@@ -106,3 +106,84 @@ def test_the_masking_library_needs_no_cli_or_plotting():
     }
     names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not names & {"argparse", "matplotlib"}
+
+
+# ---------------------------------------------------------------- what a process that does not train loads
+# Every `python run.py` pays its imports before anything else; torch and transformers' model code are seconds of CPU.
+# A module set to None in sys.modules makes importing it fail: each test blocks what its path must not need.
+
+
+def test_a_finished_runs_rerun_checks_its_data_without_torch(tmp_path, monkeypatch):
+    import sys
+
+    from mlm import rundir
+    from tests.conftest import TINY_RUN, compose
+
+    monkeypatch.setitem(sys.modules, "mlm.checkpoint", None)  # -> mlm.parallel -> torch.distributed
+    cfg = compose([*TINY_RUN, f"dataset.path={tmp_path / 'c.txt'}"])
+    assert rundir.check_same_data(tmp_path, cfg, {"data": None}) is None  # a finished run: nothing to resume
+    cfg.resume = "auto"
+    try:
+        rundir.check_same_data(tmp_path, cfg, None)  # an unfinished one looks for a checkpoint to resume
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("the resume path no longer reads checkpoints: this test blocks the wrong module")
+
+
+def test_the_usual_attention_backends_are_checked_without_loading_transformers_models(monkeypatch):
+    import sys
+
+    import pytest
+
+    from mlm.config import check_attn_implementation
+
+    monkeypatch.setitem(sys.modules, "transformers.modeling_utils", None)
+    check_attn_implementation("sdpa")
+    check_attn_implementation("eager")
+    with pytest.raises(ImportError):  # any other name asks transformers
+        check_attn_implementation("flex_attention")
+
+
+def test_the_summary_loads_the_final_model_only_to_fill_in_probe_sentences(tmp_path):
+    import pytest
+
+    from mlm.cli import summary_text
+    from mlm.config import UserError
+    from tests.conftest import TINY_RUN, compose
+
+    (tmp_path / "final").mkdir()  # no model in it: loading it would fail
+    results = {"perplexity": 9.0, "perplexity_before": 10.0, "steps": 4, "train_seconds": 1.0, "tokens_per_s": 1.0}
+    text = summary_text(compose([*TINY_RUN, "trainer.probe_sentences=[]"]), tmp_path, results)
+    assert f"model: {tmp_path / 'final'}  (python -m mlm.predict" in text.splitlines()[-1]
+    with pytest.raises(UserError, match="has no tokenizer files"):  # trainer=debug has a probe sentence: it loads
+        summary_text(compose(TINY_RUN), tmp_path, results)
+
+
+def test_a_bad_setting_is_refused_before_the_training_code_is_loaded(tmp_path, monkeypatch, capsys):
+    """run_job, as Hydra calls it for `python run.py trainer.per_device_batch_size=0`: one line, exit 2, and
+    mlm.train (torch, transformers' models, datasets: seconds of imports) never imported."""
+    import sys
+
+    import pytest
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from mlm.cli import register, run_job
+    from mlm.config import CONF
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(
+            "config", ["model=tiny", "trainer=debug", "trainer.per_device_batch_size=0"], return_hydra_config=True
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        HydraConfig.instance().set_config(cfg)
+        del cfg["hydra"]
+    monkeypatch.setitem(sys.modules, "mlm.train", None)
+    with pytest.raises(SystemExit) as stopped:
+        run_job(cfg)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "error: trainer.per_device_batch_size=0 must be at least 1\n"

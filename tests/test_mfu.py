@@ -3,6 +3,9 @@ the GPU peak table, the cached CPU matmul probe, and a run that reports both."""
 
 import json
 import logging
+import os
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,35 +124,124 @@ def test_an_unknown_gpu_reports_no_mfu_with_one_line(monkeypatch, caplog):
         )  # fp32 matmuls run as tf32 then
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-    utilisation = flops.Utilisation(FlopCount(per_token=1e12, per_prediction=0.0), peak=None, devices=2)
+    utilisation = flops.Utilisation(FlopCount(per_token=1e12, per_prediction=0.0), devices=2)  # no peak found
     assert utilisation.rates(tokens=10, predictions=3, seconds=5.0) == {
         "perf/tflops": 1.0
     }  # no perf/mfu without a peak
     assert flops.run_totals(utilisation, 10, 3, 5.0) == {"train_flops": 1e13, "mfu": None}
 
 
-def test_cpu_probe_keeps_the_best_rate_measured_so_a_busy_probe_never_lowers_the_peak(tmp_path, monkeypatch):
-    probes = iter([123e9, 50e9, 200e9])  # quiet, then busy (other jobs on the cores), then quieter still
-    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: next(probes))
+def counting_probe(monkeypatch, *rates, busy=False):
+    """flops.measure_matmul replaced by one that returns `rates` in turn (the last one from then on) and counts its
+    calls, on a machine that is `busy` or quiet."""
+    calls = []
+
+    def probe(dtype):
+        calls.append(dtype)
+        return rates[min(len(calls), len(rates)) - 1]
+
+    monkeypatch.setattr(flops, "measure_matmul", probe)
+    monkeypatch.setattr(flops, "machine_busy", lambda: busy)
+    return calls
+
+
+def test_cpu_peak_is_probed_once_per_machine_and_read_back_by_the_next_run(tmp_path, monkeypatch):
+    calls = counting_probe(monkeypatch, 123e9)
     assert cpu_peak(torch.float32, 2, str(tmp_path)) == 123e9
     cached = json.loads((tmp_path / flops.PEAK_CACHE).read_text())
     (key,) = cached
-    assert cached[key] == 123e9 and "| 2 threads | fp32 | torch " in key and flops.cpu_name() in key
-    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 123e9  # the busy probe: the cached best stands
-    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 200e9  # a better one replaces it
-    assert json.loads((tmp_path / flops.PEAK_CACHE).read_text()) == {key: 200e9}
-    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: 1e9)
+    assert cached[key] == {"peak": 123e9, "settled": True}
+    assert key.startswith(flops.cpu_identity()) and "| 2 threads | fp32 | torch " in key
+    assert "| flags " in key  # two CPUs of one name with other features (AVX-512, AMX) are two machines
+    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: pytest.fail("the settled peak was probed again"))
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 123e9  # the next run reads it
+    calls = counting_probe(monkeypatch, 1e9)
     assert cpu_peak(torch.bfloat16, 2, str(tmp_path)) == 1e9 and cpu_peak(torch.float32, 4, str(tmp_path)) == 1e9
-    assert (
-        len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 3
-    )  # another dtype or thread count is another entry
+    monkeypatch.setattr(flops, "cpu_identity", lambda: "Another CPU | flags 0123456789ab")
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 1e9
+    assert len(calls) == 3 and len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 4  # one entry each
 
 
-def test_cpu_probe_survives_a_broken_or_unwritable_cache(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(flops, "measure_matmul", lambda dtype: 7e9)
-    (tmp_path / flops.PEAK_CACHE).write_text("{not json")
-    assert cpu_peak(torch.float32, 1, str(tmp_path)) == 7e9  # measured again and rewritten
-    assert len(json.loads((tmp_path / flops.PEAK_CACHE).read_text())) == 1
+def test_a_probe_on_a_busy_machine_never_lowers_the_peak_and_a_quiet_one_settles_it(tmp_path, monkeypatch):
+    calls = counting_probe(monkeypatch, 50e9, 30e9, 80e9, busy=True)  # other jobs share the cores
+    assert [cpu_peak(torch.float32, 2, str(tmp_path)) for _ in range(3)] == [50e9, 50e9, 80e9]  # the best so far
+    (entry,) = json.loads((tmp_path / flops.PEAK_CACHE).read_text()).values()
+    assert entry == {"peak": 80e9, "settled": False} and len(calls) == 3
+    calls = counting_probe(monkeypatch, 120e9)  # quiet now
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 120e9
+    assert cpu_peak(torch.float32, 2, str(tmp_path)) == 120e9 and len(calls) == 1  # settled: read back
+
+
+class Planted:
+    """A pickle that would leave a file if anything unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant(path: Path, what: str, key: str) -> None:
+    if what == "link":
+        target = path.parent / "elsewhere.json"
+        target.write_text(json.dumps({key: {"peak": 5e9, "settled": True}}))
+        path.symlink_to(target)
+    elif what == "fifo":
+        os.mkfifo(path)  # opening it for reading would wait for a writer for ever
+    elif what == "pickle":
+        path.write_bytes(pickle.dumps(Planted(path.parent / "ran")))
+    else:
+        path.write_text(what.replace("KEY", key))
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        "{not json",
+        "[1e12]",
+        '{"KEY": 1e12}',
+        '{"KEY": {"peak": "1e12", "settled": true}}',
+        '{"KEY": {"peak": -5, "settled": true}}',
+        '{"KEY": {"peak": 1e300, "settled": true}}',
+        '{"KEY": {"peak": NaN, "settled": true}}',
+        '{"KEY": {"peak": true, "settled": true}}',
+        '{"KEY": {"peak": 5e9, "settled": "yes"}}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"KEY": {"peak": 5e9, "settled": true}, "pad": "' + "x" * flops.PEAK_CACHE_BYTES + '"}',
+        "link",
+        "fifo",
+        "pickle",
+    ],
+    ids=lambda what: what[:16],
+)
+def test_a_corrupt_or_planted_cache_is_ignored_and_rewritten(tmp_path, monkeypatch, what):
+    calls = counting_probe(monkeypatch, 7e9)
+    key = f"{flops.cpu_identity()} | 1 threads | fp32 | torch {torch.__version__}"
+    path = tmp_path / flops.PEAK_CACHE
+    plant(path, what, key)
+    assert cpu_peak(torch.float32, 1, str(tmp_path)) == 7e9 and len(calls) == 1  # probed, as with no cache
+    assert path.is_file() and not path.is_symlink()
+    assert json.loads(path.read_text()) == {key: {"peak": 7e9, "settled": True}}
+    assert not (tmp_path / "ran").exists()  # read as data: nothing in it was run
+    if what == "link":
+        assert json.loads((tmp_path / "elsewhere.json").read_text())[key]["peak"] == 5e9  # replaced, not followed
+
+
+def test_a_cache_keeps_its_good_entries_beside_a_bad_one(tmp_path, monkeypatch):
+    counting_probe(monkeypatch, 7e9)
+    key = f"{flops.cpu_identity()} | 1 threads | fp32 | torch {torch.__version__}"
+    other = {"peak": 3e9, "settled": True}
+    (tmp_path / flops.PEAK_CACHE).write_text(json.dumps({"other machine": other, key: "fast"}))
+    assert cpu_peak(torch.float32, 1, str(tmp_path)) == 7e9
+    assert json.loads((tmp_path / flops.PEAK_CACHE).read_text()) == {
+        "other machine": other,
+        key: {"peak": 7e9, "settled": True},
+    }
+
+
+def test_cpu_probe_survives_an_unwritable_cache(tmp_path, monkeypatch, caplog):
+    counting_probe(monkeypatch, 7e9)
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the cache directory should be
     with caplog.at_level(logging.WARNING, logger="mlm.flops"):
@@ -218,3 +310,37 @@ def test_a_run_starved_of_data_reports_its_data_wait_and_warns_once(corpus, tmp_
     assert (
         len(warned) == 1 and warned[0].startswith(f"step {first} waited ") and "raise runtime.num_workers" in warned[0]
     )
+
+
+def test_building_a_run_writes_nothing_and_probes_no_peak_until_one_is_read(corpus, tmp_path, monkeypatch):
+    """build_run makes the parts (only the data caches are written: token blocks, source hashes); open_run puts them
+    in a run dir; the CPU peak is probed at its first read, once."""
+    from mlm.train import build_run, open_run
+
+    cache, cwd = tmp_path / "cache", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MLM_CACHE", str(cache))
+    calls = counting_probe(monkeypatch, 9e9)
+    run = build_run(compose([*TINY_RUN, f"dataset.path={corpus}", "runtime.mixed_precision=no"]))
+    written = [p.relative_to(tmp_path).parts[:2] for p in tmp_path.rglob("*") if p.is_file()]
+    assert (
+        set(written) == {("cache", "blocks"), ("cache", "hashes")}
+        and calls == []
+        and run.run_dir is None
+        and run.tracker is None
+    )
+    assert run.utilisation.rates(tokens=1024, predictions=150, seconds=1.0)["perf/mfu"] > 0  # a log step reads it
+    assert flops.run_totals(run.utilisation, 1024, 150, 1.0)["mfu"] > 0 and len(calls) == 1  # probed once
+    assert json.loads((cache / flops.PEAK_CACHE).read_text()) != {}
+    open_run(run, tmp_path / "run")
+    run.tracker.finish()
+    assert run.state.step == 0 and (tmp_path / "run").is_dir() and list(cwd.iterdir()) == []
+
+
+def test_a_machine_is_busy_when_its_load_passes_half_its_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert flops.machine_busy()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 9.0, 9.0))  # the last minute is what a probe meets
+    assert not flops.machine_busy()
