@@ -11,12 +11,11 @@ from mlm.data import (
     flat_token_ids,
     group_blocks,
     iter_documents,
-    load_text,
     pack_blocks,
     select_text,
     split_indices,
-    tokenize,
 )
+from tests.data_reference import load_text, tokenize
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 1000, 1024])

@@ -1,11 +1,8 @@
 """Where text comes from: a registry of loaders, and the text column of their raw examples.
 
-Two ways to read a corpus:
-- `load_text` returns a `DatasetDict` of train/test text, split by document before tokenization
-  (the documents of `iter_documents` as one in-memory `Dataset`; the reference for small corpora);
-- `iter_documents` yields the same documents one at a time in source order, reading files
-  incrementally (local files never pass through memory as a whole). `blocks.build_blocks` and
-  `streaming` build on it.
+`iter_documents` yields a corpus's documents one at a time in source order, reading files
+incrementally (local files never pass through memory as a whole). `blocks.build_blocks` and
+`streaming` build on it.
 
 Rows are text or a clear error: a list of strings is joined with spaces (as the HF guide joins
 `answers.text`), any other value is refused with its file and row; rows without the text field are
@@ -29,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import datasets
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 
 from mlm.config import DatasetConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
@@ -397,15 +394,6 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         log.warning("%s", message)
-
-
-def load_text(cfg: DatasetConfig) -> DatasetDict:
-    """The documents of `iter_documents` -> {'train', 'test'} with one `text` column, split with a fixed seed
-    (in memory: the reference for small corpora; training reads through `blocks.build_blocks`)."""
-    ds = Dataset.from_dict({"text": list(iter_documents(cfg))})
-    if len(ds) < 2:
-        raise UserError(f"the dataset has {len(ds)} non-empty example(s); it needs at least 2 to split off a test set")
-    return ds.train_test_split(test_size=cfg.test_size, seed=cfg.split_seed, shuffle=True)
 
 
 # ---------------------------------------------------------------- documents one at a time
