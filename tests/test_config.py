@@ -5,7 +5,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from mlm.cli import check_override_keys, schema_keys
+from mlm.overrides import check_override_keys, schema_keys
 from mlm.config import MOVED, REMOVED, Config, MaskingConfig, UserError
 from mlm.tracking import flatten
 from tests.conftest import ROOT, compose, run_cli
