@@ -106,3 +106,12 @@ def test_the_masking_library_needs_no_cli_or_plotting():
     }
     names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not names & {"argparse", "matplotlib"}
+
+
+def test_libraries_do_not_import_upward():
+    """python -m mlm.downstream composes its settings through mlm.overrides, not mlm.cli (which imports
+    mlm.downstream); mlm.flops finds the cache dir in mlm.files, not in the data-cache module."""
+    graph = import_graph()
+    downstream = {m: graph[m] for m in graph if m.startswith("mlm.downstream")}
+    assert "mlm.downstream.__main__" in downstream and all("mlm.cli" not in found for found in downstream.values())
+    assert not {m for m in graph["mlm.flops"] if m.startswith("mlm.data")}
