@@ -56,9 +56,8 @@ BLOCKS_FORMAT_VERSION = 3  # bump when the block layout changes, so old caches a
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
 ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
-ENCODE_CHARS = (
-    1 << 18
-)  # characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
+# characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
+ENCODE_CHARS = 1 << 18
 META = "blocks.json"  # written last into the cache entry: split sizes, token counts, each Arrow file's size and SHA-256
 SPLITS = ("train", "test")
 
