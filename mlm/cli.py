@@ -315,8 +315,9 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         if results is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
             print(finished_line(run_dir, results))
             return objective(results)
-        typed: Config = OmegaConf.to_object(cfg)  # the one conversion: what train() and the summary read
-        results = train_in_job(typed, run_dir, job)
+        typed: Config = OmegaConf.to_object(cfg)
+        # results.json records the settings as asked: train() resolves some in `typed` (runtime.mixed_precision=auto)
+        results = train_in_job(typed, OmegaConf.to_container(cfg, resolve=True), run_dir, job)
     except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written
         return stopped(e)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
@@ -340,7 +341,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         release_run_dir(run_dir)
 
 
-def train_in_job(cfg: Config, run_dir: Path, job: dict) -> dict:
+def train_in_job(cfg: Config, asked: dict, run_dir: Path, job: dict) -> dict:
     """train() on this job's device and process group: a failure on any rank fails it on all."""
     from mlm import distributed
     from mlm.train import NonFiniteLoss, train
@@ -350,7 +351,7 @@ def train_in_job(cfg: Config, run_dir: Path, job: dict) -> dict:
             run_dir, cfg.runtime.device_slots, collective_timeout_minutes=cfg.runtime.collective_timeout_minutes
         ) as placed:
             distributed.check_shared_run_dir(run_dir)
-            return train(cfg, run_dir, {**job, "device_slot": placed["slot"]})
+            return train(cfg, run_dir, {**job, "device_slot": placed["slot"]}, asked)
     except NonFiniteLoss as e:
         raise UserError(str(e)) from e
 

@@ -76,8 +76,7 @@ def unknown_key_line(key: str, arg: str, keys: Dict[str, Any]) -> str:
 
 def compose(overrides=()) -> Config:
     """The config `python run.py <overrides>` runs with (conf/ of this checkout, composed by Hydra), as the typed Config."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

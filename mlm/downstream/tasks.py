@@ -1,6 +1,5 @@
-"""A downstream task's labelled examples (DownstreamConfig -> Examples): polarity, a local .csv/.jsonl file or a
-hub dataset, and the (train, eval) splits the protocol fine-tunes and scores on: the folds of a cross-validation
-(polarity, local files) or a hub dataset's own splits."""
+"""A downstream task's labelled examples (polarity, a local .csv/.jsonl file, a hub dataset) and the (train, eval)
+splits the protocol fine-tunes and scores on: a cross-validation's folds, or a hub dataset's own splits."""
 
 from __future__ import annotations
 
