@@ -276,9 +276,7 @@ def _failures(sweep_dir: Path) -> Optional[str]:
     return "; ".join(p for p in parts if p) or None
 
 
-# A sweep job refused its directory (locked, or finished with other settings) writes nothing
-# there; it notes itself here, in the sweep directory, which its sweep holds.
-REFUSED = "refused.txt"
+REFUSED = "refused.txt"  # a job refused its directory writes nothing there; it notes itself here, in the sweep dir
 
 
 def _sweep_state(sweep_dir: Path) -> tuple:
