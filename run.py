@@ -9,8 +9,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mlm.cli import check_override_keys, register, run_job
-from mlm.config import UserError
+from mlm.cli import register, run_job
+from mlm.errors import exit_on_user_error
+from mlm.overrides import check_override_keys
 from mlm.job import Rendezvous
 
 register()
@@ -23,9 +24,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_user_error():
         check_override_keys(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     main()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mlm import checkpoint
-from mlm.cli import compose
+from mlm.overrides import compose
 from mlm.models import build_model
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.precision import make_accelerator

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mlm import train as training
-from mlm.cli import compose
+from mlm.overrides import compose
 
 
 def timed_run(overrides, run_dir: Path):

@@ -6,7 +6,7 @@
 
 One table, one row per check: what was measured, and ok / FAIL / skipped: <reason>. Every run is
 built by the harness's own code: `run.py` (or `torchrun run.py`) subprocesses, and for the sync
-count mlm.cli.compose + mlm.train.train in this process. Correctness rows use the tiny model
+count mlm.overrides.compose + mlm.train.train in this process. Correctness rows use the tiny model
 (model=tiny trainer=debug, block 32) on a generated text corpus; only the throughput rows run
 the sized benchmark (benchmarks/train_throughput.py). Every row runs on one GPU except the last
 two, which say they need two.
@@ -235,7 +235,7 @@ def check_fp16(ctx) -> tuple:
 
 
 def check_syncs(ctx) -> tuple:
-    from mlm.cli import compose
+    from mlm.overrides import compose
     from mlm.train import train
 
     def syncs_in_run(steps: int) -> Counter:

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from mlm.cli import compose
+    from mlm.overrides import compose
     from mlm.data import build_blocks
     from mlm.data.blocks import flat_token_ids
     from mlm.evaluate import eval_collator, perplexity

@@ -448,7 +448,7 @@ def run_trainer(variant: str, s: dict, tokenizer, train_blocks, model) -> dict:
 
 def harness_config(variant: str, s: dict):
     """The typed config of the harness variant, composed from conf/ as `python run.py <overrides>` would."""
-    from mlm.cli import compose
+    from mlm.overrides import compose
 
     cfg = compose(
         [

@@ -1,22 +1,21 @@
-"""What run.py does around training: resolvers, the typed config, errors as one line, the summary."""
+"""What run.py does around training: resolvers, the config snapshot, the run-dir decision, failures, the summary."""
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import sys
 import time
-import typing
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mlm import preemption
-from mlm.config import CONF, GROUPS, Config, Resumable, UserError, choices_of, register_configs, schema_fields
+from mlm.config import Config, Resumable, UserError, register_configs
+from mlm.errors import error_code, exit_on_user_error, stderr
 from mlm.files import NOFOLLOW, atomic_write_text, open_append
 from mlm.job import Job, PeerFailed, Rendezvous
 from mlm.placement import detect, is_main_process, launch_name
@@ -35,11 +34,8 @@ def launch_stamp(*, _root_: Optional[DictConfig] = None) -> str:
     SLURM job (on several nodes) use its job id instead: their start times differ.
     Decided once per process (Hydra resolves the run dir more than once).
     """
-    try:
+    with exit_on_user_error():  # in a resolver: Hydra would wrap it in its own error (exit code 1)
         name = launch_name()
-    except UserError as e:  # in a resolver: Hydra would wrap it in its own error (exit code 1)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if name:
         return name
     key = _stamp_key(_root_)
@@ -81,12 +77,8 @@ def resume_unfinished(root: DictConfig, stamp: str) -> str:
 
     def choose() -> str:
         overrides = scrub(list(root.hydra.overrides.task))
-        tree = OmegaConf.to_container(
-            OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]), resolve=False, enum_to_str=True
-        )
-        found = unfinished_run(
-            overrides, yaml.safe_load(OmegaConf.to_yaml(scrub(tree)))
-        )  # as save_config_snapshot writes it
+        settings = snapshot_tree(OmegaConf.masked_copy(root, [k for k in root if k != "hydra"]))
+        found = unfinished_run(overrides, yaml.safe_load(OmegaConf.to_yaml(settings)))  # as its .hydra/config.yaml
         return stamp if found is None else found.name
 
     name = agreed_choice(choose)
@@ -137,16 +129,14 @@ def agreed_choice(choose) -> str:
 
 def register() -> None:
     register_configs()
-    OmegaConf.register_new_resolver(
-        "mlm_launch_stamp", launch_stamp, replace=True
-    )  # cached by launch_stamp (it reads the root)
+    # cached by launch_stamp (it reads the root)
+    OmegaConf.register_new_resolver("mlm_launch_stamp", launch_stamp, replace=True)
     # value on the main process; on the others the second argument (default: null)
     OmegaConf.register_new_resolver(
         "mlm_main_process_only", lambda value, other=None: value if is_main_process() else other, replace=True
     )
-    OmegaConf.register_new_resolver(
-        "mlm_help", help_page, replace=True
-    )  # python run.py --help (conf/hydra/help/mlm.yaml)
+    # python run.py --help (conf/hydra/help/mlm.yaml)
+    OmegaConf.register_new_resolver("mlm_help", help_page, replace=True)
     import hydra.core.utils
 
     hydra.core.utils._save_config = save_config_snapshot  # Hydra 1.3's writer of .hydra/ (pinned in pyproject.toml)
@@ -163,88 +153,29 @@ def save_config_snapshot(cfg: DictConfig, filename: str, output_dir: Path) -> No
     hydra.yaml holds the command line, `+hydra.job.env_set.HF_TOKEN=...` included) and never written through a link.
     A link there is left alone: a sweep job's directory is checked (mlm.rundir.refuse_links) only after Hydra
     writes this, and that check refuses the job in one line; a single run's was checked before."""
-    from mlm.tracking import scrub
-
     output_dir = Path(output_dir)
     if output_dir.is_symlink() or (output_dir / filename).is_symlink():
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    tree = scrub(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
-    atomic_write_text(output_dir / filename, OmegaConf.to_yaml(tree))
+    atomic_write_text(output_dir / filename, OmegaConf.to_yaml(snapshot_tree(cfg)))
+
+
+def snapshot_tree(cfg: DictConfig) -> dict:
+    """A config as its snapshot holds it: interpolations unresolved, secrets masked (mlm.tracking.scrub)."""
+    from mlm.tracking import scrub
+
+    return scrub(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
 
 
 def mask_sweep_snapshot(sweep_dir: Path) -> None:
     """The sweep's multirun.yaml as save_config_snapshot writes a job's hydra.yaml: Hydra's sweeper writes it itself
     (the command line's secrets in clear) just before the first job starts, which masks them."""
-    from mlm.tracking import scrub
-
     path = Path(sweep_dir) / "multirun.yaml"
     if path.is_symlink() or not path.is_file():
         return
-    text = OmegaConf.to_yaml(scrub(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
+    text = OmegaConf.to_yaml(snapshot_tree(OmegaConf.load(path)))
     if text != OmegaConf.to_yaml(OmegaConf.load(path)):
         atomic_write_text(path, text, shared=True)  # the parallel jobs of a sweep do this at once
-
-
-def schema_keys() -> Dict[str, Any]:
-    """Every key of the typed config as a dotted path -> its type (Dict fields take free-form keys below them)."""
-    return {key: kind for key, (_, kind) in schema_fields().items()}
-
-
-def check_override_keys(args: List[str]) -> None:
-    """Command-line overrides name real keys and allowed values: a misspelled key (with the closest real one), or a value
-    outside a choice (sweep lists included), gets one line (UserError) before Hydra composes anything (Hydra's
-    advice for an unknown key, `+key=value`, is wrong for a typed config, and its choice error ends a sweep midway)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    keys, parser = schema_keys(), OverridesParser.create()
-    for arg in args:
-        try:
-            override = parser.parse_overrides([arg])[0]
-        except Exception:  # a flag, or a line Hydra will explain itself
-            continue
-        key = override.key_or_group
-        if key in GROUPS or "/" in key or key.split(".")[0] == "hydra" or override.is_delete():
-            continue
-        if key not in keys:
-            if not any(
-                typing.get_origin(kind) in (dict, Dict) and key.startswith(path + ".") for path, kind in keys.items()
-            ):
-                raise UserError(unknown_key_line(key, keys))
-            continue  # model.arch.<any config field>
-        allowed = choices_of(keys[key])
-        if allowed is not None:
-            bad = [v for v in override_values(override) if v not in allowed]
-            if bad:
-                raise UserError(f"{key}={bad[0]} is not one of {', '.join(allowed)}")
-
-
-def override_values(override) -> List[str]:
-    """The string values an override gives its key: each of a choice sweep's, each of a list's, or the one."""
-    if override.is_sweep_override():
-        try:
-            return [str(v) for v in override.sweep_string_iterator()]
-        except Exception:  # an interval sweep: not a choice field's
-            return []
-    value = override.value()
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
-def unknown_key_line(key: str, keys: Dict[str, Any]) -> str:
-    close = difflib.get_close_matches(key, list(keys) + list(GROUPS), n=1, cutoff=0.6)
-    return f"unknown config key {key!r}" + (
-        f"; did you mean {close[0]}?" if close else "; python run.py --help lists the keys"
-    )
-
-
-def compose(overrides=()) -> Config:
-    """The config `python run.py <overrides>` runs with (conf/ of this checkout, composed by Hydra), as the typed Config."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
 
 
 def job_info(cfg_hydra) -> dict:
@@ -264,19 +195,15 @@ class RunDirGuard(Callback):
     """Hydra callback: lock the run (or sweep) dir before Hydra writes its .hydra snapshot and log there.
 
     A second run into a locked directory, or a finished run run again, stops here having touched
-    nothing but the lock file. Jobs of a multirun are guarded again in run_job (their directories
+    nothing but the lock file. Jobs of a multirun are decided in run_job (their directories
     exist only then).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(str(config.hydra.run.dir)).absolute()
         try:
-            results = guard(run_dir, config)
-            if results is not None:
-                results = with_downstream(run_dir, config, results)
-        except UserError as e:  # locked, or finished with other settings (or its downstream task failed)
-            main_process_says(f"error: {e}")
-            sys.exit(2)
+            with exit_on_user_error(say=main_process_says):  # locked, finished with other settings, downstream failed
+                results = decide_run_dir(run_dir, config)
         except Interrupted as e:  # a stop signal during the downstream fine-tune of a finished run
             main_process_says(f"stopped: {e}")
             sys.exit(e.exit_code)
@@ -292,17 +219,14 @@ class RunDirGuard(Callback):
         if not is_main_process():
             return
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-        try:
+        # held by another sweep, not a directory, not writable, not ours; multirun.yaml is written only after this
+        with exit_on_user_error():
             lock_run_dir(sweep_dir)
-        except UserError as e:  # held by another sweep, not a directory, not writable, not ours; multirun.yaml is written only after this
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
         (sweep_dir / REFUSED).unlink(missing_ok=True)  # from the last launch
         self._before = _sweep_state(sweep_dir)
         if str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher") and detect().world_size == 1:
-            preemption.start_parallel_sweep(
-                sweep_dir
-            )  # a stop signal stops every job with a checkpoint, then the sweep
+            # a stop signal stops every job with a checkpoint, then the sweep
+            preemption.start_parallel_sweep(sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """After the summary (Hydra calls the end callbacks in reverse): keep the old multirun.yaml if
@@ -347,16 +271,13 @@ def _failures(sweep_dir: Path) -> Optional[str]:
     """One line on the sweep's failed and refused jobs and where each says why, or None: all succeeded."""
     from mlm.report import collect_jobs, failure_line
 
-    refused = (sweep_dir / REFUSED).read_text().splitlines() if (sweep_dir / REFUSED).exists() else []
-    parts = [failure_line(collect_jobs([sweep_dir]))] + (
-        [f"{len(refused)} job(s) refused: {sweep_dir / REFUSED}"] if refused else []
-    )
+    path = sweep_dir / REFUSED
+    refused = len(path.read_text().splitlines()) if path.exists() else 0
+    parts = [failure_line(collect_jobs([sweep_dir])), refused and f"{refused} job(s) refused: {path}"]
     return "; ".join(p for p in parts if p) or None
 
 
-# A sweep job refused its directory (locked, or finished with other settings) writes nothing
-# there; it notes itself here, in the sweep directory, which its sweep holds.
-REFUSED = "refused.txt"
+REFUSED = "refused.txt"  # a job refused its directory writes nothing there; it notes itself here, in the sweep dir
 
 
 def _sweep_state(sweep_dir: Path) -> tuple:
@@ -367,52 +288,41 @@ def _sweep_state(sweep_dir: Path) -> tuple:
     return (snapshot.read_text() if snapshot.exists() else None), outcomes
 
 
+def decide_run_dir(run_dir: Path, cfg: DictConfig) -> Optional[dict]:
+    """Locked, finished, resumable or new? The one decision both entry points take before a job writes anything
+    (RunDirGuard for a single run, run_job for a sweep's job). None: train (a new run, or a resume); the results: it
+    is finished (with the downstream numbers now asked for added). RunDirLocked: the directory is not this job's
+    (another run holds it, or a run with other settings); a UserError: that downstream fine-tune failed."""
+    try:
+        results = guard(run_dir, cfg)
+    except UserError as e:
+        raise RunDirLocked(str(e)) from e
+    return None if results is None else with_downstream(run_dir, cfg, results)
+
+
 def run_job(cfg: DictConfig, rendezvous: Rendezvous) -> Optional[float]:
     """Train one job; a user error is one line and exit code 2 (in a sweep: a failed job, the sweep goes on).
     `rendezvous`: this process's, for every job it runs."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    job = job_info(hc)
-    debug = bool(cfg.get("debug", False))
-    placed: Optional[Job] = None  # once the job has started: its failure time orders error.txt
+    run_dir, job, debug = Path(hc.runtime.output_dir), job_info(hc), bool(cfg.get("debug", False))
+    placed: Optional[Job] = None  # once the job is set up: its failure time orders error.txt
     try:
         if preemption.in_sweep() and preemption.stop_requested():  # a queued job of a stopped sweep: not started
             log.warning("not started: the sweep was stopped by %s", preemption.signal_name(preemption.stop_requested()))
             return None
-        try:
-            done = guard(run_dir, cfg)
-        except UserError as e:  # locked, or finished with other settings: not ours to write into
-            raise RunDirLocked(str(e)) from e
-        if done is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
-            done = with_downstream(run_dir, cfg, done)
-            print(finished_line(run_dir, done))
-            return objective(done)
+        results = decide_run_dir(run_dir, cfg)
+        if results is not None:  # a multirun job (single runs stop in RunDirGuard, before Hydra writes)
+            print(finished_line(run_dir, results))
+            return objective(results)
         typed: Config = OmegaConf.to_object(cfg)
         typed.validate()  # a bad setting is refused before the training code (seconds of imports) is loaded
-        from mlm.train import NonFiniteLoss, train
-
-        try:
-            # one device and one process group for this job; a failure on any rank fails it on all
-            runtime = typed.runtime
-            with Job(run_dir, rendezvous, runtime.device_slots, runtime.collective_timeout_minutes) as placed:
-                placed.check_shared_run_dir()
-                tree = OmegaConf.to_container(cfg, resolve=True)
-                results = train(typed, run_dir, {**job, "device_slot": placed.slot}, tree, placed)
-        except NonFiniteLoss as e:
-            raise UserError(str(e)) from e
-    except (
-        Interrupted
-    ) as e:  # preempted or stopped by hand: a checkpoint is written; a sequential sweep stops with its job
-        log.warning(str(e))  # on the console of the main process only (mlm.progress.MainProcessConsole)
-        if detect().local_rank == 0:  # one copy in each node's output
-            print(f"stopped: {e}", file=sys.stderr)
-        if (
-            preemption.in_sweep()
-        ):  # a parallel sweep's job: the sweep ends after its summary (RunDirGuard.on_multirun_end)
-            return None
-        sys.exit(e.exit_code)
+        placed = Job(run_dir, rendezvous, typed.runtime.device_slots, typed.runtime.collective_timeout_minutes)
+        # results.json records the settings as asked: train() resolves some in `typed` (runtime.mixed_precision=auto)
+        results = train_in_job(typed, OmegaConf.to_container(cfg, resolve=True), run_dir, job, placed)
+    except Interrupted as e:  # preempted or stopped by hand: a checkpoint is written
+        return stopped(e)
     except RunDirLocked as e:  # not this job's directory: write nothing into it
         if job["multirun"] and is_main_process():
             with open_append(Path(hc.sweep.dir) / REFUSED) as f:  # one short line per job: appends do not interleave
@@ -428,17 +338,45 @@ def run_job(cfg: DictConfig, rendezvous: Rendezvous) -> Optional[float]:
             return _fail(run_dir, job, f"{type(e).__name__}: {e}", resumable=isinstance(e, PeerFailed), placed=placed)
         raise
     else:
-        if is_main_process():
-            from mlm.report import plot_run
-
-            try:
-                plot_run(run_dir)
-            except OSError as e:  # the results are written; a missing plot must not fail the run
-                log.warning("could not write %s: %s", run_dir / "curves.png", e)
-            print(summary_text(typed, run_dir, results))
+        report_run(typed, run_dir, results)
         return objective(results)
     finally:  # _fail's sys.exit passes here too
         release_run_dir(run_dir)
+
+
+def train_in_job(cfg: Config, asked: dict, run_dir: Path, job: dict, placed: Job) -> dict:
+    """train() on this job's device and process group (`placed`): a failure on any rank fails it on all."""
+    from mlm.train import NonFiniteLoss, train
+
+    try:
+        with placed:
+            placed.check_shared_run_dir()
+            return train(cfg, run_dir, {**job, "device_slot": placed.slot}, asked, placed)
+    except NonFiniteLoss as e:
+        raise UserError(str(e)) from e
+
+
+def stopped(e: Interrupted) -> None:
+    """A job stopped by a signal, its checkpoint written: one line; a parallel sweep's job returns (the sweep ends
+    after its summary, RunDirGuard.on_multirun_end), any other process exits with the signal's code."""
+    log.warning(str(e))  # on the console of the main process only (mlm.progress.MainProcessConsole)
+    if detect().local_rank == 0:  # one copy in each node's output
+        print(f"stopped: {e}", file=sys.stderr)
+    if not preemption.in_sweep():
+        sys.exit(e.exit_code)
+
+
+def report_run(cfg: Config, run_dir: Path, results: dict) -> None:
+    """The main process's curves.png and summary of a trained run."""
+    if not is_main_process():
+        return
+    from mlm.report import plot_run
+
+    try:
+        plot_run(run_dir)
+    except OSError as e:  # the results are written; a missing plot must not fail the run
+        log.warning("could not write %s: %s", run_dir / "curves.png", e)
+    print(summary_text(cfg, run_dir, results))
 
 
 def with_downstream(run_dir: Path, cfg: DictConfig, results: dict) -> dict:
@@ -483,11 +421,8 @@ def _fail(
         # No value: Optuna records the trial as FAIL and goes on (NaN makes it raise: it refuses to tell
         # COMPLETE with NaN, then FAIL with a value); the basic sweeper and launchers go on with any value.
         return None
-    if (
-        detect().local_rank == 0
-    ):  # one copy in each node's output; the other ranks' log.error above is tagged with the rank
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    # one copy in each node's output; the other ranks' log.error above is tagged with the rank
+    sys.exit(error_code(message, say=stderr if detect().local_rank == 0 else None))
 
 
 def before_text(results: dict) -> str:

@@ -424,14 +424,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar for a one-file model
-    try:
-        export(args.checkpoint, args.out, args.push_to_hub, args.revision, args.ema, args.trust_remote_code)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from mlm.errors import exit_code
+
+    return exit_code(
+        lambda: export(args.checkpoint, args.out, args.push_to_hub, args.revision, args.ema, args.trust_remote_code),
+        args.debug,
+    )
 
 
 if __name__ == "__main__":

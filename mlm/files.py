@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 
+def default_cache_root() -> str:
+    """Where the harness caches what it builds (token blocks, mlm.flops's CPU matmul peak): $MLM_CACHE, else ~/.cache/mlm-harness."""
+    return os.environ.get("MLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlm-harness"))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (a power cut otherwise may undo it; a kill never does)."""
     fd = os.open(path, os.O_RDONLY)

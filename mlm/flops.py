@@ -46,8 +46,7 @@ import torch
 from torch import nn
 
 from mlm.config import UserError
-from mlm.data.blocks import default_cache_root
-from mlm.files import atomic_write_json
+from mlm.files import atomic_write_json, default_cache_root
 from mlm.models import encoder_layers
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import Dict, List
 
 import torch
 
-from mlm.config import UserError
+from mlm.config import ModelConfig, UserError
+from mlm.errors import exit_code
 
 log = logging.getLogger(__name__)
 
@@ -119,30 +120,25 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k {args.top_k}: give 1 or more candidates per mask")
-    try:
-        from mlm.config import ModelConfig
-        from mlm.models import build_pretrained, check_saved_model, load_tokenizer, resolve_path
+    return exit_code(lambda: print_predictions(args.model, args.text, args.top_k), args.debug)
 
-        check_saved_model(
-            resolve_path(args.model), "give a model directory (a run's final/, an mlm.export output) or a hub id"
-        )
-        model_cfg = ModelConfig(name_or_path=args.model)
-        tokenizer = load_tokenizer(model_cfg)
-        if args.top_k > len(tokenizer):
-            raise UserError(
-                f"--top-k {args.top_k}: the model knows {len(tokenizer)} tokens; give at most {len(tokenizer)}"
-            )
-        for text in args.text:  # check every text before loading the model
-            encode(tokenizer, text, note=False)
-        model = build_pretrained(model_cfg, tokenizer)
-        for text in args.text:
-            print(format_predictions(text, fill_mask(model, tokenizer, text, args.top_k)))
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def print_predictions(model_path: str, texts: List[str], top_k: int) -> None:
+    """Each text's filled-in masks, after every text is checked (before the model loads)."""
+    from mlm.models import build_pretrained, check_saved_model, load_tokenizer, resolve_path
+
+    check_saved_model(
+        resolve_path(model_path), "give a model directory (a run's final/, an mlm.export output) or a hub id"
+    )
+    model_cfg = ModelConfig(name_or_path=model_path)
+    tokenizer = load_tokenizer(model_cfg)
+    if top_k > len(tokenizer):
+        raise UserError(f"--top-k {top_k}: the model knows {len(tokenizer)} tokens; give at most {len(tokenizer)}")
+    for text in texts:
+        encode(tokenizer, text, note=False)
+    model = build_pretrained(model_cfg, tokenizer)
+    for text in texts:
+        print(format_predictions(text, fill_mask(model, tokenizer, text, top_k)))
 
 
 if __name__ == "__main__":

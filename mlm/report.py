@@ -1224,13 +1224,11 @@ class SweepSummaryCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from mlm.placement import is_main_process
+        from mlm.errors import exit_on_user_error, stderr
 
-        try:  # every rank decides alike (a torchrun around a study runs a sampler on each)
+        # every rank decides alike (a torchrun around a study runs a sampler on each); the main process says it
+        with exit_on_user_error(say=stderr if is_main_process() else None):
             check_search_space(config)
-        except UserError as e:
-            if is_main_process():
-                print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from mlm.placement import is_main_process

@@ -598,7 +598,7 @@ def check_same_data(run_dir: Path, cfg, results: Optional[dict]) -> None:
             return  # not what this harness writes: resume sets it aside (checkpoint.read_state)
     if not path_by_content(record):
         return  # written before runs recorded their data, or not local files
-    from mlm.data.blocks import default_cache_root
+    from mlm.files import default_cache_root
     from mlm.data.identity import changed_data, source_identity
 
     try:

@@ -27,12 +27,11 @@ from mlm.allocator import reuse_host_memory
 from mlm.batching import TrainOrder, TrainSampler, make_loader
 from mlm.config import Config, Resumable, UserError
 from mlm.data import build_blocks, flat_token_ids
-from mlm.data.blocks import default_cache_root
 from mlm.data.identity import changed_data, data_identity
 from mlm.data.streaming import BlockStream, stream_eval_blocks, stream_loader
 from mlm.ema import WeightAverage, weight_average
 from mlm.evaluate import evaluate
-from mlm.files import atomic_path, os_error_of, write_error
+from mlm.files import atomic_path, default_cache_root, os_error_of, write_error
 from mlm.job import Job, cache_builders_first, on_main_alone
 from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLMObjective, build_model, init_unigram_bias

@@ -47,7 +47,7 @@ def tokenizer():
 
 def compose(overrides: List[str] = ()):
     """The real config from conf/, composed by Hydra with overrides, as the typed Config."""
-    from mlm.cli import compose as compose_config
+    from mlm.overrides import compose as compose_config
 
     return compose_config(overrides)
 

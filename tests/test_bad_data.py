@@ -15,9 +15,10 @@ import pytest
 
 import mlm.data.blocks as blocks_mod
 from mlm.config import DatasetConfig, UserError
-from mlm.data import build_blocks, iter_documents, load_text
+from mlm.data import build_blocks, iter_documents
 from mlm.data.sources import _local_files
 from tests.conftest import ROOT, TINY_RUN, compose, run_cli, sentences
+from tests.data_reference import load_text
 from tests.test_errors import assert_clean_failure
 
 

@@ -5,8 +5,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from mlm.cli import check_override_keys
 from mlm.config import Config, MaskingConfig, UserError, schema_fields
+from mlm.overrides import check_override_keys
 from mlm.tracking import flatten
 from tests.conftest import ROOT, compose, run_cli
 

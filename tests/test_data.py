@@ -11,12 +11,10 @@ from mlm.data import (
     flat_token_ids,
     group_blocks,
     iter_documents,
-    load_text,
     pack_blocks,
-    select_text,
     split_indices,
-    tokenize,
 )
+from tests.data_reference import load_text, tokenize
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 1000, 1024])
@@ -120,13 +118,6 @@ def test_blocks_are_cached_and_reused(tmp_path, text_file, tokenizer, monkeypatc
     monkeypatch.undo()
     other = build_blocks(cfg, tokenizer, 48, cache_root=str(tmp_path))  # a changed setting is a new cache entry
     assert len(other["train"][0]["input_ids"]) == 48
-
-
-def test_select_text_rejects_non_text(tmp_path):
-    from datasets import Dataset
-
-    with pytest.raises(UserError, match="not text"):
-        select_text(Dataset.from_dict({"x": [1, 2]}), "x")
 
 
 def test_gensim_wiki_default_corpus():

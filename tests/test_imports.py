@@ -172,6 +172,7 @@ def test_a_bad_setting_is_refused_before_the_training_code_is_loaded(tmp_path, m
 
     from mlm.cli import register, run_job
     from mlm.config import CONF
+    from mlm.job import Rendezvous
 
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -184,6 +185,15 @@ def test_a_bad_setting_is_refused_before_the_training_code_is_loaded(tmp_path, m
         del cfg["hydra"]
     monkeypatch.setitem(sys.modules, "mlm.train", None)
     with pytest.raises(SystemExit) as stopped:
-        run_job(cfg)
+        run_job(cfg, Rendezvous())
     assert stopped.value.code == 2
     assert capsys.readouterr().err == "error: trainer.per_device_batch_size=0 must be at least 1\n"
+
+
+def test_libraries_do_not_import_upward():
+    """python -m mlm.downstream composes its settings through mlm.overrides, not mlm.cli (which imports
+    mlm.downstream); mlm.flops finds the cache dir in mlm.files, not in the data-cache module."""
+    graph = import_graph()
+    downstream = {m: graph[m] for m in graph if m.startswith("mlm.downstream")}
+    assert "mlm.downstream.__main__" in downstream and all("mlm.cli" not in found for found in downstream.values())
+    assert not {m for m in graph["mlm.flops"] if m.startswith("mlm.data")}

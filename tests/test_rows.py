@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from mlm.config import DatasetConfig, UserError
-from mlm.data import build_blocks, iter_documents, load_text
+from mlm.data import build_blocks, iter_documents
 from tests.conftest import compose, sentences
+from tests.data_reference import load_text
 
 
 def _jsonl(path, rows, blank_after: int | None = None):
@@ -318,7 +319,7 @@ def test_a_json_error_after_a_bom_names_the_bad_line_not_the_first(tmp_path):
 
 def test_downstream_csv_with_a_bom_has_its_text_column(tmp_path):
     """Excel writes a BOM: the first header cell must still be 'text', not '\\ufefftext'."""
-    from mlm.downstream import load_local
+    from mlm.downstream.tasks import load_local
 
     path = tmp_path / "t.csv"
     path.write_bytes(codecs.BOM_UTF8 + b"text,label\ngood film,pos\nbad film,neg\n")

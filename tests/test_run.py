@@ -205,3 +205,28 @@ def test_resume_never_in_a_finished_dir_starts_over(tiny_run):
     assert "deleting 1 checkpoint(s) of the previous run" in again.stdout + again.stderr
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(records)  # started over, not appended
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
+
+
+def test_one_question_decides_new_finished_or_refused(tmp_path, corpus):
+    """mlm.cli.decide_run_dir, what RunDirGuard (a single run) and run_job (a sweep's job) both ask, in process."""
+    from omegaconf import OmegaConf
+
+    from mlm.cli import decide_run_dir
+    from mlm.rundir import RunDirLocked, flat_settings, release_run_dir
+    from tests.conftest import compose
+
+    def asked(*overrides):
+        return OmegaConf.structured(compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", *overrides]))
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    try:
+        assert decide_run_dir(run_dir, asked()) is None  # nothing there: train
+        results = {"steps": 2, "perplexity": 9.5, "config": flat_settings(asked())}
+        (run_dir / "results.json").write_text(json.dumps(results))
+        assert decide_run_dir(run_dir, asked()) == results  # finished with these settings: its results
+        assert decide_run_dir(run_dir, asked("trainer.max_steps=3")) is None  # more steps: train on
+        with pytest.raises(RunDirLocked, match=r"holds a finished run with other settings \(optimizer.lr="):
+            decide_run_dir(run_dir, asked("optimizer.lr=0.123"))  # not this job's directory
+    finally:
+        release_run_dir(run_dir)

@@ -359,7 +359,8 @@ def composed_run(overrides, mode="RUN"):
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from mlm.cli import CONF, register
+    from mlm.cli import register
+    from mlm.config import CONF
 
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

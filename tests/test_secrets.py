@@ -53,7 +53,8 @@ def test_hydra_snapshot_masks_secrets_and_is_otherwise_what_hydra_writes(tmp_pat
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from mlm.cli import CONF, register, save_config_snapshot
+    from mlm.cli import register, save_config_snapshot
+    from mlm.config import CONF
 
     register()
     assert hydra.core.utils._save_config is save_config_snapshot  # what Hydra's run_job calls for .hydra/

@@ -104,7 +104,7 @@ def test_an_eval_gives_up_at_its_next_batch_once_a_stop_is_asked(tokenizer):
 
 
 def test_a_downstream_fine_tune_stops_at_its_next_step_for_a_signal():
-    from mlm.downstream import check_stop
+    from mlm.downstream.protocol import check_stop
     from mlm.preemption import Interrupted, StopSignals
 
     check_stop()  # nothing asked: goes on

@@ -252,7 +252,7 @@ def shipped_search_spaces():
 
 
 def test_shipped_search_spaces_vary_training_never_the_eval():
-    from mlm.cli import schema_keys
+    from mlm.overrides import schema_keys
     from mlm.report import EVAL_KEYS, SPAN_EVAL_KEYS
 
     keys = schema_keys()
@@ -271,7 +271,8 @@ def composed_multirun(overrides):
     """The config (hydra node included) a `run.py -m <overrides>` sweep starts with, inside an initialized Hydra."""
     from hydra import compose, initialize_config_dir
 
-    from mlm.cli import CONF, register
+    from mlm.cli import register
+    from mlm.config import CONF
 
     register()
     init = initialize_config_dir(config_dir=str(CONF), version_base="1.3")

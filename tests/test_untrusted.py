@@ -565,7 +565,7 @@ def test_downstream_refuses_hostile_model_folders_in_one_line(hostile_folders, c
 def test_predict_and_downstream_take_no_attention_backend_from_a_model_folder(
     run_dir, tmp_path, capsys, no_kernel_fetch
 ):  # noqa: F811
-    from mlm.downstream import load_classifier
+    from mlm.downstream.protocol import load_classifier
 
     folder = tmp_path / "model"
     shutil.copytree(run_dir / "final", folder)

@@ -1,6 +1,6 @@
 """Text corpora -> token blocks. No masking here (see masking.py).
 
-sources.py    loaders (registry) -> raw examples -> text, in memory (`load_text`) or one document at a time
+sources.py    a corpus's documents (gensim sample, hub, local files), one at a time (`iter_documents`)
 blocks.py     documents -> cached train/test token blocks on disk, in flat memory (`build_blocks`)
 streaming.py  documents -> blocks packed on the fly for training without preprocessing (`dataset.streaming=true`)
 """
@@ -12,20 +12,15 @@ from mlm.data.blocks import (
     group_blocks,
     pack_blocks,
     split_indices,
-    tokenize,
 )
-from mlm.data.sources import LOADERS, iter_documents, load_text, select_text
+from mlm.data.sources import iter_documents
 
 __all__ = [
     "BLOCKS_FORMAT_VERSION",
-    "LOADERS",
     "build_blocks",
     "flat_token_ids",
     "group_blocks",
     "iter_documents",
-    "load_text",
     "pack_blocks",
-    "select_text",
     "split_indices",
-    "tokenize",
 ]

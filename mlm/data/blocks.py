@@ -48,6 +48,7 @@ from mlm import faults
 from mlm.config import DatasetConfig, UserError
 from mlm.data.identity import file_sha256, remember_sha256, source_identity, tokenizer_serialization
 from mlm.data.sources import batched, iter_documents
+from mlm.files import default_cache_root
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,8 @@ BLOCKS_FORMAT_VERSION = 3  # bump when the block layout changes, so old caches a
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
 ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
-ENCODE_CHARS = (
-    1 << 18
-)  # characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
+# characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
+ENCODE_CHARS = 1 << 18
 META = "blocks.json"  # written last into the cache entry: split sizes, token counts, each Arrow file's size and SHA-256
 SPLITS = ("train", "test")
 
@@ -99,23 +99,6 @@ def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, p
 
 
 # ---------------------------------------------------------------- tokenization
-
-
-def tokenize(texts: Dataset, tokenizer, cfg: DatasetConfig) -> Dataset:
-    """A `Dataset` of texts -> its `input_ids` (the in-memory path of small corpora and the reference in tests)."""
-
-    def encode(batch):
-        # verbose=False: documents longer than the model's maximum are fine here, they get cut into blocks
-        return {"input_ids": tokenizer(batch["text"], verbose=False)["input_ids"]}
-
-    return texts.map(
-        encode,
-        batched=True,
-        batch_size=cfg.tokenize_batch_size,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        remove_columns=texts.column_names,
-        desc="tokenize",
-    )
 
 
 def flat_token_ids(tokenized: Dataset) -> np.ndarray:
@@ -307,11 +290,6 @@ def split_indices(num_docs: int, test_size: float, seed: int) -> Dict[str, np.nd
 
 
 # ---------------------------------------------------------------- the cached build
-
-
-def default_cache_root() -> str:
-    """Where the harness caches what it builds (token blocks, mlm.flops's CPU matmul peak): $MLM_CACHE, else ~/.cache/mlm-harness."""
-    return os.environ.get("MLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mlm-harness"))
 
 
 def build_blocks(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str | None = None) -> DatasetDict:

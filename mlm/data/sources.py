@@ -1,11 +1,8 @@
-"""Where text comes from: a registry of loaders, and the text column of their raw examples.
+"""Where text comes from (the gensim sample, a hub dataset, local files), and the text column of their raw examples.
 
-Two ways to read a corpus:
-- `load_text` returns a `DatasetDict` of train/test text, split by document before tokenization
-  (the documents of `iter_documents` as one in-memory `Dataset`; the reference for small corpora);
-- `iter_documents` yields the same documents one at a time in source order, reading files
-  incrementally (local files never pass through memory as a whole). `blocks.build_blocks` and
-  `streaming` build on it.
+`iter_documents` yields a corpus's documents one at a time in source order, reading files
+incrementally (local files never pass through memory as a whole). `blocks.build_blocks` and
+`streaming` build on it.
 
 Rows are text or a clear error: a list of strings is joined with spaces (as the HF guide joins
 `answers.text`), any other value is refused with its file and row; rows without the text field are
@@ -26,10 +23,10 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import datasets
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 
 from mlm.config import DatasetConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
@@ -144,12 +141,6 @@ def _read_text_file(path: str) -> Iterator[str]:
         log.warning("%s: %d line(s) had bytes that are not UTF-8; they were replaced with U+FFFD", path, bad)
 
 
-def load_local(cfg: DatasetConfig) -> Dataset:
-    """The user's own files (txt: one example per non-empty line; json/jsonl, csv, parquet) as one `text`
-    column: the documents `iter_documents` reads, with the same checks on every row."""
-    return Dataset.from_dict({"text": list(iter_documents(cfg))})
-
-
 def _read_error(files: List[str], e: Exception) -> UserError:
     """What a failed read of local files tells the user: the first malformed JSON line if there is
     one (the file and its line number), else the reader's own first line."""
@@ -232,9 +223,8 @@ def _check_readable(f: str, suffix: str) -> None:
         )
     what, nul = next((name for name, magic in BINARY_MAGIC.items() if head.startswith(magic)), None), head.find(b"\0")
     if what or nul >= 0:
-        wide = (
-            "UTF-16BE" if nul % 2 == 0 else "UTF-16LE"
-        )  # ASCII in UTF-16: big-endian puts the NUL first, little-endian second
+        # ASCII in UTF-16: big-endian puts the NUL first, little-endian second
+        wide = "UTF-16BE" if nul % 2 == 0 else "UTF-16LE"
         why = (
             what
             or f"a NUL byte at offset {nul}: binary data, or {wide} text without a byte-order mark (iconv -f {wide} -t UTF-8 {f} > {utf8})"
@@ -277,27 +267,8 @@ def _walk(root: str) -> Iterator[str]:
         yield from (os.path.join(folder, n) for n in names if not n.startswith("."))
 
 
-LOADERS: Dict[str, Callable[[DatasetConfig], Dataset]] = {
-    "gensim_wiki": load_gensim_wiki,
-    "hub": load_hub,
-    "local": load_local,
-}
-
-
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-# ---------------------------------------------------------------- raw examples -> text column
-
-
-def select_text(ds: Dataset, field: str) -> Dataset:
-    """Keep one text column of an in-memory dataset. A dotted field reaches into structs; a list of
-    strings is joined with spaces; rows without the field are counted in one warning."""
-    tally = _FieldTally(field)
-    texts = join_texts(tally.values("the dataset", ds[:]), field, "the dataset", 1)
-    tally.report()
-    return Dataset.from_dict({"text": texts})
 
 
 def join_texts(values: list, field: str, source: str, first_row: int) -> List[str]:
@@ -388,24 +359,14 @@ class _FieldTally:
         )
 
 
-_WARNED: set = (
-    set()
-)  # a streamed corpus is read by every shard, pass after pass: each warning is logged once per process
+# a streamed corpus is read by every shard, pass after pass: each warning is logged once per process
+_WARNED: set = set()
 
 
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         log.warning("%s", message)
-
-
-def load_text(cfg: DatasetConfig) -> DatasetDict:
-    """The documents of `iter_documents` -> {'train', 'test'} with one `text` column, split with a fixed seed
-    (in memory: the reference for small corpora; training reads through `blocks.build_blocks`)."""
-    ds = Dataset.from_dict({"text": list(iter_documents(cfg))})
-    if len(ds) < 2:
-        raise UserError(f"the dataset has {len(ds)} non-empty example(s); it needs at least 2 to split off a test set")
-    return ds.train_test_split(test_size=cfg.test_size, seed=cfg.split_seed, shuffle=True)
 
 
 # ---------------------------------------------------------------- documents one at a time
@@ -456,9 +417,8 @@ def _row_range(cfg: DatasetConfig, streaming: bool) -> range:
     fix = f"{'local files are' if cfg.kind == 'local' else 'this dataset is'} one split, 'train': use dataset.split=train or a slice of it (train[:1000], train[10%:])"
     try:
         instruction = datasets.ReadInstruction.from_spec(cfg.split)
-        if (
-            len(instruction.to_absolute({"train": sys.maxsize})) != 1
-        ):  # also checks the split name before anything is read
+        # also checks the split name before anything is read
+        if len(instruction.to_absolute({"train": sys.maxsize})) != 1:
             raise ValueError("one slice only")
         n_rows = (
             sum(_batch_len(b) for _, _, b in _raw_batches(cfg, streaming))
@@ -506,7 +466,7 @@ def _raw_batches(cfg: DatasetConfig, streaming: bool) -> Iterator[Tuple[str, int
             )
         source = load_hub(cfg, streaming=streaming)
     else:
-        source = LOADERS[cfg.kind](cfg)
+        source = load_gensim_wiki(cfg)
     yield from _numbered(cfg.path or str(cfg.kind), source.iter(batch_size=size))
 
 

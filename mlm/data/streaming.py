@@ -37,9 +37,8 @@ log = logging.getLogger(__name__)
 
 def stream_eval_blocks(cfg: DatasetConfig, tokenizer, block_size: int) -> Dataset:
     """Blocks of the first `streaming_eval_docs` documents (in memory: a small, fixed held-out set)."""
-    docs = list(
-        itertools.islice(iter_documents(cfg, streaming=True), cfg.streaming_eval_docs + 1)
-    )  # one more: is any left?
+    # one more: is any left?
+    docs = list(itertools.islice(iter_documents(cfg, streaming=True), cfg.streaming_eval_docs + 1))
     if len(docs) <= cfg.streaming_eval_docs:
         raise UserError(
             f"dataset.streaming_eval_docs={cfg.streaming_eval_docs} holds out the first {cfg.streaming_eval_docs} documents for eval, "

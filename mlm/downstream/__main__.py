@@ -1,8 +1,6 @@
 """`python -m mlm.downstream <model dir> downstream=<task> [downstream.<key>=...] [model.trust_remote_code=true]`: fine-tune
 a saved model on a downstream task (mlm.downstream.evaluate) and print the result as JSON on stdout (progress on stderr).
 A model folder's own Python (an auto_map) runs only with model.trust_remote_code=true on this command line.
-
-Kept apart from the evaluation: it composes the config through mlm.cli, which itself imports mlm.downstream.
 """
 
 from __future__ import annotations
@@ -15,6 +13,8 @@ from typing import List, Optional, Tuple
 
 from mlm.config import DownstreamConfig, UserError
 from mlm.downstream import evaluate, summary_line
+from mlm.errors import exit_code
+from mlm.overrides import check_override_keys, compose
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -31,22 +31,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        cfg, trust_remote_code = compose_downstream(args.overrides)
-        result = evaluate(args.model, cfg, trust_remote_code=trust_remote_code)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: print_result(args.model, args.overrides))
+
+
+def print_result(model: str, overrides: List[str]) -> None:
+    """The task's result as JSON on stdout, its summary line on stderr."""
+    cfg, trust_remote_code = compose_downstream(overrides)
+    result = evaluate(model, cfg, trust_remote_code=trust_remote_code)
     print(summary_line(result), file=sys.stderr)
     print(json.dumps(result, indent=2))
-    return 0
 
 
 def compose_downstream(overrides: List[str]) -> Tuple[DownstreamConfig, bool]:
     """The downstream group as run.py composes it, and model.trust_remote_code (off unless given here), from those
     overrides only (the rest would be ignored here)."""
-    from mlm.cli import check_override_keys, compose
-
     for arg in overrides:
         key = arg.lstrip("+~").split("=")[0]
         if key.split(".")[0].split("/")[0] != "downstream" and key != "model.trust_remote_code":
