@@ -37,6 +37,16 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A run trained in process with runtime.num_threads sets torch's thread count for the whole process: put it back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from mlm.config import ModelConfig

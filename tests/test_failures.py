@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, as_typed, run_cli
+from tests.conftest import ROOT, TINY_RUN, as_typed, compose, run_cli
 from tests.test_resume import assert_same_as_uninterrupted, last_step, wait_for
 
 
@@ -186,22 +186,19 @@ def test_another_lr_on_an_unfinished_run_is_refused_with_checkpoints_untouched(c
 
 
 def test_an_eval_that_scores_no_token_is_an_error_before_training(corpus, tmp_path):
-    proc = run_cli(
-        [*TINY_RUN, f"dataset.path={corpus}", "masking.mlm_probability=1e-9", f"hydra.run.dir={tmp_path / 'run'}"]
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert error_lines(proc) == [
-        "error: the eval masked no token in 16 blocks at masking.mlm_probability=1e-09; "
+    from mlm.config import UserError
+    from mlm.train import train
+
+    with pytest.raises(UserError) as e:
+        train(compose([*TINY_RUN, f"dataset.path={corpus}", "masking.mlm_probability=1e-9"]), tmp_path / "run")
+    assert str(e.value) == (
+        "the eval masked no token in 16 blocks at masking.mlm_probability=1e-09; "
         "raise masking.mlm_probability or trainer.max_eval_blocks"
-    ]
-    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "results.json").exists()
-    proc = run_cli(
-        [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_eval_blocks=-1", f"hydra.run.dir={tmp_path / 'run2'}"]
     )
-    assert proc.returncode == 2
-    assert error_lines(proc) == [
-        "error: trainer.max_eval_blocks=-1 must be at least 1 (or unset for the whole held-out split)"
-    ]
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "results.json").exists()
+    with pytest.raises(UserError) as e:
+        train(compose([*TINY_RUN, f"dataset.path={corpus}", "trainer.max_eval_blocks=-1"]), tmp_path / "run2")
+    assert str(e.value) == "trainer.max_eval_blocks=-1 must be at least 1 (or unset for the whole held-out split)"
 
 
 def start(args, env=None):
@@ -226,9 +223,11 @@ SIGNAL_RUN = [
 
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
+    """The reference, trained in process (what run.py adds to a run is not compared: .hydra/, run.log)."""
+    from mlm.train import train
+
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    proc = run_cli([*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(compose([*SIGNAL_RUN, f"dataset.path={corpus}"]), run_dir)
     return run_dir
 
 

@@ -1,10 +1,11 @@
-"""run.py with the masking strategies, a mask-rate schedule, tiny ModernBERT, and a time budget."""
+"""Runs with the masking strategies, a mask-rate schedule, tiny ModernBERT, and a time budget."""
 
 import json
+import logging
 
 import pytest
 
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import TINY_RUN, compose
 
 
 def records(run_dir):
@@ -26,9 +27,10 @@ def records(run_dir):
     ids=["span-linear", "whole_word-modernbert", "train-rate"],
 )
 def test_run_with_strategy_and_schedule(corpus, tmp_path, overrides):
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path}", *overrides])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    from mlm.train import train
+
+    results = train(compose([*TINY_RUN, f"dataset.path={corpus}", *overrides]), tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
     assert results["steps"] == 4 and results["stopped"] == "steps"
     train = [r for r in records(tmp_path) if "train/loss" in r]
     rates = [r["train/mlm_probability"] for r in train]
@@ -43,35 +45,25 @@ def test_run_with_strategy_and_schedule(corpus, tmp_path, overrides):
 
 
 @pytest.mark.slow
-def test_time_budget_stops_training_and_resume_spends_the_rest(corpus, tmp_path):
-    common = [
-        *TINY_RUN,
-        f"dataset.path={corpus}",
-        f"hydra.run.dir={tmp_path}",
-        "trainer.max_steps=100000",
-        "trainer.eval_every=100000",
-    ]
-    proc = run_cli([*common, "trainer.budget_minutes=0.04"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    first = json.loads((tmp_path / "results.json").read_text())
+def test_time_budget_stops_training_and_resume_spends_the_rest(corpus, tmp_path, caplog):
+    from mlm.train import train
+
+    caplog.set_level(logging.INFO)  # the lines run.log gets
+
+    common = [*TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "trainer.eval_every=100000"]
+    first = train(compose([*common, "trainer.budget_minutes=0.04"]), tmp_path)
     assert first["stopped"] == "budget" and 0 < first["steps"] < 100000
     assert first["train_seconds"] >= 0.04 * 60  # the stop rule, not a speed measurement
     assert (tmp_path / "final" / "model.safetensors").exists()
-    assert (
-        f"training ended at step {first['steps']}/100000: the time budget of 0.04 min was spent"
-        in (tmp_path / "run.log").read_text()
-    )
+    assert f"training ended at step {first['steps']}/100000: the time budget of 0.04 min was spent" in caplog.text
     # a larger budget on the same run directory resumes from the final checkpoint and spends the rest
-    proc = run_cli([*common, "trainer.budget_minutes=0.08"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr + proc.stdout
-    second = json.loads((tmp_path / "results.json").read_text())
+    caplog.clear()
+    second = train(compose([*common, "trainer.budget_minutes=0.08"]), tmp_path)
+    assert "resumed from" in caplog.text
+    assert json.loads((tmp_path / "results.json").read_text()) == second
     assert second["stopped"] == "budget" and second["steps"] > first["steps"]
     assert second["train_seconds"] >= 0.08 * 60 > first["train_seconds"]
-    assert (
-        f"training ended at step {second['steps']}/100000: the time budget of 0.08 min was spent"
-        in (tmp_path / "run.log").read_text()
-    )
+    assert f"training ended at step {second['steps']}/100000: the time budget of 0.08 min was spent" in caplog.text
 
 
 def test_scheduler_follows_the_spent_budget():

@@ -9,7 +9,7 @@ from transformers import DataCollatorForLanguageModeling
 
 from mlm.config import MaskingConfig, UserError, span_length_mean
 from mlm.masking import EVAL_STREAM, MLMCollator, scheduled_probability, word_start_table
-from tests.conftest import WORDS, run_cli
+from tests.conftest import WORDS
 
 # words that WordPiece splits into several pieces, so whole-word masking differs from token masking
 LONG_WORDS = (
@@ -250,13 +250,11 @@ def test_bad_masking_values_are_one_line_errors(overrides, message):
     assert "\n" not in str(info.value)
 
 
-def test_show_cli_prints_each_strategy():
-    proc = run_cli(
-        ["--show", "Photosynthesis and thermodynamics are unbelievably hard.", "--probability", "0.4", "--seed", "1"],
-        module="mlm.mask_preview",
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+def test_show_cli_prints_each_strategy(capsys):
+    from mlm.mask_preview import main
+
+    main(["--show", "Photosynthesis and thermodynamics are unbelievably hard.", "--probability", "0.4", "--seed", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["token", "whole_word", "span"]
     assert any("[" in line.split(None, 1)[1].replace("[CLS]", "").replace("[SEP]", "") for line in lines[1:])
 

@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL at any moment, resume, and end exactly where an uninterrupted run ends."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, compose, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,11 @@ TIMING = ("perf/",)  # wall-clock figures differ between any two runs; everythin
 
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
+    """The reference, trained in process (what run.py adds to a run is not compared: .hydra/, run.log)."""
+    from mlm.train import train
+
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    proc = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(compose([*RUN, f"dataset.path={corpus}"]), run_dir)
     return run_dir
 
 
@@ -50,6 +53,16 @@ def start(corpus, run_dir, env=None):
     return subprocess.Popen(
         cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+
+
+def rerun(run_dir: Path, args, caplog) -> str:
+    """The run's rerun (resume=auto), in process: what it logged. (Resuming by the same command is tests/test_failures.py's.)"""
+    from mlm.train import train
+
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    train(compose([a for a in args if not a.startswith("hydra.run.dir=")]), run_dir)
+    return caplog.text
 
 
 def wait_for(predicate, proc, timeout=300):
@@ -97,20 +110,18 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: Path, other_settings=
     }
 
 
-def test_sigkill_during_training_then_resume_is_exact(corpus, uninterrupted, tmp_path):
+def test_sigkill_during_training_then_resume_is_exact(corpus, uninterrupted, tmp_path, caplog):
     run_dir = tmp_path / "run"
     proc = start(corpus, run_dir)
     wait_for(lambda: last_step(run_dir) >= 8, proc)  # past the checkpoints at 3 and 6, mid-way to 9
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "results.json").exists()
-    resumed = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])  # resume=auto
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert "resumed from" in rerun(run_dir, [*RUN, f"dataset.path={corpus}"], caplog)
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
-def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corpus, uninterrupted, tmp_path):
+def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corpus, uninterrupted, tmp_path, caplog):
     run_dir = tmp_path / "run"
     proc = start(corpus, run_dir, env={"MLM_FAULT_CHECKPOINT_DELAY": "30"})  # every write hangs half-done
     tmp_ckpt = run_dir / "checkpoints" / ".tmp-ckpt-00000003"
@@ -121,8 +132,7 @@ def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corp
 
     assert list_checkpoints(run_dir) == []  # the half-written one is not mistaken for progress
     # and a corrupt complete-looking one (truncated weights) is skipped with a warning naming it
-    first = run_cli([*RUN, "trainer.max_steps=4", f"dataset.path={corpus}", f"hydra.run.dir={tmp_path / 'short'}"])
-    assert first.returncode == 0
+    rerun(tmp_path / "short", [*RUN, "trainer.max_steps=4", f"dataset.path={corpus}"], caplog)
     good = list_checkpoints(tmp_path / "short")[0]
     corrupt = run_dir / "checkpoints" / "ckpt-00000099"
     import shutil
@@ -130,15 +140,15 @@ def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corp
     shutil.copytree(good, corrupt)
     with open(corrupt / "model.safetensors", "r+b") as f:
         f.truncate(100)
-    resumed = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipping incomplete or corrupt checkpoint {corrupt}" in resumed.stdout + resumed.stderr
+    assert f"skipping incomplete or corrupt checkpoint {corrupt}" in rerun(
+        run_dir, [*RUN, f"dataset.path={corpus}"], caplog
+    )
     shutil.rmtree(corrupt)
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
 def test_sigkill_during_a_background_checkpoint_write_resumes_exactly_from_the_one_before(
-    corpus, uninterrupted, tmp_path
+    corpus, uninterrupted, tmp_path, caplog
 ):
     """trainer.async_checkpoint: every write is held half-done until two more steps ran; the second one (checkpoint 6)
     is then killed. The reference run wrote synchronously, so the results are also the same with the option on and off."""
@@ -151,15 +161,15 @@ def test_sigkill_during_a_background_checkpoint_write_resumes_exactly_from_the_o
     assert last_step(run_dir) >= 7  # step 7 was trained and logged while checkpoint 6 was being written
     assert (run_dir / "checkpoints" / ".tmp-ckpt-00000006" / "optimizer.pt").exists()  # killed mid-write
     assert newest_verified(run_dir) == run_dir / "checkpoints" / "ckpt-00000003"
-    resumed = run_cli(args)  # writes 6, 9 and 12 in the background again; the final one is waited for
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 3\n" in resumed.stdout + resumed.stderr
+    assert "at step 3\n" in rerun(
+        run_dir, args, caplog
+    )  # writes 6, 9 and 12 in the background again; the last is waited for
     assert_same_as_uninterrupted(run_dir, uninterrupted, other_settings=["trainer.async_checkpoint"])
     assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-00000014", "ckpt-00000012"]  # pruned once complete
     assert not list(run_dir.rglob(".tmp-*"))
 
 
-def test_a_stop_signal_completes_the_background_write_in_flight_and_its_own(corpus, uninterrupted, tmp_path):
+def test_a_stop_signal_completes_the_background_write_in_flight_and_its_own(corpus, uninterrupted, tmp_path, caplog):
     """SIGTERM at step 5 while checkpoint 3 is held half-written in the background: the stop after step 6 waits for it,
     writes checkpoint 6, and the rerun resumes from 6 exactly. (At step 4, an eval step, the stop would give that eval up,
     which the rerun does not redo: not an uninterrupted run's records.)"""
@@ -175,9 +185,7 @@ def test_a_stop_signal_completes_the_background_write_in_flight_and_its_own(corp
         p for p in checkpoints if verify(p)
     ]
     assert not list(run_dir.rglob(".tmp-*"))
-    resumed = run_cli(args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 6\n" in resumed.stdout + resumed.stderr
+    assert "at step 6\n" in rerun(run_dir, args, caplog)
     assert_same_as_uninterrupted(run_dir, uninterrupted, other_settings=["trainer.async_checkpoint"])
 
 
@@ -251,7 +259,7 @@ def killed_after_two_checkpoints(corpus, run_dir: Path) -> None:
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "scheduler.pt", "state.json", "rng-0.json"])
 def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_older_one_exactly(
-    corpus, uninterrupted, tmp_path, damaged
+    corpus, uninterrupted, tmp_path, damaged, caplog
 ):
     import shutil
 
@@ -259,9 +267,7 @@ def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_older_one_exactl
     killed_after_two_checkpoints(corpus, run_dir)
     newest = run_dir / "checkpoints" / "ckpt-00000006"
     flip_bytes(newest / damaged, count=min(64, (newest / damaged).stat().st_size // 4))
-    resumed = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = rerun(run_dir, [*RUN, f"dataset.path={corpus}"], caplog)
     assert f"{damaged} changed after it was written" in out and "at step 3\n" in out, out[-3000:]
     aside = run_dir / "checkpoints" / "corrupt-ckpt-00000006"
     assert (aside / damaged).exists()  # kept for a look, out of the way of resume and rotation
@@ -269,7 +275,7 @@ def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_older_one_exactl
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
-def test_a_checkpoint_that_verifies_but_fails_to_load_is_set_aside(corpus, uninterrupted, tmp_path):
+def test_a_checkpoint_that_verifies_but_fails_to_load_is_set_aside(corpus, uninterrupted, tmp_path, caplog):
     """Files that hash as the manifest says but do not load (written wrong, not damaged later)."""
     from mlm.checkpoint import MANIFEST, file_record
 
@@ -280,8 +286,6 @@ def test_a_checkpoint_that_verifies_but_fails_to_load_is_set_aside(corpus, unint
     manifest = json.loads((newest / MANIFEST).read_text())
     manifest["files"]["optimizer.pt"] = file_record(newest / "optimizer.pt")
     (newest / MANIFEST).write_text(json.dumps(manifest))
-    resumed = run_cli([*RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = rerun(run_dir, [*RUN, f"dataset.path={corpus}"], caplog)
     assert "failed to load" in out and "at step 3\n" in out, out[-3000:]
     assert (run_dir / "checkpoints" / "corrupt-ckpt-00000006" / "optimizer.pt").read_bytes() == b"not a torch file"

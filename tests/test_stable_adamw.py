@@ -10,7 +10,7 @@ import torch
 
 from mlm.config import UserError
 from mlm.stable_adamw import StableAdamW
-from tests.conftest import TINY_RUN, compose, run_cli, sentences
+from tests.conftest import TINY_RUN, compose, sentences
 
 LR, BETAS, EPS, WD = 0.1, (0.9, 0.99), 1e-8, 0.1
 
@@ -144,21 +144,14 @@ def train_losses(run_dir):
 
 @pytest.mark.slow
 def test_a_tiny_run_trains_with_it(corpus, tmp_path):
+    from mlm.train import train
+
     run_dir = tmp_path / "run"
-    proc = run_cli(
-        [
-            *TINY_RUN,
-            f"dataset.path={corpus}",
-            f"hydra.run.dir={run_dir}",
-            "optimizer=stable_adamw",
-            "optimizer.lr=3e-3",
-            "trainer.max_grad_norm=0",
-            "trainer.max_steps=20",
-            "trainer.eval_every=20",
-            "trainer.save_model=false",
-        ]
+    args = ["optimizer=stable_adamw", "optimizer.lr=3e-3", "trainer.max_grad_norm=0", "trainer.max_steps=20"]
+    train(
+        compose([*TINY_RUN, f"dataset.path={corpus}", *args, "trainer.eval_every=20", "trainer.save_model=false"]),
+        run_dir,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     losses = train_losses(run_dir)
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # ln(vocab) ~ 10.3 at the start; it learns

@@ -10,7 +10,7 @@ import pytest
 from mlm.config import DatasetConfig, UserError
 from mlm.data import iter_documents
 from mlm.data.streaming import BlockStream, shard_batches, shard_blocks, stream_eval_blocks, stream_loader
-from tests.conftest import TINY_RUN, compose, run_cli
+from tests.conftest import TINY_RUN, compose
 
 
 def stream_cfg(path, **kw):
@@ -101,10 +101,12 @@ def test_streaming_needs_max_steps():
 
 
 @pytest.mark.slow
-def test_streaming_run_resumes_exactly(tmp_path, text_file):
+def test_streaming_run_resumes_exactly(tmp_path, text_file, caplog):
     """Train 4 streamed steps; resume a second run from the step-2 checkpoint: the same weights and losses.
     With the default head recipe: its unigram bias needs token counts a stream lacks, so it says so and starts at zero."""
     from safetensors.torch import load_file
+
+    from mlm.train import train
 
     common = [
         *(a for a in TINY_RUN if not a.startswith("experiment=")),
@@ -116,15 +118,10 @@ def test_streaming_run_resumes_exactly(tmp_path, text_file):
         "trainer.save_model=true",
     ]
     full = tmp_path / "full"
-    proc = run_cli([*common, f"hydra.run.dir={full}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (
-        "head_bias_init=unigram counts the training split's tokens, which a stream does not have"
-        in (full / "run.log").read_text()
-    )
+    train(compose(common), full)
+    assert "head_bias_init=unigram counts the training split's tokens, which a stream does not have" in caplog.text
     resumed = tmp_path / "resumed"
-    proc = run_cli([*common, f"resume={full / 'checkpoints' / 'ckpt-00000002'}", f"hydra.run.dir={resumed}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(compose([*common, f"resume={full / 'checkpoints' / 'ckpt-00000002'}"]), resumed)
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in a)
 
@@ -165,6 +162,7 @@ def test_two_processes_stream_what_one_process_with_two_workers_streams(tmp_path
     import subprocess
     import sys
 
+    from mlm.train import train
     from tests.conftest import ROOT
     from tests.test_distributed import RTOL, curves
 
@@ -179,8 +177,7 @@ def test_two_processes_stream_what_one_process_with_two_workers_streams(tmp_path
         "trainer.per_device_batch_size=4",
     ]
     one = tmp_path / "one"
-    proc = run_cli([*common, "runtime.num_workers=2", "trainer.gradient_accumulation_steps=2", f"hydra.run.dir={one}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(compose([*common, "runtime.num_workers=2", "trainer.gradient_accumulation_steps=2"]), one)
     work = tmp_path / "two"
     work.mkdir()
     cmd = [
