@@ -21,6 +21,7 @@ from mlm import checkpoint
 from mlm.overrides import compose
 from mlm.models import build_model
 from mlm.optim import build_optimizer, build_scheduler
+from mlm.parallel import Piece
 from mlm.precision import make_accelerator
 
 
@@ -39,13 +40,13 @@ def main() -> None:
         if p.requires_grad:
             p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
+    pieces = {"model": Piece(model, "layout"), "optimizer": Piece(optimizer, "layout"), "scheduler": scheduler}
     with tempfile.TemporaryDirectory() as tmp:
         saves, hashes, verifies = [], [], []
+        saved = checkpoint.Checkpoints(Path(tmp), pieces, accelerator, model)
         for i in range(args.repeats):
             start = time.perf_counter()
-            path = checkpoint.save_checkpoint(
-                Path(tmp), i + 1, model, optimizer, scheduler, None, {"train_state": {}}, accelerator, 1
-            )
+            path = saved.save(i + 1)
             saves.append(time.perf_counter() - start)
             files = [p for p in path.rglob("*") if p.is_file() and p.name != checkpoint.MANIFEST]
             start = time.perf_counter()

@@ -1,22 +1,29 @@
-"""Atomic checkpoints with everything an exact resume needs, and finding the newest good one.
+"""Atomic checkpoints of a run's named pieces of state, verified before anything of them is read, and finding the newest
+good one.
 
-A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding
-  model.safetensors   the model's weights (tied weights stored once)
-  config.json         with model.safetensors: the model's config, so `AutoModelForMaskedLM.from_pretrained(<ckpt>)` and
-                      `pipeline("fill-mask", model=<ckpt>)` load the weights of that step (with the tokenizer's files)
+A run registers its state as named pieces (`Checkpoints.pieces`): anything with state_dict() and load_state_dict(saved),
+wrapped in a `Piece` that says where it goes (its scope):
+  "layout"  the layout writes it (mlm/parallel.py): replicated, the main process writes <name>.safetensors (a flat
+            dict of tensors; tied ones once) or <name>.pt; sharded (runtime.sharding=fsdp), every rank its shards
+            under sharded/ (torch.distributed.checkpoint; loadable onto another number of processes)
+  "rank"    every process its own <name>-<rank>.json (the RNG)
+  "state"   inside state.json under its name (the trainer's state); its keys are checked before anything is restored
+  "main"    the main process's <name>.pt (the schedule, the fp16 loss scaler), read back weights-only
+Adding a piece of state is one entry in the run's registration (mlm.train.checkpointed). A piece a checkpoint may lack
+(the weight average, the scaler: a run without them wrote it) says how it starts fresh; any other missing piece is a
+corrupt checkpoint.
+
+A checkpoint is a directory `<run>/checkpoints/ckpt-<step>` holding the pieces' files and
+  config.json         next to model.safetensors: the model's config, so `AutoModelForMaskedLM.from_pretrained(<ckpt>)`
+                      and `pipeline("fill-mask", model=<ckpt>)` load the weights of that step (with the tokenizer's files)
+    or HOW_TO_LOAD.txt  next to sharded/: one line naming mlm.export, which makes a model directory of them
   tokenizer.json ...  the tokenizer's files, as save_pretrained writes them (under 1 MB for the default)
-  optimizer.pt        optimizer state (read back with torch.load(weights_only=True))
-  ema.safetensors     with trainer.ema_decay > 0: the weight average (mlm/ema.py)
-    or sharded/       with runtime.sharding=fsdp: model, optimizer and weight-average shards of every rank
-                      (torch.distributed.checkpoint; loadable onto another number of processes), and
-                      HOW_TO_LOAD.txt instead of config.json: one line naming mlm.export, which makes a model directory of them
-  scheduler.pt, scaler.pt
-  rng-<rank>.json     python, numpy and torch RNG states of each process
-  state.json          step, data position, tracker run id, best eval, model identity, data identity ("data":
-                      the source files' and tokenizer's SHA-256, mlm/data/identity.py; a resume compares them)
+  state.json          the checkpoint format (FORMAT), step, number of processes, model identity, the "state" pieces and
+                      what a resume compares (global batch, config, data identity: mlm/data/identity.py)
   manifest.json       written last: every file's size and SHA-256; a checkpoint without it is incomplete
 It is written under a temporary name and renamed into place when complete, so a kill at any
 moment leaves either the old set of checkpoints or the old set plus one complete new one.
+A checkpoint of another format (an earlier version's) is refused in one line (CHANGELOG.md lists the formats).
 
 Before anything of a checkpoint is read (nothing is unpickled, not even torch.distributed.checkpoint's
 .metadata), every file is hashed and compared with the manifest. A checkpoint that fails that
@@ -38,8 +45,9 @@ import random
 import re
 import shutil
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +56,7 @@ from safetensors.torch import save_file
 from mlm import faults
 from mlm.config import UserError
 from mlm.files import fsync_dir, os_error_of, replace, torch_save, write_error, write_json
-from mlm.parallel import Replicated
+from mlm.parallel import Piece, Replicated, stored_layout
 from mlm.untrusted import load_weights_only
 
 log = logging.getLogger(__name__)
@@ -57,46 +65,32 @@ MANIFEST = "manifest.json"
 CHECKPOINT_NAME = re.compile(
     r"ckpt-\d+"
 )  # what a checkpoint directory is called (corrupt ones are renamed away from it)
+FORMAT = 1  # state.json's "format": the layout of files and keys this code writes and reads (CHANGELOG.md)
 
 
-def rng_state() -> Dict[str, Any]:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():  # this process's device only: the others are other processes' (or none on resume)
-        state["cuda"] = [torch.cuda.get_rng_state().tolist()]
-    return state
+class RNG:
+    """This process's python, numpy, torch and (with CUDA) its device's random states, as JSON: a "rank" piece."""
 
+    def state_dict(self) -> Dict[str, Any]:
+        py = random.getstate()
+        np_state = np.random.get_state()
+        state = {
+            "python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state().tolist(),
+        }
+        if torch.cuda.is_available():  # this process's device only: the others are other processes' (or none on resume)
+            state["cuda"] = torch.cuda.get_rng_state().tolist()
+        return state
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        _set_cuda_rng(state["cuda"])
-
-
-def _set_cuda_rng(states: List[list]) -> None:
-    """One state (this process's device), or one per device from checkpoints that kept every visible GPU's."""
-    if len(states) == 1:
-        torch.cuda.set_rng_state(torch.tensor(states[0], dtype=torch.uint8))
-        return
-    n = torch.cuda.device_count()
-    if len(states) > n:
-        log.warning(
-            "checkpoint holds the CUDA RNG of %d devices, this process sees %d: restoring the first %d",
-            len(states),
-            n,
-            n,
-        )
-    for i, s in enumerate(states[:n]):
-        torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        v, internal, gauss = state["python"]
+        random.setstate((v, tuple(internal), gauss))
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def model_identity(model) -> Dict[str, Any]:
@@ -113,51 +107,103 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"ckpt-{step:08d}"
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    state: Dict[str, Any],
-    accelerator,
-    keep: int,
-    layout=Replicated(),
-    ema=None,
-    tokenizer=None,
-    writer: Optional["Writer"] = None,
-    wait: bool = True,
-) -> Optional[Path]:
-    """Every process calls this (each saves its RNG and, when sharded, its shards); the main process writes the rest
-    (with `tokenizer`: what from_pretrained needs, write_loadable) and renames. With a background `writer` and
-    wait=False the main process's files are written while the next steps run: the state of this step is copied to
-    host memory first; the collectives stay on this thread."""
-    writer = writer or Writer()
-    writer.wait()  # at most one write in flight (and an error of the last one surfaces here)
-    final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    with _removed_on_error(tmp, final):
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed mid-write
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        files = {f"rng-{accelerator.process_index}.json": rng_state()}
-        layout.save(tmp, model, optimizer, accelerator, ema)  # the shards when sharded (a collective), else nothing
-        if not accelerator.is_main_process:
-            write_files(tmp, files)  # a few kB; the main process's manifest lists them
-        elif tokenizer is not None:
-            write_loadable(tmp, model, tokenizer, layout.sharded)  # small files (config, tokenizer), written now
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files.update(layout.files(model, optimizer, ema))
-        files["scheduler.pt"] = scheduler.state_dict()
-        if scaler is not None:
-            files["scaler.pt"] = scaler.state_dict()
-        state = {**state, "step": step, "world_size": accelerator.num_processes, "model": model_identity(model)}
-        writer.submit(lambda files, state: _write(files, state, tmp, final, keep), files, state, background=not wait)
-    accelerator.wait_for_everyone()
-    return final
+@dataclass
+class Checkpoints:
+    """A run's named pieces of state (each a `Piece`, or anything with state_dict/load_state_dict: a "main" piece),
+    saved into and loaded from its checkpoints; `model` is the raw model, whose identity a load checks first."""
+
+    run_dir: Path
+    pieces: Dict[str, Any]
+    accelerator: Any
+    model: Any = None
+    layout: Any = field(default_factory=Replicated)
+    keep: int = 1
+    writer: "Writer" = field(default_factory=lambda: Writer())
+    loadable: Optional[Callable[[Path], None]] = None  # writes what from_pretrained needs (write_loadable)
+
+    def scoped(self, scope: str) -> Dict[str, Piece]:
+        """The pieces of one scope, in the order they were registered."""
+        pieces = {name: p if isinstance(p, Piece) else Piece(p) for name, p in self.pieces.items()}
+        return {name: p for name, p in pieces.items() if p.scope == scope}
+
+    def save(self, step: int, facts: Optional[Dict[str, Any]] = None, wait: bool = True) -> Path:
+        """Every process calls this (each saves its "rank" pieces and, when sharded, its shards); the main process
+        writes the rest, with `facts` in state.json, and renames. With a background writer and wait=False the main
+        process's files are written while the next steps run: the state of this step is copied to host memory first;
+        the collectives stay on this thread."""
+        acc = self.accelerator
+        self.writer.wait()  # at most one write in flight (and an error of the last one surfaces here)
+        final = checkpoint_dir(self.run_dir, step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        with _removed_on_error(tmp, final):
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed mid-write
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            files = {f"{name}-{acc.process_index}.json": p.state_dict() for name, p in self.scoped("rank").items()}
+            laid_out = self.layout.save(tmp, self.scoped("layout"), acc.is_main_process)  # shards: a collective
+            if not acc.is_main_process:
+                write_files(tmp, files)  # a few kB; the main process's manifest lists them
+            elif self.loadable is not None:
+                self.loadable(tmp)  # small files (config, tokenizer), written now
+            acc.wait_for_everyone()
+        if acc.is_main_process:
+            files.update(laid_out)
+            files.update({f"{name}.pt": p.state_dict() for name, p in self.scoped("main").items()})
+            state = {"format": FORMAT, **(facts or {}), **{n: p.state_dict() for n, p in self.scoped("state").items()}}
+            state.update(step=step, world_size=acc.num_processes, model=model_identity(self.model))
+            write = lambda files, state: _write(files, state, tmp, final, self.keep)  # noqa: E731
+            self.writer.submit(write, files, state, background=not wait)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> Dict[str, Any]:
+        """Restore every piece from checkpoint `path` on this process; returns its state.json (checked by read_state
+        against the "state" pieces before anything is restored)."""
+        state = read_state(path, self.scoped("state"))
+        if state["model"] != model_identity(self.model):
+            raise UserError(
+                f"checkpoint {path} belongs to a different model ({state['model']}) than this run builds "
+                f"({model_identity(self.model)}); resume it with the model it was trained with, or train this one in a "
+                "run directory of its own (hydra.run.dir=<new dir>)"
+            )
+        acc = self.accelerator
+        for name, piece in self.scoped("rank").items():
+            file = path / f"{name}-{acc.process_index}.json"
+            if state["world_size"] != acc.num_processes and not file.exists():
+                log.warning(
+                    "checkpoint was written by %d processes, resuming with %d: %s starts fresh",
+                    *(state["world_size"], acc.num_processes, name),
+                )
+            else:
+                piece.load_state_dict(json.loads(file.read_text()))
+        absent = {
+            name: self.scoped("layout")[name] for name in self.layout.load(path, self.scoped("layout"), acc.device)
+        }
+        for name, piece in self.scoped("main").items():
+            if (path / f"{name}.pt").exists():
+                piece.load_state_dict(load_weights_only(path / f"{name}.pt", f"{name}.pt"))
+            else:
+                absent[name] = piece
+        for name, piece in self.scoped("state").items():
+            piece.load_state_dict(state[name])
+        for name, piece in absent.items():
+            start_fresh(path, name, piece)
+        return state
+
+
+def start_fresh(path: Path, name: str, piece: Piece) -> None:
+    """A piece the checkpoint lacks: it starts fresh if it may (a run without it wrote the checkpoint), else the
+    checkpoint is corrupt."""
+    if piece.fresh is None:
+        raise CorruptCheckpoint(f"it holds no {name}, which this version always writes")
+    piece.fresh(path)
+
+
+def read(path: Path, pieces: Dict[str, Piece]) -> List[str]:
+    """Restore layout pieces ("model", "ema") from checkpoint `path` in this one process, whatever layout wrote it (no
+    process group: FSDP shards are assembled from every rank's file); returns the names of those it does not hold."""
+    return stored_layout(path).read(path, pieces, "cpu")
 
 
 def _write(files: Dict[str, Any], state: Dict[str, Any], tmp: Path, final: Path, keep: int) -> None:
@@ -289,8 +335,7 @@ def _read_manifest(path: Path) -> Optional[Dict[str, Any]]:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         for name, record in manifest["files"].items():
-            size = record["size"] if isinstance(record, dict) else record  # older manifests kept sizes only
-            if (path / name).stat().st_size != size:
+            if (path / name).stat().st_size != record["size"]:
                 return None
         int(manifest["step"])
         return manifest
@@ -310,9 +355,6 @@ def verify(path: Path) -> Optional[str]:
     if extra:
         return f"holds files this run did not write: {', '.join(extra[:3])}"
     for name, record in manifest["files"].items():
-        if not isinstance(record, dict):
-            log.warning("%s was written before checkpoints kept content hashes: checked by file sizes only", path)
-            return None
         try:
             digest = file_record(path / name)["sha256"]
         except OSError as e:  # EIO, a stale NFS handle: as unusable as a changed file
@@ -375,15 +417,24 @@ def discard_checkpoints(run_dir: Path) -> None:
 
 
 def resume_candidates(resume: str, run_dir: Path) -> List[Path]:
-    """resume=auto -> the run dir's checkpoints, newest first; never -> none; else that one path."""
+    """resume=auto -> the run dir's checkpoints, newest first; never -> none; else that one path. A checkpoint of
+    another format is refused here, before anything compares its settings (check_format)."""
     if resume == "never":
         return []
     if resume == "auto":
-        return list_checkpoints(run_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise UserError(f"resume={resume!r}: no such checkpoint directory (use auto, never, or a ckpt-* path)")
-    return [path]
+        candidates = list_checkpoints(run_dir)
+    else:
+        candidates = [Path(resume)]
+        if not candidates[0].is_dir():
+            raise UserError(f"resume={resume!r}: no such checkpoint directory (use auto, never, or a ckpt-* path)")
+    for path in candidates:
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: verification sets it aside
+        if isinstance(state, dict):
+            check_format(path, state)
+    return candidates
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
@@ -460,87 +511,65 @@ class CorruptCheckpoint(Exception):
     """A checkpoint that verifies but holds what this code never writes: set aside like one whose bytes changed."""
 
 
-# state.json's keys that loading reads, and their types (save_checkpoint writes them, the trainer's under "train_state")
-STATE_KEYS = {"step": int, "world_size": int, "model": dict, "train_state": dict, "global_batch": int}
+# state.json's keys that loading reads, and their types (Checkpoints.save writes them, the run's facts among them)
+STATE_KEYS = {"step": int, "world_size": int, "model": dict, "global_batch": int, "config": dict}
 
 
-def read_state(path: Path, train_state_fields: Optional[Collection[str]] = None) -> Dict[str, Any]:
-    """A checkpoint's state.json, checked before anything of it is used: a key missing or of another type, or (given the
-    trainer's `train_state_fields`) a trainer key this code does not have or one it has missing, is a CorruptCheckpoint."""
+def check_format(path: Path, state: Dict[str, Any]) -> None:
+    """Refuse, in one line with the way out, a checkpoint whose state.json is of another format than this code's."""
+    found = state.get("format")
+    if found != FORMAT:
+        raise UserError(
+            f"checkpoint {path} is of checkpoint format {found if found is not None else 'none (an earlier version)'}; "
+            f"this version reads format {FORMAT} only (CHANGELOG.md): train from its run's final/ "
+            "(model.source=pretrained model.name_or_path=<run>/final), or start over (resume=never)"
+        )
+
+
+def read_state(path: Path, pieces: Optional[Dict[str, Piece]] = None) -> Dict[str, Any]:
+    """A checkpoint's state.json, checked before anything of it is used: another format is refused (UserError); a key
+    missing or of another type, or a "state" piece (of `pieces`) holding a key this code does not write or lacking one
+    it does, is a CorruptCheckpoint."""
     try:
         state = json.loads((path / "state.json").read_text())
     except ValueError as e:
         raise CorruptCheckpoint(f"state.json is not JSON ({e})") from None
     if not isinstance(state, dict):
         raise CorruptCheckpoint(f"state.json holds a JSON {type(state).__name__}, not an object")
+    check_format(path, state)
     for key, kind in STATE_KEYS.items():
         if not isinstance(state.get(key), kind) or isinstance(state[key], bool):
             raise CorruptCheckpoint(f"state.json has no {key} of type {kind.__name__}")
-    if train_state_fields is not None:
-        unknown = sorted(state["train_state"].keys() - set(train_state_fields))
-        if unknown:
-            raise CorruptCheckpoint(
-                f"state.json's train_state holds {', '.join(unknown[:3])}, which this version never writes"
-            )
-        missing = sorted(set(train_state_fields) - state["train_state"].keys())
-        if missing:
-            raise CorruptCheckpoint(
-                f"state.json's train_state has no {', '.join(missing[:3])}, which this version always writes"
-            )
-    if state["train_state"].get("step") != state["step"]:
-        raise CorruptCheckpoint(
-            f"state.json says step {state['step']} but its train_state step {state['train_state'].get('step')}"
-        )
+    for name, piece in (pieces or {}).items():
+        problem = piece_problem(state, name, piece.state_dict())
+        if problem:
+            raise CorruptCheckpoint(problem)
     problem = shape_problem(state)
     if problem:
         raise CorruptCheckpoint(f"state.json's {problem}")
     return state
 
 
+def piece_problem(state: Dict[str, Any], name: str, live: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a "state" piece as saved, given what it holds now (the keys this code writes), or None."""
+    saved = state.get(name)
+    if not isinstance(saved, dict):
+        return f"state.json has no {name} object"
+    unknown, missing = sorted(saved.keys() - live.keys()), sorted(live.keys() - saved.keys())
+    if unknown:
+        return f"state.json's {name} holds {', '.join(unknown[:3])}, which this version never writes"
+    if missing:
+        return f"state.json's {name} has no {', '.join(missing[:3])}, which this version always writes"
+    if "step" in live and saved["step"] != state["step"]:
+        return f"state.json says step {state['step']} but its {name} step {saved['step']}"
+    return None
+
+
 def shape_problem(state: Dict[str, Any]) -> Optional[str]:
-    """What is wrong with the keys a resume compares (absent in an older version's checkpoint), or None."""
+    """What is wrong with the keys a resume compares, or None."""
     from mlm.records import malformed_data
 
-    if "config" in state and not isinstance(state["config"], dict):
-        return '"config" is not an object of settings'
     shards = state.get("stream_shards")
     if shards is not None and (not isinstance(shards, int) or isinstance(shards, bool) or shards < 1):
         return f'"stream_shards" is {json.dumps(shards)[:40]}, not a number of shards'
     return malformed_data(state.get("data"))
-
-
-def load_checkpoint(
-    path: Path,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    accelerator,
-    layout=Replicated(),
-    ema=None,
-    train_state_fields: Optional[Collection[str]] = None,
-) -> Dict[str, Any]:
-    """Restore weights, optimizer, weight average, schedule and this process's RNG; returns the saved trainer state
-    (checked by read_state against `train_state_fields`, the trainer's, before anything is restored)."""
-    state = read_state(path, train_state_fields)
-    if state["model"] != model_identity(model):
-        raise UserError(
-            f"checkpoint {path} belongs to a different model ({state['model']}) than this run builds "
-            f"({model_identity(model)}); resume it with the model it was trained with, or train this one in a run directory of its own (hydra.run.dir=<new dir>)"
-        )
-    if (
-        state["world_size"] != accelerator.num_processes
-        and not (path / f"rng-{accelerator.process_index}.json").exists()
-    ):
-        log.warning(
-            "checkpoint was written by %d processes, resuming with %d: RNG streams start fresh",
-            state["world_size"],
-            accelerator.num_processes,
-        )
-    else:
-        set_rng_state(json.loads((path / f"rng-{accelerator.process_index}.json").read_text()))
-    layout.load(path, model, optimizer, accelerator.device, ema)
-    scheduler.load_state_dict(load_weights_only(path / "scheduler.pt", "scheduler.pt"))
-    if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(load_weights_only(path / "scaler.pt", "scaler.pt"))
-    return state

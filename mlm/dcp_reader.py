@@ -64,13 +64,18 @@ class SafePlanner(DefaultLoadPlanner):
 
 
 def load(state, reader: SafeReader) -> None:
-    """dcp.load into `state` through `reader` and SafePlanner. A failure is raised as itself: torch wraps it in a
-    CheckpointException, a BaseException (no `except Exception` sees it) whose message is every rank's traceback."""
+    """dcp.load into `state` through `reader` and SafePlanner (without a process group: in this one process, from every
+    rank's file). A failure is raised as itself: torch wraps it in a CheckpointException, a BaseException (no
+    `except Exception` sees it) whose message is every rank's traceback."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(state, storage_reader=reader, planner=SafePlanner())
+        with warnings.catch_warnings():  # without a process group: "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, storage_reader=reader, planner=SafePlanner())
     except CheckpointException as e:
         error = next((exc for exc, _ in e.failures.values() if isinstance(exc, Exception)), None)
         if error is None:

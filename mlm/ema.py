@@ -15,8 +15,8 @@ the run's length; `weight_average()` warns when it does not.
 The average is fp32 (the weights are fp32 masters under every precision setting: autocast and
 FSDP's bf16 param_dtype cast copies of them). Only trainable parameters are averaged; frozen ones
 equal their weights anyway. Under runtime.sharding=fsdp every rank averages its own shard (the
-DTensor's local tensor), so an update costs no communication and 1/N of the memory; the layout
-(mlm/parallel.py) saves and loads the shards with the model's.
+DTensor's local tensor), so an update costs no communication and 1/N of the memory; it is the
+checkpoint's "ema" piece, which the layout (mlm/parallel.py) saves and loads as it does the model.
 
 Costs: one fp32 copy of the trainable weights, one fused lerp per step (a read of both copies),
 and one more evaluate() per eval.
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
-from mlm.config import UserError
 from mlm.parallel import local_tensor
 
 log = logging.getLogger(__name__)
@@ -67,28 +66,40 @@ class WeightAverage:
         """Start the average over from the current weights."""
         torch._foreach_copy_(self.averages, self._weights())
 
-    def entries(self) -> Iterator[Tuple[str, torch.nn.Parameter, torch.Tensor]]:
-        """(name, parameter, its local average) of every averaged parameter."""
-        return zip(self.names, self.params, self.averages)
+    @torch.no_grad()
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """name -> the average, as a checkpoint's "ema" piece (mlm/checkpoint.py) holds it: the whole tensor when
+        replicated; when sharded, this rank's shard as a DTensor laid out like its parameter (sharing the average's
+        memory), so torch.distributed.checkpoint saves, loads in place and reshards it as it does the model."""
+        from mlm.parallel import is_sharded
 
-    def state(self) -> Dict[str, torch.Tensor]:
-        """name -> this rank's average (the whole tensor when replicated)."""
-        return dict(zip(self.names, self.averages))
+        if not any(is_sharded(p) for p in self.params):
+            return dict(zip(self.names, self.averages))
+        from torch.distributed.tensor import DTensor
+
+        return {
+            name: DTensor.from_local(average, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            for name, p, average in zip(self.names, self.params, self.averages)
+        }
 
     @torch.no_grad()
-    def load_state(self, saved: Dict[str, torch.Tensor], where: str) -> None:
-        """Copy a saved average in (names and shapes must match this model's trainable parameters)."""
-        missing = [name for name in self.names if name not in saved]
-        if missing:
-            raise UserError(
-                f"{where} holds no average of {missing[:3]} (another set of trainable parameters); "
-                "resume with the settings it was trained with, or train with these in a run directory of its own (hydra.run.dir=<new dir>)"
-            )
+    def load_state_dict(self, saved: Dict[str, torch.Tensor]) -> None:
+        """Copy a saved average in (its names are this model's trainable parameters': checked by the layout)."""
         for name, average in zip(self.names, self.averages):
-            average.copy_(saved[name])
+            average.copy_(local_tensor(saved[name]))
+
+    def restart_from(self, checkpoint) -> None:
+        """A checkpoint without a weight average (resume=<a run's checkpoint with trainer.ema_decay=0>): the average
+        starts from the resumed weights."""
+        log.warning(
+            "checkpoint %s holds no weight average; the average (trainer.ema_decay=%g) starts from its weights",
+            checkpoint,
+            self.decay,
+        )
+        self.restart()
 
     @torch.no_grad()
-    def _swap(self) -> None:
+    def swap(self) -> None:
         """Exchange weights and averages in place, one tensor at a time (extra memory: the largest tensor)."""
         for weight, average in zip(self._weights(), self.averages):
             held = weight.clone()
@@ -102,12 +113,12 @@ class WeightAverage:
         The layout drops gathered copies of the weights before and after (FSDP keeps the root's after a
         forward without backward), so neither the eval nor the next training step sees stale ones."""
         layout.reshard()
-        self._swap()
+        self.swap()
         try:
             yield
         finally:
             layout.reshard()
-            self._swap()
+            self.swap()
 
 
 def weight_average(model: torch.nn.Module, decay: float, steps: int) -> Optional[WeightAverage]:

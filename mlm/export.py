@@ -6,19 +6,18 @@
 
 A run directory stands for its newest checkpoint that verifies. The checkpoint is hashed against
 its manifest before anything of it is read; the model is rebuilt from the run's own config (kept
-in state.json), its weights loaded strictly (a name missing or left over is an error), whole
-(model.safetensors) or from the FSDP shards of any number of processes (read here in one process,
-without a process group), then written as `final/` is: save_pretrained of model and tokenizer,
+in state.json), its weights read through the checkpoint's own reader (mlm.checkpoint.read: its
+"model" piece, strictly: a name missing or left over is an error), whole or from the FSDP shards of
+any number of processes (read here in one process, without a process group), then written as `final/` is: save_pretrained of model and tokenizer,
 renamed into place when complete (into an existing empty directory, `.` too, its files are moved,
 config.json last). `pipeline("fill-mask", model=<out dir>)` loads it. With --ema the
-checkpoint's weight average (trainer.ema_decay, mlm/ema.py) is laid over the loaded weights: it
-holds the trainable parameters, the frozen ones equal their weights.
+checkpoint's "ema" piece, the weight average (trainer.ema_decay, mlm/ema.py), is laid over the
+loaded weights: it holds the trainable parameters, the frozen ones equal their weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -28,8 +27,6 @@ from typing import Any, Dict, List, Optional, Tuple
 from mlm import checkpoint
 from mlm.config import ModelConfig, UserError
 from mlm.hub import hub_reachable, offline_mode
-from mlm.parallel import EMA_FILE, MODEL_FILE, SHARDED_DIR
-from mlm.tracking import MASKED  # runs of older versions masked model.tokenizer too, for its "token"
 from mlm.untrusted import RefusedPickle, check_no_interpolation
 
 log = logging.getLogger(__name__)
@@ -77,66 +74,22 @@ def model_config(settings: Dict[str, Any]) -> ModelConfig:
     """The typed ModelConfig from a run's flat config ("model.arch.hidden_size": 32 -> arch={"hidden_size": 32})."""
     from omegaconf import OmegaConf
 
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     tree = unflatten({k: v for k, v in settings.items() if k.startswith("model.")}).get("model", {})
-    for name in sorted(
-        tree.keys() - fields
-    ):  # written by an older version; the model identity check catches a model it changes
-        log.warning("the checkpoint's config sets model.%s, which this version does not have: ignored", name)
-        del tree[name]
-    return OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ModelConfig), tree)
-    )  # Choice strings -> members, types checked
-
-
-def unmasked(settings: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
-    """The model keys that the saved config masked as secrets, read back from the run's Hydra snapshot: older versions
-    masked model.tokenizer in state.json (its "token") and wrote .hydra/config.yaml unmasked. This version masks the
-    snapshot too (mlm.cli.save_config_snapshot), so a key masked in both cannot be read back: refused in one line.
-
-    Read without resolving interpolations: a `${oc.env:...}` there would put an environment variable (a secret) into
-    a path, an error line or a hub request; check_no_interpolation refuses it."""
-    masked = [k for k, v in settings.items() if k.startswith("model.") and v == MASKED]
-    if not masked:
-        return settings
-    from omegaconf import OmegaConf
-
-    from mlm.tracking import flatten
-
-    snapshot = run_dir / ".hydra" / "config.yaml"
-    full = (
-        flatten({"model": OmegaConf.to_container(OmegaConf.load(snapshot).model, resolve=False)})
-        if snapshot.is_file()
-        else {}
-    )
-    lost = [k for k in masked if full.get(k, MASKED) == MASKED]
-    if lost:
-        why = "masks it too" if lost[0] in full else "is not there to read it from"
-        raise UserError(
-            f"the checkpoint's saved config masks {lost[0]} (its name looks secret) and {snapshot}, the run's "
-            f"Hydra snapshot, {why}; export the checkpoint inside its run directory, where an older version's "
-            "snapshot holds it"
-        )
-    restored = {k: full[k] for k in masked}
-    check_no_interpolation(restored, str(snapshot))
-    return {**settings, **restored}
+    # Choice strings -> members, types checked; a key this version does not have is an error
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), tree))
 
 
 def model_settings(ckpt: Path, state: Dict[str, Any], trust_remote_code: bool) -> ModelConfig:
     """The run's model config, from the checkpoint (data only): no `${...}` resolved, trust_remote_code only if this
     command was given --trust-remote-code, no attention backend that could be fetched (local_attention), and the model
     it names loaded from this machine only (never fetched)."""
-    if not isinstance(state.get("config"), dict):
-        raise UserError(
-            f"checkpoint {ckpt} was written before checkpoints kept the run's config; export its run's final/ instead"
-        )
     check_no_interpolation(
         {k: v for k, v in state["config"].items() if k.startswith("model.")}, f"checkpoint {ckpt}'s state.json"
     )
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        cfg = model_config(unmasked(state["config"], ckpt.parent.parent))
+        cfg = model_config(state["config"])
     except OmegaConfBaseException as e:  # a value of the wrong type: "model.dropout": "abc"
         raise UserError(
             f"checkpoint {ckpt}'s state.json: its model config does not fit this version's ({str(e).splitlines()[0][:200]})"
@@ -164,7 +117,9 @@ def local_attention(saved: str) -> str:
 
 def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
     """(model with the checkpoint's weights, or its weight average with `ema`, tokenizer, step): the run's own model builder, then a strict load."""
+    from mlm.ema import WeightAverage
     from mlm.models import build_model, resolve_path
+    from mlm.parallel import Piece
 
     try:
         state = checkpoint.read_state(ckpt)
@@ -185,107 +140,18 @@ def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
             f"checkpoint {ckpt} holds a model {state['model']}, but its config builds {checkpoint.model_identity(model)} "
             "here; export with the version of the code that trained it"
         )
+    average = WeightAverage(model, decay=0.0) if ema else None  # the weights the run averaged, named as it did
     try:
-        if (ckpt / SHARDED_DIR).is_dir():
-            load_shards(ckpt / SHARDED_DIR, model)
-        else:
-            load_whole(ckpt / MODEL_FILE, model)
-        if ema:
-            load_average(ckpt, model)
+        absent = checkpoint.read(ckpt, {"model": Piece(model), **({"ema": Piece(average)} if ema else {})})
     except RefusedPickle as e:
         raise UserError(f"checkpoint {ckpt}: {e}") from None
-    return model, tokenizer, int(state["step"])
-
-
-def check_names(ckpt: Path, missing: List[str], unexpected: List[str]) -> None:
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {ckpt} does not fit the model its config builds (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
-
-
-def load_whole(path: Path, model) -> None:
-    """model.safetensors as Replicated.load reads it (tied weights are stored once)."""
-    from safetensors.torch import load_model
-
-    missing, unexpected = load_model(model, str(path), strict=False)
-    check_names(path.parent, missing, unexpected)
-
-
-def load_shards(path: Path, model) -> None:
-    """FSDP shards of the objective ("model" entries "model.<name>"; the optimizer's are not read) in this one process.
-
-    With no process group torch.distributed.checkpoint loads locally, assembling each full tensor from every rank's file."""
-    import torch
-
-    from mlm.dcp_reader import SafeReader
-
-    reader = SafeReader(str(path))
-    prefix = "model.model."  # the "model" entry of the saved dict, then the objective's submodule
-    saved = {k[len(prefix) :] for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
-    wanted = model.state_dict()  # tied weights under each of their names, as the shards keep them
-    check_names(path.parent, list(wanted.keys() - saved), list(saved - wanted.keys()))
-    target = {"model": {f"model.{name}": torch.empty_like(t) for name, t in wanted.items()}}
-    load_here(target, reader)
-    model.load_state_dict({name[len("model.") :]: t for name, t in target["model"].items()}, strict=True)
-
-
-def load_average(ckpt: Path, model) -> None:
-    """Lay the checkpoint's weight average over the loaded weights: every trainable parameter, by name (tied ones once)."""
-    average = (
-        read_sharded_average(ckpt / SHARDED_DIR)
-        if (ckpt / SHARDED_DIR).is_dir()
-        else read_whole_average(ckpt / EMA_FILE)
-    )
-    if not average:
+    if absent:
         raise UserError(
             f"checkpoint {ckpt} holds no weight average (its run had trainer.ema_decay=0, off); export it without --ema"
         )
-    trainable = [
-        name for name, p in model.named_parameters() if p.requires_grad
-    ]  # a tied weight once, as WeightAverage names it
-    missing, unexpected = [n for n in trainable if n not in average], list(average.keys() - model.state_dict().keys())
-    if missing or unexpected:
-        raise UserError(
-            f"the weight average of checkpoint {ckpt} does not fit the model its config builds "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-    model.load_state_dict(average, strict=False)  # copies into the parameters: a tied name updates every alias
-
-
-def read_whole_average(path: Path) -> Dict[str, Any]:
-    """ema.safetensors (Replicated.save), or {} without one."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path)) if path.exists() else {}
-
-
-def read_sharded_average(path: Path) -> Dict[str, Any]:
-    """The "ema" entries of FSDP shards ("ema.<name>", see mlm.parallel._sharded_average), whole, in this one process; {} without."""
-    import torch
-
-    from mlm.dcp_reader import SafeReader
-
-    reader = SafeReader(str(path))
-    saved = {
-        k[len("ema.") :]: meta for k, meta in reader.read_metadata().state_dict_metadata.items() if k.startswith("ema.")
-    }
-    target = {"ema": {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in saved.items()}}
-    if saved:
-        load_here(target, reader)
-    return target["ema"]
-
-
-def load_here(target: Dict[str, Any], reader) -> None:
-    """torch.distributed.checkpoint's load into `target` in this one process (no process group: it reads every rank's file)."""
-    import warnings
-
-    from mlm.dcp_reader import load
-
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        load(target, reader)
+    if average is not None:
+        average.swap()  # the average into the trainable parameters; the frozen ones equal their weights
+    return model, tokenizer, int(state["step"])
 
 
 def check_out_dir(out: Path, source: Path) -> None:

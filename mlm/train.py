@@ -13,7 +13,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -75,7 +75,10 @@ class TrainState:
         None  # {"checkpoint": path, "step": n}: the other run's checkpoint this one started from
     )
 
-    def restore(self, saved: Dict[str, Any]) -> None:
+    def state_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, saved: Dict[str, Any]) -> None:
         """Take a checkpoint's state in place (the schedule's time-budget clock reads this object)."""
         self.__dict__.update(TrainState(**saved).__dict__)
 
@@ -329,24 +332,8 @@ def build_optimization(cfg: Config, model, steps: int, accelerator: Accelerator,
 
 def resume(run: Run) -> None:
     """Load the newest checkpoint that verifies (or start fresh), then make the run dir agree with that."""
-    acc, layout = run.accelerator, run.layout
     config_rates = list(run.scheduler.base_lrs)  # loading puts back the checkpoint's peak rates
-    ckpt, saved = checkpoint.load_newest(
-        run.cfg.resume,
-        run.run_dir,
-        lambda path: checkpoint.load_checkpoint(
-            path,
-            run.raw_model,
-            run.optimizer,
-            run.scheduler,
-            acc.scaler,
-            acc,
-            layout,
-            run.ema,
-            train_state_fields=[f.name for f in fields(TrainState)],
-        ),
-        acc,
-    )
+    ckpt, saved = checkpoint.load_newest(run.cfg.resume, run.run_dir, checkpoints(run).load, run.accelerator)
     if ckpt is not None:
         order = run.data.order
         if saved["global_batch"] != order.global_batch:
@@ -359,7 +346,6 @@ def resume(run: Run) -> None:
                 "keep dataset.streaming, the number of processes and runtime.num_workers to resume"
             )
         other_data = check_data(saved, run.data.identity, ckpt, run.cfg.resume)
-        run.state.restore(saved["train_state"])
         keep_config_rates(run.optimizer, run.scheduler, config_rates)
         if (
             run.run_dir.resolve() not in ckpt.resolve().parents
@@ -765,34 +751,39 @@ def eval_average(run: Run, title: Optional[str] = None) -> Dict[str, float]:
     return {"eval/ema_loss": metrics["eval/loss"], "eval/ema_perplexity": metrics["eval/perplexity"]}
 
 
+def checkpoints(run: Run) -> checkpoint.Checkpoints:
+    """The run's state as named pieces, what its checkpoints save and a resume restores: one entry per piece."""
+    acc = run.accelerator
+    pieces = {
+        **run.layout.pieces(run.raw_model, run.optimizer),
+        "scheduler": run.scheduler,
+        "rng": checkpoint.Piece(checkpoint.RNG(), "rank"),
+        "train_state": checkpoint.Piece(run.state, "state"),  # with the data position: its step
+    }
+    if acc.scaler is not None:  # fp16; a checkpoint of another precision has none: it starts fresh
+        pieces["scaler"] = checkpoint.Piece(acc.scaler, fresh=lambda path: None)
+    if run.ema is not None:
+        pieces["ema"] = checkpoint.Piece(run.ema, "layout", fresh=run.ema.restart_from)
+    loadable = lambda directory: checkpoint.write_loadable(  # noqa: E731
+        directory, run.raw_model, run.data.tokenizer, run.layout.sharded
+    )
+    return checkpoint.Checkpoints(
+        run.run_dir, pieces, acc, run.raw_model, run.layout, run.cfg.trainer.keep_checkpoints, run.writer, loadable
+    )
+
+
 def save(run: Run, window: "LogWindow", wait: bool = True) -> None:
     """Checkpoint this step; wait=False returns once the state is copied when trainer.async_checkpoint is on."""
-    state, acc = run.state, run.accelerator
+    state = run.state
     state.log_window = window.saved()  # so a resumed run logs the same averages as an uninterrupted one
     state.unrecorded = run.tracker.unwritten
-    extra = {
-        "train_state": asdict(state),
+    facts = {  # what a resume compares
         "global_batch": run.data.order.global_batch,
         "stream_shards": run.data.stream_shards,
         "config": run.settings,
         "data": run.data.identity,
     }
-    checkpoint.save_checkpoint(
-        run.run_dir,
-        state.step,
-        run.raw_model,
-        run.optimizer,
-        run.scheduler,
-        acc.scaler,
-        extra,
-        acc,
-        run.cfg.trainer.keep_checkpoints,
-        run.layout,
-        run.ema,
-        run.data.tokenizer,
-        run.writer,
-        wait,
-    )
+    checkpoints(run).save(state.step, facts, wait)
 
 
 def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Dict[str, Any]:

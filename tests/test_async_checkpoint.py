@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from mlm import checkpoint
 from mlm.config import UserError
-from tests.test_precision import TRAINER_STATE, fresh_accelerate_state, setup, step  # noqa: F401 (a fixture)
+from tests.test_precision import FACTS, checkpoints, fresh_accelerate_state, setup, step  # noqa: F401 (a fixture)
 
 
 def held_writes(monkeypatch):
@@ -38,12 +38,9 @@ def assert_same(a, b):
 
 def test_a_background_checkpoint_holds_its_step_while_the_next_steps_run(fresh_accelerate_state, tmp_path, monkeypatch):
     parts = setup("no")
-    accelerator, model, _, optimizer, scheduler, _ = parts
     for n in range(2):
         step(parts, n)
-    save = lambda where, writer=None: checkpoint.save_checkpoint(  # noqa: E731
-        where, 2, model, optimizer, scheduler, None, TRAINER_STATE, accelerator, keep=1, writer=writer, wait=False
-    )
+    save = lambda where, writer=None: checkpoints(parts, where, writer).save(2, FACTS, wait=False)  # noqa: E731
     synchronous = save(tmp_path / "sync")
 
     release = held_writes(monkeypatch)
@@ -60,11 +57,8 @@ def test_a_background_checkpoint_holds_its_step_while_the_next_steps_run(fresh_a
 
 def test_a_background_write_error_is_raised_in_the_training_thread(fresh_accelerate_state, tmp_path, monkeypatch):
     parts = setup("no")
-    accelerator, model, _, optimizer, scheduler, _ = parts
     writer = checkpoint.Writer(background=True)
-    save = lambda n, wait: checkpoint.save_checkpoint(  # noqa: E731
-        tmp_path, n, model, optimizer, scheduler, None, TRAINER_STATE, accelerator, keep=1, writer=writer, wait=wait
-    )
+    save = lambda n, wait: checkpoints(parts, tmp_path, writer).save(n, FACTS, wait=wait)  # noqa: E731
     first = save(1, wait=True)
 
     def full_disk(point):

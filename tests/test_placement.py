@@ -240,24 +240,18 @@ def _cuda_rng(monkeypatch, count):
     return states
 
 
-def test_a_checkpoint_keeps_this_devices_cuda_rng_and_resumes_on_fewer_gpus(monkeypatch, caplog):
-    import torch
-
-    from mlm.checkpoint import rng_state, set_rng_state
+def test_a_checkpoint_keeps_this_devices_cuda_rng_and_resumes_on_fewer_gpus(monkeypatch):
+    from mlm.checkpoint import RNG
 
     _gpus(monkeypatch, count=2)
     states = _cuda_rng(monkeypatch, 2)
-    saved = rng_state()
-    assert saved["cuda"] == [states[0].tolist()]  # the current device's only
+    saved = RNG().state_dict()
+    assert saved["cuda"] == states[0].tolist()  # the current device's only
     states[0].fill_(9)
     _gpus(monkeypatch, count=1)  # the resume sees one GPU
     _cuda_rng_1 = _cuda_rng(monkeypatch, 1)
-    set_rng_state(saved)
-    assert _cuda_rng_1[0].tolist() == saved["cuda"][0]
-    # a checkpoint from before (every visible GPU's state): the visible ones, and a warning
-    set_rng_state({**saved, "cuda": [[1] * 16, [2] * 16]})
-    assert _cuda_rng_1[0].tolist() == [1] * 16
-    assert "restoring the first 1" in caplog.text
+    RNG().load_state_dict(saved)
+    assert _cuda_rng_1[0].tolist() == saved["cuda"]
 
 
 TORCH_VARS = (

@@ -7,6 +7,7 @@ import torch
 from mlm import checkpoint
 from mlm.masking import MLMCollator
 from mlm.models import MLMObjective, build_model
+from mlm.parallel import Replicated
 from mlm import precision
 from mlm.precision import make_accelerator
 from mlm.train import NonFiniteLoss, StepResult, build_optimization, enable_activation_checkpointing, train_step
@@ -91,10 +92,20 @@ def test_nonfinite_gradients_still_stop_without_a_scaler(fresh_accelerate_state)
         step(parts, 0, inf_grad=True)
 
 
-TRAINER_STATE = {
-    "train_state": {"step": 4},
-    "global_batch": 4,
-}  # what read_state requires of a checkpoint the trainer wrote
+FACTS = {"global_batch": 4, "config": {}}  # what read_state requires of a checkpoint's facts (the trainer's are more)
+
+
+def checkpoints(parts, run_dir, writer=None) -> checkpoint.Checkpoints:
+    """The pieces a trainer registers for these parts (mlm.train.checkpoints): model, optimizer, schedule, RNG, scaler."""
+    accelerator, model, _, optimizer, scheduler, _ = parts
+    pieces = {
+        **Replicated().pieces(model, optimizer),
+        "scheduler": scheduler,
+        "rng": checkpoint.Piece(checkpoint.RNG(), "rank"),
+    }
+    if accelerator.scaler is not None:
+        pieces["scaler"] = accelerator.scaler
+    return checkpoint.Checkpoints(run_dir, pieces, accelerator, model, writer=writer or checkpoint.Writer())
 
 
 def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
@@ -105,17 +116,13 @@ def test_resume_across_an_overflow_is_exact(fresh_accelerate_state, tmp_path):
     for n in range(6):
         step(parts, n, inf_grad=n == 2)
         if n == 3:
-            checkpoint.save_checkpoint(
-                tmp_path, 4, model, optimizer, scheduler, accelerator.scaler, TRAINER_STATE, accelerator, keep=1
-            )
+            checkpoints(parts, tmp_path).save(4, FACTS)
     reference = [p.detach().clone() for p in model.parameters()]
     reference_scale = accelerator.scaler.get_scale()
 
     resumed = setup("fp16", seed=1)  # other initial weights: everything must come from the checkpoint
     accelerator, model, _, optimizer, scheduler, _ = resumed
-    checkpoint.load_checkpoint(
-        checkpoint.resolve_resume("auto", tmp_path), model, optimizer, scheduler, accelerator.scaler, accelerator
-    )
+    checkpoints(resumed, tmp_path).load(checkpoint.resolve_resume("auto", tmp_path))
     assert accelerator.scaler.get_scale() < 65536.0  # the backed-off scale came back with the checkpoint
     for n in (4, 5):
         step(resumed, n)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mlm.checkpoint import FORMAT
 from tests.conftest import TINY_RUN, run_cli
 from tests.test_failures import error_lines
 from tests.test_resume import records
@@ -156,7 +157,7 @@ WSD = {
 def write_checkpoint(run_dir: Path, step: int, settings: dict) -> Path:
     ckpt = run_dir / "checkpoints" / f"ckpt-{step:08d}"
     ckpt.mkdir(parents=True)
-    (ckpt / "state.json").write_text(json.dumps({"step": step, "config": settings, "world_size": 1}))
+    (ckpt / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, "config": settings, "world_size": 1}))
     (ckpt / "manifest.json").write_text(json.dumps({"step": step, "files": {}}))
     return ckpt
 
