@@ -265,20 +265,17 @@ def test_cli_settings_errors_are_one_line(tiny_model_dir, capsys, args, message)
 
 
 @pytest.mark.parametrize("cap", [0, -1])
-def test_max_train_examples_below_one_is_one_line_not_a_hang(tiny_model_dir, cap):
+def test_max_train_examples_below_one_is_one_line_not_a_hang(tiny_model_dir, cap, capsys):
     """0 fine-tuned on no batch and waited for one forever, at full CPU; -1 dropped one example. Both are refused
-    (unset means every example); the timeout turns a hang back into a failure."""
-    proc = run_cli(
-        [str(tiny_model_dir), "downstream=polarity", f"downstream.max_train_examples={cap}"],
-        module="mlm.downstream",
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert (
-        proc.stderr.strip().splitlines()[-1]
-        == f"error: downstream.max_train_examples={cap} must be at least 1 (or unset for every example)"
-    )
-    assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [proc.stderr.strip().splitlines()[-1]]
+    (unset means every example) before any fine-tune (a fine-tune that gets no example stops: the test below)."""
+    from mlm.downstream.__main__ import main
+
+    assert main([str(tiny_model_dir), "downstream=polarity", f"downstream.max_train_examples={cap}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [l for l in err.splitlines() if l.startswith("error:")] == [
+        f"error: downstream.max_train_examples={cap} must be at least 1 (or unset for every example)"
+    ]
 
 
 def test_a_fine_tune_on_no_examples_stops_at_once(tiny_model_dir):
@@ -401,17 +398,20 @@ def test_polarity_on_a_tiny_model_with_two_seeds(tiny_model_dir, one_thread):
     assert result["accuracy"] == statistics.median(result["accuracies"])
 
 
-def test_downstream_cli_prints_the_result_as_json(tiny_model_dir):
-    proc = run_cli([str(tiny_model_dir), *QUICK], module="mlm.downstream", env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)
+def test_downstream_cli_prints_the_result_as_json(tiny_model_dir, one_thread, capsys):
+    """`python -m mlm.downstream`'s main, in process (the module as a process is test_hub_task_cli_offline_is_one_error_line's)."""
+    from mlm.downstream.__main__ import main
+
+    assert main([str(tiny_model_dir), *QUICK]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
     assert (
         result["task"] == "polarity"
         and result["seeds"] == [0]
         and len(result["accuracies"]) == 1
         and result["examples"] == 200
     )
-    assert "downstream polarity: accuracy" in proc.stderr
+    assert "downstream polarity: accuracy" in err
 
 
 # ---------------------------------------------------------------- after training, and in finished runs
