@@ -67,28 +67,52 @@ def edit(path: Path) -> None:
     path.write_text(text.replace(" the ", " xyz ", 1))
 
 
-@pytest.fixture
-def stopped_run(tmp_path, data_file, own_cache):
-    """A run stopped after step 2 of 4 (trained to 2, asked for 4 now): checkpoint ckpt-2 to resume from."""
+@pytest.fixture(scope="module")
+def trained_to_2(tmp_path_factory):
+    """A run stopped after step 2 of 4 (trained to 2, asked for 4 now), trained once for the module: checkpoint ckpt-2
+    to resume from, and the corpus it read (at the path its records name)."""
     from mlm.train import train
 
-    run_dir, args = tmp_path / "run", [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"]
-    assert guard(run_dir, args) is None  # as run.py does: the lock file marks the directory as a run's
-    train(compose(args), run_dir)
-    return run_dir
+    root = tmp_path_factory.mktemp("stopped")
+    data_file = root / "data" / "corpus.txt"
+    data_file.parent.mkdir()
+    data_file.write_text("\n".join(sentences(300, seed=5)))
+    run_dir, args = root / "run", [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLM_CACHE", str(root / "cache"))
+        assert guard(run_dir, args) is None  # as run.py does: the lock file marks the directory as a run's
+        train(compose(args), run_dir)
+    return run_dir, data_file
 
 
-def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_run, data_file, tmp_path, caplog):
+@pytest.fixture
+def stopped_run(trained_to_2, tmp_path, own_cache) -> Path:
+    """This test's copy of the stopped run."""
+    return shutil.copytree(trained_to_2[0], tmp_path / "run", symlinks=True)
+
+
+@pytest.fixture
+def run_data(trained_to_2):
+    """The corpus the stopped run read: put back as it was (and its folder as it was) after a test edits it."""
+    data_file = trained_to_2[1]
+    text, names = data_file.read_text(), set(data_file.parent.iterdir())
+    yield data_file
+    data_file.write_text(text)
+    for path in set(data_file.parent.iterdir()) - names:
+        path.unlink()
+
+
+def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_run, run_data, tmp_path, caplog):
     from mlm.train import train
 
     before = tree_digest(stopped_run / "checkpoints")
-    edit(data_file)
-    args = [*RUN, f"dataset.path={data_file}", "trainer.max_steps=4"]
+    edit(run_data)
+    args = [*RUN, f"dataset.path={run_data}", "trainer.max_steps=4"]
     with pytest.raises(UserError) as refused:
         guard(stopped_run, args)
     line = str(refused.value)
     assert line.startswith("the training data changed since checkpoint ckpt-00000002: ")
-    assert f"{data_file} has other content (sha256 " in line and "\n" not in line
+    assert f"{run_data} has other content (sha256 " in line and "\n" not in line
     assert f"resume={stopped_run.resolve() / 'checkpoints' / 'ckpt-00000002'}" in line and "resume=never" not in line
     with pytest.raises(UserError, match="the training data changed since checkpoint ckpt-00000002"):
         train(compose(args), stopped_run)  # train() itself refuses too (e.g. called in-process, without the guard)
@@ -108,7 +132,7 @@ def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_
         results["perplexity_before"] is None
         and results["best_perplexity"] == results["perplexity"] != old["best_perplexity"]
     )
-    assert any(str(data_file) in d for d in results["branched_from"]["other_data"])
+    assert any(str(run_data) in d for d in results["branched_from"]["other_data"])
     assert json.loads((branch / "results.json").read_text())["perplexity_before"] is None
     from mlm.cli import summary_text
 
@@ -119,10 +143,10 @@ def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_
     assert f"{old['perplexity_before']:.2f}" not in line
 
 
-def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, data_file):
-    args = [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"]
+def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, run_data):
+    args = [*RUN, f"dataset.path={run_data}", "trainer.max_steps=2"]
     assert guard(stopped_run, args)["steps"] == 2  # unchanged data: already finished
-    edit(data_file)
+    edit(run_data)
     with pytest.raises(UserError, match=r"holds a finished run trained on other data \(.*corpus.txt has other content"):
         guard(stopped_run, args)
 
@@ -136,12 +160,12 @@ def test_a_finished_run_rerun_on_an_edited_corpus_is_refused(stopped_run, data_f
         ("tokenizer", '"data.tokenizer" is not a sha256 string'),
     ],
 )
-def test_a_finished_run_whose_results_hold_a_malformed_data_record_is_one_line(stopped_run, data_file, data, problem):
+def test_a_finished_run_whose_results_hold_a_malformed_data_record_is_one_line(stopped_run, run_data, data, problem):
     results = json.loads((stopped_run / "results.json").read_text())
     results["data"] = {**results["data"], "tokenizer": 5} if data == "tokenizer" else data
     (stopped_run / "results.json").write_text(json.dumps(results))
     with pytest.raises(UserError) as refused:
-        guard(stopped_run, [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"])
+        guard(stopped_run, [*RUN, f"dataset.path={run_data}", "trainer.max_steps=2"])
     line = str(refused.value)
     assert (
         line.startswith(f"{stopped_run / 'results.json'} is not what this harness writes: its {problem}; ")
@@ -150,19 +174,19 @@ def test_a_finished_run_whose_results_hold_a_malformed_data_record_is_one_line(s
 
 
 @pytest.mark.parametrize("results", [["a list"], {"steps": 2, "config": "abc"}])
-def test_a_results_json_that_is_not_an_object_of_results_is_one_line(stopped_run, data_file, results):
+def test_a_results_json_that_is_not_an_object_of_results_is_one_line(stopped_run, run_data, results):
     (stopped_run / "results.json").write_text(json.dumps(results))
     with pytest.raises(UserError, match=r"results\.json is not what this harness writes \(not an object of results"):
-        guard(stopped_run, [*RUN, f"dataset.path={data_file}", "trainer.max_steps=2"])
+        guard(stopped_run, [*RUN, f"dataset.path={run_data}", "trainer.max_steps=2"])
 
 
-def test_a_checkpoint_with_a_malformed_data_record_is_set_aside_not_a_traceback(stopped_run, data_file):
+def test_a_checkpoint_with_a_malformed_data_record_is_set_aside_not_a_traceback(stopped_run, run_data):
     from mlm.train import train
     from tests.test_untrusted import edit_state
 
     (stopped_run / "results.json").unlink()  # killed before it finished: ckpt-2 is what a resume reads
     edit_state(stopped_run / "checkpoints" / "ckpt-00000002", lambda s: s["data"].update(sources=[["only-one"]]))
-    args = [*RUN, f"dataset.path={data_file}", "trainer.max_steps=4"]
+    args = [*RUN, f"dataset.path={run_data}", "trainer.max_steps=4"]
     assert (
         guard(stopped_run, args) is None
     )  # run.py's checks before training leave it to the resume, which sets it aside
@@ -174,10 +198,10 @@ def test_a_checkpoint_with_a_malformed_data_record_is_set_aside_not_a_traceback(
     assert (stopped_run / "checkpoints" / "corrupt-ckpt-00000002").is_dir()
 
 
-def test_the_same_file_under_another_spelling_resumes(stopped_run, data_file, monkeypatch, caplog):
+def test_the_same_file_under_another_spelling_resumes(stopped_run, run_data, monkeypatch, caplog):
     from mlm.train import train
 
-    monkeypatch.chdir(data_file.parent)
+    monkeypatch.chdir(run_data.parent)
     relative = [*RUN, "dataset.path=./corpus.txt"]
     assert guard(stopped_run, [*relative, "trainer.max_steps=2"])["steps"] == 2  # the finished run is recognised
     assert guard(stopped_run, [*relative, "trainer.max_steps=4"]) is None  # and resumes
@@ -188,8 +212,8 @@ def test_the_same_file_under_another_spelling_resumes(stopped_run, data_file, mo
     assert (
         results["perplexity_before"] == before is not None and "not carried over" not in caplog.text
     )  # the same data: kept
-    link = data_file.parent / "link.txt"
-    link.symlink_to(data_file)
+    link = run_data.parent / "link.txt"
+    link.symlink_to(run_data)
     assert guard(stopped_run, [*RUN, f"dataset.path={link}", "trainer.max_steps=4"])["steps"] == 4
 
 
