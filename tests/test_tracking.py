@@ -174,6 +174,7 @@ def test_scrub_masks_secret_keys_and_values(monkeypatch):
 
 
 def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path, monkeypatch):
+    import wandb
     from wandb.proto import wandb_internal_pb2
 
     from mlm.train import train
@@ -194,6 +195,7 @@ def test_resumed_run_continues_the_same_wandb_run(corpus, tmp_path, monkeypatch)
     train(
         compose([*TINY_RUN, f"dataset.path={corpus}", "tracker=wandb", "trainer.max_steps=4"]), tmp_path
     )  # resume=auto
+    wandb.teardown()  # its service writes the run's file after finish() returns; a run.py process ends with it
     ids = run_ids()
     assert len(ids) == 2 and ids[0] == ids[1]  # two sessions, one W&B run
 
