@@ -612,6 +612,7 @@ def test_a_runs_own_downstream_phase_trusts_what_its_command_line_trusted(corpus
         "model.source=pretrained",
         f"model.name_or_path={folder}",
         "model.trust_remote_code=true",
+        "runtime.num_threads=1",  # a tiny model's ops are faster alone than in a thread pool on a busy CPU
         *QUICK,
     ]
     results = train(compose(run), tmp_path / "run")  # its final/ ships the folder's code (an auto_map), trusted here
