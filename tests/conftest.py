@@ -162,7 +162,7 @@ def run_in_process(
                 if module:
                     import importlib
 
-                    code = importlib.import_module(module).main(list(args))
+                    code = exit_status(importlib.import_module(module).main(list(args)))
                 else:
                     runpy.run_path(argv[0], run_name="__main__")
                     code = 0
