@@ -132,3 +132,132 @@ def run_cli(
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None unsets a variable
     return subprocess.run(cmd + list(args), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_process(
+    args: List[str], cwd: Path = ROOT, env=None, module: str | None = None
+) -> subprocess.CompletedProcess:
+    """run_cli's command run in this process, for a test whose point is what the command prints and its exit code:
+    run.py as `python run.py` runs it (runpy, as __main__: the key check, Hydra, its callbacks, run_job, the error
+    wrapper), or `module`'s main(argv) (mlm.predict, mlm.export, mlm.downstream.__main__); minus the interpreter start
+    and its ~6 CPU-s of imports. What a run changes in the process is put back after: the working directory,
+    os.environ, sys.argv, the logging Hydra sets up (its run.log handler closed), the signal handlers and the stop
+    state of mlm.preemption, Hydra's global state, mlm.cli's launch stamps. Python's warnings are said on stderr as a
+    fresh process says them (pytest would record them instead). Output written to the file descriptors themselves
+    (C code) is not in the result: a test of that launches the process (run_cli)."""
+    import io
+    import runpy
+    import traceback
+    import warnings
+
+    argv = [module, *args] if module else [str(ROOT / "run.py"), *args]
+    out, err = io.StringIO(), io.StringIO()
+    with _process_state_restored(), contextlib.chdir(cwd), warnings.catch_warnings(), _logging_to(out, err):
+        for key, value in {"HYDRA_FULL_ERROR": "0", **(env or {})}.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)  # None unsets it
+        sys.argv = argv
+        _fresh_process_warnings(err)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                if module:
+                    import importlib
+
+                    code = exit_status(importlib.import_module(module).main(list(args)))
+                else:
+                    runpy.run_path(argv[0], run_name="__main__")
+                    code = 0
+            except SystemExit as e:
+                code = exit_status(e.code)
+            except Exception:  # an uncaught error: its traceback, exit code 1
+                traceback.print_exc()
+                code = 1
+    return subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
+
+
+def exit_status(code) -> int:
+    """The exit status of a process ended by SystemExit(code), as the interpreter makes it: None is 0, a message is
+    said on stderr and is 1."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+@contextlib.contextmanager
+def _logging_to(out, err):
+    """Logging as in a fresh process, said on the command's stdout and stderr: the root logger without pytest's
+    handlers (a warning goes to logging's last resort, stderr), and the handlers libraries made on this process's
+    stdout or stderr (transformers') writing to the command's. Their streams are put back after."""
+    import logging
+
+    logging.getLogger().handlers = []
+    logging.getLogger().setLevel(logging.WARNING)
+    moved = {}
+    for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for h in getattr(lg, "handlers", []):
+            if type(h) is logging.StreamHandler and h.stream in (
+                sys.stdout,
+                sys.__stdout__,
+                sys.stderr,
+                sys.__stderr__,
+            ):
+                moved[h] = h.setStream(out if h.stream in (sys.stdout, sys.__stdout__) else err)
+    try:
+        yield
+    finally:
+        for h, stream in moved.items():
+            h.setStream(stream)
+
+
+def _fresh_process_warnings(err) -> None:
+    """Python's default warning filters, each warning written on the command's stderr (inside catch_warnings)."""
+    import warnings
+
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+        warnings.formatwarning(message, category, filename, lineno, line)
+    )
+
+
+@contextlib.contextmanager
+def _process_state_restored():
+    """Whatever a command run in this process changes of the process's global state, put back after it."""
+    import logging
+    import signal
+
+    import mlm.cli
+    import mlm.preemption
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    environ, argv = dict(os.environ), sys.argv
+    handlers = {sig: signal.getsignal(sig) for sig in mlm.preemption.STOP_SIGNALS}
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    before = {lg: (lg.level, list(lg.handlers), lg.propagate, lg.disabled, list(lg.filters)) for lg in loggers}
+    preemption = (mlm.preemption._active, mlm.preemption._sweep)
+    mlm.cli._stamps.clear()  # a fresh process decides its launch stamp anew
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        mlm.cli._stamps.clear()
+        mlm.preemption._active, mlm.preemption._sweep = preemption
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for lg in [logging.getLogger()] + [
+            lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+        ]:
+            for handler in lg.handlers:
+                if lg not in before or handler not in before[lg][1]:
+                    handler.close()  # Hydra's run.log handler: its file closed as at a process's end
+            level, lg.handlers, lg.propagate, lg.disabled, lg.filters = before.get(lg, (0, [], True, False, []))
+            lg.setLevel(level)  # (and clears the loggers' cached levels)
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.argv = argv

@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 from mlm.config import Config, MaskingConfig, UserError, schema_fields
 from mlm.overrides import check_override_keys
 from mlm.tracking import flatten
-from tests.conftest import ROOT, compose, run_cli
+from tests.conftest import ROOT, compose, run_in_process
 
 CONF = ROOT / "conf"
 
@@ -106,7 +106,7 @@ def test_a_value_outside_a_choice_is_rejected_when_hydra_composes(override):
     ],
 )
 def test_a_wrong_key_on_the_command_line_gets_one_line_naming_the_real_one(args, line):
-    proc = run_cli(args)
+    proc = run_in_process(args)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {line}" or line in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "+trainer" not in proc.stderr  # not Hydra's advice to append the key
 
@@ -169,7 +169,7 @@ def test_every_setting_has_a_description_and_a_resume_rule():
 def test_help_describes_every_group_option_and_key_with_this_commands_values():
     from mlm.config import GROUPS
 
-    proc = run_cli(["model=tiny", "optimizer.lr=0.002", "--help"])
+    proc = run_in_process(["model=tiny", "optimizer.lr=0.002", "--help"])
     assert proc.returncode == 0, proc.stderr
     groups, keys = proc.stdout.split("== Keys")
     assert "model=distilroberta|minilm|modernbert|scratch_distilroberta|tiny|tiny_modernbert   (now: tiny)" in groups

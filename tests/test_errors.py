@@ -8,7 +8,7 @@ import torch
 import pytest
 
 from mlm.config import UserError
-from tests.conftest import TINY_RUN, compose, run_cli
+from tests.conftest import TINY_RUN, compose, run_cli, run_in_process
 
 
 def assert_clean_failure(proc, run_dir, *needles):
@@ -37,29 +37,33 @@ def assert_clean_failure(proc, run_dir, *needles):
 )
 def test_bad_values_fail_with_one_line(tmp_path, corpus, overrides, needles):
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.run.dir={run_dir}"])
+    proc = run_in_process([*TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.run.dir={run_dir}"])
     assert_clean_failure(proc, run_dir, *needles)
 
 
 def test_missing_text_field_via_cli(tmp_path, eli5_file):
     run_dir = tmp_path / "run"
-    proc = run_cli([*TINY_RUN, f"dataset.path={eli5_file}", "dataset.text_field=body", f"hydra.run.dir={run_dir}"])
+    proc = run_in_process(
+        [*TINY_RUN, f"dataset.path={eli5_file}", "dataset.text_field=body", f"hydra.run.dir={run_dir}"]
+    )
     assert_clean_failure(proc, run_dir, "'body' does not exist", "answers")
 
 
 def test_empty_file_and_too_small_corpus(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    proc = run_cli([*TINY_RUN, f"dataset.path={empty}", f"hydra.run.dir={tmp_path / 'a'}"])
+    proc = run_in_process([*TINY_RUN, f"dataset.path={empty}", f"hydra.run.dir={tmp_path / 'a'}"])
     assert_clean_failure(proc, tmp_path / "a", "is empty")
     small = tmp_path / "small.txt"
     small.write_text("one short line\nanother short line\n")
-    proc = run_cli([*TINY_RUN, f"dataset.path={small}", "dataset.test_size=0.5", f"hydra.run.dir={tmp_path / 'b'}"])
+    proc = run_in_process(
+        [*TINY_RUN, f"dataset.path={small}", "dataset.test_size=0.5", f"hydra.run.dir={tmp_path / 'b'}"]
+    )
     assert_clean_failure(proc, tmp_path / "b", "not enough for one block")
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    proc = run_cli(
+    proc = run_in_process(
         [*TINY_RUN, "dataset.path=/nonexistent.txt", "debug=true", f"hydra.run.dir={tmp_path}"],
         env={"HYDRA_FULL_ERROR": "1"},
     )

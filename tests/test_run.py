@@ -6,7 +6,7 @@ import re
 import pytest
 
 from mlm.precision import native_bf16
-from tests.conftest import ROOT, TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, run_cli, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def tiny_run(tmp_path_factory):
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n".join(sentences(400)))
     run_dir = tmp / "out"
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
+    proc = run_in_process([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -99,7 +99,9 @@ def test_saved_model_round_trips_through_fill_mask_pipeline(tiny_run):
 
 def test_predict_cli(tiny_run):
     run_dir, _ = tiny_run
-    proc = run_cli([str(run_dir / "final"), "The Milky Way is a <mask> galaxy.", "--top-k", "3"], module="mlm.predict")
+    proc = run_in_process(
+        [str(run_dir / "final"), "The Milky Way is a <mask> galaxy.", "--top-k", "3"], module="mlm.predict"
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "The Milky Way is a <mask> galaxy." and len(lines) == 4
@@ -111,7 +113,7 @@ def test_predict_cli(tiny_run):
 )
 def test_predict_cli_bad_text_exits_2(tiny_run, text, message):
     run_dir, _ = tiny_run
-    proc = run_cli([str(run_dir / "final"), text], module="mlm.predict")
+    proc = run_in_process([str(run_dir / "final"), text], module="mlm.predict")
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -148,7 +150,7 @@ def test_long_text_keeps_a_window_around_the_mask_like_the_pipeline_on_that_wind
 
 def test_predict_cli_long_text_says_where_it_looked(tiny_run):
     run_dir, _ = tiny_run
-    proc = run_cli(
+    proc = run_in_process(
         [str(run_dir / "final"), long_text().replace("[MASK]", "<mask>"), "--top-k", "2"], module="mlm.predict"
     )
     assert proc.returncode == 0, proc.stderr
@@ -170,7 +172,7 @@ def test_finished_run_run_again_prints_one_line_and_changes_nothing(tiny_run):
 
 
 def test_distilroberta_offline_fails_with_one_clear_line(tmp_path):
-    proc = run_cli(["model=distilroberta", "block_size=256", f"hydra.run.dir={tmp_path}"])
+    proc = run_in_process(["model=distilroberta", "block_size=256", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -179,7 +181,7 @@ def test_distilroberta_offline_fails_with_one_clear_line(tmp_path):
 
 
 def test_cfg_job_prints_the_recipe():
-    proc = run_cli(["model=distilroberta", "block_size=256", "--cfg", "job"])
+    proc = run_in_process(["model=distilroberta", "block_size=256", "--cfg", "job"])
     assert proc.returncode == 0
     assert "name_or_path: distilbert/distilroberta-base" in proc.stdout and "block_size: 256" in proc.stdout
 
@@ -187,7 +189,7 @@ def test_cfg_job_prints_the_recipe():
 def test_finished_run_asked_with_other_settings_is_refused(tiny_run):
     run_dir, first = tiny_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
-    other = run_cli([*first.args[2:], "optimizer.lr=0.123"])
+    other = run_in_process([*first.args[2:], "optimizer.lr=0.123"])
     assert other.returncode == 2 and other.stdout == ""
     assert other.stderr.strip().splitlines() == [
         f"error: {run_dir} holds a finished run with other settings "
@@ -200,7 +202,7 @@ def test_finished_run_asked_with_other_settings_is_refused(tiny_run):
 def test_resume_never_in_a_finished_dir_starts_over(tiny_run):
     run_dir, first = tiny_run
     records = (run_dir / "metrics.jsonl").read_text().splitlines()
-    again = run_cli([*first.args[2:], "resume=never"])
+    again = run_in_process([*first.args[2:], "resume=never"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already finished" not in again.stdout and "perplexity:" in again.stdout
     assert "deleting 1 checkpoint(s) of the previous run" in again.stdout + again.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, run_cli, run_in_process
 
 
 def test_torn_last_metrics_line_is_dropped_with_one_warning(tmp_path, caplog):
@@ -211,7 +211,7 @@ def test_two_runs_into_one_dir_first_completes_second_exits_2(tmp_path, text_fil
     while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
     holder = json.loads(lock.read_text())
-    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    second = run_in_process(args[2:], env={"MLM_FAULT_CHECKPOINT_DELAY": "1"})  # the second in this process
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2 and describe(holder) in second.stderr, second.stderr[-2000:]
@@ -240,7 +240,7 @@ def untouched(victims):
 def test_a_run_dir_whose_files_are_links_is_refused_and_the_targets_untouched(tmp_path, text_file):
     run_dir = tmp_path / "run"
     victims = plant_links(run_dir, ["run.lock", "run.log", "metrics.jsonl"])
-    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"])
+    out = run_in_process([*TINY_RUN, f"dataset.path={text_file}", f"hydra.run.dir={run_dir}"])
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert (
@@ -262,7 +262,7 @@ def test_a_sweep_job_dir_holding_a_link_is_refused_and_its_target_untouched(tmp_
     sweep_dir.mkdir()
     (sweep_dir / "run.lock").touch()  # an earlier sweep's directory
     victims = plant_links(sweep_dir / "0", ["run.log"])  # Hydra opens a job's log before the job checks its directory
-    out = run_cli([*TINY_RUN, f"dataset.path={text_file}", f"hydra.sweep.dir={sweep_dir}", "-m"])
+    out = run_in_process([*TINY_RUN, f"dataset.path={text_file}", f"hydra.sweep.dir={sweep_dir}", "-m"])
     assert out.returncode == 1 and "1 job(s) refused" in out.stderr, out.stderr[-2000:]
     assert "run.log is a symbolic link" in (sweep_dir / "refused.txt").read_text()
     assert untouched(victims) and (sweep_dir / "0" / "run.log").is_symlink()
