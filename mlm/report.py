@@ -44,6 +44,12 @@ def pyplot():
     return plt
 
 
+def save_png(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    pyplot().close(fig)
+
+
 def _series(records: List[Dict[str, Any]], key: str):
     pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and math.isfinite(r[key])]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -92,9 +98,7 @@ def plot_run(
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.suptitle(run_title(run_dir, keys), fontsize=11)
     path = run_dir / "curves.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
@@ -648,9 +652,7 @@ def plot_sweep(
     curve_panels(fig, grid, ok, number, keys, group_of, _point_legend(groups, sweeps, ok, failed, unfinished, number))
     fig.suptitle(_sweep_title(jobs, unfinished, groups), fontsize=12)
     unoverlap_ticks(fig, panels)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def key_panel(
@@ -1102,9 +1104,7 @@ def plot_budget(jobs: List[Dict[str, Any]], path: Path) -> None:
             ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"what the training budget buys: {len(jobs)} job(s), swept {', '.join(keys)}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------- an Optuna study compares like with like
