@@ -62,9 +62,8 @@ from mlm.untrusted import load_weights_only
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-CHECKPOINT_NAME = re.compile(
-    r"ckpt-\d+"
-)  # what a checkpoint directory is called (corrupt ones are renamed away from it)
+# what a checkpoint directory is called (corrupt ones are renamed away from it)
+CHECKPOINT_NAME = re.compile(r"ckpt-\d+")
 FORMAT = 1  # state.json's "format": the layout of files and keys this code writes and reads (CHANGELOG.md)
 
 

@@ -23,9 +23,8 @@ from hydra.core.config_store import ConfigStore
 from mlm.schedules import decay_branch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config tree (run.py's config_path)
-GROUPS = (
-    tuple(sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")) if CONF.is_dir() else ()
-)  # group=option keys
+# group=option keys
+GROUPS = tuple(sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")) if CONF.is_dir() else ()
 
 
 class UserError(Exception):
@@ -58,14 +57,12 @@ HeadTransformInit = Choice("HeadTransformInit", [(v, v) for v in ("random", "ide
 HeadBiasInit = Choice("HeadBiasInit", [(v, v) for v in ("zero", "unigram")])
 MaskStrategy = Choice("MaskStrategy", [(v, v) for v in ("token", "whole_word", "span")])
 RateSchedule = Choice("RateSchedule", [(v, v) for v in ("constant", "linear", "cosine")])  # curves in mlm/schedules.py
-LRSchedule = Choice(
-    "LRSchedule", [(v, v) for v in ("constant", "linear", "cosine", "wsd")]
-)  # wsd: warmup, stable, decay (mlm/optim.py)
+# wsd: warmup, stable, decay (mlm/optim.py)
+LRSchedule = Choice("LRSchedule", [(v, v) for v in ("constant", "linear", "cosine", "wsd")])
 DecayShape = Choice("DecayShape", [(v, v) for v in ("linear", "1-sqrt")])  # wsd's decay (mlm/schedules.py)
 OptimizerName = Choice("OptimizerName", [(v, v) for v in ("adamw", "stable_adamw")])  # builders in mlm/optim.py
-DownstreamKind = Choice(
-    "DownstreamKind", [(v, v) for v in ("none", "polarity", "hub", "local")]
-)  # loaders in mlm/downstream.py
+# loaders in mlm/downstream/tasks.py
+DownstreamKind = Choice("DownstreamKind", [(v, v) for v in ("none", "polarity", "hub", "local")])
 OptimizerImpl = Choice("OptimizerImpl", [(v, v) for v in ("auto", "fused", "foreach", "loop")])
 Precision = Choice("Precision", [(v, v) for v in ("auto", "no", "bf16", "fp16")])
 Sharding = Choice("Sharding", [(v, v) for v in ("none", "fsdp")])

@@ -41,14 +41,11 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # a tied weight once
-        if any(
-            p.dtype != torch.float32 for _, p in trainable
-        ):  # a swap into lower-precision weights would round the average
+        if any(p.dtype != torch.float32 for _, p in trainable):  # a swap into lower precision would round the average
             raise RuntimeError("the weight average expects fp32 weights")
         self.names: List[str] = [name for name, _ in trainable]
-        self.params: List[torch.nn.Parameter] = [
-            p for _, p in trainable
-        ]  # sharded: the DTensors themselves (FSDP swaps in gathered copies)
+        # sharded: the DTensors themselves (FSDP swaps in gathered copies)
+        self.params: List[torch.nn.Parameter] = [p for _, p in trainable]
         with torch.no_grad():
             self.averages: List[torch.Tensor] = [local_tensor(p).detach().clone() for p in self.params]
 

@@ -155,10 +155,8 @@ def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
 
 
 def check_out_dir(out: Path, source: Path) -> None:
-    out, source = (
-        out.resolve(),
-        source.resolve(),
-    )  # "." or "x/.." name a directory too: compared and renamed into as such
+    # "." or "x/.." name a directory too: compared and renamed into as such
+    out, source = out.resolve(), source.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; export into a new or empty directory (nothing is overwritten)")
     protected = source if is_checkpoint(source) else source / "checkpoints"

@@ -39,9 +39,8 @@ def param_groups(
         if not p.requires_grad:
             continue
         groups.setdefault((scale.get(id(p), 1.0), not (p.ndim < 2 or "norm" in name.lower())), []).append(p)
-    order = sorted(
-        groups, key=lambda key: (key[0] != 1.0, key[0], not key[1])
-    )  # the groups at lr first (the order checkpoints were saved with)
+    # the groups at lr first (the order checkpoints were saved with)
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], not key[1]))
     return [
         {"params": groups[s, decay], "weight_decay": weight_decay if decay else 0.0, "lr": lr * s}
         for s, decay in order

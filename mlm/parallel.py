@@ -297,9 +297,8 @@ class FullyShard:
 
         # every rank takes part in the all-gathers; the tensors land on the CPU of rank 0 only
         full = get_model_state_dict(self.root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        full = {
-            name.removeprefix("model."): tensor for name, tensor in full.items()
-        }  # the objective's keys -> the model's
+        # the objective's keys -> the model's
+        full = {name.removeprefix("model."): tensor for name, tensor in full.items()}
         # Gathering copies each name apart; point tied names (decoder = word embeddings) at one tensor
         # again, so save_pretrained stores them once, as it does for an unsharded model.
         first_name = {}

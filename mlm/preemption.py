@@ -152,9 +152,8 @@ class StopSignals:
         """SystemExit(128 + signum) from the handler, after one line: the run's `finally` blocks still release its lock."""
         previous = self.previous.get(signum)
         self.restore()
-        if (
-            callable(previous) and previous is not signal.default_int_handler
-        ):  # submitit's: it requeues the job and exits
+        # submitit's: it requeues the job and exits
+        if callable(previous) and previous is not signal.default_int_handler:
             signal.raise_signal(signum)
             return
         if self.main:

@@ -44,6 +44,12 @@ def pyplot():
     return plt
 
 
+def save_png(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    pyplot().close(fig)
+
+
 def _series(records: List[Dict[str, Any]], key: str):
     pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and math.isfinite(r[key])]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -63,9 +69,8 @@ def plot_run(
     plt = pyplot()
     fig, (loss, ppl, lr) = plt.subplots(1, 3, figsize=(14, 4.4), layout="constrained")
     x, y = _series(records, "train/loss")
-    loss.plot(
-        x, y, color="C0", alpha=0.3, lw=1, marker="o" if len(x) == 1 else None, label="logged"
-    )  # one point: a marker
+    # one point: a marker
+    loss.plot(x, y, color="C0", alpha=0.3, lw=1, marker="o" if len(x) == 1 else None, label="logged")
     weight = smoothing_weight(len(y))
     loss.plot(x, smoothed(y, weight), color="C0", lw=2, label=f"smoothed (EMA {weight:.2g})")
     loss.set_title("train loss (masked tokens)", fontsize=10)
@@ -93,9 +98,7 @@ def plot_run(
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.suptitle(run_title(run_dir, keys), fontsize=11)
     path = run_dir / "curves.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
@@ -109,17 +112,18 @@ def run_title(run_dir: Path, keys: Optional[List[str]] = None) -> str:
     return "\n".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
 
 
-def _overrides(job_dir: Path) -> List[str]:
+def _override_dict(job_dir: Path) -> Dict[str, str]:
+    """The job's overrides (.hydra/overrides.yaml) as key: value, the hydra.* ones left out."""
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
-        return []
+        return {}
     import yaml
 
     try:  # Hydra writes this file in place: a job killed in that instant leaves it torn (its rerun rewrites it)
         overrides = yaml.safe_load(path.read_text()) or []
     except (OSError, yaml.YAMLError):
-        return []
-    return [o for o in overrides if isinstance(o, str) and not o.startswith("hydra")]
+        return {}
+    return dict(o.split("=", 1) for o in overrides if isinstance(o, str) and not o.startswith("hydra") and "=" in o)
 
 
 def _trained_with(overrides: Dict[str, str], trained: Dict[str, Any]) -> Dict[str, str]:
@@ -142,57 +146,36 @@ def _job_dirs(root: Path):
     yield from sorted(p for p in Path(root).rglob("*") if p.is_dir())
 
 
-def _override_dict(job_dir: Path) -> Dict[str, str]:
-    return dict(o.split("=", 1) for o in _overrides(job_dir) if "=" in o)
-
-
 def collect_jobs(dirs: List[Path]) -> List[Dict[str, Any]]:
     """Every job directory (one with results.json or error.txt) under the given directories; "root": which of them."""
-    jobs = []
+    return collect(dirs)[0]
+
+
+def collect(dirs: List[Path]) -> tuple:
+    """The jobs under the given directories, in one walk: those with an outcome (results.json or error.txt), and the
+    Hydra jobs (a .hydra/overrides.yaml) with neither: running, stopped or killed; "unfinished" says which, and how far
+    each got. Unfinished jobs are never ranked nor counted as failed. "root": which directory each was found under."""
+    jobs, unfinished = [], []
     for root in dirs:
         for d in _job_dirs(root):
-            if not ((d / "results.json").exists() or (d / "error.txt").exists()):
+            finished = (d / "results.json").exists() or (d / "error.txt").exists()
+            if not finished and not (d / ".hydra" / "overrides.yaml").is_file():
                 continue
-            results = (
-                json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
-            )  # written atomically
-            jobs.append(
-                {
-                    "dir": d,
-                    "root": Path(root),
-                    "overrides": _trained_with(_override_dict(d), results.get("config", {})),
-                    "results": results,
-                    "settings": results.get("config") or _snapshot_settings(d),  # the eval it was scored on
-                    "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
-                    "metrics": read_metrics(d),
-                }
-            )
-    return jobs
-
-
-def collect_unfinished(dirs: List[Path]) -> List[Dict[str, Any]]:
-    """The Hydra jobs under the given directories (a .hydra/overrides.yaml) with neither results.json nor error.txt:
-    running, stopped or killed; "unfinished" says which, and how far each got. Never ranked nor counted as failed."""
-    jobs = []
-    for root in dirs:
-        for d in _job_dirs(root):
-            if (d / ".hydra" / "overrides.yaml").is_file() and not (
-                (d / "results.json").exists() or (d / "error.txt").exists()
-            ):
-                metrics = read_metrics(d)
-                jobs.append(
-                    {
-                        "dir": d,
-                        "root": Path(root),
-                        "overrides": _override_dict(d),
-                        "results": {},
-                        "settings": _snapshot_settings(d),
-                        "error": None,
-                        "metrics": metrics,
-                        "unfinished": unfinished_status(d, metrics),
-                    }
-                )
-    return jobs
+            # results.json is written atomically
+            results = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
+            job = {
+                "dir": d,
+                "root": Path(root),
+                "overrides": _trained_with(_override_dict(d), results.get("config", {})),
+                "results": results,
+                "settings": results.get("config") or _snapshot_settings(d),  # the eval it was scored on
+                "error": (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else None,
+                "metrics": read_metrics(d),
+            }
+            if not finished:
+                job["unfinished"] = unfinished_status(d, job["metrics"])
+            (jobs if finished else unfinished).append(job)
+    return jobs, unfinished
 
 
 def unfinished_status(job_dir: Path, metrics: List[Dict[str, Any]]) -> str:
@@ -275,10 +258,8 @@ EVAL_KEYS = (
     "masking.mask_replace_prob",
     "masking.random_replace_prob",
 )
-SPAN_EVAL_KEYS = (
-    "masking.span_geometric_p",
-    "masking.span_max_words",
-)  # shape the eval masks only with eval_strategy=span
+# shape the eval masks only with eval_strategy=span
+SPAN_EVAL_KEYS = ("masking.span_geometric_p", "masking.span_max_words")
 # What a downstream accuracy is measured on (the fine-tuning lr, epochs, batch and seeds are training's).
 DOWNSTREAM_EVAL_KEYS = (
     "downstream.kind",
@@ -327,12 +308,9 @@ def job_eval_settings(job: Dict[str, Any]) -> Dict[str, Any]:
     return eval_settings(job_settings(job), job["results"].get("data"))
 
 
-def downstream_settings(flat: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: flat.get(k, UNKNOWN) for k in DOWNSTREAM_EVAL_KEYS}
-
-
 def job_downstream_settings(job: Dict[str, Any]) -> Dict[str, Any]:
-    return downstream_settings(job_settings(job))
+    flat = job_settings(job)
+    return {k: flat.get(k, UNKNOWN) for k in DOWNSTREAM_EVAL_KEYS}
 
 
 def job_settings(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -397,28 +375,28 @@ def ranked(jobs: List[Dict[str, Any]]) -> tuple:
     return groups, [j for j in jobs if failure(j) is not None]
 
 
-def in_rows(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
+def in_rows(ranking: tuple, unfinished: List[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
     """The jobs in the order of summary.md's rows (its `#`, which summary.png's legend uses too): each eval group's
-    jobs by perplexity, then the failed jobs, then the unfinished ones."""
-    groups, failed = ranked(jobs)
+    jobs by perplexity (`ranking`: what ranked() returns), then the failed jobs, then the unfinished ones."""
+    groups, failed = ranking
     return [j for g in groups for j in g] + failed + list(unfinished)
 
 
 STATUS_WIDTH = 60  # a longer failure reason is cut at a word in its cell and given whole in a note below the table
 
 
-def summary_table(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] = ()) -> str:
+def summary_table(ranking: tuple, unfinished: List[Dict[str, Any]] = ()) -> str:
     """One row per job, numbered (`#`): each eval group's jobs by perplexity (an `eval` column names the group where
     there are several), then the failed jobs, then the unfinished ones. A `sweep` column where the jobs come from
     several directories, a column per swept key, an EMA and a downstream column where some job has one; a long
-    failure reason in full in a numbered note below."""
-    groups, _ = ranked(jobs)
-    rows = in_rows(jobs, unfinished)
+    failure reason in full in a numbered note below. `ranking`: what ranked() returns."""
+    groups = ranking[0]
+    rows = in_rows(ranking, unfinished)
     keys = swept_keys(rows)
     labels = {id(j): group_label(i) for i, g in enumerate(groups) for j in g} if len(groups) > 1 else None
     several = any(j.get("sweep") for j in rows)
-    ema = any(_num(j["results"].get("ema_perplexity")) is not None for j in jobs)
-    downstream = any(downstream_accuracy(j) is not None for j in jobs)
+    ema = any(_num(j["results"].get("ema_perplexity")) is not None for j in rows)  # an unfinished job has no results
+    downstream = any(downstream_accuracy(j) is not None for j in rows)
     columns = (
         ["#"]
         + (["sweep"] if several else [])
@@ -440,7 +418,7 @@ def summary_table(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] =
         r = j["results"]
         cells = {
             "#": n,
-            "sweep": _sweep_name(j),
+            "sweep": j.get("sweep") or "-",
             "job": _job_name(j, in_sweep=True),
             "eval": (labels or {}).get(id(j), "-"),
             "final ppl": _fmt(r.get("perplexity")),
@@ -461,16 +439,7 @@ def summary_table(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]] =
     return "\n".join(text)
 
 
-NUMBERS = {
-    "#",
-    "final ppl",
-    "EMA ppl",
-    "best ppl",
-    "ppl before",
-    "tokens/s",
-    "train s",
-    "wall s",
-}  # right-aligned columns
+NUMBERS = {"#", "final ppl", "EMA ppl", "best ppl", "ppl before", "tokens/s", "train s", "wall s"}  # right-aligned
 
 
 def _cell(value: Any) -> str:
@@ -494,9 +463,7 @@ def _status(job: Dict[str, Any], row: int, notes: List[str]) -> str:
 def _short(value: Any) -> str:
     """A swept value for a table cell or a label: 0.011536162338241389 -> 0.01154, 3e-05 -> 3e-5; text as it is."""
     number = _num(value)
-    if (
-        number is None or not math.isfinite(number) or len(str(value)) <= 7
-    ):  # text, or a number as short as it was typed
+    if number is None or not math.isfinite(number) or len(str(value)) <= 7:  # text, or a number as short as typed
         return str(value)
     return _plain(float(f"{number:.4g}"))
 
@@ -604,10 +571,6 @@ def setting(job: Dict[str, Any], key: str) -> Any:
     return _value(flat[key]) if key in flat else "-"  # null as a command line writes it
 
 
-def _sweep_name(job: Dict[str, Any]) -> str:
-    return job.get("sweep") or "-"
-
-
 def _swept_text(job: Dict[str, Any], keys: List[str]) -> str:
     return " ".join(f"{k}={job['overrides'].get(k, '-')}" for k in keys) or "-"
 
@@ -648,14 +611,17 @@ SWEEP_MARKERS = "osD^vP"  # a marker shape per sweep, in a summary of several
 CURVES = 10  # jobs drawn in colour, with a legend entry, in summary.png's curves (the best of each eval first); the others grey
 
 
-def plot_sweep(jobs: List[Dict[str, Any]], path: Path, unfinished: List[Dict[str, Any]] = ()) -> None:
+def plot_sweep(
+    jobs: List[Dict[str, Any]], path: Path, unfinished: List[Dict[str, Any]] = (), ranking: Optional[tuple] = None
+) -> None:
     """summary.png: the final perplexity against each swept key (a panel per key, PANELS_PER_ROW to a row, one shared y),
     each finished job a point coloured by its eval (shaped by its sweep where there are several), the best one ringed,
     failed and unfinished jobs marked along the top at their settings; below, the eval-perplexity curves and the smoothed
-    train-loss curves, each job labelled with its row (#) of summary.md. The legends sit outside the data."""
-    rows = in_rows(jobs, unfinished)
+    train-loss curves, each job labelled with its row (#) of summary.md. The legends sit outside the data.
+    `ranking`: ranked(jobs), where the caller has it."""
+    groups, failed = ranking = ranking or ranked(jobs)
+    rows = in_rows(ranking, unfinished)
     keys = swept_keys(rows) or ["job"]
-    groups, failed = ranked(jobs)
     ok = [j for g in groups for j in g]
     style = {id(j): {"color": f"C{i % 10}", "marker": SWEEP_MARKERS[0]} for i, g in enumerate(groups) for j in g}
     sweeps = list(dict.fromkeys(j.get("sweep") for j in rows))
@@ -686,9 +652,7 @@ def plot_sweep(jobs: List[Dict[str, Any]], path: Path, unfinished: List[Dict[str
     curve_panels(fig, grid, ok, number, keys, group_of, _point_legend(groups, sweeps, ok, failed, unfinished, number))
     fig.suptitle(_sweep_title(jobs, unfinished, groups), fontsize=12)
     unoverlap_ticks(fig, panels)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def key_panel(
@@ -749,9 +713,8 @@ def key_panel(
             )
     ax.margins(x=0.1, y=0.16)  # room for the marks along the top
     if numeric and known:
-        ax.dataLim.update_from_data_x(
-            [x(j) for j in known], ignore=False
-        )  # the marks along the top count for the x range too
+        # the marks along the top count for the x range too
+        ax.dataLim.update_from_data_x([x(j) for j in known], ignore=False)
         plain_scale(ax, "x", [x(j) for j in known], exact=True)
     else:
         ax.set_xticks(range(len(categories)), categories)
@@ -783,9 +746,8 @@ def plain_scale(ax, which: str, values: List[float], exact: bool = False) -> Non
         axis.set_major_locator(LogLocator(subs=subs))
         axis.set_minor_formatter(NullFormatter())
     distinct = sorted(set(values))
-    if (
-        exact and len(distinct) <= 6 and all(v == float(f"{v:.3g}") for v in distinct)
-    ):  # a grid's values (Optuna's draws are not)
+    # a grid's values (Optuna's draws are not)
+    if exact and len(distinct) <= 6 and all(v == float(f"{v:.3g}") for v in distinct):
         axis.set_major_locator(FixedLocator(distinct))
         axis.set_minor_locator(NullLocator())
     axis.set_major_formatter(FuncFormatter(lambda v, _: _plain(float(f"{v:.6g}"))))
@@ -931,16 +893,16 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
     `curves`: redraw each job's curves.png too, titled with its swept settings."""
     dirs = [Path(d) for d in dirs]
     out_dir = Path(out_dir or dirs[0])
-    jobs, unfinished = collect_jobs(dirs), collect_unfinished(dirs)
+    jobs, unfinished = collect(dirs)
     if not jobs and not unfinished:
         return None
     if len(set(dirs)) > 1:  # each job names its sweep
         names = sweep_names(dirs)
         for j in jobs + unfinished:
             j["sweep"] = names[j["root"]]
-    groups, _ = ranked(jobs)
+    groups, _ = ranking = ranked(jobs)
     swept = swept_keys(jobs + unfinished)
-    text = header_lines(dirs, jobs, unfinished) + ["", summary_table(jobs, unfinished), ""]
+    text = header_lines(dirs, jobs, unfinished, groups) + ["", summary_table(ranking, unfinished), ""]
     if groups:
         text += best_lines(
             groups,
@@ -966,7 +928,7 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
             "downstream eval ",
         )
     text.append("\n![summary](summary.png)\n")
-    budget = budget_sweep(jobs)
+    budget = budget_sweep(jobs, groups)
     if budget:
         if len(groups) > 1:
             text.append(
@@ -974,7 +936,7 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
             )
         text += [front_tables(budget), "![budget](budget.png)\n"]
     atomic_write_text(out_dir / "summary.md", "\n".join(text))
-    plot_sweep(jobs, out_dir / "summary.png", unfinished)
+    plot_sweep(jobs, out_dir / "summary.png", unfinished, ranking)
     for j in (jobs + unfinished) if curves else ():
         try:
             plot_run(j["dir"], swept or None, j["metrics"])
@@ -985,8 +947,9 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
     return out_dir / "summary.md"
 
 
-def header_lines(dirs: List[Path], jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]]) -> List[str]:
-    """summary.md's top: the sweeps, the jobs' outcomes, the overrides they all share (once, not in every row), and the eval."""
+def header_lines(dirs: List[Path], jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]], groups) -> List[str]:
+    """summary.md's top: the sweeps, the jobs' outcomes, the overrides they all share (once, not in every row), and the
+    eval (`groups`: ranked()'s)."""
     everyone = jobs + unfinished
     if len(set(dirs)) > 1:
         names = sweep_names(dirs)
@@ -1005,7 +968,6 @@ def header_lines(dirs: List[Path], jobs: List[Dict[str, Any]], unfinished: List[
     fixed = fixed_settings(everyone)
     if fixed:
         lines += ["", f"Fixed settings (the overrides every job shares): `{' '.join(fixed)}`"]
-    groups, _ = ranked(jobs)
     if len(groups) > 1:
         lines += ["", "Evals: they differ between jobs (below); each group (column `eval`) is ranked on its own."]
     elif groups and eval_text(job_settings(groups[0][0])):
@@ -1030,19 +992,15 @@ def outcome_text(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]]) -
 
 # ---------------------------------------------------------------- what each minute buys: quality against compute
 
-BUDGET_KEYS = (
-    "trainer.budget_minutes",
-    "trainer.max_steps",
-)  # a sweep over either gets budget.png and the Pareto tables
+BUDGET_KEYS = ("trainer.budget_minutes", "trainer.max_steps")  # a sweep over either gets budget.png and Pareto tables
 COMPUTE = (("train_tokens", "training tokens"), ("train_seconds", "training seconds"))
 
 
-def budget_sweep(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def budget_sweep(jobs: List[Dict[str, Any]], groups) -> List[Dict[str, Any]]:
     """The succeeded jobs of a sweep that varies the training budget (with their compute measured), else []:
-    those of the largest group of comparable evals (group A of the summary)."""
+    those of the largest group of comparable evals (group A of the summary; `groups`: ranked()'s)."""
     if not set(BUDGET_KEYS) & set(swept_keys(jobs)):
         return []
-    groups, _ = ranked(jobs)
     return [j for j in (groups or [[]])[0] if all(_num(j["results"].get(k)) is not None for k, _ in COMPUTE)]
 
 
@@ -1146,9 +1104,7 @@ def plot_budget(jobs: List[Dict[str, Any]], path: Path) -> None:
             ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"what the training budget buys: {len(jobs)} job(s), swept {', '.join(keys)}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------- an Optuna study compares like with like

@@ -175,10 +175,8 @@ class RunLock:
             self.fd = None
 
 
-HYDRA_OWN = (
-    ".hydra",
-    "multirun.yaml",
-)  # what Hydra writes into a directory before a job's lock is taken (and <job>.log)
+# what Hydra writes into a directory before a job's lock is taken (and <job>.log)
+HYDRA_OWN = (".hydra", "multirun.yaml")
 
 
 def refuse_links(run_dir: Path) -> None:
@@ -290,12 +288,10 @@ def checkpoint_steps(run_dir: Path) -> List[int]:
 
 # ---------------------------------------------------------------- the command that resumes a run
 
-RUNS_ROOT = Path(
-    "outputs/runs"
-)  # where a run without hydra.run.dir goes (conf/config.yaml; relative to the working directory)
-STAMP_NAME = re.compile(
-    r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
-)  # a default run directory's name: its start time (mlm.cli.launch_stamp)
+# where a run without hydra.run.dir goes (conf/config.yaml; relative to the working directory)
+RUNS_ROOT = Path("outputs/runs")
+# a default run directory's name: its start time (mlm.cli.launch_stamp)
+STAMP_NAME = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d")
 MAKE_TARGET = "MLM_MAKE_TARGET"  # set by the Makefile's train target: the resume command is then `make train ARGS=...`
 
 
@@ -495,9 +491,7 @@ def check_resume_settings(run_dir: Path, resume: str, max_steps: int, settings: 
 
     Reads the state.json of the checkpoint a resume would start from (the newest by its manifest;
     its content is verified later, before loading)."""
-    from mlm.checkpoint import (
-        resume_candidates,
-    )  # mlm.checkpoint -> mlm.parallel -> torch.distributed: only when resuming
+    from mlm.checkpoint import resume_candidates  # mlm.checkpoint -> mlm.parallel -> torch.distributed: on resume only
 
     if settings is None or resume == "never":
         return

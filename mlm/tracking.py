@@ -16,7 +16,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Dict, List, Optional
 
 from mlm import faults
 from mlm.config import TrackerConfig
@@ -31,14 +31,19 @@ SECRET_KEY = re.compile(r"(api[_-]?key|(?<![a-z])token(?![a-z]|_id)|secret|passw
 ASSIGNMENT = re.compile(r"(?<![\w./\-])([\w.\-]+)(=|:[ ]?)([^\s,{}\[\]]+)")
 
 
-class Tracker(Protocol):
-    run_id: Optional[str]
+class Tracker:
+    """What every tracker does, and by default does nothing: log a step's metrics, record the run's summary, finish."""
 
-    def log(self, metrics: Dict[str, float], step: int) -> None: ...
+    run_id: Optional[str] = None
 
-    def summary(self, metrics: Dict[str, Any]) -> None: ...
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        pass
 
-    def finish(self) -> None: ...
+    def summary(self, metrics: Dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 MASKED = "***"  # what a secret-looking value is saved as
@@ -92,28 +97,18 @@ def flat_config(tree: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(flatten(scrub(tree)), default=str))
 
 
-class NullTracker:
-    run_id = None
+class NullTracker(Tracker):
+    """A process other than the main one records nothing."""
+
     failure = None
     unwritten: List[Dict[str, Any]] = []
 
-    def log(self, metrics, step):
-        pass
 
-    def summary(self, metrics):
-        pass
-
-    def finish(self):
-        pass
-
-
-class JsonlTracker:
+class JsonlTracker(Tracker):
     """metrics.jsonl: the run's own record, read by the report and by resume (which truncates it).
 
     A record that cannot be written (a full disk) is kept in `unwritten` and tried again with the
     next one; the loop stops the run with a checkpoint that carries them (see `failure`)."""
-
-    run_id = None
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -123,24 +118,21 @@ class JsonlTracker:
     def log(self, metrics, step):
         self.unwritten.append({"step": step, **metrics})
         try:
-            with open_append(
-                self.path
-            ) as f:  # one write per record; a kill mid-write leaves a torn last line, dropped on resume
+            # one write per record; a kill mid-write leaves a torn last line, dropped on resume
+            with open_append(self.path) as f:
                 faults.write(f, "".join(json.dumps(r) + "\n" for r in self.unwritten), "metrics")
         except OSError as e:
             self.failure = e
             return
         self.unwritten = []
 
-    def summary(self, metrics):
-        pass
 
-    def finish(self):
-        pass
-
-
-def _records(path: Path) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl; a line that is not a whole record (a kill mid-write) is dropped with a warning."""
+def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+    """The records of the run's metrics.jsonl ([] where there is none); a line that is not a whole record (a kill
+    mid-write) is dropped with a warning."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
     records = []
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
@@ -167,7 +159,7 @@ def truncate_metrics(run_dir: Path, after_step: int, unwritten: List[Dict[str, A
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists() and not unwritten:
         return
-    kept = [r for r in (_records(path) if path.exists() else []) if r["step"] <= after_step and r not in unwritten]
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= after_step and r not in unwritten]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in sorted([*kept, *unwritten], key=lambda r: r["step"])))
 
 
@@ -205,17 +197,8 @@ def csv_step(line: str) -> Optional[int]:
         return None
 
 
-def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return _records(path)
-
-
-class CsvTracker:
+class CsvTracker(Tracker):
     """metrics.csv, one row per log call (columns fixed by the first row of each kind)."""
-
-    run_id = None
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
@@ -230,18 +213,10 @@ class CsvTracker:
                 writer.writeheader()
             writer.writerow({"step": step, **metrics})
 
-    def summary(self, metrics):
-        pass
 
-    def finish(self):
-        pass
-
-
-class TensorBoardTracker:
+class TensorBoardTracker(Tracker):
     """Event files in <run>/tensorboard. A run resumed at step k opens its writer with purge_step k+1:
     TensorBoard's readers then drop what the interrupted run logged after its checkpoint (the steps replayed now)."""
-
-    run_id = None
 
     def __init__(self, run_dir: Path, config: Dict[str, Any], start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
@@ -257,9 +232,6 @@ class TensorBoardTracker:
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 self.writer.add_scalar(k, v, step)
-
-    def summary(self, metrics):
-        pass
 
     def finish(self):
         self.writer.close()
@@ -278,9 +250,8 @@ def wandb_mode(requested: str) -> str:
 
 
 WANDB_INIT_TIMEOUT_S = 10.0  # wandb waits 90 s by default; a server not reached by then means offline records instead
-_unreachable: Dict[
-    str, str
-] = {}  # W&B server URL -> why it could not be reached earlier in this process (a sweep's later jobs)
+# W&B server URL -> why it could not be reached earlier in this process (a sweep's later jobs)
+_unreachable: Dict[str, str] = {}
 
 
 def wandb_init_timeout() -> float:
@@ -321,9 +292,8 @@ def wandb_sync_command(run) -> str:
     return "wandb sync " + " ".join(shlex.quote(str(f)) for f in folders)
 
 
-_WANDB_ADVICE = re.compile(
-    r"\s*(Consider|Please try) increasing .*", re.I | re.S
-)  # wandb's own way out (wandb.Settings(init_timeout=...)), not ours
+# wandb's own way out (wandb.Settings(init_timeout=...)), not ours
+_WANDB_ADVICE = re.compile(r"\s*(Consider|Please try) increasing .*", re.I | re.S)
 
 
 def online_failure(url: str, error: Exception, cause: Optional[str]) -> str:

@@ -68,9 +68,8 @@ class TrainState:
     tracker_run_id: Optional[str] = None
     log_window: List[float] = field(default_factory=lambda: [0.0, 0])  # loss sum and masked tokens since the last log
     final_eval_step: Optional[int] = None  # the step whose final eval is logged: a resume there must not log it twice
-    unrecorded: List[Dict[str, Any]] = field(
-        default_factory=list
-    )  # metrics.jsonl records a failed write left: the resume writes them
+    # metrics.jsonl records a failed write left: the resume writes them
+    unrecorded: List[Dict[str, Any]] = field(default_factory=list)
     branched_from: Optional[Dict[str, Any]] = (
         None  # {"checkpoint": path, "step": n}: the other run's checkpoint this one started from
     )
@@ -347,9 +346,7 @@ def resume(run: Run) -> None:
             )
         other_data = check_data(saved, run.data.identity, ckpt, run.cfg.resume)
         keep_config_rates(run.optimizer, run.scheduler, config_rates)
-        if (
-            run.run_dir.resolve() not in ckpt.resolve().parents
-        ):  # another run's checkpoint: a branch, with its own tracker run
+        if run.run_dir.resolve() not in ckpt.resolve().parents:  # another run's checkpoint: a branch, own tracker run
             run.state.branched_from, run.state.tracker_run_id = (
                 {"checkpoint": str(ckpt.resolve()), "step": run.state.step},
                 None,

@@ -76,9 +76,8 @@ def refusal(error: pickle.UnpicklingError) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return f"names {found.group(1)}"
-    detail = re.search(
-        r"WeightsUnpickler error:\s*([^\n]+)", text
-    )  # a damaged or foreign file: "Unsupported operand 110"
+    # a damaged or foreign file: "Unsupported operand 110"
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
     detail = detail.group(1).strip()[:100] if detail and "weights_only" not in detail.group(1) else "unreadable"
     return f"is not plain tensors and values ({detail})"
 
