@@ -91,7 +91,7 @@ def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeue
     """SLURM signals the batch shell only (--signal=B:USR1@...): the script stops the step with SIGTERM (every
     rank finishes its step and they checkpoint), then asks for a requeue; the requeued job resumes and finishes."""
     env, args, log, runs = fake_slurm(tmp_path, "4343")
-    args = [*args, "trainer.max_steps=100", "trainer.eval_every=100"]  # signalled from step 10: 90 steps to land in
+    args = [*args, "trainer.max_steps=400", "trainer.eval_every=100"]
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -109,11 +109,11 @@ def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeue
     assert "requeueing (it resumes in" in out and "scontrol requeue 4343" in log.read_text().splitlines()
     assert "stopped by SIGTERM after step" in err and not (runs / "slurm-4343" / "results.json").exists()
     state = json.loads(next((runs / "slurm-4343" / "checkpoints").glob("ckpt-*/state.json")).read_text())
-    assert 10 <= state["step"] < 100 and state["world_size"] == 2
+    assert 10 <= state["step"] < 400 and state["world_size"] == 2
 
     again = subprocess.run(
         ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {runs / 'slurm-4343' / 'checkpoints'}" in again.stdout + again.stderr
-    assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 100
+    assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 400
