@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, run_cli, sentences
+from tests.conftest import ROOT, TINY_RUN, compose, run_cli, sentences
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +42,12 @@ def curves(run_dir: Path):
 
 
 def test_two_processes_match_one_process(tmp_path):
+    from mlm.train import train
+
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(500)))
     one = tmp_path / "one"
-    proc = run_cli([*COMMON, "trainer.gradient_accumulation_steps=2", f"dataset.path={corpus}", f"hydra.run.dir={one}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(compose([*COMMON, "trainer.gradient_accumulation_steps=2", f"dataset.path={corpus}"]), one)  # the reference
 
     work = tmp_path / "two"
     work.mkdir()
@@ -122,6 +123,8 @@ def job_results(sweep: Path):
 
 
 def test_submitit_local_two_tasks_per_job_train_one_job_together(tmp_path):
+    from mlm.train import train
+
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(300)))
     two, one = tmp_path / "two", tmp_path / "one"
@@ -139,17 +142,13 @@ def test_submitit_local_two_tasks_per_job_train_one_job_together(tmp_path):
         env={"OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli(
-        [
-            "-m",
-            *DEBUG_RUN,
-            "trainer.gradient_accumulation_steps=2",
-            f"dataset.path={corpus}",
-            "optimizer.lr=1e-4,3e-4",
-            f"hydra.sweep.dir={one}",
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, lr in enumerate(("1e-4", "3e-4")):  # the reference: each job in one process, trained here
+        train(
+            compose(
+                [*DEBUG_RUN, "trainer.gradient_accumulation_steps=2", f"dataset.path={corpus}", f"optimizer.lr={lr}"]
+            ),
+            one / str(job),
+        )
     r2, r1 = job_results(two), job_results(one)
     assert r2.keys() == r1.keys() == {"0", "1"}
     for job in ("0", "1"):

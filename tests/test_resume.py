@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,13 +111,26 @@ def assert_same_as_uninterrupted(run_dir: Path, reference: Path, other_settings=
     }
 
 
-def test_sigkill_during_training_then_resume_is_exact(corpus, uninterrupted, tmp_path, caplog):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_mid_run(corpus, tmp_path_factory):
+    """A run SIGKILLed between checkpoints, past those at 3 and 6, mid-way to 9; each test resumes a copy of it."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
     proc = start(corpus, run_dir)
-    wait_for(lambda: last_step(run_dir) >= 8, proc)  # past the checkpoints at 3 and 6, mid-way to 9
+    wait_for(lambda: last_step(run_dir) >= 8, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "results.json").exists()
+    return run_dir
+
+
+def copy_of(killed_mid_run: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_mid_run, run_dir)
+    return run_dir
+
+
+def test_sigkill_during_training_then_resume_is_exact(corpus, uninterrupted, killed_mid_run, tmp_path, caplog):
+    run_dir = copy_of(killed_mid_run, tmp_path)
     assert "resumed from" in rerun(run_dir, [*RUN, f"dataset.path={corpus}"], caplog)
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
@@ -135,8 +149,6 @@ def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corp
     rerun(tmp_path / "short", [*RUN, "trainer.max_steps=4", f"dataset.path={corpus}"], caplog)
     good = list_checkpoints(tmp_path / "short")[0]
     corrupt = run_dir / "checkpoints" / "ckpt-00000099"
-    import shutil
-
     shutil.copytree(good, corrupt)
     with open(corrupt / "model.safetensors", "r+b") as f:
         f.truncate(100)
@@ -250,21 +262,11 @@ def flip_bytes(path: Path, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-def killed_after_two_checkpoints(corpus, run_dir: Path) -> None:
-    proc = start(corpus, run_dir)
-    wait_for(lambda: last_step(run_dir) >= 8, proc)  # checkpoints 3 and 6 on disk
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "scheduler.pt", "state.json", "rng-0.json"])
 def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_older_one_exactly(
-    corpus, uninterrupted, tmp_path, damaged, caplog
+    corpus, uninterrupted, killed_mid_run, tmp_path, damaged, caplog
 ):
-    import shutil
-
-    run_dir = tmp_path / "run"
-    killed_after_two_checkpoints(corpus, run_dir)
+    run_dir = copy_of(killed_mid_run, tmp_path)
     newest = run_dir / "checkpoints" / "ckpt-00000006"
     flip_bytes(newest / damaged, count=min(64, (newest / damaged).stat().st_size // 4))
     out = rerun(run_dir, [*RUN, f"dataset.path={corpus}"], caplog)
@@ -275,12 +277,11 @@ def test_changed_bytes_in_the_newest_checkpoint_resume_from_the_older_one_exactl
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 
-def test_a_checkpoint_that_verifies_but_fails_to_load_is_set_aside(corpus, uninterrupted, tmp_path, caplog):
+def test_a_checkpoint_that_verifies_but_fails_to_load_is_set_aside(corpus, killed_mid_run, tmp_path, caplog):
     """Files that hash as the manifest says but do not load (written wrong, not damaged later)."""
     from mlm.checkpoint import MANIFEST, file_record
 
-    run_dir = tmp_path / "run"
-    killed_after_two_checkpoints(corpus, run_dir)
+    run_dir = copy_of(killed_mid_run, tmp_path)
     newest = run_dir / "checkpoints" / "ckpt-00000006"
     (newest / "optimizer.pt").write_bytes(b"not a torch file")
     manifest = json.loads((newest / MANIFEST).read_text())
