@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 
 from mlm.cli import register, run_job
 from mlm.errors import exit_on_user_error
-from mlm.overrides import check_override_keys
 from mlm.job import Rendezvous
+from mlm.overrides import check_override_keys
 
 register()
 rendezvous = Rendezvous()  # this process's link to its launcher's store: the jobs of a multirun run here one by one

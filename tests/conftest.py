@@ -124,6 +124,16 @@ def as_typed(args, cwd: Path = ROOT) -> str:
         return shlex.join([python_name(), str(ROOT / "run.py"), *args])
 
 
+def check_settings_as_run_py(cfg, run_dir: Path) -> None:
+    """The settings check run.py's guard makes before it resumes a run (UserError on a result-affecting change): for
+    tests that resume in process."""
+    from omegaconf import OmegaConf
+
+    from mlm.rundir import check_resume_settings, flat_settings
+
+    check_resume_settings(run_dir, cfg.resume, cfg.trainer.max_steps, flat_settings(OmegaConf.structured(cfg)))
+
+
 def run_cli(
     args: List[str], cwd: Path = ROOT, env=None, timeout: int = 600, module: str | None = None
 ) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_RUN, compose, run_cli
+from tests.conftest import ROOT, TINY_RUN, check_settings_as_run_py, compose, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +57,14 @@ def start(corpus, run_dir, env=None):
 
 
 def rerun(run_dir: Path, args, caplog) -> str:
-    """The run's rerun (resume=auto), in process: what it logged. (Resuming by the same command is tests/test_failures.py's.)"""
+    """The run's rerun (resume=auto), in process after run.py's settings check: what it logged. (Resuming by the same command is tests/test_failures.py's.)"""
     from mlm.train import train
 
+    cfg = compose([a for a in args if not a.startswith("hydra.run.dir=")])
+    check_settings_as_run_py(cfg, run_dir)
     caplog.clear()
     caplog.set_level(logging.INFO)
-    train(compose([a for a in args if not a.startswith("hydra.run.dir=")]), run_dir)
+    train(cfg, run_dir)
     return caplog.text
 
 

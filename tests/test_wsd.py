@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlm.checkpoint import FORMAT
-from tests.conftest import TINY_RUN, compose, run_cli
+from tests.conftest import TINY_RUN, check_settings_as_run_py, compose, run_cli
 from tests.test_failures import error_lines
 from tests.test_resume import records
 
@@ -316,13 +316,10 @@ def expected_lr(step: int, total: int, decay_from: int, shape=lambda x: 1 - x) -
 def train_here(args, run_dir: Path) -> str:
     """A run that is not killed, trained in process after the settings check run.py makes first (it raises on a
     settings drift): what it logged. (Its killed runs stay processes.)"""
-    from omegaconf import OmegaConf
-
-    from mlm.rundir import check_resume_settings, flat_settings
     from mlm.train import train
 
     cfg = compose(args)
-    check_resume_settings(run_dir, cfg.resume, cfg.trainer.max_steps, flat_settings(OmegaConf.structured(cfg)))
+    check_settings_as_run_py(cfg, run_dir)
     logged = io.StringIO()
     handler, root = logging.StreamHandler(logged), logging.getLogger()
     level = root.level
