@@ -134,6 +134,21 @@ def check_settings_as_run_py(cfg, run_dir: Path) -> None:
     check_resume_settings(run_dir, cfg.resume, cfg.trainer.max_steps, flat_settings(OmegaConf.structured(cfg)))
 
 
+def torchrun_command(port: int, *args: str, processes: int = 2) -> list:
+    """`torchrun --nproc_per_node <processes> --master_port <port> run.py <args>` as an argv list."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(port),
+        str(ROOT / "run.py"),
+        *args,
+    ]
+
+
 def run_cli(
     args: List[str], cwd: Path = ROOT, env=None, timeout: int = 600, module: str | None = None
 ) -> subprocess.CompletedProcess:

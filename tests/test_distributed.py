@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, compose, run_cli, sentences
+from tests.conftest import ROOT, TINY_RUN, compose, run_cli, sentences, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -51,19 +51,12 @@ def test_two_processes_match_one_process(tmp_path):
 
     work = tmp_path / "two"
     work.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        str(ROOT / "run.py"),
+    cmd = torchrun_command(
+        29533,
         *COMMON,
         "trainer.gradient_accumulation_steps=1",
         f"dataset.path={corpus}",
-    ]
+    )
     proc = subprocess.run(
         cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
     )
@@ -205,15 +198,8 @@ def test_torchrun_around_multirun_a_failure_on_one_rank_fails_that_job_on_all(tm
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(300)))
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29537",
-        str(ROOT / "run.py"),
+    cmd = torchrun_command(
+        29537,
         "-m",
         *DEBUG_RUN,
         "trainer.max_steps=4",
@@ -221,7 +207,7 @@ def test_torchrun_around_multirun_a_failure_on_one_rank_fails_that_job_on_all(tm
         "runtime.mixed_precision=no,bf16",
         "optimizer.lr=1e-4,2e-4",
         f"hydra.sweep.dir={sweep}",
-    ]
+    )
     # job 0 fails on rank 1 only, after its second step; the other three jobs (bf16 too) must run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_TEST_FAIL": "0:1:2"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

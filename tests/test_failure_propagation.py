@@ -12,23 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, compose
+from tests.conftest import ROOT, TINY_RUN, compose, torchrun_command
 
 RUN = [*TINY_RUN, "runtime.mixed_precision=no", "trainer.per_device_batch_size=2", "trainer.eval_every=1000"]
-
-
-def torchrun(port: int, *args: str) -> list:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        str(ROOT / "run.py"),
-        *args,
-    ]
 
 
 @contextlib.contextmanager
@@ -75,7 +61,7 @@ def test_a_failure_ends_a_peer_stuck_in_a_collective_through_the_store(corpus, t
     # sockets stay open, so rank 0's next gloo all-reduce does not end (as an NCCL one would not,
     # whatever the failed rank does); the group's own timeout (30 min) is far beyond the subprocess's.
     # Only the failure published on the job's store can end rank 0.
-    cmd = torchrun(
+    cmd = torchrun_command(
         29641, *RUN, f"dataset.path={corpus}", "trainer.max_steps=1000", "runtime.collective_timeout_minutes=30"
     )
     env = {
@@ -129,7 +115,7 @@ def wait_for_step(run_parent: Path, step: int, launcher: subprocess.Popen) -> No
 def test_a_stopped_rank_is_named_and_ends_the_job(corpus, tmp_path):
     # SIGSTOP: the process stays, its sockets stay open, the torchrun agent sees it alive; only its
     # heartbeat on the store stops.
-    cmd = torchrun(
+    cmd = torchrun_command(
         29643, *RUN, f"dataset.path={corpus}", "trainer.max_steps=100000", "runtime.collective_timeout_minutes=0.5"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from tests.conftest import TINY_RUN, compose
+from tests.conftest import TINY_RUN, compose, torchrun_command
 
 
 def records(run_dir):
@@ -94,26 +94,16 @@ def test_two_processes_stop_on_one_budget_clock(corpus, tmp_path):
     """torchrun, 2 CPU processes: both ranks stop at the same step (no hang), span masking included."""
     import os
     import subprocess
-    import sys
 
-    from tests.conftest import ROOT
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29547",
-        str(ROOT / "run.py"),
+    cmd = torchrun_command(
+        29547,
         *TINY_RUN,
         f"dataset.path={corpus}",
         "trainer.max_steps=100000",
         "trainer.eval_every=100000",
         "trainer.budget_minutes=0.03",
         "masking.strategy=span",
-    ]
+    )
     proc = subprocess.run(
         cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
     )

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mlm.batching import eval_batch_count, eval_shard
-from tests.conftest import ROOT, TINY_RUN, sentences
+from tests.conftest import ROOT, TINY_RUN, sentences, torchrun_command
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -55,17 +54,7 @@ RUN = [
 
 
 def torchrun(args, cwd: Path, port: int, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(processes),
-        "--master_port",
-        str(port),
-        str(ROOT / "run.py"),
-        *args,
-    ]
+    cmd = torchrun_command(port, *args, processes=processes)
     proc = subprocess.run(
         cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
     )

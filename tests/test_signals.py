@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, as_typed, compose, run_cli
+from tests.conftest import ROOT, TINY_RUN, as_typed, compose, run_cli, torchrun_command
 from tests.test_resume import last_step, wait_for
 
 
@@ -467,20 +467,13 @@ def test_a_signal_to_one_rank_during_an_eval_stops_every_rank_at_the_same_batch(
     the eval's per-batch all-reduce, so rank 0 gives up at the same batch and both write the checkpoint of step 2."""
     from mlm.checkpoint import list_checkpoints, verify
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29657",
-        str(ROOT / "run.py"),
+    cmd = torchrun_command(
+        29657,
         *EVAL_RUN,
         "trainer.max_eval_blocks=32",
         "trainer.per_device_batch_size=2",
         f"dataset.path={corpus}",
-    ]
+    )
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

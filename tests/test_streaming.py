@@ -10,7 +10,7 @@ import pytest
 from mlm.config import DatasetConfig, UserError
 from mlm.data import iter_documents
 from mlm.data.streaming import BlockStream, shard_batches, shard_blocks, stream_eval_blocks, stream_loader
-from tests.conftest import TINY_RUN, compose
+from tests.conftest import TINY_RUN, compose, torchrun_command
 
 
 def stream_cfg(path, **kw):
@@ -160,10 +160,8 @@ def test_two_processes_stream_what_one_process_with_two_workers_streams(tmp_path
     process with 2 dataloader workers and 2 micro-batches does; same blocks, same masks, same losses."""
     import os
     import subprocess
-    import sys
 
     from mlm.train import train
-    from tests.conftest import ROOT
     from tests.test_distributed import RTOL, curves
 
     common = [
@@ -180,17 +178,10 @@ def test_two_processes_stream_what_one_process_with_two_workers_streams(tmp_path
     train(compose([*common, "runtime.num_workers=2", "trainer.gradient_accumulation_steps=2"]), one)
     work = tmp_path / "two"
     work.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29541",
-        str(ROOT / "run.py"),
+    cmd = torchrun_command(
+        29541,
         *common,
-    ]
+    )
     proc = subprocess.run(
         cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
     )

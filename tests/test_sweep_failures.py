@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import TINY_RUN, run_cli, torchrun_command
 from tests.test_sweeps import summary_rows
 
 
@@ -127,22 +127,12 @@ def test_a_trial_with_a_nan_loss_is_a_failed_trial(corpus, tmp_path):
 def test_torchrun_around_an_optuna_study_a_trial_failing_on_one_rank_fails_on_all(corpus, tmp_path):
     import os
     import subprocess
-    import sys
 
     import yaml
 
-    from tests.conftest import ROOT
-
     sweep = tmp_path / "optuna"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29541",
-        str(ROOT / "run.py"),
+    cmd = torchrun_command(
+        29541,
         "-m",
         *TINY_RUN,
         f"dataset.path={corpus}",
@@ -150,7 +140,7 @@ def test_torchrun_around_an_optuna_study_a_trial_failing_on_one_rank_fails_on_al
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
         f"hydra.sweep.dir={sweep}",
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_TEST_FAIL": "0:1:1"}  # trial 0 fails on rank 1 only
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stderr[-4000:]  # rank 0 exits 1 after the summary; torchrun passes it on
