@@ -328,14 +328,11 @@ def torchrun(args, cwd: Path, port: int, processes: int = 2):
 
 
 def sharded_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
+    """tests/test_sharding.py's run (its eval split over the ranks included), with the weight average."""
+    from tests.test_sharding import RUN
+
     return [
-        *TINY_RUN,
-        "model.dropout=0",
-        "runtime.mixed_precision=no",
-        "trainer.checkpoint_every=2",
-        "trainer.max_steps=4",
-        "trainer.max_eval_blocks=33",
-        "trainer.eval_batch_size=16",
+        *RUN,
         f"trainer.ema_decay={DECAY}",
         f"dataset.path={corpus}",
         f"hydra.run.dir={run_dir}",

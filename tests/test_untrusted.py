@@ -21,6 +21,7 @@ from mlm.config import UserError
 from mlm.parallel import FullyShard, Replicated
 from mlm.untrusted import RefusedPickle
 from tests.conftest import TINY_RUN, compose
+from tests.test_downstream import QUICK
 from tests.test_export import RUN, ckpt, run_dir  # noqa: F401  (run_dir: the module's finished 4-step run)
 
 SECRET = "s3cr3t-do-not-print-4711"
@@ -556,15 +557,6 @@ def test_predict_and_downstream_take_no_attention_backend_from_a_model_folder(
     )  # transformers would honour it
     assert load_classifier(str(folder), 2).config._attn_implementation == "sdpa"
     assert predict.main([str(folder), "a <mask> b"]) == 0, capsys.readouterr().err
-
-
-QUICK = [
-    "downstream=polarity",
-    "downstream.seeds=[0]",
-    "downstream.epochs=1",
-    "downstream.folds=2",
-    "downstream.max_train_examples=40",
-]
 
 
 def classifier_code_folder(tmp_path: Path, marker: Path) -> Path:
