@@ -286,9 +286,17 @@ def first_line(error: Exception) -> str:
     return scrub(text.splitlines()[0][:200] if text else type(error).__name__)
 
 
+def offline_folders(wandb_dir: Path, run_id: str) -> List[Path]:
+    """Every offline folder of one W&B run, oldest first: a resumed run has one per session. wandb names them
+    offline-run-<second>-<id>, with -1, -2, ... added when a session starts in the same second as the last."""
+    named = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = [(m, p) for p in wandb_dir.glob("offline-run-*") if (m := named.fullmatch(p.name))]
+    return [p for m, p in sorted(found, key=lambda mp: (mp[0][1], int(mp[0][2] or 0)))]
+
+
 def wandb_sync_command(run) -> str:
-    """`wandb sync` naming every offline folder of this W&B run, oldest first: a resumed run has one per session."""
-    folders = sorted(Path(run.dir).parent.parent.glob(f"offline-run-*-{run.id}"))
+    """`wandb sync` naming every offline folder of this W&B run, oldest first."""
+    folders = offline_folders(Path(run.dir).parent.parent, run.id)
     return "wandb sync " + " ".join(shlex.quote(str(f)) for f in folders)
 
 

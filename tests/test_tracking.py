@@ -260,7 +260,7 @@ def wandb_sessions(run_dir: Path, run_id: str):
     wandb.teardown()  # wandb-core may still hold a finished run's last records; teardown waits for them (as exit does)
 
     sessions = []
-    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
+    for folder in (run_dir / "wandb").glob("offline-run-*"):
         run, rows = None, []
         for payload in wandb_records(next(folder.glob("*.wandb"))):
             rec = wandb_internal_pb2.Record()
@@ -272,7 +272,9 @@ def wandb_sessions(run_dir: Path, run_id: str):
                 rows.append(
                     {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
                 )
-        sessions.append((run, rows))
+        if run.run_id == run_id:
+            sessions.append((folder, run, rows))
+    sessions.sort(key=lambda s: (s[1].start_time.seconds, s[1].start_time.nanos))  # not by name: see below
     return sessions
 
 
@@ -303,7 +305,7 @@ def test_a_resume_holds_each_step_once_in_every_tracker(corpus, killed_after_ste
     run_id = json.loads((run_dir / "checkpoints" / "ckpt-00000006" / "state.json").read_text())["train_state"][
         "tracker_run_id"
     ]
-    (first, old_rows), (second, new_rows) = wandb_sessions(run_dir, run_id)
+    (first_folder, first, old_rows), (second_folder, second, new_rows) = wandb_sessions(run_dir, run_id)
     assert first.run_id == second.run_id == run_id
     point = second.branch_point
     assert (point.run, point.metric, point.value) == (run_id, "_step", len(kept) - 1)
@@ -322,8 +324,31 @@ def test_a_resume_holds_each_step_once_in_every_tracker(corpus, killed_after_ste
         6,
     ]  # (rows 4-6 there are the rewound ones)
     # the line to upload the records names both folders, oldest first
-    folders = sorted(str(p) for p in (run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert f"`wandb sync {' '.join(folders)}`" in caplog.text
+    assert f"`wandb sync {first_folder} {second_folder}`" in caplog.text
+
+
+def test_the_upload_line_names_sessions_started_in_the_same_second(tmp_path):
+    """wandb names a session's folder by the second it started and adds -1, -2, ... when that folder exists: a
+    resume within a second of the kill (as in CI) gets offline-run-<same second>-<id>-1."""
+    from types import SimpleNamespace
+
+    from mlm.tracking import wandb_sync_command
+
+    names = [
+        "offline-run-20261206_180051-abc",
+        "offline-run-20261206_180051-abc-1",
+        "offline-run-20261206_180051-abc-10",
+    ]
+    names += [
+        "offline-run-20261206_180051-abc-2",
+        "offline-run-20261206_180059-abc",
+        "offline-run-20261206_180051-abcd",
+    ]
+    for name in names:
+        (tmp_path / "wandb" / name / "files").mkdir(parents=True)
+    run = SimpleNamespace(id="abc", dir=str(tmp_path / "wandb" / names[1] / "files"))
+    order = [names[0], names[1], names[3], names[2], names[4]]  # -10 after -2; another run's id is not this one
+    assert wandb_sync_command(run) == "wandb sync " + " ".join(str(tmp_path / "wandb" / n) for n in order)
 
 
 def test_resume_never_starts_every_tracker_over(corpus, killed_after_step_6, tmp_path, monkeypatch, caplog):
@@ -347,7 +372,7 @@ def test_resume_never_starts_every_tracker_over(corpus, killed_after_step_6, tmp
     assert tensorboard_steps(run_dir, "train/loss") == [1, 2]
     new_ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} - {old_id}
     assert len(new_ids) == 1  # a new W&B run, not the old one resumed
-    [(run, rows)] = wandb_sessions(run_dir, new_ids.pop())
+    [(_, run, rows)] = wandb_sessions(run_dir, new_ids.pop())
     assert not run.HasField("branch_point") and [r["step"] for r in rows if "train/loss" in r] == [1, 2]
     assert old_id not in caplog.text.split("wandb sync")[-1]  # the upload line names the new run only
 
@@ -405,7 +430,7 @@ def test_unreachable_wandb_server_falls_back_to_offline_with_one_line(tmp_path, 
         and "waited at most 3 s" in line
         and "`wandb sync " in line
     )
-    [(run, rows)] = wandb_sessions(
+    [(_, run, rows)] = wandb_sessions(
         tmp_path / "a", next((tmp_path / "a" / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[1]
     )
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 2.5), (2, 2.0)]  # the records, ready for `wandb sync`
@@ -610,5 +635,5 @@ def test_an_unreachable_server_during_a_rewind_goes_offline_keeping_the_rewind(
     assert modes == ["online", "offline"]  # no second online try: the server was not reached
     assert "failed to rewind run" in line and "waited at most 3 s, set by WANDB_INIT_TIMEOUT" in line
     assert f"http://127.0.0.1:{free_tcp_port}" in mlm.tracking._unreachable
-    [(run, rows)] = wandb_sessions(tmp_path / "a", "abc123")
+    [(_, run, rows)] = wandb_sessions(tmp_path / "a", "abc123")
     assert (run.branch_point.run, run.branch_point.metric, run.branch_point.value) == ("abc123", "_step", 2)
