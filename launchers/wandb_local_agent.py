@@ -124,17 +124,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file", type=Path, help="a W&B sweep file (e.g. sweeps/wandb.yaml)")
     parser.add_argument("--count", type=int, default=1, help="trials to run, one after the other (wandb agent --count)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the sweep id, run ids and sampled values")
+    parser.add_argument("--seed", type=int, default=None, help="seeds the sampled values (ids are always new)")
     args = parser.parse_args(argv)
     sweep = read_sweep_file(args.sweep_file)
     if not sweep:
         return 2
-    rng = random.Random(args.seed)
-    sweep_id = new_id(rng)
+    rng, ids = random.Random(args.seed), random.SystemRandom()  # a new sweep never reuses a run directory
+    sweep_id = new_id(ids)
     metric = sweep.get("metric", {})
     trials = []
     for values in trial_values(sweep, args.count, rng):
-        run_id = new_id(rng)
+        run_id = new_id(ids)
         print(f"sweep {sweep_id} trial {run_id}: {json.dumps(values)}", flush=True)
         code = run_trial(sweep, sweep_id, run_id, values)
         run_dir = trial_dir(run_id)
