@@ -1,6 +1,6 @@
 """Launchers (docs/launchers.md): the W&B sweep file run through wandb's own agent code by the local stand-in
-(launchers/wandb_local_agent.py), the per-GPU agents script for SLURM (slurm/wandb_agents.sbatch), and the SkyPilot
-task files' `run` scripts. Not run here: the W&B server, a SLURM cluster, a cloud, GPUs. SkyPilot's own parser runs
+(launchers/wandb_local_agent.py) and the SkyPilot task files' `run` scripts (the per-GPU agents script for SLURM,
+slurm/wandb_agents.sbatch, is tested in test_slurm_script.py). Not run here: the W&B server, a SLURM cluster, a cloud, GPUs. SkyPilot's own parser runs
 only where MLM_SKYPILOT_PYTHON names an interpreter that has SkyPilot (the suite does not install it)."""
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ import json
 import os
 import random
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,9 @@ import yaml
 
 from launchers import wandb_local_agent as agent
 from tests.conftest import ROOT, TINY_RUN, sentences
+from tests.test_slurm_script import fake_wandb
 
 SWEEP_FILE = ROOT / "sweeps" / "wandb.yaml"
-AGENTS_SCRIPT = ROOT / "slurm" / "wandb_agents.sbatch"
 SKYPILOT = ROOT / "launchers" / "skypilot"
 TRIAL_DIR = "hydra.run.dir=outputs/sweeps/${oc.env:WANDB_SWEEP_ID}/${oc.env:WANDB_RUN_ID}"
 
@@ -137,56 +135,6 @@ def test_the_local_agent_runs_a_two_trial_sweep_of_the_shipped_file(tmp_path):
     assert len({json.dumps(p, sort_keys=True) for p in trials.values()}) == 2  # two samples, not one twice
     ranking = proc.stdout.split("ranked by eval/perplexity (minimize):\n")[1].split()
     assert [w for w in ranking if w in trials] == sorted(trials, key=metrics.get)
-
-
-def fake_wandb(tmp_path: Path, sleep: bool) -> dict:
-    """A `wandb` first on PATH that records each agent's arguments, CUDA_VISIBLE_DEVICES and a TERM it receives."""
-    log = tmp_path / "agents.log"
-    script = tmp_path / "bin" / "wandb"
-    script.parent.mkdir(exist_ok=True)
-    script.write_text(
-        "#!/bin/bash\n"
-        'echo "start $CUDA_VISIBLE_DEVICES $*" >> "$FAKE_LOG"\n'
-        'trap \'echo "TERM $CUDA_VISIBLE_DEVICES" >> "$FAKE_LOG"; exit 0\' TERM\n'
-        + ("while true; do sleep 0.1; done\n" if sleep else "")
-    )
-    script.chmod(0o755)
-    return {**os.environ, "PATH": f"{script.parent}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log)}
-
-
-def test_the_agents_script_starts_one_agent_per_gpu_of_the_job(tmp_path):
-    env = fake_wandb(tmp_path, sleep=False)
-    env |= {"CUDA_VISIBLE_DEVICES": "4,5,6", "SLURM_JOB_ID": "77", "MLM_REPO": str(tmp_path), "TRIALS_PER_AGENT": "3"}
-    proc = subprocess.run(["bash", str(AGENTS_SCRIPT), "ent/proj/abc123"], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert sorted((tmp_path / "agents.log").read_text().splitlines()) == [
-        f"start {gpu} agent --count 3 --forward-signals ent/proj/abc123" for gpu in (4, 5, 6)
-    ]
-    assert sorted(p.name for p in tmp_path.glob("wandb-agent-*.log")) == [f"wandb-agent-77-{i}.log" for i in range(3)]
-
-    missing = subprocess.run(["bash", str(AGENTS_SCRIPT)], env=env, capture_output=True, text=True)
-    assert missing.returncode != 0 and "usage: sbatch slurm/wandb_agents.sbatch" in missing.stderr
-
-
-def test_term_before_the_time_limit_reaches_every_agent(tmp_path):
-    """SLURM signals the batch shell (--signal=B:TERM@...): the script passes TERM to each agent (which forwards it to
-    its trial) and waits for them all."""
-    env = fake_wandb(tmp_path, sleep=True) | {"MLM_REPO": str(tmp_path), "SLURM_GPUS_ON_NODE": "2"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.Popen(["bash", str(AGENTS_SCRIPT), "ent/proj/abc123"], env=env, stdout=subprocess.PIPE, text=True)
-    log = tmp_path / "agents.log"
-    deadline = time.monotonic() + 60
-    while (not log.exists() or log.read_text().count("start") < 2) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "stopping the agents" in out
-    assert sorted(log.read_text().splitlines()) == [
-        "TERM 0",
-        "TERM 1",
-        "start 0 agent --count 4 --forward-signals ent/proj/abc123",
-        "start 1 agent --count 4 --forward-signals ent/proj/abc123",
-    ]
 
 
 def skypilot_task(name: str) -> dict:
