@@ -1,7 +1,8 @@
 """Launchers (docs/launchers.md): the W&B sweep file run through wandb's own agent code by the local stand-in
-(launchers/wandb_local_agent.py) and the SkyPilot task files' `run` scripts (the per-GPU agents script for SLURM,
-slurm/wandb_agents.sbatch, is tested in test_slurm_script.py). Not run here: the W&B server, a SLURM cluster, a cloud, GPUs. SkyPilot's own parser runs
-only where MLM_SKYPILOT_PYTHON names an interpreter that has SkyPilot (the suite does not install it)."""
+(launchers/wandb_local_agent.py), and the SkyPilot task files' `run` scripts (the per-GPU agents script,
+slurm/wandb_agents.sbatch, is tested in test_slurm_script.py). Not run here: the W&B server, a SLURM cluster, a cloud,
+GPUs. SkyPilot's own parser runs only where MLM_SKYPILOT_PYTHON names a Python that has SkyPilot (the suite does not
+install it)."""
 
 from __future__ import annotations
 
