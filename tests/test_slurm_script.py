@@ -1,5 +1,6 @@
 """slurm/train_multinode.sbatch without SLURM: bash runs it with stand-in `srun` and `scontrol` first on
-PATH, one node, torchrun with 2 CPU processes (gloo). Not run: a real cluster, GPUs, several nodes."""
+PATH, one node, torchrun with 2 CPU processes (gloo). slurm/wandb_agents.sbatch with a stand-in `wandb`.
+Not run: a real cluster, GPUs, several nodes, the W&B server."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, TINY_RUN, sentences
 
 SCRIPT = ROOT / "slurm" / "train_multinode.sbatch"
+AGENTS_SCRIPT = ROOT / "slurm" / "wandb_agents.sbatch"
 
 # srun: records its arguments, drops its own options and runs the command once, as the only task of a 1-node step
 FAKE_SRUN = """#!/bin/bash
@@ -117,3 +120,53 @@ def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeue
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {runs / 'slurm-4343' / 'checkpoints'}" in again.stdout + again.stderr
     assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 400
+
+
+def fake_wandb(tmp_path: Path, sleep: bool) -> dict:
+    """A `wandb` first on PATH that records each agent's arguments, CUDA_VISIBLE_DEVICES and a TERM it receives."""
+    log = tmp_path / "agents.log"
+    script = tmp_path / "bin" / "wandb"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(
+        "#!/bin/bash\n"
+        'echo "start $CUDA_VISIBLE_DEVICES $*" >> "$FAKE_LOG"\n'
+        'trap \'echo "TERM $CUDA_VISIBLE_DEVICES" >> "$FAKE_LOG"; exit 0\' TERM\n'
+        + ("while true; do sleep 0.1; done\n" if sleep else "")
+    )
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{script.parent}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log)}
+
+
+def test_the_agents_script_starts_one_agent_per_gpu_of_the_job(tmp_path):
+    env = fake_wandb(tmp_path, sleep=False)
+    env |= {"CUDA_VISIBLE_DEVICES": "4,5,6", "SLURM_JOB_ID": "77", "MLM_REPO": str(tmp_path), "TRIALS_PER_AGENT": "3"}
+    proc = subprocess.run(["bash", str(AGENTS_SCRIPT), "ent/proj/abc123"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted((tmp_path / "agents.log").read_text().splitlines()) == [
+        f"start {gpu} agent --count 3 --forward-signals ent/proj/abc123" for gpu in (4, 5, 6)
+    ]
+    assert sorted(p.name for p in tmp_path.glob("wandb-agent-*.log")) == [f"wandb-agent-77-{i}.log" for i in range(3)]
+
+    missing = subprocess.run(["bash", str(AGENTS_SCRIPT)], env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "usage: sbatch slurm/wandb_agents.sbatch" in missing.stderr
+
+
+def test_term_before_the_time_limit_reaches_every_agent(tmp_path):
+    """SLURM signals the batch shell (--signal=B:TERM@...): the script passes TERM to each agent (which forwards it to
+    its trial) and waits for them all."""
+    env = fake_wandb(tmp_path, sleep=True) | {"MLM_REPO": str(tmp_path), "SLURM_GPUS_ON_NODE": "2"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.Popen(["bash", str(AGENTS_SCRIPT), "ent/proj/abc123"], env=env, stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "agents.log"
+    deadline = time.monotonic() + 60
+    while (not log.exists() or log.read_text().count("start") < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopping the agents" in out
+    assert sorted(log.read_text().splitlines()) == [
+        "TERM 0",
+        "TERM 1",
+        "start 0 agent --count 4 --forward-signals ent/proj/abc123",
+        "start 1 agent --count 4 --forward-signals ent/proj/abc123",
+    ]
