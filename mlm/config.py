@@ -568,11 +568,6 @@ class DownstreamConfig:
         if self.kind == "none":
             return
         check_finite(self, "downstream.")  # also when python -m mlm.downstream validates this group alone
-        if self.document_attention and self.streaming:
-            raise UserError(
-                "dataset.document_attention=true is not built for dataset.streaming=true; "
-                "use the preprocessed blocks (dataset.streaming=false) or dataset.document_attention=false"
-            )
         if self.kind in ("hub", "local") and not self.path:
             raise UserError(f"downstream.kind={self.kind} needs downstream.path (a hub dataset id or a csv/jsonl file)")
         if not self.seeds:
