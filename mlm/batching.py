@@ -28,7 +28,10 @@ class IndexedBlocks(torch.utils.data.Dataset):
         return len(self.blocks)
 
     def __getitems__(self, indices: List[int]) -> Dict[str, np.ndarray]:
-        return {"input_ids": np.stack(self.blocks[indices]["input_ids"]), "index": np.asarray(indices, dtype=np.int64)}
+        # every column: input_ids, and document_positions where dataset.document_attention made them
+        batch = {name: np.stack(column) for name, column in self.blocks[indices].items()}
+        batch["index"] = np.asarray(indices, dtype=np.int64)
+        return batch
 
     def __getitem__(self, i: int):  # pragma: no cover - the loaders below always fetch batches
         return self.__getitems__([i])

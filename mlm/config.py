@@ -140,6 +140,12 @@ class DatasetConfig:
     streaming_eval_docs: int = setting(
         1000, "streaming: the first N documents are held out as the eval set (test_size is unused)", resume=fixed
     )
+    document_attention: bool = setting(
+        False,
+        "a token attends only within its own document of a packed block, positions restart at each document "
+        "(off: documents attend to each other, as in the HF guide)",
+        resume=fixed,
+    )
 
     def validate(self) -> None:
         if not 0.0 < self.test_size < 1.0:
@@ -155,6 +161,11 @@ class DatasetConfig:
         if self.streaming and self.streaming_eval_docs < 1:
             raise UserError(
                 f"dataset.streaming_eval_docs={self.streaming_eval_docs} must be at least 1 (the held-out documents)"
+            )
+        if self.document_attention and self.streaming:
+            raise UserError(
+                "dataset.document_attention=true is not built for dataset.streaming=true; "
+                "use the preprocessed blocks (dataset.streaming=false) or dataset.document_attention=false"
             )
         if self.kind in ("hub", "local") and not self.path:
             raise UserError(

@@ -242,7 +242,9 @@ class MLMCollator:
     `stream` is set by the training loop to the epoch before each pass (and to EVAL_STREAM for
     evaluation collators); `probability` to the scheduled rate before each step (evaluation
     collators keep cfg.mlm_probability). An `attention_mask` is only returned when a batch holds padding, so
-    the common all-full batch runs the attention kernels without a mask.
+    the common all-full batch runs the attention kernels without a mask. Blocks with `document_positions`
+    (dataset.document_attention) return them as `position_ids` instead, and no attention_mask: the model's
+    forward (mlm.models.MLMObjective) builds the block-diagonal mask from them, a pad token its own document.
     """
 
     def __init__(self, tokenizer, cfg: MaskingConfig, seed: int, stream: int = 0):
@@ -274,6 +276,8 @@ class MLMCollator:
             probability=self.probability,
         )
         out["masked_positions"] = masked_positions_of(out["labels"])  # on the host: no device sync later
-        if self.pad_token_id is not None and bool((input_ids == self.pad_token_id).any()):
+        if "document_positions" in batch:  # dataset.document_attention: the model masks by document (pads included)
+            out["position_ids"] = torch.as_tensor(np.asarray(batch["document_positions"]), dtype=torch.int64)
+        elif self.pad_token_id is not None and bool((input_ids == self.pad_token_id).any()):
             out["attention_mask"] = (input_ids != self.pad_token_id).to(torch.int64)
         return out

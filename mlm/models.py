@@ -43,6 +43,11 @@ MLM_HEADS: Dict[str, Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]] = 
 }
 # Learned position tables that reserve slots for the padding offset (RoBERTa family: 514 = 512 + 2).
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+# dataset.document_attention: model types whose forward takes position_ids (absolute, learned) and hands a 4-D
+# attention mask to the attention functions as it is (transformers' create_bidirectional_mask). Not ModernBERT
+# (it unpads the batch itself and its local layers window the mask) nor DeBERTa (relative positions).
+DOCUMENT_ATTENTION_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
+DOCUMENT_ATTENTION_BACKENDS = ("sdpa", "eager")  # the two mask forms document_mask builds
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -253,6 +258,31 @@ def build_model(cfg: ModelConfig, block_size: int, seed: int, fetch: bool = True
     return model, tokenizer
 
 
+def check_document_attention(model: PreTrainedModel) -> None:
+    """dataset.document_attention needs a model type and an attention backend it is built for; else one line."""
+    model_type, backend = model.config.model_type, model.config._attn_implementation
+    if model_type not in DOCUMENT_ATTENTION_TYPES:
+        raise UserError(
+            f"dataset.document_attention=true is not built for model_type={model_type} (it works for "
+            f"{', '.join(DOCUMENT_ATTENTION_TYPES)}); set dataset.document_attention=false"
+        )
+    if backend not in DOCUMENT_ATTENTION_BACKENDS:
+        raise UserError(
+            f"dataset.document_attention=true needs model.attn_implementation=sdpa or eager, not {backend} "
+            "(the varlen FlashAttention path is not built)"
+        )
+
+
+def document_mask(position_ids: torch.Tensor, backend: str) -> torch.Tensor:
+    """The block-diagonal attention mask (batch, 1, L, L) of blocks whose documents start where position_ids is 0:
+    boolean (True = attend) for SDPA, additive (0 or the float minimum) for eager attention."""
+    document = torch.cumsum(position_ids == 0, dim=1)
+    same = document[:, None, :, None] == document[:, None, None, :]
+    if backend == "sdpa":
+        return same
+    return torch.zeros(same.shape, device=same.device).masked_fill_(~same, torch.finfo(torch.float32).min)
+
+
 def encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer, ...)."""
     count = model.config.num_hidden_layers
@@ -364,20 +394,27 @@ class MLMObjective(nn.Module):
                 "sparse prediction is not wired for model_type=%s; using the dense head", model.config.model_type
             )
         self.sparse = sparse and self.head_fn is not None
+        # RoBERTa numbers positions from its padding_idx + 1 (transformers' create_position_ids_from_input_ids)
+        config = model.config
+        self.position_offset = config.pad_token_id + 1 if config.model_type in POSITION_OFFSET else 0
 
-    def forward(self, input_ids, labels, attention_mask=None, masked_positions=None):
+    def forward(self, input_ids, labels, attention_mask=None, masked_positions=None, position_ids=None):
         # Flat indices of the masked tokens. The collator computes them on the host, where the
         # labels are made; finding them here (boolean indexing) would make the host wait for the
         # device on every micro-batch of a GPU run.
         if masked_positions is None:
             masked_positions = masked_positions_of(labels)
         targets = labels.reshape(-1).index_select(0, masked_positions)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:  # dataset.document_attention: attend within each document, positions restart
+            inputs["attention_mask"] = document_mask(position_ids, self.model.config._attn_implementation)
+            inputs["position_ids"] = position_ids + self.position_offset
         if self.sparse:  # only the masked positions go through the head
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.model.base_model(**inputs).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked_positions)
             logits = self.head_fn(self.model, hidden)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.model(**inputs).logits
             logits = logits.reshape(-1, logits.shape[-1]).index_select(0, masked_positions)
         logits = logits.float()  # the softmax and loss stay in fp32 under autocast
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")

@@ -34,7 +34,7 @@ from mlm.evaluate import evaluate
 from mlm.files import atomic_path, default_cache_root, os_error_of, write_error
 from mlm.job import Job, cache_builders_first, on_main_alone
 from mlm.masking import MLMCollator, scheduled_probability
-from mlm.models import MLMObjective, build_model, init_unigram_bias
+from mlm.models import MLMObjective, build_model, check_document_attention, init_unigram_bias
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
 from mlm.placement import is_main_process, rank
@@ -269,6 +269,8 @@ def build_data(
     others reuse it), and the data order."""
     with cache_builders_first(accelerator, group):
         model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed)
+        if cfg.dataset.document_attention:
+            check_document_attention(model)  # before any block is built
         if cfg.dataset.streaming:  # training blocks come from the stream (train_batches)
             train_blocks, eval_blocks = None, stream_eval_blocks(cfg.dataset, tokenizer, cfg.block_size)
         else:

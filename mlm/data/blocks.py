@@ -54,6 +54,14 @@ log = logging.getLogger(__name__)
 
 BLOCKS_FORMAT_VERSION = 3  # bump when the block layout changes, so old caches are not reused (2: one Arrow file per split; 3: content hashes)
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+# dataset.document_attention: each token's position in its document, counted from the block's piece of that document
+DOCUMENT_POSITIONS = "document_positions"
+DOCUMENT_BLOCK_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        DOCUMENT_POSITIONS: datasets.Sequence(datasets.Value("int32")),
+    }
+)
 CHUNK_TOKENS = 1 << 18  # tokens grouped at a time: 1 MB of ids and 2 MB of gather index; touches <= 1 page per document
 ENCODE_DOCS = 128  # documents per tokenizer call: the tokenizer's own buffers (~100 bytes a token) stay small
 # characters per tokenizer call (~150 bytes of tokenizer memory each: ~40 MB); a longer document goes in pieces
@@ -65,23 +73,26 @@ SPLITS = ("train", "test")
 # ---------------------------------------------------------------- grouping
 
 
-def group_blocks(ids: np.ndarray, block_size: int, remainder: str, pad_id: int) -> np.ndarray:
-    """Cut one long 1-D array of token ids into rows of `block_size`, in O(n).
+def group_blocks(ids: np.ndarray, block_size: int, remainder: str, pad_id) -> np.ndarray:
+    """Cut one long array of token ids into rows of `block_size`, in O(n).
 
     remainder='drop' discards the last partial block (as the HF guide does); 'keep' pads it with `pad_id`.
+    `ids` may carry a trailing axis of per-token values (ids and document positions, n x 2): then `pad_id`
+    holds one fill value for each.
     """
     n_full = len(ids) // block_size
-    blocks = ids[: n_full * block_size].reshape(n_full, block_size)
+    blocks = ids[: n_full * block_size].reshape(n_full, block_size, *ids.shape[1:])
     rest = len(ids) - n_full * block_size
     if remainder == "keep" and rest:
-        last = np.full((1, block_size), pad_id, dtype=ids.dtype)
+        last = np.full((1, block_size, *ids.shape[1:]), pad_id, dtype=ids.dtype)
         last[0, :rest] = ids[n_full * block_size :]
         blocks = np.concatenate([blocks, last])
     return blocks
 
 
-def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, pad_id: int) -> Iterator[np.ndarray]:
-    """Blocks of the concatenation of `pieces` (1-D id arrays), a (k, block_size) array per piece.
+def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, pad_id) -> Iterator[np.ndarray]:
+    """Blocks of the concatenation of `pieces` (1-D id arrays, or n x 2 with document positions), a
+    (k, block_size) array per piece (k x block_size x 2).
 
     The same blocks as `group_blocks(np.concatenate(pieces), ...)`: the tokens that do not fill a
     block are carried into the next piece, and only the very last remainder is dropped or padded.
@@ -91,7 +102,7 @@ def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, p
         ids = np.concatenate([carry, piece]) if len(carry) else piece
         n_full = len(ids) // block_size
         if n_full:
-            yield ids[: n_full * block_size].reshape(n_full, block_size)
+            yield ids[: n_full * block_size].reshape(n_full, block_size, *ids.shape[1:])
         carry = ids[n_full * block_size :]
     last = group_blocks(carry, block_size, remainder, pad_id)
     if len(last):
@@ -256,8 +267,9 @@ class TokenFile:
     def num_docs(self) -> int:
         return len(self.offsets) - 1
 
-    def chunks(self, order: np.ndarray) -> Iterator[np.ndarray]:
-        """The ids of the documents `order`, concatenated in that order, about CHUNK_TOKENS at a time."""
+    def chunks(self, order: np.ndarray, positions: bool = False) -> Iterator[np.ndarray]:
+        """The ids of the documents `order`, concatenated in that order, about CHUNK_TOKENS at a time.
+        positions=True: an n x 2 array, each id beside its position in its document (0 at the document's start)."""
         starts, ends = self.offsets[order], self.offsets[order + 1]
         cum = np.cumsum(ends - starts)
         bounds = np.searchsorted(
@@ -270,7 +282,11 @@ class TokenFile:
             lens = e - s
             # a gather index: document j's positions s_j .. e_j - 1, all documents back to back
             index = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(s - (np.cumsum(lens) - lens), lens)
-            yield self.ids[index]  # a copy; the mapped pages can go
+            ids = self.ids[index]  # a copy; the mapped pages can go
+            if positions:  # a token's place in the chunk minus its document's start in the chunk
+                in_doc = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+                ids = np.stack([ids, in_doc.astype(np.int32)], axis=1)
+            yield ids
             if self._map is not None:
                 self._map.madvise(mmap.MADV_DONTNEED)
 
@@ -362,7 +378,11 @@ def pad_id_of(tokenizer) -> int:
 
 
 def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> Dict[str, Any]:
-    pad_id = pad_id_of(tokenizer)
+    positions = cfg.document_attention
+    # a padded last block's pad tokens are at position 0: each its own document, seen by no real token
+    pad_id, features = (
+        ((pad_id_of(tokenizer), 0), DOCUMENT_BLOCK_FEATURES) if positions else (pad_id_of(tokenizer), BLOCK_FEATURES)
+    )
     docs = batched(iter_documents(cfg), cfg.tokenize_batch_size)
     tokens = TokenFile.write(os.path.join(out, "tokens.bin"), docs, tokenizer, resolve_num_proc(cfg.num_proc))
     if tokens.num_docs < 2:
@@ -373,15 +393,15 @@ def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> D
     try:
         for split, order in split_indices(tokens.num_docs, cfg.test_size, cfg.split_seed).items():
             n_tokens = int((tokens.offsets[order + 1] - tokens.offsets[order]).sum())
-            writer = ArrowWriter(features=BLOCK_FEATURES, path=os.path.join(out, f"{split}.arrow"))
+            writer = ArrowWriter(features=features, path=os.path.join(out, f"{split}.arrow"))
             n_blocks = 0
             with tqdm(
                 total=n_tokens, desc=f"group {split}", unit=" tokens", unit_scale=True, delay=2, mininterval=2
             ) as bar:
-                for blocks in pack_blocks(tokens.chunks(order), block_size, cfg.remainder, pad_id):
+                for blocks in pack_blocks(tokens.chunks(order, positions), block_size, cfg.remainder, pad_id):
                     writer.write_table(_blocks_table(blocks))
                     n_blocks += len(blocks)
-                    bar.update(blocks.size)
+                    bar.update(len(blocks) * block_size)
             writer.finalize()
             if n_blocks == 0:
                 raise UserError(
@@ -406,12 +426,26 @@ def _file_record(path: str) -> Dict[str, Any]:
 
 
 def _blocks_table(blocks: np.ndarray) -> pa.Table:
-    """A (k, block_size) int32 array as an Arrow list column, without going through Python lists."""
-    k, size = blocks.shape
+    """A (k, block_size) int32 array as an Arrow list column, without going through Python lists; a
+    (k, block_size, 2) one (ids and positions in their documents) as two, the positions restarted in each block."""
+    k, size = blocks.shape[:2]
     offsets = pa.array(np.arange(0, (k + 1) * size, size, dtype=np.int32))
-    return pa.table(
-        {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(blocks.reshape(-1).astype(np.int32, copy=False)))}
-    )
+
+    def column(values: np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1).astype(np.int32, copy=False)))
+
+    if blocks.ndim == 2:
+        return pa.table({"input_ids": column(blocks)})
+    return pa.table({"input_ids": column(blocks[..., 0]), DOCUMENT_POSITIONS: column(block_positions(blocks[..., 1]))})
+
+
+def block_positions(in_document: np.ndarray) -> np.ndarray:
+    """(k, L) positions of tokens in their documents -> the same, counted from where each document enters its block:
+    a block that starts mid-document starts at 0, as if the document's piece in it were run alone."""
+    starts = in_document == 0
+    starts[:, 0] = True
+    columns = np.arange(in_document.shape[1])
+    return columns - np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
 
 
 def _open_blocks(path: str) -> DatasetDict:
@@ -467,6 +501,8 @@ def _cache_key(cfg: DatasetConfig, tokenizer, block_size: int, cache_root: str) 
     unused = ("num_proc", "tokenize_batch_size", "streaming", "streaming_eval_docs") + (
         ("path",) if cfg.kind == "local" else ()
     )
+    # off, the key is the one it was before the setting existed: the same blocks, byte for byte, need no rebuild
+    unused += () if cfg.document_attention else ("document_attention",)
     settings = {k: v for k, v in vars(cfg).items() if k not in unused}
     # a local dataset is its files' content, in reading order: a changed file gets new blocks; another spelling of its path does not
     sources = source_identity(cfg, cache_root)
