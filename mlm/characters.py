@@ -13,7 +13,7 @@ neither sum. Whitespace counts 0 because where a tokenizer puts it (before a wor
 choice of how text is cut, not text. So summed over all tokens of a document, chars gives the document's
 non-whitespace character count after the tokenizer's normalizer, whichever tokenizer cut it
 (tests/test_bits_per_char.py holds WordPiece, BPE and Unigram to it): a loss per character compares tokenizers
-where a loss per token cannot. Caveats (docs/experiments.md): the count is of normalised text (lowercasing
+where a loss per token cannot. Caveats (docs/bits-per-char.md): the count is of normalised text (lowercasing
 keeps it; accent stripping keeps it; NFKC can change it, e.g. "ﬁ" -> "fi"), and the text a [UNK] stands for is
 in neither sum.
 """

@@ -1084,7 +1084,7 @@ def tokenizers_line(labels: List[str], n_groups: int) -> str:
     which = "the jobs" if n_groups == 1 else f"the jobs of eval {', '.join(labels)}"
     return (
         f"Tokenizers differ between {which}: ranked by bits per character of the masked tokens (column bits/char; "
-        "docs/experiments.md); perplexities are per token, so they are not compared across tokenizers."
+        "docs/bits-per-char.md); perplexities are per token, so they are not compared across tokenizers."
     )
 
 

@@ -142,7 +142,7 @@ def test_runs_whose_tokenizers_differ_are_ranked_by_bits_per_character(tmp_path,
     said = [line for line in text.splitlines() if "Tokenizers differ" in line]
     assert said == [
         "Tokenizers differ between the jobs: ranked by bits per character of the masked tokens (column bits/char; "
-        "docs/experiments.md); perplexities are per token, so they are not compared across tokenizers."
+        "docs/bits-per-char.md); perplexities are per token, so they are not compared across tokenizers."
     ]
     assert "Best: `optimizer.lr=2e-3` with 1.400 bits per character (perplexity 20.00, not compared)." in text
     panels = figures[0].axes  # summary.png plots what it ranks by
