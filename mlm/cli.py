@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -396,11 +397,16 @@ def with_downstream(run_dir: Path, cfg: DictConfig, results: dict) -> dict:
 
 
 def objective(results: dict) -> Optional[float]:
-    """What a job returns to the sweeper: its final perplexity, or no value where that is NaN, inf or
-    missing, which the summary calls failed (a NaN would make the Optuna sweeper raise, see _fail)."""
+    """What a job returns to the sweeper (Optuna minimises it): its final eval's bits per character, or no value where
+    that or the perplexity is NaN, inf or missing, which the summary calls failed (a NaN would make the Optuna sweeper
+    raise, see _fail). Per character, not per token, so that a study may search tokenizer settings: trials of one
+    tokenizer and seed score the same masked tokens, so bits per character orders them exactly as perplexity does."""
     from mlm.report import failure
 
-    return None if failure({"error": None, "results": results}) else results["perplexity"]
+    value = results.get("bits_per_char")
+    if failure({"error": None, "results": results}) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
 
 
 def _fail(
@@ -425,10 +431,11 @@ def _fail(
     sys.exit(error_code(message, say=stderr if detect().local_rank == 0 else None))
 
 
-def before_text(results: dict) -> str:
-    """The perplexity before training, or why there is none: a resume onto other data keeps none (train.forget_other_data)."""
-    if results.get("perplexity_before") is not None:
-        return f"{results['perplexity_before']:.2f} before"
+def before_text(results: dict, key: str = "perplexity_before", digits: int = 2) -> str:
+    """The perplexity (`key`) before training, or why there is none: a resume onto other data keeps none
+    (train.forget_other_data)."""
+    if results.get(key) is not None:
+        return f"{results[key]:.{digits}f} before"
     if (results.get("branched_from") or {}).get("other_data"):
         return "none before on this data (started from a checkpoint trained on other data)"
     return "none before (not measured)"
@@ -457,6 +464,9 @@ def summary_text(cfg: Config, run_dir: Path, results: dict) -> str:
         from mlm.downstream import summary_line
 
         lines.insert(2, summary_line(results["downstream"]))
+    if results.get("bits_per_char") is not None:  # under the perplexity: the measure that compares tokenizers
+        before = before_text(results, "bits_per_char_before", 3)
+        lines.insert(2, f"bits per character: {before} -> {results['bits_per_char']:.3f} after")
     final = run_dir / "final"
     if final.exists():
         lines.append(f'model: {final}  (python -m mlm.predict {final} "... <mask> ...")')

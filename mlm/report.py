@@ -11,7 +11,11 @@
   Hydra calls the same at the end of every multirun (SweepSummaryCallback in conf/config.yaml).
 - Only like with like is ranked: jobs whose evals differ (EVAL_KEYS: held-out text, blocks, tokenizer,
   eval masks) are ranked in separate groups, never across, and the summary names the keys that differ.
-  At the start of a multirun the same callback refuses an Optuna search space that varies an eval key.
+  Jobs that differ only in their tokenizer (its recorded fingerprint, results.json data.tokenizer, else the
+  settings that name it) are one group ranked by bits per character of the masked tokens (mlm/characters.py),
+  and the summary says so: a perplexity is per token, so it is never compared across tokenizers.
+  At the start of a multirun the same callback refuses an Optuna search space that varies an eval key
+  other than the tokenizer (Optuna minimises bits per character: mlm.cli.objective).
 """
 
 from __future__ import annotations
@@ -252,7 +256,7 @@ EVAL_KEYS = (
     "dataset.streaming_eval_docs",
     "block_size",
     "trainer.max_eval_blocks",
-    "model.tokenizer",  # unset: model.name_or_path's
+    "model.tokenizer",  # unset: model.name_or_path's; and every tokenizer.* key (eval_keys)
     "masking.mlm_probability",
     "masking.eval_strategy",
     "masking.mask_replace_prob",
@@ -277,13 +281,20 @@ UNKNOWN = "(not recorded)"  # a key a job's saved config lacks: not assumed equa
 
 def eval_keys(flat: Dict[str, Any]) -> List[str]:
     """The flat keys whose values set the eval of a config: EVAL_KEYS, the span shape where evals mask spans,
-    and model.name_or_path where it gives the tokenizer (model.tokenizer unset). eval_settings reads these."""
+    model.name_or_path where it gives the tokenizer (model.tokenizer unset), and the tokenizer.* settings of a
+    trained tokenizer. eval_settings reads these."""
     keys = list(EVAL_KEYS)
     if flat.get("masking.eval_strategy") == "span":
         keys += SPAN_EVAL_KEYS
     if flat.get("model.tokenizer") is None:
         keys.append("model.name_or_path")
-    return keys
+    return keys + sorted(k for k in flat if k.startswith("tokenizer."))
+
+
+def is_tokenizer_setting(key: str) -> bool:
+    """Whether an eval setting (eval_keys, eval_settings) says only which tokenizer cut the text: jobs that differ in
+    these alone are compared by bits per character. model.name_or_path is an eval key only where it names the tokenizer."""
+    return key in ("model.tokenizer", "model.name_or_path", "data.tokenizer") or key.startswith("tokenizer.")
 
 
 def eval_settings(flat: Dict[str, Any], data: Any = None) -> Dict[str, Any]:
@@ -298,14 +309,35 @@ def eval_settings(flat: Dict[str, Any], data: Any = None) -> Dict[str, Any]:
     if hashes is not None:  # `./corpus.txt` and `corpus.txt` are one corpus; `corpus.txt` edited is another
         del values["dataset.path"]
         values["data.sources"] = hashes
-    if malformed_data(data) is None and isinstance(data, dict) and data.get("tokenizer"):
-        del values["model.tokenizer"]
+    if malformed_data(data) is None and isinstance(data, dict) and data.get("tokenizer"):  # its fingerprint, alone
+        values = {k: v for k, v in values.items() if not is_tokenizer_setting(k)}
         values["data.tokenizer"] = data["tokenizer"]
     return values
 
 
 def job_eval_settings(job: Dict[str, Any]) -> Dict[str, Any]:
     return eval_settings(job_settings(job), job["results"].get("data"))
+
+
+def job_text_settings(job: Dict[str, Any]) -> Dict[str, Any]:
+    """The job's eval settings but its tokenizer: the text and masks it was scored on."""
+    return {k: v for k, v in job_eval_settings(job).items() if not is_tokenizer_setting(k)}
+
+
+def job_tokenizer(job: Dict[str, Any]) -> tuple:
+    """Which tokenizer cut the job's text: its fingerprint where recorded, else the settings that name it."""
+    return _frozen({k: v for k, v in job_eval_settings(job).items() if is_tokenizer_setting(k)})
+
+
+def bits_per_char(job: Dict[str, Any]) -> Optional[float]:
+    """The job's final eval bits per character (mlm/characters.py), or None (a run of an older version)."""
+    value = job["results"].get("bits_per_char")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def by_characters(group: List[Dict[str, Any]]) -> bool:
+    """Whether a group of comparable jobs is ranked by bits per character: its tokenizers differ."""
+    return len({job_tokenizer(j) for j in group}) > 1
 
 
 def job_downstream_settings(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -346,9 +378,24 @@ def comparable_groups(jobs: List[Dict[str, Any]], settings_of=job_eval_settings)
     return sorted(groups.values(), key=len, reverse=True)
 
 
+MIXED = "(several: ranked by bits per character)"  # a group's tokenizer where its jobs' differ
+
+
+def group_settings(group: List[Dict[str, Any]], settings_of=job_eval_settings) -> Dict[str, Any]:
+    """The settings of a group's jobs; MIXED for a key whose values differ within it (a group ranked by bits per character)."""
+    values = [settings_of(j) for j in group]
+    keys = dict.fromkeys(k for v in values for k in v)
+    return {
+        k: values[0].get(k, UNKNOWN)
+        if len({json.dumps(v.get(k, UNKNOWN), default=str) for v in values}) == 1
+        else MIXED
+        for k in keys
+    }
+
+
 def differing_keys(groups: List[List[Dict[str, Any]]], settings_of=job_eval_settings) -> List[str]:
     """The eval keys whose values differ between the groups (a key one group lacks counts as differing)."""
-    values = [settings_of(g[0]) for g in groups]
+    values = [group_settings(g, settings_of) for g in groups]
     keys = sorted({k for v in values for k in v})
     return [k for k in keys if len({json.dumps(v.get(k, UNKNOWN), default=str) for v in values}) > 1]
 
@@ -369,10 +416,34 @@ def _fmt(v, digits=2):
 
 
 def ranked(jobs: List[Dict[str, Any]]) -> tuple:
-    """The succeeded jobs in groups of comparable evals (the largest first), each sorted by perplexity, and the failed jobs."""
+    """The succeeded jobs in groups of comparable evals (the largest first), and the failed jobs. Jobs scored on the same
+    text and masks are one group: sorted by perplexity where they share a tokenizer, else by bits per character
+    (by_characters), where every one has it; a job without it (an older version's) is grouped by its tokenizer too."""
     ok = [j for j in jobs if failure(j) is None]
-    groups = [sorted(g, key=lambda j: j["results"]["perplexity"]) for g in comparable_groups(ok)]
-    return groups, [j for j in jobs if failure(j) is not None]
+    groups = []
+    for same_text in comparable_groups(ok, job_text_settings):
+        if by_characters(same_text) and all(bits_per_char(j) is not None for j in same_text):
+            groups.append(sorted(same_text, key=bits_per_char))
+        else:
+            groups += [sorted(g, key=lambda j: j["results"]["perplexity"]) for g in comparable_groups(same_text)]
+    return sorted(groups, key=len, reverse=True), [j for j in jobs if failure(j) is not None]
+
+
+def score(groups: List[List[Dict[str, Any]]]) -> tuple:
+    """(results key, metrics key, words) of what summary.png and the Pareto fronts plot: bits per character where a
+    group is ranked by it, else perplexity."""
+    if any(by_characters(g) for g in groups):
+        return "bits_per_char", "eval/bits_per_char", "bits per character"
+    return "perplexity", "eval/perplexity", "perplexity"
+
+
+def score_text(job: Dict[str, Any], groups: List[List[Dict[str, Any]]]) -> str:
+    """The number a job is ranked by in its group, in words."""
+    if any(by_characters(g) and any(j is job for j in g) for g in groups):
+        return (
+            f"{bits_per_char(job):.3f} bits per character (perplexity {job['results']['perplexity']:.2f}, not compared)"
+        )
+    return f"perplexity {job['results']['perplexity']:.2f}"
 
 
 def in_rows(ranking: tuple, unfinished: List[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
@@ -396,6 +467,7 @@ def summary_table(ranking: tuple, unfinished: List[Dict[str, Any]] = ()) -> str:
     labels = {id(j): group_label(i) for i, g in enumerate(groups) for j in g} if len(groups) > 1 else None
     several = any(j.get("sweep") for j in rows)
     ema = any(_num(j["results"].get("ema_perplexity")) is not None for j in rows)  # an unfinished job has no results
+    chars = any(bits_per_char(j) is not None for j in rows)
     downstream = any(downstream_accuracy(j) is not None for j in rows)
     columns = (
         ["#"]
@@ -404,6 +476,7 @@ def summary_table(ranking: tuple, unfinished: List[Dict[str, Any]] = ()) -> str:
         + keys
         + (["eval"] if labels else [])
         + ["final ppl"]
+        + (["bits/char"] if chars else [])
         + (["EMA ppl"] if ema else [])
         + ["best ppl", "ppl before"]
         + (["downstream"] if downstream else [])
@@ -422,6 +495,7 @@ def summary_table(ranking: tuple, unfinished: List[Dict[str, Any]] = ()) -> str:
             "job": _job_name(j, in_sweep=True),
             "eval": (labels or {}).get(id(j), "-"),
             "final ppl": _fmt(r.get("perplexity")),
+            "bits/char": _fmt(bits_per_char(j), 3),
             "EMA ppl": _fmt(_num(r.get("ema_perplexity"))),
             "best ppl": _fmt(r.get("best_perplexity")),
             "ppl before": _fmt(r.get("perplexity_before")),
@@ -439,7 +513,17 @@ def summary_table(ranking: tuple, unfinished: List[Dict[str, Any]] = ()) -> str:
     return "\n".join(text)
 
 
-NUMBERS = {"#", "final ppl", "EMA ppl", "best ppl", "ppl before", "tokens/s", "train s", "wall s"}  # right-aligned
+NUMBERS = {
+    "#",
+    "final ppl",
+    "bits/char",
+    "EMA ppl",
+    "best ppl",
+    "ppl before",
+    "tokens/s",
+    "train s",
+    "wall s",
+}  # right-aligned
 
 
 def _cell(value: Any) -> str:
@@ -539,7 +623,7 @@ def best_lines(
         "",
     ]
     for i, g in enumerate(groups):
-        values = settings_of(g[0])
+        values = group_settings(g, settings_of)
         lines.append(
             f"- {prefix}{group_label(i)} ({len(g)} job(s): {', '.join(_job_name(j) for j in g)}): "
             + " ".join(f"{k}={_value(values.get(k, UNKNOWN))}" for k in keys)
@@ -618,11 +702,13 @@ def plot_sweep(
     each finished job a point coloured by its eval (shaped by its sweep where there are several), the best one ringed,
     failed and unfinished jobs marked along the top at their settings; below, the eval-perplexity curves and the smoothed
     train-loss curves, each job labelled with its row (#) of summary.md. The legends sit outside the data.
-    `ranking`: ranked(jobs), where the caller has it."""
+    `ranking`: ranked(jobs), where the caller has it. Bits per character instead of perplexity where tokenizers differ
+    (score)."""
     groups, failed = ranking = ranking or ranked(jobs)
     rows = in_rows(ranking, unfinished)
     keys = swept_keys(rows) or ["job"]
-    ok = [j for g in groups for j in g]
+    measure, curve, words = score(groups)
+    ok = [j for g in groups for j in g if _num(j["results"].get(measure)) is not None]
     style = {id(j): {"color": f"C{i % 10}", "marker": SWEEP_MARKERS[0]} for i, g in enumerate(groups) for j in g}
     sweeps = list(dict.fromkeys(j.get("sweep") for j in rows))
     for j in ok:  # one shape per sweep
@@ -638,27 +724,34 @@ def plot_sweep(
         row, col = divmod(i, per_row)
         ax = fig.add_subplot(grid[row, col * span : (col + 1) * span], sharey=panels[0] if panels else None)
         panels.append(ax)
-        key_panel(ax, key, ok, failed + list(unfinished), style)
+        key_panel(ax, key, ok, failed + list(unfinished), style, measure)
         if col:
             ax.tick_params(labelleft=False)  # the shared y is labelled once per row
         else:
-            ax.set_ylabel("final eval perplexity")
+            ax.set_ylabel(f"final eval {words}")
     if ok:
-        plain_scale(panels[0], "y", [j["results"]["perplexity"] for j in ok])
+        plain_scale(panels[0], "y", [j["results"][measure] for j in ok])
     else:
         panels[0].set_yticks([])  # no perplexity to show
     number = {id(j): n for n, j in enumerate(rows, 1)}
     group_of = {id(j): group_label(i) for i, g in enumerate(groups) for j in g} if len(groups) > 1 else {}
-    curve_panels(fig, grid, ok, number, keys, group_of, _point_legend(groups, sweeps, ok, failed, unfinished, number))
+    legend = _point_legend(groups, sweeps, ok, failed, unfinished, number)
+    curve_panels(fig, grid, ok, number, keys, group_of, legend, (measure, curve, words))
     fig.suptitle(_sweep_title(jobs, unfinished, groups), fontsize=12)
     unoverlap_ticks(fig, panels)
     save_png(fig, path)
 
 
 def key_panel(
-    ax, key: str, ok: List[Dict[str, Any]], others: List[Dict[str, Any]], style: Dict[int, Dict[str, str]]
+    ax,
+    key: str,
+    ok: List[Dict[str, Any]],
+    others: List[Dict[str, Any]],
+    style: Dict[int, Dict[str, str]],
+    measure: str = "perplexity",
 ) -> None:
-    """The final perplexity of the `ok` jobs against their value of `key`; the `others` (failed, unfinished) at the top."""
+    """The final perplexity (`measure` of results.json) of the `ok` jobs against their value of `key`; the `others`
+    (failed, unfinished) at the top."""
     from matplotlib.transforms import ScaledTranslation
 
     def value(j):
@@ -678,7 +771,7 @@ def key_panel(
         mine = [j for j in ok if style[id(j)]["marker"] == shape and value(j) is not None]
         ax.scatter(
             [x(j) for j in mine],
-            [j["results"]["perplexity"] for j in mine],
+            [j["results"][measure] for j in mine],
             c=[style[id(j)]["color"] for j in mine],
             marker=shape,
             s=36,
@@ -687,7 +780,7 @@ def key_panel(
     if ok and value(ok[0]) is not None:  # the best job (of the largest eval group), ringed
         ax.scatter(
             [x(ok[0])],
-            [ok[0]["results"]["perplexity"]],
+            [ok[0]["results"][measure]],
             s=170,
             facecolors="none",
             edgecolors="black",
@@ -781,9 +874,17 @@ def short_keys(keys: List[str]) -> Dict[str, str]:
 
 
 def curve_panels(
-    fig, grid, ok: List[Dict[str, Any]], number: Dict[int, int], keys: List[str], group_of: Dict[int, str], points: list
+    fig,
+    grid,
+    ok: List[Dict[str, Any]],
+    number: Dict[int, int],
+    keys: List[str],
+    group_of: Dict[int, str],
+    points: list,
+    measured: tuple = ("perplexity", "eval/perplexity", "perplexity"),
 ) -> None:
-    """The bottom row of summary.png: eval perplexity and smoothed train loss against the step, and beside them one legend:
+    """The bottom row of summary.png: eval perplexity (`measured`: score's) and smoothed train loss against the step,
+    and beside them one legend:
     the panels' `points`, then the curves (each job by its row in summary.md, its eval group where there are several:
     `group_of`, and its swept settings where they fit on a line)."""
     from matplotlib.lines import Line2D
@@ -795,7 +896,7 @@ def curve_panels(
     shown = ok[:CURVES]
     for i, j in enumerate(ok):
         look = dict(color=f"C{i % 10}", lw=1.6, zorder=3) if i < CURVES else dict(color="0.75", lw=0.8, zorder=2)
-        x, y = _series(j["metrics"], "eval/perplexity")
+        x, y = _series(j["metrics"], measured[1])
         evals.plot(x, y, marker="o", markersize=3 if len(x) > 1 else 6, **look)
         x, y = _series(j["metrics"], "train/loss")
         losses.plot(x, smoothed(y), marker="o" if len(x) == 1 else None, markersize=6, **look)  # one point: a marker
@@ -807,17 +908,17 @@ def curve_panels(
     if all(len(f"{l}: {s}") <= 60 for l, s in zip(labels, settings)):
         labels = [f"{l}: {s}" if s else l for l, s in zip(labels, settings)]
     else:  # the settings are in summary.md's row
-        labels = [f"{l}: perplexity {_fmt(j['results']['perplexity'])}" for l, j in zip(labels, shown)]
+        labels = [f"{l}: {measured[2]} {_fmt(j['results'][measured[0]])}" for l, j in zip(labels, shown)]
     handles = ([header("the panels above:")] + points if points else []) + (
         [header("the curves (row # of summary.md):")] if shown else []
     )
     handles += [Line2D([], [], color=f"C{i % 10}", lw=2, label=label) for i, label in enumerate(labels)]
     if len(ok) > CURVES:
         handles.append(Line2D([], [], color="0.75", lw=1, label=f"{len(ok) - CURVES} other jobs"))
-    eval_values = [v for j in ok for v in _series(j["metrics"], "eval/perplexity")[1]]
+    eval_values = [v for j in ok for v in _series(j["metrics"], measured[1])[1]]
     if eval_values:
         plain_scale(evals, "y", eval_values)
-    evals.set_title("eval perplexity", fontsize=10)
+    evals.set_title(f"eval {measured[2]}", fontsize=10)
     losses.set_title("train loss (smoothed)", fontsize=10)
     for ax in (evals, losses):
         ax.set_xlabel("optimizer step")
@@ -910,7 +1011,7 @@ def summarize(dirs: List[Path], out_dir: Optional[Path] = None, curves: bool = F
             "Best",
             "evals",
             job_eval_settings,
-            lambda j: f"perplexity {j['results']['perplexity']:.2f}",
+            lambda j: score_text(j, groups),
             "eval ",
         )
     scored = [j for g in groups for j in g if downstream_accuracy(j) is not None]
@@ -968,11 +1069,23 @@ def header_lines(dirs: List[Path], jobs: List[Dict[str, Any]], unfinished: List[
     fixed = fixed_settings(everyone)
     if fixed:
         lines += ["", f"Fixed settings (the overrides every job shares): `{' '.join(fixed)}`"]
+    mixed = [group_label(i) for i, g in enumerate(groups) if by_characters(g)]
+    if mixed:
+        lines += ["", tokenizers_line(mixed, len(groups))]
     if len(groups) > 1:
         lines += ["", "Evals: they differ between jobs (below); each group (column `eval`) is ranked on its own."]
     elif groups and eval_text(job_settings(groups[0][0])):
         lines += ["", f"Eval: {eval_text(job_settings(groups[0][0]))}."]
     return lines
+
+
+def tokenizers_line(labels: List[str], n_groups: int) -> str:
+    """The one line that says a ranking is by bits per character (`labels`: the groups so ranked, of `n_groups`)."""
+    which = "the jobs" if n_groups == 1 else f"the jobs of eval {', '.join(labels)}"
+    return (
+        f"Tokenizers differ between {which}: ranked by bits per character of the masked tokens (column bits/char; "
+        "docs/bits-per-char.md); perplexities are per token, so they are not compared across tokenizers."
+    )
 
 
 def outcome_text(jobs: List[Dict[str, Any]], unfinished: List[Dict[str, Any]]) -> str:
@@ -1018,7 +1131,8 @@ def pareto_front(points: List[tuple], higher_is_better: bool = False) -> List[in
 
 def _qualities(jobs: List[Dict[str, Any]]) -> List[tuple]:
     """(label, value of a job or None, higher is better) of each quality the jobs have."""
-    out = [("eval perplexity", lambda j: j["results"]["perplexity"], False)]
+    measure, _, words = score([jobs])  # one group of comparable jobs: per character where their tokenizers differ
+    out = [(f"eval {words}", lambda j: j["results"][measure], False)]
     groups = comparable_groups([j for j in jobs if downstream_accuracy(j) is not None], job_downstream_settings)
     if groups:  # the largest group of one downstream eval: a front never mixes tasks
         members = {id(j) for j in groups[0]}
@@ -1050,7 +1164,7 @@ def front_tables(jobs: List[Dict[str, Any]]) -> str:
             )
             text.append(
                 f"| {_job_name(j)} | {_swept_text(j, swept)} | {r['train_seconds']:.3g} | {int(r['train_tokens']):,} | "
-                f"{value(j):.{2 if not higher else 3}f} | {gain} |"
+                f"{value(j):.{2 if label == 'eval perplexity' else 3}f} | {gain} |"
             )
         text.append("")
     return "\n".join(text)
@@ -1132,7 +1246,7 @@ def eval_sweeps(space: List[str], config: DictConfig) -> List[str]:
     found = []
     for override in OverridesParser.create().parse_overrides(space):
         key = override.get_key_element()
-        if key in eval_keys(base):
+        if key in eval_keys(base) and not is_tokenizer_setting(key):  # tokenizers compare by bits per character
             found.append(f"{override.input_line} (an eval setting, {base.get(key)} in the config)")
         elif key in GROUPS:
             differ = _group_eval_differences(config, key, [str(v) for v in override.sweep_string_iterator()])
@@ -1158,12 +1272,17 @@ def _group_eval_differences(config: DictConfig, group: str, options: List[str]) 
         eval_settings(flat_settings(loader.load_sweep_config(config, fixed + [f"{group}={option}"])) or {})
         for option in options
     ]
-    return [k for k in values[0] if len({json.dumps(v.get(k), default=str) for v in values}) > 1]
+    return [
+        k
+        for k in values[0]
+        if not is_tokenizer_setting(k) and len({json.dumps(v.get(k), default=str) for v in values}) > 1
+    ]
 
 
 def check_search_space(config: DictConfig) -> None:
-    """An Optuna study ranks its trials by eval perplexity: one whose search space varies the eval is refused
-    in one line (UserError) before any trial runs. Other sweepers rank nothing; their summary groups the evals."""
+    """An Optuna study ranks its trials by eval bits per character (mlm.cli.objective): one whose search space varies
+    the eval text or masks is refused in one line (UserError) before any trial runs; one that varies the tokenizer is
+    not. Other sweepers rank nothing; their summary groups the evals."""
     if "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower():
         return
     found = eval_sweeps(search_space(config), config)

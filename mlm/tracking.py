@@ -364,6 +364,7 @@ class WandbTracker:
             self.run.define_metric(pattern, step_metric="step")
         self.run.define_metric("eval/perplexity", step_metric="step", summary="min")
         self.run.define_metric("eval/loss", step_metric="step", summary="min")
+        self.run.define_metric("eval/bits_per_char", step_metric="step", summary="min")
         if offline:
             log.warning(
                 "W&B: %s, logging offline to %s; upload later with `%s`",

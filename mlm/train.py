@@ -63,6 +63,7 @@ class TrainState:
     skipped_steps: int = 0  # steps dropped for a non-finite loss (trainer.on_nonfinite=skip)
     overflow_steps: int = 0  # fp16: updates the loss scaler skipped for overflowing gradients
     perplexity_before: Optional[float] = None
+    bits_per_char_before: Optional[float] = None  # the same eval per character (mlm/characters.py)
     best_perplexity: float = float("inf")
     last_eval: Dict[str, float] = field(default_factory=dict)
     tracker_run_id: Optional[str] = None
@@ -382,12 +383,13 @@ def forget_other_data(state: TrainState, ckpt: Path, differ: List[str]) -> None:
         state.perplexity_before,
         state.best_perplexity,
     )
-    state.perplexity_before, state.best_perplexity, state.last_eval, state.final_eval_step = (
+    state.perplexity_before, state.bits_per_char_before, state.best_perplexity, state.last_eval = (
+        None,
         None,
         float("inf"),
         {},
-        None,
     )
+    state.final_eval_step = None
     state.log_window = [0.0, 0]
     if state.branched_from is not None:  # results.json says why it has no "before"
         state.branched_from["other_data"] = differ
@@ -434,7 +436,11 @@ def train(
         )
         stop.plan = "stopping after this step with a checkpoint"
         if state.step == 0:
-            state.perplexity_before = run_eval(run, bar)["eval/perplexity"]
+            before = run_eval(run, bar)
+            state.perplexity_before, state.bits_per_char_before = (
+                before["eval/perplexity"],
+                before["eval/bits_per_char"],
+            )
         train_steps(run, window, bar, stop)
         bar.close()
         final = final_eval(run, window, bar, stop)
@@ -676,9 +682,10 @@ def run_eval(run: Run, bar: Optional[progress.TrainBar] = None) -> Dict[str, flo
     faults.reached("eval")
     seconds = time.perf_counter() - start
     log.info(
-        "eval at step %d: perplexity %.2f, masked accuracy %.3f (%d blocks, %.0f s)",
+        "eval at step %d: perplexity %.2f, %.3f bits per character, masked accuracy %.3f (%d blocks, %.0f s)",
         state.step,
         metrics["eval/perplexity"],
+        metrics["eval/bits_per_char"],
         metrics["eval/masked_accuracy"],
         len(blocks),
         seconds,
@@ -747,7 +754,11 @@ def eval_average(run: Run, title: Optional[str] = None) -> Dict[str, float]:
             title and f"{title} (weight average)",
         )
     log.info("eval at step %d: weight average's perplexity %.2f", run.state.step, metrics["eval/perplexity"])
-    return {"eval/ema_loss": metrics["eval/loss"], "eval/ema_perplexity": metrics["eval/perplexity"]}
+    return {
+        "eval/ema_loss": metrics["eval/loss"],
+        "eval/ema_perplexity": metrics["eval/perplexity"],
+        "eval/ema_bits_per_char": metrics["eval/bits_per_char"],
+    }
 
 
 def checkpoints(run: Run) -> checkpoint.Checkpoints:
@@ -794,6 +805,10 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "perplexity_before": state.perplexity_before,
         "best_perplexity": state.best_perplexity,
         "ema_perplexity": final.get("eval/ema_perplexity"),  # the weight average's (trainer.ema_decay); null when off
+        # per character of the masked tokens (mlm/characters.py): comparable across tokenizers, as perplexity is not
+        "bits_per_char": final.get("eval/bits_per_char"),  # none from a final eval an older version logged
+        "bits_per_char_before": state.bits_per_char_before,
+        "ema_bits_per_char": final.get("eval/ema_bits_per_char"),
         "masked_accuracy": final["eval/masked_accuracy"],
         "steps": state.step,
         "stopped": "budget" if run.budget_spent() else "steps",  # what ended training
@@ -814,7 +829,7 @@ def results_record(run: Run, final: Dict[str, float], wall_seconds: float) -> Di
         "wall_seconds": round(wall_seconds, 3),
         "branched_from": state.branched_from,  # resume=<another run's checkpoint>: which, and its step
         "config": run.settings,  # what a rerun compares before calling this run finished
-        "data": run.data.identity,  # and what it trained on (mlm/data/identity.py)
+        "data": run.data.identity,  # and what it trained on (mlm/data/identity.py); data.tokenizer: its fingerprint
     }
 
 
@@ -830,6 +845,8 @@ def save_outputs(run: Run, results: Dict[str, Any], stop: StopSignals) -> None:
             "final/eval_loss": results["eval_loss"],
         }
     )
+    if results["bits_per_char"] is not None:
+        run.tracker.summary({"final/bits_per_char": results["bits_per_char"]})
     save_model = run.cfg.trainer.save_model
     if run.ema is not None:
         save_average_outputs(run, results)

@@ -134,6 +134,7 @@ def test_an_edited_corpus_is_refused_on_resume_and_the_checkpoints_stay(stopped_
     )
     assert any(str(run_data) in d for d in results["branched_from"]["other_data"])
     assert json.loads((branch / "results.json").read_text())["perplexity_before"] is None
+    assert old["bits_per_char_before"] is not None and results["bits_per_char_before"] is None  # per character likewise
     from mlm.cli import summary_text
 
     line = summary_text(compose([*args, f"resume={ckpt}"]), branch, results).splitlines()[1]

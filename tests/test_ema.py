@@ -176,6 +176,7 @@ def test_each_eval_scores_the_average_and_results_report_it(runs):
         assert r["eval/ema_loss"] == pytest.approx(math.log(r["eval/ema_perplexity"]))
     results = json.loads((run_dir / "results.json").read_text())
     assert results["ema_perplexity"] == evals[-1]["eval/ema_perplexity"] != results["perplexity"]
+    assert results["ema_bits_per_char"] == evals[-1]["eval/ema_bits_per_char"] != results["bits_per_char"]
     assert json.loads((plain / "results.json").read_text())["ema_perplexity"] is None
     assert not any("eval/ema_perplexity" in r for r in records(plain))
 

@@ -59,7 +59,7 @@ def test_a_failed_optuna_trial_is_recorded_and_the_study_goes_on(corpus, tmp_pat
     # itself does not open here: optuna 2.10 with this SQLAlchemy)
     assert (proc.stdout + proc.stderr).count("Failed experiment: ") == 1
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    values = [json.loads((sweep / str(i) / "results.json").read_text())["perplexity"] for i in (0, 2)]
+    values = [json.loads((sweep / str(i) / "results.json").read_text())["bits_per_char"] for i in (0, 2)]
     assert best["best_value"] == pytest.approx(min(values))
     summary = (sweep / "summary.md").read_text()
     assert summary.count("| ok |") == 2 and "failed: RuntimeError: injected failure" in summary
@@ -118,7 +118,7 @@ def test_a_trial_with_a_nan_loss_is_a_failed_trial(corpus, tmp_path):
     assert (proc.stdout + proc.stderr).count("Failed experiment: ") == 1
     assert "non-finite training loss" in (sweep / "0" / "error.txt").read_text()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert best["best_value"] == pytest.approx(json.loads((sweep / "1" / "results.json").read_text())["perplexity"])
+    assert best["best_value"] == pytest.approx(json.loads((sweep / "1" / "results.json").read_text())["bits_per_char"])
     [row] = [r for r in summary_rows((sweep / "summary.md").read_text()) if r["job"] == "0"]
     assert row["status"].startswith("failed: ") and "non-finite training loss" in row["status"]
 
@@ -149,5 +149,5 @@ def test_torchrun_around_an_optuna_study_a_trial_failing_on_one_rank_fails_on_al
     assert (proc.stdout + proc.stderr).count("Failed experiment: ") == 2
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     result = json.loads((sweep / "1" / "results.json").read_text())
-    assert result["processes"] == 2 and best["best_value"] == pytest.approx(result["perplexity"])
+    assert result["processes"] == 2 and best["best_value"] == pytest.approx(result["bits_per_char"])
     assert (sweep / "0" / "error.txt").read_text().startswith("rank 1: RuntimeError: injected failure")
