@@ -35,6 +35,7 @@ from mlm.files import atomic_path, default_cache_root, os_error_of, write_error
 from mlm.job import Job, cache_builders_first, on_main_alone
 from mlm.masking import MLMCollator, scheduled_probability
 from mlm.models import MLMObjective, build_model, init_unigram_bias
+from mlm.tokenizer_training import run_tokenizer
 from mlm.optim import build_optimizer, build_scheduler
 from mlm.parallel import Replicated, build_layout
 from mlm.placement import is_main_process, rank
@@ -268,7 +269,8 @@ def build_data(
     """Model and tokenizer (`built`, or cfg.model's), token blocks (the main process fills the block cache, the
     others reuse it), and the data order."""
     with cache_builders_first(accelerator, group):
-        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed)
+        # a trained tokenizer is trained here, once: the other processes read it from the cache
+        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed, tokenizer=run_tokenizer(cfg))
         if cfg.dataset.streaming:  # training blocks come from the stream (train_batches)
             train_blocks, eval_blocks = None, stream_eval_blocks(cfg.dataset, tokenizer, cfg.block_size)
         else:
