@@ -616,8 +616,11 @@ def banner(run: Run) -> List[str]:
         if acc.device.type == "cuda"
         else f"{acc.device.type} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     )
+    model = cfg.model.name_or_path
+    if cfg.tokenizer.kind != "pretrained":  # a scratch model (checked) with a tokenizer of its own: no name is involved
+        model = f"{cfg.model.arch.get('model_type')} from scratch, tokenizer={cfg.tokenizer.kind} of {len(run.data.tokenizer)} tokens"
     return progress.banner_lines(
-        model=cfg.model.name_or_path,
+        model=model,
         trainable=trainable,
         total=total,
         global_batch=order.global_batch,

@@ -210,6 +210,7 @@ def test_a_run_trains_its_tokenizer_and_final_fills_a_mask(trained_run, tmp_path
     from transformers import pipeline
 
     root, args, done = trained_run
+    assert "model: bert from scratch, tokenizer=bpe of 300 tokens" in done.stdout + done.stderr  # the start banner
     final = root / "run" / "final"
     fill = pipeline("fill-mask", model=str(final))
     assert fill.tokenizer.mask_token == "[MASK]" and len(fill.tokenizer) == 300  # model=tiny: BERT's special tokens
