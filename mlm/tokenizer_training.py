@@ -36,6 +36,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from mlm import faults
 from mlm.config import Config, DatasetConfig, TokenizerConfig
 from mlm.data.blocks import split_indices
 from mlm.data.identity import source_identity
@@ -130,6 +131,7 @@ def train_new(cfg: Config, style: str, path: Path) -> Tokenizer:
         cfg.dataset.path or cfg.dataset.kind,
         path,
     )
+    faults.reached("tokenizer")
     start = time.perf_counter()
     backend, trainer = untrained(tcfg, style)
     counted = _Counter(training_texts(cfg.dataset, tcfg.max_documents))

@@ -253,3 +253,18 @@ def test_a_resume_with_another_tokenizer_is_refused(trained_run, tmp_path, monke
         refused.stderr
     )
     assert os.path.exists(run_dir / "checkpoints" / "ckpt-00000002")
+
+
+@pytest.mark.slow
+def test_several_processes_train_it_once(corpus, tmp_path, own_cache):
+    """The main process trains the tokenizer, the other reads it: rank 1 would be killed if it trained one."""
+    import subprocess
+
+    from tests.conftest import torchrun_command
+
+    cmd = torchrun_command(29541, *RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path / 'run'}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_FAULT_KILL_AT": "tokenizer:1", "MLM_FAULT_RANK": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["processes"] == 2
+    assert len(list((own_cache / "tokenizers").iterdir())) == 1
