@@ -236,7 +236,7 @@ def build_model(
             "model.trust_remote_code=true: running the Python code shipped with %s (and its tokenizer)",
             cfg.name_or_path,
         )
-    tokenizer = tokenizer or load_tokenizer(cfg, fetch)
+    tokenizer = load_tokenizer(cfg, fetch) if tokenizer is None else tokenizer
     torch.manual_seed(seed)
     model = BUILDERS[cfg.source](cfg, tokenizer, fetch=fetch)
     if cfg.freeze_embeddings:  # a tied decoder shares this parameter, so it stays fixed too
