@@ -69,6 +69,9 @@ Sharding = Choice("Sharding", [(v, v) for v in ("none", "fsdp")])
 OnNonFinite = Choice("OnNonFinite", [(v, v) for v in ("stop", "skip")])
 TrackerBackend = Choice("TrackerBackend", [(v, v) for v in ("wandb", "tensorboard", "csv")])
 WandbMode = Choice("WandbMode", [(v, v) for v in ("auto", "online", "offline", "disabled")])
+# the run's tokenizer: the model's own, or one trained on the training split (mlm/tokenizer_training.py)
+TokenizerKind = Choice("TokenizerKind", [(v, v) for v in ("pretrained", "wordpiece", "bpe", "unigram")])
+SpecialTokens = Choice("SpecialTokens", [(v, v) for v in ("auto", "bert", "roberta")])
 
 
 # What a setting means for a resume is written on its field (`resume=`): may a run resume with it changed, and is a
@@ -213,6 +216,58 @@ class ModelConfig:
         if self.freeze_layers < 0:
             raise UserError(f"model.freeze_layers={self.freeze_layers} must be >= 0")
         check_attn_implementation(self.attn_implementation)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = setting(
+        TokenizerKind.pretrained,
+        "pretrained (model.tokenizer, else the model's own) | wordpiece | bpe | unigram: trained on the training split",
+        resume=fixed,
+    )
+    vocab_size: int = setting(8192, "trained: tokens in the vocabulary, special tokens included", resume=fixed)
+    lowercase: bool = setting(False, "trained: lowercase the text first (an uncased vocabulary)", resume=fixed)
+    min_frequency: int = setting(
+        2,
+        "trained: a merge (bpe) or word piece (wordpiece) must occur this often; unigram prunes by likelihood",
+        resume=fixed,
+    )
+    special_tokens: SpecialTokens = setting(
+        SpecialTokens.auto,
+        "trained: bert ([CLS] [SEP] [PAD] [UNK] [MASK]) | roberta (<s> </s> <pad> <unk> <mask>) | auto: the model family's",
+        resume=fixed,
+    )
+    max_documents: int = setting(
+        0, "trained: learn from the first N training documents only (0 = all; a stream needs N)", resume=fixed
+    )
+
+    def validate(self) -> None:
+        if self.vocab_size < 16:
+            raise UserError(f"tokenizer.vocab_size={self.vocab_size} is too small; use at least 16 (e.g. 8192)")
+        if self.min_frequency < 1:
+            raise UserError(f"tokenizer.min_frequency={self.min_frequency} must be at least 1")
+        if self.max_documents < 0:
+            raise UserError(f"tokenizer.max_documents={self.max_documents} must be >= 0 (0 = every training document)")
+
+    def check_run(self, model: ModelConfig, dataset: DatasetConfig) -> None:
+        """A trained tokenizer needs a model with no vocabulary of its own, and a stream a bound on what it reads."""
+        if self.kind == "pretrained":
+            return
+        if model.source != "scratch":
+            raise UserError(
+                f"tokenizer={self.kind} trains a new vocabulary, which the pretrained model {model.name_or_path} does not "
+                "know; use a from-scratch model (model=scratch_distilroberta, model.source=scratch) or tokenizer=pretrained"
+            )
+        if model.tokenizer:
+            raise UserError(
+                f"model.tokenizer={model.tokenizer} names a tokenizer and tokenizer={self.kind} trains one; "
+                "unset model.tokenizer (model.tokenizer=null) or use tokenizer=pretrained"
+            )
+        if dataset.streaming and not self.max_documents:
+            raise UserError(
+                f"dataset.streaming=true: tokenizer={self.kind} learns from the first tokenizer.max_documents training "
+                "documents of the stream; set it, e.g. tokenizer.max_documents=100000"
+            )
 
 
 def check_attn_implementation(name: str) -> None:
@@ -606,6 +661,7 @@ class TrackerConfig:
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -638,8 +694,10 @@ class Config:
             self.trainer,
             self.runtime,
             self.downstream,
+            self.tokenizer,
         ):
             group.validate()
+        self.tokenizer.check_run(self.model, self.dataset)
         if self.masking.schedule != "constant" and self.runtime.num_workers > 0:
             # the loop sets the rate on the collator before each step; worker processes hold their own copy
             raise UserError(f"masking.schedule={self.masking.schedule} needs runtime.num_workers=0")

@@ -129,6 +129,8 @@ def rebuild(ckpt: Path, ema: bool = False, trust_remote_code: bool = False):
     settings = state["config"]
     if not isinstance(settings.get("block_size"), int) or not isinstance(settings.get("seed"), int):
         raise UserError(f"checkpoint {ckpt}: state.json's config has no block_size or seed; export another one")
+    if settings.get("tokenizer.kind", "pretrained") != "pretrained":  # trained by the run: saved in each checkpoint
+        cfg.tokenizer = str(ckpt)
     named = {cfg.tokenizer or cfg.name_or_path, *([cfg.name_or_path] if cfg.source == "pretrained" else [])}
     print(
         f"model: {', '.join(sorted(resolve_path(n) for n in named))} (named by the checkpoint; files on this machine only, "

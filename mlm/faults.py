@@ -21,6 +21,7 @@ Points (each marks a moment in a run's life; counts start at 1 in every process)
     checkpoint  a checkpoint half-written (weights and optimizer on disk, no manifest yet; in the writer's
                 thread with trainer.async_checkpoint)
     tokenize    a batch of documents tokenized while the block cache is built
+    tokenizer   the run's own tokenizer about to be trained (tokenizer=wordpiece|bpe|unigram, not read from the cache)
     metrics     a metrics.jsonl record half-written (the kill leaves a torn last line)
     final       the final model half-saved (weights written, tokenizer not)
     results     everything written except results.json
@@ -37,7 +38,10 @@ import time
 from collections import Counter
 from typing import IO, Optional
 
-POINTS = ("startup", "step", "eval_batch", "eval", "checkpoint", "tokenize", "metrics", "final", "results", "finetune")
+POINTS = (
+    *("startup", "step", "eval_batch", "eval", "checkpoint", "tokenize", "tokenizer"),
+    *("metrics", "final", "results", "finetune"),
+)
 _reached: Counter = Counter()
 _signalled: Counter = Counter()
 _steps_taken = 0  # counted with MLM_FAULT_CHECKPOINT_HOLD_STEPS set, for the writer's thread to wait on

@@ -231,14 +231,17 @@ def max_block_size(model: PreTrainedModel) -> int:
     return getattr(config, "max_position_embeddings", 1 << 30) - POSITION_OFFSET.get(config.model_type, 0)
 
 
-def build_model(cfg: ModelConfig, block_size: int, seed: int, fetch: bool = True) -> Tuple[PreTrainedModel, object]:
-    """Tokenizer and model; new weights (scratch models, new heads) are drawn from `seed`. fetch=False: local files only."""
+def build_model(
+    cfg: ModelConfig, block_size: int, seed: int, fetch: bool = True, tokenizer=None
+) -> Tuple[PreTrainedModel, object]:
+    """Tokenizer and model; new weights (scratch models, new heads) are drawn from `seed`. fetch=False: local files only.
+    `tokenizer`: one made elsewhere (a trained one: mlm.tokenizer_training) instead of cfg's."""
     if cfg.trust_remote_code:
         log.warning(
             "model.trust_remote_code=true: running the Python code shipped with %s (and its tokenizer)",
             cfg.name_or_path,
         )
-    tokenizer = load_tokenizer(cfg, fetch)
+    tokenizer = load_tokenizer(cfg, fetch) if tokenizer is None else tokenizer
     torch.manual_seed(seed)
     model = BUILDERS[cfg.source](cfg, tokenizer, fetch=fetch)
     if cfg.freeze_embeddings:  # a tied decoder shares this parameter, so it stays fixed too

@@ -40,6 +40,7 @@ from mlm.parallel import Replicated, build_layout
 from mlm.placement import is_main_process, rank
 from mlm.precision import make_accelerator, precision_reason, resolve_mixed_precision
 from mlm.preemption import Abandoned, Interrupted, StopSignals, plan
+from mlm.tokenizer_training import run_tokenizer
 from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,8 @@ def build_data(
     """Model and tokenizer (`built`, or cfg.model's), token blocks (the main process fills the block cache, the
     others reuse it), and the data order."""
     with cache_builders_first(accelerator, group):
-        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed)
+        # a trained tokenizer is trained here, once: the other processes read it from the cache
+        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed, tokenizer=run_tokenizer(cfg))
         if cfg.dataset.document_attention:
             check_document_attention(model)  # before any block is built
         if cfg.dataset.streaming:  # training blocks come from the stream (train_batches)
@@ -622,8 +624,11 @@ def banner(run: Run) -> List[str]:
         if acc.device.type == "cuda"
         else f"{acc.device.type} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     )
+    model = cfg.model.name_or_path
+    if cfg.tokenizer.kind != "pretrained":  # a scratch model (checked) with a tokenizer of its own: no name is involved
+        model = f"{cfg.model.arch.get('model_type')} from scratch, tokenizer={cfg.tokenizer.kind} of {len(run.data.tokenizer)} tokens"
     return progress.banner_lines(
-        model=cfg.model.name_or_path,
+        model=model,
         trainable=trainable,
         total=total,
         global_batch=order.global_batch,
