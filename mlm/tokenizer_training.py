@@ -46,9 +46,8 @@ from mlm.files import atomic_write_text, default_cache_root
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when what is trained for the same settings changes, so old cache entries are not reused
-MAX_CACHED_BYTES = (
-    256 << 20
-)  # a cached tokenizer.json larger than this is not one this code wrote (250k tokens: ~20 MB)
+# a cached tokenizer.json larger than this is not one this code wrote (250k tokens: ~20 MB)
+MAX_CACHED_BYTES = 256 << 20
 TRAIN_BATCH = 1000  # documents per batch handed to the trainer
 # the model types whose tokenizers use RoBERTa's special tokens (tokenizer.special_tokens=auto)
 ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert", "longformer")
