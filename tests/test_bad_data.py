@@ -17,7 +17,7 @@ import mlm.data.blocks as blocks_mod
 from mlm.config import DatasetConfig, UserError
 from mlm.data import build_blocks, iter_documents
 from mlm.data.sources import _local_files
-from tests.conftest import ROOT, TINY_RUN, compose, run_cli, sentences
+from tests.conftest import ROOT, TINY_RUN, compose, run_in_process, sentences
 from tests.data_reference import load_text
 from tests.test_errors import assert_clean_failure
 
@@ -232,4 +232,4 @@ def test_bad_data_via_cli(tmp_path, text_file, case):
         args, needles = [f"dataset.path={tmp_path / 'z.txt'}"], ["z.txt is gzip-compressed"]
     else:
         args, needles = [f"dataset.path={text_file}", "seed=-1"], ["seed=-1 is out of range"]
-    assert_clean_failure(run_cli([*TINY_RUN, *args, f"hydra.run.dir={run_dir}"]), run_dir, *needles)
+    assert_clean_failure(run_in_process([*TINY_RUN, *args, f"hydra.run.dir={run_dir}"]), run_dir, *needles)

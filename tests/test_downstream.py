@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mlm.config import UserError
-from tests.conftest import ROOT, TINY_RUN, compose, run_cli
+from tests.conftest import ROOT, TINY_RUN, compose, run_cli, run_in_process
 from tests.test_sweeps import summary_rows
 
 POSITIVE, NEGATIVE = "good great fine happy lovely".split(), "bad awful sad poor ugly".split()
@@ -451,11 +451,11 @@ def test_run_py_with_downstream_then_a_finished_run_asked_for_more(corpus, tmp_p
     model_hash = hashlib.sha256((run_dir / "final" / "model.safetensors").read_bytes()).hexdigest()
     metrics = (run_dir / "metrics.jsonl").read_text()
 
-    # asked again the same: finished, nothing fine-tuned
-    proc = run_cli([*base, *QUICK], env=env)
+    # asked again the same: finished, nothing fine-tuned (the command line again, in process)
+    proc = run_in_process([*base, *QUICK])
     assert proc.returncode == 0 and "already finished" in proc.stdout and "added to" not in proc.stdout
     # another seed: no training, a fine-tune of final/, results.json updated (its config says what was asked)
-    proc = run_cli([*base, *QUICK, "downstream.seeds=[1]"], env=env)
+    proc = run_in_process([*base, *QUICK, "downstream.seeds=[1]"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"added to {run_dir / 'results.json'}" in proc.stdout and "already finished" in proc.stdout
     updated = json.loads((run_dir / "results.json").read_text())
@@ -466,7 +466,7 @@ def test_run_py_with_downstream_then_a_finished_run_asked_for_more(corpus, tmp_p
     assert hashlib.sha256((run_dir / "final" / "model.safetensors").read_bytes()).hexdigest() == model_hash
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # no step trained again
     # downstream=none asks for nothing: the numbers stay
-    proc = run_cli(base, env=env)
+    proc = run_in_process(base)
     assert proc.returncode == 0 and json.loads((run_dir / "results.json").read_text()) == updated
 
 
@@ -474,9 +474,9 @@ def test_run_py_with_downstream_then_a_finished_run_asked_for_more(corpus, tmp_p
 def test_a_finished_run_without_downstream_gets_it_added(corpus, tmp_path):
     run_dir = tmp_path / "run"
     base = [*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
-    assert run_cli(base, env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert run_in_process(base).returncode == 0  # the command line, in process
     assert "downstream" not in json.loads((run_dir / "results.json").read_text())
-    proc = run_cli([*base, *QUICK], env={"OMP_NUM_THREADS": "1"})
+    proc = run_in_process([*base, *QUICK])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["downstream"]["task"] == "polarity" and results["config"]["downstream.kind"] == "polarity"
@@ -489,11 +489,11 @@ import torch
 from mlm.job import Job, on_main_alone
 run_dir, rank, fail = Path(sys.argv[1]), int(os.environ["RANK"]), sys.argv[2] == "fail"
 def work():
-    time.sleep(25)  # a fine-tune longer than the collective timeout (12 s)
+    time.sleep(13)  # a fine-tune over twice the collective timeout (6 s)
     if fail:
         raise RuntimeError("the fine-tune broke")
     return "scores"
-with Job(run_dir, collective_timeout_minutes=0.2) as job:
+with Job(run_dir, collective_timeout_minutes=0.1) as job:
     value = on_main_alone("downstream", work, job)
     with open(run_dir / "order", "a") as f:
         f.write(f"{rank} {value}\\n")

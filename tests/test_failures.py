@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, as_typed, compose, run_cli
+from tests.conftest import ROOT, TINY_RUN, as_typed, compose, run_cli, run_in_process
 from tests.test_resume import assert_same_as_uninterrupted, last_step, wait_for
 
 
@@ -49,7 +49,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_leaves_nothing_behind(corpus,
             f"hydra.run.dir={run_dir}",
         ]
         for attempt in range(2):  # the rerun resumes and meets the same full disk: the same line, not "in use"
-            proc = run_cli(args)
+            proc = run_in_process(args)  # the disk is the point, not the process
             assert proc.returncode == 2, proc.stderr[-3000:]
             assert error_lines(proc) == [
                 f"error: cannot write checkpoint {run_dir}/checkpoints/ckpt-00000004: "
@@ -64,7 +64,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_leaves_nothing_behind(corpus,
 @pytest.mark.slow
 def test_read_only_run_dir_and_a_run_dir_that_is_a_file_are_one_line(corpus, tmp_path):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
-        proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={ro / 'run'}"])
+        proc = run_in_process([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={ro / 'run'}"])
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert error_lines(proc) == [
             f"error: cannot write the run directory's lock {ro / 'run' / 'run.lock'}: "
@@ -72,7 +72,7 @@ def test_read_only_run_dir_and_a_run_dir_that_is_a_file_are_one_line(corpus, tmp
         ]
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={a_file}"])
+    proc = run_in_process([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={a_file}"])
     assert proc.returncode == 2 and proc.stdout == ""
     assert error_lines(proc) == [
         f"error: the run directory {a_file} is a file; give the run a directory (hydra.run.dir=...)"
@@ -86,7 +86,7 @@ def test_a_folder_this_harness_did_not_make_is_refused_untouched(corpus, tmp_pat
     (folder / "final" / "model.bin").write_text("my model")
     (folder / "results.json").write_text("{}")
     before = sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*"))
-    proc = run_cli([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={folder}"])
+    proc = run_in_process([*TINY_RUN, f"dataset.path={corpus}", f"hydra.run.dir={folder}"])
     assert proc.returncode == 2 and proc.stdout == ""
     assert error_lines(proc) == [
         f"error: {folder} holds files no run of this harness wrote (final, results.json; no run.lock); "
@@ -169,7 +169,7 @@ def test_another_lr_on_an_unfinished_run_is_refused_with_checkpoints_untouched(c
     killed = run_cli(args, env={"MLM_FAULT_KILL_AT": "step:5"})
     assert killed.returncode == -signal.SIGKILL
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock")
-    other = run_cli([*args, "optimizer.lr=0.01"])
+    other = run_in_process([*args, "optimizer.lr=0.01"])  # after the kill, the command line in process
     assert other.returncode == 2, other.stderr[-2000:]
     assert (
         "taking over" in other.stdout and len(other.stdout.strip().splitlines()) == 1
@@ -182,7 +182,7 @@ def test_another_lr_on_an_unfinished_run_is_refused_with_checkpoints_untouched(c
     assert (
         sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != "run.lock") == before
     )  # .hydra too
-    same = run_cli([*args, "trainer.eval_every=4"])  # eval cadence changes no result: resumes
+    same = run_in_process([*args, "trainer.eval_every=4"])  # eval cadence changes no result: resumes
     assert same.returncode == 0 and "at step 4\n" in same.stdout + same.stderr, same.stderr[-2000:]
 
 
@@ -248,7 +248,7 @@ def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(cor
     assert err.strip().endswith(
         f"; checkpoint {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} written; resume with: {resume}"
     )
-    resumed = run_cli(args)
+    resumed = run_in_process(args)  # only the signal needs a process
     assert resumed.returncode == 0 and f"at step {step}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
@@ -356,7 +356,7 @@ def test_an_unwritable_metrics_file_stops_with_a_checkpoint_and_loses_no_record(
     assert error == [lines[0].removeprefix("error: "), f"resume with: {as_typed(args)}"]
     shutil.rmtree(metrics)
     shutil.move(kept, metrics)  # the user fixes the disk; the records written before stay
-    resumed = run_cli(args)
+    resumed = run_in_process(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_as_uninterrupted(
         run_dir, uninterrupted

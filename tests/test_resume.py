@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_RUN, check_settings_as_run_py, compose, run_cli
+from tests.conftest import ROOT, TINY_RUN, check_settings_as_run_py, compose, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -241,7 +241,7 @@ def test_kills_at_every_phase_then_resume_match_an_uninterrupted_run(corpus, uni
             assert not (run_dir / "metrics.jsonl").read_text().endswith("\n"), "the kill should leave a torn last line"
         if point.startswith("final"):
             assert not (run_dir / "final").exists()  # half a model never appears under the final name
-    done = run_cli(args)
+    done = run_in_process(args)  # only the kills need a process
     assert done.returncode == 0, done.stderr[-3000:]
     assert "at step 14\n" in done.stdout + done.stderr  # only final/ and results.json were left to do
     assert_same_as_uninterrupted(run_dir, uninterrupted)
@@ -249,7 +249,7 @@ def test_kills_at_every_phase_then_resume_match_an_uninterrupted_run(corpus, uni
 
     # run again: finished, says so in one line, trains and logs nothing
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "run.lock"}
-    again = run_cli(args)
+    again = run_in_process(args)  # (the same as a process: tests/test_run.py)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.strip().splitlines() == [again.stdout.strip()] and "already finished" in again.stdout
     assert str(run_dir / "results.json") in again.stdout and again.stderr.strip() == ""

@@ -5,6 +5,7 @@ Each signal is produced for real (sent to a process, or by the run itself at a f
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, as_typed, compose, run_cli, torchrun_command
+from tests.conftest import ROOT, TINY_RUN, as_typed, compose, run_cli, run_in_process, torchrun_command
 from tests.test_resume import last_step, wait_for
 
 
@@ -296,15 +297,11 @@ def test_a_signal_in_the_final_eval_stops_before_final_and_the_rerun_writes_it_w
     metrics = (run_dir / "metrics.jsonl").read_text()
     assert '"eval/perplexity"' in metrics.splitlines()[-1] and json.loads(metrics.splitlines()[-1])["step"] == 4
 
-    rerun = subprocess.run(
-        printed,
-        shell=True,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # the printed command, in process (only the signal needs a process; test_failures.py runs a printed command in a
+    # shell): its words after `python run.py`, from the directory it was printed in
+    _, script, *words = shlex.split(printed)
+    assert script == str(ROOT / "run.py")
+    rerun = run_in_process(words, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {ckpt} at step 4" in rerun.stdout + rerun.stderr
     results = json.loads((run_dir / "results.json").read_text())
@@ -353,7 +350,7 @@ def test_a_signal_while_final_is_written_or_during_the_fine_tune_keeps_the_resul
     ]
     assert json.loads((run_dir / "results.json").read_text()) == results
 
-    rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
+    rerun = run_in_process(args)  # no signal: in process
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already finished" in rerun.stdout and f"added to {run_dir / 'results.json'}" in rerun.stdout
     updated = json.loads((run_dir / "results.json").read_text())
@@ -407,7 +404,7 @@ def test_a_sigterm_during_an_eval_stops_at_its_next_batch_with_the_last_steps_ch
         [0, 2] if final else [0]
     )  # the abandoned eval logged nothing
 
-    rerun = run_cli(args, env={"OMP_NUM_THREADS": "1"})
+    rerun = run_in_process(args)  # no signal: in process
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {ckpt} at step {step}" in rerun.stdout + rerun.stderr
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4

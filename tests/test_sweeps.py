@@ -31,31 +31,41 @@ def multirun(corpus, sweep, *overrides, returncode=0):
     return job_dirs(sweep)
 
 
+@pytest.fixture(scope="module")
+def sweep_2x3(corpus, tmp_path_factory):
+    """One tiny 2x3 multirun for the two tests below (one process, as a user runs it): two learning rates by three
+    block sizes, of which 600 exceeds the model's 512 positions (those two jobs fail, the others still run) and 16 and
+    32 are two evals. Returns the sweep directory, its job directories and summary.md."""
+    sweep = tmp_path_factory.mktemp("sweep_2x3") / "sweep"
+    jobs = multirun(
+        corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=16,32,600", "trainer.max_steps=2", returncode=1
+    )
+    return sweep, jobs, (sweep / "summary.md").read_text()
+
+
 @pytest.mark.slow
-def test_2x2_multirun_with_a_failing_job_and_summary(corpus, tmp_path):
-    sweep = tmp_path / "sweep"
-    # block_size=600 exceeds the model's 512 positions: those jobs fail, the others still run
-    jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=32,600", "trainer.max_steps=3", returncode=1)
-    assert len(jobs) == 4
+def test_a_multirun_with_failing_jobs_runs_the_others_and_ranks_them_by_perplexity(sweep_2x3):
+    sweep, jobs, summary = sweep_2x3
+    assert len(jobs) == 6
     ok = [j for j in jobs if (j / "results.json").exists()]
     failed = [j for j in jobs if (j / "error.txt").exists()]
-    assert len(ok) == 2 and len(failed) == 2
+    assert len(ok) == 4 and len(failed) == 2
     assert all("block_size=600" in (j / "error.txt").read_text() for j in failed)
-    summary = (sweep / "summary.md").read_text()
-    assert summary.count("| ok |") == 2 and summary.count("failed: block_size=600") == 2
+    assert summary.count("| ok |") == 4 and summary.count("failed: block_size=600") == 2
     rows = summary_rows(summary)
-    ppl = [float(r["final ppl"]) for r in rows if r["status"] == "ok"]
-    assert ppl == sorted(ppl) and [r["#"] for r in rows] == ["1", "2", "3", "4"]  # sorted by perplexity
+    assert [r["#"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert [r["status"] == "ok" for r in rows] == [True] * 4 + [False] * 2  # the failed jobs last
+    for label in ("A", "B"):  # sorted by perplexity within each eval
+        ppl = [float(r["final ppl"]) for r in rows if r["status"] == "ok" and r["eval"] == label]
+        assert len(ppl) == 2 and ppl == sorted(ppl)
     assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
-def test_multirun_all_ok_2x2(corpus, tmp_path):
-    sweep = tmp_path / "sweep"
-    jobs = multirun(corpus, sweep, "optimizer.lr=1e-3,3e-3", "block_size=16,32", "trainer.max_steps=2")
-    assert len(jobs) == 4 and all((j / "results.json").exists() for j in jobs)
+def test_a_multirun_over_block_size_ranks_its_two_evals_apart(sweep_2x3):
+    sweep, jobs, summary = sweep_2x3
     assert (sweep / "summary.md").exists() and (sweep / "summary.png").exists()
-    summary = (sweep / "summary.md").read_text()  # two block sizes are two evals: ranked apart, no best across them
+    # two block sizes are two evals: ranked apart, no best across them
     assert "Not comparable: the jobs' evals differ in block_size;" in summary and "Best:" not in summary
     assert "- eval A (2 job(s)" in summary and "- eval B (2 job(s)" in summary
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlm.checkpoint import FORMAT
-from tests.conftest import TINY_RUN, check_settings_as_run_py, compose, run_cli
+from tests.conftest import TINY_RUN, check_settings_as_run_py, compose, run_cli, run_in_process
 from tests.test_failures import error_lines
 from tests.test_resume import records
 
@@ -404,7 +404,7 @@ def test_a_decaying_checkpoint_may_not_take_another_decay(runs, corpus):
     checkpoints untouched."""
     run_dir = runs["root"] / "long"
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = run_cli(
+    proc = run_in_process(  # the command line's refusal, in process
         [
             *LONG,
             f"dataset.path={corpus}",
