@@ -62,7 +62,7 @@ LRSchedule = Choice("LRSchedule", [(v, v) for v in ("constant", "linear", "cosin
 DecayShape = Choice("DecayShape", [(v, v) for v in ("linear", "1-sqrt")])  # wsd's decay (mlm/schedules.py)
 OptimizerName = Choice("OptimizerName", [(v, v) for v in ("adamw", "stable_adamw", "muon")])  # builders in mlm/optim.py
 # torch.optim.Muon's adjust_lr_fn: how the rate is scaled by the matrix's shape
-MuonAdjustLR = Choice("MuonAdjustLR", [(v, v) for v in ("original", "match_rms_adamw")])
+MuonAdjustLR = Choice("MuonAdjustLR", [(v, v) for v in ("match_rms_adamw", "original")])
 # loaders in mlm/downstream/tasks.py
 DownstreamKind = Choice("DownstreamKind", [(v, v) for v in ("none", "polarity", "hub", "local")])
 OptimizerImpl = Choice("OptimizerImpl", [(v, v) for v in ("auto", "fused", "foreach", "loop")])
@@ -323,14 +323,14 @@ class OptimizerConfig:
     )
 
     muon_lr: float = setting(
-        0.02,
+        1e-3,
         "optimizer=muon: peak rate of the encoder layers' matrices (Muon); the rest learns at optimizer.lr (AdamW)",
         resume=fixed,
     )
     muon_momentum: float = setting(0.95, "optimizer=muon: Muon's (Nesterov) momentum", resume=fixed)
     muon_adjust_lr: MuonAdjustLR = setting(
-        MuonAdjustLR.original,
-        "optimizer=muon: original (rate x sqrt(max(1, rows/cols))) | match_rms_adamw (x 0.2 sqrt(max(rows, cols)): AdamW-sized steps)",
+        MuonAdjustLR.match_rms_adamw,
+        "optimizer=muon: match_rms_adamw (rate x 0.2 sqrt(max(rows, cols)): AdamW-sized steps) | original (x sqrt(max(1, rows/cols)))",
         resume=fixed,
     )
 

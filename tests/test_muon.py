@@ -47,7 +47,7 @@ def test_encoder_layer_matrices_go_to_muon_everything_else_to_adamw():
     assert (muon_group["lr"], muon_group["momentum"], muon_group["adjust_lr_fn"]) == (
         cfg.optimizer.muon_lr,
         cfg.optimizer.muon_momentum,
-        "original",
+        "match_rms_adamw",
     )
     # AdamW's groups are build_adamw's over the rest: its decay rules (matrices only), its rate, its kernel
     reference = param_groups(
@@ -152,6 +152,7 @@ RUN = [
     *TINY_RUN,
     "optimizer=muon",
     "optimizer.lr=3e-3",
+    "optimizer.muon_lr=3e-3",
     "runtime.mixed_precision=no",
     "model.dropout=0",
     "trainer.max_steps=12",
