@@ -60,7 +60,9 @@ RateSchedule = Choice("RateSchedule", [(v, v) for v in ("constant", "linear", "c
 # wsd: warmup, stable, decay (mlm/optim.py)
 LRSchedule = Choice("LRSchedule", [(v, v) for v in ("constant", "linear", "cosine", "wsd")])
 DecayShape = Choice("DecayShape", [(v, v) for v in ("linear", "1-sqrt")])  # wsd's decay (mlm/schedules.py)
-OptimizerName = Choice("OptimizerName", [(v, v) for v in ("adamw", "stable_adamw")])  # builders in mlm/optim.py
+OptimizerName = Choice("OptimizerName", [(v, v) for v in ("adamw", "stable_adamw", "muon")])  # builders in mlm/optim.py
+# torch.optim.Muon's adjust_lr_fn: how the rate is scaled by the matrix's shape
+MuonAdjustLR = Choice("MuonAdjustLR", [(v, v) for v in ("match_rms_adamw", "original")])
 # loaders in mlm/downstream/tasks.py
 DownstreamKind = Choice("DownstreamKind", [(v, v) for v in ("none", "polarity", "hub", "local")])
 OptimizerImpl = Choice("OptimizerImpl", [(v, v) for v in ("auto", "fused", "foreach", "loop")])
@@ -386,9 +388,25 @@ class OptimizerConfig:
         resume=fixed,
     )
 
+    muon_lr: float = setting(
+        1e-3,
+        "optimizer=muon: peak rate of the encoder layers' matrices (Muon); the rest learns at optimizer.lr (AdamW)",
+        resume=fixed,
+    )
+    muon_momentum: float = setting(0.95, "optimizer=muon: Muon's (Nesterov) momentum", resume=fixed)
+    muon_adjust_lr: MuonAdjustLR = setting(
+        MuonAdjustLR.match_rms_adamw,
+        "optimizer=muon: match_rms_adamw (rate x 0.2 sqrt(max(rows, cols)): AdamW-sized steps) | original (x sqrt(max(1, rows/cols)))",
+        resume=fixed,
+    )
+
     def validate(self) -> None:
         if self.lr <= 0:
             raise UserError(f"optimizer.lr={self.lr} must be positive")
+        if self.muon_lr <= 0:
+            raise UserError(f"optimizer.muon_lr={self.muon_lr} must be positive")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise UserError(f"optimizer.muon_momentum={self.muon_momentum} must be in [0, 1); e.g. 0.95")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(

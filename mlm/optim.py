@@ -13,20 +13,17 @@ from mlm.schedules import SCHEDULES, decay_start, stable_then_decay, warmup_leng
 from mlm.stable_adamw import StableAdamW
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, lr: float, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0
-) -> List[dict]:
-    """Decay matrices only: biases, norm weights and other 1-D parameters get no weight decay.
+def lr_scales(model: nn.Module, new_head_lr_scale: float = 1.0, layer_lr_decay: float = 1.0) -> Dict[int, float]:
+    """id(parameter) -> its multiple of the peak rate (unlisted: 1).
 
     With new_head_lr_scale != 1 the new MLM head's weights (head weights the checkpoint did not have)
-    get groups of their own at lr * new_head_lr_scale. With layer_lr_decay != 1 (layer-wise rates)
-    the top encoder layer keeps lr, each layer below gets the rate of the one above times
-    layer_lr_decay, and the rest of the encoder (the embeddings, and any table or norm outside the
-    layer stack) that of the bottom layer times it once more; head weights are not scaled by it.
-    The schedule scales every group alike."""
+    learn at lr * new_head_lr_scale. With layer_lr_decay != 1 (layer-wise rates) the top encoder
+    layer keeps lr, each layer below gets the rate of the one above times layer_lr_decay, and the
+    rest of the encoder (the embeddings, and any table or norm outside the layer stack) that of the
+    bottom layer times it once more; head weights are not scaled by it."""
     inner = getattr(model, "model", model)  # the objective wraps the Hugging Face model
     hf_model = hasattr(inner, "base_model")
-    scale = {}  # id(parameter) -> multiple of lr; unlisted: 1
+    scale = {}
     if layer_lr_decay != 1.0 and hf_model:
         layers = encoder_layers(inner)
         scale.update({id(p): layer_lr_decay ** len(layers) for p in inner.base_model.parameters()})
@@ -34,9 +31,25 @@ def param_groups(
             scale.update({id(p): layer_lr_decay**depth for p in layer.parameters()})
     if new_head_lr_scale != 1.0 and hf_model:
         scale.update({id(p): new_head_lr_scale for p in new_head_parameters(inner).values()})
+    return scale
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    new_head_lr_scale: float = 1.0,
+    layer_lr_decay: float = 1.0,
+    skip: frozenset = frozenset(),
+) -> List[dict]:
+    """Decay matrices only: biases, norm weights and other 1-D parameters get no weight decay.
+
+    Groups of their own for the rates lr_scales gives (new head, layer-wise rates); the schedule
+    scales every group alike. Parameters whose id is in `skip` are left out (another optimizer's)."""
+    scale = lr_scales(model, new_head_lr_scale, layer_lr_decay)
     groups: Dict[tuple, List[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in skip:
             continue
         groups.setdefault((scale.get(id(p), 1.0), not (p.ndim < 2 or "norm" in name.lower())), []).append(p)
     # the groups at lr first (the order checkpoints were saved with)
@@ -48,14 +61,14 @@ def param_groups(
     ]
 
 
-def build_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_adamw(model: nn.Module, cfg: OptimizerConfig, skip: frozenset = frozenset()) -> torch.optim.Optimizer:
     # fused: one kernel for the whole update (CPU and CUDA in torch >= 2.4); foreach: a few batched ops.
     impl = cfg.impl
     if impl == "auto":
         impl = "fused"
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay),
+        param_groups(model, cfg.weight_decay, cfg.lr, cfg.new_head_lr_scale, cfg.layer_lr_decay, skip),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
@@ -74,9 +87,66 @@ def build_stable_adamw(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Op
     )
 
 
+def muon_groups(model: nn.Module, cfg: OptimizerConfig) -> List[dict]:
+    """The trainable matrices of the encoder layers (attention and feed-forward weights; not their
+    biases and norms), one group per rate lr_scales gives them (layer-wise rates), the top rate first."""
+    scale = lr_scales(model, cfg.new_head_lr_scale, cfg.layer_lr_decay)
+    groups: Dict[float, List[nn.Parameter]] = {}
+    for layer in encoder_layers(getattr(model, "model", model)):
+        for p in layer.parameters():
+            if p.requires_grad and p.ndim == 2:
+                groups.setdefault(scale.get(id(p), 1.0), []).append(p)
+    return [
+        {"params": groups[s], "lr": cfg.muon_lr * s, "weight_decay": cfg.weight_decay}
+        for s in sorted(groups, reverse=True)
+    ]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon and AdamW as one optimizer (for the scheduler, gradient clipping, Accelerate and the
+    checkpoint piece "optimizer"): its param_groups are Muon's groups then AdamW's, the same dicts,
+    and both parts keep their state in this optimizer's (keyed by parameter; the two sets are
+    disjoint). So state_dict is torch's own over all groups, and load_state_dict hands the loaded
+    groups and state back to the parts."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+        super().__init__(muon.param_groups + adamw.param_groups, {})
+        self._share()
+
+    def _share(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)  # replaces self.param_groups and self.state with the loaded ones
+        self._share()
+
+
+def build_muon(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """torch's Muon for the encoder layers' matrices, AdamW (build_adamw, its decay rules and impl) for
+    embeddings, norms, biases and the head, as the Muon papers split them."""
+    groups = muon_groups(model, cfg)
+    muon = torch.optim.Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, adjust_lr_fn=str(cfg.muon_adjust_lr))
+    adamw = build_adamw(model, cfg, skip=frozenset(id(p) for g in groups for p in g["params"]))
+    return MuonWithAdamW(muon, adamw)
+
+
 OPTIMIZERS: Dict[str, Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {
     "adamw": build_adamw,
     "stable_adamw": build_stable_adamw,
+    "muon": build_muon,
 }
 
 
