@@ -20,10 +20,10 @@ from tests.data_reference import load_text, tokenize
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 1000, 1024])
 def test_group_blocks_lengths_and_no_token_lost(n):
     ids = np.arange(n, dtype=np.int32)
-    dropped = group_blocks(ids, 128, "drop", pad_id=-1)
+    dropped = group_blocks(ids, 128, "drop", fill=-1)
     assert dropped.shape == (n // 128, 128)
     assert np.array_equal(dropped.ravel(), ids[: (n // 128) * 128])  # order kept, only the remainder dropped
-    kept = group_blocks(ids, 128, "keep", pad_id=-1)
+    kept = group_blocks(ids, 128, "keep", fill=-1)
     assert kept.shape[1] == 128 and kept.shape[0] == -(-n // 128)
     assert np.array_equal(kept.ravel()[kept.ravel() != -1], ids)  # every token, in order, plus padding
 
@@ -172,9 +172,9 @@ def test_split_indices_are_the_permutation_of_train_test_split():
 def test_pack_blocks_carries_remainders_across_pieces(remainder):
     rng = np.random.default_rng(0)
     pieces = [rng.integers(1, 1000, size=n).astype(np.int32) for n in [0, 5, 31, 1, 64, 0, 100, 17, 3, 250]]
-    packed = np.concatenate(list(pack_blocks(pieces, 32, remainder, pad_id=0)))
+    packed = np.concatenate(list(pack_blocks(pieces, 32, remainder, fill=0)))
     assert np.array_equal(
-        packed, group_blocks(np.concatenate(pieces), 32, remainder, pad_id=0)
+        packed, group_blocks(np.concatenate(pieces), 32, remainder, fill=0)
     )  # no token lost at a piece boundary
 
 

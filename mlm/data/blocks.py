@@ -73,24 +73,24 @@ SPLITS = ("train", "test")
 # ---------------------------------------------------------------- grouping
 
 
-def group_blocks(ids: np.ndarray, block_size: int, remainder: str, pad_id) -> np.ndarray:
+def group_blocks(ids: np.ndarray, block_size: int, remainder: str, fill) -> np.ndarray:
     """Cut one long array of token ids into rows of `block_size`, in O(n).
 
-    remainder='drop' discards the last partial block (as the HF guide does); 'keep' pads it with `pad_id`.
-    `ids` may carry a trailing axis of per-token values (ids and document positions, n x 2): then `pad_id`
+    remainder='drop' discards the last partial block (as the HF guide does); 'keep' pads it with `fill` (the pad id).
+    `ids` may carry a trailing axis of per-token values (ids and document positions, n x 2): then `fill`
     holds one fill value for each.
     """
     n_full = len(ids) // block_size
     blocks = ids[: n_full * block_size].reshape(n_full, block_size, *ids.shape[1:])
     rest = len(ids) - n_full * block_size
     if remainder == "keep" and rest:
-        last = np.full((1, block_size, *ids.shape[1:]), pad_id, dtype=ids.dtype)
+        last = np.full((1, block_size, *ids.shape[1:]), fill, dtype=ids.dtype)
         last[0, :rest] = ids[n_full * block_size :]
         blocks = np.concatenate([blocks, last])
     return blocks
 
 
-def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, pad_id) -> Iterator[np.ndarray]:
+def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, fill) -> Iterator[np.ndarray]:
     """Blocks of the concatenation of `pieces` (1-D id arrays, or n x 2 with document positions), a
     (k, block_size) array per piece (k x block_size x 2).
 
@@ -104,7 +104,7 @@ def pack_blocks(pieces: Iterable[np.ndarray], block_size: int, remainder: str, p
         if n_full:
             yield ids[: n_full * block_size].reshape(n_full, block_size, *ids.shape[1:])
         carry = ids[n_full * block_size :]
-    last = group_blocks(carry, block_size, remainder, pad_id)
+    last = group_blocks(carry, block_size, remainder, fill)
     if len(last):
         yield last
 
@@ -380,7 +380,7 @@ def pad_id_of(tokenizer) -> int:
 def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> Dict[str, Any]:
     positions = cfg.document_attention
     # a padded last block's pad tokens are at position 0: each its own document, seen by no real token
-    pad_id, features = (
+    fill, features = (
         ((pad_id_of(tokenizer), 0), DOCUMENT_BLOCK_FEATURES) if positions else (pad_id_of(tokenizer), BLOCK_FEATURES)
     )
     docs = batched(iter_documents(cfg), cfg.tokenize_batch_size)
@@ -398,7 +398,7 @@ def _write_blocks(cfg: DatasetConfig, tokenizer, block_size: int, out: str) -> D
             with tqdm(
                 total=n_tokens, desc=f"group {split}", unit=" tokens", unit_scale=True, delay=2, mininterval=2
             ) as bar:
-                for blocks in pack_blocks(tokens.chunks(order, positions), block_size, cfg.remainder, pad_id):
+                for blocks in pack_blocks(tokens.chunks(order, positions), block_size, cfg.remainder, fill):
                     writer.write_table(_blocks_table(blocks))
                     n_blocks += len(blocks)
                     bar.update(len(blocks) * block_size)
