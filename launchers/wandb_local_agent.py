@@ -94,9 +94,10 @@ def run_trial(sweep: Dict[str, Any], sweep_id: str, run_id: str, values: Dict[st
     return agent._run_processes[run_id].wait()
 
 
-def trial_dir(run_id: str, root: Path = Path(".")) -> Optional[Path]:
-    """The trial's run directory: where its W&B run folder (online run-*, offline offline-run-*) lies, in wandb/."""
-    found = sorted(root.rglob(f"wandb/*run-*-{run_id}"))
+def trial_dir(run_id: str, root: Path = Path("outputs")) -> Optional[Path]:
+    """The trial's run directory: where its W&B run folder (online run-*, offline offline-run-*) lies, in wandb/,
+    under Hydra's outputs/ (the sweep file puts each trial in outputs/sweeps/<sweep id>/<run id>)."""
+    found = sorted(root.rglob(f"wandb/*run-*-{run_id}*"))
     return found[-1].parent.parent if found else None
 
 

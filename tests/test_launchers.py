@@ -129,12 +129,12 @@ def test_the_local_agent_runs_a_two_trial_sweep_of_the_shipped_file(tmp_path):
             k: v["value"] for k, v in params.items() if k != "wandb_version"
         }
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        metrics[run_id] = min(r["eval/perplexity"] for r in records if "eval/perplexity" in r)
+        metrics[run_id] = min(r["eval/bits_per_char"] for r in records if "eval/bits_per_char" in r)
         (wandb_run,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")  # the W&B run has the agent's run id
-        assert b"eval/perplexity" in next(wandb_run.glob("*.wandb")).read_bytes()  # W&B's record holds the metric
+        assert b"eval/bits_per_char" in next(wandb_run.glob("*.wandb")).read_bytes()  # W&B's record holds the metric
         assert "wandb.init called with sweep_config" in (run_dir / "wandb" / "debug.log").read_text()
     assert len({json.dumps(p, sort_keys=True) for p in trials.values()}) == 2  # two samples, not one twice
-    ranking = proc.stdout.split("ranked by eval/perplexity (minimize):\n")[1].split()
+    ranking = proc.stdout.split("ranked by eval/bits_per_char (minimize):\n")[1].split()
     assert [w for w in ranking if w in trials] == sorted(trials, key=metrics.get)
 
 
