@@ -16,7 +16,8 @@
   tokenizer settings and the `tokenizers` version; a second run on the same data and settings reads it.
   The file is read as untrusted input: a regular file (no link), at most MAX_CACHED_BYTES, JSON, and its
   special tokens where this module puts them; anything else is trained again, with one warning.
-  In a multi-process job the main process trains it first (mlm.job.cache_builders_first), the others read it.
+  In a multi-process job only the main process reads or trains it; the others get its JSON (mlm.train.shared_tokenizer),
+  so every process has the same one (training WordPiece/Unigram again may differ; a cache may be node-local).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def run_tokenizer(cfg: Config, cache_root: Optional[str] = None) -> Optional[Pre
     else:
         log.info("reusing the trained tokenizer %s", path)
     return wrap(backend, style, model_max_length(cfg))
+
+
+def tokenizer_from_text(cfg: Config, text: str) -> PreTrainedTokenizerFast:
+    """The run's tokenizer from the main process's tokenizer.json (mlm.train.shared_tokenizer: trusted, in memory)."""
+    return wrap(Tokenizer.from_str(text), special_style(cfg), model_max_length(cfg))
 
 
 def cache_key(cfg: Config, style: str, cache_root: str) -> str:

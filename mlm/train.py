@@ -40,7 +40,7 @@ from mlm.parallel import Replicated, build_layout
 from mlm.placement import is_main_process, rank
 from mlm.precision import make_accelerator, precision_reason, resolve_mixed_precision
 from mlm.preemption import Abandoned, Interrupted, StopSignals, plan
-from mlm.tokenizer_training import run_tokenizer
+from mlm.tokenizer_training import run_tokenizer, tokenizer_from_text
 from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
@@ -264,14 +264,25 @@ def checkpoint_writer(cfg: Config, layout) -> checkpoint.Writer:
     return checkpoint.Writer(background=cfg.trainer.async_checkpoint and not layout.sharded)
 
 
+def shared_tokenizer(cfg: Config, accelerator: Accelerator, group: Optional[Job]):
+    """The run's trained tokenizer (None for tokenizer=pretrained), the same on every process: the main process reads
+    or trains it (the others wait on the job's store, with no time limit) and sends its JSON to the others. Not each
+    its own: WordPiece and Unigram training is not deterministic, and a node-local or unwritable cache is not shared."""
+    if cfg.tokenizer.kind == "pretrained":
+        return None
+    mine = on_main_alone("tokenizer", lambda: run_tokenizer(cfg), group)
+    text = checkpoint.agreed(accelerator, mine.backend_tokenizer.to_str() if mine is not None else None)
+    return mine if mine is not None else tokenizer_from_text(cfg, text)
+
+
 def build_data(
     cfg: Config, accelerator: Accelerator, built: Optional[Tuple[Any, Any]] = None, group: Optional[Job] = None
 ) -> Tuple[Any, Data]:
     """Model and tokenizer (`built`, or cfg.model's), token blocks (the main process fills the block cache, the
     others reuse it), and the data order."""
+    trained = None if built else shared_tokenizer(cfg, accelerator, group)
     with cache_builders_first(accelerator, group):
-        # a trained tokenizer is trained here, once: the other processes read it from the cache
-        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed, tokenizer=run_tokenizer(cfg))
+        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed, tokenizer=trained)
         if cfg.dataset.document_attention:
             check_document_attention(model)  # before any block is built
         if cfg.dataset.streaming:  # training blocks come from the stream (train_batches)
