@@ -77,18 +77,27 @@ def special_style(cfg: Config) -> str:
     return "roberta" if cfg.model.arch.get("model_type") in ROBERTA_FAMILY else "bert"
 
 
-def run_tokenizer(cfg: Config, cache_root: Optional[str] = None) -> Optional[PreTrainedTokenizerFast]:
-    """The run's trained tokenizer (read from the cache, else trained and cached); None for tokenizer=pretrained."""
+def run_tokenizer(
+    cfg: Config, cache_root: Optional[str] = None, resumed: Optional[Path] = None
+) -> Optional[PreTrainedTokenizerFast]:
+    """The run's trained tokenizer (read from the cache, else from the checkpoint `resumed` and cached, else trained
+    and cached); None for tokenizer=pretrained. A resume whose cache entry is lost takes the one it trained with:
+    training again may give another (WordPiece, Unigram), which the resume's content check would refuse."""
     if cfg.tokenizer.kind == "pretrained":
         return None
     cache_root = cache_root or default_cache_root()
     style = special_style(cfg)
     path = Path(cache_root) / "tokenizers" / f"{cache_key(cfg, style, cache_root)}.json"
     backend = read_cached(path, style)
+    if backend is not None:
+        log.info("reusing the trained tokenizer %s", path)
+    elif resumed is not None and (resumed / "tokenizer.json").exists():
+        backend = read_cached(resumed / "tokenizer.json", style)  # as untrusted as the cache
+        if backend is not None:
+            log.info("the tokenizer cache has no usable %s: took the tokenizer of %s and cached it", path, resumed)
+            store(backend, path)
     if backend is None:
         backend = train_new(cfg, style, path)
-    else:
-        log.info("reusing the trained tokenizer %s", path)
     return wrap(backend, style, model_max_length(cfg))
 
 
@@ -127,7 +136,7 @@ def training_texts(data: DatasetConfig, max_documents: int) -> Iterator[str]:
 
 
 def train_new(cfg: Config, style: str, path: Path) -> Tokenizer:
-    """Train on the training split, streamed in batches, and save to the cache (atomically; a failed write only logs)."""
+    """Train on the training split, streamed in batches, and save to the cache."""
     tcfg = cfg.tokenizer
     log.info(
         "training a %s tokenizer of %d tokens on the training split of %s (once per data and settings; cached in %s)",
@@ -149,12 +158,17 @@ def train_new(cfg: Config, style: str, path: Path) -> Tokenizer:
         time.perf_counter() - start,
         backend.get_vocab_size(),
     )
+    store(backend, path)
+    return backend
+
+
+def store(backend: Tokenizer, path: Path) -> None:
+    """Cache `backend` at `path` (atomically; a failed write only logs)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, backend.to_str(), shared=True)  # several runs may train the same one at once
     except OSError as e:
         log.warning("cannot cache the trained tokenizer in %s (%s); the next run trains it again", path, e.strerror)
-    return backend
 
 
 class _Counter:

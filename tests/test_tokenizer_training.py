@@ -266,6 +266,33 @@ def test_a_resume_with_another_tokenizer_is_refused(trained_run, tmp_path, monke
 
 
 @pytest.mark.slow
+def test_a_resume_takes_a_lost_tokenizer_from_its_checkpoint(trained_run, tmp_path, monkeypatch):
+    """The cache entry deleted before a resume: the tokenizer comes from the checkpoint (not trained again, which for
+    WordPiece and Unigram may give another one), goes back in the cache, and the resume's content check passes."""
+    root, args, _ = trained_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "run", run_dir, symlinks=True)
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    monkeypatch.setenv("MLM_CACHE", str(cache))
+    [entry] = (cache / "tokenizers").iterdir()
+    before = entry.read_text()
+    entry.unlink()
+
+    def no_training(*args):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(tokenizer_training, "train_new", no_training)
+    resumed = run_in_process([*args, f"hydra.run.dir={run_dir}", "trainer.max_steps=4"])
+    assert resumed.returncode == 0, resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert f"took the tokenizer of {run_dir / 'checkpoints' / 'ckpt-00000002'} and cached it" in output
+    assert "resumed from" in output and json.loads(entry.read_text()) == json.loads(before)
+    saved = json.loads((run_dir / "checkpoints" / "ckpt-00000002" / "state.json").read_text())["data"]["tokenizer"]
+    assert json.loads((run_dir / "results.json").read_text())["data"]["tokenizer"] == saved
+
+
+@pytest.mark.slow
 def test_several_processes_train_it_once_and_share_it(corpus, tmp_path, own_cache):
     """The main process trains the tokenizer and sends it to the other: rank 1 would be killed if it trained one. The
     cache cannot be written (a file where its tokenizers/ folder goes), so rank 1 cannot read it there either; and
