@@ -15,7 +15,8 @@
   settings that choose the training documents, the local files' content (identity.py's hashes), the
   tokenizer settings and the `tokenizers` version; a second run on the same data and settings reads it.
   The file is read as untrusted input: a regular file (no link), at most MAX_CACHED_BYTES, JSON, and its
-  special tokens where this module puts them; anything else is trained again, with one warning.
+  special tokens where this module puts them; anything else is trained again, with one warning. A resume whose entry
+  is lost takes the checkpoint's tokenizer.json (read the same way) and caches it.
   In a multi-process job only the main process reads or trains it; the others get its JSON (mlm.train.shared_tokenizer),
   so every process has the same one (training WordPiece/Unigram again may differ; a cache may be node-local).
 """
