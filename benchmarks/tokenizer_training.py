@@ -7,8 +7,8 @@ Trains `tokenizer=<kind>` as a run does (mlm.tokenizer_training: the training sp
 cache, once per process so that the peak resident memory is this kind's: the CPU seconds and wall seconds of
 the training, and the process's resident memory before it and its peak before and after it (imports and a first read
 of the corpus included: the peak grows only if training needs more than that read). Then characters per token (special tokens left out) over the held-out split's documents, and, with
---twice, how much of the vocabulary a second training shares with the first (tokenizers' WordPiece and Unigram
-trainers break ties in hash-map order: huggingface/tokenizers#1794).
+--twice, how much of the vocabulary a second training shares with the first and how many tokens it cuts the
+held-out split into (tokenizers' WordPiece and Unigram trainers are not deterministic: huggingface/tokenizers#1794).
 """
 
 from __future__ import annotations
@@ -68,10 +68,15 @@ def main() -> None:
         )
         if args.twice:
             os.environ["MLM_CACHE"] = tempfile.mkdtemp()
-            again = set(run_tokenizer(cfg).get_vocab())
-            result["shared_with_a_second_training"] = round(len(again & set(tok.get_vocab())) / len(tok), 4)
+            second = run_tokenizer(cfg)
+            shared = set(second.get_vocab()) & set(tok.get_vocab())
+            result["shared_with_a_second_training"] = round(len(shared) / len(tok), 4)
     docs = held_out(cfg)
     tokens = sum(len(tok(d, add_special_tokens=False, verbose=False)["input_ids"]) for d in docs)
+    if args.twice and args.kind != "pretrained":  # the same vocabulary may still cut differently (other scores)
+        result["tokens_second_training"] = sum(
+            len(second(d, add_special_tokens=False, verbose=False)["input_ids"]) for d in docs
+        )
     chars = sum(map(len, docs))
     result.update(held_out_docs=len(docs), chars=chars, tokens=tokens, chars_per_token=round(chars / tokens, 3))
     unk = tok.unk_token_id

@@ -15,8 +15,10 @@
   settings that choose the training documents, the local files' content (identity.py's hashes), the
   tokenizer settings and the `tokenizers` version; a second run on the same data and settings reads it.
   The file is read as untrusted input: a regular file (no link), at most MAX_CACHED_BYTES, JSON, and its
-  special tokens where this module puts them; anything else is trained again, with one warning.
-  In a multi-process job the main process trains it first (mlm.job.cache_builders_first), the others read it.
+  special tokens where this module puts them; anything else is trained again, with one warning. A resume whose entry
+  is lost takes the checkpoint's tokenizer.json (read the same way) and caches it.
+  In a multi-process job only the main process reads or trains it; the others get its JSON (mlm.train.shared_tokenizer),
+  so every process has the same one (training WordPiece/Unigram again may differ; a cache may be node-local).
 """
 
 from __future__ import annotations
@@ -76,19 +78,33 @@ def special_style(cfg: Config) -> str:
     return "roberta" if cfg.model.arch.get("model_type") in ROBERTA_FAMILY else "bert"
 
 
-def run_tokenizer(cfg: Config, cache_root: Optional[str] = None) -> Optional[PreTrainedTokenizerFast]:
-    """The run's trained tokenizer (read from the cache, else trained and cached); None for tokenizer=pretrained."""
+def run_tokenizer(
+    cfg: Config, cache_root: Optional[str] = None, resumed: Optional[Path] = None
+) -> Optional[PreTrainedTokenizerFast]:
+    """The run's trained tokenizer (read from the cache, else from the checkpoint `resumed` and cached, else trained
+    and cached); None for tokenizer=pretrained. A resume whose cache entry is lost takes the one it trained with:
+    training again may give another (WordPiece, Unigram), which the resume's content check would refuse."""
     if cfg.tokenizer.kind == "pretrained":
         return None
     cache_root = cache_root or default_cache_root()
     style = special_style(cfg)
     path = Path(cache_root) / "tokenizers" / f"{cache_key(cfg, style, cache_root)}.json"
     backend = read_cached(path, style)
+    if backend is not None:
+        log.info("reusing the trained tokenizer %s", path)
+    elif resumed is not None and (resumed / "tokenizer.json").exists():
+        backend = read_cached(resumed / "tokenizer.json", style)  # as untrusted as the cache
+        if backend is not None:
+            log.info("the tokenizer cache has no usable %s: took the tokenizer of %s and cached it", path, resumed)
+            store(backend, path)
     if backend is None:
         backend = train_new(cfg, style, path)
-    else:
-        log.info("reusing the trained tokenizer %s", path)
     return wrap(backend, style, model_max_length(cfg))
+
+
+def tokenizer_from_text(cfg: Config, text: str) -> PreTrainedTokenizerFast:
+    """The run's tokenizer from the main process's tokenizer.json (mlm.train.shared_tokenizer: trusted, in memory)."""
+    return wrap(Tokenizer.from_str(text), special_style(cfg), model_max_length(cfg))
 
 
 def cache_key(cfg: Config, style: str, cache_root: str) -> str:
@@ -121,7 +137,7 @@ def training_texts(data: DatasetConfig, max_documents: int) -> Iterator[str]:
 
 
 def train_new(cfg: Config, style: str, path: Path) -> Tokenizer:
-    """Train on the training split, streamed in batches, and save to the cache (atomically; a failed write only logs)."""
+    """Train on the training split, streamed in batches, and save to the cache."""
     tcfg = cfg.tokenizer
     log.info(
         "training a %s tokenizer of %d tokens on the training split of %s (once per data and settings; cached in %s)",
@@ -143,12 +159,17 @@ def train_new(cfg: Config, style: str, path: Path) -> Tokenizer:
         time.perf_counter() - start,
         backend.get_vocab_size(),
     )
+    store(backend, path)
+    return backend
+
+
+def store(backend: Tokenizer, path: Path) -> None:
+    """Cache `backend` at `path` (atomically; a failed write only logs)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, backend.to_str(), shared=True)  # several runs may train the same one at once
     except OSError as e:
         log.warning("cannot cache the trained tokenizer in %s (%s); the next run trains it again", path, e.strerror)
-    return backend
 
 
 class _Counter:

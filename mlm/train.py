@@ -40,7 +40,7 @@ from mlm.parallel import Replicated, build_layout
 from mlm.placement import is_main_process, rank
 from mlm.precision import make_accelerator, precision_reason, resolve_mixed_precision
 from mlm.preemption import Abandoned, Interrupted, StopSignals, plan
-from mlm.tokenizer_training import run_tokenizer
+from mlm.tokenizer_training import run_tokenizer, tokenizer_from_text
 from mlm.tracking import flat_config, open_trackers
 
 log = logging.getLogger(__name__)
@@ -204,9 +204,11 @@ def build_run(
     config_tree: Optional[Dict[str, Any]] = None,
     built: Optional[Tuple[Any, Any]] = None,
     group: Optional[Job] = None,
+    run_dir: Optional[Path] = None,
 ) -> Run:
     """Validate the config and build the run's parts; nothing is written (but the token-block cache) and no run dir is
-    read: open_run() does that. `built`: a (model, tokenizer) made elsewhere instead of cfg.model's (the benchmark's)."""
+    read: open_run() does that (`run_dir`: where a trained tokenizer lost from the cache is found, in the checkpoint
+    to resume). `built`: a (model, tokenizer) made elsewhere instead of cfg.model's (the benchmark's)."""
     cfg.validate()
     if cfg.downstream.kind != "none" and is_main_process():
         downstream.task_splits(cfg.downstream)  # its data loads (or fails) now, not after training
@@ -218,7 +220,7 @@ def build_run(
         torch.set_num_threads(cfg.runtime.num_threads)
     if cfg.runtime.reuse_host_memory:
         reuse_host_memory()
-    model, data = build_data(cfg, accelerator, built, group)
+    model, data = build_data(cfg, accelerator, built, group, run_dir)
     state = TrainState()
     budget_s = cfg.trainer.budget_minutes * 60 if cfg.trainer.budget_minutes else None
     layout, objective, optimizer, scheduler = build_optimization(
@@ -264,14 +266,34 @@ def checkpoint_writer(cfg: Config, layout) -> checkpoint.Writer:
     return checkpoint.Writer(background=cfg.trainer.async_checkpoint and not layout.sharded)
 
 
+def shared_tokenizer(cfg: Config, accelerator: Accelerator, group: Optional[Job], run_dir: Optional[Path] = None):
+    """The run's trained tokenizer (None for tokenizer=pretrained), the same on every process: the main process reads
+    or trains it (the others wait on the job's store, with no time limit) and sends its JSON to the others. Not each
+    its own: WordPiece and Unigram training is not deterministic, and a node-local or unwritable cache is not shared."""
+    if cfg.tokenizer.kind == "pretrained":
+        return None
+
+    def read_or_train():  # a lost cache entry is taken from the checkpoint a resume would load first
+        resumed = next(iter(checkpoint.resume_candidates(cfg.resume, run_dir)), None) if run_dir else None
+        return run_tokenizer(cfg, resumed=resumed)
+
+    mine = on_main_alone("tokenizer", read_or_train, group)
+    text = checkpoint.agreed(accelerator, mine.backend_tokenizer.to_str() if mine is not None else None)
+    return mine if mine is not None else tokenizer_from_text(cfg, text)
+
+
 def build_data(
-    cfg: Config, accelerator: Accelerator, built: Optional[Tuple[Any, Any]] = None, group: Optional[Job] = None
+    cfg: Config,
+    accelerator: Accelerator,
+    built: Optional[Tuple[Any, Any]] = None,
+    group: Optional[Job] = None,
+    run_dir: Optional[Path] = None,
 ) -> Tuple[Any, Data]:
     """Model and tokenizer (`built`, or cfg.model's), token blocks (the main process fills the block cache, the
     others reuse it), and the data order."""
+    trained = None if built else shared_tokenizer(cfg, accelerator, group, run_dir)
     with cache_builders_first(accelerator, group):
-        # a trained tokenizer is trained here, once: the other processes read it from the cache
-        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed, tokenizer=run_tokenizer(cfg))
+        model, tokenizer = built or build_model(cfg.model, cfg.block_size, cfg.seed, tokenizer=trained)
         if cfg.dataset.document_attention:
             check_document_attention(model)  # before any block is built
         if cfg.dataset.streaming:  # training blocks come from the stream (train_batches)
@@ -422,7 +444,7 @@ def train(
         is_main_process(), lambda: next(iter(checkpoint.list_checkpoints(run_dir)), None), plan=None
     ).install()
     try:
-        run = open_run(build_run(cfg, job, config_tree, group=group), run_dir, config_tree)
+        run = open_run(build_run(cfg, job, config_tree, group=group, run_dir=run_dir), run_dir, config_tree)
     except BaseException:
         stop.restore()
         raise

@@ -145,8 +145,17 @@ def test_a_second_run_reads_the_cache_and_the_block_key_follows_the_content(corp
     assert entry.exists() and len(list(entry.parent.iterdir())) == 2
 
 
-@pytest.mark.parametrize("damage", ["link", "not json", "not a tokenizer", "too large", "other specials"])
-def test_a_cached_tokenizer_is_untrusted_input(damage, corpus, own_cache, monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("link", "cannot be opened (Too many levels of symbolic links)"),
+        ("not json", "is not a tokenizer (JSONDecodeError: "),
+        ("not a tokenizer", "is not a tokenizer (Exception: "),
+        ("too large", "is larger than 1000 bytes"),
+        ("other specials", "does not hold [PAD] [UNK] [CLS] [SEP] [MASK] as ids 0..4"),
+    ],
+)
+def test_a_cached_tokenizer_is_untrusted_input(damage, reason, corpus, own_cache, monkeypatch, tmp_path, caplog):
     good = run_tokenizer(settings(corpus, "bpe"))  # bpe: trained again, the same tokenizer
     [entry] = (own_cache / "tokenizers").iterdir()
     planted = tmp_path / "planted.json"
@@ -168,7 +177,7 @@ def test_a_cached_tokenizer_is_untrusted_input(damage, corpus, own_cache, monkey
         entry.write_text(json.dumps(swapped))
     with caplog.at_level(logging.WARNING, logger="mlm.tokenizer_training"):
         again = run_tokenizer(settings(corpus, "bpe"))
-    assert "training it again" in caplog.text and str(entry) in caplog.text
+    assert f"cached tokenizer {entry} {reason}" in caplog.text and "training it again" in caplog.text
     assert tokenizer_serialization(again) == tokenizer_serialization(good)
     assert not entry.is_symlink() and json.loads(planted.read_text())  # the link's target was not written through
 
@@ -257,15 +266,47 @@ def test_a_resume_with_another_tokenizer_is_refused(trained_run, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_several_processes_train_it_once(corpus, tmp_path, own_cache):
-    """The main process trains the tokenizer, the other reads it: rank 1 would be killed if it trained one."""
+def test_a_resume_takes_a_lost_tokenizer_from_its_checkpoint(trained_run, tmp_path, monkeypatch):
+    """The cache entry deleted before a resume: the tokenizer comes from the checkpoint (not trained again, which for
+    WordPiece and Unigram may give another one), goes back in the cache, and the resume's content check passes."""
+    root, args, _ = trained_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "run", run_dir, symlinks=True)
+    cache = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache)
+    monkeypatch.setenv("MLM_CACHE", str(cache))
+    [entry] = (cache / "tokenizers").iterdir()
+    before = entry.read_text()
+    entry.unlink()
+
+    def no_training(*args):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(tokenizer_training, "train_new", no_training)
+    resumed = run_in_process([*args, f"hydra.run.dir={run_dir}", "trainer.max_steps=4"])
+    assert resumed.returncode == 0, resumed.stderr
+    output = resumed.stdout + resumed.stderr
+    assert f"took the tokenizer of {run_dir / 'checkpoints' / 'ckpt-00000002'} and cached it" in output
+    assert "resumed from" in output and json.loads(entry.read_text()) == json.loads(before)
+    saved = json.loads((run_dir / "checkpoints" / "ckpt-00000002" / "state.json").read_text())["data"]["tokenizer"]
+    assert json.loads((run_dir / "results.json").read_text())["data"]["tokenizer"] == saved
+
+
+@pytest.mark.slow
+def test_several_processes_train_it_once_and_share_it(corpus, tmp_path, own_cache):
+    """The main process trains the tokenizer and sends it to the other: rank 1 would be killed if it trained one. The
+    cache cannot be written (a file where its tokenizers/ folder goes), so rank 1 cannot read it there either; and
+    Unigram, whose training is not deterministic: the two ranks still have the same one."""
     import subprocess
 
     from tests.conftest import torchrun_command
 
-    cmd = torchrun_command(29541, *RUN, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path / 'run'}")
+    own_cache.mkdir()
+    (own_cache / "tokenizers").write_text("not a folder")
+    args = [a.replace("tokenizer=bpe", "tokenizer=unigram") for a in RUN]
+    cmd = torchrun_command(29541, *args, f"dataset.path={corpus}", f"hydra.run.dir={tmp_path / 'run'}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_FAULT_KILL_AT": "tokenizer:1", "MLM_FAULT_RANK": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["processes"] == 2
-    assert len(list((own_cache / "tokenizers").iterdir())) == 1
+    assert "cannot cache the trained tokenizer" in proc.stdout + proc.stderr and (own_cache / "tokenizers").is_file()
