@@ -208,6 +208,34 @@ def test_a_run_without_bits_per_char_is_never_ranked_against_another_tokenizer(t
     assert "Not comparable: the jobs' evals differ in data.tokenizer;" in text and "Tokenizers differ" not in text
 
 
+def test_summary_png_plots_every_job_by_perplexity_where_one_lacks_bits_per_char(tmp_path, flat_tiny, monkeypatch):
+    """An older run (no bits per character) in a perplexity-ranked group beside a group ranked by bits per character:
+    one y axis, so every job is plotted by perplexity and the title says why; with bits per character everywhere,
+    by that."""
+    from mlm import report
+
+    figures = []
+    monkeypatch.setattr(report.pyplot(), "close", figures.append)
+    tokenizer_job(tmp_path, "0", flat_tiny, 30.0, 1.5, "1e-3", "t" * 64)
+    tokenizer_job(tmp_path, "1", flat_tiny, 9.0, 1.4, "2e-3", "u" * 64)
+    older = tokenizer_job(tmp_path, "2", {**flat_tiny, "masking.mlm_probability": 0.3}, 20.0, None, "3e-3")
+    text = report.summarize([tmp_path]).read_text()
+    assert "- eval A (2 job(s): 1, 0): " in text and "- eval B (1 job(s): 2): " in text
+    panel, title = figures[0].axes[0], figures[0]._suptitle.get_text()
+    assert panel.get_ylabel() == "final eval perplexity"
+    assert sorted(panel.collections[0].get_offsets()[:, 1].tolist()) == [9.0, 20.0, 30.0]
+    assert "perplexity plotted (not every job has bits per character): eval A mixes tokenizers" in title
+    assert figures[0].axes[-3].get_title() == "eval perplexity"  # the curves: every job's perplexity curve
+    assert sum(len(line.get_xdata()) for line in figures[0].axes[-3].get_lines()) == 3
+
+    results = json.loads((older / "results.json").read_text())
+    (older / "results.json").write_text(json.dumps({**results, "bits_per_char": 1.1}))  # as a new version's
+    report.summarize([tmp_path])
+    panel, title = figures[-1].axes[0], figures[-1]._suptitle.get_text()
+    assert panel.get_ylabel() == "final eval bits per character" and "perplexity plotted" not in title
+    assert sorted(panel.collections[0].get_offsets()[:, 1].tolist()) == [1.1, 1.4, 1.5]
+
+
 def test_with_one_tokenizer_the_ranking_is_by_perplexity_as_before(tmp_path, flat_tiny):
     from mlm.report import summarize
 
