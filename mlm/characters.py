@@ -6,8 +6,9 @@ Bits per character of the masked tokens (what every eval reports beside perplexi
 
 chars(token) counts the non-whitespace characters of the token's surface text, with the tokenizer's own
 markers removed: WordPiece's continuing-subword prefix (`##ing` = 3), a BPE end-of-word suffix (`</w>`),
-SentencePiece's metaspace (`▁the` = 3) and byte-level BPE's byte alphabet (`Ġthe` = 3; a multi-byte UTF-8
-character counts once, at the token holding its first byte; `<0xE2>` byte-fallback pieces likewise). Special
+SentencePiece's metaspace (`▁the` = 3; written by a Metaspace pre-tokenizer or a Replace normalizer) and
+byte-level BPE's byte alphabet (`Ġthe` = 3; a multi-byte UTF-8 character counts once, at the token holding its
+first byte; `<0xE2>` byte-fallback pieces likewise). Special
 tokens ([CLS], [SEP], [PAD], [MASK], [UNK], <s>...) count 0: the collator never masks them, so they are in
 neither sum. Whitespace counts 0 because where a tokenizer puts it (before a word, after it, nowhere) is a
 choice of how text is cut, not text. So summed over all tokens of a document, chars gives the document's
@@ -54,7 +55,7 @@ def surface_rules(tokenizer) -> Dict[str, Any]:
             "prefix": model.get("continuing_subword_prefix") or "",
             "suffix": model.get("end_of_word_suffix") or "",
             "byte_level": any(p.get("type") == "ByteLevel" for p in parts),
-            "metaspace": [p.get("replacement", "\u2581") for p in parts if p.get("type") == "Metaspace"][:1],
+            "metaspace": _metaspaces(spec),
         }
     tokens = list(tokenizer.get_vocab())
     counts = {m: sum(t.startswith(m) for t in tokens) for m in ("##", "\u0120", "\u2581")}
@@ -67,11 +68,28 @@ def surface_rules(tokenizer) -> Dict[str, Any]:
     }
 
 
+def _metaspaces(spec: Dict[str, Any]) -> List[str]:
+    """The character(s) a fast tokenizer writes for a space: a Metaspace pre-tokenizer's or decoder's replacement, or
+    (Gemma, Mistral, older Llama) that of a Replace normalizer (" " -> "▁") or a Replace decoder ("▁" -> " ")."""
+    found = []
+    for p in _components(spec.get("normalizer")) + _components(spec.get("pre_tokenizer")):
+        if p.get("type") == "Metaspace":
+            found.append(p.get("replacement", "\u2581"))
+        elif p.get("type") == "Replace" and p.get("pattern") == {"String": " "}:
+            found.append(p.get("content") or " ")
+    for p in _components(spec.get("decoder")):
+        if p.get("type") == "Metaspace":
+            found.append(p.get("replacement", "\u2581"))
+        elif p.get("type") == "Replace" and p.get("content") == " ":
+            found.append((p.get("pattern") or {}).get("String") or " ")
+    return [m for m in dict.fromkeys(found) if not m.isspace()]
+
+
 def _components(spec: Any) -> List[Dict[str, Any]]:
-    """A pre-tokenizer's or decoder's parts, a Sequence's flattened."""
+    """A normalizer's, pre-tokenizer's or decoder's parts, a Sequence's flattened."""
     if not isinstance(spec, dict):
         return []
-    inner = spec.get("pretokenizers") or spec.get("decoders")
+    inner = spec.get("normalizers") or spec.get("pretokenizers") or spec.get("decoders")
     return [p for s in inner for p in _components(s)] if inner else [spec]
 
 

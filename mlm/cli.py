@@ -432,8 +432,8 @@ def _fail(
 
 
 def before_text(results: dict, key: str = "perplexity_before", digits: int = 2) -> str:
-    """The perplexity (`key`) before training, or why there is none: a resume onto other data keeps none
-    (train.forget_other_data)."""
+    """The eval score of results.json `key` (perplexity_before, bits_per_char_before) before training, with `digits`
+    decimals, or why there is none: a resume onto other data keeps none (train.forget_other_data)."""
     if results.get(key) is not None:
         return f"{results[key]:.{digits}f} before"
     if (results.get("branched_from") or {}).get("other_data"):

@@ -430,9 +430,11 @@ def ranked(jobs: List[Dict[str, Any]]) -> tuple:
 
 
 def score(groups: List[List[Dict[str, Any]]]) -> tuple:
-    """(results key, metrics key, words) of what summary.png and the Pareto fronts plot: bits per character where a
-    group is ranked by it, else perplexity."""
-    if any(by_characters(g) for g in groups):
+    """(results key, metrics key, words) of what summary.png and the Pareto fronts plot on their one y axis: bits per
+    character where a group is ranked by it and every job has it (within a group of one tokenizer it orders the jobs
+    as perplexity does), else perplexity, so that no job (an older version's, without it) drops out of the plot."""
+    jobs = [j for g in groups for j in g]
+    if any(by_characters(g) for g in groups) and all(bits_per_char(j) is not None for j in jobs):
         return "bits_per_char", "eval/bits_per_char", "bits per character"
     return "perplexity", "eval/perplexity", "perplexity"
 
@@ -698,12 +700,12 @@ CURVES = 10  # jobs drawn in colour, with a legend entry, in summary.png's curve
 def plot_sweep(
     jobs: List[Dict[str, Any]], path: Path, unfinished: List[Dict[str, Any]] = (), ranking: Optional[tuple] = None
 ) -> None:
-    """summary.png: the final perplexity against each swept key (a panel per key, PANELS_PER_ROW to a row, one shared y),
+    """summary.png: the final eval score against each swept key (a panel per key, PANELS_PER_ROW to a row, one shared y),
     each finished job a point coloured by its eval (shaped by its sweep where there are several), the best one ringed,
-    failed and unfinished jobs marked along the top at their settings; below, the eval-perplexity curves and the smoothed
+    failed and unfinished jobs marked along the top at their settings; below, the eval-score curves and the smoothed
     train-loss curves, each job labelled with its row (#) of summary.md. The legends sit outside the data.
-    `ranking`: ranked(jobs), where the caller has it. Bits per character instead of perplexity where tokenizers differ
-    (score)."""
+    `ranking`: ranked(jobs), where the caller has it. The score is perplexity, or bits per character where tokenizers
+    differ and every job has it (score); the title says where perplexity stands in for it."""
     groups, failed = ranking = ranking or ranked(jobs)
     rows = in_rows(ranking, unfinished)
     keys = swept_keys(rows) or ["job"]
@@ -732,12 +734,12 @@ def plot_sweep(
     if ok:
         plain_scale(panels[0], "y", [j["results"][measure] for j in ok])
     else:
-        panels[0].set_yticks([])  # no perplexity to show
+        panels[0].set_yticks([])  # no score to show
     number = {id(j): n for n, j in enumerate(rows, 1)}
     group_of = {id(j): group_label(i) for i, g in enumerate(groups) for j in g} if len(groups) > 1 else {}
     legend = _point_legend(groups, sweeps, ok, failed, unfinished, number)
     curve_panels(fig, grid, ok, number, keys, group_of, legend, (measure, curve, words))
-    fig.suptitle(_sweep_title(jobs, unfinished, groups), fontsize=12)
+    fig.suptitle(_sweep_title(jobs, unfinished, groups, words), fontsize=12)
     unoverlap_ticks(fig, panels)
     save_png(fig, path)
 
@@ -750,8 +752,8 @@ def key_panel(
     style: Dict[int, Dict[str, str]],
     measure: str = "perplexity",
 ) -> None:
-    """The final perplexity (`measure` of results.json) of the `ok` jobs against their value of `key`; the `others`
-    (failed, unfinished) at the top."""
+    """The final eval score (`measure` of results.json: perplexity or bits_per_char, score's) of the `ok` jobs against
+    their value of `key`; the `others` (failed, unfinished) at the top."""
     from matplotlib.transforms import ScaledTranslation
 
     def value(j):
@@ -961,15 +963,22 @@ def _point_legend(groups, sweeps, ok, failed, unfinished, number) -> list:
     return out
 
 
-def _sweep_title(jobs, unfinished, groups) -> str:
-    """Which sweep(s), how their jobs ended, and what the perplexities were measured on."""
+def _sweep_title(jobs, unfinished, groups, words: str = "perplexity") -> str:
+    """Which sweep(s), how their jobs ended, what the scores (`words`: score's) were measured on, and where perplexity
+    is plotted for a group ranked by bits per character (a job of another group lacks it), that it is not compared."""
     everyone = list(jobs) + list(unfinished)
     names = list(dict.fromkeys(j.get("sweep") or str(j.get("root", j["dir"])) for j in everyone))
     where = f"sweep {names[0]}" if len(names) == 1 else f"{len(names)} sweeps: {', '.join(names)}"
     if len(groups) > 1:
-        scored = f"evals differ in {', '.join(differing_keys(groups))}: compare perplexities within one colour only"
+        scored = f"evals differ in {', '.join(differing_keys(groups))}: compare {words} within one colour only"
     else:
         scored = f"eval: {eval_text(job_settings(groups[0][0])) or '(not recorded)'}" if groups else "no job finished"
+    mixed = [group_label(i) for i, g in enumerate(groups) if by_characters(g)]
+    if mixed and words == "perplexity":
+        scored += (
+            f"\nperplexity plotted (not every job has bits per character): eval {', '.join(mixed)} mixes tokenizers, "
+            "so its perplexities are not compared (summary.md ranks it by bits per character)"
+        )
     return f"{where} ({outcome_text(jobs, unfinished)})\n{scored}"
 
 

@@ -33,8 +33,9 @@ def wrapped(backend):
 
 
 def trained_tokenizers():
-    """A byte-level BPE (RoBERTa's kind), a Unigram with metaspaces (SentencePiece's) and a BPE with an end-of-word
-    suffix, each trained on TEXT with the tokenizers library."""
+    """A byte-level BPE (RoBERTa's kind), a Unigram with metaspaces (SentencePiece's), a BPE with an end-of-word
+    suffix, a BPE whose metaspaces come from Replace normalizer and decoder (Gemma's) and XLM-R's Unigram, each
+    trained on TEXT with the tokenizers library."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -53,7 +54,45 @@ def trained_tokenizers():
     suffixed.train_from_iterator(
         TEXT, trainers.BpeTrainer(vocab_size=120, special_tokens=SPECIALS, end_of_word_suffix="</w>")
     )
-    return {"bpe": wrapped(bpe), "unigram": wrapped(unigram), "bpe </w>": wrapped(suffixed)}
+    return {
+        "bpe": wrapped(bpe),
+        "unigram": wrapped(unigram),
+        "bpe </w>": wrapped(suffixed),
+        "bpe replace": wrapped(replace_metaspace_bpe()),
+        "unigram xlm-r": wrapped(xlmr_unigram()),
+    }
+
+
+def replace_metaspace_bpe():
+    """Gemma's, Mistral's and older Llama's kind: no pre-tokenizer, the spaces made "▁" by a Replace normalizer and
+    back by a Replace decoder (in Sequences), byte-fallback pieces (<0xE6>) for the characters left out of the vocab
+    (limit_alphabet: those seen once in TEXT)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=150, special_tokens=SPECIALS, limit_alphabet=22))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})  # the byte pieces, as in Llama's vocab
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def xlmr_unigram():
+    """XLM-R's kind: a Metaspace (prepend_scheme "always") inside a pre-tokenizer Sequence, an NFKC normalizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(prepend_scheme="always")]
+    )
+    tok.decoder = decoders.Metaspace(prepend_scheme="always")
+    tok.train_from_iterator(TEXT, trainers.UnigramTrainer(vocab_size=60, special_tokens=SPECIALS, unk_token="[UNK]"))
+    return tok
 
 
 def test_a_documents_characters_are_the_same_whichever_tokenizer_cut_it(tokenizer):
@@ -70,9 +109,11 @@ def test_a_documents_characters_are_the_same_whichever_tokenizer_cut_it(tokenize
             assert tok.unk_token_id not in ids, (name, pieces)
             assert len(set(pieces)) > 5  # really cut into pieces, some of them word-inner ones
             assert int(table[ids].sum()) == sum(not c.isspace() for c in doc), (name, doc, pieces)
-    # the tokenizers did cut the text differently
+    assert {"<0xC3>", "<0xA9>", "<0xE6>"} <= set(tokenizers["bpe replace"].tokenize(" ".join(TEXT)))  # é, 東: bytes
+    # the tokenizers did cut the text differently (a BPE trained without a pre-tokenizer breaks ties in no fixed
+    # order: its cut's length varies from run to run, so the cuts are compared, not their lengths)
     cuts = {name: tuple(tok.convert_ids_to_tokens(tok(TEXT[0])["input_ids"])) for name, tok in tokenizers.items()}
-    assert len(set(map(len, cuts.values()))) == len(cuts)
+    assert len(set(cuts.values())) == len(cuts)
 
 
 def test_bits_per_char_is_the_masked_loss_over_the_masked_characters_by_hand(tokenizer):
@@ -165,6 +206,34 @@ def test_a_run_without_bits_per_char_is_never_ranked_against_another_tokenizer(t
     tokenizer_job(tmp_path, "1", flat_tiny, 9.0, None, "2e-3", u)  # an older version's results
     text = summarize([tmp_path]).read_text()
     assert "Not comparable: the jobs' evals differ in data.tokenizer;" in text and "Tokenizers differ" not in text
+
+
+def test_summary_png_plots_every_job_by_perplexity_where_one_lacks_bits_per_char(tmp_path, flat_tiny, monkeypatch):
+    """An older run (no bits per character) in a perplexity-ranked group beside a group ranked by bits per character:
+    one y axis, so every job is plotted by perplexity and the title says why; with bits per character everywhere,
+    by that."""
+    from mlm import report
+
+    figures = []
+    monkeypatch.setattr(report.pyplot(), "close", figures.append)
+    tokenizer_job(tmp_path, "0", flat_tiny, 30.0, 1.5, "1e-3", "t" * 64)
+    tokenizer_job(tmp_path, "1", flat_tiny, 9.0, 1.4, "2e-3", "u" * 64)
+    older = tokenizer_job(tmp_path, "2", {**flat_tiny, "masking.mlm_probability": 0.3}, 20.0, None, "3e-3")
+    text = report.summarize([tmp_path]).read_text()
+    assert "- eval A (2 job(s): 1, 0): " in text and "- eval B (1 job(s): 2): " in text
+    panel, title = figures[0].axes[0], figures[0]._suptitle.get_text()
+    assert panel.get_ylabel() == "final eval perplexity"
+    assert sorted(panel.collections[0].get_offsets()[:, 1].tolist()) == [9.0, 20.0, 30.0]
+    assert "perplexity plotted (not every job has bits per character): eval A mixes tokenizers" in title
+    assert figures[0].axes[-3].get_title() == "eval perplexity"  # the curves: every job's perplexity curve
+    assert sum(len(line.get_xdata()) for line in figures[0].axes[-3].get_lines()) == 3
+
+    results = json.loads((older / "results.json").read_text())
+    (older / "results.json").write_text(json.dumps({**results, "bits_per_char": 1.1}))  # as a new version's
+    report.summarize([tmp_path])
+    panel, title = figures[-1].axes[0], figures[-1]._suptitle.get_text()
+    assert panel.get_ylabel() == "final eval bits per character" and "perplexity plotted" not in title
+    assert sorted(panel.collections[0].get_offsets()[:, 1].tolist()) == [1.1, 1.4, 1.5]
 
 
 def test_with_one_tokenizer_the_ranking_is_by_perplexity_as_before(tmp_path, flat_tiny):
