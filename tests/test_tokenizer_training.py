@@ -238,16 +238,21 @@ def test_a_run_trains_its_tokenizer_and_final_fills_a_mask(trained_run, tmp_path
     assert pipeline("fill-mask", model=str(out)).tokenizer.get_vocab() == fill.tokenizer.get_vocab()
 
 
+def copy_of_trained_run(trained_run, tmp_path, monkeypatch):
+    """The shared run and its tokenizer cache, copied for a test to change (the cache becomes MLM_CACHE)."""
+    root, args, _ = trained_run
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(root / "run", run_dir, symlinks=True)
+    shutil.copytree(root / "cache", cache)
+    monkeypatch.setenv("MLM_CACHE", str(cache))
+    return run_dir, cache, args
+
+
 @pytest.mark.slow
 def test_a_resume_with_another_tokenizer_is_refused(trained_run, tmp_path, monkeypatch):
     """Its settings are fixed; and the same settings giving another tokenizer (a cache entry replaced, a new `tokenizers`
     release training differently) are refused by content."""
-    root, args, _ = trained_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(root / "run", run_dir, symlinks=True)
-    cache = tmp_path / "cache"
-    shutil.copytree(root / "cache", cache)
-    monkeypatch.setenv("MLM_CACHE", str(cache))
+    run_dir, cache, args = copy_of_trained_run(trained_run, tmp_path, monkeypatch)
     more = [*args, f"hydra.run.dir={run_dir}", "trainer.max_steps=4"]
     changed = run_in_process([*more, "tokenizer.vocab_size=280"])
     assert changed.returncode == 2 and "tokenizer.vocab_size=300 there, 280 now" in changed.stderr
@@ -269,12 +274,7 @@ def test_a_resume_with_another_tokenizer_is_refused(trained_run, tmp_path, monke
 def test_a_resume_takes_a_lost_tokenizer_from_its_checkpoint(trained_run, tmp_path, monkeypatch):
     """The cache entry deleted before a resume: the tokenizer comes from the checkpoint (not trained again, which for
     WordPiece and Unigram may give another one), goes back in the cache, and the resume's content check passes."""
-    root, args, _ = trained_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(root / "run", run_dir, symlinks=True)
-    cache = tmp_path / "cache"
-    shutil.copytree(root / "cache", cache)
-    monkeypatch.setenv("MLM_CACHE", str(cache))
+    run_dir, cache, args = copy_of_trained_run(trained_run, tmp_path, monkeypatch)
     [entry] = (cache / "tokenizers").iterdir()
     before = entry.read_text()
     entry.unlink()
