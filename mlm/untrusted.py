@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import pickle
 import re
@@ -55,10 +56,21 @@ METADATA_CLASSES = {
 }
 
 
+def enum_member(cls: Any, name: Any):
+    """What a pickle's getattr(cls, name) may give here: a member of an enum it was allowed to name. Python 3.11.2
+    (Debian 12's) pickles an enum member as getattr(EnumClass, "NAME") (3.11.7 by value): DCP's memory format."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise RefusedPickle(f"calls getattr({getattr(cls, '__name__', type(cls).__name__)}, {name!r}), not an enum member")
+
+
 class MetadataUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only METADATA_CLASSES and torch dtypes; anything else is a RefusedPickle."""
+    """pickle.Unpickler that resolves only METADATA_CLASSES, torch dtypes and enum members by name (`enum_member`);
+    anything else is a RefusedPickle."""
 
     def find_class(self, module: str, name: str):
+        if module in ("builtins", "__builtin__") and name == "getattr":  # __builtin__: a protocol 2 pickle
+            return enum_member
         if (module, name) in METADATA_CLASSES or (
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         ):

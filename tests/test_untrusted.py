@@ -653,3 +653,45 @@ def test_an_fsdp_checkpoint_on_one_process_is_one_line_that_points_nowhere_circu
     message = str(refused.value)
     assert "several processes" in message and f"python -m mlm.export {tmp_path} <dir>" in message
     assert "use runtime.sharding=none" not in message  # what a one-process runtime.sharding=fsdp says back
+
+
+def test_metadata_pickled_by_an_older_python_loads_and_its_getattr_reaches_only_enum_members():
+    """Python 3.11.2 (Debian 12's python3) pickles an enum member as getattr(EnumClass, "NAME"), where 3.11.7 pickles
+    it by value: DCP metadata written there (its memory-format enum) must load, and a getattr to anything but an
+    allowed enum's member is refused."""
+    import enum
+    import io
+
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from mlm.untrusted import MetadataUnpickler
+
+    size = torch.Size([2, 3])
+    chunk = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=size)
+    tensor = TensorStorageMetadata(properties=TensorProperties(dtype=torch.float32), size=size, chunks=[chunk])
+    metadata = Metadata(state_dict_metadata={"w": tensor})
+
+    class AsPython3112(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, enum.Enum):
+                return getattr, (type(obj), obj.name)
+            return NotImplemented
+
+    def written(obj, protocol: int) -> bytes:
+        out = io.BytesIO()
+        AsPython3112(out, protocol=protocol).dump(obj)
+        return out.getvalue()
+
+    for protocol in (2, pickle.DEFAULT_PROTOCOL):  # __builtin__.getattr and builtins.getattr
+        data = written(metadata, protocol)
+        assert b"getattr" in data  # the form the refusal met in CI
+        assert MetadataUnpickler(io.BytesIO(data)).load() == metadata
+
+    evil = b"\x80\x02c__builtin__\ngetattr\nctorch\nSize\nX\x0a\x00\x00\x00__reduce__\x86R."  # getattr(Size, ...)
+    with pytest.raises(RefusedPickle, match=r"calls getattr\(Size, '__reduce__'\), not an enum member"):
+        MetadataUnpickler(io.BytesIO(evil)).load()
