@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -68,6 +69,23 @@ class NoFollowFileHandler(logging.FileHandler):
             if e.errno != errno.ELOOP:
                 raise
             return open(os.devnull, "a", encoding=self.encoding)
+
+
+class NotRegularFile(ValueError):
+    """read_regular's refusal: not a regular file, or larger than asked."""
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a file someone else may have put there: opened without following a link (OSError ELOOP), without
+    blocking on a pipe, read only if it is a regular file of at most `limit` bytes (else NotRegularFile)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NotRegularFile("is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise NotRegularFile(f"is larger than {limit} bytes")
+    return data
 
 
 def write_json(path: Path, obj: Any, indent: int | None = None) -> None:

@@ -36,7 +36,6 @@ import logging
 import os
 import platform
 import re
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 from torch import nn
 
 from mlm.config import UserError
-from mlm.files import atomic_write_json, default_cache_root
+from mlm.files import atomic_write_json, default_cache_root, read_regular
 from mlm.models import encoder_layers
 
 log = logging.getLogger(__name__)
@@ -221,11 +220,8 @@ def read_peaks(path: Path) -> Dict[str, Dict[str, Any]]:
     a JSON object, read as data; only its entries of a plausible "peak" and a boolean "settled" count. Anything
     else is ignored, and the next probe rewrites the file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            text = f.read(PEAK_CACHE_BYTES + 1) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
-        cached = json.loads(text) if len(text) <= PEAK_CACHE_BYTES else None
-    except (OSError, ValueError, RecursionError):  # none yet, a link, unreadable, not JSON (or nested past any use)
+        cached = json.loads(read_regular(path, PEAK_CACHE_BYTES))
+    except (OSError, ValueError, RecursionError):  # none yet, a link, not a file, too large, not JSON (or too nested)
         return {}
     entries = cached.items() if isinstance(cached, dict) else ()
     return {key: {"peak": float(e["peak"]), "settled": e["settled"]} for key, e in entries if plausible_entry(e)}

@@ -27,8 +27,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import stat
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -43,7 +41,7 @@ from mlm.config import Config, DatasetConfig, TokenizerConfig
 from mlm.data.blocks import split_indices
 from mlm.data.identity import source_identity
 from mlm.data.sources import batched, iter_documents
-from mlm.files import atomic_write_text, default_cache_root
+from mlm.files import NotRegularFile, atomic_write_text, default_cache_root, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -240,17 +238,13 @@ def add_post_processor(backend: Tokenizer, style: str) -> None:
 def read_cached(path: Path, style: str) -> Optional[Tokenizer]:
     """The cached tokenizer at `path`, trusting none of it (module docstring); None if there is none or it fails."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        text = read_regular(path, MAX_CACHED_BYTES)
     except FileNotFoundError:
         return None
     except OSError as e:  # a link planted there (ELOOP), unreadable
         return _rejected(path, f"cannot be opened ({e.strerror})")
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return _rejected(path, "is not a regular file")
-        text = f.read(MAX_CACHED_BYTES + 1)
-    if len(text) > MAX_CACHED_BYTES:
-        return _rejected(path, f"is larger than {MAX_CACHED_BYTES} bytes")
+    except NotRegularFile as e:  # a pipe or a directory, too large
+        return _rejected(path, str(e))
     try:
         if not isinstance(json.loads(text), dict):  # JSON, checked before the library parses it
             return _rejected(path, "is not a JSON object")
