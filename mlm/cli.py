@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -401,12 +400,10 @@ def objective(results: dict) -> Optional[float]:
     that or the perplexity is NaN, inf or missing, which the summary calls failed (a NaN would make the Optuna sweeper
     raise, see _fail). Per character, not per token, so that a study may search tokenizer settings: trials of one
     tokenizer and seed score the same masked tokens, so bits per character orders them exactly as perplexity does."""
-    from mlm.report import failure
+    from mlm.report import bits_per_char, failure
 
-    value = results.get("bits_per_char")
-    if failure({"error": None, "results": results}) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
+    job = {"error": None, "results": results}
+    return None if failure(job) else bits_per_char(job)
 
 
 def _fail(
