@@ -283,8 +283,8 @@ class TokenFile:
             # a gather index: document j's positions s_j .. e_j - 1, all documents back to back
             index = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(s - (np.cumsum(lens) - lens), lens)
             ids = self.ids[index]  # a copy; the mapped pages can go
-            if positions:  # a token's place in the chunk minus its document's start in the chunk
-                in_doc = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+            if positions:  # a token's place in its document: its gather index less its document's start
+                in_doc = index - np.repeat(s, lens)
                 ids = np.stack([ids, in_doc.astype(np.int32)], axis=1)
             yield ids
             if self._map is not None:
