@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mlm.config import UserError
 from mlm.optim import MuonWithAdamW, build_optimizer, param_groups
-from tests.conftest import TINY_RUN, check_settings_as_run_py, compose, sentences
+from tests.conftest import TINY_RUN, check_settings_as_run_py, compose
 
 
 def tiny_model(overrides=()):
@@ -246,20 +246,15 @@ def test_torchs_muon_on_fsdp_shards_takes_the_whole_matrixs_step(tmp_path):
 def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tmp_path):
     """2 CPU processes: FSDP2 ends where DDP does up to the bf16 rounding of the test above; its resume is exact."""
     from tests.test_ema import start_weights
-    from tests.test_sharding import drop_last_checkpoint, max_difference, run_args, torchrun
+    from tests.test_sharding import ddp_and_fsdp_weights, drop_last_checkpoint, max_difference, run_args, torchrun
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(sentences(500)))
     extra = [
         "optimizer=muon",
         "optimizer.muon_adjust_lr=match_rms_adamw",
         "optimizer.muon_lr=3e-3",
         "optimizer.lr=3e-3",
     ]
-    weights = {}
-    for port, sharding in enumerate(("none", "fsdp"), start=29571):
-        torchrun([*run_args(corpus, tmp_path / sharding, sharding), *extra], tmp_path, port)
-        weights[sharding] = load_file(str(tmp_path / sharding / "final" / "model.safetensors"))
+    corpus, weights = ddp_and_fsdp_weights(tmp_path, extra, 29571)
     start = start_weights(compose([*TINY_RUN, f"dataset.path={corpus}", "model.dropout=0", *extra]))
     moved = max_difference({k: weights["none"][k] for k in start}, start)
     # the bf16 rounding of the test above, 4 steps on: 7.7e-4 where the largest move is 7.5e-3

@@ -72,6 +72,18 @@ def run_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
     ]
 
 
+def ddp_and_fsdp_weights(tmp_path: Path, extra: list, port: int):
+    """The same tiny run with `extra` settings, replicated and FSDP2-sharded on 2 processes (torchrun at `port` and
+    `port + 1`): its corpus, and each one's final weights ({"none": ..., "fsdp": ...})."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(sentences(500)))
+    weights = {}
+    for port, sharding in enumerate(("none", "fsdp"), start=port):
+        torchrun([*run_args(corpus, tmp_path / sharding, sharding), *extra], tmp_path, port)
+        weights[sharding] = load_file(str(tmp_path / sharding / "final" / "model.safetensors"))
+    return corpus, weights
+
+
 def drop_last_checkpoint(run_dir: Path) -> None:
     """What a kill just after the step-2 checkpoint leaves (a rerun then resumes from step 2)."""
     shutil.rmtree(run_dir / "checkpoints" / "ckpt-00000004")

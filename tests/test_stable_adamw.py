@@ -10,7 +10,7 @@ import torch
 
 from mlm.config import UserError
 from mlm.stable_adamw import StableAdamW
-from tests.conftest import TINY_RUN, compose, sentences
+from tests.conftest import TINY_RUN, compose
 
 LR, BETAS, EPS, WD = 0.1, (0.9, 0.99), 1e-8, 0.1
 
@@ -162,12 +162,8 @@ def test_a_tiny_run_trains_with_it(corpus, tmp_path):
 @pytest.mark.slow
 def test_fsdp_trains_as_ddp_does(tmp_path):
     """2 CPU processes: a tensor's rms is that of the whole tensor, so sharded and replicated runs end alike."""
-    from safetensors.torch import load_file
+    from tests.test_sharding import ddp_and_fsdp_weights, max_difference
 
-    from tests.test_sharding import max_difference, run_args, torchrun
-
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(sentences(500)))
     extra = [
         "optimizer=stable_adamw",
         "trainer.max_grad_norm=0",
@@ -175,8 +171,5 @@ def test_fsdp_trains_as_ddp_does(tmp_path):
         "trainer.max_steps=3",
         "trainer.checkpoint_every=0",
     ]
-    weights = {}
-    for port, sharding in enumerate(("none", "fsdp"), start=29561):
-        torchrun([*run_args(corpus, tmp_path / sharding, sharding), *extra], tmp_path, port)
-        weights[sharding] = load_file(str(tmp_path / sharding / "final" / "model.safetensors"))
+    _, weights = ddp_and_fsdp_weights(tmp_path, extra, 29561)
     assert max_difference(weights["fsdp"], weights["none"]) <= 1e-5
