@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,9 +123,17 @@ def test_a_stopped_rank_is_named_and_ends_the_job(corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
     with launched(cmd, cwd=tmp_path, env=env) as launcher:
         wait_for_step(tmp_path / "outputs" / "runs", 3, launcher)
-        rank_process(launcher, 1).send_signal(signal.SIGSTOP)
+        main, stopped = rank_process(launcher, 0), rank_process(launcher, 1)
+        stopped.send_signal(signal.SIGSTOP)
+        main.wait(timeout=400)  # rank 0 ends by itself (psutil.TimeoutExpired if it does not)
+        # torchrun's SIGTERM cannot end the stopped rank, and the agent would wait 30 s before its SIGKILL: ours now
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stopped.kill()
         _, err = launcher.communicate(timeout=400)
     assert launcher.returncode != 0
+    # rank 0 failed by itself, before the stopped rank was killed: torchrun's summary names its exit status
+    [status] = re.findall(rf"exitcode\s*: (-?\d+) \(pid: {main.pid}\)", err) or [None]
+    assert status not in (None, "0"), err[-3000:]
     assert "PeerFailed: rank 1 went silent: no heartbeat for" in err, err[-3000:]
     [run] = (tmp_path / "outputs" / "runs").iterdir()
     assert "rank 1 went silent: no heartbeat for" in (run / "run.log").read_text()  # rank 0's log says why it ended
