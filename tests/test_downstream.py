@@ -501,37 +501,42 @@ with Job(run_dir, collective_timeout_minutes=0.1) as job:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("outcome", ["ok", "fail"])
-def test_other_ranks_wait_for_the_main_process_fine_tune_past_the_collective_timeout(tmp_path, outcome):
+def test_other_ranks_wait_for_the_main_process_fine_tune_past_the_collective_timeout_and_leave_when_it_fails(
+    tmp_path,
+):
+    """Two jobs of two processes each, at once (they mostly sleep): one whose fine-tune finishes, one whose
+    fine-tune fails."""
     import contextlib
 
     from tests.test_failure_propagation import launched
 
-    port = 29651 if outcome == "ok" else 29652
-    env = {
-        "OMP_NUM_THREADS": "1",
-        "WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "PYTHONPATH": str(ROOT),
-    }
     with contextlib.ExitStack() as stack:
-        procs = [
-            stack.enter_context(
-                launched(
-                    [sys.executable, "-c", ALONE_JOB, str(tmp_path), outcome],
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        procs = {}
+        for outcome, port in (("ok", 29651), ("fail", 29652)):
+            (tmp_path / outcome).mkdir()
+            env = {
+                "OMP_NUM_THREADS": "1",
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "PYTHONPATH": str(ROOT),
+            }
+            procs[outcome] = [
+                stack.enter_context(
+                    launched(
+                        [sys.executable, "-c", ALONE_JOB, str(tmp_path / outcome), outcome],
+                        env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    )
                 )
-            )
-            for r in range(2)
-        ]
-        errs = [p.communicate(timeout=300)[1] for p in procs]
-    if outcome == "ok":
-        assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-        assert (tmp_path / "order").read_text() == "0 scores\n1 None\n"  # rank 1 went on only after rank 0's work
-    else:  # rank 1 learns of the failure and leaves, instead of waiting for ever
-        assert procs[0].returncode != 0 and procs[1].returncode != 0
-        assert "the fine-tune broke" in errs[1] and not (tmp_path / "order").exists()
+                for r in range(2)
+            ]
+        errs = {outcome: [p.communicate(timeout=300)[1] for p in ps] for outcome, ps in procs.items()}
+    ok, fail = procs["ok"], procs["fail"]
+    assert [p.returncode for p in ok] == [0, 0], errs["ok"][0][-2000:] + errs["ok"][1][-2000:]
+    assert (tmp_path / "ok" / "order").read_text() == "0 scores\n1 None\n"  # rank 1 went on only after rank 0's work
+    # rank 1 learns of the failure and leaves, instead of waiting for ever
+    assert fail[0].returncode != 0 and fail[1].returncode != 0
+    assert "the fine-tune broke" in errs["fail"][1] and not (tmp_path / "fail" / "order").exists()
 
 
 # ---------------------------------------------------------------- the sweep summary
