@@ -3,12 +3,15 @@ with the values the runs wrote. (On a GPU it is run by hand; never a CI dependen
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,17 +49,29 @@ def value(result: str, key: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run; on a GPU run the script itself")
-def test_gpu_check_on_cpu_runs_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
+def test_gpu_check_on_cpu_runs_the_cpu_rows_and_skips_the_cuda_ones_and_its_two_process_rows_run_on_gloo(tmp_path):
+    """The script as run: every row present, the CUDA rows skipped, the CPU rows ok with the values the runs wrote.
+    Meanwhile (its runs and these are tiny, one thread each: on two cores neither waits long for the other) the 2-GPU
+    rows' torchrun commands and their reading of the runs, on 2 CPU processes (gloo): there a failing rank ends its job
+    on both ranks at once (NCCL is what the GPU row is for)."""
     out = tmp_path / "check.json"
-    proc = subprocess.run(
+    script = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--budget-minutes", "6", "--json", str(out), "--out-dir", str(tmp_path / "work")],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
+        start_new_session=True,  # its run.py processes too are ended below, whatever happens
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = table(proc.stdout)
+    try:
+        two_process_rows(tmp_path / "rows")
+        stdout, stderr = script.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
+        script.wait()
+    assert script.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    rows = table(stdout)
     module = load_script()
     assert tuple(rows) == module.ROWS and set(rows) == set(CPU_ROWS + CUDA_ROWS)
     assert [r["check"] for r in json.loads(out.read_text())["rows"]] == list(rows)
@@ -88,6 +103,32 @@ def test_gpu_check_on_cpu_runs_the_cpu_rows_and_skips_the_cuda_ones(tmp_path):
     assert sorted(r["owner"] for r in leases) == [str(work / "parallel" / str(i)) for i in range(2)]
     assert "2/2 jobs finished on ['cpu']" in result and "a slot held by two running jobs: no" in result
     assert all(r["name"] in result for r in leases)
+
+
+def two_process_rows(tmp_path: Path) -> None:
+    """check_ddp_fsdp and check_failing_rank on 2 CPU processes, with what they read checked."""
+    module = load_script()
+    tmp_path.mkdir()
+    corpus = module.write_corpus(tmp_path / "corpus.txt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    ctx = {"work": tmp_path, "env": env, "budget": module.Budget(10), "tiny": [*module.TINY, f"dataset.path={corpus}"]}
+
+    result, status = module.check_ddp_fsdp(ctx)
+    assert status == "ok", result
+    for sharding in ("none", "fsdp"):
+        r = json.loads((tmp_path / f"shard-{sharding}" / "results.json").read_text())
+        assert (
+            r["processes"] == 2
+            and r["sharding"] == sharding
+            and f"{sharding}: perplexity {r['perplexity']:.4f}" in result
+        )
+
+    result, status = module.check_failing_rank(ctx)
+    assert status == "ok", result
+    assert "job 0: rank 1 failed after step 3, error.txt: rank 1: RuntimeError: injected failure" in result
+    assert (
+        "job 1: finished on 2 processes" in result and "torchrun exited 1 after" in result
+    )  # the sweep says a job failed
 
 
 def load_script():
@@ -131,33 +172,6 @@ def test_a_spent_budget_skips_the_rows_left_and_the_table_is_still_whole(tmp_pat
     assert set(rows) == set(CPU_ROWS + CUDA_ROWS)
     for name in CPU_ROWS:  # the rows that run everywhere
         assert rows[name] == ("", "skipped: budget")
-
-
-@pytest.mark.slow
-def test_the_two_process_rows_run_on_cpu_processes_with_gloo(tmp_path):
-    """The 2-GPU rows' torchrun commands and their reading of the runs, on 2 CPU processes (gloo):
-    there a failing rank ends its job on both ranks at once (NCCL is what the GPU row is for)."""
-    module = load_script()
-    corpus = module.write_corpus(tmp_path / "corpus.txt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    ctx = {"work": tmp_path, "env": env, "budget": module.Budget(10), "tiny": [*module.TINY, f"dataset.path={corpus}"]}
-
-    result, status = module.check_ddp_fsdp(ctx)
-    assert status == "ok", result
-    for sharding in ("none", "fsdp"):
-        r = json.loads((tmp_path / f"shard-{sharding}" / "results.json").read_text())
-        assert (
-            r["processes"] == 2
-            and r["sharding"] == sharding
-            and f"{sharding}: perplexity {r['perplexity']:.4f}" in result
-        )
-
-    result, status = module.check_failing_rank(ctx)
-    assert status == "ok", result
-    assert "job 0: rank 1 failed after step 3, error.txt: rank 1: RuntimeError: injected failure" in result
-    assert (
-        "job 1: finished on 2 processes" in result and "torchrun exited 1 after" in result
-    )  # the sweep says a job failed
 
 
 def test_the_throughput_rows_run_the_benchmark_at_their_scale_in_a_share_of_the_budget(tmp_path, monkeypatch):
