@@ -7,7 +7,6 @@ import hashlib
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from mlm.config import UserError
-from tests.conftest import ROOT, TINY_RUN, compose, run_cli, run_in_process
+from tests.conftest import TINY_RUN, compose, run_cli, run_in_process
 from tests.test_sweeps import summary_rows
 
 POSITIVE, NEGATIVE = "good great fine happy lovely".split(), "bad awful sad poor ugly".split()
@@ -480,63 +479,6 @@ def test_a_finished_run_without_downstream_gets_it_added(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["downstream"]["task"] == "polarity" and results["config"]["downstream.kind"] == "polarity"
-
-
-ALONE_JOB = """
-import os, sys, time
-from pathlib import Path
-import torch
-from mlm.job import Job, on_main_alone
-run_dir, rank, fail = Path(sys.argv[1]), int(os.environ["RANK"]), sys.argv[2] == "fail"
-def work():
-    time.sleep(13)  # a fine-tune over twice the collective timeout (6 s)
-    if fail:
-        raise RuntimeError("the fine-tune broke")
-    return "scores"
-with Job(run_dir, collective_timeout_minutes=0.1) as job:
-    value = on_main_alone("downstream", work, job)
-    with open(run_dir / "order", "a") as f:
-        f.write(f"{rank} {value}\\n")
-"""
-
-
-@pytest.mark.slow
-def test_other_ranks_wait_for_the_main_process_fine_tune_past_the_collective_timeout_and_leave_when_it_fails(
-    tmp_path,
-):
-    """Two jobs of two processes each, at once (they mostly sleep): one whose fine-tune finishes, one whose
-    fine-tune fails."""
-    import contextlib
-
-    from tests.test_failure_propagation import launched
-
-    with contextlib.ExitStack() as stack:
-        procs = {}
-        for outcome, port in (("ok", 29651), ("fail", 29652)):
-            (tmp_path / outcome).mkdir()
-            env = {
-                "OMP_NUM_THREADS": "1",
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "PYTHONPATH": str(ROOT),
-            }
-            procs[outcome] = [
-                stack.enter_context(
-                    launched(
-                        [sys.executable, "-c", ALONE_JOB, str(tmp_path / outcome), outcome],
-                        env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                    )
-                )
-                for r in range(2)
-            ]
-        errs = {outcome: [p.communicate(timeout=300)[1] for p in ps] for outcome, ps in procs.items()}
-    ok, fail = procs["ok"], procs["fail"]
-    assert [p.returncode for p in ok] == [0, 0], errs["ok"][0][-2000:] + errs["ok"][1][-2000:]
-    assert (tmp_path / "ok" / "order").read_text() == "0 scores\n1 None\n"  # rank 1 went on only after rank 0's work
-    # rank 1 learns of the failure and leaves, instead of waiting for ever
-    assert fail[0].returncode != 0 and fail[1].returncode != 0
-    assert "the fine-tune broke" in errs["fail"][1] and not (tmp_path / "fail" / "order").exists()
 
 
 # ---------------------------------------------------------------- the sweep summary

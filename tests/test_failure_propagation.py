@@ -156,28 +156,64 @@ with Job(run_dir, collective_timeout_minutes=0.1) as job:
 """
 
 
+ALONE_JOB = """
+import os, sys, time
+from pathlib import Path
+import torch
+from mlm.job import Job, on_main_alone
+run_dir, rank, fail = Path(sys.argv[1]), int(os.environ["RANK"]), sys.argv[2] == "fail"
+def work():
+    time.sleep(13)  # a fine-tune over twice the collective timeout (6 s)
+    if fail:
+        raise RuntimeError("the fine-tune broke")
+    return "scores"
+with Job(run_dir, collective_timeout_minutes=0.1) as job:
+    value = on_main_alone("downstream", work, job)
+    with open(run_dir / "order", "a") as f:
+        f.write(f"{rank} {value}\\n")
+"""
+
+
+def job_of_two(stack: contextlib.ExitStack, source: str, args: list, env: dict) -> list:
+    """`python -c source *args` as ranks 0 and 1 of a job (env names its store), ended with the stack."""
+    return [
+        stack.enter_context(
+            launched([sys.executable, "-c", source, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        )
+        for r in range(2)
+    ]
+
+
 @pytest.mark.slow
-def test_building_the_cache_is_not_bounded_by_the_collective_timeout(tmp_path):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29645",
-        "PYTHONPATH": str(ROOT),
-    }
+def test_ranks_wait_past_the_collective_timeout_for_the_cache_and_the_main_process_fine_tune_and_leave_if_it_fails(
+    tmp_path,
+):
+    """Three jobs of two processes at once (each mostly sleeps): the block cache built first on rank 0
+    (cache_builders_first), and the downstream fine-tune on the main process alone (on_main_alone), once finished,
+    once failed."""
+    store = {"OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    cache, ok, fail = tmp_path / "cache", tmp_path / "ok", tmp_path / "fail"
+    for d in (cache, ok, fail):
+        d.mkdir()
     with contextlib.ExitStack() as stack:
-        procs = [
-            stack.enter_context(
-                launched(
-                    [sys.executable, "-c", CACHE_JOB, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}
-                )
-            )
-            for r in range(2)
-        ]
-        errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
-    assert (tmp_path / "order").read_text() == "0\n1\n"  # rank 1 built after rank 0, and waited for it
+        jobs = {
+            "cache": job_of_two(stack, CACHE_JOB, [str(cache)], {**os.environ, **store, "MASTER_PORT": "29645"}),
+            "ok": job_of_two(stack, ALONE_JOB, [str(ok), "ok"], {**store, "MASTER_PORT": "29651"}),
+            "fail": job_of_two(stack, ALONE_JOB, [str(fail), "fail"], {**store, "MASTER_PORT": "29652"}),
+        }
+        errs = {name: [p.communicate(timeout=300)[1] for p in procs] for name, procs in jobs.items()}
+
+    procs = jobs["cache"]
+    assert [p.returncode for p in procs] == [0, 0], errs["cache"][0][-2000:] + errs["cache"][1][-2000:]
+    assert (cache / "order").read_text() == "0\n1\n"  # rank 1 built after rank 0, and waited for it
+
+    procs = jobs["ok"]
+    assert [p.returncode for p in procs] == [0, 0], errs["ok"][0][-2000:] + errs["ok"][1][-2000:]
+    assert (ok / "order").read_text() == "0 scores\n1 None\n"  # rank 1 went on only after rank 0's work
+
+    procs = jobs["fail"]  # rank 1 learns of the failure and leaves, instead of waiting for ever
+    assert procs[0].returncode != 0 and procs[1].returncode != 0
+    assert "the fine-tune broke" in errs["fail"][1] and not (fail / "order").exists()
 
 
 def test_leaving_waits_for_the_watch_to_finish_its_store_request():
