@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import TINY_RUN, compose, run_cli
+from tests.conftest import TINY_RUN, run_cli, run_in_process
 
 TOKEN = "hf_cmdlineSecret4242"  # given on the command line, for the job's environment
 ENV_SECRET = "envSecret98765432"  # in the environment, under a secret-looking name
@@ -74,6 +74,8 @@ def test_hydra_snapshot_masks_secrets_and_is_otherwise_what_hydra_writes(tmp_pat
 
 @pytest.mark.slow
 def test_no_secret_reaches_any_file_of_a_run_and_its_rerun_still_resumes(tmp_path, corpus):
+    import wandb
+
     run_dir = tmp_path / "run"
     args = [
         *TINY_RUN,
@@ -92,8 +94,11 @@ def test_no_secret_reaches_any_file_of_a_run_and_its_rerun_still_resumes(tmp_pat
     assert "HF_TOKEN: '***'" in (run_dir / ".hydra" / "hydra.yaml").read_text()  # the override was recorded, masked
     leaks = [str(p) for p in files for secret in (TOKEN, ENV_SECRET) if secret.encode() in p.read_bytes()]
     assert leaks == []
-    # the saved configs are masked alike every time, so a rerun with more steps resumes the checkpoint
-    more = run_cli([*args, "trainer.max_steps=6"], env=env)
+    # the saved configs are masked alike every time, so a rerun with more steps resumes the checkpoint (the command
+    # line in process: what a fresh process writes, its trackers' services started with the secrets in their
+    # environment, is the first run's)
+    more = run_in_process([*args, "trainer.max_steps=6"], env=env)
+    wandb.teardown()  # its service writes the run's file after finish() returns; a run.py process ends with it
     assert more.returncode == 0 and "resumed from" in (run_dir / "run.log").read_text(), more.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 6
     assert [str(p) for p in run_dir.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()] == []
