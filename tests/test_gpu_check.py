@@ -8,11 +8,11 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -61,14 +61,18 @@ def test_gpu_check_on_cpu_runs_the_cpu_rows_and_skips_the_cuda_ones_and_its_two_
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its run.py processes too are ended below, whatever happens
     )
     try:
         two_process_rows(tmp_path / "rows")
         stdout, stderr = script.communicate(timeout=900)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(script.pid, signal.SIGKILL)
+        if script.poll() is None:  # a failure above: the script ends, and the runs it started (each in its own session)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(script.pid).suspend()  # it starts no more
+                for run in psutil.Process(script.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        run.kill()
+            script.kill()
         script.wait()
     assert script.returncode == 0, stdout[-3000:] + stderr[-3000:]
     rows = table(stdout)
