@@ -120,8 +120,14 @@ def test_blocks_are_cached_and_reused(tmp_path, text_file, tokenizer, monkeypatc
     assert len(other["train"][0]["input_ids"]) == 48
 
 
-def test_gensim_wiki_default_corpus():
-    splits = load_text(DatasetConfig())
+@pytest.fixture(scope="module")
+def wiki_splits():
+    """load_text of the default corpus, the gensim sample (its parse takes a second or two), for the module's tests."""
+    return load_text(DatasetConfig())
+
+
+def test_gensim_wiki_default_corpus(wiki_splits):
+    splits = wiki_splits
     assert len(splits["train"]) > 50 and len(splits["test"]) > 10
     text = " ".join(list(splits["train"]["text"])[:5])
     assert "'''" not in text and "==" not in text  # wiki markup is gone
@@ -187,13 +193,13 @@ def test_documents_shorter_than_a_block_still_make_blocks(tmp_path, tokenizer):
     assert first.count(tokenizer.cls_token_id) > 5  # one block packs many documents
 
 
-def test_iter_documents_match_load_text(eli5_file, text_file):
+def test_iter_documents_match_load_text(eli5_file, text_file, wiki_splits):
     for cfg in (
         DatasetConfig(kind="local", path=str(eli5_file), text_field="answers.text", max_examples=33),
         DatasetConfig(kind="local", path=str(text_file), max_examples=250),
         DatasetConfig(),
     ):
-        splits = load_text(cfg)
+        splits = wiki_splits if cfg == DatasetConfig() else load_text(cfg)  # the default's documents read again here
         docs = list(iter_documents(cfg))
         assert sorted(docs) == sorted(list(splits["train"]["text"]) + list(splits["test"]["text"]))
 

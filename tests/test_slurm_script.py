@@ -63,38 +63,16 @@ def fake_slurm(tmp_path, job_id: str):
 
 
 @pytest.mark.slow
-def test_sbatch_script_runs_one_node_of_two_processes_and_a_requeue_finds_the_same_run(tmp_path):
-    env, args, log, runs = fake_slurm(tmp_path, "4242")
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((runs / "slurm-4242" / "results.json").read_text())
-    assert results["processes"] == 2 and results["steps"] == 4
-    assert [p.name for p in runs.iterdir()] == ["slurm-4242"]  # both processes wrote into the one run directory
-    calls = log.read_text().splitlines()
-    assert calls[0] == "scontrol show hostnames node001"
-    assert (
-        calls[1].startswith("--kill-on-bad-exit=1 ")
-        and "--rdzv_endpoint 127.0.0.1:" in calls[1]
-        and "--rdzv_id 4242" in calls[1]
-    )
-
-    # the job requeued after it finished: the same job id finds the same directory and the finished run
-    again = subprocess.run(
-        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already finished (4 steps" in again.stdout
-    assert json.loads((runs / "slurm-4242" / "results.json").read_text()) == results
-
-
-@pytest.mark.slow
-def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeues(tmp_path):
-    """SLURM signals the batch shell only (--signal=B:USR1@...): the script stops the step with SIGTERM (every
-    rank finishes its step and they checkpoint), then asks for a requeue; the requeued job resumes and finishes."""
+def test_sbatch_script_runs_one_node_of_two_processes_usr1_stops_it_with_a_checkpoint_and_requeues_find_the_run(
+    tmp_path,
+):
+    """The script runs one node of two processes in the job's run directory. SLURM signals the batch shell only
+    (--signal=B:USR1@...): the script stops the step with SIGTERM (every rank finishes its step and they checkpoint),
+    then asks for a requeue; the requeued job (the same job id) finds the same directory, resumes and finishes; requeued
+    again, it finds the finished run."""
     env, args, log, runs = fake_slurm(tmp_path, "4343")
-    args = [*args, "trainer.max_steps=400", "trainer.eval_every=100"]
+    # 150 steps: the signal, sent after step 10, stops the run within a few steps (6 here, at ~0.03 s a step)
+    args = [*args, "trainer.max_steps=150", "trainer.eval_every=100"]
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -109,17 +87,34 @@ def test_usr1_before_the_time_limit_stops_the_run_with_a_checkpoint_then_requeue
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert "requeueing (it resumes in" in out and "scontrol requeue 4343" in log.read_text().splitlines()
+    calls = log.read_text().splitlines()
+    assert calls[0] == "scontrol show hostnames node001"
+    assert (
+        calls[1].startswith("--kill-on-bad-exit=1 ")
+        and "--rdzv_endpoint 127.0.0.1:" in calls[1]
+        and "--rdzv_id 4343" in calls[1]
+    )
+    assert "requeueing (it resumes in" in out and "scontrol requeue 4343" in calls
     assert "stopped by SIGTERM after step" in err and not (runs / "slurm-4343" / "results.json").exists()
     state = json.loads(next((runs / "slurm-4343" / "checkpoints").glob("ckpt-*/state.json")).read_text())
-    assert 10 <= state["step"] < 400 and state["world_size"] == 2
+    assert 10 <= state["step"] < 150 and state["world_size"] == 2
 
     again = subprocess.run(
         ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {runs / 'slurm-4343' / 'checkpoints'}" in again.stdout + again.stderr
-    assert json.loads((runs / "slurm-4343" / "results.json").read_text())["steps"] == 400
+    results = json.loads((runs / "slurm-4343" / "results.json").read_text())
+    assert results["processes"] == 2 and results["steps"] == 150
+    assert [p.name for p in runs.iterdir()] == ["slurm-4343"]  # both processes wrote into the one run directory
+
+    # the job requeued after it finished: the same job id finds the same directory and the finished run
+    finished = subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "already finished (150 steps" in finished.stdout
+    assert json.loads((runs / "slurm-4343" / "results.json").read_text()) == results
 
 
 def fake_wandb(tmp_path: Path, sleep: bool) -> dict:
