@@ -17,7 +17,7 @@ from safetensors.torch import load_file, load_model
 from mlm.config import UserError
 from mlm.ema import WeightAverage, weight_average
 from mlm.parallel import Replicated
-from tests.conftest import TINY_RUN, compose, run_cli, run_in_process, sentences
+from tests.conftest import TINY_RUN, compose, run_cli, run_in_process
 
 DECAY = 0.9
 # fp32 without dropout noise mattering for the formula; a checkpoint after every step, evals at 0, 2 and 3
@@ -328,20 +328,6 @@ def torchrun(args, cwd: Path, port: int, processes: int = 2):
     return launch(args, cwd, port, processes)
 
 
-def sharded_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
-    """tests/test_sharding.py's run (its eval split over the ranks included), with the weight average."""
-    from tests.test_sharding import RUN
-
-    return [
-        *RUN,
-        f"trainer.ema_decay={DECAY}",
-        f"dataset.path={corpus}",
-        f"hydra.run.dir={run_dir}",
-        f"runtime.sharding={sharding}",
-        f"trainer.per_device_batch_size={per_device}",
-    ]
-
-
 def drop_last_checkpoint(run_dir: Path) -> None:
     """What a kill just after the step-2 checkpoint leaves (a rerun then resumes from step 2)."""
     shutil.rmtree(ckpt(run_dir, 4))
@@ -356,16 +342,17 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(tmp_path):
+def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(fsdp_runs, tmp_path):
+    """tests/test_sharding.py's run (its eval split over the ranks included) with the weight average, sharded and
+    replicated on 2 processes (the shared `fsdp_runs`)."""
     from transformers import pipeline
 
     from mlm.dcp_reader import SafeReader
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(sentences(500)))
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    torchrun(sharded_args(corpus, fsdp, "fsdp"), tmp_path, 29561)
-    torchrun(sharded_args(corpus, ddp, "none"), tmp_path, 29562)
+    fsdp, ddp = fsdp_runs["fsdp_ema"], fsdp_runs["ddp"]
+    assert all(
+        f"trainer.ema_decay={DECAY}" in fsdp_runs.args(d, name) for d, name in ((fsdp, "fsdp_ema"), (ddp, "ddp"))
+    )
     assert (
         any(
             k.startswith("ema.") for k in SafeReader(str(ckpt(fsdp, 4) / "sharded")).read_metadata().state_dict_metadata
@@ -384,10 +371,11 @@ def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(tmp_path
     assert len(fill(f"The cat sat on the {fill.tokenizer.mask_token}.", top_k=3)) == 3
 
     # resumed from the sharded step-2 checkpoint: the same average, on 2 processes and on 3 reading 2's shards
+    fsdp = fsdp_runs.copy("fsdp_ema", tmp_path / "fsdp")
     drop_last_checkpoint(fsdp)
-    proc = torchrun(sharded_args(corpus, fsdp, "fsdp"), tmp_path, 29563)
+    proc = torchrun(fsdp_runs.args(fsdp, "fsdp_ema"), tmp_path, 29563)
     assert "resumed from" in proc.stdout + proc.stderr
     assert max_difference(load_file(str(fsdp / "final_ema" / "model.safetensors")), average) == 0.0
     drop_last_checkpoint(fsdp)
-    torchrun(sharded_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29564, processes=3)
+    torchrun(fsdp_runs.args(fsdp, "fsdp_ema", per_device=4), tmp_path, 29564, processes=3)
     assert max_difference(load_file(str(fsdp / "final_ema" / "model.safetensors")), average) <= 1e-6

@@ -84,6 +84,38 @@ def ddp_and_fsdp_weights(tmp_path: Path, extra: list, port: int):
     return corpus, weights
 
 
+# the shared runs: name -> (runtime.sharding, torchrun's port, with the weight average)
+SHARED = {"ddp": ("none", 29541, True), "fsdp": ("fsdp", 29542, False), "fsdp_ema": ("fsdp", 29546, True)}
+
+
+class SharedRuns(dict):
+    """RUN on 2 processes, each run trained on first use (torchrun) under `root` and then shared: "ddp"
+    (runtime.sharding=none) and "fsdp_ema" with the weight average (trainer.ema_decay=0.9), "fsdp" without it. The
+    tests read them; one that resumes a run resumes a copy (`copy`). The replicated run with the average is the
+    reference of both sharded runs: the average changes no weight (test_ema's test_the_average_does_not_change_training;
+    test_fsdp_matches_ddp_ties_weights_and_resumes_exactly compares "fsdp" with it)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+        self.corpus = root / "c.txt"
+        self.corpus.write_text("\n".join(sentences(500)))
+
+    def args(self, run_dir: Path, name: str, per_device: int = 6) -> list:
+        sharding, _, ema = SHARED[name]
+        return [*run_args(self.corpus, run_dir, sharding, per_device), *(["trainer.ema_decay=0.9"] if ema else [])]
+
+    def __missing__(self, name: str) -> Path:
+        run_dir = self.root / name
+        torchrun(self.args(run_dir, name), self.root, SHARED[name][1])
+        self[name] = run_dir
+        return run_dir
+
+    def copy(self, name: str, to: Path) -> Path:
+        shutil.copytree(self[name], to)
+        return to
+
+
 def drop_last_checkpoint(run_dir: Path) -> None:
     """What a kill just after the step-2 checkpoint leaves (a rerun then resumes from step 2)."""
     shutil.rmtree(run_dir / "checkpoints" / "ckpt-00000004")
@@ -97,14 +129,11 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(sentences(500)))
-    runs = {sharding: tmp_path / sharding for sharding in ("none", "fsdp")}
-    for port, (sharding, run_dir) in enumerate(runs.items(), start=29541):
-        torchrun(run_args(corpus, run_dir, sharding), tmp_path, port)
+def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(fsdp_runs, tmp_path):
+    runs = {"none": fsdp_runs["ddp"], "fsdp": fsdp_runs["fsdp"]}  # the replicated run with the weight average
     results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
     assert results["fsdp"]["sharding"] == "fsdp" and results["fsdp"]["processes"] == 2
+    assert results["none"]["sharding"] == "none" and results["none"]["processes"] == 2
     assert results["fsdp"]["perplexity"] == pytest.approx(results["none"]["perplexity"], rel=1e-3)
 
     fsdp = runs["fsdp"]
@@ -121,14 +150,15 @@ def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
     assert len(fill(f"The cat sat on the {fill.tokenizer.mask_token}.", top_k=3)) == 3
 
     # Resume from the sharded step-2 checkpoint: the same command ends with the same weights ...
+    fsdp = fsdp_runs.copy("fsdp", tmp_path / "fsdp")
     drop_last_checkpoint(fsdp)
-    proc = torchrun(run_args(corpus, fsdp, "fsdp"), tmp_path, 29543)
+    proc = torchrun(fsdp_runs.args(fsdp, "fsdp"), tmp_path, 29543)
     assert "resumed from" in proc.stdout + proc.stderr
     assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
     # ... and so does 3 processes x 4 blocks (the same global batch of 12) reading 2 processes' shards
     drop_last_checkpoint(fsdp)
-    torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29544, processes=3)
+    torchrun(fsdp_runs.args(fsdp, "fsdp", per_device=4), tmp_path, 29544, processes=3)
     assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
     # Run again, it is finished on every rank: all exit at once, none waits for the others in a process group
-    proc = torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29545, processes=3)
+    proc = torchrun(fsdp_runs.args(fsdp, "fsdp", per_device=4), tmp_path, 29545, processes=3)
     assert proc.stdout.count("already finished") == 3
