@@ -286,3 +286,13 @@ def _process_state_restored():
         os.environ.clear()
         os.environ.update(environ)
         sys.argv = argv
+
+
+@pytest.fixture(scope="session")
+def fsdp_runs(tmp_path_factory):
+    """tests/test_sharding.py's tiny run on 2 processes under torchrun, each variant trained once, on first use, for the
+    FSDP2 tests of test_sharding, test_ema and test_export: `fsdp_runs["ddp"]`, `["fsdp"]`, `["fsdp_ema"]` (see
+    tests.test_sharding.SharedRuns). The tests read them; a test that resumes one resumes `fsdp_runs.copy(name, to)`."""
+    from tests.test_sharding import SharedRuns
+
+    return SharedRuns(tmp_path_factory.mktemp("fsdp-runs"))

@@ -6,7 +6,6 @@ applied to the start weights (built again from the seed) and to the weights ever
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Dict, List
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, load_model
 from mlm.config import UserError
 from mlm.ema import WeightAverage, weight_average
 from mlm.parallel import Replicated
-from tests.conftest import TINY_RUN, compose, run_cli, run_in_process, sentences
+from tests.conftest import TINY_RUN, compose, run_cli, run_in_process
 
 DECAY = 0.9
 # fp32 without dropout noise mattering for the formula; a checkpoint after every step, evals at 0, 2 and 3
@@ -322,50 +321,23 @@ def test_a_skipped_update_leaves_the_average_alone(
 # 4. Sharded: every rank averages its shard; saved, resharded and resumed like the model
 
 
-def torchrun(args, cwd: Path, port: int, processes: int = 2):
-    from tests.test_sharding import torchrun as launch
-
-    return launch(args, cwd, port, processes)
-
-
-def sharded_args(corpus: Path, run_dir: Path, sharding: str, per_device: int = 6):
-    """tests/test_sharding.py's run (its eval split over the ranks included), with the weight average."""
-    from tests.test_sharding import RUN
-
-    return [
-        *RUN,
-        f"trainer.ema_decay={DECAY}",
-        f"dataset.path={corpus}",
-        f"hydra.run.dir={run_dir}",
-        f"runtime.sharding={sharding}",
-        f"trainer.per_device_batch_size={per_device}",
-    ]
-
-
-def drop_last_checkpoint(run_dir: Path) -> None:
-    """What a kill just after the step-2 checkpoint leaves (a rerun then resumes from step 2)."""
-    shutil.rmtree(ckpt(run_dir, 4))
-    for name in ("final", "final_ema"):
-        shutil.rmtree(run_dir / name)
-    (run_dir / "results.json").unlink()
-
-
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.mark.slow
-def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(tmp_path):
+def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(fsdp_runs):
+    """tests/test_sharding.py's run (its eval split over the ranks included) with the weight average, sharded and
+    replicated on 2 processes, and the sharded one resumed on 2 and on 3 (the shared `fsdp_runs`)."""
     from transformers import pipeline
 
     from mlm.dcp_reader import SafeReader
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(sentences(500)))
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    torchrun(sharded_args(corpus, fsdp, "fsdp"), tmp_path, 29561)
-    torchrun(sharded_args(corpus, ddp, "none"), tmp_path, 29562)
+    fsdp, ddp = fsdp_runs["fsdp_ema"], fsdp_runs["ddp"]
+    assert all(
+        f"trainer.ema_decay={DECAY}" in fsdp_runs.args(d, name) for d, name in ((fsdp, "fsdp_ema"), (ddp, "ddp"))
+    )
     assert (
         any(
             k.startswith("ema.") for k in SafeReader(str(ckpt(fsdp, 4) / "sharded")).read_metadata().state_dict_metadata
@@ -384,10 +356,9 @@ def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(tmp_path
     assert len(fill(f"The cat sat on the {fill.tokenizer.mask_token}.", top_k=3)) == 3
 
     # resumed from the sharded step-2 checkpoint: the same average, on 2 processes and on 3 reading 2's shards
-    drop_last_checkpoint(fsdp)
-    proc = torchrun(sharded_args(corpus, fsdp, "fsdp"), tmp_path, 29563)
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert max_difference(load_file(str(fsdp / "final_ema" / "model.safetensors")), average) == 0.0
-    drop_last_checkpoint(fsdp)
-    torchrun(sharded_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29564, processes=3)
-    assert max_difference(load_file(str(fsdp / "final_ema" / "model.safetensors")), average) <= 1e-6
+    resumed = fsdp_runs["fsdp_ema_resumed_on_2"]
+    assert "resumed from" in fsdp_runs.output["fsdp_ema_resumed_on_2"]
+    assert max_difference(load_file(str(resumed / "final_ema" / "model.safetensors")), average) == 0.0
+    resumed = fsdp_runs["fsdp_ema_resumed_on_3"]
+    assert "resumed from" in fsdp_runs.output["fsdp_ema_resumed_on_3"]
+    assert max_difference(load_file(str(resumed / "final_ema" / "model.safetensors")), average) <= 1e-6

@@ -361,15 +361,10 @@ def test_bad_arguments_get_a_usage_line_or_one_error_line(run_dir, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_an_fsdp_checkpoint_of_two_processes_exports_in_one(tmp_path, capsys):
-    """Its weights and (--ema) its weight average, each rank's shard of it assembled here."""
-    from tests.conftest import sentences
-    from tests.test_sharding import run_args, torchrun
-
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(sentences(500)))
-    fsdp = tmp_path / "fsdp"
-    torchrun([*run_args(corpus, fsdp, "fsdp"), "trainer.ema_decay=0.9"], tmp_path, 29571)
+def test_an_fsdp_checkpoint_of_two_processes_exports_in_one(fsdp_runs, tmp_path, capsys):
+    """Its weights and (--ema) its weight average, each rank's shard of it assembled here: tests/test_sharding.py's run
+    on 2 processes with the weight average (trainer.ema_decay=0.9), shared with tests/test_ema.py."""
+    fsdp = fsdp_runs["fsdp_ema"]
     assert (ckpt(fsdp, 4) / "sharded" / ".metadata").exists() and not (ckpt(fsdp, 4) / "model.safetensors").exists()
     assert not (
         ckpt(fsdp, 4) / "config.json"

@@ -84,10 +84,59 @@ def ddp_and_fsdp_weights(tmp_path: Path, extra: list, port: int):
     return corpus, weights
 
 
+# the shared runs: name -> (runtime.sharding, with the weight average, torchrun's port, processes, resumed)
+SHARED = {
+    "ddp": ("none", True, 29541, 2, False),
+    "fsdp": ("fsdp", False, 29542, 2, False),
+    "fsdp_ema": ("fsdp", True, 29546, 2, False),
+    "fsdp_ema_resumed_on_2": ("fsdp", True, 29543, 2, True),
+    "fsdp_ema_resumed_on_3": ("fsdp", True, 29544, 3, True),
+}
+
+
+class SharedRuns(dict):
+    """RUN under torchrun, each run trained on first use under `root` and then shared (the tests only read them): on 2
+    processes "ddp" (runtime.sharding=none) and "fsdp_ema" with the weight average (trainer.ema_decay=0.9), "fsdp"
+    without it; and copies of "fsdp_ema" resumed from its sharded step-2 checkpoint on 2 processes and on 3 (x 4
+    blocks, the same global batch of 12) reading 2 processes' shards (`output`: what these launches printed). The
+    replicated run with the average is the reference of both sharded runs, and the resumes of the one with it check
+    its weights as well as its average: the average changes no weight (test_ema's
+    test_the_average_does_not_change_training; test_fsdp_matches_ddp_ties_weights_and_resumes_exactly compares "fsdp"
+    with "ddp" and with "fsdp_ema")."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+        self.corpus = root / "c.txt"
+        self.corpus.write_text("\n".join(sentences(500)))
+        self.output = {}
+
+    def args(self, run_dir: Path, name: str) -> list:
+        sharding, ema, _, processes, _ = SHARED[name]
+        extra = ["trainer.ema_decay=0.9"] if ema else []
+        return [*run_args(self.corpus, run_dir, sharding, per_device=12 // processes), *extra]
+
+    def __missing__(self, name: str) -> Path:
+        _, _, port, processes, resumed = SHARED[name]
+        run_dir = self.root / name
+        if resumed:  # what a kill just after the step-2 checkpoint leaves
+            shutil.copytree(self["fsdp_ema"], run_dir)
+            drop_last_checkpoint(run_dir)
+        proc = torchrun(self.args(run_dir, name), self.root, port, processes)
+        self.output[name] = proc.stdout + proc.stderr
+        self[name] = run_dir
+        return run_dir
+
+    def copy(self, name: str, to: Path) -> Path:
+        shutil.copytree(self[name], to)
+        return to
+
+
 def drop_last_checkpoint(run_dir: Path) -> None:
     """What a kill just after the step-2 checkpoint leaves (a rerun then resumes from step 2)."""
     shutil.rmtree(run_dir / "checkpoints" / "ckpt-00000004")
-    shutil.rmtree(run_dir / "final")
+    for name in ("final", "final_ema"):
+        shutil.rmtree(run_dir / name, ignore_errors=name == "final_ema")  # final_ema/: a run with the weight average
     (run_dir / "results.json").unlink()
 
 
@@ -97,14 +146,11 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(sentences(500)))
-    runs = {sharding: tmp_path / sharding for sharding in ("none", "fsdp")}
-    for port, (sharding, run_dir) in enumerate(runs.items(), start=29541):
-        torchrun(run_args(corpus, run_dir, sharding), tmp_path, port)
+def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(fsdp_runs, tmp_path):
+    runs = {"none": fsdp_runs["ddp"], "fsdp": fsdp_runs["fsdp"]}  # the replicated run with the weight average
     results = {k: json.loads((d / "results.json").read_text()) for k, d in runs.items()}
     assert results["fsdp"]["sharding"] == "fsdp" and results["fsdp"]["processes"] == 2
+    assert results["none"]["sharding"] == "none" and results["none"]["processes"] == 2
     assert results["fsdp"]["perplexity"] == pytest.approx(results["none"]["perplexity"], rel=1e-3)
 
     fsdp = runs["fsdp"]
@@ -120,15 +166,17 @@ def test_fsdp_matches_ddp_ties_weights_and_resumes_exactly(tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert len(fill(f"The cat sat on the {fill.tokenizer.mask_token}.", top_k=3)) == 3
 
-    # Resume from the sharded step-2 checkpoint: the same command ends with the same weights ...
-    drop_last_checkpoint(fsdp)
-    proc = torchrun(run_args(corpus, fsdp, "fsdp"), tmp_path, 29543)
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
+    # Resume from the sharded step-2 checkpoint (of the run with the weight average, which changes no weight: its
+    # weights are those of the run without it): the same command ends with the same weights ...
+    assert max_difference(load_file(str(fsdp_runs["fsdp_ema"] / "final" / "model.safetensors")), weights) <= 1e-6
+    resumed = fsdp_runs["fsdp_ema_resumed_on_2"]
+    assert "resumed from" in fsdp_runs.output["fsdp_ema_resumed_on_2"]
+    assert max_difference(load_file(str(resumed / "final" / "model.safetensors")), weights) <= 1e-6
     # ... and so does 3 processes x 4 blocks (the same global batch of 12) reading 2 processes' shards
-    drop_last_checkpoint(fsdp)
-    torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29544, processes=3)
-    assert max_difference(load_file(str(fsdp / "final" / "model.safetensors")), weights) <= 1e-6
+    resumed = fsdp_runs["fsdp_ema_resumed_on_3"]
+    assert "resumed from" in fsdp_runs.output["fsdp_ema_resumed_on_3"]
+    assert max_difference(load_file(str(resumed / "final" / "model.safetensors")), weights) <= 1e-6
     # Run again, it is finished on every rank: all exit at once, none waits for the others in a process group
-    proc = torchrun(run_args(corpus, fsdp, "fsdp", per_device=4), tmp_path, 29545, processes=3)
+    again = fsdp_runs.copy("fsdp_ema_resumed_on_3", tmp_path / "again")
+    proc = torchrun(fsdp_runs.args(again, "fsdp_ema_resumed_on_3"), tmp_path, 29545, processes=3)
     assert proc.stdout.count("already finished") == 3
