@@ -286,3 +286,27 @@ def _process_state_restored():
         os.environ.clear()
         os.environ.update(environ)
         sys.argv = argv
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_peak_probed_once(_isolated_cache):
+    """The CPU matmul peak (mlm.flops.cpu_peak) probed once in the session's cache and kept there as settled, for fp32
+    at torch's thread count and at one thread (runtime.num_threads=1, OMP_NUM_THREADS=1, torchrun's workers): every
+    run after it, in process or not, reads it. Unsettled, a run probes again (about a second) whenever the 1-minute
+    load average is over half the cores, which the suite's own training keeps it: measured, 0.76 s of a 1.77-s tiny
+    run in process. (tests/test_mfu.py tests the probe and its cache in directories of its own.)"""
+    from unittest import mock
+
+    import torch
+
+    from mlm import flops
+
+    threads = torch.get_num_threads()
+    try:
+        with mock.patch.object(flops, "machine_busy", lambda: False):  # settled whatever the load now
+            for n in sorted({threads, 1}):
+                torch.set_num_threads(n)
+                flops.cpu_peak(torch.float32, n)
+    finally:
+        torch.set_num_threads(threads)
+    yield
