@@ -296,3 +296,31 @@ def fsdp_runs(tmp_path_factory):
     from tests.test_sharding import SharedRuns
 
     return SharedRuns(tmp_path_factory.mktemp("fsdp-runs"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_peak_probed_once(_isolated_cache):
+    """The CPU matmul peak (mlm.flops.cpu_peak) probed once in the session's cache and kept there as settled, at
+    torch's thread count and at one thread (runtime.num_threads=1, OMP_NUM_THREADS=1, torchrun's workers), for fp32
+    and the dtype `runtime.mixed_precision=auto` trains in here: every run after it, in process or not, reads it.
+    Unsettled, a run probes again (about a second) whenever the 1-minute load average is over half the cores, which
+    the suite's own training keeps it: measured, 0.76 s of a 1.77-s tiny run in process. (tests/test_mfu.py tests
+    the probe and its cache in directories of its own.)"""
+    from unittest import mock
+
+    import torch
+
+    from mlm import flops
+    from mlm.precision import resolve_mixed_precision
+
+    threads = torch.get_num_threads()
+    dtypes = {torch.float32, {"bf16": torch.bfloat16}.get(resolve_mixed_precision("auto"), torch.float32)}
+    try:
+        with mock.patch.object(flops, "machine_busy", lambda: False):  # settled whatever the load now
+            for n in sorted({threads, 1}):
+                torch.set_num_threads(n)
+                for dtype in dtypes:
+                    flops.cpu_peak(dtype, n)
+    finally:
+        torch.set_num_threads(threads)
+    yield

@@ -213,9 +213,10 @@ def start(args, env=None):
     )
 
 
+SIGNAL_STEPS = 200  # a signal lands from step 20 or 30 on: steps enough that the run is still training then
 SIGNAL_RUN = [
     *TINY_RUN,
-    "trainer.max_steps=400",
+    f"trainer.max_steps={SIGNAL_STEPS}",
     "trainer.checkpoint_every=0",
     "runtime.mixed_precision=no",
     "trainer.eval_every=50",
@@ -233,22 +234,28 @@ def uninterrupted(corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name
-)  # SIGHUP: the terminal or ssh session closed
-def test_a_stop_signal_checkpoints_at_a_step_boundary_and_the_rerun_is_exact(corpus, uninterrupted, tmp_path, sig):
+def test_sigterm_then_sighup_checkpoint_at_a_step_boundary_and_the_reruns_resume_exactly(
+    corpus, uninterrupted, tmp_path
+):
+    """SIGTERM (a scheduler) stops the run; the command as given resumes it, and SIGHUP (the terminal or ssh session
+    closed) stops that rerun; the next rerun ends exactly where an uninterrupted run ends."""
     run_dir = tmp_path / "run"
     args = [*SIGNAL_RUN, f"dataset.path={corpus}", f"hydra.run.dir={run_dir}"]
-    proc = start(args)
-    wait_for(lambda: last_step(run_dir) >= 30, proc)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)  # the step in flight, one checkpoint, then out
-    step = assert_stopped(proc, err, sig, run_dir)
     resume = as_typed(args)  # the command as given: it names its run dir
-    assert err.strip().endswith(
-        f"; checkpoint {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} written; resume with: {resume}"
-    )
-    resumed = run_in_process(args)  # only the signal needs a process
+    step = 0
+    for sig, after in ((signal.SIGTERM, 30), (signal.SIGHUP, None)):
+        after = after or step + 5  # the rerun: 5 steps past the checkpoint it resumed
+        proc = start(args)
+        wait_for(lambda after=after: last_step(run_dir) >= after, proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)  # the step in flight, one checkpoint, then out
+        resumed_line = f"resumed from {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} at step {step}\n"
+        assert (resumed_line in out + err) == bool(step), err[-3000:]  # the rerun resumed the signal before's
+        step = assert_stopped(proc, err, sig, run_dir, after)
+        assert err.strip().endswith(
+            f"; checkpoint {run_dir / 'checkpoints' / f'ckpt-{step:08d}'} written; resume with: {resume}"
+        )
+    resumed = run_in_process(args)  # only the signals need a process
     assert resumed.returncode == 0 and f"at step {step}\n" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
@@ -267,7 +274,10 @@ def assert_stopped(proc, err: str, sig, run_dir: Path, after: int = 30) -> int:
     ), err[-3000:]
     assert len(lines) == 2 and lines[1].startswith(f"stopped: stopped by {name} after step ") and "Traceback" not in err
     step = int(lines[1].split("after step ")[1].split(";")[0])
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == f"ckpt-{step:08d}" and after <= step < 400
+    assert (
+        sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == f"ckpt-{step:08d}"
+        and after <= step < SIGNAL_STEPS
+    )
     assert (run_dir / "run.lock").read_text() == ""  # released
     return step
 
@@ -384,4 +394,4 @@ runpy.run_path({str(ROOT / "run.py")!r}, run_name="__main__")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 255 and marker.read_text() == str(int(signal.SIGUSR2)), err[-3000:]
     state = json.loads(next((run_dir / "checkpoints").glob("ckpt-*/state.json")).read_text())
-    assert 20 <= state["step"] < 400 and not (run_dir / "results.json").exists()
+    assert 20 <= state["step"] < SIGNAL_STEPS and not (run_dir / "results.json").exists()

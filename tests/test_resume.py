@@ -147,11 +147,10 @@ def test_sigkill_during_checkpoint_write_leaves_no_valid_looking_checkpoint(corp
     from mlm.checkpoint import list_checkpoints
 
     assert list_checkpoints(run_dir) == []  # the half-written one is not mistaken for progress
-    # and a corrupt complete-looking one (truncated weights) is skipped with a warning naming it
-    rerun(tmp_path / "short", [*RUN, "trainer.max_steps=4", f"dataset.path={corpus}"], caplog)
-    good = list_checkpoints(tmp_path / "short")[0]
+    # and a corrupt complete-looking one (a complete checkpoint, the reference's newest, its weights truncated) is
+    # skipped with a warning naming it
     corrupt = run_dir / "checkpoints" / "ckpt-00000099"
-    shutil.copytree(good, corrupt)
+    shutil.copytree(list_checkpoints(uninterrupted)[0], corrupt)
     with open(corrupt / "model.safetensors", "r+b") as f:
         f.truncate(100)
     assert f"skipping incomplete or corrupt checkpoint {corrupt}" in rerun(
