@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_RUN, run_cli, torchrun_command
+from tests.conftest import TINY_RUN, run_cli, run_in_process, torchrun_command
 from tests.test_sweeps import summary_rows
 
 
@@ -38,8 +38,8 @@ def test_a_nan_inf_or_missing_perplexity_is_a_failed_job(tmp_path):
     assert str(tmp_path / "3") not in line
 
 
-def sweep_cli(corpus, sweep, *overrides, env=None):
-    return run_cli(
+def sweep_cli(corpus, sweep, *overrides, env=None, launch=run_cli):
+    return launch(
         ["-m", *TINY_RUN, f"dataset.path={corpus}", "trainer.max_steps=2", *overrides, f"hydra.sweep.dir={sweep}"],
         env=env,
     )
@@ -67,14 +67,14 @@ def test_a_failed_optuna_trial_is_recorded_and_the_study_goes_on(corpus, tmp_pat
 
 @pytest.mark.slow
 def test_a_refused_rerun_leaves_multirun_yaml_and_exits_1(corpus, tmp_path):
-    from mlm.rundir import lock_run_dir, release_run_dir
+    from mlm.rundir import RunLock
 
     sweep = tmp_path / "sweep"
-    first = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3")
+    first = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3", launch=run_in_process)  # the four sweeps: in process
     assert first.returncode == 0, first.stderr[-3000:]
     snapshot, summary = (sweep / "multirun.yaml").read_text(), (sweep / "summary.md").read_text()
     # the same sweep with other values: every job holds a finished run with other settings and refuses
-    rerun = sweep_cli(corpus, sweep, "optimizer.lr=5e-3,6e-3")
+    rerun = sweep_cli(corpus, sweep, "optimizer.lr=5e-3,6e-3", launch=run_in_process)
     assert rerun.returncode == 1
     assert rerun.stderr.strip().splitlines()[-1] == f"error: 2 job(s) refused: {sweep / 'refused.txt'}"
     assert [line.split(":")[0] for line in (sweep / "refused.txt").read_text().splitlines()] == [
@@ -84,15 +84,15 @@ def test_a_refused_rerun_leaves_multirun_yaml_and_exits_1(corpus, tmp_path):
     assert (sweep / "multirun.yaml").read_text() == snapshot and "5e-3" not in snapshot
     assert (sweep / "summary.md").read_text() == summary
     # a second sweep into a sweep directory held by a live one stops before the sweeper writes anything
-    lock_run_dir(sweep)
+    held = RunLock(sweep).acquire()  # its own descriptor: the sweep's lock_run_dir in this process meets the flock
     try:
-        locked = sweep_cli(corpus, sweep, "optimizer.lr=5e-3,6e-3")
+        locked = sweep_cli(corpus, sweep, "optimizer.lr=5e-3,6e-3", launch=run_in_process)
     finally:
-        release_run_dir(sweep)
+        held.release()
     assert locked.returncode == 2 and "is in use by another run" in locked.stderr
     assert (sweep / "multirun.yaml").read_text() == snapshot
     # the first sweep again: both jobs finished with these settings, nothing refused or failed
-    again = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3")
+    again = sweep_cli(corpus, sweep, "optimizer.lr=1e-3,2e-3", launch=run_in_process)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already finished") == 2 and not (sweep / "refused.txt").exists()
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, TINY_RUN, run_cli
+from tests.conftest import ROOT, TINY_RUN, run_cli, run_in_process
 
 
 def job_dirs(sweep):
@@ -24,16 +24,18 @@ def summary_rows(text):
     return rows
 
 
-def multirun(corpus, sweep, *overrides, returncode=0):
-    """A tiny multirun through run.py (exit 0: every job succeeded, 1: some failed); returns its job directories."""
-    proc = run_cli(["-m", *TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.sweep.dir={sweep}"])
+def multirun(corpus, sweep, *overrides, returncode=0, launch=run_in_process):
+    """A tiny multirun through run.py (exit 0: every job succeeded, 1: some failed); returns its job directories.
+    By default run.py runs in this process (Hydra's basic and joblib-with-one-worker launchers run the jobs in the
+    process that starts the sweep); `launch=run_cli` starts it as a process."""
+    proc = launch(["-m", *TINY_RUN, f"dataset.path={corpus}", *overrides, f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == returncode, proc.stderr[-3000:]
     return job_dirs(sweep)
 
 
 @pytest.fixture(scope="module")
 def sweep_2x3(corpus, tmp_path_factory):
-    """One tiny 2x3 multirun for the two tests below (one process, as a user runs it): two learning rates by three
+    """One tiny 2x3 multirun for the two tests below (run.py in this process): two learning rates by three
     block sizes, of which 600 exceeds the model's 512 positions (those two jobs fail, the others still run) and 16 and
     32 are two evals. Returns the sweep directory, its job directories and summary.md."""
     sweep = tmp_path_factory.mktemp("sweep_2x3") / "sweep"
@@ -116,8 +118,13 @@ def test_optuna_sweep_of_3_trials_reports_best_params(corpus, tmp_path):
 @pytest.mark.slow
 def test_submitit_local_runs_one_job(corpus, tmp_path):
     sweep = tmp_path / "submitit"
-    [job] = multirun(
-        corpus, sweep, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "trainer.max_steps=2"
+    [job] = multirun(  # a process, as a user starts it: submitit's local executor starts the job in one of its own
+        corpus,
+        sweep,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "trainer.max_steps=2",
+        launch=run_cli,
     )
     assert json.loads((job / "results.json").read_text())["steps"] == 2
     assert list((sweep / ".submitit").glob("*/*_log.out"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlm.tracking import read_metrics
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import TINY_RUN, run_in_process
 
 SECRET = "wandbkey-0123456789abcdef0123456789abcdef"
 
@@ -104,8 +104,10 @@ def test_api_key_never_written_to_run_files(corpus, tmp_path, monkeypatch):
 
 
 def test_multirun_jobs_share_a_wandb_group(corpus, tmp_path):
+    import wandb
+
     sweep = tmp_path / "sweep"
-    proc = run_cli(
+    proc = run_in_process(  # Hydra's multirun runs its jobs one by one in the process that starts it: this one
         [
             "-m",
             *TINY_RUN,
@@ -119,6 +121,7 @@ def test_multirun_jobs_share_a_wandb_group(corpus, tmp_path):
         ],
         env={"WANDB_MODE": "offline"},
     )
+    wandb.teardown()  # its service writes the runs' files after finish() returns; a run.py process ends with it
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = [read_wandb_run(sweep / str(i))[2] for i in range(2)]
     assert infos[0].run_group == infos[1].run_group == "sweep"
