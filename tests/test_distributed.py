@@ -205,16 +205,17 @@ def test_torchrun_around_multirun_a_failure_on_one_rank_fails_that_job_on_all(tm
         "trainer.max_steps=4",
         f"dataset.path={corpus}",
         "runtime.mixed_precision=no,bf16",
+        "optimizer.lr=1e-4,2e-4",
         f"hydra.sweep.dir={sweep}",
     )
-    # job 0 fails on rank 1 only, after its second step; the next job (bf16) must run on both ranks
+    # job 0 fails on rank 1 only, after its second step; the other three jobs (bf16 too) must run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLM_TEST_FAIL": "0:1:2"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stderr[-4000:]  # a job failed: rank 0 exits 1 after the summary
     results = job_results(sweep)
-    assert sorted(results) == ["1"] and all(r["processes"] == 2 for r in results.values())
+    assert sorted(results) == ["1", "2", "3"] and all(r["processes"] == 2 for r in results.values())
     error = (sweep / "0" / "error.txt").read_text()
     assert error.startswith("rank 1: RuntimeError: injected failure")  # the cause first, then what rank 0 saw
     summary = (sweep / "summary.md").read_text()
-    assert summary.count("| ok |") == 1 and "failed: rank 1: RuntimeError: injected failure" in summary
+    assert summary.count("| ok |") == 3 and "failed: rank 1: RuntimeError: injected failure" in summary
     assert proc.stdout.count("sweep summary:") == 1
