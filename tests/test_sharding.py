@@ -119,6 +119,7 @@ class SharedRuns(dict):
     def __missing__(self, name: str) -> Path:
         _, _, port, processes, resumed = SHARED[name]
         run_dir = self.root / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # what a launch that failed for an earlier test left: its own error
         if resumed:  # what a kill just after the step-2 checkpoint leaves
             shutil.copytree(self["fsdp_ema"], run_dir)
             drop_last_checkpoint(run_dir)
