@@ -321,11 +321,6 @@ def test_a_skipped_update_leaves_the_average_alone(
 # 4. Sharded: every rank averages its shard; saved, resharded and resumed like the model
 
 
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 @pytest.mark.slow
 def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(fsdp_runs):
     """tests/test_sharding.py's run (its eval split over the ranks included) with the weight average, sharded and
@@ -333,6 +328,7 @@ def test_sharded_average_matches_the_replicated_one_and_resumes_exactly(fsdp_run
     from transformers import pipeline
 
     from mlm.dcp_reader import SafeReader
+    from tests.test_sharding import max_difference
 
     fsdp, ddp = fsdp_runs["fsdp_ema"], fsdp_runs["ddp"]
     assert all(
