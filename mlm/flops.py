@@ -294,7 +294,7 @@ def measure_utilisation(
             model.config.model_type,
         )
         return None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    dtype = matmul_dtype(mixed_precision)
 
     def find_peak() -> Optional[float]:
         peak = peak_flops(accelerator.device, dtype) if accelerator.is_main_process else None
@@ -304,6 +304,12 @@ def measure_utilisation(
         return peak
 
     return Utilisation(count, accelerator.num_processes, find_peak)
+
+
+def matmul_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype a run's matmuls take under its resolved runtime.mixed_precision (bf16/fp16 autocast, else fp32): the
+    one its peak is read at."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
 def run_totals(

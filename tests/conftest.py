@@ -314,7 +314,7 @@ def _cpu_peak_probed_once(_isolated_cache):
     from mlm.precision import resolve_mixed_precision
 
     threads = torch.get_num_threads()
-    dtypes = {torch.float32, {"bf16": torch.bfloat16}.get(resolve_mixed_precision("auto"), torch.float32)}
+    dtypes = {torch.float32, flops.matmul_dtype(resolve_mixed_precision("auto"))}
     try:
         with mock.patch.object(flops, "machine_busy", lambda: False):  # settled whatever the load now
             for n in sorted({threads, 1}):
